@@ -1,0 +1,84 @@
+"""Tiny VLA: a few million parameters, 64 px images; trains on 2 CPU cores in minutes.
+
+Every entry point takes `--config=configs/tiny.py` plus `--config.key=value` overrides.
+Blocks: `vocab`/`actions` (tokens), `model` (every shape), `data` (robot + web mixture),
+top-level training keys, `optim`, `ckpt`, `mesh`, `decode`.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.init_from = ''  # converted pretrained checkpoint dir, or another run's workdir/checkpoint
+
+  # Vocabulary. '' = the SentencePiece model bundled in rt2_jax/assets (trained by
+  # scripts/train_tiny_spm.py). Action bins are written as number tokens "0".."255" (RT-2-PaLI-X)
+  # or as dedicated symbols ('extra_ids': appended ids; 'least_used': the N lowest-score pieces).
+  c.vocab = ml_collections.ConfigDict()
+  c.vocab.path = ''
+  c.vocab.extra_ids = 0
+  c.vocab.action_scheme = 'numbers'
+
+  c.actions = ml_collections.ConfigDict()
+  c.actions.num_bins = 256
+  c.actions.decode_mode = 'rt1'  # 'rt1': bin/(n-1) (RT-1 convention); 'centers': bin centers
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 1280  # >= the vocabulary's size; padded to a multiple of 128
+  c.model.image_size = 64
+  c.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
+  c.model.vit = ml_collections.ConfigDict(dict(
+      patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512,
+      posemb='learn',  # 'learn' | 'sincos2d'
+  ))
+  c.model.t5 = ml_collections.ConfigDict(dict(
+      emb_dim=128, num_heads=4, head_dim=32, mlp_dim=512,
+      num_encoder_layers=2, num_decoder_layers=2,
+      relative_attention_num_buckets=32, relative_attention_max_distance=128,
+      mlp_activations=('gelu', 'linear'),  # gated-GELU (T5 v1.1 / UL2 / mT5)
+      logits_via_embedding=True,  # tied output embedding
+      dropout_rate=0.0,
+      layer_norm_epsilon=1e-6,
+  ))
+
+  # Data: robot episodes (RLDS, described by a data_specs/ file) mixed with web VQA/captions.
+  c.data = ml_collections.ConfigDict()
+  c.data.robot = ml_collections.ConfigDict(dict(
+      spec='bridge_dataset',  # name of a data_specs/ file, or a path to one
+      data_dir='',  # TFDS builder dir; '' = a small generated dataset in that layout
+      split='train',
+  ))
+  c.data.web = ml_collections.ConfigDict(dict(jsonl='', tfds_name='', tfds_data_dir=''))
+  c.data.robot_rate = 0.5  # fraction of robot examples in the mixture
+  c.data.prompt = 'What action should the robot take to {instruction}?'
+  c.data.max_input_len = 32  # text tokens (image tokens come on top)
+  c.data.max_target_len = 16
+  c.data.shuffle_buffer = 1000
+  c.data.bad_data = 'skip'  # 'skip' (counted warning) or 'fail'
+
+  # Training.
+  c.total_steps = 200
+  c.batch_size = 8  # global
+  c.log_every = 10
+  c.optim = ml_collections.ConfigDict(dict(
+      name='adafactor',  # 'adafactor' | 'adamw'
+      lr=1e-3, schedule='rsqrt',  # 'rsqrt' | 'cosine' | 'constant'
+      warmup_steps=20, clip_norm=1.0, weight_decay=0.0, grad_accum_steps=1,
+  ))
+  c.freeze = ''  # regex over parameter paths to keep fixed, e.g. '^vit/'
+  c.ckpt = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
+
+  # Device mesh: -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address='', num_processes=1, process_id=0))
+
+  c.decode = ml_collections.ConfigDict(dict(
+      mode='action',  # 'action' | 'plan_then_action' | 'text'
+      temperature=0.0, top_k=0,
+      plan_prefix='Plan:', action_delimiter='Action:', max_plan_len=24, max_text_len=32,
+  ))
+  return c
