@@ -1,0 +1,168 @@
+"""Optimizers and learning-rate schedules for the trainer (optax).
+
+`make_optimizer(config)` reads `config.optim` (and `config.freeze`, `config.total_steps`):
+
+  name        'adafactor' (the T5X/PaLI default: factored second moments, update clipping,
+              parameter-scaled steps) or 'adamw' (decoupled weight decay on matrices only).
+  schedule    'rsqrt' (linear warmup, then lr * sqrt(warmup / step), as T5X), 'cosine'
+              (linear warmup, cosine decay to 0 at total_steps) or 'constant' (warmup, then lr).
+  clip_norm   global gradient-norm clipping before the optimizer (0 = off).
+  freeze      regex over '/'-joined parameter paths ('^vit/'): matching parameters get zero
+              updates and no optimizer state.
+
+`opt_state_specs` gives the optimizer state the partitioning of the parameters it tracks, so
+Adam moments and Adafactor's factored rows/columns are sharded like their parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+SCHEDULES = ('rsqrt', 'cosine', 'constant')
+OPTIMIZERS = ('adafactor', 'adamw')
+TRAIN, FROZEN = 'train', 'frozen'
+
+
+def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+  """Learning rate as a function of the optimizer step (0-based)."""
+  lr, warmup = float(optim_cfg.lr), int(optim_cfg.warmup_steps)
+  name = optim_cfg.schedule
+  if name not in SCHEDULES:
+    raise ValueError(f'unknown optim.schedule {name!r}; expected one of {SCHEDULES}')
+  if lr <= 0:
+    raise ValueError(f'optim.lr must be > 0, got {lr}')
+  if warmup < 0:
+    raise ValueError(f'optim.warmup_steps must be >= 0, got {warmup}')
+
+  def warmup_factor(step):
+    # Step 0 already takes a small non-zero step (1 / warmup) so no update is wasted.
+    return jnp.minimum(1.0, (step + 1.0) / max(warmup, 1))
+
+  if name == 'constant':
+    return lambda step: lr * warmup_factor(step)
+  if name == 'rsqrt':
+    return lambda step: lr * warmup_factor(step) * jax.lax.rsqrt(
+        jnp.maximum(step + 1.0, max(warmup, 1)) / max(warmup, 1))
+  decay_steps = max(int(total_steps) - warmup, 1)
+
+  def cosine(step):
+    progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+    return lr * warmup_factor(step) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+  return cosine
+
+
+def param_path_names(params) -> dict:
+  """The params tree with each leaf replaced by its '/'-joined path, e.g. 'vit/embedding/kernel'."""
+  def name(path, _):
+    return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+  return jax.tree_util.tree_map_with_path(name, params)
+
+
+def freeze_labels(params, freeze_regex: str) -> dict:
+  """'train' / 'frozen' per leaf. Raises if the regex is set but matches nothing or everything."""
+  names = param_path_names(params)
+  if not freeze_regex:
+    return jax.tree.map(lambda _: TRAIN, names)
+  try:
+    pattern = re.compile(freeze_regex)
+  except re.error as e:
+    raise ValueError(f'config.freeze={freeze_regex!r} is not a valid regex: {e}') from e
+  labels = jax.tree.map(lambda n: FROZEN if pattern.search(n) else TRAIN, names)
+  counts = {v: 0 for v in (TRAIN, FROZEN)}
+  for v in jax.tree.leaves(labels):
+    counts[v] += 1
+  if counts[FROZEN] == 0:
+    examples = ', '.join(sorted(jax.tree.leaves(names))[:6])
+    raise ValueError(f'config.freeze={freeze_regex!r} matches no parameter; paths look like: '
+                     f'{examples}, ...')
+  if counts[TRAIN] == 0:
+    raise ValueError(f'config.freeze={freeze_regex!r} freezes every parameter: nothing to train')
+  return labels
+
+
+def _core_optimizer(optim_cfg, schedule) -> optax.GradientTransformation:
+  name, wd = optim_cfg.name, float(optim_cfg.weight_decay)
+  if name == 'adafactor':
+    return optax.adafactor(
+        learning_rate=schedule, decay_rate=0.8, clipping_threshold=1.0,
+        multiply_by_parameter_scale=True, weight_decay_rate=wd or None,
+        weight_decay_mask=_matrices_only if wd else None)
+  if name == 'adamw':
+    return optax.adamw(
+        learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd, mask=_matrices_only)
+  raise ValueError(f'unknown optim.name {name!r}; expected one of {OPTIMIZERS}')
+
+
+def _matrices_only(params):
+  # Decay weight matrices and embeddings, not biases or norm scales.
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, schedule) for `params` (arrays or ShapeDtypeStructs, unboxed)."""
+  optim_cfg = config.optim
+  schedule = make_schedule(optim_cfg, config.total_steps)
+  parts = []
+  if float(optim_cfg.clip_norm) > 0:
+    parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_norm)))
+  parts.append(_core_optimizer(optim_cfg, schedule))
+  tx = optax.chain(*parts)
+  if config.get('freeze', ''):
+    labels = freeze_labels(params, config.freeze)
+    tx = optax.multi_transform({TRAIN: tx, FROZEN: optax.set_to_zero()}, labels)
+  return tx, schedule
+
+
+def _trailing_dict_path(path) -> tuple:
+  keys = []
+  for k in reversed(path):
+    if not isinstance(k, jax.tree_util.DictKey):
+      break
+    keys.append(k.key)
+  return tuple(reversed(keys))
+
+
+def _spec_for(leaf_shape, param_shape, param_spec: P) -> P:
+  spec = tuple(param_spec) + (None,) * (len(param_shape) - len(param_spec))
+  if tuple(leaf_shape) == tuple(param_shape):
+    return P(*spec)
+  if len(leaf_shape) == len(param_shape) - 1:
+    # A factored statistic: the parameter's shape with one dimension reduced away.
+    for i in range(len(param_shape)):
+      if tuple(param_shape[:i]) + tuple(param_shape[i + 1:]) == tuple(leaf_shape):
+        return P(*(spec[:i] + spec[i + 1:]))
+  return P()
+
+
+def opt_state_specs(opt_state_shapes, params_shapes, params_specs) -> object:
+  """PartitionSpecs for an optimizer state: a leaf that tracks a parameter (found by its
+  trailing dict path) is sharded like it (minus any reduced dimension); the rest is replicated.
+  """
+  flat_shapes = {}
+  flat_specs = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params_shapes)[0]:
+    flat_shapes[_trailing_dict_path(path)] = leaf.shape
+  for path, spec in jax.tree_util.tree_flatten_with_path(
+      params_specs, is_leaf=lambda x: isinstance(x, P))[0]:
+    flat_specs[_trailing_dict_path(path)] = spec
+
+  def spec(path, leaf):
+    key = _trailing_dict_path(path)
+    shape = getattr(leaf, 'shape', ())
+    # The longest suffix of the leaf's dict path that names a parameter.
+    for start in range(len(key)):
+      if key[start:] in flat_shapes:
+        sub = key[start:]
+        return _spec_for(shape, flat_shapes[sub], flat_specs.get(sub, P()))
+    return P()
+  return jax.tree_util.tree_map_with_path(spec, opt_state_shapes)
+
+
+def tree_size(tree: Mapping) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
