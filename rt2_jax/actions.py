@@ -234,7 +234,8 @@ class ActionSpace:
       if v.shape[-1] != f.width:
         raise ValueError(f'action field {f.name!r}: expected width {f.width}, got shape {v.shape}')
       parts.append(v)
-    return np.concatenate(np.broadcast_arrays(*parts) if len(parts) > 1 else parts, axis=-1)
+    batch = np.broadcast_shapes(*(p.shape[:-1] for p in parts))
+    return np.concatenate([np.broadcast_to(p, batch + p.shape[-1:]) for p in parts], axis=-1)
 
   def unflatten(self, vector) -> dict[str, np.ndarray]:
     vector = np.asarray(vector)

@@ -10,7 +10,8 @@ importing this module never imports TensorFlow.
   that every needed number is one piece.
 - 'extra_ids': class c is `<extra_id_c>` (needs at least num_bins extra ids).
 - 'least_used' (RT-2-PaLM-E): class c is the c-th of the num_bins lowest-scoring normal pieces
-  (SentencePiece scores are log-frequencies, so these are the least used).
+  (SentencePiece scores are log-frequencies, so these are the least used). These round-trip
+  through ids only: their text re-segments differently, as in PaLM-E where they are overwritten.
 A discrete field with k classes uses the tokens of classes 0..k-1.
 """
 
