@@ -1,0 +1,668 @@
+r"""HTTP policy server: one policy, batched inference, JSON / TF-Serving REST / msgpack.
+
+  python -m rt2_jax.serve --workdir=DIR [--checkpoint=STEP]      # a training run's checkpoint
+  python -m rt2_jax.serve --saved_model=DIR                      # an `rt2_jax.export` SavedModel
+
+Routes (all answer errors as `{"error": "..."}` with a 4xx for bad input, 5xx for model errors):
+  GET  /health                          {"status": "ok"|"draining", ...} (no token needed)
+  GET  /metadata                        image size, action names and units, model id, limits
+  GET  /stats                           requests, batches, mean batch size
+  POST /predict                         {"image", "instruction"} or {"images", "instructions"}
+                                        as JSON (base64 images) or msgpack (raw uint8 arrays)
+  GET  /v1/models/<name>[/metadata]     TF-Serving model status / metadata
+  POST /v1/models/<name>:predict        TF-Serving REST: {"instances": [...]} or {"inputs": {...}}
+
+Requests that arrive together share one `policy.batch` call: a worker on the event loop collects
+up to `max_batch` requests, waiting at most `max_wait_ms` after the first one arrived, and runs
+the policy in a worker thread so the loop keeps accepting requests. Batches are padded to a few
+bucket sizes (powers of two up to max_batch) so a jitted policy compiles once per bucket, all at
+start-up. If a batch raises, its requests are retried one by one so one bad request cannot fail
+its neighbours. SIGTERM stops accepting connections, finishes the requests in flight, then exits.
+
+The server binds 127.0.0.1 unless `--host` says otherwise; `--token` (or $RT2_SERVE_TOKEN, or
+`--token_file`) requires `Authorization: Bearer <token>` on every route but /health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from rt2_jax import wire
+
+log = logging.getLogger('rt2_jax.serve')
+
+# Names of the SavedModel signature outputs; the TF-Serving routes answer with the same names.
+TF_OUTPUT_NAMES = ('action', 'action_tokens', 'text', 'plan')
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+  host: str = '127.0.0.1'
+  port: int = 8000
+  max_batch: int = 8  # most requests in one policy call
+  max_wait_ms: float = 5.0  # longest a request waits for others to fill its batch
+  max_queue: int = 1024  # queued requests beyond this get 503 (back-pressure, not a hang)
+  max_instances: int = 256  # most examples in one request
+  max_body_bytes: int = 32 << 20
+  request_timeout_s: float = 60.0  # a request waiting longer than this gets 504
+  token: str = ''  # bearer token; '' = no authentication
+  model_name: str = 'rt2'  # the <name> of the TF-Serving routes
+  warmup: bool = True  # compile every batch bucket before accepting requests
+
+  def __post_init__(self):
+    if self.max_batch < 1:
+      raise ValueError(f'max_batch must be >= 1, got {self.max_batch}')
+    if self.max_wait_ms < 0:
+      raise ValueError(f'max_wait_ms must be >= 0, got {self.max_wait_ms}')
+
+
+class RequestError(Exception):
+  """Invalid client input: answered with `status` and the message, never a server failure."""
+
+  def __init__(self, message: str, status: int = 400):
+    super().__init__(message)
+    self.status = status
+
+
+class ModelError(Exception):
+  """The policy raised while running a request."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy interface the server needs: `.batch(images, instructions)` and `.metadata`.
+
+
+def metadata_dict(policy) -> dict:
+  meta = policy.metadata
+  if dataclasses.is_dataclass(meta):
+    meta = dataclasses.asdict(meta)
+  return json.loads(json.dumps(dict(meta), default=_json_default))
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+  """Padded batch sizes: powers of two below max_batch, and max_batch itself."""
+  sizes, b = [], 1
+  while b < max_batch:
+    sizes.append(b)
+    b *= 2
+  return sizes + [max_batch]
+
+
+def _json_default(obj):
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if dataclasses.is_dataclass(obj):
+    return dataclasses.asdict(obj)
+  if isinstance(obj, tuple | set):
+    return list(obj)
+  return str(obj)
+
+
+def output_message(out, arrays: bool) -> dict:
+  """A PolicyOutput -> the /predict reply (numpy arrays for msgpack, lists for JSON)."""
+  conv = (lambda a, t: np.asarray(a, t)) if arrays else (lambda a, t: np.asarray(a, t).tolist())
+  return {
+      'action': {k: conv(v, np.float32) for k, v in out.action.items()},
+      'vector': conv(out.vector, np.float32),
+      'tokens': conv(out.tokens, np.int32),
+      'text': str(out.text),
+      'plan': str(out.plan),
+  }
+
+
+def tf_output_row(out) -> dict:
+  return {'action': np.asarray(out.vector, np.float32).tolist(),
+          'action_tokens': np.asarray(out.tokens, np.int32).tolist(),
+          'text': str(out.text), 'plan': str(out.plan)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching.
+
+
+@dataclasses.dataclass
+class _Item:
+  image: np.ndarray
+  instruction: str
+  future: asyncio.Future
+  enqueued: float
+
+
+class Batcher:
+  """Collects requests on the event loop and runs them through `policy.batch` in a thread."""
+
+  def __init__(self, policy, shape: tuple[int, int, int], config: ServeConfig):
+    self.policy, self.shape, self.config = policy, shape, config
+    self.buckets = batch_buckets(config.max_batch)
+    self._pending: collections.deque[_Item] = collections.deque()
+    self._wakeup: asyncio.Event | None = None
+    self._task: asyncio.Task | None = None
+    self._stopping = False
+    # One thread: the policy runs one batch at a time; requests queue on the loop meanwhile.
+    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='policy')
+    self.num_requests = self.num_batches = self.num_errors = 0
+    self.batch_time_s = 0.0
+
+  def warmup(self) -> None:
+    """Compile every bucket size now, so the first requests do not pay for it."""
+    for b in self.buckets:
+      t0 = time.perf_counter()
+      self._run_policy([np.zeros(self.shape, np.uint8)] * b, ['warm up'] * b)
+      log.info('warm-up: batch %d ready in %.1f s', b, time.perf_counter() - t0)
+
+  async def start(self) -> None:
+    self._wakeup = asyncio.Event()
+    self._task = asyncio.create_task(self._loop(), name='batcher')
+
+  async def stop(self) -> None:
+    """Finish everything queued, then stop the worker."""
+    self._stopping = True
+    if self._wakeup is not None:
+      self._wakeup.set()
+    if self._task is not None:
+      await self._task
+    self._executor.shutdown(wait=True)
+
+  async def submit(self, images: Sequence[np.ndarray], instructions: Sequence[str]) -> list:
+    if self._stopping:
+      raise RequestError('server is shutting down', 503)
+    if len(self._pending) + len(images) > self.config.max_queue:
+      raise RequestError(f'server overloaded: {len(self._pending)} requests queued', 503)
+    loop = asyncio.get_running_loop()
+    futures = []
+    for image, instruction in zip(images, instructions, strict=True):
+      fut = loop.create_future()
+      self._pending.append(_Item(image, instruction, fut, loop.time()))
+      futures.append(fut)
+    self._wakeup.set()
+    try:
+      return await asyncio.wait_for(asyncio.gather(*futures), self.config.request_timeout_s)
+    except TimeoutError:
+      raise RequestError(f'no result within {self.config.request_timeout_s} s', 504) from None
+    finally:
+      for fut in futures:  # a timed-out or cancelled request leaves the queue
+        fut.cancel()
+
+  async def _loop(self) -> None:
+    loop = asyncio.get_running_loop()
+    max_wait = self.config.max_wait_ms / 1000
+    while True:
+      while not self._pending:
+        if self._stopping:
+          return
+        self._wakeup.clear()
+        await self._wakeup.wait()
+      # Wait for the batch to fill, counting from when its first request arrived.
+      deadline = self._pending[0].enqueued + max_wait
+      while len(self._pending) < self.config.max_batch and not self._stopping:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+          break
+        self._wakeup.clear()
+        with contextlib.suppress(TimeoutError):
+          await asyncio.wait_for(self._wakeup.wait(), remaining)
+      items = []
+      while self._pending and len(items) < self.config.max_batch:
+        item = self._pending.popleft()
+        if not item.future.done():  # skip requests that timed out while queued
+          items.append(item)
+      if not items:
+        continue
+      t0 = time.perf_counter()
+      results = await loop.run_in_executor(
+          self._executor, self._run_isolated, [i.image for i in items],
+          [i.instruction for i in items])
+      self.batch_time_s += time.perf_counter() - t0
+      self.num_batches += 1
+      self.num_requests += len(items)
+      for item, result in zip(items, results, strict=True):
+        if item.future.done():
+          continue
+        if isinstance(result, BaseException):
+          self.num_errors += 1
+          item.future.set_exception(result)
+        else:
+          item.future.set_result(result)
+
+  def _run_policy(self, images: list[np.ndarray], instructions: list[str]) -> list:
+    n = len(images)
+    size = next(b for b in self.buckets if b >= n)
+    # Pad by repeating the last example: the padded rows are computed and dropped.
+    images = images + [images[-1]] * (size - n)
+    instructions = list(instructions) + [instructions[-1]] * (size - n)
+    outputs = self.policy.batch(np.stack(images), instructions)
+    if len(outputs) != size:
+      raise ModelError(f'policy.batch returned {len(outputs)} outputs for {size} inputs')
+    return list(outputs[:n])
+
+  def _run_isolated(self, images, instructions) -> list:
+    """Outputs, or one exception per request; a failing batch is retried request by request."""
+    try:
+      return self._run_policy(images, instructions)
+    except Exception as e:  # noqa: BLE001  (any policy failure becomes that request's 500)
+      if len(images) == 1:
+        log.exception('policy failed on %r', instructions[0])
+        return [ModelError(f'{type(e).__name__}: {e}')]
+    results = []
+    for image, instruction in zip(images, instructions, strict=True):
+      results.extend(self._run_isolated([image], [instruction]))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Request parsing.
+
+
+def _instruction(value, where: str) -> str:
+  if not isinstance(value, str):
+    raise RequestError(f'{where}: instruction must be a string, got {type(value).__name__}')
+  if not value.strip():
+    raise RequestError(f'{where}: instruction is empty')
+  return value
+
+
+def _image(value, shape, where: str) -> np.ndarray:
+  try:
+    return wire.image_from_message(value, shape)
+  except wire.WireError as e:
+    raise RequestError(f'{where}: {e}') from None
+
+
+def _field(obj: dict, key: str, where: str):
+  if key not in obj:
+    raise RequestError(f'{where}: missing field {key!r} (have {sorted(obj)})')
+  return obj[key]
+
+
+def _check_count(n: int, limit: int) -> None:
+  if n == 0:
+    raise RequestError('request holds no examples')
+  if n > limit:
+    raise RequestError(f'request holds {n} examples; at most {limit} are accepted', 413)
+
+
+def parse_predict(body, shape, max_instances: int) -> tuple[list, list, bool]:
+  """/predict body -> (images, instructions, is_batch)."""
+  if not isinstance(body, dict):
+    raise RequestError(f'body must be an object, got {type(body).__name__}')
+  if 'images' in body or 'instructions' in body:
+    images, instructions = _field(body, 'images', 'body'), _field(body, 'instructions', 'body')
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+      images = list(images)
+    if not isinstance(images, list) or not isinstance(instructions, list):
+      raise RequestError('"images" and "instructions" must be lists')
+    if len(images) != len(instructions):
+      raise RequestError(f'{len(images)} images but {len(instructions)} instructions')
+    _check_count(len(images), max_instances)
+    return ([_image(v, shape, f'images[{i}]') for i, v in enumerate(images)],
+            [_instruction(v, f'instructions[{i}]') for i, v in enumerate(instructions)], True)
+  image = _image(_field(body, 'image', 'body'), shape, 'image')
+  return [image], [_instruction(_field(body, 'instruction', 'body'), 'body')], False
+
+
+def parse_tf_serving(body, shape, max_instances: int) -> tuple[list, list, str]:
+  """TF-Serving REST body -> (images, instructions, 'row'|'columnar')."""
+  if not isinstance(body, dict):
+    raise RequestError(f'body must be an object, got {type(body).__name__}')
+  signature = body.get('signature_name', 'serving_default')
+  if signature != 'serving_default':
+    raise RequestError(f'unknown signature_name {signature!r}; this model has serving_default')
+  if ('instances' in body) == ('inputs' in body):
+    raise RequestError('body must hold exactly one of "instances" (row) or "inputs" (columnar)')
+  if 'instances' in body:
+    instances = body['instances']
+    if not isinstance(instances, list):
+      raise RequestError('"instances" must be a list')
+    _check_count(len(instances), max_instances)
+    images, instructions = [], []
+    for i, inst in enumerate(instances):
+      where = f'instances[{i}]'
+      if not isinstance(inst, dict):
+        raise RequestError(f'{where} must be an object with "image" and "instruction"')
+      images.append(_image(_field(inst, 'image', where), shape, f'{where}.image'))
+      instructions.append(_instruction(_field(inst, 'instruction', where), where))
+    return images, instructions, 'row'
+  inputs = body['inputs']
+  if not isinstance(inputs, dict):
+    raise RequestError('"inputs" must be an object with "image" and "instruction" lists')
+  images, instructions = _field(inputs, 'image', 'inputs'), _field(inputs, 'instruction', 'inputs')
+  if not isinstance(images, list) or not isinstance(instructions, list):
+    raise RequestError('inputs "image" and "instruction" must be lists (batch first)')
+  if len(images) != len(instructions):
+    raise RequestError(f'{len(images)} images but {len(instructions)} instructions')
+  _check_count(len(images), max_instances)
+  return ([_image(v, shape, f'inputs.image[{i}]') for i, v in enumerate(images)],
+          [_instruction(v, f'inputs.instruction[{i}]') for i, v in enumerate(instructions)],
+          'columnar')
+
+
+def _media_type(headers, name: str) -> str:
+  return headers.get(name, '').split(';')[0].strip().lower()
+
+
+def decode_body(body: bytes, content_type: str):
+  if content_type in wire.MSGPACK_TYPES:
+    try:
+      return wire.unpackb(body)
+    except wire.WireError as e:
+      raise RequestError(str(e)) from None
+  if content_type not in ('', 'application/json', 'text/json'):
+    raise RequestError(f'unsupported content type {content_type!r}; send application/json or '
+                       f'{wire.MSGPACK_TYPE}', 415)
+  try:
+    return json.loads(body)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise RequestError(f'body is not valid JSON: {e}') from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The ASGI app.
+
+
+async def _send_json(send, status: int, payload: dict, headers=()) -> None:
+  body = json.dumps(payload).encode()
+  await send({'type': 'http.response.start', 'status': status,
+              'headers': [(b'content-type', b'application/json'),
+                          (b'content-length', str(len(body)).encode()), *headers]})
+  await send({'type': 'http.response.body', 'body': body})
+
+
+class Guard:
+  """ASGI middleware: bearer-token check, then a body size limit on the declared and the
+  streamed length (the body is buffered here, so handlers never see an oversize body)."""
+
+  def __init__(self, app, max_body_bytes: int, token: str = '', open_paths=('/health',)):
+    self.app, self.max_body_bytes, self.open_paths = app, max_body_bytes, open_paths
+    self.token = token.encode()
+
+  async def __call__(self, scope, receive, send):
+    if scope['type'] != 'http':
+      return await self.app(scope, receive, send)
+    headers = dict(scope['headers'])
+    if self.token and scope['path'] not in self.open_paths:
+      scheme, _, credential = headers.get(b'authorization', b'').partition(b' ')
+      if scheme.lower() != b'bearer' or not hmac.compare_digest(credential.strip(), self.token):
+        return await _send_json(send, 401, {'error': 'missing or wrong bearer token'},
+                                [(b'www-authenticate', b'Bearer')])
+    if scope['method'] in ('GET', 'HEAD', 'OPTIONS'):
+      return await self.app(scope, receive, send)
+    limit = self.max_body_bytes
+    declared = headers.get(b'content-length')
+    if declared is not None:
+      if not declared.isdigit():
+        return await _send_json(send, 400, {'error': 'bad Content-Length header'})
+      if int(declared) > limit:
+        return await _send_json(
+            send, 413, {'error': f'body of {int(declared)} bytes exceeds the limit of {limit}'})
+    body, more = bytearray(), True
+    while more:
+      message = await receive()
+      if message['type'] == 'http.disconnect':
+        return None
+      body += message.get('body', b'')
+      more = message.get('more_body', False)
+      if len(body) > limit:
+        return await _send_json(send, 413, {'error': f'body exceeds the limit of {limit} bytes'})
+    replayed = False
+
+    async def replay():
+      nonlocal replayed
+      if not replayed:
+        replayed = True
+        return {'type': 'http.request', 'body': bytes(body), 'more_body': False}
+      return await receive()
+
+    return await self.app(scope, replay, send)
+
+
+def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
+  """The FastAPI app serving `policy`; the batcher starts and stops with the app's lifespan."""
+  meta = metadata_dict(policy)
+  shape = wire.image_shape(meta)
+  batcher = batcher or Batcher(policy, shape, config)
+  state = {'draining': False, 'started': time.time()}
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    await batcher.start()
+    yield
+    state['draining'] = True
+    await batcher.stop()
+
+  app = FastAPI(title='rt2_jax policy server', lifespan=lifespan, docs_url=None, redoc_url=None,
+                openapi_url=None)
+  app.state.batcher, app.state.serve_state = batcher, state
+
+  def error(status: int, message: str):
+    return JSONResponse({'error': message}, status_code=status)
+
+  def reply(payload, as_msgpack: bool):
+    if as_msgpack:
+      return Response(wire.packb(payload), media_type=wire.MSGPACK_TYPE)
+    return JSONResponse(payload)
+
+  async def run(request: Request, parse):
+    if state['draining']:
+      raise RequestError('server is shutting down', 503)
+    content_type = _media_type(request.headers, 'content-type')
+    body = decode_body(await request.body(), content_type)
+    images, instructions, kind = parse(body, shape, config.max_instances)
+    try:
+      outputs = await batcher.submit(images, instructions)
+    except ModelError as e:
+      raise RequestError(f'model error: {e}', 500) from None
+    wants_msgpack = (content_type in wire.MSGPACK_TYPES
+                     or _media_type(request.headers, 'accept') in wire.MSGPACK_TYPES)
+    return outputs, kind, wants_msgpack
+
+  @app.exception_handler(RequestError)
+  async def request_error(request, exc: RequestError):
+    return error(exc.status, str(exc))
+
+  @app.get('/health')
+  async def health():
+    status = 'draining' if state['draining'] else 'ok'
+    return JSONResponse({'status': status, 'model': config.model_name},
+                        status_code=503 if state['draining'] else 200)
+
+  @app.get('/metadata')
+  async def metadata():
+    return {**meta, 'model_name': config.model_name,
+            'server': {'max_batch': config.max_batch, 'max_wait_ms': config.max_wait_ms,
+                       'max_body_bytes': config.max_body_bytes,
+                       'max_instances': config.max_instances, 'buckets': batcher.buckets}}
+
+  @app.get('/stats')
+  async def stats():
+    b = batcher
+    return {'requests': b.num_requests, 'batches': b.num_batches, 'errors': b.num_errors,
+            'mean_batch': b.num_requests / max(b.num_batches, 1),
+            'mean_batch_ms': 1000 * b.batch_time_s / max(b.num_batches, 1),
+            'queued': len(b._pending), 'uptime_s': time.time() - state['started']}
+
+  @app.post('/predict')
+  async def predict(request: Request):
+    outputs, is_batch, as_msgpack = await run(request, parse_predict)
+    messages = [output_message(o, arrays=as_msgpack) for o in outputs]
+    return reply({'outputs': messages} if is_batch else messages[0], as_msgpack)
+
+  def check_model(name: str):
+    if name != config.model_name:
+      raise RequestError(f'model {name!r} not found; this server serves {config.model_name!r}',
+                         404)
+
+  @app.get('/v1/models/{name}')
+  async def tf_status(name: str):
+    check_model(name)
+    return {'model_version_status': [{
+        'version': str(meta.get('step', 0)), 'state': 'AVAILABLE',
+        'status': {'error_code': 'OK', 'error_message': ''}}]}
+
+  @app.get('/v1/models/{name}/metadata')
+  async def tf_metadata(name: str):
+    check_model(name)
+    h, w, _ = shape
+    return {'model_spec': {'name': name, 'signature_name': '', 'version': str(meta.get('step', 0))},
+            'metadata': {'signature_def': {'signature_def': {'serving_default': {
+                'inputs': {'image': {'dtype': 'DT_UINT8', 'shape': [-1, h, w, 3]},
+                           'instruction': {'dtype': 'DT_STRING', 'shape': [-1]}},
+                'outputs': {k: {} for k in TF_OUTPUT_NAMES},
+                'method_name': 'tensorflow/serving/predict'}}}},
+            'rt2_jax': meta}
+
+  async def tf_predict(name: str, request: Request):
+    check_model(name)
+    outputs, kind, _ = await run(request, parse_tf_serving)
+    rows = [tf_output_row(o) for o in outputs]
+    if kind == 'row':
+      return JSONResponse({'predictions': rows})
+    return JSONResponse({'outputs': {k: [r[k] for r in rows] for k in TF_OUTPUT_NAMES}})
+
+  @app.post('/v1/models/{name}:predict')
+  async def tf_predict_latest(name: str, request: Request):
+    return await tf_predict(name, request)
+
+  @app.post('/v1/models/{name}/versions/{version}:predict')
+  async def tf_predict_version(name: str, version: str, request: Request):
+    return await tf_predict(name, request)
+
+  return Guard(app, config.max_body_bytes, config.token)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running it.
+
+
+class PolicyServer:
+  """`run()` serves in the calling (main) thread until SIGTERM/SIGINT; `start()` serves from a
+  background thread on a free loopback port (tests, benchmarks) and `stop()` drains it."""
+
+  def __init__(self, policy, config: ServeConfig = ServeConfig(), log_level: str = 'warning'):
+    import uvicorn  # noqa: PLC0415
+
+    self.config = config
+    self.batcher = Batcher(policy, wire.image_shape(metadata_dict(policy)), config)
+    if config.warmup:
+      self.batcher.warmup()
+    self.app = create_app(policy, config, self.batcher)
+    serve_state = self.app.app.state.serve_state
+
+    class _Server(uvicorn.Server):
+      def handle_exit(self, sig, frame):
+        serve_state['draining'] = True  # /health says so at once; new predicts get 503
+        super().handle_exit(sig, frame)
+
+    self._server = _Server(uvicorn.Config(
+        self.app, host=config.host, port=config.port, log_level=log_level, access_log=False,
+        lifespan='on', timeout_graceful_shutdown=config.request_timeout_s + 5,
+        timeout_keep_alive=30))
+    self._thread: threading.Thread | None = None
+    self.url = f'http://{config.host}:{config.port}'
+
+  def run(self) -> None:
+    if self.config.host not in ('127.0.0.1', 'localhost', '::1') and not self.config.token:
+      log.warning('serving on %s without a token: anyone who can reach it can drive the robot',
+                  self.config.host)
+    print(f'serving {self.config.model_name} on {self.url}', flush=True)
+    self._server.run()
+
+  def start(self, timeout_s: float = 60.0) -> str:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((self.config.host, self.config.port))
+    host, port = sock.getsockname()[:2]
+    self.url = f'http://{host}:{port}'
+    self._thread = threading.Thread(target=self._server.run, kwargs={'sockets': [sock]},
+                                    name='policy-server', daemon=True)
+    self._thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not self._server.started:
+      if not self._thread.is_alive() or time.monotonic() > deadline:
+        raise RuntimeError(f'policy server did not start on {self.url}')
+      time.sleep(0.01)
+    return self.url
+
+  def stop(self, timeout_s: float = 60.0) -> None:
+    """Drain as on SIGTERM: refuse new connections, finish requests in flight, stop."""
+    self._server.handle_exit(signal.SIGTERM, None)
+    if self._thread is not None:
+      self._thread.join(timeout_s)
+      if self._thread.is_alive():
+        raise RuntimeError('policy server did not drain in time')
+
+
+def _read_token(flag_token: str, token_file: str) -> str:
+  if token_file:
+    with open(token_file) as f:
+      return f.read().strip()
+  return flag_token or os.environ.get('RT2_SERVE_TOKEN', '')
+
+
+def main(argv) -> None:
+  from absl import flags  # noqa: PLC0415
+
+  del argv
+  f = flags.FLAGS
+  if bool(f.workdir) == bool(f.saved_model):
+    sys.exit('give exactly one of --workdir (a training run) or --saved_model (an export)')
+  # SIGTERM during start-up exits at once; once serving, uvicorn drains first and re-raises it.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+  if f.saved_model:
+    from rt2_jax.export import SavedModelPolicy  # noqa: PLC0415
+
+    policy = SavedModelPolicy.load(f.saved_model)
+  else:
+    from rt2_jax.policy import Policy  # noqa: PLC0415
+
+    policy = Policy.from_checkpoint(f.workdir, step=f.checkpoint)
+  config = ServeConfig(
+      host=f.host, port=f.port, max_batch=f.max_batch, max_wait_ms=f.max_wait_ms,
+      max_body_bytes=int(f.max_body_mb * (1 << 20)), request_timeout_s=f.request_timeout_s,
+      token=_read_token(f.token, f.token_file), model_name=f.model_name, warmup=f.warmup)
+  PolicyServer(policy, config, log_level='info').run()
+
+
+def _define_flags() -> None:
+  from absl import flags  # noqa: PLC0415
+
+  flags.DEFINE_string('workdir', '', 'training workdir (or its checkpoints/ dir) to serve')
+  flags.DEFINE_integer('checkpoint', None, 'checkpoint step; default the latest')
+  flags.DEFINE_string('saved_model', '', 'SavedModel written by rt2_jax.export, instead')
+  flags.DEFINE_string('host', '127.0.0.1', 'bind address; 0.0.0.0 exposes the server')
+  flags.DEFINE_integer('port', 8000, 'port')
+  flags.DEFINE_integer('max_batch', 8, 'most requests batched into one policy call')
+  flags.DEFINE_float('max_wait_ms', 5.0, 'longest a request waits for a batch to fill')
+  flags.DEFINE_float('max_body_mb', 32.0, 'largest request body')
+  flags.DEFINE_float('request_timeout_s', 60.0, 'a request waiting longer gets 504')
+  flags.DEFINE_string('token', '', 'bearer token (prefer $RT2_SERVE_TOKEN or --token_file)')
+  flags.DEFINE_string('token_file', '', 'file holding the bearer token')
+  flags.DEFINE_string('model_name', 'rt2', 'model name of the TF-Serving routes')
+  flags.DEFINE_bool('warmup', True, 'compile every batch bucket before serving')
+
+
+if __name__ == '__main__':
+  from absl import app as absl_app
+
+  _define_flags()
+  absl_app.run(main)
