@@ -1,0 +1,223 @@
+"""Web data for co-fine-tuning: captioning and VQA examples, from a JSONL file or a TFDS dataset.
+
+JSONL format (one JSON object a line; blank lines and lines starting with '#' are ignored):
+
+  {"image": "images/0001.jpg", "question": "What color is the block?", "answer": "red"}
+  {"image": "images/0002.png", "caption": "a robot arm above a wooden table"}
+
+- `image`: path of a JPEG/PNG file, relative to the JSONL file's folder (or absolute).
+- VQA lines have `question` and `answer`: the model reads the question, writes the answer.
+- Caption lines have `caption` (or `answer` without `question`): the model reads the caption
+  prompt (`data.web.caption_prompt`, default 'Caption the image.') and writes the caption.
+Other keys are ignored. A line that breaks these rules raises naming the file, the line number
+and the keys it has; a missing image file raises naming both paths.
+
+TFDS: `read_tfds(name, data_dir, split)` reads an image-caption dataset such as `coco_captions`
+(features 'image' and 'captions/text'), one example per (image, caption) pair; a VQA dataset
+works with `question_key`/`answer_key`. Images are resized (stretched) to the model's size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from rt2_jax.data.rlds import DataError
+
+DEFAULT_CAPTION_PROMPT = 'Caption the image.'
+
+
+@dataclasses.dataclass
+class WebRecords:
+  """In-memory web examples; several examples may share an image."""
+
+  name: str
+  images: np.ndarray  # uint8 [M, S, S, 3]
+  image_index: np.ndarray  # int32 [n] -> images
+  inputs: list  # [n] input text (question or caption prompt)
+  targets: list  # [n] target text
+  kinds: list  # [n] 'vqa' | 'caption'
+  source: str = ''
+
+  def __len__(self) -> int:
+    return len(self.targets)
+
+  def select(self, index) -> WebRecords:
+    index = np.asarray(index, np.int64)
+    return dataclasses.replace(
+        self, image_index=self.image_index[index], inputs=[self.inputs[i] for i in index],
+        targets=[self.targets[i] for i in index], kinds=[self.kinds[i] for i in index])
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> [size, size, 3] (stretched, antialiased)."""
+  from PIL import Image
+
+  if image.shape[:2] == (size, size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), np.uint8)
+
+
+def _load_image(path: str, size: int, where: str) -> np.ndarray:
+  from PIL import Image, UnidentifiedImageError
+
+  try:
+    with Image.open(path) as img:
+      return resize_image(np.asarray(img.convert('RGB'), np.uint8), size)
+  except FileNotFoundError:
+    raise DataError(f'{where}: image file {path} does not exist') from None
+  except (UnidentifiedImageError, OSError) as e:
+    raise DataError(f'{where}: cannot decode image {path}: {e}') from None
+
+
+def read_jsonl(path: str, image_size: int, caption_prompt: str = DEFAULT_CAPTION_PROMPT,
+               max_examples: int = 0, shard: tuple[int, int] = (0, 1), progress=print
+               ) -> WebRecords:
+  """Examples of a JSONL file (lines i with i % shard[1] == shard[0]), images resized."""
+  path = os.path.expanduser(path)
+  if not os.path.isfile(path):
+    raise DataError(f'web JSONL file {path} does not exist')
+  folder = os.path.dirname(os.path.abspath(path))
+  start = time.time()
+  images, image_index, inputs, targets, kinds = [], [], [], [], []
+  image_rows: dict[str, int] = {}
+  example = -1
+  with open(path) as f:
+    for line_number, line in enumerate(f, 1):
+      line = line.strip()
+      if not line or line.startswith('#'):
+        continue
+      example += 1
+      if example % shard[1] != shard[0]:
+        continue
+      where = f'{path}:{line_number}'
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f'{where}: not valid JSON ({e.msg})') from None
+      if not isinstance(row, dict) or 'image' not in row:
+        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise DataError(f'{where}: a line needs "image" plus "question"+"answer" or "caption"; '
+                        f'it has {keys}')
+      if 'question' in row:
+        if 'answer' not in row:
+          raise DataError(f'{where}: a "question" line needs an "answer"; it has {sorted(row)}')
+        kind, prompt, target = 'vqa', str(row['question']), str(row['answer'])
+      elif 'caption' in row or 'answer' in row:
+        kind, prompt = 'caption', caption_prompt
+        target = str(row['caption'] if 'caption' in row else row['answer'])
+      else:
+        raise DataError(f'{where}: a line needs "question"+"answer" or "caption"; '
+                        f'it has {sorted(row)}')
+      if not target.strip():
+        raise DataError(f'{where}: empty {"answer" if kind == "vqa" else "caption"}')
+      image_path = os.path.join(folder, os.path.expanduser(str(row['image'])))
+      if image_path not in image_rows:
+        image_rows[image_path] = len(images)
+        images.append(_load_image(image_path, image_size, where))
+      image_index.append(image_rows[image_path])
+      inputs.append(prompt)
+      targets.append(target)
+      kinds.append(kind)
+      if max_examples and len(targets) >= max_examples:
+        break
+  if not targets:
+    raise DataError(f'web JSONL file {path} has no examples'
+                    + (f' for shard {shard[0]} of {shard[1]}' if shard[1] > 1 else ''))
+  if progress:
+    progress(f'read {len(targets)} web examples ({len(images)} images) from {path} in '
+             f'{time.time() - start:.1f}s')
+  return WebRecords(name=os.path.basename(path), images=np.stack(images),
+                    image_index=np.asarray(image_index, np.int32), inputs=inputs,
+                    targets=targets, kinds=kinds, source=path)
+
+
+def read_tfds(name: str, data_dir: str, split: str, image_size: int, *,
+              caption_prompt: str = DEFAULT_CAPTION_PROMPT, image_key: str = 'image',
+              text_key: str = 'captions/text', question_key: str = '', answer_key: str = '',
+              max_examples: int = 0, shard: tuple[int, int] = (0, 1), progress=print
+              ) -> WebRecords:
+  """A prepared TFDS image-text dataset (e.g. coco_captions) as WebRecords.
+
+  `data_dir` is the TFDS data dir holding NAME/VERSION/ (or that builder folder itself). With
+  `question_key` and `answer_key` the examples are VQA, else captions from `text_key` (a string
+  or a sequence of strings: one example per caption).
+  """
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  from rt2_jax.data.rlds import resolve_builder_dir
+
+  try:
+    builder_dir = resolve_builder_dir(data_dir or tfds.core.constants.DATA_DIR, name)
+  except DataError as e:
+    raise DataError(f'TFDS dataset {name} is not prepared under {data_dir!r} ({e}); prepare it '
+                    f'with `tfds build {name} --data_dir=...` or unset data.web.tfds_name') from None
+  builder = tfds.builder_from_directory(builder_dir)
+  features = builder.info.features
+  paths = _feature_paths(builder.info.features)
+  for key in [image_key, *((question_key, answer_key) if question_key else (text_key,))]:
+    if key not in paths:
+      raise DataError(f'TFDS dataset {name} ({builder_dir}): key {key!r} missing; the keys that '
+                      f'exist are {sorted(paths)}')
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  if shard[1] > 1:
+    ds = ds.shard(shard[1], shard[0])
+
+  def get(example, key):
+    for part in key.split('/'):
+      example = example[part]
+    return example
+
+  start = time.time()
+  images, image_index, inputs, targets, kinds = [], [], [], [], []
+  for example in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+    image = resize_image(np.asarray(get(example, image_key), np.uint8), image_size)
+    if question_key:
+      pairs = [(_text(get(example, question_key)), _text(get(example, answer_key)), 'vqa')]
+    else:
+      texts = np.atleast_1d(get(example, text_key))
+      pairs = [(caption_prompt, _text(t), 'caption') for t in texts]
+    pairs = [p for p in pairs if p[1]]
+    if not pairs:
+      continue
+    images.append(image)
+    for prompt, target, kind in pairs:
+      image_index.append(len(images) - 1)
+      inputs.append(prompt)
+      targets.append(target)
+      kinds.append(kind)
+    if max_examples and len(targets) >= max_examples:
+      break
+  if not targets:
+    raise DataError(f'TFDS dataset {name} ({builder_dir}, split {split!r}) gave no examples')
+  if progress:
+    progress(f'read {len(targets)} web examples ({len(images)} images) from {name} {split} in '
+             f'{time.time() - start:.1f}s')
+  return WebRecords(name=name, images=np.stack(images),
+                    image_index=np.asarray(image_index, np.int32), inputs=inputs,
+                    targets=targets, kinds=kinds, source=f'{builder_dir}:{split}')
+
+
+def _feature_paths(features, prefix='') -> set:
+  """'/'-joined paths of the leaf features (through dicts and sequences of dicts)."""
+  import tensorflow_datasets as tfds
+
+  out = set()
+  for key, value in features.items():
+    inner = value.feature if isinstance(value, tfds.features.Sequence) else value
+    if isinstance(inner, tfds.features.FeaturesDict):
+      out |= _feature_paths(inner, f'{prefix}{key}/')
+    else:
+      out.add(f'{prefix}{key}')
+  return out
+
+
+def _text(value) -> str:
+  if isinstance(value, bytes):
+    return value.decode('utf-8', errors='replace').strip()
+  return str(value).strip()
