@@ -1,0 +1,156 @@
+"""Training metrics: averaging on the host, a console line, and TensorBoard event files.
+
+The train step returns a dict of device scalars/vectors each step; `MetricLogger` keeps them
+(no host sync) and only at a log step fetches them all at once, averages, adds throughput
+(steps/s, examples/s) and writes:
+
+  console     step 120/1000 | loss 2.314 | tok_acc 0.412 | act_acc 0.371 | 41.2 ex/s | ...
+  TensorBoard WORKDIR/tensorboard/events.out.tfevents.*  (scalars, one tag per metric)
+
+The event files are TFRecord-framed `tensorboard` Event protos written here directly, so the
+trainer does not import TensorFlow for them (remote workdirs such as gs:// go through
+tf.io.gfile, imported only then).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for n in range(256):
+    c = n
+    for _ in range(8):
+      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+    table.append(c)
+  return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  crc = 0xFFFFFFFF
+  for b in data:
+    crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _open(path: str, mode: str):
+  if '://' in path:
+    import tensorflow as tf  # only for remote storage
+
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    return tf.io.gfile.GFile(path, mode)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  return open(path, mode)
+
+
+class EventWriter:
+  """Scalars to a TensorBoard event file (the TFRecord format tf.summary writes)."""
+
+  def __init__(self, logdir: str):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
+    self.path = os.path.join(logdir, name)
+    self._file = _open(self.path, 'wb')
+    self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _write(self, event) -> None:
+    data = event.SerializeToString()
+    header = struct.pack('<Q', len(data))
+    self._file.write(header + struct.pack('<I', _masked_crc(header)) + data +
+                     struct.pack('<I', _masked_crc(data)))
+
+  def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    summary = self._summary_pb2.Summary(value=[
+        self._summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
+    self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def average(metrics: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
+  """Mean over steps; a vector metric `name` [k] becomes `name/<i>` (or `name/<label>`)."""
+  out = {}
+  for key in metrics[0]:
+    value = np.mean(np.stack([np.asarray(m[key], np.float64) for m in metrics]), axis=0)
+    if value.ndim == 0:
+      out[key] = float(value)
+    else:
+      for i, v in enumerate(value.reshape(-1)):
+        out[f'{key}/{i}'] = float(v)
+  return out
+
+
+CONSOLE_KEYS = (('loss', 'loss', '.4f'), ('token_accuracy', 'tok_acc', '.3f'),
+                ('action_accuracy', 'act_acc', '.3f'), ('action_error_mean', 'act_err', '.4f'),
+                ('learning_rate', 'lr', '.2e'), ('grad_norm', 'gnorm', '.3f'))
+
+
+class MetricLogger:
+  """Collects per-step device metrics; at log steps averages, prints and writes TensorBoard."""
+
+  def __init__(self, workdir: str, total_steps: int, global_batch_size: int,
+               dim_names: Sequence[str] = (), enabled: bool = True, print_fn=print):
+    self.total_steps, self.batch_size = total_steps, global_batch_size
+    self.dim_names = list(dim_names)
+    self.enabled, self.print_fn = enabled, print_fn
+    self.writer = EventWriter(os.path.join(workdir, 'tensorboard')) if enabled else None
+    self._pending: list = []
+    self._last_time: float | None = None
+    self._last_step: int | None = None
+
+  def start(self, step: int) -> None:
+    """Marks the step throughput is measured from (after compilation, ideally)."""
+    self._last_time, self._last_step = time.perf_counter(), step
+
+  def add(self, metrics) -> None:
+    self._pending.append(metrics)
+
+  def write(self, step: int) -> dict[str, float]:
+    """Fetches the pending metrics (the one host sync), logs them, returns the averages."""
+    if not self._pending:
+      return {}
+    fetched = jax.device_get(self._pending)
+    self._pending = []
+    now = time.perf_counter()
+    values = average(fetched)
+    for i, name in enumerate(self.dim_names):  # per-dimension errors under readable names
+      key = f'action_error/{i}'
+      if key in values:
+        values[f'action_error/{name}'] = values.pop(key)
+    if self._last_time is not None and step > self._last_step:
+      steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
+      values['steps_per_s'] = steps_per_s
+      values['examples_per_s'] = steps_per_s * self.batch_size
+    self._last_time, self._last_step = now, step
+    if self.enabled:
+      self.writer.scalars(step, values)
+      parts = [f'step {step}/{self.total_steps}']
+      parts += [f'{short} {values[k]:{fmt}}' for k, short, fmt in CONSOLE_KEYS if k in values]
+      if 'examples_per_s' in values:
+        parts.append(f'{values["examples_per_s"]:.1f} ex/s {values["steps_per_s"]:.2f} steps/s')
+      self.print_fn(' | '.join(parts), flush=True)
+    return values
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
