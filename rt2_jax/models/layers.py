@@ -1,0 +1,186 @@
+"""Building blocks shared by the ViT and the T5: dense projections, norms, attention.
+
+Every parameter is created through `nn.with_logical_partitioning`, so a single table of
+logical-axis rules (rt2_jax.partitioning.LOGICAL_RULES) shards the whole model. Parameters are
+float32; `dtype` is the compute dtype. Attention logits and softmax run in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+# Added to the attention logits of masked keys: large enough that exp() underflows to 0 in
+# float32, small enough that (bias + bias) stays finite.
+MASK_BIAS = -1e10
+
+ACTIVATIONS = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=True),  # HF gelu_new / gelu_pytorch_tanh
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_exact': lambda x: jax.nn.gelu(x, approximate=False),
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'linear': lambda x: x,
+}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f'unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}')
+  return ACTIVATIONS[name]
+
+
+def to_dtype(name: str | Dtype) -> Dtype:
+  if isinstance(name, str):
+    if name not in ('float32', 'bfloat16'):
+      raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}")
+    return jnp.dtype(name)
+  return name
+
+
+def constrain(x, axes: Sequence[str | None]):
+  """Logical sharding constraint on an activation (a no-op outside `nn.logical_axis_rules`)."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+class DenseGeneral(nn.Module):
+  """y = x . kernel, contracting the last `in_dims` axes of x; kernel axes are named `axes`."""
+
+  features: tuple[int, ...]
+  axes: tuple[str, ...]  # logical names of the kernel: input axes then output axes
+  in_dims: int = 1
+  use_bias: bool = False
+  init_scale: float = 1.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = tuple(x.shape[-self.in_dims:])
+    shape = in_shape + tuple(self.features)
+    if len(self.axes) != len(shape):
+      raise ValueError(f'{self.name}: {len(shape)}-d kernel {shape} but axes {self.axes}')
+    n_in = self.in_dims
+    init = nn.initializers.variance_scaling(
+        self.init_scale, 'fan_in', 'truncated_normal',
+        in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, len(shape))))
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.axes), shape,
+                        jnp.float32)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(
+          nn.initializers.zeros, self.axes[n_in:]), tuple(self.features), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: scale only, no mean subtraction, no bias; statistics in float32."""
+
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), jnp.float32)
+    x = x.astype(jnp.float32)
+    x = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return (x * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with scale and bias; two-pass float32 statistics (as PyTorch)."""
+
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (width,), jnp.float32)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+                      (width,), jnp.float32)
+    x = x.astype(jnp.float32)
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return (x * scale + bias).astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """Attention with separate q/k/v/out projections, kernels [embed, heads, kv] / [heads, kv, embed].
+
+  T5 uses no biases and no 1/sqrt(head_dim) logit scaling (it is folded into the query init);
+  the ViT uses both. The methods are split so the decoder can cache keys and values.
+  """
+
+  num_heads: int
+  head_dim: int
+  out_features: int
+  use_bias: bool = False
+  scale_logits: bool = False
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    hd = (self.num_heads, self.head_dim)
+    qkv_axes = ('embed', 'heads', 'kv')
+    # Unscaled logits (T5) put the 1/sqrt(head_dim) into the query init instead.
+    q_scale = 1.0 if self.scale_logits else 1.0 / self.head_dim
+    self.query = DenseGeneral(hd, qkv_axes, use_bias=self.use_bias, init_scale=q_scale,
+                              dtype=self.dtype)
+    self.key = DenseGeneral(hd, qkv_axes, use_bias=self.use_bias, dtype=self.dtype)
+    self.value = DenseGeneral(hd, qkv_axes, use_bias=self.use_bias, dtype=self.dtype)
+    self.out = DenseGeneral((self.out_features,), ('heads', 'kv', 'embed'), in_dims=2,
+                            use_bias=self.use_bias, dtype=self.dtype)
+    self.attn_dropout = nn.Dropout(self.dropout_rate)
+
+  def project_kv(self, x):
+    k = constrain(self.key(x), ('batch', 'length', 'heads', 'kv'))
+    v = constrain(self.value(x), ('batch', 'length', 'heads', 'kv'))
+    return k, v
+
+  def project_q(self, x):
+    return constrain(self.query(x), ('batch', 'length', 'heads', 'kv'))
+
+  def attend(self, q, k, v, bias=None, deterministic: bool = True):
+    """q [B,Q,H,D], k/v [B,K,H,D], bias broadcastable to [B,H,Q,K] (float32) -> [B,Q,E]."""
+    if self.scale_logits:
+      q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+      logits = logits + bias
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    if self.dropout_rate > 0.0 and not deterministic:
+      weights = self.attn_dropout(weights, deterministic=False)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(self.dtype))
+    return constrain(self.out(out), ('batch', 'length', 'embed'))
+
+  def __call__(self, x_q, x_kv, bias=None, deterministic: bool = True):
+    k, v = self.project_kv(x_kv)
+    return self.attend(self.project_q(x_q), k, v, bias, deterministic)
+
+
+def mask_to_bias(key_mask):
+  """Bool key mask [B, K] -> additive float32 bias [B, 1, 1, K]."""
+  return jnp.where(key_mask, 0.0, MASK_BIAS).astype(jnp.float32)[:, None, None, :]
+
+
+def maybe_remat(module_cls, remat: str, static_argnums: tuple[int, ...]):
+  """Wraps a layer class in `nn.remat` ('full': save nothing, 'dots': save weight matmuls).
+
+  `static_argnums` count `self` as 0 and must name the `deterministic` argument.
+  """
+  policies = {'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+  if remat == 'none':
+    return module_cls
+  if remat not in policies:
+    raise ValueError(f"model.remat must be 'none', 'full' or 'dots', got {remat!r}")
+  return nn.remat(module_cls, policy=policies[remat], static_argnums=static_argnums)

@@ -1,0 +1,336 @@
+"""T5 v1.1 / UL2 / mT5-style encoder-decoder (flax linen), with a KV-cached decode step.
+
+Pre-norm RMSNorm blocks, no biases, T5 relative position buckets (one table per stack, shared
+by all its layers), gated MLP (`mlp_activations=('gelu', 'linear')` = gated-GELU with the tanh
+approximation, as HF `gelu_new`), tied or untied output embedding. With a tied embedding the
+decoder output is scaled by emb_dim**-0.5 before the logits (as T5 / t5x).
+
+The encoder takes embeddings, not tokens, so the VLA can prepend image tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from rt2_jax.models import layers
+from rt2_jax.models.layers import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  vocab_size: int
+  emb_dim: int
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  num_encoder_layers: int
+  num_decoder_layers: int
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  mlp_activations: tuple[str, ...] = ('gelu', 'linear')
+  logits_via_embedding: bool = True
+  dropout_rate: float = 0.0
+  layer_norm_epsilon: float = 1e-6
+  dtype: str = 'float32'
+  remat: str = 'none'  # 'none' | 'full' | 'dots' (rematerialise each layer in the backward pass)
+
+  @classmethod
+  def from_config(cls, t5_cfg, vocab_size: int, dtype: str = 'float32', remat: str = 'none'):
+    """From the `model.t5` ConfigDict block; unknown keys fail naming them."""
+    d = dict(t5_cfg)
+    known = {f.name for f in dataclasses.fields(cls)} - {'vocab_size', 'dtype', 'remat'}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f'unknown model.t5 keys {unknown}; known: {sorted(known)}')
+    d['mlp_activations'] = tuple(d.get('mlp_activations', cls.mlp_activations))
+    return cls(vocab_size=int(vocab_size), dtype=dtype, remat=remat, **d)
+
+
+def relative_position_buckets(relative_position: np.ndarray, bidirectional: bool,
+                              num_buckets: int, max_distance: int) -> np.ndarray:
+  """T5 bucketing of (key - query) offsets: exact for small offsets, log-spaced up to max."""
+  rel = np.asarray(relative_position, np.int64)
+  buckets = np.zeros_like(rel)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (rel > 0).astype(np.int64) * num_buckets
+    rel = np.abs(rel)
+  else:
+    rel = -np.minimum(rel, 0)
+  max_exact = num_buckets // 2
+  # Same float32 arithmetic as the reference implementations, so boundaries agree.
+  ratio = np.log(np.maximum(rel, 1).astype(np.float32) / np.float32(max_exact))
+  ratio = ratio / np.float32(math.log(max_distance / max_exact))
+  large = max_exact + (ratio * np.float32(num_buckets - max_exact)).astype(np.int64)
+  large = np.minimum(large, num_buckets - 1)
+  buckets += np.where(rel < max_exact, rel, large)
+  return buckets.astype(np.int32)
+
+
+class RelativePositionBias(nn.Module):
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  bidirectional: bool
+
+  def setup(self):
+    self.rel_embedding = self.param(
+        'rel_embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(1.0), ('heads', 'relpos_buckets')),
+        (self.num_heads, self.num_buckets), jnp.float32)
+
+  def _buckets(self, rel):
+    return relative_position_buckets(rel, self.bidirectional, self.num_buckets, self.max_distance)
+
+  def __call__(self, q_len: int, k_len: int):
+    """Bias [1, H, q_len, k_len] (float32) for queries 0..q_len-1 against keys 0..k_len-1."""
+    rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
+    return jnp.take(self.rel_embedding, jnp.asarray(self._buckets(rel)), axis=1)[None]
+
+  def for_step(self, step, k_len: int):
+    """Bias [1, H, 1, k_len] for the single query at (traced) position `step`."""
+    # buckets of offsets -(k_len-1)..(k_len-1); the row for `step` starts at k_len-1-step.
+    table = jnp.asarray(self._buckets(np.arange(-(k_len - 1), k_len)))
+    row = lax.dynamic_slice_in_dim(table, k_len - 1 - step, k_len)
+    return jnp.take(self.rel_embedding, row, axis=1)[None, :, None, :]
+
+
+class MlpBlock(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
+    acts = cfg.mlp_activations
+    h = None
+    for i, name in enumerate(acts):
+      wi = layers.DenseGeneral((cfg.mlp_dim,), ('embed', 'mlp'), dtype=dtype,
+                               name=f'wi_{i}' if len(acts) > 1 else 'wi')(x)
+      wi = layers.activation(name)(wi)
+      h = wi if h is None else h * wi
+    h = constrain(h, ('batch', 'length', 'mlp'))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    return layers.DenseGeneral((cfg.emb_dim,), ('mlp', 'embed'), dtype=dtype, name='wo')(h)
+
+
+def _attention(cfg: T5Config):
+  return layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.emb_dim,
+                                   dropout_rate=cfg.dropout_rate,
+                                   dtype=layers.to_dtype(cfg.dtype))
+
+
+def _norm(cfg: T5Config):
+  return layers.RMSNorm(cfg.layer_norm_epsilon, dtype=layers.to_dtype(cfg.dtype))
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.pre_attention_layer_norm = _norm(cfg)
+    self.attention = _attention(cfg)
+    self.pre_mlp_layer_norm = _norm(cfg)
+    self.mlp = MlpBlock(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, x, bias, deterministic: bool = True):
+    h = self.pre_attention_layer_norm(x)
+    x = x + self.dropout(self.attention(h, h, bias, deterministic), deterministic)
+    h = self.mlp(self.pre_mlp_layer_norm(x), deterministic)
+    return constrain(x + self.dropout(h, deterministic), ('batch', 'length', 'embed'))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.pre_self_attention_layer_norm = _norm(cfg)
+    self.self_attention = _attention(cfg)
+    self.pre_cross_attention_layer_norm = _norm(cfg)
+    self.encoder_decoder_attention = _attention(cfg)
+    self.pre_mlp_layer_norm = _norm(cfg)
+    self.mlp = MlpBlock(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, x, self_bias, encoded, cross_bias, deterministic: bool = True):
+    h = self.pre_self_attention_layer_norm(x)
+    x = x + self.dropout(self.self_attention(h, h, self_bias, deterministic), deterministic)
+    h = self.pre_cross_attention_layer_norm(x)
+    h = self.encoder_decoder_attention(h, encoded, cross_bias, deterministic)
+    x = x + self.dropout(h, deterministic)
+    h = self.mlp(self.pre_mlp_layer_norm(x), deterministic)
+    return constrain(x + self.dropout(h, deterministic), ('batch', 'length', 'embed'))
+
+  def cross_kv(self, encoded):
+    return self.encoder_decoder_attention.project_kv(encoded)
+
+  def step(self, x, self_bias, cache, cross_bias, step):
+    """One position: x [B,1,E]; writes this position's K/V into the cache at `step`."""
+    dtype = layers.to_dtype(self.config.dtype)
+    h = self.pre_self_attention_layer_norm(x)
+    k, v = self.self_attention.project_kv(h)
+    start = (0, step, 0, 0)
+    self_k = lax.dynamic_update_slice(cache['self_k'], k.astype(cache['self_k'].dtype), start)
+    self_v = lax.dynamic_update_slice(cache['self_v'], v.astype(cache['self_v'].dtype), start)
+    q = self.self_attention.project_q(h)
+    x = x + self.self_attention.attend(q, self_k.astype(dtype), self_v, self_bias)
+    h = self.pre_cross_attention_layer_norm(x)
+    q = self.encoder_decoder_attention.project_q(h)
+    x = x + self.encoder_decoder_attention.attend(q, cache['cross_k'], cache['cross_v'],
+                                                  cross_bias)
+    x = x + self.mlp(self.pre_mlp_layer_norm(x))
+    return x, dict(cache, self_k=self_k, self_v=self_v)
+
+
+class Encoder(nn.Module):
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.relpos_bias = RelativePositionBias(
+        cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
+        bidirectional=True)
+    layer_cls = layers.maybe_remat(EncoderLayer, cfg.remat, static_argnums=(3,))
+    self.layers = [layer_cls(cfg, name=f'layers_{i}') for i in range(cfg.num_encoder_layers)]
+    self.encoder_norm = _norm(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, x, mask, deterministic: bool = True):
+    """x [B, L, E] embeddings, mask [B, L] bool (True = real token) -> [B, L, E]."""
+    length = x.shape[1]
+    bias = self.relpos_bias(length, length) + layers.mask_to_bias(mask)
+    x = self.dropout(x.astype(layers.to_dtype(self.config.dtype)), deterministic)
+    for layer in self.layers:
+      x = layer(x, bias, deterministic)
+    return self.dropout(self.encoder_norm(x), deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.relpos_bias = RelativePositionBias(
+        cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
+        bidirectional=False)
+    layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat, static_argnums=(5,))
+    self.layers = [layer_cls(cfg, name=f'layers_{i}') for i in range(cfg.num_decoder_layers)]
+    self.decoder_norm = _norm(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, x, encoded, encoder_mask, deterministic: bool = True):
+    """x [B, Ld, E] embedded decoder inputs -> final hidden [B, Ld, E] (after the norm)."""
+    length = x.shape[1]
+    causal = np.tril(np.ones((length, length), bool))
+    self_bias = self.relpos_bias(length, length) + np.where(causal, 0.0, layers.MASK_BIAS)
+    cross_bias = layers.mask_to_bias(encoder_mask)
+    x = self.dropout(x.astype(layers.to_dtype(self.config.dtype)), deterministic)
+    for layer in self.layers:
+      x = layer(x, self_bias, encoded, cross_bias, deterministic)
+    return self.dropout(self.decoder_norm(x), deterministic)
+
+  def init_cache(self, encoded, encoder_mask, max_decode_len: int):
+    cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
+    batch = encoded.shape[0]
+    shape = (batch, int(max_decode_len), cfg.num_heads, cfg.head_dim)
+    layer_caches = []
+    for layer in self.layers:
+      k, v = layer.cross_kv(encoded)
+      layer_caches.append(dict(self_k=jnp.zeros(shape, dtype), self_v=jnp.zeros(shape, dtype),
+                               cross_k=k, cross_v=v))
+    return dict(encoder_mask=encoder_mask.astype(bool), layers=layer_caches)
+
+  def step(self, cache, x, step):
+    """x [B, 1, E] embedded token at position `step` -> hidden [B, 1, E] and the new cache."""
+    max_len = cache['layers'][0]['self_k'].shape[1]
+    self_bias = self.relpos_bias.for_step(step, max_len)
+    self_bias = self_bias + jnp.where(jnp.arange(max_len) <= step, 0.0, layers.MASK_BIAS)
+    cross_bias = layers.mask_to_bias(cache['encoder_mask'])
+    x = x.astype(layers.to_dtype(self.config.dtype))
+    new_layers = []
+    for layer, layer_cache in zip(self.layers, cache['layers'], strict=True):
+      x, layer_cache = layer.step(x, self_bias, layer_cache, cross_bias, step)
+      new_layers.append(layer_cache)
+    return self.decoder_norm(x), dict(cache, layers=new_layers)
+
+
+class T5(nn.Module):
+  """Shared token embedding + encoder + decoder + output projection."""
+
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = self.param(
+        'token_embedder', nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                       ('vocab', 'embed')),
+        (cfg.vocab_size, cfg.emb_dim), jnp.float32)
+    self.encoder = Encoder(cfg)
+    self.decoder = Decoder(cfg)
+    if not cfg.logits_via_embedding:  # untied output projection [E, V]
+      self.logits_dense = self.param(
+          'logits_dense', nn.with_logical_partitioning(
+              nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'),
+              ('embed', 'vocab')), (cfg.emb_dim, cfg.vocab_size), jnp.float32)
+
+  def embed(self, tokens):
+    x = jnp.take(self.token_embedder, tokens, axis=0).astype(layers.to_dtype(self.config.dtype))
+    return constrain(x, ('batch', 'length', 'embed'))
+
+  def encode(self, embedded, mask, deterministic: bool = True):
+    return self.encoder(embedded, mask, deterministic)
+
+  def _output_hidden(self, hidden):
+    if self.config.logits_via_embedding:  # T5: rescale before the tied embedding
+      hidden = hidden * jnp.asarray(self.config.emb_dim ** -0.5, hidden.dtype)
+    return hidden
+
+  def decode(self, decoder_input_tokens, encoded, encoder_mask, deterministic: bool = True):
+    """Teacher-forced decoder: final hidden states [B, Ld, E] ready for `compute_logits`."""
+    hidden = self.decoder(self.embed(decoder_input_tokens), encoded, encoder_mask, deterministic)
+    return self._output_hidden(hidden)
+
+  def compute_logits(self, hidden, rows=None):
+    """float32 logits for vocabulary `rows` (None = all, [K], or [B, K] with hidden [B, E])."""
+    dtype = layers.to_dtype(self.config.dtype)
+    if self.config.logits_via_embedding:
+      table = self.token_embedder  # [V, E]
+    else:
+      table = self.logits_dense.T
+    hidden = hidden.astype(dtype)
+    if rows is None:
+      logits = jnp.einsum('...e,ve->...v', hidden, table.astype(dtype),
+                          preferred_element_type=jnp.float32)
+      return constrain(logits, ('batch', 'length', 'vocab')[-logits.ndim:])
+    rows = jnp.asarray(rows, jnp.int32)
+    picked = jnp.take(table, rows, axis=0).astype(dtype)  # [K, E] or [B, K, E]
+    if rows.ndim == 1:
+      return jnp.einsum('...e,ke->...k', hidden, picked, preferred_element_type=jnp.float32)
+    if rows.ndim == 2 and hidden.ndim == 2:
+      return jnp.einsum('be,bke->bk', hidden, picked, preferred_element_type=jnp.float32)
+    raise ValueError(f'rows must be None, [K] or [B, K] (with hidden [B, E]); got rows '
+                     f'{rows.shape} and hidden {hidden.shape}')
+
+  def init_decode_cache(self, encoded, encoder_mask, max_decode_len: int):
+    return self.decoder.init_cache(encoded, encoder_mask, max_decode_len)
+
+  def decode_step(self, cache, token_ids, step):
+    """token_ids [B] at decoder position `step` (int32 scalar) -> hidden [B, E], new cache."""
+    x = self.embed(jnp.asarray(token_ids, jnp.int32)[:, None])
+    hidden, cache = self.decoder.step(cache, x, jnp.asarray(step, jnp.int32))
+    return self._output_hidden(hidden[:, 0]), cache
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, enable_dropout: bool = False):
+    """Text-only T5 (used for reference parity): logits [B, Ld, V] in float32."""
+    mask = encoder_input_tokens > 0
+    encoded = self.encode(self.embed(encoder_input_tokens), mask, not enable_dropout)
+    hidden = self.decode(decoder_input_tokens, encoded, mask, not enable_dropout)
+    return self.compute_logits(hidden)
+

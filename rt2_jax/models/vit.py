@@ -1,0 +1,142 @@
+"""Vision Transformer image encoder (flax linen), SigLIP / big_vision compatible.
+
+Patch embedding (a stride = kernel convolution, written as patchify + matmul), learned or 2-D
+sin-cos position embeddings, pre-LN blocks with biased attention and a GELU MLP, and a final
+LayerNorm. Returns every patch token: [B, N, width], no pooling.
+
+Input images are floats already scaled to [-1, 1] (the VLA does the scaling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from rt2_jax.models import layers
+from rt2_jax.models.layers import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  posemb: str = 'learn'  # 'learn' | 'sincos2d'
+  mlp_activation: str = 'gelu_tanh'  # SigLIP / big_vision; HF ViT uses 'gelu_exact'
+  layer_norm_epsilon: float = 1e-6
+  dropout_rate: float = 0.0
+  dtype: str = 'float32'
+  remat: str = 'none'  # 'none' | 'full' | 'dots'
+
+  @classmethod
+  def from_config(cls, vit_cfg, image_size: int, dtype: str = 'float32', remat: str = 'none'):
+    """From the `model.vit` ConfigDict block; unknown keys fail naming them."""
+    d = dict(vit_cfg)
+    known = {f.name for f in dataclasses.fields(cls)} - {'image_size', 'dtype', 'remat'}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f'unknown model.vit keys {unknown}; known: {sorted(known)}')
+    cfg = cls(image_size=int(image_size), dtype=dtype, remat=remat, **d)
+    if cfg.image_size % cfg.patch_size:
+      raise ValueError(f'model.image_size {cfg.image_size} is not a multiple of '
+                       f'model.vit.patch_size {cfg.patch_size}')
+    if cfg.width % cfg.num_heads:
+      raise ValueError(f'model.vit.width {cfg.width} not divisible by num_heads {cfg.num_heads}')
+    if cfg.posemb not in ('learn', 'sincos2d'):
+      raise ValueError(f"model.vit.posemb must be 'learn' or 'sincos2d', got {cfg.posemb!r}")
+    return cfg
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid ** 2
+
+
+def posemb_sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sin-cos position embeddings [grid*grid, width] (x then y, sin then cos)."""
+  if width % 4:
+    raise ValueError(f'sincos2d position embeddings need width % 4 == 0, got {width}')
+  ys, xs = np.mgrid[:grid, :grid]
+  quarter = width // 4
+  freqs = 1.0 / temperature ** (np.arange(quarter) / max(quarter - 1, 1))
+  x = xs.reshape(-1, 1) * freqs[None]
+  y = ys.reshape(-1, 1) * freqs[None]
+  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
+
+
+class MlpBlock(nn.Module):
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
+    h = layers.DenseGeneral((cfg.mlp_dim,), ('embed', 'mlp'), use_bias=True, dtype=dtype,
+                            name='fc1')(x)
+    h = constrain(layers.activation(cfg.mlp_activation)(h), ('batch', 'length', 'mlp'))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    return layers.DenseGeneral((cfg.width,), ('mlp', 'embed'), use_bias=True, dtype=dtype,
+                               name='fc2')(h)
+
+
+class EncoderBlock(nn.Module):
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
+    eps = cfg.layer_norm_epsilon
+    h = layers.LayerNorm(eps, dtype=dtype, name='norm1')(x)
+    h = layers.MultiHeadAttention(cfg.num_heads, cfg.width // cfg.num_heads, cfg.width,
+                                  use_bias=True, scale_logits=True, dtype=dtype,
+                                  name='attention')(h, h)
+    x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    h = MlpBlock(cfg, name='mlp')(layers.LayerNorm(eps, dtype=dtype, name='norm2')(x),
+                                  deterministic)
+    x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    return constrain(x, ('batch', 'length', 'embed'))
+
+
+class ViT(nn.Module):
+  config: ViTConfig
+
+  @nn.compact
+  def __call__(self, images, deterministic: bool = True):
+    """images float [B, H, W, 3] in [-1, 1] -> patch features [B, N, width]."""
+    cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
+    b, h, w, c = images.shape
+    if (h, w) != (cfg.image_size, cfg.image_size):
+      raise ValueError(f'images are {h}x{w} but model.image_size is {cfg.image_size}')
+    p, g = cfg.patch_size, cfg.grid
+    kernel = self.param(
+        'patch_embedding',
+        nn.with_logical_partitioning(nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+                                     ('patch_height', 'patch_width', 'channels', 'embed')),
+        (p, p, c, cfg.width), jnp.float32)
+    bias = self.param('patch_bias', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                 ('embed',)),
+                      (cfg.width,), jnp.float32)
+    # Non-overlapping patches: a stride = kernel convolution is exactly a matmul on patches.
+    patches = images.astype(dtype).reshape(b, g, p, g, p, c)
+    x = jnp.einsum('bgiHjc,ijcd->bgHd', patches, kernel.astype(dtype)).reshape(b, g * g, -1)
+    x = x + bias.astype(dtype)
+    if cfg.posemb == 'learn':
+      pos = self.param('pos_embedding', nn.with_logical_partitioning(
+          nn.initializers.normal(cfg.width ** -0.5), ('image_tokens', 'embed')),
+                       (cfg.num_patches, cfg.width), jnp.float32)
+    else:
+      pos = jnp.asarray(posemb_sincos_2d(g, cfg.width))
+    x = constrain(x + pos.astype(dtype)[None], ('batch', 'length', 'embed'))
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    block_cls = layers.maybe_remat(EncoderBlock, cfg.remat, static_argnums=(2,))
+    for i in range(cfg.depth):
+      x = block_cls(cfg, name=f'block_{i}')(x, deterministic)
+    return layers.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name='encoder_norm')(x)

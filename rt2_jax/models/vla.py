@@ -1,0 +1,103 @@
+"""The VLA: ViT image tokens -> linear projection -> [image ; text] -> T5 encoder-decoder.
+
+The encoder sees the image tokens followed by the instruction tokens; its padding mask is True
+for every image token and for text tokens != 0, so right-padding the instruction changes
+nothing for the real tokens. The decoder is causal and starts with token 0 (T5's BOS).
+
+API (module `config` = the `cfg.model` ConfigDict; see docs/interfaces.md):
+  logits = model.apply(v, images, enc_tokens, dec_input_tokens, enable_dropout=False)
+  encoded, mask = model.apply(v, images, enc_tokens, method=VLA.encode)
+  cache = model.apply(v, encoded, mask, max_decode_len, method=VLA.init_decode_cache)
+  hidden, cache = model.apply(v, cache, token_ids, step, method=VLA.decode_step)
+  logits = model.apply(v, hidden, rows, method=VLA.compute_logits)
+
+Parameter tree: {'vit': ..., 'image_projection': {'kernel', 'bias'},
+'lm': {'token_embedder', 'encoder', 'decoder'[, 'logits_dense']}}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from rt2_jax.models import layers
+from rt2_jax.models.t5 import T5, T5Config
+from rt2_jax.models.vit import ViT, ViTConfig
+
+
+def configs_from_model_config(model_cfg) -> tuple[ViTConfig, T5Config]:
+  """Typed sub-configs from the `cfg.model` block (validates every key)."""
+  dtype = str(model_cfg.get('dtype', 'float32'))
+  layers.to_dtype(dtype)
+  remat = str(model_cfg.get('remat', 'none'))
+  vit = ViTConfig.from_config(model_cfg.vit, model_cfg.image_size, dtype, remat)
+  t5 = T5Config.from_config(model_cfg.t5, model_cfg.vocab_size, dtype, remat)
+  return vit, t5
+
+
+class ImageProjection(nn.Module):
+  """ViT width -> T5 width. Has no pretrained source: the converter initialises it fresh."""
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return layers.DenseGeneral((self.features,), ('image_embed', 'embed'), use_bias=True,
+                               dtype=self.dtype, name='dense')(x)
+
+
+class VLA(nn.Module):
+  config: Any  # the cfg.model ConfigDict
+
+  def setup(self):
+    self.vit_config, self.t5_config = configs_from_model_config(self.config)
+    dtype = layers.to_dtype(self.t5_config.dtype)
+    self.vit = ViT(self.vit_config)
+    self.image_projection = ImageProjection(self.t5_config.emb_dim, dtype)
+    self.lm = T5(self.t5_config)
+
+  @property
+  def num_image_tokens(self) -> int:
+    vit_cfg, _ = configs_from_model_config(self.config)
+    return vit_cfg.num_patches
+
+  def _check_inputs(self, images, encoder_input_tokens):
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'images must be [B, H, W, 3], got shape {images.shape}')
+    if encoder_input_tokens.ndim != 2 or encoder_input_tokens.shape[0] != images.shape[0]:
+      raise ValueError(f'encoder_input_tokens must be [B, L] with B = {images.shape[0]}, got '
+                       f'{encoder_input_tokens.shape}')
+
+  def encode(self, images, encoder_input_tokens, enable_dropout: bool = False):
+    """-> (encoded [B, N + L, E], encoder_mask [B, N + L] bool)."""
+    self._check_inputs(images, encoder_input_tokens)
+    deterministic = not enable_dropout
+    pixels = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    image_tokens = self.image_projection(self.vit(pixels, deterministic))
+    text_tokens = self.lm.embed(encoder_input_tokens)
+    x = jnp.concatenate([image_tokens.astype(text_tokens.dtype), text_tokens], axis=1)
+    mask = jnp.concatenate(
+        [jnp.ones(image_tokens.shape[:2], bool), encoder_input_tokens > 0], axis=1)
+    return self.lm.encode(x, mask, deterministic), mask
+
+  def __call__(self, images, encoder_input_tokens, decoder_input_tokens,
+               enable_dropout: bool = False):
+    """Teacher-forced logits [B, Ld, V] (float32)."""
+    encoded, mask = self.encode(images, encoder_input_tokens, enable_dropout)
+    hidden = self.lm.decode(decoder_input_tokens, encoded, mask, not enable_dropout)
+    return self.lm.compute_logits(hidden)
+
+  def init_decode_cache(self, encoded, encoder_mask, max_decode_len: int):
+    """Self-attention K/V [B, max_decode_len, H, D] zeros + cross-attention K/V, per layer."""
+    return self.lm.init_decode_cache(encoded, encoder_mask, max_decode_len)
+
+  def decode_step(self, cache, token_ids, step):
+    """token_ids [B] at position `step` -> (hidden [B, E], cache); jit / while_loop friendly."""
+    return self.lm.decode_step(cache, token_ids, step)
+
+  def compute_logits(self, hidden, rows=None):
+    """float32 logits of `hidden` for vocabulary `rows`: None (all), [K] or [B, K]."""
+    return self.lm.compute_logits(hidden, rows)

@@ -1,0 +1,142 @@
+"""VLA model: cached decoding equals the full forward, logits rows, padding masks, axes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rt2_jax import config_flags
+from rt2_jax.models import t5 as t5_lib
+from rt2_jax.models.vla import VLA
+
+B, DEC_LEN = 2, 5
+
+
+def _model_cfg(**overrides):
+  cfg = config_flags.load_config('configs/tiny.py').model
+  cfg.unlock()
+  # Smaller than tiny so the tests stay fast; the shapes still exercise every code path.
+  cfg.image_size = 32
+  cfg.vocab_size = 256
+  cfg.vit.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+  cfg.t5.update(emb_dim=32, num_heads=2, head_dim=24, mlp_dim=64,
+                num_encoder_layers=2, num_decoder_layers=2)
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = cfg
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return cfg
+
+
+def _inputs(seed=0, enc_len=6):
+  rng = np.random.RandomState(seed)
+  images = rng.randint(0, 256, (B, 32, 32, 3)).astype(np.uint8)
+  enc = np.zeros((B, enc_len), np.int32)
+  enc[0, :4] = [5, 6, 7, 8]
+  enc[1, :3] = [9, 10, 11]
+  dec = np.concatenate([np.zeros((B, 1), np.int32), rng.randint(3, 256, (B, DEC_LEN - 1))], 1)
+  return images, enc, dec.astype(np.int32)
+
+
+@pytest.fixture(scope='module', params=['tied', 'untied'])
+def model_and_vars(request):
+  model = VLA(_model_cfg(**{'t5.logits_via_embedding': request.param == 'tied'}))
+  images, enc, dec = _inputs()
+  variables = jax.jit(model.init)(jax.random.key(0), images, enc, dec)
+  return model, variables
+
+
+def test_cached_decode_matches_full_forward(model_and_vars):
+  model, variables = model_and_vars
+  images, enc, dec = _inputs(1)
+  logits = model.apply(variables, images, enc, dec)
+  assert logits.shape == (B, DEC_LEN, 256) and logits.dtype == jnp.float32
+
+  encoded, mask = model.apply(variables, images, enc, method=VLA.encode)
+  assert encoded.shape[:2] == mask.shape == (B, 16 + enc.shape[1])
+  max_len = DEC_LEN + 3  # longer than used: keys beyond `step` must be masked out
+  cache = model.apply(variables, encoded, mask, max_len, method=VLA.init_decode_cache)
+  assert cache['layers'][0]['self_k'].shape == (B, max_len, 2, 24)
+
+  @jax.jit
+  def run(cache, dec):  # step is traced: the whole loop is one compiled while_loop
+    def body(carry):
+      step, cache, out = carry
+      hidden, cache = model.apply(variables, cache, dec[:, step], step, method=VLA.decode_step)
+      return step + 1, cache, out.at[:, step].set(hidden)
+    out = jnp.zeros((B, DEC_LEN, 32), jnp.float32)
+    return jax.lax.while_loop(lambda c: c[0] < DEC_LEN, body, (jnp.int32(0), cache, out))[2]
+
+  hidden = run(cache, jnp.asarray(dec))
+  step_logits = model.apply(variables, hidden, method=VLA.compute_logits)
+  np.testing.assert_allclose(step_logits, logits, atol=2e-5, rtol=1e-5)
+
+
+def test_compute_logits_rows(model_and_vars):
+  model, variables = model_and_vars
+  hidden = jax.random.normal(jax.random.key(1), (B, 32))
+  full = model.apply(variables, hidden, None, method=VLA.compute_logits)
+  rows = jnp.array([3, 17, 255, 4])
+  np.testing.assert_allclose(model.apply(variables, hidden, rows, method=VLA.compute_logits),
+                             full[:, rows], atol=1e-5)
+  rows_b = jnp.array([[1, 2, 3], [7, 8, 9]])
+  np.testing.assert_allclose(model.apply(variables, hidden, rows_b, method=VLA.compute_logits),
+                             np.take_along_axis(np.asarray(full), np.asarray(rows_b), 1),
+                             atol=1e-5)
+
+
+def test_instruction_padding_changes_nothing(model_and_vars):
+  model, variables = model_and_vars
+  images, enc, dec = _inputs(2, enc_len=6)
+  _, enc_long, _ = _inputs(2, enc_len=11)
+  a = model.apply(variables, images, enc, dec)
+  b = model.apply(variables, images, enc_long, dec)
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  # ... while changing a real token does change the output (the test can fail).
+  enc_other = enc.copy()
+  enc_other[0, 1] = 42
+  c = model.apply(variables, images, enc_other, dec)
+  assert np.abs(np.asarray(c[0]) - np.asarray(a[0])).max() > 1e-4
+
+
+def test_every_param_has_logical_axes(model_and_vars):
+  _, variables = model_and_vars
+  leaves = jax.tree.leaves(variables['params'], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves
+  for leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned), type(leaf)
+    assert len(leaf.names) == leaf.value.ndim and all(isinstance(n, str) for n in leaf.names)
+  assert set(variables['params']) == {'vit', 'image_projection', 'lm'}
+
+
+def test_relative_position_buckets_reference_values():
+  # Reference values of HF T5Attention._relative_position_bucket (32 buckets, max 128).
+  rel = np.array([-200, -100, -20, -8, -7, -1, 0, 1, 7, 8, 20, 100, 200])
+  got = t5_lib.relative_position_buckets(rel, True, 32, 128)
+  np.testing.assert_array_equal(got, [15, 15, 10, 8, 7, 1, 0, 17, 23, 24, 26, 31, 31])
+  uni = t5_lib.relative_position_buckets(np.array([1, 0, -1, -15, -16, -200]), False, 32, 128)
+  np.testing.assert_array_equal(uni, [0, 0, 1, 15, 16, 31])
+
+
+def test_bad_inputs_and_config_fail_clearly():
+  model = VLA(_model_cfg())
+  images, enc, dec = _inputs()
+  with pytest.raises(ValueError, match='image_size'):
+    jax.eval_shape(model.init, jax.random.key(0), images[:, :16, :16], enc, dec)
+  with pytest.raises(ValueError, match='unknown model.t5 keys'):
+    jax.eval_shape(VLA(_model_cfg(**{'t5.num_head': 3})).init, jax.random.key(0), images, enc,
+                   dec)
+
+
+def test_bfloat16_compute_close_to_float32(model_and_vars):
+  model, variables = model_and_vars
+  cfg = _model_cfg(**{'dtype': 'bfloat16',
+                      't5.logits_via_embedding': model.config.t5.logits_via_embedding})
+  images, enc, dec = _inputs(3)
+  ref = model.apply(variables, images, enc, dec)
+  low = VLA(cfg).apply(variables, images, enc, dec)
+  assert low.dtype == jnp.float32
+  assert np.abs(np.asarray(low) - np.asarray(ref)).max() < 0.1 * np.abs(np.asarray(ref)).max()
