@@ -48,16 +48,24 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict()
   c.data.robot = ml_collections.ConfigDict(dict(
       spec='bridge_dataset',  # name of a data_specs/ file, or a path to one
-      data_dir='',  # TFDS builder dir; '' = a small generated dataset in that layout
-      split='train',
+      data_dir='',  # TFDS builder dir; '' = generated data (see synthetic_if_missing)
+      split='',  # '' = the spec's train split
+      eval_split='',  # held-out episodes for offline eval; '' = the spec's eval split
+      stats_path='',  # NormStats JSON (python -m rt2_jax.data.stats); '' = computed at start
   ))
-  c.data.web = ml_collections.ConfigDict(dict(jsonl='', tfds_name='', tfds_data_dir=''))
+  # Web data: a JSONL of {image, question, answer} / {image, caption} lines (rt2_jax/data/web.py)
+  # and/or a prepared TFDS image-caption dataset such as coco_captions; they share the web rate.
+  c.data.web = ml_collections.ConfigDict(dict(
+      jsonl='', tfds_name='', tfds_data_dir='', tfds_split='train',
+      caption_prompt='Caption the image.', max_examples=0))
   c.data.robot_rate = 0.5  # fraction of robot examples in the mixture
   c.data.prompt = 'What action should the robot take to {instruction}?'
   c.data.max_input_len = 32  # text tokens (image tokens come on top)
   c.data.max_target_len = 16
-  c.data.shuffle_buffer = 1000
   c.data.bad_data = 'skip'  # 'skip' (counted warning) or 'fail'
+  # Empty data paths -> small generated datasets in the spec's layout (cached in ~/.cache/rt2_jax).
+  c.data.synthetic_if_missing = True
+  c.data.cache_dir = '~/.cache/rt2_jax/records'  # decoded steps (.npy); '' = decode every run
 
   # Training.
   c.total_steps = 200

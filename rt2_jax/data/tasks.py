@@ -1,0 +1,289 @@
+"""Tasks (robot or web examples, tokenized) and mixtures of them, registered by name.
+
+A robot example is (image, prompt, target):
+  prompt: config.data.prompt, e.g. 'What action should the robot take to {instruction}?'
+  target: the action token ids (one per action position, `ActionVocab.bins_to_ids`) then EOS;
+          where the step carries a plan annotation: 'Plan: <plan> Action:' as text tokens, then
+          the action ids, then EOS (`config.decode.plan_prefix` / `action_delimiter`). A long plan
+          is cut so the action tokens always fit `max_target_len`.
+A web example is (image, question or caption prompt, answer or caption, then EOS).
+
+Tokenizing happens once, vectorized, when a task is built: a `TaskData` holds token arrays that
+batches gather from (see `rt2_jax.data.pipeline`). Targets never contain pad (0) before EOS (1).
+
+  register_task(Task('robot/bridge_dataset', 'robot', build_fn))
+  register_mixture('bridge+web', [('robot/bridge_dataset', 0.5), ('web/jsonl', 0.5)])
+  get_mixture('bridge+web').build(context) -> [(TaskData, rate), ...]
+
+`register_from_config(config)` registers the robot task, the web tasks and the mixture a
+config describes and returns the mixture's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from rt2_jax.data.spec import DatasetSpec
+
+EOS_ID = 1
+ROBOT, WEB = 'robot', 'web'
+
+
+@dataclasses.dataclass
+class TaskData:
+  """Tokenized examples of one task (this process's shard)."""
+
+  name: str
+  kind: str  # 'robot' | 'web'
+  images: np.ndarray  # uint8 [M, S, S, 3] (a memmap is fine)
+  image_index: np.ndarray  # int [n] -> images
+  encoder_table: np.ndarray  # int32 [U, Le]: the distinct encoder inputs
+  encoder_index: np.ndarray  # int32 [n] -> encoder_table
+  targets: np.ndarray  # int32 [n, Ld]: EOS-terminated, 0-padded
+  action_start: np.ndarray  # int32 [n]: first action-token position (-1: none)
+  num_action_tokens: int  # action tokens per robot target (0 for web)
+  actions: np.ndarray | None  # float32 [n, dim] in real units (robot only)
+  describe: Callable[[int], dict]  # example i -> texts, for inspection
+  info: dict = dataclasses.field(default_factory=dict)
+
+  def __len__(self) -> int:
+    return int(self.targets.shape[0])
+
+  @property
+  def is_robot(self) -> bool:
+    return self.kind == ROBOT
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What building a task needs."""
+
+  config: Any
+  vocab: Any  # rt2_jax.vocab.Vocab
+  action_vocab: Any  # rt2_jax.vocab.ActionVocab
+  stats: Any  # rt2_jax.actions.NormStats | None
+  process_index: int = 0
+  process_count: int = 1
+  progress: Callable[[str], None] | None = print
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  kind: str
+  build: Callable[[Context], TaskData]
+  description: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+  name: str
+  tasks: tuple[tuple[str, float], ...]
+
+  def rates(self) -> np.ndarray:
+    r = np.asarray([rate for _, rate in self.tasks], np.float64)
+    return r / r.sum()
+
+  def build(self, context: Context) -> list[TaskData]:
+    return [get_task(name).build(context) for name, _ in self.tasks]
+
+
+_TASKS: dict[str, Task] = {}
+_MIXTURES: dict[str, Mixture] = {}
+
+
+def register_task(task: Task) -> Task:
+  """Registers (or replaces) a task under its name."""
+  _TASKS[task.name] = task
+  return task
+
+
+def get_task(name: str) -> Task:
+  if name not in _TASKS:
+    raise KeyError(f'no task named {name!r}; registered: {sorted(_TASKS)}')
+  return _TASKS[name]
+
+
+def register_mixture(name: str, tasks: Sequence[tuple[str, float]]) -> Mixture:
+  """Registers a mixture of registered tasks with sampling rates (normalized to sum 1)."""
+  if not tasks:
+    raise ValueError(f'mixture {name!r} has no tasks')
+  for task_name, rate in tasks:
+    get_task(task_name)
+    if not rate > 0:
+      raise ValueError(f'mixture {name!r}: task {task_name!r} needs a rate > 0, got {rate}')
+  mixture = Mixture(name, tuple((t, float(r)) for t, r in tasks))
+  _MIXTURES[name] = mixture
+  return mixture
+
+
+def get_mixture(name: str) -> Mixture:
+  if name not in _MIXTURES:
+    raise KeyError(f'no mixture named {name!r}; registered: {sorted(_MIXTURES)}')
+  return _MIXTURES[name]
+
+
+def registered() -> tuple[list[str], list[str]]:
+  return sorted(_TASKS), sorted(_MIXTURES)
+
+
+# --- Tokenizing. ---
+
+
+def _pad_rows(rows: list[list[int]], length: int) -> np.ndarray:
+  out = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row[:length]
+  return out
+
+
+def _encode_inputs(vocab, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, int]:
+  """Distinct input texts -> [U, max_len] token table, and how many were cut."""
+  rows = [vocab.encode(t) for t in texts]
+  cut = sum(len(r) > max_len for r in rows)
+  return _pad_rows(rows, max_len), cut
+
+
+def robot_prompt(template: str, instruction: str) -> str:
+  return template.format(instruction=instruction)
+
+
+def tokenize_robot(records, spec: DatasetSpec, context: Context, name: str) -> TaskData:
+  """StepRecords -> TaskData: prompt tokens per instruction, action (and plan) targets."""
+  cfg = context.config
+  vocab, action_vocab = context.vocab, context.action_vocab
+  max_in, max_out = cfg.data.max_input_len, cfg.data.max_target_len
+  tokenizer = spec.action_space.tokenizer(context.stats, cfg.actions.num_bins,
+                                          cfg.actions.decode_mode)
+  num_positions = spec.action_space.num_positions
+  if num_positions + 1 > max_out:
+    raise ValueError(f'data.max_target_len={max_out} cannot hold the {num_positions} action '
+                     f'tokens of {spec.name} plus EOS; set it to at least {num_positions + 1}')
+  prompts = [robot_prompt(cfg.data.prompt, t) for t in records.instructions]
+  encoder_table, cut = _encode_inputs(vocab, prompts, max_in)
+  if cut and context.progress:
+    context.progress(f'WARNING: {cut} of {len(prompts)} robot prompts of {spec.name} are longer '
+                     f'than data.max_input_len={max_in} tokens and were cut')
+  action_ids = action_vocab.bins_to_ids(tokenizer.encode(records.actions))  # [n, P]
+  n = len(records)
+  targets = np.zeros((n, max_out), np.int32)
+  action_start = np.zeros(n, np.int32)
+  plan_index = np.asarray(records.plan_index)
+  prefix_rows = {-1: []}
+  if records.plans:
+    decode_cfg = cfg.decode
+    delimiter = vocab.encode(decode_cfg.action_delimiter)
+    room = max_out - num_positions - 1 - len(delimiter)
+    if room < 2:
+      raise ValueError(f'data.max_target_len={max_out} leaves no room for a plan before the '
+                       f'{num_positions} action tokens of {spec.name}')
+    for j, plan in enumerate(records.plans):
+      prefix_rows[j] = vocab.encode(f'{decode_cfg.plan_prefix} {plan}')[:room] + delimiter
+  for j, prefix in prefix_rows.items():
+    rows = np.flatnonzero(plan_index == j)
+    if not rows.size:
+      continue
+    k = len(prefix)
+    targets[rows, :k] = prefix
+    targets[rows, k:k + num_positions] = action_ids[rows]
+    targets[rows, k + num_positions] = EOS_ID
+    action_start[rows] = k
+
+  def describe(i: int) -> dict:
+    return {'instruction': records.instruction(i), 'prompt': prompts[records.instruction_index[i]],
+            'plan': records.plan(i), 'episode_id': int(records.episode_ids[i]),
+            'step_id': int(records.step_ids[i])}
+
+  return TaskData(
+      name=name, kind=ROBOT, images=records.images, image_index=np.arange(n, dtype=np.int64),
+      encoder_table=encoder_table, encoder_index=np.asarray(records.instruction_index, np.int32),
+      targets=targets, action_start=action_start, num_action_tokens=num_positions,
+      actions=np.asarray(records.actions, np.float32), describe=describe,
+      info={'steps': n, 'episodes': records.num_episodes, 'skipped': dict(records.skipped),
+            'instructions': len(records.instructions), 'plans': len(records.plans),
+            'source': records.source})
+
+
+def tokenize_web(records, context: Context, name: str) -> TaskData:
+  """WebRecords -> TaskData."""
+  cfg = context.config
+  vocab = context.vocab
+  max_in, max_out = cfg.data.max_input_len, cfg.data.max_target_len
+  inputs = sorted(set(records.inputs))
+  lookup = {t: i for i, t in enumerate(inputs)}
+  encoder_table, _ = _encode_inputs(vocab, inputs, max_in)
+  rows = [vocab.encode(t)[:max_out - 1] + [EOS_ID] for t in records.targets]
+
+  def describe(i: int) -> dict:
+    return {'instruction': '', 'prompt': records.inputs[i], 'plan': '',
+            'kind': records.kinds[i], 'answer': records.targets[i]}
+
+  n = len(records)
+  return TaskData(
+      name=name, kind=WEB, images=records.images, image_index=np.asarray(records.image_index),
+      encoder_table=encoder_table,
+      encoder_index=np.asarray([lookup[t] for t in records.inputs], np.int32),
+      targets=_pad_rows(rows, max_out), action_start=np.full(n, -1, np.int32),
+      num_action_tokens=0, actions=None, describe=describe,
+      info={'examples': n, 'images': int(records.images.shape[0]), 'source': records.source})
+
+
+# --- Tasks from a config. ---
+
+
+def robot_task(spec, data_dir: str, split: str, name: str = '') -> Task:
+  """A task over one RLDS dataset: this process's shard of episodes of `split`."""
+  from rt2_jax.data import rlds
+  from rt2_jax.data.spec import load_spec
+
+  spec = load_spec(spec)
+  name = name or f'robot/{spec.name}'
+
+  def build(context: Context) -> TaskData:
+    cfg = context.config
+    records = rlds.read_split(
+        spec, data_dir, split, cfg.model.image_size, bad_data=cfg.data.bad_data,
+        shard=(context.process_index, context.process_count),
+        cache_dir=cfg.data.get('cache_dir', ''), progress=context.progress)
+    if not len(records):
+      raise ValueError(f'task {name}: no usable steps in {data_dir} split {split!r} for process '
+                       f'{context.process_index} of {context.process_count}')
+    return tokenize_robot(records, spec, context, name)
+
+  return Task(name, ROBOT, build, f'{spec.name} from {data_dir} [{split}]')
+
+
+def web_jsonl_task(path: str, name: str = 'web/jsonl') -> Task:
+  from rt2_jax.data import web
+
+  def build(context: Context) -> TaskData:
+    cfg = context.config
+    records = web.read_jsonl(
+        path, cfg.model.image_size,
+        caption_prompt=cfg.data.web.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
+        max_examples=cfg.data.web.get('max_examples', 0),
+        shard=(context.process_index, context.process_count), progress=context.progress)
+    return tokenize_web(records, context, name)
+
+  return Task(name, WEB, build, f'JSONL {path}')
+
+
+def web_tfds_task(tfds_name: str, data_dir: str, split: str, name: str = '') -> Task:
+  from rt2_jax.data import web
+
+  name = name or f'web/{tfds_name}'
+
+  def build(context: Context) -> TaskData:
+    cfg = context.config
+    records = web.read_tfds(
+        tfds_name, data_dir, split, cfg.model.image_size,
+        caption_prompt=cfg.data.web.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
+        max_examples=cfg.data.web.get('max_examples', 0),
+        shard=(context.process_index, context.process_count), progress=context.progress)
+    return tokenize_web(records, context, name)
+
+  return Task(name, WEB, build, f'TFDS {tfds_name} [{split}]')
