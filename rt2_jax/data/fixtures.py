@@ -329,7 +329,7 @@ def write_web_jsonl(out_dir: str, num_examples: int = 8, image_size=(32, 32), se
       if i % 2 == 0:
         line = {'image': rel, 'question': 'What color is the object?', 'answer': color}
       else:
-        line = {'image': rel, 'caption': f'a {color} {shape} on a grey background'}
+        line = {'image': rel, 'caption': f'a {color} {shape}'}
       f.write(json.dumps(line) + '\n')
   return path
 

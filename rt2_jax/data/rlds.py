@@ -91,7 +91,14 @@ class StepRecords:
     index = np.asarray(index)
     arrays = {f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)
               if isinstance(getattr(self, f.name), np.ndarray)}
-    return dataclasses.replace(self, **arrays)
+    # Keep only the texts the selected steps use.
+    used = np.unique(arrays['instruction_index'])
+    arrays['instruction_index'] = np.searchsorted(used, arrays['instruction_index']).astype(np.int32)
+    used_plans = np.unique(arrays['plan_index'][arrays['plan_index'] >= 0])
+    arrays['plan_index'] = np.where(arrays['plan_index'] >= 0, np.searchsorted(
+        used_plans, arrays['plan_index']), -1).astype(np.int32)
+    return dataclasses.replace(self, **arrays, instructions=[self.instructions[i] for i in used],
+                               plans=[self.plans[i] for i in used_plans])
 
   def save(self, path: str) -> None:
     os.makedirs(path, exist_ok=True)
@@ -133,33 +140,47 @@ class Episode:
 # --- Locating the builder folder and checking the spec against its features. ---
 
 
-def _gfile():
-  import tensorflow as tf
+def _is_remote(path: str) -> bool:
+  return '://' in str(path)
 
-  return tf.io.gfile
+
+class _LocalFs:
+  exists, isdir = staticmethod(os.path.exists), staticmethod(os.path.isdir)
+  listdir = staticmethod(os.listdir)
+
+
+def _fs(path: str):
+  """os for local paths (no TensorFlow import), tf.io.gfile for gs:// and friends."""
+  if _is_remote(path):
+    import tensorflow as tf
+
+    return tf.io.gfile
+  return _LocalFs
 
 
 def resolve_builder_dir(data_dir: str, name: str = '') -> str:
   """The folder with dataset_info.json at or below `data_dir` (NAME/VERSION, highest version)."""
-  gfile = _gfile()
   data_dir = str(data_dir).rstrip('/')
-  if gfile.exists(f'{data_dir}/dataset_info.json'):
+  if not _is_remote(data_dir):
+    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  fs = _fs(data_dir)
+  if fs.exists(f'{data_dir}/dataset_info.json'):
     return data_dir
   candidates = [data_dir]
   if name:
     candidates.insert(0, f'{data_dir}/{name}')
   for base in candidates:
-    if not gfile.isdir(base):
+    if not fs.isdir(base):
       continue
-    versions = [v.rstrip('/') for v in gfile.listdir(base)
-                if gfile.exists(f'{base}/{v.rstrip("/")}/dataset_info.json')]
+    versions = [v.rstrip('/') for v in fs.listdir(base)
+                if fs.exists(f'{base}/{v.rstrip("/")}/dataset_info.json')]
     if versions:
-      best = max(versions, key=lambda v: [int(x) if x.isdigit() else x for x in v.split('.')])
+      best = max(versions, key=lambda v: [int(x) if x.isdigit() else -1 for x in v.split('.')])
       return f'{base}/{best}'
-  if not gfile.exists(data_dir):
+  if not fs.exists(data_dir):
     raise DataError(f'dataset folder {data_dir} does not exist')
   raise DataError(f'{data_dir} is not a TFDS builder folder (no dataset_info.json there, nor in '
-                  f'{name or "NAME"}/VERSION/ below it); it holds {sorted(gfile.listdir(data_dir))[:20]}')
+                  f'{name or "NAME"}/VERSION/ below it); it holds {sorted(fs.listdir(data_dir))[:20]}')
 
 
 def _flatten_features(features, prefix='') -> dict:
@@ -411,15 +432,20 @@ def check_episodes(records: StepRecords, bad_data: str = 'skip', progress=None) 
   return kept
 
 
-def _cache_key(spec: DatasetSpec, builder, builder_dir, split, image_size, shard,
-               bad_data) -> str:
-  gfile = _gfile()
+def _cache_key(spec: DatasetSpec, builder_dir, split, image_size, shard, bad_data) -> str:
+  """Changes when the spec, the request or any file of the builder folder changes."""
+  fs = _fs(builder_dir)
   files = []
-  for fi in builder.info.splits[split].file_instructions:
-    stat = gfile.stat(fi.filename)
-    files.append((fi.filename, fi.skip, fi.take, stat.length, stat.mtime_nsec))
-  text = json.dumps([_CACHE_FORMAT, spec.summary(), spec.resize, str(builder_dir), split,
-                     image_size, list(shard), bad_data, files], sort_keys=True)
+  for name in sorted(fs.listdir(builder_dir)):
+    path = f'{builder_dir}/{name}'
+    if _is_remote(path):
+      stat = fs.stat(path)
+      files.append((name, stat.length, stat.mtime_nsec))
+    else:
+      stat = os.stat(path)
+      files.append((name, stat.st_size, stat.st_mtime_ns))
+  text = json.dumps([_CACHE_FORMAT, spec.summary(), str(builder_dir), split, image_size,
+                     list(shard), bad_data, files], sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -430,12 +456,22 @@ def read_split(spec, data_dir: str, split: str, image_size: int, *, bad_data: st
 
   image_size 0 reads everything but images (records.images is then [N, 0, 0, 3]).
   """
-  import tensorflow_datasets as tfds
-
   spec = load_spec(spec)
   if bad_data not in BAD_DATA_MODES:
     raise ValueError(f'data.bad_data must be one of {BAD_DATA_MODES}, got {bad_data!r}')
   builder_dir = resolve_builder_dir(data_dir, spec.name)
+  cache_path = ''
+  if cache_dir:  # checked before TensorFlow is imported: a cache hit never needs it
+    key = _cache_key(spec, builder_dir, split, image_size, shard, bad_data)
+    cache_path = os.path.join(os.path.expanduser(cache_dir), f'{spec.name}-{key}')
+    if os.path.exists(os.path.join(cache_path, 'meta.json')):
+      records = StepRecords.load(cache_path)
+      if progress:
+        progress(f'loaded {len(records)} cached steps of {spec.name} from {cache_path}')
+      return records
+
+  import tensorflow_datasets as tfds
+
   try:
     builder = tfds.builder_from_directory(builder_dir)
   except Exception as e:  # a broken dataset_info.json / features.json
@@ -447,15 +483,6 @@ def read_split(spec, data_dir: str, split: str, image_size: int, *, bad_data: st
   except Exception:
     raise DataError(f'dataset {spec.name} ({builder_dir}) has no split {split!r}; splits are '
                     f'{sorted(builder.info.splits.keys())}') from None
-  cache_path = ''
-  if cache_dir:
-    key = _cache_key(spec, builder, builder_dir, split, image_size, shard, bad_data)
-    cache_path = os.path.join(os.path.expanduser(cache_dir), f'{spec.name}-{key}')
-    if os.path.exists(os.path.join(cache_path, 'meta.json')):
-      records = StepRecords.load(cache_path)
-      if progress:
-        progress(f'loaded {len(records)} cached steps of {spec.name} from {cache_path}')
-      return records
   records = _read(spec, builder, builder_dir, split, image_size, shard, step_features, progress)
   records = check_episodes(records, bad_data, progress)
   if cache_path:
