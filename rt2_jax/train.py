@@ -1,0 +1,377 @@
+"""Trains a VLA on the robot + web mixture.
+
+  python -m rt2_jax.train --config=configs/tiny.py --workdir=/tmp/rt2 [--config.KEY=VALUE ...]
+
+One jitted step (sharded over a (data, fsdp, model) mesh through the logical-axis rules of
+rt2_jax.partitioning; the batch split over data x fsdp) computes the loss on target tokens,
+gradients (optionally accumulated over micro-batches), the optimizer update and the metrics:
+loss, token accuracy, action-token accuracy and the per-dimension action error in real units
+(action-constrained argmax -> bins -> SpaceTokenizer.decode, all inside jit). The host only
+waits for the device when it logs.
+
+The workdir holds checkpoints/ (rt2_jax.checkpoints) and tensorboard/. Rerunning the same
+command resumes from the newest checkpoint; SIGTERM saves one and exits 0. Multi-host: every
+process runs the same command; `config.distributed` names a coordinator for local processes
+(launch/local_multihost.sh), Cloud TPU slices initialize themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+from absl import logging as absl_logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rt2_jax import checkpoints, config_flags, metrics, optim, partitioning
+from rt2_jax import vocab as vocab_lib
+from rt2_jax.actions import NormStats
+
+log = logging.getLogger(__name__)
+BATCH_AXES = ('data', 'fsdp')
+
+
+@flax.struct.dataclass
+class TrainState:
+  params: Any
+  opt_state: Any
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  rng: jax.Array  # uint32[2]: dropout randomness, folded with the step
+
+  def as_dict(self) -> dict:
+    return {'params': self.params, 'opt_state': self.opt_state, 'step': self.step, 'rng': self.rng}
+
+
+def initialize_distributed(config) -> None:
+  """jax.distributed for multi-process runs; a no-op for one process."""
+  d = config.distributed
+  if d.get('local_device_count', 0):
+    jax.config.update('jax_num_cpu_devices', int(d.local_device_count))
+  if d.coordinator_address:
+    jax.distributed.initialize(coordinator_address=d.coordinator_address,
+                               num_processes=int(d.num_processes), process_id=int(d.process_id))
+  elif ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):  # a multi-host Cloud TPU slice
+    jax.distributed.initialize()
+
+
+@functools.cache
+def _check_batch_keys(batch_keys: tuple) -> None:
+  required = ('image', 'encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
+              'decoder_loss_weights', 'is_robot', 'action_loss_mask', 'actions')
+  missing = [k for k in required if k not in batch_keys]
+  if missing:
+    raise KeyError(f'training batches lack {missing}; got {sorted(batch_keys)}')
+
+
+def dummy_inputs(config, batch_size: int = 1) -> tuple:
+  """(images, encoder tokens, decoder tokens) of the training shapes, for init / eval_shape."""
+  s, d = config.model.image_size, config.data
+  return (jnp.zeros((batch_size, s, s, 3), jnp.uint8),
+          jnp.ones((batch_size, d.max_input_len), jnp.int32),
+          jnp.ones((batch_size, d.max_target_len), jnp.int32))
+
+
+def step_metric_sums(logits, batch, action_vocab, tokenizer) -> dict:
+  """Per micro-batch sums; `finalize_metrics` turns them into ratios."""
+  targets, weights = batch['decoder_target_tokens'], batch['decoder_loss_weights']
+  action_mask = batch['action_loss_mask'] * weights
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  # The action tokens of each example, in order: the first P positions of its action mask.
+  num_pos = action_vocab.num_positions
+  positions = jnp.argsort(1 - (action_mask > 0).astype(jnp.int32), axis=1, stable=True)[:, :num_pos]
+  has_action = batch['is_robot'] & ((action_mask > 0).sum(1) >= num_pos)
+  action_logits = jnp.take_along_axis(logits, positions[..., None], axis=1)  # [B, P, V]
+  allowed = jnp.asarray(action_vocab.allowed_ids)  # [P, K]
+  candidates = jnp.take_along_axis(
+      action_logits, jnp.broadcast_to(allowed, (logits.shape[0],) + allowed.shape), axis=2)
+  # The argmax among each position's allowed tokens, as constrained decoding would pick.
+  ids = allowed[jnp.arange(num_pos), jnp.argmax(candidates, -1)]
+  predicted = tokenizer.decode(action_vocab.ids_to_bins(ids, xp=jnp), xp=jnp)
+  error = jnp.abs(predicted - batch['actions']) * has_action[:, None]
+  return {'weight': weights.sum(), 'correct': (correct * weights).sum(),
+          'action_weight': action_mask.sum(), 'action_correct': (correct * action_mask).sum(),
+          'action_error_sum': error.sum(0), 'action_examples': has_action.sum().astype(jnp.float32),
+          'robot_examples': batch['is_robot'].sum().astype(jnp.float32)}
+
+
+def finalize_metrics(sums: dict, loss_sum) -> dict:
+  error = sums['action_error_sum'] / jnp.maximum(sums['action_examples'], 1.0)
+  return {'loss': loss_sum / jnp.maximum(sums['weight'], 1e-8),
+          'token_accuracy': sums['correct'] / jnp.maximum(sums['weight'], 1e-8),
+          'action_accuracy': sums['action_correct'] / jnp.maximum(sums['action_weight'], 1e-8),
+          'action_error': error, 'action_error_mean': error.mean(),
+          'robot_fraction': sums['robot_examples'] / sums['robot_examples'].size}
+
+
+def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_spec_fn):
+  """(state, batch) -> (state, metrics), to be jitted."""
+  accum = int(config.optim.grad_accum_steps)
+  dropout = float(config.model.t5.get('dropout_rate', 0.0)) > 0
+
+  def loss_and_sums(params, batch, rng, total_weight):
+    logits = model.apply({'params': params}, batch['image'], batch['encoder_input_tokens'],
+                         batch['decoder_input_tokens'], enable_dropout=dropout,
+                         rngs={'dropout': rng} if dropout else None)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['decoder_target_tokens'])
+    loss_sum = (ce * batch['decoder_loss_weights']).sum()
+    sums = step_metric_sums(jax.lax.stop_gradient(logits), batch, action_vocab, tokenizer)
+    return loss_sum / total_weight, (loss_sum, sums)
+
+  grad_fn = jax.grad(loss_and_sums, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(state.rng, state.step)
+    # Normalizing by the whole batch's target count makes accumulation exact.
+    total_weight = jnp.maximum(batch['decoder_loss_weights'].sum(), 1e-8)
+    if accum == 1:
+      grads, (loss_sum, sums) = grad_fn(state.params, batch, rng, total_weight)
+    else:
+      def split(x):  # micro-batch i = rows i, i + accum, ...: each spread over all devices
+        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, batch_spec_fn(x.ndim - 1, leading=1))
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        grads, (loss_sum, sums) = grad_fn(state.params, mb, jax.random.fold_in(rng, i),
+                                          total_weight)
+        return jax.tree.map(jnp.add, carry, (grads, loss_sum, sums)), None
+      grads_shape, (loss_shape, sums_shape) = jax.eval_shape(
+          grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng, total_weight)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                           (grads_shape, loss_shape, sums_shape))
+      (grads, loss_sum, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    out = finalize_metrics(sums, loss_sum)
+    out['grad_norm'] = optax.global_norm(grads)
+    out['learning_rate'] = schedule(state.step)
+    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), out
+  return train_step
+
+
+class Preemption:
+  """SIGTERM -> save and stop, at a step every process agrees on."""
+
+  def __init__(self):
+    self.requested = False
+    if jax.process_count() == 1:  # multi-process: jax.distributed's preemption service
+      signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    log.warning('signal %d: saving a checkpoint and stopping', signum)
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+def build_data(config, stats=None):
+  """(action_space, stats, vocab, action_vocab): stats are computed unless resuming."""
+  from rt2_jax.data import pipeline
+
+  action_space = pipeline.action_space(config)
+  if stats is None:
+    stats = pipeline.norm_stats(config)
+  vocab, action_vocab = vocab_lib.from_config(config, action_space)
+  return action_space, stats, vocab, action_vocab
+
+
+def init_params_from(path: str, abstract_params):
+  """Parameters of another run's checkpoint or of a converted pretrained checkpoint."""
+  if os.path.isdir(os.path.join(path, 'checkpoints')) or os.path.isdir(os.path.join(path, 'state')):
+    params, _, step = checkpoints.load_params(path, abstract_params=abstract_params)
+    print(f'initialized parameters from {path} (step {step})', flush=True)
+    return params
+  from rt2_jax import weights
+  loaded = weights.load_converted(path)
+  loaded = loaded.get('params', loaded) if isinstance(loaded, dict) else loaded
+  want = {'/'.join(map(str, k)): v.shape for k, v in flax.traverse_util.flatten_dict(
+      abstract_params).items()}
+  got = {'/'.join(map(str, k)): np.shape(v) for k, v in flax.traverse_util.flatten_dict(
+      loaded).items()}
+  bad = sorted(k for k in want if got.get(k) != want[k])
+  if bad:
+    raise ValueError(f'converted checkpoint {path} does not fit the model: '
+                     + '; '.join(f'{k}: {got.get(k, "missing")} vs {want[k]}' for k in bad[:4]))
+  print(f'initialized parameters from converted checkpoint {path}', flush=True)
+  return jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding),
+                      loaded, abstract_params)
+
+
+@dataclasses.dataclass
+class Setup:
+  """The model, optimizer and state layout of a config on a mesh (no arrays allocated)."""
+
+  config: Any
+  mesh: jax.sharding.Mesh
+  model: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+  state_shardings: TrainState
+
+  def batch_sharding(self, ndim: int, leading: int = 0) -> NamedSharding:
+    return NamedSharding(self.mesh, P(*([None] * leading), BATCH_AXES, *([None] * (ndim - 1))))
+
+  def context(self):
+    """Mesh + logical-axis rules: active while tracing anything that touches the model."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(partitioning.LOGICAL_RULES))
+    return stack
+
+  def init_state(self, rng) -> TrainState:
+    def init(rng):
+      init_rng, dropout_rng = jax.random.split(rng)
+      params = partitioning.unbox(self.model.init(init_rng, *dummy_inputs(self.config)))['params']
+      return TrainState(params, self.tx.init(params), jnp.int32(0), dropout_rng)
+    with self.context():
+      return jax.jit(init, out_shardings=self.state_shardings)(rng)
+
+  def jit_train_step(self, action_vocab, tokenizer):
+    step_fn = make_train_step(self.model, self.tx, self.schedule, self.config, action_vocab,
+                              tokenizer, self.batch_sharding)
+    return jax.jit(step_fn, in_shardings=(self.state_shardings, None),
+                   out_shardings=(self.state_shardings, None), donate_argnums=0)
+
+
+def make_setup(config, mesh=None) -> Setup:
+  from rt2_jax.models.vla import VLA
+
+  mesh = mesh if mesh is not None else partitioning.make_mesh(config.mesh)
+  n_batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  accum = int(config.optim.grad_accum_steps)
+  if accum < 1 or config.batch_size % (n_batch_shards * accum):
+    raise ValueError(f'batch_size={config.batch_size} must divide by data x fsdp = '
+                     f'{n_batch_shards} times optim.grad_accum_steps={accum}')
+  if config.batch_size % jax.process_count():
+    raise ValueError(f'batch_size={config.batch_size} must divide by the {jax.process_count()} '
+                     'processes')
+  model = VLA(config.model)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_RULES):
+    abstract_vars = jax.eval_shape(model.init, jax.random.PRNGKey(0), *dummy_inputs(config))
+  param_shardings = partitioning.logical_to_sharding(
+      nn.get_partition_spec(abstract_vars)['params'], mesh)
+  abstract_params = partitioning.unbox(abstract_vars)['params']
+  tx, schedule = optim.make_optimizer(config, abstract_params)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_specs = optim.opt_state_specs(abstract_opt, abstract_params,
+                                    jax.tree.map(lambda s: s.spec, param_shardings))
+  opt_shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), opt_specs,
+                               is_leaf=lambda x: isinstance(x, P))
+  replicated = NamedSharding(mesh, P())
+  shardings = TrainState(param_shardings, opt_shardings, replicated, replicated)
+  abstract = TrainState(abstract_params, abstract_opt, jax.ShapeDtypeStruct((), jnp.int32),
+                        jax.ShapeDtypeStruct((2,), jnp.uint32))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return Setup(config, mesh, model, tx, schedule, abstract, shardings)
+
+
+def train(config, workdir: str) -> dict:
+  """Trains to config.total_steps; returns the last logged metrics."""
+  from rt2_jax.data import pipeline
+
+  is_main = jax.process_index() == 0
+  setup = make_setup(config)
+  if is_main:
+    print(f'model: {optim.tree_size(setup.abstract_state.params) / 1e6:.2f}M parameters; mesh '
+          f'{dict(setup.mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} '
+          'process(es)', flush=True)
+
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.ckpt.keep, async_save=config.ckpt.async_save)
+  restored = ckpt.restore_latest(setup.abstract_state.as_dict())
+  if restored is not None:
+    if is_main:
+      print(f'resumed from {ckpt.directory}/{restored.step}', flush=True)
+    if restored.step >= config.total_steps:
+      if is_main:
+        print(f'nothing to do: step {restored.step} >= total_steps {config.total_steps}')
+      ckpt.close()
+      return {}
+    state, start = TrainState(**restored.state), restored.step
+    stats_json = restored.meta.get('norm_stats')  # keep the run's statistics when resuming
+    action_space, stats, vocab, action_vocab = build_data(
+        config, NormStats.from_json(stats_json) if stats_json else None)
+  else:
+    action_space, stats, vocab, action_vocab = build_data(config)
+    state, start = setup.init_state(jax.random.PRNGKey(config.seed)), 0
+    if config.init_from:
+      state = state.replace(params=init_params_from(config.init_from, setup.abstract_state.params))
+  tokenizer = action_space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
+  meta = checkpoints.make_meta(config, stats, action_space, vocab)
+
+  data_iter = pipeline.make_train_iterator(config, vocab, action_vocab, stats,
+                                           jax.process_index(), jax.process_count())
+  if restored is not None and restored.data_state is not None:
+    data_iter.set_state(restored.data_state)
+  train_step = setup.jit_train_step(action_vocab, tokenizer)
+
+  def global_batch(local: dict) -> dict:
+    _check_batch_keys(tuple(sorted(local)))
+    return {k: jax.make_array_from_process_local_data(
+        setup.batch_sharding(np.ndim(v)), np.asarray(v), (config.batch_size,) + np.shape(v)[1:])
+        for k, v in local.items()}
+
+  logger = metrics.MetricLogger(workdir, config.total_steps, config.batch_size,
+                                action_space.dim_names, enabled=is_main)
+  preemption = Preemption()
+  last, step = {}, start
+  with setup.context():
+    while step < config.total_steps:
+      state, step_metrics = train_step(state, global_batch(next(data_iter)))
+      step += 1
+      logger.add(step_metrics)
+      if step == start + 1:  # throughput excludes compilation
+        jax.block_until_ready(state)
+        logger.start(step)
+      stop = preemption.reached(step)
+      if step % config.log_every == 0 or step == config.total_steps or stop:
+        last = logger.write(step)
+      if step % config.ckpt.every == 0 or step == config.total_steps or stop:
+        ckpt.save(step, state.as_dict(), data_iter.get_state(), meta)
+        if is_main:
+          print(f'saving checkpoint {step}' + (' (preempted)' if stop else ''), flush=True)
+      if stop:
+        break
+  ckpt.close()
+  logger.close()
+  if is_main:
+    print(f'done: step {step}; checkpoints in {ckpt.directory}', flush=True)
+  return last
+
+
+def main(argv) -> None:
+  del argv
+  config = _CONFIG.value
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  initialize_distributed(config)
+  train(config, _WORKDIR.value)
+  sys.exit(0)
+
+
+_CONFIG = config_flags.define_config()
+_WORKDIR = flags.DEFINE_string('workdir', None, 'run directory: checkpoints/, tensorboard/',
+                               required=True)
+
+if __name__ == '__main__':
+  config_flags.run(main)
