@@ -30,6 +30,7 @@ def get_config(arg=None):
   c.model.vocab_size = 1280  # >= the vocabulary's size; padded to a multiple of 128
   c.model.image_size = 64
   c.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
+  c.model.remat = 'none'  # 'none' | 'full' | 'dots': rematerialise each layer in the backward pass
   c.model.vit = ml_collections.ConfigDict(dict(
       patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512,
       posemb='learn',  # 'learn' | 'sincos2d'
