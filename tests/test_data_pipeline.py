@@ -1,0 +1,273 @@
+"""Training batches: format, action tokens, mixture rates, determinism, resumption, sharding."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rt2_jax import config_flags
+from rt2_jax import vocab as vocab_lib
+from rt2_jax.data import fixtures, pipeline, tasks
+from rt2_jax.data.rlds import DataError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'data')
+LAYOUTS = ('fractal20220817_data', 'language_table', 'bridge_dataset')
+EPISODES, STEPS = 6, 4
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('pipeline'))
+  out = {name: fixtures.write_layout(name, os.path.join(root, name), num_episodes=EPISODES,
+                                     num_steps=STEPS, with_plan=True) for name in LAYOUTS}
+  out['jsonl'] = fixtures.write_web_jsonl(os.path.join(root, 'web'), num_examples=10)
+  out['coco_root'] = os.path.dirname(os.path.dirname(
+      fixtures.write_coco_captions(os.path.join(root, 'coco'), num_examples=4)))
+  return out
+
+
+def make_config(data, spec='bridge_dataset', **overrides):
+  values = {'data.robot.spec': spec, 'data.robot.data_dir': data[spec],
+            'data.web.jsonl': data['jsonl'], 'data.cache_dir': '', 'model.image_size': 16,
+            'batch_size': 8, 'data.synthetic_if_missing': False}
+  values.update(overrides)
+  return config_flags.load_config('tiny', overrides=values)
+
+
+def make_iterator(config, process_index=0, process_count=1):
+  space = pipeline.action_space(config)
+  stats = pipeline.norm_stats(config, progress=None)
+  vocab, action_vocab = vocab_lib.from_config(config, space)
+  it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, process_index,
+                                    process_count, progress=None)
+  return it, vocab, action_vocab, stats
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize('spec', LAYOUTS)
+def test_batch_format(data, spec):
+  config = make_config(data, spec)
+  it, vocab, action_vocab, stats = make_iterator(config)
+  space = pipeline.action_space(config)
+  b, lin, lout = 8, config.data.max_input_len, config.data.max_target_len
+  for batch in take(it, 4):
+    assert set(batch) == set(pipeline.MODEL_KEYS)
+    assert batch['image'].shape == (b, 16, 16, 3) and batch['image'].dtype == np.uint8
+    assert batch['encoder_input_tokens'].shape == (b, lin)
+    for key in ('decoder_input_tokens', 'decoder_target_tokens'):
+      assert batch[key].shape == (b, lout) and batch[key].dtype == np.int32
+    targets = batch['decoder_target_tokens']
+    np.testing.assert_array_equal(batch['decoder_input_tokens'][:, 1:], targets[:, :-1])
+    assert (batch['decoder_input_tokens'][:, 0] == 0).all()
+    np.testing.assert_array_equal(batch['decoder_loss_weights'], (targets != 0).astype(np.float32))
+    for row in targets:  # EOS ends every target, nothing but padding after it
+      length = int((row != 0).sum())
+      assert row[length - 1] == vocab.eos_id and (row[:length] != 0).all()
+    robot = batch['is_robot']
+    mask = batch['action_loss_mask']
+    assert (mask[robot].sum(1) == space.num_positions).all() and (mask[~robot] == 0).all()
+    assert (batch['actions'][~robot] == 0).all()
+    assert batch['actions'].shape == (b, space.dim)
+    # The action tokens are exactly the tokenized recorded actions.
+    tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
+    ids = targets[robot][mask[robot] > 0].reshape(-1, space.num_positions)
+    expected = action_vocab.bins_to_ids(tokenizer.encode(batch['actions'][robot]))
+    np.testing.assert_array_equal(ids, expected)
+    assert robot.any() and (~robot).any()
+
+
+@pytest.mark.parametrize('rate', [0.5, 0.66])
+def test_realized_robot_fraction(data, rate):
+  config = make_config(data, **{'data.robot_rate': rate, 'batch_size': 32})
+  it, *_ = make_iterator(config)
+  robot = np.concatenate([b['is_robot'] for b in take(it, 2000 // 32 + 1)])[:2000]
+  assert abs(robot.mean() - rate) < 0.05
+  assert abs(robot.mean() - rate) < 0.01  # the golden-ratio assignment is much tighter
+
+
+def test_prompts_and_web_targets(data):
+  config = make_config(data)
+  it, vocab, *_ = make_iterator(config)
+  batch = next(it)
+  for j, info in enumerate(it.describe_last()):
+    prompt = vocab.decode(batch['encoder_input_tokens'][j])
+    if batch['is_robot'][j]:
+      assert prompt == f'What action should the robot take to {info["instruction"]}?'
+    else:
+      assert prompt == info['prompt']
+      assert vocab.decode(batch['decoder_target_tokens'][j]) == info['answer']
+
+
+def test_plan_targets(data):
+  import dataclasses
+
+  from rt2_jax.data.spec import load_spec
+
+  spec = dataclasses.replace(load_spec('fractal20220817_data'), plan_key='plan')
+  config = make_config(data, 'fractal20220817_data', **{'data.robot_rate': 1.0,
+                                                         'data.max_target_len': 24})
+  space = spec.action_space
+  vocab, action_vocab = vocab_lib.from_config(config, space)
+  context = tasks.Context(config, vocab, action_vocab, None, progress=None)
+  task = tasks.robot_task(spec, data['fractal20220817_data'], 'train').build(context)
+  it = pipeline.MixtureIterator([task], [1.0], 8, action_dim=space.dim)
+  batch = next(it)
+  for j, info in enumerate(it.describe_last()):
+    text = vocab.decode(batch['decoder_target_tokens'][j])
+    assert text.startswith(f'Plan: {info["plan"]} Action:'), text
+    positions = np.flatnonzero(batch['action_loss_mask'][j])
+    assert positions.size == space.num_positions
+    action_ids = batch['decoder_target_tokens'][j, positions]
+    assert batch['decoder_target_tokens'][j, positions[-1] + 1] == vocab.eos_id
+    action_vocab.ids_to_bins(action_ids)  # raises on a non-action token
+    assert text.endswith(action_vocab.to_text(action_vocab.ids_to_bins(action_ids)))
+  # A long plan is cut, never the action.
+  config.unlock()
+  config.data.max_target_len = 14
+  short = tasks.robot_task(spec, data['fractal20220817_data'], 'train').build(context)
+  assert (short.action_start < task.action_start).all()
+  rows = np.arange(len(short))
+  ends = short.targets[rows, short.action_start + space.num_positions]
+  assert (ends == vocab.eos_id).all()
+  np.testing.assert_array_equal(
+      short.targets[rows[:, None], short.action_start[:, None] + np.arange(space.num_positions)],
+      task.targets[rows[:, None], task.action_start[:, None] + np.arange(space.num_positions)])
+
+
+def test_target_length_too_short_is_explained(data):
+  config = make_config(data, **{'data.max_target_len': 7})
+  with pytest.raises(ValueError, match='max_target_len=7 cannot hold the 7 action tokens'):
+    make_iterator(config)
+
+
+def test_deterministic_and_seeded(data):
+  config = make_config(data)
+  a = take(make_iterator(config)[0], 5)
+  b = take(make_iterator(config)[0], 5)
+  c = take(make_iterator(make_config(data, seed=1))[0], 5)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert any((x['image'] != z['image']).any() for x, z in zip(a, c))
+
+
+def test_resume_continues_the_same_stream(data):
+  config = make_config(data)
+  it, *_ = make_iterator(config)
+  reference = take(it, 20)  # 160 examples: several epochs of the 24 robot steps
+  fresh, *_ = make_iterator(config)
+  take(fresh, 7)
+  state = json.loads(json.dumps(fresh.get_state()))  # survives a JSON checkpoint
+  resumed, *_ = make_iterator(config)
+  resumed.set_state(state)
+  for expected, got in zip(reference[7:], take(resumed, 13)):
+    for k in expected:
+      np.testing.assert_array_equal(expected[k], got[k])
+
+
+def test_epochs_visit_every_example(data):
+  config = make_config(data, **{'data.robot_rate': 1.0})
+  it, *_ = make_iterator(config)
+  n = len(it.tasks[0])
+  seen = []
+  for _ in range(n // 8 * 2):
+    next(it)
+    seen += [i for _, i in it.last_examples]
+  assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:2 * n]) == list(range(n))
+
+
+def test_processes_get_disjoint_shards(data):
+  config = make_config(data, **{'data.robot_rate': 1.0})
+  episodes = []
+  for p in range(2):
+    it, *_ = make_iterator(config, p, 2)
+    assert it.batch_size == 4
+    take(it, 6)
+    episodes.append({it.tasks[0].describe(i)['episode_id'] for _, i in it.last_examples})
+    assert len(it.tasks[0]) == EPISODES // 2 * STEPS
+  assert episodes[0] and episodes[1] and not episodes[0] & episodes[1]
+  with pytest.raises(ValueError, match='not divisible'):
+    make_iterator(config, 0, 3)
+
+
+def test_web_tfds_captions(data):
+  config = make_config(data, **{'data.web.jsonl': '', 'data.web.tfds_name': 'coco_captions',
+                                'data.web.tfds_data_dir': data['coco_root']})
+  it, vocab, *_ = make_iterator(config)
+  assert [t.name for t in it.tasks] == ['robot/bridge_dataset', 'web/coco_captions']
+  batch = next(it)
+  texts = [vocab.decode(t) for t, r in zip(batch['decoder_target_tokens'], batch['is_robot'])
+           if not r]
+  assert texts and all('image' in t for t in texts)
+
+
+def test_web_jsonl_errors(tmp_path, data):
+  from rt2_jax.data import web
+
+  path = tmp_path / 'bad.jsonl'
+  path.write_text('{"image": "a.png", "question": "why?"}\n')
+  with pytest.raises(DataError, match=r'bad.jsonl:1: a "question" line needs an "answer"'):
+    web.read_jsonl(str(path), 8, progress=None)
+  path.write_text('\n{"image": "missing.png", "caption": "x"}\n')
+  with pytest.raises(DataError, match=r'bad.jsonl:2: image file .*missing.png does not exist'):
+    web.read_jsonl(str(path), 8, progress=None)
+  path.write_text('{"picture": "a.png", "caption": "x"}\n')
+  with pytest.raises(DataError, match=r"it has \['caption', 'picture'\]"):
+    web.read_jsonl(str(path), 8, progress=None)
+
+
+def test_bad_data_mode_reaches_the_pipeline(data, tmp_path):
+  bad = fixtures.write_bridge(str(tmp_path), num_episodes=4, num_steps=3, nan_episodes=(2,))
+  config = make_config(data, **{'data.robot.data_dir': bad, 'data.bad_data': 'fail'})
+  with pytest.raises(DataError, match='nonfinite action'):
+    make_iterator(config)
+  it, *_ = make_iterator(make_config(data, **{'data.robot.data_dir': bad}))
+  assert it.tasks[0].info['skipped'] == {'nonfinite_action': 1}
+
+
+def test_eval_iterator_in_order(data):
+  config = make_config(data)
+  space = pipeline.action_space(config)
+  stats = pipeline.norm_stats(config, progress=None)
+  vocab, action_vocab = vocab_lib.from_config(config, space)
+  batches = list(pipeline.make_eval_iterator(config, vocab, action_vocab, stats, batch_size=5,
+                                             progress=None))
+  valid = np.concatenate([b['valid'] for b in batches])
+  episode_ids = np.concatenate([b['episode_id'] for b in batches])[valid]
+  step_ids = np.concatenate([b['step_id'] for b in batches])[valid]
+  assert valid.sum() == EPISODES * STEPS and len(batches) == -(-EPISODES * STEPS // 5)
+  assert episode_ids.tolist() == np.repeat(np.arange(EPISODES), STEPS).tolist()
+  assert step_ids.tolist() == np.tile(np.arange(STEPS), EPISODES).tolist()
+  assert all(b['is_robot'].all() for b in batches)
+
+
+def test_tiny_config_uses_generated_data(tmp_path, monkeypatch):
+  monkeypatch.setenv('RT2_JAX_CACHE', str(tmp_path))
+  config = config_flags.load_config('tiny', overrides={'data.cache_dir': str(tmp_path / 'rec')})
+  it, *_ = make_iterator(config)
+  batch = next(it)
+  assert batch['image'].shape == (config.batch_size, 64, 64, 3)
+  assert {t.name for t in it.tasks} == {'robot/bridge_dataset', 'web/synthetic'}
+  assert os.path.exists(tmp_path / 'synthetic')
+  config = config_flags.load_config('tiny', overrides={'data.synthetic_if_missing': False})
+  with pytest.raises(ValueError, match='data.robot.data_dir is empty'):
+    pipeline.robot_data_dir(config)
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, 'bridge_dataset')),
+                    reason=f'the real Bridge sample is not at {SHARED_DATA}')
+def test_real_bridge_mixture(data):
+  config = make_config(data, **{'data.robot.data_dir': SHARED_DATA, 'batch_size': 16})
+  it, vocab, action_vocab, stats = make_iterator(config)
+  assert len(it.tasks[0]) == 250
+  batches = take(it, 8)
+  robot = np.concatenate([b['is_robot'] for b in batches])
+  assert abs(robot.mean() - 0.5) < 0.05
+  texts = {d['instruction'] for d in it.describe_last() if d['task'].startswith('robot')}
+  assert texts <= {'put carrot on plate', 'flip pot upright which is in sink',
+                   'put cup from counter or drying rack into sink', 'turn lever vertical to front'}
