@@ -142,13 +142,18 @@ def test_bfloat16_compute_close_to_float32(model_and_vars):
   assert np.abs(np.asarray(low) - np.asarray(ref)).max() < 0.1 * np.abs(np.asarray(ref)).max()
 
 
-def test_summary_counts_match_real_init_and_big_config_is_55b_class():
+def test_summary_counts_match_real_params(model_and_vars):
   from rt2_jax.models import summary
-  cfg = _model_cfg()
-  infos = summary.param_infos(cfg)
-  real = jax.jit(VLA(cfg).init)(jax.random.key(0), *_inputs())
-  assert sum(i.size for i in infos) == sum(x.size for x in jax.tree.leaves(real['params']))
-  assert 'vit' in summary.summarize(cfg)
+  model, variables = model_and_vars
+  infos = summary.param_infos(model.config)
+  assert sum(i.size for i in infos) == sum(x.size for x in jax.tree.leaves(variables['params']))
+  text = summary.summarize(model.config)
+  assert 'vit' in text and 'lm/decoder' in text and "('embed', 'mlp')" in text
+
+
+@pytest.mark.slow
+def test_palix_55b_config_is_55b_class():
+  from rt2_jax.models import summary
   big = config_flags.load_config('configs/rt2_palix_55b.py').model
   total = sum(summary.counts_by_component(summary.param_infos(big)).values())
   assert 50e9 < total < 60e9, total
