@@ -1,0 +1,354 @@
+"""Latency of image + instruction -> action, against Hugging Face transformers and a compute floor.
+
+For two model shapes (the tiny config, and a CPU-feasible ~60M-parameter model with 256 image
+tokens and a 32k output vocabulary) at batch 1 and 8, this measures the median over repeated
+calls, after warm-up, of:
+- ours: `rt2_jax.decoding.Decoder` end to end (ViT + encoder + all action tokens, one jit), the
+  token loop alone (after the encoder), and the same loop with the action constraint written as
+  a mask over the full vocabulary instead of gathering the K allowed rows;
+- transformers: a `ViTModel` + linear projection + `T5ForConditionalGeneration.generate` of the
+  same shapes (PyTorch CPU, same thread count, the image tokens joined to the text embeddings and
+  passed as `inputs_embeds`, 8 new tokens = 7 action tokens + EOS, greedy), end to end, its
+  encoder alone and `generate` alone given the encoder output;
+- this CPU's fp32 matmul rate (best of large square matmuls in XLA and PyTorch), which turns the
+  model's matmul FLOPs into a compute floor.
+
+Prints a table and writes JSON (`--out=FILE`) with `speedup_b1` (transformers end to end / ours,
+tiny, batch 1), `decode_loop_speedup_b1` (the same for the token loop, larger model) and
+`floor_ratio_b1` (ours end to end / compute floor, larger model). `--quick` is a smoke mode
+(fewer repeats, batch 1 only).
+
+  python benchmarks/decode.py --out=/tmp/decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+NEW_TOKENS = 8  # 7 action tokens (Bridge) + EOS
+
+
+def larger_config():
+  """About 60M parameters: 256 px / 16 px patches = 256 image tokens, T5 with a 32k vocabulary."""
+  from configs import tiny
+
+  c = tiny.get_config()
+  c.model.vocab_size = 32128
+  c.model.image_size = 256
+  c.model.vit.update(dict(patch_size=16, width=512, depth=6, num_heads=8, mlp_dim=2048))
+  c.model.t5.update(dict(emb_dim=512, num_heads=8, head_dim=64, mlp_dim=1024,
+                         num_encoder_layers=4, num_decoder_layers=4))
+  return c
+
+
+def tiny_config():
+  from configs import tiny
+
+  return tiny.get_config()
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute floor.
+
+
+def matmul_rate(quick: bool) -> dict:
+  """Best fp32 GFLOP/s of square matmuls in XLA and PyTorch on this CPU."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+
+  out = {}
+  square = jax.jit(lambda a: a @ a)
+  for n in (1024,) if quick else (1024, 2048):
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    t = min(median_time(lambda a=a: square(a).block_until_ready(), 3) for _ in range(2))
+    out[f'xla_{n}'] = 2 * n**3 / t / 1e9
+    ta = torch.from_numpy(np.array(a))
+    with torch.inference_mode():
+      t = min(median_time(lambda ta=ta: ta @ ta, 3) for _ in range(2))
+    out[f'torch_{n}'] = 2 * n**3 / t / 1e9
+  out['best'] = max(out.values())
+  return out
+
+
+def model_flops(mc, batch: int, text_len: int, steps: int, rows: int) -> dict:
+  """Matmul FLOPs (2 per multiply-add) of encode + `steps` decode steps scoring `rows` rows."""
+  v, t = mc.vit, mc.t5
+  patches = (mc.image_size // v.patch_size) ** 2
+  vit = 2 * patches * (v.patch_size**2 * 3) * v.width  # patch embedding
+  vit += v.depth * (2 * patches * 4 * v.width**2  # q, k, v, out
+                    + 2 * 2 * patches**2 * v.width  # scores and weighted sum
+                    + 2 * 2 * patches * v.width * v.mlp_dim)
+  vit += 2 * patches * v.width * t.emb_dim  # projection into the text model
+  length, inner = patches + text_len, t.num_heads * t.head_dim
+  gated = len(t.mlp_activations)
+  mlp = 2 * (gated + 1) * t.emb_dim * t.mlp_dim  # per token
+  enc = t.num_encoder_layers * length * (2 * 4 * t.emb_dim * inner + 2 * 2 * length * inner + mlp)
+  cross_kv = t.num_decoder_layers * 2 * length * 2 * t.emb_dim * inner
+  per_step = t.num_decoder_layers * (2 * 4 * t.emb_dim * inner  # self-attention projections
+                                     + 2 * 2 * t.emb_dim * inner  # cross-attention q and out
+                                     + 2 * 2 * length * inner  # cross-attention over the encoder
+                                     + mlp) + 2 * t.emb_dim * rows
+  self_attn = t.num_decoder_layers * 2 * 2 * inner * steps * (steps + 1) // 2
+  total = vit + enc + cross_kv + steps * per_step + self_attn
+  return dict(vit=batch * vit, encoder=batch * enc,
+              decode=batch * (cross_kv + steps * per_step + self_attn), total=batch * total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ours.
+
+
+class FullVocabMaskCallback:
+  """The action constraint as a mask over all vocabulary rows: the slow way, for comparison."""
+
+  def __init__(self, action_callback, mask):
+    self.inner, self.mask, self.max_steps = action_callback, np.asarray(mask), \
+        action_callback.max_steps
+
+  def init(self, batch_size):
+    return self.inner.init(batch_size)
+
+  def request(self, step, state):
+    import jax.numpy as jnp
+
+    from rt2_jax import decoding
+
+    position = jnp.minimum(step, self.mask.shape[0] - 1)
+    return decoding.Request(rows=None, valid=jnp.asarray(self.mask)[position])
+
+  def update(self, step, state, token):
+    return self.inner.update(step, state, token)
+
+
+def prompts(vocab, config, batch: int) -> np.ndarray:
+  instructions = ['put the spoon in the pot', 'open the drawer', 'pick up the red block',
+                  'wipe the table with the towel']
+  out = np.zeros((batch, config.data.max_input_len), np.int32)
+  for i in range(batch):
+    ids = vocab.encode(config.data.prompt.format(instruction=instructions[i % len(instructions)]))
+    ids = ids[:config.data.max_input_len]
+    out[i, :len(ids)] = ids
+  return out
+
+
+def _time_ours(sliced, masked, params, vocab, config, batch: int, repeats: int, rng) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  size = config.model.image_size
+  images = jnp.asarray(np.random.default_rng(batch).integers(0, 256, (batch, size, size, 3)),
+                       jnp.uint8)
+  tokens = jnp.asarray(prompts(vocab, config, batch))
+  tokens_sliced = sliced(params, images, tokens, rng)
+  tokens_masked = masked(params, images, tokens, rng)
+  same = bool(np.array_equal(np.asarray(tokens_sliced), np.asarray(tokens_masked)))
+  encoded, mask = sliced.encode(params, images, tokens)
+  return dict(
+      end_to_end=median_time(lambda: sliced(params, images, tokens, rng).block_until_ready(),
+                             repeats),
+      encoder=median_time(lambda: jax.block_until_ready(sliced.encode(params, images, tokens)),
+                          repeats),
+      loop=median_time(
+          lambda: sliced.from_encoded(params, encoded, mask, rng).block_until_ready(), repeats),
+      loop_full_vocab_mask=median_time(
+          lambda: masked.from_encoded(params, encoded, mask, rng).block_until_ready(), repeats),
+      sliced_equals_masked=same)
+
+
+def run_ours(config, batches, repeats: int, log) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from rt2_jax import decoding
+  from rt2_jax import vocab as vocab_lib
+  from rt2_jax.data.spec import load_spec
+  from rt2_jax.models.vla import VLA
+
+  space = load_spec('bridge_dataset').action_space
+  vocab, action_vocab = vocab_lib.from_config(config, space)
+  model = VLA(config.model)
+  size = config.model.image_size
+  rng = jax.random.PRNGKey(0)
+  init_images = jnp.zeros((1, size, size, 3), jnp.uint8)
+  init_tokens = jnp.ones((1, config.data.max_input_len), jnp.int32)
+  params = jax.jit(model.init)(rng, init_images, init_tokens, jnp.zeros((1, 4), jnp.int32))
+  params = params['params']
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+  callback = decoding.ActionCallback(action_vocab.allowed_ids, action_vocab.num_allowed,
+                                     vocab.eos_id)
+  sliced = decoding.Decoder(model, callback)
+  masked = decoding.Decoder(model, FullVocabMaskCallback(callback, action_vocab.mask))
+  out = dict(params=num_params, batches={})
+  for batch in batches:
+    r = _time_ours(sliced, masked, params, vocab, config, batch, repeats, rng)
+    r['action_tokens'] = int(callback.num_positions)
+    out['batches'][batch] = r
+    log(f'  ours b={batch}: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                                          for k, v in r.items()))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face transformers.
+
+
+
+def _time_transformers(vit, project, t5, config, batch: int, repeats: int) -> dict:
+  import torch
+  from transformers.modeling_outputs import BaseModelOutput
+
+  mc = config.model
+  rng = np.random.default_rng(batch)
+  pixels = torch.from_numpy(rng.uniform(-1, 1, (batch, 3, mc.image_size, mc.image_size))
+                            .astype(np.float32))
+  text = torch.from_numpy(rng.integers(3, 1000, (batch, config.data.max_input_len)))
+  num_patches = (mc.image_size // mc.vit.patch_size) ** 2
+  attention_mask = torch.ones(batch, num_patches + text.shape[1], dtype=torch.long)
+  generate_kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                     num_beams=1)
+
+  def embed():
+    image_tokens = project(vit(pixel_values=pixels).last_hidden_state[:, 1:])
+    return torch.cat([image_tokens, t5.shared(text)], dim=1)
+
+  def end_to_end():
+    return t5.generate(inputs_embeds=embed(), attention_mask=attention_mask, **generate_kw)
+
+  def encoder():
+    return t5.get_encoder()(inputs_embeds=embed(), attention_mask=attention_mask)
+
+  with torch.inference_mode():
+    encoder_outputs = BaseModelOutput(last_hidden_state=encoder().last_hidden_state)
+    generated = end_to_end()
+    assert generated.shape[1] >= NEW_TOKENS, generated.shape
+    return dict(
+        end_to_end=median_time(end_to_end, repeats),
+        encoder=median_time(encoder, repeats),
+        loop=median_time(lambda: t5.generate(encoder_outputs=encoder_outputs,
+                                             attention_mask=attention_mask, **generate_kw),
+                         repeats))
+
+def run_transformers(config, batches, repeats: int, log) -> dict:
+  import torch
+  import transformers
+
+  mc = config.model
+  torch.manual_seed(0)
+  vit = transformers.ViTModel(transformers.ViTConfig(
+      image_size=mc.image_size, patch_size=mc.vit.patch_size, hidden_size=mc.vit.width,
+      num_hidden_layers=mc.vit.depth, num_attention_heads=mc.vit.num_heads,
+      intermediate_size=mc.vit.mlp_dim, layer_norm_eps=1e-6), add_pooling_layer=False).eval()
+  t = mc.t5
+  t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+      vocab_size=mc.vocab_size, d_model=t.emb_dim, d_kv=t.head_dim, d_ff=t.mlp_dim,
+      num_layers=t.num_encoder_layers, num_decoder_layers=t.num_decoder_layers,
+      num_heads=t.num_heads, relative_attention_num_buckets=t.relative_attention_num_buckets,
+      relative_attention_max_distance=t.relative_attention_max_distance,
+      feed_forward_proj='gated-gelu' if len(t.mlp_activations) == 2 else 'relu',
+      dropout_rate=0.0, tie_word_embeddings=t.logits_via_embedding,
+      decoder_start_token_id=0)).eval()
+  project = torch.nn.Linear(mc.vit.width, t.emb_dim)
+  num_params = sum(p.numel() for m in (vit, t5, project) for p in m.parameters())
+  out = dict(params=int(num_params), threads=torch.get_num_threads(), batches={})
+  for batch in batches:
+    r = _time_transformers(vit, project, t5, config, batch, repeats)
+    out['batches'][batch] = r
+    log(f'  transformers b={batch}: ' + ', '.join(f'{k}={v:.4f}' for k, v in r.items()))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--out', default='', help='write the results as JSON to this file')
+  parser.add_argument('--quick', action='store_true', help='smoke mode: batch 1, few repeats')
+  parser.add_argument('--repeats', type=int, default=0, help='timed calls per figure')
+  parser.add_argument('--configs', default='tiny,larger', help='comma-separated subset')
+  args = parser.parse_args(argv)
+  batches = (1,) if args.quick else (1, 8)
+  repeats = args.repeats or (3 if args.quick else 10)
+
+  def log(msg):
+    print(msg, flush=True)
+
+  import torch
+
+  threads = os.cpu_count() or 1
+  torch.set_num_threads(threads)  # the same threads XLA's CPU client uses
+  log(f'decode benchmark: {threads} CPU threads, batches {batches}, {repeats} repeats')
+  rate = matmul_rate(args.quick)
+  log('fp32 matmul GFLOP/s: ' + ', '.join(f'{k}={v:.1f}' for k, v in rate.items()))
+  configs = {'tiny': tiny_config, 'larger': larger_config}
+  results = dict(matmul_gflops=rate, configs={})
+  for name in args.configs.split(','):
+    config = configs[name]()
+    log(f'{name}: image {config.model.image_size}px, vocab {config.model.vocab_size}')
+    ours = run_ours(config, batches, repeats, log)
+    theirs = run_transformers(config, batches, repeats, log)
+    entry = dict(params_ours=ours['params'], params_transformers=theirs['params'], batches={})
+    text_len = config.data.max_input_len
+    for b in batches:
+      o, t = ours['batches'][b], theirs['batches'][b]
+      steps = o['action_tokens']
+      flops = model_flops(config.model, b, text_len, steps, rows=256)
+      floor = flops['total'] / (rate['best'] * 1e9)
+      entry['batches'][b] = dict(
+          ours=o, transformers=t, flops=flops, floor_s=floor,
+          speedup=t['end_to_end'] / o['end_to_end'], loop_speedup=t['loop'] / o['loop'],
+          floor_ratio=o['end_to_end'] / floor)
+    results['configs'][name] = entry
+
+  def pick(config, key):
+    c = results['configs'].get(config)
+    return c['batches'][1][key] if c else None
+
+  results['speedup_b1'] = pick('tiny', 'speedup')
+  results['decode_loop_speedup_b1'] = pick('larger', 'loop_speedup')
+  results['floor_ratio_b1'] = pick('larger', 'floor_ratio')
+
+  header = (f'{"config":8} {"B":>2} {"params":>7} | {"ours e2e":>9} {"enc":>8} {"loop":>8} '
+            f'{"maskloop":>8} | {"hf e2e":>8} {"hf enc":>8} {"hf loop":>8} | {"floor":>8} '
+            f'{"speedup":>7} {"loop x":>6} {"/floor":>6}')
+  log('\n' + header + '\n' + '-' * len(header))
+  for name, entry in results['configs'].items():
+    for b, r in entry['batches'].items():
+      o, t = r['ours'], r['transformers']
+      log(f'{name:8} {b:>2} {entry["params_ours"] / 1e6:>6.1f}M | {o["end_to_end"] * 1e3:>7.1f}ms '
+          f'{o["encoder"] * 1e3:>6.1f}ms {o["loop"] * 1e3:>6.1f}ms '
+          f'{o["loop_full_vocab_mask"] * 1e3:>6.1f}ms | {t["end_to_end"] * 1e3:>6.1f}ms '
+          f'{t["encoder"] * 1e3:>6.1f}ms {t["loop"] * 1e3:>6.1f}ms | {r["floor_s"] * 1e3:>6.1f}ms '
+          f'{r["speedup"]:>7.2f} {r["loop_speedup"]:>6.2f} {r["floor_ratio"]:>6.2f}')
+  log(f'\nspeedup_b1={results["speedup_b1"]}  decode_loop_speedup_b1='
+      f'{results["decode_loop_speedup_b1"]}  floor_ratio_b1={results["floor_ratio_b1"]}')
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(results, f, indent=1, default=str)
+    log(f'wrote {args.out}')
+  return results
+
+
+if __name__ == '__main__':
+  main()
