@@ -1,0 +1,1 @@
+"""Simulated environments for data generation and closed-loop evaluation."""
