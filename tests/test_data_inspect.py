@@ -1,0 +1,58 @@
+"""`python -m rt2_jax.data.inspect`: sizes, realized rates, decoded examples, a PNG grid."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rt2_jax import config_flags
+from rt2_jax.data import fixtures
+from rt2_jax.data import inspect as inspect_lib
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'data')
+
+
+@pytest.fixture(scope='module')
+def web_jsonl(tmp_path_factory):
+  return fixtures.write_web_jsonl(str(tmp_path_factory.mktemp('web')), num_examples=6)
+
+
+@pytest.mark.parametrize('name', ['fractal20220817_data', 'language_table', 'bridge_dataset'])
+def test_inspect_each_layout(tmp_path, web_jsonl, name, capsys):
+  data_dir = fixtures.write_layout(name, str(tmp_path / 'd'), num_episodes=3, num_steps=3)
+  config = config_flags.load_config('tiny', overrides={
+      'data.robot.spec': name, 'data.robot.data_dir': data_dir, 'data.web.jsonl': web_jsonl,
+      'data.cache_dir': '', 'model.image_size': 16, 'data.robot_rate': 0.66})
+  png = tmp_path / 'grid.png'
+  report = inspect_lib.inspect(config, num=4, sample=2000, out=str(png), progress=None)
+  printed = capsys.readouterr().out
+  assert report['tasks'][f'robot/{name}'] == 9
+  assert abs(report['realized'][f'robot/{name}'] - 0.66) < 0.05
+  robot = [ex for ex in report['examples'] if 'decoded_action' in ex]
+  assert robot, 'no robot example among the decoded ones'
+  for ex in robot:
+    assert ex['target_ids'][-1] == 1  # EOS
+    widths = np.abs(ex['decoded_action'] - ex['action'])
+    assert widths.max() < 0.05 * (1 + np.abs(ex['action']).max()), ex
+  assert 'from tokens' in printed and 'realized' in printed
+  from PIL import Image
+
+  with Image.open(png) as img:
+    assert img.size[0] > 100 and img.size[1] > 100
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, 'bridge_dataset')),
+                    reason=f'the real Bridge sample is not at {SHARED_DATA}')
+def test_inspect_cli_on_real_bridge(tmp_path, web_jsonl):
+  png = tmp_path / 'grid.png'
+  result = subprocess.run(
+      [sys.executable, '-m', 'rt2_jax.data.inspect', '--config=configs/tiny.py', '--num=3',
+       f'--out={png}', f'--config.data.robot.data_dir={SHARED_DATA}',
+       f'--config.data.web.jsonl={web_jsonl}', '--config.data.cache_dir='],
+      capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'robot/bridge_dataset' in result.stdout and '250 examples' in result.stdout
+  assert png.exists()
