@@ -1,0 +1,309 @@
+"""The policy: camera image + instruction -> action in real units. The one entry point to a model.
+
+  policy = Policy.from_checkpoint(workdir)                  # or Policy(config, params, stats, space)
+  out = policy(image_uint8, 'put the spoon in the pot')    # PolicyOutput
+  out.action['gripper'], out.vector, out.tokens, out.text, out.plan
+  outs = policy.batch(images, instructions)                # one compiled call per bucket
+
+Each call tokenizes `config.data.prompt.format(instruction=...)` with the run's vocabulary
+(padded to `data.max_input_len`), resizes images of another size to the model's square size with
+the dataset spec's resize policy, pads the batch to the next bucket size (1, 2, 4, 8 by default:
+serving compiles once per bucket, never per batch size), decodes with `rt2_jax.decoding` in
+`config.decode.mode`, and maps the action tokens back through the normalization stats.
+
+`policy.decode_fn` is the pure JAX function (params, images, tokens, rng) -> tokens that export
+wraps with jax2tf: no host callbacks, static shapes except the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rt2_jax import actions as actions_lib
+from rt2_jax import decoding
+from rt2_jax import vocab as vocab_lib
+
+log = logging.getLogger(__name__)
+DEFAULT_BUCKETS = (1, 2, 4, 8)
+RESIZE_POLICIES = ('stretch', 'center_crop', 'pad')
+
+
+@dataclasses.dataclass
+class PolicyOutput:
+  action: dict[str, np.ndarray]  # field name -> float32 [width], real units ({} in text mode)
+  vector: np.ndarray  # float32 [dim], the flat action ([0] in text mode)
+  tokens: np.ndarray  # int32: the action token ids (all output ids in text mode)
+  text: str  # the whole decoded output
+  plan: str  # the chain-of-thought plan ('' unless decode.mode == 'plan_then_action')
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyMetadata:
+  image_size: int  # the model's square input; other sizes are resized with `resize`
+  resize: str
+  action_names: list[str]  # per flat dimension of `vector`
+  action_fields: list[dict]  # name, width, kind, unit
+  action_dim: int
+  num_action_tokens: int
+  decode_mode: str
+  prompt: str
+  batch_buckets: list[int]
+  model_id: str
+  step: int | None
+
+
+def resize_image(image: np.ndarray, size: int, policy: str = 'stretch') -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [size, size, 3] ('stretch', 'center_crop' or 'pad')."""
+  from PIL import Image
+
+  if policy not in RESIZE_POLICIES:
+    raise ValueError(f'unknown resize policy {policy!r}; expected one of {RESIZE_POLICIES}')
+  h, w = image.shape[:2]
+  if (h, w) == (size, size):
+    return image
+  if policy == 'center_crop':
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    image = image[top:top + side, left:left + side]
+  elif policy == 'pad':
+    side = max(h, w)
+    canvas = np.zeros((side, side, 3), np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top:top + h, left:left + w] = image
+    image = canvas
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if b >= n:
+      return b
+  return buckets[-1]
+
+
+def _spec_resize(config) -> str:
+  try:
+    from rt2_jax.data.spec import load_spec
+
+    return load_spec(config.data.robot.spec).resize
+  except Exception as e:  # noqa: BLE001  (a spec that moved away must not stop serving)
+    log.warning('could not read the resize policy of spec %r (%s); using stretch',
+                config.data.robot.get('spec', ''), e)
+    return 'stretch'
+
+
+class Policy:
+  """Image + instruction -> action; see the module docstring."""
+
+  def __init__(self, config, params, stats: actions_lib.NormStats | None,
+               action_space: actions_lib.ActionSpace, *, vocab: vocab_lib.Vocab | None = None,
+               step: int | None = None, model_id: str = 'in-memory',
+               batch_buckets: Sequence[int] = DEFAULT_BUCKETS, resize: str | None = None,
+               prompt: str | None = None, seed: int | None = None, **decode_overrides):
+    from rt2_jax.models.vla import VLA
+
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      for key, value in decode_overrides.items():
+        if key not in config.decode:
+          raise ValueError(f'unknown decode option {key!r}; known: {sorted(config.decode)}')
+        config.decode[key] = value
+    if config.decode.mode not in decoding.MODES:
+      raise ValueError(f'unknown decode mode {config.decode.mode!r}; expected one of '
+                       f'{decoding.MODES}')
+    self.params = nn.meta.unbox(params)  # logical-axis boxes from model.init are not needed here
+    self.config, self.stats, self.action_space = config, stats, action_space
+    self.step, self.model_id = step, model_id
+    self.mode = config.decode.mode
+    self.prompt = config.data.prompt if prompt is None else prompt
+    if '{instruction}' not in self.prompt:
+      raise ValueError(f'the prompt must contain {{instruction}}, got {self.prompt!r}')
+    self.max_input_len = int(config.data.max_input_len)
+    self.image_size = int(config.model.image_size)
+    self.resize = resize or _spec_resize(config)
+    if self.resize not in RESIZE_POLICIES:
+      raise ValueError(f'unknown resize policy {self.resize!r}; expected one of {RESIZE_POLICIES}')
+    self.batch_buckets = sorted({int(b) for b in batch_buckets})
+    if not self.batch_buckets or self.batch_buckets[0] < 1:
+      raise ValueError(f'batch_buckets must be positive sizes, got {batch_buckets}')
+
+    if vocab is None:
+      self.vocab, self.action_vocab = vocab_lib.from_config(config, action_space)
+    else:
+      self.vocab = vocab
+      self.action_vocab = vocab_lib.ActionVocab(
+          vocab, action_space, config.vocab.action_scheme, config.actions.num_bins,
+          vocab_size=config.model.vocab_size)
+    self.action_tokenizer = action_space.tokenizer(stats, config.actions.num_bins,
+                                                   config.actions.decode_mode)
+    self.model = VLA(config.model)
+    self.callback = decoding.make_callback(config.decode, self.vocab, self.action_vocab,
+                                           config.model.vocab_size)
+    self.decoder = decoding.Decoder(self.model, self.callback,
+                                    temperature=config.decode.temperature,
+                                    top_k=config.decode.top_k, eos_id=self.vocab.eos_id)
+    self._rng = jax.random.PRNGKey(config.seed if seed is None else seed)
+    self._calls = 0
+    self._warned_truncation = False
+
+  # -------------------------------------------------------------------------------------------
+  # Construction from a checkpoint.
+
+  @classmethod
+  def from_checkpoint(cls, workdir: str | os.PathLike, step: int | None = None,
+                      **kwargs) -> Policy:
+    """Loads params, config, normalization stats and action space; checks the vocabulary."""
+    from rt2_jax import checkpoints
+
+    bundle = checkpoints.restore_for_inference(workdir, step)
+    config = bundle.config
+    vocab = vocab_lib.Vocab.load(config.vocab.path, extra_ids=config.vocab.get('extra_ids', 0))
+    if bundle.vocab_checksum and vocab.checksum != bundle.vocab_checksum:
+      raise ValueError(
+          f'the vocabulary at {vocab.path} (checksum {vocab.checksum}) is not the one checkpoint '
+          f'{workdir} was trained with (checksum {bundle.vocab_checksum}); set config.vocab.path '
+          'to the original SentencePiece model')
+    if bundle.stats is None and any(f.kind == actions_lib.CONTINUOUS and f.bounds != 'spec'
+                                    for f in bundle.action_space.fields):
+      raise ValueError(f'checkpoint {workdir} has no normalization stats, but its action space '
+                       'takes bounds from them')
+    name = os.path.basename(os.path.normpath(os.fspath(workdir)))
+    return cls(config, bundle.params, bundle.stats, bundle.action_space, vocab=vocab,
+               step=bundle.step, model_id=f'{name}@{bundle.step}', **kwargs)
+
+  # -------------------------------------------------------------------------------------------
+  # The pure function export wraps, and its pieces.
+
+  @property
+  def decode_fn(self):
+    """(params, images uint8 [B, S, S, 3], tokens int32 [B, Le], rng) -> tokens [B, L]."""
+    return self.decoder.pure_fn()
+
+  @property
+  def metadata(self) -> PolicyMetadata:
+    return PolicyMetadata(
+        image_size=self.image_size, resize=self.resize,
+        action_names=list(self.action_space.dim_names),
+        action_fields=[dict(name=f.name, width=f.width, kind=f.kind, unit=f.unit)
+                       for f in self.action_space.fields],
+        action_dim=self.action_space.dim, num_action_tokens=self.action_space.num_positions,
+        decode_mode=self.mode, prompt=self.prompt, batch_buckets=list(self.batch_buckets),
+        model_id=self.model_id, step=self.step)
+
+  def tokenize(self, instructions: Sequence[str]) -> np.ndarray:
+    """Instructions -> int32 prompt tokens [B, max_input_len] (0-padded)."""
+    if isinstance(instructions, str):
+      raise TypeError('instructions must be a list of strings, got one string')
+    out = np.zeros((len(instructions), self.max_input_len), np.int32)
+    for i, text in enumerate(instructions):
+      if not isinstance(text, str):
+        raise TypeError(f'instruction {i} must be a string, got {type(text).__name__}')
+      if not text.strip():
+        raise ValueError(f'instruction {i} is empty')
+      ids = self.vocab.encode(self.prompt.format(instruction=text.strip()))
+      if len(ids) > self.max_input_len:
+        if not self._warned_truncation:
+          log.warning('prompt of %d tokens cut to data.max_input_len=%d: %r', len(ids),
+                      self.max_input_len, text)
+          self._warned_truncation = True
+        ids = ids[:self.max_input_len]
+      out[i, :len(ids)] = ids
+    return out
+
+  def preprocess_images(self, images) -> np.ndarray:
+    """uint8 [B, H, W, 3] (or a list of [H, W, 3]) -> uint8 [B, S, S, 3], resized if needed."""
+    if isinstance(images, list | tuple):
+      images = [self._check_image(im, i) for i, im in enumerate(images)]
+    else:
+      images = np.asarray(images)
+      if images.ndim != 4:
+        raise ValueError(f'images must be uint8 [B, H, W, 3], got shape {images.shape}')
+      images = [self._check_image(im, i) for i, im in enumerate(images)]
+    return np.stack([resize_image(im, self.image_size, self.resize) for im in images])
+
+  @staticmethod
+  def _check_image(image, index: int) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+      raise TypeError(f'image {index} must be uint8 in 0..255, got dtype {image.dtype} '
+                      '(convert with (x * 255).round().astype(np.uint8) if it is 0..1 floats)')
+    if image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f'image {index} must be [H, W, 3] RGB, got shape {image.shape}')
+    if min(image.shape[:2]) < 1:
+      raise ValueError(f'image {index} is empty: shape {image.shape}')
+    return image
+
+  def outputs_from_tokens(self, tokens) -> list[PolicyOutput]:
+    """Decoded tokens [B, L] -> one PolicyOutput per row."""
+    return [self._parse(ids) for ids in decoding.split_output(tokens, self.vocab.eos_id)]
+
+  def _parse(self, ids: np.ndarray) -> PolicyOutput:
+    ids = np.asarray(ids, np.int32)
+    text = self.vocab.decode(ids)
+    if self.mode == 'text':
+      return PolicyOutput(action={}, vector=np.zeros((0,), np.float32), tokens=ids, text=text,
+                          plan='')
+    num = self.action_space.num_positions
+    if ids.shape[0] < num:
+      raise RuntimeError(f'decoded {ids.shape[0]} tokens, fewer than the {num} action tokens')
+    action_ids = ids[-num:]
+    plan = ''
+    if self.mode == 'plan_then_action':
+      callback = self.callback
+      plan_ids = ids[len(callback.prefix_ids):ids.shape[0] - num - len(callback.delimiter_ids)]
+      plan = self.vocab.decode(plan_ids).strip()
+    bins = self.action_vocab.ids_to_bins(action_ids)
+    vector = np.asarray(self.action_tokenizer.decode(bins), np.float32)
+    action = {k: np.asarray(v, np.float32) for k, v in self.action_space.unflatten(vector).items()}
+    return PolicyOutput(action=action, vector=vector, tokens=action_ids, text=text, plan=plan)
+
+  # -------------------------------------------------------------------------------------------
+  # Calls.
+
+  def __call__(self, image, instruction: str, rng=None) -> PolicyOutput:
+    if not isinstance(instruction, str):
+      raise TypeError(f'instruction must be a string, got {type(instruction).__name__}')
+    image = np.asarray(image)
+    if image.ndim == 4:
+      raise ValueError(f'policy(image, instruction) takes one [H, W, 3] image, got shape '
+                       f'{image.shape}; use policy.batch for a batch')
+    return self.batch([image], [instruction], rng=rng)[0]
+
+  def batch(self, images, instructions: Sequence[str], rng=None) -> list[PolicyOutput]:
+    """B images and instructions -> B outputs; one compiled call per bucket of batch sizes."""
+    images = self.preprocess_images(images)
+    tokens = self.tokenize(instructions)
+    if images.shape[0] != tokens.shape[0]:
+      raise ValueError(f'got {images.shape[0]} images but {tokens.shape[0]} instructions')
+    if images.shape[0] == 0:
+      return []
+    if rng is None:
+      rng = jax.random.fold_in(self._rng, self._calls)
+      self._calls += 1
+    outputs, largest = [], self.batch_buckets[-1]
+    for start in range(0, images.shape[0], largest):
+      chunk_images, chunk_tokens = images[start:start + largest], tokens[start:start + largest]
+      n = chunk_images.shape[0]
+      padded = _bucket(n, self.batch_buckets)
+      if padded > n:  # padding rows repeat the first example; their outputs are dropped
+        chunk_images = np.concatenate([chunk_images, np.repeat(chunk_images[:1], padded - n, 0)])
+        chunk_tokens = np.concatenate([chunk_tokens, np.repeat(chunk_tokens[:1], padded - n, 0)])
+      out = self.decoder(self.params, jnp.asarray(chunk_images), jnp.asarray(chunk_tokens),
+                         jax.random.fold_in(rng, start))
+      outputs += self.outputs_from_tokens(np.asarray(out)[:n])
+    return outputs
+
+  def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
+    """Compiles the decode for every bucket (serving does this before taking requests)."""
+    s = self.image_size
+    for b in batch_sizes or self.batch_buckets:
+      self.batch(np.zeros((b, s, s, 3), np.uint8), ['warm up'] * b)
+

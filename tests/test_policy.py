@@ -1,0 +1,188 @@
+"""Policy: image + instruction -> action in real units; buckets, validation, checkpoints, export."""
+
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rt2_jax import actions as actions_lib
+from rt2_jax import checkpoints, config_flags
+from rt2_jax import vocab as vocab_lib
+from rt2_jax.data.spec import load_spec
+from rt2_jax.models.vla import VLA
+from rt2_jax.policy import Policy, PolicyOutput, resize_image
+
+SPACE = load_spec('bridge_dataset').action_space  # xyz/rpy bounds from the stats' q01..q99
+INSTRUCTIONS = ['put the spoon in the pot', 'open the drawer', 'pick up the cup']
+
+
+def _config():
+  cfg = config_flags.load_config('configs/tiny.py')
+  cfg.unlock()
+  cfg.model.image_size = 32
+  cfg.model.vocab_size = 896
+  cfg.model.vit.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+  cfg.model.t5.update(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
+                      num_encoder_layers=2, num_decoder_layers=2)
+  cfg.data.max_input_len = 24
+  cfg.decode.max_plan_len = 5
+  return cfg
+
+
+def _stats():
+  rng = np.random.RandomState(0)
+  acts = np.concatenate([rng.normal(0, 0.01, (500, 3)), rng.normal(0, 0.1, (500, 3)),
+                         rng.randint(0, 2, (500, 1))], axis=1)
+  return actions_lib.NormStats.compute(acts)
+
+
+def _images(n, size=32, seed=0):
+  return np.random.RandomState(seed).randint(0, 256, (n, size, size, 3)).astype(np.uint8)
+
+
+@pytest.fixture(scope='module')
+def parts():
+  cfg = _config()
+  model = VLA(cfg.model)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), _images(1), np.ones((1, 24), np.int32),
+                                  np.zeros((1, 4), np.int32))
+  return cfg, nn.meta.unbox(variables['params']), _stats()
+
+
+@pytest.fixture(scope='module')
+def policy(parts):
+  cfg, params, stats = parts
+  return Policy(cfg, params, stats, SPACE, batch_buckets=(1, 4))
+
+
+def test_one_call_gives_an_action_in_real_units(policy, parts):
+  _, _, stats = parts
+  out = policy(_images(1)[0], 'put the spoon in the pot')
+  assert isinstance(out, PolicyOutput)
+  assert set(out.action) == {'xyz_delta', 'rpy_delta', 'gripper'}
+  assert out.vector.shape == (7,) and out.vector.dtype == np.float32
+  assert out.action['xyz_delta'].shape == (3,)
+  np.testing.assert_array_equal(np.concatenate(list(out.action.values())), out.vector)
+  lo, hi = np.asarray(stats.q01), np.asarray(stats.q99)
+  assert (out.vector[:6] >= lo[:6] - 1e-6).all() and (out.vector[:6] <= hi[:6] + 1e-6).all()
+  assert 0.0 <= out.vector[6] <= 1.0
+  assert out.tokens.shape == (7,) and out.plan == ''
+  bins = policy.action_vocab.ids_to_bins(out.tokens)
+  assert out.text == policy.action_vocab.to_text(bins)
+
+
+def test_batch_pads_to_buckets_and_matches_single_calls(policy):
+  images = _images(3, seed=1)
+  outs = policy.batch(images, INSTRUCTIONS)
+  assert len(outs) == 3
+  more = policy.batch(np.concatenate([images, images[:1]]), INSTRUCTIONS + INSTRUCTIONS[:1])
+  for i in range(3):
+    single = policy(images[i], INSTRUCTIONS[i])
+    np.testing.assert_array_equal(single.tokens, outs[i].tokens)
+    np.testing.assert_array_equal(more[i].vector, outs[i].vector)
+  # Batches of 1, 3 and 4 used two compiled shapes (buckets 1 and 4), not three.
+  assert policy.decoder._decode._cache_size() == 2
+  # Larger than the largest bucket: split into bucket-sized calls.
+  many = policy.batch(_images(6, seed=1), INSTRUCTIONS * 2)
+  assert [o.tokens.tolist() for o in many[:3]] == [o.tokens.tolist() for o in outs]
+  assert policy.decoder._decode._cache_size() == 2
+
+
+def test_other_image_sizes_are_resized(policy):
+  big = _images(1, size=80, seed=2)[0]
+  out = policy(big, 'open the drawer')
+  expected = policy(resize_image(big, 32, policy.resize), 'open the drawer')
+  np.testing.assert_array_equal(out.tokens, expected.tokens)
+  wide = np.zeros((20, 60, 3), np.uint8)
+  assert resize_image(wide, 32, 'pad').shape == (32, 32, 3)
+  assert resize_image(wide, 32, 'center_crop').shape == (32, 32, 3)
+
+
+def test_bad_inputs_fail_clearly(policy, parts):
+  image = _images(1)[0]
+  with pytest.raises(TypeError, match='uint8'):
+    policy(image.astype(np.float32) / 255, 'open the drawer')
+  with pytest.raises(ValueError, match=r'\[H, W, 3\]'):
+    policy(image[..., :1], 'open the drawer')
+  with pytest.raises(ValueError, match='empty'):
+    policy(image, '   ')
+  with pytest.raises(TypeError, match='string'):
+    policy(image, None)
+  with pytest.raises(ValueError, match='policy.batch'):
+    policy(image[None], 'open the drawer')
+  with pytest.raises(ValueError, match='2 images but 1 instructions'):
+    policy.batch(_images(2), ['open the drawer'])
+  cfg, params, stats = parts
+  with pytest.raises(ValueError, match="unknown decode option 'max_plan'"):
+    Policy(cfg, params, stats, SPACE, max_plan=3)
+  with pytest.raises(ValueError, match='decode mode'):
+    Policy(cfg, params, stats, SPACE, mode='beam')
+
+
+def test_plan_then_action(parts):
+  cfg, params, stats = parts
+  policy = Policy(cfg, params, stats, SPACE, mode='plan_then_action', temperature=1.0)
+  for out in policy.batch(_images(3, seed=3), INSTRUCTIONS):
+    assert out.text.startswith('Plan:') and 'Action:' in out.text
+    assert out.plan and 'Action:' not in out.plan
+    assert out.vector.shape == (7,) and out.tokens.shape == (7,)
+    policy.action_vocab.ids_to_bins(out.tokens)
+
+
+def test_text_mode(parts):
+  cfg, params, stats = parts
+  policy = Policy(cfg, params, stats, SPACE, mode='text', prompt='Question: {instruction}')
+  out = policy(_images(1)[0], 'what is on the table?')
+  assert out.action == {} and out.vector.shape == (0,)
+  assert out.text == policy.vocab.decode(out.tokens)
+
+
+def test_from_checkpoint_equals_in_memory(tmp_path, policy, parts):
+  cfg, params, stats = parts
+  vocab = vocab_lib.Vocab.load(cfg.vocab.path)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / 'run'), async_save=False)
+  ckpt.save(7, {'params': params, 'step': 7}, None,
+            checkpoints.make_meta(cfg, stats, SPACE, vocab))
+  ckpt.close()
+  loaded = Policy.from_checkpoint(tmp_path / 'run', batch_buckets=(1, 4))
+  assert loaded.step == 7 and loaded.metadata.model_id == 'run@7'
+  images = _images(3, seed=4)
+  for a, b in zip(loaded.batch(images, INSTRUCTIONS), policy.batch(images, INSTRUCTIONS),
+                  strict=True):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.vector, b.vector)
+  meta = loaded.metadata
+  assert meta.image_size == 32 and meta.action_dim == 7 and meta.num_action_tokens == 7
+  assert meta.action_names[:3] == ['xyz_delta[0]', 'xyz_delta[1]', 'xyz_delta[2]']
+
+  other = types.SimpleNamespace(path='elsewhere.model', checksum='0123456789abcdef',
+                                vocab_size=vocab.vocab_size)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / 'other'), async_save=False)
+  ckpt.save(1, {'params': params, 'step': 1}, None,
+            checkpoints.make_meta(cfg, stats, SPACE, other))
+  ckpt.close()
+  with pytest.raises(ValueError, match='not the one checkpoint'):
+    Policy.from_checkpoint(tmp_path / 'other')
+
+
+def test_decode_fn_exports_with_a_polymorphic_batch(policy):
+  """What export needs: jax.export of decode_fn with a symbolic batch, no host callbacks."""
+  fn = jax.jit(policy.decode_fn)
+  (batch,) = jax.export.symbolic_shape('b')
+  shapes = (
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), policy.params),
+      jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.uint8),
+      jax.ShapeDtypeStruct((batch, 24), jnp.int32),
+      jax.ShapeDtypeStruct((2,), jnp.uint32))
+  exported = jax.export.export(fn)(*shapes)
+  text = exported.mlir_module()
+  assert 'callback' not in text  # no host callbacks: jax2tf and TF Serving can run it
+  images = policy.preprocess_images(_images(2, seed=5))
+  tokens = policy.tokenize(INSTRUCTIONS[:2])
+  rng = jax.random.PRNGKey(0)
+  np.testing.assert_array_equal(
+      np.asarray(exported.call(policy.params, images, tokens, rng)),
+      np.asarray(policy.decoder(policy.params, images, tokens, rng)))
