@@ -34,6 +34,9 @@ def get_config(arg=None):
   c.model.vit = ml_collections.ConfigDict(dict(
       patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512,
       posemb='learn',  # 'learn' | 'sincos2d'
+      mlp_activation='gelu_tanh',  # SigLIP / big_vision; 'gelu_exact' for HF ViT checkpoints
+      layer_norm_epsilon=1e-6,
+      dropout_rate=0.0,
   ))
   c.model.t5 = ml_collections.ConfigDict(dict(
       emb_dim=128, num_heads=4, head_dim=32, mlp_dim=512,

@@ -1,0 +1,163 @@
+"""Convert Hugging Face T5 + SigLIP/ViT checkpoints into a VLA parameter checkpoint.
+
+  python -m rt2_jax.weights.convert --t5=DIR --vit=DIR --config=configs/rt2_pali_3b.py --out=OUT
+  python -m rt2_jax.train --config=configs/rt2_pali_3b.py --config.init_from=OUT ...
+
+DIRs are `save_pretrained` folders (config.json + *.safetensors; read without torch). Every
+parameter of the model must come from a checkpoint, except the image projection (no pretrained
+source) and vocabulary rows beyond the checkpoint's, which are initialised and reported by
+name. Shape or config mismatches, missing and unexpected arrays fail with their names.
+
+OUT/params is an orbax checkpoint of the plain nested dict of float32 arrays
+({'vit', 'image_projection', 'lm'}); OUT/convert_meta.json records sources and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import flags
+
+from rt2_jax import config_flags
+from rt2_jax.models import summary
+from rt2_jax.models.vla import ImageProjection, configs_from_model_config
+from rt2_jax.weights import hf_t5, hf_vision
+from rt2_jax.weights.report import ConversionError, Report
+from rt2_jax.weights.safetensors_io import SafetensorsFolder, read_config
+
+PARAMS_DIR = 'params'
+META_FILE = 'convert_meta.json'
+
+
+def _flatten(tree, prefix=''):
+  for key, value in tree.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, dict):
+      yield from _flatten(value, path + '/')
+    else:
+      yield path, value
+
+
+def _merge(dst: dict, src: dict):
+  for key, value in src.items():
+    if isinstance(value, dict):
+      _merge(dst.setdefault(key, {}), value)
+    else:
+      dst[key] = value
+
+
+def init_image_projection(model_cfg, seed: int) -> dict:
+  """Fresh parameters of the image projection, as the model itself would initialise them."""
+  vit_cfg, t5_cfg = configs_from_model_config(model_cfg)
+  module = ImageProjection(t5_cfg.emb_dim)
+  variables = module.init(jax.random.key(seed), jnp.zeros((1, 1, vit_cfg.width), jnp.float32))
+  return jax.tree.map(np.asarray, nn.meta.unbox(variables['params']))
+
+
+def convert(model_cfg, t5_dir: str, vit_dir: str, seed: int = 0, log=print):
+  """-> (params nested dict of float32 numpy arrays, Report). Raises ConversionError."""
+  vit_cfg, t5_cfg = configs_from_model_config(model_cfg)
+  report, params = Report(), {}
+  log(f'reading T5 checkpoint {t5_dir}')
+  _merge(params, hf_t5.convert(SafetensorsFolder(t5_dir), read_config(t5_dir), t5_cfg, report,
+                               seed))
+  log(f'reading vision checkpoint {vit_dir}')
+  _merge(params, hf_vision.convert(SafetensorsFolder(vit_dir), read_config(vit_dir), vit_cfg,
+                                   report))
+  params['image_projection'] = init_image_projection(model_cfg, seed)
+  for path, _ in _flatten(params['image_projection'], 'image_projection/'):
+    report.new[path] = 'no pretrained source (ViT width -> T5 width)'
+
+  # Completeness against the model's own parameter shapes (from eval_shape: no allocation).
+  expected = {i.path: i.shape for i in summary.param_infos(model_cfg)}
+  got = dict(_flatten(params))
+  for path in sorted(set(expected) - set(got)):
+    report.errors.append(f'missing: model parameter {path} {expected[path]} has no source')
+  for path in sorted(set(got) - set(expected)):
+    report.errors.append(f'unexpected: converted array {path} is not a model parameter')
+  for path in sorted(set(got) & set(expected)):
+    if tuple(got[path].shape) != tuple(expected[path]):
+      report.errors.append(f'shape: {path} converted as {tuple(got[path].shape)}, the model '
+                           f'needs {tuple(expected[path])}')
+  if report.errors:
+    raise ConversionError('weight conversion failed:\n' + report.summary())
+  return params, report
+
+
+def save(out_dir: str, params: dict, meta: dict):
+  out_dir = os.path.abspath(out_dir)
+  path = os.path.join(out_dir, PARAMS_DIR)
+  if os.path.exists(path):
+    raise FileExistsError(f'{path} exists: choose a new --out directory')
+  os.makedirs(out_dir, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, params)
+  checkpointer.wait_until_finished()
+  with open(os.path.join(out_dir, META_FILE), 'w') as f:
+    json.dump(meta, f, indent=1, sort_keys=True)
+
+
+def load_converted(out_dir: str, target=None) -> dict:
+  """Params written by `convert` ({'vit', 'image_projection', 'lm'}).
+
+  target: optional abstract tree (jax.ShapeDtypeStruct with `sharding`) to restore straight
+  into sharded device arrays; without it, arrays come back as host numpy arrays.
+  """
+  path = os.path.join(os.path.abspath(out_dir), PARAMS_DIR)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{out_dir} has no {PARAMS_DIR}/: not a converted checkpoint '
+                            f'(python -m rt2_jax.weights.convert ... --out={out_dir})')
+  checkpointer = ocp.StandardCheckpointer()
+  if target is not None:
+    return checkpointer.restore(path, target)
+  metadata = checkpointer.metadata(path)
+  tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+  abstract = jax.tree.map(
+      lambda m: np.zeros(m.shape, m.dtype), tree,
+      is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
+  return checkpointer.restore(path, abstract)
+
+
+def read_meta(out_dir: str) -> dict:
+  with open(os.path.join(out_dir, META_FILE)) as f:
+    return json.load(f)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  start = time.time()
+  try:
+    params, report = convert(config.model, _T5.value, _VIT.value, _SEED.value)
+  except (ConversionError, FileNotFoundError, ValueError) as e:
+    sys.stderr.write(f'{e}\n')
+    sys.exit(1)
+  print(report.summary(), flush=True)
+  total = sum(v.size for _, v in _flatten(params))
+  meta = dict(t5_dir=os.path.abspath(_T5.value), vit_dir=os.path.abspath(_VIT.value),
+              t5_config=read_config(_T5.value), vit_config=read_config(_VIT.value),
+              model_config=json.loads(config.model.to_json_best_effort()), seed=_SEED.value,
+              num_params=int(total), report=report.to_json(),
+              created=time.strftime('%Y-%m-%dT%H:%M:%S'))
+  print(f'writing {total:,} parameters to {_OUT.value}/{PARAMS_DIR}', flush=True)
+  save(_OUT.value, params, meta)
+  print(f'done in {time.time() - start:.1f}s: train with --config.init_from={_OUT.value}')
+
+
+if __name__ == '__main__':
+  _CONFIG = config_flags.define_config()
+  _T5 = flags.DEFINE_string('t5', None, 'HF T5 / Flan-T5 / UL2 / mT5 checkpoint folder.',
+                            required=True)
+  _VIT = flags.DEFINE_string('vit', None, 'HF SigLIP or ViT checkpoint folder.', required=True)
+  _OUT = flags.DEFINE_string('out', None, 'Output directory (must not exist yet).',
+                             required=True)
+  _SEED = flags.DEFINE_integer('seed', 0, 'Seed for the newly initialised arrays.')
+  config_flags.run(main)

@@ -1,0 +1,168 @@
+"""Hugging Face SigLIP / ViT vision towers -> our `vit` parameter subtree.
+
+SigLIP (SiglipVisionModel, or the vision half of SiglipModel / PaliGemma) maps one to one:
+patch conv [W, 3, p, p] -> [p, p, 3, W], position embeddings [N, W], pre-LN blocks, the final
+`post_layernorm`. The attention-pooling head is not used (the VLA takes every patch token).
+HF ViT (ViTModel): the class token and its position embedding are dropped.
+Position embeddings are resized (bilinear, as big_vision) when the grid differs.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from rt2_jax.models.vit import ViTConfig
+from rt2_jax.weights.report import Report, Source, put
+
+_ACTIVATIONS = {'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh', 'gelu_fast': 'gelu_tanh',
+                'gelu': 'gelu_exact', 'relu': 'relu', 'silu': 'silu'}
+
+# Per-format key names: (patch conv, position embedding, layers, final norm, block sub-keys).
+_FORMATS = {
+    'siglip': dict(
+        anchor='embeddings.patch_embedding.weight', patch='embeddings.patch_embedding',
+        posemb='embeddings.position_embedding.weight', layer='encoder.layers.{i}.',
+        final_norm='post_layernorm', norm1='layer_norm1', norm2='layer_norm2',
+        q='self_attn.q_proj', k='self_attn.k_proj', v='self_attn.v_proj',
+        o='self_attn.out_proj', fc1='mlp.fc1', fc2='mlp.fc2'),
+    'vit': dict(
+        anchor='embeddings.patch_embeddings.projection.weight',
+        patch='embeddings.patch_embeddings.projection', posemb='embeddings.position_embeddings',
+        layer='encoder.layer.{i}.', final_norm='layernorm', norm1='layernorm_before',
+        norm2='layernorm_after', q='attention.attention.query', k='attention.attention.key',
+        v='attention.attention.value', o='attention.output.dense', fc1='intermediate.dense',
+        fc2='output.dense'),
+}
+
+
+def _vision_config(hf: dict) -> dict:
+  return hf.get('vision_config', hf)  # SiglipModel / PaliGemma nest it
+
+
+def detect_format(tensors) -> tuple[str, str]:
+  """-> (format, key prefix) from the tensor names."""
+  for fmt, keys in _FORMATS.items():
+    for key in tensors:
+      if key.endswith(keys['anchor']):
+        return fmt, key[:-len(keys['anchor'])]
+  raise ValueError('not a SigLIP or ViT checkpoint: no tensor named *'
+                   + ' or *'.join(k['anchor'] for k in _FORMATS.values()))
+
+
+def settings_from_hf(hf: dict) -> dict:
+  """`model.vit` keys (plus 'image_size') that reproduce an HF vision config.json."""
+  v = _vision_config(hf)
+  act = v.get('hidden_act', 'gelu_pytorch_tanh')
+  if act not in _ACTIVATIONS:
+    raise ValueError(f'unsupported vision hidden_act {act!r}; known: {sorted(_ACTIVATIONS)}')
+  default_eps = 1e-12 if v.get('model_type') == 'vit' else 1e-6
+  return dict(image_size=v['image_size'], patch_size=v['patch_size'], width=v['hidden_size'],
+              depth=v['num_hidden_layers'], num_heads=v['num_attention_heads'],
+              mlp_dim=v['intermediate_size'], posemb='learn',
+              mlp_activation=_ACTIVATIONS[act],
+              layer_norm_epsilon=v.get('layer_norm_eps', default_eps))
+
+
+def check_config(hf: dict, cfg: ViTConfig, report: Report):
+  for key, theirs in settings_from_hf(hf).items():
+    ours = getattr(cfg, key)
+    if key == 'image_size':
+      continue  # position embeddings are resized
+    if key == 'layer_norm_epsilon':
+      if not np.isclose(theirs, ours, rtol=1e-3):
+        report.errors.append(f'ViT: layer_norm_eps {theirs} in the checkpoint, model.vit has '
+                             f'layer_norm_epsilon={ours}')
+    elif theirs != ours:
+      report.errors.append(f'ViT: {key} is {theirs!r} in the checkpoint but model.vit.{key} is '
+                           f'{ours!r}')
+
+
+def resize_posemb(posemb: np.ndarray, grid: int) -> np.ndarray:
+  """[g0*g0, W] -> [grid*grid, W], bilinear on the 2-D grid."""
+  g0 = int(round(np.sqrt(posemb.shape[0])))
+  if g0 * g0 != posemb.shape[0]:
+    raise ValueError(f'position embeddings of length {posemb.shape[0]} are not a square grid')
+  if g0 == grid:
+    return posemb
+  width = posemb.shape[1]
+  resized = jax.image.resize(posemb.reshape(g0, g0, width), (grid, grid, width), 'bilinear')
+  return np.asarray(resized, np.float32).reshape(grid * grid, width)
+
+
+def convert(tensors, hf_config: dict, cfg: ViTConfig, report: Report) -> dict:
+  """-> {'vit': ...}: our vision-tower parameters as nested float32 numpy arrays."""
+  fmt, prefix = detect_format(tensors)
+  names = _FORMATS[fmt]
+  check_config(hf_config, cfg, report)
+  if cfg.posemb != 'learn':
+    report.errors.append(f"ViT: model.vit.posemb is {cfg.posemb!r}; checkpoints have learned "
+                         f"position embeddings ('learn')")
+  src = Source(tensors, prefix, report, 'ViT')
+  w, h, p, f = cfg.width, cfg.num_heads, cfg.patch_size, cfg.mlp_dim
+  d = w // h
+  tree: dict = {}
+
+  def key_of(k):
+    return prefix + k
+
+  kernel = src.take(names['patch'] + '.weight', (w, 3, p, p))
+  put(tree, 'vit/patch_embedding', None if kernel is None else kernel.transpose(2, 3, 1, 0),
+      report, key_of(names['patch'] + '.weight'))
+  put(tree, 'vit/patch_bias', src.take(names['patch'] + '.bias', (w,)), report,
+      key_of(names['patch'] + '.bias'))
+  pos = src.take(names['posemb'])
+  if pos is not None:
+    if fmt == 'vit':  # [1, 1 + N, W]: drop the class token's position
+      pos = pos.reshape(-1, pos.shape[-1])[1:]
+      if src.has('embeddings.cls_token'):
+        src.mark_used('embeddings.cls_token')
+        report.notes.append(f'{key_of("embeddings.cls_token")} and its position embedding are '
+                            f'not used (the VLA keeps every patch token)')
+    if pos.shape[-1] != w:
+      report.errors.append(f'ViT: {key_of(names["posemb"])} has width {pos.shape[-1]}, '
+                           f'model.vit.width is {w}')
+      pos = None
+    else:
+      n0 = pos.shape[0]
+      pos = resize_posemb(pos, cfg.grid)
+      if n0 != cfg.num_patches:
+        report.notes.append(f'vit/pos_embedding resized from {n0} to {cfg.num_patches} '
+                            f'positions (image {cfg.image_size}px, patch {p})')
+  if cfg.posemb == 'learn':
+    put(tree, 'vit/pos_embedding', pos, report, key_of(names['posemb']))
+
+  for i in range(cfg.depth):
+    ours, theirs = f'vit/block_{i}', names['layer'].format(i=i)
+    for norm, key in (('norm1', names['norm1']), ('norm2', names['norm2'])):
+      put(tree, f'{ours}/{norm}/scale', src.take(f'{theirs}{key}.weight', (w,)), report,
+          key_of(f'{theirs}{key}.weight'))
+      put(tree, f'{ours}/{norm}/bias', src.take(f'{theirs}{key}.bias', (w,)), report,
+          key_of(f'{theirs}{key}.bias'))
+    for proj in ('query', 'key', 'value'):
+      key = theirs + names[proj[0]]
+      k = src.take(key + '.weight', (w, w))
+      put(tree, f'{ours}/attention/{proj}/kernel', None if k is None else k.T.reshape(w, h, d),
+          report, key_of(key + '.weight'))
+      b = src.take(key + '.bias', (w,))
+      put(tree, f'{ours}/attention/{proj}/bias', None if b is None else b.reshape(h, d), report,
+          key_of(key + '.bias'))
+    key = theirs + names['o']
+    k = src.take(key + '.weight', (w, w))
+    put(tree, f'{ours}/attention/out/kernel', None if k is None else k.T.reshape(h, d, w), report,
+        key_of(key + '.weight'))
+    put(tree, f'{ours}/attention/out/bias', src.take(key + '.bias', (w,)), report,
+        key_of(key + '.bias'))
+    for fc, shape in (('fc1', (f, w)), ('fc2', (w, f))):
+      key = theirs + names[fc]
+      k = src.take(key + '.weight', shape)
+      put(tree, f'{ours}/mlp/{fc}/kernel', None if k is None else k.T, report,
+          key_of(key + '.weight'))
+      put(tree, f'{ours}/mlp/{fc}/bias', src.take(key + '.bias', (shape[0],)), report,
+          key_of(key + '.bias'))
+  norm = names['final_norm']
+  put(tree, 'vit/encoder_norm/scale', src.take(norm + '.weight', (w,)), report,
+      key_of(norm + '.weight'))
+  put(tree, 'vit/encoder_norm/bias', src.take(norm + '.bias', (w,)), report, key_of(norm + '.bias'))
+  src.finish()
+  return tree
