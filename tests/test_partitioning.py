@@ -50,14 +50,17 @@ def _inputs(batch=4):
   return images, enc, dec
 
 
-def test_sharded_forward_equals_unsharded():
+def _mesh_and_shardings(model, inputs):
   assert jax.device_count() >= 8, 'tests/conftest.py should provide 8 CPU devices'
-  model, (images, enc, dec) = _model(), _inputs()
   mesh = partitioning.make_mesh(_mesh_cfg(2, 2, 2))
-  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'model': 2}
+  abstract = jax.eval_shape(model.init, jax.random.key(0), *inputs)
+  return mesh, partitioning.shardings_for(abstract, mesh)
 
-  abstract = jax.eval_shape(model.init, jax.random.key(0), images, enc, dec)
-  shardings = partitioning.shardings_for(abstract, mesh)
+
+def test_parameter_shardings_follow_the_rules():
+  model = _model()
+  mesh, shardings = _mesh_and_shardings(model, _inputs())
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'model': 2}
   params_sh = shardings['params']
   assert params_sh['lm']['token_embedder'].spec == P('model', 'fsdp')
   assert params_sh['lm']['logits_dense'].spec == P('fsdp', 'model')
@@ -68,6 +71,11 @@ def test_sharded_forward_equals_unsharded():
   assert attn['query']['kernel'].spec == P('fsdp', 'model', None)
   assert attn['query']['bias'].spec == P('model', None)
 
+
+@pytest.mark.slow
+def test_sharded_forward_equals_unsharded():
+  model, (images, enc, dec) = _model(), _inputs()
+  mesh, shardings = _mesh_and_shardings(model, (images, enc, dec))
   variables = jax.jit(model.init)(jax.random.key(0), images, enc, dec)
   expected = jax.jit(model.apply)(variables, images, enc, dec)
 

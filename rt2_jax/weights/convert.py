@@ -72,6 +72,9 @@ def convert(model_cfg, t5_dir: str, vit_dir: str, seed: int = 0, log=print):
   log(f'reading vision checkpoint {vit_dir}')
   _merge(params, hf_vision.convert(SafetensorsFolder(vit_dir), read_config(vit_dir), vit_cfg,
                                    report))
+  if report.errors:
+    raise ConversionError('weight conversion failed:\n' + '\n'.join(
+        f'ERROR {e}' for e in report.errors) + '\n' + _suggest(model_cfg, t5_dir, vit_dir))
   params['image_projection'] = init_image_projection(model_cfg, seed)
   for path, _ in _flatten(params['image_projection'], 'image_projection/'):
     report.new[path] = 'no pretrained source (ViT width -> T5 width)'
@@ -90,6 +93,24 @@ def convert(model_cfg, t5_dir: str, vit_dir: str, seed: int = 0, log=print):
   if report.errors:
     raise ConversionError('weight conversion failed:\n' + report.summary())
   return params, report
+
+
+def _suggest(model_cfg, t5_dir: str, vit_dir: str) -> str:
+  """The config overrides that make model.t5 / model.vit match the checkpoints."""
+  flags_ = []
+  t5 = hf_t5.settings_from_hf(read_config(t5_dir))
+  vit = hf_vision.settings_from_hf(read_config(vit_dir))
+  vit.pop('image_size')  # position embeddings are resized to model.image_size
+  vocab = t5.pop('vocab_size')
+  if vocab > model_cfg.vocab_size:
+    flags_.append(f'--config.model.vocab_size={vocab}')
+  for block, settings in (('t5', t5), ('vit', vit)):
+    for key, value in settings.items():
+      ours = model_cfg[block].get(key)
+      if (tuple(ours) if isinstance(ours, (list, tuple)) else ours) != value:
+        flags_.append(f'--config.model.{block}.{key}={value!r}' if isinstance(value, tuple)
+                      else f'--config.model.{block}.{key}={value}')
+  return ('overrides that match the checkpoints: ' + ' '.join(flags_)) if flags_ else ''
 
 
 def save(out_dir: str, params: dict, meta: dict):

@@ -107,7 +107,10 @@ def _embedding_rows(table: np.ndarray | None, vocab: int, path: str, report: Rep
 
 def convert(tensors, hf_config: dict, cfg: T5Config, report: Report, seed: int = 0) -> dict:
   """-> {'lm': ...}: our language-model parameters as nested float32 numpy arrays."""
+  num_errors = len(report.errors)
   check_config(hf_config, cfg, report)
+  if len(report.errors) > num_errors:  # architecture differs: per-tensor errors would be noise
+    return {}
   src = Source(tensors, _prefix(tensors), report, 'T5')
   rng = np.random.default_rng(seed)
   tree: dict = {}
