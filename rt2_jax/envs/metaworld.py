@@ -30,7 +30,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -506,15 +506,17 @@ class EpisodeResult:
 
 def run_episodes(episodes: Sequence[EpisodeSpec], actor: Callable, *, num_envs: int = 8,
                  workers: int = 1, max_steps: int = 150,
-                 render: RenderSettings | None = RenderSettings(), record: int = 0,
-                 progress: bool = True, desc: str = '') -> list[EpisodeResult]:
+                 render: RenderSettings | None = RenderSettings(),
+                 record: int | Collection[int] = 0, progress: bool = True,
+                 desc: str = '') -> list[EpisodeResult]:
   """Runs `episodes` with `num_envs` environments stepping together.
 
   `actor(ActorInput) -> (actions float32[B, 4], terminate bool[B])` is called once per step with
   exactly `num_envs` rows (finished slots repeat a live row, so a compiled policy sees one batch
   shape). Actors with `needs_images = False` run without rendering. Environments live in
   `workers` processes (0 = this process; see rt2_jax/envs/worker.py for why that is unsafe next
-  to TensorFlow). `record`: keep the frames of the first `record` episodes.
+  to TensorFlow). `record`: keep the frames of the first `record` episodes (or of the episodes
+  whose indices it lists).
   """
   from tqdm.auto import tqdm
 
@@ -523,6 +525,7 @@ def run_episodes(episodes: Sequence[EpisodeSpec], actor: Callable, *, num_envs: 
   for ep in episodes:
     check_task(ep.task)
   render = render if getattr(actor, 'needs_images', True) else None
+  record = set(range(record)) if isinstance(record, int) else set(record)
   num_envs = min(num_envs, max(1, len(episodes)))
   queue = list(enumerate(episodes))
   results: list[EpisodeResult | None] = [None] * len(episodes)
@@ -541,7 +544,7 @@ def run_episodes(episodes: Sequence[EpisodeSpec], actor: Callable, *, num_envs: 
       calls.append((slot, 'slot_reset', (spec.task, spec.seed, render, max_steps)))
       started.append((slot, index, spec))
     for (slot, index, spec), ts in zip(started, runner.call(calls)):
-      frames = [ts.image] if index < record and ts.image is not None else None
+      frames = [ts.image] if index in record and ts.image is not None else None
       slots[slot] = dict(index=index, spec=spec, ts=ts, steps=0, first=-1, frames=frames)
 
   def finish(slot: int, terminated: bool):

@@ -1,0 +1,519 @@
+"""Evaluate a checkpoint: offline metrics on held-out data and closed-loop Meta-World success.
+
+  python -m rt2_jax.evaluate --workdir=DIR [--checkpoint=STEP] [--config=configs/NAME.py] \
+      [--config.eval.episodes=10] [--name=default]
+
+Without --config the run's own config (stored in the checkpoint) says what to evaluate; with it,
+its `eval`, `metaworld` and `data` blocks do (the model always comes from the checkpoint).
+
+Offline (teacher-free: the deployed greedy, action-constrained decode):
+  robot: held-out steps of `data.robot` (the spec's eval split): action-token accuracy per
+    position, per-dimension absolute error in real units, terminate accuracy (on last steps and
+    on the others separately);
+  web: a held-out VQA/caption JSONL (`eval.web_jsonl`, default val.jsonl beside data.web.jsonl):
+    VQA exact match, caption exact match, token F1 and BLEU-4.
+Closed loop (config.eval.env == 'metaworld'), seeded episodes through `rt2_jax.policy.Policy`,
+`eval.num_envs` environments stepping together (one `policy.batch` per step), in categories like
+RT-2's: seen (training scenes), unseen_positions (held-out seeds: new goal/object positions),
+unseen_instructions (same held-out seeds, paraphrased instructions), unseen_tasks (held-out
+tasks). The scripted expert and a random policy run on the same episodes (cached per episode
+list). Success rates carry 95% Wilson intervals.
+
+Writes to DIR/eval/<name>/step_<N>/: results.json, results.md, success.png, videos/*.gif.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+from rt2_jax import eval_report
+from rt2_jax.envs import metaworld as mw
+
+EVAL_SEED_BASE = 100_000
+ACTORS = ('policy', 'expert', 'random')
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  env: str = 'metaworld'  # '' = offline metrics only
+  tasks: tuple[str, ...] = ()  # seen tasks; () = the demo tasks (config.metaworld.tasks)
+  unseen_tasks: tuple[str, ...] = ()
+  categories: tuple[str, ...] = eval_report.CATEGORY_ORDER
+  episodes: int = 10  # per task and category
+  max_steps: int = 150
+  num_envs: int = 8
+  workers: int = 2  # environment processes
+  baselines: tuple[str, ...] = ('expert', 'random')
+  videos: int = 4  # GIFs of the policy's first episode in as many (category, task) groups
+  use_terminate: bool = True  # end an episode when the policy predicts terminate
+  offline_max_examples: int = 256  # held-out robot steps (0 = skip)
+  web_jsonl: str = ''  # held-out web lines; '' = val.jsonl beside data.web.jsonl
+  web_max_examples: int = 200  # (0 = skip)
+  image_size: int = 64  # rendered size (the policy resizes to the model's size)
+  camera: str = mw.DEFAULT_CAMERA
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, config) -> EvalSettings:
+    e = dict(config.get('eval', {}) or {})
+    m = config.get('metaworld', {}) or {}
+    unknown = sorted(set(e) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f'unknown config.eval keys {unknown}; known: '
+                       f'{[f.name for f in dataclasses.fields(cls)]}')
+    for key in ('tasks', 'unseen_tasks', 'categories', 'baselines'):
+      if key in e:
+        e[key] = _as_tuple(e[key])
+    if not e.get('tasks') and m.get('tasks'):
+      e['tasks'] = _as_tuple(m['tasks'])
+    for key in ('image_size', 'camera'):
+      if key not in e and key in m:
+        e[key] = m[key]
+    settings = cls(**e)
+    if settings.env not in ('', 'metaworld'):
+      raise ValueError(f"config.eval.env must be 'metaworld' or '', got {settings.env!r}")
+    bad = [c for c in settings.categories if c not in eval_report.CATEGORY_ORDER]
+    if bad:
+      raise ValueError(f'unknown eval categories {bad}; known: {eval_report.CATEGORY_ORDER}')
+    bad = [b for b in settings.baselines if b not in ('expert', 'random')]
+    if bad:
+      raise ValueError(f"unknown baselines {bad}; known: ('expert', 'random')")
+    if settings.env == 'metaworld':
+      for t in (*settings.tasks, *settings.unseen_tasks):
+        mw.check_task(t)
+    return settings
+
+
+def _as_tuple(value) -> tuple[str, ...]:
+  if isinstance(value, str):
+    if value.lower() in mw.TASK_SETS:
+      return tuple(mw.TASK_SETS[value.lower()])
+    return tuple(v.strip() for v in value.split(',') if v.strip())
+  return tuple(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed loop.
+
+
+def demo_manifest(config) -> dict | None:
+  """The demo manifest next to data.robot.data_dir (if it is a Meta-World demo folder)."""
+  from rt2_jax.data import metaworld_demos
+  data_dir = config.data.robot.get('data_dir', '')
+  for root in (data_dir, os.path.dirname(os.path.dirname(os.path.normpath(data_dir or '.')))):
+    if root and os.path.exists(os.path.join(root, metaworld_demos.MANIFEST)):
+      with open(os.path.join(root, metaworld_demos.MANIFEST)) as f:
+        return json.load(f)
+  return None
+
+
+def episode_specs(settings: EvalSettings, train_seeds: dict | None = None
+                  ) -> list[mw.EpisodeSpec]:
+  """The seeded episodes of every category (the same list for every checkpoint and actor)."""
+  n = settings.episodes
+  held_out = [EVAL_SEED_BASE + i for i in range(n)]
+  specs = []
+  for cat in settings.categories:
+    tasks = settings.unseen_tasks if cat == 'unseen_tasks' else settings.tasks
+    for task in tasks:
+      if cat == 'seen':
+        seeds = list((train_seeds or {}).get(task, range(n)))[:n]
+      else:
+        seeds = held_out
+      for i, seed in enumerate(seeds):
+        text = mw.instruction(task, i if cat == 'unseen_instructions' else -1)
+        specs.append(mw.EpisodeSpec(task, int(seed), text, cat))
+  return specs
+
+
+class PolicyActor:
+  """rt2_jax.policy.Policy on a batch of environments: one policy.batch call per step."""
+
+  needs_images = True
+  name = 'policy'
+
+  def __init__(self, policy, use_terminate: bool = True):
+    names = [f.name for f in policy.action_space.fields]
+    missing = [n for n in ('world_vector', 'gripper') if n not in names]
+    if missing:
+      raise ValueError(f'the checkpoint predicts {names}, not a Meta-World action (needs '
+                       f'world_vector[3], gripper[1] and optionally terminate): train with '
+                       'data.robot.spec=metaworld')
+    self.policy, self.use_terminate = policy, use_terminate
+    self.has_terminate = 'terminate' in names
+    self.seconds, self.calls = 0.0, 0
+
+  def __call__(self, batch: mw.ActorInput):
+    start = time.time()
+    outs = self.policy.batch(batch.images, batch.instructions)
+    self.seconds += time.time() - start
+    self.calls += 1
+    actions = np.stack([np.concatenate([o.action['world_vector'], o.action['gripper']])
+                        for o in outs]).astype(np.float32)
+    if self.use_terminate and self.has_terminate:
+      terminate = np.array([float(o.action['terminate'][0]) > 0.5 for o in outs])
+    else:
+      terminate = np.zeros(len(outs), bool)
+    return actions, terminate
+
+
+def _rows(actor: str, results: Sequence[mw.EpisodeResult]) -> list[dict]:
+  return [dict(actor=actor, category=r.spec.category, task=r.spec.task, seed=r.spec.seed,
+               instruction=r.spec.instruction, success=bool(r.success), steps=int(r.steps),
+               terminated=bool(r.terminated_by_actor)) for r in results]
+
+
+def _specs_key(specs, settings: EvalSettings) -> str:
+  text = json.dumps([dataclasses.astuple(s) for s in specs] + [settings.max_steps])
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def baseline_rows(specs, settings: EvalSettings, cache_dir: str, progress=True) -> list[dict]:
+  """Expert and random rows on `specs` (no rendering: they read the state), cached on disk."""
+  rows = []
+  for name in settings.baselines:
+    path = os.path.join(cache_dir, f'baseline_{name}_{_specs_key(specs, settings)}.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        rows += json.load(f)
+      continue
+    actor = mw.ExpertActor() if name == 'expert' else mw.RandomActor(settings.seed)
+    results = mw.run_episodes(specs, actor, num_envs=settings.num_envs, workers=settings.workers,
+                              max_steps=settings.max_steps, progress=progress, desc=name)
+    new = _rows(name, results)
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(new, f)
+    rows += new
+  return rows
+
+
+def save_gif(frames, path: str, fps: int = 15, scale: int = 2) -> None:
+  from PIL import Image
+  images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
+            for f in frames]
+  images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+def closed_loop(policy, settings: EvalSettings, specs, out_dir: str, progress=True) -> dict:
+  actor = PolicyActor(policy, settings.use_terminate)
+  # Record the first episode of the first `videos` (category, task) groups.
+  firsts, seen = [], set()
+  for i, s in enumerate(specs):
+    if (s.category, s.task) not in seen and len(firsts) < settings.videos:
+      seen.add((s.category, s.task))
+      firsts.append(i)
+  start = time.time()
+  results = mw.run_episodes(
+      specs, actor, num_envs=settings.num_envs, workers=settings.workers,
+      max_steps=settings.max_steps, render=mw.RenderSettings(settings.image_size, settings.camera),
+      record=firsts, progress=progress, desc='policy')
+  seconds = time.time() - start
+  videos = []
+  if firsts:
+    os.makedirs(os.path.join(out_dir, 'videos'), exist_ok=True)
+  for i in firsts:
+    r = results[i]
+    if r.frames:
+      name = (f'{r.spec.category}_{r.spec.task}_{r.spec.seed}_'
+              f'{"success" if r.success else "fail"}.gif')
+      save_gif(r.frames, os.path.join(out_dir, 'videos', name))
+      videos.append(os.path.join('videos', name))
+  steps = sum(r.steps for r in results)
+  return dict(rows=_rows('policy', results), videos=videos, seconds=round(seconds, 1),
+              env_steps=steps, policy_calls=actor.calls,
+              policy_seconds=round(actor.seconds, 1),
+              ms_per_policy_call=round(1000 * actor.seconds / max(1, actor.calls), 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline metrics.
+
+
+def _normalize(text: str) -> str:
+  text = text.lower().strip()
+  text = re.sub(r'[^\w\s]', ' ', text)
+  return ' '.join(text.split())
+
+
+def token_f1(pred: str, ref: str) -> float:
+  p, r = _normalize(pred).split(), _normalize(ref).split()
+  if not p or not r:
+    return float(p == r)
+  common = sum((Counter(p) & Counter(r)).values())
+  if common == 0:
+    return 0.0
+  precision, recall = common / len(p), common / len(r)
+  return 2 * precision * recall / (precision + recall)
+
+
+def corpus_bleu(preds: Sequence[str], refs: Sequence[str], max_n: int = 4) -> float:
+  """Corpus BLEU-n with one reference each, brevity penalty, add-one smoothing for n > 1."""
+  matches, totals = [0] * max_n, [0] * max_n
+  pred_len = ref_len = 0
+  for pred, ref in zip(preds, refs):
+    p, r = _normalize(pred).split(), _normalize(ref).split()
+    pred_len, ref_len = pred_len + len(p), ref_len + len(r)
+    for n in range(1, max_n + 1):
+      pc = Counter(tuple(p[i:i + n]) for i in range(len(p) - n + 1))
+      rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+      matches[n - 1] += sum((pc & rc).values())
+      totals[n - 1] += max(0, len(p) - n + 1)
+  if pred_len == 0 or matches[0] == 0:
+    return 0.0
+  logs = [np.log(matches[0] / totals[0])]
+  logs += [np.log((matches[i] + 1) / (totals[i] + 1)) for i in range(1, max_n)]
+  brevity = min(0.0, 1 - ref_len / pred_len)
+  return float(np.exp(brevity + np.mean(logs)))
+
+
+def text_metrics(preds: Sequence[str], refs: Sequence[str], kinds: Sequence[str]) -> dict:
+  out = {}
+  for kind in sorted(set(kinds)):
+    idx = [i for i, k in enumerate(kinds) if k == kind]
+    p, r = [preds[i] for i in idx], [refs[i] for i in idx]
+    exact = float(np.mean([_normalize(a) == _normalize(b) for a, b in zip(p, r)]))
+    m = dict(count=len(idx), exact_match=round(exact, 4))
+    if kind == 'caption':
+      m.update(token_f1=round(float(np.mean([token_f1(a, b) for a, b in zip(p, r)])), 4),
+               bleu4=round(corpus_bleu(p, r), 4))
+    out[kind] = m
+  return out
+
+
+def _chunks(n: int, size: int):
+  for start in range(0, n, size):
+    yield slice(start, min(n, start + size))
+
+
+def offline_robot(policy, config, max_examples: int, batch: int, log=print) -> dict:
+  """Held-out steps through the deployed decode: token accuracy, error in units, terminate."""
+  from rt2_jax.data import pipeline, rlds
+
+  spec = pipeline.robot_spec(config)
+  data_dir = pipeline.robot_data_dir(config, progress=log)
+  split = pipeline.robot_split(config, 'eval')
+  records = rlds.read_split(spec, data_dir, split, policy.image_size, progress=log)
+  n = len(records.actions)
+  if n == 0:
+    raise ValueError(f'{spec.name} split {split!r} at {data_dir} has no steps')
+  space = policy.action_space
+  names = [f.name for f in space.fields]
+  term_dim = None
+  if 'terminate' in names:
+    term_dim = sum(f.width for f in space.fields[:names.index('terminate')])
+  # Every terminate step (rare) plus evenly spaced others, up to max_examples.
+  positives = (np.nonzero(records.actions[:, term_dim] > 0.5)[0] if term_dim is not None
+               else np.zeros(0, int))
+  others = np.setdiff1d(np.arange(n), positives)
+  k = max(0, min(len(others), max_examples - len(positives)))
+  index = np.sort(np.concatenate([positives[:max_examples],
+                                  others[np.linspace(0, len(others) - 1, k).round().astype(int)]
+                                  if k else np.zeros(0, int)])).astype(int)
+  index = np.unique(index)
+  preds, pred_bins = [], []
+  for part in _chunks(len(index), batch):
+    rows = index[part]
+    outs = policy.batch(records.images[rows], [records.instruction(i) for i in rows])
+    preds += [o.vector for o in outs]
+    pred_bins += [policy.action_vocab.ids_to_bins(o.tokens) for o in outs]
+  pred, pred_bins = np.stack(preds), np.stack(pred_bins)
+  true = records.actions[index]
+  true_bins = policy.action_tokenizer.encode(true)
+  err = np.abs(pred - true)
+  units = [f.unit for f in space.fields for _ in range(f.width)]
+  out = dict(
+      dataset=spec.name, split=split, examples=int(len(index)),
+      token_accuracy=round(float((pred_bins == true_bins).mean()), 4),
+      token_accuracy_per_position=[round(float(a), 4) for a in (pred_bins == true_bins).mean(0)],
+      within_one_bin=round(float((np.abs(pred_bins - true_bins) <= 1).mean()), 4),
+      abs_error={d: dict(mean=round(float(err[:, i].mean()), 4), unit=units[i])
+                 for i, d in enumerate(space.dim_names)},
+  )
+  if term_dim is not None:
+    t_pred, t_true = pred[:, term_dim] > 0.5, true[:, term_dim] > 0.5
+    out['terminate'] = dict(
+        accuracy=round(float((t_pred == t_true).mean()), 4),
+        accuracy_on_last_steps=round(float(t_pred[t_true].mean()), 4) if t_true.any() else None,
+        accuracy_on_other_steps=(round(float((~t_pred[~t_true]).mean()), 4)
+                                 if (~t_true).any() else None),
+        last_steps=int(t_true.sum()))
+  return out
+
+
+def web_jsonl_path(config, settings: EvalSettings) -> str:
+  if settings.web_jsonl:
+    return settings.web_jsonl
+  train = config.data.get('web', {}).get('jsonl', '')
+  if train:
+    candidate = os.path.join(os.path.dirname(train), 'val.jsonl')
+    if os.path.exists(candidate) and os.path.abspath(candidate) != os.path.abspath(train):
+      return candidate
+  return ''
+
+
+def offline_web(text_policy, path: str, config, max_examples: int, batch: int, log=print) -> dict:
+  from rt2_jax.data import web
+  records = web.read_jsonl(path, text_policy.image_size,
+                           config.data.web.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
+                           progress=log)
+  if len(records) > max_examples:  # evenly spaced: lines of one image come together
+    records = records.select(np.linspace(0, len(records) - 1, max_examples).round().astype(int))
+  preds = []
+  for part in _chunks(len(records), batch):
+    rows = np.arange(len(records))[part]
+    outs = text_policy.batch(records.images[records.image_index[rows]],
+                             [records.inputs[i] for i in rows])
+    preds += [o.text.strip() for o in outs]
+  metrics = text_metrics(preds, records.targets, records.kinds)
+  metrics['file'] = path
+  metrics['samples'] = [dict(input=records.inputs[i], target=records.targets[i], output=preds[i])
+                        for i in range(min(5, len(preds)))]
+  return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything.
+
+
+def evaluate(workdir: str, step: int | None = None, config=None, name: str = 'default',
+             out_dir: str = '', progress: bool = True, log=print) -> dict:
+  """Evaluates one checkpoint of `workdir`; writes and returns the results."""
+  from rt2_jax.policy import Policy
+
+  start = time.time()
+  eval_config = config
+  probe = Policy.from_checkpoint(workdir, step)  # config, params, stats of the run
+  if eval_config is None:
+    eval_config = probe.config
+  settings = EvalSettings.from_config(eval_config)
+  batch = max(1, settings.num_envs)
+  policy = Policy(probe.config, probe.params, probe.stats, probe.action_space, vocab=probe.vocab,
+                  step=probe.step, model_id=probe.model_id, batch_buckets=(batch,))
+  out_dir = out_dir or os.path.join(workdir, 'eval', name, f'step_{policy.step}')
+  os.makedirs(out_dir, exist_ok=True)
+  log(f'evaluating {policy.model_id} -> {out_dir}')
+  results = dict(workdir=os.path.abspath(workdir), step=policy.step, name=name,
+                 settings=dataclasses.asdict(settings), timings={})
+
+  if settings.offline_max_examples > 0:
+    t = time.time()
+    results['offline_robot'] = offline_robot(policy, eval_config, settings.offline_max_examples,
+                                             batch, log=log)
+    results['timings']['offline_robot_s'] = round(time.time() - t, 1)
+    log(f'offline robot: token accuracy {results["offline_robot"]["token_accuracy"]}, '
+        f'terminate {results["offline_robot"].get("terminate", {}).get("accuracy")}')
+  web_path = web_jsonl_path(eval_config, settings)
+  if settings.web_max_examples > 0 and web_path:
+    t = time.time()
+    text_policy = Policy(probe.config, probe.params, probe.stats, probe.action_space,
+                         vocab=probe.vocab, step=probe.step, model_id=probe.model_id,
+                         batch_buckets=(batch,), prompt='{instruction}', mode='text')
+    results['offline_web'] = offline_web(text_policy, web_path, eval_config,
+                                         settings.web_max_examples, batch, log=log)
+    results['timings']['offline_web_s'] = round(time.time() - t, 1)
+    log('offline web: ' + ', '.join(f'{k} exact {v["exact_match"]}'
+                                    for k, v in results['offline_web'].items()
+                                    if isinstance(v, dict) and 'exact_match' in v))
+
+  if settings.env == 'metaworld' and settings.tasks:
+    manifest = demo_manifest(eval_config)
+    train_seeds = (manifest or {}).get('splits', {}).get('train')
+    specs = episode_specs(settings, train_seeds)
+    log(f'closed loop: {len(specs)} episodes ({", ".join(settings.categories)}), '
+        f'{settings.num_envs} envs in {settings.workers} worker process(es)')
+    t = time.time()
+    loop = closed_loop(policy, settings, specs, out_dir, progress=progress)
+    rows = loop.pop('rows')
+    rows += baseline_rows(specs, settings, os.path.join(workdir, 'eval', name), progress)
+    results['timings']['closed_loop_s'] = round(time.time() - t, 1)
+    summary = eval_report.summarize(rows)
+    actors = [a for a in ACTORS if a in summary]
+    results['closed_loop'] = dict(summary=eval_report.summary_json(summary), **loop)
+    results['episodes'] = rows
+    table = eval_report.markdown_table(summary, actors)
+    eval_report.plot_success(summary, os.path.join(out_dir, 'success.png'), actors,
+                             title=f'{policy.model_id}: closed-loop success')
+    results['table'] = eval_report.console_table(summary, actors)
+  else:
+    table = ''
+  results['timings']['total_s'] = round(time.time() - start, 1)
+  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=1)
+  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+    f.write(results_markdown(results, table))
+  return results
+
+
+def results_markdown(results: dict, table: str) -> str:
+  lines = [f'# Evaluation of {results["workdir"]} at step {results["step"]}', '']
+  robot = results.get('offline_robot')
+  if robot:
+    lines += [f'## Offline: held-out robot steps ({robot["dataset"]}, split {robot["split"]}, '
+              f'{robot["examples"]} steps)', '',
+              f'- action-token accuracy: {robot["token_accuracy"]} (within one bin: '
+              f'{robot["within_one_bin"]}); per position {robot["token_accuracy_per_position"]}',
+              '- mean absolute error: ' + ', '.join(
+                  f'{d} {v["mean"]} {v["unit"]}'.strip() for d, v in robot['abs_error'].items())]
+    if 'terminate' in robot:
+      t = robot['terminate']
+      lines.append(f'- terminate accuracy {t["accuracy"]} (last steps {t["accuracy_on_last_steps"]}'
+                   f', other steps {t["accuracy_on_other_steps"]})')
+    lines.append('')
+  web = results.get('offline_web')
+  if web:
+    lines += ['## Offline: held-out web examples', '']
+    for kind, m in web.items():
+      if isinstance(m, dict) and 'exact_match' in m:
+        lines.append(f'- {kind}: ' + ', '.join(f'{k} {v}' for k, v in m.items()))
+    lines.append('')
+  if table:
+    loop = results['closed_loop']
+    lines += ['## Closed loop: success (k/n, rate, 95% Wilson interval)', '', table, '',
+              f'{loop["env_steps"]} policy env steps in {loop["seconds"]} s; '
+              f'{loop["ms_per_policy_call"]} ms per batched policy call.', '']
+    lines += [f'![{v}]({v})' for v in loop.get('videos', [])]
+  lines.append(f'\nTotal {results["timings"]["total_s"]} s.')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  from absl import flags
+  from absl import logging as absl_logging
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  f = flags.FLAGS
+  results = evaluate(f.workdir, None if f.checkpoint < 0 else f.checkpoint, _CONFIG.value,
+                     name=f.name, out_dir=f.out or '')
+  if 'table' in results:
+    print(results['table'])
+  print(f'wrote {os.path.join(f.out or os.path.join(f.workdir, "eval", f.name, "step_" + str(results["step"])), "results.json")}')
+  sys.stdout.flush()
+
+
+if __name__ == '__main__':
+  from absl import flags
+
+  from rt2_jax import config_flags
+
+  _CONFIG = config_flags.define_config(required=False)
+  flags.DEFINE_string('workdir', None, 'training run directory (holds checkpoints/)',
+                      required=True)
+  flags.DEFINE_integer('checkpoint', -1, 'step to evaluate; -1 = the latest')
+  flags.DEFINE_string('name', 'default', 'evaluation setting name (results go to eval/NAME/)')
+  flags.DEFINE_string('out', '', 'output folder; default WORKDIR/eval/NAME/step_N')
+  config_flags.run(main)
