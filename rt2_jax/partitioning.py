@@ -44,21 +44,25 @@ LOGICAL_RULES = (
 )
 
 
+def _describe(sizes) -> str:
+  return ', '.join(f'{a}={s}' for a, s in zip(MESH_AXES, sizes, strict=True))
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   """Sizes of ('data', 'fsdp', 'model') from `cfg.mesh`; one -1 takes the remaining devices."""
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   if sum(s == -1 for s in sizes) > 1:
-    raise ValueError(f'mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
+    raise ValueError(f'mesh: at most one axis may be -1, got {{{_describe(sizes)}}}')
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'mesh sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}')
+    raise ValueError(f'mesh sizes must be positive or -1, got {{{_describe(sizes)}}}')
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % fixed:
-      raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not '
+      raise ValueError(f'mesh {{{_describe(sizes)}}}: {num_devices} devices are not '
                        f'divisible by the fixed axes ({fixed})')
     sizes[sizes.index(-1)] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
+    raise ValueError(f'mesh {{{_describe(sizes)}}} needs {math.prod(sizes)} devices, '
                      f'have {num_devices}')
   return tuple(sizes)
 

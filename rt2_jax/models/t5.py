@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
