@@ -150,10 +150,10 @@ def test_deterministic_and_seeded(data):
   a = take(make_iterator(config)[0], 5)
   b = take(make_iterator(config)[0], 5)
   c = take(make_iterator(make_config(data, seed=1))[0], 5)
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=False):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
-  assert any((x['image'] != z['image']).any() for x, z in zip(a, c))
+  assert any((x['image'] != z['image']).any() for x, z in zip(a, c, strict=False))
 
 
 def test_resume_continues_the_same_stream(data):
@@ -165,7 +165,7 @@ def test_resume_continues_the_same_stream(data):
   state = json.loads(json.dumps(fresh.get_state()))  # survives a JSON checkpoint
   resumed, *_ = make_iterator(config)
   resumed.set_state(state)
-  for expected, got in zip(reference[7:], take(resumed, 13)):
+  for expected, got in zip(reference[7:], take(resumed, 13), strict=False):
     for k in expected:
       np.testing.assert_array_equal(expected[k], got[k])
 
@@ -201,7 +201,7 @@ def test_web_tfds_captions(data):
   it, vocab, *_ = make_iterator(config)
   assert [t.name for t in it.tasks] == ['robot/bridge_dataset', 'web/coco_captions']
   batch = next(it)
-  texts = [vocab.decode(t) for t, r in zip(batch['decoder_target_tokens'], batch['is_robot'])
+  texts = [vocab.decode(t) for t, r in zip(batch['decoder_target_tokens'], batch['is_robot'], strict=False)
            if not r]
   assert texts and all('image' in t for t in texts)
 

@@ -222,8 +222,8 @@ def write_bridge(out_dir: str, num_episodes=3, num_steps: int = 5, image_size=(3
   """`bridge_dataset` 1.0.0 (Open X-Embodiment): image_0..3, instruction on the step, action[7]."""
   tfds = _tfds()
   h, w = image_size
-  image = lambda: tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, encoding_format='jpeg')
-  obs = {f'image_{i}': image() for i in range(4)}
+  obs = {f'image_{i}': tfds.features.Image(shape=(h, w, 3), dtype=np.uint8,
+                                           encoding_format='jpeg') for i in range(4)}
   obs['state'] = tfds.features.Tensor(shape=(7,), dtype=np.float32)
   step = {
       'observation': obs,

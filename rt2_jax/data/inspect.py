@@ -86,7 +86,7 @@ def save_grid(path: str, images: list, titles: list) -> None:
   fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 4.0 * rows), squeeze=False)
   for ax in axes.ravel():
     ax.axis('off')
-  for ax, image, title in zip(axes.ravel(), images, titles):
+  for ax, image, title in zip(axes.ravel(), images, titles, strict=False):
     ax.imshow(image)
     ax.set_title('\n'.join(textwrap.wrap(title, 34)[:5]), fontsize=7)
   fig.tight_layout()
@@ -106,11 +106,11 @@ def inspect(config, num: int = 5, sample: int = 2000, out: str = '', progress=pr
   it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=progress)
   tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
   print('\n== datasets')
-  for task, rate in zip(it.tasks, it.rates):
+  for task, rate in zip(it.tasks, it.rates, strict=False):
     print(f'{task.name:<28} {len(task):>8} examples  rate {rate:.3f}  {task.info}')
   print(f'\n== mixture rates realized over {sample} examples')
   realized = realized_rates(it, sample)
-  for task, rate in zip(it.tasks, it.rates):
+  for task, rate in zip(it.tasks, it.rates, strict=False):
     print(f'{task.name:<28} configured {rate:.3f}  realized {realized[task.name]:.3f}')
   print(f'\n== {num} examples')
   examples, images = [], []
@@ -128,7 +128,7 @@ def inspect(config, num: int = 5, sample: int = 2000, out: str = '', progress=pr
     save_grid(out, images, titles)
     print(f'\nwrote {out}')
   return {'tasks': {t.name: len(t) for t in it.tasks}, 'realized': realized,
-          'rates': dict(zip([t.name for t in it.tasks], it.rates.tolist())),
+          'rates': dict(zip([t.name for t in it.tasks], it.rates.tolist(), strict=False)),
           'examples': examples}
 
 

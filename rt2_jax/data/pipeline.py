@@ -222,7 +222,7 @@ class MixtureIterator:
         batch['action_loss_mask'][where] = ((positions_of_length >= start) & (
             positions_of_length < start + task.num_action_tokens)).astype(np.float32)
         batch['actions'][where] = task.actions[idx]
-      for w, i in zip(where, idx):
+      for w, i in zip(where, idx, strict=False):
         examples[w] = (int(t), int(i))
     targets = batch['decoder_target_tokens']
     batch['decoder_input_tokens'] = np.concatenate(
@@ -248,7 +248,7 @@ class MixtureIterator:
 
   def get_state(self) -> dict:
     return {'version': STATE_VERSION, 'step': self.step,
-            'consumed': {t.name: c for t, c in zip(self.tasks, self.consumed)},
+            'consumed': {t.name: c for t, c in zip(self.tasks, self.consumed, strict=False)},
             'fingerprint': self._fingerprint()}
 
   def set_state(self, state) -> None:
@@ -291,7 +291,7 @@ def make_train_iterator(config, vocab, action_vocab, stats, process_index=None,
                        process_index, process_count,
                        action_dim=action_space(config).dim if config.data.robot.spec else 0)
   if progress:
-    sizes = ', '.join(f'{t.name}: {len(t)} x {r:.2f}' for t, r in zip(task_data, it.rates))
+    sizes = ', '.join(f'{t.name}: {len(t)} x {r:.2f}' for t, r in zip(task_data, it.rates, strict=False))
     progress(f'data mixture {mixture.name} ({sizes}), {it.batch_size} examples a batch on '
              f'process {process_index}/{process_count}, ready in {time.time() - start:.1f}s')
   return it

@@ -85,7 +85,7 @@ class StepRecords:
     change = np.flatnonzero(np.diff(self.episode_ids)) + 1
     starts = np.concatenate([[0], change])
     stops = np.concatenate([change, [len(self)]])
-    return list(zip(starts.tolist(), stops.tolist()))
+    return list(zip(starts.tolist(), stops.tolist(), strict=False))
 
   def select(self, index: np.ndarray) -> StepRecords:
     index = np.asarray(index)

@@ -68,7 +68,7 @@ def register(config, vocab, action_vocab, stats, process_index: int = 0,
                      'targets': seqio.Feature(vocabulary, add_eos=True)}
   size = config.model.image_size
   names = []
-  for (task_name, rate), data in zip(mixture.tasks, mixture.build(context)):
+  for (task_name, rate), data in zip(mixture.tasks, mixture.build(context), strict=False):
     dim = data.actions.shape[1] if data.actions is not None else 0
     signature = {
         'inputs': tf.TensorSpec([], tf.string),

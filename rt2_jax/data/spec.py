@@ -98,7 +98,7 @@ class DatasetSpec:
     return bool(self.plan_key)
 
   def field_sources(self) -> list[tuple[ActionField, ActionSource]]:
-    return list(zip(self.action_space.fields, self.action_sources))
+    return list(zip(self.action_space.fields, self.action_sources, strict=False))
 
   def step_keys(self) -> list[str]:
     """Every step path this spec reads (episode-level paths left out)."""

@@ -16,8 +16,6 @@ import json
 import os
 import sys
 
-import numpy as np
-
 from rt2_jax.actions import NormStats
 from rt2_jax.data import rlds
 from rt2_jax.data.spec import load_spec

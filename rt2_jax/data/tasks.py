@@ -15,8 +15,8 @@ batches gather from (see `rt2_jax.data.pipeline`). Targets never contain pad (0)
   register_mixture('bridge+web', [('robot/bridge_dataset', 0.5), ('web/jsonl', 0.5)])
   get_mixture('bridge+web').build(context) -> [(TaskData, rate), ...]
 
-`register_from_config(config)` registers the robot task, the web tasks and the mixture a
-config describes and returns the mixture's name.
+`rt2_jax.data.pipeline.register_from_config(config)` registers the robot task, the web tasks and
+the mixture a config describes; `rt2_jax.data.seqio_tasks.register` mirrors them into seqio.
 """
 
 from __future__ import annotations

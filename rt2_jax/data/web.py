@@ -158,7 +158,6 @@ def read_tfds(name: str, data_dir: str, split: str, image_size: int, *,
     raise DataError(f'TFDS dataset {name} is not prepared under {data_dir!r} ({e}); prepare it '
                     f'with `tfds build {name} --data_dir=...` or unset data.web.tfds_name') from None
   builder = tfds.builder_from_directory(builder_dir)
-  features = builder.info.features
   paths = _feature_paths(builder.info.features)
   for key in [image_key, *((question_key, answer_key) if question_key else (text_key,))]:
     if key not in paths:
