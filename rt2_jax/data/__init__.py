@@ -1,0 +1,13 @@
+"""Robot (RLDS) and web data for co-fine-tuning.
+
+spec.py        DatasetSpec: where a dataset keeps image, instruction, action (data_specs/NAME.py)
+rlds.py        TFDS builder folder -> flat step records; bad-data checks; record cache
+web.py         captioning / VQA examples from a JSONL file or a TFDS dataset
+tasks.py       tokenized tasks and mixtures, registered by name
+pipeline.py    the deterministic, resumable training iterator; norm stats; eval iterator
+stats.py       python -m rt2_jax.data.stats: NormStats JSON of a dataset's actions
+inspect.py     python -m rt2_jax.data.inspect: sizes, realized rates, decoded examples, PNG grid
+fixtures.py    tiny datasets in the real fractal / language_table / bridge layouts
+synthetic.py   generated data for configs with empty data paths
+seqio_tasks.py the same tasks as seqio Tasks / Mixture
+"""
