@@ -10,4 +10,5 @@ inspect.py     python -m rt2_jax.data.inspect: sizes, realized rates, decoded ex
 fixtures.py    tiny datasets in the real fractal / language_table / bridge layouts
 synthetic.py   generated data for configs with empty data paths
 seqio_tasks.py the same tasks as seqio Tasks / Mixture
+metaworld_demos.py  Meta-World scripted-expert demos as RLDS + web JSONL (evaluation owns it)
 """
