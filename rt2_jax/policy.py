@@ -18,7 +18,9 @@ wraps with jax2tf: no host callbacks, static shapes except the batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
 import os
 from collections.abc import Sequence
 
@@ -60,26 +62,36 @@ class PolicyMetadata:
   step: int | None
 
 
-def resize_image(image: np.ndarray, size: int, policy: str = 'stretch') -> np.ndarray:
-  """uint8 [H, W, 3] -> uint8 [size, size, 3] ('stretch', 'center_crop' or 'pad')."""
-  from PIL import Image
+@functools.partial(jax.jit, static_argnums=(1,))
+def _resize_float(image, shape):
+  # Triangle-kernel antialiased resampling: what tf.image.resize(antialias=True) computes, so
+  # served images match the training pipeline (rt2_jax.data.rlds) to rounding.
+  return jnp.clip(jnp.round(jax.image.resize(image.astype(jnp.float32), shape, 'linear',
+                                             antialias=True)), 0, 255).astype(jnp.uint8)
 
+
+def resize_image(image: np.ndarray, size: int, policy: str = 'stretch') -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [size, size, 3] as the training data was: 'stretch',
+  'center_crop' (largest centred square) or 'pad' (fit inside, centred on black, as
+  tf.image.resize_with_pad)."""
   if policy not in RESIZE_POLICIES:
     raise ValueError(f'unknown resize policy {policy!r}; expected one of {RESIZE_POLICIES}')
   h, w = image.shape[:2]
-  if (h, w) == (size, size):
-    return image
   if policy == 'center_crop':
     side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    image = image[top:top + side, left:left + side]
-  elif policy == 'pad':
-    side = max(h, w)
-    canvas = np.zeros((side, side, 3), np.uint8)
-    top, left = (side - h) // 2, (side - w) // 2
-    canvas[top:top + h, left:left + w] = image
-    image = canvas
-  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    image = image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    h = w = side
+  if (h, w) == (size, size):
+    return np.asarray(image)
+  if policy != 'pad':
+    return np.asarray(_resize_float(image, (size, size, 3)))
+  ratio = max(w / size, h / size)
+  new_h, new_w = max(1, math.floor(h / ratio)), max(1, math.floor(w / ratio))
+  top = max(0, math.floor((size - h / ratio) / 2))
+  left = max(0, math.floor((size - w / ratio) / 2))
+  out = np.zeros((size, size, 3), np.uint8)
+  out[top:top + new_h, left:left + new_w] = np.asarray(_resize_float(image, (new_h, new_w, 3)))
+  return out
 
 
 def _bucket(n: int, buckets: Sequence[int]) -> int:

@@ -96,9 +96,20 @@ def test_other_image_sizes_are_resized(policy):
   out = policy(big, 'open the drawer')
   expected = policy(resize_image(big, 32, policy.resize), 'open the drawer')
   np.testing.assert_array_equal(out.tokens, expected.tokens)
-  wide = np.zeros((20, 60, 3), np.uint8)
-  assert resize_image(wide, 32, 'pad').shape == (32, 32, 3)
-  assert resize_image(wide, 32, 'center_crop').shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize('resize', ['stretch', 'center_crop', 'pad'])
+def test_resize_matches_the_training_pipeline(resize):
+  tf = pytest.importorskip('tensorflow')
+  from rt2_jax.data import rlds
+
+  rng = np.random.RandomState(0)
+  for shape in [(80, 80), (48, 60), (20, 60), (16, 16), (32, 32)]:
+    image = rng.randint(0, 256, shape + (3,)).astype(np.uint8)
+    served = resize_image(image, 32, resize)
+    trained = rlds._resize(tf.constant(image), 32, resize).numpy()
+    assert served.shape == trained.shape == (32, 32, 3) and served.dtype == np.uint8
+    assert np.abs(served.astype(int) - trained).max() <= 1, (shape, resize)  # rounding only
 
 
 def test_bad_inputs_fail_clearly(policy, parts):
