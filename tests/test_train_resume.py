@@ -1,0 +1,51 @@
+"""Exact resume: a run stopped by SIGTERM (save, exit 0), restarted, killed by SIGKILL and restarted
+again ends with the parameters of an uninterrupted run, bit for bit (CPU, float32, same seed)."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import train_testlib as lib
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('straight')
+  result = lib.run_train(workdir)
+  return workdir, result
+
+
+def _assert_same_params(workdir_a, workdir_b):
+  step_a, params_a = lib.final_params(workdir_a)
+  step_b, params_b = lib.final_params(workdir_b)
+  assert step_a == step_b == lib.SMALL['total_steps']
+  assert params_a.keys() == params_b.keys()
+  for k in params_a:
+    np.testing.assert_array_equal(params_a[k], params_b[k], err_msg=k)
+
+
+def test_straight_run_writes_checkpoints_and_events_and_rerun_has_nothing_to_do(straight):
+  workdir, result = straight
+  assert 'step 6/6 | loss' in result.stdout
+  steps = sorted(int(os.path.basename(p)) for p in glob.glob(f'{workdir}/checkpoints/*'))
+  assert steps == [2, 4, 6]  # every 2, keep 3
+  assert glob.glob(f'{workdir}/tensorboard/events.out.tfevents.*')
+  again = lib.run_train(workdir)
+  assert 'nothing to do' in again.stdout and 'step 1/' not in again.stdout
+
+
+def test_sigterm_then_sigkill_then_restart_gives_identical_parameters(straight, tmp_path):
+  # SIGTERM at the 3rd batch: the trainer finishes step 3, saves it and exits 0.
+  stopped = lib.run_train(tmp_path, fault=dict(at_batch=3, signal='SIGTERM'))
+  assert 'saving checkpoint 3 (preempted)' in stopped.stdout
+  assert os.path.isdir(tmp_path / 'checkpoints' / '3')  # not a multiple of ckpt.every
+  # Resume, then SIGKILL at the 2nd batch of that run (step 5), once checkpoint 4 is written.
+  killed = lib.run_train(tmp_path, fault=dict(at_batch=2, signal='SIGKILL', after_ckpt=4),
+                         check=False)
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert f'resumed from {tmp_path}/checkpoints/3' in killed.stdout
+  assert 'step 6/6' not in killed.stdout
+  resumed = lib.run_train(tmp_path)
+  assert f'resumed from {tmp_path}/checkpoints/4' in resumed.stdout
+  _assert_same_params(straight[0], tmp_path)

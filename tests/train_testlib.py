@@ -1,0 +1,100 @@
+"""Helpers for the trainer tests: an even smaller model than configs/tiny.py, and running
+`python -m rt2_jax.train` (optionally with a fault injected at a given batch) in a subprocess."""
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JAX_CACHE_DIR = os.path.join(tempfile.gettempdir(), 'rt2_jax_test_compilation_cache')
+
+SMALL = {
+    'model.image_size': 32, 'model.vit.patch_size': 8, 'model.vit.width': 32,
+    'model.vit.depth': 1, 'model.vit.num_heads': 2, 'model.vit.mlp_dim': 64,
+    'model.t5.emb_dim': 32, 'model.t5.num_heads': 2, 'model.t5.head_dim': 16,
+    'model.t5.mlp_dim': 64, 'model.t5.num_encoder_layers': 1, 'model.t5.num_decoder_layers': 1,
+    'data.max_input_len': 16, 'data.max_target_len': 10, 'batch_size': 4, 'log_every': 1,
+    'ckpt.every': 2, 'total_steps': 6, 'optim.warmup_steps': 2,
+}
+
+
+def flags(overrides=None) -> list[str]:
+  merged = dict(SMALL, **(overrides or {}))
+  return ['--config=configs/tiny.py'] + [f'--config.{k}={v}' for k, v in merged.items()]
+
+
+def env(devices: int = 1) -> dict:
+  out = dict(os.environ)
+  out['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  out['PYTHONPATH'] = REPO_ROOT + os.pathsep + out.get('PYTHONPATH', '')
+  out.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  # Later runs of the same program load the compiled executable instead of recompiling
+  # (compilation dominates these small runs; the cache is keyed by the program's hash).
+  out.setdefault('JAX_COMPILATION_CACHE_DIR', JAX_CACHE_DIR)
+  out.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  return out
+
+
+# Runs the trainer; at the `at_batch`-th batch drawn from the data iterator it waits until
+# checkpoint `after_ckpt` is complete (if given), then sends `signal` to itself.
+_FAULT_DRIVER = textwrap.dedent('''
+    import os, signal, sys, time
+    from rt2_jax.data import pipeline
+    AT_BATCH, SIGNAL, AFTER_CKPT, WORKDIR = {at_batch}, signal.{signal}, {after_ckpt}, {workdir!r}
+    make = pipeline.make_train_iterator
+
+    class Faulty:
+      def __init__(self, inner):
+        self.inner, self.drawn = inner, 0
+      def __iter__(self):
+        return self
+      def __next__(self):
+        self.drawn += 1
+        if self.drawn == AT_BATCH:
+          if AFTER_CKPT is not None:
+            done = os.path.join(WORKDIR, 'checkpoints', str(AFTER_CKPT))
+            deadline = time.time() + 120
+            while not os.path.isdir(done) and time.time() < deadline:
+              time.sleep(0.05)
+          os.kill(os.getpid(), SIGNAL)
+        return next(self.inner)
+      def get_state(self):
+        return self.inner.get_state()
+      def set_state(self, state):
+        self.inner.set_state(state)
+
+    pipeline.make_train_iterator = lambda *a, **k: Faulty(make(*a, **k))
+    from rt2_jax import config_flags, train
+    sys.argv[0] = 'rt2_jax.train'
+    config_flags.run(train.main)
+''')
+
+
+def run_train(workdir, overrides=None, fault=None, timeout=600, check=True):
+  """`fault`: dict(at_batch=, signal='SIGKILL'|'SIGTERM', after_ckpt=None|step)."""
+  argv = flags(overrides) + [f'--workdir={workdir}']
+  if fault:
+    code = _FAULT_DRIVER.format(workdir=str(workdir), **{'after_ckpt': None, **fault})
+    cmd = [sys.executable, '-c', code, *argv]
+  else:
+    cmd = [sys.executable, '-m', 'rt2_jax.train', *argv]
+  result = subprocess.run(cmd, cwd=REPO_ROOT, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+  if check and result.returncode != 0:
+    raise AssertionError(f'trainer failed ({result.returncode}):\n{result.stdout}\n'
+                         f'{result.stderr[-4000:]}')
+  return result
+
+
+def final_params(workdir):
+  from rt2_jax import checkpoints
+
+  bundle = checkpoints.restore_for_inference(workdir)
+  from flax import traverse_util
+
+  return bundle.step, {'/'.join(k): np.asarray(v)
+                       for k, v in traverse_util.flatten_dict(bundle.params).items()}
