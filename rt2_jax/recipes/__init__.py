@@ -1,0 +1,1 @@
+"""End-to-end jobs: data generation, training and evaluation in one command."""
