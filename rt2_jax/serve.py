@@ -635,7 +635,9 @@ def main(argv) -> None:
   else:
     from rt2_jax.policy import Policy  # noqa: PLC0415
 
-    policy = Policy.from_checkpoint(f.workdir, step=f.checkpoint)
+    # The policy pads to the same bucket sizes as the batcher: one compile per bucket.
+    policy = Policy.from_checkpoint(f.workdir, step=f.checkpoint,
+                                    batch_buckets=batch_buckets(f.max_batch))
   config = ServeConfig(
       host=f.host, port=f.port, max_batch=f.max_batch, max_wait_ms=f.max_wait_ms,
       max_body_bytes=int(f.max_body_mb * (1 << 20)), request_timeout_s=f.request_timeout_s,

@@ -1,0 +1,294 @@
+r"""Export a policy as a TensorFlow SavedModel: tokenizer, decoding loop and action units inside.
+
+  python -m rt2_jax.export --workdir=DIR [--checkpoint=STEP] --out=DIR [--verify]
+
+`serving_default(image uint8 [b, S, S, 3], instruction string [b])` returns
+  action         float32 [b, dim]  the action in real units (normalization stats baked in)
+  action_tokens  int32 [b, P]      the action token ids ([b, 0] in text mode)
+  output_tokens  int32 [b, L]      every decoded id before EOS, 0 after
+  text           string [b]        the decoded output text
+  plan           string [b]        the chain-of-thought plan ('' unless plan_then_action)
+
+Everything a served policy does happens in the graph, so a TF-only runtime needs nothing else:
+the prompt template (`config.data.prompt`) is applied with tf.strings, the instruction is
+tokenized with tensorflow-text's SentencePiece op on the checkpoint's own vocabulary (the same
+ids as `rt2_jax.vocab.Vocab.encode`: pad 0, eos 1, unk 2, extra ids at the end), the image
+encoder, constrained decoding loop and the bins -> real units mapping are one jax2tf function
+(native serialization, batch dimension polymorphic), and detokenization is again tensorflow-text.
+Parameters are SavedModel variables, not graph constants (large models stay under the 2 GB
+protobuf limit). Sampling, if the config samples, uses a fixed seed.
+
+Loading needs `import tensorflow_text` first (it registers the SentencePiece ops); TF-Serving
+needs a build with tensorflow-text ops. `SavedModelPolicy.load(dir)` wraps an export in the
+Policy interface (`.batch`, `.metadata`) for `rt2_jax.serve --saved_model=DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rt2_jax import actions as actions_lib
+
+METADATA_FILE = os.path.join('assets.extra', 'rt2_jax_metadata.json')
+OUTPUT_NAMES = ('action', 'action_tokens', 'output_tokens', 'text', 'plan')
+# Python's str.strip() removes every character with str.isspace(); RE2's \s is ASCII only.
+_SPACE = r'[\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}]'
+
+
+def _log(message: str) -> None:
+  print(f'[export] {message}', flush=True)
+
+
+def make_jax_serving_fn(policy):
+  """(params, images [B, S, S, 3] uint8, prompt tokens [B, Le]) ->
+  (output_tokens [B, L], lengths [B], action_tokens [B, P], action [B, dim]) in pure JAX."""
+  decode_fn = policy.decode_fn
+  eos = policy.vocab.eos_id
+  text_mode = policy.mode == 'text'
+  num_positions = policy.action_space.num_positions
+  action_vocab, action_tokenizer = policy.action_vocab, policy.action_tokenizer
+  seed = int(policy.config.seed)
+
+  def serve(params, images, tokens):
+    out = decode_fn(params, images, tokens, jax.random.PRNGKey(seed))
+    steps = out.shape[1]
+    is_eos = out == eos
+    lengths = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1), steps).astype(jnp.int32)
+    positions = jnp.arange(steps)[None]
+    out = jnp.where(positions < lengths[:, None], out, 0).astype(jnp.int32)
+    batch = out.shape[0]
+    if text_mode:
+      return out, lengths, jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0), jnp.float32)
+    # The action tokens are the last P ids before EOS (as Policy parses them).
+    index = jnp.clip(lengths[:, None] - num_positions + jnp.arange(num_positions)[None],
+                     0, steps - 1)
+    action_ids = jnp.take_along_axis(out, index, axis=1)
+    bins = action_vocab.ids_to_bins(action_ids, xp=jnp)
+    action = action_tokenizer.decode(bins, xp=jnp).astype(jnp.float32)
+    return out, lengths, action_ids, action
+
+  return serve
+
+
+def export_metadata(policy) -> dict:
+  import dataclasses
+
+  meta = dataclasses.asdict(policy.metadata)
+  meta.update(
+      action_space=policy.action_space.to_json(),
+      norm_stats=policy.stats.to_json() if policy.stats is not None else None,
+      vocab_checksum=policy.vocab.checksum, vocab_size=policy.vocab.vocab_size,
+      max_input_len=policy.max_input_len, signature_outputs=list(OUTPUT_NAMES),
+      exported_at=time.strftime('%Y-%m-%dT%H:%M:%S%z'), batch_buckets=None)
+  return meta
+
+
+class PromptTokenizer:
+  """In-graph `Policy.tokenize`: strip, fill the prompt template, SentencePiece, cut, pad."""
+
+  def __init__(self, policy):
+    import tensorflow_text as tf_text
+
+    self.prefix, _, self.suffix = policy.prompt.format(instruction='\x00').partition('\x00')
+    self.max_len = policy.max_input_len
+    self.sentencepiece = tf_text.SentencepieceTokenizer(model=policy.vocab.sp_model_bytes,
+                                                        out_type='int32')
+
+  def __call__(self, instruction):
+    import tensorflow as tf
+
+    instruction = tf.strings.regex_replace(instruction, f'^{_SPACE}+|{_SPACE}+$', '')
+    check = tf.debugging.assert_greater(tf.strings.length(instruction), 0,
+                                        message='an instruction is empty')
+    with tf.control_dependencies([check]):
+      prompt = tf.strings.join([self.prefix, instruction, self.suffix])
+    ids = self.sentencepiece.tokenize(prompt)[:, :self.max_len]
+    return ids.to_tensor(default_value=0, shape=[None, self.max_len])
+
+
+def build_module(policy):
+  """A tf.Module with a `serving_default` tf.function (see the module docstring)."""
+  import tensorflow as tf
+  from jax.experimental import jax2tf
+
+  size = policy.image_size
+  vocab = policy.vocab
+  plan_mode = policy.mode == 'plan_then_action'
+  if plan_mode:
+    plan_start = len(policy.callback.prefix_ids)
+    plan_tail = policy.action_space.num_positions + len(policy.callback.delimiter_ids)
+
+  serve_tf = jax2tf.convert(make_jax_serving_fn(policy), with_gradient=False,
+                            polymorphic_shapes=[None, '(b, ...)', '(b, ...)'])
+  module = tf.Module()
+  module.params = jax.tree.map(
+      lambda x: tf.Variable(np.asarray(x), trainable=False, name='param'),
+      jax.device_get(policy.params))
+  tokenizer = PromptTokenizer(policy)
+  module.sentencepiece = tokenizer.sentencepiece  # tracked, so the SavedModel keeps the model
+
+  def detokenize(ids, keep):
+    ids = tf.where(ids < vocab.vocab_size, ids, vocab.unk_id)  # as Vocab.decode
+    return module.sentencepiece.detokenize(tf.ragged.boolean_mask(ids, keep))
+
+  @tf.function(autograph=False, input_signature=[
+      tf.TensorSpec([None, size, size, 3], tf.uint8, name='image'),
+      tf.TensorSpec([None], tf.string, name='instruction')])
+  def serving_default(image, instruction):
+    tokens = tokenizer(instruction)
+    out, lengths, action_tokens, action = serve_tf(module.params, image, tokens)
+    positions = tf.range(tf.shape(out)[1])[None]
+    text = detokenize(out, (positions < lengths[:, None]) & (out != 0))
+    if plan_mode:
+      keep = (positions >= plan_start) & (positions < lengths[:, None] - plan_tail) & (out != 0)
+      plan = tf.strings.regex_replace(detokenize(out, keep), f'^{_SPACE}+|{_SPACE}+$', '')
+    else:
+      plan = tf.fill(tf.shape(instruction), '')
+    return {'action': action, 'action_tokens': action_tokens, 'output_tokens': out,
+            'text': text, 'plan': plan}
+
+  module.serving_default = serving_default
+  return module
+
+
+def export_policy(policy, out_dir: str, verify_inputs=None) -> dict:
+  """Writes the SavedModel to `out_dir`; returns its metadata. With `verify_inputs` (images,
+  instructions), reloads the export and checks its tokens equal the JAX policy's."""
+  import tensorflow as tf
+
+  t0 = time.perf_counter()
+  _log(f'converting the {policy.mode} policy with jax2tf (batch polymorphic)...')
+  module = build_module(policy)
+  signature = module.serving_default.get_concrete_function()
+  _log(f'saving to {out_dir}...')
+  tf.saved_model.save(module, out_dir, signatures={'serving_default': signature})
+  meta = export_metadata(policy)
+  os.makedirs(os.path.join(out_dir, 'assets.extra'), exist_ok=True)
+  with open(os.path.join(out_dir, METADATA_FILE), 'w') as f:
+    json.dump(meta, f, indent=1)
+  _log(f'saved in {time.perf_counter() - t0:.1f} s')
+  if verify_inputs is not None:
+    images, instructions = verify_inputs
+    mismatches = verify(out_dir, policy, images, instructions)
+    if mismatches:
+      raise AssertionError('the export disagrees with the JAX policy:\n' + '\n'.join(mismatches))
+    _log(f'verified: the reloaded SavedModel gives the JAX policy\'s tokens on '
+         f'{len(instructions)} inputs')
+  return meta
+
+
+def verify(saved_model_dir: str, policy, images, instructions) -> list[str]:
+  """Differences between the reloaded export and `policy` on these inputs ([] if none)."""
+  exported = SavedModelPolicy.load(saved_model_dir).batch(images, instructions)
+  expected = policy.batch(images, instructions)
+  problems = []
+  for i, (got, want) in enumerate(zip(exported, expected, strict=True)):
+    if not np.array_equal(got.tokens, want.tokens):
+      problems.append(f'input {i}: tokens {got.tokens.tolist()} != {want.tokens.tolist()}')
+    elif not np.allclose(got.vector, want.vector, rtol=1e-5, atol=1e-6):
+      problems.append(f'input {i}: action {got.vector.tolist()} != {want.vector.tolist()}')
+    elif (got.text, got.plan) != (want.text, want.plan):
+      problems.append(f'input {i}: text {(got.text, got.plan)!r} != {(want.text, want.plan)!r}')
+  return problems
+
+
+class SavedModelPolicy:
+  """An exported SavedModel behind the Policy interface: `.batch(images, instructions)`,
+  `__call__`, `.metadata` (a dict)."""
+
+  def __init__(self, path: str):
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401  (registers the SentencePiece ops the graph uses)
+
+    meta_path = os.path.join(path, METADATA_FILE)
+    if not os.path.exists(meta_path):
+      raise FileNotFoundError(f'{path} is not an rt2_jax export: {METADATA_FILE} is missing')
+    with open(meta_path) as f:
+      self.metadata = json.load(f)
+    self.path = path
+    self.action_space = actions_lib.ActionSpace.from_json(self.metadata['action_space'])
+    self.mode = self.metadata['decode_mode']
+    self.image_size = int(self.metadata['image_size'])
+    self._loaded = tf.saved_model.load(path)
+    self._fn = self._loaded.signatures['serving_default']
+
+  @classmethod
+  def load(cls, path: str) -> SavedModelPolicy:
+    return cls(path)
+
+  def __call__(self, image, instruction: str):
+    return self.batch([image], [instruction])[0]
+
+  def batch(self, images, instructions):
+    import tensorflow as tf
+
+    from rt2_jax.policy import PolicyOutput, resize_image
+
+    images = [np.asarray(im) for im in images]
+    if len(images) != len(instructions):
+      raise ValueError(f'got {len(images)} images but {len(instructions)} instructions')
+    if not images:
+      return []
+    s = self.image_size
+    images = np.stack([resize_image(im, s, self.metadata['resize']) for im in images])
+    out = self._fn(image=tf.constant(images, tf.uint8),
+                   instruction=tf.constant(list(instructions), tf.string))
+    out = {k: v.numpy() for k, v in out.items()}
+    outputs = []
+    for i in range(len(instructions)):
+      text, plan = out['text'][i].decode(), out['plan'][i].decode()
+      if self.mode == 'text':
+        tokens = np.trim_zeros(out['output_tokens'][i], 'b')  # text mode never writes pad
+        outputs.append(PolicyOutput(action={}, vector=np.zeros((0,), np.float32),
+                                    tokens=tokens.astype(np.int32), text=text, plan=''))
+        continue
+      vector = out['action'][i].astype(np.float32)
+      action = {k: np.asarray(v, np.float32)
+                for k, v in self.action_space.unflatten(vector).items()}
+      outputs.append(PolicyOutput(action=action, vector=vector,
+                                  tokens=out['action_tokens'][i].astype(np.int32), text=text,
+                                  plan=plan))
+    return outputs
+
+
+def export_checkpoint(workdir: str, step: int | None, out_dir: str, verify: bool = True) -> dict:
+  """The CLI: checkpoint -> Policy -> SavedModel (optionally verified on three inputs)."""
+  from rt2_jax.policy import Policy
+
+  t0 = time.perf_counter()
+  _log(f'loading {workdir}' + (f' step {step}' if step is not None else ''))
+  policy = Policy.from_checkpoint(workdir, step=step)
+  verify_inputs = None
+  if verify:
+    rng = np.random.default_rng(0)
+    s = policy.image_size
+    verify_inputs = (rng.integers(0, 256, (3, s, s, 3), dtype=np.uint8),
+                     ['pick up the cup', 'put carrot on plate', 'open the drawer'])
+  meta = export_policy(policy, out_dir, verify_inputs)
+  _log(f'exported {meta["model_id"]} ({meta["decode_mode"]} mode) to {out_dir} in '
+       f'{time.perf_counter() - t0:.1f} s')
+  return meta
+
+
+def main(argv) -> None:
+  from absl import flags
+
+  del argv
+  f = flags.FLAGS
+  export_checkpoint(f.workdir, f.checkpoint, f.out, f.verify)
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+
+  flags.DEFINE_string('workdir', None, 'training workdir (or its checkpoints/ dir)', required=True)
+  flags.DEFINE_integer('checkpoint', None, 'checkpoint step; default the latest readable one')
+  flags.DEFINE_string('out', None, 'SavedModel directory to write', required=True)
+  flags.DEFINE_bool('verify', True, 'reload the export and compare it with the JAX policy')
+  app.run(main)

@@ -1,0 +1,109 @@
+"""rt2_jax.export: a checkpoint's SavedModel, reloaded with tf.saved_model.load, decodes exactly
+like the JAX Policy (in-graph tokenizer, decoding loop and action units), for any batch size."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tiny_policy  # tests/tiny_policy.py
+
+tf = pytest.importorskip('tensorflow')
+import tensorflow_text  # noqa: E402, F401  (registers the SentencePiece ops of the export)
+
+from rt2_jax import export  # noqa: E402
+from rt2_jax.policy import Policy  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INSTRUCTIONS = ['pick up the cup', '  put carrot on plate\n', 'wipe the table',
+                'open the drawer and then ' * 6 + 'stop',  # longer than max_input_len
+                'ünïcode spoon\u3000', 'stack blocks', 'push the red button']
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('export')
+  workdir = tiny_policy.write_checkpoint(tmp / 'run')
+  out = str(tmp / 'saved_model')
+  export.export_checkpoint(workdir, None, out, verify=False)
+  return Policy.from_checkpoint(workdir), out
+
+
+def _images(n, size, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_in_graph_tokenizer_equals_policy_tokenize():
+  policy = tiny_policy.make_policy()
+  texts = INSTRUCTIONS + ['\tx\u00a0', 'a  b', '1 2 3 255', '<extra_id_0> Plan:']
+  got = export.PromptTokenizer(policy)(tf.constant(texts)).numpy()
+  np.testing.assert_array_equal(got, policy.tokenize(texts))
+  assert (got[3] != 0).all()  # the long one was cut to max_input_len, not dropped
+
+
+def test_reloaded_savedmodel_gives_the_policy_tokens(exported):
+  policy, out = exported
+  loaded = tf.saved_model.load(out)
+  fn = loaded.signatures['serving_default']
+  size = policy.image_size
+  spec = fn.structured_input_signature[1]
+  assert spec['image'].dtype == tf.uint8 and spec['image'].shape.as_list() == [None, size, size, 3]
+  assert spec['instruction'].dtype == tf.string and spec['instruction'].shape.as_list() == [None]
+  assert set(fn.structured_outputs) == set(export.OUTPUT_NAMES)
+
+  for n, seed in ((len(INSTRUCTIONS), 0), (1, 1)):  # the batch dimension is polymorphic
+    images, instructions = _images(n, size, seed), INSTRUCTIONS[:n]
+    got = {k: v.numpy() for k, v in fn(image=tf.constant(images),
+                                       instruction=tf.constant(instructions)).items()}
+    expected = policy.batch(images, instructions)
+    for i, want in enumerate(expected):
+      np.testing.assert_array_equal(got['action_tokens'][i], want.tokens)
+      np.testing.assert_allclose(got['action'][i], want.vector, rtol=1e-5, atol=1e-6)
+      assert got['text'][i].decode() == want.text and got['plan'][i].decode() == ''
+  # Different inputs decode to different actions, so equality above is not vacuous.
+  assert len({tuple(o.tokens) for o in policy.batch(_images(7, size), INSTRUCTIONS)}) > 3
+
+
+def test_savedmodel_policy_adapter_and_metadata(exported):
+  policy, out = exported
+  adapter = export.SavedModelPolicy.load(out)
+  meta = adapter.metadata
+  assert meta['image_size'] == policy.image_size and meta['decode_mode'] == 'action'
+  assert meta['action_names'] == policy.metadata.action_names
+  assert meta['vocab_checksum'] == policy.vocab.checksum
+  images = _images(1, policy.image_size, 5)  # batch 1 is compiled already
+  for got, want in zip(adapter.batch(images, INSTRUCTIONS[-1:]),
+                       policy.batch(images, INSTRUCTIONS[-1:]), strict=True):
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    for name in want.action:
+      np.testing.assert_allclose(got.action[name], want.action[name], rtol=1e-5, atol=1e-6)
+
+
+def test_empty_instruction_is_refused_in_graph(exported):
+  policy, out = exported
+  fn = tf.saved_model.load(out).signatures['serving_default']
+  with pytest.raises(tf.errors.InvalidArgumentError, match='instruction is empty'):
+    fn(image=tf.constant(_images(1, policy.image_size)), instruction=tf.constant([' ']))
+
+
+@pytest.mark.slow
+def test_plan_then_action_export_matches(tmp_path):
+  policy = tiny_policy.make_policy(mode='plan_then_action', max_plan_len=6)
+  images = _images(3, policy.image_size, 3)
+  export.export_policy(policy, str(tmp_path / 'sm'), (images, INSTRUCTIONS[:3]))  # verifies
+  got = export.SavedModelPolicy.load(str(tmp_path / 'sm')).batch(images, INSTRUCTIONS[:3])
+  want = policy.batch(images, INSTRUCTIONS[:3])
+  for g, w in zip(got, want, strict=True):
+    assert w.text.startswith('Plan:') and (g.plan, g.text) == (w.plan, w.text)
+
+
+@pytest.mark.slow
+def test_cli_writes_a_verified_export(tmp_path):
+  workdir = tiny_policy.write_checkpoint(tmp_path / 'run')
+  result = subprocess.run(
+      [sys.executable, '-m', 'rt2_jax.export', f'--workdir={workdir}', '--checkpoint=1',
+       f'--out={tmp_path / "sm"}'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert 'verified' in result.stdout
+  assert os.path.exists(tmp_path / 'sm' / 'saved_model.pb')
