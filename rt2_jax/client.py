@@ -8,7 +8,8 @@ sends base64 PNG instead. Each call has a timeout; connection failures, timeouts
 answers are retried with exponential backoff (prediction is a pure function of its input, so a
 retry is safe). Other errors raise `PolicyServerError` carrying the server's message.
 
-Needs only numpy, httpx and msgpack (Pillow for `fmt='json'` or `resize=True`).
+Needs only numpy, httpx and msgpack (Pillow for `fmt='json'`; `resize=True` uses the policy's own
+resize function, which imports rt2_jax.policy).
 """
 
 from __future__ import annotations
@@ -97,11 +98,13 @@ class PolicyClient:
     if image.ndim != 3 or image.shape[-1] != 3:
       raise ValueError(f'images must be uint8 [H, W, 3], got shape {image.shape}')
     if self.resize:
-      h, w, _ = wire.image_shape(self.metadata())
+      meta = self.metadata()
+      h, w, _ = wire.image_shape(meta)
       if image.shape[:2] != (h, w):
-        from PIL import Image  # noqa: PLC0415
+        # The policy's own resize (its data spec's stretch / center_crop / pad), as in training.
+        from rt2_jax.policy import resize_image  # noqa: PLC0415  (imports JAX: only when needed)
 
-        image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        image = resize_image(image, h, meta.get('resize', 'stretch'))
     return image
 
   def predict_batch(self, images: Sequence, instructions: Sequence[str]) -> list[dict]:

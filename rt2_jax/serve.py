@@ -627,7 +627,8 @@ def main(argv) -> None:
     sys.exit('give exactly one of --workdir (a training run) or --saved_model (an export)')
   # SIGTERM during start-up exits at once; once serving, uvicorn drains first and re-raises it.
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+  logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(name)s: %(message)s')
+  logging.getLogger('rt2_jax').setLevel(logging.INFO)
   if f.saved_model:
     from rt2_jax.export import SavedModelPolicy  # noqa: PLC0415
 

@@ -1,0 +1,353 @@
+"""The policy server on a real loopback socket: parity with the Policy, bad input, load, auth,
+model errors and draining on SIGTERM.
+
+Two policies: the real tiny `Policy` (parity, invalid input, concurrency) and `ScriptedPolicy`, a
+stand-in whose speed and failures the test controls (draining, model errors, batching limits).
+"""
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import httpx
+import numpy as np
+import pytest
+import tiny_policy  # tests/tiny_policy.py
+
+from rt2_jax import wire
+from rt2_jax.client import PolicyClient, PolicyServerError
+from rt2_jax.serve import PolicyServer, ServeConfig, batch_buckets
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ScriptedPolicy:
+  """action = [image mean, len(instruction)]; optional delay, gate and failing instruction."""
+
+  metadata = {'image_size': [8, 8], 'model_id': 'scripted', 'action_names': ['mean', 'length']}
+
+  def __init__(self, delay_s=0.0, fail_on=None, gate: threading.Event | None = None):
+    self.delay_s, self.fail_on, self.gate = delay_s, fail_on, gate
+    self.batch_sizes, self.in_call = [], 0
+
+  def batch(self, images, instructions):
+    self.batch_sizes.append(len(images))
+    self.in_call += len(images)
+    if self.gate is not None:
+      assert self.gate.wait(30)
+    time.sleep(self.delay_s)
+    if self.fail_on in instructions:
+      raise RuntimeError(f'cannot handle {self.fail_on!r}')
+    return [self.expected(im, s) for im, s in zip(images, instructions, strict=True)]
+
+  @staticmethod
+  def expected(image, instruction):
+    vector = np.array([image.mean(), len(instruction)], np.float32)
+    return types.SimpleNamespace(action={'mean': vector[:1], 'length': vector[1:]},
+                                 vector=vector, tokens=np.array([3, 4], np.int32),
+                                 text='3 4', plan='')
+
+
+def _image(seed, shape=(8, 8, 3)):
+  return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def _start(policy, **kw):
+  kw.setdefault('warmup', False)
+  server = PolicyServer(policy, ServeConfig(port=0, **kw))
+  return server, server.start()
+
+
+# ---------------------------------------------------------------------------------------------
+# The real tiny policy.
+
+
+@pytest.fixture(scope='module')
+def policy():
+  return tiny_policy.make_policy(batch_buckets=(1, 4))  # two compiles
+
+
+@pytest.fixture(scope='module')
+def server(policy):
+  server, url = _start(policy, max_batch=4, max_wait_ms=5, max_body_bytes=1 << 20, warmup=True)
+  yield url
+  server.stop()
+
+
+@pytest.fixture(scope='module')
+def inputs(policy):
+  h, w, _ = wire.image_shape(_meta(policy))
+  images = [_image(i, (h, w, 3)) for i in range(4)]
+  instructions = ['put carrot on plate', 'open the drawer', 'pick up the cup', 'wipe the table']
+  return images, instructions
+
+
+def _meta(policy):
+  meta = policy.metadata
+  return meta if isinstance(meta, dict) else dataclasses.asdict(meta)
+
+
+def _assert_same(reply, expected):
+  np.testing.assert_array_equal(np.asarray(reply['tokens']), np.asarray(expected.tokens))
+  np.testing.assert_allclose(np.asarray(reply['vector'], np.float32), expected.vector, rtol=1e-6)
+  assert reply['text'] == expected.text and reply['plan'] == expected.plan
+  for name, value in expected.action.items():
+    np.testing.assert_allclose(np.asarray(reply['action'][name], np.float32), value, rtol=1e-6)
+
+
+def test_predict_equals_the_policy_in_every_format(server, policy, inputs):
+  images, instructions = inputs
+  expected = policy.batch(np.stack(images), instructions)
+  json_replies = [httpx.post(f'{server}/predict', timeout=30, json={
+      'image': wire.b64encode_image(im), 'instruction': s}).json()
+      for im, s in zip(images, instructions, strict=True)]
+  msgpack_batch = wire.unpackb(httpx.post(
+      f'{server}/predict', timeout=30, headers={'content-type': wire.MSGPACK_TYPE},
+      content=wire.packb({'images': np.stack(images), 'instructions': instructions})).content)
+  client = PolicyClient(server)
+  for i, exp in enumerate(expected):
+    _assert_same(json_replies[i], exp)
+    _assert_same(msgpack_batch['outputs'][i], exp)
+    _assert_same(client.predict(images[i], instructions[i]), exp)
+    np.testing.assert_allclose(client.act(images[i], instructions[i])['gripper'],
+                               exp.action['gripper'])
+
+  # A camera frame of another size: the client resizes it as the Policy itself would.
+  frame = _image(9, (48, 40, 3))
+  _assert_same(PolicyClient(server, resize=True).predict(frame, 'go'),
+               policy.batch([frame], ['go'])[0])
+
+  # TF-Serving REST, row and columnar forms, images as nested lists and as {"b64": ...}.
+  rows = httpx.post(f'{server}/v1/models/rt2:predict', timeout=30, json={'instances': [
+      {'image': im.tolist(), 'instruction': s} for im, s in zip(images, instructions, strict=True)
+  ]}).json()['predictions']
+  cols = httpx.post(f'{server}/v1/models/rt2/versions/1:predict', timeout=30, json={'inputs': {
+      'image': [{'b64': wire.b64encode_image(im, 'raw')} for im in images],
+      'instruction': instructions}}).json()['outputs']
+  for i, exp in enumerate(expected):
+    for got in (rows[i], {k: v[i] for k, v in cols.items()}):
+      np.testing.assert_array_equal(got['action_tokens'], exp.tokens)
+      np.testing.assert_allclose(got['action'], exp.vector, rtol=1e-6)
+      assert got['text'] == exp.text
+
+
+def test_health_and_metadata(server, policy):
+  assert httpx.get(f'{server}/health').json()['status'] == 'ok'
+  meta = httpx.get(f'{server}/metadata').json()
+  for key, value in _meta(policy).items():
+    assert meta[key] == (list(value) if isinstance(value, tuple) else value) or key == 'step'
+  assert meta['server']['max_batch'] == 4 and meta['server']['buckets'] == [1, 2, 4]
+  status = httpx.get(f'{server}/v1/models/rt2').json()
+  assert status['model_version_status'][0]['state'] == 'AVAILABLE'
+  assert httpx.get(f'{server}/v1/models/other').status_code == 404
+
+
+def _bad_requests(shape):
+  h, w, _ = shape
+  good = wire.b64encode_image(_image(0, shape))
+  return {
+      'wrong image size': (dict(json={'image': wire.b64encode_image(_image(0, (h + 2, w, 3))),
+                                      'instruction': 'go'}), 400, 'pixels'),
+      'wrong dtype': (dict(content=wire.packb({'image': np.zeros(shape, np.float32),
+                                               'instruction': 'go'}),
+                           headers={'content-type': wire.MSGPACK_TYPE}), 400, 'uint8'),
+      'bad base64': (dict(json={'image': '***', 'instruction': 'go'}), 400, 'base64'),
+      'missing instruction': (dict(json={'image': good}), 400, "missing field 'instruction'"),
+      'missing image': (dict(json={'instruction': 'go'}), 400, "missing field 'image'"),
+      'empty instruction': (dict(json={'image': good, 'instruction': ' '}), 400, 'empty'),
+      'instruction not a string': (dict(json={'image': good, 'instruction': 3}), 400, 'string'),
+      'not json': (dict(content=b'{"image": ', headers={'content-type': 'application/json'}),
+                   400, 'not valid JSON'),
+      'not msgpack': (dict(content=b'\xc1', headers={'content-type': wire.MSGPACK_TYPE}),
+                      400, 'msgpack'),
+      'unknown content type': (dict(content=b'x', headers={'content-type': 'text/plain'}),
+                               415, 'content type'),
+      'oversize body': (dict(json={'image': 'A' * (2 << 20), 'instruction': 'go'}), 413, 'limit'),
+      'oversize streamed body': (dict(content=iter([b'{"image": "', b'A' * (2 << 20), b'"}'])),
+                                 413, 'limit'),
+      'mismatched batch': (dict(json={'images': [good, good], 'instructions': ['go']}), 400,
+                           '2 images but 1 instructions'),
+      'too many examples': (dict(json={'images': ['x'] * 300, 'instructions': ['go'] * 300}),
+                            413, 'at most 256'),
+  }
+
+
+def test_invalid_inputs_get_4xx_and_the_server_keeps_serving(server, policy, inputs):
+  shape = wire.image_shape(_meta(policy))
+  for name, (kwargs, status, message) in _bad_requests(shape).items():
+    response = httpx.post(f'{server}/predict', timeout=30, **kwargs)
+    assert response.status_code == status, (name, response.text)
+    assert message in response.json()['error'], (name, response.text)
+  tf_bad = {
+      'no instances': ({'signature_name': 'serving_default'}, 'exactly one of'),
+      'bad signature': ({'signature_name': 'x', 'instances': []}, 'signature_name'),
+      'instance not object': ({'instances': [[1, 2]]}, 'instances[0] must be an object'),
+      'bad nested image': ({'instances': [{'image': [[1, 2]], 'instruction': 'go'}]},
+                           'instances[0].image'),
+  }
+  for name, (body, message) in tf_bad.items():
+    response = httpx.post(f'{server}/v1/models/rt2:predict', json=body, timeout=30)
+    assert response.status_code == 400 and message in response.json()['error'], name
+  assert httpx.post(f'{server}/v1/models/nope:predict', json={'instances': []}).status_code == 404
+  images, instructions = inputs
+  assert PolicyClient(server).act(images[0], instructions[0])  # still serving
+
+
+def test_32_concurrent_clients_get_their_own_answers(server, policy, inputs):
+  images, instructions = inputs
+  expected = policy.batch(np.stack(images), instructions)
+  before = httpx.get(f'{server}/stats').json()
+  client = PolicyClient(server, timeout_s=60, retries=0)  # any failure fails the test
+
+  def robot(r):
+    for k in range(20):
+      i = (r + k) % len(images)
+      _assert_same(client.predict(images[i], instructions[i]), expected[i])
+    return r
+
+  deadline = time.monotonic() + 240
+  with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    done = list(pool.map(robot, range(32), timeout=240))
+  assert done == list(range(32)) and time.monotonic() < deadline
+  after = httpx.get(f'{server}/stats').json()
+  assert after['requests'] - before['requests'] == 640 and after['errors'] == before['errors']
+  batches = after['batches'] - before['batches']
+  assert batches < 640, 'concurrent requests were never batched together'
+
+
+# ---------------------------------------------------------------------------------------------
+# Server machinery with a scripted policy.
+
+
+def test_batch_buckets():
+  assert batch_buckets(1) == [1]
+  assert batch_buckets(8) == [1, 2, 4, 8]
+  assert batch_buckets(12) == [1, 2, 4, 8, 12]
+
+
+def test_batches_are_padded_to_buckets_and_never_exceed_max_batch():
+  policy = ScriptedPolicy(delay_s=0.05)
+  server, url = _start(policy, max_batch=4, max_wait_ms=20)
+  try:
+    client = PolicyClient(url)
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+      replies = list(pool.map(lambda i: client.predict(_image(i), 'x' * (i + 1)), range(10)))
+    for i, reply in enumerate(replies):
+      assert reply['vector'][1] == i + 1 and reply['vector'][0] == pytest.approx(_image(i).mean())
+    assert set(policy.batch_sizes) <= {1, 2, 4} and max(policy.batch_sizes) == 4
+  finally:
+    server.stop()
+
+
+def test_token_is_required_when_set():
+  server, url = _start(ScriptedPolicy(), token='s3cret')
+  try:
+    body = {'image': wire.b64encode_image(_image(0)), 'instruction': 'go'}
+    assert httpx.post(f'{url}/predict', json=body).status_code == 401
+    wrong = httpx.post(f'{url}/predict', json=body, headers={'authorization': 'Bearer nope'})
+    assert wrong.status_code == 401 and 'token' in wrong.json()['error']
+    assert httpx.get(f'{url}/metadata').status_code == 401
+    assert httpx.get(f'{url}/health').status_code == 200  # probes need no token
+    with pytest.raises(PolicyServerError, match='HTTP 401'):
+      PolicyClient(url).act(_image(0), 'go')
+    assert PolicyClient(url, token='s3cret').act(_image(0), 'go')['length'] == [2]
+  finally:
+    server.stop()
+
+
+def test_model_error_is_a_500_for_that_request_only():
+  gate = threading.Event()
+  policy = ScriptedPolicy(fail_on='explode', gate=gate)
+  server, url = _start(policy, max_batch=4, max_wait_ms=200)
+  try:
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+      futures = [pool.submit(httpx.post, f'{url}/predict', timeout=30, json={
+          'image': wire.b64encode_image(_image(i)), 'instruction': s})
+          for i, s in enumerate(['go', 'explode', 'stop'])]
+      time.sleep(0.3)  # let all three join one batch
+      gate.set()
+      responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200, 500, 200]
+    assert 'model error: RuntimeError' in responses[1].json()['error']
+    assert policy.batch_sizes[0] == 4  # they were batched together, then isolated
+    assert PolicyClient(url).act(_image(0), 'go again')['length'] == [8]
+  finally:
+    server.stop()
+
+
+def test_stop_drains_requests_in_flight_then_refuses_connections():
+  gate = threading.Event()
+  policy = ScriptedPolicy(gate=gate)
+  server, url = _start(policy, max_batch=2, max_wait_ms=0)
+  with concurrent.futures.ThreadPoolExecutor(5) as pool:
+    futures = [pool.submit(httpx.post, f'{url}/predict', timeout=30, json={
+        'image': wire.b64encode_image(_image(i)), 'instruction': 'go'}) for i in range(5)]
+    deadline = time.monotonic() + 10
+    while policy.in_call + len(server.batcher._pending) < 5:  # all five are in the server
+      assert time.monotonic() < deadline
+      time.sleep(0.01)
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    time.sleep(0.3)
+    assert stopper.is_alive(), 'stop() returned before the requests in flight finished'
+    with pytest.raises(httpx.ConnectError):
+      httpx.get(f'{url}/health', timeout=2)
+    gate.set()
+    stopper.join(30)
+    responses = [f.result() for f in futures]
+  assert [r.status_code for r in responses] == [200] * 5
+  assert not stopper.is_alive()
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_drains_a_real_server_process(tmp_path):
+  workdir = tiny_policy.write_checkpoint(tmp_path / 'run')
+  port = _free_port()
+  url = f'http://127.0.0.1:{port}'
+  log = open(tmp_path / 'server.log', 'w+')  # noqa: SIM115
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'rt2_jax.serve', f'--workdir={workdir}', f'--port={port}',
+       '--max_batch=2'], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.monotonic() + 300
+    while True:
+      assert proc.poll() is None and time.monotonic() < deadline, 'server did not come up'
+      with contextlib.suppress(httpx.TransportError):
+        if httpx.get(f'{url}/health', timeout=1).status_code == 200:
+          break
+      time.sleep(0.2)
+    shape = wire.image_shape(httpx.get(f'{url}/metadata').json())
+    images = [_image(i, shape) for i in range(256)]
+    client = PolicyClient(url, retries=0, timeout_s=300)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      # 256 examples at max_batch=2 are 128 policy calls: still running when SIGTERM lands.
+      future = pool.submit(client.predict_batch, images, ['go'] * 256)
+      while httpx.get(f'{url}/stats').json()['queued'] == 0:
+        assert not future.done(), 'the request finished before it could be interrupted'
+        time.sleep(0.005)
+      proc.send_signal(signal.SIGTERM)
+      outputs = future.result(300)
+    assert len(outputs) == 256 and all(o['tokens'].shape == (7,) for o in outputs)
+    assert proc.wait(60) == 0
+    with pytest.raises(httpx.ConnectError):
+      httpx.get(f'{url}/health')
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    log.seek(0)
+    print(log.read()[-5000:])
+    log.close()
