@@ -14,7 +14,8 @@ Offline (teacher-free: the deployed greedy, action-constrained decode):
     VQA exact match, caption exact match, token F1 and BLEU-4.
 Closed loop (config.eval.env == 'metaworld'), seeded episodes through `rt2_jax.policy.Policy`,
 `eval.num_envs` environments stepping together (one `policy.batch` per step), in categories like
-RT-2's: seen (training scenes), unseen_positions (held-out seeds: new goal/object positions),
+RT-2's: seen (training scenes: the demos' seeds, so at most as many as there are demos),
+unseen_positions (held-out seeds: new goal/object positions),
 unseen_instructions (same held-out seeds, paraphrased instructions), unseen_tasks (held-out
 tasks). The scripted expert and a random policy run on the same episodes (cached per episode
 list). Success rates carry 95% Wilson intervals.
