@@ -6,10 +6,12 @@ process (the load generator never shares its interpreter), bound to 127.0.0.1. W
 parameters into a temporary directory (speed does not depend on the weights).
 
 For each server setting (no batching: max_batch=1; batching: max_batch=B, max_wait_ms=W) and
-each load level, C clients (asyncio + httpx, msgpack bodies with raw uint8 images) each send R
-requests back to back (a closed loop, like robots that wait for their action). Every scenario is
+each load level, C clients (msgpack bodies with raw uint8 images) each send R requests back to
+back (a closed loop, like robots that wait for their action) over keep-alive connections (a
+minimal asyncio HTTP/1.1 client: httpx would cost more CPU than the server). Every scenario is
 bounded in request count and in time (`--max_seconds`). Reported: p50/p99/mean latency,
-requests/s, and the server's mean batch size (from /stats).
+requests/s, and the server's mean batch size (from /stats); and, for reference, the policy alone
+(`policy.batch` in this process, no HTTP) at batch 1 and B, the ceiling a server can reach.
 
   python benchmarks/serve.py --out=/tmp/serve.json
   python benchmarks/serve.py --workdir=RUN --clients=1,16,32 --requests=100
@@ -63,6 +65,31 @@ def write_random_checkpoint(workdir: str, config_spec: str, overrides: list[str]
   ckpt.close()
 
 
+def policy_alone(workdir: str, batch_sizes: list[int], seconds: float = 3.0) -> list[dict]:
+  """`policy.batch` in this process, no HTTP: the most a server could get out of the model."""
+  from rt2_jax.policy import Policy
+
+  policy = Policy.from_checkpoint(workdir, batch_buckets=batch_sizes)
+  s, rows = policy.image_size, []
+  for b in batch_sizes:
+    images = np.random.default_rng(0).integers(0, 256, (b, s, s, 3), dtype=np.uint8)
+    instructions = ['put carrot on plate'] * b
+    policy.batch(images, instructions)  # compile
+    times, stop = [], time.perf_counter() + seconds
+    while time.perf_counter() < stop or len(times) < 5:
+      t0 = time.perf_counter()
+      policy.batch(images, instructions)
+      times.append(time.perf_counter() - t0)
+    lat = np.asarray(times) * 1000
+    rows.append({'setting': 'policy only', 'clients': 0, 'max_batch': b, 'max_wait_ms': 0.0,
+                 'requests': len(times) * b, 'errors': 0, 'mean_batch': float(b),
+                 'p50_ms': float(np.percentile(lat, 50)), 'p99_ms': float(np.percentile(lat, 99)),
+                 'mean_ms': float(lat.mean()), 'req_per_s': b * len(times) / (lat.sum() / 1000)})
+    print(f'[policy only] batch {b}: {rows[-1]["p50_ms"]:.1f} ms a call, '
+          f'{rows[-1]["req_per_s"]:.1f} examples/s', flush=True)
+  return rows
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -111,34 +138,70 @@ class ServerProcess:
     return self.proc.returncode
 
 
+class _Connection:
+  """A minimal keep-alive HTTP/1.1 client on asyncio streams.
+
+  httpx costs about 4 ms of CPU a request, more than the server itself; on a small machine the
+  load generator would then measure mostly itself. This sends the same bytes for a fraction.
+  """
+
+  def __init__(self, host: str, port: int):
+    self.host, self.port = host, port
+    self.reader = self.writer = None
+
+  async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    if self.writer is None:
+      self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+    self.writer.write(f'POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n'
+                      f'Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n'
+                      .encode() + body)
+    head = await self.reader.readuntil(b'\r\n\r\n')
+    lines = head.decode('latin-1').split('\r\n')
+    status = int(lines[0].split()[1])
+    headers = dict(line.split(':', 1) for line in lines[1:] if ':' in line)
+    length = int({k.lower(): v for k, v in headers.items()}.get('content-length', 0))
+    payload = await self.reader.readexactly(length)
+    if 'close' in {k.lower(): v.lower() for k, v in headers.items()}.get('connection', ''):
+      self.close()
+    return status, payload
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+    self.reader = self.writer = None
+
+
 async def run_load(url: str, bodies: list[bytes], clients: int, requests: int,
                    max_seconds: float) -> dict:
   """`clients` closed-loop clients x `requests` each; latencies of the successful requests."""
+  host, port = url.removeprefix('http://').split(':')
   latencies, errors = [], []
   deadline = time.perf_counter() + max_seconds
-  limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-  async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
 
-    async def client(c: int):
+  async def client(c: int):
+    connection = _Connection(host, int(port))
+    try:
       for r in range(requests):
         if time.perf_counter() > deadline:
           return
         body = bodies[(c + r) % len(bodies)]
         t0 = time.perf_counter()
         try:
-          response = await http.post('/predict', content=body,
-                                     headers={'content-type': wire.MSGPACK_TYPE})
-        except httpx.TransportError as e:
+          status, payload = await connection.post('/predict', body, wire.MSGPACK_TYPE)
+        except (OSError, asyncio.IncompleteReadError) as e:
           errors.append(f'{type(e).__name__}: {e}')
+          connection.close()
           continue
-        if response.status_code != 200:
-          errors.append(f'HTTP {response.status_code}: {response.text[:200]}')
+        if status != 200:
+          errors.append(f'HTTP {status}: {payload[:200]!r}')
           continue
         latencies.append(time.perf_counter() - t0)
+    finally:
+      connection.close()
 
-    start = time.perf_counter()
-    await asyncio.gather(*(client(c) for c in range(clients)))
-    wall = time.perf_counter() - start
+  start = time.perf_counter()
+  await asyncio.gather(*(client(c) for c in range(clients)))
+  wall = time.perf_counter() - start
   lat = np.asarray(latencies) * 1000
   return {
       'clients': clients, 'requests': len(latencies), 'errors': len(errors),
@@ -154,7 +217,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', default='', help='serve this run (default: random tiny init)')
   parser.add_argument('--config', default='tiny', help='config of the random init')
-  parser.add_argument('--clients', default='1,16', help='comma-separated load levels')
+  parser.add_argument('--clients', default='1,8,32', help='comma-separated load levels')
   parser.add_argument('--requests', type=int, default=40, help='requests per client')
   parser.add_argument('--max_batch', type=int, default=8, help='batch size of the batching run')
   parser.add_argument('--max_wait_ms', type=float, default=2.0)
@@ -170,7 +233,7 @@ def main() -> None:
       write_random_checkpoint(workdir, args.config, [])
     settings = [('no batching', 1, 0.0), (f'batch<={args.max_batch}', args.max_batch,
                                           args.max_wait_ms)]
-    rows, meta = [], {}
+    rows, meta = policy_alone(workdir, [1, args.max_batch]), {}
     for name, max_batch, max_wait_ms in settings:
       server = ServerProcess(f'--workdir={workdir}', max_batch, max_wait_ms,
                              os.path.join(tmp, f'server_{max_batch}.log'))
@@ -206,9 +269,11 @@ def main() -> None:
             f'{"p99 ms":>8} {"req/s":>8} {"mean batch":>10}')
   print('\n' + header + '\n' + '-' * len(header))
   for r in rows:
-    print(f'{r["setting"]:<14} {r["clients"]:>7} {r["requests"]:>8} {r["errors"]:>6} '
+    print(f'{r["setting"]:<14} {r["clients"] or "-":>7} {r["requests"]:>8} {r["errors"]:>6} '
           f'{r["p50_ms"]:>8.1f} {r["p99_ms"]:>8.1f} {r["req_per_s"]:>8.1f} '
           f'{r["mean_batch"]:>10.2f}')
+  print('(policy only: latency of one policy.batch call of `mean batch` examples, no HTTP; '
+        'req/s = examples/s)')
   report = {'model': meta.get('model_id', ''), 'image_shape': list(wire.image_shape(meta)),
             'cpu_count': os.cpu_count(), 'results': rows}
   if args.out:
