@@ -271,7 +271,8 @@ def load_params(path: str | os.PathLike, step: int | None = None, abstract_param
   step = step if step is not None else step_in_path
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
+                     'meta': ocp.JsonCheckpointHandler()})
   try:
     steps = sorted(manager.all_steps())
     if not steps:

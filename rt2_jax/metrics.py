@@ -87,6 +87,32 @@ class EventWriter:
     self._file.close()
 
 
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value), ...]} from every event file in `logdir` (checks the record CRCs)."""
+  from tensorboard.compat.proto import event_pb2
+
+  out: dict[str, list[tuple[int, float]]] = {}
+  for name in sorted(os.listdir(logdir)):
+    if not name.startswith('events.out.tfevents.'):
+      continue
+    with open(os.path.join(logdir, name), 'rb') as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      header = data[pos:pos + 8]
+      (length,) = struct.unpack('<Q', header)
+      record = data[pos + 12:pos + 12 + length]
+      (header_crc,) = struct.unpack('<I', data[pos + 8:pos + 12])
+      (record_crc,) = struct.unpack('<I', data[pos + 12 + length:pos + 16 + length])
+      if header_crc != _masked_crc(header) or record_crc != _masked_crc(record):
+        raise ValueError(f'corrupt record at byte {pos} of {name}')
+      pos += 16 + length
+      event = event_pb2.Event.FromString(record)
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((int(event.step), float(v.simple_value)))
+  return out
+
+
 def average(metrics: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
   """Mean over steps; a vector metric `name` [k] becomes `name/<i>` (or `name/<label>`)."""
   out = {}
@@ -123,7 +149,8 @@ class MetricLogger:
     self._last_time, self._last_step = time.perf_counter(), step
 
   def add(self, metrics) -> None:
-    self._pending.append(metrics)
+    if self.enabled:  # only the main process fetches and reports
+      self._pending.append(metrics)
 
   def write(self, step: int) -> dict[str, float]:
     """Fetches the pending metrics (the one host sync), logs them, returns the averages."""

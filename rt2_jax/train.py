@@ -164,6 +164,20 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
   return train_step
 
 
+def barrier(name: str, timeout_s: int = 1800) -> None:
+  """Waits until every process gets here (no-op for one process)."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the coordination service's barrier takes a timeout
+
+  client = getattr(distributed.global_state, 'client', None)
+  if client is not None and hasattr(client, 'wait_at_barrier'):
+    client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+  else:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 class Preemption:
   """SIGTERM -> save and stop, at a step every process agrees on."""
 
@@ -250,8 +264,10 @@ class Setup:
   def jit_train_step(self, action_vocab, tokenizer):
     step_fn = make_train_step(self.model, self.tx, self.schedule, self.config, action_vocab,
                               tokenizer, self.batch_sharding)
+    # Metrics come back replicated, so every process can read them without a gather.
     return jax.jit(step_fn, in_shardings=(self.state_shardings, None),
-                   out_shardings=(self.state_shardings, None), donate_argnums=0)
+                   out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
+                   donate_argnums=0)
 
 
 def make_setup(config, mesh=None) -> Setup:
@@ -336,23 +352,31 @@ def train(config, workdir: str) -> dict:
                                 action_space.dim_names, enabled=is_main)
   preemption = Preemption()
   last, step = {}, start
+  batch = global_batch(next(data_iter))
   with setup.context():
-    while step < config.total_steps:
-      state, step_metrics = train_step(state, global_batch(next(data_iter)))
-      step += 1
-      logger.add(step_metrics)
-      if step == start + 1:  # throughput excludes compilation
-        jax.block_until_ready(state)
-        logger.start(step)
-      stop = preemption.reached(step)
-      if step % config.log_every == 0 or step == config.total_steps or stop:
-        last = logger.write(step)
-      if step % config.ckpt.every == 0 or step == config.total_steps or stop:
-        ckpt.save(step, state.as_dict(), data_iter.get_state(), meta)
-        if is_main:
-          print(f'saving checkpoint {step}' + (' (preempted)' if stop else ''), flush=True)
-      if stop:
-        break
+    # Compiled once, ahead of the loop: a batch of another shape fails instead of recompiling.
+    compiled_step = train_step.lower(state, batch).compile()
+  # Processes compile at different speeds; meet before the first collective, whose CPU (gloo)
+  # setup gives up after 30 s.
+  barrier('rt2_jax_train_compiled')
+  while True:
+    state, step_metrics = compiled_step(state, batch)
+    step += 1
+    logger.add(step_metrics)
+    if step == start + 1:  # throughput is measured from here
+      jax.block_until_ready(state)
+      logger.start(step)
+    stop = preemption.reached(step)
+    if step % config.log_every == 0 or step == config.total_steps or stop:
+      last = logger.write(step)
+    if step % config.ckpt.every == 0 or step == config.total_steps or stop:
+      # The data state counts the batches consumed so far: the next one is drawn after this.
+      ckpt.save(step, state.as_dict(), data_iter.get_state(), meta)
+      if is_main:
+        print(f'saving checkpoint {step}' + (' (preempted)' if stop else ''), flush=True)
+    if stop or step >= config.total_steps:
+      break
+    batch = global_batch(next(data_iter))
   ckpt.close()
   logger.close()
   if is_main:

@@ -47,3 +47,6 @@ def test_logger_writes_console_and_events_tensorflow_can_read(tmp_path):
       seen[(event.step, v.tag)] = v.simple_value
   assert seen[(2, 'loss')] == 0.5 and seen[(4, 'loss')] == 2.5
   np.testing.assert_allclose(seen[(4, 'action_error/x')], 0.25, rtol=1e-6)
+  ours = metrics.read_scalars(os.path.join(tmp_path, 'tensorboard'))
+  assert ours['loss'] == [(2, 0.5), (4, 2.5)]
+  assert {(s, t) for (s, t) in seen} == {(s, t) for t, v in ours.items() for s, _ in v}

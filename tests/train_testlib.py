@@ -74,15 +74,48 @@ _FAULT_DRIVER = textwrap.dedent('''
 ''')
 
 
-def run_train(workdir, overrides=None, fault=None, timeout=600, check=True):
-  """`fault`: dict(at_batch=, signal='SIGKILL'|'SIGTERM', after_ckpt=None|step)."""
+# One process reading what `count` processes would read: batches concatenated in process order
+# (= the rows each process contributes to the global batch).
+_EMULATE_DRIVER = textwrap.dedent('''
+    import sys
+    import numpy as np
+    from rt2_jax.data import pipeline
+    COUNT = {count}
+    make = pipeline.make_train_iterator
+
+    class Concatenated:
+      def __init__(self, args, kwargs):
+        self.shards = [make(*args[:4], i, COUNT, **kwargs) for i in range(COUNT)]
+      def __iter__(self):
+        return self
+      def __next__(self):
+        parts = [next(s) for s in self.shards]
+        return {{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}}
+      def get_state(self):
+        return {{'shards': [s.get_state() for s in self.shards]}}
+      def set_state(self, state):
+        for s, st in zip(self.shards, state['shards']):
+          s.set_state(st)
+
+    pipeline.make_train_iterator = lambda *a, **k: Concatenated(a, k)
+    from rt2_jax import config_flags, train
+    config_flags.run(train.main)
+''')
+
+
+def run_train(workdir, overrides=None, fault=None, timeout=600, check=True, devices=1,
+              emulate_processes=0):
+  """`fault`: dict(at_batch=, signal='SIGKILL'|'SIGTERM', after_ckpt=None|step).
+  `emulate_processes`: N = this one process reads the data of N processes."""
   argv = flags(overrides) + [f'--workdir={workdir}']
   if fault:
     code = _FAULT_DRIVER.format(workdir=str(workdir), **{'after_ckpt': None, **fault})
     cmd = [sys.executable, '-c', code, *argv]
+  elif emulate_processes:
+    cmd = [sys.executable, '-c', _EMULATE_DRIVER.format(count=emulate_processes), *argv]
   else:
     cmd = [sys.executable, '-m', 'rt2_jax.train', *argv]
-  result = subprocess.run(cmd, cwd=REPO_ROOT, env=env(), capture_output=True, text=True,
+  result = subprocess.run(cmd, cwd=REPO_ROOT, env=env(devices), capture_output=True, text=True,
                           timeout=timeout)
   if check and result.returncode != 0:
     raise AssertionError(f'trainer failed ({result.returncode}):\n{result.stdout}\n'
