@@ -105,7 +105,8 @@ def step_metric_sums(logits, batch, action_vocab, tokenizer) -> dict:
   return {'weight': weights.sum(), 'correct': (correct * weights).sum(),
           'action_weight': action_mask.sum(), 'action_correct': (correct * action_mask).sum(),
           'action_error_sum': error.sum(0), 'action_examples': has_action.sum().astype(jnp.float32),
-          'robot_examples': batch['is_robot'].sum().astype(jnp.float32)}
+          'robot_examples': batch['is_robot'].sum().astype(jnp.float32),
+          'examples': jnp.float32(batch['is_robot'].shape[0])}
 
 
 def finalize_metrics(sums: dict, loss_sum) -> dict:
@@ -114,7 +115,7 @@ def finalize_metrics(sums: dict, loss_sum) -> dict:
           'token_accuracy': sums['correct'] / jnp.maximum(sums['weight'], 1e-8),
           'action_accuracy': sums['action_correct'] / jnp.maximum(sums['action_weight'], 1e-8),
           'action_error': error, 'action_error_mean': error.mean(),
-          'robot_fraction': sums['robot_examples'] / sums['robot_examples'].size}
+          'robot_fraction': sums['robot_examples'] / sums['examples']}
 
 
 def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_spec_fn):
@@ -158,7 +159,7 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     out = finalize_metrics(sums, loss_sum)
-    out['grad_norm'] = optax.global_norm(grads)
+    out['grad_norm'] = optax.tree.norm(grads)
     out['learning_rate'] = schedule(state.step)
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), out
   return train_step

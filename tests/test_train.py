@@ -1,0 +1,167 @@
+"""Train step pieces: schedules, freezing, optimizer-state sharding, action metrics in real units,
+and one sharded step (data=4 x model=2) where gradient accumulation matches the full batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import train_testlib as lib
+from jax.sharding import PartitionSpec as P
+
+from rt2_jax import actions as actions_lib
+from rt2_jax import config_flags, optim, train
+from rt2_jax import vocab as vocab_lib
+from rt2_jax.data import pipeline
+
+
+def _config(**overrides):
+  return config_flags.load_config('configs/tiny.py', dict(lib.SMALL, **overrides))
+
+
+@pytest.mark.parametrize('name', ['rsqrt', 'cosine', 'constant'])
+def test_schedules(name):
+  config = _config(**{'optim.schedule': name, 'optim.warmup_steps': 10, 'optim.lr': 0.01,
+                      'total_steps': 110})
+  lr = optim.make_schedule(config.optim, config.total_steps)
+  assert float(lr(0)) == pytest.approx(0.001)  # warmup: (step + 1) / warmup
+  assert float(lr(9)) == pytest.approx(0.01)
+  later = {'rsqrt': 0.01 * np.sqrt(10 / 40), 'constant': 0.01, 'cosine': 0.005}[name]
+  assert float(lr(39 if name == 'rsqrt' else 60)) == pytest.approx(later, rel=1e-5)
+  if name == 'cosine':
+    assert float(lr(110)) == pytest.approx(0.0, abs=1e-9)
+  with pytest.raises(ValueError, match="unknown optim.schedule 'linear'"):
+    optim.make_schedule(_config(**{'optim.schedule': 'linear'}).optim, 10)
+
+
+def test_freeze_gives_zero_updates_and_no_state():
+  params = {'vit': {'kernel': jnp.ones((4, 8))}, 'lm': {'kernel': jnp.ones((8, 4))}}
+  for name in ('adafactor', 'adamw'):
+    tx, _ = optim.make_optimizer(_config(freeze='^vit/', **{'optim.name': name}), params)
+    state = tx.init(params)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert not np.any(np.asarray(updates['vit']['kernel']))
+    assert np.all(np.asarray(updates['lm']['kernel']) != 0)
+    frozen_leaves = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+                     if 'vit' in jax.tree_util.keystr(path)]
+    assert frozen_leaves == []  # the frozen tower carries no optimizer state
+  with pytest.raises(ValueError, match=r"matches no parameter; paths look like: lm/kernel"):
+    optim.make_optimizer(_config(freeze='^encoder/'), params)
+  with pytest.raises(ValueError, match='freezes every parameter'):
+    optim.make_optimizer(_config(freeze='.'), params)
+
+
+def test_opt_state_specs_follow_the_parameters():
+  params = {'mlp': {'kernel': jax.ShapeDtypeStruct((256, 384), jnp.float32),
+                    'bias': jax.ShapeDtypeStruct((384,), jnp.float32)}}
+  specs = {'mlp': {'kernel': P('fsdp', 'model'), 'bias': P('model')}}
+  for name in ('adafactor', 'adamw'):
+    tx, _ = optim.make_optimizer(_config(**{'optim.name': name}), params)
+    opt_shapes = jax.eval_shape(tx.init, params)
+    got = optim.opt_state_specs(opt_shapes, params, specs)
+    flat = {jax.tree_util.keystr(p): (s, leaf.shape) for (p, s), leaf in zip(
+        jax.tree_util.tree_flatten_with_path(got, is_leaf=lambda x: isinstance(x, P))[0],
+        jax.tree.leaves(opt_shapes), strict=True)}
+    for key, (spec, shape) in flat.items():
+      if shape == (256, 384):
+        assert spec == P('fsdp', 'model'), key
+      elif shape == (256,):  # Adafactor's row statistics: the column dimension reduced away
+        assert spec == P('fsdp'), key
+      elif shape == (384,) and 'kernel' in key:
+        assert spec == P('model'), key
+      elif shape in ((), (1,)):
+        assert spec == P(), key
+
+
+@pytest.fixture(scope='module')
+def action_setup():
+  config = _config()
+  space = pipeline.action_space(config)
+  stats = actions_lib.NormStats.compute(
+      np.random.default_rng(0).uniform(-0.05, 0.05, (200, space.dim)))
+  vocab, action_vocab = vocab_lib.from_config(config, space)
+  tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
+  return config, space, action_vocab, tokenizer
+
+
+def _batch(config, space, action_vocab, tokenizer, seed=0):
+  """Robot examples: [action tokens..., EOS] targets, with 2 web rows (no action tokens)."""
+  rng = np.random.default_rng(seed)
+  b, length, num_pos = config.batch_size * 2, config.data.max_target_len, space.num_positions
+  actions = rng.uniform(-0.05, 0.05, (b, space.dim)).astype(np.float32)
+  actions[:, -1] = rng.integers(0, 2, b)
+  ids = action_vocab.bins_to_ids(tokenizer.encode(actions))
+  targets = np.zeros((b, length), np.int32)
+  targets[:, 1:1 + num_pos] = ids  # one text token before the actions
+  targets[:, 0] = 5
+  targets[:, 1 + num_pos] = 1
+  weights = (targets != 0).astype(np.float32)
+  action_mask = np.zeros((b, length), np.float32)
+  action_mask[:, 1:1 + num_pos] = 1
+  is_robot = np.ones(b, bool)
+  is_robot[:2] = False
+  action_mask[:2] = 0
+  actions[:2] = 0
+  size = config.model.image_size
+  return {'image': rng.integers(0, 255, (b, size, size, 3), dtype=np.uint8),
+          'encoder_input_tokens': rng.integers(3, 100, (b, config.data.max_input_len)).astype(
+              np.int32),
+          'decoder_input_tokens': np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]],
+                                                 1),
+          'decoder_target_tokens': targets, 'decoder_loss_weights': weights,
+          'is_robot': is_robot, 'action_loss_mask': action_mask, 'actions': actions}
+
+
+def test_action_metrics_decode_the_constrained_argmax(action_setup):
+  config, space, action_vocab, tokenizer = action_setup
+  batch = _batch(config, space, action_vocab, tokenizer)
+  b, length = batch['decoder_target_tokens'].shape
+  vocab_size = config.model.vocab_size
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(b, length, vocab_size)).astype(np.float32)
+  # At each action position, make one allowed token the best action token, and an unrelated
+  # text token better still: the metric must ignore the latter (constrained argmax).
+  chosen = rng.integers(0, action_vocab.num_allowed, (b, space.num_positions))
+  chosen_ids = action_vocab.bins_to_ids(chosen)
+  text_token = next(i for i in range(3, vocab_size) if i not in set(action_vocab.action_token_ids))
+  for i in range(b):
+    for p in range(space.num_positions):
+      logits[i, 1 + p, chosen_ids[i, p]] = 50.0
+      logits[i, 1 + p, text_token] = 100.0
+  sums = jax.jit(lambda lg, bt: train.step_metric_sums(lg, bt, action_vocab, tokenizer))(
+      logits, batch)
+  expected = np.abs(tokenizer.decode(chosen) - batch['actions'])[2:].sum(0)
+  np.testing.assert_allclose(np.asarray(sums['action_error_sum']), expected, rtol=1e-5, atol=1e-6)
+  assert float(sums['action_examples']) == b - 2
+  assert float(sums['action_correct']) == 0.0  # the text token wins the plain argmax
+
+
+@pytest.mark.slow  # compiles init and two steps on 8 devices: about 1-2 min on 2 cores
+def test_sharded_step_with_accumulation_matches_full_batch(action_setup):
+  config, space, action_vocab, tokenizer = action_setup
+  mesh_overrides = {'mesh.data': 4, 'mesh.model': 2, 'batch_size': 8}
+  setups = {}
+  for accum in (1, 2):
+    cfg = _config(**mesh_overrides, **{'optim.grad_accum_steps': accum})
+    setups[accum] = train.make_setup(cfg)
+  setup = setups[1]
+  assert dict(setup.mesh.shape) == {'data': 4, 'fsdp': 1, 'model': 2}
+  specs = [s.spec for s in jax.tree.leaves(setup.state_shardings.params)]
+  assert any('model' in tuple(spec) for spec in specs)  # tensor-parallel parameters
+
+  state = setup.init_state(jax.random.PRNGKey(0))
+  batch = _batch(setups[1].config, space, action_vocab, tokenizer)
+  batch = {k: v[:8] for k, v in batch.items()}
+  global_batch = {k: jax.device_put(v, setup.batch_sharding(v.ndim)) for k, v in batch.items()}
+  out = {}
+  for accum, s in setups.items():
+    copy = jax.tree.map(jnp.copy, state)
+    new_state, metrics = s.jit_train_step(action_vocab, tokenizer)(copy, global_batch)
+    out[accum] = (jax.device_get(new_state.params), jax.device_get(metrics))
+  np.testing.assert_allclose(out[1][1]['loss'], out[2][1]['loss'], rtol=1e-5)
+  np.testing.assert_allclose(out[1][1]['grad_norm'], out[2][1]['grad_norm'], rtol=1e-4)
+  np.testing.assert_allclose(out[1][1]['action_error'], out[2][1]['action_error'], rtol=1e-5)
+  assert out[1][1]['robot_fraction'] == pytest.approx(0.75)
+  for a, b in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[2][0]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert int(new_state.step) == 1
+  assert not np.array_equal(jax.tree.leaves(out[1][0])[0], jax.tree.leaves(state.params)[0])
