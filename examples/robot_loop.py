@@ -30,6 +30,10 @@ DEFAULT_RLDS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'shared', 'data', 'bridge_dataset', '1.0.0')
 
 
+def _fmt(vector) -> str:
+  return ' '.join(f'{v:+.3f}' for v in np.ravel(vector))
+
+
 class ReplayRobot:
   """Camera frames and recorded actions of one RLDS episode (Bridge layout)."""
 
@@ -49,8 +53,10 @@ class ReplayRobot:
 
   def apply(self, action: dict) -> None:
     commanded = np.concatenate([np.ravel(v) for v in action.values()])
-    print(f'  step {self.t}: commanded {np.round(commanded, 3).tolist()}\n'
-          f'          recorded  {np.round(self.recorded[self.t], 3).tolist()}')
+    line = f'  step {self.t}: commanded {_fmt(commanded)}'
+    if len(self.recorded[self.t]):
+      line += f'\n          recorded  {_fmt(self.recorded[self.t])}'
+    print(line)
     self.t += 1
 
   def hold(self) -> None:

@@ -13,7 +13,9 @@ tf = pytest.importorskip('tensorflow')
 import tensorflow_text  # noqa: E402, F401  (registers the SentencePiece ops of the export)
 
 from rt2_jax import export  # noqa: E402
+from rt2_jax.client import PolicyClient  # noqa: E402
 from rt2_jax.policy import Policy  # noqa: E402
+from rt2_jax.serve import PolicyServer, ServeConfig  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTRUCTIONS = ['pick up the cup', '  put carrot on plate\n', 'wipe the table',
@@ -78,6 +80,14 @@ def test_savedmodel_policy_adapter_and_metadata(exported):
     np.testing.assert_array_equal(got.tokens, want.tokens)
     for name in want.action:
       np.testing.assert_allclose(got.action[name], want.action[name], rtol=1e-5, atol=1e-6)
+  # `rt2_jax.serve --saved_model` serves the adapter like a Policy.
+  server = PolicyServer(adapter, ServeConfig(port=0, warmup=False))
+  try:
+    reply = PolicyClient(server.start()).predict(images[0], INSTRUCTIONS[-1])
+    np.testing.assert_array_equal(reply['tokens'], want.tokens)
+    np.testing.assert_allclose(reply['vector'], want.vector, rtol=1e-5, atol=1e-6)
+  finally:
+    server.stop()
 
 
 def test_empty_instruction_is_refused_in_graph(exported):
