@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 TMP_MARKER = '.orbax-checkpoint-tmp'
 
 
+class MismatchError(ValueError):
+  """A readable checkpoint whose arrays do not fit the model/optimizer being restored."""
+
+
 @dataclasses.dataclass(frozen=True)
 class InferenceBundle:
   """Everything a Policy needs: see docs/interfaces.md."""
@@ -197,7 +201,7 @@ class Checkpointer:
     """
     for step in reversed(self.all_steps()):
       try:
-        saved = _array_shapes_from_metadata(self._manager.item_metadata(step)['state'].tree)
+        saved = array_shapes(self._manager.item_metadata(step)['state'].tree)
       except Exception:  # noqa: BLE001 - unreadable metadata: decided below like a bad restore
         saved = None
       if saved is not None:
@@ -231,25 +235,42 @@ def _path_name(path) -> str:
   return '.'.join(parts)
 
 
-def _array_shapes_from_metadata(tree_metadata) -> dict[str, tuple]:
+def array_shapes(tree_metadata) -> dict[str, tuple]:
+  """{'a.b.c': shape} of an orbax tree metadata."""
   leaves = jax.tree_util.tree_flatten_with_path(
       tree_metadata, is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))[0]
   return {_path_name(p): tuple(m.shape) for p, m in leaves if m is not None}
 
 
-def _check_matches(saved: dict[str, tuple], abstract_state, where: str) -> None:
+def _mismatches(saved: dict[str, tuple], abstract_tree) -> list[str]:
   wanted = {_path_name(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]}
   problems = [f'{k}: missing in the checkpoint' for k in sorted(set(wanted) - set(saved))]
   problems += [f'{k}: in the checkpoint, not in this run' for k in sorted(set(saved) - set(wanted))]
   problems += [f'{k}: checkpoint shape {saved[k]}, this run {wanted[k]}'
                for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
+  return problems
+
+
+def _shown(problems: list[str]) -> str:
+  return '; '.join(problems[:4]) + (f'; ... ({len(problems)} in all)' if len(problems) > 4 else '')
+
+
+def _check_matches(saved: dict[str, tuple], abstract_state, where: str) -> None:
+  problems = _mismatches(saved, abstract_state)
   if problems:
-    shown = '; '.join(problems[:4]) + (f'; ... ({len(problems)} in all)' if len(problems) > 4 else '')
-    raise ValueError(
-        f'checkpoint {where} does not match this run\'s model/optimizer config ({shown}). '
-        'Resume with the config it was written with, use a new --workdir, or start from its '
-        'parameters with --config.init_from=<that workdir>.')
+    raise MismatchError(
+        f'checkpoint {where} does not match this run\'s model/optimizer config '
+        f'({_shown(problems)}). Resume with the config it was written with, use a new --workdir, '
+        'or start from its parameters with --config.init_from=<that workdir>.')
+
+
+def check_params_match(saved: dict[str, tuple], abstract_params, where: str) -> None:
+  """Raises naming the parameters whose shapes differ between a checkpoint and the model."""
+  problems = _mismatches(saved, abstract_params)
+  if problems:
+    raise MismatchError(f'parameters in {where} do not fit this model ({_shown(problems)}): check '
+                     'that the --config model shapes are those the checkpoint was made with')
 
 
 def _abstract_params_from_metadata(tree_metadata, sharding) -> Any:
@@ -289,6 +310,8 @@ def load_params(path: str | os.PathLike, step: int | None = None, abstract_param
               tree_md, sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
         else:
           target = abstract_params
+          check_params_match(array_shapes(manager.item_metadata(s)['state'].tree['params']),
+                             target, f'{directory}/{s}')
         restored = manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
                 {'params': target},
@@ -297,7 +320,7 @@ def load_params(path: str | os.PathLike, step: int | None = None, abstract_param
             meta=ocp.args.JsonRestore()))
         return restored['state']['params'], restored['meta'], int(s)
       except Exception as e:  # noqa: BLE001 - try an older checkpoint, report all at the end
-        if step is not None:
+        if step is not None or isinstance(e, MismatchError):
           raise
         log.warning('checkpoint %s/%d cannot be read (%s: %s); trying the previous one',
                     directory, s, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else '')

@@ -211,25 +211,26 @@ def build_data(config, stats=None):
 
 
 def init_params_from(path: str, abstract_params):
-  """Parameters of another run's checkpoint or of a converted pretrained checkpoint."""
+  """Parameters of another run's checkpoint or of a converted pretrained checkpoint
+  (`python -m rt2_jax.weights.convert`), restored straight into the run's shardings."""
   if os.path.isdir(os.path.join(path, 'checkpoints')) or os.path.isdir(os.path.join(path, 'state')):
     params, _, step = checkpoints.load_params(path, abstract_params=abstract_params)
     print(f'initialized parameters from {path} (step {step})', flush=True)
     return params
+  import orbax.checkpoint as ocp
+
   from rt2_jax import weights
-  loaded = weights.load_converted(path)
-  loaded = loaded.get('params', loaded) if isinstance(loaded, dict) else loaded
-  want = {'/'.join(map(str, k)): v.shape for k, v in flax.traverse_util.flatten_dict(
-      abstract_params).items()}
-  got = {'/'.join(map(str, k)): np.shape(v) for k, v in flax.traverse_util.flatten_dict(
-      loaded).items()}
-  bad = sorted(k for k in want if got.get(k) != want[k])
-  if bad:
-    raise ValueError(f'converted checkpoint {path} does not fit the model: '
-                     + '; '.join(f'{k}: {got.get(k, "missing")} vs {want[k]}' for k in bad[:4]))
+  from rt2_jax.weights import convert
+
+  params_dir = os.path.join(os.path.abspath(path), convert.PARAMS_DIR)
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f'--config.init_from={path}: neither a run (workdir/checkpoints, '
+                            f'or a step dir) nor a converted checkpoint ({convert.PARAMS_DIR}/)')
+  metadata = ocp.StandardCheckpointer().metadata(params_dir)
+  tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+  checkpoints.check_params_match(checkpoints.array_shapes(tree), abstract_params, path)
   print(f'initialized parameters from converted checkpoint {path}', flush=True)
-  return jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding),
-                      loaded, abstract_params)
+  return weights.load_converted(path, target=abstract_params)
 
 
 @dataclasses.dataclass
@@ -279,7 +280,8 @@ def make_setup(config, mesh=None) -> Setup:
   accum = int(config.optim.grad_accum_steps)
   if accum < 1 or config.batch_size % (n_batch_shards * accum):
     raise ValueError(f'batch_size={config.batch_size} must divide by data x fsdp = '
-                     f'{n_batch_shards} times optim.grad_accum_steps={accum}')
+                     f'{n_batch_shards} times optim.grad_accum_steps={accum} (see --config.mesh.* '
+                     f'on these {mesh.devices.size} devices)')
   if config.batch_size % jax.process_count():
     raise ValueError(f'batch_size={config.batch_size} must divide by the {jax.process_count()} '
                      'processes')

@@ -165,3 +165,38 @@ def test_sharded_step_with_accumulation_matches_full_batch(action_setup):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   assert int(new_state.step) == 1
   assert not np.array_equal(jax.tree.leaves(out[1][0])[0], jax.tree.leaves(state.params)[0])
+
+
+def test_init_from_a_run_or_a_converted_checkpoint(tmp_path):
+  import orbax.checkpoint as ocp
+
+  from rt2_jax import checkpoints
+
+  setup = train.make_setup(_config(batch_size=8))
+  abstract = setup.abstract_state.params
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), abstract)
+
+  converted = tmp_path / 'converted'
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(converted / 'params', params)
+  checkpointer.wait_until_finished()
+  run = tmp_path / 'run'
+  ckpt = checkpoints.Checkpointer(str(run), async_save=False)
+  ckpt.save(7, {'params': params, 'opt_state': {}, 'step': np.int32(7),
+                'rng': np.zeros(2, np.uint32)}, None, {'config': '{}'})
+  ckpt.close()
+
+  for source in (converted, run):
+    got = train.init_params_from(str(source), abstract)
+    for a, b, spec in zip(jax.tree.leaves(got), jax.tree.leaves(params),
+                          jax.tree.leaves(abstract), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), b)
+      assert a.sharding == spec.sharding
+
+  wider = train.make_setup(_config(batch_size=8, **{'model.t5.mlp_dim': 128})).abstract_state.params
+  for source in (converted, run):
+    with pytest.raises(checkpoints.MismatchError, match=r'mlp.*checkpoint shape \(32, 64\)'):
+      train.init_params_from(str(source), wider)
+  with pytest.raises(FileNotFoundError, match='neither a run'):
+    train.init_params_from(str(tmp_path), abstract)
