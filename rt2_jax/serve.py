@@ -229,9 +229,13 @@ class Batcher:
       if not items:
         continue
       t0 = time.perf_counter()
-      results = await loop.run_in_executor(
-          self._executor, self._run_isolated, [i.image for i in items],
-          [i.instruction for i in items])
+      try:
+        results = await loop.run_in_executor(
+            self._executor, self._run_isolated, [i.image for i in items],
+            [i.instruction for i in items])
+      except Exception as e:  # noqa: BLE001  (the worker must survive anything; answer 500)
+        log.exception('batch failed outside the policy')
+        results = [ModelError(f'{type(e).__name__}: {e}')] * len(items)
       self.batch_time_s += time.perf_counter() - t0
       self.num_batches += 1
       self.num_requests += len(items)

@@ -283,6 +283,25 @@ def test_model_error_is_a_500_for_that_request_only():
     server.stop()
 
 
+def test_slow_model_gives_504_and_a_full_queue_503():
+  gate = threading.Event()
+  policy = ScriptedPolicy(gate=gate)
+  server, url = _start(policy, max_batch=1, max_wait_ms=0, max_queue=2, request_timeout_s=1.0)
+  try:
+    body = {'image': wire.b64encode_image(_image(0)), 'instruction': 'go'}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+      futures = [pool.submit(httpx.post, f'{url}/predict', json=body, timeout=30)
+                 for _ in range(6)]
+      statuses = sorted(f.result().status_code for f in futures)
+    # One request holds the policy, two wait in the queue (both time out), three are refused.
+    assert statuses == [503, 503, 503, 504, 504, 504], statuses
+    gate.set()
+    assert PolicyClient(url).act(_image(0), 'go')['length'] == [2]
+  finally:
+    gate.set()
+    server.stop()
+
+
 def test_stop_drains_requests_in_flight_then_refuses_connections():
   gate = threading.Event()
   policy = ScriptedPolicy(gate=gate)
