@@ -102,7 +102,7 @@ class PolicyClient:
       h, w, _ = wire.image_shape(meta)
       if image.shape[:2] != (h, w):
         # The policy's own resize (its data spec's stretch / center_crop / pad), as in training.
-        from rt2_jax.policy import resize_image  # noqa: PLC0415  (imports JAX: only when needed)
+        from rt2_jax.policy import resize_image  # imports JAX: only when needed
 
         image = resize_image(image, h, meta.get('resize', 'stretch'))
     return image

@@ -42,6 +42,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -562,8 +563,6 @@ class PolicyServer:
   background thread on a free loopback port (tests, benchmarks) and `stop()` drains it."""
 
   def __init__(self, policy, config: ServeConfig = ServeConfig(), log_level: str = 'warning'):
-    import uvicorn  # noqa: PLC0415
-
     self.config = config
     self.batcher = Batcher(policy, wire.image_shape(metadata_dict(policy)), config)
     if config.warmup:
@@ -623,7 +622,7 @@ def _read_token(flag_token: str, token_file: str) -> str:
 
 
 def main(argv) -> None:
-  from absl import flags  # noqa: PLC0415
+  from absl import flags
 
   del argv
   f = flags.FLAGS
@@ -634,11 +633,11 @@ def main(argv) -> None:
   logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(name)s: %(message)s')
   logging.getLogger('rt2_jax').setLevel(logging.INFO)
   if f.saved_model:
-    from rt2_jax.export import SavedModelPolicy  # noqa: PLC0415
+    from rt2_jax.export import SavedModelPolicy
 
     policy = SavedModelPolicy.load(f.saved_model)
   else:
-    from rt2_jax.policy import Policy  # noqa: PLC0415
+    from rt2_jax.policy import Policy
 
     # The policy pads to the same bucket sizes as the batcher: one compile per bucket.
     policy = Policy.from_checkpoint(f.workdir, step=f.checkpoint,
@@ -651,7 +650,7 @@ def main(argv) -> None:
 
 
 def _define_flags() -> None:
-  from absl import flags  # noqa: PLC0415
+  from absl import flags
 
   flags.DEFINE_string('workdir', '', 'training workdir (or its checkpoints/ dir) to serve')
   flags.DEFINE_integer('checkpoint', None, 'checkpoint step; default the latest')

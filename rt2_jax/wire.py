@@ -90,7 +90,7 @@ def b64encode_image(image: np.ndarray, fmt: str = 'png') -> str:
   image = np.asarray(image)
   if fmt == 'raw':
     return base64.b64encode(np.ascontiguousarray(image, np.uint8).tobytes()).decode('ascii')
-  from PIL import Image  # noqa: PLC0415  (only the JSON path needs Pillow)
+  from PIL import Image  # only the JSON path needs Pillow
 
   buf = io.BytesIO()
   Image.fromarray(np.asarray(image, np.uint8)).save(buf, format=fmt.upper())
@@ -113,7 +113,7 @@ def image_from_bytes(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
   not resize, because a silent resize hides a camera misconfiguration.
   """
   if data.startswith(_PNG_MAGIC) or data.startswith(_JPEG_MAGIC):
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+    from PIL import Image, UnidentifiedImageError
 
     try:
       with Image.open(io.BytesIO(data)) as img:
