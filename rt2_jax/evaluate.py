@@ -308,7 +308,9 @@ def offline_robot(policy, config, max_examples: int, batch: int, log=print) -> d
   spec = pipeline.robot_spec(config)
   data_dir = pipeline.robot_data_dir(config, progress=log)
   split = pipeline.robot_split(config, 'eval')
-  records = rlds.read_split(spec, data_dir, split, policy.image_size, progress=log)
+  cache = os.path.expanduser(config.data.get('cache_dir', '') or '')
+  records = rlds.read_split(spec, data_dir, split, policy.image_size, cache_dir=cache,
+                            progress=log)
   n = len(records.actions)
   if n == 0:
     raise ValueError(f'{spec.name} split {split!r} at {data_dir} has no steps')

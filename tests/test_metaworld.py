@@ -71,6 +71,11 @@ def scene_probe(task, seed, size, camera):
   first = env.reset(seed)
   again = env.reset(seed)
   other = env.reset(seed + 1)
+  # A second environment in the same process (its own GL context) must not disturb the first.
+  second = mw.TaskEnv('drawer-open-v3', mw.RenderSettings(size, camera))
+  second_first = second.reset(0)
+  interleaved = env.reset(seed + 1)
+  second_again = second.reset(0)
   model, data = env.raw.model, env.raw.data
   site = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, 'goal')
   model.site_size[site] = 0.015
@@ -86,7 +91,9 @@ def scene_probe(task, seed, size, camera):
                        rendered=(rows.mean() + 0.5, cols.mean() + 0.5) if len(rows) else None))
   step = env.step(np.array([0, 0, 1, 0], np.float32))
   env.close()
-  return dict(first=first, again=again, other=other, points=points, step=step)
+  second.close()
+  return dict(first=first, again=again, other=other, points=points, step=step,
+              interleaved=interleaved, second_first=second_first, second_again=second_again)
 
 
 def test_seeded_scenes_and_upright_images_in_a_worker():
@@ -105,6 +112,8 @@ def test_seeded_scenes_and_upright_images_in_a_worker():
   # Upright: the bright sky/wall is above the table (top rows brighter than bottom rows).
   assert first.image[:8].mean() > first.image[-8:].mean()
   assert probe['step'].state[2] > first.state[2]  # +z moves the hand up
+  np.testing.assert_array_equal(probe['interleaved'].image, other.image)
+  np.testing.assert_array_equal(probe['second_again'].image, probe['second_first'].image)
 
 
 class _ScriptedImageActor:

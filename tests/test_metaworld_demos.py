@@ -66,11 +66,11 @@ def test_read_through_the_data_spec_and_web_reader(demo_dir):
   assert len(images) == 3  # web_frames per episode
   answers = {x['question']: x['answer'] for x in lines if 'question' in x and x['step'] == 0}
   assert answers['What object is on the table?'] == 'button'
-  assert answers['Is the gripper open or closed?'] == 'open'
-  assert answers['Has the robot finished the task "press the button from the top"?'] == 'no'
+  assert answers['Is the gripper open?'] == 'yes'
+  assert answers['Is the task done?'] == 'no'
   last_step = max(x['step'] for x in lines)
-  done = [x['answer'] for x in lines if x['step'] == last_step and 'finished' in
-          x.get('question', '')]
+  done = [x['answer'] for x in lines if x['step'] == last_step and
+          x.get('question') == 'Is the task done?']
   assert done == ['yes']
   assert any('caption' in x for x in lines)
   records = web.read_jsonl(os.path.join(out, 'web', 'train.jsonl'), 32, progress=lambda *a: None)

@@ -95,31 +95,33 @@ def _goal_site(env: mw.TaskEnv):
 
 
 def scene_questions(env: mw.TaskEnv, ts: mw.TimeStep) -> list[dict]:
-  """VQA and caption lines (without the image) about the current frame, from simulator truth."""
+  """VQA and caption lines (without the image) about the current frame, from simulator truth.
+
+  Short questions and answers (the tiny model reads at most a few dozen tokens).
+  """
   task, size = env.task, env.render_settings.image_size
   obj = mw.OBJECTS[task]
   hand = ts.state[:3]
   gripper_open = bool(ts.state[3] > 0.65)  # 1.0 fully open, about 0.3 closed
+  yes_no = ('no', 'yes')
   lines = [
       dict(question='What object is on the table?', answer=obj),
-      dict(question='Is the gripper open or closed?', answer='open' if gripper_open else 'closed'),
-      dict(question=f'Has the robot finished the task "{mw.INSTRUCTIONS[task]}"?',
-           answer='yes' if ts.success else 'no'),
-      dict(question='Where is the gripper in the image?', answer=_region(*env.project(hand), size)),
+      dict(question='Is the gripper open?', answer=yes_no[gripper_open]),
+      dict(question='Is the task done?', answer=yes_no[bool(ts.success)]),
+      dict(question='Where is the gripper?', answer=_region(*env.project(hand), size)),
   ]
   goal = _goal_site(env)
   if goal is not None:
     where, color = goal
     lines.append(dict(question='Where is the goal?', answer=_region(*env.project(where), size)))
-    lines.append(dict(question='What color is the goal marker?', answer=color))
+    lines.append(dict(question='What color is the goal?', answer=color))
   for noun in ('drawer', 'door', 'window', 'faucet'):
-    if noun in task:
+    if task.startswith((f'{noun}-open', f'{noun}-close')):
       opened = ts.success if task.startswith(f'{noun}-open') else not ts.success
-      if task.startswith((f'{noun}-open', f'{noun}-close')):
-        lines.append(dict(question=f'Is the {noun} open?', answer='yes' if opened else 'no'))
+      lines.append(dict(question=f'Is the {noun} open?', answer=yes_no[bool(opened)]))
   near = np.linalg.norm(hand - env.object_position()) < 0.08
-  lines.append(dict(caption=(f'a red robot arm {"holding on to" if near else "next to"} a {obj} '
-                             f'on a wooden table, gripper {"open" if gripper_open else "closed"}')))
+  lines.append(dict(caption=(f'robot arm {"touching" if near else "next to"} the {obj}, '
+                             f'gripper {"open" if gripper_open else "closed"}')))
   return lines
 
 

@@ -322,7 +322,12 @@ class TaskEnv:
   def _image(self) -> np.ndarray | None:
     if self.render_settings is None:
       return None
-    image = self._env.render()
+    # Every environment has its own GL context, and gymnasium only makes a context current when
+    # it creates it: with several environments in a process, make ours current or the frame is
+    # drawn with another environment's buffers.
+    renderer = self._env.mujoco_renderer
+    renderer._get_viewer('rgb_array').make_context_current()
+    image = renderer.render('rgb_array')
     if self._upside_down():
       image = image[::-1, ::-1]
     return np.ascontiguousarray(image)

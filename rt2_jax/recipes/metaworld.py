@@ -50,10 +50,11 @@ def resolved_config(config, demos: str):
   with config.unlocked():
     config.data.robot.spec = 'metaworld'
     config.data.robot.data_dir = metaworld_demos.builder_dir(demos)
+    # Web metrics are measured either way: the robot-only ablation shows what co-training adds.
+    if 'eval' in config and not config.eval.get('web_jsonl'):
+      config.eval.web_jsonl = os.path.join(demos, 'web', 'val.jsonl')
     if config.metaworld.get('web', True):
       config.data.web.jsonl = os.path.join(demos, 'web', 'train.jsonl')
-      if 'eval' in config and not config.eval.get('web_jsonl'):
-        config.eval.web_jsonl = os.path.join(demos, 'web', 'val.jsonl')
     else:
       config.data.web.jsonl = ''
       config.data.robot_rate = 1.0
