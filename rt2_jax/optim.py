@@ -89,8 +89,11 @@ def freeze_labels(params, freeze_regex: str) -> dict:
 def _core_optimizer(optim_cfg, schedule) -> optax.GradientTransformation:
   name, wd = optim_cfg.name, float(optim_cfg.weight_decay)
   if name == 'adafactor':
+    # Factor every matrix-like parameter whose two largest dims are >= 32: optax's default (128)
+    # leaves attention kernels [embed, heads, head_dim] with head_dim 64 unfactored, i.e. with a
+    # second-moment array as large as the kernel.
     return optax.adafactor(
-        learning_rate=schedule, decay_rate=0.8, clipping_threshold=1.0,
+        learning_rate=schedule, min_dim_size_to_factor=32, decay_rate=0.8, clipping_threshold=1.0,
         multiply_by_parameter_scale=True, weight_decay_rate=wd or None,
         weight_decay_mask=_matrices_only if wd else None)
   if name == 'adamw':

@@ -387,18 +387,25 @@ def train(config, workdir: str) -> dict:
   return last
 
 
+_FLAGS = {}
+
+
 def main(argv) -> None:
   del argv
-  config = _CONFIG.value
   absl_logging.set_verbosity(absl_logging.WARNING)
+  config = _FLAGS['config'].value
   initialize_distributed(config)
-  train(config, _WORKDIR.value)
+  train(config, _FLAGS['workdir'].value)
   sys.exit(0)
 
 
-_CONFIG = config_flags.define_config()
-_WORKDIR = flags.DEFINE_string('workdir', None, 'run directory: checkpoints/, tensorboard/',
-                               required=True)
+def run() -> None:
+  """The command line: defines the flags (only here, so importing this module defines none)."""
+  _FLAGS['config'] = config_flags.define_config()
+  _FLAGS['workdir'] = flags.DEFINE_string('workdir', None, 'run directory: checkpoints/, '
+                                          'tensorboard/', required=True)
+  config_flags.run(main)
+
 
 if __name__ == '__main__':
-  config_flags.run(main)
+  run()

@@ -68,9 +68,9 @@ _FAULT_DRIVER = textwrap.dedent('''
         self.inner.set_state(state)
 
     pipeline.make_train_iterator = lambda *a, **k: Faulty(make(*a, **k))
-    from rt2_jax import config_flags, train
+    from rt2_jax import train
     sys.argv[0] = 'rt2_jax.train'
-    config_flags.run(train.main)
+    train.run()
 ''')
 
 
@@ -98,8 +98,8 @@ _EMULATE_DRIVER = textwrap.dedent('''
           s.set_state(st)
 
     pipeline.make_train_iterator = lambda *a, **k: Concatenated(a, k)
-    from rt2_jax import config_flags, train
-    config_flags.run(train.main)
+    from rt2_jax import train
+    train.run()
 ''')
 
 
