@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import flax
@@ -356,9 +357,15 @@ def train(config, workdir: str) -> dict:
   preemption = Preemption()
   last, step = {}, start
   batch = global_batch(next(data_iter))
+  if is_main:
+    print(f'compiling the train step (batch {config.batch_size}) ...', flush=True)
+  compile_start = time.perf_counter()
   with setup.context():
     # Compiled once, ahead of the loop: a batch of another shape fails instead of recompiling.
     compiled_step = train_step.lower(state, batch).compile()
+  if is_main:
+    print(f'compiled in {time.perf_counter() - compile_start:.1f}s; training steps {start + 1}..'
+          f'{config.total_steps}', flush=True)
   # Processes compile at different speeds; meet before the first collective, whose CPU (gloo)
   # setup gives up after 30 s.
   barrier('rt2_jax_train_compiled')
