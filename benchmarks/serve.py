@@ -234,22 +234,28 @@ def main() -> None:
     settings = [('no batching', 1, 0.0), (f'batch<={args.max_batch}', args.max_batch,
                                           args.max_wait_ms)]
     rows, meta = policy_alone(workdir, [1, args.max_batch]), {}
-    for name, max_batch, max_wait_ms in settings:
-      server = ServerProcess(f'--workdir={workdir}', max_batch, max_wait_ms,
-                             os.path.join(tmp, f'server_{max_batch}.log'))
-      try:
+    # Both servers run side by side (an idle one costs no CPU) and the settings alternate at each
+    # load level, so a change in background load on a shared machine hits both alike.
+    servers = []
+    try:
+      for name, max_batch, max_wait_ms in settings:
+        server = ServerProcess(f'--workdir={workdir}', max_batch, max_wait_ms,
+                               os.path.join(tmp, f'server_{max_batch}.log'))
+        servers.append((name, max_batch, max_wait_ms, server))
         print(f'[{name}] starting server (compiles every batch bucket first)...', flush=True)
         t0 = time.perf_counter()
         meta = server.wait_ready(600)
         print(f'[{name}] ready in {time.perf_counter() - t0:.1f} s', flush=True)
-        shape = wire.image_shape(meta)
-        rng = np.random.default_rng(0)
-        bodies = [wire.packb({'image': rng.integers(0, 256, shape, dtype=np.uint8),
-                              'instruction': s})
-                  for s in ('put carrot on plate', 'open the drawer', 'pick up the cup',
-                            'wipe the table')]
+      shape = wire.image_shape(meta)
+      rng = np.random.default_rng(0)
+      bodies = [wire.packb({'image': rng.integers(0, 256, shape, dtype=np.uint8),
+                            'instruction': s})
+                for s in ('put carrot on plate', 'open the drawer', 'pick up the cup',
+                          'wipe the table')]
+      for _, _, _, server in servers:
         asyncio.run(run_load(server.url, bodies, 2, 5, 30))  # connections, caches
-        for clients in (int(c) for c in args.clients.split(',')):
+      for clients in (int(c) for c in args.clients.split(',')):
+        for name, max_batch, max_wait_ms, server in servers:
           before = httpx.get(f'{server.url}/stats').json()
           result = asyncio.run(run_load(server.url, bodies, clients, args.requests,
                                         args.max_seconds))
@@ -260,11 +266,14 @@ def main() -> None:
           rows.append(result)
           print(f'[{name}] {clients} clients: p50 {result["p50_ms"]:.1f} ms, '
                 f'{result["req_per_s"]:.1f} req/s', flush=True)
-      finally:
+    finally:
+      for name, _, _, server in servers:
         code = server.stop()
         if code != 0:
-          print(f'warning: server exited with {code}', flush=True)
+          print(f'warning: {name} server exited with {code}', flush=True)
 
+  order = ['policy only'] + [name for name, _, _ in settings]
+  rows.sort(key=lambda r: (order.index(r['setting']), r['clients'], r['max_batch']))
   header = (f'{"setting":<14} {"clients":>7} {"requests":>8} {"errors":>6} {"p50 ms":>8} '
             f'{"p99 ms":>8} {"req/s":>8} {"mean batch":>10}')
   print('\n' + header + '\n' + '-' * len(header))
