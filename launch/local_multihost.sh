@@ -48,7 +48,7 @@ while ((${#running[@]} > 0)); do
   finished=''
   wait -n -p finished "${running[@]}"
   rc=$?
-  if [[ -z "$finished" ]]; then
+  if [[ -z "${finished:-}" ]]; then
     interrupted=0
     continue  # our trap interrupted the wait; the processes are finishing their last save
   fi

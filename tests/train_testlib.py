@@ -39,13 +39,40 @@ def env(devices: int = 1) -> dict:
   return out
 
 
-# Runs the trainer; at the `at_batch`-th batch drawn from the data iterator it waits until
-# checkpoint `after_ckpt` is complete (if given), then sends `signal` to itself.
-_FAULT_DRIVER = textwrap.dedent('''
+# Driver pieces: patches of rt2_jax.data.pipeline.make_train_iterator, then the trainer's CLI.
+_PRELUDE = textwrap.dedent('''
     import os, signal, sys, time
+    import numpy as np
     from rt2_jax.data import pipeline
-    AT_BATCH, SIGNAL, AFTER_CKPT, WORKDIR = {at_batch}, signal.{signal}, {after_ckpt}, {workdir!r}
     make = pipeline.make_train_iterator
+''')
+
+# One process reading what `count` processes would read: batches concatenated in process order
+# (= the rows each process contributes to the global batch).
+_EMULATE = textwrap.dedent('''
+    make_single = make
+
+    class Concatenated:
+      def __init__(self, args, kwargs):
+        self.shards = [make_single(*args[:4], i, {count}, **kwargs) for i in range({count})]
+      def __iter__(self):
+        return self
+      def __next__(self):
+        parts = [next(s) for s in self.shards]
+        return {{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}}
+      def get_state(self):
+        return {{'shards': [s.get_state() for s in self.shards]}}
+      def set_state(self, state):
+        for s, st in zip(self.shards, state['shards']):
+          s.set_state(st)
+
+    make = lambda *a, **k: Concatenated(a, k)
+''')
+
+# At the `at_batch`-th batch drawn it waits until checkpoint `after_ckpt` is complete (if
+# given), then sends `signal` to its own process.
+_FAULT = textwrap.dedent('''
+    AT_BATCH, SIGNAL, AFTER_CKPT, WORKDIR = {at_batch}, signal.{signal}, {after_ckpt}, {workdir!r}
 
     class Faulty:
       def __init__(self, inner):
@@ -67,37 +94,12 @@ _FAULT_DRIVER = textwrap.dedent('''
       def set_state(self, state):
         self.inner.set_state(state)
 
-    pipeline.make_train_iterator = lambda *a, **k: Faulty(make(*a, **k))
-    from rt2_jax import train
-    sys.argv[0] = 'rt2_jax.train'
-    train.run()
+    make_unfaulty = make
+    make = lambda *a, **k: Faulty(make_unfaulty(*a, **k))
 ''')
 
-
-# One process reading what `count` processes would read: batches concatenated in process order
-# (= the rows each process contributes to the global batch).
-_EMULATE_DRIVER = textwrap.dedent('''
-    import sys
-    import numpy as np
-    from rt2_jax.data import pipeline
-    COUNT = {count}
-    make = pipeline.make_train_iterator
-
-    class Concatenated:
-      def __init__(self, args, kwargs):
-        self.shards = [make(*args[:4], i, COUNT, **kwargs) for i in range(COUNT)]
-      def __iter__(self):
-        return self
-      def __next__(self):
-        parts = [next(s) for s in self.shards]
-        return {{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}}
-      def get_state(self):
-        return {{'shards': [s.get_state() for s in self.shards]}}
-      def set_state(self, state):
-        for s, st in zip(self.shards, state['shards']):
-          s.set_state(st)
-
-    pipeline.make_train_iterator = lambda *a, **k: Concatenated(a, k)
+_RUN = textwrap.dedent('''
+    pipeline.make_train_iterator = make
     from rt2_jax import train
     train.run()
 ''')
@@ -108,11 +110,13 @@ def run_train(workdir, overrides=None, fault=None, timeout=600, check=True, devi
   """`fault`: dict(at_batch=, signal='SIGKILL'|'SIGTERM', after_ckpt=None|step).
   `emulate_processes`: N = this one process reads the data of N processes."""
   argv = flags(overrides) + [f'--workdir={workdir}']
-  if fault:
-    code = _FAULT_DRIVER.format(workdir=str(workdir), **{'after_ckpt': None, **fault})
-    cmd = [sys.executable, '-c', code, *argv]
-  elif emulate_processes:
-    cmd = [sys.executable, '-c', _EMULATE_DRIVER.format(count=emulate_processes), *argv]
+  if fault or emulate_processes:
+    code = _PRELUDE
+    if emulate_processes:
+      code += _EMULATE.format(count=emulate_processes)
+    if fault:
+      code += _FAULT.format(workdir=str(workdir), **{'after_ckpt': None, **fault})
+    cmd = [sys.executable, '-c', code + _RUN, *argv]
   else:
     cmd = [sys.executable, '-m', 'rt2_jax.train', *argv]
   result = subprocess.run(cmd, cwd=REPO_ROOT, env=env(devices), capture_output=True, text=True,
