@@ -94,8 +94,8 @@ def cmd_create(args, run: Runner) -> None:
     if state == 'ACTIVE':
       return
     if state in ('FAILED', 'SUSPENDED'):
-      raise SystemExit(f'queued resource {qr} is {state}; see `gcloud compute tpus queued-resources '
-                       f'describe {qr} --zone={args.zone}`')
+      raise SystemExit(f'queued resource {qr} is {state}; see `gcloud compute tpus '
+                       f'queued-resources describe {qr} --zone={args.zone}`')
     if time.time() > deadline:
       raise SystemExit(f'queued resource {qr} not ACTIVE after {args.wait_minutes} min ({state})')
     time.sleep(args.poll_seconds)
