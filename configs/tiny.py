@@ -85,8 +85,8 @@ def get_config(arg=None):
 
   # Device mesh: -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
-  # Multi-process: '' = one process (or a Cloud TPU slice, which configures itself); else every
-  # process gets the same coordinator 'host:port' and its own process_id.
+  # Multi-process: '' = one process; 'auto' = the cluster describes itself (multi-host Cloud TPU
+  # slices, SLURM); else every process gets the same coordinator 'host:port' and its process_id.
   # local_device_count: virtual CPU devices per process (0 = default), for local tests.
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address='', num_processes=1, process_id=0, local_device_count=0))
