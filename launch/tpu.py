@@ -142,6 +142,8 @@ def train_command(args, overrides: list[str]) -> str:
       raise SystemExit(f'unexpected extra argument {o!r}: only --config.KEY=VALUE overrides may '
                        'follow --')
   flags = [f'--config={args.config}', f'--workdir={args.workdir}', *overrides]
+  if hosts_for(args.accelerator_type) > 1:  # every host joins one jax.distributed job
+    flags.append('--config.distributed.coordinator_address=auto')
   train = f'python3 -m rt2_jax.train {shlex.join(flags)}'
   # Detached so the ssh session can end; the log stays on each worker.
   return (f'cd {REMOTE_DIR} && nohup {train} > {LOG_FILE} 2>&1 < /dev/null & '

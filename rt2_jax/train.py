@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from absl import flags
 from absl import logging as absl_logging
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -62,11 +63,12 @@ def initialize_distributed(config) -> None:
   d = config.distributed
   if d.get('local_device_count', 0):
     jax.config.update('jax_num_cpu_devices', int(d.local_device_count))
-  if d.coordinator_address:
+  if d.coordinator_address == 'auto' or (
+      not d.coordinator_address and ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')):
+    jax.distributed.initialize()  # the cluster (Cloud TPU slice, SLURM, ...) describes itself
+  elif d.coordinator_address:
     jax.distributed.initialize(coordinator_address=d.coordinator_address,
                                num_processes=int(d.num_processes), process_id=int(d.process_id))
-  elif ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''):  # a multi-host Cloud TPU slice
-    jax.distributed.initialize()
 
 
 @functools.cache
@@ -214,7 +216,7 @@ def build_data(config, stats=None):
 def init_params_from(path: str, abstract_params):
   """Parameters of another run's checkpoint or of a converted pretrained checkpoint
   (`python -m rt2_jax.weights.convert`), restored straight into the run's shardings."""
-  if os.path.isdir(os.path.join(path, 'checkpoints')) or os.path.isdir(os.path.join(path, 'state')):
+  if (epath.Path(path) / 'checkpoints').exists() or (epath.Path(path) / 'state').exists():
     params, _, step = checkpoints.load_params(path, abstract_params=abstract_params)
     print(f'initialized parameters from {path} (step {step})', flush=True)
     return params
@@ -223,8 +225,8 @@ def init_params_from(path: str, abstract_params):
   from rt2_jax import weights
   from rt2_jax.weights import convert
 
-  params_dir = os.path.join(os.path.abspath(path), convert.PARAMS_DIR)
-  if not os.path.isdir(params_dir):
+  params_dir = epath.Path(path) / convert.PARAMS_DIR
+  if not params_dir.exists():
     raise FileNotFoundError(f'--config.init_from={path}: neither a run (workdir/checkpoints, '
                             f'or a step dir) nor a converted checkpoint ({convert.PARAMS_DIR}/)')
   metadata = ocp.StandardCheckpointer().metadata(params_dir)
@@ -329,6 +331,8 @@ def train(config, workdir: str) -> dict:
       ckpt.close()
       return {}
     state, start = TrainState(**restored.state), restored.step
+    if config.init_from and is_main:
+      print(f'init_from={config.init_from} is not used: resuming this run', flush=True)
     stats_json = restored.meta.get('norm_stats')  # keep the run's statistics when resuming
     action_space, stats, vocab, action_vocab = build_data(
         config, NormStats.from_json(stats_json) if stats_json else None)

@@ -78,6 +78,7 @@ def test_train_runs_one_identical_command_on_all_workers(gcloud):
   command = next(a for a in ssh if a.startswith('--command='))
   assert ('python3 -m rt2_jax.train --config=configs/tiny.py --workdir=gs://bucket/runs/a '
           '--config.total_steps=50 --config.optim.lr=0.01') in command
+  assert '--config.distributed.coordinator_address=auto' in command
   assert 'nohup' in command and '~/rt2_jax_train.log' in command
 
 
@@ -87,7 +88,8 @@ def test_train_refuses_a_local_workdir_on_multi_host_slices(gcloud, accelerator,
   result, calls = gcloud('train', *WHERE, f'--accelerator_type={accelerator}',
                          '--config=configs/tiny.py', '--workdir=/tmp/run', expect_ok=ok)
   if ok:
-    assert len(calls) == 1
+    (ssh,) = calls
+    assert not any('coordinator_address' in a for a in ssh)  # a single host: no distributed job
   else:
     assert result.returncode != 0 and calls == []
     assert 'use shared storage' in result.stderr and 'gs://' in result.stderr
