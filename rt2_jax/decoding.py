@@ -105,13 +105,18 @@ def _rows_to_ids(rows, column):
 # Callbacks.
 
 
+def _real_rows(vocab_size: int, model_vocab_size: int):
+  """Rows of the real vocabulary: None (all) unless the model pads its vocabulary beyond it."""
+  return None if vocab_size >= model_vocab_size else np.arange(vocab_size, dtype=np.int32)
+
+
 class TextCallback:
-  """Unconstrained text (ids below the real vocabulary size, pad never) until EOS."""
+  """Unconstrained text until EOS: any real piece but pad (padding rows are not scored)."""
 
   def __init__(self, eos_id: int, vocab_size: int, model_vocab_size: int, max_len: int):
     self.eos_id, self.max_steps = eos_id, max_len
-    ids = np.arange(model_vocab_size)
-    self._valid = (ids < vocab_size) & (ids != 0)
+    self.rows = _real_rows(vocab_size, model_vocab_size)
+    self.valid = np.arange(min(vocab_size, model_vocab_size)) != 0
 
   def init(self, batch_size):
     del batch_size
@@ -119,7 +124,8 @@ class TextCallback:
 
   def request(self, step, state):
     del step, state
-    return Request(rows=None, valid=jnp.asarray(self._valid))
+    rows = None if self.rows is None else jnp.asarray(self.rows)
+    return Request(rows=rows, valid=jnp.asarray(self.valid))
 
   def update(self, step, state, token):
     del step
@@ -185,9 +191,11 @@ class PlanThenActionCallback:
     self.eos_id, self.max_plan_len = eos_id, max_plan_len
     self.num_positions = int(self.allowed_ids.shape[0])
     action_mask = np.asarray(action_mask, bool)  # [P, model_vocab_size]
+    self.rows = _real_rows(vocab_size, action_mask.shape[1])
+    action_mask = action_mask[:, :vocab_size]
     ids = np.arange(action_mask.shape[1])
     # Plan text: any real piece except pad and EOS (an example must reach its action).
-    plan_valid = (ids < vocab_size) & (ids != 0) & (ids != eos_id)
+    plan_valid = (ids != 0) & (ids != eos_id)
     # Row P of the table is the plan phase; rows 0..P-1 the action positions.
     self._full_valid = np.concatenate([action_mask, plan_valid[None]], axis=0)
     self.max_steps = (len(self.prefix_ids) + max_plan_len + len(self.delimiter_ids)
@@ -210,7 +218,8 @@ class PlanThenActionCallback:
     forced = jnp.where(phase == FINISHED, 0, forced)
     position = jnp.minimum(count, self.num_positions - 1)
     table_row = jnp.where(phase == ACTION, position, self.num_positions)
-    full = Request(rows=None, valid=jnp.asarray(self._full_valid)[table_row], forced=forced)
+    full = Request(rows=None if self.rows is None else jnp.asarray(self.rows),
+                   valid=jnp.asarray(self._full_valid)[table_row], forced=forced)
     rows = jnp.asarray(self.allowed_ids)[position]  # [B, K]
     valid = jnp.arange(rows.shape[1])[None] < jnp.asarray(self.num_allowed)[position][:, None]
     sliced = Request(rows=rows, valid=valid, forced=forced)
