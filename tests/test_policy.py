@@ -26,7 +26,7 @@ def _config():
   cfg.model.vocab_size = 896
   cfg.model.vit.update(width=32, depth=1, num_heads=2, mlp_dim=64)
   cfg.model.t5.update(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
-                      num_encoder_layers=2, num_decoder_layers=2)
+                      num_encoder_layers=1, num_decoder_layers=1)
   cfg.data.max_input_len = 24
   cfg.decode.max_plan_len = 5
   return cfg
