@@ -11,7 +11,9 @@ writes into a temporary directory and renames it when complete. A checkpoint tha
 (a run killed mid-save on a filesystem without atomic rename, or damaged files) is skipped with a
 warning, moved to `WORKDIR/checkpoints_unreadable/`, and the previous one is used.
 
-`restore_for_inference(path)` rebuilds what a Policy needs from the checkpoint alone.
+`restore_for_inference(path)` rebuilds what a Policy needs from the checkpoint alone;
+`load_init_params(path, abstract_params)` starts a run from another run's checkpoint or a
+converted pretrained one (`--config.init_from`).
 """
 
 from __future__ import annotations
@@ -345,3 +347,24 @@ def restore_for_inference(path: str | os.PathLike, step: int | None = None,
       action_space=actions_lib.ActionSpace.from_json(meta['action_space']),
       step=step,
       vocab_checksum=meta.get('vocab_checksum', ''))
+
+
+def load_init_params(path: str, abstract_params):
+  """Parameters of another run's checkpoint or of a converted pretrained checkpoint
+  (`python -m rt2_jax.weights.convert`), restored straight into the run's shardings."""
+  if (epath.Path(path) / 'checkpoints').exists() or (epath.Path(path) / 'state').exists():
+    params, _, step = load_params(path, abstract_params=abstract_params)
+    print(f'initialized parameters from {path} (step {step})', flush=True)
+    return params
+  from rt2_jax import weights
+  from rt2_jax.weights import convert
+
+  params_dir = epath.Path(path) / convert.PARAMS_DIR
+  if not params_dir.exists():
+    raise FileNotFoundError(f'--config.init_from={path}: neither a run (workdir/checkpoints, '
+                            f'or a step dir) nor a converted checkpoint ({convert.PARAMS_DIR}/)')
+  metadata = ocp.StandardCheckpointer().metadata(params_dir)
+  tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+  check_params_match(array_shapes(tree), abstract_params, path)
+  print(f'initialized parameters from converted checkpoint {path}', flush=True)
+  return weights.load_converted(path, target=abstract_params)

@@ -1,4 +1,11 @@
-"""Training metrics: averaging on the host, a console line, and TensorBoard event files.
+"""Training metrics: computed inside the step, averaged on the host, printed and written to
+TensorBoard event files.
+
+`step_metric_sums` (inside jit) counts, per micro-batch: target tokens and correct ones, action
+tokens and correct ones, and the absolute action error per dimension in real units: at each
+action position the argmax among that position's allowed tokens (what constrained decoding
+picks) -> ActionVocab.ids_to_bins -> SpaceTokenizer.decode, against batch['actions'].
+`finalize_metrics` turns the sums into ratios.
 
 The train step returns a dict of device scalars/vectors each step; `MetricLogger` keeps them
 (no host sync) and only at a log step fetches them all at once, averages, adds throughput
@@ -21,6 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -85,6 +93,39 @@ class EventWriter:
 
   def close(self) -> None:
     self._file.close()
+
+
+def step_metric_sums(logits, batch, action_vocab, tokenizer) -> dict:
+  """Per micro-batch sums; `finalize_metrics` turns them into ratios."""
+  targets, weights = batch['decoder_target_tokens'], batch['decoder_loss_weights']
+  action_mask = batch['action_loss_mask'] * weights
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  # The action tokens of each example, in order: the first P positions of its action mask.
+  num_pos = action_vocab.num_positions
+  positions = jnp.argsort(1 - (action_mask > 0).astype(jnp.int32), axis=1, stable=True)[:, :num_pos]
+  has_action = batch['is_robot'] & ((action_mask > 0).sum(1) >= num_pos)
+  action_logits = jnp.take_along_axis(logits, positions[..., None], axis=1)  # [B, P, V]
+  allowed = jnp.asarray(action_vocab.allowed_ids)  # [P, K]
+  candidates = jnp.take_along_axis(
+      action_logits, jnp.broadcast_to(allowed, (logits.shape[0],) + allowed.shape), axis=2)
+  # The argmax among each position's allowed tokens, as constrained decoding would pick.
+  ids = allowed[jnp.arange(num_pos), jnp.argmax(candidates, -1)]
+  predicted = tokenizer.decode(action_vocab.ids_to_bins(ids, xp=jnp), xp=jnp)
+  error = jnp.abs(predicted - batch['actions']) * has_action[:, None]
+  return {'weight': weights.sum(), 'correct': (correct * weights).sum(),
+          'action_weight': action_mask.sum(), 'action_correct': (correct * action_mask).sum(),
+          'action_error_sum': error.sum(0), 'action_examples': has_action.sum().astype(jnp.float32),
+          'robot_examples': batch['is_robot'].sum().astype(jnp.float32),
+          'examples': jnp.float32(batch['is_robot'].shape[0])}
+
+
+def finalize_metrics(sums: dict, loss_sum) -> dict:
+  error = sums['action_error_sum'] / jnp.maximum(sums['action_examples'], 1.0)
+  return {'loss': loss_sum / jnp.maximum(sums['weight'], 1e-8),
+          'token_accuracy': sums['correct'] / jnp.maximum(sums['weight'], 1e-8),
+          'action_accuracy': sums['action_correct'] / jnp.maximum(sums['action_weight'], 1e-8),
+          'action_error': error, 'action_error_mean': error.mean(),
+          'robot_fraction': sums['robot_examples'] / sums['examples']}
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:

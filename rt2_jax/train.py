@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -35,7 +36,6 @@ import numpy as np
 import optax
 from absl import flags
 from absl import logging as absl_logging
-from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -88,39 +88,6 @@ def dummy_inputs(config, batch_size: int = 1) -> tuple:
           jnp.ones((batch_size, d.max_target_len), jnp.int32))
 
 
-def step_metric_sums(logits, batch, action_vocab, tokenizer) -> dict:
-  """Per micro-batch sums; `finalize_metrics` turns them into ratios."""
-  targets, weights = batch['decoder_target_tokens'], batch['decoder_loss_weights']
-  action_mask = batch['action_loss_mask'] * weights
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  # The action tokens of each example, in order: the first P positions of its action mask.
-  num_pos = action_vocab.num_positions
-  positions = jnp.argsort(1 - (action_mask > 0).astype(jnp.int32), axis=1, stable=True)[:, :num_pos]
-  has_action = batch['is_robot'] & ((action_mask > 0).sum(1) >= num_pos)
-  action_logits = jnp.take_along_axis(logits, positions[..., None], axis=1)  # [B, P, V]
-  allowed = jnp.asarray(action_vocab.allowed_ids)  # [P, K]
-  candidates = jnp.take_along_axis(
-      action_logits, jnp.broadcast_to(allowed, (logits.shape[0],) + allowed.shape), axis=2)
-  # The argmax among each position's allowed tokens, as constrained decoding would pick.
-  ids = allowed[jnp.arange(num_pos), jnp.argmax(candidates, -1)]
-  predicted = tokenizer.decode(action_vocab.ids_to_bins(ids, xp=jnp), xp=jnp)
-  error = jnp.abs(predicted - batch['actions']) * has_action[:, None]
-  return {'weight': weights.sum(), 'correct': (correct * weights).sum(),
-          'action_weight': action_mask.sum(), 'action_correct': (correct * action_mask).sum(),
-          'action_error_sum': error.sum(0), 'action_examples': has_action.sum().astype(jnp.float32),
-          'robot_examples': batch['is_robot'].sum().astype(jnp.float32),
-          'examples': jnp.float32(batch['is_robot'].shape[0])}
-
-
-def finalize_metrics(sums: dict, loss_sum) -> dict:
-  error = sums['action_error_sum'] / jnp.maximum(sums['action_examples'], 1.0)
-  return {'loss': loss_sum / jnp.maximum(sums['weight'], 1e-8),
-          'token_accuracy': sums['correct'] / jnp.maximum(sums['weight'], 1e-8),
-          'action_accuracy': sums['action_correct'] / jnp.maximum(sums['action_weight'], 1e-8),
-          'action_error': error, 'action_error_mean': error.mean(),
-          'robot_fraction': sums['robot_examples'] / sums['examples']}
-
-
 def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_spec_fn):
   """(state, batch) -> (state, metrics), to be jitted."""
   accum = int(config.optim.grad_accum_steps)
@@ -132,7 +99,7 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
                          rngs={'dropout': rng} if dropout else None)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['decoder_target_tokens'])
     loss_sum = (ce * batch['decoder_loss_weights']).sum()
-    sums = step_metric_sums(jax.lax.stop_gradient(logits), batch, action_vocab, tokenizer)
+    sums = metrics.step_metric_sums(jax.lax.stop_gradient(logits), batch, action_vocab, tokenizer)
     return loss_sum / total_weight, (loss_sum, sums)
 
   grad_fn = jax.grad(loss_and_sums, has_aux=True)
@@ -161,7 +128,7 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
       (grads, loss_sum, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    out = finalize_metrics(sums, loss_sum)
+    out = metrics.finalize_metrics(sums, loss_sum)
     out['grad_norm'] = optax.tree.norm(grads)
     out['learning_rate'] = schedule(state.step)
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), out
@@ -186,9 +153,15 @@ class Preemption:
   """SIGTERM -> save and stop, at a step every process agrees on."""
 
   def __init__(self):
-    self.requested = False
-    if jax.process_count() == 1:  # multi-process: jax.distributed's preemption service
-      signal.signal(signal.SIGTERM, self._handle)
+    self.requested, self._previous = False, None
+    # Multi-process runs use jax.distributed's preemption service instead, which sees SIGTERM
+    # itself; a handler can only be installed from the main thread.
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
   def _handle(self, signum, frame):
     del frame
@@ -211,29 +184,6 @@ def build_data(config, stats=None):
     stats = pipeline.norm_stats(config)
   vocab, action_vocab = vocab_lib.from_config(config, action_space)
   return action_space, stats, vocab, action_vocab
-
-
-def init_params_from(path: str, abstract_params):
-  """Parameters of another run's checkpoint or of a converted pretrained checkpoint
-  (`python -m rt2_jax.weights.convert`), restored straight into the run's shardings."""
-  if (epath.Path(path) / 'checkpoints').exists() or (epath.Path(path) / 'state').exists():
-    params, _, step = checkpoints.load_params(path, abstract_params=abstract_params)
-    print(f'initialized parameters from {path} (step {step})', flush=True)
-    return params
-  import orbax.checkpoint as ocp
-
-  from rt2_jax import weights
-  from rt2_jax.weights import convert
-
-  params_dir = epath.Path(path) / convert.PARAMS_DIR
-  if not params_dir.exists():
-    raise FileNotFoundError(f'--config.init_from={path}: neither a run (workdir/checkpoints, '
-                            f'or a step dir) nor a converted checkpoint ({convert.PARAMS_DIR}/)')
-  metadata = ocp.StandardCheckpointer().metadata(params_dir)
-  tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
-  checkpoints.check_params_match(checkpoints.array_shapes(tree), abstract_params, path)
-  print(f'initialized parameters from converted checkpoint {path}', flush=True)
-  return weights.load_converted(path, target=abstract_params)
 
 
 @dataclasses.dataclass
@@ -340,7 +290,7 @@ def train(config, workdir: str) -> dict:
     action_space, stats, vocab, action_vocab = build_data(config)
     state, start = setup.init_state(jax.random.PRNGKey(config.seed)), 0
     if config.init_from:
-      state = state.replace(params=init_params_from(config.init_from, setup.abstract_state.params))
+      state = state.replace(params=checkpoints.load_init_params(config.init_from, setup.abstract_state.params))
   tokenizer = action_space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
   meta = checkpoints.make_meta(config, stats, action_space, vocab)
 
@@ -393,6 +343,7 @@ def train(config, workdir: str) -> dict:
     batch = global_batch(next(data_iter))
   ckpt.close()
   logger.close()
+  preemption.close()
   if is_main:
     print(f'done: step {step}; checkpoints in {ckpt.directory}', flush=True)
   return last

@@ -9,7 +9,7 @@ import train_testlib as lib
 from jax.sharding import PartitionSpec as P
 
 from rt2_jax import actions as actions_lib
-from rt2_jax import config_flags, optim, train
+from rt2_jax import config_flags, metrics, optim, train
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.data import pipeline
 
@@ -127,7 +127,7 @@ def test_action_metrics_decode_the_constrained_argmax(action_setup):
     for p in range(space.num_positions):
       logits[i, 1 + p, chosen_ids[i, p]] = 50.0
       logits[i, 1 + p, text_token] = 100.0
-  sums = jax.jit(lambda lg, bt: train.step_metric_sums(lg, bt, action_vocab, tokenizer))(
+  sums = jax.jit(lambda lg, bt: metrics.step_metric_sums(lg, bt, action_vocab, tokenizer))(
       logits, batch)
   expected = np.abs(tokenizer.decode(chosen) - batch['actions'])[2:].sum(0)
   np.testing.assert_allclose(np.asarray(sums['action_error_sum']), expected, rtol=1e-5, atol=1e-6)
@@ -188,7 +188,7 @@ def test_init_from_a_run_or_a_converted_checkpoint(tmp_path):
   ckpt.close()
 
   for source in (converted, run):
-    got = train.init_params_from(str(source), abstract)
+    got = checkpoints.load_init_params(str(source), abstract)
     for a, b, spec in zip(jax.tree.leaves(got), jax.tree.leaves(params),
                           jax.tree.leaves(abstract), strict=True):
       np.testing.assert_array_equal(np.asarray(a), b)
@@ -197,6 +197,6 @@ def test_init_from_a_run_or_a_converted_checkpoint(tmp_path):
   wider = train.make_setup(_config(batch_size=8, **{'model.t5.mlp_dim': 128})).abstract_state.params
   for source in (converted, run):
     with pytest.raises(checkpoints.MismatchError, match=r'mlp.*checkpoint shape \(32, 64\)'):
-      train.init_params_from(str(source), wider)
+      checkpoints.load_init_params(str(source), wider)
   with pytest.raises(FileNotFoundError, match='neither a run'):
-    train.init_params_from(str(tmp_path), abstract)
+    checkpoints.load_init_params(str(tmp_path), abstract)
