@@ -91,7 +91,8 @@ def dummy_inputs(config, batch_size: int = 1) -> tuple:
 def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_spec_fn):
   """(state, batch) -> (state, metrics), to be jitted."""
   accum = int(config.optim.grad_accum_steps)
-  dropout = float(config.model.t5.get('dropout_rate', 0.0)) > 0
+  dropout = max(float(config.model.t5.get('dropout_rate', 0.0)),
+                float(config.model.vit.get('dropout_rate', 0.0))) > 0
 
   def loss_and_sums(params, batch, rng, total_weight):
     logits = model.apply({'params': params}, batch['image'], batch['encoder_input_tokens'],
