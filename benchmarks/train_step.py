@@ -257,6 +257,10 @@ def main():
       print(f'[{name}] pytorch ({threads} threads): {r["step_s"]:.3f} s/step', flush=True)
       if torch_res is None or r['step_s'] < torch_res['step_s']:
         torch_res = r
+    # The CPU is shared: re-measure the matmul rate next to each timing and keep the best.
+    again = matmul_gflops()
+    rate = {k: max(rate[k], again[k]) for k in rate}
+    best_rate = max(rate.values())
     flops = step_flops(config, ours['breakdown'])
     floor_s = flops / (best_rate * 1e9)
     b = config.batch_size
@@ -268,7 +272,7 @@ def main():
         'pytorch_steps_per_s': 1 / torch_res['step_s'], 'step_gflop': flops / 1e9,
         'floor_s': floor_s, 'floor_ratio': ours['step_s'] / floor_s,
         'speedup': torch_res['step_s'] / ours['step_s'], 'timed_steps': timed,
-        'pytorch_threads': torch_res['threads']}
+        'pytorch_threads': torch_res['threads'], 'matmul_gflops_used': best_rate}
 
   header = (f'{"config":<6} {"params":>8} {"ours ex/s":>10} {"torch ex/s":>11} {"speedup":>8} '
             f'{"ours s/step":>12} {"torch s/step":>13} {"floor s":>8} {"ours/floor":>10}')
