@@ -32,6 +32,7 @@ def get_config(arg=None):
   c.model.image_size = 224
   c.model.dtype = 'bfloat16'
   c.model.remat = 'dots'
+  c.model.scan_layers = True  # compile one layer per stack, not 48 + 24 + 24
   c.model.vit.update(patch_size=14, width=1664, depth=48, num_heads=16, mlp_dim=8192,
                      posemb='learn')
   c.model.t5.update(

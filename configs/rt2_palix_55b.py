@@ -31,6 +31,7 @@ def get_config(arg=None):
   c.model.image_size = 224
   c.model.dtype = 'bfloat16'
   c.model.remat = 'full'
+  c.model.scan_layers = True  # compile one layer per stack, not 48 + 32 + 32
   c.model.vit.update(patch_size=14, width=6144, depth=48, num_heads=48, mlp_dim=24576,
                      posemb='learn')
   c.model.t5.update(

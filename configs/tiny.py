@@ -31,6 +31,9 @@ def get_config(arg=None):
   c.model.image_size = 64
   c.model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
   c.model.remat = 'none'  # 'none' | 'full' | 'dots': rematerialise each layer in the backward pass
+  # True: ViT blocks and T5 layers run under nn.scan (one layer compiled, params stacked along a
+  # leading 'layers' axis); convert params with rt2_jax.models.stack_layers / unstack_layers.
+  c.model.scan_layers = False
   c.model.vit = ml_collections.ConfigDict(dict(
       patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512,
       posemb='learn',  # 'learn' | 'sincos2d'

@@ -18,6 +18,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 from rt2_jax import config_flags  # noqa: E402
+from rt2_jax.models import stack_layers  # noqa: E402
 from rt2_jax.models.t5 import T5, T5Config  # noqa: E402
 from rt2_jax.models.vit import ViT, ViTConfig  # noqa: E402
 from rt2_jax.models.vla import VLA  # noqa: E402
@@ -237,3 +238,76 @@ def test_hf_vit_format_and_position_embedding_resize(tmp_path):
   assert features.shape == (1, 36, 32) and np.isfinite(np.asarray(features)).all()
   abstract = jax.eval_shape(ViT(cfg).init, jax.random.key(0), np.zeros((1, 48, 48, 3)))
   assert jax.tree.structure(params) == jax.tree.structure(nn.meta.unbox(abstract)['params'])
+
+
+def _copy_checkpoint(src: str, dst: str, drop=(), add=None):
+  """A copy of an HF folder with some tensors dropped / added (safetensors + config.json)."""
+  from safetensors.numpy import save_file
+  os.makedirs(dst)
+  tensors = {k: np.asarray(v) for k, v in SafetensorsFolder(src).items() if k not in drop}
+  tensors.update(add or {})
+  save_file(tensors, os.path.join(dst, 'model.safetensors'))
+  with open(os.path.join(src, 'config.json')) as f, open(os.path.join(dst, 'config.json'), 'w') as g:
+    g.write(f.read())
+  return dst
+
+
+def test_convert_with_scan_layers_stacks_and_names_checkpoint_tensors(tmp_path):
+  kw = dict(T5_CASES['untied_2x16_silu'])
+  kw.pop('tied')
+  t5_dir, vit_dir = str(tmp_path / 't5'), str(tmp_path / 'vit')
+  make_hf_t5(t5_dir, False, **kw)
+  make_hf_siglip(vit_dir)
+  overrides = _tiny_overrides(t5_dir, vit_dir, vocab_size=VOCAB)
+  unrolled_cfg = config_flags.load_config('configs/tiny.py', overrides).model
+  scan_cfg = config_flags.load_config('configs/tiny.py',
+                                      dict(overrides, **{'model.scan_layers': True})).model
+  quiet = dict(log=lambda _: None)
+  params, report = convert(unrolled_cfg, t5_dir, vit_dir, **quiet)
+  stacked, scan_report = convert(scan_cfg, t5_dir, vit_dir, **quiet)
+
+  # The scanned model's tree, holding the same weights stacked along a leading layers axis.
+  images = np.random.RandomState(0).randint(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+  enc, dec = _tokens()
+  abstract = nn.meta.unbox(jax.eval_shape(VLA(scan_cfg).init, jax.random.key(0), images, enc,
+                                          dec))['params']
+  assert jax.tree.structure(stacked) == jax.tree.structure(abstract)
+  assert jax.tree.map(np.shape, stacked) == jax.tree.map(lambda x: x.shape, abstract)
+  assert stacked['lm']['decoder']['layers']['mlp']['wo']['kernel'].shape == (2, 40, 32)
+  jax.tree.map(np.testing.assert_array_equal, stacked, stack_layers(params))
+  # Reports still map per-layer parameters to the checkpoint's own tensor names.
+  assert scan_report.loaded == report.loaded
+  assert scan_report.loaded['lm/decoder/layers_1/mlp/wo/kernel'] == (
+      'decoder.block.1.layer.2.DenseReluDense.wo.weight')
+  assert scan_report.loaded['vit/block_1/mlp/fc1/kernel'] == 'encoder.layers.1.mlp.fc1.weight'
+  assert any('scan_layers=True' in note for note in scan_report.notes)
+
+  # Unused and missing tensors are named as in the checkpoint, with scan on.
+  extra = _copy_checkpoint(t5_dir, str(tmp_path / 't5_extra'),
+                           add={'decoder.block.9.layer.0.layer_norm.weight': np.ones(32)})
+  _, extra_report = convert(scan_cfg, extra, vit_dir, **quiet)
+  assert sorted(extra_report.unused) == sorted(
+      report.unused + ['decoder.block.9.layer.0.layer_norm.weight'])  # + SigLIP's pooling head
+  missing = _copy_checkpoint(t5_dir, str(tmp_path / 't5_missing'),
+                             drop=('encoder.block.1.layer.1.DenseReluDense.wi_0.weight',))
+  with pytest.raises(ConversionError,
+                     match=r'T5: checkpoint has no tensor encoder\.block\.1\.layer\.1\.'
+                           r'DenseReluDense\.wi_0\.weight'):
+    convert(scan_cfg, missing, vit_dir, **quiet)
+
+  # Saved scanned; loaded as saved, or into an unrolled target with its shardings.
+  from rt2_jax.weights import convert as convert_lib
+  out = str(tmp_path / 'out')
+  convert_lib.save(out, stacked, dict(scan_layers=True))
+  loaded = load_converted(out)
+  jax.tree.map(np.testing.assert_array_equal, loaded, stacked)
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), params)
+  unrolled = load_converted(out, target)
+  assert jax.tree.structure(unrolled) == jax.tree.structure(params)
+  jax.tree.map(np.testing.assert_array_equal, unrolled, params)
+  assert isinstance(unrolled['lm']['encoder']['layers_0']['mlp']['wo']['kernel'], jax.Array)
+
+  logits = VLA(scan_cfg).apply({'params': loaded}, images, enc, dec)
+  expected = VLA(unrolled_cfg).apply({'params': params}, images, enc, dec)
+  np.testing.assert_allclose(logits, expected, atol=2e-5, rtol=1e-5)

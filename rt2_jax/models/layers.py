@@ -173,14 +173,28 @@ def mask_to_bias(key_mask):
   return jnp.where(key_mask, 0.0, MASK_BIAS).astype(jnp.float32)[:, None, None, :]
 
 
-def maybe_remat(module_cls, remat: str, static_argnums: tuple[int, ...]):
+def maybe_remat(module_cls, remat: str, static_argnums: tuple[int, ...], scanned: bool = False):
   """Wraps a layer class in `nn.remat` ('full': save nothing, 'dots': save weight matmuls).
 
-  `static_argnums` count `self` as 0 and must name the `deterministic` argument.
+  `static_argnums` count `self` as 0 and must name the `deterministic` argument. Under a scan
+  the loop already keeps XLA from merging the recomputation away, so CSE prevention is off.
   """
   policies = {'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
   if remat == 'none':
     return module_cls
   if remat not in policies:
     raise ValueError(f"model.remat must be 'none', 'full' or 'dots', got {remat!r}")
-  return nn.remat(module_cls, policy=policies[remat], static_argnums=static_argnums)
+  return nn.remat(module_cls, policy=policies[remat], static_argnums=static_argnums,
+                  prevent_cse=not scanned)
+
+
+def scan_over_layers(body, length: int):
+  """`nn.scan` of `body(layer, carry, *args) -> (carry, out)` over a stack of `length` layers.
+
+  The layer's parameters are stacked along a new leading axis with the logical name 'layers'
+  (replicated under LOGICAL_RULES); `args` are the same for every layer (broadcast), `out` is
+  stacked. One layer is traced and compiled instead of `length`.
+  """
+  return nn.scan(body, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                 in_axes=nn.broadcast, length=length,
+                 metadata_params={nn.PARTITION_NAME: 'layers'})

@@ -84,23 +84,30 @@ def summarize(model_cfg, top: int = 8) -> str:
   total = sum(counts.values())
   lines = [f'image {vit_cfg.image_size}px, patch {vit_cfg.patch_size} -> '
            f'{vit_cfg.num_patches} image tokens; vocab {t5_cfg.vocab_size}; '
-           f'compute {t5_cfg.dtype}; remat {t5_cfg.remat}',
+           f'compute {t5_cfg.dtype}; remat {t5_cfg.remat}; scan_layers {t5_cfg.scan_layers}',
            f'{"component":<24}{"params":>16}{"share":>8}']
   for name, n in counts.items():
     lines.append(f'{name:<24}{n:>16,}{100 * n / total:>7.1f}%')
   lines.append(f'{"total":<24}{total:>16,}  ({_human(total)}: {total * 4 / 2**30:.1f} GiB in '
                f'float32, {total * 2 / 2**30:.1f} GiB in bfloat16)')
-  # Arrays repeated in every layer are listed once, as layers_* / block_* with a count.
+  # Arrays repeated in every layer are listed once with a count and the shape of one layer:
+  # layers_* / block_* (unrolled), or a stack whose leading axis is 'layers' (scanned).
   groups = collections.defaultdict(list)
   for info in infos:
     groups[re.sub(r'(layers|block)_\d+', r'\1_*', info.path)].append(info)
-  largest = sorted(groups.items(), key=lambda kv: -kv[1][0].size)[:top]
-  lines.append('largest arrays (logical axes -> mesh axes under partitioning.LOGICAL_RULES):')
-  for path, group in largest:
+  rows = []
+  for path, group in groups.items():
     info = group[0]
-    mesh_axes = tuple(nn.logical_to_mesh_axes(info.axes, partitioning.LOGICAL_RULES))
-    lines.append(f'  {path:<48} x{len(group):<3} {str(info.shape):<15} {_human(info.size):>8}  '
-                 f'{info.axes} -> {mesh_axes}')
+    count, shape = len(group), info.shape
+    if info.axes[:1] == ('layers',):
+      count, shape = shape[0], shape[1:]
+    rows.append((path, count, shape, info.axes))
+  largest = sorted(rows, key=lambda row: -math.prod(row[2]))[:top]
+  lines.append('largest arrays (logical axes -> mesh axes under partitioning.LOGICAL_RULES):')
+  for path, count, shape, axes in largest:
+    mesh_axes = tuple(nn.logical_to_mesh_axes(axes, partitioning.LOGICAL_RULES))
+    lines.append(f'  {path:<48} x{count:<3} {str(shape):<15} {_human(math.prod(shape)):>8}  '
+                 f'{axes} -> {mesh_axes}')
   return '\n'.join(lines)
 
 

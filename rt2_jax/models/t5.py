@@ -39,17 +39,22 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   dtype: str = 'float32'
   remat: str = 'none'  # 'none' | 'full' | 'dots' (rematerialise each layer in the backward pass)
+  # Layers under nn.scan: params stacked as {encoder,decoder}/layers [num_layers, ...].
+  scan_layers: bool = False
 
   @classmethod
-  def from_config(cls, t5_cfg, vocab_size: int, dtype: str = 'float32', remat: str = 'none'):
+  def from_config(cls, t5_cfg, vocab_size: int, dtype: str = 'float32', remat: str = 'none',
+                  scan_layers: bool = False):
     """From the `model.t5` ConfigDict block; unknown keys fail naming them."""
     d = dict(t5_cfg)
-    known = {f.name for f in dataclasses.fields(cls)} - {'vocab_size', 'dtype', 'remat'}
+    model_level = {'vocab_size', 'dtype', 'remat', 'scan_layers'}
+    known = {f.name for f in dataclasses.fields(cls)} - model_level
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f'unknown model.t5 keys {unknown}; known: {sorted(known)}')
     d['mlp_activations'] = tuple(d.get('mlp_activations', cls.mlp_activations))
-    return cls(vocab_size=int(vocab_size), dtype=dtype, remat=remat, **d)
+    return cls(vocab_size=int(vocab_size), dtype=dtype, remat=remat,
+                scan_layers=bool(scan_layers), **d)
 
 
 def relative_position_buckets(relative_position: np.ndarray, bidirectional: bool,
@@ -172,22 +177,38 @@ class DecoderLayer(nn.Module):
   def cross_kv(self, encoded):
     return self.encoder_decoder_attention.project_kv(encoded)
 
-  def step(self, x, self_bias, cache, cross_bias, step):
-    """One position: x [B,1,E]; writes this position's K/V into the cache at `step`."""
+  def step(self, x, self_bias, cache, cross_bias, step, layer=None):
+    """One position: x [B,1,E]; writes this position's K/V into the cache at `step`.
+
+    `cache` holds this layer's arrays [B, ...], or with `layer` (a traced index, under scan)
+    every layer's stacked [L, B, ...]: the new K/V row is written in place at
+    [layer, :, step], so a decode step moves no more cache memory than the unrolled loop.
+    """
     dtype = layers.to_dtype(self.config.dtype)
+
+    def read(name):
+      if layer is None:
+        return cache[name]
+      return lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False)
+
+    def write(name, value):
+      value = value.astype(cache[name].dtype)
+      if layer is None:
+        return lax.dynamic_update_slice(cache[name], value, (0, step, 0, 0))
+      return lax.dynamic_update_slice(cache[name], value[None], (layer, 0, step, 0, 0))
+
     h = self.pre_self_attention_layer_norm(x)
     k, v = self.self_attention.project_kv(h)
-    start = (0, step, 0, 0)
-    self_k = lax.dynamic_update_slice(cache['self_k'], k.astype(cache['self_k'].dtype), start)
-    self_v = lax.dynamic_update_slice(cache['self_v'], v.astype(cache['self_v'].dtype), start)
+    cache = dict(cache, self_k=write('self_k', k), self_v=write('self_v', v))
     q = self.self_attention.project_q(h)
-    x = x + self.self_attention.attend(q, self_k.astype(dtype), self_v, self_bias)
+    x = x + self.self_attention.attend(q, read('self_k').astype(dtype), read('self_v'),
+                                       self_bias)
     h = self.pre_cross_attention_layer_norm(x)
     q = self.encoder_decoder_attention.project_q(h)
-    x = x + self.encoder_decoder_attention.attend(q, cache['cross_k'], cache['cross_v'],
+    x = x + self.encoder_decoder_attention.attend(q, read('cross_k'), read('cross_v'),
                                                   cross_bias)
     x = x + self.mlp(self.pre_mlp_layer_norm(x))
-    return x, dict(cache, self_k=self_k, self_v=self_v)
+    return x, cache
 
 
 class Encoder(nn.Module):
@@ -198,18 +219,29 @@ class Encoder(nn.Module):
     self.relpos_bias = RelativePositionBias(
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
         bidirectional=True)
-    layer_cls = layers.maybe_remat(EncoderLayer, cfg.remat, static_argnums=(3,))
-    self.layers = [layer_cls(cfg, name=f'layers_{i}') for i in range(cfg.num_encoder_layers)]
+    layer_cls = layers.maybe_remat(EncoderLayer, cfg.remat, static_argnums=(3,),
+                                   scanned=cfg.scan_layers)
+    if cfg.scan_layers:  # one module; nn.scan stacks its params along 'layers'
+      self.layers = layer_cls(cfg, name='layers')
+    else:
+      self.layers = [layer_cls(cfg, name=f'layers_{i}') for i in range(cfg.num_encoder_layers)]
     self.encoder_norm = _norm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def __call__(self, x, mask, deterministic: bool = True):
     """x [B, L, E] embeddings, mask [B, L] bool (True = real token) -> [B, L, E]."""
+    cfg = self.config
     length = x.shape[1]
+    # The relative position bias is shared by all layers: computed once, outside any scan.
     bias = self.relpos_bias(length, length) + layers.mask_to_bias(mask)
-    x = self.dropout(x.astype(layers.to_dtype(self.config.dtype)), deterministic)
-    for layer in self.layers:
-      x = layer(x, bias, deterministic)
+    x = self.dropout(x.astype(layers.to_dtype(cfg.dtype)), deterministic)
+    if cfg.scan_layers:
+      def body(layer, x, bias):
+        return layer(x, bias, deterministic), None
+      x, _ = layers.scan_over_layers(body, cfg.num_encoder_layers)(self.layers, x, bias)
+    else:
+      for layer in self.layers:
+        x = layer(x, bias, deterministic)
     return self.dropout(self.encoder_norm(x), deterministic)
 
 
@@ -221,44 +253,78 @@ class Decoder(nn.Module):
     self.relpos_bias = RelativePositionBias(
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
         bidirectional=False)
-    layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat, static_argnums=(5,))
-    self.layers = [layer_cls(cfg, name=f'layers_{i}') for i in range(cfg.num_decoder_layers)]
+    layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat, static_argnums=(5,),
+                                   scanned=cfg.scan_layers)
+    if cfg.scan_layers:  # one module; nn.scan stacks its params along 'layers'
+      self.layers = layer_cls(cfg, name='layers')
+    else:
+      self.layers = [layer_cls(cfg, name=f'layers_{i}') for i in range(cfg.num_decoder_layers)]
     self.decoder_norm = _norm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
   def __call__(self, x, encoded, encoder_mask, deterministic: bool = True):
     """x [B, Ld, E] embedded decoder inputs -> final hidden [B, Ld, E] (after the norm)."""
+    cfg = self.config
     length = x.shape[1]
     causal = np.tril(np.ones((length, length), bool))
     self_bias = self.relpos_bias(length, length) + np.where(causal, 0.0, layers.MASK_BIAS)
     cross_bias = layers.mask_to_bias(encoder_mask)
-    x = self.dropout(x.astype(layers.to_dtype(self.config.dtype)), deterministic)
-    for layer in self.layers:
-      x = layer(x, self_bias, encoded, cross_bias, deterministic)
+    x = self.dropout(x.astype(layers.to_dtype(cfg.dtype)), deterministic)
+    if cfg.scan_layers:
+      def body(layer, x, self_bias, encoded, cross_bias):
+        return layer(x, self_bias, encoded, cross_bias, deterministic), None
+      x, _ = layers.scan_over_layers(body, cfg.num_decoder_layers)(
+          self.layers, x, self_bias, encoded, cross_bias)
+    else:
+      for layer in self.layers:
+        x = layer(x, self_bias, encoded, cross_bias, deterministic)
     return self.dropout(self.decoder_norm(x), deterministic)
 
   def init_cache(self, encoded, encoder_mask, max_decode_len: int):
+    """Per layer {'self_k', 'self_v', 'cross_k', 'cross_v'}: a list, or (scan) one dict of
+    arrays stacked along a leading layers axis."""
     cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
     batch = encoded.shape[0]
     shape = (batch, int(max_decode_len), cfg.num_heads, cfg.head_dim)
-    layer_caches = []
-    for layer in self.layers:
-      k, v = layer.cross_kv(encoded)
-      layer_caches.append(dict(self_k=jnp.zeros(shape, dtype), self_v=jnp.zeros(shape, dtype),
-                               cross_k=k, cross_v=v))
+    if cfg.scan_layers:
+      def body(layer, carry, encoded):
+        return carry, layer.cross_kv(encoded)
+      _, (k, v) = layers.scan_over_layers(body, cfg.num_decoder_layers)(
+          self.layers, None, encoded)
+      stacked = (cfg.num_decoder_layers,) + shape
+      layer_caches = dict(self_k=jnp.zeros(stacked, dtype), self_v=jnp.zeros(stacked, dtype),
+                          cross_k=k, cross_v=v)
+    else:
+      layer_caches = []
+      for layer in self.layers:
+        k, v = layer.cross_kv(encoded)
+        layer_caches.append(dict(self_k=jnp.zeros(shape, dtype), self_v=jnp.zeros(shape, dtype),
+                                 cross_k=k, cross_v=v))
     return dict(encoder_mask=encoder_mask.astype(bool), layers=layer_caches)
 
   def step(self, cache, x, step):
     """x [B, 1, E] embedded token at position `step` -> hidden [B, 1, E] and the new cache."""
-    max_len = cache['layers'][0]['self_k'].shape[1]
+    cfg = self.config
+    # Self K/V [B, T, H, D] per layer, or [L, B, T, H, D] stacked.
+    self_k = cache['layers']['self_k'] if cfg.scan_layers else cache['layers'][0]['self_k']
+    max_len = self_k.shape[-3]
     self_bias = self.relpos_bias.for_step(step, max_len)
     self_bias = self_bias + jnp.where(jnp.arange(max_len) <= step, 0.0, layers.MASK_BIAS)
     cross_bias = layers.mask_to_bias(cache['encoder_mask'])
-    x = x.astype(layers.to_dtype(self.config.dtype))
-    new_layers = []
-    for layer, layer_cache in zip(self.layers, cache['layers'], strict=True):
-      x, layer_cache = layer.step(x, self_bias, layer_cache, cross_bias, step)
-      new_layers.append(layer_cache)
+    x = x.astype(layers.to_dtype(cfg.dtype))
+    if cfg.scan_layers:
+      # The stacked cache rides in the carry (updated in place); layer i reads its own slice.
+      def body(layer, carry, self_bias, cross_bias, step):
+        x, layer_caches, i = carry
+        x, layer_caches = layer.step(x, self_bias, layer_caches, cross_bias, step, i)
+        return (x, layer_caches, i + 1), None
+      (x, new_layers, _), _ = layers.scan_over_layers(body, cfg.num_decoder_layers)(
+          self.layers, (x, cache['layers'], jnp.int32(0)), self_bias, cross_bias, step)
+    else:
+      new_layers = []
+      for layer, layer_cache in zip(self.layers, cache['layers'], strict=True):
+        x, layer_cache = layer.step(x, self_bias, layer_cache, cross_bias, step)
+        new_layers.append(layer_cache)
     return self.decoder_norm(x), dict(cache, layers=new_layers)
 
 

@@ -33,16 +33,20 @@ class ViTConfig:
   dropout_rate: float = 0.0
   dtype: str = 'float32'
   remat: str = 'none'  # 'none' | 'full' | 'dots'
+  scan_layers: bool = False  # blocks under nn.scan, params stacked as vit/blocks [depth, ...]
 
   @classmethod
-  def from_config(cls, vit_cfg, image_size: int, dtype: str = 'float32', remat: str = 'none'):
+  def from_config(cls, vit_cfg, image_size: int, dtype: str = 'float32', remat: str = 'none',
+                  scan_layers: bool = False):
     """From the `model.vit` ConfigDict block; unknown keys fail naming them."""
     d = dict(vit_cfg)
-    known = {f.name for f in dataclasses.fields(cls)} - {'image_size', 'dtype', 'remat'}
+    model_level = {'image_size', 'dtype', 'remat', 'scan_layers'}
+    known = {f.name for f in dataclasses.fields(cls)} - model_level
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f'unknown model.vit keys {unknown}; known: {sorted(known)}')
-    cfg = cls(image_size=int(image_size), dtype=dtype, remat=remat, **d)
+    cfg = cls(image_size=int(image_size), dtype=dtype, remat=remat,
+              scan_layers=bool(scan_layers), **d)
     if cfg.image_size % cfg.patch_size:
       raise ValueError(f'model.image_size {cfg.image_size} is not a multiple of '
                        f'model.vit.patch_size {cfg.patch_size}')
@@ -136,7 +140,13 @@ class ViT(nn.Module):
       pos = jnp.asarray(posemb_sincos_2d(g, cfg.width))
     x = constrain(x + pos.astype(dtype)[None], ('batch', 'length', 'embed'))
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-    block_cls = layers.maybe_remat(EncoderBlock, cfg.remat, static_argnums=(2,))
-    for i in range(cfg.depth):
-      x = block_cls(cfg, name=f'block_{i}')(x, deterministic)
+    block_cls = layers.maybe_remat(EncoderBlock, cfg.remat, static_argnums=(2,),
+                                   scanned=cfg.scan_layers)
+    if cfg.scan_layers:
+      def body(block, x):
+        return block(x, deterministic), None
+      x, _ = layers.scan_over_layers(body, cfg.depth)(block_cls(cfg, name='blocks'), x)
+    else:
+      for i in range(cfg.depth):
+        x = block_cls(cfg, name=f'block_{i}')(x, deterministic)
     return layers.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name='encoder_norm')(x)

@@ -12,7 +12,10 @@ API (module `config` = the `cfg.model` ConfigDict; see docs/interfaces.md):
   logits = model.apply(v, hidden, rows, method=VLA.compute_logits)
 
 Parameter tree: {'vit': ..., 'image_projection': {'kernel', 'bias'},
-'lm': {'token_embedder', 'encoder', 'decoder'[, 'logits_dense']}}.
+'lm': {'token_embedder', 'encoder', 'decoder'[, 'logits_dense']}}. With `scan_layers` the
+repeated layers are one stacked subtree each (`vit/blocks`, `lm/encoder/layers`,
+`lm/decoder/layers`, leading axis 'layers') instead of `block_{i}` / `layers_{i}`;
+`rt2_jax.models.stack_layers` / `unstack_layers` convert between the two.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from rt2_jax.models import layers
 from rt2_jax.models.t5 import T5, T5Config
@@ -32,8 +36,11 @@ def configs_from_model_config(model_cfg) -> tuple[ViTConfig, T5Config]:
   dtype = str(model_cfg.get('dtype', 'float32'))
   layers.to_dtype(dtype)
   remat = str(model_cfg.get('remat', 'none'))
-  vit = ViTConfig.from_config(model_cfg.vit, model_cfg.image_size, dtype, remat)
-  t5 = T5Config.from_config(model_cfg.t5, model_cfg.vocab_size, dtype, remat)
+  scan = model_cfg.get('scan_layers', False)
+  if not isinstance(scan, (bool, np.bool_)):
+    raise ValueError(f'model.scan_layers must be True or False, got {scan!r}')
+  vit = ViTConfig.from_config(model_cfg.vit, model_cfg.image_size, dtype, remat, bool(scan))
+  t5 = T5Config.from_config(model_cfg.t5, model_cfg.vocab_size, dtype, remat, bool(scan))
   return vit, t5
 
 
@@ -91,7 +98,8 @@ class VLA(nn.Module):
     return self.lm.compute_logits(hidden)
 
   def init_decode_cache(self, encoded, encoder_mask, max_decode_len: int):
-    """Self-attention K/V [B, max_decode_len, H, D] zeros + cross-attention K/V, per layer."""
+    """Self-attention K/V [B, max_decode_len, H, D] zeros + cross-attention K/V, per layer
+    (with scan_layers: one dict of arrays stacked [L, B, ...]). An opaque pytree to callers."""
     return self.lm.init_decode_cache(encoded, encoder_mask, max_decode_len)
 
   def decode_step(self, cache, token_ids, step):

@@ -9,7 +9,11 @@ source) and vocabulary rows beyond the checkpoint's, which are initialised and r
 name. Shape or config mismatches, missing and unexpected arrays fail with their names.
 
 OUT/params is an orbax checkpoint of the plain nested dict of float32 arrays
-({'vit', 'image_projection', 'lm'}); OUT/convert_meta.json records sources and the report.
+({'vit', 'image_projection', 'lm'}) in the config's layout: with model.scan_layers=True the
+per-layer arrays are stacked ([num_layers, ...] under vit/blocks, lm/encoder/layers,
+lm/decoder/layers), as the scanned model's tree. Every check and report runs on the per-layer
+arrays first, so errors name the checkpoint's own tensors. OUT/convert_meta.json records
+sources, the layout and the report.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import orbax.checkpoint as ocp
 from absl import flags
 
 from rt2_jax import config_flags
-from rt2_jax.models import summary
+from rt2_jax.models import layout, summary
 from rt2_jax.models.vla import ImageProjection, configs_from_model_config
 from rt2_jax.weights import hf_t5, hf_vision
 from rt2_jax.weights.report import ConversionError, Report
@@ -79,7 +83,32 @@ def convert(model_cfg, t5_dir: str, vit_dir: str, seed: int = 0, log=print):
   for path, _ in _flatten(params['image_projection'], 'image_projection/'):
     report.new[path] = 'no pretrained source (ViT width -> T5 width)'
 
-  # Completeness against the model's own parameter shapes (from eval_shape: no allocation).
+  # Completeness against the model's own parameter shapes (from eval_shape: no allocation),
+  # in the per-layer layout the converters write, so names point at single layers.
+  _check_complete(params, _with_scan(model_cfg, False), report)
+  if report.errors:
+    raise ConversionError('weight conversion failed:\n' + report.summary())
+  if vit_cfg.scan_layers:
+    params = layout.stack_layers(params, consume=True)  # per leaf: no second full copy
+    report.notes.append(
+        f'model.scan_layers=True: per-layer arrays stacked along a leading layers axis '
+        f'(vit/block_* -> vit/blocks [{vit_cfg.depth}], lm/encoder/layers_* -> lm/encoder/layers '
+        f'[{t5_cfg.num_encoder_layers}], lm/decoder/layers_* -> lm/decoder/layers '
+        f'[{t5_cfg.num_decoder_layers}])')
+    _check_complete(params, model_cfg, report)
+    if report.errors:  # a bug in stacking, not in the checkpoint
+      raise ConversionError('stacking for model.scan_layers failed:\n' + report.summary())
+  return params, report
+
+
+def _with_scan(model_cfg, scan: bool):
+  cfg = model_cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.scan_layers = scan
+  return cfg
+
+
+def _check_complete(params: dict, model_cfg, report: Report):
   expected = {i.path: i.shape for i in summary.param_infos(model_cfg)}
   got = dict(_flatten(params))
   for path in sorted(set(expected) - set(got)):
@@ -90,9 +119,6 @@ def convert(model_cfg, t5_dir: str, vit_dir: str, seed: int = 0, log=print):
     if tuple(got[path].shape) != tuple(expected[path]):
       report.errors.append(f'shape: {path} converted as {tuple(got[path].shape)}, the model '
                            f'needs {tuple(expected[path])}')
-  if report.errors:
-    raise ConversionError('weight conversion failed:\n' + report.summary())
-  return params, report
 
 
 def _suggest(model_cfg, t5_dir: str, vit_dir: str) -> str:
@@ -129,22 +155,48 @@ def save(out_dir: str, params: dict, meta: dict):
 def load_converted(out_dir: str, target=None) -> dict:
   """Params written by `convert` ({'vit', 'image_projection', 'lm'}).
 
-  target: optional abstract tree (jax.ShapeDtypeStruct with `sharding`) to restore straight
-  into sharded device arrays; without it, arrays come back as host numpy arrays.
+  target: optional abstract params tree (unboxed jax.ShapeDtypeStruct with `sharding`, e.g.
+  the train state's params) to restore straight into sharded device arrays; without it,
+  arrays come back as host numpy arrays in the layout they were converted with. A target in
+  the other layout (scan_layers on vs off) is served by restoring on the host, stacking or
+  unstacking, then placing each array with its target sharding (needs host memory for all).
   """
   path = os.path.join(os.path.abspath(out_dir), PARAMS_DIR)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{out_dir} has no {PARAMS_DIR}/: not a converted checkpoint '
                             f'(python -m rt2_jax.weights.convert ... --out={out_dir})')
   checkpointer = ocp.StandardCheckpointer()
-  if target is not None:
-    return checkpointer.restore(path, target)
   metadata = checkpointer.metadata(path)
   tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
+  stored_unrolled = layout.has_per_layer_keys(tree)
+  if target is not None and stored_unrolled == layout.has_per_layer_keys(target):
+    return checkpointer.restore(path, target)
   abstract = jax.tree.map(
       lambda m: np.zeros(m.shape, m.dtype), tree,
       is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
-  return checkpointer.restore(path, abstract)
+  host = checkpointer.restore(path, abstract)
+  if target is None:
+    return host
+  print(f'{out_dir}: converted {"unrolled" if stored_unrolled else "scanned"} layout, the model '
+        f'is {"scanned" if stored_unrolled else "unrolled"}: '
+        f'{"stacking" if stored_unrolled else "unstacking"} layers on the host', flush=True)
+  host = layout.stack_layers(host, consume=True) if stored_unrolled else layout.unstack_layers(host)
+  host = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(host)[0]}
+  wanted, treedef = jax.tree_util.tree_flatten_with_path(target)
+  names = [jax.tree_util.keystr(k) for k, _ in wanted]
+  if set(names) != set(host):
+    raise ValueError(f'{out_dir}: converted params do not match the target after changing '
+                     f'layout; missing {sorted(set(names) - set(host))[:4]}, unexpected '
+                     f'{sorted(set(host) - set(names))[:4]}')
+  leaves = []
+  for name, (_, want) in zip(names, wanted, strict=True):
+    value = np.asarray(host.pop(name), want.dtype)
+    if tuple(value.shape) != tuple(want.shape):
+      raise ValueError(f'{out_dir}: converted {name} has shape {value.shape}, the target needs '
+                       f'{tuple(want.shape)}')
+    sharding = getattr(want, 'sharding', None)
+    leaves.append(jax.device_put(value, sharding) if sharding is not None else value)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def read_meta(out_dir: str) -> dict:
@@ -166,6 +218,7 @@ def main(argv):
   meta = dict(t5_dir=os.path.abspath(_T5.value), vit_dir=os.path.abspath(_VIT.value),
               t5_config=read_config(_T5.value), vit_config=read_config(_VIT.value),
               model_config=json.loads(config.model.to_json_best_effort()), seed=_SEED.value,
+              scan_layers=bool(config.model.get('scan_layers', False)),
               num_params=int(total), report=report.to_json(),
               created=time.strftime('%Y-%m-%dT%H:%M:%S'))
   print(f'writing {total:,} parameters to {_OUT.value}/{PARAMS_DIR}', flush=True)
