@@ -18,7 +18,7 @@ STEPS = {'batch_size': 8, 'ckpt.every': 1000}
 COMPARED = 3  # steps whose metrics are compared
 
 
-@pytest.mark.slow  # three processes compile the step: 1.5-3 min on 2 cores
+# Not marked slow although it takes 1-2 min on 2 cores: issue 6 requires it in the README test run.
 def test_two_processes_match_one_process_and_stop_together_on_sigterm(tmp_path):
   multi, single = tmp_path / 'multi', tmp_path / 'single'
   cmd = [os.path.join(lib.REPO_ROOT, 'launch', 'local_multihost.sh'), '2',
