@@ -114,7 +114,7 @@ def console_table(summary: Mapping, actors: Sequence[str] | None = None) -> str:
     for task in [*tasks, ALL]:
       rows.append((cat, task, *[_cell(summary, a, cat, task) for a in actors]))
   widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-  text = [' | '.join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+  text = [' | '.join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
   text.insert(1, '-+-'.join('-' * w for w in widths))
   return '\n'.join(text)
 
@@ -160,7 +160,7 @@ def plot_success(summary: Mapping, path: str, actors: Sequence[str] | None = Non
   edges = [i for i in range(1, len(groups)) if groups[i][0] != groups[i - 1][0]]
   for e in edges:
     ax.axvline(e - 0.5, color='gray', lw=0.5)
-  for start, end in zip([0, *edges], [*edges, len(groups)]):
+  for start, end in zip([0, *edges], [*edges, len(groups)], strict=True):
     ax.text((start + end - 1) / 2, 1.02, groups[start][0], ha='center', fontsize=8)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -176,7 +176,7 @@ def plot_sweep(points: Sequence[Mapping], path: str, title: str = '') -> None:
   settings = list(dict.fromkeys(p['setting'] for p in points))
   fig, axes = plt.subplots(1, max(1, len(categories)), figsize=(4.2 * max(1, len(categories)), 3.6),
                            squeeze=False)
-  for ax, cat in zip(axes[0], categories):
+  for ax, cat in zip(axes[0], categories, strict=False):
     for setting in settings:
       pts = sorted((p for p in points if p['category'] == cat and p['setting'] == setting),
                    key=lambda p: p['step'])

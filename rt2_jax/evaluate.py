@@ -266,7 +266,7 @@ def corpus_bleu(preds: Sequence[str], refs: Sequence[str], max_n: int = 4) -> fl
   """Corpus BLEU-n with one reference each, brevity penalty, add-one smoothing for n > 1."""
   matches, totals = [0] * max_n, [0] * max_n
   pred_len = ref_len = 0
-  for pred, ref in zip(preds, refs):
+  for pred, ref in zip(preds, refs, strict=True):
     p, r = _normalize(pred).split(), _normalize(ref).split()
     pred_len, ref_len = pred_len + len(p), ref_len + len(r)
     for n in range(1, max_n + 1):
@@ -287,10 +287,10 @@ def text_metrics(preds: Sequence[str], refs: Sequence[str], kinds: Sequence[str]
   for kind in sorted(set(kinds)):
     idx = [i for i, k in enumerate(kinds) if k == kind]
     p, r = [preds[i] for i in idx], [refs[i] for i in idx]
-    exact = float(np.mean([_normalize(a) == _normalize(b) for a, b in zip(p, r)]))
+    exact = float(np.mean([_normalize(a) == _normalize(b) for a, b in zip(p, r, strict=True)]))
     m = dict(count=len(idx), exact_match=round(exact, 4))
     if kind == 'caption':
-      m.update(token_f1=round(float(np.mean([token_f1(a, b) for a, b in zip(p, r)])), 4),
+      m.update(token_f1=round(float(np.mean([token_f1(a, b) for a, b in zip(p, r, strict=True)])), 4),
                bleu4=round(corpus_bleu(p, r), 4))
     out[kind] = m
   return out

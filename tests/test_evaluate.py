@@ -2,8 +2,6 @@
 closed loop through rt2_jax.policy.Policy (a tiny untrained model, one task, a few steps)."""
 
 import functools
-import json
-import os
 
 import numpy as np
 import pytest

@@ -241,7 +241,7 @@ class _Collector:
       jobs = iter(_seed_stream(task, base, per_task, self.settings))
       # Submit in waves of `per_task - done` so few rollouts are wasted past the target.
       while len(used[task]) < per_task:
-        wave = [job for _, job in zip(range(per_task - len(used[task])), jobs)]
+        wave = [job for _, job in zip(range(per_task - len(used[task])), jobs, strict=False)]
         if not wave:
           raise RuntimeError(
               f'{task}: the scripted expert solved only {len(used[task])} of '

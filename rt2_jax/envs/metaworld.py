@@ -414,7 +414,7 @@ class ExpertActor:
   name = 'expert'
 
   def __call__(self, batch: ActorInput) -> tuple[np.ndarray, np.ndarray]:
-    actions = np.stack([expert_action(t, s) for t, s in zip(batch.tasks, batch.states)])
+    actions = np.stack([expert_action(t, s) for t, s in zip(batch.tasks, batch.states, strict=True)])
     return actions, np.zeros(len(actions), bool)
 
 
@@ -468,16 +468,17 @@ class _Slots:
 
   _next_run = 0
 
-  def __init__(self, workers: int):
+  def __init__(self, workers: int, rendering: bool):
     _Slots._next_run += 1
     self.run_id = (os.getpid(), _Slots._next_run)
     self._workers = None
     if workers > 0:
       from rt2_jax.envs.worker import Workers
       self._workers = Workers(workers)
-    elif 'tensorflow' in sys.modules:
+    elif rendering and 'tensorflow' in sys.modules:
       warnings.warn('rendering in a process that has imported TensorFlow usually crashes '
-                    '(conflicting LLVM builds in Mesa and TensorFlow); use workers >= 1')
+                    '(conflicting LLVM builds in Mesa and TensorFlow); use workers >= 1',
+                    stacklevel=3)
 
   def call(self, calls: list[tuple[int, str, tuple]]) -> list:
     """[(slot, function name in this module, args after the slot key)] -> results."""
@@ -537,7 +538,7 @@ def run_episodes(episodes: Sequence[EpisodeSpec], actor: Callable, *, num_envs: 
   slots: list[dict | None] = [None] * num_envs
   bar = tqdm(total=len(episodes), desc=desc or getattr(actor, 'name', 'rollouts'), unit='ep',
              disable=not progress, dynamic_ncols=True)
-  runner = _Slots(min(workers, num_envs))
+  runner = _Slots(min(workers, num_envs), render is not None)
 
   def start(free_slots: list[int]):
     calls, started = [], []
@@ -548,7 +549,7 @@ def run_episodes(episodes: Sequence[EpisodeSpec], actor: Callable, *, num_envs: 
       index, spec = queue.pop(0)
       calls.append((slot, 'slot_reset', (spec.task, spec.seed, render, max_steps)))
       started.append((slot, index, spec))
-    for (slot, index, spec), ts in zip(started, runner.call(calls)):
+    for (slot, index, spec), ts in zip(started, runner.call(calls), strict=True):
       frames = [ts.image] if index in record and ts.image is not None else None
       slots[slot] = dict(index=index, spec=spec, ts=ts, steps=0, first=-1, frames=frames)
 
@@ -583,7 +584,7 @@ def run_episodes(episodes: Sequence[EpisodeSpec], actor: Callable, *, num_envs: 
         else:
           stepping.append(slot)
       for slot, ts in zip(stepping, runner.call(
-          [(slot, 'slot_step', (actions[slot],)) for slot in stepping])):
+          [(slot, 'slot_step', (actions[slot],)) for slot in stepping]), strict=True):
         s = slots[slot]
         s['ts'], s['steps'] = ts, s['steps'] + 1
         if s['frames'] is not None:

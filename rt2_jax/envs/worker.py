@@ -63,14 +63,14 @@ class Workers:
     if self.closed:
       raise RuntimeError('workers are closed')
     per_worker: dict[int, list[int]] = {}
-    for i, (w, name, args) in enumerate(calls):
+    for i, (w, _, _) in enumerate(calls):
       per_worker.setdefault(w % len(self._procs), []).append(i)
     for w, idx in per_worker.items():
       self._send(w, [(calls[i][1], calls[i][2]) for i in idx])
     results = [None] * len(calls)
     for w, idx in per_worker.items():
       answers = self._recv(w)
-      for i, (ok, value) in zip(idx, answers):
+      for i, (ok, value) in zip(idx, answers, strict=True):
         if not ok:
           raise WorkerError(f'worker {w} failed in {calls[i][1]}:\n{value}')
         results[i] = value
