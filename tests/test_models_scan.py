@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from rt2_jax import config_flags, partitioning
-from rt2_jax.models import stack_layers, unstack_layers
+from rt2_jax.models import layout, stack_layers, unstack_layers
 from rt2_jax.models.vla import VLA, configs_from_model_config
 
 B, DEC_LEN, VOCAB, EMB = 2, 5, 256, 32
@@ -80,6 +80,13 @@ def test_scanned_init_has_the_stacked_layout_and_axes(models_and_params):
   assert stacked['lm']['decoder']['layers']['mlp']['wo']['kernel'].shape == (3, 48, EMB)
   # The shared relative-position tables stay outside the stacks, one per stack.
   assert stacked['lm']['decoder']['relpos_bias']['rel_embedding'].shape == (2, 32)
+  # Leaves an optimizer must treat per layer (slices along axis 0).
+  marks = layout.stacked_leaves(stacked)
+  assert marks['vit']['blocks']['mlp']['fc1']['kernel'] is True
+  assert marks['lm']['decoder']['layers']['pre_mlp_layer_norm']['scale'] is True
+  assert marks['lm']['encoder']['relpos_bias']['rel_embedding'] is False
+  assert marks['vit']['encoder_norm']['scale'] is False
+  assert not any(jax.tree.leaves(layout.stacked_leaves(params)))
   # Each layer of a scanned init gets its own random draw.
   q = np.asarray(stacked['lm']['decoder']['layers']['self_attention']['query']['kernel'])
   assert _max_diff(q[0], q[1]) > 1e-3

@@ -22,6 +22,7 @@ import numpy as np
 # Per-layer key prefix -> the stacked subtree's key.
 STACKED_NAMES = {'block': 'blocks', 'layers': 'layers'}
 _PER_LAYER = re.compile(r'^(block|layers)_(\d+)$')
+_STACKED = frozenset(STACKED_NAMES.values())
 
 
 def _stack(arrays):
@@ -50,6 +51,20 @@ def has_per_layer_keys(tree) -> bool:
     return False
   return any(_PER_LAYER.match(str(k)) for k in tree) or any(
       has_per_layer_keys(v) for v in tree.values())
+
+
+def stacked_leaves(tree):
+  """Same tree, True at every leaf inside a stacked subtree (`blocks` / `layers` holding arrays).
+
+  For optimizers whose per-array statistics (Adafactor's parameter scale, update clipping,
+  factored moments) must stay per layer: apply them slice by slice along axis 0 of these.
+  """
+  def mark(node, inside):
+    if not isinstance(node, Mapping):
+      return inside
+    return {k: mark(v, inside or (k in _STACKED and not has_per_layer_keys(v)))
+            for k, v in node.items()}
+  return mark(tree, False)
 
 
 def stack_layers(tree, *, consume: bool = False):
@@ -118,7 +133,7 @@ def unstack_layers(tree, *, _path: str = ''):
   prefixes = {v: k for k, v in STACKED_NAMES.items()}
   for key, value in tree.items():
     path = f'{_path}/{key}' if _path else str(key)
-    if key in prefixes and isinstance(value, Mapping) and not has_per_layer_keys(value):
+    if key in _STACKED and isinstance(value, Mapping) and not has_per_layer_keys(value):
       n = _num_layers(value, path)
       for i in range(n):
         out[f'{prefixes[key]}_{i}'] = _index(value, i)
