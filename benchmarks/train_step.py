@@ -7,8 +7,10 @@ it times, at the same batch and sequence lengths:
 
   ours     rt2_jax.train's compiled step (AdamW, global-norm clipping, loss + metrics), float32
   pytorch  Hugging Face transformers: SiglipVisionModel (no head) -> Linear -> T5 encoder-decoder
-           fed [image tokens ; text embeddings], cross-entropy on the targets, clip, AdamW; timed
-           with 1 thread and with all cores, the faster one counts
+           fed [image tokens ; text embeddings], cross-entropy on the targets, clip, AdamW
+
+Each framework runs in its own process, once with 1 thread and once with all cores; the faster
+counts (on a shared CPU, threads that wait for descheduled siblings can make a step slower).
   floor    the matmul FLOPs of a step (6 x parameters x the tokens each parameter sees: ViT on
            image tokens, encoder on image + text tokens, decoder and output layer on target
            tokens) at the best matmul rate measured here (a 2048^3 float32 matmul, XLA or torch)
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -42,6 +45,9 @@ COMMON = {'optim.name': 'adamw', 'optim.clip_norm': 1.0, 'optim.weight_decay': 0
           'optim.lr': 1e-4, 'optim.warmup_steps': 1, 'optim.schedule': 'constant',
           'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.model': 1,
           'data.max_input_len': 32, 'data.max_target_len': 16, 'batch_size': 8}
+
+
+MODELS = {'tiny': TINY, '60m': MODEL_60M}
 
 
 def load_config(overrides):
@@ -220,43 +226,82 @@ def step_flops(config, breakdown: dict) -> float:
   return 6.0 * per_example * config.batch_size
 
 
+def run_worker(args) -> dict:
+  """One timing in this process: --worker=ours|pytorch, --model, --threads (set by the parent)."""
+  config = load_config(MODELS[args.model])
+  if args.worker == 'ours':
+    from rt2_jax import train
+    train.initialize_backend(config)  # the trainer's XLA flags (config.xla_flags)
+    return time_ours(config, args.warmup, args.steps)
+  import torch
+
+  from rt2_jax import vocab as vocab_lib
+  from rt2_jax.actions import NormStats
+  from rt2_jax.data import pipeline
+
+  torch.set_num_threads(args.threads)
+  space = pipeline.action_space(config)
+  _, action_vocab = vocab_lib.from_config(config, space)
+  tokenizer = space.tokenizer(NormStats.compute(np.zeros((2, space.dim))), 256, 'rt1')
+  return time_pytorch(config, synthetic_batch(config, action_vocab, tokenizer), args.warmup,
+                      args.steps)
+
+
+def spawn(worker: str, model: str, threads: int, warmup: int, steps: int) -> dict:
+  """Runs one timing in a fresh process: XLA's thread count is fixed when its backend starts."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS='')  # one CPU device
+  if worker == 'ours' and threads == 1:
+    env['XLA_FLAGS'] = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+  cmd = [sys.executable, os.path.abspath(__file__), f'--worker={worker}', f'--model={model}',
+         f'--threads={threads}', f'--warmup={warmup}', f'--steps={steps}']
+  result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+  lines = [ln for ln in result.stdout.splitlines() if ln.startswith('RESULT ')]
+  if result.returncode != 0 or not lines:
+    raise RuntimeError(f'{worker} {model} ({threads} threads) failed:\n{result.stderr[-3000:]}')
+  return json.loads(lines[-1][len('RESULT '):])
+
+
+def best_of_threads(worker: str, model: str, warmup: int, steps: int) -> dict:
+  """1 thread and all cores: the faster counts (a shared CPU can make threads hurt)."""
+  best = None
+  for threads in sorted({1, os.cpu_count() or 1}):
+    r = spawn(worker, model, threads, warmup, steps)
+    print(f'[{model}] {worker} ({threads} thread{"s" if threads > 1 else ""}): '
+          f'{r["step_s"]:.3f} s/step', flush=True)
+    if best is None or r['step_s'] < best['step_s']:
+      best = dict(r, threads=threads)
+  return best
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', default='')
   parser.add_argument('--quick', action='store_true', help='fewer timed steps (a smoke run)')
   parser.add_argument('--skip_60m', action='store_true', help='tiny config only')
+  parser.add_argument('--worker', choices=('ours', 'pytorch'), help=argparse.SUPPRESS)
+  parser.add_argument('--model', choices=sorted(MODELS), help=argparse.SUPPRESS)
+  parser.add_argument('--threads', type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument('--warmup', type=int, default=1, help=argparse.SUPPRESS)
+  parser.add_argument('--steps', type=int, default=1, help=argparse.SUPPRESS)
   args = parser.parse_args()
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  if args.worker:
+    print('RESULT ' + json.dumps(run_worker(args)), flush=True)
+    return
 
   steps = {'tiny': (2, 3) if args.quick else (3, 20), '60m': (1, 1) if args.quick else (1, 5)}
   rate = matmul_gflops()
-  best_rate = max(rate.values())
   print(f'matmul rate: XLA {rate["xla"]:.1f} GFLOP/s, torch {rate["torch"]:.1f} GFLOP/s '
         f'({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})', flush=True)
   results = {}
-  for name, overrides in (('tiny', TINY), ('60m', MODEL_60M)):
+  for name in MODELS:
     if name == '60m' and args.skip_60m:
       continue
-    config = load_config(overrides)
+    config = load_config(MODELS[name])
     warmup, timed = steps[name]
-    print(f'[{name}] ours: compiling and timing {timed} steps ...', flush=True)
-    ours = time_ours(config, warmup, timed)
-    from rt2_jax import vocab as vocab_lib
-    from rt2_jax.actions import NormStats
-    from rt2_jax.data import pipeline
-    space = pipeline.action_space(config)
-    _, action_vocab = vocab_lib.from_config(config, space)
-    tokenizer = space.tokenizer(NormStats.compute(np.zeros((2, space.dim))), 256, 'rt1')
-    batch = synthetic_batch(config, action_vocab, tokenizer)
-    torch_res = None
-    for threads in sorted({1, os.cpu_count() or 1}):  # the faster setting is the baseline
-      import torch
-      torch.set_num_threads(threads)
-      print(f'[{name}] pytorch ({threads} threads): timing {timed} steps ...', flush=True)
-      r = time_pytorch(config, batch, warmup, timed)
-      print(f'[{name}] pytorch ({threads} threads): {r["step_s"]:.3f} s/step', flush=True)
-      if torch_res is None or r['step_s'] < torch_res['step_s']:
-        torch_res = r
+    print(f'[{name}] timing {timed} steps after {warmup} warm-up, each framework with 1 thread '
+          'and with all cores ...', flush=True)
+    ours = best_of_threads('ours', name, warmup, timed)
+    torch_res = best_of_threads('pytorch', name, warmup, timed)
     # The CPU is shared: re-measure the matmul rate next to each timing and keep the best.
     again = matmul_gflops()
     rate = {k: max(rate[k], again[k]) for k in rate}
@@ -272,7 +317,8 @@ def main():
         'pytorch_steps_per_s': 1 / torch_res['step_s'], 'step_gflop': flops / 1e9,
         'floor_s': floor_s, 'floor_ratio': ours['step_s'] / floor_s,
         'speedup': torch_res['step_s'] / ours['step_s'], 'timed_steps': timed,
-        'pytorch_threads': torch_res['threads'], 'matmul_gflops_used': best_rate}
+        'ours_threads': ours['threads'], 'pytorch_threads': torch_res['threads'],
+        'matmul_gflops_used': best_rate}
 
   header = (f'{"config":<6} {"params":>8} {"ours ex/s":>10} {"torch ex/s":>11} {"speedup":>8} '
             f'{"ours s/step":>12} {"torch s/step":>13} {"floor s":>8} {"ours/floor":>10}')

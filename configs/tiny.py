@@ -78,6 +78,9 @@ def get_config(arg=None):
   c.total_steps = 200
   c.batch_size = 8  # global
   c.log_every = 10
+  # Extra XLA flags, added to $XLA_FLAGS before the backend starts. oneDNN matmuls make the tiny
+  # model's CPU train step about 1.4x faster than XLA's default Eigen ones; TPU/GPU ignore it.
+  c.xla_flags = '--xla_cpu_use_onednn=true'
   c.optim = ml_collections.ConfigDict(dict(
       name='adafactor',  # 'adafactor' | 'adamw'
       lr=1e-3, schedule='rsqrt',  # 'rsqrt' | 'cosine' | 'constant'

@@ -58,8 +58,12 @@ class TrainState:
     return {'params': self.params, 'opt_state': self.opt_state, 'step': self.step, 'rng': self.rng}
 
 
-def initialize_distributed(config) -> None:
-  """jax.distributed for multi-process runs; a no-op for one process."""
+def initialize_backend(config) -> None:
+  """XLA flags of the config, then jax.distributed for multi-process runs (before any device
+  is touched: both are read once, when the backend starts)."""
+  extra = str(config.get('xla_flags', '')).strip()
+  if extra:
+    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {extra}'.strip()
   d = config.distributed
   if d.get('local_device_count', 0):
     jax.config.update('jax_num_cpu_devices', int(d.local_device_count))
@@ -357,7 +361,7 @@ def main(argv) -> None:
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   config = _FLAGS['config'].value
-  initialize_distributed(config)
+  initialize_backend(config)
   train(config, _FLAGS['workdir'].value)
   sys.exit(0)
 
