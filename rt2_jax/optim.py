@@ -10,6 +10,12 @@
   freeze      regex over '/'-joined parameter paths ('^vit/'): matching parameters get zero
               updates and no optimizer state.
 
+Stacked parameters (model.scan_layers=True: `blocks` / `layers` subtrees with a leading
+[num_layers] axis) get the optimizer vmapped over that axis. Adafactor's factored moments,
+parameter scale and update clipping, and the matrices-only weight-decay mask, are per-array
+quantities; computing them over the whole stack would make a scanned model train differently
+from the same model unrolled. Global-norm clipping stays global.
+
 `opt_state_specs` gives the optimizer state the partitioning of the parameters it tracks, so
 Adam moments and Adafactor's factored rows/columns are sharded like their parameters.
 """
@@ -24,9 +30,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from rt2_jax.models import layout
+
 SCHEDULES = ('rsqrt', 'cosine', 'constant')
 OPTIMIZERS = ('adafactor', 'adamw')
-TRAIN, FROZEN = 'train', 'frozen'
+TRAIN, TRAIN_STACKED, FROZEN = 'train', 'train_stacked', 'frozen'
 
 
 def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -107,18 +115,56 @@ def _matrices_only(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` applied independently to each slice along axis 0 of every leaf (one layer of a stack).
+
+  Its state gains the same leading axis (step counters included, one per layer, all equal).
+  """
+  def init(params):
+    return jax.vmap(tx.init)(params)
+
+  def update(updates, state, params=None):
+    if params is None:
+      return jax.vmap(lambda u, s: tx.update(u, s))(updates, state)
+    return jax.vmap(tx.update)(updates, state, params)
+  return optax.GradientTransformation(init, update)
+
+
+def _labels(params, freeze_regex: str):
+  """TRAIN / TRAIN_STACKED / FROZEN per leaf."""
+  frozen = freeze_labels(params, freeze_regex)
+  stacked = layout.stacked_leaves(params)
+
+  def label(path, f):
+    if f == FROZEN:
+      return FROZEN
+    node = stacked
+    for k in path:
+      node = node[getattr(k, 'key', k)]
+    return TRAIN_STACKED if node else TRAIN
+  return jax.tree_util.tree_map_with_path(label, frozen)
+
+
 def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, schedule) for `params` (arrays or ShapeDtypeStructs, unboxed)."""
   optim_cfg = config.optim
   schedule = make_schedule(optim_cfg, config.total_steps)
-  parts = []
+  core = _core_optimizer(optim_cfg, schedule)
+  labels = _labels(params, config.get('freeze', ''))
+  present = set(jax.tree.leaves(labels))
+  if present == {TRAIN}:
+    tx = core
+  else:
+    groups = {TRAIN: core, TRAIN_STACKED: per_layer(core), FROZEN: optax.set_to_zero()}
+    tx = optax.multi_transform({k: v for k, v in groups.items() if k in present}, labels)
   if float(optim_cfg.clip_norm) > 0:
-    parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_norm)))
-  parts.append(_core_optimizer(optim_cfg, schedule))
-  tx = optax.chain(*parts)
-  if config.get('freeze', ''):
-    labels = freeze_labels(params, config.freeze)
-    tx = optax.multi_transform({TRAIN: tx, FROZEN: optax.set_to_zero()}, labels)
+    # One norm over all trainable gradients (clipping inside each group would clip stacked and
+    # unstacked parameters separately); frozen gradients are zeroed first so they do not count.
+    parts = [optax.clip_by_global_norm(float(optim_cfg.clip_norm)), tx]
+    if FROZEN in present:
+      parts.insert(0, optax.masked(optax.set_to_zero(), jax.tree.map(lambda l: l == FROZEN,
+                                                                       labels)))
+    tx = optax.chain(*parts)
   return tx, schedule
 
 
@@ -137,7 +183,8 @@ def _spec_for(leaf_shape, param_shape, param_spec: P) -> P:
     return P(*spec)
   if len(leaf_shape) == len(param_shape) - 1:
     # A factored statistic: the parameter's shape with one dimension reduced away.
-    for i in range(len(param_shape)):
+    # Last dims first: optimizers reduce trailing dims, never the leading layer axis of a stack.
+    for i in reversed(range(len(param_shape))):
       if tuple(param_shape[:i]) + tuple(param_shape[i + 1:]) == tuple(leaf_shape):
         return P(*(spec[:i] + spec[i + 1:]))
   return P()

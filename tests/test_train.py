@@ -4,6 +4,7 @@ and one sharded step (data=4 x model=2) where gradient accumulation matches the 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import train_testlib as lib
 from jax.sharding import PartitionSpec as P
@@ -12,6 +13,7 @@ from rt2_jax import actions as actions_lib
 from rt2_jax import config_flags, metrics, optim, train
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.data import pipeline
+from rt2_jax.models import layout
 
 
 def _config(**overrides):
@@ -70,6 +72,59 @@ def test_opt_state_specs_follow_the_parameters():
         assert spec == P('model'), key
       elif shape in ((), (1,)):
         assert spec == P(), key
+
+
+def _layered_params(rng, n_layers=3):
+  def layer(i):
+    k = jax.random.fold_in(rng, i)
+    return {'mlp': {'wi': jax.random.normal(k, (64, 96)) * (i + 1),  # factored by Adafactor
+                    'bias': jax.random.normal(jax.random.fold_in(k, 1), (96,))},
+            'attn': {'query': jax.random.normal(jax.random.fold_in(k, 2), (64, 4, 16)) / (i + 1)}}
+  return {'vit': {'embedding': {'kernel': jax.random.normal(rng, (48, 64))}},
+          'lm': {'encoder': {f'layers_{i}': layer(i) for i in range(n_layers)},
+                 'final_norm': {'scale': jnp.ones((64,))}}}
+
+
+@pytest.mark.parametrize('name,freeze', [('adafactor', ''), ('adamw', ''), ('adafactor', '^vit/')])
+def test_scanned_params_get_the_same_updates_as_unrolled(name, freeze):
+  # Adafactor's factored moments, parameter scale and update clipping, and the matrices-only
+  # weight decay, are per array: a stacked [layers, ...] leaf must be updated layer by layer.
+  unrolled = _layered_params(jax.random.PRNGKey(0))
+  stacked = layout.stack_layers(unrolled)
+  config = _config(freeze=freeze, **{'optim.name': name, 'optim.weight_decay': 0.1,
+                                     'optim.clip_norm': 1.0})
+  tx_u, _ = optim.make_optimizer(config, unrolled)
+  tx_s, _ = optim.make_optimizer(config, stacked)
+  state_u, state_s = tx_u.init(unrolled), tx_s.init(stacked)
+  for step in range(3):
+    grads = jax.tree.map(lambda p, s=step: jnp.sin(p * (s + 2.0)) * (3.0 if p.ndim > 1 else 0.1),
+                         unrolled)
+    upd_u, state_u = tx_u.update(grads, state_u, unrolled)
+    upd_s, state_s = tx_s.update(layout.stack_layers(grads), state_s, stacked)
+    got = layout.unstack_layers(upd_s)
+    for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(upd_u)[0],
+                                  jax.tree.leaves(got), strict=True):
+      np.testing.assert_allclose(have, want, rtol=2e-5, atol=1e-7,
+                                 err_msg=f'{name} step {step} {jax.tree_util.keystr(path)}')
+    unrolled = optax.apply_updates(unrolled, upd_u)
+    stacked = optax.apply_updates(stacked, upd_s)
+  if freeze:
+    assert not np.any(np.asarray(upd_s['vit']['embedding']['kernel']))
+
+
+def test_stacked_opt_state_is_sharded_like_its_layers():
+  params = {'lm': {'encoder': {'layers': {'mlp': {
+      'wi': jax.ShapeDtypeStruct((4, 256, 384), jnp.float32)}}}}}
+  specs = {'lm': {'encoder': {'layers': {'mlp': {'wi': P(None, 'fsdp', 'model')}}}}}
+  tx, _ = optim.make_optimizer(_config(), params)
+  opt_shapes = jax.eval_shape(tx.init, params)
+  got = optim.opt_state_specs(opt_shapes, params, specs)
+  pairs = [(leaf.shape, spec) for leaf, spec in zip(
+      jax.tree.leaves(opt_shapes),
+      jax.tree.leaves(got, is_leaf=lambda x: isinstance(x, P)), strict=True)]
+  # Per-layer row / column statistics keep the layer axis in front.
+  assert ((4, 256), P(None, 'fsdp')) in pairs
+  assert ((4, 384), P(None, 'model')) in pairs
 
 
 @pytest.fixture(scope='module')
