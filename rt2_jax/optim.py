@@ -162,8 +162,8 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.
     # unstacked parameters separately); frozen gradients are zeroed first so they do not count.
     parts = [optax.clip_by_global_norm(float(optim_cfg.clip_norm)), tx]
     if FROZEN in present:
-      parts.insert(0, optax.masked(optax.set_to_zero(), jax.tree.map(lambda l: l == FROZEN,
-                                                                       labels)))
+      is_frozen = jax.tree.map(lambda label: label == FROZEN, labels)
+      parts.insert(0, optax.masked(optax.set_to_zero(), is_frozen))
     tx = optax.chain(*parts)
   return tx, schedule
 
