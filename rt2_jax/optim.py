@@ -34,7 +34,8 @@ from rt2_jax.models import layout
 
 SCHEDULES = ('rsqrt', 'cosine', 'constant')
 OPTIMIZERS = ('adafactor', 'adamw')
-TRAIN, TRAIN_STACKED, FROZEN = 'train', 'train_stacked', 'frozen'
+TRAIN, FROZEN = 'train', 'frozen'
+TRAIN_STACKED = 'train_stacked_{}'  # one group per stack depth (vmap needs one axis size)
 
 
 def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -131,18 +132,18 @@ def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
 
 
 def _labels(params, freeze_regex: str):
-  """TRAIN / TRAIN_STACKED / FROZEN per leaf."""
+  """TRAIN / TRAIN_STACKED.format(num_layers) / FROZEN per leaf."""
   frozen = freeze_labels(params, freeze_regex)
   stacked = layout.stacked_leaves(params)
 
-  def label(path, f):
+  def label(path, f, param):
     if f == FROZEN:
       return FROZEN
     node = stacked
     for k in path:
       node = node[getattr(k, 'key', k)]
-    return TRAIN_STACKED if node else TRAIN
-  return jax.tree_util.tree_map_with_path(label, frozen)
+    return TRAIN_STACKED.format(param.shape[0]) if node else TRAIN
+  return jax.tree_util.tree_map_with_path(label, frozen, params)
 
 
 def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -155,8 +156,9 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.
   if present == {TRAIN}:
     tx = core
   else:
-    groups = {TRAIN: core, TRAIN_STACKED: per_layer(core), FROZEN: optax.set_to_zero()}
-    tx = optax.multi_transform({k: v for k, v in groups.items() if k in present}, labels)
+    groups = {label: core if label == TRAIN else optax.set_to_zero() if label == FROZEN
+              else per_layer(core) for label in sorted(present)}
+    tx = optax.multi_transform(groups, labels)
   if float(optim_cfg.clip_norm) > 0:
     # One norm over all trainable gradients (clipping inside each group would clip stacked and
     # unstacked parameters separately); frozen gradients are zeroed first so they do not count.

@@ -80,7 +80,9 @@ def _layered_params(rng, n_layers=3):
     return {'mlp': {'wi': jax.random.normal(k, (64, 96)) * (i + 1),  # factored by Adafactor
                     'bias': jax.random.normal(jax.random.fold_in(k, 1), (96,))},
             'attn': {'query': jax.random.normal(jax.random.fold_in(k, 2), (64, 4, 16)) / (i + 1)}}
-  return {'vit': {'embedding': {'kernel': jax.random.normal(rng, (48, 64))}},
+  # Two stacks of different depths, as the ViT and the LM have.
+  return {'vit': {'embedding': {'kernel': jax.random.normal(rng, (48, 64))},
+                  **{f'block_{i}': layer(10 + i) for i in range(n_layers - 1)}},
           'lm': {'encoder': {f'layers_{i}': layer(i) for i in range(n_layers)},
                  'final_norm': {'scale': jnp.ones((64,))}}}
 
@@ -110,6 +112,7 @@ def test_scanned_params_get_the_same_updates_as_unrolled(name, freeze):
     stacked = optax.apply_updates(stacked, upd_s)
   if freeze:
     assert not np.any(np.asarray(upd_s['vit']['embedding']['kernel']))
+    assert not np.any(np.asarray(upd_s['vit']['blocks']['mlp']['wi']))
 
 
 def test_stacked_opt_state_is_sharded_like_its_layers():
