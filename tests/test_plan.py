@@ -32,8 +32,11 @@ def test_parse_mesh_and_per_device_bytes():
   assert plan.per_device_bytes((3, 5), 'float32', P(), mesh) == 60
 
 
-def test_parameter_bytes_match_the_trainers_shardings():
-  config = _config(batch_size=8, **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.model': 2})
+@pytest.mark.parametrize('scan', [False, True])
+def test_parameter_bytes_match_the_trainers_shardings(scan):
+  # scan: stacked layers, whose optimizer state is vmapped per stack depth (ViT 3, LM 2 + 2).
+  config = _config(batch_size=8, **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.model': 2,
+                                    'model.scan_layers': scan, 'model.vit.depth': 3})
   setup = train.make_setup(config)  # 8 CPU devices (tests/conftest.py)
   real = sum(math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize
              for s in jax.tree.leaves(setup.abstract_state.params))
@@ -47,7 +50,8 @@ def test_parameter_bytes_match_the_trainers_shardings():
   assert unsharded.params == 4 * unsharded.num_params
   # Activations shrink with the per-device batch, and with rematerialisation.
   assert p.activations < unsharded.activations
-  full = plan.make_plan(_config(**{'model.remat': 'full'}), {'data': 1, 'fsdp': 1, 'model': 1})
+  full = plan.make_plan(_config(**{'model.remat': 'full', 'model.scan_layers': scan}),
+                        {'data': 1, 'fsdp': 1, 'model': 1})
   assert full.activations < unsharded.activations
 
 
