@@ -9,8 +9,9 @@ it times, at the same batch and sequence lengths:
   pytorch  Hugging Face transformers: SiglipVisionModel (no head) -> Linear -> T5 encoder-decoder
            fed [image tokens ; text embeddings], cross-entropy on the targets, clip, AdamW
 
-Each framework runs in its own process, once with 1 thread and once with all cores; the faster
-counts (on a shared CPU, threads that wait for descheduled siblings can make a step slower).
+Each framework runs in its own process, once pinned to one core (taskset) and once with all
+cores; the faster counts (on a shared CPU, threads that wait for descheduled siblings can make a
+step slower).
   floor    the matmul FLOPs of a step (6 x parameters x the tokens each parameter sees: ViT on
            image tokens, encoder on image + text tokens, decoder and output layer on target
            tokens) at the best matmul rate measured here (a 2048^3 float32 matmul, XLA or torch)
@@ -250,9 +251,14 @@ def run_worker(args) -> dict:
 def spawn(worker: str, model: str, threads: int, warmup: int, steps: int) -> dict:
   """Runs one timing in a fresh process: XLA's thread count is fixed when its backend starts."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS='')  # one CPU device
-  if worker == 'ours' and threads == 1:
+  cmd = []
+  if threads == 1:
+    # XLA's thread flags do not bind its XNNPACK/YNN matmuls (a 2048^3 matmul still ran at the
+    # two-core rate with them), so pin the process to one core: a true 1-core figure for both.
     env['XLA_FLAGS'] = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
-  cmd = [sys.executable, os.path.abspath(__file__), f'--worker={worker}', f'--model={model}',
+    if hasattr(os, 'sched_getaffinity') and len(os.sched_getaffinity(0)) > 1:
+      cmd = ['taskset', '-c', str(min(os.sched_getaffinity(0)))]
+  cmd += [sys.executable, os.path.abspath(__file__), f'--worker={worker}', f'--model={model}',
          f'--threads={threads}', f'--warmup={warmup}', f'--steps={steps}']
   result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
   lines = [ln for ln in result.stdout.splitlines() if ln.startswith('RESULT ')]
