@@ -19,8 +19,11 @@ if __name__ == '__main__':
 def run_entry(tmp_path, *args):
   script = tmp_path / 'entry.py'
   script.write_text(ENTRY)
+  # The script lives outside the checkout: put the checkout under test first on its path.
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (config_flags.REPO_ROOT, os.environ.get('PYTHONPATH', '')) if p))
   return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                        cwd=config_flags.REPO_ROOT)
+                        cwd=config_flags.REPO_ROOT, env=env)
 
 
 def test_overrides_apply(tmp_path):
