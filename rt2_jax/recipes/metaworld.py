@@ -106,7 +106,9 @@ def run(config, workdir: str) -> dict:
     raise SystemExit(f'training failed with exit code {code}; see the output above')
   timings['train_s'] = round(time.time() - t, 1)
 
-  t = _stage(3, 'evaluation (offline + closed loop, with expert and random baselines)')
+  baselines = [b for b in str(config.eval.baselines).split(',') if b]
+  t = _stage(3, 'evaluation (offline + closed loop' + (
+      f', with {" and ".join(baselines)} baselines)' if baselines else ')'))
   results = evaluate.evaluate(workdir, config=config)
   timings['eval_s'] = round(time.time() - t, 1)
   timings['total_s'] = round(time.time() - start, 1)
@@ -140,6 +142,9 @@ def main(argv):
   from absl import logging as absl_logging
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
+  # TensorFlow (demo writer, trainer, evaluator and their worker processes) logs its CUDA probe
+  # and CPU features at INFO/WARNING in every process; keep its errors unless the user chose.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   run(_CONFIG.value, flags.FLAGS.workdir)
 
 
