@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -256,7 +257,7 @@ def spawn(worker: str, model: str, threads: int, warmup: int, steps: int) -> dic
     # XLA's thread flags do not bind its XNNPACK/YNN matmuls (a 2048^3 matmul still ran at the
     # two-core rate with them), so pin the process to one core: a true 1-core figure for both.
     env['XLA_FLAGS'] = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
-    if hasattr(os, 'sched_getaffinity') and len(os.sched_getaffinity(0)) > 1:
+    if shutil.which('taskset') and len(getattr(os, 'sched_getaffinity', lambda _: ())(0)) > 1:
       cmd = ['taskset', '-c', str(min(os.sched_getaffinity(0)))]
   cmd += [sys.executable, os.path.abspath(__file__), f'--worker={worker}', f'--model={model}',
          f'--threads={threads}', f'--warmup={warmup}', f'--steps={steps}']

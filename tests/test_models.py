@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import train_testlib as lib
 
 from rt2_jax import config_flags
 from rt2_jax.models import t5 as t5_lib
@@ -22,13 +23,7 @@ def _model_cfg(**overrides):
   cfg.vit.update(width=32, depth=1, num_heads=2, mlp_dim=64)
   cfg.t5.update(emb_dim=32, num_heads=2, head_dim=24, mlp_dim=64,
                 num_encoder_layers=2, num_decoder_layers=2)
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = cfg
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return cfg
+  return lib.set_dotted(cfg, overrides)
 
 
 def _inputs(seed=0, enc_len=6):

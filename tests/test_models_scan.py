@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import train_testlib as lib
 from jax.sharding import PartitionSpec as P
 
 from rt2_jax import config_flags, partitioning
@@ -29,13 +30,7 @@ def _model_cfg(scan, **overrides):
   cfg.vit.update(width=EMB, depth=2, num_heads=2, mlp_dim=64)
   cfg.t5.update(emb_dim=EMB, num_heads=2, head_dim=16, mlp_dim=48, num_encoder_layers=2,
                 num_decoder_layers=3)  # decoder depth differs from the encoder's
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = cfg
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return cfg
+  return lib.set_dotted(cfg, overrides)
 
 
 def _inputs(seed=0):

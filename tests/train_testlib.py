@@ -22,6 +22,18 @@ SMALL = {
 }
 
 
+def set_dotted(config, overrides: dict):
+  """config['a']['b'] = value for each 'a.b': value; unlike load_config, new keys are allowed
+  (tests use them to check the model's own validation)."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
 def flags(overrides=None) -> list[str]:
   merged = dict(SMALL, **(overrides or {}))
   return ['--config=configs/tiny.py'] + [f'--config.{k}={v}' for k, v in merged.items()]

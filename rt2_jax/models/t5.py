@@ -211,6 +211,16 @@ class DecoderLayer(nn.Module):
     return x, cache
 
 
+def _layer_stack(layer_cls, cfg: T5Config, num_layers: int, static_argnums: tuple[int, ...]):
+  """The layers of a stack, built inside `setup`: one scanned module named 'layers' (nn.scan
+  stacks its params along 'layers') or `layers_0..n-1`. static_argnums: see maybe_remat."""
+  layer_cls = layers.maybe_remat(layer_cls, cfg.remat, static_argnums=static_argnums,
+                                 scanned=cfg.scan_layers)
+  if cfg.scan_layers:
+    return layer_cls(cfg, name='layers')
+  return [layer_cls(cfg, name=f'layers_{i}') for i in range(num_layers)]
+
+
 class Encoder(nn.Module):
   config: T5Config
 
@@ -219,12 +229,7 @@ class Encoder(nn.Module):
     self.relpos_bias = RelativePositionBias(
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
         bidirectional=True)
-    layer_cls = layers.maybe_remat(EncoderLayer, cfg.remat, static_argnums=(3,),
-                                   scanned=cfg.scan_layers)
-    if cfg.scan_layers:  # one module; nn.scan stacks its params along 'layers'
-      self.layers = layer_cls(cfg, name='layers')
-    else:
-      self.layers = [layer_cls(cfg, name=f'layers_{i}') for i in range(cfg.num_encoder_layers)]
+    self.layers = _layer_stack(EncoderLayer, cfg, cfg.num_encoder_layers, static_argnums=(3,))
     self.encoder_norm = _norm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
@@ -253,12 +258,7 @@ class Decoder(nn.Module):
     self.relpos_bias = RelativePositionBias(
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
         bidirectional=False)
-    layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat, static_argnums=(5,),
-                                   scanned=cfg.scan_layers)
-    if cfg.scan_layers:  # one module; nn.scan stacks its params along 'layers'
-      self.layers = layer_cls(cfg, name='layers')
-    else:
-      self.layers = [layer_cls(cfg, name=f'layers_{i}') for i in range(cfg.num_decoder_layers)]
+    self.layers = _layer_stack(DecoderLayer, cfg, cfg.num_decoder_layers, static_argnums=(5,))
     self.decoder_norm = _norm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 

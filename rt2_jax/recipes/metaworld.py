@@ -106,9 +106,10 @@ def run(config, workdir: str) -> dict:
     raise SystemExit(f'training failed with exit code {code}; see the output above')
   timings['train_s'] = round(time.time() - t, 1)
 
-  baselines = [b for b in str(config.eval.baselines).split(',') if b]
+  baselines = evaluate.EvalSettings.from_config(config).baselines
   t = _stage(3, 'evaluation (offline + closed loop' + (
-      f', with {" and ".join(baselines)} baselines)' if baselines else ')'))
+      f', with {" and ".join(baselines)} baseline{"s" * (len(baselines) > 1)})' if baselines
+      else ')'))
   results = evaluate.evaluate(workdir, config=config)
   timings['eval_s'] = round(time.time() - t, 1)
   timings['total_s'] = round(time.time() - start, 1)
