@@ -5,7 +5,9 @@
 For two model sizes (configs/tiny.py, and a ~60M-parameter ViT + T5-small-class model at 224 px)
 it times, at the same batch and sequence lengths:
 
-  ours     rt2_jax.train's compiled step (AdamW, global-norm clipping, loss + metrics), float32
+  ours     rt2_jax.train's compiled step (AdamW, global-norm clipping, loss + metrics), float32,
+           on the trainer's default mesh: with all cores, the CPU split into one device per
+           core (distributed.local_device_count=-1), the batch data-parallel over them
   pytorch  Hugging Face transformers: SiglipVisionModel (no head) -> Linear -> T5 encoder-decoder
            fed [image tokens ; text embeddings], cross-entropy on the targets, clip, AdamW
 
@@ -45,7 +47,6 @@ MODEL_60M = {
 }
 COMMON = {'optim.name': 'adamw', 'optim.clip_norm': 1.0, 'optim.weight_decay': 0.0,
           'optim.lr': 1e-4, 'optim.warmup_steps': 1, 'optim.schedule': 'constant',
-          'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.model': 1,
           'data.max_input_len': 32, 'data.max_target_len': 16, 'batch_size': 8}
 
 
@@ -116,7 +117,7 @@ def time_ours(config, warmup, steps):
     box['state'], metrics = compiled(box['state'], batch)
     jax.block_until_ready(metrics['loss'])
   seconds = _median_step(step, warmup, steps)
-  return {'step_s': seconds, 'compile_s': compile_s,
+  return {'step_s': seconds, 'compile_s': compile_s, 'devices': jax.device_count(),
           'params': optim.tree_size(setup.abstract_state.params), 'breakdown': _param_breakdown(
               setup.abstract_state.params)}
 
@@ -273,7 +274,8 @@ def best_of_threads(worker: str, model: str, warmup: int, steps: int) -> dict:
   best = None
   for threads in sorted({1, os.cpu_count() or 1}):
     r = spawn(worker, model, threads, warmup, steps)
-    print(f'[{model}] {worker} ({threads} thread{"s" if threads > 1 else ""}): '
+    devices = f', {r["devices"]} devices' if r.get('devices', 1) > 1 else ''
+    print(f'[{model}] {worker} ({threads} thread{"s" if threads > 1 else ""}{devices}): '
           f'{r["step_s"]:.3f} s/step', flush=True)
     if best is None or r['step_s'] < best['step_s']:
       best = dict(r, threads=threads)
@@ -324,7 +326,7 @@ def main():
         'pytorch_steps_per_s': 1 / torch_res['step_s'], 'step_gflop': flops / 1e9,
         'floor_s': floor_s, 'floor_ratio': ours['step_s'] / floor_s,
         'speedup': torch_res['step_s'] / ours['step_s'], 'timed_steps': timed,
-        'ours_threads': ours['threads'], 'pytorch_threads': torch_res['threads'],
+        'ours_threads': ours['threads'], 'ours_devices': ours['devices'], 'pytorch_threads': torch_res['threads'],
         'matmul_gflops_used': best_rate}
 
   header = (f'{"config":<6} {"params":>8} {"ours ex/s":>10} {"torch ex/s":>11} {"speedup":>8} '

@@ -95,9 +95,11 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   # Multi-process: '' = one process; 'auto' = the cluster describes itself (multi-host Cloud TPU
   # slices, SLURM); else every process gets the same coordinator 'host:port' and its process_id.
-  # local_device_count: virtual CPU devices per process (0 = default), for local tests.
+  # local_device_count: CPU devices per process. -1 (auto): one per core that divides the batch
+  # (data parallel over the cores of a CPU host: ~20% faster steps on 2 cores); 0: XLA's single
+  # device; N: N virtual devices (local multi-host tests). GPU/TPU devices are not affected.
   c.distributed = ml_collections.ConfigDict(dict(
-      coordinator_address='', num_processes=1, process_id=0, local_device_count=0))
+      coordinator_address='', num_processes=1, process_id=0, local_device_count=-1))
 
   c.decode = ml_collections.ConfigDict(dict(
       mode='action',  # 'action' | 'plan_then_action' | 'text'

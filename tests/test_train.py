@@ -35,6 +35,30 @@ def test_schedules(name):
     optim.make_schedule(_config(**{'optim.schedule': 'linear'}).optim, 10)
 
 
+@pytest.mark.parametrize('overrides, cores, expected', [
+    ({}, 2, 2),  # the default: one device per core ...
+    ({}, 1, 1),
+    ({'batch_size': 6}, 4, 3),  # ... as many as divide the batch
+    ({'batch_size': 4}, 8, 4),
+    ({'batch_size': 8, 'optim.grad_accum_steps': 2}, 8, 4),  # the micro-batch
+    ({'distributed.num_processes': 2}, 8, 4),  # this process's share
+    ({'mesh.data': 1, 'mesh.fsdp': -1}, 2, 2),
+    ({'mesh.data': -1, 'mesh.model': 2}, 4, 0),  # not purely data-parallel: XLA's default
+    ({'mesh.data': 1}, 4, 0),
+    ({'distributed.local_device_count': 0}, 4, 0),
+    ({'distributed.local_device_count': 3}, 2, 3),  # explicit: as given
+])
+def test_cpu_device_count(overrides, cores, expected):
+  config = config_flags.load_config('configs/tiny.py', overrides)
+  assert train.cpu_device_count(config, cores=cores) == expected
+
+
+def test_cpu_device_count_rejects_bad_values():
+  config = config_flags.load_config('configs/tiny.py', {'distributed.local_device_count': -2})
+  with pytest.raises(ValueError, match='local_device_count'):
+    train.cpu_device_count(config, cores=2)
+
+
 def test_freeze_gives_zero_updates_and_no_state():
   params = {'vit': {'kernel': jnp.ones((4, 8))}, 'lm': {'kernel': jnp.ones((8, 4))}}
   for name in ('adafactor', 'adamw'):

@@ -1,5 +1,7 @@
 """Exact resume: a run stopped by SIGTERM (save, exit 0), restarted, killed by SIGKILL and restarted
-again ends with the parameters of an uninterrupted run, bit for bit (CPU, float32, same seed)."""
+again ends with the parameters of an uninterrupted run, bit for bit (CPU, float32, same seed).
+Every run uses the trainer's default CPU devices (one per core that divides the batch: 2 on a
+2-core machine, so the batch is data-parallel and gradients are all-reduced)."""
 
 import glob
 import os
@@ -8,11 +10,13 @@ import numpy as np
 import pytest
 import train_testlib as lib
 
+from rt2_jax import config_flags, train
+
 
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('straight')
-  result = lib.run_train(workdir)
+  result = lib.run_train(workdir, devices=None)
   return workdir, result
 
 
@@ -28,24 +32,28 @@ def _assert_same_params(workdir_a, workdir_b):
 def test_straight_run_writes_checkpoints_and_events_and_rerun_has_nothing_to_do(straight):
   workdir, result = straight
   assert 'step 6/6 | loss' in result.stdout
+  config = config_flags.load_config('configs/tiny.py', lib.SMALL)
+  devices = max(k for k in (1, 2, 4) if k <= train.usable_cores())  # dividing the batch of 4
+  assert train.cpu_device_count(config) == devices
+  assert f'over {devices} CPU device(s)' in result.stdout
   steps = sorted(int(os.path.basename(p)) for p in glob.glob(f'{workdir}/checkpoints/*'))
   assert steps == [2, 4, 6]  # every 2, keep 3
   assert glob.glob(f'{workdir}/tensorboard/events.out.tfevents.*')
-  again = lib.run_train(workdir)
+  again = lib.run_train(workdir, devices=None)
   assert 'nothing to do' in again.stdout and 'step 1/' not in again.stdout
 
 
 def test_sigterm_then_sigkill_then_restart_gives_identical_parameters(straight, tmp_path):
   # SIGTERM at the 3rd batch: the trainer finishes step 3, saves it and exits 0.
-  stopped = lib.run_train(tmp_path, fault=dict(at_batch=3, signal='SIGTERM'))
+  stopped = lib.run_train(tmp_path, fault=dict(at_batch=3, signal='SIGTERM'), devices=None)
   assert 'saving checkpoint 3 (preempted)' in stopped.stdout
   assert os.path.isdir(tmp_path / 'checkpoints' / '3')  # not a multiple of ckpt.every
   # Resume, then SIGKILL at the 2nd batch of that run (step 5), once checkpoint 4 is written.
   killed = lib.run_train(tmp_path, fault=dict(at_batch=2, signal='SIGKILL', after_ckpt=4),
-                         check=False)
+                         check=False, devices=None)
   assert killed.returncode == -9, killed.stderr[-2000:]
   assert f'resumed from {tmp_path}/checkpoints/3' in killed.stdout
   assert 'step 6/6' not in killed.stdout
-  resumed = lib.run_train(tmp_path)
+  resumed = lib.run_train(tmp_path, devices=None)
   assert f'resumed from {tmp_path}/checkpoints/4' in resumed.stdout
   _assert_same_params(straight[0], tmp_path)

@@ -39,9 +39,14 @@ def flags(overrides=None) -> list[str]:
   return ['--config=configs/tiny.py'] + [f'--config.{k}={v}' for k, v in merged.items()]
 
 
-def env(devices: int = 1) -> dict:
+def env(devices: int | None = 1) -> dict:
+  """The subprocess environment; devices=None leaves the CPU device count to the trainer's
+  default (distributed.local_device_count=-1: one per core that divides the batch)."""
   out = dict(os.environ)
-  out['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  if devices is None:
+    out.pop('XLA_FLAGS', None)
+  else:
+    out['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   out['PYTHONPATH'] = REPO_ROOT + os.pathsep + out.get('PYTHONPATH', '')
   out.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   # Later runs of the same program load the compiled executable instead of recompiling
