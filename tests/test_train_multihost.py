@@ -34,7 +34,7 @@ def test_two_processes_match_one_process_and_stop_together_on_sigterm(tmp_path):
       proc.kill()
   out = ''.join(lines)
   assert proc.wait(timeout=120) == 0, out[-6000:]
-  assert '[process 0] model: ' in out and 'over 8 devices, 2 process(es)' in out
+  assert '[process 0] model: ' in out and 'over 8 CPU device(s), 2 process(es)' in out
   assert 'Reached preemption sync point' in out
   (saved,) = os.listdir(multi / 'checkpoints')  # one checkpoint: the agreed preemption step
   assert COMPARED < int(saved) < 100000
