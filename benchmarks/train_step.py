@@ -326,7 +326,8 @@ def main():
         'pytorch_steps_per_s': 1 / torch_res['step_s'], 'step_gflop': flops / 1e9,
         'floor_s': floor_s, 'floor_ratio': ours['step_s'] / floor_s,
         'speedup': torch_res['step_s'] / ours['step_s'], 'timed_steps': timed,
-        'ours_threads': ours['threads'], 'ours_devices': ours['devices'], 'pytorch_threads': torch_res['threads'],
+        'ours_threads': ours['threads'], 'ours_devices': ours['devices'],
+        'pytorch_threads': torch_res['threads'],
         'matmul_gflops_used': best_rate}
 
   header = (f'{"config":<6} {"params":>8} {"ours ex/s":>10} {"torch ex/s":>11} {"speedup":>8} '
