@@ -152,3 +152,26 @@ def test_palix_55b_config_is_55b_class():
   big = config_flags.load_config('configs/rt2_palix_55b.py').model
   total = sum(summary.counts_by_component(summary.param_infos(big)).values())
   assert 50e9 < total < 60e9, total
+
+
+@pytest.mark.parametrize('x_shape,kernel_shape,in_dims', [
+    ((3, 5, 16), (16, 24), 1),  # dense
+    ((3, 5, 16), (16, 4, 6), 1),  # q/k/v projection [embed, heads, kv]
+    ((3, 5, 4, 6), (4, 6, 16), 2),  # attention output [heads, kv, embed]
+    ((7, 16), (16, 24), 1),
+])
+def test_dense_dot_gradients_equal_dot_general(x_shape, kernel_shape, in_dims):
+  # dense_dot forms the kernel gradient itself (to keep the transpose out of the compiled
+  # step); values and both gradients must match lax.dot_general's.
+  from rt2_jax.models.layers import dense_dot
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+  g = jnp.asarray(rng.normal(size=x_shape[:-in_dims] + kernel_shape[in_dims:]), jnp.float32)
+  dims = ((tuple(range(len(x_shape) - in_dims, len(x_shape))), tuple(range(in_dims))), ((), ()))
+  want, want_vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), x, kernel)
+  got, got_vjp = jax.vjp(lambda a, b: dense_dot(a, b, in_dims), x, kernel)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  for got_grad, want_grad in zip(got_vjp(g), want_vjp(g), strict=True):
+    assert got_grad.shape == want_grad.shape
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-5)
