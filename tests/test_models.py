@@ -175,3 +175,21 @@ def test_dense_dot_gradients_equal_dot_general(x_shape, kernel_shape, in_dims):
   for got_grad, want_grad in zip(got_vjp(g), want_vjp(g), strict=True):
     assert got_grad.shape == want_grad.shape
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_dots_saves_dense_outputs():
+  # dense_dot is a custom_vjp, invisible to the dots policy: without its named output,
+  # remat='dots' would silently recompute every projection, as 'full' does.
+  from jax._src.ad_checkpoint import saved_residuals
+
+  from rt2_jax.models.layers import SAVE_DOTS, DenseGeneral
+  layer = DenseGeneral((16,), ('embed', 'mlp'))
+  x = jnp.ones((8, 16))
+  params = layer.init(jax.random.PRNGKey(0), x)
+
+  def outputs_saved(policy):
+    f = jax.checkpoint(lambda p, x: jnp.sin(layer.apply(p, jnp.sin(layer.apply(p, x)))).sum(),
+                       policy=policy)
+    return [r for r in saved_residuals(f, params, x) if 'argument' not in r[1]]
+  assert len(outputs_saved(SAVE_DOTS)) == 2, outputs_saved(SAVE_DOTS)
+  assert outputs_saved(None) == []  # 'full' keeps no intermediate

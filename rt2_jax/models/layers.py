@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 # Added to the attention logits of masked keys: large enough that exp() underflows to 0 in
@@ -48,6 +49,14 @@ def to_dtype(name: str | Dtype) -> Dtype:
 def constrain(x, axes: Sequence[str | None]):
   """Logical sharding constraint on an activation (a no-op outside `nn.logical_axis_rules`)."""
   return nn.with_logical_constraint(x, tuple(axes))
+
+
+DENSE_OUTPUT = 'dense_output'
+# remat='dots': save the weight matmuls' outputs, i.e. dots without batch dimensions and the
+# DenseGeneral outputs (dense_dot is a custom_vjp, which the dots policy does not look into).
+SAVE_DOTS = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -108,7 +117,9 @@ class DenseGeneral(nn.Module):
         in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, len(shape))))
     kernel = self.param('kernel', nn.with_logical_partitioning(init, self.axes), shape,
                         jnp.float32)
-    y = dense_dot(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
+    # Named so that remat='dots' still saves it: the policy cannot see into the custom_vjp.
+    y = checkpoint_name(dense_dot(x.astype(self.dtype), kernel.astype(self.dtype), n_in),
+                        DENSE_OUTPUT)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           nn.initializers.zeros, self.axes[n_in:]), tuple(self.features), jnp.float32)
@@ -218,7 +229,7 @@ def maybe_remat(module_cls, remat: str, static_argnums: tuple[int, ...], scanned
   `static_argnums` count `self` as 0 and must name the `deterministic` argument. Under a scan
   the loop already keeps XLA from merging the recomputation away, so CSE prevention is off.
   """
-  policies = {'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+  policies = {'full': None, 'dots': SAVE_DOTS}
   if remat == 'none':
     return module_cls
   if remat not in policies:
