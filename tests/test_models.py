@@ -177,6 +177,22 @@ def test_dense_dot_gradients_equal_dot_general(x_shape, kernel_shape, in_dims):
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-5)
 
 
+def test_broadcast_batch_gradient_is_the_batch_sum():
+  # broadcast_batch forms its gradient as a dot with ones (XLA:CPU's leading-axis reduction is
+  # slow); value and gradient must match jnp.broadcast_to's.
+  from rt2_jax.models.layers import broadcast_batch
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(1, 4, 6, 6)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(3, 4, 6, 6)), jnp.float32)
+  want, want_vjp = jax.vjp(lambda a: jnp.broadcast_to(a, (3, 4, 6, 6)), x)
+  got, got_vjp = jax.vjp(lambda a: broadcast_batch(a, 3), x)
+  np.testing.assert_array_equal(got, want)
+  (got_grad,), (want_grad,) = got_vjp(g), want_vjp(g)
+  assert got_grad.shape == (1, 4, 6, 6)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_grad[0], np.asarray(g).sum(0), rtol=1e-5, atol=1e-5)
+
+
 def test_remat_dots_saves_dense_outputs():
   # dense_dot is a custom_vjp, invisible to the dots policy: without its named output,
   # remat='dots' would silently recompute every projection, as 'full' does.

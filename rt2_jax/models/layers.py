@@ -95,6 +95,30 @@ def _dense_dot_bwd(in_dims, residuals, g):
 dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def broadcast_batch(x, batch_size: int):
+  """Broadcasts x [1, ...] to [batch_size, ...] (a learned bias shared by all examples).
+
+  The same as jnp.broadcast_to, except for the gradient: the sum over the batch is formed as a
+  dot with ones. XLA:CPU's reduction over a leading axis with a large trailing extent ran ~100x
+  below memory bandwidth (the T5 relative-position bias gradient, [8, 8, 228, 228] -> [8, 228,
+  228], took 44 ms; the dot takes 0.5 ms).
+  """
+  return jnp.broadcast_to(x, (batch_size,) + x.shape[1:])
+
+
+def _broadcast_batch_fwd(x, batch_size):
+  return broadcast_batch(x, batch_size), None
+
+
+def _broadcast_batch_bwd(batch_size, _, g):
+  ones = jnp.ones((1, batch_size), g.dtype)
+  return (lax.dot_general(ones, g, (((1,), (0,)), ((), ()))),)
+
+
+broadcast_batch.defvjp(_broadcast_batch_fwd, _broadcast_batch_bwd)
+
+
 class DenseGeneral(nn.Module):
   """y = x . kernel, contracting the last `in_dims` axes of x; kernel axes are named `axes`."""
 

@@ -238,7 +238,8 @@ class Encoder(nn.Module):
     cfg = self.config
     length = x.shape[1]
     # The relative position bias is shared by all layers: computed once, outside any scan.
-    bias = self.relpos_bias(length, length) + layers.mask_to_bias(mask)
+    bias = (layers.broadcast_batch(self.relpos_bias(length, length), x.shape[0])
+            + layers.mask_to_bias(mask))
     x = self.dropout(x.astype(layers.to_dtype(cfg.dtype)), deterministic)
     if cfg.scan_layers:
       def body(layer, x, bias):

@@ -129,8 +129,11 @@ class ViT(nn.Module):
                                                                  ('embed',)),
                       (cfg.width,), jnp.float32)
     # Non-overlapping patches: a stride = kernel convolution is exactly a matmul on patches.
-    patches = images.astype(dtype).reshape(b, g, p, g, p, c)
-    x = jnp.einsum('bgiHjc,ijcd->bgHd', patches, kernel.astype(dtype)).reshape(b, g * g, -1)
+    # They are gathered into rows first (one pass over the image, fused with the cast) so that
+    # the kernel gradient is one plain dot rather than a strided copy of the output gradient.
+    patches = images.astype(dtype).reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = layers.dense_dot(patches.reshape(b, g * g, p * p * c),
+                         kernel.astype(dtype).reshape(p * p * c, -1), 1)
     x = x + bias.astype(dtype)
     if cfg.posemb == 'learn':
       pos = self.param('pos_embedding', nn.with_logical_partitioning(
@@ -138,7 +141,8 @@ class ViT(nn.Module):
                        (cfg.num_patches, cfg.width), jnp.float32)
     else:
       pos = jnp.asarray(posemb_sincos_2d(g, cfg.width))
-    x = constrain(x + pos.astype(dtype)[None], ('batch', 'length', 'embed'))
+    x = x + layers.broadcast_batch(pos.astype(dtype)[None], b)
+    x = constrain(x, ('batch', 'length', 'embed'))
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     block_cls = layers.maybe_remat(EncoderBlock, cfg.remat, static_argnums=(2,),
                                    scanned=cfg.scan_layers)
