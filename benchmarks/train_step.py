@@ -6,17 +6,22 @@ For two model sizes (configs/tiny.py, and a ~60M-parameter ViT + T5-small-class 
 it times, at the same batch and sequence lengths:
 
   ours     rt2_jax.train's compiled step (AdamW, global-norm clipping, loss + metrics), float32,
-           on the trainer's default mesh: with all cores, the CPU split into one device per
-           core (distributed.local_device_count=-1), the batch data-parallel over them
+           with all cores both on the trainer's default mesh (distributed.local_device_count=-1:
+           one CPU device per core, the batch data-parallel over them) and as one device
+           (local_device_count=1: XLA runs independent ops on the cores side by side, and the
+           optimizer update and gradient all-reduce are not repeated per core; faster for the
+           60M model, slower for tiny)
   pytorch  Hugging Face transformers: SiglipVisionModel (no head) -> Linear -> T5 encoder-decoder
            fed [image tokens ; text embeddings], cross-entropy on the targets, clip, AdamW
 
-Each framework runs in its own process, once pinned to one core (taskset) and once with all
-cores; the faster counts (on a shared CPU, threads that wait for descheduled siblings can make a
-step slower).
-  floor    the matmul FLOPs of a step (6 x parameters x the tokens each parameter sees: ViT on
-           image tokens, encoder on image + text tokens, decoder and output layer on target
-           tokens) at the best matmul rate measured here (a 2048^3 float32 matmul, XLA or torch)
+Each framework runs in its own process, pinned to one core (taskset) and with all cores; the
+fastest counts (on a shared CPU, threads that wait for descheduled siblings can make a step
+slower).
+  floor    the weight-matmul FLOPs of a step (6 x parameters x the tokens each parameter sees:
+           ViT on image tokens, encoder on image + text tokens, the decoder's cross-attention
+           key/value projections on the encoder's tokens, the rest of the decoder and the output
+           layer on target tokens; attention scores not counted) at the best matmul rate
+           measured here (a 2048^3 float32 matmul, XLA or torch)
 
 It prints a table and writes JSON with `speedup` (ours / pytorch examples/s, tiny config) and
 `floor_ratio` (our step time / floor, 60M config). Each timing is the median step after warm-up.
@@ -130,6 +135,11 @@ def _param_breakdown(params) -> dict:
          'embedding': optim.tree_size(lm['token_embedder'])}
   if 'logits_dense' in lm:
     out['output'] = optim.tree_size(lm['logits_dense'])
+  # The cross-attention key/value projections read the encoder's output, not the targets.
+  out['decoder_cross_kv'] = sum(
+      optim.tree_size(layer['encoder_decoder_attention'][name])
+      for layer_name, layer in lm['decoder'].items() if layer_name.startswith('layers')
+      for name in ('key', 'value'))
   return out
 
 
@@ -223,8 +233,9 @@ def step_flops(config, breakdown: dict) -> float:
   m, d = config.model, config.data
   image_tokens = (m.image_size // m.vit.patch_size) ** 2
   enc_tokens, dec_tokens = image_tokens + d.max_input_len, d.max_target_len
+  cross_kv = breakdown['decoder_cross_kv']
   per_example = (breakdown['vit'] * image_tokens + breakdown['encoder'] * enc_tokens
-                 + breakdown['decoder'] * dec_tokens
+                 + (breakdown['decoder'] - cross_kv) * dec_tokens + cross_kv * enc_tokens
                  + breakdown.get('output', breakdown['embedding']) * dec_tokens)
   return 6.0 * per_example * config.batch_size
 
@@ -234,6 +245,8 @@ def run_worker(args) -> dict:
   config = load_config(MODELS[args.model])
   if args.worker == 'ours':
     from rt2_jax import train
+    if args.devices:
+      config.distributed.local_device_count = args.devices
     train.initialize_backend(config)  # the trainer's XLA flags (config.xla_flags)
     return time_ours(config, args.warmup, args.steps)
   import torch
@@ -250,7 +263,8 @@ def run_worker(args) -> dict:
                       args.steps)
 
 
-def spawn(worker: str, model: str, threads: int, warmup: int, steps: int) -> dict:
+def spawn(worker: str, model: str, threads: int, warmup: int, steps: int,
+          devices: int = 0) -> dict:
   """Runs one timing in a fresh process: XLA's thread count is fixed when its backend starts."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS='')  # one CPU device
   cmd = []
@@ -261,7 +275,8 @@ def spawn(worker: str, model: str, threads: int, warmup: int, steps: int) -> dic
     if shutil.which('taskset') and len(getattr(os, 'sched_getaffinity', lambda _: ())(0)) > 1:
       cmd = ['taskset', '-c', str(min(os.sched_getaffinity(0)))]
   cmd += [sys.executable, os.path.abspath(__file__), f'--worker={worker}', f'--model={model}',
-         f'--threads={threads}', f'--warmup={warmup}', f'--steps={steps}']
+         f'--threads={threads}', f'--warmup={warmup}', f'--steps={steps}',
+         f'--devices={devices}']
   result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
   lines = [ln for ln in result.stdout.splitlines() if ln.startswith('RESULT ')]
   if result.returncode != 0 or not lines:
@@ -270,12 +285,16 @@ def spawn(worker: str, model: str, threads: int, warmup: int, steps: int) -> dic
 
 
 def best_of_threads(worker: str, model: str, warmup: int, steps: int) -> dict:
-  """1 thread and all cores: the faster counts (a shared CPU can make threads hurt)."""
+  """1 thread and all cores (ours: also all cores as one device); the fastest counts."""
+  cores = os.cpu_count() or 1
+  runs = [(1, 0)] + ([(cores, 0)] if cores > 1 else [])
+  if worker == 'ours' and cores > 1:
+    runs.append((cores, 1))
   best = None
-  for threads in sorted({1, os.cpu_count() or 1}):
-    r = spawn(worker, model, threads, warmup, steps)
-    devices = f', {r["devices"]} devices' if r.get('devices', 1) > 1 else ''
-    print(f'[{model}] {worker} ({threads} thread{"s" if threads > 1 else ""}{devices}): '
+  for threads, devices in runs:
+    r = spawn(worker, model, threads, warmup, steps, devices)
+    where = f', {r["devices"]} device{"s" if r["devices"] > 1 else ""}' if 'devices' in r else ''
+    print(f'[{model}] {worker} ({threads} thread{"s" if threads > 1 else ""}{where}): '
           f'{r["step_s"]:.3f} s/step', flush=True)
     if best is None or r['step_s'] < best['step_s']:
       best = dict(r, threads=threads)
@@ -292,6 +311,7 @@ def main():
   parser.add_argument('--threads', type=int, default=0, help=argparse.SUPPRESS)
   parser.add_argument('--warmup', type=int, default=1, help=argparse.SUPPRESS)
   parser.add_argument('--steps', type=int, default=1, help=argparse.SUPPRESS)
+  parser.add_argument('--devices', type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     print('RESULT ' + json.dumps(run_worker(args)), flush=True)
@@ -325,6 +345,7 @@ def main():
         'pytorch_examples_per_s': b / torch_res['step_s'], 'ours_steps_per_s': 1 / ours['step_s'],
         'pytorch_steps_per_s': 1 / torch_res['step_s'], 'step_gflop': flops / 1e9,
         'floor_s': floor_s, 'floor_ratio': ours['step_s'] / floor_s,
+        'pytorch_floor_ratio': torch_res['step_s'] / floor_s,
         'speedup': torch_res['step_s'] / ours['step_s'], 'timed_steps': timed,
         'ours_threads': ours['threads'], 'ours_devices': ours['devices'],
         'pytorch_threads': torch_res['threads'],
