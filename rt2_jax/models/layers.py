@@ -113,7 +113,9 @@ def _broadcast_batch_fwd(x, batch_size):
 
 def _broadcast_batch_bwd(batch_size, _, g):
   ones = jnp.ones((1, batch_size), g.dtype)
-  return (lax.dot_general(ones, g, (((1,), (0,)), ((), ()))),)
+  summed = lax.dot_general(ones, g, (((1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+  return (summed.astype(g.dtype),)
 
 
 broadcast_batch.defvjp(_broadcast_batch_fwd, _broadcast_batch_bwd)
