@@ -7,9 +7,19 @@ Layout: `WORKDIR/checkpoints/<step>/` written by an orbax `CheckpointManager`, t
   meta   JSON: config, normalization stats, action space, vocab path + checksum, step
 
 Saves are asynchronous (the train loop goes on while the arrays are written) and atomic: orbax
-writes into a temporary directory and renames it when complete. A checkpoint that cannot be read
-(a run killed mid-save on a filesystem without atomic rename, or damaged files) is skipped with a
-warning, moved to `WORKDIR/checkpoints_unreadable/`, and the previous one is used.
+writes into a temporary directory and renames it when complete. Just before the rename, the SHA-256
+of every file of the checkpoint is written to `<step>/rt2_checksums.json`; every load verifies
+them first. Training skips a checkpoint whose files differ (truncated, deleted, flipped bytes):
+it is moved to `WORKDIR/checkpoints_unreadable/` with a warning naming the file and the previous
+one is used. Inference (`Policy`, serving, export) refuses a damaged checkpoint instead, naming
+the steps that verify. An error that is not proven damage (a checkpoint whose checksums match but
+does not restore, permissions, an older checkpoint without checksums) is raised as it is and
+moves nothing. A workdir that cannot be written is refused before training starts, and a save
+that fails (a full disk) raises `CheckpointWriteError` naming the path, removing its partial
+directory; the earlier checkpoints stay intact.
+
+Paths: local paths may be relative or start with `~` (they are made absolute, which orbax needs);
+URLs such as `gs://bucket/run` are used as they are.
 
 `restore_for_inference(path)` rebuilds what a Policy needs from the checkpoint alone;
 `load_init_params(path, abstract_params)` starts a run from another run's checkpoint or a
@@ -19,7 +29,10 @@ converted pretrained one (`--config.init_from`).
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -35,10 +48,168 @@ from rt2_jax import config_flags
 
 log = logging.getLogger(__name__)
 TMP_MARKER = '.orbax-checkpoint-tmp'
+CHECKSUM_FILE = 'rt2_checksums.json'
 
 
 class MismatchError(ValueError):
   """A readable checkpoint whose arrays do not fit the model/optimizer being restored."""
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint whose files differ from those written at save time (checksums)."""
+
+  def __init__(self, path, problems: list[str], note: str = ''):
+    self.path, self.problems = str(path), list(problems)
+    super().__init__(f'checkpoint {path} is damaged: {_shown(problems)}{note}')
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (unwritable workdir, full disk, ...)."""
+
+
+class CheckpointReadError(RuntimeError):
+  """A checkpoint that is not proven damaged but cannot be checked or restored."""
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+  """A local path made absolute (`~` expanded, relative to the working directory); a URL
+  such as gs://bucket/run unchanged. orbax refuses relative local paths."""
+  text = os.fspath(path)
+  if not text:
+    raise ValueError('empty path')
+  if '://' in text:
+    return text
+  return os.path.abspath(os.path.expanduser(text))
+
+
+def as_step(step) -> int | None:
+  """A checkpoint step from the command line or Python: 5, '5', np.int64(5) -> 5; None -> None."""
+  if step is None:
+    return None
+  if isinstance(step, bool):
+    raise TypeError(f'checkpoint step must be an integer, got {step!r}')
+  if isinstance(step, str):
+    if not step.strip().isdigit():
+      raise ValueError(f'checkpoint step must be a non-negative integer, got {step!r}')
+    return int(step.strip())
+  try:
+    value = int(step)
+  except (TypeError, ValueError):
+    raise TypeError(f'checkpoint step must be an integer, got {type(step).__name__}') from None
+  if value != step or value < 0:
+    raise ValueError(f'checkpoint step must be a non-negative integer, got {step!r}')
+  return value
+
+
+class OrbaxErrorsHeld(logging.Filter):
+  """Holds back orbax's ERROR log records (each failed save logs the same error with a
+  traceback from several threads) while `CheckpointWriteError` reports it once; see
+  `hold_orbax_errors`."""
+
+  def __init__(self):
+    super().__init__()
+    self.records: list[logging.LogRecord] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname:
+      self.records.append(record)
+      return False
+    return True
+
+
+@contextlib.contextmanager
+def hold_orbax_errors():
+  """Within it orbax's error records are held; on leaving, they are logged after all unless the
+  error they describe was reported (`held.records.clear()`), so nothing is lost."""
+  logger = logging.getLogger('absl')  # orbax logs through absl
+  held = OrbaxErrorsHeld()
+  logger.addFilter(held)
+  try:
+    yield held
+  finally:
+    logger.removeFilter(held)
+    for record in held.records:
+      logger.handle(record)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums: written into the checkpoint before orbax commits it, verified before every load.
+
+
+def _files(root: epath.Path) -> list[epath.Path]:
+  out = []
+  for child in sorted(root.iterdir(), key=lambda p: p.name):
+    out.extend(_files(child) if child.is_dir() else [child])
+  return out
+
+
+def _digest(path: epath.Path) -> tuple[int, str]:
+  h, size = hashlib.sha256(), 0
+  with path.open('rb') as f:
+    while chunk := f.read(1 << 22):
+      h.update(chunk)
+      size += len(chunk)
+  return size, h.hexdigest()
+
+
+def _digests(paths: list[epath.Path]) -> list[tuple[int, str]]:
+  if len(paths) < 4:
+    return [_digest(p) for p in paths]
+  with concurrent.futures.ThreadPoolExecutor(min(8, len(paths))) as pool:  # hashlib drops the GIL
+    return list(pool.map(_digest, paths))
+
+
+def _checkpoint_files(step_dir: epath.Path) -> list[epath.Path]:
+  """The files of the items (state/, data/, meta/): orbax rewrites its own step metadata at the
+  top level after the checksums are written."""
+  return [f for item in sorted(step_dir.iterdir(), key=lambda p: p.name) if item.is_dir()
+          for f in _files(item)]
+
+
+def write_checksums(step_dir: str | os.PathLike) -> dict:
+  """Writes `step_dir/rt2_checksums.json`: size and SHA-256 of every item file."""
+  step_dir = epath.Path(step_dir)
+  files = _checkpoint_files(step_dir)
+  names = [str(f.relative_to(step_dir)) for f in files]
+  manifest = {'format': 1, 'algorithm': 'sha256', 'files': {
+      name: {'bytes': size, 'sha256': digest}
+      for name, (size, digest) in zip(names, _digests(files), strict=True)}}
+  (step_dir / CHECKSUM_FILE).write_text(json.dumps(manifest, indent=0, sort_keys=True))
+  return manifest
+
+
+def verify_checksums(step_dir: str | os.PathLike) -> bool:
+  """True if every file matches the checksums written at save time, False if the checkpoint has
+  no checksum file (written before checksums existed); CorruptCheckpointError naming the files
+  that differ or are missing. Other I/O errors (permissions, ...) are raised as they are."""
+  step_dir = epath.Path(step_dir)
+  if not step_dir.exists():
+    raise CorruptCheckpointError(step_dir, ['the directory is missing'])
+  manifest_path = step_dir / CHECKSUM_FILE
+  if not manifest_path.exists():
+    return False
+  try:
+    manifest = json.loads(manifest_path.read_text())
+    expected = {str(k): (int(v['bytes']), str(v['sha256'])) for k, v in manifest['files'].items()}
+  except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+    raise CorruptCheckpointError(step_dir, [f'{CHECKSUM_FILE} is unreadable ({e})']) from None
+  problems, present = [], []
+  for name in sorted(expected):
+    if (step_dir / name).exists():
+      present.append(name)
+    else:
+      problems.append(f'{name}: missing')
+  for name, (size, digest) in zip(present, _digests([step_dir / n for n in present]),
+                                  strict=True):
+    want_size, want_digest = expected[name]
+    if size != want_size:
+      problems.append(f'{name}: {size} bytes, {want_size} when saved'
+                      + (' (truncated)' if size < want_size else ''))
+    elif digest != want_digest:
+      problems.append(f'{name}: contents differ from the SHA-256 written at save time')
+  if problems:
+    raise CorruptCheckpointError(step_dir, problems)
+  return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +249,7 @@ def make_meta(config, stats: actions_lib.NormStats | None, action_space: actions
 
 def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
   """A workdir (holding checkpoints/) or a checkpoints dir itself -> the checkpoints dir."""
-  path = epath.Path(path)
+  path = epath.Path(resolve_path(path))
   if (path / 'checkpoints').exists():
     return path / 'checkpoints'
   return path
@@ -86,8 +257,9 @@ def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
 
 def _split_step_dir(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
   """'.../checkpoints/1200' -> ('.../checkpoints', 1200); anything else -> (dir, None)."""
-  path = epath.Path(path)
-  if path.name.isdigit() and (path / 'state').exists():
+  path = epath.Path(resolve_path(path))
+  if path.name.isdigit() and any((path / name).exists()
+                                 for name in ('state', 'meta', CHECKSUM_FILE)):
     return path.parent, int(path.name)
   return checkpoint_dir(path), None
 
@@ -124,31 +296,76 @@ def _gather_strings(text: str) -> list[str]:
           for i in range(jax.process_count())]
 
 
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  text = str(e).strip()
+  return f'{type(e).__name__}: {text.splitlines()[0][:limit]}' if text else type(e).__name__
+
+
+def _verify_everywhere(step_dir: epath.Path) -> tuple[str, str]:
+  """('verified'|'unverified'|'damaged'|'error', message), decided by process 0 and shared with
+  every process (a collective), so all of them take the same branch."""
+  status, message = 'verified', ''
+  if jax.process_index() == 0:
+    try:
+      status = 'verified' if verify_checksums(step_dir) else 'unverified'
+    except CorruptCheckpointError as e:
+      status, message = 'damaged', _shown(e.problems)
+    except Exception as e:  # noqa: BLE001 - shared with the other processes, raised below
+      status, message = 'error', _first_line(e)
+  status, message = json.loads(_gather_strings(json.dumps([status, message]))[0])
+  return status, message
+
+
 class Checkpointer:
   """Saves and restores training checkpoints of one workdir."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True,
+               checksums: bool = True):
+    workdir = resolve_path(workdir)
     self.directory = epath.Path(workdir) / 'checkpoints'
     self.unreadable_dir = epath.Path(workdir) / 'checkpoints_unreadable'
+    self._async, self._checksums = async_save, checksums
+    self._saving: int | None = None  # the step whose save may still be running
+    self._check_writable()
     self._warn_about_partial_saves()
+    # Always orbax's async checkpointer: its post-finalization callback writes the checksums into
+    # the temporary directory before the commit (a synchronous save waits for it at once).
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True),
+            max_to_keep=keep, create=True, enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,
+            async_options=ocp.AsyncOptions(
+                post_finalization_callback=self._write_checksums if checksums else None)),
         item_handlers={
             'state': ocp.PyTreeCheckpointHandler(),
             'data': ocp.JsonCheckpointHandler(),
             'meta': ocp.JsonCheckpointHandler(),
         })
 
+  def _check_writable(self) -> None:
+    """Fails now, naming the directory, rather than at the first save after the compute."""
+    probe = self.directory / f'.rt2_write_test.{os.getpid()}.{jax.process_index()}'
+    try:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      probe.write_text('rt2_jax checks that checkpoints can be written here')
+      probe.unlink()
+    except OSError as e:
+      raise CheckpointWriteError(
+          f'cannot write checkpoints to {self.directory}: {e.strerror or _first_line(e)}; '
+          'choose a writable --workdir') from None
+
   def _warn_about_partial_saves(self):
-    if not self.directory.exists():
-      return
     partial = sorted(p.name for p in self.directory.iterdir() if TMP_MARKER in p.name)
     if partial and jax.process_index() == 0:
       log.warning('ignoring unfinished checkpoint saves in %s (a run stopped mid-save): %s',
                   self.directory, ', '.join(partial))
+
+  def _write_checksums(self) -> None:
+    """orbax's post-finalization callback (process 0, background thread), before the commit."""
+    step = self._saving
+    tmp = self.directory / f'{step}{TMP_MARKER}'
+    write_checksums(tmp if tmp.exists() else self.directory / str(step))  # rename / commit file
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -159,24 +376,64 @@ class Checkpointer:
   def save(self, step: int, state: dict, data_state, meta: dict) -> None:
     """Starts an asynchronous save (a collective: every process calls it with its own data state).
 
-    `data_state` is this process's iterator state (bytes, a JSON-able dict, or None).
+    `data_state` is this process's iterator state (bytes, a JSON-able dict, or None). Raises
+    CheckpointWriteError if this save or the previous one could not be written.
     """
     states = _gather_strings(_encode_data_state(data_state))
     data = {'process_count': len(states), 'states': states}
     meta = dict(meta, step=int(step))
-    self._manager.save(
-        int(step), force=True,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state),
-            data=ocp.args.JsonSave(data),
-            meta=ocp.args.JsonSave(meta)))
+    self.wait()
+    self._saving = int(step)
+    try:
+      self._manager.save(
+          int(step), force=True,
+          args=ocp.args.Composite(
+              state=ocp.args.PyTreeSave(state),
+              data=ocp.args.JsonSave(data),
+              meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # noqa: BLE001 - reported once, as CheckpointWriteError
+      self._save_failed(e)
+    if not self._async:
+      self.wait()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in progress; CheckpointWriteError if it failed."""
+    if self._saving is None:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - reported once, as CheckpointWriteError
+      self._save_failed(e)
+    self._saving = None
+
+  def _save_failed(self, error: BaseException) -> None:
+    step, self._saving = self._saving, None
+    partial = self.directory / f'{step}{TMP_MARKER}'
+    removed = ''
+    if jax.process_index() == 0:
+      with contextlib.suppress(OSError):
+        if partial.exists():
+          partial.rmtree()
+          removed = f'; its partial directory {partial.name} was removed'
+    with contextlib.suppress(Exception):
+      self._manager.reload()
+    kept = [s for s in self._safe_steps() if s != step]
+    raise CheckpointWriteError(
+        f'saving checkpoint {step} to {self.directory} failed: {_first_line(error, 500)}'
+        f'{removed}. Earlier checkpoints are intact'
+        + (f' (latest: {kept[-1]})' if kept else ' (there are none)')) from error
+
+  def _safe_steps(self) -> list[int]:
+    try:
+      return self.all_steps()
+    except Exception:  # noqa: BLE001 - only used in an error message
+      return []
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
   def _restore_step(self, step: int, abstract_state) -> Restored:
     restored = self._manager.restore(
@@ -196,25 +453,45 @@ class Checkpointer:
     return Restored(restored['state'], data_state, restored['meta'], int(step))
 
   def restore_latest(self, abstract_state) -> Restored | None:
-    """The newest readable checkpoint (unreadable newer ones are moved aside), or None.
+    """The newest checkpoint whose files verify, or None.
 
-    `abstract_state`: the state tree as jax.ShapeDtypeStruct with `.sharding`. A readable
-    checkpoint whose arrays do not match it (the config changed) raises ValueError.
+    A checkpoint whose files differ from their checksums is moved aside with a warning that
+    names it and the damage, and the previous one is tried. `abstract_state`: the state tree as
+    jax.ShapeDtypeStruct with `.sharding`. A checkpoint whose arrays do not match it (the config
+    changed) raises MismatchError; one that verifies but does not restore, or that cannot be
+    checked, raises CheckpointReadError: neither is moved.
     """
     for step in reversed(self.all_steps()):
+      where = self.directory / str(step)
+      status, message = _verify_everywhere(where)
+      if status == 'damaged':
+        older = [s for s in self.all_steps() if s < step]
+        log.warning('checkpoint %s is damaged (%s); moving it to %s and %s', where, message,
+                    self.unreadable_dir, f'falling back to checkpoint {older[-1]}' if older
+                    else 'starting afresh: there is no earlier checkpoint')
+        self._move_aside(step)
+        continue
+      if status == 'error':
+        raise CheckpointReadError(f'cannot check checkpoint {where}: {message}; nothing was '
+                                  'moved or changed')
+      if status == 'unverified':
+        log.warning('checkpoint %s has no %s (written by an older version): restoring it '
+                    'unverified', where, CHECKSUM_FILE)
       try:
         saved = array_shapes(self._manager.item_metadata(step)['state'].tree)
-      except Exception:  # noqa: BLE001 - unreadable metadata: decided below like a bad restore
+      except Exception:  # noqa: BLE001 - unreadable metadata: the restore below says why
         saved = None
       if saved is not None:
-        _check_matches(saved, abstract_state, f'{self.directory}/{step}')
+        _check_matches(saved, abstract_state, str(where))
       try:
         return self._restore_step(step, abstract_state)
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to older
-        log.warning('checkpoint %s/%d cannot be read (%s: %s); moving it to %s and using the '
-                    'previous one', self.directory, step, type(e).__name__,
-                    str(e).splitlines()[0][:300] if str(e) else '', self.unreadable_dir)
-        self._move_aside(step)
+      except Exception as e:  # noqa: BLE001 - not proven damage: stop, move nothing
+        raise CheckpointReadError(
+            f'checkpoint {where} could not be restored ({_first_line(e)}) although '
+            + ('its files match the checksums written at save time'
+               if status == 'verified' else 'it has no checksums to check it against')
+            + '; nothing was moved or changed. Fix the cause, or move that directory away to '
+            'resume from an earlier checkpoint') from e
     return None
 
   def _move_aside(self, step: int) -> None:
@@ -282,16 +559,20 @@ def _abstract_params_from_metadata(tree_metadata, sharding) -> Any:
       is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
 
 
-def load_params(path: str | os.PathLike, step: int | None = None, abstract_params=None,
+def load_params(path: str | os.PathLike, step: int | str | None = None, abstract_params=None,
                 sharding: jax.sharding.Sharding | None = None) -> tuple[Any, dict, int]:
-  """(params, meta, step) from a training checkpoint: the newest readable one unless `step`.
+  """(params, meta, step) from a training checkpoint: the newest one unless `step`.
 
   `path`: a workdir, its checkpoints/ dir, or one step dir. `abstract_params` (ShapeDtypeStructs
   with shardings) restores straight into that layout; else every array goes to `sharding`
-  (default: the first local device).
+  (default: the first local device). The checkpoint's files are verified against the checksums
+  written at save time first: a damaged one raises CorruptCheckpointError naming the damage and
+  the steps that do verify (inference never falls back to an older model by itself).
   """
   directory, step_in_path = _split_step_dir(path)
-  step = step if step is not None else step_in_path
+  step = as_step(step) if step is not None else step_in_path
+  if not directory.exists():
+    raise FileNotFoundError(f'no checkpoints in {directory}: it does not exist')
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
       item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
@@ -302,37 +583,45 @@ def load_params(path: str | os.PathLike, step: int | None = None, abstract_param
       raise FileNotFoundError(f'no checkpoints in {directory}')
     if step is not None and step not in steps:
       raise FileNotFoundError(f'no checkpoint for step {step} in {directory}; have {steps}')
-    candidates = [step] if step is not None else list(reversed(steps))
-    errors = []
-    for s in candidates:
-      try:
-        if abstract_params is None:
-          tree_md = manager.item_metadata(s)['state'].tree
-          target = _abstract_params_from_metadata(
-              tree_md, sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-        else:
-          target = abstract_params
-          check_params_match(array_shapes(manager.item_metadata(s)['state'].tree['params']),
-                             target, f'{directory}/{s}')
-        restored = manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                {'params': target},
-                restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
-                partial_restore=True),
-            meta=ocp.args.JsonRestore()))
-        return restored['state']['params'], restored['meta'], int(s)
-      except Exception as e:  # noqa: BLE001 - try an older checkpoint, report all at the end
-        if step is not None or isinstance(e, MismatchError):
-          raise
-        log.warning('checkpoint %s/%d cannot be read (%s: %s); trying the previous one',
-                    directory, s, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else '')
-        errors.append(f'{s}: {type(e).__name__}')
-    raise FileNotFoundError(f'no readable checkpoint in {directory} ({"; ".join(errors)})')
+    s = steps[-1] if step is None else step
+    where = directory / str(s)
+    try:
+      verified = verify_checksums(where)
+    except CorruptCheckpointError as e:
+      good = [t for t in reversed(steps) if t != s and _verifies(directory / str(t))]
+      hint = (f'; checkpoint(s) {", ".join(map(str, good))} verify: load one explicitly '
+              '(--checkpoint=STEP, step=STEP)' if good else '; no other checkpoint here verifies')
+      raise CorruptCheckpointError(where, e.problems, note=f'. Refusing to load it{hint}') from None
+    if not verified:
+      log.warning('checkpoint %s has no %s (written by an older version): loading it unverified',
+                  where, CHECKSUM_FILE)
+    if abstract_params is None:
+      tree_md = manager.item_metadata(s)['state'].tree
+      target = _abstract_params_from_metadata(
+          tree_md, sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    else:
+      target = abstract_params
+      check_params_match(array_shapes(manager.item_metadata(s)['state'].tree['params']),
+                         target, str(where))
+    restored = manager.restore(s, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            {'params': target},
+            restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
+            partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+    return restored['state']['params'], restored['meta'], int(s)
   finally:
     manager.close()
 
 
-def restore_for_inference(path: str | os.PathLike, step: int | None = None,
+def _verifies(step_dir: epath.Path) -> bool:
+  try:
+    return verify_checksums(step_dir)
+  except Exception:  # noqa: BLE001 - only used to suggest alternatives
+    return False
+
+
+def restore_for_inference(path: str | os.PathLike, step: int | str | None = None,
                           sharding: jax.sharding.Sharding | None = None) -> InferenceBundle:
   """Config, params, normalization stats and action space of a training checkpoint.
 
@@ -352,6 +641,7 @@ def restore_for_inference(path: str | os.PathLike, step: int | None = None,
 def load_init_params(path: str, abstract_params):
   """Parameters of another run's checkpoint or of a converted pretrained checkpoint
   (`python -m rt2_jax.weights.convert`), restored straight into the run's shardings."""
+  path = resolve_path(path)
   if (epath.Path(path) / 'checkpoints').exists() or (epath.Path(path) / 'state').exists():
     params, _, step = load_params(path, abstract_params=abstract_params)
     print(f'initialized parameters from {path} (step {step})', flush=True)

@@ -311,6 +311,7 @@ def train(config, workdir: str) -> dict:
   """Trains to config.total_steps; returns the last logged metrics."""
   from rt2_jax.data import pipeline
 
+  workdir = checkpoints.resolve_path(workdir)  # relative and ~ paths; gs:// stays as it is
   is_main = jax.process_index() == 0
   setup = make_setup(config)
   if is_main:
@@ -405,7 +406,14 @@ def main(argv) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   config = _FLAGS['config'].value
   initialize_backend(config)
-  train(config, _FLAGS['workdir'].value)
+  with checkpoints.hold_orbax_errors() as held:
+    try:
+      train(config, _FLAGS['workdir'].value)
+    except (checkpoints.CheckpointWriteError, checkpoints.CheckpointReadError) as e:
+      held.records.clear()  # orbax's own reports of it: the message below carries the cause
+      sys.exit(f'rt2_jax.train: {e}')
+    except checkpoints.MismatchError as e:
+      sys.exit(f'rt2_jax.train: {e}')
   shutdown_distributed()
   sys.exit(0)
 

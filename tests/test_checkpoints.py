@@ -1,6 +1,9 @@
-"""Checkpoints: round trip, keep-K, unreadable latest skipped, config mismatch, inference bundle."""
+"""Checkpoints: round trip, keep-K, damaged latest skipped (checksums), config mismatch, inference
+bundle, relative / ~ / gs:// paths, unwritable workdir and full disk."""
 
 import logging
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +107,9 @@ def test_unreadable_latest_is_skipped_with_warning(tmp_path, caplog):
   _assert_trees_equal(restored.state, _state(config, seed=1))
   text = caplog.text
   assert 'unfinished checkpoint saves' in text and '3.orbax-checkpoint-tmp-1234' in text
-  assert 'cannot be read' in text
+  assert f'checkpoint {tmp_path}/checkpoints/2 is damaged (state/' in text
+  assert 'bytes when saved' not in text and 'when saved' in text  # size differs: named
+  assert 'falling back to checkpoint 1' in text
   assert (tmp_path / 'checkpoints_unreadable' / '2').exists()
   # Training goes on and can write step 2 again.
   ckpt.save(2, _state(config, seed=5), {'n': 5}, meta)
@@ -127,3 +132,210 @@ def test_mismatched_config_raises_instead_of_skipping(tmp_path):
 def test_no_checkpoint_errors_clearly(tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoints in'):
     checkpoints.restore_for_inference(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Damage detection: checksums written at save time, verified at load (issue 16).
+
+
+def _three_checkpoints(tmp_path, config=None):
+  config = config or _config()
+  meta = checkpoints.make_meta(config, STATS, SPACE, FakeVocab())
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=3, async_save=True)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(config, seed=step), {'n': step}, meta)
+  ckpt.close()
+  return config
+
+
+def _array_files(step_dir):
+  files = sorted(f for f in (step_dir / 'state').rglob('*') if f.is_file() and f.parent.name == 'd')
+  assert files
+  return files
+
+
+def _flip(path, count=64):
+  data = bytearray(path.read_bytes())
+  start = len(data) // 3
+  for i in range(start, min(len(data), start + count)):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def _damage(step_dir, how):
+  """Returns the damaged file's name relative to the step dir."""
+  if how == 'meta deleted':
+    target = step_dir / 'meta' / 'metadata'
+    target.unlink()
+    return 'meta/metadata'
+  target = max(_array_files(step_dir), key=lambda f: f.stat().st_size)
+  if how == 'flip':
+    _flip(target)
+  elif how == 'truncate':
+    target.write_bytes(target.read_bytes()[:len(target.read_bytes()) // 2])
+  elif how == 'delete':
+    target.unlink()
+  return str(target.relative_to(step_dir))
+
+
+@pytest.mark.parametrize('how, reason', [
+    ('flip', 'contents differ from the SHA-256 written at save time'),
+    ('truncate', r'\d+ bytes, \d+ when saved \(truncated\)'), ('delete', 'missing'),
+    ('meta deleted', 'missing')])
+def test_damaged_latest_falls_back_for_training_and_is_refused_for_inference(tmp_path, caplog,
+                                                                             how, reason):
+  config = _three_checkpoints(tmp_path)
+  step_dir = tmp_path / 'checkpoints' / '3'
+  assert (step_dir / checkpoints.CHECKSUM_FILE).exists()
+  assert checkpoints.verify_checksums(step_dir)
+  name = _damage(step_dir, how)
+  with pytest.raises(checkpoints.CorruptCheckpointError) as info:
+    checkpoints.verify_checksums(step_dir)
+  assert re.search(f'{name}: {reason}', str(info.value)), str(info.value)
+
+  # Inference refuses it, naming the damage and the checkpoints that do verify.
+  with pytest.raises(checkpoints.CorruptCheckpointError,
+                     match=r'checkpoints/3 is damaged: .*Refusing to load it; checkpoint\(s\) 2, 1 '
+                           r'verify') as info:
+    checkpoints.restore_for_inference(tmp_path)
+  assert name in str(info.value)
+  assert checkpoints.restore_for_inference(tmp_path, step=2).step == 2
+
+  # Training falls back to the previous checkpoint with a warning saying which and why.
+  with caplog.at_level(logging.WARNING):
+    ckpt = checkpoints.Checkpointer(str(tmp_path), keep=3)
+    restored = ckpt.restore_latest(_abstract(_state(config)))
+  assert restored.step == 2 and restored.data_state == {'n': 2}
+  _assert_trees_equal(restored.state, _state(config, seed=2))
+  assert re.search(f'checkpoint {step_dir} is damaged \\({name}: {reason}', caplog.text)
+  assert 'falling back to checkpoint 2' in caplog.text
+  assert (tmp_path / 'checkpoints_unreadable' / '3').exists() and not step_dir.exists()
+  ckpt.close()
+
+
+def test_errors_that_are_not_damage_move_nothing(tmp_path, monkeypatch, caplog):
+  config = _three_checkpoints(tmp_path)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=3)
+
+  def denied(step_dir):
+    raise PermissionError(13, 'Permission denied', str(step_dir))
+
+  monkeypatch.setattr(checkpoints, 'verify_checksums', denied)
+  with pytest.raises(checkpoints.CheckpointReadError, match='cannot check checkpoint .*/3: '
+                     'PermissionError.*nothing was moved'):
+    ckpt.restore_latest(_abstract(_state(config)))
+  monkeypatch.undo()
+
+  def failing_restore(step, abstract_state):
+    raise OSError(5, 'Input/output error')
+
+  monkeypatch.setattr(ckpt, '_restore_step', failing_restore)
+  with pytest.raises(checkpoints.CheckpointReadError,
+                     match='could not be restored .*Input/output error.* although its files match'):
+    ckpt.restore_latest(_abstract(_state(config)))
+  assert ckpt.all_steps() == [1, 2, 3] and not (tmp_path / 'checkpoints_unreadable').exists()
+  ckpt.close()
+
+  # A checkpoint from before checksums: restored, with a warning that it was not verified.
+  (tmp_path / 'checkpoints' / '3' / checkpoints.CHECKSUM_FILE).unlink()
+  with caplog.at_level(logging.WARNING):
+    ckpt = checkpoints.Checkpointer(str(tmp_path))
+    restored = ckpt.restore_latest(_abstract(_state(config)))
+    ckpt.close()
+    bundle = checkpoints.restore_for_inference(tmp_path)
+  assert restored.step == 3 and bundle.step == 3
+  assert 'no rt2_checksums.json (written by an older version)' in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths (issue 16): relative and ~ local paths, gs:// URLs.
+
+
+def test_relative_and_home_paths_save_and_load(tmp_path, monkeypatch):
+  config = _config()
+  meta = checkpoints.make_meta(config, STATS, SPACE, FakeVocab())
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  for workdir, where in (('rel/run', tmp_path / 'rel' / 'run'),
+                         ('~/run', tmp_path / 'home' / 'run')):
+    ckpt = checkpoints.Checkpointer(workdir, async_save=True)
+    assert str(ckpt.directory) == f'{where}/checkpoints'
+    ckpt.save(5, _state(config, seed=5), {'n': 5}, meta)
+    ckpt.close()
+    ckpt = checkpoints.Checkpointer(workdir)  # resumes: the checkpoint is read, not moved
+    assert ckpt.restore_latest(_abstract(_state(config))).step == 5
+    ckpt.close()
+    for path in (workdir, f'{workdir}/checkpoints', f'{workdir}/checkpoints/5'):
+      assert checkpoints.restore_for_inference(path, step='5').step == 5
+    assert not (where / 'checkpoints_unreadable').exists()
+  assert not (tmp_path / '~').exists()
+  assert checkpoints.resolve_path('a/../b') == str(tmp_path / 'b')
+
+
+def test_gs_paths_are_not_made_local(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  url = 'gs://rt2-jax-test-no-such-bucket/run'
+  assert checkpoints.resolve_path(url) == url
+  # No GCS here: the failure names the bucket path, before any training, and nothing local.
+  with pytest.raises(checkpoints.CheckpointWriteError,
+                     match=f'cannot write checkpoints to {url}/checkpoints: '):
+    checkpoints.Checkpointer(url)
+  assert not list(tmp_path.iterdir())
+
+
+def test_step_arguments():
+  assert checkpoints.as_step('5') == 5 and checkpoints.as_step(np.int64(7)) == 7
+  assert checkpoints.as_step(None) is None
+  for bad in ('five', '-1', 2.5, True):
+    with pytest.raises((TypeError, ValueError), match='step must be'):
+      checkpoints.as_step(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unwritable workdir and full disk (issue 16): one message naming the path, nothing left behind.
+
+
+def test_unwritable_workdir_is_refused_before_training(tmp_path):
+  (tmp_path / 'file').write_text('not a directory')
+  with pytest.raises(checkpoints.CheckpointWriteError,
+                     match=f'cannot write checkpoints to {tmp_path}/file/run/checkpoints: '):
+    checkpoints.Checkpointer(str(tmp_path / 'file' / 'run'))
+
+
+_FULL_DISK = '''
+import logging, resource, signal, sys
+import jax.numpy as jnp, numpy as np
+from rt2_jax import checkpoints
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+logging.basicConfig(level=logging.WARNING)
+with checkpoints.hold_orbax_errors() as held:
+  ckpt = checkpoints.Checkpointer(sys.argv[1], async_save=True)
+  ckpt.save(1, {'a': jnp.ones((10,))}, None, {'n': 1})
+  ckpt.wait()
+  resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # as if the disk were full
+  try:
+    ckpt.save(2, {'a': jnp.asarray(np.arange(200_000, dtype=np.float32))}, None, {'n': 2})
+    ckpt.close()
+  except checkpoints.CheckpointWriteError as e:
+    held.records.clear()
+    print('ERROR:', e)
+    sys.exit(3)
+'''
+
+
+def test_a_failed_save_gives_one_message_and_leaves_no_partial_checkpoint(tmp_path):
+  import subprocess
+  import sys
+
+  from conftest import REPO_ROOT
+
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, XLA_FLAGS='')
+  result = subprocess.run([sys.executable, '-c', _FULL_DISK, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 3, result.stdout + result.stderr[-3000:]
+  assert result.stdout.startswith(f'ERROR: saving checkpoint 2 to {tmp_path}/checkpoints failed: ')
+  assert 'File too large' in result.stdout and 'Earlier checkpoints are intact (latest: 1)' in (
+      result.stdout)
+  assert 'Traceback' not in result.stderr and 'ERROR:absl' not in result.stderr, result.stderr
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
+  assert checkpoints.verify_checksums(tmp_path / 'checkpoints' / '1')

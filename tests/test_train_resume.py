@@ -5,6 +5,7 @@ Every run uses the trainer's default CPU devices (one per core that divides the 
 
 import glob
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -57,3 +58,16 @@ def test_sigterm_then_sigkill_then_restart_gives_identical_parameters(straight, 
   resumed = lib.run_train(tmp_path, devices=None)
   assert f'resumed from {tmp_path}/checkpoints/4' in resumed.stdout
   _assert_same_params(straight[0], tmp_path)
+
+
+def test_relative_workdir_resumes_its_checkpoint_and_saves(straight, tmp_path):
+  # Issue 16: with a relative --workdir the trainer called a good checkpoint unreadable, moved it
+  # to checkpoints_unreadable/, restarted from step 1 and crashed at its first save.
+  run = tmp_path / 'run'
+  shutil.copytree(straight[0], run)
+  shutil.rmtree(run / 'checkpoints' / '6')
+  result = lib.run_train('run', devices=None, cwd=tmp_path)
+  assert f'resumed from {run}/checkpoints/4' in result.stdout, result.stdout + result.stderr
+  assert 'step 5/6' in result.stdout and 'step 1/' not in result.stdout
+  assert not (run / 'checkpoints_unreadable').exists() and not (tmp_path / 'checkpoints').exists()
+  _assert_same_params(straight[0], run)

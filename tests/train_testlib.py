@@ -36,7 +36,8 @@ def set_dotted(config, overrides: dict):
 
 def flags(overrides=None) -> list[str]:
   merged = dict(SMALL, **(overrides or {}))
-  return ['--config=configs/tiny.py'] + [f'--config.{k}={v}' for k, v in merged.items()]
+  return ([f'--config={os.path.join(REPO_ROOT, "configs", "tiny.py")}']
+          + [f'--config.{k}={v}' for k, v in merged.items()])
 
 
 def env(devices: int | None = 1) -> dict:
@@ -48,6 +49,9 @@ def env(devices: int | None = 1) -> dict:
   else:
     out['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   out['PYTHONPATH'] = REPO_ROOT + os.pathsep + out.get('PYTHONPATH', '')
+  # launch/local_multihost.sh runs $PYTHON: this interpreter, not whatever python3 is on PATH
+  # (pytest started as venv/bin/python without activating the venv).
+  out['PYTHON'] = sys.executable
   out.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   # Later runs of the same program load the compiled executable instead of recompiling
   # (compilation dominates these small runs; the cache is keyed by the program's hash).
@@ -123,9 +127,10 @@ _RUN = textwrap.dedent('''
 
 
 def run_train(workdir, overrides=None, fault=None, timeout=600, check=True, devices=1,
-              emulate_processes=0):
+              emulate_processes=0, cwd=REPO_ROOT, extra_env=None):
   """`fault`: dict(at_batch=, signal='SIGKILL'|'SIGTERM', after_ckpt=None|step).
-  `emulate_processes`: N = this one process reads the data of N processes."""
+  `emulate_processes`: N = this one process reads the data of N processes. `workdir` may be
+  relative to `cwd`."""
   argv = flags(overrides) + [f'--workdir={workdir}']
   if fault or emulate_processes:
     code = _PRELUDE
@@ -136,8 +141,8 @@ def run_train(workdir, overrides=None, fault=None, timeout=600, check=True, devi
     cmd = [sys.executable, '-c', code + _RUN, *argv]
   else:
     cmd = [sys.executable, '-m', 'rt2_jax.train', *argv]
-  result = subprocess.run(cmd, cwd=REPO_ROOT, env=env(devices), capture_output=True, text=True,
-                          timeout=timeout)
+  result = subprocess.run(cmd, cwd=cwd, env={**env(devices), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout)
   if check and result.returncode != 0:
     raise AssertionError(f'trainer failed ({result.returncode}):\n{result.stdout}\n'
                          f'{result.stderr[-4000:]}')
