@@ -396,8 +396,10 @@ def offline_web(text_policy, path: str, config, max_examples: int, batch: int, l
 def evaluate(workdir: str, step: int | None = None, config=None, name: str = 'default',
              out_dir: str = '', progress: bool = True, log=print) -> dict:
   """Evaluates one checkpoint of `workdir`; writes and returns the results."""
+  from rt2_jax.checkpoints import resolve_path
   from rt2_jax.policy import Policy
 
+  workdir = resolve_path(workdir)  # `~` and relative paths; gs:// kept (issue 16)
   start = time.time()
   eval_config = config
   probe = Policy.from_checkpoint(workdir, step)  # config, params, stats of the run

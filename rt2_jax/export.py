@@ -112,6 +112,26 @@ class PromptTokenizer:
     return ids.to_tensor(default_value=0, shape=[None, self.max_len])
 
 
+def check_inputs(image, instruction, size: int):
+  """Policy's input checks inside the graph, with its messages: without them a wrong image size,
+  an image/instruction count mismatch or an empty batch fail in XLA's shape refinement."""
+  import tensorflow as tf
+
+  shape, count = tf.shape(image, out_type=tf.int32), tf.shape(instruction, out_type=tf.int32)[0]
+  checks = [
+      tf.debugging.Assert(tf.reduce_all(tf.equal(shape[1:], [size, size, 3])), [tf.strings.format(
+          'images must be uint8 [b, {}, {}, 3] (the size this policy was exported with; '
+          'SavedModelPolicy resizes other sizes as Policy does), got shape {}',
+          (size, size, shape))]),
+      tf.debugging.Assert(tf.equal(shape[0], count), [tf.strings.format(
+          'got {} images but {} instructions', (shape[0], count))]),
+      tf.debugging.Assert(shape[0] > 0, ['empty batch: got 0 images and instructions (Policy '
+                                         'and SavedModelPolicy return [] for an empty batch)']),
+  ]
+  with tf.control_dependencies(checks):
+    return tf.identity(image), tf.identity(instruction)
+
+
 def build_module(policy):
   """A tf.Module with a `serving_default` tf.function (see the module docstring)."""
   import tensorflow as tf
@@ -141,6 +161,7 @@ def build_module(policy):
       tf.TensorSpec([None, size, size, 3], tf.uint8, name='image'),
       tf.TensorSpec([None], tf.string, name='instruction')])
   def serving_default(image, instruction):
+    image, instruction = check_inputs(image, instruction, size)
     tokens = tokenizer(instruction)
     out, lengths, action_tokens, action = serve_tf(module.params, image, tokens)
     positions = tf.range(tf.shape(out)[1])[None]
@@ -162,6 +183,9 @@ def export_policy(policy, out_dir: str, verify_inputs=None) -> dict:
   instructions), reloads the export and checks its tokens equal the JAX policy's."""
   import tensorflow as tf
 
+  from rt2_jax.checkpoints import resolve_path
+
+  out_dir = resolve_path(out_dir)
   t0 = time.perf_counter()
   _log(f'converting the {policy.mode} policy with jax2tf (batch polymorphic)...')
   module = build_module(policy)
@@ -206,6 +230,9 @@ class SavedModelPolicy:
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  (registers the SentencePiece ops the graph uses)
 
+    from rt2_jax.checkpoints import resolve_path
+
+    path = resolve_path(path)
     meta_path = os.path.join(path, METADATA_FILE)
     if not os.path.exists(meta_path):
       raise FileNotFoundError(f'{path} is not an rt2_jax export: {METADATA_FILE} is missing')
@@ -223,16 +250,21 @@ class SavedModelPolicy:
     return cls(path)
 
   def __call__(self, image, instruction: str):
+    if not isinstance(instruction, str):
+      raise TypeError(f'instruction must be a string, got {type(instruction).__name__}')
+    image = np.asarray(image)
+    if image.ndim == 4:
+      raise ValueError(f'policy(image, instruction) takes one [H, W, 3] image, got shape '
+                       f'{image.shape}; use policy.batch for a batch')
     return self.batch([image], [instruction])[0]
 
   def batch(self, images, instructions):
+    """As Policy.batch: the same input checks and messages, [] for empty lists."""
     import tensorflow as tf
 
-    from rt2_jax.policy import PolicyOutput, resize_image
+    from rt2_jax.policy import PolicyOutput, check_batch, resize_image
 
-    images = [np.asarray(im) for im in images]
-    if len(images) != len(instructions):
-      raise ValueError(f'got {len(images)} images but {len(instructions)} instructions')
+    images, instructions = check_batch(images, instructions)
     if not images:
       return []
     s = self.image_size

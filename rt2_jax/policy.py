@@ -94,6 +94,58 @@ def resize_image(image: np.ndarray, size: int, policy: str = 'stretch') -> np.nd
   return out
 
 
+def check_image(image, index: int = 0) -> np.ndarray:
+  """One camera image as Policy takes it: uint8 [H, W, 3] (any H, W >= 1)."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise TypeError(f'image {index} must be uint8 in 0..255, got dtype {image.dtype} '
+                    '(convert with (x * 255).round().astype(np.uint8) if it is 0..1 floats)')
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f'image {index} must be [H, W, 3] RGB, got shape {image.shape}')
+  if min(image.shape[:2]) < 1:
+    raise ValueError(f'image {index} is empty: shape {image.shape}')
+  return image
+
+
+def check_images(images) -> list[np.ndarray]:
+  """uint8 [B, H, W, 3], or a list of [H, W, 3] -> the list of images, each checked."""
+  if isinstance(images, list | tuple):
+    return [check_image(im, i) for i, im in enumerate(images)]
+  images = np.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f'images must be uint8 [B, H, W, 3], got shape {images.shape}')
+  return [check_image(im, i) for i, im in enumerate(images)]
+
+
+def check_instructions(instructions) -> list[str]:
+  """A list of non-empty strings that can be written as UTF-8 (no lone surrogates)."""
+  if isinstance(instructions, str):
+    raise TypeError('instructions must be a list of strings, got one string')
+  if not isinstance(instructions, Sequence) and not isinstance(instructions, np.ndarray):
+    raise TypeError(f'instructions must be a list of strings, got {type(instructions).__name__}')
+  out = []
+  for i, text in enumerate(instructions):
+    if not isinstance(text, str):
+      raise TypeError(f'instruction {i} must be a string, got {type(text).__name__}')
+    if not text.strip():
+      raise ValueError(f'instruction {i} is empty')
+    try:
+      text.encode('utf-8')
+    except UnicodeEncodeError as e:
+      raise ValueError(f'instruction {i} is not valid Unicode text: {e.reason} '
+                       f'{text[e.start]!r} at position {e.start}') from None
+    out.append(text)
+  return out
+
+
+def check_batch(images, instructions) -> tuple[list[np.ndarray], list[str]]:
+  """Policy.batch's input checks (SavedModelPolicy makes the same)."""
+  images, instructions = check_images(images), check_instructions(instructions)
+  if len(images) != len(instructions):
+    raise ValueError(f'got {len(images)} images but {len(instructions)} instructions')
+  return images, instructions
+
+
 def _bucket(n: int, buckets: Sequence[int]) -> int:
   for b in buckets:
     if b >= n:
@@ -170,12 +222,13 @@ class Policy:
   # Construction from a checkpoint.
 
   @classmethod
-  def from_checkpoint(cls, workdir: str | os.PathLike, step: int | None = None,
+  def from_checkpoint(cls, workdir: str | os.PathLike, step: int | str | None = None,
                       **kwargs) -> Policy:
     """Loads params, config, normalization stats and action space; checks the vocabulary."""
     from rt2_jax import checkpoints
 
-    bundle = checkpoints.restore_for_inference(workdir, step)
+    workdir = checkpoints.resolve_path(workdir)
+    bundle = checkpoints.restore_for_inference(workdir, checkpoints.as_step(step))
     config = bundle.config
     vocab = vocab_lib.Vocab.load(config.vocab.path, extra_ids=config.vocab.get('extra_ids', 0))
     if bundle.vocab_checksum and vocab.checksum != bundle.vocab_checksum:
@@ -212,14 +265,9 @@ class Policy:
 
   def tokenize(self, instructions: Sequence[str]) -> np.ndarray:
     """Instructions -> int32 prompt tokens [B, max_input_len] (0-padded)."""
-    if isinstance(instructions, str):
-      raise TypeError('instructions must be a list of strings, got one string')
+    instructions = check_instructions(instructions)
     out = np.zeros((len(instructions), self.max_input_len), np.int32)
     for i, text in enumerate(instructions):
-      if not isinstance(text, str):
-        raise TypeError(f'instruction {i} must be a string, got {type(text).__name__}')
-      if not text.strip():
-        raise ValueError(f'instruction {i} is empty')
       ids = self.vocab.encode(self.prompt.format(instruction=text.strip()))
       if len(ids) > self.max_input_len:
         if not self._warned_truncation:
@@ -232,26 +280,11 @@ class Policy:
 
   def preprocess_images(self, images) -> np.ndarray:
     """uint8 [B, H, W, 3] (or a list of [H, W, 3]) -> uint8 [B, S, S, 3], resized if needed."""
-    if isinstance(images, list | tuple):
-      images = [self._check_image(im, i) for i, im in enumerate(images)]
-    else:
-      images = np.asarray(images)
-      if images.ndim != 4:
-        raise ValueError(f'images must be uint8 [B, H, W, 3], got shape {images.shape}')
-      images = [self._check_image(im, i) for i, im in enumerate(images)]
-    return np.stack([resize_image(im, self.image_size, self.resize) for im in images])
-
-  @staticmethod
-  def _check_image(image, index: int) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-      raise TypeError(f'image {index} must be uint8 in 0..255, got dtype {image.dtype} '
-                      '(convert with (x * 255).round().astype(np.uint8) if it is 0..1 floats)')
-    if image.ndim != 3 or image.shape[-1] != 3:
-      raise ValueError(f'image {index} must be [H, W, 3] RGB, got shape {image.shape}')
-    if min(image.shape[:2]) < 1:
-      raise ValueError(f'image {index} is empty: shape {image.shape}')
-    return image
+    images = check_images(images)
+    s = self.image_size
+    if not images:
+      return np.zeros((0, s, s, 3), np.uint8)
+    return np.stack([resize_image(im, s, self.resize) for im in images])
 
   def outputs_from_tokens(self, tokens) -> list[PolicyOutput]:
     """Decoded tokens [B, L] -> one PolicyOutput per row."""
@@ -290,13 +323,13 @@ class Policy:
     return self.batch([image], [instruction], rng=rng)[0]
 
   def batch(self, images, instructions: Sequence[str], rng=None) -> list[PolicyOutput]:
-    """B images and instructions -> B outputs; one compiled call per bucket of batch sizes."""
+    """B images and instructions -> B outputs; one compiled call per bucket of batch sizes.
+    Empty lists give []."""
+    images, instructions = check_batch(images, instructions)  # all checks before any work
+    if not images:
+      return []
     images = self.preprocess_images(images)
     tokens = self.tokenize(instructions)
-    if images.shape[0] != tokens.shape[0]:
-      raise ValueError(f'got {images.shape[0]} images but {tokens.shape[0]} instructions')
-    if images.shape[0] == 0:
-      return []
     if rng is None:
       rng = jax.random.fold_in(self._rng, self._calls)
       self._calls += 1

@@ -34,6 +34,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -63,6 +64,9 @@ class ServeConfig:
   max_queue: int = 1024  # queued requests beyond this get 503 (back-pressure, not a hang)
   max_instances: int = 256  # most examples in one request
   max_body_bytes: int = 32 << 20
+  body_timeout_s: float = 5.0  # the whole body must arrive within this after the headers: 408
+  max_instruction_chars: int = 4096  # longer instructions are refused (prompts are cut anyway)
+  parse_threads: int = 2  # threads decoding request bodies and images, off the event loop
   request_timeout_s: float = 60.0  # a request waiting longer than this gets 504
   token: str = ''  # bearer token; '' = no authentication
   model_name: str = 'rt2'  # the <name> of the TF-Serving routes
@@ -73,6 +77,11 @@ class ServeConfig:
       raise ValueError(f'max_batch must be >= 1, got {self.max_batch}')
     if self.max_wait_ms < 0:
       raise ValueError(f'max_wait_ms must be >= 0, got {self.max_wait_ms}')
+    if self.body_timeout_s <= 0 or self.parse_threads < 1 or self.max_instruction_chars < 1:
+      raise ValueError('body_timeout_s, parse_threads and max_instruction_chars must be positive')
+    if self.token != self.token.strip() or (self.token and not self.token.isprintable()):
+      raise ValueError('the token must not be blank, start or end with whitespace, or hold '
+                       'control characters (it travels in an HTTP header)')
 
 
 class RequestError(Exception):
@@ -283,6 +292,11 @@ def _instruction(value, where: str) -> str:
     raise RequestError(f'{where}: instruction must be a string, got {type(value).__name__}')
   if not value.strip():
     raise RequestError(f'{where}: instruction is empty')
+  try:
+    value.encode('utf-8')
+  except UnicodeEncodeError as e:
+    raise RequestError(f'{where}: instruction is not valid Unicode text: {e.reason} '
+                       f'{value[e.start]!r} at position {e.start}') from None
   return value
 
 
@@ -372,12 +386,34 @@ def decode_body(body: bytes, content_type: str):
     except wire.WireError as e:
       raise RequestError(str(e)) from None
   if content_type not in ('', 'application/json', 'text/json'):
-    raise RequestError(f'unsupported content type {content_type!r}; send application/json or '
-                       f'{wire.MSGPACK_TYPE}', 415)
+    raise RequestError(f'unsupported content type {content_type[:100]!r}; send application/json '
+                       f'or {wire.MSGPACK_TYPE}', 415)
   try:
     return json.loads(body)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise RequestError(f'body is not valid JSON: {e}') from None
+  except RecursionError:
+    raise RequestError('body is not valid JSON here: nested too deeply') from None
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers of > 4300 digits
+    raise RequestError(f'body is not valid JSON: {str(e)[:300]}') from None
+
+
+def parse_request(body: bytes, content_type: str, parse, shape, config: ServeConfig):
+  """Body bytes -> (images, instructions, kind): JSON/msgpack decoding, base64, image decoding
+  and every check. Runs in a worker thread, never on the event loop."""
+  images, instructions, kind = parse(decode_body(body, content_type), shape, config.max_instances)
+  for i, text in enumerate(instructions):
+    if len(text) > config.max_instruction_chars:
+      raise RequestError(f'instruction {i} has {len(text)} characters; at most '
+                         f'{config.max_instruction_chars} are accepted', 413)
+  return images, instructions, kind
+
+
+_ADDRESS = re.compile(r'<([\w.]+) object at 0x[0-9a-fA-F]+>|\bat 0x[0-9a-fA-F]{6,}\b')
+
+
+def clean_message(text: str, limit: int = 1000) -> str:
+  """An error text fit for a client: no object reprs with heap addresses, bounded length."""
+  text = _ADDRESS.sub(lambda m: f'<{m.group(1)}>' if m.group(1) else '', str(text))
+  return text if len(text) <= limit else text[:limit] + '...'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,15 +430,34 @@ async def _send_json(send, status: int, payload: dict, headers=()) -> None:
 
 class Guard:
   """ASGI middleware: bearer-token check, then a body size limit on the declared and the
-  streamed length (the body is buffered here, so handlers never see an oversize body)."""
+  streamed length and a deadline for the whole body (the body is buffered here, so handlers
+  never see an oversize or unfinished body). Anything the app raises becomes a JSON 500 here, so
+  the connection is answered, not reset."""
 
-  def __init__(self, app, max_body_bytes: int, token: str = '', open_paths=('/health',)):
+  def __init__(self, app, max_body_bytes: int, token: str = '', open_paths=('/health',),
+               body_timeout_s: float = ServeConfig.body_timeout_s):
     self.app, self.max_body_bytes, self.open_paths = app, max_body_bytes, open_paths
+    self.body_timeout_s = body_timeout_s
     self.token = token.encode()
 
   async def __call__(self, scope, receive, send):
     if scope['type'] != 'http':
       return await self.app(scope, receive, send)
+    started = False
+
+    async def tracking_send(message):
+      nonlocal started
+      started = started or message['type'] == 'http.response.start'
+      await send(message)
+
+    try:
+      return await self._guarded(scope, receive, tracking_send)
+    except Exception as e:  # noqa: BLE001  (a bug must cost one 500, not the connection)
+      log.exception('unhandled error on %s %s', scope.get('method'), scope.get('path'))
+      if not started:
+        await _send_json(send, 500, {'error': f'internal server error ({type(e).__name__})'})
+
+  async def _guarded(self, scope, receive, send):
     headers = dict(scope['headers'])
     if self.token and scope['path'] not in self.open_paths:
       scheme, _, credential = headers.get(b'authorization', b'').partition(b' ')
@@ -420,8 +475,17 @@ class Guard:
         return await _send_json(
             send, 413, {'error': f'body of {int(declared)} bytes exceeds the limit of {limit}'})
     body, more = bytearray(), True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + self.body_timeout_s
     while more:
-      message = await receive()
+      try:
+        message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+      except TimeoutError:
+        expected = f' of {int(declared)}' if declared is not None else ''
+        return await _send_json(
+            send, 408, {'error': f'request body not received within {self.body_timeout_s:g} s '
+                                 f'(got {len(body)}{expected} bytes)'},
+            [(b'connection', b'close')])
       if message['type'] == 'http.disconnect':
         return None
       body += message.get('body', b'')
@@ -447,19 +511,24 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
   batcher = batcher or Batcher(policy, shape, config)
   state = {'draining': False, 'started': time.time()}
 
+  # Request bodies (JSON/msgpack, base64, PNG/JPEG) are decoded here, not on the event loop.
+  parse_pool = concurrent.futures.ThreadPoolExecutor(config.parse_threads,
+                                                     thread_name_prefix='parse')
+
   @contextlib.asynccontextmanager
   async def lifespan(app):
     await batcher.start()
     yield
     state['draining'] = True
     await batcher.stop()
+    parse_pool.shutdown(wait=False)
 
   app = FastAPI(title='rt2_jax policy server', lifespan=lifespan, docs_url=None, redoc_url=None,
                 openapi_url=None)
   app.state.batcher, app.state.serve_state = batcher, state
 
   def error(status: int, message: str):
-    return JSONResponse({'error': message}, status_code=status)
+    return JSONResponse({'error': clean_message(message)}, status_code=status)
 
   def reply(payload, as_msgpack: bool):
     if as_msgpack:
@@ -470,8 +539,9 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
     if state['draining']:
       raise RequestError('server is shutting down', 503)
     content_type = _media_type(request.headers, 'content-type')
-    body = decode_body(await request.body(), content_type)
-    images, instructions, kind = parse(body, shape, config.max_instances)
+    body = await request.body()
+    images, instructions, kind = await asyncio.get_running_loop().run_in_executor(
+        parse_pool, parse_request, body, content_type, parse, shape, config)
     try:
       outputs = await batcher.submit(images, instructions)
     except ModelError as e:
@@ -484,20 +554,20 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
   async def request_error(request, exc: RequestError):
     return error(exc.status, str(exc))
 
-  @app.get('/health')
+  @app.api_route('/health', methods=['GET', 'HEAD'])
   async def health():
     status = 'draining' if state['draining'] else 'ok'
     return JSONResponse({'status': status, 'model': config.model_name},
                         status_code=503 if state['draining'] else 200)
 
-  @app.get('/metadata')
+  @app.api_route('/metadata', methods=['GET', 'HEAD'])
   async def metadata():
     return {**meta, 'model_name': config.model_name,
             'server': {'max_batch': config.max_batch, 'max_wait_ms': config.max_wait_ms,
                        'max_body_bytes': config.max_body_bytes,
                        'max_instances': config.max_instances, 'buckets': batcher.buckets}}
 
-  @app.get('/stats')
+  @app.api_route('/stats', methods=['GET', 'HEAD'])
   async def stats():
     b = batcher
     return {'requests': b.num_requests, 'batches': b.num_batches, 'errors': b.num_errors,
@@ -516,14 +586,14 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
       raise RequestError(f'model {name!r} not found; this server serves {config.model_name!r}',
                          404)
 
-  @app.get('/v1/models/{name}')
+  @app.api_route('/v1/models/{name}', methods=['GET', 'HEAD'])
   async def tf_status(name: str):
     check_model(name)
     return {'model_version_status': [{
         'version': str(meta.get('step', 0)), 'state': 'AVAILABLE',
         'status': {'error_code': 'OK', 'error_message': ''}}]}
 
-  @app.get('/v1/models/{name}/metadata')
+  @app.api_route('/v1/models/{name}/metadata', methods=['GET', 'HEAD'])
   async def tf_metadata(name: str):
     check_model(name)
     h, w, _ = shape
@@ -551,7 +621,7 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
   async def tf_predict_version(name: str, version: str, request: Request):
     return await tf_predict(name, request)
 
-  return Guard(app, config.max_body_bytes, config.token)
+  return Guard(app, config.max_body_bytes, config.token, body_timeout_s=config.body_timeout_s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,7 +656,9 @@ class PolicyServer:
     if self.config.host not in ('127.0.0.1', 'localhost', '::1') and not self.config.token:
       log.warning('serving on %s without a token: anyone who can reach it can drive the robot',
                   self.config.host)
-    print(f'serving {self.config.model_name} on {self.url}', flush=True)
+    auth = ('bearer token required' if self.config.token
+            else 'no token: open to anyone who can connect')
+    print(f'serving {self.config.model_name} on {self.url} ({auth})', flush=True)
     self._server.run()
 
   def start(self, timeout_s: float = 60.0) -> str:
@@ -614,11 +686,28 @@ class PolicyServer:
         raise RuntimeError('policy server did not drain in time')
 
 
-def _read_token(flag_token: str, token_file: str) -> str:
+def read_token(flag_token: str, token_file: str, environ=os.environ) -> str:
+  """The bearer token from --token_file, else --token, else $RT2_SERVE_TOKEN ('' = none).
+
+  A token file that is empty or holds only whitespace is refused (ValueError) rather than read
+  as "no authentication": whoever passed --token_file asked for a token."""
   if token_file:
-    with open(token_file) as f:
-      return f.read().strip()
-  return flag_token or os.environ.get('RT2_SERVE_TOKEN', '')
+    try:
+      with open(os.path.expanduser(token_file), encoding='utf-8') as f:
+        token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+      raise ValueError(f'--token_file={token_file}: cannot read it '
+                       f'({getattr(e, "strerror", None) or e})') from None
+    if not token:
+      raise ValueError(f'--token_file={token_file} is empty (or only whitespace): refusing to '
+                       'start a server without the authentication it asks for. Write the token '
+                       'into it, or drop --token_file to serve without one')
+    return token
+  token = flag_token or environ.get('RT2_SERVE_TOKEN', '')
+  if token and not token.strip():
+    raise ValueError('the token (--token or $RT2_SERVE_TOKEN) is only whitespace: refusing to '
+                     'start a server without the authentication it asks for')
+  return token.strip()
 
 
 def main(argv) -> None:
@@ -632,20 +721,30 @@ def main(argv) -> None:
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
   logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(name)s: %(message)s')
   logging.getLogger('rt2_jax').setLevel(logging.INFO)
-  if f.saved_model:
-    from rt2_jax.export import SavedModelPolicy
+  try:  # everything that can be refused is checked before the (slow) policy load
+    config = ServeConfig(
+        host=f.host, port=f.port, max_batch=f.max_batch, max_wait_ms=f.max_wait_ms,
+        max_body_bytes=int(f.max_body_mb * (1 << 20)), body_timeout_s=f.body_timeout_s,
+        request_timeout_s=f.request_timeout_s, token=read_token(f.token, f.token_file),
+        model_name=f.model_name, warmup=f.warmup)
+  except ValueError as e:
+    sys.exit(f'rt2_jax.serve: {e}')
+  from rt2_jax import checkpoints
 
-    policy = SavedModelPolicy.load(f.saved_model)
-  else:
-    from rt2_jax.policy import Policy
+  try:
+    if f.saved_model:
+      from rt2_jax.export import SavedModelPolicy
 
-    # The policy pads to the same bucket sizes as the batcher: one compile per bucket.
-    policy = Policy.from_checkpoint(f.workdir, step=f.checkpoint,
-                                    batch_buckets=batch_buckets(f.max_batch))
-  config = ServeConfig(
-      host=f.host, port=f.port, max_batch=f.max_batch, max_wait_ms=f.max_wait_ms,
-      max_body_bytes=int(f.max_body_mb * (1 << 20)), request_timeout_s=f.request_timeout_s,
-      token=_read_token(f.token, f.token_file), model_name=f.model_name, warmup=f.warmup)
+      policy = SavedModelPolicy.load(f.saved_model)
+    else:
+      from rt2_jax.policy import Policy
+
+      # The policy pads to the same bucket sizes as the batcher: one compile per bucket.
+      policy = Policy.from_checkpoint(f.workdir, step=f.checkpoint,
+                                      batch_buckets=batch_buckets(f.max_batch))
+  except (FileNotFoundError, checkpoints.CorruptCheckpointError,
+          checkpoints.CheckpointReadError) as e:
+    sys.exit(f'rt2_jax.serve: refusing to serve: {e}')
   PolicyServer(policy, config, log_level='info').run()
 
 
@@ -660,6 +759,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer('max_batch', 8, 'most requests batched into one policy call')
   flags.DEFINE_float('max_wait_ms', 5.0, 'longest a request waits for a batch to fill')
   flags.DEFINE_float('max_body_mb', 32.0, 'largest request body')
+  flags.DEFINE_float('body_timeout_s', 5.0, 'a request body must arrive within this: 408')
   flags.DEFINE_float('request_timeout_s', 60.0, 'a request waiting longer gets 504')
   flags.DEFINE_string('token', '', 'bearer token (prefer $RT2_SERVE_TOKEN or --token_file)')
   flags.DEFINE_string('token_file', '', 'file holding the bearer token')

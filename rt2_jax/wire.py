@@ -15,6 +15,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
+import re
+import warnings
 
 import msgpack
 import numpy as np
@@ -51,22 +54,35 @@ def _pack_default(obj):
   raise TypeError(f'cannot msgpack an object of type {type(obj).__name__}')
 
 
+_MAX_NDIM = 8
+
+
 def _unpack_hook(obj):
   if obj.get(_ARRAY_KEY) is not True:
     return obj
+  if not all(k in obj for k in ('dtype', 'shape', 'data')):
+    raise WireError(f'malformed msgpack array (need dtype, shape, data): got keys '
+                    f'{sorted(map(str, obj))[:10]}')
+  dtype_text, shape, data = obj['dtype'], obj['shape'], obj['data']
+  if not isinstance(dtype_text, str):
+    raise WireError(f'malformed msgpack array: dtype must be a string, got '
+                    f'{type(dtype_text).__name__}')
   try:
-    dtype = np.dtype(obj['dtype'])
-    shape = tuple(int(d) for d in obj['shape'])
-    data = obj['data']
-  except (KeyError, TypeError, ValueError) as e:
-    raise WireError(f'malformed msgpack array (need dtype, shape, data): {e}') from None
+    dtype = np.dtype(dtype_text)
+  except (TypeError, ValueError, SyntaxError):
+    raise WireError(f'malformed msgpack array: unknown dtype {dtype_text[:40]!r}') from None
   if dtype.name not in _ALLOWED_DTYPES:
     raise WireError(f'msgpack array dtype {dtype.name} not accepted; use one of {_ALLOWED_DTYPES}')
+  if (not isinstance(shape, list | tuple) or len(shape) > _MAX_NDIM
+      or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    raise WireError(f'malformed msgpack array: shape must be a list of at most {_MAX_NDIM} '
+                    f'non-negative integers, got {str(shape)[:100]}')
   if not isinstance(data, bytes | bytearray):
     raise WireError('msgpack array data must be raw bytes (msgpack bin)')
-  if any(d < 0 for d in shape) or int(np.prod(shape)) * dtype.itemsize != len(data):
+  needed = math.prod(shape) * dtype.itemsize
+  if needed != len(data):
     raise WireError(f'msgpack array of shape {list(shape)} and dtype {dtype.name} needs '
-                    f'{int(np.prod(shape)) * dtype.itemsize} bytes, got {len(data)}')
+                    f'{needed} bytes, got {len(data)}')
   return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
@@ -106,28 +122,67 @@ def b64decode(text) -> bytes:
     raise WireError(f'bad base64 image data: {e}') from None
 
 
+_ADDRESS = re.compile(r'<([\w.]+) object at 0x[0-9a-fA-F]+>')
+
+
+def _reason(e: BaseException) -> str:
+  text = _ADDRESS.sub(r'<\1>', str(e)).strip()[:200]
+  return f'{type(e).__name__}: {text}' if text else type(e).__name__
+
+
 def image_from_bytes(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
   """PNG/JPEG bytes, or exactly prod(shape) raw uint8 bytes -> uint8 array of `shape`.
 
   Encoded images are decoded as RGB and must already have the policy's size: the server does
-  not resize, because a silent resize hides a camera misconfiguration.
+  not resize, because a silent resize hides a camera misconfiguration. The size in the header
+  is checked before a single pixel is decoded, so a small file claiming a huge image (a
+  decompression bomb) costs nothing.
   """
   if data.startswith(_PNG_MAGIC) or data.startswith(_JPEG_MAGIC):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
+    kind = 'PNG' if data.startswith(_PNG_MAGIC) else 'JPEG'
     try:
-      with Image.open(io.BytesIO(data)) as img:
+      with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data), formats=(kind,))  # reads the header only
+    except Image.DecompressionBombError:
+      raise WireError(f'the {kind} header claims more than {2 * Image.MAX_IMAGE_PIXELS} pixels; '
+                      f'this policy takes {shape[1]}x{shape[0]} RGB images') from None
+    except Exception as e:  # noqa: BLE001  (Pillow raises many types on malformed headers)
+      raise WireError(f'cannot decode the image bytes as {kind} ({_reason(e)})') from None
+    with img:
+      width, height = img.size
+      if (height, width) != tuple(shape[:2]):
+        raise WireError(f'image is {width}x{height} pixels; this policy takes '
+                        f'{shape[1]}x{shape[0]} RGB images (resize on the client)')
+      try:
         arr = np.asarray(img.convert('RGB'))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-      raise WireError(f'cannot decode the image bytes: {e}') from None
+      except Exception as e:  # noqa: BLE001  (truncated or corrupt data)
+        raise WireError(f'cannot decode the image bytes as {kind} ({_reason(e)})') from None
     if arr.shape != tuple(shape):
-      raise WireError(f'image is {arr.shape[1]}x{arr.shape[0]} pixels; this policy takes '
-                      f'{shape[1]}x{shape[0]} RGB images (resize on the client)')
+      raise WireError(f'image decoded to shape {list(arr.shape)}; this policy takes uint8 '
+                      f'{list(shape)}')
     return arr
   if len(data) == int(np.prod(shape)):
     return np.frombuffer(data, np.uint8).reshape(shape)
   raise WireError(f'image bytes are neither PNG/JPEG nor raw uint8 of shape {list(shape)} '
                   f'({int(np.prod(shape))} bytes); got {len(data)} bytes')
+
+
+def _check_nesting(value: list, shape: tuple[int, int, int]) -> None:
+  """A nested-list image must be exactly [H][W][3] (checked row by row, without numpy)."""
+  h, w, c = shape
+  if len(value) != h:
+    raise WireError(f'image lists hold {len(value)} rows; this policy takes uint8 {list(shape)}')
+  for row in value:
+    if not isinstance(row, list) or len(row) != w:
+      got = f'a row of {len(row)}' if isinstance(row, list) else f'a {type(row).__name__} row'
+      raise WireError(f'image lists: {got}; this policy takes uint8 {list(shape)}')
+    for pixel in row:
+      if not isinstance(pixel, list) or len(pixel) != c:
+        raise WireError(f'image lists: each pixel must be a list of {c} integers; this policy '
+                        f'takes uint8 {list(shape)}')
 
 
 def image_from_message(value, shape: tuple[int, int, int]) -> np.ndarray:
@@ -145,10 +200,12 @@ def image_from_message(value, shape: tuple[int, int, int]) -> np.ndarray:
     if arr.dtype != np.uint8:
       raise WireError(f'image dtype must be uint8, got {arr.dtype.name}')
   elif isinstance(value, list):
+    _check_nesting(value, shape)  # before numpy sees it: bounds the work by the policy's size
     try:
       arr = np.asarray(value)
-    except ValueError:
-      raise WireError('image nested lists are ragged; expected [H][W][3] integers') from None
+    except (ValueError, TypeError, OverflowError):
+      raise WireError('image nested lists are ragged or hold non-numbers; expected [H][W][3] '
+                      'integers') from None
     if arr.dtype.kind not in 'iu' or arr.size == 0:
       raise WireError(f'image lists must hold integers 0..255, got dtype {arr.dtype.name}')
     if arr.min() < 0 or arr.max() > 255:

@@ -62,7 +62,10 @@ def test_image_forms_decode_to_the_same_array():
     (np.zeros((4, 8, 3), np.uint8), r'shape \[4, 8, 3\]'),
     (np.zeros(SHAPE, np.float32), 'dtype must be uint8'),
     (np.full(SHAPE, 300).tolist(), r'0\.\.255'),
-    ([[1, 2], [3]], 'ragged'),
+    ([[1, 2], [3]], 'image lists hold 2 rows'),
+    ([[[0, 0, 0]] * 8] * 7 + [[[0, 0, 0]] * 7], 'a row of 7'),
+    ([[[0, 0, 0]] * 8] * 7 + [[[0, 0]] * 8], 'each pixel must be a list of 3'),
+    ([[['a', 0, 0]] * 8] * 8, 'must hold integers'),
     ({'data': 'x'}, 'b64'),
     (3.5, 'cannot read an image'),
 ])
@@ -151,3 +154,48 @@ def test_unreachable_server_fails_fast_with_a_clear_error():
   client = PolicyClient('http://127.0.0.1:9', retries=1, backoff_s=0.001, timeout_s=2)
   with pytest.raises(PolicyServerError, match='failed after 2 attempts; last: ConnectError'):
     client.act(np.zeros(SHAPE, np.uint8), 'go')
+
+
+def png_header_only(width, height, idat=b''):
+  """A PNG whose header claims width x height but whose pixel data is `idat` (short or empty)."""
+  import struct
+  import zlib
+
+  def chunk(kind, data):
+    return (struct.pack('>I', len(data)) + kind + data
+            + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF))
+  header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(idat))
+          + chunk(b'IEND', b''))
+
+
+@pytest.mark.parametrize('width, height, match', [
+    (65535, 65535, 'the PNG header claims more than'),  # was PIL's DecompressionBombError: 500
+    (10000, 10000, 'image is 10000x10000 pixels; this policy takes 8x8'),  # refused undecoded
+])
+def test_image_size_is_checked_from_the_header_before_decoding(width, height, match):
+  import time
+
+  data = png_header_only(width, height, b'\x00' * 100)
+  start = time.perf_counter()
+  with pytest.raises(wire.WireError, match=match):
+    wire.image_from_bytes(data, SHAPE)
+  assert time.perf_counter() - start < 0.5
+
+
+def test_undecodable_images_name_no_heap_addresses():
+  for data in (b'\xff\xd8\xff' + b'\x00' * 50, b'\x89PNG\r\n\x1a\n' + b'x' * 20,
+               png_header_only(8, 8, b'\x00' * 10)):
+    with pytest.raises(wire.WireError, match='cannot decode the image bytes as') as info:
+      wire.image_from_bytes(data, SHAPE)
+    assert ' at 0x' not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize('shape', [[8.5, 8, 3], [8, 8, 3.0], [True, 8, 3], '8,8,3', [-8, -8, 3],
+                                   [2 ** 62, 2 ** 62, 3], [1] * 9])
+def test_msgpack_array_shapes_must_be_non_negative_integers(shape):
+  payload = msgpack.packb({'a': {'__ndarray__': True, 'dtype': '|u1', 'shape': shape,
+                                 'data': bytes(192)}})
+  with pytest.raises(wire.WireError, match='shape must be a list of at most 8 non-negative'
+                     '|needs .* bytes, got 192'):
+    wire.unpackb(payload)

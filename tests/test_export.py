@@ -106,6 +106,43 @@ def test_empty_instruction_is_refused_in_graph(exported):
     fn(image=tf.constant(_images(1, policy.image_size)), instruction=tf.constant([' ']))
 
 
+def test_savedmodel_policy_checks_inputs_as_policy_does(exported):
+  """Issue 16: SavedModelPolicy took float 0..1 images (silently truncated) and its signature
+  answered bad shapes with XLA's shape-refinement text."""
+  policy, out = exported
+  adapter = export.SavedModelPolicy.load(out)
+  size = policy.image_size
+  image = _images(1, size)[0]
+  bad = {
+      'float 0..1 image': ([image.astype(np.float32) / 255], ['go']),
+      'one channel': ([image[..., :1]], ['go']),
+      'empty image': ([image[:0]], ['go']),
+      'count mismatch': (_images(2, size), ['go']),
+      'one string': ([image], 'go'),
+      'empty instruction': ([image], ['  ']),
+      'not a string': ([image], [3]),
+      'lone surrogate': ([image], ['go \ud800']),
+  }
+  for name, (images, instructions) in bad.items():
+    with pytest.raises((TypeError, ValueError)) as want:
+      policy.batch(images, instructions)
+    with pytest.raises((TypeError, ValueError)) as got:
+      adapter.batch(images, instructions)
+    assert (type(got.value), str(got.value)) == (type(want.value), str(want.value)), name
+  assert adapter.batch([], []) == policy.batch([], []) == []
+  with pytest.raises(ValueError, match='use policy.batch'):
+    adapter(image[None], 'go')
+
+  # The signature itself (TF-Serving, tf.saved_model.load) names the problem too.
+  fn = tf.saved_model.load(out).signatures['serving_default']
+  for images, instructions, message in [
+      (_images(1, size + 1), ['go'], rf'images must be uint8 \[b, {size}, {size}, 3\]'),
+      (_images(2, size), ['go'], 'got 2 images but 1 instructions'),
+      (_images(0, size), [], 'empty batch')]:
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+      fn(image=tf.constant(images), instruction=tf.constant(instructions, tf.string))
+
+
 @pytest.mark.slow
 def test_plan_then_action_export_matches(tmp_path):
   policy = tiny_policy.make_policy(mode='plan_then_action', max_plan_len=6)

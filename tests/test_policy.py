@@ -126,6 +126,15 @@ def test_bad_inputs_fail_clearly(policy, parts):
     policy(image[None], 'open the drawer')
   with pytest.raises(ValueError, match='2 images but 1 instructions'):
     policy.batch(_images(2), ['open the drawer'])
+  # Issue 16: a lone surrogate was a RuntimeError from SentencePiece; [] a numpy stack error.
+  with pytest.raises(ValueError, match=r"instruction 0 is not valid Unicode text: surrogates not "
+                                       r"allowed '\\ud800' at position 3"):
+    policy(image, 'go \ud800')
+  assert policy.batch([], []) == [] and policy.batch(np.zeros((0, 32, 32, 3), np.uint8), []) == []
+  with pytest.raises(ValueError, match='0 images but 1 instructions'):
+    policy.batch([], ['open the drawer'])
+  with pytest.raises(TypeError, match='list of strings, got one string'):
+    policy.batch(_images(1), 'open the drawer')
   cfg, params, stats = parts
   with pytest.raises(ValueError, match="unknown decode option 'max_plan'"):
     Policy(cfg, params, stats, SPACE, max_plan=3)
@@ -177,6 +186,20 @@ def test_from_checkpoint_equals_in_memory(tmp_path, policy, parts):
   ckpt.close()
   with pytest.raises(ValueError, match='not the one checkpoint'):
     Policy.from_checkpoint(tmp_path / 'other')
+
+
+def test_from_checkpoint_takes_relative_and_home_paths_and_step_strings(tmp_path, monkeypatch,
+                                                                       parts):
+  cfg, params, stats = parts
+  vocab = vocab_lib.Vocab.load(cfg.vocab.path)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / 'run'), async_save=False)
+  ckpt.save(5, {'params': params, 'step': 5}, None, checkpoints.make_meta(cfg, stats, SPACE, vocab))
+  ckpt.close()
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv('HOME', str(tmp_path))
+  for workdir in ('run', '~/run', './run/checkpoints'):
+    loaded = Policy.from_checkpoint(workdir, step='5')  # was "no checkpoint for step 5; have [5]"
+    assert loaded.step == 5 and loaded.model_id.endswith('@5')
 
 
 def test_decode_fn_exports_with_a_polymorphic_batch(policy):

@@ -5,9 +5,11 @@ Two policies: the real tiny `Policy` (parity, invalid input, concurrency) and `S
 stand-in whose speed and failures the test controls (draining, model errors, batching limits).
 """
 
+import base64
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -370,3 +372,136 @@ def test_sigterm_drains_a_real_server_process(tmp_path):
     log.seek(0)
     print(log.read()[-5000:])
     log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16: inputs that crashed or stalled the server, auth that turned itself off.
+
+
+def _deep_json(depth=100_000):
+  return b'{"image": ' + b'[' * depth + b']' * depth + b', "instruction": "go"}'
+
+
+def _issue16_inputs(shape, route):
+  """The four bodies that gave HTTP 500: (name, content, expected message)."""
+  from test_client import png_header_only
+
+  good = wire.b64encode_image(_image(0, shape))
+  bomb = base64.b64encode(png_header_only(65535, 65535, b'\x00' * 100)).decode()
+  tf = route != '/predict'
+
+  def body(image, instruction):
+    example = {'image': image, 'instruction': instruction}
+    return json.dumps({'instances': [example]} if tf else example).encode()
+
+  return [
+      ('deep', _deep_json(), 'nested too deeply'),
+      ('long number', (b'{"instances": [{"image": 1' if tf else b'{"image": 1') + b'1' * 5000
+       + (b', "instruction": "go"}]}' if tf else b', "instruction": "go"}'),
+       'Exceeds the limit (4300 digits)'),
+      ('png bomb', body(bomb, 'go'), 'header claims more than'),
+      ('lone surrogate', body(good, 'go \ud800'), 'not valid Unicode text: surrogates not allowed'),
+  ]
+
+
+@pytest.mark.parametrize('route', ['/predict', '/v1/models/rt2:predict'])
+def test_inputs_that_gave_500_get_a_4xx_and_the_connection_stays_open(server, policy, inputs,
+                                                                       route):
+  shape = wire.image_shape(_meta(policy))
+  images, instructions = inputs
+  expected = policy.batch(images[:1], instructions[:1])[0]
+  with httpx.Client(base_url=server, timeout=30) as client:
+    for name, content, message in _issue16_inputs(shape, route):
+      response = client.post(route, content=content, headers={'content-type': 'application/json'})
+      assert response.status_code == 400, (name, response.text)
+      assert message in response.json()['error'], (name, response.text)
+      assert response.headers.get('connection') != 'close', name
+      # The same kept-alive connection still answers correctly.
+      good = client.post('/predict', json={'image': wire.b64encode_image(images[0]),
+                                           'instruction': instructions[0]})
+      assert good.status_code == 200, (name, good.text)
+      _assert_same(good.json(), expected)
+
+
+def test_head_requests_and_a_body_that_never_arrives():
+  server, url = _start(ScriptedPolicy(), body_timeout_s=1.0)
+  try:
+    for path in ('/health', '/metadata', '/v1/models/rt2'):
+      response = httpx.head(f'{url}{path}')
+      assert response.status_code == 200 and response.content == b'', path  # was 405
+    host, port = url.removeprefix('http://').split(':')
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+      start = time.monotonic()
+      sock.sendall(b'POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+                   b'Content-Length: 100\r\n\r\n{"image": ')  # 10 of the 100 bytes, then silence
+      reply = b''
+      while b'\r\n\r\n' not in reply or not reply.rstrip().endswith(b'}'):
+        chunk = sock.recv(4096)
+        if not chunk:
+          break
+        reply += chunk
+      elapsed = time.monotonic() - start
+    assert reply.startswith(b'HTTP/1.1 408'), reply
+    assert b'not received within 1 s (got 10 of 100 bytes)' in reply
+    assert 0.9 < elapsed < 5, elapsed  # held the connection 12 s or more before
+  finally:
+    server.stop()
+
+
+def test_request_bodies_are_decoded_off_the_event_loop(monkeypatch):
+  from rt2_jax import serve
+
+  decode = serve._image
+
+  def slow_image(value, shape, where):
+    time.sleep(1.5)  # as a large image decode would take
+    return decode(value, shape, where)
+
+  monkeypatch.setattr(serve, '_image', slow_image)
+  server, url = _start(ScriptedPolicy())
+  try:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      future = pool.submit(httpx.post, f'{url}/predict', timeout=30, json={
+          'image': wire.b64encode_image(_image(0)), 'instruction': 'go'})
+      time.sleep(0.3)
+      start = time.monotonic()
+      assert httpx.get(f'{url}/health', timeout=10).status_code == 200
+      assert time.monotonic() - start < 0.5  # /health is not stuck behind the decode
+      assert future.result().status_code == 200
+  finally:
+    server.stop()
+
+
+def test_error_messages_carry_no_heap_addresses():
+  from rt2_jax.serve import clean_message
+
+  assert clean_message('cannot identify image file <_io.BytesIO object at 0x7f3a2c1d0e50>') == (
+      'cannot identify image file <_io.BytesIO>')
+  assert len(clean_message('x' * 5000)) < 1100
+
+
+def test_an_empty_token_file_refuses_to_start(tmp_path):
+  from rt2_jax.serve import read_token
+
+  for text in ('', '  \n\t'):
+    (tmp_path / 'token').write_text(text)
+    with pytest.raises(ValueError, match='is empty .* refusing to start a server without'):
+      read_token('', str(tmp_path / 'token'))
+  with pytest.raises(ValueError, match='only whitespace'):
+    read_token('  ', '')
+  with pytest.raises(ValueError, match='cannot read it'):
+    read_token('', str(tmp_path / 'missing'))
+  (tmp_path / 'token').write_text(' s3cret\n')
+  assert read_token('', str(tmp_path / 'token')) == 's3cret'
+  assert read_token('', '', {'RT2_SERVE_TOKEN': 'abc'}) == 'abc'
+  with pytest.raises(ValueError, match='token must not be blank'):
+    ServeConfig(token=' ')
+  # The command line refuses before loading anything (the workdir here does not even exist).
+  (tmp_path / 'token').write_text('\n')
+  result = subprocess.run(
+      [sys.executable, '-m', 'rt2_jax.serve', f'--workdir={tmp_path / "nowhere"}',
+       f'--token_file={tmp_path / "token"}'], cwd=REPO_ROOT, capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode != 0
+  assert 'token' in result.stderr and 'is empty' in result.stderr, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr

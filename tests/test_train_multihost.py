@@ -51,3 +51,16 @@ def test_two_processes_match_one_process_and_stop_together_on_sigterm(tmp_path):
     steps = list(range(1, COMPARED + 1))
     np.testing.assert_allclose([a[s] for s in steps], [b[s] for s in steps], rtol=1e-5,
                                err_msg=tag)
+
+
+def test_the_launcher_runs_the_python_it_is_given_not_python3_from_path(tmp_path):
+  # Issue 16: pytest started as venv/bin/python without the venv on PATH ran `python3` from
+  # PATH (no flax there). The launcher runs $PYTHON; the test helpers pass sys.executable.
+  fake = tmp_path / 'python3'
+  fake.write_text('#!/bin/sh\necho "wrong python3: $0" >&2\nexit 7\n')
+  fake.chmod(0o755)
+  env = dict(lib.env(1), PATH=f'{tmp_path}{os.pathsep}{os.environ["PATH"]}')
+  cmd = [os.path.join(lib.REPO_ROOT, 'launch', 'local_multihost.sh'), '1', '--helpshort']
+  result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  out = result.stdout + result.stderr
+  assert 'wrong python3' not in out and '[process 0] Trains a VLA' in out, out[-3000:]
