@@ -12,7 +12,8 @@ language and slow, upside-down images. This module adds:
   the state), `RandomActor` (uniform actions); the VLA actor lives in `rt2_jax.evaluate`.
 - `run_episodes`: steps several environments together so a learned policy decodes one batch per
   step; an episode ends at its first success (Meta-World counts success at any step), when the
-  actor says terminate, or after `max_steps`.
+  actor says terminate, or after `max_steps`. The machinery is `rt2_jax.envs.runner` (shared with
+  the tabletop); its names are re-exported here.
 
 Action: float32[4] = xyz mocap delta in [-1, 1] (1 = 1 cm a step) and gripper effort in [-1, 1]
 (+1 closes). The VLA also predicts `terminate` (1 on the last step of a demonstration).
@@ -23,18 +24,26 @@ Importing this module is cheap: mujoco and metaworld load on first use.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import difflib
 import os
-import sys
 import warnings
-import weakref
 from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
 from rt2_jax.actions import ActionField, ActionSpace
+from rt2_jax.envs import runner
+from rt2_jax.envs.runner import (  # noqa: F401  (re-exported: this module's public names)
+    ActorInput,
+    EpisodeResult,
+    EpisodeSpec,
+    TimeStep,
+    close_all,
+    slot_release,
+    slot_reset,
+    slot_step,
+)
 
 os.environ.setdefault('MUJOCO_GL', 'egl')
 
@@ -225,28 +234,9 @@ class RenderSettings:
       raise ValueError(f'image_size must be in [8, 1024], got {self.image_size}')
 
 
-@dataclasses.dataclass
-class TimeStep:
-  """What an environment shows after reset or a step."""
-
-  image: np.ndarray | None  # uint8 [H, W, 3], right side up; None when not rendering
-  state: np.ndarray  # float32 [39]: hand, gripper, objects, previous frame, goal
-  reward: float = 0.0  # Meta-World's shaped reward (0..10)
-  success: bool = False
-  truncated: bool = False  # the step limit was reached
-
-
-_OPEN_ENVS: weakref.WeakSet = weakref.WeakSet()
-
-
-@atexit.register
-def close_all():
-  """Closes every TaskEnv of this process (frees GL contexts while the interpreter is intact;
-  their own finalizers fail at shutdown)."""
-  for env in list(_OPEN_ENVS):
-    env.close()
-  _SLOTS.clear()
-  _FREE.clear()
+# TimeStep (runner): state float32 [39] = hand, gripper, objects, previous frame, goal; reward is
+# Meta-World's shaped reward (0..10).
+KIND = __name__  # how the runner names this environment kind
 
 
 _EXPERTS: dict = {}
@@ -298,7 +288,7 @@ class TaskEnv:
     self._state = None
     self.seed = None
     self.steps = 0
-    _OPEN_ENVS.add(self)
+    runner.track(self)
 
   @property
   def raw(self):
@@ -392,19 +382,11 @@ class TaskEnv:
     if self._env is not None:
       self._env.close()
       self._env = None
-    _OPEN_ENVS.discard(self)
+    runner.untrack(self)
 
 
 # ----------------------------------------------------------------------------------------------
 # Actors: act on a batch of environments at once.
-
-
-@dataclasses.dataclass
-class ActorInput:
-  images: np.ndarray | None  # uint8 [B, H, W, 3]; None for actors that do not look
-  states: np.ndarray  # float32 [B, 39]
-  instructions: list[str]
-  tasks: list[str]
 
 
 class ExpertActor:
@@ -433,81 +415,20 @@ class RandomActor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Environment slots: the functions below run where the environments live (a worker process, or
-# this one with workers=0). A slot holds one environment at a time; environments are reused per
-# (task, render settings) because building one costs ~0.2 s and a GL context.
-
-_SLOTS: dict = {}  # (run id, slot) -> TaskEnv
-_FREE: dict = {}  # (task, render, max_steps) -> [TaskEnv]
+# The runner's interface (rt2_jax.envs.runner): build, reuse and reset environments by name.
 
 
-def _env_key(env: TaskEnv):
-  return env.task, env.render_settings, env.max_steps
+def make_env(task: str, render: RenderSettings | None, max_steps: int) -> TaskEnv:
+  return TaskEnv(task, render, max_steps)
 
 
-def slot_reset(key, task, seed, render, max_steps) -> TimeStep:
-  slot_release(key)
-  free = _FREE.setdefault((task, render, max_steps), [])
-  env = free.pop() if free else TaskEnv(task, render, max_steps)
-  _SLOTS[key] = env
+def pool_key(task: str, render: RenderSettings | None, max_steps: int):
+  return task, render, max_steps
+
+
+def reset_env(env: TaskEnv, task: str, seed: int) -> TimeStep:
+  assert env.task == task, (env.task, task)
   return env.reset(seed)
-
-
-def slot_step(key, action) -> TimeStep:
-  return _SLOTS[key].step(action)
-
-
-def slot_release(key) -> None:
-  env = _SLOTS.pop(key, None)
-  if env is not None:
-    _FREE.setdefault(_env_key(env), []).append(env)
-
-
-class _Slots:
-  """Runs slot calls in worker processes (`workers` >= 1) or in this process (0)."""
-
-  _next_run = 0
-
-  def __init__(self, workers: int, rendering: bool):
-    _Slots._next_run += 1
-    self.run_id = (os.getpid(), _Slots._next_run)
-    self._workers = None
-    if workers > 0:
-      from rt2_jax.envs.worker import Workers
-      self._workers = Workers(workers)
-    elif rendering and 'tensorflow' in sys.modules:
-      warnings.warn('rendering in a process that has imported TensorFlow usually crashes '
-                    '(conflicting LLVM builds in Mesa and TensorFlow); use workers >= 1',
-                    stacklevel=3)
-
-  def call(self, calls: list[tuple[int, str, tuple]]) -> list:
-    """[(slot, function name in this module, args after the slot key)] -> results."""
-    if self._workers is None:
-      return [globals()[name]((self.run_id, slot), *args) for slot, name, args in calls]
-    return self._workers.run([(slot, f'{__name__}:{name}', ((self.run_id, slot), *args))
-                              for slot, name, args in calls])
-
-  def close(self):
-    if self._workers is not None:
-      self._workers.close()
-
-
-@dataclasses.dataclass(frozen=True)
-class EpisodeSpec:
-  task: str
-  seed: int
-  instruction: str
-  category: str = ''
-
-
-@dataclasses.dataclass
-class EpisodeResult:
-  spec: EpisodeSpec
-  success: bool
-  steps: int
-  first_success_step: int  # -1 if never
-  terminated_by_actor: bool
-  frames: list | None = None  # uint8 images when recorded
 
 
 def run_episodes(episodes: Sequence[EpisodeSpec], actor: Callable, *, num_envs: int = 8,
@@ -522,79 +443,8 @@ def run_episodes(episodes: Sequence[EpisodeSpec], actor: Callable, *, num_envs: 
   shape). Actors with `needs_images = False` run without rendering. Environments live in
   `workers` processes (0 = this process; see rt2_jax/envs/worker.py for why that is unsafe next
   to TensorFlow). `record`: keep the frames of the first `record` episodes (or of the episodes
-  whose indices it lists).
+  whose indices it lists). See `rt2_jax.envs.runner.run_episodes`.
   """
-  from tqdm.auto import tqdm
-
-  if num_envs < 1:
-    raise ValueError(f'num_envs must be >= 1, got {num_envs}')
-  for ep in episodes:
-    check_task(ep.task)
-  render = render if getattr(actor, 'needs_images', True) else None
-  record = set(range(record)) if isinstance(record, int) else set(record)
-  num_envs = min(num_envs, max(1, len(episodes)))
-  queue = list(enumerate(episodes))
-  results: list[EpisodeResult | None] = [None] * len(episodes)
-  slots: list[dict | None] = [None] * num_envs
-  bar = tqdm(total=len(episodes), desc=desc or getattr(actor, 'name', 'rollouts'), unit='ep',
-             disable=not progress, dynamic_ncols=True)
-  runner = _Slots(min(workers, num_envs), render is not None)
-
-  def start(free_slots: list[int]):
-    calls, started = [], []
-    for slot in free_slots:
-      if not queue:
-        slots[slot] = None
-        continue
-      index, spec = queue.pop(0)
-      calls.append((slot, 'slot_reset', (spec.task, spec.seed, render, max_steps)))
-      started.append((slot, index, spec))
-    for (slot, index, spec), ts in zip(started, runner.call(calls), strict=True):
-      frames = [ts.image] if index in record and ts.image is not None else None
-      slots[slot] = dict(index=index, spec=spec, ts=ts, steps=0, first=-1, frames=frames)
-
-  def finish(slot: int, terminated: bool):
-    s = slots[slot]
-    results[s['index']] = EpisodeResult(s['spec'], s['first'] >= 0, s['steps'], s['first'],
-                                        terminated, s['frames'])
-    slots[slot] = None
-    bar.update(1)
-
-  try:
-    start(list(range(num_envs)))
-    while any(s is not None for s in slots):
-      live = [s for s in slots if s is not None]
-      rows = [s if s is not None else live[0] for s in slots]
-      batch = ActorInput(
-          images=(np.stack([r['ts'].image for r in rows]) if render is not None else None),
-          states=np.stack([r['ts'].state for r in rows]),
-          instructions=[r['spec'].instruction for r in rows],
-          tasks=[r['spec'].task for r in rows])
-      actions, terminate = actor(batch)
-      actions = np.asarray(actions, np.float32)
-      if actions.shape != (num_envs, ACTION_DIM):
-        raise ValueError(f'actor returned actions of shape {actions.shape}, '
-                         f'expected {(num_envs, ACTION_DIM)}')
-      stepping = []
-      for slot in range(num_envs):
-        if slots[slot] is None:
-          continue
-        if bool(terminate[slot]):
-          finish(slot, True)
-        else:
-          stepping.append(slot)
-      for slot, ts in zip(stepping, runner.call(
-          [(slot, 'slot_step', (actions[slot],)) for slot in stepping]), strict=True):
-        s = slots[slot]
-        s['ts'], s['steps'] = ts, s['steps'] + 1
-        if s['frames'] is not None:
-          s['frames'].append(ts.image)
-        if ts.success and s['first'] < 0:
-          s['first'] = s['steps']
-        if s['first'] >= 0 or ts.truncated:
-          finish(slot, False)
-      start([slot for slot in range(num_envs) if slots[slot] is None])
-  finally:
-    bar.close()
-    runner.close()
-  return results
+  return runner.run_episodes(episodes, actor, env=KIND, num_envs=num_envs, workers=workers,
+                             max_steps=max_steps, render=render, record=record,
+                             progress=progress, desc=desc)

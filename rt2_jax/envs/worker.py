@@ -141,8 +141,8 @@ def _serve():
     pickle.dump(answers, proto_out, protocol=pickle.HIGHEST_PROTOCOL)
     proto_out.flush()
   # Free GL contexts before the interpreter tears down.
-  from rt2_jax.envs import metaworld
-  metaworld.close_all()
+  from rt2_jax.envs import runner
+  runner.close_all()
 
 
 if __name__ == '__main__':
