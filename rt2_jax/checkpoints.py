@@ -102,9 +102,8 @@ def as_step(step) -> int | None:
 
 
 class OrbaxErrorsHeld(logging.Filter):
-  """Holds back orbax's ERROR log records (each failed save logs the same error with a
-  traceback from several threads) while `CheckpointWriteError` reports it once; see
-  `hold_orbax_errors`."""
+  """Holds back orbax's ERROR log records (a failed save logs the same error with a traceback
+  from several threads) while `CheckpointWriteError` reports it once; see `hold_orbax_errors`."""
 
   def __init__(self):
     super().__init__()
@@ -116,20 +115,32 @@ class OrbaxErrorsHeld(logging.Filter):
       return False
     return True
 
+  def release(self) -> None:
+    """Logs what was held after all (it was not about a failed save)."""
+    records, self.records = self.records, []
+    logger = logging.getLogger('absl')
+    for record in records:
+      logger.callHandlers(record)  # the handlers, not this filter
+
+
+_HELD: list[OrbaxErrorsHeld] = []
+
 
 @contextlib.contextmanager
 def hold_orbax_errors():
-  """Within it orbax's error records are held; on leaving, they are logged after all unless the
-  error they describe was reported (`held.records.clear()`), so nothing is lost."""
+  """Within it orbax's error records are held. A save that completes releases them (they were
+  about something else), and so does leaving the block, unless the error they describe was
+  reported (`held.records.clear()`): nothing is lost, a failed save is said once."""
   logger = logging.getLogger('absl')  # orbax logs through absl
   held = OrbaxErrorsHeld()
   logger.addFilter(held)
+  _HELD.append(held)
   try:
     yield held
   finally:
     logger.removeFilter(held)
-    for record in held.records:
-      logger.handle(record)
+    _HELD.remove(held)
+    held.release()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,6 +416,8 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 - reported once, as CheckpointWriteError
       self._save_failed(e)
     self._saving = None
+    for held in _HELD:  # the save went through: what orbax logged meanwhile was about else
+      held.release()
 
   def _save_failed(self, error: BaseException) -> None:
     step, self._saving = self._saving, None

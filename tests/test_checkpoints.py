@@ -339,3 +339,19 @@ def test_a_failed_save_gives_one_message_and_leaves_no_partial_checkpoint(tmp_pa
   assert 'Traceback' not in result.stderr and 'ERROR:absl' not in result.stderr, result.stderr
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
   assert checkpoints.verify_checksums(tmp_path / 'checkpoints' / '1')
+
+
+def test_held_orbax_errors_are_released_unless_reported(caplog):
+  orbax_file = os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint', 'x.py')
+
+  def orbax_error(text):
+    return logging.LogRecord('absl', logging.ERROR, orbax_file, 1, text, None, None)
+
+  absl_logger = logging.getLogger('absl')
+  with caplog.at_level(logging.WARNING):
+    with checkpoints.hold_orbax_errors() as held:
+      absl_logger.handle(orbax_error('reported elsewhere'))
+      assert len(held.records) == 1 and 'reported elsewhere' not in caplog.text
+      held.records.clear()  # as the trainer does when it reports a CheckpointWriteError
+      absl_logger.handle(orbax_error('about something else'))
+    assert 'reported elsewhere' not in caplog.text and 'about something else' in caplog.text

@@ -255,8 +255,8 @@ def _raw_bodies(good_b64, good):
       ('json number 5000 digits', b'{"image": 1' + b'1' * 5000 + b', "instruction": "go"}', JSON),
       ('json exponent overflow', b'{"image": 1e999999, "instruction": "go"}', JSON),
       ('json NaN literal', b'{"image": NaN, "instruction": Infinity}', JSON),
-      ('json lone surrogate', b'{"image": "' + good_b64.encode() + b'", "instruction": "go \\ud800"}',
-       JSON),
+      ('json lone surrogate', b'{"image": "' + good_b64.encode()
+       + b'", "instruction": "go \\ud800"}', JSON),
       ('json lone low surrogate', b'{"image": "' + good_b64.encode()
        + b'", "instruction": "\\udc00"}', JSON),
       ('json invalid utf-8', b'{"image": "\xff\xfe", "instruction": "go"}', JSON),
@@ -347,8 +347,9 @@ def build_cases(shape, good):
 
   # Content types.
   valid = json.dumps({'image': good_b64, 'instruction': INSTRUCTION}).encode()
-  for ctype in ('text/plain', 'multipart/form-data; boundary=x', 'application/x-www-form-urlencoded',
-                'application/xml', 'image/png', 'application/json-seq', 'application/octet-stream',
+  for ctype in ('text/plain', 'multipart/form-data; boundary=x',
+                'application/x-www-form-urlencoded', 'application/xml', 'image/png',
+                'application/json-seq', 'application/octet-stream',
                 '*/*', ';;;', 'application/json; charset=utf-16', 'APPLICATION/JSON',
                 'x' * 5000, 'application/msgpack; q=0.5', 'text/json'):
     for path, _ in routes[:2]:

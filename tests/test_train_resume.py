@@ -71,3 +71,13 @@ def test_relative_workdir_resumes_its_checkpoint_and_saves(straight, tmp_path):
   assert 'step 5/6' in result.stdout and 'step 1/' not in result.stdout
   assert not (run / 'checkpoints_unreadable').exists() and not (tmp_path / 'checkpoints').exists()
   _assert_same_params(straight[0], run)
+
+
+def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous(straight, tmp_path):
+  # Issue 16: 64 flipped bytes loaded silently (NaNs and 3e38s in the parameters); now the
+  # trainer moves checkpoint 6 aside saying why, resumes from 4 and ends where the straight run
+  # did (the training fault suite, test_train_faults.py, has the truncate/delete variants).
+  from test_train_faults import fallback
+
+  reason = fallback(straight[0], tmp_path, 'flip')
+  assert 'contents differ from the SHA-256 written at save time' in reason
