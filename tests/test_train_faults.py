@@ -185,7 +185,7 @@ DRIVER_STEPS, DRIVER_EVERY = 30, 3
 def _driver_kills(tmp_path, kinds, seed, steps=DRIVER_STEPS):
   rng = random.Random(seed)
   workdir = tmp_path / 'run'
-  cmd = [sys.executable, DRIVER, str(workdir), str(steps), str(DRIVER_EVERY), '0.01']
+  cmd = [sys.executable, DRIVER, str(workdir), str(steps), str(DRIVER_EVERY), '0.02']
   env = dict(lib.env(1), JAX_PLATFORMS='cpu')
   records, outputs = kill_many(cmd, lib.REPO_ROOT, env, workdir / 'checkpoints', kinds,
                                DRIVER_EVERY, rng)
@@ -202,9 +202,9 @@ def _driver_kills(tmp_path, kinds, seed, steps=DRIVER_STEPS):
 
 
 def test_kill_9_before_during_and_after_saves_then_identical_result(tmp_path):
-  records = _driver_kills(tmp_path, ['after', 'during', 'before', 'during'], seed=16)
+  records = _driver_kills(tmp_path, ['after', 'during', 'before'], seed=16)
   seen = {r['seen'] for r in records}
-  assert len(records) == 4 and {'during', 'before', 'after'} <= seen, records
+  assert len(records) == 3 and {'during', 'before', 'after'} <= seen, records
   assert sum(r['resumed_from'] is not None for r in records) >= 2, records
 
 
