@@ -25,6 +25,8 @@ State layout (float32[STATE_DIM]): pusher x, y, then per block slot i < MAX_BLOC
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import zlib
 
 import numpy as np
@@ -141,9 +143,12 @@ class Block:
   @property
   def radius(self) -> float:
     """The footprint's bounding radius (metres)."""
-    return float(
-      max(np.linalg.norm(p, axis=1).max() for p in outline(self.shape, BLOCK_HALF[self.size]))
-    )
+    return _radius(self.shape, self.size)
+
+
+@functools.cache
+def _radius(shape: str, size: str) -> float:
+  return float(max(np.linalg.norm(p, axis=1).max() for p in outline(shape, BLOCK_HALF[size])))
 
 
 ALL_BLOCKS = tuple(
@@ -284,7 +289,7 @@ def _layout(rng, blocks, marks, pusher_clearance=0.02):
   for _ in marks:
     for _ in range(100):
       p = rng.uniform(-0.2, 0.2, 2)
-      if all(np.linalg.norm(p - q) > 0.17 for q in mark_xy):
+      if all(math.dist(p, q) > 0.17 for q in mark_xy):
         mark_xy.append(p)
         break
     else:
@@ -295,9 +300,9 @@ def _layout(rng, blocks, marks, pusher_clearance=0.02):
     for _ in range(200):
       p = rng.uniform(-limit, limit, 2)
       if all(
-        np.linalg.norm(p - q) > b.radius + o.radius + 0.025
+        math.dist(p, q) > b.radius + o.radius + 0.025
         for q, o in zip(block_xy, blocks, strict=False)
-      ) and all(np.linalg.norm(p - m) > b.radius + 0.06 for m in mark_xy):
+      ) and all(math.dist(p, m) > b.radius + 0.06 for m in mark_xy):
         block_xy.append(p)
         break
     else:
@@ -305,7 +310,7 @@ def _layout(rng, blocks, marks, pusher_clearance=0.02):
   for _ in range(100):
     pusher = rng.uniform(-PUSHER_LIMIT + 0.02, PUSHER_LIMIT - 0.02, 2)
     if all(
-      np.linalg.norm(pusher - q) > o.radius + PUSHER_RADIUS + pusher_clearance
+      math.dist(pusher, q) > o.radius + PUSHER_RADIUS + pusher_clearance
       for q, o in zip(block_xy, blocks, strict=True)
     ):
       break
