@@ -11,4 +11,5 @@ fixtures.py    tiny datasets in the real fractal / language_table / bridge layou
 synthetic.py   generated data for configs with empty data paths
 seqio_tasks.py the same tasks as seqio Tasks / Mixture
 metaworld_demos.py  Meta-World scripted-expert demos as RLDS + web JSONL (evaluation owns it)
+tabletop_demos.py   tabletop scripted-expert demos (plans on multistep) as RLDS
 """

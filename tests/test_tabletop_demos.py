@@ -1,0 +1,155 @@
+"""Tabletop demonstrations: the RLDS builder dir, read through data_specs/tabletop.py, and reuse."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+import rt2_jax
+from rt2_jax.data import tabletop_demos as demos
+from rt2_jax.envs import concepts
+
+SIZE = 32
+MULTISTEP = 'multistep@robot'
+
+
+@pytest.fixture(scope='module')
+def demo_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('tabletop_demos'))
+  settings = demos.DemoSettings(episodes=1, val_episodes=1, image_size=SIZE)
+  manifest = demos.generate(settings, out, workers=2, progress=False)
+  return out, manifest
+
+
+def _quiet(*args):
+  del args
+
+
+def test_rlds_layout_and_manifest(demo_dir):
+  import tensorflow_datasets as tfds
+
+  out, manifest = demo_dir
+  assert demos.ROBOT_TASKS == ('place@robot', 'next_to@robot', 'onto_mark@robot', MULTISTEP)
+  assert manifest['splits'] == {
+    'train': {t: [0] for t in demos.ROBOT_TASKS},
+    'val': {t: [demos.VAL_SEED_BASE] for t in demos.ROBOT_TASKS},
+  }
+  assert manifest['bytes'] > 0 and manifest['builder_dir'] == demos.builder_dir(out)
+  builder = tfds.builder_from_directory(demos.builder_dir(out))
+  assert set(builder.info.splits) == {'train', 'val'}
+  for episode in tfds.as_numpy(builder.as_dataset(split='train')):
+    meta = episode['episode_metadata']
+    task = meta['task'].decode()
+    steps = list(episode['steps'])
+    n = len(steps)
+    assert meta['num_steps'] == n == manifest['steps']['train'][task] and meta['success']
+    assert 10 < n <= demos.DemoSettings().max_steps + 1
+    image = steps[0]['observation']['image']
+    assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8 and image.std() > 10
+    assert [s['is_first'] for s in steps] == [True] + [False] * (n - 1)
+    assert [s['is_last'] for s in steps] == [s['is_terminal'] for s in steps]
+    assert [s['is_last'] for s in steps] == [False] * (n - 1) + [True]
+    assert [s['reward'] for s in steps][-3:] == [0.0, 1.0, 1.0]
+    actions = np.stack([s['action'] for s in steps])
+    np.testing.assert_array_equal(actions[-1], 0.0)  # the terminate step stands still
+    assert np.abs(actions[:-1]).mean() > 0.3  # the expert moves
+    plans = {s['plan'] for s in steps}
+    assert plans == ({b''} if task != MULTISTEP else plans - {b''}) and len(plans) == 1
+    state = steps[-1]['observation']['state']
+    xy = np.concatenate([state[:2], state[2:].reshape(8, 3)[:, :2].ravel()])
+    assert state.shape == (26,) and np.abs(xy).max() < 0.3  # metres on the 0.6 m board
+
+
+def test_read_through_the_data_spec_and_tokenized_with_plans(demo_dir):
+  from rt2_jax.config_flags import load_config
+  from rt2_jax.data import rlds, tasks
+  from rt2_jax.data.spec import load_spec
+  from rt2_jax.vocab import from_config
+
+  out, manifest = demo_dir
+  spec = load_spec('tabletop')
+  records = rlds.read_split(spec, demos.builder_dir(out), 'train', SIZE, progress=_quiet)
+  assert len(records) == sum(manifest['steps']['train'].values())
+  assert records.num_episodes == len(demos.ROBOT_TASKS)
+  assert records.actions.shape[1] == 3  # dx, dy, terminate
+  assert np.abs(records.actions[:, :2]).max() <= 1.0
+  last = np.zeros(len(records), bool)
+  last[[stop - 1 for _, stop in records.episode_bounds()]] = True
+  np.testing.assert_array_equal(records.actions[:, 2] == 1.0, last)
+  np.testing.assert_array_equal(records.is_last, last)
+  held_out = set(concepts.SPLIT.held_out_words())
+  for text in records.instructions + records.plans:
+    assert not held_out & set(text.replace(',', ' ').split()), text
+  # Only the multistep episode carries a plan, on every step; '' reads as no plan.
+  assert len(records.plans) == 1 and ', then ' in records.plans[0]
+  assert not records.plans[0].startswith('Plan')
+  has_plan = records.plan_index >= 0
+  assert has_plan.any() and not has_plan.all()
+  for start, stop in records.episode_bounds():
+    assert has_plan[start:stop].all() == ('then' in records.instruction(start))
+    assert has_plan[start:stop].any() == has_plan[start:stop].all()
+  val = rlds.read_split(spec, demos.builder_dir(out), spec.eval_split, SIZE, progress=_quiet)
+  assert val.num_episodes == len(demos.ROBOT_TASKS)
+
+  vocab_path = os.path.join(os.path.dirname(rt2_jax.__file__), 'assets', 'tabletop_spm.model')
+  config = load_config('tiny', {'data.max_target_len': 32, 'vocab.path': vocab_path})
+  vocab, action_vocab = from_config(config, spec.action_space)
+  context = tasks.Context(config, vocab, action_vocab, None, progress=None)
+  data = tasks.tokenize_robot(records, spec, context, 'robot/tabletop')
+  plan_row, plain_row = np.flatnonzero(has_plan)[0], np.flatnonzero(~has_plan)[0]
+  text = vocab.decode(data.targets[plan_row])
+  assert text.startswith(f'Plan: {records.plans[0]} Action:'), text
+  assert data.action_start[plan_row] > 0 and data.action_start[plain_row] == 0
+  positions = data.action_start[plan_row] + np.arange(spec.action_space.num_positions)
+  action_vocab.ids_to_bins(data.targets[plan_row, positions])  # raises on a non-action token
+
+
+def test_ensure_reuses_matching_demos_and_refuses_to_overwrite(demo_dir):
+  out, manifest = demo_dir
+  settings = demos.DemoSettings(**manifest['settings'])
+  messages = []
+  assert demos.ensure_demos(settings, out, log=messages.append) == manifest
+  assert messages == [f'tabletop demos: reusing {demos.builder_dir(out)}']
+  assert demos.read_manifest(out) == manifest
+  with pytest.raises(FileExistsError, match='--overwrite'):
+    demos.generate(settings, out)
+  assert manifest['simulator'] == demos.simulator_fingerprint()
+  assert 'train: 4 episodes' in demos.summary(manifest)
+
+
+def test_ensure_regenerates_for_other_settings_or_simulator_code(demo_dir, monkeypatch):
+  out, manifest = demo_dir
+  settings = demos.DemoSettings(**manifest['settings'])
+  calls = []
+  monkeypatch.setattr(demos, 'generate', lambda *args, **kwargs: calls.append(args) or 'new')
+  messages = []
+  other = dataclasses.replace(settings, episodes=2)
+  assert demos.ensure_demos(other, out, log=messages.append) == 'new'
+  monkeypatch.setattr(demos, 'simulator_fingerprint', lambda: 'edited')
+  assert demos.ensure_demos(settings, out, log=messages.append) == 'new'
+  assert calls == [(other, out), (settings, out)]
+  assert 'other settings' in messages[0] and 'other simulator or expert code' in messages[1]
+
+
+def test_settings_errors():
+  with pytest.raises(ValueError, match='held-out concepts'):
+    demos.DemoSettings(tasks=('place@held_out_colour',))
+  oracle = demos.DemoSettings(tasks='onto_mark@symbol', allow_held_out=True)
+  assert oracle.tasks == ('onto_mark@symbol',)
+  with pytest.raises(ValueError, match='unknown tabletop task'):
+    demos.DemoSettings(tasks=('push@robot',))
+  with pytest.raises(ValueError, match='episodes >= 1'):
+    demos.DemoSettings(episodes=0)
+  assert demos.parse_tasks('robot,place@robot') == demos.ROBOT_TASKS
+
+
+def test_expert_failure_is_explained():
+  settings = demos.DemoSettings(tasks=('place@robot',), max_steps=3, max_attempts_factor=1)
+  rollouts = demos._Rollouts(settings, workers=1, progress=False)
+  try:
+    with pytest.raises(RuntimeError, match=r'place@robot: the scripted expert solved only 0 of 2'):
+      list(rollouts.demos('train', 2))
+  finally:
+    rollouts.close()
+  assert rollouts.manifest['skipped_seeds']['train']['place@robot'] == [0, 1]
