@@ -521,8 +521,10 @@ def _route(episode: Episode, goal: Goal, block_xy: np.ndarray, target) -> np.nda
     if j != goal.other
   ]  # the reference block of next_to is the destination
 
-  def clear(a, b, margin):
-    return all(_segment_clear(a, b, c, radius + r + margin) for c, r in passable)
+  def clear(a, b, margin):  # moving away from a block it already touches counts as clear
+    return all(
+      _segment_clear(a, b, c, radius + r + margin) or (b - a) @ (a - c) > 0.0 for c, r in passable
+    )
 
   def can_push(towards):
     behind = _behind(here, radius, towards)
@@ -555,10 +557,22 @@ def _route(episode: Episode, goal: Goal, block_xy: np.ndarray, target) -> np.nda
     return best
   if can_push(target):  # no clear way round: shove through (the others give way)
     return target
+  # Against a wall: the pusher can only touch the block from where there is room, and the
+  # block then moves along the line from the pusher through its centre (with the pusher hugging
+  # the wall, along the wall and a little away from it). Take the short push whose end is
+  # closest to the target, avoiding corners (a block in a corner cannot be pushed out).
   for angle in np.arange(24) * np.pi / 12:
-    step = here + 0.06 * np.array([np.cos(angle), np.sin(angle)])
-    if clear(here, step, 0.0) and can_push(step):
-      cost = np.linalg.norm(target - step)
+    reach = np.array([np.cos(angle), np.sin(angle)]) * (radius + PUSHER_RADIUS + _BEHIND)
+    touch = np.clip(here + reach, -PUSHER_LIMIT, PUSHER_LIMIT)
+    room = np.linalg.norm(here - touch)
+    if room < 0.8 * (radius + PUSHER_RADIUS) or any(
+      np.linalg.norm(touch - c) < r + PUSHER_RADIUS for c, r in obstacles
+    ):
+      continue
+    step = here + 0.06 * (here - touch) / room
+    if clear(here, step, 0.0):
+      near_walls = np.sum(BOARD_HALF - radius - np.abs(step) < 0.04)
+      cost = np.linalg.norm(target - step) + 0.2 * (near_walls == 2)
       if cost < best_cost:
         best, best_cost = step, cost
   return target if best is None else best
@@ -575,6 +589,11 @@ def _navigate(pusher, goal, discs) -> np.ndarray:
   straight when the way is clear, else along the shortest path on a 1 cm grid."""
   if all(_segment_clear(pusher, goal, c, r) for c, r in discs):
     return goal - pusher
+  # Inside a disc (just after a push): back out first, unless the goal lies that way anyway.
+  inside = [c for c, r in discs if np.linalg.norm(pusher - c) < r]
+  if inside and not all((goal - pusher) @ (pusher - c) > 0 for c in inside):
+    away = sum((pusher - c) / max(np.linalg.norm(pusher - c), 1e-9) for c in inside)
+    return 0.75 * STEP_METRES * away / max(np.linalg.norm(away), 1e-9)
   free = np.ones(_GRID.shape[:2], bool)
   for c, r in discs:
     free &= np.sum((_GRID - c) ** 2, -1) > r * r
