@@ -12,6 +12,12 @@ Routes (all answer errors as `{"error": "..."}` with a 4xx for bad input, 5xx fo
   GET  /v1/models/<name>[/metadata]     TF-Serving model status / metadata
   POST /v1/models/<name>:predict        TF-Serving REST: {"instances": [...]} or {"inputs": {...}}
 
+Request bodies are decoded (JSON/msgpack, base64, PNG/JPEG: the size in an image header is
+checked before any pixel is decoded) in `parse_threads` worker threads, never on the event loop,
+and must arrive within `body_timeout_s` (else 408). GET routes also answer HEAD. Any error a
+request causes is answered (a bug gives a JSON 500, the connection stays usable), with no object
+reprs in the message.
+
 Requests that arrive together share one `policy.batch` call: a worker on the event loop collects
 up to `max_batch` requests, waiting at most `max_wait_ms` after the first one arrived, and runs
 the policy in a worker thread so the loop keeps accepting requests. Batches are padded to a few
@@ -20,7 +26,9 @@ start-up. If a batch raises, its requests are retried one by one so one bad requ
 its neighbours. SIGTERM stops accepting connections, finishes the requests in flight, then exits.
 
 The server binds 127.0.0.1 unless `--host` says otherwise; `--token` (or $RT2_SERVE_TOKEN, or
-`--token_file`) requires `Authorization: Bearer <token>` on every route but /health.
+`--token_file`) requires `Authorization: Bearer <token>` on every route but /health. A token file
+that is empty or only whitespace is refused at start (it would otherwise mean "no token"), and
+the start-up line says whether a token is required.
 """
 
 from __future__ import annotations

@@ -414,7 +414,7 @@ def build_cases(shape, good):
   raw('short body', [((post + 'Content-Length: 100\r\n\r\n{"image": ').encode(), 0.0)], ci=True)
   raw('slow body within the timeout', [((post + f'Content-Length: {len(valid)}\r\n\r\n')
                                         .encode(), 0.0)]
-      + [(valid[i:i + len(valid) // 4 + 1], 0.5) for i in range(0, len(valid),
+      + [(valid[i:i + len(valid) // 4 + 1], 0.3) for i in range(0, len(valid),
                                                                 len(valid) // 4 + 1)])
   raw('trickled body past the timeout', [((post + 'Content-Length: 4000\r\n\r\n').encode(), 0.0)]
       + [(b'[', 0.4)] * 20)
@@ -510,9 +510,9 @@ def _send(case, client, host, port):
 
 @pytest.fixture(scope='module')
 def live():
-  policy = tiny_policy.make_policy(batch_buckets=(1, 2))
-  server = PolicyServer(policy, ServeConfig(port=0, max_batch=2, max_wait_ms=2, token=TOKEN,
-                                            max_body_bytes=4 << 20))
+  policy = tiny_policy.make_policy(batch_buckets=(1,))  # one compile
+  server = PolicyServer(policy, ServeConfig(port=0, max_batch=1, max_wait_ms=2, token=TOKEN,
+                                            max_body_bytes=4 << 20, body_timeout_s=2.0))
   url = server.start()
   yield policy, server, url
   server.stop()

@@ -272,14 +272,15 @@ def _damage(step_dir, how):
   return str(target.relative_to(step_dir))
 
 
-def fallback(straight, tmp_path, how, overrides=None):
-  """Damages the latest checkpoint of a copy of `straight`, resumes it; returns the reason the
-  trainer gave. test_train_resume.py uses it on its 6-step run in the default test command."""
+def fallback(straight, tmp_path, how, overrides=None, relative=False):
+  """Damages the latest checkpoint of a copy of `straight`, resumes it (as `--workdir=run` from
+  its parent directory if `relative`); returns the reason the trainer gave. test_train_resume.py
+  uses it on its 6-step run in the default test command."""
   run = tmp_path / 'run'
   shutil.copytree(straight, run)
   latest = max(_committed(run / 'checkpoints'))
   name = _damage(run / 'checkpoints' / str(latest), how)
-  result = lib.run_train(run, overrides, devices=None)
+  result = lib.run_train('run' if relative else run, overrides, devices=None, cwd=tmp_path)
   previous = latest - 2
   message = re.search(rf'checkpoint {run}/checkpoints/{latest} is damaged \((.*?)\); moving it to '
                       rf'{run}/checkpoints_unreadable and falling back to checkpoint {previous}',

@@ -5,7 +5,6 @@ Every run uses the trainer's default CPU devices (one per core that divides the 
 
 import glob
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -60,24 +59,17 @@ def test_sigterm_then_sigkill_then_restart_gives_identical_parameters(straight, 
   _assert_same_params(straight[0], tmp_path)
 
 
-def test_relative_workdir_resumes_its_checkpoint_and_saves(straight, tmp_path):
-  # Issue 16: with a relative --workdir the trainer called a good checkpoint unreadable, moved it
-  # to checkpoints_unreadable/, restarted from step 1 and crashed at its first save.
-  run = tmp_path / 'run'
-  shutil.copytree(straight[0], run)
-  shutil.rmtree(run / 'checkpoints' / '6')
-  result = lib.run_train('run', devices=None, cwd=tmp_path)
-  assert f'resumed from {run}/checkpoints/4' in result.stdout, result.stdout + result.stderr
-  assert 'step 5/6' in result.stdout and 'step 1/' not in result.stdout
-  assert not (run / 'checkpoints_unreadable').exists() and not (tmp_path / 'checkpoints').exists()
-  _assert_same_params(straight[0], run)
-
-
-def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous(straight, tmp_path):
-  # Issue 16: 64 flipped bytes loaded silently (NaNs and 3e38s in the parameters); now the
-  # trainer moves checkpoint 6 aside saying why, resumes from 4 and ends where the straight run
-  # did (the training fault suite, test_train_faults.py, has the truncate/delete variants).
+def test_relative_workdir_with_flipped_bytes_in_the_latest_checkpoint(straight, tmp_path):
+  # Issue 16, two defects in one trainer run. (1) With a relative --workdir the trainer called
+  # every good checkpoint unreadable, moved it to checkpoints_unreadable/, restarted from step 1
+  # and crashed at its first save. (2) 64 flipped bytes loaded silently (NaNs and 3e38s in the
+  # parameters). Now checkpoint 6 is moved aside with the reason, checkpoint 4 is resumed, steps
+  # 5-6 are saved under the relative path, and the parameters equal the straight run's. The
+  # training fault suite (test_train_faults.py) has the truncate/delete variants.
   from test_train_faults import fallback
 
-  reason = fallback(straight[0], tmp_path, 'flip')
+  reason = fallback(straight[0], tmp_path, 'flip', relative=True)
   assert 'contents differ from the SHA-256 written at save time' in reason
+  run = tmp_path / 'run'
+  assert sorted(os.listdir(run / 'checkpoints_unreadable')) == ['6']
+  assert not (tmp_path / 'checkpoints').exists()
