@@ -13,9 +13,16 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 ALL = 'all'
-CATEGORY_ORDER = ('seen', 'unseen_positions', 'unseen_instructions', 'unseen_tasks')
+CATEGORY_ORDER = ('seen', 'unseen_positions', 'unseen_instructions', 'unseen_tasks',
+                  # tabletop (rt2_jax.evaluate.TABLETOP_CATEGORIES)
+                  'unseen_combinations', 'unseen_concepts', 'symbols', 'relations', 'multistep')
 CATEGORY_TITLES = {
     'seen': 'seen tasks (training scenes)',
+    'unseen_combinations': 'unseen combinations of seen concepts',
+    'unseen_concepts': 'unseen concepts (named only in web data)',
+    'symbols': 'symbols (digits, only in web data)',
+    'relations': 'relations (only in web data)',
+    'multistep': 'multi-step tasks with plans',
     'unseen_positions': 'seen tasks, unseen goal/object positions',
     'unseen_instructions': 'seen tasks, unseen instructions (paraphrases)',
     'unseen_tasks': 'unseen tasks (held out)',

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: offline metrics on held-out data and closed-loop Meta-World success.
+"""Evaluate a checkpoint: offline metrics on held-out data and closed-loop success in simulation.
 
   python -m rt2_jax.evaluate --workdir=DIR [--checkpoint=STEP] [--config=configs/NAME.py] \
       [--config.eval.episodes=10] [--name=default]
@@ -12,12 +12,16 @@ Offline (teacher-free: the deployed greedy, action-constrained decode):
     on the others separately);
   web: a held-out VQA/caption JSONL (`eval.web_jsonl`, default val.jsonl beside data.web.jsonl):
     VQA exact match, caption exact match, token F1 and BLEU-4.
-Closed loop (config.eval.env == 'metaworld'), seeded episodes through `rt2_jax.policy.Policy`,
+Closed loop (config.eval.env 'metaworld' or 'tabletop'), seeded episodes through `rt2_jax.policy.Policy`,
 `eval.num_envs` environments stepping together (one `policy.batch` per step), in categories like
 RT-2's: seen (training scenes: the demos' seeds, so at most as many as there are demos),
 unseen_positions (held-out seeds: new goal/object positions),
 unseen_instructions (same held-out seeds, paraphrased instructions), unseen_tasks (held-out
-tasks). The scripted expert and a random policy run on the same episodes (cached per episode
+tasks). Tabletop (rt2_jax.envs.tabletop) categories follow RT-2's generalization axes
+(`TABLETOP_CATEGORIES`): seen concepts on held-out layouts, unseen combinations of seen
+concepts, unseen concepts (colours and shapes that only the web data names), symbols (digits),
+relations, and multi-step tasks (decoded plan-then-action when the checkpoint was trained on
+plans). The scripted expert and a random policy run on the same episodes (cached per episode
 list). Success rates carry 95% Wilson intervals.
 
 Writes to DIR/eval/<name>/step_<N>/: results.json, results.md, success.png, videos/*.gif.
@@ -39,9 +43,23 @@ import numpy as np
 
 from rt2_jax import eval_report
 from rt2_jax.envs import metaworld as mw
+from rt2_jax.envs import runner
 
 EVAL_SEED_BASE = 100_000
 ACTORS = ('policy', 'expert', 'random')
+ENV_MODULES = {'metaworld': 'rt2_jax.envs.metaworld', 'tabletop': 'rt2_jax.envs.tabletop'}
+# Tabletop category -> the FAMILY@POOL tasks its episodes cycle through (rt2_jax.envs.tabletop_tasks).
+TABLETOP_CATEGORIES = {
+    'seen': ('place@robot', 'next_to@robot', 'onto_mark@robot'),
+    'unseen_combinations': ('place@unseen_combination', 'next_to@unseen_combination',
+                            'onto_mark@unseen_combination'),
+    'unseen_concepts': ('place@held_out_colour', 'place@held_out_shape',
+                        'next_to@held_out_colour', 'next_to@held_out_shape',
+                        'onto_mark@held_out_colour', 'onto_mark@held_out_shape'),
+    'symbols': ('onto_mark@symbol',),
+    'relations': ('relation@relation',),
+    'multistep': ('multistep@robot',),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +85,8 @@ class EvalSettings:
   image_size: int = 64  # rendered size (the policy resizes to the model's size)
   camera: str = mw.DEFAULT_CAMERA
   seed: int = 0
+  # Categories decoded plan-then-action (tabletop multistep) when the run trained on plans.
+  plan_categories: tuple[str, ...] = ('multistep',)
 
   @classmethod
   def from_config(cls, config) -> EvalSettings:
@@ -76,7 +96,7 @@ class EvalSettings:
     if unknown:
       raise ValueError(f'unknown config.eval keys {unknown}; known: '
                        f'{[f.name for f in dataclasses.fields(cls)]}')
-    for key in ('tasks', 'unseen_tasks', 'categories', 'baselines'):
+    for key in ('tasks', 'unseen_tasks', 'categories', 'baselines', 'plan_categories'):
       if key in e:
         e[key] = _as_tuple(e[key])
     if not e.get('tasks') and m.get('tasks'):
@@ -84,9 +104,11 @@ class EvalSettings:
     for key in ('image_size', 'camera'):
       if key not in e and key in m:
         e[key] = m[key]
+    if e.get('env') == 'tabletop' and 'categories' not in e:
+      e['categories'] = tuple(TABLETOP_CATEGORIES)
     settings = cls(**e)
-    if settings.env not in ('', 'metaworld'):
-      raise ValueError(f"config.eval.env must be 'metaworld' or '', got {settings.env!r}")
+    if settings.env not in ('', *ENV_MODULES):
+      raise ValueError(f"config.eval.env must be one of {('', *ENV_MODULES)}, got {settings.env!r}")
     bad = [c for c in settings.categories if c not in eval_report.CATEGORY_ORDER]
     if bad:
       raise ValueError(f'unknown eval categories {bad}; known: {eval_report.CATEGORY_ORDER}')
@@ -97,6 +119,17 @@ class EvalSettings:
       for t in (*settings.tasks, *settings.unseen_tasks):
         mw.check_task(t)
     return settings
+
+
+  @property
+  def env_module(self):
+    import importlib
+    return importlib.import_module(ENV_MODULES[self.env or 'metaworld'])
+
+  def render_settings(self):
+    if self.env == 'tabletop':
+      return self.env_module.RenderSettings(self.image_size)
+    return mw.RenderSettings(self.image_size, self.camera)
 
 
 def _as_tuple(value) -> tuple[str, ...]:
@@ -126,6 +159,14 @@ def episode_specs(settings: EvalSettings, train_seeds: dict | None = None
                   ) -> list[mw.EpisodeSpec]:
   """The seeded episodes of every category (the same list for every checkpoint and actor)."""
   n = settings.episodes
+  if settings.env == 'tabletop':
+    from rt2_jax.envs import tabletop
+    specs = []
+    for cat in settings.categories:
+      tasks = TABLETOP_CATEGORIES[cat]
+      specs += [tabletop.episode_spec(tasks[i % len(tasks)], EVAL_SEED_BASE + i, cat)
+                for i in range(n)]
+    return specs
   held_out = [EVAL_SEED_BASE + i for i in range(n)]
   specs = []
   for cat in settings.categories:
@@ -142,28 +183,33 @@ def episode_specs(settings: EvalSettings, train_seeds: dict | None = None
 
 
 class PolicyActor:
-  """rt2_jax.policy.Policy on a batch of environments: one policy.batch call per step."""
+  """rt2_jax.policy.Policy on a batch of environments: one policy.batch call per step.
+
+  The env action is the policy's action fields other than `terminate`, in their order
+  (Meta-World: world_vector, gripper; tabletop: delta)."""
 
   needs_images = True
   name = 'policy'
 
-  def __init__(self, policy, use_terminate: bool = True):
+  def __init__(self, policy, use_terminate: bool = True, action_dim: int = mw.ACTION_DIM,
+               env: str = 'metaworld'):
     names = [f.name for f in policy.action_space.fields]
-    missing = [n for n in ('world_vector', 'gripper') if n not in names]
-    if missing:
-      raise ValueError(f'the checkpoint predicts {names}, not a Meta-World action (needs '
-                       f'world_vector[3], gripper[1] and optionally terminate): train with '
-                       'data.robot.spec=metaworld')
+    self.fields = [n for n in names if n != 'terminate']
+    width = sum(f.width for f in policy.action_space.fields if f.name != 'terminate')
+    if width != action_dim:
+      raise ValueError(f'the checkpoint predicts {names} ({width} numbers besides terminate), '
+                       f'not a {env} action of {action_dim}: train on that env\'s data '
+                       f'(data.robot.spec={env})')
     self.policy, self.use_terminate = policy, use_terminate
     self.has_terminate = 'terminate' in names
     self.seconds, self.calls = 0.0, 0
 
-  def __call__(self, batch: mw.ActorInput):
+  def __call__(self, batch: runner.ActorInput):
     start = time.time()
     outs = self.policy.batch(batch.images, batch.instructions)
     self.seconds += time.time() - start
     self.calls += 1
-    actions = np.stack([np.concatenate([o.action['world_vector'], o.action['gripper']])
+    actions = np.stack([np.concatenate([o.action[n] for n in self.fields])
                         for o in outs]).astype(np.float32)
     if self.use_terminate and self.has_terminate:
       terminate = np.array([float(o.action['terminate'][0]) > 0.5 for o in outs])
@@ -179,7 +225,8 @@ def _rows(actor: str, results: Sequence[mw.EpisodeResult]) -> list[dict]:
 
 
 def _specs_key(specs, settings: EvalSettings) -> str:
-  text = json.dumps([dataclasses.astuple(s) for s in specs] + [settings.max_steps])
+  text = json.dumps([dataclasses.astuple(s) for s in specs] + [settings.max_steps]
+                    + ([settings.env] if settings.env != 'metaworld' else []))
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -192,9 +239,11 @@ def baseline_rows(specs, settings: EvalSettings, cache_dir: str, progress=True) 
       with open(path) as f:
         rows += json.load(f)
       continue
-    actor = mw.ExpertActor() if name == 'expert' else mw.RandomActor(settings.seed)
-    results = mw.run_episodes(specs, actor, num_envs=settings.num_envs, workers=settings.workers,
-                              max_steps=settings.max_steps, progress=progress, desc=name)
+    module = settings.env_module
+    actor = module.ExpertActor() if name == 'expert' else module.RandomActor(settings.seed)
+    results = runner.run_episodes(specs, actor, env=module.__name__, num_envs=settings.num_envs,
+                                  workers=settings.workers, max_steps=settings.max_steps,
+                                  progress=progress, desc=name)
     new = _rows(name, results)
     os.makedirs(cache_dir, exist_ok=True)
     with open(path, 'w') as f:
@@ -210,8 +259,16 @@ def save_gif(frames, path: str, fps: int = 15, scale: int = 2) -> None:
   images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
 
 
-def closed_loop(policy, settings: EvalSettings, specs, out_dir: str, progress=True) -> dict:
-  actor = PolicyActor(policy, settings.use_terminate)
+def closed_loop(policy, settings: EvalSettings, specs, out_dir: str, progress=True,
+                plan_policy=None) -> dict:
+  """Rolls `policy` out on `specs`; with `plan_policy`, the episodes of
+  `settings.plan_categories` are decoded plan-then-action by it instead."""
+  module = settings.env_module
+  groups = [(policy, [i for i, s in enumerate(specs)
+                      if plan_policy is None or s.category not in settings.plan_categories])]
+  if plan_policy is not None:
+    groups.append((plan_policy, [i for i, s in enumerate(specs)
+                                 if s.category in settings.plan_categories]))
   # Record the first episode of the first `videos` (category, task) groups.
   firsts, seen = [], set()
   for i, s in enumerate(specs):
@@ -219,10 +276,21 @@ def closed_loop(policy, settings: EvalSettings, specs, out_dir: str, progress=Tr
       seen.add((s.category, s.task))
       firsts.append(i)
   start = time.time()
-  results = mw.run_episodes(
-      specs, actor, num_envs=settings.num_envs, workers=settings.workers,
-      max_steps=settings.max_steps, render=mw.RenderSettings(settings.image_size, settings.camera),
-      record=firsts, progress=progress, desc='policy')
+  results: list = [None] * len(specs)
+  calls, seconds_in_policy = 0, 0.0
+  for group_policy, index in groups:
+    if not index:
+      continue
+    actor = PolicyActor(group_policy, settings.use_terminate, module.ACTION_DIM, settings.env)
+    chunk = runner.run_episodes(
+        [specs[i] for i in index], actor, env=module.__name__, num_envs=settings.num_envs,
+        workers=settings.workers, max_steps=settings.max_steps,
+        render=settings.render_settings(), record=[k for k, i in enumerate(index) if i in firsts],
+        progress=progress, desc='policy' + (' (plan)' if group_policy is plan_policy else ''))
+    for i, r in zip(index, chunk, strict=True):
+      results[i] = r
+    calls += actor.calls
+    seconds_in_policy += actor.seconds
   seconds = time.time() - start
   videos = []
   if firsts:
@@ -230,15 +298,16 @@ def closed_loop(policy, settings: EvalSettings, specs, out_dir: str, progress=Tr
   for i in firsts:
     r = results[i]
     if r.frames:
-      name = (f'{r.spec.category}_{r.spec.task}_{r.spec.seed}_'
+      task = r.spec.task.replace('@', '_')
+      name = (f'{r.spec.category}_{task}_{r.spec.seed}_'
               f'{"success" if r.success else "fail"}.gif')
       save_gif(r.frames, os.path.join(out_dir, 'videos', name))
       videos.append(os.path.join('videos', name))
   steps = sum(r.steps for r in results)
   return dict(rows=_rows('policy', results), videos=videos, seconds=round(seconds, 1),
-              env_steps=steps, policy_calls=actor.calls,
-              policy_seconds=round(actor.seconds, 1),
-              ms_per_policy_call=round(1000 * actor.seconds / max(1, actor.calls), 1))
+              env_steps=steps, policy_calls=int(calls),
+              policy_seconds=round(seconds_in_policy, 1),
+              ms_per_policy_call=round(1000 * seconds_in_policy / max(1, calls), 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,14 +504,20 @@ def evaluate(workdir: str, step: int | None = None, config=None, name: str = 'de
                                     for k, v in results['offline_web'].items()
                                     if isinstance(v, dict) and 'exact_match' in v))
 
-  if settings.env == 'metaworld' and settings.tasks:
-    manifest = demo_manifest(eval_config)
+  if (settings.env == 'metaworld' and settings.tasks) or settings.env == 'tabletop':
+    manifest = demo_manifest(eval_config) if settings.env == 'metaworld' else None
     train_seeds = (manifest or {}).get('splits', {}).get('train')
     specs = episode_specs(settings, train_seeds)
+    plan_policy = None
+    if settings.env == 'tabletop' and any(s.category in settings.plan_categories for s in specs):
+      plan_policy = Policy(probe.config, probe.params, probe.stats, probe.action_space,
+                           vocab=probe.vocab, step=probe.step, model_id=probe.model_id,
+                           batch_buckets=(batch,), mode='plan_then_action')
     log(f'closed loop: {len(specs)} episodes ({", ".join(settings.categories)}), '
         f'{settings.num_envs} envs in {settings.workers} worker process(es)')
     t = time.time()
-    loop = closed_loop(policy, settings, specs, out_dir, progress=progress)
+    loop = closed_loop(policy, settings, specs, out_dir, progress=progress,
+                       plan_policy=plan_policy)
     rows = loop.pop('rows')
     rows += baseline_rows(specs, settings, os.path.join(workdir, 'eval', name), progress)
     results['timings']['closed_loop_s'] = round(time.time() - t, 1)

@@ -33,6 +33,7 @@ def parse():
   p.add_argument('--steps', type=int, default=1500)
   p.add_argument('--batch', type=int, default=32)
   p.add_argument('--lr', type=float, default=1e-3)
+  p.add_argument('--optim', default='adamw', help="'adamw' or 'adafactor' (rt2_jax.optim)")
   p.add_argument('--warmup', type=int, default=100)
   p.add_argument('--image_size', type=int, default=64)
   p.add_argument('--patch', type=int, default=8)
@@ -40,10 +41,12 @@ def parse():
   p.add_argument('--vit', default='128,2,4,512', help='width,depth,heads,mlp')
   p.add_argument('--t5', default='128,2,2,4,512', help='emb,enc,dec,heads,mlp')
   p.add_argument('--kinds', default='grounding')
+  p.add_argument('--grid', type=int, default=8, help='location answers: cells per side')
   p.add_argument('--min_objects', type=int, default=3)
   p.add_argument('--max_objects', type=int, default=6)
   p.add_argument('--curriculum', type=int, default=0,
                  help='steps over which max_objects grows from 1 (0 = none)')
+  p.add_argument('--clean', action='store_true', help='no marks, no clutter strokes')
   p.add_argument('--pool', type=int, default=6000, help='training pictures')
   p.add_argument('--eval_every', type=int, default=250)
   p.add_argument('--eval_n', type=int, default=400)
@@ -59,7 +62,8 @@ def build_examples(vocab, rng, n_images, args, kinds, max_objects=None):
   for _ in range(n_images):
     image, qas, _ = web_corpus.sample(
         rng, args.image_size, kinds, min_objects=1 if max_objects else args.min_objects,
-        max_objects=max_objects or args.max_objects)
+        max_objects=max_objects or args.max_objects, max_marks=0 if args.clean else 2,
+      clutter=not args.clean)
     qas = [qa for qa in qas if qa[1]]  # questions only (captions are long)
     if not qas:
       continue
@@ -83,6 +87,9 @@ def encode(vocab, rows, in_len=16, out_len=6):
 
 def main():
   args = parse()
+  from rt2_jax.data import web_corpus
+
+  web_corpus.GRID = args.grid
   import jax
   import jax.numpy as jnp
   import optax
@@ -128,8 +135,17 @@ def main():
   params = jax.tree.map(lambda x: x.value if hasattr(x, 'value') else x, params,
                         is_leaf=lambda x: hasattr(x, 'value'))
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  sched = optax.warmup_cosine_decay_schedule(0, args.lr, args.warmup, args.steps, args.lr * 0.05)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-4))
+  if args.optim == 'adafactor':
+    from rt2_jax import optim
+
+    cfg.optim.update(dict(name='adafactor', lr=args.lr, schedule='cosine',
+                          warmup_steps=args.warmup))
+    cfg.total_steps = args.steps
+    tx, _ = optim.make_optimizer(cfg, params)
+  else:
+    sched = optax.warmup_cosine_decay_schedule(0, args.lr, args.warmup, args.steps,
+                                               args.lr * 0.05)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-4))
   opt = tx.init(params)
 
   def shift(t):

@@ -29,6 +29,26 @@ TEMPLATE_WORDS = (
     'answer task go reach touch').split()
 
 
+def _generated_words(samples: int = 400) -> list[str]:
+  """Every word of sampled tabletop instructions and plans and of the web corpus's text."""
+  import re
+
+  import numpy as np
+
+  from rt2_jax.data import web_corpus
+  from rt2_jax.envs import tabletop_tasks
+
+  texts = []
+  for task in tabletop_tasks.TASKS:
+    for seed in range(samples // 20):
+      episode = tabletop_tasks.make_episode(task, seed)
+      texts += [episode.instruction, episode.plan or '']
+  rng = np.random.default_rng(0)
+  for _ in range(samples):
+    texts += [q + ' ' + a for _, q, a in web_corpus.sample(rng, 32)[1]]
+  return [w for w in re.findall(r"[A-Za-z]+", ' '.join(texts))]
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), '..', 'rt2_jax',
@@ -41,6 +61,7 @@ def main():
                  | set(concepts.SIZES) | set(concepts.ICONS) | set(concepts.RELATIONS)
                  | {w for place in concepts.PLACES for w in place.split()})
   words += sorted({w.capitalize() for w in TEMPLATE_WORDS} - set(words))
+  words += sorted(set(_generated_words()) - set(words))
   numbers = [f'▁{i}' for i in range(256)]
   symbols = numbers + [f'▁{w}' for w in words if f'▁{w}' not in numbers]
   # A small corpus of the words themselves: the symbols above make every word one piece; the

@@ -145,5 +145,5 @@ def test_policy_actor_maps_outputs_to_env_actions():
 
   from rt2_jax.data.spec import load_spec
   bridge = types.SimpleNamespace(action_space=load_spec('bridge_dataset').action_space)
-  with pytest.raises(ValueError, match='not a Meta-World action'):
+  with pytest.raises(ValueError, match='not a metaworld action of 4'):
     evaluate.PolicyActor(bridge)

@@ -79,7 +79,8 @@ class DrawnScene:
     return ''  # two identical objects: not nameable
 
 
-def location_text(x: float, y: float, grid: int = GRID) -> str:
+def location_text(x: float, y: float, grid: int = 0) -> str:
+  grid = grid or GRID
   col = min(grid - 1, max(0, int(x * grid)))
   row = min(grid - 1, max(0, int(y * grid)))
   return f'{col} {row}'
@@ -91,7 +92,7 @@ def location_text(x: float, y: float, grid: int = GRID) -> str:
 
 def random_scene(rng: np.random.Generator, *, min_objects: int = 3, max_objects: int = 6,
                  colours=tuple(concepts.COLOURS), shapes=concepts.SHAPES,
-                 max_marks: int = 2) -> DrawnScene:
+                 max_marks: int = 2, clutter: bool = True) -> DrawnScene:
   n = int(rng.integers(min_objects, max_objects + 1))
   squash = float(rng.uniform(0.7, 1.0)) if rng.random() < 0.5 else 1.0
   placed: list[tuple[float, float, float]] = []
@@ -122,7 +123,8 @@ def random_scene(rng: np.random.Generator, *, min_objects: int = 3, max_objects:
       symbol = str(rng.choice(concepts.DIGITS + concepts.ICONS))
       marks.append(DrawnMark(symbol, spot[0], spot[1], radius))
   background = tuple(float(c) for c in BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
-  return DrawnScene(tuple(objects), tuple(marks), background, squash, int(rng.integers(0, 6)))
+  strokes = int(rng.integers(0, 6)) if clutter else 0
+  return DrawnScene(tuple(objects), tuple(marks), background, squash, strokes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +304,9 @@ def questions(scene: DrawnScene, rng: np.random.Generator,
   if 'caption' in kinds and nameable:
     listed = [names[i] for i in nameable]
     marks = [m.symbol for m in scene.marks]
-    text = _list_names(listed)
+    # At most three blocks and one mark by name: a caption fits the tiny config's 24 targets.
+    text = _list_names(listed[:3]) + (' and other blocks' if len(listed) > 3 else '')
+    marks = marks[:1]
     if marks:
       text += ' beside ' + ' and '.join(f'the {"digit " if s in concepts.DIGITS else ""}{s}'
                                         for s in marks)

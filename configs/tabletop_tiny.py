@@ -1,0 +1,88 @@
+"""Tiny VLA on the tabletop world: does web knowledge reach robot control? (RT-2's ablation.)
+
+  python -m rt2_jax.recipes.tabletop --config=configs/tabletop_tiny.py --workdir=/tmp/tt
+  python -m rt2_jax.recipes.tabletop --config=configs/tabletop_tiny.py:robot_only ...
+
+`get_config(recipe)`: 'cofinetune' (default; RT-2's recipe: web-pretrained VLM, then robot + web
+co-fine-tuning), 'robot_only' (web-pretrained, fine-tuned on robot data alone), 'scratch'
+(robot data alone from random weights). All three train the same steps on the same robot demos.
+Blocks beyond configs/tiny.py: `tabletop` (demos), `web_corpus` (the drawn web corpus),
+`pretrain` (web pretraining, cached as a checkpoint and shared by the web-pretrained recipes),
+`recipe` and `eval` (rt2_jax.evaluate.EvalSettings).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+RECIPES = ('cofinetune', 'robot_only', 'scratch')
+
+
+def _base_config():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny.py')
+  spec = importlib.util.spec_from_file_location('_rt2_tiny_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config(arg=None):
+  recipe = arg or 'cofinetune'
+  if recipe not in RECIPES:
+    raise ValueError(f'configs/tabletop_tiny.py: unknown recipe {recipe!r}; known: {RECIPES}')
+  c = _base_config()
+  c.recipe = ml_collections.ConfigDict(dict(
+      name=recipe,
+      web_pretrained=recipe != 'scratch',
+      # Robot share of the fine-tuning mixture; RT-2 used about half robot data.
+      cofinetune_robot_rate=0.5,
+  ))
+
+  # Vocabulary with every concept word a whole piece (scripts/train_tabletop_spm.py).
+  c.vocab.path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'rt2_jax',
+                              'assets', 'tabletop_spm.model')
+
+  # Demonstrations (python -m rt2_jax.data.tabletop_demos); out '' = a cache folder keyed by
+  # these settings under ~/.cache/rt2_jax/tabletop. tasks '' = every family of the robot pool.
+  c.tabletop = ml_collections.ConfigDict(dict(
+      tasks='', episodes=60, val_episodes=4, image_size=64, max_steps=200, out='', workers=2))
+  # The web corpus (rt2_jax.data.web_corpus): drawn pictures of every concept.
+  c.web_corpus = ml_collections.ConfigDict(dict(images=8000, val_images=200, image_size=64,
+                                                seed=0, out=''))
+  # Web pretraining: the VLM learns the concepts from the web corpus alone (the stand-in for
+  # internet-scale pretraining). Cached by (corpus, model, these settings).
+  c.pretrain = ml_collections.ConfigDict(dict(steps=6000, lr=1e-3, batch_size=32, seed=0,
+                                              out=''))
+
+  c.data.robot.spec = 'tabletop'
+  c.data.robot.data_dir = ''  # set by the recipe to the generated demos
+  c.data.synthetic_if_missing = False
+  c.data.web.jsonl = ''  # set by the recipe to the web corpus
+  c.data.robot_rate = 1.0 if recipe != 'cofinetune' else c.recipe.cofinetune_robot_rate
+  c.data.max_input_len = 32  # the prompt (8 tokens) around instructions of up to 21
+  c.data.max_target_len = 28  # 'Plan: ... Action:' (up to 22) + 3 action tokens + EOS; captions <= 25
+
+  c.model.image_size = 64
+  c.model.vit.patch_size = 8
+  c.model.vit.posemb = 'sincos2d'
+  c.total_steps = 3000
+  c.batch_size = 32
+  c.log_every = 100
+  c.optim.name = 'adamw'
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.optim.schedule = 'cosine'
+  c.optim.weight_decay = 1e-4
+  c.ckpt.every = 1000
+  c.ckpt.keep = 3
+
+  c.eval = ml_collections.ConfigDict(dict(
+      env='tabletop',
+      # seen, unseen_combinations, unseen_concepts, symbols, relations, multistep
+      categories='seen,unseen_combinations,unseen_concepts,symbols,relations,multistep',
+      episodes=50, max_steps=160, num_envs=10, workers=2, baselines='expert,random',
+      videos=6, use_terminate=True, offline_max_examples=256, web_jsonl='',
+      web_max_examples=200, image_size=64, plan_categories='multistep', seed=0,
+  ))
+  return c
