@@ -88,6 +88,15 @@ class EvalSettings:
   # Categories decoded plan-then-action (tabletop multistep) when the run trained on plans.
   plan_categories: tuple[str, ...] = ('multistep',)
 
+  def __post_init__(self):
+    if self.env == 'tabletop' and self.categories == eval_report.CATEGORY_ORDER:
+      object.__setattr__(self, 'categories', tuple(TABLETOP_CATEGORIES))
+    if self.env == 'tabletop':
+      bad = [c for c in self.categories if c not in TABLETOP_CATEGORIES]
+      if bad:
+        raise ValueError(f'unknown tabletop eval categories {bad}; known: '
+                         f'{tuple(TABLETOP_CATEGORIES)}')
+
   @classmethod
   def from_config(cls, config) -> EvalSettings:
     e = dict(config.get('eval', {}) or {})
@@ -104,8 +113,6 @@ class EvalSettings:
     for key in ('image_size', 'camera'):
       if key not in e and key in m:
         e[key] = m[key]
-    if e.get('env') == 'tabletop' and 'categories' not in e:
-      e['categories'] = tuple(TABLETOP_CATEGORIES)
     settings = cls(**e)
     if settings.env not in ('', *ENV_MODULES):
       raise ValueError(f"config.eval.env must be one of {('', *ENV_MODULES)}, got {settings.env!r}")
