@@ -74,6 +74,9 @@ class ServeConfig:
   max_body_bytes: int = 32 << 20
   body_timeout_s: float = 5.0  # the whole body must arrive within this after the headers: 408
   max_instruction_chars: int = 4096  # longer instructions are refused (prompts are cut anyway)
+  # Most values in a body's lists (nested-list images): parsing millions holds the GIL for
+  # seconds, so more are refused (413) before parsing; images travel best as bytes anyway.
+  max_list_values: int = 1_000_000
   parse_threads: int = 2  # threads decoding request bodies and images, off the event loop
   request_timeout_s: float = 60.0  # a request waiting longer than this gets 504
   token: str = ''  # bearer token; '' = no authentication
@@ -85,8 +88,10 @@ class ServeConfig:
       raise ValueError(f'max_batch must be >= 1, got {self.max_batch}')
     if self.max_wait_ms < 0:
       raise ValueError(f'max_wait_ms must be >= 0, got {self.max_wait_ms}')
-    if self.body_timeout_s <= 0 or self.parse_threads < 1 or self.max_instruction_chars < 1:
-      raise ValueError('body_timeout_s, parse_threads and max_instruction_chars must be positive')
+    if min(self.body_timeout_s, self.parse_threads, self.max_instruction_chars,
+           self.max_list_values) <= 0:
+      raise ValueError('body_timeout_s, parse_threads, max_instruction_chars and max_list_values '
+                       'must be positive')
     if self.token != self.token.strip() or (self.token and not self.token.isprintable()):
       raise ValueError('the token must not be blank, start or end with whitespace, or hold '
                        'control characters (it travels in an HTTP header)')
@@ -387,15 +392,25 @@ def _media_type(headers, name: str) -> str:
   return headers.get(name, '').split(';')[0].strip().lower()
 
 
-def decode_body(body: bytes, content_type: str):
+def _too_many_values(limit: int) -> RequestError:
+  return RequestError(f'body holds more than {limit} list values; send images as base64 PNG/JPEG '
+                      'or raw bytes, or as msgpack uint8 arrays, rather than as nested lists', 413)
+
+
+def decode_body(body: bytes, content_type: str,
+                max_list_values: int = ServeConfig.max_list_values):
   if content_type in wire.MSGPACK_TYPES:
     try:
-      return wire.unpackb(body)
+      return wire.unpackb(body, max_list_values=max_list_values)
+    except wire.TooManyValues:
+      raise _too_many_values(max_list_values) from None
     except wire.WireError as e:
       raise RequestError(str(e)) from None
   if content_type not in ('', 'application/json', 'text/json'):
     raise RequestError(f'unsupported content type {content_type[:100]!r}; send application/json '
                        f'or {wire.MSGPACK_TYPE}', 415)
+  if body.count(b',') >= max_list_values:  # a cheap bound on the values, before parsing
+    raise _too_many_values(max_list_values)
   try:
     return json.loads(body)
   except RecursionError:
@@ -407,7 +422,8 @@ def decode_body(body: bytes, content_type: str):
 def parse_request(body: bytes, content_type: str, parse, shape, config: ServeConfig):
   """Body bytes -> (images, instructions, kind): JSON/msgpack decoding, base64, image decoding
   and every check. Runs in a worker thread, never on the event loop."""
-  images, instructions, kind = parse(decode_body(body, content_type), shape, config.max_instances)
+  message = decode_body(body, content_type, config.max_list_values)
+  images, instructions, kind = parse(message, shape, config.max_instances)
   for i, text in enumerate(instructions):
     if len(text) > config.max_instruction_chars:
       raise RequestError(f'instruction {i} has {len(text)} characters; at most '

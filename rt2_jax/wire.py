@@ -91,10 +91,28 @@ def packb(message) -> bytes:
   return msgpack.packb(message, default=_pack_default, use_bin_type=True)
 
 
-def unpackb(data: bytes):
-  """msgpack bytes -> the message, arrays restored as (read-only) numpy arrays."""
+class TooManyValues(WireError):
+  """A message holding more list values than the receiver accepts."""
+
+
+def unpackb(data: bytes, max_list_values: int | None = None):
+  """msgpack bytes -> the message, arrays restored as (read-only) numpy arrays.
+
+  `max_list_values`: decoding stops with TooManyValues once the message's lists hold more
+  values in all (millions of small Python objects take seconds to build, holding the GIL)."""
+  list_hook = None
+  if max_list_values is not None:
+    count = 0
+
+    def list_hook(values):
+      nonlocal count
+      count += len(values)
+      if count > max_list_values:
+        raise TooManyValues(f'message holds more than {max_list_values} list values')
+      return values
   try:
-    return msgpack.unpackb(data, object_hook=_unpack_hook, raw=False, strict_map_key=True)
+    return msgpack.unpackb(data, object_hook=_unpack_hook, list_hook=list_hook, raw=False,
+                           strict_map_key=True)
   except WireError:
     raise
   except Exception as e:  # msgpack raises several unrelated types for garbage input.

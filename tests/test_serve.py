@@ -505,3 +505,32 @@ def test_an_empty_token_file_refuses_to_start(tmp_path):
   assert result.returncode != 0
   assert 'token' in result.stderr and 'is empty' in result.stderr, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
+
+
+def test_bodies_with_millions_of_list_values_are_refused_before_parsing():
+  # Parsing millions of JSON/msgpack values holds the GIL for seconds (json/msgpack are C), so
+  # even in a worker thread it stalled the event loop: an 8M-value body froze /health ~2 s.
+  server, url = _start(ScriptedPolicy())
+  try:
+    huge_json = b'{"image": [' + b'0,' * 8_000_000 + b'0], "instruction": "go"}'
+    huge_msgpack = wire.packb({'image': [[0, 0, 0]] * 400_000, 'instruction': 'go'})
+    for body, ctype in ((huge_json, 'application/json'), (huge_msgpack, wire.MSGPACK_TYPE)):
+      with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(httpx.post, f'{url}/predict', content=body, timeout=30,
+                             headers={'content-type': ctype})
+        worst = 0.0
+        while not future.done():
+          start = time.monotonic()
+          assert httpx.get(f'{url}/health', timeout=10).status_code == 200
+          worst = max(worst, time.monotonic() - start)
+          time.sleep(0.02)
+        response = future.result()
+      assert response.status_code == 413, response.text
+      assert 'more than 1000000 list values; send images as base64' in response.json()['error']
+      assert worst < 1.0, (ctype, worst)  # was ~2 s for the JSON body on 2 cores
+    # Nested-list images of a sane size still work.
+    reply = httpx.post(f'{url}/predict', json={'image': _image(1).tolist(), 'instruction': 'go'})
+    assert reply.status_code == 200 and reply.json()['vector'][0] == pytest.approx(
+        _image(1).mean())
+  finally:
+    server.stop()
