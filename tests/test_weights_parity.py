@@ -4,6 +4,7 @@ The HF models are built from configs (no download), written with save_pretrained
 read back by our converter without torch, and compared on the same inputs in float32.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -208,8 +209,10 @@ def test_mismatches_and_missing_tensors_are_reported_by_name(tmp_path):
   report = Report()
   hf_t5.convert(tensors, hf_cfg, T5Config(**hf_t5.settings_from_hf(hf_cfg)), report)
   assert report.errors == [
-      'T5: checkpoint has no tensor decoder.block.1.layer.2.DenseReluDense.wo.weight']
-  assert report.unused == ['extra.weight']
+      'T5: checkpoint has no tensor decoder.block.1.layer.2.DenseReluDense.wo.weight',
+      'T5: 1 checkpoint tensors are not used by the model and not known to be unused (a '
+      'checkpoint layout this importer does not read): extra.weight']
+  assert report.unused == []
 
   # Through the full converter: tied config vs an untied checkpoint fails naming the fix.
   overrides = _tiny_overrides(str(tmp_path / 't5'), str(tmp_path / 'vit'), vocab_size=VOCAB)
@@ -283,11 +286,12 @@ def test_convert_with_scan_layers_stacks_and_names_checkpoint_tensors(tmp_path):
   assert any('scan_layers=True' in note for note in scan_report.notes)
 
   # Unused and missing tensors are named as in the checkpoint, with scan on.
+  assert report.unused and all(k.startswith('head.') for k in report.unused)  # SigLIP pooling
   extra = _copy_checkpoint(t5_dir, str(tmp_path / 't5_extra'),
                            add={'decoder.block.9.layer.0.layer_norm.weight': np.ones(32)})
-  _, extra_report = convert(scan_cfg, extra, vit_dir, **quiet)
-  assert sorted(extra_report.unused) == sorted(
-      report.unused + ['decoder.block.9.layer.0.layer_norm.weight'])  # + SigLIP's pooling head
+  with pytest.raises(ConversionError, match=r'T5: 1 checkpoint tensors are not used by the model '
+                                            r'.*: decoder\.block\.9\.layer\.0\.layer_norm\.weight'):
+    convert(scan_cfg, extra, vit_dir, **quiet)
   missing = _copy_checkpoint(t5_dir, str(tmp_path / 't5_missing'),
                              drop=('encoder.block.1.layer.1.DenseReluDense.wi_0.weight',))
   with pytest.raises(ConversionError,
@@ -311,3 +315,167 @@ def test_convert_with_scan_layers_stacks_and_names_checkpoint_tensors(tmp_path):
   logits = VLA(scan_cfg).apply({'params': loaded}, images, enc, dec)
   expected = VLA(unrolled_cfg).apply({'params': params}, images, enc, dec)
   np.testing.assert_allclose(logits, expected, atol=2e-5, rtol=1e-5)
+
+
+# Importer defects found by an independent parity check (issue 20, item 4).
+
+# 'ACT' and 'gated-ACT' over every transformers ACT2FN name the importer maps.
+FEED_FORWARD_PROJS = ('relu', 'gated-relu', 'gelu', 'gated-gelu', 'gelu_new', 'gated-gelu_new',
+                      'gelu_pytorch_tanh', 'gated-gelu_pytorch_tanh', 'gelu_fast', 'silu',
+                      'gated-silu', 'swish')
+
+
+def _hf_t5_in_memory(model_cls=None, config_cls=None, **kw):
+  """(HF model, its config.json dict as save_pretrained writes it, its tensors); no disk."""
+  torch.manual_seed(0)
+  config_cls = config_cls or transformers.T5Config
+  cfg = config_cls(vocab_size=VOCAB, d_model=32, num_heads=2, d_kv=16, d_ff=40, num_layers=2,
+                   dropout_rate=0.0, relative_attention_num_buckets=8,
+                   relative_attention_max_distance=20, **kw)
+  model = (model_cls or transformers.T5ForConditionalGeneration)(cfg).eval()
+  _perturb_norms(model)
+  tensors = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+  return model, json.loads(cfg.to_json_string()), tensors
+
+
+def _t5_logits(model, cfg, params):
+  enc, dec = _tokens()
+  ours = np.asarray(T5(cfg).apply({'params': params}, enc, dec))
+  with torch.no_grad():
+    ref = model(input_ids=torch.from_numpy(enc).long(), attention_mask=torch.from_numpy(enc > 0),
+                decoder_input_ids=torch.from_numpy(dec).long()).logits.numpy()
+  return ours, ref
+
+
+@pytest.mark.parametrize('proj', FEED_FORWARD_PROJS)
+def test_t5_feed_forward_proj_matches_reference(proj):
+  # tie_word_embeddings=False: no output scaling, so the logits are large enough (|max| ~30)
+  # that tanh-vs-exact GELU shows far above the tolerance.
+  model, hf_cfg, tensors = _hf_t5_in_memory(feed_forward_proj=proj, tie_word_embeddings=False)
+  cfg = T5Config(**hf_t5.settings_from_hf(hf_cfg))
+  # The mapping is the one transformers applies (T5Config parses the string, ACT2FN runs it).
+  act = type(transformers.activations.ACT2FN[model.config.dense_act_fn])
+  assert len(cfg.mlp_activations) == (2 if model.config.is_gated_act else 1)
+  exact = act is transformers.activations.GELUActivation
+  assert (cfg.mlp_activations[0] == 'gelu_exact') == exact, (proj, act, cfg.mlp_activations)
+  report = Report()
+  params = hf_t5.convert(tensors, hf_cfg, cfg, report)['lm']
+  assert not report.errors, report.summary()
+  ours, ref = _t5_logits(model, cfg, params)
+  assert np.abs(ours - ref).max() < TOL, (proj, np.abs(ours - ref).max())
+  if 'gelu' in proj:  # the other GELU is far off: this comparison tells the two apart
+    other = 'gelu' if exact else 'gelu_exact'
+    wrong = dataclasses.replace(cfg, mlp_activations=(other, *cfg.mlp_activations[1:]))
+    assert np.abs(_t5_logits(model, wrong, params)[0] - ref).max() > 5 * TOL
+
+
+def test_t5_feed_forward_proj_refused_with_its_name():
+  with pytest.raises(ValueError, match="activation 'quick_gelu' has no equivalent"):
+    hf_t5.settings_from_hf(dict(hf_t5.CONFIG_DEFAULTS['t5'], feed_forward_proj='quick_gelu'))
+  with pytest.raises(ValueError, match="feed_forward_proj 'gelu-gated' is not of the form"):
+    hf_t5.settings_from_hf(dict(hf_t5.CONFIG_DEFAULTS['t5'], feed_forward_proj='gelu-gated'))
+
+
+def test_config_defaults_are_the_transformers_defaults():
+  for table, classes in ((hf_t5.CONFIG_DEFAULTS, dict(t5=transformers.T5Config,
+                                                      mt5=transformers.MT5Config)),
+                         (hf_vision.CONFIG_DEFAULTS, dict(siglip_vision_model=(
+                             transformers.SiglipVisionConfig), vit=transformers.ViTConfig))):
+    assert sorted(table) == sorted(classes)
+    for model_type, cls in classes.items():
+      theirs = cls().to_dict()
+      assert table[model_type] == {k: theirs[k] for k in table[model_type]}, model_type
+
+
+def test_mt5_matches_reference():
+  # transformers 5 saves mT5 with tie_word_embeddings=true but never scales its output.
+  model, hf_cfg, tensors = _hf_t5_in_memory(transformers.MT5ForConditionalGeneration,
+                                            transformers.MT5Config)
+  assert hf_cfg['model_type'] == 'mt5' and hf_cfg.get('tie_word_embeddings', True)
+  cfg = T5Config(**hf_t5.settings_from_hf(hf_cfg))
+  assert not cfg.logits_via_embedding and cfg.mlp_activations == ('gelu', 'linear')
+  report = Report()
+  params = hf_t5.convert(tensors, hf_cfg, cfg, report)['lm']
+  assert not report.errors, report.summary()
+  ours, ref = _t5_logits(model, cfg, params)
+  np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
+
+
+def test_umt5_refused_and_unused_tensors_are_errors(tmp_path):
+  model, hf_cfg, tensors = _hf_t5_in_memory(transformers.UMT5ForConditionalGeneration,
+                                            transformers.UMT5Config)
+  model.save_pretrained(str(tmp_path / 'umt5'))
+  saved = read_config(str(tmp_path / 'umt5'))
+  assert saved['model_type'] == 'umt5'
+  with pytest.raises(ConversionError, match="model_type 'umt5' is not supported: umT5 keeps a "
+                                            'relative-position bias table in every layer'):
+    hf_t5.convert(SafetensorsFolder(str(tmp_path / 'umt5')), saved,
+                  T5Config(**hf_t5.settings_from_hf(dict(saved, model_type='t5'))), Report())
+  # The same tensors under a T5 config: the per-layer tables are named, nothing converts.
+  disguised = dict(hf_cfg, model_type='t5')
+  report = Report()
+  assert hf_t5.convert(tensors, disguised, T5Config(**hf_t5.settings_from_hf(disguised)),
+                       report) == {}
+  assert len(report.errors) == 1 and 'in layers after the first (2 tensors, e.g. decoder.block.' \
+      '1.layer.0.SelfAttention.relative_attention_bias.weight), as umT5' in report.errors[0]
+  # Tied copies of `shared` are known to be unused; a copy that differs is an error.
+  _, hf_cfg, tensors = _hf_t5_in_memory(tie_word_embeddings=False)
+  cfg = T5Config(**hf_t5.settings_from_hf(hf_cfg))
+  for alias in ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight'):
+    tensors[alias] = tensors['shared.weight'].copy()
+  report = Report()
+  hf_t5.convert(tensors, hf_cfg, cfg, report)
+  assert not report.errors and report.unused == ['decoder.embed_tokens.weight',
+                                                 'encoder.embed_tokens.weight']
+  tensors['encoder.embed_tokens.weight'][3, 0] += 1
+  report = Report()
+  hf_t5.convert(tensors, hf_cfg, cfg, report)
+  assert report.errors == ['T5: encoder.embed_tokens.weight differs from shared.weight: separate '
+                           'input embeddings per stack are not supported']
+
+
+def test_paligemma_vision_config_without_defaults_matches_reference(tmp_path):
+  """A PaliGemma checkpoint whose vision_config leaves transformers' defaults out."""
+  torch.manual_seed(2)
+  hf_cfg = transformers.PaliGemmaConfig(
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, patch_size=16, vision_use_head=False),
+      text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=300),
+      projection_dim=16, vocab_size=300, image_token_index=299)
+  model = transformers.PaliGemmaForConditionalGeneration(hf_cfg).eval()
+  _perturb_norms(model)
+  folder = str(tmp_path)
+  model.save_pretrained(folder)
+  # As public PaliGemma config.json files: no key whose value is SigLIP's default.
+  defaults = transformers.SiglipVisionConfig().to_dict()
+  with open(os.path.join(folder, 'config.json')) as f:
+    config = json.load(f)
+  config['vision_config'] = {k: v for k, v in config['vision_config'].items()
+                             if k == 'model_type' or defaults.get(k, object()) != v}
+  assert 'image_size' not in config['vision_config']
+  assert 'hidden_act' not in config['vision_config']
+  settings = hf_vision.settings_from_hf(config)
+  assert settings['image_size'] == 224 and settings['mlp_activation'] == 'gelu_tanh'
+  cfg = ViTConfig(**settings)
+  report = Report()
+  params = hf_vision.convert(SafetensorsFolder(folder), config, cfg, report)['vit']
+  assert not report.errors, report.summary()
+  assert any(k.startswith('language_model.') for k in report.unused)
+  assert any('PaliGemma language model' in n for n in report.notes)
+  pixels = np.random.RandomState(0).uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)
+  ours = ViT(cfg).apply({'params': params}, pixels)
+  with torch.no_grad():
+    ref = model.model.vision_tower(
+        pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))).last_hidden_state
+  np.testing.assert_allclose(ours, ref.numpy(), atol=TOL, rtol=0)
+  # A tensor no importer knows is an error naming it; so is a tower it cannot read.
+  tensors = dict(SafetensorsFolder(folder))
+  tensors['vision_tower.encoder.layers.0.extra.weight'] = np.zeros(2, np.float32)
+  report = Report()
+  hf_vision.convert(tensors, config, cfg, report)
+  assert report.errors == ['ViT: 1 checkpoint tensors are not used by the model and not known '
+                           'to be unused (a checkpoint layout this importer does not read): '
+                           'vision_tower.encoder.layers.0.extra.weight']
+  with pytest.raises(ConversionError, match="model_type 'siglip2_vision_model' is not supported"):
+    hf_vision.settings_from_hf(dict(config, vision_config=dict(model_type='siglip2_vision_model')))

@@ -4,43 +4,105 @@ HF Linear weights are [out, in]; ours are [in, ...]: q/k/v [E, H*D] -> [E, H, D]
 The relative position bias lives in block 0 of each stack as an Embedding [buckets, heads];
 ours is [heads, buckets]. Output embedding: T5 (v1.0) ties it and scales the decoder output by
 d_model**-0.5 (our `logits_via_embedding=True`); T5 v1.1 / mT5 / UL2 have a separate `lm_head`
-and no scaling (`logits_via_embedding=False`).
+and no scaling (`logits_via_embedding=False`); mT5 never scales in transformers 5.
+Only model_type 't5' / 'mt5' are read; umT5 (a relative-position table in every layer) and
+other formats are refused, and a checkpoint tensor left unused is an error unless it is listed
+in KNOWN_UNUSED.
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from rt2_jax.models.t5 import T5Config
-from rt2_jax.weights.report import Report, Source, put
+from rt2_jax.weights.report import ConversionError, Report, Source, put
 
-# HF feed_forward_proj -> our mlp_activations.
-_ACTIVATIONS = {
-    'gated-gelu': ('gelu', 'linear'), 'gated-gelu_new': ('gelu', 'linear'),
-    'gated-silu': ('silu', 'linear'), 'gated-relu': ('relu', 'linear'),
-    'relu': ('relu',), 'gelu': ('gelu',), 'gelu_new': ('gelu',), 'silu': ('silu',),
+# transformers ACT2FN name -> ours (rt2_jax.models.layers.ACTIVATIONS). In transformers
+# ACT2FN['gelu'] is exact (erf) GELU; 'gelu_new', 'gelu_pytorch_tanh' and 'gelu_fast' are the
+# tanh approximation, which model.t5 calls 'gelu' (as configs/*.py; 'gelu_tanh' is the same).
+_HF_ACTIVATIONS = {
+    'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu', 'gelu_fast': 'gelu',
+    'relu': 'relu', 'silu': 'silu', 'swish': 'silu',
 }
+# Activations that are one function under two names (compared as equal in check_config).
+_SAME_FUNCTION = {'gelu_tanh': 'gelu'}
+SUPPORTED_MODEL_TYPES = ('t5', 'mt5')
+
+# transformers' config-class defaults (T5Config / MT5Config) for the keys read here: a
+# config.json saved with `use_diff` leaves out values equal to them. tests/test_weights_parity
+# checks them against the installed transformers.
+CONFIG_DEFAULTS = {
+    't5': dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+               relative_attention_num_buckets=32, relative_attention_max_distance=128,
+               layer_norm_epsilon=1e-6, feed_forward_proj='relu'),
+    'mt5': dict(vocab_size=250112, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                layer_norm_epsilon=1e-6, feed_forward_proj='gated-gelu'),
+}
+
+
+# Checkpoint tensors (after the model prefix) known not to be needed, and why. Any other tensor
+# left unused is an error (e.g. umT5's per-layer relative-position tables).
+_TIED_INPUT_EMBEDDINGS = ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight')
+KNOWN_UNUSED = {alias: 'tied copies of shared.weight (checked equal)'
+                for alias in _TIED_INPUT_EMBEDDINGS}
+_PER_LAYER_RELPOS = re.compile(
+    r'(?:^|\.)(?:encoder|decoder)\.block\.[1-9][0-9]*\.layer\.0\.SelfAttention\.'
+    r'relative_attention_bias\.weight$')
+
+
+def mlp_activations_from_hf(feed_forward_proj: str) -> tuple[str, ...]:
+  """model.t5.mlp_activations for an HF `feed_forward_proj`, parsed as transformers' T5Config.
+
+  'ACT' is one wi with ACT2FN[ACT]; 'gated-ACT' is wi_0 (ACT) * wi_1 (linear); for backwards
+  compatibility transformers reads 'gated-gelu' as 'gelu_new' (tanh), but plain 'gelu' is exact.
+  """
+  parts = feed_forward_proj.split('-')
+  if len(parts) > 2 or (len(parts) == 2 and parts[0] != 'gated'):
+    raise ValueError(f'T5 feed_forward_proj {feed_forward_proj!r} is not of the form '
+                     f"'ACT' or 'gated-ACT'")
+  act = 'gelu_new' if feed_forward_proj == 'gated-gelu' else parts[-1]
+  if act not in _HF_ACTIVATIONS:
+    raise ValueError(f'unsupported T5 feed_forward_proj {feed_forward_proj!r}: activation '
+                     f'{act!r} has no equivalent here; known: {sorted(_HF_ACTIVATIONS)}')
+  ours = _HF_ACTIVATIONS[act]
+  return (ours, 'linear') if len(parts) == 2 else (ours,)
+
+
+def _with_defaults(hf: dict) -> dict:
+  """The config with transformers' defaults for its model_type; unsupported types refused."""
+  model_type = hf.get('model_type', 't5')
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    why = (': umT5 keeps a relative-position bias table in every layer, model.t5 shares one '
+           'table per stack' if model_type == 'umt5' else '')
+    raise ConversionError(f'T5: checkpoint model_type {model_type!r} is not supported{why}; '
+                          f'supported: {", ".join(SUPPORTED_MODEL_TYPES)} (T5 v1.0/v1.1, '
+                          f'Flan-T5, UL2, mT5)')
+  return {**CONFIG_DEFAULTS[model_type], **hf}
 
 
 def _scales_output(hf: dict) -> bool:
   # transformers 5 writes `scale_decoder_outputs`; older configs say `tie_word_embeddings`.
+  # MT5 never scales in transformers 5 (its saved configs say tie_word_embeddings=true).
+  if hf.get('model_type') == 'mt5':
+    return bool(hf.get('scale_decoder_outputs', False))
   return bool(hf.get('scale_decoder_outputs', hf.get('tie_word_embeddings', True)))
 
 
 def settings_from_hf(hf: dict, tied: bool | None = None) -> dict:
   """`model.t5` keys (plus 'vocab_size') that reproduce an HF T5 config.json."""
-  proj = hf.get('feed_forward_proj', 'relu')
-  if proj not in _ACTIVATIONS:
-    raise ValueError(f'unsupported T5 feed_forward_proj {proj!r}; known: {sorted(_ACTIVATIONS)}')
+  hf = _with_defaults(hf)
   return dict(
       vocab_size=hf['vocab_size'], emb_dim=hf['d_model'], num_heads=hf['num_heads'],
       head_dim=hf['d_kv'], mlp_dim=hf['d_ff'], num_encoder_layers=hf['num_layers'],
       num_decoder_layers=hf.get('num_decoder_layers') or hf['num_layers'],
-      relative_attention_num_buckets=hf.get('relative_attention_num_buckets', 32),
-      relative_attention_max_distance=hf.get('relative_attention_max_distance', 128),
-      mlp_activations=_ACTIVATIONS[proj],
+      relative_attention_num_buckets=hf['relative_attention_num_buckets'],
+      relative_attention_max_distance=hf['relative_attention_max_distance'],
+      mlp_activations=mlp_activations_from_hf(hf['feed_forward_proj']),
       logits_via_embedding=_scales_output(hf) if tied is None else tied,
-      layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-6))
+      layer_norm_epsilon=hf['layer_norm_epsilon'])
 
 
 def check_config(hf: dict, cfg: T5Config, report: Report):
@@ -56,8 +118,16 @@ def check_config(hf: dict, cfg: T5Config, report: Report):
       if not np.isclose(theirs, ours, rtol=1e-3):
         report.errors.append(f'T5: layer_norm_epsilon {theirs} in the checkpoint, model.t5 '
                              f'has {ours}')
+    elif key == 'mlp_activations':
+      if _canonical(theirs) != _canonical(ours):
+        report.errors.append(f'T5: mlp_activations is {theirs} in the checkpoint but '
+                             f'model.t5.mlp_activations is {tuple(ours)}')
     elif tuple(np.atleast_1d(theirs)) != tuple(np.atleast_1d(ours)):
       report.errors.append(f'T5: {key} is {theirs} in the checkpoint but model.t5.{key} is {ours}')
+
+
+def _canonical(acts) -> tuple[str, ...]:
+  return tuple(_SAME_FUNCTION.get(a, a) for a in acts)
 
 
 def _attention(src: Source, tree, path: str, key: str, cfg: T5Config, report: Report):
@@ -108,7 +178,13 @@ def _embedding_rows(table: np.ndarray | None, vocab: int, path: str, report: Rep
 def convert(tensors, hf_config: dict, cfg: T5Config, report: Report, seed: int = 0) -> dict:
   """-> {'lm': ...}: our language-model parameters as nested float32 numpy arrays."""
   num_errors = len(report.errors)
-  check_config(hf_config, cfg, report)
+  check_config(hf_config, cfg, report)  # raises ConversionError for unsupported model types
+  per_layer = sorted(k for k in tensors if _PER_LAYER_RELPOS.search(k))
+  if per_layer:
+    report.errors.append(
+        f'T5: the checkpoint has a relative-position bias table in layers after the first '
+        f'({len(per_layer)} tensors, e.g. {per_layer[0]}), as umT5: not supported, model.t5 '
+        f'shares block 0\'s table across each stack')
   if len(report.errors) > num_errors:  # architecture differs: per-tensor errors would be noise
     return {}
   src = Source(tensors, _prefix(tensors), report, 'T5')
@@ -116,9 +192,11 @@ def convert(tensors, hf_config: dict, cfg: T5Config, report: Report, seed: int =
   tree: dict = {}
   v0 = src.tensors[src.prefix + 'shared.weight'].shape[0] if src.has('shared.weight') else None
   shared = src.take('shared.weight', (v0, cfg.emb_dim) if v0 else None)
-  for alias in ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight'):
-    if src.has(alias):  # tied copies of `shared` (older save formats store them)
-      src.mark_used(alias)
+  for alias in _TIED_INPUT_EMBEDDINGS:
+    if src.has(alias) and shared is not None and not np.array_equal(
+        np.asarray(src.tensors[src.prefix + alias], np.float32), shared):
+      report.errors.append(f'T5: {src.prefix + alias} differs from {src.prefix}shared.weight: '
+                           f'separate input embeddings per stack are not supported')
   put(tree, 'lm/token_embedder', _embedding_rows(shared, cfg.vocab_size, 'lm/token_embedder', report,
                                               rng, 1.0), report, src.prefix + 'shared.weight')
 
@@ -173,7 +251,8 @@ def convert(tensors, hf_config: dict, cfg: T5Config, report: Report, seed: int =
     _norm(src, tree, f'{ours}/pre_mlp_layer_norm', f'{theirs}.2.layer_norm.weight', cfg, report)
     _mlp(src, tree, f'{ours}/mlp', f'{theirs}.2.DenseReluDense', cfg, report)
   _norm(src, tree, 'lm/decoder/decoder_norm', 'decoder.final_layer_norm.weight', cfg, report)
-  src.finish()
+  src.finish(lambda key: KNOWN_UNUSED.get(key[len(src.prefix):]) if key.startswith(src.prefix)
+             else None)
   return tree
 
 

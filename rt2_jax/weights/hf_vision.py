@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from rt2_jax.models.vit import ViTConfig
-from rt2_jax.weights.report import Report, Source, put
+from rt2_jax.weights.report import ConversionError, Report, Source, put
 
 _ACTIVATIONS = {'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh', 'gelu_fast': 'gelu_tanh',
                 'gelu': 'gelu_exact', 'relu': 'relu', 'silu': 'silu'}
@@ -36,8 +36,69 @@ _FORMATS = {
 }
 
 
+# transformers' config-class defaults (SiglipVisionConfig / ViTConfig) for the keys read here.
+# A config.json leaves out values equal to them (public PaliGemma files have no image_size in
+# vision_config), and transformers fills them in. tests/test_weights_parity checks them against
+# the installed transformers.
+CONFIG_DEFAULTS = {
+    'siglip_vision_model': dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                num_attention_heads=12, num_channels=3, image_size=224,
+                                patch_size=16, hidden_act='gelu_pytorch_tanh', layer_norm_eps=1e-6),
+    'vit': dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
+                hidden_act='gelu', layer_norm_eps=1e-12),
+}
+# Composite configs whose `vision_config` is a SigLIP tower (transformers' default sub-config
+# type for a nested dict without model_type is 'siglip_vision_model').
+_NESTING = ('siglip', 'paligemma')
+
+# Checkpoint tensors known not to be needed, and why. Keys under the vision tower's prefix:
+_KNOWN_UNUSED_IN_TOWER = {
+    **{f'head.{k}': 'the SigLIP attention-pooling head (the VLA takes every patch token)'
+       for k in ('probe', 'attention.in_proj_weight', 'attention.in_proj_bias',
+                 'attention.out_proj.weight', 'attention.out_proj.bias', 'layernorm.weight',
+                 'layernorm.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight',
+                 'mlp.fc2.bias')},
+    'pooler.dense.weight': 'the HF ViT pooler (the VLA takes every patch token)',
+    'pooler.dense.bias': 'the HF ViT pooler (the VLA takes every patch token)',
+    'embeddings.mask_token': 'the HF ViT mask token (masked-image modelling only)',
+}
+# First name component (after an optional 'model.') of the other towers in a SiglipModel or
+# PaliGemma checkpoint; everything else outside the vision tower is an error.
+_KNOWN_OTHER_TOWERS = {
+    'text_model': 'the SigLIP text tower', 'logit_scale': 'the SigLIP contrastive logit scale',
+    'logit_bias': 'the SigLIP contrastive logit bias',
+    'language_model': 'the PaliGemma language model (model.t5 comes from --t5)',
+    'multi_modal_projector': 'the PaliGemma image projector (model.image_projection is new)',
+    'lm_head': 'the PaliGemma output embedding',
+}
+
+
 def _vision_config(hf: dict) -> dict:
-  return hf.get('vision_config', hf)  # SiglipModel / PaliGemma nest it
+  """The vision tower's config with transformers' defaults for missing keys."""
+  model_type = hf.get('model_type')
+  if 'vision_config' in hf or model_type in _NESTING:  # SiglipModel / PaliGemma nest it
+    if model_type not in _NESTING:
+      raise ConversionError(f'ViT: a vision_config nested in model_type {model_type!r} is not '
+                            f'supported; supported: {", ".join(_NESTING)}')
+    v = hf.get('vision_config') or {}
+    v_type = v.get('model_type', 'siglip_vision_model')
+    if v_type != 'siglip_vision_model':
+      raise ConversionError(f'ViT: vision_config model_type {v_type!r} is not supported '
+                            f"(a {model_type} checkpoint with a 'siglip_vision_model' tower is)")
+  else:
+    v, v_type = hf, model_type or 'siglip_vision_model'
+    if v_type not in CONFIG_DEFAULTS:
+      raise ConversionError(f'ViT: checkpoint model_type {v_type!r} is not supported; supported: '
+                            f'{", ".join([*CONFIG_DEFAULTS, *_NESTING])}')
+  return {**CONFIG_DEFAULTS[v_type], **v, 'model_type': v_type}
+
+
+def _known_unused(key: str, prefix: str) -> str | None:
+  if key.startswith(prefix):
+    return _KNOWN_UNUSED_IN_TOWER.get(key[len(prefix):])
+  rest = key[len('model.'):] if key.startswith('model.') else key
+  return _KNOWN_OTHER_TOWERS.get(rest.split('.')[0])
 
 
 def detect_format(tensors) -> tuple[str, str]:
@@ -53,15 +114,15 @@ def detect_format(tensors) -> tuple[str, str]:
 def settings_from_hf(hf: dict) -> dict:
   """`model.vit` keys (plus 'image_size') that reproduce an HF vision config.json."""
   v = _vision_config(hf)
-  act = v.get('hidden_act', 'gelu_pytorch_tanh')
+  act = v['hidden_act']
   if act not in _ACTIVATIONS:
     raise ValueError(f'unsupported vision hidden_act {act!r}; known: {sorted(_ACTIVATIONS)}')
-  default_eps = 1e-12 if v.get('model_type') == 'vit' else 1e-6
+  if v['num_channels'] != 3:
+    raise ConversionError(f'ViT: num_channels is {v["num_channels"]}, the VLA takes RGB (3)')
   return dict(image_size=v['image_size'], patch_size=v['patch_size'], width=v['hidden_size'],
               depth=v['num_hidden_layers'], num_heads=v['num_attention_heads'],
               mlp_dim=v['intermediate_size'], posemb='learn',
-              mlp_activation=_ACTIVATIONS[act],
-              layer_norm_epsilon=v.get('layer_norm_eps', default_eps))
+              mlp_activation=_ACTIVATIONS[act], layer_norm_epsilon=v['layer_norm_eps'])
 
 
 def check_config(hf: dict, cfg: ViTConfig, report: Report):
@@ -164,5 +225,5 @@ def convert(tensors, hf_config: dict, cfg: ViTConfig, report: Report) -> dict:
   put(tree, 'vit/encoder_norm/scale', src.take(norm + '.weight', (w,)), report,
       key_of(norm + '.weight'))
   put(tree, 'vit/encoder_norm/bias', src.take(norm + '.bias', (w,)), report, key_of(norm + '.bias'))
-  src.finish()
+  src.finish(lambda key: _known_unused(key, prefix))
   return tree

@@ -1,7 +1,8 @@
 """Bookkeeping for weight import: every tensor is loaded, newly initialised, or an error.
 
 `Source` hands out checkpoint tensors by name, checks their shapes, and remembers which ones
-were used, so the unused rest can be reported by name.
+were used; of the rest, those an importer lists as known to be unused are reported by name and
+any other is an error.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class ConversionError(ValueError):
 class Report:
   loaded: dict[str, str] = dataclasses.field(default_factory=dict)  # our path -> source key
   new: dict[str, str] = dataclasses.field(default_factory=dict)  # our path -> why it is new
-  unused: list[str] = dataclasses.field(default_factory=list)  # checkpoint keys not used
+  unused: list[str] = dataclasses.field(default_factory=list)  # known-unused checkpoint keys
   notes: list[str] = dataclasses.field(default_factory=list)  # resized, copied, ...
   errors: list[str] = dataclasses.field(default_factory=list)  # mismatches, missing keys
 
@@ -34,7 +35,7 @@ class Report:
     for note in self.notes:
       lines.append(f'note: {note}')
     if self.unused:
-      lines.append(f'unused checkpoint tensors ({len(self.unused)}):')
+      lines.append(f'known-unused checkpoint tensors ({len(self.unused)}):')
       lines.extend(f'  {k}' for k in _group_names(self.unused, max_names))
     for err in self.errors:
       lines.append(f'ERROR {err}')
@@ -78,9 +79,29 @@ class Source:
   def mark_used(self, key: str):
     self.used.add(self.prefix + key)
 
-  def finish(self):
-    """Adds every tensor that was not used to `report.unused`."""
-    self.report.unused.extend(sorted(k for k in self.tensors if k not in self.used))
+  def finish(self, known_unused=None):
+    """Sorts the tensors that were not used: known_unused(key) -> why (or None).
+
+    Known ones go to `report.unused` with a note saying why; any other is an error, since
+    converting would silently drop weights of a layout this importer does not read.
+    """
+    known: dict[str, list[str]] = {}
+    unknown = []
+    for key in sorted(k for k in self.tensors if k not in self.used):
+      why = known_unused(key) if known_unused is not None else None
+      if why:
+        known.setdefault(why, []).append(key)
+      else:
+        unknown.append(key)
+    for why, keys in known.items():
+      self.report.unused.extend(keys)
+      self.report.notes.append(f'{self.label}: {len(keys)} checkpoint tensors known to be unused: '
+                               f'{why}')
+    if unknown:
+      self.report.errors.append(
+          f'{self.label}: {len(unknown)} checkpoint tensors are not used by the model and not '
+          f'known to be unused (a checkpoint layout this importer does not read): '
+          + ', '.join(_group_names(unknown, 12)))
 
 
 def put(tree: dict, path: str, value, report: Report, source_key: str):
