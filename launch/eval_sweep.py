@@ -9,9 +9,12 @@ Each job is `python -m rt2_jax.evaluate --workdir=W --checkpoint=STEP --name=SET
 setting's `--config.KEY=VALUE` overrides on top of the run's own resolved config (W/config.py,
 written by rt2_jax.recipes.metaworld) or `--config`. Jobs whose results already exist are
 skipped (rerun with --force). `--parallel=N` runs N jobs at once as local processes; with
-`--tpu_name/--zone` the jobs run one after another on worker 0 of a Cloud TPU VM through the
-launch/tpu.py ssh wrapper (install the checkout there first: `python launch/tpu.py install`;
-the workdirs must then be on shared storage, gs://...). `--dry_run` prints the commands.
+`--tpu_name/--zone` the jobs are spread round-robin over the workers of a Cloud TPU VM slice
+(`--accelerator_type`, or asked of gcloud), each worker running its share in order and all
+workers at once, through the launch/tpu.py ssh wrapper; on a multi-host slice each job is a
+single-host process on its worker's own chips (install the checkout first: `python
+launch/tpu.py install`; the workdirs must then be on shared storage, gs://...). `--dry_run`
+prints the assignment and the commands.
 
 Aggregation reads every W/eval/SETTING/step_N/results.json (local or gs://) and writes
 OUT/sweep.json, OUT/sweep.md (success per category for every run, setting and step, with the
@@ -26,6 +29,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -156,26 +160,108 @@ def run_local(jobs, config: str, parallel: int, log_dir: str, dry_run: bool = Fa
   return done
 
 
-def run_tpu(jobs, config: str, tpu_args, dry_run: bool) -> list[dict]:
-  """Runs jobs one after another on worker 0 of a TPU VM through launch/tpu.py's ssh."""
+def _load_tpu():
   spec = importlib.util.spec_from_file_location('rt2_launch_tpu',
                                                 os.path.join(REPO_ROOT, 'launch', 'tpu.py'))
   tpu = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tpu)
-  runner = tpu.Runner(dry_run)
-  done = []
-  for job in jobs:
+  return tpu
+
+
+JOB_STATUS = 'rt2-eval-job'  # the line each worker prints per job: 'rt2-eval-job K exit=CODE'
+REMOTE_LOG_DIR = '$HOME/rt2_eval_logs'
+
+
+def assign_workers(jobs, num_workers: int) -> list[list[tuple[int, Job]]]:
+  """Round-robin shares: worker w gets jobs w, w + n, w + 2n, ... (as (index, job) pairs)."""
+  return [list(enumerate(jobs))[w::num_workers] for w in range(num_workers)]
+
+
+def remote_log(job: Job) -> str:
+  name = re.sub(r'[^A-Za-z0-9._-]', '_', f'{job.run}_{job.setting.name}_{job.step}')
+  return f'{REMOTE_LOG_DIR}/{name}.log'
+
+
+def worker_command(share, config: str, env: dict, remote_dir: str) -> str:
+  """One shell command that runs a worker's share in order, one log per job, past failures."""
+  prefix = ''.join(f'{k}={shlex.quote(v)} ' for k, v in env.items())
+  steps = [f'cd {remote_dir} || exit 1', f'mkdir -p "{REMOTE_LOG_DIR}"']
+  for index, job in share:
     argv = job_argv(job, config, python='python3')
-    command = f'cd {tpu.REMOTE_DIR} && {shlex.join(argv)}'
+    steps.append(f'{prefix}{shlex.join(argv)} > "{remote_log(job)}" 2>&1; '
+                 f'echo "{JOB_STATUS} {index} exit=$?"')
+  return '; '.join(steps)
+
+
+def run_tpu(jobs, config: str, tpu_args, dry_run: bool) -> list[dict]:
+  """Spreads jobs over the TPU slice's workers; each runs its share in order, all in parallel.
+
+  On a multi-host slice every job is a single-host process on its worker's own chips
+  (launch/tpu.py SINGLE_HOST_ENV), so the workers do not wait for each other.
+  """
+  tpu = _load_tpu()
+  num_workers = tpu.hosts_for(tpu_args.accelerator_type)
+  env = tpu.SINGLE_HOST_ENV if num_workers > 1 else {}
+  shares = assign_workers(jobs, num_workers)
+  print(f'{len(jobs)} job(s) over {num_workers} worker(s) of {tpu_args.name} '
+        f'({tpu_args.accelerator_type}):', flush=True)
+  for w, share in enumerate(shares):
+    print(f'  worker {w}: ' + (', '.join(f'{j.run}@{j.step}/{j.setting.name}' for _, j in share)
+                               or '(none)'), flush=True)
+  runner = tpu.Runner(dry_run)
+  codes: dict[int, int] = {}
+  seconds: dict[int, float] = {}
+
+  def one(w: int) -> None:
+    command = worker_command(shares[w], config, env, tpu.REMOTE_DIR)
     t = time.time()
     try:
-      runner(tpu._ssh(tpu_args, command, worker='0'))
-      code = 0
-    except SystemExit as e:
-      print(e, flush=True)
-      code = 1
-    done.append(dict(job=job, code=code, seconds=round(time.time() - t, 1), log=''))
+      out = runner(tpu._ssh(tpu_args, command, worker=str(w)), capture=True)
+    except SystemExit as e:  # ssh itself failed: jobs without a status line count as failed
+      print(f'worker {w}: {e}', flush=True)
+      out = ''
+    seconds[w] = round(time.time() - t, 1)
+    for line in out.splitlines():
+      parts = line.split()
+      if len(parts) == 3 and parts[0] == JOB_STATUS and parts[2].startswith('exit='):
+        codes[int(parts[1])] = int(parts[2][len('exit='):])
+    if not dry_run:
+      print(f'worker {w}: {len(shares[w])} job(s) in {seconds[w]} s', flush=True)
+
+  busy = [w for w in range(num_workers) if shares[w]]
+  if dry_run:  # printed in worker order
+    for w in busy:
+      one(w)
+  else:
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(busy))) as pool:
+      list(pool.map(one, busy))
+  done = []
+  for w, share in enumerate(shares):
+    for index, job in share:
+      code = 0 if dry_run else codes.get(index, 1)
+      log = f'worker {w}:{remote_log(job)}'
+      if not dry_run:
+        status = 'ok' if code == 0 else f'FAILED (exit {code}, see {log})'
+        print(f'{job.run} step {job.step} setting {job.setting.name} on worker {w}: {status}',
+              flush=True)
+      done.append(dict(job=job, code=code, seconds=seconds.get(w, 0.0), log=log, worker=w))
   return done
+
+
+def tpu_accelerator_type(args, tpu) -> str:
+  """--accelerator_type, else asked of gcloud (a dry run must be told)."""
+  if args.accelerator_type:
+    return args.accelerator_type
+  if args.dry_run:
+    raise SystemExit('--tpu_name with --dry_run needs --accelerator_type (e.g. v4-32): it says '
+                     'how many workers the jobs are spread over')
+  where = [f'--zone={args.zone}'] + ([f'--project={args.project}'] if args.project else [])
+  out = tpu.Runner(False)(['gcloud', 'compute', 'tpus', 'tpu-vm', 'describe', args.tpu_name,
+                           *where, '--format=value(acceleratorType)'], capture=True).strip()
+  if not out:
+    raise SystemExit(f'gcloud did not report the accelerator type of {args.tpu_name}: pass '
+                     '--accelerator_type')
+  return out.rsplit('/', 1)[-1]
 
 
 def _read_json(path: str):
@@ -265,7 +351,10 @@ def parse(argv):
   p.add_argument('--force', action='store_true', help='rerun jobs whose results exist')
   p.add_argument('--aggregate_only', action='store_true')
   p.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
-  p.add_argument('--tpu_name', default='', help='run the jobs on this TPU VM (worker 0)')
+  p.add_argument('--tpu_name', default='',
+                 help="spread the jobs over this TPU VM slice's workers")
+  p.add_argument('--accelerator_type', default='',
+                 help='with --tpu_name: the slice type, e.g. v4-32 (default: asked of gcloud)')
   p.add_argument('--zone', default='')
   p.add_argument('--project', default='')
   return p.parse_args(argv)
@@ -286,7 +375,14 @@ def main(argv=None) -> dict:
     if args.tpu_name:
       if not args.zone:
         raise SystemExit('--tpu_name needs --zone')
-      where = argparse.Namespace(name=args.tpu_name, zone=args.zone, project=args.project)
+      tpu = _load_tpu()
+      accelerator_type = tpu_accelerator_type(args, tpu)
+      try:
+        tpu.hosts_for(accelerator_type)
+      except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+      where = argparse.Namespace(name=args.tpu_name, zone=args.zone, project=args.project,
+                                 accelerator_type=accelerator_type)
       done = run_tpu(todo, args.config, where, args.dry_run)
     else:
       done = run_local(todo, args.config, args.parallel, os.path.join(args.out, 'logs'),

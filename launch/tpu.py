@@ -9,7 +9,10 @@
   python launch/tpu.py delete  --name=rt2 --zone=us-central2-b
 
 Every command goes through `gcloud` (a slice is requested as a queued resource, so it waits for
-capacity instead of failing); `--dry_run` prints the commands instead of running them. `train`
+capacity instead of failing); `--dry_run` prints the commands instead of running them. `create`
+picks the TPU VM runtime image of the slice's generation (RUNTIME_VERSIONS: v2-v4
+tpu-ubuntu2204-base, v5e = v5litepod-N v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e
+v2-alpha-tpuv6e); an accelerator type of another generation is refused. `train`
 runs the same command on every worker (`--worker=all`): JAX initializes the multi-host runtime
 itself on TPU, and every host must write to the same workdir, so a multi-host slice refuses a
 workdir that is not on shared storage (gs://).
@@ -35,16 +38,54 @@ LIBTPU_INDEX = 'https://storage.googleapis.com/jax-releases/libtpu_releases.html
 SHARED_PREFIXES = ('gs://',)
 
 
-def hosts_for(accelerator_type: str) -> int:
-  """Number of TPU VM hosts of a slice type ('v4-32' -> 4, 'v5litepod-16' -> 4)."""
+# TPU VM software (runtime) version for JAX per TPU generation, keyed by the accelerator-type
+# prefix (cloud.google.com/tpu/docs/runtimes): 'v4 and older' use the Ubuntu 22.04 base image;
+# v5e (accelerator types v5litepod-N), v5p and v6e (Trillium) have their own images.
+RUNTIME_VERSIONS = {
+    'v2': 'tpu-ubuntu2204-base',
+    'v3': 'tpu-ubuntu2204-base',
+    'v4': 'tpu-ubuntu2204-base',
+    'v5litepod': 'v2-alpha-tpuv5-lite',  # v5e
+    'v5e': 'v2-alpha-tpuv5-lite',
+    'v5p': 'v2-alpha-tpuv5',
+    'v6e': 'v2-alpha-tpuv6e',
+}
+
+
+def generation(accelerator_type: str) -> tuple[str, int]:
+  """'v5litepod-16' -> ('v5litepod', 16); an unknown generation is refused by name."""
   m = re.fullmatch(r'(v\d+[a-z]*)-(\d+)', accelerator_type)
   if not m:
     raise ValueError(f'cannot parse accelerator type {accelerator_type!r} (expected e.g. v4-32, '
                      'v5p-64, v5litepod-16, v6e-16)')
   family, count = m.group(1), int(m.group(2))
+  if family not in RUNTIME_VERSIONS:
+    raise ValueError(f'unknown TPU generation {family!r} in accelerator type '
+                     f'{accelerator_type!r}: known {", ".join(RUNTIME_VERSIONS)} (a new generation needs its '
+                     'runtime image and hosts per slice added to launch/tpu.py)')
+  return family, count
+
+
+def runtime_version_for(accelerator_type: str) -> str:
+  """The TPU VM runtime image for a slice type ('v6e-8' -> 'v2-alpha-tpuv6e')."""
+  return RUNTIME_VERSIONS[generation(accelerator_type)[0]]
+
+
+def hosts_for(accelerator_type: str) -> int:
+  """Number of TPU VM hosts of a slice type ('v4-32' -> 4, 'v5litepod-16' -> 4)."""
+  family, count = generation(accelerator_type)
   if family in ('v5litepod', 'v5e', 'v6e'):  # the count is chips; up to 8 chips on one host
     return 1 if count <= 8 else count // 4
   return max(1, count // 8)  # v2, v3, v4, v5p: the count is TensorCores, 8 per host
+
+
+# Environment that makes one process use only its own host's 4 chips of a multi-host slice (no
+# other host joins): libtpu's process/chip bounds, one worker, no jax.distributed (train.py
+# starts it when TPU_WORKER_HOSTNAMES lists several hosts).
+SINGLE_HOST_ENV = {
+    'TPU_PROCESS_BOUNDS': '1,1,1', 'TPU_CHIPS_PER_PROCESS_BOUNDS': '2,2,1',
+    'TPU_VISIBLE_CHIPS': '0,1,2,3', 'TPU_WORKER_ID': '0', 'TPU_WORKER_HOSTNAMES': 'localhost',
+}
 
 
 class Runner:
@@ -76,11 +117,22 @@ def _ssh(args, command: str, worker: str = 'all') -> list[str]:
           f'--worker={worker}', f'--command={command}']
 
 
+def runtime_version(args) -> str:
+  """--runtime_version if given, else the generation's image (an unknown type fails)."""
+  family, _ = generation(args.accelerator_type)
+  default = RUNTIME_VERSIONS[family]
+  if args.runtime_version and args.runtime_version != default:
+    print(f'# --runtime_version={args.runtime_version} instead of {default}, the image for '
+          f'{family}', flush=True)
+  return args.runtime_version or default
+
+
 def cmd_create(args, run: Runner) -> None:
   qr = args.queued_resource or args.name
+  runtime = runtime_version(args)
   argv = ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', qr, f'--node-id={args.name}',
           *_where(args), f'--accelerator-type={args.accelerator_type}',
-          f'--runtime-version={args.runtime_version}']
+          f'--runtime-version={runtime}']
   if args.spot:
     argv.append('--spot')
   run(argv)
@@ -194,7 +246,8 @@ def parse(argv: list[str]):
   p.add_argument('--project', default='')
   p.add_argument('--queued_resource', default='', help='queued resource id (default: --name)')
   p.add_argument('--accelerator_type', default='v4-8')
-  p.add_argument('--runtime_version', default='tpu-ubuntu2204-base')
+  p.add_argument('--runtime_version', default='',
+                 help='TPU VM image (default: by generation, see RUNTIME_VERSIONS)')
   p.add_argument('--spot', action='store_true')
   p.add_argument('--no_wait', action='store_true', help='create: do not wait for ACTIVE')
   p.add_argument('--wait_minutes', type=float, default=60)
@@ -215,12 +268,17 @@ def main(argv=None) -> None:
   args, overrides = parse(argv)
   overrides = passthrough + overrides
   run = Runner(args.dry_run)
-  if args.command == 'train':
-    cmd_train(args, run, overrides)
-  else:
-    if overrides:
-      raise SystemExit(f'{args.command} takes no --config.* overrides')
-    COMMANDS[args.command](args, run)
+  try:
+    if args.command in ('create', 'train'):
+      generation(args.accelerator_type)  # an unknown slice type fails before any gcloud call
+    if args.command == 'train':
+      cmd_train(args, run, overrides)
+    else:
+      if overrides:
+        raise SystemExit(f'{args.command} takes no --config.* overrides')
+      COMMANDS[args.command](args, run)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':
