@@ -297,6 +297,11 @@ class Policy:
       return PolicyOutput(action={}, vector=np.zeros((0,), np.float32), tokens=ids, text=text,
                           plan='')
     num = self.action_space.num_positions
+    if self.mode == 'plan_then_action':
+      # A row that reached its actions before the others' plans ended is padded with 0 after
+      # them (the loop runs to the longest row): drop that padding, not the actions.
+      nonzero = np.flatnonzero(ids != self.vocab.pad_id)
+      ids = ids[:nonzero[-1] + 1] if nonzero.size else ids[:0]
     if ids.shape[0] < num:
       raise RuntimeError(f'decoded {ids.shape[0]} tokens, fewer than the {num} action tokens')
     action_ids = ids[-num:]

@@ -100,3 +100,18 @@ def test_policy_sees_the_frames_and_drives_its_own_env():
   # Row 0 pushed right, so its scene changed; row 1 stood still, so its scene did not.
   assert not np.array_equal(results[0].frames[0], results[0].frames[-1])
   np.testing.assert_array_equal(results[1].frames[0], results[1].frames[-1])
+
+
+def test_plan_rows_that_finish_early_keep_their_actions():
+  """In a batch, a row whose plan ends early is padded with 0 after its actions."""
+  policy = tiny_tabletop_policy('plan_then_action')
+  cb, vocab = policy.callback, policy.vocab
+  plan = vocab.encode('red square to center.')
+  actions = policy.action_vocab.bins_to_ids(np.array([[10, 200, 1]]))[0].tolist()
+  early = [*cb.prefix_ids, *plan, *cb.delimiter_ids, *actions, 0, 0, 0]
+  late = [*cb.prefix_ids, *plan, 5, 6, 7, *cb.delimiter_ids, *actions]
+  out = policy.outputs_from_tokens(np.array([early, late], np.int32))
+  for o in out:
+    np.testing.assert_array_equal(o.tokens, actions)
+    assert o.plan.startswith('red square to center')
+    assert o.action['terminate'][0] == 1.0
