@@ -445,13 +445,30 @@ def web_jsonl_path(config, settings: EvalSettings) -> str:
   return ''
 
 
+def _line_kinds(path: str) -> list[str] | None:
+  """The optional "kind" of every example line of a web JSONL, or None if a line has none."""
+  kinds = []
+  with open(os.path.expanduser(path)) as f:
+    for line in f:
+      line = line.strip()
+      if not line or line.startswith('#'):
+        continue
+      kind = json.loads(line).get('kind')
+      if not isinstance(kind, str):
+        return None
+      kinds.append(kind)
+  return kinds
+
+
 def offline_web(text_policy, path: str, config, max_examples: int, batch: int, log=print) -> dict:
   from rt2_jax.data import web
   records = web.read_jsonl(path, text_policy.image_size,
                            config.data.web.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
                            progress=log)
+  index = np.arange(len(records))
   if len(records) > max_examples:  # evenly spaced: lines of one image come together
-    records = records.select(np.linspace(0, len(records) - 1, max_examples).round().astype(int))
+    index = np.linspace(0, len(records) - 1, max_examples).round().astype(int)
+    records = records.select(index)
   preds = []
   for part in _chunks(len(records), batch):
     rows = np.arange(len(records))[part]
@@ -459,6 +476,10 @@ def offline_web(text_policy, path: str, config, max_examples: int, batch: int, l
                              [records.inputs[i] for i in rows])
     preds += [o.text.strip() for o in outs]
   metrics = text_metrics(preds, records.targets, records.kinds)
+  tags = _line_kinds(path)
+  if tags is not None and len(tags) > index.max(initial=0):
+    # Lines that say what they ask ("kind": grounding, colour, ... in the tabletop web corpus).
+    metrics['by_kind'] = text_metrics(preds, records.targets, [tags[i] for i in index])
   metrics['file'] = path
   metrics['samples'] = [dict(input=records.inputs[i], target=records.targets[i], output=preds[i])
                         for i in range(min(5, len(preds)))]
@@ -510,6 +531,10 @@ def evaluate(workdir: str, step: int | None = None, config=None, name: str = 'de
     log('offline web: ' + ', '.join(f'{k} exact {v["exact_match"]}'
                                     for k, v in results['offline_web'].items()
                                     if isinstance(v, dict) and 'exact_match' in v))
+    if 'by_kind' in results['offline_web']:
+      log('offline web by kind: ' + ', '.join(
+          f'{k} {v["exact_match"]} ({v["count"]})'
+          for k, v in results['offline_web']['by_kind'].items()))
 
   if (settings.env == 'metaworld' and settings.tasks) or settings.env == 'tabletop':
     manifest = demo_manifest(eval_config) if settings.env == 'metaworld' else None
