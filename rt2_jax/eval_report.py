@@ -154,8 +154,8 @@ def plot_success(summary: Mapping, path: str, actors: Sequence[str] | None = Non
       low, high = rate.interval
       xs.append(g + (i - (len(actors) - 1) / 2) * width)
       ys.append(rate.rate)
-      lo.append(rate.rate - low)
-      hi.append(high - rate.rate)
+      lo.append(max(0.0, rate.rate - low))  # clamp float rounding (e.g. -1e-17 at k = 0)
+      hi.append(max(0.0, high - rate.rate))
     ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=actor)
   ax.set_xticks(range(len(groups)))
   ax.set_xticklabels([f'{c}\n{t}' if t == ALL else t.removesuffix('-v3') for c, t in groups],
