@@ -40,7 +40,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
   centre = (p + z * z / (2 * n)) / denom
   half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
   # Clamp the rounding noise at the ends (k = 0 gives exactly 0, k = n exactly 1).
-  return max(0.0, centre - half), min(1.0, centre + half)
+  low = 0.0 if successes == 0 else max(0.0, centre - half)
+  high = 1.0 if successes == n else min(1.0, centre + half)
+  return low, high
 
 
 @dataclasses.dataclass(frozen=True)

@@ -147,3 +147,12 @@ def test_policy_actor_maps_outputs_to_env_actions():
   bridge = types.SimpleNamespace(action_space=load_spec('bridge_dataset').action_space)
   with pytest.raises(ValueError, match='not a metaworld action of 4'):
     evaluate.PolicyActor(bridge)
+
+
+def test_wilson_interval_contains_the_rate_exactly_at_the_ends():
+  for n in range(1, 120):
+    for k in range(n + 1):
+      low, high = eval_report.wilson_interval(k, n)
+      assert low <= k / n <= high, (k, n, low, high)
+  assert eval_report.wilson_interval(0, 11)[0] == 0.0
+  assert eval_report.wilson_interval(6, 6)[1] == 1.0
