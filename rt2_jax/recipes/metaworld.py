@@ -74,6 +74,20 @@ def write_config_file(config, path: str) -> None:
             '  return config\n')
 
 
+def write_report(workdir: str, results: dict, timings: dict, **fields) -> dict:
+  """WORKDIR/main_job.json from rt2_jax.evaluate's results; prints the closed-loop table."""
+  report = dict(workdir=workdir, **fields, step=results['step'], timings=timings,
+                closed_loop=results.get('closed_loop', {}).get('summary'),
+                offline_robot=results.get('offline_robot'),
+                offline_web={k: v for k, v in results.get('offline_web', {}).items()
+                             if k != 'samples'})
+  with open(os.path.join(workdir, 'main_job.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+  print('\n=== closed-loop success (k/n, rate %, 95% Wilson interval %) ===')
+  print(results.get('table', '(no closed-loop evaluation configured)'))
+  return report
+
+
 def _stage(n: int, title: str) -> float:
   print(f'\n=== [{n}/3] {title} ===', flush=True)
   return time.time()
@@ -114,15 +128,7 @@ def run(config, workdir: str) -> dict:
   timings['eval_s'] = round(time.time() - t, 1)
   timings['total_s'] = round(time.time() - start, 1)
 
-  report = dict(workdir=workdir, demos=out, step=results['step'], timings=timings,
-                closed_loop=results.get('closed_loop', {}).get('summary'),
-                offline_robot=results.get('offline_robot'),
-                offline_web={k: v for k, v in results.get('offline_web', {}).items()
-                             if k != 'samples'})
-  with open(os.path.join(workdir, 'main_job.json'), 'w') as f:
-    json.dump(report, f, indent=1)
-  print('\n=== closed-loop success (k/n, rate %, 95% Wilson interval %) ===')
-  print(results.get('table', '(no closed-loop evaluation configured)'))
+  report = write_report(workdir, results, timings, demos=out)
   robot = results.get('offline_robot')
   if robot:
     print(f'offline (held-out steps): action-token accuracy {robot["token_accuracy"]}, '

@@ -29,7 +29,7 @@ import sys
 import time
 
 from rt2_jax import config_flags
-from rt2_jax.recipes.metaworld import write_config_file
+from rt2_jax.recipes.metaworld import write_config_file, write_report
 
 CACHE_ROOT = '~/.cache/rt2_jax/tabletop'
 RECIPE_TITLES = {
@@ -168,15 +168,7 @@ def run(config, workdir: str, data: tuple[str, str] | None = None) -> dict:
   results = evaluate.evaluate(workdir, config=fine)
   timings['eval_s'] = round(time.time() - t, 1)
   timings['total_s'] = round(time.time() - start, 1)
-  report = dict(workdir=workdir, recipe=config.recipe.name, step=results['step'],
-                timings=timings, closed_loop=results.get('closed_loop', {}).get('summary'),
-                offline_robot=results.get('offline_robot'),
-                offline_web={k: v for k, v in results.get('offline_web', {}).items()
-                             if k != 'samples'})
-  with open(os.path.join(workdir, 'main_job.json'), 'w') as f:
-    json.dump(report, f, indent=1)
-  print('\n=== closed-loop success (k/n, rate %, 95% Wilson interval %) ===')
-  print(results.get('table', '(no closed-loop evaluation configured)'))
+  report = write_report(workdir, results, timings, recipe=config.recipe.name)
   print('timings: ' + ', '.join(f'{k} {v}' for k, v in timings.items()) +
         f'; results in {workdir}/eval/default/step_{results["step"]}/', flush=True)
   return report
