@@ -10,8 +10,9 @@ each load level, C clients (msgpack bodies with raw uint8 images) each send R re
 back (a closed loop, like robots that wait for their action) over keep-alive connections (a
 minimal asyncio HTTP/1.1 client: httpx would cost more CPU than the server). Every scenario is
 bounded in request count and in time (`--max_seconds`). Reported: p50/p99/mean latency,
-requests/s, and the server's mean batch size (from /stats); and, for reference, the policy alone
-(`policy.batch` in this process, no HTTP) at batch 1 and B, the ceiling a server can reach.
+requests/s, and the server's mean batch size (from /stats); for reference, the policy alone
+(`policy.batch` in this process, no HTTP) at batch 1 and B, the ceiling a server can reach; and
+the worst /health latency while the server refuses bodies of millions of list values.
 
   python benchmarks/serve.py --out=/tmp/serve.json
   python benchmarks/serve.py --workdir=RUN --clients=1,16,32 --requests=100
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -213,6 +215,32 @@ async def run_load(url: str, bodies: list[bytes], clients: int, requests: int,
   }
 
 
+def health_during_oversized_bodies(url: str) -> list[dict]:
+  """Worst /health latency while the server refuses bodies of millions of list values (it must
+  stop counting at its cap rather than build them all, which would hold the GIL for seconds)."""
+  bodies = {'json': (b'{"image": [' + b'0,' * 8_000_000 + b'0], "instruction": "go"}',
+                     'application/json'),
+            'msgpack': (wire.packb({'image': [[0, 0, 0]] * 400_000, 'instruction': 'go'}),
+                        wire.MSGPACK_TYPE)}
+  rows = []
+  for name, (body, ctype) in bodies.items():
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      future = pool.submit(httpx.post, f'{url}/predict', content=body, timeout=60,
+                           headers={'content-type': ctype})
+      worst, polls = 0.0, 0
+      while not future.done():
+        start = time.monotonic()
+        httpx.get(f'{url}/health', timeout=30)
+        worst, polls = max(worst, time.monotonic() - start), polls + 1
+        time.sleep(0.02)
+      status = future.result().status_code
+    rows.append({'body': name, 'mbytes': len(body) / 1e6, 'status': status, 'health_polls': polls,
+                 'worst_health_ms': worst * 1e3})
+    print(f'oversized {name} body ({len(body) / 1e6:.0f} MB): answered {status}, worst /health '
+          f'{worst * 1e3:.0f} ms over {polls} polls', flush=True)
+  return rows
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', default='', help='serve this run (default: random tiny init)')
@@ -266,6 +294,7 @@ def main() -> None:
           rows.append(result)
           print(f'[{name}] {clients} clients: p50 {result["p50_ms"]:.1f} ms, '
                 f'{result["req_per_s"]:.1f} req/s', flush=True)
+      oversized = health_during_oversized_bodies(servers[0][3].url)
     finally:
       for name, _, _, server in servers:
         code = server.stop()
@@ -284,7 +313,7 @@ def main() -> None:
   print('(policy only: latency of one policy.batch call of `mean batch` examples, no HTTP; '
         'req/s = examples/s)')
   report = {'model': meta.get('model_id', ''), 'image_shape': list(wire.image_shape(meta)),
-            'cpu_count': os.cpu_count(), 'results': rows}
+            'cpu_count': os.cpu_count(), 'results': rows, 'oversized_bodies': oversized}
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(report, f, indent=1)

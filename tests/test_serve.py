@@ -510,24 +510,27 @@ def test_an_empty_token_file_refuses_to_start(tmp_path):
 def test_bodies_with_millions_of_list_values_are_refused_before_parsing():
   # Parsing millions of JSON/msgpack values holds the GIL for seconds (json/msgpack are C), so
   # even in a worker thread it stalled the event loop: an 8M-value body froze /health ~2 s.
+  # Both bodies are cut short at the end: a server that parsed them whole would answer 400 (not
+  # valid JSON/msgpack), so a 413 shows it stopped once the count went over the cap. /health's
+  # latency meanwhile is measured by benchmarks/serve.py (oversized_bodies), not bounded here.
   server, url = _start(ScriptedPolicy())
   try:
     huge_json = b'{"image": [' + b'0,' * 8_000_000 + b'0], "instruction": "go"}'
     huge_msgpack = wire.packb({'image': [[0, 0, 0]] * 400_000, 'instruction': 'go'})
     for body, ctype in ((huge_json, 'application/json'), (huge_msgpack, wire.MSGPACK_TYPE)):
+      cut = body[:-40]
       with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(httpx.post, f'{url}/predict', content=body, timeout=30,
+        future = pool.submit(httpx.post, f'{url}/predict', content=cut, timeout=60,
                              headers={'content-type': ctype})
-        worst = 0.0
-        while not future.done():
-          start = time.monotonic()
-          assert httpx.get(f'{url}/health', timeout=10).status_code == 200
-          worst = max(worst, time.monotonic() - start)
-          time.sleep(0.02)
+        assert httpx.get(f'{url}/health', timeout=30).status_code == 200
         response = future.result()
-      assert response.status_code == 413, response.text
+      assert response.status_code == 413, (ctype, response.text)
       assert 'more than 1000000 list values; send images as base64' in response.json()['error']
-      assert worst < 1.0, (ctype, worst)  # was ~2 s for the JSON body on 2 cores
+    # The same bodies cut short but under the cap are parsed to the end and refused as broken.
+    small_cut = wire.packb({'image': [[0, 0, 0]] * 1000, 'instruction': 'go'})[:-40]
+    reply = httpx.post(f'{url}/predict', content=small_cut,
+                       headers={'content-type': wire.MSGPACK_TYPE})
+    assert reply.status_code == 400 and 'not valid msgpack' in reply.json()['error'], reply.text
     # Nested-list images of a sane size still work.
     reply = httpx.post(f'{url}/predict', json={'image': _image(1).tolist(), 'instruction': 'go'})
     assert reply.status_code == 200 and reply.json()['vector'][0] == pytest.approx(
