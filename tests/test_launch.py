@@ -304,15 +304,24 @@ def test_slurm_refuses_bad_input(flags, message):
 
 
 FAKE_SRUN = """#!/bin/bash
-# Fake srun: SLURM_NTASKS local copies of the command, with each task's SLURM variables.
+# Fake srun: SLURM_NTASKS local copies of the command, with each task's SLURM variables. As srun
+# relays each task's output in whole lines, the tasks do not share srun's stdout: each writes its
+# own files, copied out once all have exited. (On one shared file, the two tasks' lines could
+# interleave mid-line: with PYTHONUNBUFFERED set, print writes the text and the newline in two
+# write calls, and both tasks print as jax.distributed.initialize returns, e.g.
+# 'process 0 of 2process 1 of 2'.)
 while [[ "$1" == --* ]]; do shift; done
+out=$(mktemp -d)
 pids=()
 for ((i = 0; i < SLURM_NTASKS; i++)); do
-  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST "$@" &
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST "$@" \\
+      > "$out/$i.out" 2> "$out/$i.err" &
   pids+=($!)
 done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+for ((i = 0; i < SLURM_NTASKS; i++)); do cat "$out/$i.out"; cat "$out/$i.err" >&2; done
+rm -rf "$out"
 exit $rc
 """
 # Stands in for the trainer: its config and its backend start (jax.distributed for 'auto').
