@@ -38,6 +38,7 @@ def parse():
   p.add_argument('--image_size', type=int, default=64)
   p.add_argument('--patch', type=int, default=8)
   p.add_argument('--posemb', default='sincos2d')
+  p.add_argument('--stem', default='patch', help="'patch' or 'conv' (model.vit.stem)")
   p.add_argument('--vit', default='128,2,4,512', help='width,depth,heads,mlp')
   p.add_argument('--t5', default='128,2,2,4,512', help='emb,enc,dec,heads,mlp')
   p.add_argument('--kinds', default='grounding')
@@ -105,7 +106,7 @@ def main():
   te, tenc, tdec, th, tm = (int(v) for v in args.t5.split(','))
   cfg.model.image_size = args.image_size
   cfg.model.vit.update(dict(patch_size=args.patch, width=vw, depth=vd, num_heads=vh, mlp_dim=vm,
-                            posemb=args.posemb))
+                            posemb=args.posemb, stem=args.stem))
   cfg.model.t5.update(dict(emb_dim=te, num_encoder_layers=tenc, num_decoder_layers=tdec,
                            num_heads=th, head_dim=te // th, mlp_dim=tm))
   vocab = vocab_lib.Vocab.load(args.vocab)

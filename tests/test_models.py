@@ -209,3 +209,35 @@ def test_remat_dots_saves_dense_outputs():
     return [r for r in saved_residuals(f, params, x) if 'argument' not in r[1]]
   assert len(outputs_saved(SAVE_DOTS)) == 2, outputs_saved(SAVE_DOTS)
   assert outputs_saved(None) == []  # 'full' keeps no intermediate
+
+
+def test_conv_stem_is_local_and_shardable():
+  from rt2_jax import partitioning
+  from rt2_jax.models import vit as vit_lib
+
+  cfg = vit_lib.ViTConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2,
+                          mlp_dim=64, stem='conv')
+  stem = vit_lib.ConvStem(cfg)
+  images = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (1, 32, 32, 3)), jnp.float32)
+  variables = stem.init(jax.random.key(0), images)
+  out = stem.apply(variables, images)
+  assert out.shape == (1, 16, 32)
+  # Three 3x3 stride-2 convolutions see 15 px around a token: changing the bottom-right
+  # 8x8 patch changes the tokens next to it and leaves the top-left ones alone.
+  changed = stem.apply(variables, images.at[:, 24:, 24:].set(1.0)).reshape(4, 4, 32)
+  diff = np.abs(np.asarray(changed) - np.asarray(out).reshape(4, 4, 32)).max(-1)
+  assert diff[3, 3] > 1e-3 and diff[:2, :2].max() == 0.0, diff
+  # Every stem parameter has logical axes that the rules place (replicated channels).
+  model = VLA(_model_cfg(**{'vit.stem': 'conv', 'vit.patch_size': 8}))
+  vis, enc, dec = _inputs()
+  abstract = jax.eval_shape(model.init, jax.random.key(0), vis, enc, dec)
+  mesh = partitioning.make_mesh(config_flags.load_config('configs/tiny.py').mesh)
+  shardings = partitioning.shardings_for(abstract['params'], mesh)
+  assert 'stem' in shardings['vit'] and 'patch_embedding' not in shardings['vit']
+  with pytest.raises(ValueError, match="stem='conv' needs a power-of-two patch_size"):
+    jax.eval_shape(VLA(_model_cfg(**{'vit.stem': 'conv', 'vit.patch_size': 6,
+                                     'image_size': 24})).init, jax.random.key(0),
+                   vis[:, :24, :24], enc, dec)
+  with pytest.raises(ValueError, match="model.vit.stem must be 'patch' or 'conv'"):
+    jax.eval_shape(VLA(_model_cfg(**{'vit.stem': 'cnn'})).init, jax.random.key(0), vis, enc,
+                   dec)

@@ -173,13 +173,14 @@ class LayerNorm(nn.Module):
 
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
+  axis_name: str = 'embed'  # logical name of the normalised axis
 
   @nn.compact
   def __call__(self, x):
-    width = x.shape[-1]
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+    width, axes = x.shape[-1], (self.axis_name,)
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, axes),
                        (width,), jnp.float32)
-    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, axes),
                       (width,), jnp.float32)
     x = x.astype(jnp.float32)
     x = x - jnp.mean(x, axis=-1, keepdims=True)
