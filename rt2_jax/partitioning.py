@@ -2,8 +2,8 @@
 
 Model parameters and key activations carry t5x-style logical axis names (rt2_jax.models):
 `batch`, `length`, `embed`, `mlp`, `heads`, `kv`, `vocab`, `relpos_buckets`, and the ViT's
-`image_tokens`, `patch_height`, `patch_width`, `channels`, `stem`, `image_embed`, and `layers` (the
-leading axis of stacked params under model.scan_layers; never sharded). The mesh has axes
+`image_tokens`, `patch_height`, `patch_width`, `channels`, `stem`, `film`, `image_embed`, and
+`layers` (the leading axis of stacked params under model.scan_layers; never sharded). The mesh has axes
 ('data', 'fsdp', 'model'): data parallel, fully-sharded data parallel (parameters sharded along
 `embed`) and tensor parallel (`mlp`, `heads`, `vocab`).
 
@@ -43,6 +43,7 @@ LOGICAL_RULES = (
     ('patch_width', None),
     ('channels', None),
     ('stem', None),  # the conv stem's channels (model.vit.stem='conv'): small, replicated
+    ('film', None),  # FiLM's (scale, shift) pair (model.vit.film)
     ('layers', None),  # scanned stacks: every device holds all layers of its parameter shard
 )
 

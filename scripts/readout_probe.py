@@ -63,6 +63,8 @@ def main():
   p.add_argument('--lr', type=float, default=1e-3)
   p.add_argument('--objects', type=int, default=1,
                  help='objects per picture; above 1 the prompt names the one to locate')
+  p.add_argument('--encoder_layers', type=int, default=0, help='T5 encoder layers (0: tiny)')
+  p.add_argument('--film', action='store_true', help='FiLM-conditioned ViT (model.vit.film)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out', default='')
   args = p.parse_args()
@@ -81,6 +83,9 @@ def main():
 
   model_cfg = tiny.get_config().model
   model_cfg.vit.posemb = 'sincos2d'
+  model_cfg.vit.film = args.film
+  if args.encoder_layers:
+    model_cfg.t5.num_encoder_layers = args.encoder_layers
   _, t5_cfg = configs_from_model_config(model_cfg)
   width, first_token = t5_cfg.emb_dim, 100  # column / row c is token first_token + c
 

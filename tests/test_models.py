@@ -241,3 +241,40 @@ def test_conv_stem_is_local_and_shardable():
   with pytest.raises(ValueError, match="model.vit.stem must be 'patch' or 'conv'"):
     jax.eval_shape(VLA(_model_cfg(**{'vit.stem': 'cnn'})).init, jax.random.key(0), vis, enc,
                    dec)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_film_starts_as_the_plain_vit_and_then_reads_the_instruction(scan):
+  from rt2_jax import partitioning
+
+  plain = VLA(_model_cfg(**{'scan_layers': scan}))
+  film = VLA(_model_cfg(**{'scan_layers': scan, 'vit.film': True}))
+  images, enc, dec = _inputs()
+  film_vars = nn.meta.unbox(jax.jit(film.init)(jax.random.key(0), images, enc, dec))
+  vit = film_vars['params']['vit']
+  film_params = [k for k in (vit['blocks'] if scan else vit['block_0']) if k == 'film']
+  assert film_params == ['film']
+  # Zero-initialised FiLM: the same function as the plain model with the other parameters.
+  plain_params = jax.tree.map(lambda x: x, film_vars['params'])
+  for block in ([plain_params['vit']['blocks']] if scan else
+                [v for k, v in plain_params['vit'].items() if k.startswith('block_')]):
+    del block['film']
+  np.testing.assert_allclose(film.apply(film_vars, images, enc, dec),
+                             plain.apply({'params': plain_params}, images, enc, dec),
+                             rtol=1e-5, atol=1e-5)
+  # Once FiLM is not zero, the image tokens depend on the instruction (and not on padding).
+  perturbed = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.1 if 'film' in jax.tree_util.keystr(path) else x, film_vars)
+
+  def image_tokens(tokens):
+    encoded, _ = film.apply(perturbed, images, tokens, method=VLA.encode)
+    return np.asarray(encoded[:, :-tokens.shape[1]])
+
+  other = enc.copy()
+  other[0, 0] = 42
+  padded = np.concatenate([enc, np.zeros_like(enc)], 1)
+  assert np.abs(image_tokens(enc) - image_tokens(other))[0].max() > 1e-3
+  np.testing.assert_allclose(image_tokens(enc), image_tokens(padded), rtol=1e-5, atol=1e-5)
+  abstract = jax.eval_shape(film.init, jax.random.key(0), images, enc, dec)
+  mesh = partitioning.make_mesh(config_flags.load_config('configs/tiny.py').mesh)
+  partitioning.shardings_for(abstract['params'], mesh)  # every FiLM axis has a rule

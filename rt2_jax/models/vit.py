@@ -35,6 +35,10 @@ class ViTConfig:
   # convolutions (LayerNorm + GELU between them) then a linear map, for models trained from
   # scratch on small images, where the linear patch embedding learns small objects slowly.
   stem: str = 'patch'
+  # True: each block ends with FiLM on an instruction vector (RT-1's instruction-conditioned
+  # image encoder): x * (1 + gamma) + beta, gamma and beta a linear map of the vector,
+  # zero-initialised so the block starts as (and a pretrained ViT loads as) the plain one.
+  film: bool = False
   mlp_activation: str = 'gelu_tanh'  # SigLIP / big_vision; HF ViT uses 'gelu_exact'
   layer_norm_epsilon: float = 1e-6
   dropout_rate: float = 0.0
@@ -107,7 +111,7 @@ class EncoderBlock(nn.Module):
   config: ViTConfig
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, deterministic: bool = True, condition=None):
     cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
     eps = cfg.layer_norm_epsilon
     h = layers.LayerNorm(eps, dtype=dtype, name='norm1')(x)
@@ -118,6 +122,13 @@ class EncoderBlock(nn.Module):
     h = MlpBlock(cfg, name='mlp')(layers.LayerNorm(eps, dtype=dtype, name='norm2')(x),
                                   deterministic)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    if cfg.film:
+      if condition is None:
+        raise ValueError('model.vit.film needs a condition vector (the VLA passes the '
+                         'instruction)')
+      film = layers.DenseGeneral((2, cfg.width), ('embed', 'film', 'image_embed'), use_bias=True,
+                                 init_scale=0.0, dtype=dtype, name='film')(condition)
+      x = x * (1.0 + film[:, None, 0]) + film[:, None, 1]
     return constrain(x, ('batch', 'length', 'embed'))
 
 
@@ -154,8 +165,10 @@ class ViT(nn.Module):
   config: ViTConfig
 
   @nn.compact
-  def __call__(self, images, deterministic: bool = True):
-    """images float [B, H, W, 3] in [-1, 1] -> patch features [B, N, width]."""
+  def __call__(self, images, deterministic: bool = True, condition=None):
+    """images float [B, H, W, 3] in [-1, 1] -> patch features [B, N, width].
+
+    `condition` [B, C]: the instruction vector FiLM conditions on (with `film` only)."""
     cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
     b, h, w, c = images.shape
     if (h, w) != (cfg.image_size, cfg.image_size):
@@ -193,10 +206,11 @@ class ViT(nn.Module):
     block_cls = layers.maybe_remat(EncoderBlock, cfg.remat, static_argnums=(2,),
                                    scanned=cfg.scan_layers)
     if cfg.scan_layers:
-      def body(block, x):
-        return block(x, deterministic), None
-      x, _ = layers.scan_over_layers(body, cfg.depth)(block_cls(cfg, name='blocks'), x)
+      def body(block, x, condition):
+        return block(x, deterministic, condition), None
+      x, _ = layers.scan_over_layers(body, cfg.depth)(block_cls(cfg, name='blocks'), x,
+                                                       condition)
     else:
       for i in range(cfg.depth):
-        x = block_cls(cfg, name=f'block_{i}')(x, deterministic)
+        x = block_cls(cfg, name=f'block_{i}')(x, deterministic, condition)
     return layers.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name='encoder_norm')(x)

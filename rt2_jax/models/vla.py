@@ -1,6 +1,8 @@
 """The VLA: ViT image tokens -> linear projection -> [image ; text] -> T5 encoder-decoder.
 
-The encoder sees the image tokens followed by the instruction tokens; its padding mask is True
+With `model.vit.film`, the ViT's blocks are also FiLM-conditioned on the mean embedding of the
+instruction tokens (RT-1's instruction-conditioned image encoder). The encoder sees the image
+tokens followed by the instruction tokens; its padding mask is True
 for every image token and for text tokens != 0, so right-padding the instruction changes
 nothing for the real tokens. The decoder is causal and starts with token 0 (T5's BOS).
 
@@ -83,8 +85,12 @@ class VLA(nn.Module):
     self._check_inputs(images, encoder_input_tokens)
     deterministic = not enable_dropout
     pixels = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-    image_tokens = self.image_projection(self.vit(pixels, deterministic))
     text_tokens = self.lm.embed(encoder_input_tokens)
+    condition = None
+    if self.vit_config.film:  # the mean embedding of the instruction's tokens
+      real = (encoder_input_tokens > 0)[..., None].astype(text_tokens.dtype)
+      condition = (text_tokens * real).sum(1) / jnp.maximum(real.sum(1), 1.0)
+    image_tokens = self.image_projection(self.vit(pixels, deterministic, condition))
     x = jnp.concatenate([image_tokens.astype(text_tokens.dtype), text_tokens], axis=1)
     mask = jnp.concatenate(
         [jnp.ones(image_tokens.shape[:2], bool), encoder_input_tokens > 0], axis=1)
