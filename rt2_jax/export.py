@@ -320,7 +320,8 @@ if __name__ == '__main__':
   from absl import app, flags
 
   flags.DEFINE_string('workdir', None, 'training workdir (or its checkpoints/ dir)', required=True)
-  flags.DEFINE_integer('checkpoint', None, 'checkpoint step; default the latest readable one')
+  flags.DEFINE_integer('checkpoint', None, 'checkpoint step; default the latest (a damaged one is '
+                       'refused, naming the steps that verify)')
   flags.DEFINE_string('out', None, 'SavedModel directory to write', required=True)
   flags.DEFINE_bool('verify', True, 'reload the export and compare it with the JAX policy')
   app.run(main)

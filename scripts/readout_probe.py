@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 HEADS = ('vla_decoder', 'attention_pool', 'decoder_layer', 'cross_attention_mlp')
 
 
-def pictures(n: int, seed: int, objects: int, vocab):
+def pictures(n: int, seed: int, objects: int, vocab, distinct_colours: bool = False):
   """n pictures (uint8 [n, 64, 64, 3]), prompts [n, 12] and the named object's cell [n, 2].
 
   One object: the prompt is 3 fixed tokens. Several: "Where is the <colour> <shape>?" about one
@@ -46,7 +46,8 @@ def pictures(n: int, seed: int, objects: int, vocab):
     image, qas, scene = web_corpus.sample(rng, 64, ('grounding',), min_objects=objects,
                                           max_objects=objects, max_marks=0)
     qas = [qa for qa in qas if qa[0] == 'grounding']
-    if not qas:
+    colours = [o.colour for o in scene.objects]
+    if not qas or (distinct_colours and len(set(colours)) < len(colours)):
       continue
     _, question, answer = qas[int(rng.integers(len(qas)))]
     tokens = [5, 6, 7] if objects == 1 else vocab.encode(question)[:12]
@@ -65,6 +66,8 @@ def main():
                  help='objects per picture; above 1 the prompt names the one to locate')
   p.add_argument('--encoder_layers', type=int, default=0, help='T5 encoder layers (0: tiny)')
   p.add_argument('--film', action='store_true', help='FiLM-conditioned ViT (model.vit.film)')
+  p.add_argument('--distinct_colours', action='store_true',
+                 help='only scenes whose objects all differ in colour (the colour word suffices)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out', default='')
   args = p.parse_args()
@@ -116,8 +119,10 @@ def main():
   vocab = vocab_lib.Vocab.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..',
                                             'rt2_jax', 'assets', 'tabletop_spm.model'))
   model_cfg.vocab_size = -(-vocab.vocab_size // 128) * 128
-  train_x, train_p, train_y = pictures(3000 * args.objects, args.seed, args.objects, vocab)
-  test_x, test_p, test_y = pictures(300, 10_000 + args.seed, args.objects, vocab)
+  train_x, train_p, train_y = pictures(3000 * args.objects, args.seed, args.objects, vocab,
+                                       args.distinct_colours)
+  test_x, test_p, test_y = pictures(300, 10_000 + args.seed, args.objects, vocab,
+                                    args.distinct_colours)
   probe = Probe()
   params = nn.meta.unbox(probe.init(jax.random.key(args.seed), train_x[:2], train_p[:2],
                                     train_y[:2]))
