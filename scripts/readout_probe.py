@@ -9,6 +9,8 @@ read-out on top of the encoded image tokens changes:
   vla_decoder           the VLA's T5 decoder, teacher-forced on [column, row] tokens (what
                         training does), logits of the 8 column / row tokens
   attention_pool        one learned query, one T5 attention over the image tokens, linear
+  text_query            the same with the query made from the prompt (the mean of its encoded
+                        tokens): one hop from the words to the matching image tokens
   decoder_layer         a T5 DecoderLayer (self-attention, cross-attention, MLP) on one
                         learned query, then RMSNorm and linear
   cross_attention_mlp   the same layer without its self-attention sublayer
@@ -30,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 
 import numpy as np  # noqa: E402
 
-HEADS = ('vla_decoder', 'attention_pool', 'decoder_layer', 'cross_attention_mlp')
+HEADS = ('vla_decoder', 'attention_pool', 'text_query', 'decoder_layer', 'cross_attention_mlp')
 
 
 def pictures(n: int, seed: int, objects: int, vocab, distinct_colours: bool = False):
@@ -100,10 +102,15 @@ def main():
         decoder_in = jnp.concatenate([jnp.zeros_like(cells[:, :1]), first_token + cells[:, :1]], 1)
         return vla(images, prompt, decoder_in)[..., first_token:first_token + 8]  # [B, 2, 8]
       encoded, _ = vla.encode(images, prompt)
+      text = encoded[:, -prompt.shape[1]:]
       encoded = encoded[:, :-prompt.shape[1]]  # the image tokens (they have seen the prompt)
       query = self.param('query', nn.initializers.normal(1.0), (1, 1, width))
       h = jnp.broadcast_to(query, (images.shape[0], 1, width))
-      if args.head == 'attention_pool':
+      if args.head == 'text_query':
+        real = (prompt > 0)[..., None].astype(text.dtype)
+        h = (text * real).sum(1, keepdims=True) / jnp.maximum(real.sum(1, keepdims=True), 1.0)
+        h = t5_lib._attention(t5_cfg)(nn.Dense(width)(h), encoded)
+      elif args.head == 'attention_pool':
         h = t5_lib._attention(t5_cfg)(h, encoded)
       elif args.head == 'decoder_layer':
         h = t5_lib.DecoderLayer(t5_cfg)(h, jnp.zeros((1, 1, 1, 1)), encoded,
