@@ -3,9 +3,9 @@
 Model parameters and key activations carry t5x-style logical axis names (rt2_jax.models):
 `batch`, `length`, `embed`, `mlp`, `heads`, `kv`, `vocab`, `relpos_buckets`, and the ViT's
 `image_tokens`, `patch_height`, `patch_width`, `channels`, `stem`, `film`, `image_embed`, and
-`layers` (the leading axis of stacked params under model.scan_layers; never sharded). The mesh has axes
-('data', 'fsdp', 'model'): data parallel, fully-sharded data parallel (parameters sharded along
-`embed`) and tensor parallel (`mlp`, `heads`, `vocab`).
+`layers` (the leading axis of stacked params under model.scan_layers; never sharded). The mesh
+has axes ('data', 'fsdp', 'model'): data parallel, fully-sharded data parallel (parameters
+sharded along `embed`) and tensor parallel (`mlp`, `heads`, `vocab`).
 
   mesh = make_mesh(cfg.mesh)
   abstract = jax.eval_shape(model.init, rng, *example_inputs)    # boxed (LogicallyPartitioned)

@@ -2,9 +2,8 @@
 
 With `model.vit.film`, the ViT's blocks are also FiLM-conditioned on the mean embedding of the
 instruction tokens (RT-1's instruction-conditioned image encoder). The encoder sees the image
-tokens followed by the instruction tokens; its padding mask is True
-for every image token and for text tokens != 0, so right-padding the instruction changes
-nothing for the real tokens. The decoder is causal and starts with token 0 (T5's BOS).
+tokens followed by the instruction tokens; its padding mask is True for every image token and
+for text tokens != 0, so right-padding the instruction changes nothing for the real tokens. The decoder is causal and starts with token 0 (T5's BOS).
 
 API (module `config` = the `cfg.model` ConfigDict; see docs/interfaces.md):
   logits = model.apply(v, images, enc_tokens, dec_input_tokens, enable_dropout=False)
