@@ -70,6 +70,8 @@ def main():
   p.add_argument('--film', action='store_true', help='FiLM-conditioned ViT (model.vit.film)')
   p.add_argument('--distinct_colours', action='store_true',
                  help='only scenes whose objects all differ in colour (the colour word suffices)')
+  p.add_argument('--attention_logit_scale', type=float, default=1.0,
+                 help='model.t5.attention_logit_scale (and the probe heads\' attention)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out', default='')
   args = p.parse_args()
@@ -91,6 +93,7 @@ def main():
   model_cfg.vit.film = args.film
   if args.encoder_layers:
     model_cfg.t5.num_encoder_layers = args.encoder_layers
+  model_cfg.t5.attention_logit_scale = args.attention_logit_scale
   _, t5_cfg = configs_from_model_config(model_cfg)
   width, first_token = t5_cfg.emb_dim, 100  # column / row c is token first_token + c
 

@@ -278,3 +278,18 @@ def test_film_starts_as_the_plain_vit_and_then_reads_the_instruction(scan):
   abstract = jax.eval_shape(film.init, jax.random.key(0), images, enc, dec)
   mesh = partitioning.make_mesh(config_flags.load_config('configs/tiny.py').mesh)
   partitioning.shardings_for(abstract['params'], mesh)  # every FiLM axis has a rule
+
+
+def test_attention_logit_scale_equals_a_scaled_query_kernel():
+  images, enc, dec = _inputs()
+  plain = VLA(_model_cfg())
+  sharp = VLA(_model_cfg(**{'t5.attention_logit_scale': 4.0}))
+  variables = nn.meta.unbox(jax.jit(plain.init)(jax.random.key(0), images, enc, dec))
+  scaled_queries = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * 4.0 if "'query'" in jax.tree_util.keystr(path) and
+      "'lm'" in jax.tree_util.keystr(path) else x, variables)
+  assert jax.tree.leaves(jax.tree.map(lambda a, b: (a != b).any(), variables, scaled_queries))
+  np.testing.assert_allclose(sharp.apply(variables, images, enc, dec),
+                             plain.apply(scaled_queries, images, enc, dec), rtol=1e-4, atol=1e-4)
+  assert np.abs(sharp.apply(variables, images, enc, dec)
+                - plain.apply(variables, images, enc, dec)).max() > 1e-3

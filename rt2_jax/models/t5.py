@@ -37,6 +37,9 @@ class T5Config:
   logits_via_embedding: bool = True
   dropout_rate: float = 0.0
   layer_norm_epsilon: float = 1e-6
+  # Multiplies every attention logit (1.0 = T5). Small models trained briefly on referring
+  # tasks need it to learn where to look (docs/tabletop.md, Measurement 4).
+  attention_logit_scale: float = 1.0
   dtype: str = 'float32'
   remat: str = 'none'  # 'none' | 'full' | 'dots' (rematerialise each layer in the backward pass)
   # Layers under nn.scan: params stacked as {encoder,decoder}/layers [num_layers, ...].
@@ -126,6 +129,7 @@ class MlpBlock(nn.Module):
 
 def _attention(cfg: T5Config):
   return layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.emb_dim,
+                                   logit_scale=cfg.attention_logit_scale,
                                    dropout_rate=cfg.dropout_rate,
                                    dtype=layers.to_dtype(cfg.dtype))
 
