@@ -14,6 +14,14 @@ read-out on top of the encoded image tokens changes:
   decoder_layer         a T5 DecoderLayer (self-attention, cross-attention, MLP) on one
                         learned query, then RMSNorm and linear
   cross_attention_mlp   the same layer without its self-attention sublayer
+  word_pool             the query is a Dense of the mean *raw* word embedding of the prompt
+                        (no encoder in between); one head, logits = --pool_scale * q.k (lecun
+                        init, so q.k has std ~sqrt(width) at init, not T5's ~1); the pooled
+                        value -> linear. The smallest read-out that binds in a plain model.
+
+--keys picks what the read-out attends to: 'encoder' (the T5 encoder's image tokens, default)
+or 'vit' (the ViT + projection tokens, before the T5 encoder) or 'encoder_image_only' (the T5
+encoder over the image tokens without the prompt): which part blocks binding.
 
   python scripts/readout_probe.py --head=vla_decoder --steps=600 --out=/tmp/readout.json
 
@@ -23,6 +31,7 @@ Prints exact match and within-one-cell accuracy on 300 held-out pictures every 1
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -32,7 +41,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 
 import numpy as np  # noqa: E402
 
-HEADS = ('vla_decoder', 'attention_pool', 'text_query', 'decoder_layer', 'cross_attention_mlp')
+HEADS = ('vla_decoder', 'attention_pool', 'text_query', 'decoder_layer', 'cross_attention_mlp',
+         'word_pool')
 
 
 def pictures(n: int, seed: int, objects: int, vocab, distinct_colours: bool = False):
@@ -72,6 +82,15 @@ def main():
                  help='only scenes whose objects all differ in colour (the colour word suffices)')
   p.add_argument('--attention_logit_scale', type=float, default=1.0,
                  help='model.t5.attention_logit_scale (and the probe heads\' attention)')
+  p.add_argument('--keys', default='encoder', choices=('encoder', 'vit', 'encoder_image_only'))
+  p.add_argument('--pool_scale', type=float, default=1.0, help="word_pool's logit scale")
+  p.add_argument('--zero_relpos', action='store_true',
+                 help='start the T5 relative-position biases at 0 (default init: normal(1.0))')
+  p.add_argument('--zero_residual', action='store_true',
+                 help="start the T5 encoder's residual branches (attention out, MLP wo) at 0, "
+                      'so the encoder starts as the identity')
+  p.add_argument('--set', action='append', default=[],
+                 help='model config override, e.g. --set=t5.num_encoder_layers=1 (repeatable)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out', default='')
   args = p.parse_args()
@@ -94,6 +113,13 @@ def main():
   if args.encoder_layers:
     model_cfg.t5.num_encoder_layers = args.encoder_layers
   model_cfg.t5.attention_logit_scale = args.attention_logit_scale
+  for override in args.set:
+    key, value = override.split('=', 1)
+    *path, leaf = key.split('.')
+    node = model_cfg
+    for name in path:
+      node = node[name]
+    node[leaf] = ast.literal_eval(value)
   _, t5_cfg = configs_from_model_config(model_cfg)
   width, first_token = t5_cfg.emb_dim, 100  # column / row c is token first_token + c
 
@@ -104,9 +130,28 @@ def main():
       if args.head == 'vla_decoder':
         decoder_in = jnp.concatenate([jnp.zeros_like(cells[:, :1]), first_token + cells[:, :1]], 1)
         return vla(images, prompt, decoder_in)[..., first_token:first_token + 8]  # [B, 2, 8]
-      encoded, _ = vla.encode(images, prompt)
-      text = encoded[:, -prompt.shape[1]:]
-      encoded = encoded[:, :-prompt.shape[1]]  # the image tokens (they have seen the prompt)
+      if args.keys == 'vit':
+        pixels = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+        encoded = vla.image_projection(vla.vit(pixels, True, None))
+        text = vla.lm.embed(prompt)
+      elif args.keys == 'encoder_image_only':  # the T5 encoder over the image tokens alone
+        pixels = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+        image_tokens = vla.image_projection(vla.vit(pixels, True, None))
+        encoded = vla.lm.encode(image_tokens, jnp.ones(image_tokens.shape[:2], bool))
+        text = vla.lm.embed(prompt)
+      else:
+        encoded, _ = vla.encode(images, prompt)
+        text = encoded[:, -prompt.shape[1]:]
+        encoded = encoded[:, :-prompt.shape[1]]  # the image tokens (they have seen the prompt)
+      if args.head == 'word_pool':
+        real = (prompt > 0)[..., None].astype(jnp.float32)
+        words = vla.lm.embed(prompt)
+        words = (words * real).sum(1) / jnp.maximum(real.sum(1), 1.0)  # [B, E]
+        q = nn.Dense(width, name='pool_query')(words)
+        k = nn.Dense(width, name='pool_key')(encoded)
+        weights = jax.nn.softmax(args.pool_scale * jnp.einsum('be,bne->bn', q, k), axis=-1)
+        pooled = jnp.einsum('bn,bne->be', weights, nn.Dense(width, name='pool_value')(encoded))
+        return nn.Dense(16)(pooled).reshape(-1, 2, 8)
       query = self.param('query', nn.initializers.normal(1.0), (1, 1, width))
       h = jnp.broadcast_to(query, (images.shape[0], 1, width))
       if args.head == 'text_query':
@@ -136,6 +181,16 @@ def main():
   probe = Probe()
   params = nn.meta.unbox(probe.init(jax.random.key(args.seed), train_x[:2], train_p[:2],
                                     train_y[:2]))
+  def zero_where(params, match):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.zeros_like(v) if match(jax.tree_util.keystr(path)) else v, params)
+
+  if args.zero_residual:
+    params = zero_where(params, lambda p: "'encoder'" in p and ("'out'" in p or "'wo'" in p))
+  if args.zero_relpos:
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.zeros_like(v) if 'rel_embedding' in jax.tree_util.keystr(path) else v,
+        params)
   schedule = optax.warmup_cosine_decay_schedule(0, args.lr, 50, args.steps, args.lr * 0.05)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
   opt_state = tx.init(params)

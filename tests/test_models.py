@@ -293,3 +293,26 @@ def test_attention_logit_scale_equals_a_scaled_query_kernel():
                              plain.apply(scaled_queries, images, enc, dec), rtol=1e-4, atol=1e-4)
   assert np.abs(sharp.apply(variables, images, enc, dec)
                 - plain.apply(variables, images, enc, dec)).max() > 1e-3
+
+
+def test_zero_init_residual_starts_every_t5_layer_as_the_identity():
+  images, enc, dec = _inputs()
+  model = VLA(_model_cfg(**{'t5.zero_init_residual': True}))
+  variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images, enc, dec))
+  lm = variables['params']['lm']
+  zeroed = [path for path, x in jax.tree_util.tree_leaves_with_path(lm)
+            if not np.asarray(x).any()]
+  names = [jax.tree_util.keystr(p) for p in zeroed]
+  assert any("'out'" in n for n in names) and any("'wo'" in n for n in names), names
+  # Identity layers: the encoder's output is its final RMSNorm of [image; text] embeddings.
+  encoded, _ = model.apply(variables, images, enc, method=VLA.encode)
+  x = model.apply(variables, images, enc, method=lambda m, i, e: jnp.concatenate(
+      [m.image_projection(m.vit(i.astype(jnp.float32) * (2.0 / 255.0) - 1.0, True, None)),
+       m.lm.embed(e)], 1))
+  expected = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(encoded, expected, rtol=1e-4, atol=1e-4)
+  # T5's own init (the default) does change the embeddings.
+  plain = VLA(_model_cfg())
+  plain_vars = nn.meta.unbox(jax.jit(plain.init)(jax.random.key(0), images, enc, dec))
+  plain_encoded, _ = plain.apply(plain_vars, images, enc, method=VLA.encode)
+  assert np.abs(np.asarray(plain_encoded) - np.asarray(expected)).max() > 1e-2

@@ -203,6 +203,7 @@ class MultiHeadAttention(nn.Module):
   # A constant factor on the logits: sharper attention at init and a proportionally faster
   # learning rate for where to look (under Adam). 1.0 is T5; see T5Config.attention_logit_scale.
   logit_scale: float = 1.0
+  out_init_scale: float = 1.0  # 0: the block starts by adding nothing (T5Config.zero_init_residual)
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
 
@@ -216,7 +217,8 @@ class MultiHeadAttention(nn.Module):
     self.key = DenseGeneral(hd, qkv_axes, use_bias=self.use_bias, dtype=self.dtype)
     self.value = DenseGeneral(hd, qkv_axes, use_bias=self.use_bias, dtype=self.dtype)
     self.out = DenseGeneral((self.out_features,), ('heads', 'kv', 'embed'), in_dims=2,
-                            use_bias=self.use_bias, dtype=self.dtype)
+                            use_bias=self.use_bias, init_scale=self.out_init_scale,
+                            dtype=self.dtype)
     self.attn_dropout = nn.Dropout(self.dropout_rate)
 
   def project_kv(self, x):

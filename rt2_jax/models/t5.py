@@ -37,9 +37,13 @@ class T5Config:
   logits_via_embedding: bool = True
   dropout_rate: float = 0.0
   layer_norm_epsilon: float = 1e-6
-  # Multiplies every attention logit (1.0 = T5). Small models trained briefly on referring
-  # tasks need it to learn where to look (docs/tabletop.md, Measurement 4).
+  # Multiplies every attention logit (1.0 = T5). Tried for the tabletop's binding problem
+  # (docs/tabletop.md, Measurement 4): no help on its own.
   attention_logit_scale: float = 1.0
+  # Start every residual branch (attention output, MLP wo) at zero, so each layer starts as the
+  # identity. With T5's init the tiny tabletop model does not learn which object a prompt names;
+  # with this it does (docs/tabletop.md, Measurement 4). Init only: imported weights overwrite it.
+  zero_init_residual: bool = False
   dtype: str = 'float32'
   remat: str = 'none'  # 'none' | 'full' | 'dots' (rematerialise each layer in the backward pass)
   # Layers under nn.scan: params stacked as {encoder,decoder}/layers [num_layers, ...].
@@ -124,12 +128,14 @@ class MlpBlock(nn.Module):
       h = wi if h is None else h * wi
     h = constrain(h, ('batch', 'length', 'mlp'))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    return layers.DenseGeneral((cfg.emb_dim,), ('mlp', 'embed'), dtype=dtype, name='wo')(h)
+    return layers.DenseGeneral((cfg.emb_dim,), ('mlp', 'embed'), dtype=dtype, name='wo',
+                               init_scale=0.0 if cfg.zero_init_residual else 1.0)(h)
 
 
 def _attention(cfg: T5Config):
   return layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.emb_dim,
                                    logit_scale=cfg.attention_logit_scale,
+                                   out_init_scale=0.0 if cfg.zero_init_residual else 1.0,
                                    dropout_rate=cfg.dropout_rate,
                                    dtype=layers.to_dtype(cfg.dtype))
 
