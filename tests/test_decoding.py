@@ -235,3 +235,79 @@ def test_plan_state_machine_finds_the_delimiter():
   request = cb.request(7, state)
   assert np.asarray(request.requests[0].forced)[1] == 21  # the second delimiter token
   assert int(request.index) == 1  # nobody writes free text: score only the action rows
+
+
+def _allowed(av, position):
+  """The vocabulary ids action position `position` may produce, in class order."""
+  return av.allowed_ids[position, :av.num_allowed[position]]
+
+
+def _assert_frequencies(ids, allowed, probs, where, sigmas=5.0):
+  """Empirical frequency of each allowed id within `sigmas` binomial deviations of probs."""
+  ids = np.asarray(ids).reshape(-1)
+  assert np.isin(ids, allowed).all(), f'{where}: an id outside the allowed ones'
+  n = ids.size
+  for token, p in zip(allowed, probs, strict=True):
+    freq = float((ids == token).mean())
+    bound = sigmas * np.sqrt(max(p * (1 - p), 1e-4) / n) + 1e-3
+    assert abs(freq - p) < bound, (
+        f'{where}: id {token} sampled with frequency {freq:.3f}, the model gives it {p:.3f} '
+        f'(bound {bound:.3f}; a padding column scored as a real class biases this)')
+
+
+def test_constrained_requests_sample_by_the_softmax_of_allowed_tokens(setup):
+  """At temperature 1 each allowed token of a position is drawn with its softmax probability
+  among the allowed tokens: padding columns (which repeat the last class's id, so ids stay
+  valid) must not be drawn. Both action callbacks, every position, model-free."""
+  s = setup
+  av = s['action_vocab']
+  n = 6000
+  logits = 2.0 * np.random.RandomState(0).randn(s['cfg'].model.vocab_size).astype(np.float32)
+  action_cb = s['decoder']('action').callback
+  plan_cb = s['decoder']('plan_then_action').callback
+  pick = jax.jit(lambda rows, valid, rng: decoding._rows_to_ids(
+      rows, choose(jnp.broadcast_to(jnp.asarray(logits)[rows], (n, rows.shape[-1])), valid, rng,
+                   1.0)))
+  for position in range(SPACE.num_positions):
+    allowed = _allowed(av, position)
+    probs = np.exp(logits[allowed] - logits[allowed].max())
+    probs /= probs.sum()
+    request = action_cb.request(jnp.int32(position), action_cb.init(n))
+    ids = pick(request.rows, request.valid, jax.random.PRNGKey(position))
+    state = decoding.PlanState(phase=jnp.full((n,), decoding.ACTION, jnp.int32),
+                               count=jnp.full((n,), position, jnp.int32),
+                               window=jnp.full((n, len(plan_cb.delimiter_ids)), -1, jnp.int32))
+    switch = plan_cb.request(jnp.int32(0), state)
+    assert int(switch.index) == 1  # everyone writes actions: the [B, K] action rows
+    sliced = switch.requests[1]
+    plan_ids = pick(sliced.rows, sliced.valid, jax.random.PRNGKey(100 + position))
+    if len(allowed) > 8:  # 256 bins: too many to count at this n; every column is a real bin
+      for got in (ids, plan_ids):
+        assert np.isin(np.asarray(got), allowed).all()
+      continue
+    _assert_frequencies(ids, allowed, probs, f'action position {position}')
+    _assert_frequencies(plan_ids, allowed, probs, f'plan_then_action position {position}')
+
+
+def test_action_sampling_follows_the_model_distribution(setup):
+  """Decode 512 samples of one input at temperature 1; at the gripper (2 classes) and terminate
+  (3 classes) positions the share of each class matches the model's own probability of it given
+  each sample's prefix (teacher-forced full forward), averaged over the samples."""
+  s = setup
+  av, model, params = s['action_vocab'], s['model'], s['params'](2)
+  n = 512
+  images = np.repeat(s['images'][:1], n, axis=0)
+  tokens = np.repeat(s['tokens'][:1], n, axis=0)
+  out = np.asarray(s['decoder']('action')(params, images, tokens, jax.random.PRNGKey(7),
+                                          temperature=1.0))
+  num = SPACE.num_positions
+  dec_in = np.concatenate([np.zeros((n, 1), np.int32), out[:, :num - 1]], axis=1)
+  logits = np.asarray(jax.jit(model.apply)({'params': params}, images, tokens, dec_in),
+                      np.float64)
+  for position in (3, 4):  # gripper (discrete, 2 classes), terminate (one-hot, 3 classes)
+    allowed = _allowed(av, position)
+    scores = logits[:, position, allowed]
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs = (probs / probs.sum(-1, keepdims=True)).mean(0)
+    assert probs.min() > 0.05, probs  # every class is plausible: the check can see a bias
+    _assert_frequencies(out[:, position], allowed, probs, f'decoded position {position}')
