@@ -249,6 +249,62 @@ def test_batches_are_padded_to_buckets_and_never_exceed_max_batch():
     server.stop()
 
 
+
+class _HoldPolicy(ScriptedPolicy):
+  """ScriptedPolicy that records each call's instructions and blocks a call holding 'hold'
+  until released, so the test decides which requests share the next batch."""
+
+  def __init__(self):
+    super().__init__()
+    self.release, self.calls = threading.Semaphore(0), []
+
+  def batch(self, images, instructions):
+    self.calls.append(list(instructions))
+    if 'hold' in instructions:
+      assert self.release.acquire(timeout=30)
+    return super().batch(images, instructions)
+
+
+def test_batches_of_non_bucket_sizes_answer_each_client():
+  """Groups of 3, 5, 6 and 7 queued requests (single JSON ones, and a msgpack request of two
+  examples) share one batch padded to a bucket of 4 or 8: each client gets the answer to its own
+  image and instruction, not a padding row's or a neighbour's."""
+  policy = _HoldPolicy()
+  server, url = _start(policy, max_batch=8, max_wait_ms=50)
+  client = PolicyClient(url, timeout_s=60, retries=0)
+  try:
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+      for group, size in enumerate((3, 5, 6, 7)):
+        held = pool.submit(client.predict, _image(99), 'hold')
+        deadline = time.monotonic() + 30
+        while not policy.calls or policy.calls[-1] != ['hold']:  # the policy is busy
+          assert time.monotonic() < deadline
+          time.sleep(0.01)
+        # Instruction lengths 1..size (the answer's second number) and one image each.
+        jobs = [(100 * group + i, 'abcdefgh'[:i + 1]) for i in range(size)]
+        singles, pair = (jobs[:-2], jobs[-2:]) if size > 4 else (jobs, [])
+        futures = [pool.submit(client.predict, _image(seed), text) for seed, text in singles]
+        if pair:
+          futures.append(pool.submit(client.predict_batch, [_image(seed) for seed, _ in pair],
+                                     [text for _, text in pair]))
+        while len(server.batcher._pending) < size:  # all of them are queued
+          assert time.monotonic() < deadline
+          time.sleep(0.01)
+        policy.release.release()
+        held.result(30)
+        replies = [f.result(30) for f in futures]
+        if pair:
+          replies = replies[:-1] + list(replies[-1])
+        for (seed, text), reply in zip(jobs, replies, strict=True):
+          assert reply['vector'][1] == len(text), (size, text, reply['vector'])
+          assert reply['vector'][0] == pytest.approx(_image(seed).mean()), (size, text)
+        bucket = 4 if size <= 4 else 8
+        call = policy.calls[-1]
+        assert len(call) == bucket and sorted(call[:size]) == sorted(t for _, t in jobs), call
+  finally:
+    server.stop()
+
+
 def test_token_is_required_when_set():
   server, url = _start(ScriptedPolicy(), token='s3cret')
   try:
