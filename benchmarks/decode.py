@@ -4,19 +4,43 @@ For two model shapes (the tiny config, and a CPU-feasible ~60M-parameter model w
 tokens and a 32k output vocabulary) at batch 1 and 8, this measures the median over repeated
 calls, after warm-up, of:
 - ours: `rt2_jax.decoding.Decoder` end to end (ViT + encoder + all action tokens, one jit), the
-  token loop alone (after the encoder), and the same loop with the action constraint written as
-  a mask over the full vocabulary instead of gathering the K allowed rows;
+  token loop alone (after the encoder), and both again with the action constraint written as a
+  mask over the full vocabulary instead of gathering the K allowed rows (`*_full_vocab_mask`);
 - transformers: a `ViTModel` + linear projection + `T5ForConditionalGeneration.generate` of the
-  same shapes (PyTorch CPU, same thread count, the image tokens joined to the text embeddings and
-  passed as `inputs_embeds`, 8 new tokens = 7 action tokens + EOS, greedy), end to end, its
-  encoder alone and `generate` alone given the encoder output;
+  same shapes (PyTorch CPU, each figure the faster of 1 thread and all cores, `threads` in the
+  JSON; the image tokens joined to the text embeddings and passed as `inputs_embeds`, greedy),
+  end to end, its encoder alone and `generate` alone given the encoder output; unconstrained (all
+  vocabulary rows scored, any token may win) and constrained (`*_constrained`: a
+  `LogitsProcessor` masks the full-vocabulary scores to the action position's allowed ids, as a
+  transformers user would constrain it);
 - this CPU's fp32 matmul rate (best of large square matmuls in XLA and PyTorch), which turns the
-  model's matmul FLOPs into a compute floor. The machine may be shared, so the floor ratio is
-  the median over back-to-back pairs (a 1024^2 XLA matmul, then our end-to-end call) of our
-  time / (FLOPs / that pair's rate); `floor_ratio_run` divides by the run's best rate instead.
+  model's matmul FLOPs into a compute floor.
+
+Both sides run the same number of decoder forward passes: ours runs one per action token (7 for
+Bridge) and writes EOS after the last without a pass, so `generate` is asked for exactly as many
+new tokens (it would need one more pass to produce EOS). Both counts are measured (a host
+callback in our loop, a forward hook on the transformers decoder), checked equal and written to
+the JSON as `forward_passes`.
+
+Ratios (transformers time / ours, > 1 = ours faster), per config and batch, and in words under
+`comparisons` in the JSON:
+- `speedup`, `loop_speedup` (the headline): ours as it runs (constrained, scoring the K allowed
+  rows) vs transformers unconstrained (all rows, no constraint). Not like for like: the two do
+  different work per step.
+- `speedup_constrained`, `loop_speedup_constrained`: both constrained to the action tokens, each
+  the way its library does it (ours gathers K rows; transformers scores all rows and masks).
+- `speedup_full_vocab`, `loop_speedup_full_vocab`: both score the full vocabulary and mask it to
+  the action tokens: the same arithmetic on both sides.
+
+The floor ratio is our end-to-end time / (FLOPs / the best matmul rate measured in the run: the
+large matmuls before and after, and the 1024^2 XLA matmuls timed back to back with our calls).
+`floor_ratio_paired` keeps the earlier figure: the median over back-to-back pairs (a 1024^2 XLA
+matmul, then our end-to-end call) of our time / (FLOPs / that pair's rate), which divides by the
+rate of a loaded moment and so is kinder.
 
 Prints a table and writes JSON (`--out=FILE`) with `speedup_b1` (transformers end to end / ours,
-tiny, batch 1), `decode_loop_speedup_b1` (the same for the token loop, larger model) and
+tiny, batch 1), `decode_loop_speedup_b1` (the same for the token loop, larger model), their
+`_constrained` and `_full_vocab` counterparts, `forward_passes`, `comparisons` and
 `floor_ratio_b1` (ours end to end / compute floor, larger model). `--quick` is a smoke mode
 (fewer repeats, batch 1 only).
 
@@ -36,7 +60,25 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-NEW_TOKENS = 8  # 7 action tokens (Bridge) + EOS
+COMPARISONS = {
+    'headline': 'speedup, loop_speedup: ours constrained to the action tokens (scores only the K '
+                'allowed rows of each action position) vs transformers generate unconstrained '
+                '(scores the full vocabulary, any token may win). Different work per step; not '
+                'like for like.',
+    'constrained': 'speedup_constrained, loop_speedup_constrained: both constrained to the same '
+                   'action ids per position; ours scores the K allowed rows, transformers scores '
+                   'the full vocabulary and a LogitsProcessor masks it to the allowed ids.',
+    'full_vocab': 'speedup_full_vocab, loop_speedup_full_vocab: both score the full vocabulary '
+                  'and mask it to the allowed action ids (ours: *_full_vocab_mask; transformers: '
+                  '*_constrained): the same arithmetic on both sides.',
+    'forward_passes': 'decoder forward passes per call, counted on both sides and equal: one per '
+                      'action token; ours writes EOS after the last without a pass, so '
+                      'transformers is asked for max_new_tokens = min_new_tokens = that count.',
+    'threads': 'ours: XLA with all cores; transformers: each figure the faster of PyTorch with '
+               '1 thread and with all cores (transformers.batches.*.threads).',
+    'floor_ratio': 'ours end to end / (matmul FLOPs / the best fp32 matmul rate measured in the '
+                   'run); floor_ratio_paired divides by the rate measured just before each call.',
+}
 
 
 def larger_config():
@@ -146,6 +188,40 @@ class FullVocabMaskCallback:
     return self.inner.update(step, state, token)
 
 
+class CountingCallback:
+  """Counts the token loop's iterations (one decoder forward pass each) with a host callback."""
+
+  def __init__(self, inner):
+    self.inner, self.max_steps, self.count = inner, inner.max_steps, 0
+
+  def _tick(self):
+    self.count += 1
+
+  def init(self, batch_size):
+    return self.inner.init(batch_size)
+
+  def request(self, step, state):
+    import jax
+
+    jax.debug.callback(self._tick, ordered=True)  # once per loop body = per decode_step
+    return self.inner.request(step, state)
+
+  def update(self, step, state, token):
+    return self.inner.update(step, state, token)
+
+
+def count_forward_passes_ours(model, callback, params, encoded, mask, rng) -> int:
+  """Decoder forward passes of one call of our token loop (untimed: the callback costs)."""
+  import jax
+
+  from rt2_jax import decoding
+
+  counting = CountingCallback(callback)
+  jax.block_until_ready(decoding.Decoder(model, counting).from_encoded(params, encoded, mask, rng))
+  jax.effects_barrier()
+  return counting.count
+
+
 def prompts(vocab, config, batch: int) -> np.ndarray:
   instructions = ['put the spoon in the pot', 'open the drawer', 'pick up the red block',
                   'wipe the table with the towel']
@@ -158,6 +234,7 @@ def prompts(vocab, config, batch: int) -> np.ndarray:
 
 
 def _time_ours(sliced, masked, params, vocab, config, batch: int, repeats: int, rng) -> dict:
+  """Our timings at one batch size; `sliced` scores K rows, `masked` the full vocabulary."""
   import jax
   import jax.numpy as jnp
 
@@ -172,6 +249,8 @@ def _time_ours(sliced, masked, params, vocab, config, batch: int, repeats: int, 
   return dict(
       end_to_end=median_time(lambda: sliced(params, images, tokens, rng).block_until_ready(),
                              repeats),
+      end_to_end_full_vocab_mask=median_time(
+          lambda: masked(params, images, tokens, rng).block_until_ready(), repeats),
       encoder=median_time(lambda: jax.block_until_ready(sliced.encode(params, images, tokens)),
                           repeats),
       loop=median_time(
@@ -179,6 +258,8 @@ def _time_ours(sliced, masked, params, vocab, config, batch: int, repeats: int, 
       loop_full_vocab_mask=median_time(
           lambda: masked.from_encoded(params, encoded, mask, rng).block_until_ready(), repeats),
       sliced_equals_masked=same,
+      forward_passes=count_forward_passes_ours(sliced.model, sliced.callback, params, encoded,
+                                               mask, rng),
       floor_pairs=interleaved_floor_pairs(
           lambda: sliced(params, images, tokens, rng).block_until_ready(), repeats))
 
@@ -228,10 +309,12 @@ def run_ours(config, batches, repeats: int, log) -> dict:
                                      vocab.eos_id)
   sliced = decoding.Decoder(model, callback)
   masked = decoding.Decoder(model, FullVocabMaskCallback(callback, action_vocab.mask))
-  out = dict(params=num_params, batches={})
+  out = dict(params=num_params, batches={}, allowed_ids=np.asarray(action_vocab.allowed_ids),
+             num_allowed=np.asarray(action_vocab.num_allowed))
   for batch in batches:
     r = _time_ours(sliced, masked, params, vocab, config, batch, repeats, rng)
     r['action_tokens'] = int(callback.num_positions)
+    assert r['forward_passes'] == callback.max_steps, (r['forward_passes'], callback.max_steps)
     out['batches'][batch] = r
     log(f'  ours b={batch}: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                                           for k, v in r.items() if k != 'floor_pairs'))
@@ -242,9 +325,36 @@ def run_ours(config, batches, repeats: int, log) -> dict:
 # Hugging Face transformers.
 
 
+class ActionMaskProcessor:
+  """A transformers `LogitsProcessor`: -inf on every row but the action position's allowed ids."""
 
-def _time_transformers(vit, project, t5, config, batch: int, repeats: int) -> dict:
+  def __init__(self, allowed_ids, num_allowed, vocab_size: int):
+    import torch
+
+    positions = np.asarray(allowed_ids).shape[0]
+    keep = np.zeros((positions, vocab_size), bool)
+    for i, (ids, n) in enumerate(zip(np.asarray(allowed_ids), np.asarray(num_allowed),
+                                     strict=True)):
+      keep[i, ids[:n]] = True
+    self.keep = torch.from_numpy(keep)
+
+  def __call__(self, input_ids, scores):
+    # input_ids starts with the decoder start token: the next token is action position len - 1.
+    position = min(input_ids.shape[1] - 1, self.keep.shape[0] - 1)
+    keep = self.keep[position, :scores.shape[-1]]
+    return scores.masked_fill(~keep, float('-inf'))
+
+
+def _time_transformers(vit, project, t5, config, batch: int, repeats: int, steps: int,
+                       processor, thread_counts) -> dict:
+  """transformers timings at one batch size: `steps` new tokens = `steps` decoder passes.
+
+  Each figure is the faster of PyTorch with 1 thread and with all cores: on a shared CPU its
+  threads wait for descheduled siblings (a 2-thread `generate` ran ~10x slower than 1 thread on
+  a loaded 2-core machine), which would flatter ours.
+  """
   import torch
+  from transformers import LogitsProcessorList
   from transformers.modeling_outputs import BaseModelOutput
 
   mc = config.model
@@ -254,31 +364,58 @@ def _time_transformers(vit, project, t5, config, batch: int, repeats: int) -> di
   text = torch.from_numpy(rng.integers(3, 1000, (batch, config.data.max_input_len)))
   num_patches = (mc.image_size // mc.vit.patch_size) ** 2
   attention_mask = torch.ones(batch, num_patches + text.shape[1], dtype=torch.long)
-  generate_kw = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                     num_beams=1)
+  plain = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=1)
+  constrained = dict(plain, logits_processor=LogitsProcessorList([processor]))
 
   def embed():
     image_tokens = project(vit(pixel_values=pixels).last_hidden_state[:, 1:])
     return torch.cat([image_tokens, t5.shared(text)], dim=1)
 
-  def end_to_end():
-    return t5.generate(inputs_embeds=embed(), attention_mask=attention_mask, **generate_kw)
+  def end_to_end(**kw):
+    return t5.generate(inputs_embeds=embed(), attention_mask=attention_mask, **kw)
 
   def encoder():
     return t5.get_encoder()(inputs_embeds=embed(), attention_mask=attention_mask)
 
+  def loop(**kw):
+    return t5.generate(encoder_outputs=encoder_outputs, attention_mask=attention_mask, **kw)
+
+  passes = []
+  hook = t5.get_decoder().register_forward_hook(lambda *_: passes.append(1))
   with torch.inference_mode():
     encoder_outputs = BaseModelOutput(last_hidden_state=encoder().last_hidden_state)
-    generated = end_to_end()
-    assert generated.shape[1] >= NEW_TOKENS, generated.shape
-    return dict(
-        end_to_end=median_time(end_to_end, repeats),
-        encoder=median_time(encoder, repeats),
-        loop=median_time(lambda: t5.generate(encoder_outputs=encoder_outputs,
-                                             attention_mask=attention_mask, **generate_kw),
-                         repeats))
+    counts = {}
+    for name, fn, kw in (('end_to_end', end_to_end, plain), ('loop', loop, plain),
+                         ('end_to_end_constrained', end_to_end, constrained),
+                         ('loop_constrained', loop, constrained)):
+      passes.clear()
+      generated = fn(**kw)
+      counts[name] = len(passes)
+      assert generated.shape[1] == steps + 1, generated.shape  # decoder start token + steps
+      if kw is constrained:
+        keep = processor.keep[torch.arange(steps).clamp(max=processor.keep.shape[0] - 1)]
+        chosen = generated[:, 1:]
+        assert bool(keep.gather(1, chosen.T).all()), 'constrained generate left the action ids'
+    hook.remove()
+    assert len(set(counts.values())) == 1, counts
+    figures = dict(end_to_end=lambda: end_to_end(**plain),
+                   end_to_end_constrained=lambda: end_to_end(**constrained),
+                   encoder=encoder, loop=lambda: loop(**plain),
+                   loop_constrained=lambda: loop(**constrained))
+    out, by_threads = {}, {}
+    for name, fn in figures.items():
+      by_threads[name] = {}
+      for n in thread_counts:
+        torch.set_num_threads(n)
+        by_threads[name][n] = median_time(fn, repeats)
+      out[name] = min(by_threads[name].values())
+    torch.set_num_threads(max(thread_counts))
+  return dict(out, forward_passes=counts['loop'], seconds_by_threads=by_threads,
+              threads={k: min(v, key=v.get) for k, v in by_threads.items()})
 
-def run_transformers(config, batches, repeats: int, log) -> dict:
+
+def run_transformers(config, batches, repeats: int, log, steps: int, allowed_ids,
+                     num_allowed) -> dict:
   import torch
   import transformers
 
@@ -300,10 +437,14 @@ def run_transformers(config, batches, repeats: int, log) -> dict:
   project = torch.nn.Linear(mc.vit.width, t.emb_dim)
   num_params = sum(p.numel() for m in (vit, t5, project) for p in m.parameters())
   out = dict(params=int(num_params), threads=torch.get_num_threads(), batches={})
+  processor = ActionMaskProcessor(allowed_ids, num_allowed, mc.vocab_size)
   for batch in batches:
-    r = _time_transformers(vit, project, t5, config, batch, repeats)
+    r = _time_transformers(vit, project, t5, config, batch, repeats, steps, processor,
+                           sorted({1, out['threads']}))
     out['batches'][batch] = r
-    log(f'  transformers b={batch}: ' + ', '.join(f'{k}={v:.4f}' for k, v in r.items()))
+    log(f'  transformers b={batch}: ' + ', '.join(
+        f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in r.items()
+        if k != 'seconds_by_threads'))
   return out
 
 
@@ -336,40 +477,61 @@ def main(argv=None):
   for name in args.configs.split(','):
     config = configs[name]()
     log(f'{name}: image {config.model.image_size}px, vocab {config.model.vocab_size}')
-    measured[name] = (config, run_ours(config, batches, repeats, log),
-                      run_transformers(config, batches, repeats, log))
-  # The machine is shared: measure the rate again and keep the best, so the floor is the
-  # lowest (most demanding) one seen during the run.
+    ours = run_ours(config, batches, repeats, log)
+    # The same decoder forward passes on both sides: ours runs one per action token and writes
+    # EOS without one, so transformers generates exactly that many tokens.
+    steps = ours['batches'][batches[0]]['forward_passes']
+    measured[name] = (config, ours, run_transformers(config, batches, repeats, log, steps,
+                                                     ours.pop('allowed_ids'),
+                                                     ours.pop('num_allowed')))
+  # The machine is shared: measure the rate again and keep the best seen in the run (also the
+  # 1024^2 matmuls timed next to our calls), so the floor is the lowest (most demanding) one.
   rate_after = matmul_rate(True)
   results['matmul_gflops_after'] = rate_after
-  best_rate = max(rate['best'], rate_after['best'])
-  log(f'fp32 matmul GFLOP/s after: {rate_after["best"]:.1f}; floor uses {best_rate:.1f}')
+  paired_rates = [r for _, ours, _ in measured.values() for o in ours['batches'].values()
+                  for r, _ in o['floor_pairs']]
+  best_rate = max([rate['best'], rate_after['best']] + paired_rates)
+  results['matmul_gflops_floor'] = best_rate
+  log(f'fp32 matmul GFLOP/s after: {rate_after["best"]:.1f}; best next to our calls: '
+      f'{max(paired_rates, default=0):.1f}; floor uses {best_rate:.1f}')
   for name, (config, ours, theirs) in measured.items():
     entry = dict(params_ours=ours['params'], params_transformers=theirs['params'], batches={})
     for b in batches:
       o, t = ours['batches'][b], theirs['batches'][b]
+      assert o['forward_passes'] == t['forward_passes'], (o['forward_passes'], t['forward_passes'])
       flops = model_flops(config.model, b, config.data.max_input_len, o['action_tokens'], 256)
       floor = flops['total'] / (best_rate * 1e9)
-      # On a shared machine the rate and our latency both move with the load: the ratio from
-      # back-to-back pairs is the stable figure; `floor_ratio_run` uses the run's best rate.
       paired = statistics.median(t / (flops['total'] / (r * 1e9)) for r, t in o['floor_pairs'])
       entry['batches'][b] = dict(
           ours=o, transformers=t, flops=flops, floor_s=floor,
-          speedup=t['end_to_end'] / o['end_to_end'], loop_speedup=t['loop'] / o['loop'],
-          floor_ratio=paired, floor_ratio_run=o['end_to_end'] / floor)
+          forward_passes=dict(ours=o['forward_passes'], transformers=t['forward_passes']),
+          speedup=t['end_to_end'] / o['end_to_end'],
+          speedup_constrained=t['end_to_end_constrained'] / o['end_to_end'],
+          speedup_full_vocab=t['end_to_end_constrained'] / o['end_to_end_full_vocab_mask'],
+          loop_speedup=t['loop'] / o['loop'],
+          loop_speedup_constrained=t['loop_constrained'] / o['loop'],
+          loop_speedup_full_vocab=t['loop_constrained'] / o['loop_full_vocab_mask'],
+          floor_ratio=o['end_to_end'] / floor, floor_ratio_paired=paired)
     results['configs'][name] = entry
 
   def pick(config, key):
     c = results['configs'].get(config)
     return c['batches'][1][key] if c else None
 
-  results['speedup_b1'] = pick('tiny', 'speedup')
-  results['decode_loop_speedup_b1'] = pick('larger', 'loop_speedup')
+  for suffix in ('', '_constrained', '_full_vocab'):
+    results[f'speedup_b1{suffix}'] = pick('tiny', f'speedup{suffix}')
+    results[f'decode_loop_speedup_b1{suffix}'] = pick('larger', f'loop_speedup{suffix}')
   results['floor_ratio_b1'] = pick('larger', 'floor_ratio')
+  results['floor_ratio_b1_paired'] = pick('larger', 'floor_ratio_paired')
+  results['forward_passes'] = {
+      f'{name}_b{b}': r['forward_passes'] for name, entry in results['configs'].items()
+      for b, r in entry['batches'].items()}
+  results['comparisons'] = COMPARISONS
 
   header = (f'{"config":8} {"B":>2} {"params":>7} | {"ours e2e":>9} {"enc":>8} {"loop":>8} '
-            f'{"maskloop":>8} | {"hf e2e":>8} {"hf enc":>8} {"hf loop":>8} | {"floor":>8} '
-            f'{"speedup":>7} {"loop x":>6} {"/floor":>6}')
+            f'{"maskloop":>8} | {"hf e2e":>8} {"hf enc":>8} {"hf loop":>8} {"hf cloop":>8} | '
+            f'{"floor":>8} {"speedup":>7} {"loop x":>6} {"cloop x":>7} {"fvloop x":>8} '
+            f'{"/floor":>6}')
   log('\n' + header + '\n' + '-' * len(header))
   for name, entry in results['configs'].items():
     for b, r in entry['batches'].items():
@@ -377,10 +539,18 @@ def main(argv=None):
       log(f'{name:8} {b:>2} {entry["params_ours"] / 1e6:>6.1f}M | {o["end_to_end"] * 1e3:>7.1f}ms '
           f'{o["encoder"] * 1e3:>6.1f}ms {o["loop"] * 1e3:>6.1f}ms '
           f'{o["loop_full_vocab_mask"] * 1e3:>6.1f}ms | {t["end_to_end"] * 1e3:>6.1f}ms '
-          f'{t["encoder"] * 1e3:>6.1f}ms {t["loop"] * 1e3:>6.1f}ms | {r["floor_s"] * 1e3:>6.1f}ms '
-          f'{r["speedup"]:>7.2f} {r["loop_speedup"]:>6.2f} {r["floor_ratio"]:>6.2f}')
-  log(f'\nspeedup_b1={results["speedup_b1"]}  decode_loop_speedup_b1='
-      f'{results["decode_loop_speedup_b1"]}  floor_ratio_b1={results["floor_ratio_b1"]}')
+          f'{t["encoder"] * 1e3:>6.1f}ms {t["loop"] * 1e3:>6.1f}ms '
+          f'{t["loop_constrained"] * 1e3:>6.1f}ms | {r["floor_s"] * 1e3:>6.1f}ms '
+          f'{r["speedup"]:>7.2f} {r["loop_speedup"]:>6.2f} {r["loop_speedup_constrained"]:>7.2f} '
+          f'{r["loop_speedup_full_vocab"]:>8.2f} {r["floor_ratio"]:>6.2f}')
+  log('\nforward passes per call (ours = transformers): ' + ', '.join(
+      f'{k}={v["ours"]}' for k, v in results['forward_passes'].items()))
+  log('loop x: headline (ours constrained, K rows, vs transformers unconstrained); cloop x: both '
+      'constrained (transformers masks the full vocabulary); fvloop x: both full vocabulary + mask')
+  for key in ('speedup_b1', 'speedup_b1_constrained', 'speedup_b1_full_vocab',
+              'decode_loop_speedup_b1', 'decode_loop_speedup_b1_constrained',
+              'decode_loop_speedup_b1_full_vocab', 'floor_ratio_b1', 'floor_ratio_b1_paired'):
+    log(f'{key}={results[key]}')
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(results, f, indent=1, default=str)
