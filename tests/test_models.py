@@ -126,6 +126,17 @@ def test_bad_inputs_and_config_fail_clearly():
                    dec)
 
 
+def _sub_eqns(jaxpr):
+  """Equations of every sub-jaxpr (pjit, custom_vjp, scan bodies), recursively."""
+  for eqn in jaxpr.eqns:
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          yield from inner.eqns
+          yield from _sub_eqns(inner)
+
+
 def test_bfloat16_compute_close_to_float32(model_and_vars):
   model, variables = model_and_vars
   cfg = _model_cfg(**{'dtype': 'bfloat16',
@@ -134,7 +145,14 @@ def test_bfloat16_compute_close_to_float32(model_and_vars):
   ref = model.apply(variables, images, enc, dec)
   low = VLA(cfg).apply(variables, images, enc, dec)
   assert low.dtype == jnp.float32
-  assert np.abs(np.asarray(low) - np.asarray(ref)).max() < 0.1 * np.abs(np.asarray(ref)).max()
+  diff = np.abs(np.asarray(low) - np.asarray(ref)).max()
+  assert diff < 0.1 * np.abs(np.asarray(ref)).max()
+  # ... and bfloat16 is really used: the matmuls take bf16 operands, so the logits differ.
+  assert diff > 1e-4, 'model.dtype=bfloat16 gave the float32 logits'
+  jaxpr = jax.make_jaxpr(VLA(cfg).apply)(variables, images, enc, dec)
+  dots = [e for e in jaxpr.eqns if e.primitive.name == 'dot_general']
+  dots += [e for e in _sub_eqns(jaxpr.jaxpr) if e.primitive.name == 'dot_general']
+  assert dots and any(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
 
 
 def test_summary_counts_match_real_params(model_and_vars):
