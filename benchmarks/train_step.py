@@ -271,7 +271,9 @@ def spawn(worker: str, model: str, threads: int, warmup: int, steps: int,
   if threads == 1:
     # XLA's thread flags do not bind its XNNPACK/YNN matmuls (a 2048^3 matmul still ran at the
     # two-core rate with them), so pin the process to one core: a true 1-core figure for both.
-    env['XLA_FLAGS'] = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+    # (XLA has no intra_op_parallelism_threads flag: with its leading -- it aborts at start, and
+    # the earlier spelling without -- was silently ignored. taskset does the pinning.)
+    env['XLA_FLAGS'] = '--xla_cpu_multi_thread_eigen=false'
     if shutil.which('taskset') and len(getattr(os, 'sched_getaffinity', lambda _: ())(0)) > 1:
       cmd = ['taskset', '-c', str(min(os.sched_getaffinity(0)))]
   cmd += [sys.executable, os.path.abspath(__file__), f'--worker={worker}', f'--model={model}',
