@@ -59,6 +59,24 @@ def test_sigterm_then_sigkill_then_restart_gives_identical_parameters(straight, 
   _assert_same_params(straight[0], tmp_path)
 
 
+def test_resume_with_dropout_gives_identical_parameters(straight, tmp_path):
+  """The tiny config has dropout 0, so the runs above cannot tell whether a resumed run draws
+  the same dropout masks. With dropout on, a run stopped by SIGTERM at step 3 and resumed ends
+  with the parameters of an uninterrupted run: the state's rng and the data stream resume."""
+  dropout = {'model.t5.dropout_rate': 0.1, 'model.vit.dropout_rate': 0.1}
+  lib.run_train(tmp_path / 'straight', dropout, devices=None)
+  stopped = lib.run_train(tmp_path / 'resumed', dropout, devices=None,
+                          fault=dict(at_batch=3, signal='SIGTERM'))
+  assert 'saving checkpoint 3 (preempted)' in stopped.stdout
+  resumed = lib.run_train(tmp_path / 'resumed', dropout, devices=None)
+  assert f'resumed from {tmp_path}/resumed/checkpoints/3' in resumed.stdout
+  _assert_same_params(tmp_path / 'straight', tmp_path / 'resumed')
+  # Dropout is really on: the parameters differ from those of the run without it.
+  _, without = lib.final_params(straight[0])
+  _, with_dropout = lib.final_params(tmp_path / 'straight')
+  assert any(not np.array_equal(without[k], with_dropout[k]) for k in without)
+
+
 def test_relative_workdir_with_flipped_bytes_in_the_latest_checkpoint(straight, tmp_path):
   # Issue 16, two defects in one trainer run. (1) With a relative --workdir the trainer called
   # every good checkpoint unreadable, moved it to checkpoints_unreadable/, restarted from step 1
