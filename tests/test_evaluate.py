@@ -2,6 +2,7 @@
 closed loop through rt2_jax.policy.Policy (a tiny untrained model, one task, a few steps)."""
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -94,7 +95,9 @@ def test_episode_categories_and_settings():
 
 
 @functools.cache
-def tiny_metaworld_policy():
+def tiny_metaworld_policy(scale: float = 1.0):
+  """An untrained tiny policy; `scale` multiplies its random parameters (3: outputs that vary
+  with the frame and instruction; at 1 most inputs give the same action)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -106,27 +109,90 @@ def tiny_metaworld_policy():
   s = config.model.image_size
   variables = VLA(config.model).init(jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.uint8),
                                      jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
-  return Policy(config, nn.unbox(variables['params']), None, mw.ACTION_SPACE,
-                batch_buckets=(2,))
+  params = jax.tree.map(lambda x: x * scale, nn.unbox(variables['params']))
+  return Policy(config, params, None, mw.ACTION_SPACE, batch_buckets=(2,))
 
 
-def test_ci_closed_loop_through_the_policy(tmp_path):
-  """One task, two episodes, a few steps: rendering in a worker, one policy.batch per step."""
-  policy = tiny_metaworld_policy()
-  settings = evaluate.EvalSettings(tasks=('drawer-open-v3',), categories=('seen',), episodes=2,
-                                   max_steps=4, num_envs=2, workers=1, videos=1, image_size=32,
+class _Replay:
+  """Replays one row's recorded actions (no images), recording the states it is shown."""
+
+  needs_images = False
+  name = 'replay'
+
+  def __init__(self, actions):
+    self.actions, self.states = list(actions), []
+
+  def __call__(self, batch):
+    self.states.append(batch.states[0].copy())
+    return self.actions[len(self.states) - 1][None], np.zeros(1, bool)
+
+
+def test_ci_closed_loop_through_the_policy(tmp_path, monkeypatch):
+  """One task, two episodes, a few steps: rendering in a worker, one policy.batch per step. The
+  policy is shown its own episode's frames, its actions depend on them, and each environment
+  moves by its own row's actions (an untrained policy never succeeds, so success alone would not
+  notice blank frames or actions sent to the wrong environment)."""
+  policy = tiny_metaworld_policy(3.0)
+  calls = []  # per policy call: the images and states shown, the actions returned
+
+  class RecordingActor(evaluate.PolicyActor):
+    def __call__(self, batch):
+      actions, terminate = super().__call__(batch)
+      calls.append((np.array(batch.images), np.array(batch.states), np.array(actions)))
+      return actions, terminate
+
+  videos = {}
+  save_gif = evaluate.save_gif
+
+  def keep_frames(frames, path):
+    videos[os.path.basename(path)] = np.stack(frames)
+    save_gif(frames, path)
+
+  monkeypatch.setattr(evaluate, 'PolicyActor', RecordingActor)
+  monkeypatch.setattr(evaluate, 'save_gif', keep_frames)
+  tasks = ('drawer-open-v3', 'button-press-topdown-v3')
+  settings = evaluate.EvalSettings(tasks=tasks, categories=('seen',), episodes=1, max_steps=4,
+                                   num_envs=2, workers=1, videos=2, image_size=32,
                                    use_terminate=False)
   specs = evaluate.episode_specs(settings)
-  assert [(e.task, e.seed) for e in specs] == [('drawer-open-v3', 0), ('drawer-open-v3', 1)]
+  assert [(e.task, e.seed) for e in specs] == [(t, 0) for t in tasks]
   out = evaluate.closed_loop(policy, settings, specs, str(tmp_path), progress=False)
   assert [r['steps'] for r in out['rows']] == [4, 4]
   assert [r['success'] for r in out['rows']] == [False, False]  # untrained
   assert out['policy_calls'] == 4 and out['env_steps'] == 8
-  assert out['videos'] == ['videos/seen_drawer-open-v3_0_fail.gif']
+  names = [f'seen_{t}_0_fail.gif' for t in tasks]
+  assert out['videos'] == [f'videos/{n}' for n in names]
   from PIL import Image
   with Image.open(tmp_path / out['videos'][0]) as gif:
     assert gif.n_frames == 5 and gif.size == (64, 64)
 
+  assert len(calls) == 4
+  instructions = [e.instruction for e in specs]
+  for row, name in enumerate(names):
+    # Row i was shown the frames episode i rendered before each step (reset + 3 steps).
+    frames = videos[name]
+    assert frames.shape == (5, 32, 32, 3) and frames[0].std() > 10
+    for t, (images, _, _) in enumerate(calls):
+      np.testing.assert_array_equal(images[row], frames[t], err_msg=f'row {row}, step {t}')
+  actions = np.stack([a for _, _, a in calls])  # [step, row, 4]
+  blank = []
+  for t, (images, _, _) in enumerate(calls):
+    # The actions are the policy's answers to those frames; blank frames get other answers.
+    outs = policy.batch(images, instructions)
+    np.testing.assert_allclose(actions[t], [o.vector[:4] for o in outs], err_msg=f'step {t}')
+    blank.append([o.vector[:4] for o in policy.batch(np.zeros_like(images), instructions)])
+  assert not np.allclose(actions, blank), 'the check cannot tell frames from blank images'
+  # Each environment moved by its own row's actions: replaying a row's actions alone in a
+  # fresh environment (state only, in this process) passes through the states that row saw.
+  assert any(not np.allclose(a[0], a[1]) for a in actions[:-1]), actions  # rows differ
+  for row, spec in enumerate(specs):
+    replay = _Replay(actions[:, row])
+    mw.run_episodes([spec], replay, num_envs=1, workers=0, max_steps=4, render=None,
+                    progress=False)
+    assert len(replay.states) == 4
+    for t, state in enumerate(replay.states):
+      np.testing.assert_allclose(calls[t][1][row], state, atol=1e-6,
+                                 err_msg=f'row {row}, state before step {t}')
 
 def test_policy_actor_maps_outputs_to_env_actions():
   policy = tiny_metaworld_policy()
