@@ -129,6 +129,34 @@ MUTATIONS: tuple[Mutation, ...] = (
        ' else None),\n',
        ['tests/test_evaluate.py::test_ci_closed_loop_through_the_policy'],
        'the runner hands every actor blank frames'),
+    # The data spec and the project's own fixture writer agree on a layout the published
+    # dataset does not have: the reader tests on that writer's fixtures pass.
+    _m('language_table_image_key_wrong_in_spec_and_writer', 'data_specs/language_table.py',
+       "    image_keys=('observation/rgb',),\n",
+       "    image_keys=('observation/image',),\n",
+       ['tests/test_data_rlds_published.py::test_language_table_reader_on_the_published_layout'],
+       'the camera is steps/observation/rgb in language_table',
+       extra=(Edit('rt2_jax/data/fixtures.py',
+                   "      'rgb': tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, "
+                   "encoding_format='jpeg'),\n",
+                   "      'image': tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, "
+                   "encoding_format='jpeg'),\n"),
+              Edit('rt2_jax/data/fixtures.py',
+                   "              'rgb': frames[t], 'instruction': instruction,\n",
+                   "              'image': frames[t], 'instruction': instruction,\n"))),
+    _m('fractal_instruction_key_wrong_in_spec_and_writer', 'data_specs/fractal20220817_data.py',
+       "    instruction_key='observation/natural_language_instruction',\n",
+       "    instruction_key='observation/language_instruction',\n",
+       ['tests/test_data_rlds_published.py::test_fractal_reader_on_the_published_layout'],
+       'the instruction is steps/observation/natural_language_instruction in fractal',
+       extra=(Edit('rt2_jax/data/fixtures.py',
+                   "      'natural_language_instruction': tfds.features.Text(),\n",
+                   "      'language_instruction': tfds.features.Text(),\n"),
+              Edit('rt2_jax/data/fixtures.py',
+                   "              'natural_language_instruction': _instruction(k, e, "
+                   "empty_instruction_episodes),\n",
+                   "              'language_instruction': _instruction(k, e, "
+                   "empty_instruction_episodes),\n"))),
 )
 
 
