@@ -84,6 +84,14 @@ def main():
                  help='model.t5.attention_logit_scale (and the probe heads\' attention)')
   p.add_argument('--keys', default='encoder', choices=('encoder', 'vit', 'encoder_image_only'))
   p.add_argument('--pool_scale', type=float, default=1.0, help="word_pool's logit scale")
+  p.add_argument('--pool_attention', default='dense', choices=('dense', 't5'),
+                 help="word_pool's attention: one head of lecun-init Dense q/k/v ('dense') or "
+                      "a T5 MultiHeadAttention (T5 init, heads of configs/tiny.py) on the same "
+                      'query, logits times --pool_scale')
+  p.add_argument('--pool_heads', type=int, default=0,
+                 help="--pool_attention=t5's heads (0: configs/tiny.py's); head_dim = width / heads")
+  p.add_argument('--pool_no_bias', action='store_true',
+                 help="word_pool's Dense query and key without biases (T5 attention has none)")
   p.add_argument('--zero_relpos', action='store_true',
                  help='start the T5 relative-position biases at 0 (default init: normal(1.0))')
   p.add_argument('--zero_residual', action='store_true',
@@ -147,8 +155,13 @@ def main():
         real = (prompt > 0)[..., None].astype(jnp.float32)
         words = vla.lm.embed(prompt)
         words = (words * real).sum(1) / jnp.maximum(real.sum(1), 1.0)  # [B, E]
-        q = nn.Dense(width, name='pool_query')(words)
-        k = nn.Dense(width, name='pool_key')(encoded)
+        if args.pool_attention == 't5':  # the same query, through a T5 attention module
+          heads = args.pool_heads or t5_cfg.num_heads
+          attend = layers.MultiHeadAttention(heads, width // heads, width,
+                                             logit_scale=args.pool_scale, name='pool_attention')
+          return nn.Dense(16)(attend(words[:, None], encoded)[:, 0]).reshape(-1, 2, 8)
+        q = nn.Dense(width, use_bias=not args.pool_no_bias, name='pool_query')(words)
+        k = nn.Dense(width, use_bias=not args.pool_no_bias, name='pool_key')(encoded)
         weights = jax.nn.softmax(args.pool_scale * jnp.einsum('be,bne->bn', q, k), axis=-1)
         pooled = jnp.einsum('bn,bne->be', weights, nn.Dense(width, name='pool_value')(encoded))
         return nn.Dense(16)(pooled).reshape(-1, 2, 8)
