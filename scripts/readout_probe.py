@@ -92,6 +92,9 @@ def main():
                  help="--pool_attention=t5's heads (0: configs/tiny.py's); head_dim = width / heads")
   p.add_argument('--pool_no_bias', action='store_true',
                  help="word_pool's Dense query and key without biases (T5 attention has none)")
+  p.add_argument('--pool_lecun_query', action='store_true',
+                 help='--pool_attention=t5 with a lecun-initialised query and logits scaled by '
+                      '--pool_scale / sqrt(head_dim)')
   p.add_argument('--zero_relpos', action='store_true',
                  help='start the T5 relative-position biases at 0 (default init: normal(1.0))')
   p.add_argument('--zero_residual', action='store_true',
@@ -157,7 +160,10 @@ def main():
         words = (words * real).sum(1) / jnp.maximum(real.sum(1), 1.0)  # [B, E]
         if args.pool_attention == 't5':  # the same query, through a T5 attention module
           heads = args.pool_heads or t5_cfg.num_heads
+          # --pool_lecun_query: lecun query init and logits / sqrt(head_dim) (scale_logits),
+          # instead of T5's query init of variance 1 / (width * head_dim).
           attend = layers.MultiHeadAttention(heads, width // heads, width,
+                                             scale_logits=args.pool_lecun_query,
                                              logit_scale=args.pool_scale, name='pool_attention')
           return nn.Dense(16)(attend(words[:, None], encoded)[:, 0]).reshape(-1, 2, 8)
         q = nn.Dense(width, use_bias=not args.pool_no_bias, name='pool_query')(words)
