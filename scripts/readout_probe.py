@@ -95,6 +95,8 @@ def main():
   p.add_argument('--pool_lecun_query', action='store_true',
                  help='--pool_attention=t5 with a lecun-initialised query and logits scaled by '
                       '--pool_scale / sqrt(head_dim)')
+  p.add_argument('--pool_out', action='store_true',
+                 help="word_pool's Dense head with an output projection after pooling (as T5's)")
   p.add_argument('--zero_relpos', action='store_true',
                  help='start the T5 relative-position biases at 0 (default init: normal(1.0))')
   p.add_argument('--zero_residual', action='store_true',
@@ -169,7 +171,10 @@ def main():
         q = nn.Dense(width, use_bias=not args.pool_no_bias, name='pool_query')(words)
         k = nn.Dense(width, use_bias=not args.pool_no_bias, name='pool_key')(encoded)
         weights = jax.nn.softmax(args.pool_scale * jnp.einsum('be,bne->bn', q, k), axis=-1)
-        pooled = jnp.einsum('bn,bne->be', weights, nn.Dense(width, name='pool_value')(encoded))
+        value = nn.Dense(width, name='pool_value')(encoded)
+        pooled = jnp.einsum('bn,bne->be', weights, value)
+        if args.pool_out:  # a second bias-free matrix after pooling, as T5 attention's 'out'
+          pooled = nn.Dense(width, use_bias=False, name='pool_out')(pooled)
         return nn.Dense(16)(pooled).reshape(-1, 2, 8)
       query = self.param('query', nn.initializers.normal(1.0), (1, 1, width))
       h = jnp.broadcast_to(query, (images.shape[0], 1, width))
