@@ -21,14 +21,11 @@ learns and the VLA does not, the data and labels are fine and the VLA's parts ar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-import numpy as np  # noqa: E402
 
 
 def main():
@@ -50,7 +47,7 @@ def main():
   import jax
   import jax.numpy as jnp
   import optax
-  from readout_probe import pictures
+  from readout_probe import pictures, train_and_report
 
   from rt2_jax import vocab as vocab_lib
   from rt2_jax.models.vit import posemb_sincos_2d
@@ -112,22 +109,8 @@ def main():
 
   predict = jax.jit(lambda params, x, prompt, y: loss_and_prediction(model.apply(params, x,
                                                                                  prompt), y)[1])
-  rng, start, results = np.random.default_rng(args.seed + 1), time.time(), []
-  for i in range(1, args.steps + 1):
-    pick = rng.integers(0, len(train_x), 32)
-    params, opt_state, loss = step(params, opt_state, train_x[pick], train_p[pick],
-                                   train_y[pick])
-    if i % 100 == 0 or i == args.steps:
-      pred = np.asarray(predict(params, test_x, test_p, test_y))
-      line = dict(step=i, seconds=round(time.time() - start, 1), loss=round(float(loss), 3),
-                  exact=round(float((pred == test_y).all(-1).mean()), 3),
-                  within_one=round(float((np.abs(pred - test_y) <= 1).all(-1).mean()), 3))
-      results.append(line)
-      print(json.dumps(dict(readout=args.readout, **line)), flush=True)
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(dict(args=vars(args), results=results), f, indent=1)
-
+  train_and_report(step, predict, params, opt_state, (train_x, train_p, train_y),
+                   (test_x, test_p, test_y), args, dict(readout=args.readout))
 
 if __name__ == '__main__':
   main()

@@ -69,6 +69,30 @@ def pictures(n: int, seed: int, objects: int, vocab, distinct_colours: bool = Fa
   return np.stack(images), prompts, np.array(cells, np.int32)
 
 
+def train_and_report(step, predict, params, opt_state, train, test, args, tag: dict):
+  """Batch-32 steps; every 100 (and the last) prints exact / within-one-cell on `test` as JSON.
+
+  step(params, opt_state, x, prompt, y) -> (params, opt_state, loss); predict(params, x, prompt,
+  y) -> cells [N, 2]. Writes the lines to args.out when set. Shared with binding_sanity.py."""
+  train_x, train_p, train_y = train
+  test_x, test_p, test_y = test
+  rng, start, results = np.random.default_rng(args.seed + 1), time.time(), []
+  for i in range(1, args.steps + 1):
+    pick = rng.integers(0, len(train_x), 32)
+    params, opt_state, loss = step(params, opt_state, train_x[pick], train_p[pick],
+                                   train_y[pick])
+    if i % 100 == 0 or i == args.steps:
+      pred = np.asarray(predict(params, test_x, test_p, test_y))
+      line = dict(step=i, seconds=round(time.time() - start, 1), loss=round(float(loss), 3),
+                  exact=round(float((pred == test_y).all(-1).mean()), 3),
+                  within_one=round(float((np.abs(pred - test_y) <= 1).all(-1).mean()), 3))
+      results.append(line)
+      print(json.dumps(dict(tag, **line)), flush=True)
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(dict(args=vars(args), results=results), f, indent=1)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--head', default='vla_decoder', choices=HEADS)
@@ -229,22 +253,8 @@ def main():
     return optax.apply_updates(params, updates), opt_state, loss
 
   predict = jax.jit(lambda params, x, prompt, y: probe.apply(params, x, prompt, y).argmax(-1))
-  rng, start, results = np.random.default_rng(args.seed + 1), time.time(), []
-  for i in range(1, args.steps + 1):
-    pick = rng.integers(0, len(train_x), 32)
-    params, opt_state, loss = step(params, opt_state, train_x[pick], train_p[pick],
-                                   train_y[pick])
-    if i % 100 == 0 or i == args.steps:
-      pred = np.asarray(predict(params, test_x, test_p, test_y))
-      line = dict(step=i, seconds=round(time.time() - start, 1), loss=round(float(loss), 3),
-                  exact=round(float((pred == test_y).all(-1).mean()), 3),
-                  within_one=round(float((np.abs(pred - test_y) <= 1).all(-1).mean()), 3))
-      results.append(line)
-      print(json.dumps(dict(head=args.head, **line)), flush=True)
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(dict(args=vars(args), results=results), f, indent=1)
-
+  train_and_report(step, predict, params, opt_state, (train_x, train_p, train_y),
+                   (test_x, test_p, test_y), args, dict(head=args.head))
 
 if __name__ == '__main__':
   main()
