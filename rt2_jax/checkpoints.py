@@ -1,10 +1,12 @@
 """Training checkpoints (orbax) and loading them back for inference.
 
-Layout: `WORKDIR/checkpoints/<step>/` written by an orbax `CheckpointManager`, three items:
+Layout: `WORKDIR/checkpoints/<step>/` written by an orbax `CheckpointManager`, four items:
 
-  state  params, opt_state, step, rng (sharded arrays; each host writes its own shards)
-  data   the data iterators' states, one per process: {'process_count': N, 'states': [...]}
-  meta   JSON: config, normalization stats, action space, vocab path + checksum, step
+  state   params, opt_state, step, rng (sharded arrays; each host writes its own shards)
+  data    the data iterators' states, one per process: {'process_count': N, 'states': [...]}
+  meta    JSON: config, normalization stats, action space, vocab path + checksum, step
+  assets  plain files serving reads (vocabulary, stats, action space, prompt, image size and
+          resize policy): see rt2_jax.checkpoint_assets. Older checkpoints have none.
 
 Saves are asynchronous (the train loop goes on while the arrays are written) and atomic: orbax
 writes into a temporary directory and renames it when complete. Just before the rename, the SHA-256
@@ -44,7 +46,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from rt2_jax import actions as actions_lib
-from rt2_jax import config_flags
+from rt2_jax import checkpoint_assets, config_flags
 
 log = logging.getLogger(__name__)
 TMP_MARKER = '.orbax-checkpoint-tmp'
@@ -171,8 +173,8 @@ def _digests(paths: list[epath.Path]) -> list[tuple[int, str]]:
 
 
 def _checkpoint_files(step_dir: epath.Path) -> list[epath.Path]:
-  """The files of the items (state/, data/, meta/): orbax rewrites its own step metadata at the
-  top level after the checksums are written."""
+  """The files of the items (state/, data/, meta/, assets/): orbax rewrites its own step
+  metadata at the top level after the checksums are written."""
   return [f for item in sorted(step_dir.iterdir(), key=lambda p: p.name) if item.is_dir()
           for f in _files(item)]
 
@@ -233,6 +235,7 @@ class InferenceBundle:
   action_space: actions_lib.ActionSpace
   step: int
   vocab_checksum: str = ''  # sha256 prefix of the SentencePiece model the run trained with
+  assets: checkpoint_assets.Assets | None = None  # None: written before checkpoints had assets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +355,7 @@ class Checkpointer:
             'state': ocp.PyTreeCheckpointHandler(),
             'data': ocp.JsonCheckpointHandler(),
             'meta': ocp.JsonCheckpointHandler(),
+            'assets': checkpoint_assets.AssetsHandler(),
         })
 
   def _check_writable(self) -> None:
@@ -384,10 +388,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: dict, data_state, meta: dict) -> None:
+  def save(self, step: int, state: dict, data_state, meta: dict,
+           assets: dict[str, bytes] | None = None) -> None:
     """Starts an asynchronous save (a collective: every process calls it with its own data state).
 
-    `data_state` is this process's iterator state (bytes, a JSON-able dict, or None). Raises
+    `data_state` is this process's iterator state (bytes, a JSON-able dict, or None); `assets`
+    {file name: bytes} (`checkpoint_assets.make`; None writes none, the older layout). Raises
     CheckpointWriteError if this save or the previous one could not be written.
     """
     states = _gather_strings(_encode_data_state(data_state))
@@ -395,13 +401,12 @@ class Checkpointer:
     meta = dict(meta, step=int(step))
     self.wait()
     self._saving = int(step)
+    items = dict(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data),
+                 meta=ocp.args.JsonSave(meta))
+    if assets is not None:
+      items['assets'] = checkpoint_assets.AssetsSave(assets)
     try:
-      self._manager.save(
-          int(step), force=True,
-          args=ocp.args.Composite(
-              state=ocp.args.PyTreeSave(state),
-              data=ocp.args.JsonSave(data),
-              meta=ocp.args.JsonSave(meta)))
+      self._manager.save(int(step), force=True, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 - reported once, as CheckpointWriteError
       self._save_failed(e)
     if not self._async:
@@ -589,7 +594,8 @@ def load_params(path: str | os.PathLike, step: int | str | None = None, abstract
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
       item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
-                     'meta': ocp.JsonCheckpointHandler()})
+                     'meta': ocp.JsonCheckpointHandler(),
+                     'assets': checkpoint_assets.AssetsHandler()})
   try:
     steps = sorted(manager.all_steps())
     if not steps:
@@ -636,19 +642,25 @@ def _verifies(step_dir: epath.Path) -> bool:
 
 def restore_for_inference(path: str | os.PathLike, step: int | str | None = None,
                           sharding: jax.sharding.Sharding | None = None) -> InferenceBundle:
-  """Config, params, normalization stats and action space of a training checkpoint.
+  """Config, params, normalization stats, action space and assets of a training checkpoint.
 
-  `path`: a workdir, its checkpoints/ dir, or one step dir (`.../checkpoints/1200`).
+  `path`: a workdir, its checkpoints/ dir, or one step dir (`.../checkpoints/1200`). Stats and
+  action space come from the assets when the checkpoint has them (MissingAssetError names a
+  missing file), else from meta.
   """
   params, meta, step = load_params(path, step, sharding=sharding)
+  assets = checkpoint_assets.read(_split_step_dir(path)[0] / str(step))
   stats = meta.get('norm_stats')
   return InferenceBundle(
       config=config_flags.from_json(meta['config']),
       params=params,
-      stats=actions_lib.NormStats.from_json(stats) if stats else None,
-      action_space=actions_lib.ActionSpace.from_json(meta['action_space']),
+      stats=(assets.stats if assets else
+             actions_lib.NormStats.from_json(stats) if stats else None),
+      action_space=(assets.action_space if assets else
+                    actions_lib.ActionSpace.from_json(meta['action_space'])),
       step=step,
-      vocab_checksum=meta.get('vocab_checksum', ''))
+      vocab_checksum=meta.get('vocab_checksum', ''),
+      assets=assets)
 
 
 def load_init_params(path: str, abstract_params):

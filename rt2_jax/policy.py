@@ -7,9 +7,10 @@
 
 Each call tokenizes `config.data.prompt.format(instruction=...)` with the run's vocabulary
 (padded to `data.max_input_len`), resizes images of another size to the model's square size with
-the dataset spec's resize policy, pads the batch to the next bucket size (1, 2, 4, 8 by default:
-serving compiles once per bucket, never per batch size), decodes with `rt2_jax.decoding` in
-`config.decode.mode`, and maps the action tokens back through the normalization stats.
+the resize policy of the checkpoint's assets (of the dataset spec for an in-memory Policy), pads
+the batch to the next bucket size (1, 2, 4, 8 by default: serving compiles once per bucket, never
+per batch size), decodes with `rt2_jax.decoding` in `config.decode.mode`, and maps the action
+tokens back through the normalization stats.
 
 `policy.decode_fn` is the pure JAX function (params, images, tokens, rng) -> tokens that export
 wraps with jax2tf: no host callbacks, static shapes except the batch.
@@ -224,18 +225,25 @@ class Policy:
   @classmethod
   def from_checkpoint(cls, workdir: str | os.PathLike, step: int | str | None = None,
                       **kwargs) -> Policy:
-    """Loads params, config, normalization stats and action space; checks the vocabulary."""
+    """Loads params, config, normalization stats, action space, vocabulary, prompt and resize
+    policy from the checkpoint's assets (rt2_jax.checkpoint_assets). A checkpoint written before
+    assets existed reads the vocabulary from config.vocab.path (checked against its checksum)
+    and the resize policy from the data spec, as then."""
     from rt2_jax import checkpoints
 
     workdir = checkpoints.resolve_path(workdir)
     bundle = checkpoints.restore_for_inference(workdir, checkpoints.as_step(step))
-    config = bundle.config
-    vocab = vocab_lib.Vocab.load(config.vocab.path, extra_ids=config.vocab.get('extra_ids', 0))
-    if bundle.vocab_checksum and vocab.checksum != bundle.vocab_checksum:
-      raise ValueError(
-          f'the vocabulary at {vocab.path} (checksum {vocab.checksum}) is not the one checkpoint '
-          f'{workdir} was trained with (checksum {bundle.vocab_checksum}); set config.vocab.path '
-          'to the original SentencePiece model')
+    if bundle.assets is not None:
+      config, vocab = bundle.assets.apply(bundle.config), bundle.assets.vocab()
+      kwargs.setdefault('resize', bundle.assets.image['resize'])
+    else:
+      config = bundle.config
+      vocab = vocab_lib.Vocab.load(config.vocab.path, extra_ids=config.vocab.get('extra_ids', 0))
+      if bundle.vocab_checksum and vocab.checksum != bundle.vocab_checksum:
+        raise ValueError(
+            f'the vocabulary at {vocab.path} (checksum {vocab.checksum}) is not the one checkpoint '
+            f'{workdir} was trained with (checksum {bundle.vocab_checksum}); set config.vocab.path '
+            'to the original SentencePiece model')
     if bundle.stats is None and any(f.kind == actions_lib.CONTINUOUS and f.bounds != 'spec'
                                     for f in bundle.action_space.fields):
       raise ValueError(f'checkpoint {workdir} has no normalization stats, but its action space '

@@ -39,7 +39,7 @@ from absl import logging as absl_logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rt2_jax import checkpoints, config_flags, metrics, optim, partitioning
+from rt2_jax import checkpoint_assets, checkpoints, config_flags, metrics, optim, partitioning
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.actions import NormStats
 
@@ -342,6 +342,7 @@ def train(config, workdir: str) -> dict:
       state = state.replace(params=checkpoints.load_init_params(config.init_from, setup.abstract_state.params))
   tokenizer = action_space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
   meta = checkpoints.make_meta(config, stats, action_space, vocab)
+  assets = checkpoint_assets.make(config, stats, action_space, vocab)  # resize: the spec's, now
 
   data_iter = pipeline.make_train_iterator(config, vocab, action_vocab, stats,
                                            jax.process_index(), jax.process_count())
@@ -384,7 +385,7 @@ def train(config, workdir: str) -> dict:
       last = logger.write(step)
     if step % config.ckpt.every == 0 or step == config.total_steps or stop:
       # The data state counts the batches consumed so far: the next one is drawn after this.
-      ckpt.save(step, state.as_dict(), data_iter.get_state(), meta)
+      ckpt.save(step, state.as_dict(), data_iter.get_state(), meta, assets)
       if is_main:
         print(f'saving checkpoint {step}' + (' (preempted)' if stop else ''), flush=True)
     if stop or step >= config.total_steps:

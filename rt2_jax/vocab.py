@@ -51,7 +51,8 @@ class Vocab:
     for i in reversed(range(extra_ids)):  # seqio's order: <extra_id_0> ends up last
       proto.pieces.add(piece=f'▁<extra_id_{i}>', score=0.0,
                        type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
-    self.sp_model_bytes = proto.SerializeToString()
+    self.model_bytes = sp_model  # the .model file as given (checkpoints save it: assets)
+    self.sp_model_bytes = proto.SerializeToString()  # with the extra ids
     self._proto = proto
     self._sp = spm.SentencePieceProcessor()
     self._sp.LoadFromSerializedProto(self.sp_model_bytes)

@@ -7,8 +7,9 @@ input, which would make "the export gives the same tokens" vacuous; with these t
 on both the image and the instruction.
 
 `make_bundle()` builds config, params, stats and the Bridge action space; `make_policy()` wraps
-them in `rt2_jax.policy.Policy`; `write_checkpoint(workdir)` saves them as a training run would,
-so `Policy.from_checkpoint`, `rt2_jax.serve --workdir` and `rt2_jax.export --workdir` can load it.
+them in `rt2_jax.policy.Policy`; `write_checkpoint(workdir)` saves them (and their assets) as a
+training run would, so `Policy.from_checkpoint`, `rt2_jax.serve --workdir` and
+`rt2_jax.export --workdir` can load it.
 """
 
 import functools
@@ -76,13 +77,14 @@ def make_policy(**decode_overrides):
 
 
 def write_checkpoint(workdir) -> str:
-  from rt2_jax import checkpoints
+  from rt2_jax import checkpoint_assets, checkpoints
   from rt2_jax import vocab as vocab_lib
 
   config, params, stats, action_space = make_bundle()
   vocab, _ = vocab_lib.from_config(config, action_space)
   ckpt = checkpoints.Checkpointer(str(workdir), async_save=False)
   ckpt.save(1, {'params': params, 'step': np.int32(1)}, None,
-            checkpoints.make_meta(config, stats, action_space, vocab))
+            checkpoints.make_meta(config, stats, action_space, vocab),
+            checkpoint_assets.make(config, stats, action_space, vocab))
   ckpt.close()
   return os.fspath(workdir)
