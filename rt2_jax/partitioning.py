@@ -44,6 +44,8 @@ LOGICAL_RULES = (
     ('channels', None),
     ('stem', None),  # the conv stem's channels (model.vit.stem='conv'): small, replicated
     ('film', None),  # FiLM's (scale, shift) pair (model.vit.film)
+    ('pool_tokens', None),  # model.instruction_pool's summaries: few, replicated
+    ('embed_out', None),  # its small q/k/v outputs
     ('layers', None),  # scanned stacks: every device holds all layers of its parameter shard
 )
 

@@ -33,9 +33,13 @@ def main():
   p.add_argument('--readout', default='pool', choices=('pointer', 'pool'))
   p.add_argument('--scale', type=float, default=1.0, help='multiplies q.k (lecun-init Dense)')
   p.add_argument('--mlp', action='store_true', help='pool: a hidden layer before the read-out')
-  p.add_argument('--posemb', default='sincos', choices=('sincos', 'learn'))
+  p.add_argument('--posemb', default='sincos', choices=('sincos', 'learn', 'sincos_coords'),
+                 help="sincos_coords: sincos plus a Dense of the patch's (x, y) in [-1, 1], so "
+                      'position is linear in the features')
   p.add_argument('--objects', type=int, default=4)
   p.add_argument('--distinct_colours', action='store_true')
+  p.add_argument('--min_objects', type=int, default=0,
+                 help='training pictures have min_objects..objects objects (held-out: objects)')
   p.add_argument('--width', type=int, default=128)
   p.add_argument('--steps', type=int, default=1000)
   p.add_argument('--lr', type=float, default=1e-3)
@@ -46,6 +50,7 @@ def main():
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
+  import numpy as np
   import optax
   from readout_probe import pictures, train_and_report
 
@@ -63,9 +68,13 @@ def main():
       b = x.shape[0]
       x = x.reshape(b, grid, 8, grid, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, grid ** 2, -1)
       x = nn.Dense(width)(x)
-      if args.posemb == 'sincos':
+      if args.posemb.startswith('sincos'):
         x = x + jnp.asarray(posemb_sincos_2d(grid, width))[None]
-      else:
+      if args.posemb == 'sincos_coords':
+        ys, xs = np.mgrid[:grid, :grid] / (grid - 1) * 2.0 - 1.0
+        coords = np.stack([xs.ravel(), ys.ravel()], -1).astype(np.float32)
+        x = x + nn.Dense(width, use_bias=False, name='coords')(jnp.asarray(coords))[None]
+      elif args.posemb == 'learn':
         x = x + self.param('pos', nn.initializers.normal(width ** -0.5), (1, grid ** 2, width))
       x = x + nn.Dense(width)(nn.gelu(nn.Dense(4 * width)(nn.LayerNorm()(x))))
       keys = nn.Dense(width)(nn.LayerNorm()(x))
@@ -90,7 +99,7 @@ def main():
             logits.argmax(-1))
 
   train_x, train_p, train_y = pictures(3000 * args.objects, args.seed, args.objects, vocab,
-                                       args.distinct_colours)
+                                       args.distinct_colours, args.min_objects)
   test_x, test_p, test_y = pictures(300, 10_000 + args.seed, args.objects, vocab,
                                     args.distinct_colours)
   model = Binder()

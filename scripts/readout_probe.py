@@ -45,24 +45,27 @@ HEADS = ('vla_decoder', 'attention_pool', 'text_query', 'decoder_layer', 'cross_
          'word_pool')
 
 
-def pictures(n: int, seed: int, objects: int, vocab, distinct_colours: bool = False):
+def pictures(n: int, seed: int, objects: int, vocab, distinct_colours: bool = False,
+             min_objects: int = 0):
   """n pictures (uint8 [n, 64, 64, 3]), prompts [n, 12] and the named object's cell [n, 2].
 
   One object: the prompt is 3 fixed tokens. Several: "Where is the <colour> <shape>?" about one
-  of them (the web corpus's grounding question), in the tabletop vocabulary."""
+  of them (the web corpus's grounding question), in the tabletop vocabulary. With min_objects
+  (>= 1) each picture has min_objects..objects objects and always the question."""
   from rt2_jax.data import web_corpus
 
   rng = np.random.default_rng(seed)
   images, prompts, cells = [], np.zeros((n, 12), np.int32), []
   while len(images) < n:
-    image, qas, scene = web_corpus.sample(rng, 64, ('grounding',), min_objects=objects,
+    image, qas, scene = web_corpus.sample(rng, 64, ('grounding',),
+                                          min_objects=min_objects or objects,
                                           max_objects=objects, max_marks=0)
     qas = [qa for qa in qas if qa[0] == 'grounding']
     colours = [o.colour for o in scene.objects]
     if not qas or (distinct_colours and len(set(colours)) < len(colours)):
       continue
     _, question, answer = qas[int(rng.integers(len(qas)))]
-    tokens = [5, 6, 7] if objects == 1 else vocab.encode(question)[:12]
+    tokens = [5, 6, 7] if objects == 1 and not min_objects else vocab.encode(question)[:12]
     prompts[len(images), :len(tokens)] = tokens
     images.append(image)
     cells.append([int(v) for v in answer.split()])
@@ -91,6 +94,7 @@ def train_and_report(step, predict, params, opt_state, train, test, args, tag: d
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(dict(args=vars(args), results=results), f, indent=1)
+  return params
 
 
 def main():
@@ -100,6 +104,9 @@ def main():
   p.add_argument('--lr', type=float, default=1e-3)
   p.add_argument('--objects', type=int, default=1,
                  help='objects per picture; above 1 the prompt names the one to locate')
+  p.add_argument('--min_objects', type=int, default=0,
+                 help='training pictures have min_objects..objects objects (a mixed curriculum); '
+                      'held-out pictures always have --objects')
   p.add_argument('--encoder_layers', type=int, default=0, help='T5 encoder layers (0: tiny)')
   p.add_argument('--film', action='store_true', help='FiLM-conditioned ViT (model.vit.film)')
   p.add_argument('--distinct_colours', action='store_true',
@@ -128,6 +135,13 @@ def main():
                       'so the encoder starts as the identity')
   p.add_argument('--set', action='append', default=[],
                  help='model config override, e.g. --set=t5.num_encoder_layers=1 (repeatable)')
+  p.add_argument('--pointer_pretrain', type=int, default=0,
+                 help='first train the ViT, projection and word embeddings this many steps to '
+                      "point at the named object's patch (logits Dense(words) . Dense(tokens) "
+                      "over the 64 patches; with --set=instruction_pool=K the pool's first "
+                      'summary\'s logits), then the head from those weights')
+  p.add_argument('--freeze_pretrained', action='store_true',
+                 help='keep what --pointer_pretrain trained fixed while the head trains')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out', default='')
   args = p.parse_args()
@@ -161,19 +175,34 @@ def main():
   width, first_token = t5_cfg.emb_dim, 100  # column / row c is token first_token + c
 
   class Probe(nn.Module):
+    pointer: bool = False  # --pointer_pretrain's first stage
+
     @nn.compact
     def __call__(self, images, prompt, cells):
       vla = VLA(model_cfg)
+      if self.pointer:  # logits over the patches: the ViT + projection tokens against the words
+        pixels = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+        tokens = vla.image_projection(vla.vit(pixels, True, None))
+        real = (prompt > 0)[..., None].astype(jnp.float32)
+        words = (vla.lm.embed(prompt) * real).sum(1) / jnp.maximum(real.sum(1), 1.0)
+        if model_cfg.get('instruction_pool', 0):  # train the model's own pool to point
+          return vla.instruction_pool.logits(tokens, words)[:, 0]
+        q = nn.Dense(width, name='pointer_query')(words)
+        return jnp.einsum('be,bne->bn', q, nn.Dense(width, name='pointer_key')(tokens))
       if args.head == 'vla_decoder':
         decoder_in = jnp.concatenate([jnp.zeros_like(cells[:, :1]), first_token + cells[:, :1]], 1)
         return vla(images, prompt, decoder_in)[..., first_token:first_token + 8]  # [B, 2, 8]
+      condition = None
+      if args.film:  # the mean embedding of the prompt, as VLA.encode gives the ViT
+        real = (prompt > 0)[..., None].astype(jnp.float32)
+        condition = (vla.lm.embed(prompt) * real).sum(1) / jnp.maximum(real.sum(1), 1.0)
       if args.keys == 'vit':
         pixels = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-        encoded = vla.image_projection(vla.vit(pixels, True, None))
+        encoded = vla.image_projection(vla.vit(pixels, True, condition))
         text = vla.lm.embed(prompt)
       elif args.keys == 'encoder_image_only':  # the T5 encoder over the image tokens alone
         pixels = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-        image_tokens = vla.image_projection(vla.vit(pixels, True, None))
+        image_tokens = vla.image_projection(vla.vit(pixels, True, condition))
         encoded = vla.lm.encode(image_tokens, jnp.ones(image_tokens.shape[:2], bool))
         text = vla.lm.embed(prompt)
       else:
@@ -223,9 +252,43 @@ def main():
                                             'rt2_jax', 'assets', 'tabletop_spm.model'))
   model_cfg.vocab_size = -(-vocab.vocab_size // 128) * 128
   train_x, train_p, train_y = pictures(3000 * args.objects, args.seed, args.objects, vocab,
-                                       args.distinct_colours)
+                                       args.distinct_colours, args.min_objects)
   test_x, test_p, test_y = pictures(300, 10_000 + args.seed, args.objects, vocab,
                                     args.distinct_colours)
+  def pointer_pretrain(pointer_probe, params):
+    """Trains the ViT, projection and word embeddings to point at the named object's patch
+    (the 8 x 8 answer grid is the patch grid); returns `params` with those parts replaced."""
+    from flax import traverse_util
+
+    ptr = nn.meta.unbox(pointer_probe.init(jax.random.key(args.seed + 7), train_x[:2],
+                                           train_p[:2], train_y[:2]))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+        optax.warmup_cosine_decay_schedule(0, args.lr, 50, args.pointer_pretrain, args.lr * 0.05)))
+
+    @jax.jit
+    def step(ptr, opt_state, x, prompt, y):
+      def loss_fn(ptr):
+        logits = pointer_probe.apply(ptr, x, prompt, y)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y[:, 1] * 8 + y[:, 0]).mean()
+      loss, grads = jax.value_and_grad(loss_fn)(ptr)
+      updates, opt_state = tx.update(grads, opt_state, ptr)
+      return optax.apply_updates(ptr, updates), opt_state, loss
+
+    def predict(ptr, x, prompt, y):
+      pick = pointer_probe.apply(ptr, x, prompt, y).argmax(-1)
+      return jnp.stack([pick % 8, pick // 8], -1)
+
+    stage = argparse.Namespace(**dict(vars(args), steps=args.pointer_pretrain, out=''))
+    ptr = train_and_report(step, jax.jit(predict), ptr, tx.init(ptr),
+                           (train_x, train_p, train_y), (test_x, test_p, test_y), stage,
+                           dict(head='pointer_pretrain'))
+    flat = traverse_util.flatten_dict(params)
+    for path, value in traverse_util.flatten_dict(ptr).items():
+      if path in flat:
+        flat[path] = value
+        pretrained.add(path)
+    return traverse_util.unflatten_dict(flat)
+
   probe = Probe()
   params = nn.meta.unbox(probe.init(jax.random.key(args.seed), train_x[:2], train_p[:2],
                                     train_y[:2]))
@@ -233,6 +296,9 @@ def main():
     return jax.tree_util.tree_map_with_path(
         lambda path, v: jnp.zeros_like(v) if match(jax.tree_util.keystr(path)) else v, params)
 
+  pretrained = set()  # parameter paths the pointer stage trained
+  if args.pointer_pretrain:
+    params = pointer_pretrain(Probe(pointer=True), params)
   if args.zero_residual:
     params = zero_where(params, lambda p: "'encoder'" in p and ("'out'" in p or "'wo'" in p))
   if args.zero_relpos:
@@ -241,6 +307,13 @@ def main():
         params)
   schedule = optax.warmup_cosine_decay_schedule(0, args.lr, 50, args.steps, args.lr * 0.05)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
+  if args.freeze_pretrained:
+    from flax import traverse_util
+
+    labels = traverse_util.unflatten_dict({
+        path: 'frozen' if path in pretrained else 'trained'
+        for path in traverse_util.flatten_dict(params)})
+    tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
   opt_state = tx.init(params)
 
   @jax.jit

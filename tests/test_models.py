@@ -334,3 +334,48 @@ def test_zero_init_residual_starts_every_t5_layer_as_the_identity():
   plain_vars = nn.meta.unbox(jax.jit(plain.init)(jax.random.key(0), images, enc, dec))
   plain_encoded, _ = plain.apply(plain_vars, images, enc, method=VLA.encode)
   assert np.abs(np.asarray(plain_encoded) - np.asarray(expected)).max() > 1e-2
+
+
+def test_instruction_pool_puts_word_chosen_summaries_before_the_image_tokens():
+  from rt2_jax import partitioning
+
+  images, enc, dec = _inputs()
+  model = VLA(_model_cfg(**{'instruction_pool': 3, 'instruction_pool_scale': 2.0}))
+  assert model.num_image_tokens == 16 + 3
+  variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images, enc, dec))
+  pool = variables['params']['instruction_pool']
+
+  def image_tokens(m, i):
+    return m.image_projection(m.vit(i.astype(jnp.float32) * (2.0 / 255.0) - 1.0, True, None))
+
+  def pooled(tokens):  # the summaries as VLA.encode builds them
+    def run(m, i, e):
+      real = (e > 0)[..., None]
+      return m.instruction_pool(image_tokens(m, i), (m.lm.embed(e) * real).sum(1) / real.sum(1))
+    return np.asarray(model.apply(variables, images, tokens, method=run))
+
+  # By hand: softmax over the 16 image tokens of 2 * q.k, the values pooled, plus a type row.
+  patches = np.asarray(model.apply(variables, images, method=image_tokens))
+  words = np.asarray(model.apply(variables, enc, method=lambda m, e: m.lm.embed(e)))
+  words = np.stack([w[row > 0].mean(0) for w, row in zip(words, enc, strict=True)])
+  q = np.einsum('bi,ike->bke', words, pool['query']['kernel']) + pool['query']['bias']
+  k = patches @ pool['key']['kernel'] + pool['key']['bias']
+  v = patches @ pool['value']['kernel'] + pool['value']['bias']
+  logits = 2.0 * np.einsum('bke,bne->bkn', q, k)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  expected = np.einsum('bkn,bne->bke', w, v) + pool['type_embedding'][None]
+  np.testing.assert_allclose(pooled(enc), expected, rtol=1e-4, atol=1e-4)
+  assert w.max() < 0.999  # not degenerate: the check above compares a real pooling
+  # The encoder sees [summaries; patches; text]; the summaries follow the words, not padding.
+  encoded, mask = model.apply(variables, images, enc, method=VLA.encode)
+  assert encoded.shape[1] == mask.shape[1] == 19 + enc.shape[1] and mask[:, :19].all()
+  other = enc.copy()
+  other[0, 0] = 42
+  assert np.abs(pooled(enc) - pooled(other))[0].max() > 1e-3
+  np.testing.assert_allclose(pooled(enc)[1], pooled(other)[1], rtol=1e-6)
+  padded = np.concatenate([enc, np.zeros_like(enc)], 1)
+  np.testing.assert_allclose(pooled(enc), pooled(padded), rtol=1e-5, atol=1e-5)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), images, enc, dec)
+  mesh = partitioning.make_mesh(config_flags.load_config('configs/tiny.py').mesh)
+  partitioning.shardings_for(abstract['params'], mesh)  # every axis has a rule

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,6 +58,40 @@ class ImageProjection(nn.Module):
                                dtype=self.dtype, name='dense')(x)
 
 
+class InstructionPool(nn.Module):
+  """`num_tokens` summaries of the image tokens, each a softmax pooling whose query is a linear
+  map of the instruction vector (RT-1's TokenLearner, conditioned on the words as
+  InstructBLIP's queries are). Query and key are lecun-initialised and the logits are
+  `scale * q.k` without 1/sqrt(width), so they start far sharper than a T5 attention's: a plain
+  model with this read-out learns which block a prompt names where T5 attention does not
+  (docs/tabletop.md, Measurement 5). Each summary gets a learned type embedding."""
+
+  num_tokens: int
+  features: int
+  scale: float = 4.0
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    k, e = self.num_tokens, self.features
+    self.query = layers.DenseGeneral((k, e), ('embed', 'pool_tokens', 'embed_out'),
+                                     use_bias=True, dtype=self.dtype)
+    self.key = layers.DenseGeneral((e,), ('embed', 'embed_out'), use_bias=True, dtype=self.dtype)
+    self.value = layers.DenseGeneral((e,), ('embed', 'embed_out'), use_bias=True,
+                                     dtype=self.dtype)
+    self.type_embedding = self.param('type_embedding', nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ('pool_tokens', 'embed')), (k, e), jnp.float32)
+
+  def logits(self, image_tokens, instruction):
+    """[B, K, N] float32: where each summary looks (a grounding loss can train these)."""
+    return self.scale * jnp.einsum('bke,bne->bkn', self.query(instruction),
+                                   self.key(image_tokens), preferred_element_type=jnp.float32)
+
+  def __call__(self, image_tokens, instruction):
+    weights = jax.nn.softmax(self.logits(image_tokens, instruction), axis=-1)
+    pooled = jnp.einsum('bkn,bne->bke', weights.astype(self.dtype), self.value(image_tokens))
+    return pooled + self.type_embedding.astype(self.dtype)[None]
+
+
 class VLA(nn.Module):
   config: Any  # the cfg.model ConfigDict
 
@@ -66,11 +101,16 @@ class VLA(nn.Module):
     self.vit = ViT(self.vit_config)
     self.image_projection = ImageProjection(self.t5_config.emb_dim, dtype)
     self.lm = T5(self.t5_config)
+    pool_tokens = int(self.config.get('instruction_pool', 0))
+    self.instruction_pool = (InstructionPool(pool_tokens, self.t5_config.emb_dim,
+                                             float(self.config.get('instruction_pool_scale', 4.0)),
+                                             dtype) if pool_tokens > 0 else None)
 
   @property
   def num_image_tokens(self) -> int:
+    """Encoder positions before the text: the patches, plus `model.instruction_pool`."""
     vit_cfg, _ = configs_from_model_config(self.config)
-    return vit_cfg.num_patches
+    return vit_cfg.num_patches + int(self.config.get('instruction_pool', 0))
 
   def _check_inputs(self, images, encoder_input_tokens):
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -85,11 +125,13 @@ class VLA(nn.Module):
     deterministic = not enable_dropout
     pixels = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
     text_tokens = self.lm.embed(encoder_input_tokens)
-    condition = None
-    if self.vit_config.film:  # the mean embedding of the instruction's tokens
-      real = (encoder_input_tokens > 0)[..., None].astype(text_tokens.dtype)
-      condition = (text_tokens * real).sum(1) / jnp.maximum(real.sum(1), 1.0)
+    real = (encoder_input_tokens > 0)[..., None].astype(text_tokens.dtype)
+    instruction = (text_tokens * real).sum(1) / jnp.maximum(real.sum(1), 1.0)  # mean embedding
+    condition = instruction if self.vit_config.film else None
     image_tokens = self.image_projection(self.vit(pixels, deterministic, condition))
+    if self.instruction_pool is not None:  # the instruction's summaries go in front
+      image_tokens = jnp.concatenate(
+          [self.instruction_pool(image_tokens, instruction), image_tokens], axis=1)
     x = jnp.concatenate([image_tokens.astype(text_tokens.dtype), text_tokens], axis=1)
     mask = jnp.concatenate(
         [jnp.ones(image_tokens.shape[:2], bool), encoder_input_tokens > 0], axis=1)
