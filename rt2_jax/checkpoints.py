@@ -30,7 +30,6 @@ converted pretrained one (`--config.init_from`).
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -281,8 +280,6 @@ def _split_step_dir(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
 def _encode_data_state(state) -> str:
   if state is None:
     return json.dumps(None)
-  if isinstance(state, bytes):
-    return json.dumps({'bytes_b64': base64.b64encode(state).decode('ascii')})
   return json.dumps({'json': state})
 
 
@@ -290,8 +287,6 @@ def _decode_data_state(text: str):
   value = json.loads(text)
   if value is None:
     return None
-  if 'bytes_b64' in value:
-    return base64.b64decode(value['bytes_b64'])
   return value['json']
 
 
@@ -392,7 +387,7 @@ class Checkpointer:
            assets: dict[str, bytes] | None = None) -> None:
     """Starts an asynchronous save (a collective: every process calls it with its own data state).
 
-    `data_state` is this process's iterator state (bytes, a JSON-able dict, or None); `assets`
+    `data_state` is this process's iterator state (a JSON-able dict, or None); `assets`
     {file name: bytes} (`checkpoint_assets.make`; None writes none, the older layout). Raises
     CheckpointWriteError if this save or the previous one could not be written.
     """

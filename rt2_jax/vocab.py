@@ -197,16 +197,6 @@ class ActionVocab:
     inverse = xp.asarray(self._inverse)
     return xp.maximum(inverse[xp.arange(self.num_positions), xp.clip(ids, 0, self.vocab_size - 1)], 0)
 
-  def to_text(self, bins) -> str:
-    return self.vocab.decode(self.bins_to_ids(bins))
-
-  def from_text(self, text: str) -> np.ndarray:
-    """Action text (e.g. '12 200 3 1') -> bins; raises if it is not exactly one action."""
-    ids = np.asarray(self.vocab.encode(text.strip()), np.int32)
-    if ids.shape[0] != self.num_positions:
-      raise ValueError(f'expected {self.num_positions} action tokens, got {ids.shape[0]} in {text!r}')
-    return self.ids_to_bins(ids)
-
 
 def from_config(config, action_space: actions_lib.ActionSpace) -> tuple[Vocab, ActionVocab]:
   """Vocab and ActionVocab as `config.vocab` / `config.actions` / `config.model.vocab_size` say."""

@@ -169,10 +169,11 @@ def test_cache_round_trip_and_invalidation(datasets, tmp_path):
   assert other.images.shape[1] == 12  # a different request is a different cache entry
 
 
-def test_episode_view_is_in_order(datasets):
-  eps = list(rlds.iterate_episodes('bridge_dataset', datasets['bridge_dataset'], 'val', 8))
-  assert [e.episode_id for e in eps] == list(range(EPISODES))
-  assert all(e.images.shape == (STEPS, 8, 8, 3) and e.actions.shape == (STEPS, 7) for e in eps)
+def test_split_is_in_stored_order(datasets):
+  records = rlds.read_split('bridge_dataset', datasets['bridge_dataset'], 'val', 8, progress=None)
+  assert records.episode_ids.tolist() == np.repeat(np.arange(EPISODES), STEPS).tolist()
+  assert records.step_ids.tolist() == np.tile(np.arange(STEPS), EPISODES).tolist()
+  assert records.images.shape == (EPISODES * STEPS, 8, 8, 3)
 
 
 def test_finds_builder_folder_from_parent(datasets):

@@ -71,7 +71,7 @@ def test_one_call_gives_an_action_in_real_units(policy, parts):
   assert 0.0 <= out.vector[6] <= 1.0
   assert out.tokens.shape == (7,) and out.plan == ''
   bins = policy.action_vocab.ids_to_bins(out.tokens)
-  assert out.text == policy.action_vocab.to_text(bins)
+  assert out.text == policy.vocab.decode(policy.action_vocab.bins_to_ids(bins))
 
 
 def test_batch_pads_to_buckets_and_matches_single_calls(policy):

@@ -27,7 +27,6 @@ So the iterator state is the step and one counter per task.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -252,8 +251,6 @@ class MixtureIterator:
             'fingerprint': self._fingerprint()}
 
   def set_state(self, state) -> None:
-    if isinstance(state, (bytes, str)):
-      state = json.loads(state)
     if state.get('version') != STATE_VERSION:
       raise ValueError(f'data iterator state version {state.get("version")}, expected '
                        f'{STATE_VERSION}')
@@ -296,34 +293,3 @@ def make_train_iterator(config, vocab, action_vocab, stats, process_index=None,
              f'process {process_index}/{process_count}, ready in {time.time() - start:.1f}s')
   return it
 
-
-def make_eval_iterator(config, vocab, action_vocab, stats, split: str = '', batch_size: int = 0,
-                       max_steps: int = 0, process_index: int = 0, process_count: int = 1,
-                       progress=print):
-  """Held-out robot steps in stored order (no shuffling), batched for offline evaluation.
-
-  Yields the training batch keys plus 'episode_id', 'step_id' (int32), 'valid' (bool: the last
-  batch is padded by repeating its final step) and 'instruction' (object array of str). Pass only
-  MODEL_KEYS to compiled functions.
-  """
-  spec = robot_spec(config)
-  split = split or robot_split(config, 'eval')
-  records = rlds.read_split(spec, robot_data_dir(config, progress), split,
-                            config.model.image_size, bad_data=config.data.bad_data,
-                            shard=(process_index, process_count),
-                            cache_dir=config.data.get('cache_dir', ''), progress=progress)
-  if max_steps:
-    records = records.select(np.arange(min(max_steps, len(records))))
-  context = tasks.Context(config, vocab, action_vocab, stats, process_index, process_count,
-                          progress)
-  data = tasks.tokenize_robot(records, spec, context, f'eval/{spec.name}')
-  it = MixtureIterator([data], [1.0], batch_size or config.batch_size)
-  batch_size = it.batch_size
-  for start in range(0, len(data), batch_size):
-    idx = np.minimum(np.arange(start, start + batch_size), len(data) - 1)
-    batch = it._assemble(np.zeros(batch_size, np.int32), picks={0: idx})
-    batch['episode_id'] = records.episode_ids[idx]
-    batch['step_id'] = records.step_ids[idx]
-    batch['valid'] = np.arange(start, start + batch_size) < len(data)
-    batch['instruction'] = np.asarray([records.instruction(i) for i in idx], object)
-    yield batch

@@ -29,7 +29,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -124,17 +123,6 @@ class StepRecords:
         arrays[f.name] = np.load(file, mmap_mode='r' if mmap and f.name == 'images' else None)
     return cls(**arrays, name=meta['name'], instructions=meta['instructions'],
                plans=meta['plans'], skipped=meta['skipped'], source=meta['source'])
-
-
-@dataclasses.dataclass
-class Episode:
-  """One episode for offline evaluation: every step, in order."""
-
-  episode_id: int
-  instruction: str
-  images: np.ndarray  # uint8 [T, S, S, 3]
-  actions: np.ndarray  # float32 [T, dim]
-  plans: list  # per step ('' where none)
 
 
 # --- Locating the builder folder and checking the spec against its features. ---
@@ -495,22 +483,3 @@ def read_split(spec, data_dir: str, split: str, image_size: int, *, bad_data: st
     records = StepRecords.load(cache_path)
   return records
 
-
-def episodes(records: StepRecords) -> Iterator[Episode]:
-  """Episodes in stored order, every step (no shuffling): the offline evaluation view."""
-  for start, stop in records.episode_bounds():
-    yield Episode(
-        episode_id=int(records.episode_ids[start]), instruction=records.instruction(start),
-        images=np.asarray(records.images[start:stop]),
-        actions=np.asarray(records.actions[start:stop]),
-        plans=[records.plan(i) for i in range(start, stop)])
-
-
-def iterate_episodes(spec, data_dir: str, split: str, image_size: int, *, max_episodes: int = 0,
-                     bad_data: str = 'skip', progress=None) -> Iterator[Episode]:
-  """Held-out episodes in order for offline evaluation (e.g. the spec's eval_split)."""
-  records = read_split(spec, data_dir, split, image_size, bad_data=bad_data, progress=progress)
-  for i, episode in enumerate(episodes(records)):
-    if max_episodes and i >= max_episodes:
-      return
-    yield episode

@@ -93,10 +93,6 @@ class DatasetSpec:
   def image_key(self) -> str:
     return self.image_keys[0]
 
-  @property
-  def has_plan(self) -> bool:
-    return bool(self.plan_key)
-
   def field_sources(self) -> list[tuple[ActionField, ActionSource]]:
     return list(zip(self.action_space.fields, self.action_sources, strict=False))
 

@@ -357,9 +357,6 @@ class TaskEnv:
     """The scripted expert's action for the current state, clipped to the action bounds."""
     return expert_action(self.task, self._state)
 
-  def goal_position(self) -> np.ndarray:
-    return np.asarray(self._env._target_pos, np.float32)
-
   def object_position(self) -> np.ndarray:
     return self._state[4:7].copy()
 

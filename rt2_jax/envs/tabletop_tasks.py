@@ -183,9 +183,6 @@ class Episode:
   instruction: str
   plan: str = ''  # 'Plan: ...' for multistep episodes
 
-  def initial_state(self) -> np.ndarray:
-    return pack_state(self.pusher_xy, self.block_xy, self.block_angle)
-
 
 def pack_state(pusher_xy, block_xy, block_angle) -> np.ndarray:
   state = np.zeros(STATE_DIM, np.float32)

@@ -199,11 +199,6 @@ def load_converted(out_dir: str, target=None) -> dict:
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def read_meta(out_dir: str) -> dict:
-  with open(os.path.join(out_dir, META_FILE)) as f:
-    return json.load(f)
-
-
 def main(argv):
   del argv
   config = _CONFIG.value
