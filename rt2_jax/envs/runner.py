@@ -12,7 +12,7 @@ worker process, e.g. 'rt2_jax.envs.metaworld', 'rt2_jax.envs.tabletop') that def
 
 An episode ends at its first success, when the actor says terminate, or after `max_steps`.
 Environments live in `workers` processes (rt2_jax/envs/worker.py: rendering next to TensorFlow
-crashes) or in this process (workers=0). This module imports only numpy.
+crashes) or in this process (workers=0). This module imports only numpy (and envs.worker).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import weakref
 from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
+
+from rt2_jax.envs.worker import Workers
 
 
 @dataclasses.dataclass
@@ -134,8 +136,6 @@ class _Slots:
     self.run_id = (os.getpid(), _Slots._next_run)
     self._workers = None
     if workers > 0:
-      from rt2_jax.envs.worker import Workers
-
       self._workers = Workers(workers)
     elif rendering and 'tensorflow' in sys.modules:
       warnings.warn(

@@ -140,9 +140,8 @@ def _serve():
         answers.append((False, traceback.format_exc()))
     pickle.dump(answers, proto_out, protocol=pickle.HIGHEST_PROTOCOL)
     proto_out.flush()
-  # Free GL contexts before the interpreter tears down.
-  from rt2_jax.envs import runner
-  runner.close_all()
+  # Environments opened here are closed by the atexit hook of the module that opened them
+  # (envs.runner.close_all), so this module knows nothing of environments.
 
 
 if __name__ == '__main__':
