@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rt2_jax.models.vla import VLA
+
 MODES = ('action', 'plan_then_action', 'text')
 NEG_INF = -1e30  # large finite negative: keeps softmax/categorical free of NaNs
 
@@ -275,8 +277,6 @@ def make_callback(decode_config, vocab, action_vocab, model_vocab_size: int | No
 
 
 def _score_and_pick(model, params, hidden, request: Request, rng, temperature, top_k):
-  from rt2_jax.models.vla import VLA
-
   logits = model.apply({'params': params}, hidden, request.rows, method=VLA.compute_logits)
   column = choose(logits, request.valid, rng, temperature, top_k)
   return _rows_to_ids(request.rows, column).astype(jnp.int32)
@@ -299,8 +299,6 @@ def _step_token(model, params, hidden, request, rng, temperature, top_k):
 def decode_from_encoded(model, params, encoded, encoder_mask, rng, callback, *,
                         temperature=0.0, top_k: int = 0, eos_id: int = 1):
   """Token loop after the encoder: int32 tokens [B, callback.max_steps + 1], EOS then 0s."""
-  from rt2_jax.models.vla import VLA
-
   variables = {'params': params}
   batch = encoded.shape[0]
   max_steps = callback.max_steps
@@ -339,8 +337,6 @@ def decode_from_encoded(model, params, encoded, encoder_mask, rng, callback, *,
 def decode(model, params, images, encoder_tokens, rng, callback, *, temperature=0.0,
            top_k: int = 0, eos_id: int = 1):
   """Images [B, H, W, 3] + prompt tokens [B, Le] (0 = pad) -> tokens [B, max_steps + 1]."""
-  from rt2_jax.models.vla import VLA
-
   encoded, encoder_mask = model.apply({'params': params}, images, encoder_tokens,
                                       method=VLA.encode)
   return decode_from_encoded(model, params, encoded, encoder_mask, rng, callback,
@@ -364,8 +360,6 @@ class Decoder:
     self._encode = jax.jit(self._encode_impl)
 
   def _encode_impl(self, params, images, tokens):
-    from rt2_jax.models.vla import VLA
-
     return self.model.apply({'params': params}, images, tokens, method=VLA.encode)
 
   def __call__(self, params, images, tokens, rng, temperature=None):
