@@ -498,14 +498,14 @@ def evaluate(workdir: str, step: int | None = None, config=None, name: str = 'de
 
   workdir = resolve_path(workdir)  # `~` and relative paths; gs:// kept (issue 16)
   start = time.time()
-  eval_config = config
-  probe = Policy.from_checkpoint(workdir, step)  # config, params, stats of the run
-  if eval_config is None:
-    eval_config = probe.config
+  # The one checkpoint read; the eval settings (so the batch size) may come from its config.
+  # Text and plan decoding are variants of this policy (`replace`: same params, vocabulary,
+  # prompt and resize policy), each compiling only its own decode loop.
+  policy = Policy.from_checkpoint(workdir, step)
+  eval_config = config if config is not None else policy.config
   settings = EvalSettings.from_config(eval_config)
   batch = max(1, settings.num_envs)
-  policy = Policy(probe.config, probe.params, probe.stats, probe.action_space, vocab=probe.vocab,
-                  step=probe.step, model_id=probe.model_id, batch_buckets=(batch,))
+  policy = policy.replace(batch_buckets=(batch,))
   out_dir = out_dir or os.path.join(workdir, 'eval', name, f'step_{policy.step}')
   os.makedirs(out_dir, exist_ok=True)
   log(f'evaluating {policy.model_id} -> {out_dir}')
@@ -522,9 +522,7 @@ def evaluate(workdir: str, step: int | None = None, config=None, name: str = 'de
   web_path = web_jsonl_path(eval_config, settings)
   if settings.web_max_examples > 0 and web_path:
     t = time.time()
-    text_policy = Policy(probe.config, probe.params, probe.stats, probe.action_space,
-                         vocab=probe.vocab, step=probe.step, model_id=probe.model_id,
-                         batch_buckets=(batch,), prompt='{instruction}', mode='text')
+    text_policy = policy.replace(prompt='{instruction}', mode='text')
     results['offline_web'] = offline_web(text_policy, web_path, eval_config,
                                          settings.web_max_examples, batch, log=log)
     results['timings']['offline_web_s'] = round(time.time() - t, 1)
@@ -542,9 +540,7 @@ def evaluate(workdir: str, step: int | None = None, config=None, name: str = 'de
     specs = episode_specs(settings, train_seeds)
     plan_policy = None
     if settings.env == 'tabletop' and any(s.category in settings.plan_categories for s in specs):
-      plan_policy = Policy(probe.config, probe.params, probe.stats, probe.action_space,
-                           vocab=probe.vocab, step=probe.step, model_id=probe.model_id,
-                           batch_buckets=(batch,), mode='plan_then_action')
+      plan_policy = policy.replace(mode='plan_then_action')
     log(f'closed loop: {len(specs)} episodes ({", ".join(settings.categories)}), '
         f'{settings.num_envs} envs in {settings.workers} worker process(es)')
     t = time.time()

@@ -33,6 +33,7 @@ import numpy as np
 from rt2_jax import actions as actions_lib
 from rt2_jax import decoding
 from rt2_jax import vocab as vocab_lib
+from rt2_jax.models.vla import VLA
 
 log = logging.getLogger(__name__)
 DEFAULT_BUCKETS = (1, 2, 4, 8)
@@ -173,8 +174,6 @@ class Policy:
                step: int | None = None, model_id: str = 'in-memory',
                batch_buckets: Sequence[int] = DEFAULT_BUCKETS, resize: str | None = None,
                prompt: str | None = None, seed: int | None = None, **decode_overrides):
-    from rt2_jax.models.vla import VLA
-
     config = config.copy_and_resolve_references()
     with config.unlocked():
       for key, value in decode_overrides.items():
@@ -251,6 +250,14 @@ class Policy:
     name = os.path.basename(os.path.normpath(os.fspath(workdir)))
     return cls(config, bundle.params, bundle.stats, bundle.action_space, vocab=vocab,
                step=bundle.step, model_id=f'{name}@{bundle.step}', **kwargs)
+
+  def replace(self, **overrides) -> Policy:
+    """This policy with other constructor settings (batch_buckets, prompt, resize, seed, decode
+    options such as mode), sharing its params, stats and vocabulary: no checkpoint is read."""
+    kwargs = dict(vocab=self.vocab, step=self.step, model_id=self.model_id,
+                  batch_buckets=self.batch_buckets, resize=self.resize, prompt=self.prompt)
+    return type(self)(self.config, self.params, self.stats, self.action_space,
+                      **{**kwargs, **overrides})
 
   # -------------------------------------------------------------------------------------------
   # The pure function export wraps, and its pieces.

@@ -7,11 +7,12 @@ import os
 import shutil
 import types
 
+import jax
 import numpy as np
 import pytest
 import train_testlib as lib  # tests/train_testlib.py
 
-from rt2_jax import checkpoint_assets, checkpoints
+from rt2_jax import checkpoint_assets, checkpoints, evaluate
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.client import PolicyClient
 from rt2_jax.policy import Policy, resize_image
@@ -115,6 +116,31 @@ def test_copy_without_vocab_or_spec_gives_the_same_actions(run, monkeypatch):
     server.stop()
   for reply, want in zip(replies, run.expected, strict=True):
     np.testing.assert_array_equal(reply['vector'], want.vector)
+
+
+def test_evaluate_policies_keep_the_checkpoint_assets(run, monkeypatch, tmp_path):
+  """evaluate reads the checkpoint once; its batch-size, text and plan variants keep the resize
+  policy and vocabulary of the assets (rebuilt from the config they would fall back to stretch)."""
+  monkeypatch.setenv('RT2_JAX_DATA_SPECS', str(run.tmp / 'nothing_here'))
+  seen = []
+
+  class Stop(Exception):
+    pass
+
+  def capture(policy, *args, **kwargs):
+    seen.append(policy)
+    raise Stop
+
+  monkeypatch.setattr(evaluate, 'offline_robot', capture)  # the first use of the policy
+  with pytest.raises(Stop):
+    evaluate.evaluate(run.copy, out_dir=str(tmp_path), log=lambda *a: None)
+  policy = seen[0]
+  assert policy.batch_buckets == [evaluate.EvalSettings().num_envs]
+  for variant in (policy, policy.replace(mode='text', prompt='{instruction}'),
+                  policy.replace(mode='plan_then_action')):
+    assert variant.resize == 'center_crop' and variant.vocab.path.startswith(str(run.copy))
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(variant.params),
+                                      jax.tree_util.tree_leaves(policy.params), strict=True))
 
 
 def test_older_checkpoints_load_from_the_vocab_path_and_spec(run):
