@@ -19,8 +19,9 @@ Parameters are SavedModel variables, not graph constants (large models stay unde
 protobuf limit). Sampling, if the config samples, uses a fixed seed.
 
 Loading needs `import tensorflow_text` first (it registers the SentencePiece ops); TF-Serving
-needs a build with tensorflow-text ops. `SavedModelPolicy.load(dir)` wraps an export in the
-Policy interface (`.batch`, `.metadata`) for `rt2_jax.serve --saved_model=DIR`.
+needs a build with tensorflow-text ops. `SavedModelPolicy.load(dir, batch_buckets=...)` wraps
+an export in the Policy interface (`.batch` padded to bucket sizes, `.warmup`, `.metadata`) for
+`rt2_jax.serve --saved_model=DIR`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -224,20 +226,25 @@ def verify(saved_model_dir: str, policy, images, instructions) -> list[str]:
 
 class SavedModelPolicy:
   """An exported SavedModel behind the Policy interface: `.batch(images, instructions)`,
-  `__call__`, `.metadata` (a dict)."""
+  `__call__`, `.warmup()`, `.metadata` (a dict), `.batch_buckets`. As Policy, `batch` pads each
+  call to the next of `batch_buckets` (the signature is batch polymorphic, but XLA compiles it
+  once per batch size it sees); the default is Policy's, (1, 2, 4, 8)."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, batch_buckets: Sequence[int] | None = None):
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  (registers the SentencePiece ops the graph uses)
 
     from rt2_jax.checkpoints import resolve_path
+    from rt2_jax.policy import DEFAULT_BUCKETS, check_buckets
 
+    self.batch_buckets = check_buckets(DEFAULT_BUCKETS if batch_buckets is None else batch_buckets)
     path = resolve_path(path)
     meta_path = os.path.join(path, METADATA_FILE)
     if not os.path.exists(meta_path):
       raise FileNotFoundError(f'{path} is not an rt2_jax export: {METADATA_FILE} is missing')
     with open(meta_path) as f:
       self.metadata = json.load(f)
+    self.metadata['batch_buckets'] = list(self.batch_buckets)
     self.path = path
     self.action_space = actions_lib.ActionSpace.from_json(self.metadata['action_space'])
     self.mode = self.metadata['decode_mode']
@@ -246,8 +253,8 @@ class SavedModelPolicy:
     self._fn = self._loaded.signatures['serving_default']
 
   @classmethod
-  def load(cls, path: str) -> SavedModelPolicy:
-    return cls(path)
+  def load(cls, path: str, **kwargs) -> SavedModelPolicy:
+    return cls(path, **kwargs)
 
   def __call__(self, image, instruction: str):
     if not isinstance(instruction, str):
@@ -259,16 +266,29 @@ class SavedModelPolicy:
     return self.batch([image], [instruction])[0]
 
   def batch(self, images, instructions):
-    """As Policy.batch: the same input checks and messages, [] for empty lists."""
-    import tensorflow as tf
-
-    from rt2_jax.policy import PolicyOutput, check_batch, resize_image
+    """As Policy.batch: the same input checks and messages, [] for empty lists, padding to
+    `batch_buckets`."""
+    from rt2_jax.policy import check_batch, resize_image, run_in_buckets
 
     images, instructions = check_batch(images, instructions)
     if not images:
       return []
     s = self.image_size
     images = np.stack([resize_image(im, s, self.metadata['resize']) for im in images])
+    return run_in_buckets(self._run, self.batch_buckets, images, instructions)
+
+  def warmup(self) -> None:
+    """Runs every bucket size once, so the first requests do not pay for its compilation."""
+    from rt2_jax.policy import warmup_buckets
+
+    warmup_buckets(self.batch, self.image_size, self.batch_buckets)
+
+  def _run(self, start, images, instructions):
+    import tensorflow as tf
+
+    from rt2_jax.policy import PolicyOutput
+
+    del start
     out = self._fn(image=tf.constant(images, tf.uint8),
                    instruction=tf.constant(list(instructions), tf.string))
     out = {k: v.numpy() for k, v in out.items()}

@@ -23,6 +23,7 @@ import functools
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -155,6 +156,51 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
   return buckets[-1]
 
 
+def check_buckets(batch_buckets: Sequence[int]) -> list[int]:
+  """Sorted distinct positive bucket sizes, or ValueError."""
+  buckets = sorted({int(b) for b in batch_buckets})
+  if not buckets or buckets[0] < 1:
+    raise ValueError(f'batch_buckets must be positive sizes, got {batch_buckets}')
+  return buckets
+
+
+def _pad_rows(rows, extra: int):
+  """`rows` (an array or a list) followed by `extra` copies of its first row."""
+  if isinstance(rows, np.ndarray):
+    return np.concatenate([rows, np.repeat(rows[:1], extra, 0)])
+  return list(rows) + [rows[0]] * extra
+
+
+def run_in_buckets(call, buckets: Sequence[int], *columns) -> list:
+  """The one place batches are padded to bucket sizes (Policy, SavedModelPolicy).
+
+  Splits the rows of `columns` (arrays or lists, equally long) into chunks of at most the
+  largest bucket, pads each chunk to the next bucket size by repeating its first row, runs
+  `call(start, *padded_chunk_columns)` (start = the chunk's first row), which must return one
+  result per padded row, and returns the results of the real rows only, in order."""
+  n, largest, results = len(columns[0]), buckets[-1], []
+  for start in range(0, n, largest):
+    chunk = [c[start:start + largest] for c in columns]
+    rows = len(chunk[0])
+    size = _bucket(rows, buckets)
+    if size > rows:  # padding rows repeat the first example; their results are dropped
+      chunk = [_pad_rows(c, size - rows) for c in chunk]
+    out = call(start, *chunk)
+    if len(out) != size:
+      raise RuntimeError(f'a padded batch of {size} gave {len(out)} results')
+    results.extend(out[:rows])
+  return results
+
+
+def warmup_buckets(batch, image_size: int, buckets: Sequence[int]) -> None:
+  """Calls `batch(images, instructions)` once per bucket size (zero images): a jitted policy
+  compiles every shape it will see before serving."""
+  for b in buckets:
+    t0 = time.perf_counter()
+    batch(np.zeros((b, image_size, image_size, 3), np.uint8), ['warm up'] * b)
+    log.info('warm-up: batch %d ready in %.1f s', b, time.perf_counter() - t0)
+
+
 def _spec_resize(config) -> str:
   try:
     from rt2_jax.data.spec import load_spec
@@ -195,9 +241,7 @@ class Policy:
     self.resize = resize or _spec_resize(config)
     if self.resize not in RESIZE_POLICIES:
       raise ValueError(f'unknown resize policy {self.resize!r}; expected one of {RESIZE_POLICIES}')
-    self.batch_buckets = sorted({int(b) for b in batch_buckets})
-    if not self.batch_buckets or self.batch_buckets[0] < 1:
-      raise ValueError(f'batch_buckets must be positive sizes, got {batch_buckets}')
+    self.batch_buckets = check_buckets(batch_buckets)
 
     if vocab is None:
       self.vocab, self.action_vocab = vocab_lib.from_config(config, action_space)
@@ -343,8 +387,9 @@ class Policy:
     return self.batch([image], [instruction], rng=rng)[0]
 
   def batch(self, images, instructions: Sequence[str], rng=None) -> list[PolicyOutput]:
-    """B images and instructions -> B outputs; one compiled call per bucket of batch sizes.
-    Empty lists give []."""
+    """B images and instructions -> B outputs, for any B: each call is padded to the next
+    bucket size (batches beyond the largest run in chunks of it), so the decode compiles once
+    per bucket. Empty lists give []."""
     images, instructions = check_batch(images, instructions)  # all checks before any work
     if not images:
       return []
@@ -353,22 +398,14 @@ class Policy:
     if rng is None:
       rng = jax.random.fold_in(self._rng, self._calls)
       self._calls += 1
-    outputs, largest = [], self.batch_buckets[-1]
-    for start in range(0, images.shape[0], largest):
-      chunk_images, chunk_tokens = images[start:start + largest], tokens[start:start + largest]
-      n = chunk_images.shape[0]
-      padded = _bucket(n, self.batch_buckets)
-      if padded > n:  # padding rows repeat the first example; their outputs are dropped
-        chunk_images = np.concatenate([chunk_images, np.repeat(chunk_images[:1], padded - n, 0)])
-        chunk_tokens = np.concatenate([chunk_tokens, np.repeat(chunk_tokens[:1], padded - n, 0)])
-      out = self.decoder(self.params, jnp.asarray(chunk_images), jnp.asarray(chunk_tokens),
-                         jax.random.fold_in(rng, start))
-      outputs += self.outputs_from_tokens(np.asarray(out)[:n])
-    return outputs
+
+    def decode(start, chunk_images, chunk_tokens):
+      return np.asarray(self.decoder(self.params, jnp.asarray(chunk_images),
+                                     jnp.asarray(chunk_tokens), jax.random.fold_in(rng, start)))
+
+    return self.outputs_from_tokens(np.stack(run_in_buckets(decode, self.batch_buckets, images,
+                                                            tokens)))
 
   def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
     """Compiles the decode for every bucket (serving does this before taking requests)."""
-    s = self.image_size
-    for b in batch_sizes or self.batch_buckets:
-      self.batch(np.zeros((b, s, s, 3), np.uint8), ['warm up'] * b)
-
+    warmup_buckets(self.batch, self.image_size, batch_sizes or self.batch_buckets)

@@ -18,12 +18,12 @@ and must arrive within `body_timeout_s` (else 408). GET routes also answer HEAD.
 request causes is answered (a bug gives a JSON 500, the connection stays usable), with no object
 reprs in the message.
 
-Requests that arrive together share one `policy.batch` call: a worker on the event loop collects
-up to `max_batch` requests, waiting at most `max_wait_ms` after the first one arrived, and runs
-the policy in a worker thread so the loop keeps accepting requests. Batches are padded to a few
-bucket sizes (powers of two up to max_batch) so a jitted policy compiles once per bucket, all at
-start-up. If a batch raises, its requests are retried one by one so one bad request cannot fail
-its neighbours. SIGTERM stops accepting connections, finishes the requests in flight, then exits.
+Requests that arrive together share one `policy.batch` call (`rt2_jax.batcher.Batcher`: up to
+`max_batch` requests, waiting at most `max_wait_ms` after the first; a failing batch is retried
+request by request). The policy pads each call to its own bucket sizes (`--workdir` and
+`--saved_model` load it with the powers of two up to max_batch, and max_batch) and its
+`warmup()` compiles them all at start-up. SIGTERM stops accepting connections, finishes the
+requests in flight, then exits.
 
 The server binds 127.0.0.1 unless `--host` says otherwise; `--token` (or $RT2_SERVE_TOKEN, or
 `--token_file`) requires `Authorization: Bearer <token>` on every route but /health. A token file
@@ -34,7 +34,6 @@ the start-up line says whether a token is required.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -48,7 +47,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
 
 import numpy as np
 import uvicorn
@@ -56,6 +54,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from rt2_jax import wire
+from rt2_jax.batcher import Batcher, ModelError, RequestError
 
 log = logging.getLogger('rt2_jax.serve')
 
@@ -81,7 +80,7 @@ class ServeConfig:
   request_timeout_s: float = 60.0  # a request waiting longer than this gets 504
   token: str = ''  # bearer token; '' = no authentication
   model_name: str = 'rt2'  # the <name> of the TF-Serving routes
-  warmup: bool = True  # compile every batch bucket before accepting requests
+  warmup: bool = True  # policy.warmup() (every batch bucket compiled) before accepting requests
 
   def __post_init__(self):
     if self.max_batch < 1:
@@ -97,20 +96,10 @@ class ServeConfig:
                        'control characters (it travels in an HTTP header)')
 
 
-class RequestError(Exception):
-  """Invalid client input: answered with `status` and the message, never a server failure."""
-
-  def __init__(self, message: str, status: int = 400):
-    super().__init__(message)
-    self.status = status
-
-
-class ModelError(Exception):
-  """The policy raised while running a request."""
-
-
 # ----------------------------------------------------------------------------------------------
-# The policy interface the server needs: `.batch(images, instructions)` and `.metadata`.
+# The policy interface the server needs: `.batch(images, instructions)` for any batch size up to
+# max_batch (padding to bucket sizes is the policy's business), `.metadata`, and optionally
+# `.warmup()` (compile before serving) and `.batch_buckets` (reported by /metadata).
 
 
 def metadata_dict(policy) -> dict:
@@ -121,7 +110,7 @@ def metadata_dict(policy) -> dict:
 
 
 def batch_buckets(max_batch: int) -> list[int]:
-  """Padded batch sizes: powers of two below max_batch, and max_batch itself."""
+  """The bucket sizes main gives the policy: powers of two below max_batch, and max_batch."""
   sizes, b = [], 1
   while b < max_batch:
     sizes.append(b)
@@ -157,143 +146,6 @@ def tf_output_row(out) -> dict:
   return {'action': np.asarray(out.vector, np.float32).tolist(),
           'action_tokens': np.asarray(out.tokens, np.int32).tolist(),
           'text': str(out.text), 'plan': str(out.plan)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Batching.
-
-
-@dataclasses.dataclass
-class _Item:
-  image: np.ndarray
-  instruction: str
-  future: asyncio.Future
-  enqueued: float
-
-
-class Batcher:
-  """Collects requests on the event loop and runs them through `policy.batch` in a thread."""
-
-  def __init__(self, policy, shape: tuple[int, int, int], config: ServeConfig):
-    self.policy, self.shape, self.config = policy, shape, config
-    self.buckets = batch_buckets(config.max_batch)
-    self._pending: collections.deque[_Item] = collections.deque()
-    self._wakeup: asyncio.Event | None = None
-    self._task: asyncio.Task | None = None
-    self._stopping = False
-    # One thread: the policy runs one batch at a time; requests queue on the loop meanwhile.
-    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='policy')
-    self.num_requests = self.num_batches = self.num_errors = 0
-    self.batch_time_s = 0.0
-
-  def warmup(self) -> None:
-    """Compile every bucket size now, so the first requests do not pay for it."""
-    for b in self.buckets:
-      t0 = time.perf_counter()
-      self._run_policy([np.zeros(self.shape, np.uint8)] * b, ['warm up'] * b)
-      log.info('warm-up: batch %d ready in %.1f s', b, time.perf_counter() - t0)
-
-  async def start(self) -> None:
-    self._wakeup = asyncio.Event()
-    self._task = asyncio.create_task(self._loop(), name='batcher')
-
-  async def stop(self) -> None:
-    """Finish everything queued, then stop the worker."""
-    self._stopping = True
-    if self._wakeup is not None:
-      self._wakeup.set()
-    if self._task is not None:
-      await self._task
-    self._executor.shutdown(wait=True)
-
-  async def submit(self, images: Sequence[np.ndarray], instructions: Sequence[str]) -> list:
-    if self._stopping:
-      raise RequestError('server is shutting down', 503)
-    if len(self._pending) + len(images) > self.config.max_queue:
-      raise RequestError(f'server overloaded: {len(self._pending)} requests queued', 503)
-    loop = asyncio.get_running_loop()
-    futures = []
-    for image, instruction in zip(images, instructions, strict=True):
-      fut = loop.create_future()
-      self._pending.append(_Item(image, instruction, fut, loop.time()))
-      futures.append(fut)
-    self._wakeup.set()
-    try:
-      return await asyncio.wait_for(asyncio.gather(*futures), self.config.request_timeout_s)
-    except TimeoutError:
-      raise RequestError(f'no result within {self.config.request_timeout_s} s', 504) from None
-    finally:
-      for fut in futures:  # a timed-out or cancelled request leaves the queue
-        fut.cancel()
-
-  async def _loop(self) -> None:
-    loop = asyncio.get_running_loop()
-    max_wait = self.config.max_wait_ms / 1000
-    while True:
-      while not self._pending:
-        if self._stopping:
-          return
-        self._wakeup.clear()
-        await self._wakeup.wait()
-      # Wait for the batch to fill, counting from when its first request arrived.
-      deadline = self._pending[0].enqueued + max_wait
-      while len(self._pending) < self.config.max_batch and not self._stopping:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-          break
-        self._wakeup.clear()
-        with contextlib.suppress(TimeoutError):
-          await asyncio.wait_for(self._wakeup.wait(), remaining)
-      items = []
-      while self._pending and len(items) < self.config.max_batch:
-        item = self._pending.popleft()
-        if not item.future.done():  # skip requests that timed out while queued
-          items.append(item)
-      if not items:
-        continue
-      t0 = time.perf_counter()
-      try:
-        results = await loop.run_in_executor(
-            self._executor, self._run_isolated, [i.image for i in items],
-            [i.instruction for i in items])
-      except Exception as e:  # noqa: BLE001  (the worker must survive anything; answer 500)
-        log.exception('batch failed outside the policy')
-        results = [ModelError(f'{type(e).__name__}: {e}')] * len(items)
-      self.batch_time_s += time.perf_counter() - t0
-      self.num_batches += 1
-      self.num_requests += len(items)
-      for item, result in zip(items, results, strict=True):
-        if item.future.done():
-          continue
-        if isinstance(result, BaseException):
-          self.num_errors += 1
-          item.future.set_exception(result)
-        else:
-          item.future.set_result(result)
-
-  def _run_policy(self, images: list[np.ndarray], instructions: list[str]) -> list:
-    n = len(images)
-    size = next(b for b in self.buckets if b >= n)
-    # Pad by repeating the last example: the padded rows are computed and dropped.
-    images = images + [images[-1]] * (size - n)
-    instructions = list(instructions) + [instructions[-1]] * (size - n)
-    outputs = self.policy.batch(np.stack(images), instructions)
-    if len(outputs) != size:
-      raise ModelError(f'policy.batch returned {len(outputs)} outputs for {size} inputs')
-    return list(outputs[:n])
-
-  def _run_isolated(self, images, instructions) -> list:
-    """Outputs, or one exception per request; a failing batch is retried request by request."""
-    try:
-      return self._run_policy(images, instructions)
-    except Exception as e:  # noqa: BLE001  (any policy failure becomes that request's 500)
-      if len(images) == 1:
-        log.exception('policy failed on %r', instructions[0])
-        return [ModelError(f'{type(e).__name__}: {e}')]
-    results = []
-    for image, instruction in zip(images, instructions, strict=True):
-      results.extend(self._run_isolated([image], [instruction]))
-    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,11 +380,17 @@ class Guard:
     return await self.app(scope, replay, send)
 
 
+def make_batcher(policy, config: ServeConfig) -> Batcher:
+  return Batcher(policy, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                 max_queue=config.max_queue, request_timeout_s=config.request_timeout_s)
+
+
 def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
   """The FastAPI app serving `policy`; the batcher starts and stops with the app's lifespan."""
   meta = metadata_dict(policy)
   shape = wire.image_shape(meta)
-  batcher = batcher or Batcher(policy, shape, config)
+  batcher = batcher or make_batcher(policy, config)
+  buckets = getattr(policy, 'batch_buckets', None)
   state = {'draining': False, 'started': time.time()}
 
   # Request bodies (JSON/msgpack, base64, PNG/JPEG) are decoded here, not on the event loop.
@@ -589,7 +447,8 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
     return {**meta, 'model_name': config.model_name,
             'server': {'max_batch': config.max_batch, 'max_wait_ms': config.max_wait_ms,
                        'max_body_bytes': config.max_body_bytes,
-                       'max_instances': config.max_instances, 'buckets': batcher.buckets}}
+                       'max_instances': config.max_instances,
+                       'buckets': list(buckets) if buckets is not None else None}}
 
   @app.api_route('/stats', methods=['GET', 'HEAD'])
   async def stats():
@@ -658,9 +517,9 @@ class PolicyServer:
 
   def __init__(self, policy, config: ServeConfig = ServeConfig(), log_level: str = 'warning'):
     self.config = config
-    self.batcher = Batcher(policy, wire.image_shape(metadata_dict(policy)), config)
-    if config.warmup:
-      self.batcher.warmup()
+    self.batcher = make_batcher(policy, config)
+    if config.warmup and hasattr(policy, 'warmup'):
+      policy.warmup()  # compiles every bucket size the policy pads to
     self.app = create_app(policy, config, self.batcher)
     serve_state = self.app.app.state.serve_state
 
@@ -759,11 +618,11 @@ def main(argv) -> None:
     if f.saved_model:
       from rt2_jax.export import SavedModelPolicy
 
-      policy = SavedModelPolicy.load(f.saved_model)
+      policy = SavedModelPolicy.load(f.saved_model, batch_buckets=batch_buckets(f.max_batch))
     else:
       from rt2_jax.policy import Policy
 
-      # The policy pads to the same bucket sizes as the batcher: one compile per bucket.
+      # The policy pads each batch of up to max_batch to these sizes: one compile per bucket.
       policy = Policy.from_checkpoint(f.workdir, step=f.checkpoint,
                                       batch_buckets=batch_buckets(f.max_batch))
   except (FileNotFoundError, checkpoints.CorruptCheckpointError,

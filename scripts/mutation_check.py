@@ -58,11 +58,11 @@ MUTATIONS: tuple[Mutation, ...] = (
        '    valid = jnp.ones(rows.shape[0], bool)\n',
        ['tests/test_decoding.py::test_action_sampling_follows_the_model_distribution'],
        'padding columns repeat the last class id: ids stay valid, sampling is biased to it'),
-    _m('serve_padding_in_front', 'rt2_jax/serve.py',
-       '    images = images + [images[-1]] * (size - n)\n'
-       '    instructions = list(instructions) + [instructions[-1]] * (size - n)\n',
-       '    images = [images[0]] * (size - n) + images\n'
-       '    instructions = [instructions[0]] * (size - n) + list(instructions)\n',
+    _m('serve_padding_in_front', 'rt2_jax/policy.py',  # padding moved from serve to policy
+       '    return np.concatenate([rows, np.repeat(rows[:1], extra, 0)])\n'
+       '  return list(rows) + [rows[0]] * extra\n',
+       '    return np.concatenate([np.repeat(rows[:1], extra, 0), rows])\n'
+       '  return [rows[0]] * extra + list(rows)\n',
        ['tests/test_serve.py::test_batches_of_non_bucket_sizes_answer_each_client'],
        'a batch of 3 padded to 4 in front: clients get their neighbours\' answers'),
     _m('bf16_ignored', 'rt2_jax/models/layers.py',

@@ -26,21 +26,28 @@ import tiny_policy  # tests/tiny_policy.py
 
 from rt2_jax import wire
 from rt2_jax.client import PolicyClient, PolicyServerError
+from rt2_jax.policy import DEFAULT_BUCKETS, run_in_buckets
 from rt2_jax.serve import PolicyServer, ServeConfig, batch_buckets
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ScriptedPolicy:
-  """action = [image mean, len(instruction)]; optional delay, gate and failing instruction."""
+  """action = [image mean, len(instruction)]; optional delay, gate and failing instruction.
+  Like Policy, `batch` pads to bucket sizes (the server does not); `_run` sees the padded call."""
 
   metadata = {'image_size': [8, 8], 'model_id': 'scripted', 'action_names': ['mean', 'length']}
+  batch_buckets = list(DEFAULT_BUCKETS)
 
   def __init__(self, delay_s=0.0, fail_on=None, gate: threading.Event | None = None):
     self.delay_s, self.fail_on, self.gate = delay_s, fail_on, gate
-    self.batch_sizes, self.in_call = [], 0
+    self.batch_sizes, self.in_call, self.received_sizes = [], 0, []
 
   def batch(self, images, instructions):
+    self.received_sizes.append(len(images))  # what the server sent: unpadded
+    return run_in_buckets(self._run, self.batch_buckets, np.asarray(images), list(instructions))
+
+  def _run(self, start, images, instructions):
     self.batch_sizes.append(len(images))
     self.in_call += len(images)
     if self.gate is not None:
@@ -146,7 +153,8 @@ def test_health_and_metadata(server, policy):
   meta = httpx.get(f'{server}/metadata').json()
   for key, value in _meta(policy).items():
     assert meta[key] == (list(value) if isinstance(value, tuple) else value) or key == 'step'
-  assert meta['server']['max_batch'] == 4 and meta['server']['buckets'] == [1, 2, 4]
+  # The buckets are the policy's own (it pads; the server only groups requests).
+  assert meta['server']['max_batch'] == 4 and meta['server']['buckets'] == [1, 4]
   status = httpx.get(f'{server}/v1/models/rt2').json()
   assert status['model_version_status'][0]['state'] == 'AVAILABLE'
   assert httpx.get(f'{server}/v1/models/other').status_code == 404
@@ -251,18 +259,18 @@ def test_batches_are_padded_to_buckets_and_never_exceed_max_batch():
 
 
 class _HoldPolicy(ScriptedPolicy):
-  """ScriptedPolicy that records each call's instructions and blocks a call holding 'hold'
-  until released, so the test decides which requests share the next batch."""
+  """ScriptedPolicy that records each padded call's instructions and blocks a call holding
+  'hold' until released, so the test decides which requests share the next batch."""
 
   def __init__(self):
     super().__init__()
     self.release, self.calls = threading.Semaphore(0), []
 
-  def batch(self, images, instructions):
+  def _run(self, start, images, instructions):
     self.calls.append(list(instructions))
     if 'hold' in instructions:
       assert self.release.acquire(timeout=30)
-    return super().batch(images, instructions)
+    return super()._run(start, images, instructions)
 
 
 def test_batches_of_non_bucket_sizes_answer_each_client():
@@ -299,6 +307,7 @@ def test_batches_of_non_bucket_sizes_answer_each_client():
           assert reply['vector'][1] == len(text), (size, text, reply['vector'])
           assert reply['vector'][0] == pytest.approx(_image(seed).mean()), (size, text)
         bucket = 4 if size <= 4 else 8
+        assert policy.received_sizes[-1] == size  # the server groups; the policy pads
         call = policy.calls[-1]
         assert len(call) == bucket and sorted(call[:size]) == sorted(t for _, t in jobs), call
   finally:
