@@ -140,8 +140,17 @@ def main():
                       "point at the named object's patch (logits Dense(words) . Dense(tokens) "
                       "over the 64 patches; with --set=instruction_pool=K the pool's first "
                       'summary\'s logits), then the head from those weights')
+  p.add_argument('--decoder_image_only', action='store_true',
+                 help="vla_decoder: mask the prompt's tokens out of the decoder's cross-attention")
+  p.add_argument('--decoder_dense_readout', action='store_true',
+                 help='vla_decoder: logits from a fresh Dense(8) with bias, not vocabulary rows')
+  p.add_argument('--decoder_single_position', action='store_true',
+                 help='vla_decoder: the BOS position alone, column and row from a Dense(16) on it '
+                      '(no teacher-forced second position)')
   p.add_argument('--freeze_pretrained', action='store_true',
                  help='keep what --pointer_pretrain trained fixed while the head trains')
+  p.add_argument('--train_embeddings', action='store_true',
+                 help='--freeze_pretrained except the token embeddings (the decoder\'s BOS)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--out', default='')
   args = p.parse_args()
@@ -191,7 +200,19 @@ def main():
         return jnp.einsum('be,bne->bn', q, nn.Dense(width, name='pointer_key')(tokens))
       if args.head == 'vla_decoder':
         decoder_in = jnp.concatenate([jnp.zeros_like(cells[:, :1]), first_token + cells[:, :1]], 1)
-        return vla(images, prompt, decoder_in)[..., first_token:first_token + 8]  # [B, 2, 8]
+        if args.decoder_single_position:  # BOS only; column and row from its hidden state
+          encoded, mask = vla.encode(images, prompt)
+          hidden = vla.lm.decode(jnp.zeros_like(cells[:, :1]), encoded, mask, True)
+          return nn.Dense(16, name='decoder_readout')(hidden[:, 0]).reshape(-1, 2, 8)
+        if not (args.decoder_image_only or args.decoder_dense_readout):
+          return vla(images, prompt, decoder_in)[..., first_token:first_token + 8]  # [B, 2, 8]
+        encoded, mask = vla.encode(images, prompt)
+        if args.decoder_image_only:  # cross-attention sees no text token
+          mask = mask.at[:, -prompt.shape[1]:].set(False)
+        hidden = vla.lm.decode(decoder_in, encoded, mask, True)
+        if args.decoder_dense_readout:  # a fresh biased 8-way linear layer per position
+          return nn.Dense(8, name='decoder_readout')(hidden)
+        return vla.lm.compute_logits(hidden)[..., first_token:first_token + 8]
       condition = None
       if args.film:  # the mean embedding of the prompt, as VLA.encode gives the ViT
         real = (prompt > 0)[..., None].astype(jnp.float32)
@@ -311,7 +332,8 @@ def main():
     from flax import traverse_util
 
     labels = traverse_util.unflatten_dict({
-        path: 'frozen' if path in pretrained else 'trained'
+        path: 'frozen' if path in pretrained and not (
+            args.train_embeddings and 'token_embedder' in path) else 'trained'
         for path in traverse_util.flatten_dict(params)})
     tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
   opt_state = tx.init(params)
