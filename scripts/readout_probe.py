@@ -88,7 +88,8 @@ def train_and_report(step, predict, params, opt_state, train, test, args, tag: d
       pred = np.asarray(predict(params, test_x, test_p, test_y))
       line = dict(step=i, seconds=round(time.time() - start, 1), loss=round(float(loss), 3),
                   exact=round(float((pred == test_y).all(-1).mean()), 3),
-                  within_one=round(float((np.abs(pred - test_y) <= 1).all(-1).mean()), 3))
+                  within_one=round(float((np.abs(pred - test_y) <= 1).all(-1).mean()), 3),
+                  column=round(float((pred[:, 0] == test_y[:, 0]).mean()), 3))
       results.append(line)
       print(json.dumps(dict(tag, **line)), flush=True)
   if args.out:
@@ -147,6 +148,8 @@ def main():
   p.add_argument('--decoder_single_position', action='store_true',
                  help='vla_decoder: the BOS position alone, column and row from a Dense(16) on it '
                       '(no teacher-forced second position)')
+  p.add_argument('--decoder_column_loss_only', action='store_true',
+                 help="vla_decoder: teacher-forced, but the row position's loss sends no gradient")
   p.add_argument('--freeze_pretrained', action='store_true',
                  help='keep what --pointer_pretrain trained fixed while the head trains')
   p.add_argument('--train_embeddings', action='store_true',
@@ -204,6 +207,9 @@ def main():
           encoded, mask = vla.encode(images, prompt)
           hidden = vla.lm.decode(jnp.zeros_like(cells[:, :1]), encoded, mask, True)
           return nn.Dense(16, name='decoder_readout')(hidden[:, 0]).reshape(-1, 2, 8)
+        if args.decoder_column_loss_only:  # teacher-forced, but only the column trains
+          logits = vla(images, prompt, decoder_in)[..., first_token:first_token + 8]
+          return logits.at[:, 1].set(jax.lax.stop_gradient(logits[:, 1]))
         if not (args.decoder_image_only or args.decoder_dense_readout):
           return vla(images, prompt, decoder_in)[..., first_token:first_token + 8]  # [B, 2, 8]
         encoded, mask = vla.encode(images, prompt)
