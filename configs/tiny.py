@@ -34,6 +34,10 @@ def get_config(arg=None):
   # True: ViT blocks and T5 layers run under nn.scan (one layer compiled, params stacked along a
   # leading 'layers' axis); convert params with rt2_jax.models.stack_layers / unstack_layers.
   c.model.scan_layers = False
+  # K > 0: K image summaries pooled by an instruction-conditioned query go in front of the image
+  # tokens (rt2_jax.models.vla.InstructionPool; issue 15's grounding work). 0 = the plain VLA.
+  c.model.instruction_pool = 0
+  c.model.instruction_pool_scale = 4.0
   c.model.vit = ml_collections.ConfigDict(dict(
       patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512,
       posemb='learn',  # 'learn' | 'sincos2d'

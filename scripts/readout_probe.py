@@ -168,7 +168,7 @@ def main():
 
   from rt2_jax.models import layers
   from rt2_jax.models import t5 as t5_lib
-  from rt2_jax.models.vla import VLA, configs_from_model_config
+  from rt2_jax.models.vla import VLA, configs_from_model_config, mean_embedding
 
   model_cfg = tiny.get_config().model
   model_cfg.vit.posemb = 'sincos2d'
@@ -186,17 +186,19 @@ def main():
   _, t5_cfg = configs_from_model_config(model_cfg)
   width, first_token = t5_cfg.emb_dim, 100  # column / row c is token first_token + c
 
+  def vit_tokens(vla, images, condition=None):  # ViT + projection, as VLA.encode makes them
+    pixels = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    return vla.image_projection(vla.vit(pixels, True, condition))
+
   class Probe(nn.Module):
     pointer: bool = False  # --pointer_pretrain's first stage
 
     @nn.compact
     def __call__(self, images, prompt, cells):
       vla = VLA(model_cfg)
+      words = mean_embedding(vla.lm.embed(prompt), prompt)  # the prompt's mean raw embedding
       if self.pointer:  # logits over the patches: the ViT + projection tokens against the words
-        pixels = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-        tokens = vla.image_projection(vla.vit(pixels, True, None))
-        real = (prompt > 0)[..., None].astype(jnp.float32)
-        words = (vla.lm.embed(prompt) * real).sum(1) / jnp.maximum(real.sum(1), 1.0)
+        tokens = vit_tokens(vla, images)
         if model_cfg.get('instruction_pool', 0):  # train the model's own pool to point
           return vla.instruction_pool.logits(tokens, words)[:, 0]
         q = nn.Dense(width, name='pointer_query')(words)
@@ -219,17 +221,12 @@ def main():
         if args.decoder_dense_readout:  # a fresh biased 8-way linear layer per position
           return nn.Dense(8, name='decoder_readout')(hidden)
         return vla.lm.compute_logits(hidden)[..., first_token:first_token + 8]
-      condition = None
-      if args.film:  # the mean embedding of the prompt, as VLA.encode gives the ViT
-        real = (prompt > 0)[..., None].astype(jnp.float32)
-        condition = (vla.lm.embed(prompt) * real).sum(1) / jnp.maximum(real.sum(1), 1.0)
+      condition = words if args.film else None  # as VLA.encode gives the ViT
       if args.keys == 'vit':
-        pixels = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-        encoded = vla.image_projection(vla.vit(pixels, True, condition))
+        encoded = vit_tokens(vla, images, condition)
         text = vla.lm.embed(prompt)
       elif args.keys == 'encoder_image_only':  # the T5 encoder over the image tokens alone
-        pixels = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-        image_tokens = vla.image_projection(vla.vit(pixels, True, condition))
+        image_tokens = vit_tokens(vla, images, condition)
         encoded = vla.lm.encode(image_tokens, jnp.ones(image_tokens.shape[:2], bool))
         text = vla.lm.embed(prompt)
       else:
@@ -237,9 +234,6 @@ def main():
         text = encoded[:, -prompt.shape[1]:]
         encoded = encoded[:, :-prompt.shape[1]]  # the image tokens (they have seen the prompt)
       if args.head == 'word_pool':
-        real = (prompt > 0)[..., None].astype(jnp.float32)
-        words = vla.lm.embed(prompt)
-        words = (words * real).sum(1) / jnp.maximum(real.sum(1), 1.0)  # [B, E]
         if args.pool_attention == 't5':  # the same query, through a T5 attention module
           heads = args.pool_heads or t5_cfg.num_heads
           # --pool_lecun_query: lecun query init and logits / sqrt(head_dim) (scale_logits),
@@ -259,8 +253,7 @@ def main():
       query = self.param('query', nn.initializers.normal(1.0), (1, 1, width))
       h = jnp.broadcast_to(query, (images.shape[0], 1, width))
       if args.head == 'text_query':
-        real = (prompt > 0)[..., None].astype(text.dtype)
-        h = (text * real).sum(1, keepdims=True) / jnp.maximum(real.sum(1, keepdims=True), 1.0)
+        h = mean_embedding(text, prompt)[:, None]  # the encoded prompt tokens' mean
         h = t5_lib._attention(t5_cfg)(nn.Dense(width)(h), encoded)
       elif args.head == 'attention_pool':
         h = t5_lib._attention(t5_cfg)(h, encoded)
@@ -282,6 +275,22 @@ def main():
                                        args.distinct_colours, args.min_objects)
   test_x, test_p, test_y = pictures(300, 10_000 + args.seed, args.objects, vocab,
                                     args.distinct_colours)
+  def adamw(steps):
+    schedule = optax.warmup_cosine_decay_schedule(0, args.lr, 50, steps, args.lr * 0.05)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
+
+  def make_step(model, tx, target):
+    """One jitted AdamW step on the cross-entropy of model's logits against target(cells)."""
+    @jax.jit
+    def step(params, opt_state, x, prompt, y):
+      def loss_fn(params):
+        logits = model.apply(params, x, prompt, y)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, target(y)).mean()
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+    return step
+
   def pointer_pretrain(pointer_probe, params):
     """Trains the ViT, projection and word embeddings to point at the named object's patch
     (the 8 x 8 answer grid is the patch grid); returns `params` with those parts replaced."""
@@ -289,17 +298,8 @@ def main():
 
     ptr = nn.meta.unbox(pointer_probe.init(jax.random.key(args.seed + 7), train_x[:2],
                                            train_p[:2], train_y[:2]))
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-        optax.warmup_cosine_decay_schedule(0, args.lr, 50, args.pointer_pretrain, args.lr * 0.05)))
-
-    @jax.jit
-    def step(ptr, opt_state, x, prompt, y):
-      def loss_fn(ptr):
-        logits = pointer_probe.apply(ptr, x, prompt, y)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y[:, 1] * 8 + y[:, 0]).mean()
-      loss, grads = jax.value_and_grad(loss_fn)(ptr)
-      updates, opt_state = tx.update(grads, opt_state, ptr)
-      return optax.apply_updates(ptr, updates), opt_state, loss
+    tx = adamw(args.pointer_pretrain)
+    step = make_step(pointer_probe, tx, lambda y: y[:, 1] * 8 + y[:, 0])  # the patch index
 
     def predict(ptr, x, prompt, y):
       pick = pointer_probe.apply(ptr, x, prompt, y).argmax(-1)
@@ -329,11 +329,8 @@ def main():
   if args.zero_residual:
     params = zero_where(params, lambda p: "'encoder'" in p and ("'out'" in p or "'wo'" in p))
   if args.zero_relpos:
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, v: jnp.zeros_like(v) if 'rel_embedding' in jax.tree_util.keystr(path) else v,
-        params)
-  schedule = optax.warmup_cosine_decay_schedule(0, args.lr, 50, args.steps, args.lr * 0.05)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
+    params = zero_where(params, lambda p: 'rel_embedding' in p)
+  tx = adamw(args.steps)
   if args.freeze_pretrained:
     from flax import traverse_util
 
@@ -343,16 +340,7 @@ def main():
         for path in traverse_util.flatten_dict(params)})
     tx = optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
   opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, x, prompt, y):
-    def loss_fn(params):
-      logits = probe.apply(params, x, prompt, y)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
+  step = make_step(probe, tx, lambda y: y)
   predict = jax.jit(lambda params, x, prompt, y: probe.apply(params, x, prompt, y).argmax(-1))
   train_and_report(step, predict, params, opt_state, (train_x, train_p, train_y),
                    (test_x, test_p, test_y), args, dict(head=args.head))
