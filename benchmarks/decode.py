@@ -225,12 +225,10 @@ def count_forward_passes_ours(model, callback, params, encoded, mask, rng) -> in
 def prompts(vocab, config, batch: int) -> np.ndarray:
   instructions = ['put the spoon in the pot', 'open the drawer', 'pick up the red block',
                   'wipe the table with the towel']
-  out = np.zeros((batch, config.data.max_input_len), np.int32)
-  for i in range(batch):
-    ids = vocab.encode(config.data.prompt.format(instruction=instructions[i % len(instructions)]))
-    ids = ids[:config.data.max_input_len]
-    out[i, :len(ids)] = ids
-  return out
+  from rt2_jax import transforms
+
+  prompt = transforms.Prompt.from_config(config)
+  return prompt.encode(vocab, [instructions[i % len(instructions)] for i in range(batch)])[0]
 
 
 def _time_ours(sliced, masked, params, vocab, config, batch: int, repeats: int, rng) -> dict:

@@ -9,7 +9,7 @@ answers are retried with exponential backoff (prediction is a pure function of i
 retry is safe). Other errors raise `PolicyServerError` carrying the server's message.
 
 Needs only numpy, httpx and msgpack (Pillow for `fmt='json'`; `resize=True` uses the policy's own
-resize function, which imports rt2_jax.policy).
+resize function, `rt2_jax.transforms.resize_image`).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class PolicyClient:
       h, w, _ = wire.image_shape(meta)
       if image.shape[:2] != (h, w):
         # The policy's own resize (its data spec's stretch / center_crop / pad), as in training.
-        from rt2_jax.policy import resize_image  # imports JAX: only when needed
+        from rt2_jax.transforms import resize_image  # numpy: imported only when needed
 
         image = resize_image(image, h, meta.get('resize', 'stretch'))
     return image

@@ -12,9 +12,11 @@ r"""Export a policy as a TensorFlow SavedModel: tokenizer, decoding loop and act
 Everything a served policy does happens in the graph, so a TF-only runtime needs nothing else:
 the prompt template (`config.data.prompt`) is applied with tf.strings, the instruction is
 tokenized with tensorflow-text's SentencePiece op on the checkpoint's own vocabulary (the same
-ids as `rt2_jax.vocab.Vocab.encode`: pad 0, eos 1, unk 2, extra ids at the end), the image
-encoder, constrained decoding loop and the bins -> real units mapping are one jax2tf function
-(native serialization, batch dimension polymorphic), and detokenization is again tensorflow-text.
+ids as `rt2_jax.vocab.Vocab.encode`: pad 0, eos 1, unk 2, extra ids at the end; both are
+`rt2_jax.transforms.Prompt`), the image encoder, constrained decoding loop and the tokens -> real
+units mapping (`transforms.ActionCodec`, as Policy and the training metrics) are one jax2tf
+function (native serialization, batch dimension polymorphic), and detokenization is again
+tensorflow-text.
 Parameters are SavedModel variables, not graph constants (large models stay under the 2 GB
 protobuf limit). Sampling, if the config samples, uses a fixed seed.
 
@@ -36,11 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rt2_jax import actions as actions_lib
+from rt2_jax import transforms
 
 METADATA_FILE = os.path.join('assets.extra', 'rt2_jax_metadata.json')
 OUTPUT_NAMES = ('action', 'action_tokens', 'output_tokens', 'text', 'plan')
-# Python's str.strip() removes every character with str.isspace(); RE2's \s is ASCII only.
-_SPACE = r'[\s\x{0b}\x{1c}-\x{1f}\x{85}\p{Z}]'
 
 
 def _log(message: str) -> None:
@@ -49,31 +50,23 @@ def _log(message: str) -> None:
 
 def make_jax_serving_fn(policy):
   """(params, images [B, S, S, 3] uint8, prompt tokens [B, Le]) ->
-  (output_tokens [B, L], lengths [B], action_tokens [B, P], action [B, dim]) in pure JAX."""
+  (output_tokens [B, L], lengths [B], action_tokens [B, P], action [B, dim]) in pure JAX;
+  lengths = `ActionCodec.action_end` (where the output ends), the tokens after it are 0."""
   decode_fn = policy.decode_fn
   eos = policy.vocab.eos_id
   text_mode = policy.mode == 'text'
-  num_positions = policy.action_space.num_positions
-  action_vocab, action_tokenizer = policy.action_vocab, policy.action_tokenizer
+  codec = policy.codec
   seed = int(policy.config.seed)
 
   def serve(params, images, tokens):
     out = decode_fn(params, images, tokens, jax.random.PRNGKey(seed))
-    steps = out.shape[1]
-    is_eos = out == eos
-    lengths = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1), steps).astype(jnp.int32)
-    positions = jnp.arange(steps)[None]
-    out = jnp.where(positions < lengths[:, None], out, 0).astype(jnp.int32)
+    lengths = codec.action_end(out, eos, xp=jnp)
+    out = jnp.where(jnp.arange(out.shape[1])[None] < lengths[:, None], out, 0).astype(jnp.int32)
     batch = out.shape[0]
     if text_mode:
       return out, lengths, jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0), jnp.float32)
-    # The action tokens are the last P ids before EOS (as Policy parses them).
-    index = jnp.clip(lengths[:, None] - num_positions + jnp.arange(num_positions)[None],
-                     0, steps - 1)
-    action_ids = jnp.take_along_axis(out, index, axis=1)
-    bins = action_vocab.ids_to_bins(action_ids, xp=jnp)
-    action = action_tokenizer.decode(bins, xp=jnp).astype(jnp.float32)
-    return out, lengths, action_ids, action
+    action_ids = codec.action_ids(out, lengths, xp=jnp)  # as Policy.outputs_from_tokens
+    return out, lengths, action_ids, codec.decode(action_ids, xp=jnp)
 
   return serve
 
@@ -89,29 +82,6 @@ def export_metadata(policy) -> dict:
       max_input_len=policy.max_input_len, signature_outputs=list(OUTPUT_NAMES),
       exported_at=time.strftime('%Y-%m-%dT%H:%M:%S%z'), batch_buckets=None)
   return meta
-
-
-class PromptTokenizer:
-  """In-graph `Policy.tokenize`: strip, fill the prompt template, SentencePiece, cut, pad."""
-
-  def __init__(self, policy):
-    import tensorflow_text as tf_text
-
-    self.prefix, _, self.suffix = policy.prompt.format(instruction='\x00').partition('\x00')
-    self.max_len = policy.max_input_len
-    self.sentencepiece = tf_text.SentencepieceTokenizer(model=policy.vocab.sp_model_bytes,
-                                                        out_type='int32')
-
-  def __call__(self, instruction):
-    import tensorflow as tf
-
-    instruction = tf.strings.regex_replace(instruction, f'^{_SPACE}+|{_SPACE}+$', '')
-    check = tf.debugging.assert_greater(tf.strings.length(instruction), 0,
-                                        message='an instruction is empty')
-    with tf.control_dependencies([check]):
-      prompt = tf.strings.join([self.prefix, instruction, self.suffix])
-    ids = self.sentencepiece.tokenize(prompt)[:, :self.max_len]
-    return ids.to_tensor(default_value=0, shape=[None, self.max_len])
 
 
 def check_inputs(image, instruction, size: int):
@@ -152,7 +122,7 @@ def build_module(policy):
   module.params = jax.tree.map(
       lambda x: tf.Variable(np.asarray(x), trainable=False, name='param'),
       jax.device_get(policy.params))
-  tokenizer = PromptTokenizer(policy)
+  tokenizer = policy.prompt_spec.tf_tokenizer(vocab)
   module.sentencepiece = tokenizer.sentencepiece  # tracked, so the SavedModel keeps the model
 
   def detokenize(ids, keep):
@@ -170,7 +140,8 @@ def build_module(policy):
     text = detokenize(out, (positions < lengths[:, None]) & (out != 0))
     if plan_mode:
       keep = (positions >= plan_start) & (positions < lengths[:, None] - plan_tail) & (out != 0)
-      plan = tf.strings.regex_replace(detokenize(out, keep), f'^{_SPACE}+|{_SPACE}+$', '')
+      space = transforms.TF_SPACE  # strip() as Policy's plan
+      plan = tf.strings.regex_replace(detokenize(out, keep), f'^{space}+|{space}+$', '')
     else:
       plan = tf.fill(tf.shape(instruction), '')
     return {'action': action, 'action_tokens': action_tokens, 'output_tokens': out,
@@ -268,13 +239,14 @@ class SavedModelPolicy:
   def batch(self, images, instructions):
     """As Policy.batch: the same input checks and messages, [] for empty lists, padding to
     `batch_buckets`."""
-    from rt2_jax.policy import check_batch, resize_image, run_in_buckets
+    from rt2_jax.policy import check_batch, run_in_buckets
 
     images, instructions = check_batch(images, instructions)
     if not images:
       return []
     s = self.image_size
-    images = np.stack([resize_image(im, s, self.metadata['resize']) for im in images])
+    images = np.stack([transforms.resize_image(im, s, self.metadata['resize'])
+                       for im in images])
     return run_in_buckets(self._run, self.batch_buckets, images, instructions)
 
   def warmup(self) -> None:

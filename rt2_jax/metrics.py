@@ -4,7 +4,8 @@ TensorBoard event files.
 `step_metric_sums` (inside jit) counts, per micro-batch: target tokens and correct ones, action
 tokens and correct ones, and the absolute action error per dimension in real units: at each
 action position the argmax among that position's allowed tokens (what constrained decoding
-picks) -> ActionVocab.ids_to_bins -> SpaceTokenizer.decode, against batch['actions'].
+picks), decoded to real units by `rt2_jax.transforms.ActionCodec` as Policy and export decode,
+against batch['actions'].
 `finalize_metrics` turns the sums into ratios.
 
 The train step returns a dict of device scalars/vectors each step; `MetricLogger` keeps them
@@ -30,6 +31,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rt2_jax import transforms
 
 
 def _crc32c_table() -> list[int]:
@@ -105,12 +108,8 @@ def step_metric_sums(logits, batch, action_vocab, tokenizer) -> dict:
   positions = jnp.argsort(1 - (action_mask > 0).astype(jnp.int32), axis=1, stable=True)[:, :num_pos]
   has_action = batch['is_robot'] & ((action_mask > 0).sum(1) >= num_pos)
   action_logits = jnp.take_along_axis(logits, positions[..., None], axis=1)  # [B, P, V]
-  allowed = jnp.asarray(action_vocab.allowed_ids)  # [P, K]
-  candidates = jnp.take_along_axis(
-      action_logits, jnp.broadcast_to(allowed, (logits.shape[0],) + allowed.shape), axis=2)
-  # The argmax among each position's allowed tokens, as constrained decoding would pick.
-  ids = allowed[jnp.arange(num_pos), jnp.argmax(candidates, -1)]
-  predicted = tokenizer.decode(action_vocab.ids_to_bins(ids, xp=jnp), xp=jnp)
+  codec = transforms.ActionCodec(action_vocab, tokenizer)
+  predicted = codec.decode(codec.constrained_argmax(action_logits, xp=jnp), xp=jnp)
   error = jnp.abs(predicted - batch['actions']) * has_action[:, None]
   return {'weight': weights.sum(), 'correct': (correct * weights).sum(),
           'action_weight': action_mask.sum(), 'action_correct': (correct * action_mask).sum(),

@@ -5,12 +5,13 @@
   out.action['gripper'], out.vector, out.tokens, out.text, out.plan
   outs = policy.batch(images, instructions)                # one compiled call per bucket
 
-Each call tokenizes `config.data.prompt.format(instruction=...)` with the run's vocabulary
+Each call tokenizes `config.data.prompt` filled with the instruction with the run's vocabulary
 (padded to `data.max_input_len`), resizes images of another size to the model's square size with
 the resize policy of the checkpoint's assets (of the dataset spec for an in-memory Policy), pads
 the batch to the next bucket size (1, 2, 4, 8 by default: serving compiles once per bucket, never
 per batch size), decodes with `rt2_jax.decoding` in `config.decode.mode`, and maps the action
-tokens back through the normalization stats.
+tokens back through the normalization stats. Prompt, resize and token -> action mapping are
+`rt2_jax.transforms`, as in training and export.
 
 `policy.decode_fn` is the pure JAX function (params, images, tokens, rng) -> tokens that export
 wraps with jax2tf: no host callbacks, static shapes except the batch.
@@ -19,9 +20,7 @@ wraps with jax2tf: no host callbacks, static shapes except the batch.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -32,13 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from rt2_jax import actions as actions_lib
-from rt2_jax import decoding
+from rt2_jax import decoding, transforms
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.models.vla import VLA
+from rt2_jax.transforms import resize_image  # noqa: F401  (callers import it from here)
 
 log = logging.getLogger(__name__)
 DEFAULT_BUCKETS = (1, 2, 4, 8)
-RESIZE_POLICIES = ('stretch', 'center_crop', 'pad')
 
 
 @dataclasses.dataclass
@@ -63,38 +62,6 @@ class PolicyMetadata:
   batch_buckets: list[int]
   model_id: str
   step: int | None
-
-
-@functools.partial(jax.jit, static_argnums=(1,))
-def _resize_float(image, shape):
-  # Triangle-kernel antialiased resampling: what tf.image.resize(antialias=True) computes, so
-  # served images match the training pipeline (rt2_jax.data.rlds) to rounding.
-  return jnp.clip(jnp.round(jax.image.resize(image.astype(jnp.float32), shape, 'linear',
-                                             antialias=True)), 0, 255).astype(jnp.uint8)
-
-
-def resize_image(image: np.ndarray, size: int, policy: str = 'stretch') -> np.ndarray:
-  """uint8 [H, W, 3] -> uint8 [size, size, 3] as the training data was: 'stretch',
-  'center_crop' (largest centred square) or 'pad' (fit inside, centred on black, as
-  tf.image.resize_with_pad)."""
-  if policy not in RESIZE_POLICIES:
-    raise ValueError(f'unknown resize policy {policy!r}; expected one of {RESIZE_POLICIES}')
-  h, w = image.shape[:2]
-  if policy == 'center_crop':
-    side = min(h, w)
-    image = image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-    h = w = side
-  if (h, w) == (size, size):
-    return np.asarray(image)
-  if policy != 'pad':
-    return np.asarray(_resize_float(image, (size, size, 3)))
-  ratio = max(w / size, h / size)
-  new_h, new_w = max(1, math.floor(h / ratio)), max(1, math.floor(w / ratio))
-  top = max(0, math.floor((size - h / ratio) / 2))
-  left = max(0, math.floor((size - w / ratio) / 2))
-  out = np.zeros((size, size, 3), np.uint8)
-  out[top:top + new_h, left:left + new_w] = np.asarray(_resize_float(image, (new_h, new_w, 3)))
-  return out
 
 
 def check_image(image, index: int = 0) -> np.ndarray:
@@ -234,13 +201,13 @@ class Policy:
     self.step, self.model_id = step, model_id
     self.mode = config.decode.mode
     self.prompt = config.data.prompt if prompt is None else prompt
-    if '{instruction}' not in self.prompt:
-      raise ValueError(f'the prompt must contain {{instruction}}, got {self.prompt!r}')
     self.max_input_len = int(config.data.max_input_len)
+    self.prompt_spec = transforms.Prompt(self.prompt, self.max_input_len)  # checks the template
     self.image_size = int(config.model.image_size)
     self.resize = resize or _spec_resize(config)
-    if self.resize not in RESIZE_POLICIES:
-      raise ValueError(f'unknown resize policy {self.resize!r}; expected one of {RESIZE_POLICIES}')
+    if self.resize not in transforms.RESIZE_POLICIES:
+      raise ValueError(f'unknown resize policy {self.resize!r}; expected one of '
+                       f'{transforms.RESIZE_POLICIES}')
     self.batch_buckets = check_buckets(batch_buckets)
 
     if vocab is None:
@@ -250,8 +217,8 @@ class Policy:
       self.action_vocab = vocab_lib.ActionVocab(
           vocab, action_space, config.vocab.action_scheme, config.actions.num_bins,
           vocab_size=config.model.vocab_size)
-    self.action_tokenizer = action_space.tokenizer(stats, config.actions.num_bins,
-                                                   config.actions.decode_mode)
+    self.codec = transforms.ActionCodec.from_config(config, self.action_vocab, stats)
+    self.action_tokenizer = self.codec.tokenizer
     self.model = VLA(config.model)
     self.callback = decoding.make_callback(config.decode, self.vocab, self.action_vocab,
                                            config.model.vocab_size)
@@ -324,18 +291,11 @@ class Policy:
 
   def tokenize(self, instructions: Sequence[str]) -> np.ndarray:
     """Instructions -> int32 prompt tokens [B, max_input_len] (0-padded)."""
-    instructions = check_instructions(instructions)
-    out = np.zeros((len(instructions), self.max_input_len), np.int32)
-    for i, text in enumerate(instructions):
-      ids = self.vocab.encode(self.prompt.format(instruction=text.strip()))
-      if len(ids) > self.max_input_len:
-        if not self._warned_truncation:
-          log.warning('prompt of %d tokens cut to data.max_input_len=%d: %r', len(ids),
-                      self.max_input_len, text)
-          self._warned_truncation = True
-        ids = ids[:self.max_input_len]
-      out[i, :len(ids)] = ids
-    return out
+    tokens, cut = self.prompt_spec.encode(self.vocab, check_instructions(instructions))
+    if cut and not self._warned_truncation:
+      log.warning('%d prompt(s) cut to data.max_input_len=%d tokens', cut, self.max_input_len)
+      self._warned_truncation = True
+    return tokens
 
   def preprocess_images(self, images) -> np.ndarray:
     """uint8 [B, H, W, 3] (or a list of [H, W, 3]) -> uint8 [B, S, S, 3], resized if needed."""
@@ -347,32 +307,29 @@ class Policy:
 
   def outputs_from_tokens(self, tokens) -> list[PolicyOutput]:
     """Decoded tokens [B, L] -> one PolicyOutput per row."""
-    return [self._parse(ids) for ids in decoding.split_output(tokens, self.vocab.eos_id)]
-
-  def _parse(self, ids: np.ndarray) -> PolicyOutput:
-    ids = np.asarray(ids, np.int32)
-    text = self.vocab.decode(ids)
+    tokens = np.asarray(tokens, np.int32)
+    texts = [self.vocab.decode(row) for row in tokens]
     if self.mode == 'text':
-      return PolicyOutput(action={}, vector=np.zeros((0,), np.float32), tokens=ids, text=text,
-                          plan='')
-    num = self.action_space.num_positions
-    if self.mode == 'plan_then_action':
-      # A row that reached its actions before the others' plans ended is padded with 0 after
-      # them (the loop runs to the longest row): drop that padding, not the actions.
-      nonzero = np.flatnonzero(ids != self.vocab.pad_id)
-      ids = ids[:nonzero[-1] + 1] if nonzero.size else ids[:0]
-    if ids.shape[0] < num:
-      raise RuntimeError(f'decoded {ids.shape[0]} tokens, fewer than the {num} action tokens')
-    action_ids = ids[-num:]
-    plan = ''
-    if self.mode == 'plan_then_action':
-      callback = self.callback
-      plan_ids = ids[len(callback.prefix_ids):ids.shape[0] - num - len(callback.delimiter_ids)]
-      plan = self.vocab.decode(plan_ids).strip()
-    bins = self.action_vocab.ids_to_bins(action_ids)
-    vector = np.asarray(self.action_tokenizer.decode(bins), np.float32)
-    action = {k: np.asarray(v, np.float32) for k, v in self.action_space.unflatten(vector).items()}
-    return PolicyOutput(action=action, vector=vector, tokens=action_ids, text=text, plan=plan)
+      return [PolicyOutput(action={}, vector=np.zeros((0,), np.float32), tokens=ids, text=text,
+                           plan='')
+              for ids, text in zip(decoding.split_output(tokens, self.vocab.eos_id), texts,
+                                   strict=True)]
+    num = self.codec.num_positions
+    end = self.codec.action_end(tokens, self.vocab.eos_id)
+    if tokens.shape[0] and end.min() < num:
+      raise RuntimeError(f'decoded {int(end.min())} tokens, fewer than the {num} action tokens')
+    action_ids = self.codec.action_ids(tokens, end)
+    vectors = self.codec.decode(action_ids)
+    outputs = []
+    for row, text, stop, ids, vector in zip(tokens, texts, end, action_ids, vectors, strict=True):
+      plan = ''
+      if self.mode == 'plan_then_action':
+        callback = self.callback
+        plan = self.vocab.decode(
+            row[len(callback.prefix_ids):stop - num - len(callback.delimiter_ids)]).strip()
+      action = {k: np.asarray(v, np.float32) for k, v in self.action_space.unflatten(vector).items()}
+      outputs.append(PolicyOutput(action=action, vector=vector, tokens=ids, text=text, plan=plan))
+    return outputs
 
   # -------------------------------------------------------------------------------------------
   # Calls.

@@ -39,7 +39,7 @@ def _images(n, size, seed=0):
 def test_in_graph_tokenizer_equals_policy_tokenize():
   policy = tiny_policy.make_policy()
   texts = INSTRUCTIONS + ['\tx\u00a0', 'a  b', '1 2 3 255', '<extra_id_0> Plan:']
-  got = export.PromptTokenizer(policy)(tf.constant(texts)).numpy()
+  got = policy.prompt_spec.tf_tokenizer(policy.vocab)(tf.constant(texts)).numpy()
   np.testing.assert_array_equal(got, policy.tokenize(texts))
   assert (got[3] != 0).all()  # the long one was cut to max_input_len, not dropped
 

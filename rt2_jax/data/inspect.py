@@ -18,6 +18,8 @@ import textwrap
 
 import numpy as np
 
+from rt2_jax import transforms
+
 
 def realized_rates(it, num_examples: int) -> dict[str, float]:
   """Fraction of each task over the next `num_examples` examples of a fresh copy of `it`."""
@@ -42,10 +44,10 @@ def decode_example(batch: dict, j: int, info: dict, vocab, action_vocab, tokeniz
   out['target_ids'] = [int(i) for i in targets[:int((targets != 0).sum())]]
   out['target_text'] = vocab.decode(targets)
   if batch['is_robot'][j]:
-    positions = np.flatnonzero(batch['action_loss_mask'][j])
-    bins = action_vocab.ids_to_bins(targets[positions])
-    out['bins'] = bins.tolist()
-    out['decoded_action'] = tokenizer.decode(bins)
+    codec = transforms.ActionCodec(action_vocab, tokenizer)
+    ids = targets[np.flatnonzero(batch['action_loss_mask'][j])]
+    out['bins'] = codec.ids_to_bins(ids).tolist()
+    out['decoded_action'] = codec.decode(ids)
     out['action'] = batch['actions'][j]
   return out
 

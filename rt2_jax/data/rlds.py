@@ -32,11 +32,12 @@ import time
 
 import numpy as np
 
+from rt2_jax import transforms
 from rt2_jax.data.spec import EPISODE_PREFIX, DatasetSpec, load_spec
 
 BAD_DATA_MODES = ('skip', 'fail')
 NO_INSTRUCTION, NONFINITE_ACTION = 'no_instruction', 'nonfinite_action'
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: images resized by rt2_jax.transforms (integer arithmetic)
 
 log = logging.getLogger(__name__)
 
@@ -227,27 +228,6 @@ def _get(tree, path: str):
   return tree
 
 
-def _resize(image, size: int, policy: str):
-  import tensorflow as tf
-
-  image = tf.ensure_shape(image, [None, None, 3])
-  if policy == 'center_crop':
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    side = tf.minimum(h, w)
-    image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
-  shape = tf.shape(image)
-  same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
-
-  def resize():
-    if policy == 'pad':
-      out = tf.image.resize_with_pad(tf.cast(image, tf.float32), size, size, antialias=True)
-    else:
-      out = tf.image.resize(tf.cast(image, tf.float32), (size, size), antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
-
-  return tf.cond(same, lambda: tf.cast(image, tf.uint8), resize)
-
-
 def _step_dataset(spec: DatasetSpec, builder, split: str, image_size: int, shard: tuple[int, int],
                   step_features: dict):
   import tensorflow as tf
@@ -303,7 +283,7 @@ def _step_dataset(spec: DatasetSpec, builder, split: str, image_size: int, shard
   def decode(step):
     if image_size > 0:
       image = tf.io.decode_image(step['image'], channels=3, expand_animations=False)
-      step['image'] = _resize(image, image_size, spec.resize)
+      step['image'] = transforms.resize_image_tf(image, image_size, spec.resize)
     else:  # actions only (statistics): leave the JPEG alone
       step['image'] = tf.zeros([0, 0, 3], tf.uint8)
     return step

@@ -25,9 +25,9 @@ import os
 import pathlib
 
 from rt2_jax.actions import ActionField, ActionSpace
+from rt2_jax.transforms import RESIZE_POLICIES
 
 INSTRUCTION_ENCODINGS = ('string', 'utf8_bytes')  # utf8_bytes: int array of bytes, 0-padded
-RESIZE_POLICIES = ('stretch', 'center_crop', 'pad')
 EPISODE_PREFIX = 'episode/'
 SPECS_ENV = 'RT2_JAX_DATA_SPECS'  # extra folders to search, ':'-separated
 

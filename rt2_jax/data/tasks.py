@@ -2,7 +2,8 @@
 
 A robot example is (image, prompt, target):
   prompt: config.data.prompt, e.g. 'What action should the robot take to {instruction}?'
-  target: the action token ids (one per action position, `ActionVocab.bins_to_ids`) then EOS;
+          (`rt2_jax.transforms.Prompt`, as Policy and export build it)
+  target: the action token ids (one per action position, `transforms.ActionCodec.encode`), EOS;
           where the step carries a plan annotation: 'Plan: <plan> Action:' as text tokens, then
           the action ids, then EOS (`config.decode.plan_prefix` / `action_delimiter`). A long plan
           is cut so the action tokens always fit `max_target_len`.
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from rt2_jax import transforms
 from rt2_jax.data.spec import DatasetSpec
 
 EOS_ID = 1
@@ -134,41 +136,27 @@ def registered() -> tuple[list[str], list[str]]:
 # --- Tokenizing. ---
 
 
-def _pad_rows(rows: list[list[int]], length: int) -> np.ndarray:
-  out = np.zeros((len(rows), length), np.int32)
-  for i, row in enumerate(rows):
-    out[i, :len(row)] = row[:length]
-  return out
-
-
-def _encode_inputs(vocab, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, int]:
-  """Distinct input texts -> [U, max_len] token table, and how many were cut."""
-  rows = [vocab.encode(t) for t in texts]
-  cut = sum(len(r) > max_len for r in rows)
-  return _pad_rows(rows, max_len), cut
-
-
-def robot_prompt(template: str, instruction: str) -> str:
-  return template.format(instruction=instruction)
-
-
 def tokenize_robot(records, spec: DatasetSpec, context: Context, name: str) -> TaskData:
   """StepRecords -> TaskData: prompt tokens per instruction, action (and plan) targets."""
   cfg = context.config
-  vocab, action_vocab = context.vocab, context.action_vocab
+  vocab = context.vocab
   max_in, max_out = cfg.data.max_input_len, cfg.data.max_target_len
-  tokenizer = spec.action_space.tokenizer(context.stats, cfg.actions.num_bins,
-                                          cfg.actions.decode_mode)
-  num_positions = spec.action_space.num_positions
+  codec = transforms.ActionCodec.create(context.action_vocab, context.stats,
+                                        cfg.actions.num_bins, cfg.actions.decode_mode)
+  if codec.space != spec.action_space:
+    raise ValueError(f'task {name}: the action vocabulary is for {codec.space}, the data spec '
+                     f'{spec.name} has {spec.action_space}')
+  num_positions = codec.num_positions
   if num_positions + 1 > max_out:
     raise ValueError(f'data.max_target_len={max_out} cannot hold the {num_positions} action '
                      f'tokens of {spec.name} plus EOS; set it to at least {num_positions + 1}')
-  prompts = [robot_prompt(cfg.data.prompt, t) for t in records.instructions]
-  encoder_table, cut = _encode_inputs(vocab, prompts, max_in)
+  prompt = transforms.Prompt.from_config(cfg)
+  prompts = [prompt.text(t) for t in records.instructions]
+  encoder_table, cut = prompt.encode(vocab, records.instructions)
   if cut and context.progress:
     context.progress(f'WARNING: {cut} of {len(prompts)} robot prompts of {spec.name} are longer '
                      f'than data.max_input_len={max_in} tokens and were cut')
-  action_ids = action_vocab.bins_to_ids(tokenizer.encode(records.actions))  # [n, P]
+  action_ids = codec.encode(records.actions)  # [n, P]
   n = len(records)
   targets = np.zeros((n, max_out), np.int32)
   action_start = np.zeros(n, np.int32)
@@ -215,7 +203,7 @@ def tokenize_web(records, context: Context, name: str) -> TaskData:
   max_in, max_out = cfg.data.max_input_len, cfg.data.max_target_len
   inputs = sorted(set(records.inputs))
   lookup = {t: i for i, t in enumerate(inputs)}
-  encoder_table, _ = _encode_inputs(vocab, inputs, max_in)
+  encoder_table, _ = transforms.encode_texts(vocab, inputs, max_in)
   rows = [vocab.encode(t)[:max_out - 1] + [EOS_ID] for t in records.targets]
 
   def describe(i: int) -> dict:
@@ -227,7 +215,7 @@ def tokenize_web(records, context: Context, name: str) -> TaskData:
       name=name, kind=WEB, images=records.images, image_index=np.asarray(records.image_index),
       encoder_table=encoder_table,
       encoder_index=np.asarray([lookup[t] for t in records.inputs], np.int32),
-      targets=_pad_rows(rows, max_out), action_start=np.full(n, -1, np.int32),
+      targets=transforms.pad_rows(rows, max_out), action_start=np.full(n, -1, np.int32),
       num_action_tokens=0, actions=None, describe=describe,
       info={'examples': n, 'images': int(records.images.shape[0]), 'source': records.source})
 

@@ -14,7 +14,8 @@ and the keys it has; a missing image file raises naming both paths.
 
 TFDS: `read_tfds(name, data_dir, split)` reads an image-caption dataset such as `coco_captions`
 (features 'image' and 'captions/text'), one example per (image, caption) pair; a VQA dataset
-works with `question_key`/`answer_key`. Images are resized (stretched) to the model's size.
+works with `question_key`/`answer_key`. Images are resized (stretched) to the model's size by
+`rt2_jax.transforms.resize_image`, as robot images.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 
 import numpy as np
 
+from rt2_jax import transforms
 from rt2_jax.data.rlds import DataError
 
 DEFAULT_CAPTION_PROMPT = 'Caption the image.'
@@ -53,21 +55,12 @@ class WebRecords:
         targets=[self.targets[i] for i in index], kinds=[self.kinds[i] for i in index])
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [H, W, 3] -> [size, size, 3] (stretched, antialiased)."""
-  from PIL import Image
-
-  if image.shape[:2] == (size, size):
-    return image
-  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), np.uint8)
-
-
 def _load_image(path: str, size: int, where: str) -> np.ndarray:
   from PIL import Image, UnidentifiedImageError
 
   try:
     with Image.open(path) as img:
-      return resize_image(np.asarray(img.convert('RGB'), np.uint8), size)
+      return transforms.resize_image(np.asarray(img.convert('RGB'), np.uint8), size)
   except FileNotFoundError:
     raise DataError(f'{where}: image file {path} does not exist') from None
   except (UnidentifiedImageError, OSError) as e:
@@ -175,7 +168,8 @@ def read_tfds(name: str, data_dir: str, split: str, image_size: int, *,
   start = time.time()
   images, image_index, inputs, targets, kinds = [], [], [], [], []
   for example in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-    image = resize_image(np.asarray(get(example, image_key), np.uint8), image_size)
+    image = transforms.resize_image(np.asarray(get(example, image_key), np.uint8),
+                                    image_size)
     if question_key:
       pairs = [(_text(get(example, question_key)), _text(get(example, answer_key)), 'vqa')]
     else:
