@@ -52,7 +52,12 @@ def make_bundle(seed: int = 0):
   shapes = jax.eval_shape(VLA(config.model).init, jax.random.key(seed),
                           jnp.zeros((1, size, size, 3), jnp.uint8), jnp.ones((1, 4), jnp.int32),
                           jnp.ones((1, 4), jnp.int32))
-  draw = np.random.default_rng(seed + 1)
+  return config, draw_params(nn.unbox(shapes['params']), seed + 1), stats, action_space
+
+
+def draw_params(shapes, seed: int):
+  """Params of these shapes (arrays or ShapeDtypeStructs) drawn as the module docstring says."""
+  draw = np.random.default_rng(seed)
 
   def fill(path, leaf):
     name = jax.tree_util.keystr(path)
@@ -66,8 +71,7 @@ def make_bundle(seed: int = 0):
       value = draw.normal(0, 0.2, leaf.shape)
     return jnp.asarray(value, leaf.dtype)
 
-  params = jax.tree_util.tree_map_with_path(fill, nn.unbox(shapes['params']))
-  return config, params, stats, action_space
+  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def make_policy(**decode_overrides):
