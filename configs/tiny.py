@@ -38,6 +38,8 @@ def get_config(arg=None):
   # tokens (rt2_jax.models.vla.InstructionPool; issue 15's grounding work). 0 = the plain VLA.
   c.model.instruction_pool = 0
   c.model.instruction_pool_scale = 4.0
+  # True (with instruction_pool > 0): the encoded summaries' mean is added to every decoder input.
+  c.model.pool_to_decoder = False
   c.model.vit = ml_collections.ConfigDict(dict(
       patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512,
       posemb='learn',  # 'learn' | 'sincos2d'

@@ -52,9 +52,17 @@ def test_cached_decode_matches_full_forward(model_and_vars):
 
   encoded, mask = model.apply(variables, images, enc, method=VLA.encode)
   assert encoded.shape[:2] == mask.shape == (B, 16 + enc.shape[1])
+  cache = model.apply(variables, encoded, mask, DEC_LEN + 3, method=VLA.init_decode_cache)
+  assert cache['layers'][0]['self_k'].shape == (B, DEC_LEN + 3, 2, 24)
+  step_logits = _cached_decode_logits(model, variables, images, enc, dec)
+  np.testing.assert_allclose(step_logits, logits, atol=2e-5, rtol=1e-5)
+
+
+def _cached_decode_logits(model, variables, images, enc, dec):
+  """Logits of `dec` fed one token at a time through VLA.decode_step in one while_loop."""
+  encoded, mask = model.apply(variables, images, enc, method=VLA.encode)
   max_len = DEC_LEN + 3  # longer than used: keys beyond `step` must be masked out
   cache = model.apply(variables, encoded, mask, max_len, method=VLA.init_decode_cache)
-  assert cache['layers'][0]['self_k'].shape == (B, max_len, 2, 24)
 
   @jax.jit
   def run(cache, dec):  # step is traced: the whole loop is one compiled while_loop
@@ -62,12 +70,10 @@ def test_cached_decode_matches_full_forward(model_and_vars):
       step, cache, out = carry
       hidden, cache = model.apply(variables, cache, dec[:, step], step, method=VLA.decode_step)
       return step + 1, cache, out.at[:, step].set(hidden)
-    out = jnp.zeros((B, DEC_LEN, 32), jnp.float32)
+    out = jnp.zeros((B, DEC_LEN, encoded.shape[-1]), jnp.float32)
     return jax.lax.while_loop(lambda c: c[0] < DEC_LEN, body, (jnp.int32(0), cache, out))[2]
 
-  hidden = run(cache, jnp.asarray(dec))
-  step_logits = model.apply(variables, hidden, method=VLA.compute_logits)
-  np.testing.assert_allclose(step_logits, logits, atol=2e-5, rtol=1e-5)
+  return model.apply(variables, run(cache, jnp.asarray(dec)), method=VLA.compute_logits)
 
 
 def test_compute_logits_rows(model_and_vars):
@@ -379,3 +385,27 @@ def test_instruction_pool_puts_word_chosen_summaries_before_the_image_tokens():
   abstract = jax.eval_shape(model.init, jax.random.key(0), images, enc, dec)
   mesh = partitioning.make_mesh(config_flags.load_config('configs/tiny.py').mesh)
   partitioning.shardings_for(abstract['params'], mesh)  # every axis has a rule
+
+
+def test_pool_to_decoder_adds_the_encoded_summaries_to_every_decoder_input():
+  images, enc, dec = _inputs()
+  model = VLA(_model_cfg(**{'instruction_pool': 2, 'pool_to_decoder': True}))
+  plain = VLA(_model_cfg(**{'instruction_pool': 2}))
+  variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images, enc, dec))
+  logits = np.asarray(model.apply(variables, images, enc, dec))
+
+  def by_hand(m, i, e, d):  # the plain model's decoder on inputs shifted by the summaries' mean
+    encoded, mask = m.encode(i, e)
+    x = m.lm.embed(d) + encoded[:, :2].mean(1)[:, None]
+    return m.lm.compute_logits(m.lm._output_hidden(m.lm.decoder(x, encoded, mask)))
+
+  np.testing.assert_allclose(logits, plain.apply(variables, images, enc, dec, method=by_hand),
+                             rtol=1e-5, atol=1e-5)
+  assert np.abs(logits - np.asarray(plain.apply(variables, images, enc, dec))).max() > 1e-2
+  other = enc.copy()
+  other[0, 0] = 42  # other words: other summaries, so example 0's decoder inputs change
+  changed = np.abs(logits - np.asarray(model.apply(variables, images, other, dec))).max((1, 2))
+  assert changed[0] > 1e-3 and changed[1] == 0
+  np.testing.assert_allclose(_cached_decode_logits(model, variables, images, enc, dec), logits,
+                             atol=2e-5, rtol=1e-5)
+

@@ -370,9 +370,14 @@ class T5(nn.Module):
       hidden = hidden * jnp.asarray(self.config.emb_dim ** -0.5, hidden.dtype)
     return hidden
 
-  def decode(self, decoder_input_tokens, encoded, encoder_mask, deterministic: bool = True):
-    """Teacher-forced decoder: final hidden states [B, Ld, E] ready for `compute_logits`."""
-    hidden = self.decoder(self.embed(decoder_input_tokens), encoded, encoder_mask, deterministic)
+  def decode(self, decoder_input_tokens, encoded, encoder_mask, deterministic: bool = True,
+             input_offset=None):
+    """Teacher-forced decoder: final hidden states [B, Ld, E] ready for `compute_logits`.
+    `input_offset` [B, E], when given, is added to every input embedding."""
+    x = self.embed(decoder_input_tokens)
+    if input_offset is not None:
+      x = x + input_offset[:, None].astype(x.dtype)
+    hidden = self.decoder(x, encoded, encoder_mask, deterministic)
     return self._output_hidden(hidden)
 
   def compute_logits(self, hidden, rows=None):
@@ -399,9 +404,11 @@ class T5(nn.Module):
   def init_decode_cache(self, encoded, encoder_mask, max_decode_len: int):
     return self.decoder.init_cache(encoded, encoder_mask, max_decode_len)
 
-  def decode_step(self, cache, token_ids, step):
+  def decode_step(self, cache, token_ids, step, input_offset=None):
     """token_ids [B] at decoder position `step` (int32 scalar) -> hidden [B, E], new cache."""
     x = self.embed(jnp.asarray(token_ids, jnp.int32)[:, None])
+    if input_offset is not None:
+      x = x + input_offset[:, None].astype(x.dtype)
     hidden, cache = self.decoder.step(cache, x, jnp.asarray(step, jnp.int32))
     return self._output_hidden(hidden[:, 0]), cache
 

@@ -143,21 +143,42 @@ class VLA(nn.Module):
         [jnp.ones(image_tokens.shape[:2], bool), encoder_input_tokens > 0], axis=1)
     return self.lm.encode(x, mask, deterministic), mask
 
+  def _decoder_offset(self, encoded):
+    """With `model.pool_to_decoder`: the encoded summaries' mean [B, E], added to every decoder
+    input, so the decoder reads the named object without first learning to find it by
+    cross-attention (which the tiny decoder did not learn on the tabletop: docs/tabletop.md,
+    Measurement 6). None otherwise."""
+    if not self._decoder_offset_enabled:
+      return None
+    return encoded[:, :self.instruction_pool.num_tokens].mean(1)
+
   def __call__(self, images, encoder_input_tokens, decoder_input_tokens,
                enable_dropout: bool = False):
     """Teacher-forced logits [B, Ld, V] (float32)."""
     encoded, mask = self.encode(images, encoder_input_tokens, enable_dropout)
-    hidden = self.lm.decode(decoder_input_tokens, encoded, mask, not enable_dropout)
+    hidden = self.lm.decode(decoder_input_tokens, encoded, mask, not enable_dropout,
+                            self._decoder_offset(encoded))
     return self.lm.compute_logits(hidden)
 
   def init_decode_cache(self, encoded, encoder_mask, max_decode_len: int):
     """Self-attention K/V [B, max_decode_len, H, D] zeros + cross-attention K/V, per layer
-    (with scan_layers: one dict of arrays stacked [L, B, ...]). An opaque pytree to callers."""
-    return self.lm.init_decode_cache(encoded, encoder_mask, max_decode_len)
+    (with scan_layers: one dict of arrays stacked [L, B, ...]), and the decoder's input offset
+    when there is one. An opaque pytree to callers."""
+    cache = self.lm.init_decode_cache(encoded, encoder_mask, max_decode_len)
+    offset = self._decoder_offset(encoded)
+    return cache if offset is None else {'decoder': cache, 'input_offset': offset}
 
   def decode_step(self, cache, token_ids, step):
     """token_ids [B] at position `step` -> (hidden [B, E], cache); jit / while_loop friendly."""
+    if self._decoder_offset_enabled:
+      hidden, decoder_cache = self.lm.decode_step(cache['decoder'], token_ids, step,
+                                                  cache['input_offset'])
+      return hidden, dict(cache, decoder=decoder_cache)
     return self.lm.decode_step(cache, token_ids, step)
+
+  @property
+  def _decoder_offset_enabled(self) -> bool:
+    return self.instruction_pool is not None and bool(self.config.get('pool_to_decoder', False))
 
   def compute_logits(self, hidden, rows=None):
     """float32 logits of `hidden` for vocabulary `rows`: None (all), [K] or [B, K]."""
