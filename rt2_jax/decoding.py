@@ -298,7 +298,8 @@ def _step_token(model, params, hidden, request, rng, temperature, top_k):
 
 def decode_from_encoded(model, params, encoded, encoder_mask, rng, callback, *,
                         temperature=0.0, top_k: int = 0, eos_id: int = 1):
-  """Token loop after the encoder: int32 tokens [B, callback.max_steps + 1], EOS then 0s."""
+  """Token loop after the encoder: int32 tokens [B, callback.max_steps + 1], EOS then 0s (a
+  row that never finishes fills max_steps tokens, then a 0)."""
   variables = {'params': params}
   batch = encoded.shape[0]
   max_steps = callback.max_steps
@@ -321,7 +322,9 @@ def decode_from_encoded(model, params, encoded, encoder_mask, rng, callback, *,
     cb_state, finished = callback.update(step, cb_state, token)
     finished = jnp.broadcast_to(finished, done.shape) | (token == eos_id)
     newly = finished & ~done
-    tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, 1)
+    # A done example keeps what is there: the EOS written after its last token, or 0.
+    current = jax.lax.dynamic_index_in_dim(tokens, step, 1, False)
+    tokens = jax.lax.dynamic_update_index_in_dim(tokens, jnp.where(done, current, token), step, 1)
     # An example the callback ended on a non-EOS token gets EOS right after it.
     after = jax.lax.dynamic_index_in_dim(tokens, step + 1, 1, False)
     after = jnp.where(newly & (token != eos_id), eos_id, after)

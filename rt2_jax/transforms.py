@@ -265,8 +265,9 @@ class ActionCodec:
   @staticmethod
   def action_end(tokens, eos_id: int = EOS_ID, xp=np):
     """Decoded rows [B, L] -> [B] int32: the position after the last action token, i.e. the
-    first EOS (L if none) less the padding before it (the decoder pads a row that finished
-    before the others; its EOS can be overwritten)."""
+    first EOS (L if none) less the padding before it (a row that never reached EOS ends in a
+    0; tokens decoded before issue 17's fix could also lack the EOS of a row that finished
+    early)."""
     length = tokens.shape[-1]
     positions = xp.arange(length)
     is_eos = tokens == eos_id

@@ -311,3 +311,47 @@ def test_action_sampling_follows_the_model_distribution(setup):
     probs = (probs / probs.sum(-1, keepdims=True)).mean(0)
     assert probs.min() > 0.05, probs  # every class is plausible: the check can see a bias
     _assert_frequencies(out[:, position], allowed, probs, f'decoded position {position}')
+
+
+class _ScriptCallback:
+  """Forces scripted tokens [B, T]; example b is finished by `update` at step finish_at[b]."""
+
+  def __init__(self, script, finish_at):
+    self.script = np.asarray(script, np.int32)
+    self.finish_at = np.asarray(finish_at, np.int32)
+    self.max_steps = self.script.shape[1]
+
+  def init(self, batch_size):
+    del batch_size
+    return ()
+
+  def request(self, step, state):
+    del state
+    return decoding.Request(forced=jnp.asarray(self.script)[:, step])
+
+  def update(self, step, state, token):
+    del token
+    return state, step >= jnp.asarray(self.finish_at)
+
+
+def test_row_finishing_early_keeps_its_eos(setup):
+  """A row done before the others reads: its tokens, EOS, then 0s (the module docstring), also
+  when the callback ends it on a non-EOS token. The later steps must not overwrite that EOS."""
+  s = setup
+  params = s['params']()
+  eos = s['vocab'].eos_id
+  script = [[5, 6, 2, 2, 2],  # the callback ends it at step 1, on 6: EOS is written after it
+            [7, eos, 2, 2, 2],  # ends on EOS at step 1
+            [8, 9, 10, 11, 12],  # the callback ends it at the last step
+            [13, 14, 15, 2, 2]]  # the callback ends it at step 2, before the last row
+  callback = _ScriptCallback(script, finish_at=[1, 99, 4, 2])
+  encoded, mask = jax.jit(functools.partial(s['model'].apply, method=VLA.encode))(
+      {'params': params}, s['images'], s['tokens'])
+  out = jax.jit(functools.partial(decoding.decode_from_encoded, s['model'], callback=callback,
+                                  eos_id=eos))(params, encoded, mask, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(np.asarray(out), [[5, 6, eos, 0, 0, 0],
+                                                  [7, eos, 0, 0, 0, 0],
+                                                  [8, 9, 10, 11, 12, eos],
+                                                  [13, 14, 15, eos, 0, 0]])
+  assert [r.tolist() for r in decoding.split_output(out, eos)] == [
+      [5, 6], [7], [8, 9, 10, 11, 12], [13, 14, 15]]
