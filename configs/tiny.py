@@ -40,6 +40,9 @@ def get_config(arg=None):
   c.model.instruction_pool_scale = 4.0
   # True (with instruction_pool > 0): the encoded summaries' mean is added to every decoder input.
   c.model.pool_to_decoder = False
+  # > 0 (with instruction_pool > 0): weight of a cross-entropy that trains the first summary's
+  # pooling to pick the patch holding a web example's 'point' (referring-expression answers).
+  c.model.pointer_loss = 0.0
   c.model.vit = ml_collections.ConfigDict(dict(
       patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512,
       posemb='learn',  # 'learn' | 'sincos2d'

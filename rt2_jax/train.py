@@ -141,14 +141,38 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
   dropout = max(float(config.model.t5.get('dropout_rate', 0.0)),
                 float(config.model.vit.get('dropout_rate', 0.0))) > 0
 
-  def loss_and_sums(params, batch, rng, total_weight):
-    logits = model.apply({'params': params}, batch['image'], batch['encoder_input_tokens'],
-                         batch['decoder_input_tokens'], enable_dropout=dropout,
-                         rngs={'dropout': rng} if dropout else None)
+  pointer_weight = float(config.model.get('pointer_loss', 0.0))
+  if pointer_weight and not int(config.model.get('instruction_pool', 0)):
+    raise ValueError('model.pointer_loss trains model.instruction_pool; set instruction_pool > 0')
+  patch_grid = config.model.image_size // config.model.vit.patch_size
+
+  def pointer_sums(pool_logits, batch):
+    """Cross-entropy of the first summary's pooling logits [B, N] against the patch that holds
+    each example's `pointer_xy` (examples without one weigh 0): (loss sum, hits, count)."""
+    xy = batch['pointer_xy']
+    valid = ~jnp.isnan(xy[:, 0])
+    cell = jnp.clip(jnp.floor(jnp.nan_to_num(xy) * patch_grid), 0, patch_grid - 1)
+    target = (cell[:, 1] * patch_grid + cell[:, 0]).astype(jnp.int32)  # row-major patches
+    ce = optax.softmax_cross_entropy_with_integer_labels(pool_logits, target)
+    hits = (pool_logits.argmax(-1) == target) & valid
+    return jnp.where(valid, ce, 0.0).sum(), hits.sum(), valid.sum()
+
+  def loss_and_sums(params, batch, rng, total_weight, pointer_total):
+    logits, state = model.apply({'params': params}, batch['image'], batch['encoder_input_tokens'],
+                                batch['decoder_input_tokens'], enable_dropout=dropout,
+                                rngs={'dropout': rng} if dropout else None,
+                                mutable=['intermediates'])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['decoder_target_tokens'])
     loss_sum = (ce * batch['decoder_loss_weights']).sum()
+    loss = loss_sum / total_weight
     sums = metrics.step_metric_sums(jax.lax.stop_gradient(logits), batch, action_vocab, tokenizer)
-    return loss_sum / total_weight, (loss_sum, sums)
+    if pointer_weight:
+      pool_logits = state['intermediates']['instruction_pool']['logits'][0][:, 0]
+      pointer_loss_sum, hits, count = pointer_sums(pool_logits, batch)
+      loss = loss + pointer_weight * pointer_loss_sum / pointer_total
+      sums = dict(sums, pointer_loss_sum=jax.lax.stop_gradient(pointer_loss_sum),
+                  pointer_hits=hits, pointer_count=count)
+    return loss, (loss_sum, sums)
 
   grad_fn = jax.grad(loss_and_sums, has_aux=True)
 
@@ -156,8 +180,10 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     rng = jax.random.fold_in(state.rng, state.step)
     # Normalizing by the whole batch's target count makes accumulation exact.
     total_weight = jnp.maximum(batch['decoder_loss_weights'].sum(), 1e-8)
+    pointer_total = (jnp.maximum((~jnp.isnan(batch['pointer_xy'][:, 0])).sum(), 1)
+                     if pointer_weight else None)
     if accum == 1:
-      grads, (loss_sum, sums) = grad_fn(state.params, batch, rng, total_weight)
+      grads, (loss_sum, sums) = grad_fn(state.params, batch, rng, total_weight, pointer_total)
     else:
       def split(x):  # micro-batch i = rows i, i + accum, ...: each spread over all devices
         x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
@@ -167,16 +193,23 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
       def body(carry, xs):
         i, mb = xs
         grads, (loss_sum, sums) = grad_fn(state.params, mb, jax.random.fold_in(rng, i),
-                                          total_weight)
+                                          total_weight, pointer_total)
         return jax.tree.map(jnp.add, carry, (grads, loss_sum, sums)), None
       grads_shape, (loss_shape, sums_shape) = jax.eval_shape(
-          grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng, total_weight)
+          grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng, total_weight,
+          pointer_total)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                            (grads_shape, loss_shape, sums_shape))
       (grads, loss_sum, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    pointer = {k: sums.pop(k) for k in ('pointer_loss_sum', 'pointer_hits', 'pointer_count')
+               if k in sums}
     out = metrics.finalize_metrics(sums, loss_sum)
+    if pointer:  # web examples with a 'point': the pool's loss and how often it picks the patch
+      count = jnp.maximum(pointer['pointer_count'], 1)
+      out['pointer_loss'] = pointer['pointer_loss_sum'] / count
+      out['pointer_accuracy'] = pointer['pointer_hits'] / count
     out['grad_norm'] = optax.tree.norm(grads)
     out['learning_rate'] = schedule(state.step)
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), out

@@ -69,7 +69,7 @@ def build_examples(vocab, rng, n_images, args, kinds, max_objects=None):
     if not qas:
       continue
     images.append(image)
-    for kind, q, a in qas:
+    for kind, q, a, _ in qas:
       rows.append((len(images) - 1, kind, q, a))
   return np.stack(images), rows
 

@@ -45,7 +45,7 @@ def _generated_words(samples: int = 400) -> list[str]:
       texts += [episode.instruction, episode.plan or '']
   rng = np.random.default_rng(0)
   for _ in range(samples):
-    texts += [q + ' ' + a for _, q, a in web_corpus.sample(rng, 32)[1]]
+    texts += [q + ' ' + a for _, q, a, _ in web_corpus.sample(rng, 32)[1]]
   return [w for w in re.findall(r"[A-Za-z]+", ' '.join(texts))]
 
 

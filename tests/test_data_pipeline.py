@@ -73,6 +73,7 @@ def test_batch_format(data, spec):
     assert (mask[robot].sum(1) == space.num_positions).all() and (mask[~robot] == 0).all()
     assert (batch['actions'][~robot] == 0).all()
     assert batch['actions'].shape == (b, space.dim)
+    assert np.isnan(batch['pointer_xy'][robot]).all()  # only web lines carry points
     # The action tokens are exactly the tokenized recorded actions.
     tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
     ids = targets[robot][mask[robot] > 0].reshape(-1, space.num_positions)
@@ -219,6 +220,14 @@ def test_web_jsonl_errors(tmp_path, data):
   path.write_text('{"picture": "a.png", "caption": "x"}\n')
   with pytest.raises(DataError, match=r"it has \['caption', 'picture'\]"):
     web.read_jsonl(str(path), 8, progress=None)
+  from PIL import Image
+
+  Image.new('RGB', (8, 8)).save(tmp_path / 'a.png')
+  for point in ('[0.5]', '[0.5, 1.5]', '"left"'):
+    line = {'image': 'a.png', 'question': 'Where?', 'answer': '1 2'}
+    path.write_text(json.dumps(line)[:-1] + f', "point": {point}}}\n')
+    with pytest.raises(DataError, match=r'bad.jsonl:1: "point" must be \[x, y\]'):
+      web.read_jsonl(str(path), 8, progress=None)
 
 
 def test_bad_data_mode_reaches_the_pipeline(data, tmp_path):

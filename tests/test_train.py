@@ -283,3 +283,40 @@ def test_init_from_a_run_or_a_converted_checkpoint(tmp_path):
       checkpoints.load_init_params(str(source), wider)
   with pytest.raises(FileNotFoundError, match='neither a run'):
     checkpoints.load_init_params(str(tmp_path), abstract)
+
+
+def test_pointer_loss_trains_the_pool_to_pick_the_patch_of_each_point(action_setup):
+  _, space, action_vocab, tokenizer = action_setup
+  setup = train.make_setup(_config(**{'model.instruction_pool': 1, 'model.pointer_loss': 0.5,
+                                      'batch_size': 8}))
+  state = setup.init_state(jax.random.PRNGKey(0))
+  batch = _batch(setup.config, space, action_vocab, tokenizer)
+  rng = np.random.default_rng(3)
+  xy = rng.uniform(0, 1, (len(batch['image']), 2)).astype(np.float32)
+  xy[:3] = np.nan  # examples without a point weigh nothing
+  batch['pointer_xy'] = xy
+  batch = {k: jax.device_put(v, setup.batch_sharding(v.ndim)) for k, v in batch.items()}
+  # By hand: the first summary's logits over the 4 x 4 patches (32 px, 8 px patches), row-major.
+  _, inter = setup.model.apply({'params': state.params}, batch['image'],
+                               batch['encoder_input_tokens'], batch['decoder_input_tokens'],
+                               mutable=['intermediates'])
+  logits = np.asarray(inter['intermediates']['instruction_pool']['logits'][0])[:, 0]
+  assert logits.shape == (len(xy), 16)
+  target = (xy[3:, 1] * 4).astype(int) * 4 + (xy[3:, 0] * 4).astype(int)
+  log_p = logits[3:] - np.log(np.exp(logits[3:]).sum(-1, keepdims=True))
+  step = setup.jit_train_step(action_vocab, tokenizer)
+  state, out = step(state, batch)
+  assert float(out['pointer_loss']) == pytest.approx(-log_p[np.arange(len(target)), target].mean(),
+                                                     rel=1e-4)
+  assert float(out['pointer_accuracy']) == pytest.approx(
+      (logits[3:].argmax(-1) == target).mean())
+  first = float(out['pointer_loss'])
+  for _ in range(30):
+    state, out = step(state, batch)
+  assert float(out['pointer_loss']) < 0.5 * first  # it trains the pool
+
+
+def test_pointer_loss_needs_the_instruction_pool():
+  with pytest.raises(ValueError, match='instruction_pool'):
+    train.make_setup(_config(**{'model.pointer_loss': 1.0, 'batch_size': 8})).jit_train_step(
+        None, None)

@@ -24,8 +24,11 @@ def test_answers_match_the_scene():
   for _ in range(60):
     _, qas, scene = web_corpus.sample(rng, 64)
     objs = scene.objects
-    for kind, question, answer in qas:
+    for kind, question, answer, point in qas:
       kinds_seen.add(kind)
+      assert (point is not None) == question.startswith('Where is'), question
+      if point is not None:  # the answer's cell holds the point
+        assert answer == web_corpus.location_text(*point)
       if kind == 'grounding':
         name = question[len('Where is the '):-1]
         matches = [o for i, o in enumerate(objs) if scene.name_of(i) == name]
@@ -49,7 +52,7 @@ def test_answers_match_the_scene():
 
 def test_every_concept_appears_in_the_corpus():
   rng = np.random.default_rng(1)
-  text = ' '.join(q + ' ' + a for _ in range(150) for _, q, a in web_corpus.sample(rng, 32)[1])
+  text = ' '.join(q + ' ' + a for _ in range(150) for _, q, a, _ in web_corpus.sample(rng, 32)[1])
   words = set(text.replace('?', ' ').replace(',', ' ').split())
   for concept in (*concepts.COLOURS, *concepts.SHAPES, *concepts.DIGITS, 'biggest', 'leftmost',
                   'closest'):
@@ -64,6 +67,14 @@ def test_generate_writes_the_web_jsonl_format(tmp_path):
   assert len(records) == sum(v for k, v in info['counts'].items() if k.startswith('train/'))
   assert records.images.shape[1:] == (32, 32, 3)
   assert set(records.kinds) == {'vqa', 'caption'}
+  with open(tmp_path / 'train.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  where = np.array(['point' in r for r in rows])  # every 'Where is' line, and only those
+  assert where.any() and (where == [r.get('question', '').startswith('Where is') for r in rows]
+                          ).all()
+  np.testing.assert_array_equal(records.points[where], np.float32(
+      [r['point'] for r in rows if 'point' in r]))
+  assert np.isnan(records.points[~where]).all()
   with open(tmp_path / 'val.jsonl') as f:
     rows = [json.loads(line) for line in f]
   assert all(r['image'].startswith('images/val_') for r in rows)

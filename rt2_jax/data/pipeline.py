@@ -12,7 +12,8 @@ Batch (docs/interfaces.md, "Data"): image uint8 [B,S,S,3], encoder_input_tokens 
 decoder_input_tokens / decoder_target_tokens int32 [B,Ld] (targets end with EOS=1; inputs are
 targets shifted right behind a 0), decoder_loss_weights float32 [B,Ld], is_robot bool [B],
 action_loss_mask float32 [B,Ld] (1 on action tokens), actions float32 [B,dim] (real units, 0 for
-web examples).
+web examples), pointer_xy float32 [B,2] (a web line's 'point', x and y in [0, 1]; NaN where the
+example has none; `model.pointer_loss` trains on it).
 
 How examples are drawn (everything is a function of the seed and a few counters):
 - Task of each example: global example number g = step * global_batch + process_index * B + j
@@ -40,7 +41,7 @@ from rt2_jax.data.spec import DatasetSpec, load_spec
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 STATE_VERSION = 1
 MODEL_KEYS = ('image', 'encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
-              'decoder_loss_weights', 'is_robot', 'action_loss_mask', 'actions')
+              'decoder_loss_weights', 'is_robot', 'action_loss_mask', 'actions', 'pointer_xy')
 
 
 # --- What the config asks for. ---
@@ -203,6 +204,7 @@ class MixtureIterator:
         'is_robot': np.zeros(b, bool),
         'action_loss_mask': np.zeros((b, length), np.float32),
         'actions': np.zeros((b, self.action_dim), np.float32),
+        'pointer_xy': np.full((b, 2), np.nan, np.float32),
     }
     examples = [None] * b
     positions_of_length = np.arange(length)
@@ -221,6 +223,8 @@ class MixtureIterator:
         batch['action_loss_mask'][where] = ((positions_of_length >= start) & (
             positions_of_length < start + task.num_action_tokens)).astype(np.float32)
         batch['actions'][where] = task.actions[idx]
+      if task.points is not None:
+        batch['pointer_xy'][where] = task.points[idx]
       for w, i in zip(where, idx, strict=False):
         examples[w] = (int(t), int(i))
     targets = batch['decoder_target_tokens']

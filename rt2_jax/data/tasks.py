@@ -51,6 +51,7 @@ class TaskData:
   actions: np.ndarray | None  # float32 [n, dim] in real units (robot only)
   describe: Callable[[int], dict]  # example i -> texts, for inspection
   info: dict = dataclasses.field(default_factory=dict)
+  points: np.ndarray | None = None  # float32 [n, 2]: web 'point' (x, y in [0, 1]); NaN: none
 
   def __len__(self) -> int:
     return int(self.targets.shape[0])
@@ -217,7 +218,8 @@ def tokenize_web(records, context: Context, name: str) -> TaskData:
       encoder_index=np.asarray([lookup[t] for t in records.inputs], np.int32),
       targets=transforms.pad_rows(rows, max_out), action_start=np.full(n, -1, np.int32),
       num_action_tokens=0, actions=None, describe=describe,
-      info={'examples': n, 'images': int(records.images.shape[0]), 'source': records.source})
+      info={'examples': n, 'images': int(records.images.shape[0]), 'source': records.source},
+      points=records.points)
 
 
 # --- Tasks from a config. ---

@@ -9,6 +9,9 @@ JSONL format (one JSON object a line; blank lines and lines starting with '#' ar
 - VQA lines have `question` and `answer`: the model reads the question, writes the answer.
 - Caption lines have `caption` (or `answer` without `question`): the model reads the caption
   prompt (`data.web.caption_prompt`, default 'Caption the image.') and writes the caption.
+- Optional `point`: [x, y] in [0, 1] (x rightwards, y downwards), where in the picture the
+  thing the question refers to lies (a referring-expression answer); `model.pointer_loss`
+  trains on it.
 Other keys are ignored. A line that breaks these rules raises naming the file, the line number
 and the keys it has; a missing image file raises naming both paths.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -44,6 +48,7 @@ class WebRecords:
   targets: list  # [n] target text
   kinds: list  # [n] 'vqa' | 'caption'
   source: str = ''
+  points: np.ndarray | None = None  # float32 [n, 2]: the line's 'point', NaN where it has none
 
   def __len__(self) -> int:
     return len(self.targets)
@@ -52,7 +57,8 @@ class WebRecords:
     index = np.asarray(index, np.int64)
     return dataclasses.replace(
         self, image_index=self.image_index[index], inputs=[self.inputs[i] for i in index],
-        targets=[self.targets[i] for i in index], kinds=[self.kinds[i] for i in index])
+        targets=[self.targets[i] for i in index], kinds=[self.kinds[i] for i in index],
+        points=None if self.points is None else self.points[index])
 
 
 def _load_image(path: str, size: int, where: str) -> np.ndarray:
@@ -67,6 +73,20 @@ def _load_image(path: str, size: int, where: str) -> np.ndarray:
     raise DataError(f'{where}: cannot decode image {path}: {e}') from None
 
 
+def _point(value, where: str) -> tuple[float, float]:
+  """A line's optional 'point' -> (x, y); (NaN, NaN) when absent."""
+  if value is None:
+    return (math.nan, math.nan)
+  try:
+    x, y = (float(v) for v in value)
+  except (TypeError, ValueError):
+    raise DataError(f'{where}: "point" must be [x, y] with numbers in [0, 1], got {value!r}'
+                    ) from None
+  if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+    raise DataError(f'{where}: "point" must be [x, y] with numbers in [0, 1], got {value!r}')
+  return (x, y)
+
+
 def read_jsonl(path: str, image_size: int, caption_prompt: str = DEFAULT_CAPTION_PROMPT,
                max_examples: int = 0, shard: tuple[int, int] = (0, 1), progress=print
                ) -> WebRecords:
@@ -76,7 +96,7 @@ def read_jsonl(path: str, image_size: int, caption_prompt: str = DEFAULT_CAPTION
     raise DataError(f'web JSONL file {path} does not exist')
   folder = os.path.dirname(os.path.abspath(path))
   start = time.time()
-  images, image_index, inputs, targets, kinds = [], [], [], [], []
+  images, image_index, inputs, targets, kinds, points = [], [], [], [], [], []
   image_rows: dict[str, int] = {}
   example = -1
   with open(path) as f:
@@ -113,6 +133,7 @@ def read_jsonl(path: str, image_size: int, caption_prompt: str = DEFAULT_CAPTION
         image_rows[image_path] = len(images)
         images.append(_load_image(image_path, image_size, where))
       image_index.append(image_rows[image_path])
+      points.append(_point(row.get('point'), where))
       inputs.append(prompt)
       targets.append(target)
       kinds.append(kind)
@@ -126,7 +147,8 @@ def read_jsonl(path: str, image_size: int, caption_prompt: str = DEFAULT_CAPTION
              f'{time.time() - start:.1f}s')
   return WebRecords(name=os.path.basename(path), images=np.stack(images),
                     image_index=np.asarray(image_index, np.int32), inputs=inputs,
-                    targets=targets, kinds=kinds, source=path)
+                    targets=targets, kinds=kinds, source=path,
+                    points=np.asarray(points, np.float32).reshape(-1, 2))
 
 
 def read_tfds(name: str, data_dir: str, split: str, image_size: int, *,

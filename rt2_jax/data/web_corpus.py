@@ -7,7 +7,8 @@ clutter and a random oblique squash (another viewpoint), so its image distributi
 the robot's scenes. Each picture gets questions and answers:
 
   grounding  'Where is the purple star?'            -> '5 2' (column, row of its centre on a
-                                                        GRID x GRID grid over the picture)
+                                                        GRID x GRID grid over the picture;
+                                                        the line's 'point' holds the centre)
   relation   'Where is the biggest block?' / 'the block closest to the red square' -> '5 2'
   colour     'What colour is the star?'             -> 'purple'
   shape      'What shape is the purple block?'      -> 'star'
@@ -234,8 +235,10 @@ def image_position(scene: DrawnScene, x: float, y: float) -> tuple[float, float]
 # Questions.
 
 
-def _where(scene: DrawnScene, o) -> str:
-  return location_text(*image_position(scene, o.x, o.y))
+def _where(scene: DrawnScene, x: float, y: float) -> tuple[str, tuple[float, float]]:
+  """(answer text, (x, y) of the point in the picture) for a 'where is' question."""
+  at = image_position(scene, x, y)
+  return location_text(*at), (round(at[0], 4), round(at[1], 4))
 
 
 def _list_names(names: list[str]) -> str:
@@ -244,15 +247,17 @@ def _list_names(names: list[str]) -> str:
 
 
 def questions(scene: DrawnScene, rng: np.random.Generator,
-              kinds=KINDS) -> list[tuple[str, str, str]]:
-  """(kind, question or '' for a caption, answer) for this picture."""
+              kinds=KINDS) -> list[tuple[str, str, str, tuple[float, float] | None]]:
+  """(kind, question or '' for a caption, answer, point) for this picture; point is where in
+  the picture (x, y in [0, 1]) a 'where is' question's answer lies, None for other kinds."""
   out = []
   objs = scene.objects
   names = [scene.name_of(i) for i in range(len(objs))]
   nameable = [i for i, n in enumerate(names) if n]
   if 'grounding' in kinds:
     for i in nameable:
-      out.append(('grounding', f'Where is the {names[i]}?', _where(scene, objs[i])))
+      out.append(('grounding', f'Where is the {names[i]}?', *_where(scene, objs[i].x,
+                                                                   objs[i].y)))
   if 'relation' in kinds and len(objs) >= 2:
     radii = [o.radius for o in objs]
     xs = [image_position(scene, o.x, o.y)[0] for o in objs]
@@ -264,43 +269,45 @@ def questions(scene: DrawnScene, rng: np.random.Generator,
       vals = ordered[rel]
       margin = (vals[-1] - vals[-2]) if rel in ('biggest', 'rightmost') else (vals[1] - vals[0])
       if margin > (0.02 if rel in ('biggest', 'smallest') else 0.08):
-        out.append(('relation', f'Where is the {rel} block?', _where(scene, objs[i])))
+        out.append(('relation', f'Where is the {rel} block?', *_where(scene, objs[i].x,
+                                                                      objs[i].y)))
     if nameable and len(objs) >= 3:
       ref = int(rng.choice(nameable))
       d = [math.hypot(o.x - objs[ref].x, o.y - objs[ref].y) if j != ref else 9.0
            for j, o in enumerate(objs)]
       order = np.argsort(d)
       if d[order[1]] - d[order[0]] > 0.1:
+        near = objs[int(order[0])]
         out.append(('relation', f'Where is the block closest to the {names[ref]}?',
-                    _where(scene, objs[int(order[0])])))
+                    *_where(scene, near.x, near.y)))
   if 'colour' in kinds:
     for shape in {o.shape for o in objs}:
       same = [o for o in objs if o.shape == shape]
       if len({o.colour for o in same}) == 1:
-        out.append(('colour', f'What colour is the {shape}?', same[0].colour))
+        out.append(('colour', f'What colour is the {shape}?', same[0].colour, None))
   if 'shape' in kinds:
     for colour in {o.colour for o in objs}:
       same = [o for o in objs if o.colour == colour]
       if len({o.shape for o in same}) == 1:
-        out.append(('shape', f'What shape is the {colour} block?', same[0].shape))
+        out.append(('shape', f'What shape is the {colour} block?', same[0].shape, None))
   if 'count' in kinds and objs:
-    out.append(('count', 'How many blocks are there?', NUMBER_WORDS[len(objs)]))
+    out.append(('count', 'How many blocks are there?', NUMBER_WORDS[len(objs)], None))
   if 'compare' in kinds and len(nameable) >= 2:
     i, j = rng.choice(nameable, 2, replace=False)
     a, b = objs[i], objs[j]
     if abs(a.radius - b.radius) > 0.02:
       big = names[i] if a.radius > b.radius else names[j]
       out.append(('compare', f'Which is bigger, the {names[i]} or the {names[j]}?',
-                  f'the {big}'))
+                  f'the {big}', None))
   if 'symbol' in kinds:
     for m in scene.marks:
-      out.append(('symbol', f'Where is the {m.symbol}?', location_text(
-          *image_position(scene, m.x, m.y))))
+      out.append(('symbol', f'Where is the {m.symbol}?', *_where(scene, m.x, m.y)))
       if nameable and m.symbol in concepts.DIGITS:
         d = [math.hypot(objs[i].x - m.x, objs[i].y - m.y) for i in nameable]
         k = int(np.argmin(d))
         if d[k] < 0.3:
-          out.append(('symbol', f'What digit is next to the {names[nameable[k]]}?', m.symbol))
+          out.append(('symbol', f'What digit is next to the {names[nameable[k]]}?', m.symbol,
+                      None))
   if 'caption' in kinds and nameable:
     listed = [names[i] for i in nameable]
     marks = [m.symbol for m in scene.marks]
@@ -310,7 +317,7 @@ def questions(scene: DrawnScene, rng: np.random.Generator,
     if marks:
       text += ' beside ' + ' and '.join(f'the {"digit " if s in concepts.DIGITS else ""}{s}'
                                         for s in marks)
-    out.append(('caption', '', text))
+    out.append(('caption', '', text, None))
   return out
 
 
@@ -339,10 +346,12 @@ def generate(out: str, *, images: int = 4000, val_images: int = 200, image_size:
         image, qas, _ = sample(rng, image_size, kinds)
         rel = f'images/{split}_{i:06d}.png'
         Image.fromarray(image).save(os.path.join(out, rel))
-        for kind, question, answer in qas:
+        for kind, question, answer, point in qas:
           row = {'image': rel, 'kind': kind}
           row.update({'question': question, 'answer': answer} if question else
                      {'caption': answer})
+          if point is not None:
+            row['point'] = list(point)
           f.write(json.dumps(row) + '\n')
           counts[f'{split}/{kind}'] = counts.get(f'{split}/{kind}', 0) + 1
         if progress and (i + 1) % 1000 == 0:

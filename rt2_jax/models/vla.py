@@ -94,7 +94,9 @@ class InstructionPool(nn.Module):
                                    self.key(image_tokens), preferred_element_type=jnp.float32)
 
   def __call__(self, image_tokens, instruction):
-    weights = jax.nn.softmax(self.logits(image_tokens, instruction), axis=-1)
+    logits = self.logits(image_tokens, instruction)
+    self.sow('intermediates', 'logits', logits)  # for model.pointer_loss (rt2_jax/train.py)
+    weights = jax.nn.softmax(logits, axis=-1)
     pooled = jnp.einsum('bkn,bne->bke', weights.astype(self.dtype), self.value(image_tokens))
     return pooled + self.type_embedding.astype(self.dtype)[None]
 
