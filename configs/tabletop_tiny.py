@@ -66,6 +66,12 @@ def get_config(arg=None):
   c.model.image_size = 64
   c.model.vit.patch_size = 8
   c.model.vit.posemb = 'sincos2d'
+  # Grounding (docs/tabletop.md, Measurements 5-6): one instruction-pooled image summary, trained
+  # to point at what web 'where is' questions refer to, and added to the decoder's inputs (the
+  # tiny decoder did not learn to find it by cross-attention alone).
+  c.model.instruction_pool = 1
+  c.model.pool_to_decoder = True
+  c.model.pointer_loss = 1.0
   c.total_steps = 3000
   c.batch_size = 32
   c.log_every = 100

@@ -64,7 +64,7 @@ def pictures(n: int, seed: int, objects: int, vocab, distinct_colours: bool = Fa
     colours = [o.colour for o in scene.objects]
     if not qas or (distinct_colours and len(set(colours)) < len(colours)):
       continue
-    _, question, answer = qas[int(rng.integers(len(qas)))]
+    _, question, answer, _ = qas[int(rng.integers(len(qas)))]
     tokens = [5, 6, 7] if objects == 1 and not min_objects else vocab.encode(question)[:12]
     prompts[len(images), :len(tokens)] = tokens
     images.append(image)
@@ -89,7 +89,8 @@ def train_and_report(step, predict, params, opt_state, train, test, args, tag: d
       line = dict(step=i, seconds=round(time.time() - start, 1), loss=round(float(loss), 3),
                   exact=round(float((pred == test_y).all(-1).mean()), 3),
                   within_one=round(float((np.abs(pred - test_y) <= 1).all(-1).mean()), 3),
-                  column=round(float((pred[:, 0] == test_y[:, 0]).mean()), 3))
+                  column=round(float((pred[:, 0] == test_y[:, 0]).mean()), 3),
+                  row=round(float((pred[:, 1] == test_y[:, 1]).mean()), 3))
       results.append(line)
       print(json.dumps(dict(tag, **line)), flush=True)
   if args.out:
@@ -148,6 +149,13 @@ def main():
   p.add_argument('--decoder_single_position', action='store_true',
                  help='vla_decoder: the BOS position alone, column and row from a Dense(16) on it '
                       '(no teacher-forced second position)')
+  p.add_argument('--decoder_parallel', action='store_true',
+                 help='vla_decoder: both positions get BOS as input (no teacher-forced column)')
+  p.add_argument('--decoder_distinct_rows', action='store_true',
+                 help='vla_decoder: the row is read from 8 other vocabulary rows than the column')
+  p.add_argument('--decoder_summary_input', action='store_true',
+                 help='short for --set=pool_to_decoder=True: the encoded instruction_pool summaries '
+                      "are added to the decoder's inputs")
   p.add_argument('--decoder_column_loss_only', action='store_true',
                  help="vla_decoder: teacher-forced, but the row position's loss sends no gradient")
   p.add_argument('--freeze_pretrained', action='store_true',
@@ -176,6 +184,8 @@ def main():
   if args.encoder_layers:
     model_cfg.t5.num_encoder_layers = args.encoder_layers
   model_cfg.t5.attention_logit_scale = args.attention_logit_scale
+  if args.decoder_summary_input:
+    model_cfg.pool_to_decoder = True
   for override in args.set:
     key, value = override.split('=', 1)
     *path, leaf = key.split('.')
@@ -205,10 +215,15 @@ def main():
         return jnp.einsum('be,bne->bn', q, nn.Dense(width, name='pointer_key')(tokens))
       if args.head == 'vla_decoder':
         decoder_in = jnp.concatenate([jnp.zeros_like(cells[:, :1]), first_token + cells[:, :1]], 1)
+        if args.decoder_parallel:
+          decoder_in = jnp.zeros_like(cells)
         if args.decoder_single_position:  # BOS only; column and row from its hidden state
           encoded, mask = vla.encode(images, prompt)
           hidden = vla.lm.decode(jnp.zeros_like(cells[:, :1]), encoded, mask, True)
           return nn.Dense(16, name='decoder_readout')(hidden[:, 0]).reshape(-1, 2, 8)
+        if args.decoder_distinct_rows:  # column from rows first_token + c, row from + 8 + r
+          logits = vla(images, prompt, decoder_in)[..., first_token:first_token + 16]
+          return jnp.stack([logits[:, 0, :8], logits[:, 1, 8:]], 1)
         if args.decoder_column_loss_only:  # teacher-forced, but only the column trains
           logits = vla(images, prompt, decoder_in)[..., first_token:first_token + 8]
           return logits.at[:, 1].set(jax.lax.stop_gradient(logits[:, 1]))
