@@ -13,6 +13,7 @@ from test_decoding import PROMPTS, SPACE, _config
 
 from rt2_jax import decoding, transforms
 from rt2_jax import vocab as vocab_lib
+from rt2_jax.models import stack_layers
 from rt2_jax.models import vla as vla_lib
 from rt2_jax.models.vla import VLA
 
@@ -148,6 +149,21 @@ def test_plan_then_action_decodes_the_actions_in_one_pass(setup):
       logits = np.asarray(s['forward'](params, inputs, mask))
       picked = s['codec'].constrained_argmax(logits[mask > 0].reshape(b, num, -1))
       np.testing.assert_array_equal(picked, actions)
+
+
+def test_scanned_layers_decode_the_same(setup):
+  """scan_layers=True (the 3B / 55B configs) with the same weights stacked: the same tokens."""
+  s = setup
+  cfg = s['cfg'].copy_and_resolve_references()
+  cfg.model.scan_layers = True
+  dcfg = cfg.decode.copy_and_resolve_references()
+  dcfg.mode = 'action'
+  scanned = decoding.Decoder(VLA(cfg.model), decoding.make_callback(
+      dcfg, s['vocab'], s['action_vocab'], cfg.model.vocab_size))
+  params, rng = s['params'](1), jax.random.PRNGKey(0)
+  want = np.asarray(s['decoder']('action')(params, s['images'], s['tokens'], rng))
+  got = np.asarray(scanned(stack_layers(params), s['images'], s['tokens'], rng))
+  np.testing.assert_array_equal(got, want)
 
 
 def test_autoregressive_model_has_no_queries():
