@@ -44,6 +44,11 @@ tiny, batch 1), `decode_loop_speedup_b1` (the same for the token loop, larger mo
 `floor_ratio_b1` (ours end to end / compute floor, larger model). `--quick` is a smoke mode
 (fewer repeats, batch 1 only).
 
+Ours is also timed with parallel action decoding (`model.action_decoding='parallel'`: all action
+tokens from one decoder pass) beside the autoregressive loop, per config and batch, end to end
+and after the encoder: `parallel` and `parallel_speedup_b1` (autoregressive / parallel end to
+end, per config) in the JSON; `--parallel_only` runs just that (no PyTorch needed).
+
   python benchmarks/decode.py --out=/tmp/decode.json
 """
 
@@ -319,6 +324,77 @@ def run_ours(config, batches, repeats: int, log) -> dict:
   return out
 
 
+def _time_interleaved(fns: dict, repeats: int) -> dict:
+  """Median seconds of each of `fns`, called in turn (each warmed up first), so that a shared
+  machine's load falls on all of them alike."""
+  for fn in fns.values():
+    fn()
+    fn()
+  times = {name: [] for name in fns}
+  for _ in range(max(repeats, 3)):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _decode_calls(mode, decoder, params, images, tokens, rng) -> dict:
+  """{(mode, 'end_to_end' | 'after_encoder'): a call that waits for its result}."""
+  encoded, mask = decoder.encode(params, images, tokens)
+  return {(mode, 'end_to_end'): lambda: decoder(params, images, tokens, rng).block_until_ready(),
+          (mode, 'after_encoder'): lambda: decoder.from_encoded(
+              params, encoded, mask, rng).block_until_ready()}
+
+
+def run_parallel(config, batches, repeats: int, log) -> dict:
+  """Ours, autoregressive vs parallel action decoding (`model.action_decoding`, issue 19): the
+  same shapes with each model's own random params, end to end and after the encoder, timed in
+  turn. Parallel runs one decoder pass for all action tokens instead of one per token."""
+  import jax
+  import jax.numpy as jnp
+
+  from rt2_jax import decoding
+  from rt2_jax import vocab as vocab_lib
+  from rt2_jax.data.spec import load_spec
+  from rt2_jax.models.vla import VLA
+
+  space = load_spec('bridge_dataset').action_space
+  vocab, action_vocab = vocab_lib.from_config(config, space)
+  callback = decoding.ActionCallback(action_vocab.allowed_ids, action_vocab.num_allowed,
+                                     vocab.eos_id)
+  size, rng = config.model.image_size, jax.random.PRNGKey(0)
+  decoders = {}
+  for mode in ('autoregressive', 'parallel'):
+    cfg = config.copy_and_resolve_references()
+    cfg.model.action_decoding = mode
+    model = VLA(cfg.model)
+    params = jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), jnp.uint8),
+                                 jnp.ones((1, cfg.data.max_input_len), jnp.int32),
+                                 jnp.zeros((1, 4), jnp.int32))['params']
+    decoders[mode] = (decoding.Decoder(model, callback), params)
+  out = {}
+  for batch in batches:
+    images = jnp.asarray(np.random.default_rng(batch).integers(0, 256, (batch, size, size, 3)),
+                         jnp.uint8)
+    tokens = jnp.asarray(prompts(vocab, config, batch))
+    fns = {}
+    for mode, (decoder, params) in decoders.items():
+      fns.update(_decode_calls(mode, decoder, params, images, tokens, rng))
+    r = {}
+    for (mode, figure), seconds in _time_interleaved(fns, repeats).items():
+      r.setdefault(mode, {})[figure] = seconds
+    r['speedup'] = r['autoregressive']['end_to_end'] / r['parallel']['end_to_end']
+    r['after_encoder_speedup'] = (r['autoregressive']['after_encoder']
+                                  / r['parallel']['after_encoder'])
+    out[batch] = r
+    log(f'  parallel vs autoregressive b={batch}: end to end '
+        f'{r["autoregressive"]["end_to_end"] * 1e3:.2f} -> {r["parallel"]["end_to_end"] * 1e3:.2f}'
+        f' ms (x{r["speedup"]:.2f}), after the encoder {r["autoregressive"]["after_encoder"] * 1e3:.2f}'
+        f' -> {r["parallel"]["after_encoder"] * 1e3:.2f} ms (x{r["after_encoder_speedup"]:.2f})')
+  return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Hugging Face transformers.
 
@@ -455,12 +531,28 @@ def main(argv=None):
   parser.add_argument('--quick', action='store_true', help='smoke mode: batch 1, few repeats')
   parser.add_argument('--repeats', type=int, default=0, help='timed calls per figure')
   parser.add_argument('--configs', default='tiny,larger', help='comma-separated subset')
+  parser.add_argument('--parallel_only', action='store_true',
+                      help='only ours, autoregressive vs parallel action decoding (no torch)')
   args = parser.parse_args(argv)
   batches = (1,) if args.quick else (1, 8)
   repeats = args.repeats or (3 if args.quick else 10)
 
   def log(msg):
     print(msg, flush=True)
+
+  configs = {'tiny': tiny_config, 'larger': larger_config}
+  parallel = {}
+  for name in args.configs.split(','):
+    log(f'{name}: autoregressive vs parallel action decoding')
+    parallel[name] = run_parallel(configs[name](), batches, repeats, log)
+  parallel_b1 = {name: r[1]['speedup'] for name, r in parallel.items() if 1 in r}
+  if args.parallel_only:
+    results = dict(parallel=parallel, parallel_speedup_b1=parallel_b1)
+    if args.out:
+      with open(args.out, 'w') as f:
+        json.dump(results, f, indent=1, default=str)
+      log(f'wrote {args.out}')
+    return results
 
   import torch
 
@@ -469,8 +561,8 @@ def main(argv=None):
   log(f'decode benchmark: {threads} CPU threads, batches {batches}, {repeats} repeats')
   rate = matmul_rate(args.quick)
   log('fp32 matmul GFLOP/s: ' + ', '.join(f'{k}={v:.1f}' for k, v in rate.items()))
-  configs = {'tiny': tiny_config, 'larger': larger_config}
-  results = dict(matmul_gflops=rate, configs={})
+  results = dict(matmul_gflops=rate, configs={}, parallel=parallel,
+                 parallel_speedup_b1=parallel_b1)
   measured = {}
   for name in args.configs.split(','):
     config = configs[name]()
@@ -547,7 +639,8 @@ def main(argv=None):
       'constrained (transformers masks the full vocabulary); fvloop x: both full vocabulary + mask')
   for key in ('speedup_b1', 'speedup_b1_constrained', 'speedup_b1_full_vocab',
               'decode_loop_speedup_b1', 'decode_loop_speedup_b1_constrained',
-              'decode_loop_speedup_b1_full_vocab', 'floor_ratio_b1', 'floor_ratio_b1_paired'):
+              'decode_loop_speedup_b1_full_vocab', 'floor_ratio_b1', 'floor_ratio_b1_paired',
+              'parallel_speedup_b1'):
     log(f'{key}={results[key]}')
   if args.out:
     with open(args.out, 'w') as f:

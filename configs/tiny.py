@@ -43,6 +43,12 @@ def get_config(arg=None):
   # > 0 (with instruction_pool > 0): weight of a cross-entropy that trains the first summary's
   # pooling to pick the patch holding a web example's 'point' (referring-expression answers).
   c.model.pointer_loss = 0.0
+  # 'autoregressive' (RT-2: action token i reads token i-1) or 'parallel': action positions after
+  # the first read learned queries, so one decoder pass predicts every action token (issue 19).
+  # The same token cross-entropy and constrained vocabulary; max_action_positions sizes the
+  # query table (>= the action space's tokens per step).
+  c.model.action_decoding = 'autoregressive'
+  c.model.max_action_positions = 16
   c.model.vit = ml_collections.ConfigDict(dict(
       patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512,
       posemb='learn',  # 'learn' | 'sincos2d'

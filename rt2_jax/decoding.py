@@ -31,6 +31,12 @@ Three callbacks, one per `config.decode.mode`:
 - `TextCallback` ('text'): unconstrained (within the real vocabulary) until EOS, for VQA and
   captions.
 
+Parallel action decoding (`model.action_decoding='parallel'`, issue 19): the model was trained
+with learned queries as the inputs of its action positions, so `parallel_from_encoded` computes
+every action token from one decoder pass (no loop over them), each position scored over its own
+allowed rows as `ActionCallback` would; 'plan_then_action' decodes the plan with the loop first.
+The output layout is the loop's, so Policy and export are unchanged.
+
 Sampling: greedy when temperature == 0, else temperature sampling, optionally restricted to the
 top-k scored columns. `temperature` is a traced value (no recompilation to change it); `top_k`
 is static. Nothing here calls back to the host, and every shape is static except the batch, so
@@ -46,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rt2_jax.models import vla as vla_lib
 from rt2_jax.models.vla import VLA
 
 MODES = ('action', 'plan_then_action', 'text')
@@ -298,8 +305,19 @@ def _step_token(model, params, hidden, request, rng, temperature, top_k):
 
 def decode_from_encoded(model, params, encoded, encoder_mask, rng, callback, *,
                         temperature=0.0, top_k: int = 0, eos_id: int = 1):
-  """Token loop after the encoder: int32 tokens [B, callback.max_steps + 1], EOS then 0s (a
-  row that never finishes fills max_steps tokens, then a 0)."""
+  """Decoding after the encoder: int32 tokens [B, callback.max_steps + 1], EOS then 0s (a
+  row that never finishes fills max_steps tokens, then a 0). The token loop, or with
+  `model.action_decoding='parallel'` the action tokens in one pass (`parallel_from_encoded`)."""
+  kw = dict(temperature=temperature, top_k=top_k, eos_id=eos_id)
+  if vla_lib.action_decoding(model.config) == 'parallel' and isinstance(
+      callback, ActionCallback | PlanThenActionCallback):
+    return parallel_from_encoded(model, params, encoded, encoder_mask, rng, callback, **kw)
+  return autoregressive_from_encoded(model, params, encoded, encoder_mask, rng, callback, **kw)
+
+
+def autoregressive_from_encoded(model, params, encoded, encoder_mask, rng, callback, *,
+                                temperature=0.0, top_k: int = 0, eos_id: int = 1):
+  """The token loop (see the module docstring); returns as `decode_from_encoded`."""
   variables = {'params': params}
   batch = encoded.shape[0]
   max_steps = callback.max_steps
@@ -335,6 +353,71 @@ def decode_from_encoded(model, params, encoded, encoder_mask, rng, callback, *,
            jnp.zeros((batch,), bool), callback.init(batch))
   _, tokens, _, _, _ = jax.lax.while_loop(cond_fn, body_fn, carry)
   return tokens
+
+
+class _UntilActions:
+  """A PlanThenActionCallback that finishes a row where its action tokens would start."""
+
+  def __init__(self, callback: PlanThenActionCallback):
+    self.callback = callback
+    self.max_steps = callback.max_steps - callback.num_positions
+    self.init, self.request = callback.init, callback.request
+
+  def update(self, step, state, token):
+    state, finished = self.callback.update(step, state, token)
+    return state, finished | (state.phase == ACTION)
+
+
+def _pick_actions(model, params, hidden, callback, rng, temperature, top_k):
+  """hidden [B, P, E] at the P action positions -> ids [B, P], position i chosen among the
+  allowed ids of action position i (what the loop's step i would score)."""
+  rows = jnp.asarray(callback.allowed_ids)  # [P, K]
+  logits = model.apply({'params': params}, hidden, rows, method=VLA.compute_logits)  # [B, P, K]
+  b, p, k = logits.shape
+  valid = jnp.arange(k)[None] < jnp.asarray(callback.num_allowed)[:, None]
+  column = choose(logits.reshape(b * p, k), jnp.broadcast_to(valid, (b, p, k)).reshape(b * p, k),
+                  rng, temperature, top_k).reshape(b, p)
+  return jnp.take_along_axis(jnp.broadcast_to(rows, (b, p, k)), column[..., None], -1)[..., 0]
+
+
+def parallel_from_encoded(model, params, encoded, encoder_mask, rng, callback, *,
+                          temperature=0.0, top_k: int = 0, eos_id: int = 1):
+  """Parallel action decoding (`model.action_decoding='parallel'`): the P action tokens come
+  from one teacher-forced decoder pass whose action positions read the model's learned
+  queries (`VLA.decode_hidden`, as in training), each scored over its own allowed ids; no loop
+  over action tokens. 'action' mode: one pass over [BOS, q_1 .. q_{P-1}].
+  'plan_then_action': the plan (prefix, text, delimiter) is decoded by the token loop, then one
+  pass over [BOS, plan, q_1 .. q_{P-1}] per row. Sampled actions are drawn per position
+  independently. Tokens as the loop's: [B, callback.max_steps + 1], the action ids, EOS, 0s.
+  """
+  vla_lib.check_action_positions(model.config, callback.num_positions)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  batch, num = encoded.shape[0], callback.num_positions
+  action_rng = jax.random.fold_in(rng, callback.max_steps)  # a step number the loop never uses
+  if isinstance(callback, ActionCallback):
+    inputs = jnp.zeros((batch, num), jnp.int32)  # BOS; positions 1.. read their queries
+    hidden = model.apply({'params': params}, encoded, encoder_mask, inputs,
+                         jnp.ones((batch, num), jnp.float32), method=VLA.decode_hidden)
+    ids = _pick_actions(model, params, hidden, callback, action_rng, temperature, top_k)
+    return jnp.concatenate([ids, jnp.full((batch, 1), eos_id, jnp.int32)], axis=1)
+  # The plan loop ends every row with EOS right after its delimiter: the actions go there.
+  plan = autoregressive_from_encoded(model, params, encoded, encoder_mask, rng,
+                                     _UntilActions(callback), temperature=temperature,
+                                     top_k=top_k, eos_id=eos_id)
+  length = callback.max_steps + 1
+  plan = jnp.pad(plan, ((0, 0), (0, length - plan.shape[1])))
+  start = jnp.argmax(plan == eos_id, axis=1).astype(jnp.int32)  # [B]
+  positions = jnp.arange(length)[None]
+  action_mask = (positions >= start[:, None]) & (positions < start[:, None] + num)
+  inputs = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), plan[:, :-2]], axis=1)
+  hidden = model.apply({'params': params}, encoded, encoder_mask, inputs, action_mask[:, :-1],
+                       method=VLA.decode_hidden)  # [B, max_steps, E]
+  at = start[:, None] + jnp.arange(num)[None]  # [B, P]
+  hidden = jnp.take_along_axis(hidden, at[..., None], axis=1)
+  ids = _pick_actions(model, params, hidden, callback, action_rng, temperature, top_k)
+  spread = jnp.take_along_axis(ids, jnp.clip(positions - start[:, None], 0, num - 1), axis=1)
+  tokens = jnp.where(action_mask, spread, plan)
+  return jnp.where(positions == (start + num)[:, None], eos_id, tokens).astype(jnp.int32)
 
 
 def decode(model, params, images, encoder_tokens, rng, callback, *, temperature=0.0,

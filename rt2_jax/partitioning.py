@@ -46,6 +46,7 @@ LOGICAL_RULES = (
     ('film', None),  # FiLM's (scale, shift) pair (model.vit.film)
     ('pool_tokens', None),  # model.instruction_pool's summaries: few, replicated
     ('embed_out', None),  # its small q/k/v outputs
+    ('action_queries', None),  # parallel action decoding's per-position queries: few
     ('layers', None),  # scanned stacks: every device holds all layers of its parameter shard
 )
 

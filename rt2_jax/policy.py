@@ -11,7 +11,8 @@ the resize policy of the checkpoint's assets (of the dataset spec for an in-memo
 the batch to the next bucket size (1, 2, 4, 8 by default: serving compiles once per bucket, never
 per batch size), decodes with `rt2_jax.decoding` in `config.decode.mode`, and maps the action
 tokens back through the normalization stats. Prompt, resize and token -> action mapping are
-`rt2_jax.transforms`, as in training and export.
+`rt2_jax.transforms`, as in training and export. A model with `model.action_decoding='parallel'`
+decodes its action tokens in one decoder pass (`rt2_jax.decoding.parallel_from_encoded`).
 
 `policy.decode_fn` is the pure JAX function (params, images, tokens, rng) -> tokens that export
 wraps with jax2tf: no host callbacks, static shapes except the batch.
@@ -33,6 +34,7 @@ import numpy as np
 from rt2_jax import actions as actions_lib
 from rt2_jax import decoding, transforms
 from rt2_jax import vocab as vocab_lib
+from rt2_jax.models import vla
 from rt2_jax.models.vla import VLA
 from rt2_jax.transforms import resize_image  # noqa: F401  (callers import it from here)
 
@@ -219,6 +221,7 @@ class Policy:
           vocab_size=config.model.vocab_size)
     self.codec = transforms.ActionCodec.from_config(config, self.action_vocab, stats)
     self.action_tokenizer = self.codec.tokenizer
+    vla.check_action_positions(config.model, action_space.num_positions)
     self.model = VLA(config.model)
     self.callback = decoding.make_callback(config.decode, self.vocab, self.action_vocab,
                                            config.model.vocab_size)

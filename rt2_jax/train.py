@@ -145,6 +145,9 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
   if pointer_weight and not int(config.model.get('instruction_pool', 0)):
     raise ValueError('model.pointer_loss trains model.instruction_pool; set instruction_pool > 0')
   patch_grid = config.model.image_size // config.model.vit.patch_size
+  from rt2_jax.models import vla
+
+  vla.check_action_positions(config.model, action_vocab.num_positions)
 
   def pointer_sums(pool_logits, batch):
     """Cross-entropy of the first summary's pooling logits [B, N] against the patch that holds
@@ -160,6 +163,8 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
   def loss_and_sums(params, batch, rng, total_weight, pointer_total):
     logits, state = model.apply({'params': params}, batch['image'], batch['encoder_input_tokens'],
                                 batch['decoder_input_tokens'], enable_dropout=dropout,
+                                # parallel action decoding: action positions read queries
+                                action_mask=batch['action_loss_mask'],
                                 rngs={'dropout': rng} if dropout else None,
                                 mutable=['intermediates'])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['decoder_target_tokens'])

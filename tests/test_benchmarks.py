@@ -38,6 +38,10 @@ def test_decode_benchmark_same_forward_passes_and_says_which_pair_is_which(tmp_p
   rates = [results['matmul_gflops']['best'], results['matmul_gflops_after']['best']]
   rates += [r for r, _ in entry['ours']['floor_pairs']]
   assert results['matmul_gflops_floor'] == max(rates)
+  # Parallel action decoding beside the autoregressive loop (issue 19).
+  parallel = results['parallel']['tiny']['1']
+  assert parallel['parallel']['end_to_end'] > 0 and parallel['autoregressive']['end_to_end'] > 0
+  assert results['parallel_speedup_b1']['tiny'] == parallel['speedup'] > 0
   assert entry['floor_ratio'] == entry['ours']['end_to_end'] / entry['floor_s']
   assert set(entry['transformers']['threads']) == {
       'end_to_end', 'end_to_end_constrained', 'encoder', 'loop', 'loop_constrained'}

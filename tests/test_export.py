@@ -154,6 +154,23 @@ def test_plan_then_action_export_matches(tmp_path):
     assert w.text.startswith('Plan:') and (g.plan, g.text) == (w.plan, w.text)
 
 
+@pytest.mark.parametrize('mode', ['action', pytest.param('plan_then_action',
+                                                         marks=pytest.mark.slow)])
+def test_parallel_action_decoding_export_matches(tmp_path, mode):
+  """model.action_decoding='parallel': the SavedModel gives the Policy's tokens and actions."""
+  policy = tiny_policy.make_policy('parallel', mode=mode, max_plan_len=4)
+  images = _images(5, policy.image_size, 5)
+  instructions = INSTRUCTIONS[:5]
+  export.export_policy(policy, str(tmp_path / 'sm'), (images, instructions))  # verifies
+  got = export.SavedModelPolicy.load(str(tmp_path / 'sm')).batch(images, instructions)
+  want = policy.batch(images, instructions)
+  assert len({tuple(w.tokens) for w in want}) > 2  # input-dependent: not a vacuous equality
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(g.tokens, w.tokens)
+    np.testing.assert_allclose(g.vector, w.vector, rtol=1e-5, atol=1e-6)
+    assert (g.text, g.plan) == (w.text, w.plan)
+
+
 @pytest.mark.slow
 def test_cli_writes_a_verified_export(tmp_path):
   workdir = tiny_policy.write_checkpoint(tmp_path / 'run')

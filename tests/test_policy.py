@@ -91,6 +91,36 @@ def test_batch_pads_to_buckets_and_matches_single_calls(policy):
   assert policy.decoder._decode._cache_size() == 2
 
 
+def test_parallel_action_decoding(parts):
+  """model.action_decoding='parallel': Policy decodes the actions in one pass (no token loop in
+  the compiled decode), the same per example alone or in a padded batch."""
+  cfg, _, stats = parts
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.action_decoding = 'parallel'
+  model = VLA(cfg.model)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), _images(1),
+                                             np.ones((1, 24), np.int32),
+                                             np.zeros((1, 4), np.int32))['params'])
+  policy = Policy(cfg, params, stats, SPACE, batch_buckets=(1, 4))
+  images = _images(3, seed=4)
+  outs = policy.batch(images, INSTRUCTIONS)
+  for i, out in enumerate(outs):
+    assert out.vector.shape == (7,) and out.tokens.shape == (7,)
+    policy.action_vocab.ids_to_bins(out.tokens)
+    np.testing.assert_array_equal(policy(images[i], INSTRUCTIONS[i]).tokens, out.tokens)
+
+  def loops(p):  # while loops in the lowered decode: the token loop, and the PRNG's own
+    return jax.jit(p.decode_fn).lower(p.params, images[:1], p.tokenize(['go']),
+                                      jax.random.PRNGKey(0)).as_text().count('stablehlo.while')
+
+  autoregressive = Policy(parts[0], parts[1], stats, SPACE)
+  assert loops(policy) == loops(autoregressive) - 1  # no token loop
+  small = cfg.copy_and_resolve_references()
+  small.model.max_action_positions = 4  # fewer queries than the 7 action tokens
+  with pytest.raises(ValueError, match='max_action_positions=4'):
+    Policy(small, params, stats, SPACE)
+
+
 def test_other_image_sizes_are_resized(policy):
   big = _images(1, size=80, seed=2)[0]
   out = policy(big, 'open the drawer')

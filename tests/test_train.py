@@ -13,7 +13,7 @@ from rt2_jax import actions as actions_lib
 from rt2_jax import config_flags, metrics, optim, train
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.data import pipeline
-from rt2_jax.models import layout
+from rt2_jax.models import layout, vla
 
 
 def _config(**overrides):
@@ -248,6 +248,31 @@ def test_sharded_step_with_accumulation_matches_full_batch(action_setup):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   assert int(new_state.step) == 1
   assert not np.array_equal(jax.tree.leaves(out[1][0])[0], jax.tree.leaves(state.params)[0])
+
+
+def test_parallel_action_train_step_never_reads_action_tokens(action_setup):
+  """model.action_decoding='parallel': the step's loss and gradients are the same when the
+  action tokens fed as inputs at action positions are replaced by others, and the queries
+  train."""
+  config, space, action_vocab, tokenizer = action_setup
+  setup = train.make_setup(_config(**{'model.action_decoding': 'parallel', 'batch_size': 8}))
+  assert setup.state_shardings.params['action_query_embedding'].spec == P(None, 'fsdp')
+  state = setup.init_state(jax.random.PRNGKey(0))
+  batch = {k: v[:8] for k, v in _batch(setup.config, space, action_vocab, tokenizer).items()}
+  inputs = batch['decoder_input_tokens']
+  # Action positions after the first of each row read the previous action token as input.
+  fed = np.asarray(vla.action_query_index(batch['action_loss_mask'])) > 0
+  assert fed.sum() == 6 * (space.num_positions - 1)  # 6 robot rows; web rows have no actions
+  assert np.isin(inputs[fed], action_vocab.action_token_ids).all()
+  other = np.random.default_rng(1).choice(action_vocab.action_token_ids, inputs.shape)
+  scrambled = dict(batch, decoder_input_tokens=np.where(fed, other, inputs).astype(np.int32))
+  assert not np.array_equal(scrambled['decoder_input_tokens'], inputs)
+  step = setup.jit_train_step(action_vocab, tokenizer)
+  out = [step(jax.tree.map(jnp.copy, state), b) for b in (batch, scrambled)]
+  for key in ('loss', 'grad_norm', 'action_accuracy'):
+    np.testing.assert_allclose(out[0][1][key], out[1][1][key], rtol=1e-6, err_msg=key)
+  queries = state.params['action_query_embedding']
+  assert not np.allclose(out[0][0].params['action_query_embedding'], queries)
 
 
 def test_init_from_a_run_or_a_converted_checkpoint(tmp_path):

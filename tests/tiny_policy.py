@@ -6,8 +6,9 @@ initialisers, which costs ~14 s of CPU): kernels N(0, 0.2), embeddings N(0, 1), 
 input, which would make "the export gives the same tokens" vacuous; with these the tokens depend
 on both the image and the instruction.
 
-`make_bundle()` builds config, params, stats and the Bridge action space; `make_policy()` wraps
-them in `rt2_jax.policy.Policy`; `write_checkpoint(workdir)` saves them (and their assets) as a
+`make_bundle()` builds config, params, stats and the Bridge action space (`action_decoding=
+'parallel'`: the model.action_decoding of issue 19); `make_policy()` wraps them in
+`rt2_jax.policy.Policy`; `write_checkpoint(workdir)` saves them (and their assets) as a
 training run would, so `Policy.from_checkpoint`, `rt2_jax.serve --workdir` and
 `rt2_jax.export --workdir` can load it.
 """
@@ -36,13 +37,14 @@ OVERRIDES = {
 
 
 @functools.cache
-def make_bundle(seed: int = 0):
+def make_bundle(seed: int = 0, action_decoding: str = 'autoregressive'):
   import flax.linen as nn
 
   from rt2_jax.data.spec import load_spec
   from rt2_jax.models.vla import VLA
 
-  config = config_flags.load_config('tiny', overrides=OVERRIDES)
+  config = config_flags.load_config(
+      'tiny', overrides=dict(OVERRIDES, **{'model.action_decoding': action_decoding}))
   action_space = load_spec('bridge_dataset').action_space
   rng = np.random.default_rng(seed)
   actions = np.concatenate([rng.normal(0, 0.01, (500, 3)), rng.normal(0, 0.05, (500, 3)),
@@ -74,10 +76,10 @@ def draw_params(shapes, seed: int):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def make_policy(**decode_overrides):
+def make_policy(action_decoding: str = 'autoregressive', **decode_overrides):
   from rt2_jax.policy import Policy
 
-  return Policy(*make_bundle(), **decode_overrides)
+  return Policy(*make_bundle(action_decoding=action_decoding), **decode_overrides)
 
 
 def write_checkpoint(workdir) -> str:

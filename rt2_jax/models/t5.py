@@ -374,14 +374,20 @@ class T5(nn.Module):
              input_offset=None):
     """Teacher-forced decoder: final hidden states [B, Ld, E] ready for `compute_logits`.
     `input_offset` [B, E], when given, is added to every input embedding."""
-    x = self.embed(decoder_input_tokens)
+    return self.decode_embedded(self.embed(decoder_input_tokens), encoded, encoder_mask,
+                                deterministic, input_offset)
+
+  def decode_embedded(self, x, encoded, encoder_mask, deterministic: bool = True,
+                      input_offset=None):
+    """`decode` from input embeddings [B, Ld, E] (parallel action decoding swaps some)."""
     if input_offset is not None:
       x = x + input_offset[:, None].astype(x.dtype)
     hidden = self.decoder(x, encoded, encoder_mask, deterministic)
     return self._output_hidden(hidden)
 
   def compute_logits(self, hidden, rows=None):
-    """float32 logits for vocabulary `rows` (None = all, [K], or [B, K] with hidden [B, E])."""
+    """float32 logits for vocabulary `rows`: None = all, [K], [B, K] with hidden [B, E], or
+    [L, K] with hidden [B, L, E] (rows per position)."""
     dtype = layers.to_dtype(self.config.dtype)
     if self.config.logits_via_embedding:
       table = self.token_embedder  # [V, E]
@@ -398,7 +404,10 @@ class T5(nn.Module):
       return jnp.einsum('...e,ke->...k', hidden, picked, preferred_element_type=jnp.float32)
     if rows.ndim == 2 and hidden.ndim == 2:
       return jnp.einsum('be,bke->bk', hidden, picked, preferred_element_type=jnp.float32)
-    raise ValueError(f'rows must be None, [K] or [B, K] (with hidden [B, E]); got rows '
+    if rows.ndim == 2 and hidden.ndim == 3:  # per position: rows [L, K], hidden [B, L, E]
+      return jnp.einsum('ble,lke->blk', hidden, picked, preferred_element_type=jnp.float32)
+    raise ValueError(f'rows must be None, [K], [B, K] (with hidden [B, E]) or [L, K] (with '
+                     f'hidden [B, L, E]); got rows '
                      f'{rows.shape} and hidden {hidden.shape}')
 
   def init_decode_cache(self, encoded, encoder_mask, max_decode_len: int):

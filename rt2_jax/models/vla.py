@@ -6,14 +6,21 @@ tokens followed by the instruction tokens; its padding mask is True for every im
 for text tokens != 0, so right-padding the instruction changes nothing for the real tokens. The decoder is causal and starts with token 0 (T5's BOS).
 
 API (module `config` = the `cfg.model` ConfigDict; see docs/interfaces.md):
-  logits = model.apply(v, images, enc_tokens, dec_input_tokens, enable_dropout=False)
+  logits = model.apply(v, images, enc_tokens, dec_input_tokens, enable_dropout=False,
+                       action_mask=None)
   encoded, mask = model.apply(v, images, enc_tokens, method=VLA.encode)
+  hidden = model.apply(v, encoded, mask, dec_input_tokens, action_mask, method=VLA.decode_hidden)
   cache = model.apply(v, encoded, mask, max_decode_len, method=VLA.init_decode_cache)
   hidden, cache = model.apply(v, cache, token_ids, step, method=VLA.decode_step)
   logits = model.apply(v, hidden, rows, method=VLA.compute_logits)
 
+With `model.action_decoding='parallel'` the action positions after the first read learned
+queries instead of the previous action token (`decode_hidden`), so one decoder pass predicts
+them all; `action_mask` marks them (ignored in the default 'autoregressive' mode).
+
 Parameter tree: {'vit': ..., 'image_projection': {'kernel', 'bias'},
-'lm': {'token_embedder', 'encoder', 'decoder'[, 'logits_dense']}}. With `scan_layers` the
+'lm': {'token_embedder', 'encoder', 'decoder'[, 'logits_dense']}
+[, 'action_query_embedding' [max_action_positions - 1, E] (parallel)]}. With `scan_layers` the
 repeated layers are one stacked subtree each (`vit/blocks`, `lm/encoder/layers`,
 `lm/decoder/layers`, leading axis 'layers') instead of `block_{i}` / `layers_{i}`;
 `rt2_jax.models.stack_layers` / `unstack_layers` convert between the two.
@@ -44,6 +51,37 @@ def configs_from_model_config(model_cfg) -> tuple[ViTConfig, T5Config]:
   vit = ViTConfig.from_config(model_cfg.vit, model_cfg.image_size, dtype, remat, bool(scan))
   t5 = T5Config.from_config(model_cfg.t5, model_cfg.vocab_size, dtype, remat, bool(scan))
   return vit, t5
+
+
+ACTION_DECODING = ('autoregressive', 'parallel')
+
+
+def action_decoding(model_cfg) -> str:
+  """`model.action_decoding`: 'autoregressive' (RT-2: each action token reads the one before)
+  or 'parallel' (every action position reads a learned query instead: one decoder pass)."""
+  mode = str(model_cfg.get('action_decoding', 'autoregressive'))
+  if mode not in ACTION_DECODING:
+    raise ValueError(f'model.action_decoding must be one of {ACTION_DECODING}, got {mode!r}')
+  return mode
+
+
+def check_action_positions(model_cfg, num_positions: int) -> None:
+  """Parallel decoding has a learned query for action positions 1..max_action_positions-1."""
+  if action_decoding(model_cfg) != 'parallel':
+    return
+  most = int(model_cfg.get('max_action_positions', 0))
+  if num_positions > most:
+    raise ValueError(f'the action space has {num_positions} action tokens, more than '
+                     f'model.max_action_positions={most} (parallel action decoding learns one '
+                     'query per position): raise it')
+
+
+def action_query_index(action_mask):
+  """[B, Ld] (1 where the target is an action token) -> int32 [B, Ld]: i at the i-th action
+  position of a row (counted from 0), 0 elsewhere. Position i >= 1 reads query i (row i - 1 of
+  `VLA.action_query_embedding`)."""
+  is_action = action_mask > 0
+  return jnp.where(is_action, jnp.cumsum(is_action, axis=1) - 1, 0).astype(jnp.int32)
 
 
 def mean_embedding(embedded, tokens):
@@ -114,6 +152,16 @@ class VLA(nn.Module):
     self.instruction_pool = (InstructionPool(pool_tokens, self.t5_config.emb_dim,
                                              float(self.config.get('instruction_pool_scale', 4.0)),
                                              dtype) if pool_tokens > 0 else None)
+    if self._parallel_actions:
+      # Row i - 1 is the decoder input of action position i; position 0 reads the token before
+      # the actions (BOS, or the plan's last token), as in autoregressive decoding.
+      rows = int(self.config.get('max_action_positions', 0)) - 1
+      if rows < 1:
+        raise ValueError('model.action_decoding=parallel needs model.max_action_positions >= 2')
+      self.action_query_embedding = self.param(
+          'action_query_embedding', nn.with_logical_partitioning(
+              nn.initializers.normal(1.0), ('action_queries', 'embed')),
+          (rows, self.t5_config.emb_dim), jnp.float32)
 
   @property
   def num_image_tokens(self) -> int:
@@ -155,12 +203,30 @@ class VLA(nn.Module):
     return encoded[:, :self.instruction_pool.num_tokens].mean(1)
 
   def __call__(self, images, encoder_input_tokens, decoder_input_tokens,
-               enable_dropout: bool = False):
-    """Teacher-forced logits [B, Ld, V] (float32)."""
+               enable_dropout: bool = False, action_mask=None):
+    """Teacher-forced logits [B, Ld, V] (float32); `action_mask`: see `decode_hidden`."""
     encoded, mask = self.encode(images, encoder_input_tokens, enable_dropout)
-    hidden = self.lm.decode(decoder_input_tokens, encoded, mask, not enable_dropout,
-                            self._decoder_offset(encoded))
-    return self.lm.compute_logits(hidden)
+    return self.lm.compute_logits(
+        self.decode_hidden(encoded, mask, decoder_input_tokens, action_mask, enable_dropout))
+
+  def decode_hidden(self, encoded, encoder_mask, decoder_input_tokens, action_mask=None,
+                    enable_dropout: bool = False):
+    """Teacher-forced decoder: final hidden states [B, Ld, E] for `compute_logits`.
+
+    With `model.action_decoding='parallel'`, `action_mask` [B, Ld] (1 where the target is an
+    action token: the batches' `action_loss_mask`) swaps the input of every action position
+    after the first for that position's learned query, so no action position reads an action
+    token and all of them come out of one pass (rt2_jax.decoding decodes them so). Ignored in
+    autoregressive mode.
+    """
+    x = self.lm.embed(decoder_input_tokens)
+    if self._parallel_actions and action_mask is not None:
+      index = action_query_index(action_mask)
+      queries = jnp.take(self.action_query_embedding, jnp.maximum(index - 1, 0), axis=0,
+                         mode='clip').astype(x.dtype)
+      x = jnp.where((index > 0)[..., None], queries, x)
+    return self.lm.decode_embedded(x, encoded, encoder_mask, not enable_dropout,
+                                   self._decoder_offset(encoded))
 
   def init_decode_cache(self, encoded, encoder_mask, max_decode_len: int):
     """Self-attention K/V [B, max_decode_len, H, D] zeros + cross-attention K/V, per layer
@@ -177,6 +243,10 @@ class VLA(nn.Module):
                                                   cache['input_offset'])
       return hidden, dict(cache, decoder=decoder_cache)
     return self.lm.decode_step(cache, token_ids, step)
+
+  @property
+  def _parallel_actions(self) -> bool:
+    return action_decoding(self.config) == 'parallel'
 
   @property
   def _decoder_offset_enabled(self) -> bool:
