@@ -36,7 +36,6 @@ from rt2_jax import decoding, transforms
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.models import vla
 from rt2_jax.models.vla import VLA
-from rt2_jax.transforms import resize_image  # noqa: F401  (callers import it from here)
 
 log = logging.getLogger(__name__)
 DEFAULT_BUCKETS = (1, 2, 4, 8)
@@ -306,7 +305,7 @@ class Policy:
     s = self.image_size
     if not images:
       return np.zeros((0, s, s, 3), np.uint8)
-    return np.stack([resize_image(im, s, self.resize) for im in images])
+    return np.stack([transforms.resize_image(im, s, self.resize) for im in images])
 
   def outputs_from_tokens(self, tokens) -> list[PolicyOutput]:
     """Decoded tokens [B, L] -> one PolicyOutput per row."""

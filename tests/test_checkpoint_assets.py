@@ -15,8 +15,9 @@ import train_testlib as lib  # tests/train_testlib.py
 from rt2_jax import checkpoint_assets, checkpoints, evaluate
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.client import PolicyClient
-from rt2_jax.policy import Policy, resize_image
+from rt2_jax.policy import Policy
 from rt2_jax.serve import PolicyServer, ServeConfig
+from rt2_jax.transforms import resize_image
 
 INSTRUCTIONS = ['pick up the cup', 'put carrot on plate', 'wipe the table', 'open the drawer']
 BUCKETS = (4,)  # one compile per Policy

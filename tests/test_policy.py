@@ -13,7 +13,8 @@ from rt2_jax import checkpoints, config_flags
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.data.spec import load_spec
 from rt2_jax.models.vla import VLA
-from rt2_jax.policy import Policy, PolicyOutput, resize_image
+from rt2_jax.policy import Policy, PolicyOutput
+from rt2_jax.transforms import resize_image
 
 SPACE = load_spec('bridge_dataset').action_space  # xyz/rpy bounds from the stats' q01..q99
 INSTRUCTIONS = ['put the spoon in the pot', 'open the drawer', 'pick up the cup']

@@ -153,7 +153,7 @@ def tokenize_robot(records, spec: DatasetSpec, context: Context, name: str) -> T
                      f'tokens of {spec.name} plus EOS; set it to at least {num_positions + 1}')
   prompt = transforms.Prompt.from_config(cfg)
   prompts = [prompt.text(t) for t in records.instructions]
-  encoder_table, cut = prompt.encode(vocab, records.instructions)
+  encoder_table, cut = transforms.encode_texts(vocab, prompts, prompt.max_len)  # = prompt.encode
   if cut and context.progress:
     context.progress(f'WARNING: {cut} of {len(prompts)} robot prompts of {spec.name} are longer '
                      f'than data.max_input_len={max_in} tokens and were cut')

@@ -339,6 +339,11 @@ class Decoder(nn.Module):
     return self.decoder_norm(x), dict(cache, layers=new_layers)
 
 
+def _shifted(x, input_offset):
+  """Decoder input embeddings [B, L, E] plus `input_offset` [B, E] at every position (if any)."""
+  return x if input_offset is None else x + input_offset[:, None].astype(x.dtype)
+
+
 class T5(nn.Module):
   """Shared token embedding + encoder + decoder + output projection."""
 
@@ -380,9 +385,7 @@ class T5(nn.Module):
   def decode_embedded(self, x, encoded, encoder_mask, deterministic: bool = True,
                       input_offset=None):
     """`decode` from input embeddings [B, Ld, E] (parallel action decoding swaps some)."""
-    if input_offset is not None:
-      x = x + input_offset[:, None].astype(x.dtype)
-    hidden = self.decoder(x, encoded, encoder_mask, deterministic)
+    hidden = self.decoder(_shifted(x, input_offset), encoded, encoder_mask, deterministic)
     return self._output_hidden(hidden)
 
   def compute_logits(self, hidden, rows=None):
@@ -415,9 +418,7 @@ class T5(nn.Module):
 
   def decode_step(self, cache, token_ids, step, input_offset=None):
     """token_ids [B] at decoder position `step` (int32 scalar) -> hidden [B, E], new cache."""
-    x = self.embed(jnp.asarray(token_ids, jnp.int32)[:, None])
-    if input_offset is not None:
-      x = x + input_offset[:, None].astype(x.dtype)
+    x = _shifted(self.embed(jnp.asarray(token_ids, jnp.int32)[:, None]), input_offset)
     hidden, cache = self.decoder.step(cache, x, jnp.asarray(step, jnp.int32))
     return self._output_hidden(hidden[:, 0]), cache
 
