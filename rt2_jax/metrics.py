@@ -168,7 +168,8 @@ def average(metrics: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
 
 CONSOLE_KEYS = (('loss', 'loss', '.4f'), ('token_accuracy', 'tok_acc', '.3f'),
                 ('action_accuracy', 'act_acc', '.3f'), ('action_error_mean', 'act_err', '.4f'),
-                ('pointer_accuracy', 'ptr_acc', '.3f'), ('learning_rate', 'lr', '.2e'),
+                ('pointer_accuracy', 'ptr_acc', '.3f'),
+                ('pointer_distance', 'ptr_dist', '.3f'), ('learning_rate', 'lr', '.2e'),
                 ('grad_norm', 'gnorm', '.3f'))
 
 

@@ -47,6 +47,7 @@ LOGICAL_RULES = (
     ('pool_tokens', None),  # model.instruction_pool's summaries: few, replicated
     ('embed_out', None),  # its small q/k/v outputs
     ('action_queries', None),  # parallel action decoding's per-position queries: few
+    ('keypoints', None),  # model.pool_keypoints' few coordinate features
     ('layers', None),  # scanned stacks: every device holds all layers of its parameter shard
 )
 

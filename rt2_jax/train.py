@@ -135,6 +135,20 @@ def dummy_inputs(config, batch_size: int = 1) -> tuple:
           jnp.ones((batch_size, d.max_target_len), jnp.int32))
 
 
+def pointer_label(xy, grid: int):
+  """Points [..., 2] (x right, y down, in [0, 1] of the image) -> [..., grid * grid] soft labels
+  over row-major patches: each point spread bilinearly over its four nearest patch centres, so
+  the label's expected patch centre is the point (clipped to the outermost centres)."""
+  centre = jnp.clip(xy * grid - 0.5, 0, grid - 1)  # in patch-centre units
+  low = jnp.minimum(jnp.floor(centre), grid - 2).astype(jnp.int32)
+  frac = centre - low
+  col = (jax.nn.one_hot(low[..., 0], grid) * (1 - frac[..., :1])
+         + jax.nn.one_hot(low[..., 0] + 1, grid) * frac[..., :1])
+  row = (jax.nn.one_hot(low[..., 1], grid) * (1 - frac[..., 1:])
+         + jax.nn.one_hot(low[..., 1] + 1, grid) * frac[..., 1:])
+  return (row[..., :, None] * col[..., None, :]).reshape(*xy.shape[:-1], grid * grid)
+
+
 def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_spec_fn):
   """(state, batch) -> (state, metrics), to be jitted."""
   accum = int(config.optim.grad_accum_steps)
@@ -150,15 +164,36 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
   vla.check_action_positions(config.model, action_vocab.num_positions)
 
   def pointer_sums(pool_logits, batch):
-    """Cross-entropy of the first summary's pooling logits [B, N] against the patch that holds
-    each example's `pointer_xy` (examples without one weigh 0): (loss sum, hits, count)."""
+    """Pointing loss of the summaries' pooling logits [B, K, N] against `pointer_xy` [B, K', 2]
+    (or [B, 2]: slot 0), slots k < min(K, K'); NaN points weigh 0: (loss sum, hits, count).
+    The label is the point's bilinear spread over the four nearest patch centres, so the
+    softmax's expected patch centre (model.pool_keypoints) is trained towards the point itself;
+    a hit is the argmax on the patch that holds the point."""
     xy = batch['pointer_xy']
-    valid = ~jnp.isnan(xy[:, 0])
-    cell = jnp.clip(jnp.floor(jnp.nan_to_num(xy) * patch_grid), 0, patch_grid - 1)
-    target = (cell[:, 1] * patch_grid + cell[:, 0]).astype(jnp.int32)  # row-major patches
-    ce = optax.softmax_cross_entropy_with_integer_labels(pool_logits, target)
-    hits = (pool_logits.argmax(-1) == target) & valid
-    return jnp.where(valid, ce, 0.0).sum(), hits.sum(), valid.sum()
+    xy = xy[:, None] if xy.ndim == 2 else xy
+    k = min(xy.shape[1], pool_logits.shape[1])
+    xy, logits = xy[:, :k], pool_logits[:, :k]
+    valid = ~jnp.isnan(xy[..., 0])
+    xy = jnp.nan_to_num(xy)
+    label = pointer_label(xy, patch_grid)
+    ce = optax.softmax_cross_entropy(logits, label)
+    cell = jnp.clip(jnp.floor(xy * patch_grid), 0, patch_grid - 1)
+    target = (cell[..., 1] * patch_grid + cell[..., 0]).astype(jnp.int32)
+    hits = (logits.argmax(-1) == target) & valid
+    # How far the softmax's expected patch centre lies from the point (fraction of the image).
+    g = patch_grid
+    weights = jax.nn.softmax(logits, -1).reshape(*logits.shape[:-1], g, g)
+    centres = (jnp.arange(g, dtype=jnp.float32) + 0.5) / g
+    expected = jnp.stack([jnp.einsum('...rc,c->...', weights, centres),
+                          jnp.einsum('...rc,r->...', weights, centres)], -1)
+    dist = jnp.where(valid, jnp.linalg.norm(expected - xy, axis=-1), 0.0).sum()
+    return jnp.where(valid, ce, 0.0).sum(), hits.sum(), valid.sum(), dist
+
+  pool_tokens = int(config.model.get('instruction_pool', 0))
+
+  def pointer_count(xy):
+    xy = xy[:, None] if xy.ndim == 2 else xy
+    return (~jnp.isnan(xy[:, :pool_tokens, 0])).sum()
 
   def loss_and_sums(params, batch, rng, total_weight, pointer_total):
     logits, state = model.apply({'params': params}, batch['image'], batch['encoder_input_tokens'],
@@ -172,11 +207,12 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     loss = loss_sum / total_weight
     sums = metrics.step_metric_sums(jax.lax.stop_gradient(logits), batch, action_vocab, tokenizer)
     if pointer_weight:
-      pool_logits = state['intermediates']['instruction_pool']['logits'][0][:, 0]
-      pointer_loss_sum, hits, count = pointer_sums(pool_logits, batch)
+      pool_logits = state['intermediates']['instruction_pool']['logits'][0]
+      pointer_loss_sum, hits, count, dist = pointer_sums(pool_logits, batch)
       loss = loss + pointer_weight * pointer_loss_sum / pointer_total
       sums = dict(sums, pointer_loss_sum=jax.lax.stop_gradient(pointer_loss_sum),
-                  pointer_hits=hits, pointer_count=count)
+                  pointer_hits=hits, pointer_count=count,
+                  pointer_distance_sum=jax.lax.stop_gradient(dist))
     return loss, (loss_sum, sums)
 
   grad_fn = jax.grad(loss_and_sums, has_aux=True)
@@ -185,7 +221,7 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     rng = jax.random.fold_in(state.rng, state.step)
     # Normalizing by the whole batch's target count makes accumulation exact.
     total_weight = jnp.maximum(batch['decoder_loss_weights'].sum(), 1e-8)
-    pointer_total = (jnp.maximum((~jnp.isnan(batch['pointer_xy'][:, 0])).sum(), 1)
+    pointer_total = (jnp.maximum(pointer_count(batch['pointer_xy']), 1)
                      if pointer_weight else None)
     if accum == 1:
       grads, (loss_sum, sums) = grad_fn(state.params, batch, rng, total_weight, pointer_total)
@@ -208,13 +244,14 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
       (grads, loss_sum, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    pointer = {k: sums.pop(k) for k in ('pointer_loss_sum', 'pointer_hits', 'pointer_count')
-               if k in sums}
+    pointer = {k: sums.pop(k) for k in ('pointer_loss_sum', 'pointer_hits', 'pointer_count',
+                                         'pointer_distance_sum') if k in sums}
     out = metrics.finalize_metrics(sums, loss_sum)
-    if pointer:  # web examples with a 'point': the pool's loss and how often it picks the patch
+    if pointer:  # examples with points: the pool's loss, how often it picks the patch, how far
       count = jnp.maximum(pointer['pointer_count'], 1)
       out['pointer_loss'] = pointer['pointer_loss_sum'] / count
       out['pointer_accuracy'] = pointer['pointer_hits'] / count
+      out['pointer_distance'] = pointer['pointer_distance_sum'] / count
     out['grad_norm'] = optax.tree.norm(grads)
     out['learning_rate'] = schedule(state.step)
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), out

@@ -409,3 +409,44 @@ def test_pool_to_decoder_adds_the_encoded_summaries_to_every_decoder_input():
   np.testing.assert_allclose(_cached_decode_logits(model, variables, images, enc, dec), logits,
                              atol=2e-5, rtol=1e-5)
 
+
+
+def test_pool_keypoints_add_each_summarys_expected_patch_centre_to_the_summaries():
+  from rt2_jax import partitioning
+  from rt2_jax.models.vla import InstructionPool
+
+  # Keypoints by hand: one-hot weights on patch (row 2, col 1) of a 4 x 4 grid -> (x, y) =
+  # (1.5 / 4, 2.5 / 4); an even split between two patches -> their midpoint.
+  pool = InstructionPool(2, 8, keypoint_grid=4)
+  weights = np.zeros((1, 2, 16), np.float32)
+  weights[0, 0, 2 * 4 + 1] = 1.0
+  weights[0, 1, [0, 3]] = 0.5  # row 0, cols 0 and 3
+  pool_vars = pool.init(jax.random.key(0), jnp.asarray(weights),
+                        method=InstructionPool.keypoint_features)
+  feats, inter = pool.apply({'params': pool_vars['params']}, jnp.asarray(weights),
+                            method=InstructionPool.keypoint_features, mutable=['intermediates'])
+  points = np.asarray(inter['intermediates']['keypoints'][0])[0]
+  np.testing.assert_allclose(points, [[1.5 / 4, 2.5 / 4], [2.0 / 4, 0.5 / 4]], atol=1e-6)
+  np.testing.assert_allclose(np.asarray(feats)[0], 4.0 * np.array(
+      [1.5 / 4 - 0.5, 2.5 / 4 - 0.5, 0.0, 0.5 / 4 - 0.5, -0.5 / 4, 2.0 / 4]), atol=1e-6)
+
+  images, enc, dec = _inputs()
+  model = VLA(_model_cfg(**{'instruction_pool': 2, 'pool_keypoints': True}))
+  plain = VLA(_model_cfg(**{'instruction_pool': 2}))
+  variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images, enc, dec))
+  assert variables['params']['instruction_pool']['keypoint_projection']['kernel'].shape == (6, 32)
+
+  def summaries(m, i, e):
+    encoded, _ = m.encode(i, e)
+    return encoded
+  # The same parameters without the keypoint projection: the summaries differ by it only.
+  without = {'params': dict(variables['params'], instruction_pool={
+      k: v for k, v in variables['params']['instruction_pool'].items()
+      if k != 'keypoint_projection'})}
+  assert np.abs(np.asarray(model.apply(variables, images, enc, method=summaries))
+                - np.asarray(plain.apply(without, images, enc, method=summaries))).max() > 1e-3
+  abstract = jax.eval_shape(model.init, jax.random.key(0), images, enc, dec)
+  mesh = partitioning.make_mesh(config_flags.load_config('configs/tiny.py').mesh)
+  partitioning.shardings_for(abstract['params'], mesh)  # every axis has a rule
+  with pytest.raises(ValueError, match='instruction_pool'):
+    VLA(_model_cfg(**{'pool_keypoints': True})).init(jax.random.key(0), images, enc, dec)

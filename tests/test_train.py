@@ -310,35 +310,63 @@ def test_init_from_a_run_or_a_converted_checkpoint(tmp_path):
     checkpoints.load_init_params(str(tmp_path), abstract)
 
 
-def test_pointer_loss_trains_the_pool_to_pick_the_patch_of_each_point(action_setup):
+def _bilinear_label(x, y, grid):
+  """Numpy reference: weights of the four patch centres around (x, y) (row-major patches)."""
+  label = np.zeros((grid, grid))
+  cx, cy = np.clip(x * grid - 0.5, 0, grid - 1), np.clip(y * grid - 0.5, 0, grid - 1)
+  x0, y0 = min(int(cx), grid - 2), min(int(cy), grid - 2)
+  fx, fy = cx - x0, cy - y0
+  for r, wr in ((y0, 1 - fy), (y0 + 1, fy)):
+    for c, wc in ((x0, 1 - fx), (x0 + 1, fx)):
+      label[r, c] += wr * wc
+  return label.reshape(-1)
+
+
+def test_pointer_loss_trains_each_summary_to_point_at_its_slot(action_setup):
   _, space, action_vocab, tokenizer = action_setup
-  setup = train.make_setup(_config(**{'model.instruction_pool': 1, 'model.pointer_loss': 0.5,
+  setup = train.make_setup(_config(**{'model.instruction_pool': 2, 'model.pointer_loss': 0.5,
                                       'batch_size': 8}))
   state = setup.init_state(jax.random.PRNGKey(0))
   batch = _batch(setup.config, space, action_vocab, tokenizer)
   rng = np.random.default_rng(3)
-  xy = rng.uniform(0, 1, (len(batch['image']), 2)).astype(np.float32)
-  xy[:3] = np.nan  # examples without a point weigh nothing
+  # Three slots of points for a pool of two summaries: slot 2 has no summary and is ignored.
+  xy = rng.uniform(0, 1, (len(batch['image']), 3, 2)).astype(np.float32)
+  xy[:3, 0] = np.nan  # points that are absent weigh nothing
+  xy[:5, 1] = np.nan
   batch['pointer_xy'] = xy
   batch = {k: jax.device_put(v, setup.batch_sharding(v.ndim)) for k, v in batch.items()}
-  # By hand: the first summary's logits over the 4 x 4 patches (32 px, 8 px patches), row-major.
+  # By hand: each summary's logits over the 4 x 4 patches (32 px, 8 px patches), row-major,
+  # against the point spread over its four nearest patch centres.
   _, inter = setup.model.apply({'params': state.params}, batch['image'],
                                batch['encoder_input_tokens'], batch['decoder_input_tokens'],
                                mutable=['intermediates'])
-  logits = np.asarray(inter['intermediates']['instruction_pool']['logits'][0])[:, 0]
-  assert logits.shape == (len(xy), 16)
-  target = (xy[3:, 1] * 4).astype(int) * 4 + (xy[3:, 0] * 4).astype(int)
-  log_p = logits[3:] - np.log(np.exp(logits[3:]).sum(-1, keepdims=True))
+  logits = np.asarray(inter['intermediates']['instruction_pool']['logits'][0])
+  assert logits.shape == (len(xy), 2, 16)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  losses, hits, dists = [], [], []
+  centres = (np.arange(4) + 0.5) / 4
+  for i in range(len(xy)):
+    for k in range(2):
+      if np.isnan(xy[i, k, 0]):
+        continue
+      label = _bilinear_label(*xy[i, k], 4)
+      assert label @ np.tile(centres, 4) == pytest.approx(np.clip(xy[i, k, 0], 1 / 8, 7 / 8))
+      losses.append(-(label * log_p[i, k]).sum())
+      target = int(xy[i, k, 1] * 4) * 4 + int(xy[i, k, 0] * 4)
+      hits.append(logits[i, k].argmax() == target)
+      p = np.exp(log_p[i, k]).reshape(4, 4)
+      dists.append(np.hypot(p.sum(0) @ centres - xy[i, k, 0], p.sum(1) @ centres - xy[i, k, 1]))
+  assert len(losses) == 2 * len(xy) - 8
   step = setup.jit_train_step(action_vocab, tokenizer)
   state, out = step(state, batch)
-  assert float(out['pointer_loss']) == pytest.approx(-log_p[np.arange(len(target)), target].mean(),
-                                                     rel=1e-4)
-  assert float(out['pointer_accuracy']) == pytest.approx(
-      (logits[3:].argmax(-1) == target).mean())
+  assert float(out['pointer_loss']) == pytest.approx(np.mean(losses), rel=1e-4)
+  assert float(out['pointer_accuracy']) == pytest.approx(np.mean(hits))
+  assert float(out['pointer_distance']) == pytest.approx(np.mean(dists), rel=1e-4)
   first = float(out['pointer_loss'])
   for _ in range(30):
     state, out = step(state, batch)
-  assert float(out['pointer_loss']) < 0.5 * first  # it trains the pool
+  assert float(out['pointer_loss']) < 0.7 * first  # it trains the pool
+  assert float(out['pointer_distance']) < 0.9 * float(np.mean(dists))  # and moves its centre
 
 
 def test_pointer_loss_needs_the_instruction_pool():

@@ -115,6 +115,7 @@ class InstructionPool(nn.Module):
   features: int
   scale: float = 4.0
   dtype: Any = jnp.float32
+  keypoint_grid: int = 0  # > 0: model.pool_keypoints on this square patch grid
 
   def setup(self):
     k, e = self.num_tokens, self.features
@@ -125,6 +126,9 @@ class InstructionPool(nn.Module):
                                      dtype=self.dtype)
     self.type_embedding = self.param('type_embedding', nn.with_logical_partitioning(
         nn.initializers.normal(1.0), ('pool_tokens', 'embed')), (k, e), jnp.float32)
+    if self.keypoint_grid:
+      self.keypoint_projection = layers.DenseGeneral((e,), ('keypoints', 'embed'), use_bias=True,
+                                                     dtype=self.dtype)
 
   def logits(self, image_tokens, instruction):
     """[B, K, N] float32: where each summary looks (a grounding loss can train these)."""
@@ -136,7 +140,29 @@ class InstructionPool(nn.Module):
     self.sow('intermediates', 'logits', logits)  # for model.pointer_loss (rt2_jax/train.py)
     weights = jax.nn.softmax(logits, axis=-1)
     pooled = jnp.einsum('bkn,bne->bke', weights.astype(self.dtype), self.value(image_tokens))
-    return pooled + self.type_embedding.astype(self.dtype)[None]
+    pooled = pooled + self.type_embedding.astype(self.dtype)[None]
+    if self.keypoint_grid:
+      pooled = pooled + self.keypoint_projection(self.keypoint_features(weights))[:, None]
+    return pooled
+
+  def keypoint_features(self, weights):
+    """[B, K, N] pooling weights -> [B, 2K + K(K-1)] float32: each summary's expected patch
+    centre (x right, y down, in [0, 1] of the image: a spatial soft-argmax) and the differences
+    between every pair, centred and scaled to about [-2, 2]. A push is a direction between
+    positions (pusher to block, block to goal): given as numbers, the decoder need not learn to
+    read it out of pooled features."""
+    g = self.keypoint_grid
+    if weights.shape[-1] != g * g:
+      raise ValueError(f'model.pool_keypoints needs a square patch grid: {weights.shape[-1]} '
+                       f'patches, expected {g} x {g}')
+    centres = (jnp.arange(g, dtype=jnp.float32) + 0.5) / g
+    x = jnp.einsum('bkrc,c->bk', weights.reshape(*weights.shape[:2], g, g), centres)
+    y = jnp.einsum('bkrc,r->bk', weights.reshape(*weights.shape[:2], g, g), centres)
+    points = jnp.stack([x, y], axis=-1)  # [B, K, 2]
+    self.sow('intermediates', 'keypoints', points)
+    i, j = np.triu_indices(self.num_tokens, k=1)
+    diffs = (points[:, i] - points[:, j]).reshape(points.shape[0], -1)
+    return 4.0 * jnp.concatenate([(points - 0.5).reshape(points.shape[0], -1), diffs], axis=-1)
 
 
 class VLA(nn.Module):
@@ -149,9 +175,14 @@ class VLA(nn.Module):
     self.image_projection = ImageProjection(self.t5_config.emb_dim, dtype)
     self.lm = T5(self.t5_config)
     pool_tokens = int(self.config.get('instruction_pool', 0))
+    keypoints = bool(self.config.get('pool_keypoints', False))
+    if keypoints and pool_tokens < 1:
+      raise ValueError('model.pool_keypoints needs model.instruction_pool >= 1')
+    grid = self.vit_config.image_size // self.vit_config.patch_size
     self.instruction_pool = (InstructionPool(pool_tokens, self.t5_config.emb_dim,
                                              float(self.config.get('instruction_pool_scale', 4.0)),
-                                             dtype) if pool_tokens > 0 else None)
+                                             dtype, grid if keypoints else 0)
+                             if pool_tokens > 0 else None)
     if self._parallel_actions:
       # Row i - 1 is the decoder input of action position i; position 0 reads the token before
       # the actions (BOS, or the plan's last token), as in autoregressive decoding.
