@@ -55,6 +55,8 @@ def test_batch_format(data, spec):
   it, vocab, action_vocab, stats = make_iterator(config)
   space = pipeline.action_space(config)
   b, lin, lout = 8, config.data.max_input_len, config.data.max_target_len
+  for task in it.tasks:  # web lines: one point slot each; these robot specs have no points_key
+    assert (task.points is None) if task.is_robot else task.points.shape == (len(task), 1, 2)
   for batch in take(it, 4):
     assert set(batch) == set(pipeline.MODEL_KEYS)
     assert batch['image'].shape == (b, 16, 16, 3) and batch['image'].dtype == np.uint8
@@ -73,13 +75,48 @@ def test_batch_format(data, spec):
     assert (mask[robot].sum(1) == space.num_positions).all() and (mask[~robot] == 0).all()
     assert (batch['actions'][~robot] == 0).all()
     assert batch['actions'].shape == (b, space.dim)
-    assert np.isnan(batch['pointer_xy'][robot]).all()  # only web lines carry points
+    # No task has points (the fixture's web lines have no 'point'): one slot, all NaN.
+    assert batch['pointer_xy'].shape == (b, 1, 2) and batch['pointer_xy'].dtype == np.float32
+    assert np.isnan(batch['pointer_xy']).all()
     # The action tokens are exactly the tokenized recorded actions.
     tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
     ids = targets[robot][mask[robot] > 0].reshape(-1, space.num_positions)
     expected = action_vocab.bins_to_ids(tokenizer.encode(batch['actions'][robot]))
     np.testing.assert_array_equal(ids, expected)
     assert robot.any() and (~robot).any()
+
+
+def _task_data(name, kind, n, points):
+  robot = kind == tasks.ROBOT
+  return tasks.TaskData(
+      name=name, kind=kind, images=np.zeros((n, 4, 4, 3), np.uint8),
+      image_index=np.arange(n), encoder_table=np.full((1, 3), 5, np.int32),
+      encoder_index=np.zeros(n, np.int32), targets=np.tile(np.int32([[7, 1, 0]]), (n, 1)),
+      action_start=np.full(n, 0 if robot else -1, np.int32), num_action_tokens=int(robot),
+      actions=np.zeros((n, 2), np.float32) if robot else None, describe=lambda i: {},
+      points=points)
+
+
+def test_pointer_xy_has_the_widest_tasks_slots_nan_padded():
+  rng = np.random.default_rng(0)
+  robot_points = rng.uniform(0, 1, (10, 3, 2)).astype(np.float32)
+  web_points = rng.uniform(0, 1, (7, 1, 2)).astype(np.float32)
+  web_points[2] = np.nan  # a line without a 'point'
+  data = [_task_data('robot/t', tasks.ROBOT, 10, robot_points),
+          _task_data('web/a', tasks.WEB, 7, web_points), _task_data('web/b', tasks.WEB, 5, None)]
+  it = pipeline.MixtureIterator(data, [0.4, 0.4, 0.2], 32)
+  assert it.num_points == 3
+  for _ in range(3):
+    xy = next(it)['pointer_xy']
+    assert xy.shape == (32, 3, 2) and xy.dtype == np.float32
+    for row, (t, i) in zip(xy, it.last_examples, strict=True):
+      if t == 0:
+        np.testing.assert_array_equal(row, robot_points[i])
+      elif t == 1:
+        np.testing.assert_array_equal(row[0], web_points[i, 0])
+        assert np.isnan(row[1:]).all()  # web lines point at one thing
+      else:
+        assert np.isnan(row).all()
 
 
 @pytest.mark.parametrize('rate', [0.5, 0.66])

@@ -122,6 +122,31 @@ def test_action_slice_past_tensor_end_is_reported(datasets):
     rlds.read_split(spec, datasets['bridge_dataset'], 'train', 8, progress=None)
 
 
+def test_points_key_must_hold_image_points(datasets):
+  spec = dataclasses.replace(load_spec('bridge_dataset'), points_key='action')
+  with pytest.raises(rlds.DataError, match=r"points key 'action' must hold \[K, 2\].*\(7,\)"):
+    rlds.read_split(spec, datasets['bridge_dataset'], 'train', 8, progress=None)
+
+
+def test_step_records_points_survive_select_save_and_load(tmp_path):
+  n = 6
+  points = np.arange(n * 3 * 2, dtype=np.float32).reshape(n, 3, 2) / 100
+  points[1, 2] = np.nan
+  records = rlds.StepRecords(
+      name='x', images=np.zeros((n, 4, 4, 3), np.uint8), actions=np.zeros((n, 2), np.float32),
+      instruction_index=np.zeros(n, np.int32), instructions=['go'],
+      plan_index=np.full(n, -1, np.int32), plans=[], episode_ids=np.repeat([0, 1], 3),
+      step_ids=np.tile(np.arange(3), 2), is_first=np.tile([True, False, False], 2),
+      is_last=np.tile([False, False, True], 2), points=points)
+  picked = records.select([1, 4])
+  np.testing.assert_array_equal(picked.points, points[[1, 4]])
+  records.save(str(tmp_path / 'with'))
+  np.testing.assert_array_equal(rlds.StepRecords.load(str(tmp_path / 'with')).points, points)
+  dataclasses.replace(records, points=None).save(str(tmp_path / 'without'))
+  assert rlds.StepRecords.load(str(tmp_path / 'without')).points is None
+  assert rlds.check_episodes(records).points is records.points  # NaN points are not bad data
+
+
 def test_corrupt_record_names_the_file(datasets, tmp_path):
   broken = str(tmp_path / 'broken')
   shutil.copytree(datasets['bridge_dataset'], broken)

@@ -40,6 +40,15 @@ def test_load_by_path_and_passthrough(tmp_path):
   assert spec.episode_keys() == ['episode_metadata/task']
 
 
+def test_points_key_is_a_step_key_in_the_summary():
+  table = load_spec('tabletop')
+  assert table.points_key == 'observation/points' and 'observation/points' in table.step_keys()
+  assert 'points=observation/points' in table.summary()
+  assert 'points=-' in load_spec('bridge_dataset').summary()
+  with pytest.raises(ValueError, match='points_key must be a step path'):
+    dataclasses.replace(table, points_key='episode/points')
+
+
 def test_specs_dir_from_environment(tmp_path, monkeypatch):
   (tmp_path / 'extra_ds.py').write_text(
       'from rt2_jax.data.spec import load_spec\n'

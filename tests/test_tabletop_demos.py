@@ -8,7 +8,8 @@ import pytest
 
 import rt2_jax
 from rt2_jax.data import tabletop_demos as demos
-from rt2_jax.envs import concepts
+from rt2_jax.envs import concepts, tabletop
+from rt2_jax.envs import tabletop_tasks as tt
 
 SIZE = 32
 MULTISTEP = 'multistep@robot'
@@ -59,6 +60,18 @@ def test_rlds_layout_and_manifest(demo_dir):
     state = steps[-1]['observation']['state']
     xy = np.concatenate([state[:2], state[2:].reshape(8, 3)[:, :2].ravel()])
     assert state.shape == (26,) and np.abs(xy).max() < 0.3  # metres on the 0.6 m board
+    # Pointing targets: the projected (goal block, pusher, destination) of every step's state.
+    points = np.stack([s['observation']['points'] for s in steps])
+    assert points.shape == (n, 3, 2) and points.dtype == np.float32
+    assert np.isfinite(points).all() and (points > 0).all() and (points < 1).all()
+    episode = tt.make_episode(task, int(meta['seed']))
+    states = np.stack([s['observation']['state'] for s in steps])
+    for t in (0, n // 2, n - 1):
+      expected = tabletop.image_points(tt.pointer_targets(episode, states[t]))
+      np.testing.assert_allclose(points[t], expected, atol=1e-6)
+    assert (np.diff(points[:, 1], axis=0) != 0).any()  # the pusher's point follows it
+    # The last step's block is the last goal's, and it sits on its destination.
+    assert np.linalg.norm(points[-1, 0] - points[-1, 2]) < 0.15, points[-1]
 
 
 def test_read_through_the_data_spec_and_tokenized_with_plans(demo_dir):
@@ -91,6 +104,14 @@ def test_read_through_the_data_spec_and_tokenized_with_plans(demo_dir):
     assert has_plan[start:stop].any() == has_plan[start:stop].all()
   val = rlds.read_split(spec, demos.builder_dir(out), spec.eval_split, SIZE, progress=_quiet)
   assert val.num_episodes == len(demos.ROBOT_TASKS)
+  # The reader returns every step's pointing targets (and keeps them through its cache).
+  assert records.points.shape == (len(records), len(tt.POINTER_SLOTS), 2)
+  assert (records.points > 0).all() and (records.points < 1).all()
+  cache = os.path.join(out, 'records_cache')
+  for _ in range(2):
+    cached = rlds.read_split(spec, demos.builder_dir(out), 'train', SIZE, cache_dir=cache,
+                             progress=_quiet)
+    np.testing.assert_array_equal(cached.points, records.points)
 
   vocab_path = os.path.join(os.path.dirname(rt2_jax.__file__), 'assets', 'tabletop_spm.model')
   config = load_config('tiny', {'data.max_target_len': 32, 'vocab.path': vocab_path})
@@ -103,6 +124,7 @@ def test_read_through_the_data_spec_and_tokenized_with_plans(demo_dir):
   assert data.action_start[plan_row] > 0 and data.action_start[plain_row] == 0
   positions = data.action_start[plan_row] + np.arange(spec.action_space.num_positions)
   action_vocab.ids_to_bins(data.targets[plan_row, positions])  # raises on a non-action token
+  np.testing.assert_array_equal(data.points, records.points)
 
 
 def test_ensure_reuses_matching_demos_and_refuses_to_overwrite(demo_dir):
@@ -130,6 +152,25 @@ def test_ensure_regenerates_for_other_settings_or_simulator_code(demo_dir, monke
   assert demos.ensure_demos(settings, out, log=messages.append) == 'new'
   assert calls == [(other, out), (settings, out)]
   assert 'other settings' in messages[0] and 'other simulator or expert code' in messages[1]
+
+
+def test_demos_of_the_old_format_are_not_reused(demo_dir, monkeypatch):
+  out, manifest = demo_dir
+  settings = demos.DemoSettings(**manifest['settings'])
+  assert manifest['settings']['format'] == demos.DEMO_FORMAT == settings.format
+  old = {k: v for k, v in manifest['settings'].items() if k != 'format'}  # written before points
+  assert demos.DemoSettings(**old).to_json() == settings.to_json()
+  monkeypatch.setattr(demos, 'read_manifest', lambda _: {**manifest, 'settings': old})
+  calls, messages = [], []
+  monkeypatch.setattr(demos, 'generate', lambda *args, **kwargs: calls.append(args) or 'new')
+  assert demos.ensure_demos(settings, out, log=messages.append) == 'new'
+  assert calls == [(settings, out)] and 'older format' in messages[0]
+  # The recipe keys its cache folder by to_json(), so the folder differs from an old one too.
+  from rt2_jax.recipes import tabletop as recipe
+
+  assert recipe._cache_dir('demos', old) != recipe._cache_dir('demos', settings.to_json())
+  with pytest.raises(ValueError, match='format'):
+    demos.DemoSettings(format=1)
 
 
 def test_settings_errors():

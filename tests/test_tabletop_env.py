@@ -205,6 +205,55 @@ def test_seeded_images_are_identical_in_a_worker():
   assert len(rows) and rows.mean() < 32 and cols.mean() < 32, (rows.mean(), cols.mean())
 
 
+def segmentation_probe(task, seed, size, steps):
+  """Runs in a worker: the state after `steps` expert steps and, per pixel, the body it shows
+  (-1 where no geom), with the body ids of the pusher and of the episode's blocks."""
+  import mujoco
+
+  env = tabletop.TabletopEnv(task, tabletop.RenderSettings(size))
+  ts = env.reset(seed)
+  for _ in range(steps):
+    ts = env.step(env.expert_action()[0])
+  renderer = env._renderer
+  renderer.enable_segmentation_rendering()
+  renderer.update_scene(env.data, camera='top')
+  geom = renderer.render()[..., 0]
+  renderer.disable_segmentation_rendering()
+  body = np.where(geom >= 0, env.model.geom_bodyid[np.maximum(geom, 0)], -1)
+  pusher = mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_BODY, 'pusher')
+  blocks = [env._block_body[s] for s in env._slots]
+  env.close()
+  return dict(state=ts.state, image=ts.image, body=body, pusher=pusher, blocks=blocks)
+
+
+def test_image_points_project_the_pusher_and_blocks_onto_their_pixels():
+  size = 64
+  with Workers(1, env={'PYTHONPATH': TESTS_DIR}) as workers:
+    (probe,) = workers.run([(0, 'test_tabletop_env:segmentation_probe',
+                             ('next_to@robot', 3, size, 5))])
+  ep = tt.make_episode('next_to@robot', 3)
+  pusher, block_xy, _ = tt.split_state(probe['state'], len(ep.blocks))
+  objects = [(probe['pusher'], pusher)] + list(zip(probe['blocks'], block_xy, strict=True))
+  for body, xy in objects:
+    rows, cols = np.nonzero(probe['body'] == body)
+    assert len(rows) > 8, body
+    centroid = np.array([cols.mean(), rows.mean()]) + 0.5  # pixel (c, r) spans [c, c + 1]
+    point = tabletop.image_points(xy) * size
+    assert np.linalg.norm(point - centroid) < 1.0, (body, point, centroid)
+    assert probe['body'][int(point[1]), int(point[0])] == body
+  # The pusher is the white thing (its centre a dark dot): white pixels surround its point.
+  col, row = (tabletop.image_points(pusher) * size).astype(int)
+  assert (probe['image'][row - 2 : row + 3, col - 2 : col + 3].min(-1) > 200).sum() >= 4
+  # Shape and convention: [..., 2] in, [..., 2] out; the far side is the top of the image.
+  grid = tabletop.image_points(np.zeros((3, 4, 2)))
+  assert grid.shape == (3, 4, 2) and grid.dtype == np.float32
+  near, far = tabletop.image_points([[0.0, -0.25], [0.0, 0.25]])
+  assert far[1] < 0.5 < near[1] and abs(far[0] - 0.5) < 1e-6
+  # Oblique: the far edge looks shorter than the near one.
+  (fl, fr), (nl, nr) = (tabletop.image_points([[-0.3, y], [0.3, y]])[:, 0] for y in (0.3, -0.3))
+  assert fr - fl < nr - nl
+
+
 class _ImageRandomActor(tabletop.RandomActor):
   needs_images = True  # makes the environments render
 

@@ -49,6 +49,9 @@ def decode_example(batch: dict, j: int, info: dict, vocab, action_vocab, tokeniz
     out['bins'] = codec.ids_to_bins(ids).tolist()
     out['decoded_action'] = codec.decode(ids)
     out['action'] = batch['actions'][j]
+  if 'pointer_xy' in batch:  # [K, 2] per example; NaN slots are left out
+    xy = np.asarray(batch['pointer_xy'][j]).reshape(-1, 2)
+    out['points'] = {k: xy[k].round(3).tolist() for k in range(len(xy)) if np.isfinite(xy[k]).all()}
   return out
 
 
@@ -61,6 +64,9 @@ def format_example(ex: dict, space) -> str:
            f"  target ids: {ex['target_ids']}"]
   if ex.get('plan'):
     lines.append(f"  plan: {ex['plan']!r}")
+  if ex.get('points'):
+    lines.append('  points (slot: x, y in [0, 1]): ' + ', '.join(
+        f'{k}: ({x:.3f}, {y:.3f})' for k, (x, y) in ex['points'].items()))
   if 'episode_id' in ex:
     lines.append(f"  episode {ex['episode_id']} step {ex['step_id']}")
   if 'decoded_action' in ex:

@@ -12,8 +12,12 @@ Batch (docs/interfaces.md, "Data"): image uint8 [B,S,S,3], encoder_input_tokens 
 decoder_input_tokens / decoder_target_tokens int32 [B,Ld] (targets end with EOS=1; inputs are
 targets shifted right behind a 0), decoder_loss_weights float32 [B,Ld], is_robot bool [B],
 action_loss_mask float32 [B,Ld] (1 on action tokens), actions float32 [B,dim] (real units, 0 for
-web examples), pointer_xy float32 [B,2] (a web line's 'point', x and y in [0, 1]; NaN where the
-example has none; `model.pointer_loss` trains on it).
+web examples), pointer_xy float32 [B,K,2] (image points, x from the left and y from the top in
+[0, 1], that `model.pointer_loss` trains on: a web line's 'point' in slot 0; a robot step's
+pointing targets from its spec's points_key, for tabletop demos the slots
+`rt2_jax.envs.tabletop_tasks.POINTER_SLOTS` = (current goal's block, pusher, that block's
+destination); K is the largest K of the mixture's tasks (1 when none has points) and every slot
+a task lacks, or an example has no point for, is NaN).
 
 How examples are drawn (everything is a function of the seed and a few counters):
 - Task of each example: global example number g = step * global_batch + process_index * B + j
@@ -158,6 +162,9 @@ class MixtureIterator:
     if len(robot_dims) > 1:
       raise ValueError(f'robot tasks have different action widths {robot_dims}')
     self.action_dim = robot_dims.pop() if robot_dims else action_dim
+    # Pointer slots per example: the widest task's; narrower tasks leave the rest NaN.
+    self.num_points = max([t.points.shape[1] for t in self.tasks if t.points is not None],
+                          default=1)
     self.step = 0
     self.consumed = [0] * len(self.tasks)
     self._perms: dict[int, tuple[int, np.ndarray]] = {}
@@ -204,7 +211,7 @@ class MixtureIterator:
         'is_robot': np.zeros(b, bool),
         'action_loss_mask': np.zeros((b, length), np.float32),
         'actions': np.zeros((b, self.action_dim), np.float32),
-        'pointer_xy': np.full((b, 2), np.nan, np.float32),
+        'pointer_xy': np.full((b, self.num_points, 2), np.nan, np.float32),
     }
     examples = [None] * b
     positions_of_length = np.arange(length)
@@ -224,7 +231,7 @@ class MixtureIterator:
             positions_of_length < start + task.num_action_tokens)).astype(np.float32)
         batch['actions'][where] = task.actions[idx]
       if task.points is not None:
-        batch['pointer_xy'][where] = task.points[idx]
+        batch['pointer_xy'][where, :task.points.shape[1]] = task.points[idx]
       for w, i in zip(where, idx, strict=False):
         examples[w] = (int(t), int(i))
     targets = batch['decoder_target_tokens']

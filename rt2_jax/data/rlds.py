@@ -4,6 +4,8 @@
   records.images      uint8 [N, 64, 64, 3]  (resized per spec.resize)
   records.actions     float32 [N, dim]      (action fields concatenated in spec order)
   records.instruction(i), records.plan(i), records.episode_ids, records.step_ids
+  records.points      float32 [N, K, 2]     (spec.points_key's image points, NaN = none; None
+                                             when the spec has no points_key)
 
 `data_dir` is a TFDS builder folder (the one holding dataset_info.json), or a folder above it
 (`root/NAME/VERSION/` is found from `root` or `root/NAME`); any path tf.io.gfile reads works
@@ -37,7 +39,7 @@ from rt2_jax.data.spec import EPISODE_PREFIX, DatasetSpec, load_spec
 
 BAD_DATA_MODES = ('skip', 'fail')
 NO_INSTRUCTION, NONFINITE_ACTION = 'no_instruction', 'nonfinite_action'
-_CACHE_FORMAT = 2  # 2: images resized by rt2_jax.transforms (integer arithmetic)
+_CACHE_FORMAT = 3  # 2: images resized by rt2_jax.transforms (integer arithmetic); 3: points
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class StepRecords:
   is_last: np.ndarray  # bool [N]
   skipped: dict = dataclasses.field(default_factory=dict)  # reason -> episodes skipped
   source: str = ''
+  points: np.ndarray | None = None  # float32 [N, K, 2] image points (spec.points_key); NaN: none
 
   def __len__(self) -> int:
     return int(self.actions.shape[0])
@@ -209,6 +212,11 @@ def _check_spec(spec: DatasetSpec, builder, where: str) -> tuple[dict, dict]:
     if not isinstance(step_features[key], tfds.features.Image):
       raise DataError(f'dataset {spec.name} ({where}): image key {key!r} is a '
                       f'{type(step_features[key]).__name__}, not an Image')
+  if spec.points_key:
+    shape = tuple(step_features[spec.points_key].shape or ())
+    if len(shape) != 2 or shape[1] != 2:
+      raise DataError(f'dataset {spec.name} ({where}): points key {spec.points_key!r} must hold '
+                      f'[K, 2] image points, but it has shape {shape}')
   for field, source in spec.field_sources():
     shape = step_features[source.key].shape
     width = int(np.prod(shape)) if shape else 1
@@ -274,6 +282,8 @@ def _step_dataset(spec: DatasetSpec, builder, split: str, image_size: int, shard
       }
       if spec.plan_key:
         out['plan'] = plan if plan is not None else _get(step, spec.plan_key)
+      if spec.points_key:
+        out['points'] = tf.reshape(tf.cast(_get(step, spec.points_key), tf.float32), [-1, 2])
       return out
 
     return episode['steps'].enumerate().map(per_step)
@@ -321,7 +331,8 @@ def _read(spec, builder, builder_dir, split, image_size, shard, step_features, p
   where = f'{builder_dir}, split {split!r}'
   if progress:
     progress(f'reading {spec.name} ({where}, shard {shard[0]}/{shard[1]}) ...')
-  cols = {k: [] for k in ('image', 'action', 'episode_id', 'step_id', 'is_first', 'is_last')}
+  cols = {k: [] for k in ('image', 'action', 'episode_id', 'step_id', 'is_first', 'is_last',
+                          *(('points',) if spec.points_key else ()))}
   texts, plans = [], []
   start, last_report, episode = time.time(), time.time(), -1
   iterator = iter(_step_dataset(spec, builder, split, image_size, shard, step_features))
@@ -363,7 +374,8 @@ def _read(spec, builder, builder_dir, split, image_size, shard, step_features, p
                             else np.full(len(texts), -1), np.int32),
       plans=plan_list, episode_ids=arrays['episode_id'].astype(np.int32),
       step_ids=arrays['step_id'].astype(np.int32), is_first=arrays['is_first'].astype(bool),
-      is_last=arrays['is_last'].astype(bool), source=where)
+      is_last=arrays['is_last'].astype(bool), source=where,
+      points=arrays['points'].astype(np.float32) if spec.points_key else None)
   if progress:
     progress(f'read {len(records)} steps, {records.num_episodes} episodes of {spec.name} in '
              f'{time.time() - start:.1f}s')

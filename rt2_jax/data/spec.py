@@ -52,6 +52,8 @@ class DatasetSpec:
   action_space: the action fields in token order (their bounds and discrete kinds).
   action_sources: one ActionSource per action field, in the same order.
   plan_key: optional step path (or 'episode/...') of a chain-of-thought plan string; '' = none.
+  points_key: optional step path of float32 [K, 2] image points (x from the left, y from the
+    top, in [0, 1]; a NaN row = no point), pointing targets for `model.pointer_loss`; '' = none.
   resize: how images become the model's square size: 'stretch' (resize, aspect not kept),
     'center_crop' (crop the largest centred square, then resize), 'pad' (letterbox with black).
   image_shape: the native (height, width) of the first camera (documentation and fixtures).
@@ -65,6 +67,7 @@ class DatasetSpec:
   action_sources: tuple[ActionSource, ...]
   instruction_encoding: str = 'string'
   plan_key: str = ''
+  points_key: str = ''
   resize: str = 'stretch'
   image_shape: tuple[int, int] = (256, 256)
   version: str = ''
@@ -81,6 +84,9 @@ class DatasetSpec:
     if self.resize not in RESIZE_POLICIES:
       raise ValueError(f'dataset spec {self.name!r}: resize must be one of {RESIZE_POLICIES}, '
                        f'got {self.resize!r}')
+    if self.points_key.startswith(EPISODE_PREFIX):
+      raise ValueError(f'dataset spec {self.name!r}: points_key must be a step path (points change '
+                       f'every step), got {self.points_key!r}')
     if not isinstance(self.action_space, ActionSpace):
       raise TypeError(f'dataset spec {self.name!r}: action_space must be an ActionSpace')
     fields = self.action_space.fields
@@ -99,8 +105,7 @@ class DatasetSpec:
   def step_keys(self) -> list[str]:
     """Every step path this spec reads (episode-level paths left out)."""
     keys = [*self.image_keys, self.instruction_key, *(s.key for s in self.action_sources)]
-    if self.plan_key:
-      keys.append(self.plan_key)
+    keys += [k for k in (self.plan_key, self.points_key) if k]
     return list(dict.fromkeys(k for k in keys if not k.startswith(EPISODE_PREFIX)))
 
   def episode_keys(self) -> list[str]:
@@ -113,7 +118,8 @@ class DatasetSpec:
              for f, s in self.field_sources()]
     return (f'{self.name}: image={self.image_key} ({self.resize}), '
             f'instruction={self.instruction_key} ({self.instruction_encoding}), '
-            f'plan={self.plan_key or "-"}, action=[{", ".join(parts)}]')
+            f'plan={self.plan_key or "-"}, points={self.points_key or "-"}, '
+            f'action=[{", ".join(parts)}]')
 
 
 def repo_root() -> pathlib.Path:

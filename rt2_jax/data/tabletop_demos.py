@@ -9,6 +9,11 @@ writes
 RLDS layout, one episode per scripted rollout that succeeded:
   steps/observation/image     uint8 [S, S, 3] PNG, right side up (rt2_jax.envs.tabletop)
   steps/observation/state     float32 [26]: pusher xy, then x, y, angle per block slot
+  steps/observation/points    float32 [3, 2]: where in the image (x from the left, y from the top,
+                              in [0, 1], the web corpus 'point' convention) the current goal's
+                              block, the pusher and that block's destination lie this step
+                              (rows `tabletop_tasks.POINTER_SLOTS`; `tabletop.image_points` of
+                              `tabletop_tasks.pointer_targets`): pointing targets for robot data
   steps/language_instruction  the episode's instruction (names robot concepts only)
   steps/plan                  the episode's plan text, '' when it has none; multistep episodes
                               carry 'red square to top left corner, then ...' (the training
@@ -19,9 +24,11 @@ RLDS layout, one episode per scripted rollout that succeeded:
   steps/discount, is_first, is_last, is_terminal
   episode_metadata/{task, seed, num_steps, success}
 Each episode ends with one extra step: the solved state, a still action and terminate 1, so a
-policy learns when to stop. Train episodes use seeds 0, 1, ... of each task and `val` episodes
-seeds from VAL_SEED_BASE (closed-loop evaluation uses others again, rt2_jax.evaluate); a seed whose
-expert rollout fails is skipped and listed in the manifest.
+policy learns when to stop (its points are the solved state's: the last goal's block). Train
+episodes use seeds 0, 1, ... of each task and `val` episodes seeds from VAL_SEED_BASE
+(closed-loop evaluation uses others again, rt2_jax.evaluate); a seed whose expert rollout fails
+is skipped and listed in the manifest. `DemoSettings.format` (DEMO_FORMAT) is part of the
+settings, so demos written before the points existed are never reused.
 
 Rollouts and rendering run in worker processes (rt2_jax/envs/worker.py): Mesa's renderer and
 TensorFlow, which writes the dataset here, crash when loaded into one process.
@@ -48,6 +55,9 @@ from rt2_jax.envs import tabletop_tasks as tt
 
 DATASET_NAME = 'tabletop'
 DATASET_VERSION = '1.0.0'
+# What the examples hold, keyed into the settings (so into the recipe's cache folder) and the
+# manifest: demos of another format are regenerated, never reused. 2: observation/points.
+DEMO_FORMAT = 2
 VAL_SEED_BASE = 50_000
 MANIFEST = 'manifest.json'
 ROBOT_TASKS = tuple(t for t in tt.TASKS if t.endswith('@robot'))
@@ -78,9 +88,14 @@ class DemoSettings:
   # Robot demos name only robot concepts (the RT-2 experiment depends on it): other pools are
   # refused unless this is set (e.g. for an oracle that sees every concept).
   allow_held_out: bool = False
+  format: int = DEMO_FORMAT  # only this code's format can be written
 
   def __post_init__(self):
     object.__setattr__(self, 'tasks', parse_tasks(self.tasks))
+    if self.format != DEMO_FORMAT:
+      raise ValueError(
+        f'this code writes tabletop demos of format {DEMO_FORMAT}, not {self.format}'
+      )
     if self.episodes < 1 or self.val_episodes < 0:
       raise ValueError(
         f'need episodes >= 1 and val_episodes >= 0, got {self.episodes}, {self.val_episodes}'
@@ -115,6 +130,7 @@ class Demo:
   images: np.ndarray  # uint8 [T + 1, S, S, 3]
   states: np.ndarray  # float32 [T + 1, STATE_DIM]
   actions: np.ndarray  # float32 [T, 2]
+  points: np.ndarray  # float32 [T + 1, 3, 2]: image points of the step's pointer targets
 
 
 def plan_text(episode: tt.Episode) -> str:
@@ -145,7 +161,13 @@ def expert_demo(env: tb.TabletopEnv, task: str, seed: int, max_steps: int) -> De
     images=np.stack(images),
     states=np.stack(states).astype(np.float32),
     actions=np.asarray(actions, np.float32).reshape(-1, tb.ACTION_DIM),
+    points=step_points(episode, states),
   )
+
+
+def step_points(episode: tt.Episode, states) -> np.ndarray:
+  """float32 [T, len(POINTER_SLOTS), 2]: each state's pointer targets, projected into the image."""
+  return tb.image_points(np.stack([tt.pointer_targets(episode, s) for s in states]))
 
 
 def to_rlds(demo: Demo) -> dict:
@@ -157,7 +179,7 @@ def to_rlds(demo: Demo) -> dict:
     last = t == n - 1
     steps.append(
       dict(
-        observation=dict(image=demo.images[t], state=demo.states[t]),
+        observation=dict(image=demo.images[t], state=demo.states[t], points=demo.points[t]),
         language_instruction=demo.instruction,
         plan=demo.plan,
         action=actions[t],
@@ -313,7 +335,9 @@ def builder_class():
     """Tabletop scripted-expert demonstrations (rt2_jax.data.tabletop_demos)."""
 
     VERSION = tfds.core.Version(DATASET_VERSION)
-    RELEASE_NOTES = {DATASET_VERSION: 'Scripted expert, robot concepts only, plans on multistep.'}
+    RELEASE_NOTES = {
+      DATASET_VERSION: 'Scripted expert, robot concepts only, plans on multistep, pointing targets.'
+    }
 
     def __init__(self, *, rollouts: _Rollouts | None = None, image_size: int = 64, **kwargs):
       self._rollouts = rollouts
@@ -334,6 +358,12 @@ def builder_class():
                 shape=(tt.STATE_DIM,),
                 dtype=np.float32,
                 doc='Pusher x, y, then x, y, angle per block slot (metres, radians).',
+              ),
+              'points': tfds.features.Tensor(
+                shape=(len(tt.POINTER_SLOTS), 2),
+                dtype=np.float32,
+                doc='Image points (x right, y down, in [0, 1]) of the current goal block, the '
+                'pusher and the block destination.',
               ),
             }
           ),
@@ -471,11 +501,13 @@ def generate(
 def ensure_demos(
   settings: DemoSettings, out: str, *, workers: int = 1, progress: bool = True, log=print
 ) -> dict:
-  """Reuses demos under `out` written with the same settings by the same simulator code (see
-  `simulator_fingerprint`), else (re)generates them."""
+  """Reuses demos under `out` written in this format with the same settings by the same simulator
+  code (see `simulator_fingerprint`), else (re)generates them."""
   manifest = read_manifest(out)
   if manifest is None:
     pass
+  elif manifest.get('settings', {}).get('format') != settings.format:
+    log(f'tabletop demos in {out} are of an older format (no pointing targets); regenerating')
   elif manifest.get('settings') != settings.to_json():
     log(f'tabletop demos in {out} were made with other settings; regenerating')
   elif manifest.get('simulator') != simulator_fingerprint():

@@ -51,7 +51,9 @@ class TaskData:
   actions: np.ndarray | None  # float32 [n, dim] in real units (robot only)
   describe: Callable[[int], dict]  # example i -> texts, for inspection
   info: dict = dataclasses.field(default_factory=dict)
-  points: np.ndarray | None = None  # float32 [n, 2]: web 'point' (x, y in [0, 1]); NaN: none
+  # float32 [n, K, 2]: image points (x from the left, y from the top, in [0, 1]; NaN rows: none),
+  # a web line's 'point' (K = 1) or a robot step's pointing targets (spec.points_key); or None.
+  points: np.ndarray | None = None
 
   def __len__(self) -> int:
     return int(self.targets.shape[0])
@@ -194,7 +196,8 @@ def tokenize_robot(records, spec: DatasetSpec, context: Context, name: str) -> T
       actions=np.asarray(records.actions, np.float32), describe=describe,
       info={'steps': n, 'episodes': records.num_episodes, 'skipped': dict(records.skipped),
             'instructions': len(records.instructions), 'plans': len(records.plans),
-            'source': records.source})
+            'source': records.source},
+      points=None if records.points is None else np.asarray(records.points, np.float32))
 
 
 def tokenize_web(records, context: Context, name: str) -> TaskData:
@@ -219,7 +222,8 @@ def tokenize_web(records, context: Context, name: str) -> TaskData:
       targets=transforms.pad_rows(rows, max_out), action_start=np.full(n, -1, np.int32),
       num_action_tokens=0, actions=None, describe=describe,
       info={'examples': n, 'images': int(records.images.shape[0]), 'source': records.source},
-      points=records.points)
+      points=None if records.points is None else np.asarray(records.points,
+                                                             np.float32).reshape(n, 1, 2))
 
 
 # --- Tasks from a config. ---

@@ -16,6 +16,8 @@ steps to cross the board), clipped so the pusher stays on the board. The VLA als
 State: float32[26] = pusher x, y, then per block slot (8): x, y, angle (zeros past the scene's
 blocks); block order as in `make_episode(task, seed).blocks`.
 Task strings are 'FAMILY@POOL' (`TASKS`); `episode_spec(task, seed)` gives the runner's spec.
+`image_points(xy)` projects board points into the camera image ([0, 1], x right, y down), e.g.
+`image_points(pointer_targets(episode, state))` for the pointing targets of a step.
 
 `MUJOCO_GL` defaults to 'egl' (headless Mesa). Importing this module is cheap: mujoco loads on
 first use.
@@ -38,6 +40,7 @@ from rt2_jax.envs.runner import EpisodeSpec, TimeStep
 from rt2_jax.envs.tabletop_tasks import (  # noqa: F401  (re-exported: the env's vocabulary)
   FAMILIES,
   MAX_BLOCKS,
+  POINTER_SLOTS,
   POOLS,
   STATE_DIM,
   STEP_METRES,
@@ -46,6 +49,7 @@ from rt2_jax.envs.tabletop_tasks import (  # noqa: F401  (re-exported: the env's
   check_task,
   expert_action,
   make_episode,
+  pointer_targets,
   success,
 )
 
@@ -66,6 +70,11 @@ _SUBSTEPS = 20  # 5 ms physics steps per action: 0.1 s
 _BLOCK_HALF_HEIGHT = 0.02
 _MARK_RGB = (0.08, 0.08, 0.08)
 _BOARD_RGB = (0.72, 0.70, 0.66)
+# The fixed 'top' camera: tilted from straight down towards the far side, seen from the near
+# (bottom) side, aimed at the board's centre (`image_points` projects through it).
+_CAMERA_TILT = np.deg2rad(20)
+_CAMERA_DIST = 1.45  # metres from the board's centre
+_CAMERA_FOVY = 27.0  # degrees, vertical (= horizontal: square images)
 # Seven-segment digits: segments a..g lit per digit.
 _SEGMENTS = {
   '0': 'abcdef',
@@ -90,6 +99,31 @@ class RenderSettings:
   def __post_init__(self):
     if not 16 <= self.image_size <= 512:
       raise ValueError(f'image_size must be in [16, 512], got {self.image_size}')
+
+
+def _camera() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The 'top' camera's (position, image-right axis, image-up axis) in world coordinates."""
+  c, s = np.cos(_CAMERA_TILT), np.sin(_CAMERA_TILT)
+  return np.array([0, -_CAMERA_DIST * s, _CAMERA_DIST * c]), np.array([1.0, 0, 0]), np.array(
+    [0, c, s]
+  )
+
+
+def image_points(xy, height: float = _BLOCK_HALF_HEIGHT) -> np.ndarray:
+  """Board points (metres, [..., 2], x right, y to the far side) at `height` above the board ->
+  where the 'top' camera sees them: float32 [..., 2], x from the image's left and y from its top,
+  in [0, 1] on the picture (the web corpus 'point' convention; pixel (col, row) spans
+  [col, col + 1] / size). A pinhole projection of the MJCF camera, so pointer targets on robot
+  steps match the rendered image."""
+  xy = np.asarray(xy, np.float64)
+  pos, right, up = _camera()
+  forward = np.cross(up, right)  # the camera looks along -z = up x right
+  world = np.concatenate([xy, np.broadcast_to(height, xy.shape[:-1])[..., None]], axis=-1) - pos
+  depth = world @ forward
+  scale = 0.5 / (np.tan(np.deg2rad(_CAMERA_FOVY) / 2) * depth)  # square image: one focal length
+  return np.stack([0.5 + (world @ right) * scale, 0.5 - (world @ up) * scale], -1).astype(
+    np.float32
+  )
 
 
 def _fmt(*values) -> str:
@@ -190,10 +224,7 @@ def _mjcf() -> str:
     ' rgba="0.3 0.3 0.32 1"/>'
     for sx, sy in ((1, 0), (-1, 0), (0, 1), (0, -1))
   )
-  # Camera tilted 20 degrees from straight down, from the near (bottom) side.
-  tilt, dist = np.deg2rad(20), 1.45
-  cam_pos = _fmt(0, -dist * np.sin(tilt), dist * np.cos(tilt))
-  cam_axes = _fmt(1, 0, 0, 0, np.cos(tilt), np.sin(tilt))
+  cam_pos, cam_x, cam_y = _camera()
   r = tt.PUSHER_RADIUS
   limit = tt.PUSHER_LIMIT
   return f"""
@@ -215,7 +246,8 @@ def _mjcf() -> str:
     </default>
   </default>
   <worldbody>
-    <camera name="top" pos="{cam_pos}" xyaxes="{cam_axes}" fovy="27"/>
+    <camera name="top" pos="{_fmt(*cam_pos)}" xyaxes="{_fmt(*cam_x, *cam_y)}"
+            fovy="{_CAMERA_FOVY:.5g}"/>
     <geom name="board" type="box" pos="0 0 -0.01" size="{_fmt(half, half, 0.01)}"
           rgba="{_fmt(*_BOARD_RGB, 1)}" contype="0" conaffinity="0"/>
     {walls}

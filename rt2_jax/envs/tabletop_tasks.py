@@ -44,6 +44,8 @@ STATE_DIM = 2 + 3 * MAX_BLOCKS
 PLACE_TOLERANCE = 0.07  # block centre within this of a place point
 MARK_TOLERANCE = 0.035  # block centre within this of a mark's centre
 NEXT_TO_GAP = 0.03  # centres at most (radius X + radius Y + gap) apart
+# What `pointer_targets` gives, row by row (pointing supervision on robot steps).
+POINTER_SLOTS = ('target_block', 'pusher', 'goal')
 _PLACE = 0.2
 PLACE_XY = {
   'top left corner': (-_PLACE, _PLACE),
@@ -218,6 +220,11 @@ def goal_met(episode: Episode, goal: Goal, block_xy: np.ndarray) -> bool:
     reach = episode.blocks[goal.block].radius + episode.blocks[goal.other].radius + NEXT_TO_GAP
     return bool(np.linalg.norm(here - block_xy[goal.other]) <= reach)
   return bool(np.linalg.norm(here - np.asarray(goal.point)) <= goal.tolerance)
+
+
+def current_goal(episode: Episode, block_xy: np.ndarray) -> Goal:
+  """The first goal that does not hold (the one the expert works on); the last once all hold."""
+  return next((g for g in episode.goals if not goal_met(episode, g, block_xy)), episode.goals[-1])
 
 
 def success(episode: Episode, state) -> bool:
@@ -644,7 +651,7 @@ def expert_action(episode: Episode, state) -> tuple[np.ndarray, bool]:
   if success(episode, state):
     return np.zeros(2, np.float32), True
   pusher, block_xy, _ = split_state(state, len(episode.blocks))
-  goal = next(g for g in episode.goals if not goal_met(episode, g, block_xy))
+  goal = current_goal(episode, block_xy)
   target = _route(episode, goal, block_xy, _goal_target(episode, goal, block_xy))
   obstacles = [(block_xy[j], b.radius) for j, b in enumerate(episode.blocks) if j != goal.block]
   move = _push_move(
@@ -653,3 +660,16 @@ def expert_action(episode: Episode, state) -> tuple[np.ndarray, bool]:
   delta = move / STEP_METRES
   delta /= max(1.0, float(np.abs(delta).max()))
   return delta.astype(np.float32), False
+
+
+# ------------------------------------------------------------------------------------------------
+# Pointing targets: what a pointing head should find in the image at a step.
+
+
+def pointer_targets(episode: Episode, state) -> np.ndarray:
+  """float32 [len(POINTER_SLOTS), 2] board xy (metres) of the current goal's block, the pusher
+  and where that block should go now (`_goal_target`: beside the other block for next_to)."""
+  pusher, block_xy, _ = split_state(state, len(episode.blocks))
+  goal = current_goal(episode, block_xy)
+  target = _goal_target(episode, goal, block_xy)
+  return np.stack([block_xy[goal.block], pusher, target]).astype(np.float32)
