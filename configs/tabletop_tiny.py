@@ -66,10 +66,13 @@ def get_config(arg=None):
   c.model.image_size = 64
   c.model.vit.patch_size = 8
   c.model.vit.posemb = 'sincos2d'
-  # Grounding (docs/tabletop.md, Measurements 5-6): one instruction-pooled image summary, trained
-  # to point at what web 'where is' questions refer to, and added to the decoder's inputs (the
-  # tiny decoder did not learn to find it by cross-attention alone).
-  c.model.instruction_pool = 1
+  # Grounding (docs/tabletop.md, Measurements 5-8): instruction-pooled image summaries trained to
+  # point (web 'where is' questions: slot 0; robot steps: the block to push, the pusher and where
+  # the block should go, tabletop_tasks.POINTER_SLOTS), their positions given to the model as
+  # numbers (pool_keypoints), and added to the decoder's inputs (the tiny decoder did not learn to
+  # find them by cross-attention alone).
+  c.model.instruction_pool = 3
+  c.model.pool_keypoints = True
   c.model.pool_to_decoder = True
   c.model.pointer_loss = 1.0
   c.total_steps = 3000

@@ -69,7 +69,8 @@ def pretrain_dir(config) -> str:
   p = config.pretrain
   settings = dict(web=web_dir(config), model=config_flags.to_json(config.model),
                   vocab=config.vocab.path and os.path.basename(config.vocab.path),
-                  steps=p.steps, lr=p.lr, batch_size=p.batch_size, seed=p.seed, version=1)
+                  steps=p.steps, lr=p.lr, batch_size=p.batch_size, seed=p.seed,
+                  version=2)  # 2: pointer loss with bilinear labels over every slot
   return _cache_dir('pretrain', settings, p.get('out', ''))
 
 
