@@ -248,6 +248,17 @@ def run_tpu(jobs, config: str, tpu_args, dry_run: bool) -> list[dict]:
   return done
 
 
+def warn_unshared(workdirs, shared_prefixes) -> None:
+  """The workers read checkpoints and write results at these paths, and this machine aggregates
+  them: a path that is not shared storage fails there or is missing here, so say so first."""
+  local = [w for w in workdirs if not w.startswith(shared_prefixes)]
+  if local:
+    print(f'warning: {", ".join(local)} not on {"/".join(shared_prefixes)}: the TPU workers must '
+          'see these paths (checkpoints in, results out) and so must this machine, which '
+          'aggregates the results; a disk local to either fails or leaves results missing',
+          flush=True)
+
+
 def tpu_accelerator_type(args, tpu) -> str:
   """--accelerator_type, else asked of gcloud (a dry run must be told)."""
   if args.accelerator_type:
@@ -381,6 +392,7 @@ def main(argv=None) -> dict:
         tpu.hosts_for(accelerator_type)
       except ValueError as e:
         raise SystemExit(f'error: {e}') from None
+      warn_unshared(workdirs, tpu.SHARED_PREFIXES)
       where = argparse.Namespace(name=args.tpu_name, zone=args.zone, project=args.project,
                                  accelerator_type=accelerator_type)
       done = run_tpu(todo, args.config, where, args.dry_run)

@@ -198,6 +198,7 @@ def test_eval_sweep_dry_run_spreads_jobs_over_the_slice_workers(tmp_path, capsys
                '--zone=us-central2-b', '--dry_run']
   sweep.main([*tpu_flags, '--accelerator_type=v4-32'])  # 4 hosts
   out = capsys.readouterr().out
+  assert f'warning: {a}, {b} not on gs://: the TPU workers must see these paths' in out
   assert ('6 job(s) over 4 worker(s) of rt2 (v4-32):\n'
           '  worker 0: run_a@100/default, run_b@200/default\n'
           '  worker 1: run_a@200/default, run_b@300/default\n'

@@ -479,3 +479,21 @@ def test_paligemma_vision_config_without_defaults_matches_reference(tmp_path):
                            'vision_tower.encoder.layers.0.extra.weight']
   with pytest.raises(ConversionError, match="model_type 'siglip2_vision_model' is not supported"):
     hf_vision.settings_from_hf(dict(config, vision_config=dict(model_type='siglip2_vision_model')))
+
+
+@pytest.mark.parametrize('hf_config', [
+    dict(model_type='paligemma'), dict(model_type='paligemma', vision_config=None),
+    dict(model_type='paligemma', vision_config={}),
+    dict(model_type='paligemma', vision_config=dict(hidden_size=64, patch_size=8)),
+    dict(model_type='siglip'), dict(model_type='siglip', vision_config=dict(image_size=384))],
+    ids=str)
+def test_nested_vision_config_defaults_are_the_towers_transformers_builds(hf_config):
+  """Without a vision_config transformers builds PaliGemma's own tower (So400m/14), not SigLIP's
+  class defaults; with a dict (even {}) it fills the dict from SigLIP's class defaults."""
+  v = transformers.AutoConfig.for_model(**hf_config).vision_config
+  theirs = dict(image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size,
+                depth=v.num_hidden_layers, num_heads=v.num_attention_heads,
+                mlp_dim=v.intermediate_size, layer_norm_epsilon=v.layer_norm_eps,
+                mlp_activation=hf_vision._ACTIVATIONS[v.hidden_act])
+  ours = hf_vision.settings_from_hf(hf_config)
+  assert {k: ours[k] for k in theirs} == theirs

@@ -49,8 +49,14 @@ CONFIG_DEFAULTS = {
                 hidden_act='gelu', layer_norm_eps=1e-12),
 }
 # Composite configs whose `vision_config` is a SigLIP tower (transformers' default sub-config
-# type for a nested dict without model_type is 'siglip_vision_model').
-_NESTING = ('siglip', 'paligemma')
+# type for a nested dict without model_type is 'siglip_vision_model'), with the tower that
+# transformers builds when `vision_config` is absent or null: PaliGemma's own (So400m/14, its
+# `sub_configs_defaults`), SigLIP's class defaults. A dict, even {}, takes the class defaults.
+NESTED_DEFAULTS = {
+    'siglip': {},
+    'paligemma': dict(hidden_size=1152, intermediate_size=4096, num_hidden_layers=27,
+                      num_attention_heads=16, image_size=224, patch_size=14),
+}
 
 # Checkpoint tensors known not to be needed, and why. Keys under the vision tower's prefix:
 _KNOWN_UNUSED_IN_TOWER = {
@@ -77,11 +83,12 @@ _KNOWN_OTHER_TOWERS = {
 def _vision_config(hf: dict) -> dict:
   """The vision tower's config with transformers' defaults for missing keys."""
   model_type = hf.get('model_type')
-  if 'vision_config' in hf or model_type in _NESTING:  # SiglipModel / PaliGemma nest it
-    if model_type not in _NESTING:
+  if 'vision_config' in hf or model_type in NESTED_DEFAULTS:  # SiglipModel / PaliGemma nest it
+    if model_type not in NESTED_DEFAULTS:
       raise ConversionError(f'ViT: a vision_config nested in model_type {model_type!r} is not '
-                            f'supported; supported: {", ".join(_NESTING)}')
-    v = hf.get('vision_config') or {}
+                            f'supported; supported: {", ".join(NESTED_DEFAULTS)}')
+    v = hf.get('vision_config')
+    v = dict(NESTED_DEFAULTS[model_type]) if v is None else v
     v_type = v.get('model_type', 'siglip_vision_model')
     if v_type != 'siglip_vision_model':
       raise ConversionError(f'ViT: vision_config model_type {v_type!r} is not supported '
@@ -90,7 +97,7 @@ def _vision_config(hf: dict) -> dict:
     v, v_type = hf, model_type or 'siglip_vision_model'
     if v_type not in CONFIG_DEFAULTS:
       raise ConversionError(f'ViT: checkpoint model_type {v_type!r} is not supported; supported: '
-                            f'{", ".join([*CONFIG_DEFAULTS, *_NESTING])}')
+                            f'{", ".join([*CONFIG_DEFAULTS, *NESTED_DEFAULTS])}')
   return {**CONFIG_DEFAULTS[v_type], **v, 'model_type': v_type}
 
 
