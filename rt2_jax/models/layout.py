@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,7 +27,8 @@ _STACKED = frozenset(STACKED_NAMES.values())
 
 
 def _stack(arrays):
-  if all(isinstance(a, np.ndarray) for a in arrays):
+  # np.stack for host arrays and stand-ins that implement it (weights.shape_match's shapes).
+  if not any(isinstance(a, jax.Array) for a in arrays):
     return np.stack(arrays)
   return jnp.stack(arrays)
 

@@ -68,17 +68,23 @@ def init_image_projection(model_cfg, seed: int) -> dict:
 
 def convert(model_cfg, t5_dir: str, vit_dir: str, seed: int = 0, log=print):
   """-> (params nested dict of float32 numpy arrays, Report). Raises ConversionError."""
+  log(f'reading T5 checkpoint {t5_dir} and vision checkpoint {vit_dir}')
+  return convert_tensors(model_cfg, SafetensorsFolder(t5_dir), read_config(t5_dir),
+                         SafetensorsFolder(vit_dir), read_config(vit_dir), seed)
+
+
+def convert_tensors(model_cfg, t5_tensors, t5_config: dict, vit_tensors, vit_config: dict,
+                    seed: int = 0, report: Report | None = None):
+  """`convert` on name -> tensor mappings and config.json dicts (weights.shape_match feeds it
+  shape-only stand-ins). `report` (optional) is filled in place, also when this raises."""
   vit_cfg, t5_cfg = configs_from_model_config(model_cfg)
-  report, params = Report(), {}
-  log(f'reading T5 checkpoint {t5_dir}')
-  _merge(params, hf_t5.convert(SafetensorsFolder(t5_dir), read_config(t5_dir), t5_cfg, report,
-                               seed))
-  log(f'reading vision checkpoint {vit_dir}')
-  _merge(params, hf_vision.convert(SafetensorsFolder(vit_dir), read_config(vit_dir), vit_cfg,
-                                   report))
+  report = Report() if report is None else report
+  params = {}
+  _merge(params, hf_t5.convert(t5_tensors, t5_config, t5_cfg, report, seed))
+  _merge(params, hf_vision.convert(vit_tensors, vit_config, vit_cfg, report))
   if report.errors:
     raise ConversionError('weight conversion failed:\n' + '\n'.join(
-        f'ERROR {e}' for e in report.errors) + '\n' + _suggest(model_cfg, t5_dir, vit_dir))
+        f'ERROR {e}' for e in report.errors) + '\n' + _suggest(model_cfg, t5_config, vit_config))
   params['image_projection'] = init_image_projection(model_cfg, seed)
   for path, _ in _flatten(params['image_projection'], 'image_projection/'):
     report.new[path] = 'no pretrained source (ViT width -> T5 width)'
@@ -121,11 +127,11 @@ def _check_complete(params: dict, model_cfg, report: Report):
                            f'needs {tuple(expected[path])}')
 
 
-def _suggest(model_cfg, t5_dir: str, vit_dir: str) -> str:
+def _suggest(model_cfg, t5_config: dict, vit_config: dict) -> str:
   """The config overrides that make model.t5 / model.vit match the checkpoints."""
   flags_ = []
-  t5 = hf_t5.settings_from_hf(read_config(t5_dir))
-  vit = hf_vision.settings_from_hf(read_config(vit_dir))
+  t5 = hf_t5.settings_from_hf(t5_config)
+  vit = hf_vision.settings_from_hf(vit_config)
   vit.pop('image_size')  # position embeddings are resized to model.image_size
   vocab = t5.pop('vocab_size')
   if vocab > model_cfg.vocab_size:

@@ -69,7 +69,7 @@ class Source:
       self.report.errors.append(f'{self.label}: checkpoint has no tensor {full}')
       return None
     self.used.add(full)
-    value = np.asarray(self.tensors[full]).astype(np.float32)
+    value = _float32(self.tensors[full])
     if shape is not None and tuple(value.shape) != tuple(shape):
       self.report.errors.append(f'{self.label}: {full} has shape {tuple(value.shape)}, the '
                                 f'config needs {tuple(shape)}')
@@ -112,5 +112,13 @@ def put(tree: dict, path: str, value, report: Report, source_key: str):
   node = tree
   for p in parents:
     node = node.setdefault(p, {})
-  node[leaf] = np.ascontiguousarray(value, np.float32)
+  node[leaf] = (value.astype(np.float32) if getattr(value, 'shape_only', False)
+                else np.ascontiguousarray(value, np.float32))
   report.loaded[path] = source_key
+
+
+def _float32(value):
+  # Shape-only stand-ins (weights.shape_match) convert without data; arrays are read here.
+  if getattr(value, 'shape_only', False):
+    return value.astype(np.float32)
+  return np.asarray(value).astype(np.float32)
