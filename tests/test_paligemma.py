@@ -174,3 +174,43 @@ def test_paligemma_mismatches_are_reported_by_name(tmp_path):
   with pytest.raises(ConversionError, match='PaliGemma 2 uses Gemma 2'):
     hf_paligemma.settings_from_hf({'model_type': 'paligemma',
                                    'text_config': {'model_type': 'gemma2'}})
+
+
+@pytest.mark.parametrize('scheme', ['numbers', 'least_used'])
+def test_decoder_only_decodes_valid_actions_through_the_compiled_loop(scheme):
+  from rt2_jax import actions as actions_lib
+  from rt2_jax import decoding
+  from rt2_jax import vocab as vocab_lib
+
+  cfg = config_flags.load_config(CONFIG, {
+      'model.vocab_size': 896, 'model.image_size': 32, 'model.vit.width': 32,
+      'model.vit.depth': 1, 'model.vit.num_heads': 2, 'model.vit.mlp_dim': 64,
+      'model.gemma.emb_dim': 32, 'model.gemma.num_heads': 2, 'model.gemma.head_dim': 16,
+      'model.gemma.mlp_dim': 64, 'vocab.action_scheme': scheme, 'actions.num_bins': 64})
+  space = actions_lib.ActionSpace([actions_lib.ActionField('xyz', width=3, low=-1.0, high=1.0),
+                                   actions_lib.ActionField('gripper', kind='discrete',
+                                                           values=(0.0, 1.0))])
+  vocab, action_vocab = vocab_lib.from_config(cfg, space)
+  model = VLA(cfg.model)
+  images, _, _ = _inputs(vocab.vocab_size, image_size=32, seed=5)
+  prompts = np.zeros((2, 8), np.int32)
+  for i, text in enumerate(['open the drawer', 'pick up the red block']):
+    ids = vocab.encode(text)
+    prompts[i, :len(ids)] = ids
+  params = jax.jit(model.init)(jax.random.key(1), images, prompts,
+                               np.zeros((2, 4), np.int32))['params']
+  callback = decoding.make_callback(cfg.decode, vocab, action_vocab, cfg.model.vocab_size)
+  tokens = np.asarray(decoding.Decoder(model, callback)(params, images, prompts,
+                                                         jax.random.key(0)))
+  num = action_vocab.num_positions
+  assert (tokens[:, num] == vocab.eos_id).all()
+  for position in range(num):  # each position holds one of its allowed ids
+    allowed = action_vocab.allowed_ids[position][:action_vocab.num_allowed[position]]
+    assert np.isin(tokens[:, position], allowed).all()
+  # Greedy: each token is the teacher-forced argmax over its position's allowed ids.
+  dec_in = np.concatenate([np.zeros((2, 1), np.int32), tokens[:, :num - 1]], axis=1)
+  logits = np.asarray(model.apply({'params': params}, images, prompts, dec_in))
+  for position in range(num):
+    allowed = action_vocab.allowed_ids[position][:action_vocab.num_allowed[position]]
+    best = allowed[np.argmax(logits[:, position][:, allowed], axis=1)]
+    np.testing.assert_array_equal(tokens[:, position], best)
