@@ -214,3 +214,43 @@ def test_decoder_only_decodes_valid_actions_through_the_compiled_loop(scheme):
     allowed = action_vocab.allowed_ids[position][:action_vocab.num_allowed[position]]
     best = allowed[np.argmax(logits[:, position][:, allowed], axis=1)]
     np.testing.assert_array_equal(tokens[:, position], best)
+
+
+# google/paligemma-3b-pt-224 config.json as published (vision tower without its pooling head).
+PALIGEMMA_3B_PT_224 = {
+    'model_type': 'paligemma', 'hidden_size': 2048, 'image_token_index': 257152,
+    'projection_dim': 2048, 'vocab_size': 257216,
+    'text_config': {'hidden_size': 2048, 'intermediate_size': 16384, 'model_type': 'gemma',
+                    'num_attention_heads': 8, 'num_hidden_layers': 18, 'num_image_tokens': 256,
+                    'num_key_value_heads': 1, 'vocab_size': 257216},
+    'vision_config': {'hidden_size': 1152, 'intermediate_size': 4304,
+                      'model_type': 'siglip_vision_model', 'num_attention_heads': 16,
+                      'num_hidden_layers': 27, 'num_image_tokens': 256, 'patch_size': 14,
+                      'projection_dim': 2048, 'projector_hidden_act': 'gelu_fast',
+                      'vision_use_head': False},
+}
+
+
+def test_paligemma_3b_config_matches_the_published_shapes():
+  from rt2_jax.models import summary
+  from rt2_jax.weights import hf_paligemma
+
+  model = config_flags.load_config(os.path.join(REPO, 'configs', 'paligemma_3b.py')).model
+  settings = hf_paligemma.settings_from_hf(PALIGEMMA_3B_PT_224)
+  assert settings['vocab_size'] == model.vocab_size == 257216
+  assert settings['image_size'] == model.image_size
+  for key, value in settings['gemma'].items():
+    assert model.gemma[key] == value, key
+  for key, value in settings['vit'].items():
+    assert model.vit[key] == value, key
+  ours = sum(info.size for info in summary.param_infos(model))
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  with torch.device('meta'):  # shapes only: nothing allocated
+    hf = transformers.PaliGemmaForConditionalGeneration(
+        transformers.PaliGemmaConfig(**PALIGEMMA_3B_PT_224))
+  shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+  theirs = sum(int(np.prod(s)) for k, s in shapes.items() if k != 'lm_head.weight')  # tied
+  assert ours == theirs, (ours, theirs)
+  assert shapes['model.language_model.layers.0.self_attn.k_proj.weight'] == (256, 2048)
+  assert ours == 2_923_466_480  # 2.92B
