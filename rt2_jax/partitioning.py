@@ -36,6 +36,7 @@ LOGICAL_RULES = (
     ('image_embed', 'model'),
     ('embed', 'fsdp'),
     ('kv', None),
+    ('kv_heads', None),  # decoder-only grouped K/V heads: few (Gemma 2B has 1), replicated
     ('length', None),
     ('relpos_buckets', None),
     ('image_tokens', None),

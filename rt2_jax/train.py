@@ -152,7 +152,8 @@ def pointer_label(xy, grid: int):
 def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_spec_fn):
   """(state, batch) -> (state, metrics), to be jitted."""
   accum = int(config.optim.grad_accum_steps)
-  dropout = max(float(config.model.t5.get('dropout_rate', 0.0)),
+  dropout = max(float(config.model.get('t5', {}).get('dropout_rate', 0.0)),
+                float(config.model.get('gemma', {}).get('dropout_rate', 0.0)),
                 float(config.model.vit.get('dropout_rate', 0.0))) > 0
 
   pointer_weight = float(config.model.get('pointer_loss', 0.0))

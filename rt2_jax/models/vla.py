@@ -18,6 +18,17 @@ With `model.action_decoding='parallel'` the action positions after the first rea
 queries instead of the previous action token (`decode_hidden`), so one decoder pass predicts
 them all; `action_mask` marks them (ignored in the default 'autoregressive' mode).
 
+Decoder-only backbone (`model.backbone='decoder_only'`, PaliGemma-like; `model.gemma` replaces
+`model.t5`): the same API, mapped onto one Gemma-style prefix-LM (rt2_jax.models.gemma). `encode`
+returns the prefix embeddings ([image tokens ; scaled prompt embeddings], not yet run through
+any layer) and the same mask, so `encoded` stays a [B, P, E] array for callers that read its
+batch size. `decode_hidden` runs [prefix ; decoder inputs] in one pass (bidirectional over the
+real prefix tokens, causal after) and returns the decoder positions' hidden states;
+`init_decode_cache` runs the prefix once and keeps its K/V plus `max_decode_len` free columns;
+`decode_step` appends one token. Decoder inputs start with token 0 as for T5, so data, losses,
+decoding callbacks, Policy and export need no change. Not supported with it: instruction_pool.
+Its `lm` tree: {'token_embedder', 'layers_{i}' (or stacked 'layers'), 'final_norm'}.
+
 Parameter tree: {'vit': ..., 'image_projection': {'kernel', 'bias'},
 'lm': {'token_embedder', 'encoder', 'decoder'[, 'logits_dense']}
 [, 'action_query_embedding' [max_action_positions - 1, E] (parallel)]}. With `scan_layers` the
@@ -36,12 +47,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from rt2_jax.models import layers
+from rt2_jax.models.gemma import Gemma, GemmaConfig
 from rt2_jax.models.t5 import T5, T5Config
 from rt2_jax.models.vit import ViT, ViTConfig
 
+BACKBONES = ('encoder_decoder', 'decoder_only')
 
-def configs_from_model_config(model_cfg) -> tuple[ViTConfig, T5Config]:
-  """Typed sub-configs from the `cfg.model` block (validates every key)."""
+
+def backbone(model_cfg) -> str:
+  """`model.backbone`: 'encoder_decoder' (ViT + T5, the default) or 'decoder_only' (ViT + a
+  Gemma-style prefix-LM, PaliGemma-like; the language model is configured by `model.gemma`)."""
+  name = str(model_cfg.get('backbone', 'encoder_decoder'))
+  if name not in BACKBONES:
+    raise ValueError(f'model.backbone must be one of {BACKBONES}, got {name!r}')
+  return name
+
+
+def configs_from_model_config(model_cfg) -> tuple[ViTConfig, T5Config | GemmaConfig]:
+  """Typed sub-configs from the `cfg.model` block (validates every key): the ViT's and the
+  language model's (T5Config, or GemmaConfig with model.backbone='decoder_only')."""
   dtype = str(model_cfg.get('dtype', 'float32'))
   layers.to_dtype(dtype)
   remat = str(model_cfg.get('remat', 'none'))
@@ -49,6 +73,11 @@ def configs_from_model_config(model_cfg) -> tuple[ViTConfig, T5Config]:
   if not isinstance(scan, (bool, np.bool_)):
     raise ValueError(f'model.scan_layers must be True or False, got {scan!r}')
   vit = ViTConfig.from_config(model_cfg.vit, model_cfg.image_size, dtype, remat, bool(scan))
+  if backbone(model_cfg) == 'decoder_only':
+    if 'gemma' not in model_cfg:
+      raise ValueError("model.backbone='decoder_only' needs a model.gemma block")
+    return vit, GemmaConfig.from_config(model_cfg.gemma, model_cfg.vocab_size, dtype, remat,
+                                        bool(scan))
   t5 = T5Config.from_config(model_cfg.t5, model_cfg.vocab_size, dtype, remat, bool(scan))
   return vit, t5
 
@@ -173,8 +202,12 @@ class VLA(nn.Module):
     dtype = layers.to_dtype(self.t5_config.dtype)
     self.vit = ViT(self.vit_config)
     self.image_projection = ImageProjection(self.t5_config.emb_dim, dtype)
-    self.lm = T5(self.t5_config)
+    self.decoder_only = isinstance(self.t5_config, GemmaConfig)
+    self.lm = Gemma(self.t5_config) if self.decoder_only else T5(self.t5_config)
     pool_tokens = int(self.config.get('instruction_pool', 0))
+    if self.decoder_only and pool_tokens:
+      raise ValueError("model.instruction_pool is not implemented for model.backbone="
+                       "'decoder_only'; set it to 0")
     keypoints = bool(self.config.get('pool_keypoints', False))
     if keypoints and pool_tokens < 1:
       raise ValueError('model.pool_keypoints needs model.instruction_pool >= 1')
@@ -222,6 +255,8 @@ class VLA(nn.Module):
     x = jnp.concatenate([image_tokens.astype(text_tokens.dtype), text_tokens], axis=1)
     mask = jnp.concatenate(
         [jnp.ones(image_tokens.shape[:2], bool), encoder_input_tokens > 0], axis=1)
+    if self.decoder_only:  # the prefix embeddings: the decoder runs them with its targets
+      return x, mask
     return self.lm.encode(x, mask, deterministic), mask
 
   def _decoder_offset(self, encoded):
@@ -256,19 +291,33 @@ class VLA(nn.Module):
       queries = jnp.take(self.action_query_embedding, jnp.maximum(index - 1, 0), axis=0,
                          mode='clip').astype(x.dtype)
       x = jnp.where((index > 0)[..., None], queries, x)
+    if self.decoder_only:  # one pass over [prefix ; targets], prefix-LM mask
+      prefix_len = encoded.shape[1]
+      full_mask = jnp.concatenate(
+          [encoder_mask.astype(bool), jnp.ones(x.shape[:2], bool)], axis=1)
+      hidden, _ = self.lm(jnp.concatenate([encoded.astype(x.dtype), x], axis=1), full_mask,
+                          prefix_len, not enable_dropout)
+      return hidden[:, prefix_len:]
     return self.lm.decode_embedded(x, encoded, encoder_mask, not enable_dropout,
                                    self._decoder_offset(encoded))
 
   def init_decode_cache(self, encoded, encoder_mask, max_decode_len: int):
     """Self-attention K/V [B, max_decode_len, H, D] zeros + cross-attention K/V, per layer
     (with scan_layers: one dict of arrays stacked [L, B, ...]), and the decoder's input offset
-    when there is one. An opaque pytree to callers."""
+    when there is one. An opaque pytree to callers. Decoder-only: the prefix's K/V (one pass
+    over it) followed by max_decode_len empty columns per layer."""
+    if self.decoder_only:
+      return self.lm.init_cache(encoded, encoder_mask, max_decode_len)
     cache = self.lm.init_decode_cache(encoded, encoder_mask, max_decode_len)
     offset = self._decoder_offset(encoded)
     return cache if offset is None else {'decoder': cache, 'input_offset': offset}
 
   def decode_step(self, cache, token_ids, step):
     """token_ids [B] at position `step` -> (hidden [B, E], cache); jit / while_loop friendly."""
+    if self.decoder_only:
+      x = self.lm.embed(jnp.asarray(token_ids, jnp.int32)[:, None])
+      hidden, cache = self.lm.step(cache, x, jnp.asarray(step, jnp.int32))
+      return hidden[:, 0], cache
     if self._decoder_offset_enabled:
       hidden, decoder_cache = self.lm.decode_step(cache['decoder'], token_ids, step,
                                                   cache['input_offset'])
