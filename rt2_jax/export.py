@@ -281,13 +281,15 @@ class SavedModelPolicy:
     return outputs
 
 
-def export_checkpoint(workdir: str, step: int | None, out_dir: str, verify: bool = True) -> dict:
-  """The CLI: checkpoint -> Policy -> SavedModel (optionally verified on three inputs)."""
+def export_checkpoint(workdir: str, step: int | None, out_dir: str, verify: bool = True,
+                      param_dtype: str | None = None) -> dict:
+  """The CLI: checkpoint -> Policy -> SavedModel (optionally verified on three inputs). The
+  SavedModel's variables are the Policy's params: in the compute dtype unless `param_dtype`."""
   from rt2_jax.policy import Policy
 
   t0 = time.perf_counter()
   _log(f'loading {workdir}' + (f' step {step}' if step is not None else ''))
-  policy = Policy.from_checkpoint(workdir, step=step)
+  policy = Policy.from_checkpoint(workdir, step=step, param_dtype=param_dtype)
   verify_inputs = None
   if verify:
     rng = np.random.default_rng(0)
@@ -305,7 +307,7 @@ def main(argv) -> None:
 
   del argv
   f = flags.FLAGS
-  export_checkpoint(f.workdir, f.checkpoint, f.out, f.verify)
+  export_checkpoint(f.workdir, f.checkpoint, f.out, f.verify, f.param_dtype or None)
 
 
 if __name__ == '__main__':
@@ -316,4 +318,6 @@ if __name__ == '__main__':
                        'refused, naming the steps that verify)')
   flags.DEFINE_string('out', None, 'SavedModel directory to write', required=True)
   flags.DEFINE_bool('verify', True, 'reload the export and compare it with the JAX policy')
+  flags.DEFINE_string('param_dtype', '', 'dtype of the exported params; default the model\'s '
+                      'compute dtype (config.model.dtype); float32 keeps the checkpoint\'s')
   app.run(main)

@@ -624,7 +624,8 @@ def main(argv) -> None:
 
       # The policy pads each batch of up to max_batch to these sizes: one compile per bucket.
       policy = Policy.from_checkpoint(f.workdir, step=f.checkpoint,
-                                      batch_buckets=batch_buckets(f.max_batch))
+                                      batch_buckets=batch_buckets(f.max_batch),
+                                      param_dtype=f.param_dtype or None)
   except (FileNotFoundError, checkpoints.CorruptCheckpointError,
           checkpoints.CheckpointReadError) as e:
     sys.exit(f'rt2_jax.serve: refusing to serve: {e}')
@@ -636,6 +637,8 @@ def _define_flags() -> None:
 
   flags.DEFINE_string('workdir', '', 'training workdir (or its checkpoints/ dir) to serve')
   flags.DEFINE_integer('checkpoint', None, 'checkpoint step; default the latest')
+  flags.DEFINE_string('param_dtype', '', 'dtype the params are held in; default the model\'s '
+                      'compute dtype (config.model.dtype); float32 keeps the checkpoint\'s')
   flags.DEFINE_string('saved_model', '', 'SavedModel written by rt2_jax.export, instead')
   flags.DEFINE_string('host', '127.0.0.1', 'bind address; 0.0.0.0 exposes the server')
   flags.DEFINE_integer('port', 8000, 'port')

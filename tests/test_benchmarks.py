@@ -3,7 +3,10 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
+import pytest
 from conftest import REPO_ROOT
 
 
@@ -45,3 +48,67 @@ def test_decode_benchmark_same_forward_passes_and_says_which_pair_is_which(tmp_p
   assert entry['floor_ratio'] == entry['ours']['end_to_end'] / entry['floor_s']
   assert set(entry['transformers']['threads']) == {
       'end_to_end', 'end_to_end_constrained', 'encoder', 'loop', 'loop_constrained'}
+
+
+def test_accelerator_smoke_without_tensorflow(tmp_path):
+  """benchmarks/accelerator.py --smoke (issue 19) in a process where TensorFlow cannot be
+  imported (the device image has none): every figure is there, and the decode + train-step
+  path never imported TensorFlow, tf.data or seqio."""
+  out = tmp_path / 'accelerator.json'
+  blocked = ('tensorflow', 'tensorflow_datasets', 'tensorflow_text', 'seqio')
+  code = (
+      'import runpy, sys\n'
+      f'for name in {blocked!r}:\n'
+      '  sys.modules[name] = None  # importing it raises ImportError\n'
+      f'sys.argv = ["accelerator.py", "--smoke", "--out={out}"]\n'
+      f'runpy.run_path({os.path.join(REPO_ROOT, "benchmarks", "accelerator.py")!r}, '
+      'run_name="__main__")\n'
+      f'print("LOADED", sorted(m for m, v in sys.modules.items() if v is not None and '
+      f'm.split(".")[0] in {blocked!r}))\n')
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+  result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'LOADED []' in result.stdout
+  r = json.loads(out.read_text())
+  assert r['ceilings']['matmul_flops_s'] > 0 and r['ceilings']['copy_bytes_s'] > 0
+  for dtype in ('float32', 'bfloat16'):
+    row = r['decode'][f'{dtype}_b1']
+    for key in ('end_to_end_s', 'encode_s', 'token_loop_s', 'compile_s'):
+      assert row[key] > 0, (dtype, key)
+    assert 0 < row['bound']['encode_s'] < row['bound']['end_to_end_s']
+    assert row['end_to_end_vs_bound'] == row['end_to_end_s'] / row['bound']['end_to_end_s']
+    kernels = r['kernels_per_decode_step'][dtype]
+    assert 0 < kernels['per_step_greedy'] <= kernels['per_step']
+    assert sum(kernels['by_opcode_greedy'].values()) == kernels['per_step_greedy']
+  # bf16 weights halve the bytes a decode step reads.
+  assert (r['decode']['bfloat16_b1']['bound']['decoder_bytes_per_token'] * 2
+          == r['decode']['float32_b1']['bound']['decoder_bytes_per_token'])
+  train = r['train']
+  assert train['step_s'] > 0 and train['peak_bytes_xla'] > 0
+  assert train['model_flops'] == 3 * train['model_flops_per_example_fwd']['total'] * 2
+  assert train['mfu_vs_measured_matmul'] == pytest.approx(
+      train['model_flops'] / train['step_s'] / r['ceilings']['matmul_flops_s'])
+
+
+def test_kernel_count_reads_the_loop_body_and_multiplies_inner_loops():
+  """roofline.token_loop_kernels: the entry's biggest while body, an inner scan counted once
+  per trip (its known trip count)."""
+  import jax
+  import jax.numpy as jnp
+
+  roofline = _load('roofline')
+
+  def outer(inner_len):
+    def body(carry):
+      i, x = carry
+      x, _ = jax.lax.scan(lambda h, _: (jnp.tanh(h @ h) + 1.0, None), x, None, length=inner_len)
+      return i + 1, jnp.sort(x, axis=-1)
+    return lambda x, n: jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
+
+  x = jnp.ones((8, 8))
+  counts = {n: roofline.token_loop_kernels(jax.jit(outer(n)).lower(x, 3).compile().as_text())
+            for n in (2, 4)}
+  assert counts[2]['per_step'] > 0 and counts[2]['known_trip_count'] is None
+  per_inner = (counts[4]['per_step'] - counts[2]['per_step']) / 2
+  assert per_inner >= 1 and counts[2]['per_step'] > 2 * per_inner  # the sort is outside it

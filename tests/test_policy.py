@@ -251,3 +251,40 @@ def test_decode_fn_exports_with_a_polymorphic_batch(policy):
   np.testing.assert_array_equal(
       np.asarray(exported.call(policy.params, images, tokens, rng)),
       np.asarray(policy.decoder(policy.params, images, tokens, rng)))
+
+
+def test_params_held_in_the_compute_dtype():
+  """Issue 19: a bfloat16 model holds bf16 params for inference (the default) and decodes the
+  same action tokens as with the fp32 params in most cases; an fp32 config is unchanged bit for
+  bit. The agreement rate on 64 inputs is measured, not just asserted (printed with -s)."""
+  from tiny_policy import make_bundle
+
+  config, params, stats, space = make_bundle()
+  assert config.model.dtype == 'float32'
+  fp32 = Policy(config, params, stats, space, batch_buckets=(8,))
+  assert fp32.param_dtype == 'float32'
+  for a, b in zip(jax.tree.leaves(fp32.params), jax.tree.leaves(params), strict=True):
+    assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+  bf16_config = config.copy_and_resolve_references()
+  bf16_config.model.dtype = 'bfloat16'
+  held = Policy(bf16_config, params, stats, space, batch_buckets=(64,))
+  reference = held.replace(param_dtype='float32')
+  assert held.param_dtype == 'bfloat16' and reference.param_dtype == 'float32'
+  assert {x.dtype for x in jax.tree.leaves(held.params)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(reference.params)} == {jnp.dtype(jnp.float32)}
+  n = 64
+  size = config.model.image_size
+  images = np.random.default_rng(3).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+  words = ['put', 'the', 'spoon', 'in', 'pot', 'open', 'drawer', 'pick', 'up', 'cup', 'red']
+  pick = np.random.default_rng(4)
+  instructions = [' '.join(pick.choice(words, 4)) for _ in range(n)]
+  ours = np.stack([o.tokens for o in held.batch(images, instructions)])
+  ref = np.stack([o.tokens for o in reference.batch(images, instructions)])
+  assert len({tuple(r) for r in ref}) > n // 2  # the actions depend on the input: not vacuous
+  rows = float(np.mean(np.all(ours == ref, axis=1)))
+  tokens = float(np.mean(ours == ref))
+  print(f'bf16 vs fp32 params: {rows:.0%} of actions, {tokens:.1%} of action tokens agree')
+  assert tokens >= 0.9 and rows >= 0.5, (rows, tokens)
+  with pytest.raises(ValueError, match='floating-point'):
+    Policy(config, params, stats, space, param_dtype='int32')
