@@ -45,11 +45,27 @@ import roofline  # noqa: E402
 # bf16 dense tensor-core peaks from the datasheets (TFLOP/s), by device kind substring.
 DATASHEET_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0}
 # --smoke: the tiny config cut to one layer a stack (compiles dominate a CPU smoke run).
-SMOKE_MODEL = {'image_size': 32, 'vit.depth': 1, 'vit.width': 64, 'vit.mlp_dim': 128,
-               't5.num_encoder_layers': 1, 't5.num_decoder_layers': 1, 't5.emb_dim': 64,
-               't5.mlp_dim': 128, 't5.num_heads': 2}
-SMOKE = ['--config=configs/tiny.py', '--batches=1', '--param_dtypes=float32,bfloat16',
-         '--repeats=2', '--train_batch=2', '--train_steps=2', '--matmul_n=256', '--copy_mib=8']
+SMOKE_MODEL = {
+  'image_size': 32,
+  'vit.depth': 1,
+  'vit.width': 64,
+  'vit.mlp_dim': 128,
+  't5.num_encoder_layers': 1,
+  't5.num_decoder_layers': 1,
+  't5.emb_dim': 64,
+  't5.mlp_dim': 128,
+  't5.num_heads': 2,
+}
+SMOKE = [
+  '--config=configs/tiny.py',
+  '--batches=1',
+  '--param_dtypes=float32,bfloat16',
+  '--repeats=2',
+  '--train_batch=2',
+  '--train_steps=2',
+  '--matmul_n=256',
+  '--copy_mib=8',
+]
 SMOKE += [f'--override=model.{k}={v}' for k, v in SMOKE_MODEL.items()]
 
 
@@ -120,8 +136,13 @@ def ceilings(args, dtype: str) -> dict:
   x = jax.random.uniform(jax.random.key(2), (args.copy_mib << 18,), jnp.float32)
   copy = jax.jit(lambda x: x * 1.0001)
   copy_s = median_s(lambda: copy(x), min(args.repeats, 10))
-  return dict(matmul_dtype=dtype, matmul_n=n, matmul_flops_s=2 * n**3 / seconds,
-              copy_bytes=2 * x.nbytes, copy_bytes_s=2 * x.nbytes / copy_s)
+  return dict(
+    matmul_dtype=dtype,
+    matmul_n=n,
+    matmul_flops_s=2 * n**3 / seconds,
+    copy_bytes=2 * x.nbytes,
+    copy_bytes_s=2 * x.nbytes / copy_s,
+  )
 
 
 def load(args):
@@ -197,11 +218,11 @@ def model_shapes(config, model, params_or_shapes, counts) -> dict:
   from rt2_jax.models.vla import VLA
 
   images, tokens = inputs(config, 1)
-  encoded = jax.eval_shape(lambda p: model.apply({'params': p}, images, tokens,
-                                                 method=VLA.encode), params_or_shapes)[0]
+  encoded = jax.eval_shape(
+    lambda p: model.apply({'params': p}, images, tokens, method=VLA.encode), params_or_shapes
+  )[0]
   grid = config.model.image_size // config.model.vit.patch_size
-  s = roofline.shapes(config, grid * grid, int(encoded.shape[1]),
-                      int(config.data.max_target_len))
+  s = roofline.shapes(config, grid * grid, int(encoded.shape[1]), int(config.data.max_target_len))
   s['vocab'] = int(config.model.vocab_size)
   return s
 
@@ -223,8 +244,9 @@ def loop_kernels(loop, params, encoded, mask) -> dict:
   import jax
   import jax.numpy as jnp
 
-  compiled = loop.lower(params, encoded, mask, jax.random.key(1),
-                        temperature=jnp.float32(0)).compile()
+  compiled = loop.lower(
+    params, encoded, mask, jax.random.key(1), temperature=jnp.float32(0)
+  ).compile()
   return roofline.token_loop_kernels(compiled.as_text())
 
 
@@ -238,8 +260,9 @@ def decode_section(args, config, model, mesh, params, counts, s, rates, rec) -> 
   zero = np.float32(0)
   compute = 'bfloat16' if config.model.dtype == 'bfloat16' else 'float32'
   act_bytes = 2 if compute == 'bfloat16' else 4
-  dtypes = [d for d in args.param_dtypes.split(',') if d] or list(dict.fromkeys(
-      [compute, 'float32']))
+  dtypes = [d for d in args.param_dtypes.split(',') if d] or list(
+    dict.fromkeys([compute, 'float32'])
+  )
   batches = [int(b) for b in args.batches.split(',')]
   out = rec.res.setdefault('decode', {})
   kernels = rec.res.setdefault('kernels_per_decode_step', {})
@@ -253,30 +276,44 @@ def decode_section(args, config, model, mesh, params, counts, s, rates, rec) -> 
         start = time.perf_counter()
         jax.block_until_ready(decoder(p, images, tokens, key))
         row = dict(compile_s=time.perf_counter() - start)
-        row['end_to_end_s'] = median_s(lambda p=p, i=images, t=tokens: decoder(p, i, t, key),
-                                       args.repeats)
+        row['end_to_end_s'] = median_s(
+          lambda p=p, i=images, t=tokens: decoder(p, i, t, key), args.repeats
+        )
         encoded, mask = decoder.encode(p, images, tokens)
-        row['encode_s'] = median_s(lambda p=p, i=images, t=tokens: decoder.encode(p, i, t),
-                                   args.repeats)
+        row['encode_s'] = median_s(
+          lambda p=p, i=images, t=tokens: decoder.encode(p, i, t), args.repeats
+        )
         row['token_loop_s'] = median_s(
-            lambda p=p, e=encoded, m=mask: loop(p, e, m, key, temperature=zero), args.repeats)
+          lambda p=p, e=encoded, m=mask: loop(p, e, m, key, temperature=zero), args.repeats
+        )
         row['per_token_s'] = row['token_loop_s'] / callback.max_steps
         row['hz'] = 1 / row['end_to_end_s']
         row['actions_per_s'] = b / row['end_to_end_s']
         row['bound'] = roofline.decode_bounds(
-            counts, s, batch=b, steps=callback.max_steps, rows=int(config.actions.num_bins),
-            param_bytes=nbytes, act_bytes=act_bytes, rates=rates)
+          counts,
+          s,
+          batch=b,
+          steps=callback.max_steps,
+          rows=int(config.actions.num_bins),
+          param_bytes=nbytes,
+          act_bytes=act_bytes,
+          rates=rates,
+        )
         row['end_to_end_vs_bound'] = row['end_to_end_s'] / row['bound']['end_to_end_s']
         out[f'{dtype}_b{b}'] = row
-        log(f'decode {dtype} b{b}: {1e3 * row["end_to_end_s"]:.2f} ms ({row["hz"]:.1f} Hz; '
-            f'encoder {1e3 * row["encode_s"]:.2f}, loop {1e3 * row["token_loop_s"]:.2f}), '
-            f'bound {1e3 * row["bound"]["end_to_end_s"]:.3f} ms '
-            f'({row["end_to_end_vs_bound"]:.1f}x)')
+        log(
+          f'decode {dtype} b{b}: {1e3 * row["end_to_end_s"]:.2f} ms ({row["hz"]:.1f} Hz; '
+          f'encoder {1e3 * row["encode_s"]:.2f}, loop {1e3 * row["token_loop_s"]:.2f}), '
+          f'bound {1e3 * row["bound"]["end_to_end_s"]:.3f} ms '
+          f'({row["end_to_end_vs_bound"]:.1f}x)'
+        )
         if b == 1:
           kernels[dtype] = loop_kernels(loop, p, encoded, mask)
-          log(f'kernels per decode step ({dtype}, {jax.devices()[0].platform}): '
-              f'{kernels[dtype]["per_step_greedy"]} greedy, {kernels[dtype]["per_step"]} '
-              'with the sampling branch')
+          log(
+            f'kernels per decode step ({dtype}, {jax.devices()[0].platform}): '
+            f'{kernels[dtype]["per_step_greedy"]} greedy, {kernels[dtype]["per_step"]} '
+            'with the sampling branch'
+          )
         rec.save()
       del p
       gc.collect()
@@ -300,20 +337,29 @@ def train_section(args, config, mesh, params, counts, s, rates, rec) -> None:
   tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
   setup = train.make_setup(config, mesh)
   # The decode section's fp32 weights, not setup.init_state (see random_params).
-  state = jax.device_put(train.TrainState(params, jax.jit(setup.tx.init)(params), np.int32(0),
-                                          jax.random.PRNGKey(0)),
-                         setup.state_shardings)
-  batch = {k: jax.device_put(v, setup.batch_sharding(np.ndim(v)))
-           for k, v in synthetic_batch(config, action_vocab, tokenizer).items()}
+  state = jax.device_put(
+    train.TrainState(params, jax.jit(setup.tx.init)(params), np.int32(0), jax.random.PRNGKey(0)),
+    setup.state_shardings,
+  )
+  batch = {
+    k: jax.device_put(v, setup.batch_sharding(np.ndim(v)))
+    for k, v in synthetic_batch(config, action_vocab, tokenizer).items()
+  }
   start = time.perf_counter()
   with setup.context():
     compiled = setup.jit_train_step(action_vocab, tokenizer).lower(state, batch).compile()
-  row = dict(batch=args.train_batch, compile_s=time.perf_counter() - start,
-             remat=str(config.model.remat), optimizer=str(config.optim.get('name', '')))
+  row = dict(
+    batch=args.train_batch,
+    compile_s=time.perf_counter() - start,
+    remat=str(config.model.remat),
+    optimizer=str(config.optim.get('name', '')),
+  )
   mem = compiled.memory_analysis()
   if mem is not None:
-    sizes = {k: int(getattr(mem, f'{k}_size_in_bytes', 0))
-             for k in ('argument', 'output', 'temp', 'alias', 'generated_code')}
+    sizes = {
+      k: int(getattr(mem, f'{k}_size_in_bytes', 0))
+      for k in ('argument', 'output', 'temp', 'alias', 'generated_code')
+    }
     row['memory_analysis_bytes'] = sizes
     row['peak_bytes_xla'] = sizes['argument'] + sizes['output'] + sizes['temp'] - sizes['alias']
   box = {'state': state}
@@ -331,16 +377,19 @@ def train_section(args, config, mesh, params, counts, s, rates, rec) -> None:
   row['model_flops'] = 3.0 * fwd['total'] * args.train_batch
   row['model_tflops_s'] = row['model_flops'] / row['step_s'] / 1e12
   row['mfu_vs_measured_matmul'] = row['model_flops'] / row['step_s'] / rates['matmul_flops_s']
-  peak = args.peak_tflops or next((v for k, v in DATASHEET_TFLOPS.items()
-                                   if k in jax.devices()[0].device_kind), 0.0)
+  peak = args.peak_tflops or next(
+    (v for k, v in DATASHEET_TFLOPS.items() if k in jax.devices()[0].device_kind), 0.0
+  )
   if peak:
     row['peak_tflops_datasheet'] = peak
     row['mfu_vs_datasheet'] = row['model_tflops_s'] / peak
   rec.res['train'] = row
-  log(f'train b{args.train_batch}: {row["step_s"]:.4f} s/step, {row["model_tflops_s"]:.3g} '
-      f'model TFLOP/s, MFU {row["mfu_vs_measured_matmul"]:.1%} of the measured matmul rate'
-      + (f', {row["mfu_vs_datasheet"]:.1%} of {peak:g} TFLOP/s' if peak else '')
-      + (f', peak {row.get("peak_bytes_xla", 0) / 2**30:.2f} GiB (XLA)' if mem else ''))
+  log(
+    f'train b{args.train_batch}: {row["step_s"]:.4f} s/step, {row["model_tflops_s"]:.3g} '
+    f'model TFLOP/s, MFU {row["mfu_vs_measured_matmul"]:.1%} of the measured matmul rate'
+    + (f', {row["mfu_vs_datasheet"]:.1%} of {peak:g} TFLOP/s' if peak else '')
+    + (f', peak {row.get("peak_bytes_xla", 0) / 2**30:.2f} GiB (XLA)' if mem else '')
+  )
   rec.save()
 
 
@@ -352,8 +401,9 @@ def kernels_only(args, config, model, rec) -> None:
   from rt2_jax import partitioning, train
   from rt2_jax.models.vla import VLA
 
-  shapes = partitioning.unbox(jax.eval_shape(model.init, jax.random.key(0),
-                                             *train.dummy_inputs(config)))['params']
+  shapes = partitioning.unbox(
+    jax.eval_shape(model.init, jax.random.key(0), *train.dummy_inputs(config))
+  )['params']
   callback = action_callback(config, args.action_positions)
   images, tokens = inputs(config, 1)
   dtypes = [d for d in args.param_dtypes.split(',') if d] or [str(config.model.dtype)]
@@ -361,14 +411,17 @@ def kernels_only(args, config, model, rec) -> None:
   for dtype in dtypes:
     p = jax.tree.map(lambda x, d=dtype: jax.ShapeDtypeStruct(x.shape, jnp.dtype(d)), shapes)
     encoded, mask = jax.eval_shape(
-        lambda p: model.apply({'params': p}, images, tokens, method=VLA.encode), p)
+      lambda p: model.apply({'params': p}, images, tokens, method=VLA.encode), p
+    )
     start = time.perf_counter()
     out[dtype] = loop_kernels(token_loop(model, callback), p, encoded, mask)
     out[dtype]['compile_s'] = time.perf_counter() - start
-    log(f'kernels per decode step ({dtype}, {jax.devices()[0].platform}): '
-        f'{out[dtype]["per_step_greedy"]} greedy, {out[dtype]["per_step"]} with the sampling '
-        f'branch; by opcode (greedy) {out[dtype]["by_opcode_greedy"]} '
-        f'(compiled in {out[dtype]["compile_s"]:.1f} s)')
+    log(
+      f'kernels per decode step ({dtype}, {jax.devices()[0].platform}): '
+      f'{out[dtype]["per_step_greedy"]} greedy, {out[dtype]["per_step"]} with the sampling '
+      f'branch; by opcode (greedy) {out[dtype]["by_opcode_greedy"]} '
+      f'(compiled in {out[dtype]["compile_s"]:.1f} s)'
+    )
     rec.save()
 
 
@@ -383,9 +436,15 @@ def main(argv=None) -> dict:
   config = load(args)
   model = VLA(config.model)
   device = jax.devices()[0]
-  rec.res.update(config=args.config, overrides=args.override, smoke=args.smoke,
-                 jax=jax.__version__, device=f'{device.platform}: {device.device_kind}',
-                 action_positions=args.action_positions, bins=int(config.actions.num_bins))
+  rec.res.update(
+    config=args.config,
+    overrides=args.override,
+    smoke=args.smoke,
+    jax=jax.__version__,
+    device=f'{device.platform}: {device.device_kind}',
+    action_positions=args.action_positions,
+    bins=int(config.actions.num_bins),
+  )
   if args.kernels_only:
     kernels_only(args, config, model, rec)
     return rec.res
@@ -393,14 +452,17 @@ def main(argv=None) -> dict:
   dtype = 'bfloat16' if config.model.dtype == 'bfloat16' else 'float32'
   rates = ceilings(args, dtype)
   rec.res['ceilings'] = rates
-  log(f'ceilings on {rec.res["device"]}: matmul {rates["matmul_flops_s"] / 1e12:.3g} TFLOP/s '
-      f'({dtype}, n={args.matmul_n}), copy {rates["copy_bytes_s"] / 1e9:.3g} GB/s')
+  log(
+    f'ceilings on {rec.res["device"]}: matmul {rates["matmul_flops_s"] / 1e12:.3g} TFLOP/s '
+    f'({dtype}, n={args.matmul_n}), copy {rates["copy_bytes_s"] / 1e9:.3g} GB/s'
+  )
   rec.save()
   params = random_params(config, model, mesh)
   counts = roofline.param_counts(params, bool(config.model.t5.logits_via_embedding))
   s = model_shapes(config, model, params, counts)
-  rec.res.update(params=int(sum(x.size for x in jax.tree.leaves(params))), param_counts=counts,
-                 shapes=s)
+  rec.res.update(
+    params=int(sum(x.size for x in jax.tree.leaves(params))), param_counts=counts, shapes=s
+  )
   decode_section(args, config, model, mesh, params, counts, s, rates, rec)
   if not args.skip_train:
     train_section(args, config, mesh, params, counts, s, rates, rec)

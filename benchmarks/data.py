@@ -26,8 +26,12 @@ from rt2_jax.data import pipeline  # noqa: E402
 
 
 def bench(image_size: int, batch_size: int, batches: int, data_dir: str, robot_rate: float):
-  overrides = {'model.image_size': image_size, 'batch_size': batch_size,
-               'data.robot_rate': robot_rate, 'data.cache_dir': ''}
+  overrides = {
+    'model.image_size': image_size,
+    'batch_size': batch_size,
+    'data.robot_rate': robot_rate,
+    'data.cache_dir': '',
+  }
   if data_dir:
     overrides['data.robot.data_dir'] = data_dir
   config = config_flags.load_config('tiny', overrides=overrides)
@@ -44,11 +48,17 @@ def bench(image_size: int, batch_size: int, batches: int, data_dir: str, robot_r
   for _ in range(batches):
     robot += int(next(it)['is_robot'].sum())
   elapsed = time.perf_counter() - start
-  return {'image_size': image_size, 'batch_size': batch_size, 'batches': batches,
-          'setup_s': round(setup_s, 3), 'ms_per_batch': round(1000 * elapsed / batches, 3),
-          'examples_per_s': round(batches * batch_size / elapsed, 1),
-          'robot_fraction': round(robot / (batches * batch_size), 4),
-          'robot_steps': len(it.tasks[0]), 'web_examples': sum(len(t) for t in it.tasks[1:])}
+  return {
+    'image_size': image_size,
+    'batch_size': batch_size,
+    'batches': batches,
+    'setup_s': round(setup_s, 3),
+    'ms_per_batch': round(1000 * elapsed / batches, 3),
+    'examples_per_s': round(batches * batch_size / elapsed, 1),
+    'robot_fraction': round(robot / (batches * batch_size), 4),
+    'robot_steps': len(it.tasks[0]),
+    'web_examples': sum(len(t) for t in it.tasks[1:]),
+  }
 
 
 def main():
@@ -60,16 +70,33 @@ def main():
   parser.add_argument('--data_dir', default='', help="Bridge builder dir; '' = generated data")
   parser.add_argument('--out', default='')
   args = parser.parse_args()
-  rows = [bench(int(s), args.batch_size, args.batches, args.data_dir, args.robot_rate)
-          for s in args.image_sizes.split(',')]
+  rows = [
+    bench(int(s), args.batch_size, args.batches, args.data_dir, args.robot_rate)
+    for s in args.image_sizes.split(',')
+  ]
   header = ('image', 'batch', 'setup s', 'ms/batch', 'examples/s', 'robot frac')
   print(''.join(f'{h:>12}' for h in header))
   for r in rows:
-    print(''.join(f'{v:>12}' for v in (r['image_size'], r['batch_size'], r['setup_s'],
-                                       r['ms_per_batch'], r['examples_per_s'],
-                                       r['robot_fraction'])))
-  result = {'benchmark': 'data', 'machine': platform.processor() or platform.machine(),
-            'cpus': os.cpu_count(), 'robot_rate': args.robot_rate, 'results': rows}
+    print(
+      ''.join(
+        f'{v:>12}'
+        for v in (
+          r['image_size'],
+          r['batch_size'],
+          r['setup_s'],
+          r['ms_per_batch'],
+          r['examples_per_s'],
+          r['robot_fraction'],
+        )
+      )
+    )
+  result = {
+    'benchmark': 'data',
+    'machine': platform.processor() or platform.machine(),
+    'cpus': os.cpu_count(),
+    'robot_rate': args.robot_rate,
+    'results': rows,
+  }
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(result, f, indent=1)

@@ -66,23 +66,23 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 COMPARISONS = {
-    'headline': 'speedup, loop_speedup: ours constrained to the action tokens (scores only the K '
-                'allowed rows of each action position) vs transformers generate unconstrained '
-                '(scores the full vocabulary, any token may win). Different work per step; not '
-                'like for like.',
-    'constrained': 'speedup_constrained, loop_speedup_constrained: both constrained to the same '
-                   'action ids per position; ours scores the K allowed rows, transformers scores '
-                   'the full vocabulary and a LogitsProcessor masks it to the allowed ids.',
-    'full_vocab': 'speedup_full_vocab, loop_speedup_full_vocab: both score the full vocabulary '
-                  'and mask it to the allowed action ids (ours: *_full_vocab_mask; transformers: '
-                  '*_constrained): the same arithmetic on both sides.',
-    'forward_passes': 'decoder forward passes per call, counted on both sides and equal: one per '
-                      'action token; ours writes EOS after the last without a pass, so '
-                      'transformers is asked for max_new_tokens = min_new_tokens = that count.',
-    'threads': 'ours: XLA with all cores; transformers: each figure the faster of PyTorch with '
-               '1 thread and with all cores (transformers.batches.*.threads).',
-    'floor_ratio': 'ours end to end / (matmul FLOPs / the best fp32 matmul rate measured in the '
-                   'run); floor_ratio_paired divides by the rate measured just before each call.',
+  'headline': 'speedup, loop_speedup: ours constrained to the action tokens (scores only the K '
+  'allowed rows of each action position) vs transformers generate unconstrained '
+  '(scores the full vocabulary, any token may win). Different work per step; not '
+  'like for like.',
+  'constrained': 'speedup_constrained, loop_speedup_constrained: both constrained to the same '
+  'action ids per position; ours scores the K allowed rows, transformers scores '
+  'the full vocabulary and a LogitsProcessor masks it to the allowed ids.',
+  'full_vocab': 'speedup_full_vocab, loop_speedup_full_vocab: both score the full vocabulary '
+  'and mask it to the allowed action ids (ours: *_full_vocab_mask; transformers: '
+  '*_constrained): the same arithmetic on both sides.',
+  'forward_passes': 'decoder forward passes per call, counted on both sides and equal: one per '
+  'action token; ours writes EOS after the last without a pass, so '
+  'transformers is asked for max_new_tokens = min_new_tokens = that count.',
+  'threads': 'ours: XLA with all cores; transformers: each figure the faster of PyTorch with '
+  '1 thread and with all cores (transformers.batches.*.threads).',
+  'floor_ratio': 'ours end to end / (matmul FLOPs / the best fp32 matmul rate measured in the '
+  'run); floor_ratio_paired divides by the rate measured just before each call.',
 }
 
 
@@ -94,8 +94,16 @@ def larger_config():
   c.model.vocab_size = 32128
   c.model.image_size = 256
   c.model.vit.update(dict(patch_size=16, width=512, depth=6, num_heads=8, mlp_dim=2048))
-  c.model.t5.update(dict(emb_dim=512, num_heads=8, head_dim=64, mlp_dim=1024,
-                         num_encoder_layers=4, num_decoder_layers=4))
+  c.model.t5.update(
+    dict(
+      emb_dim=512,
+      num_heads=8,
+      head_dim=64,
+      mlp_dim=1024,
+      num_encoder_layers=4,
+      num_decoder_layers=4,
+    )
+  )
   return c
 
 
@@ -148,23 +156,35 @@ def model_flops(mc, batch: int, text_len: int, steps: int, rows: int) -> dict:
   v, t = mc.vit, mc.t5
   patches = (mc.image_size // v.patch_size) ** 2
   vit = 2 * patches * (v.patch_size**2 * 3) * v.width  # patch embedding
-  vit += v.depth * (2 * patches * 4 * v.width**2  # q, k, v, out
-                    + 2 * 2 * patches**2 * v.width  # scores and weighted sum
-                    + 2 * 2 * patches * v.width * v.mlp_dim)
+  vit += v.depth * (
+    2 * patches * 4 * v.width**2  # q, k, v, out
+    + 2 * 2 * patches**2 * v.width  # scores and weighted sum
+    + 2 * 2 * patches * v.width * v.mlp_dim
+  )
   vit += 2 * patches * v.width * t.emb_dim  # projection into the text model
   length, inner = patches + text_len, t.num_heads * t.head_dim
   gated = len(t.mlp_activations)
   mlp = 2 * (gated + 1) * t.emb_dim * t.mlp_dim  # per token
   enc = t.num_encoder_layers * length * (2 * 4 * t.emb_dim * inner + 2 * 2 * length * inner + mlp)
   cross_kv = t.num_decoder_layers * 2 * length * 2 * t.emb_dim * inner
-  per_step = t.num_decoder_layers * (2 * 4 * t.emb_dim * inner  # self-attention projections
-                                     + 2 * 2 * t.emb_dim * inner  # cross-attention q and out
-                                     + 2 * 2 * length * inner  # cross-attention over the encoder
-                                     + mlp) + 2 * t.emb_dim * rows
+  per_step = (
+    t.num_decoder_layers
+    * (
+      2 * 4 * t.emb_dim * inner  # self-attention projections
+      + 2 * 2 * t.emb_dim * inner  # cross-attention q and out
+      + 2 * 2 * length * inner  # cross-attention over the encoder
+      + mlp
+    )
+    + 2 * t.emb_dim * rows
+  )
   self_attn = t.num_decoder_layers * 2 * 2 * inner * steps * (steps + 1) // 2
   total = vit + enc + cross_kv + steps * per_step + self_attn
-  return dict(vit=batch * vit, encoder=batch * enc,
-              decode=batch * (cross_kv + steps * per_step + self_attn), total=batch * total)
+  return dict(
+    vit=batch * vit,
+    encoder=batch * enc,
+    decode=batch * (cross_kv + steps * per_step + self_attn),
+    total=batch * total,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +195,11 @@ class FullVocabMaskCallback:
   """The action constraint as a mask over all vocabulary rows: the slow way, for comparison."""
 
   def __init__(self, action_callback, mask):
-    self.inner, self.mask, self.max_steps = action_callback, np.asarray(mask), \
-        action_callback.max_steps
+    self.inner, self.mask, self.max_steps = (
+      action_callback,
+      np.asarray(mask),
+      action_callback.max_steps,
+    )
 
   def init(self, batch_size):
     return self.inner.init(batch_size)
@@ -228,8 +251,12 @@ def count_forward_passes_ours(model, callback, params, encoded, mask, rng) -> in
 
 
 def prompts(vocab, config, batch: int) -> np.ndarray:
-  instructions = ['put the spoon in the pot', 'open the drawer', 'pick up the red block',
-                  'wipe the table with the towel']
+  instructions = [
+    'put the spoon in the pot',
+    'open the drawer',
+    'pick up the red block',
+    'wipe the table with the towel',
+  ]
   from rt2_jax import transforms
 
   prompt = transforms.Prompt.from_config(config)
@@ -242,33 +269,43 @@ def _time_ours(sliced, masked, params, vocab, config, batch: int, repeats: int, 
   import jax.numpy as jnp
 
   size = config.model.image_size
-  images = jnp.asarray(np.random.default_rng(batch).integers(0, 256, (batch, size, size, 3)),
-                       jnp.uint8)
+  images = jnp.asarray(
+    np.random.default_rng(batch).integers(0, 256, (batch, size, size, 3)), jnp.uint8
+  )
   tokens = jnp.asarray(prompts(vocab, config, batch))
   tokens_sliced = sliced(params, images, tokens, rng)
   tokens_masked = masked(params, images, tokens, rng)
   same = bool(np.array_equal(np.asarray(tokens_sliced), np.asarray(tokens_masked)))
   encoded, mask = sliced.encode(params, images, tokens)
   return dict(
-      end_to_end=median_time(lambda: sliced(params, images, tokens, rng).block_until_ready(),
-                             repeats),
-      end_to_end_full_vocab_mask=median_time(
-          lambda: masked(params, images, tokens, rng).block_until_ready(), repeats),
-      encoder=median_time(lambda: jax.block_until_ready(sliced.encode(params, images, tokens)),
-                          repeats),
-      loop=median_time(
-          lambda: sliced.from_encoded(params, encoded, mask, rng).block_until_ready(), repeats),
-      loop_full_vocab_mask=median_time(
-          lambda: masked.from_encoded(params, encoded, mask, rng).block_until_ready(), repeats),
-      sliced_equals_masked=same,
-      forward_passes=count_forward_passes_ours(sliced.model, sliced.callback, params, encoded,
-                                               mask, rng),
-      floor_pairs=interleaved_floor_pairs(
-          lambda: sliced(params, images, tokens, rng).block_until_ready(), repeats))
+    end_to_end=median_time(
+      lambda: sliced(params, images, tokens, rng).block_until_ready(), repeats
+    ),
+    end_to_end_full_vocab_mask=median_time(
+      lambda: masked(params, images, tokens, rng).block_until_ready(), repeats
+    ),
+    encoder=median_time(
+      lambda: jax.block_until_ready(sliced.encode(params, images, tokens)), repeats
+    ),
+    loop=median_time(
+      lambda: sliced.from_encoded(params, encoded, mask, rng).block_until_ready(), repeats
+    ),
+    loop_full_vocab_mask=median_time(
+      lambda: masked.from_encoded(params, encoded, mask, rng).block_until_ready(), repeats
+    ),
+    sliced_equals_masked=same,
+    forward_passes=count_forward_passes_ours(
+      sliced.model, sliced.callback, params, encoded, mask, rng
+    ),
+    floor_pairs=interleaved_floor_pairs(
+      lambda: sliced(params, images, tokens, rng).block_until_ready(), repeats
+    ),
+  )
 
 
-def interleaved_floor_pairs(fn, repeats: int, n: int = 1024,
-                            budget_s: float = 30.0) -> list[tuple[float, float]]:
+def interleaved_floor_pairs(
+  fn, repeats: int, n: int = 1024, budget_s: float = 30.0
+) -> list[tuple[float, float]]:
   """(matmul GFLOP/s, seconds of `fn`) measured back to back, so both see the same load."""
   import jax
   import jax.numpy as jnp
@@ -308,19 +345,30 @@ def run_ours(config, batches, repeats: int, log) -> dict:
   params = jax.jit(model.init)(rng, init_images, init_tokens, jnp.zeros((1, 4), jnp.int32))
   params = params['params']
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-  callback = decoding.ActionCallback(action_vocab.allowed_ids, action_vocab.num_allowed,
-                                     vocab.eos_id)
+  callback = decoding.ActionCallback(
+    action_vocab.allowed_ids, action_vocab.num_allowed, vocab.eos_id
+  )
   sliced = decoding.Decoder(model, callback)
   masked = decoding.Decoder(model, FullVocabMaskCallback(callback, action_vocab.mask))
-  out = dict(params=num_params, batches={}, allowed_ids=np.asarray(action_vocab.allowed_ids),
-             num_allowed=np.asarray(action_vocab.num_allowed))
+  out = dict(
+    params=num_params,
+    batches={},
+    allowed_ids=np.asarray(action_vocab.allowed_ids),
+    num_allowed=np.asarray(action_vocab.num_allowed),
+  )
   for batch in batches:
     r = _time_ours(sliced, masked, params, vocab, config, batch, repeats, rng)
     r['action_tokens'] = int(callback.num_positions)
     assert r['forward_passes'] == callback.max_steps, (r['forward_passes'], callback.max_steps)
     out['batches'][batch] = r
-    log(f'  ours b={batch}: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
-                                          for k, v in r.items() if k != 'floor_pairs'))
+    log(
+      f'  ours b={batch}: '
+      + ', '.join(
+        f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+        for k, v in r.items()
+        if k != 'floor_pairs'
+      )
+    )
   return out
 
 
@@ -342,9 +390,12 @@ def _time_interleaved(fns: dict, repeats: int) -> dict:
 def _decode_calls(mode, decoder, params, images, tokens, rng) -> dict:
   """{(mode, 'end_to_end' | 'after_encoder'): a call that waits for its result}."""
   encoded, mask = decoder.encode(params, images, tokens)
-  return {(mode, 'end_to_end'): lambda: decoder(params, images, tokens, rng).block_until_ready(),
-          (mode, 'after_encoder'): lambda: decoder.from_encoded(
-              params, encoded, mask, rng).block_until_ready()}
+  return {
+    (mode, 'end_to_end'): lambda: decoder(params, images, tokens, rng).block_until_ready(),
+    (mode, 'after_encoder'): lambda: decoder.from_encoded(
+      params, encoded, mask, rng
+    ).block_until_ready(),
+  }
 
 
 def run_parallel(config, batches, repeats: int, log) -> dict:
@@ -361,22 +412,27 @@ def run_parallel(config, batches, repeats: int, log) -> dict:
 
   space = load_spec('bridge_dataset').action_space
   vocab, action_vocab = vocab_lib.from_config(config, space)
-  callback = decoding.ActionCallback(action_vocab.allowed_ids, action_vocab.num_allowed,
-                                     vocab.eos_id)
+  callback = decoding.ActionCallback(
+    action_vocab.allowed_ids, action_vocab.num_allowed, vocab.eos_id
+  )
   size, rng = config.model.image_size, jax.random.PRNGKey(0)
   decoders = {}
   for mode in ('autoregressive', 'parallel'):
     cfg = config.copy_and_resolve_references()
     cfg.model.action_decoding = mode
     model = VLA(cfg.model)
-    params = jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), jnp.uint8),
-                                 jnp.ones((1, cfg.data.max_input_len), jnp.int32),
-                                 jnp.zeros((1, 4), jnp.int32))['params']
+    params = jax.jit(model.init)(
+      rng,
+      jnp.zeros((1, size, size, 3), jnp.uint8),
+      jnp.ones((1, cfg.data.max_input_len), jnp.int32),
+      jnp.zeros((1, 4), jnp.int32),
+    )['params']
     decoders[mode] = (decoding.Decoder(model, callback), params)
   out = {}
   for batch in batches:
-    images = jnp.asarray(np.random.default_rng(batch).integers(0, 256, (batch, size, size, 3)),
-                         jnp.uint8)
+    images = jnp.asarray(
+      np.random.default_rng(batch).integers(0, 256, (batch, size, size, 3)), jnp.uint8
+    )
     tokens = jnp.asarray(prompts(vocab, config, batch))
     fns = {}
     for mode, (decoder, params) in decoders.items():
@@ -385,13 +441,16 @@ def run_parallel(config, batches, repeats: int, log) -> dict:
     for (mode, figure), seconds in _time_interleaved(fns, repeats).items():
       r.setdefault(mode, {})[figure] = seconds
     r['speedup'] = r['autoregressive']['end_to_end'] / r['parallel']['end_to_end']
-    r['after_encoder_speedup'] = (r['autoregressive']['after_encoder']
-                                  / r['parallel']['after_encoder'])
+    r['after_encoder_speedup'] = (
+      r['autoregressive']['after_encoder'] / r['parallel']['after_encoder']
+    )
     out[batch] = r
-    log(f'  parallel vs autoregressive b={batch}: end to end '
-        f'{r["autoregressive"]["end_to_end"] * 1e3:.2f} -> {r["parallel"]["end_to_end"] * 1e3:.2f}'
-        f' ms (x{r["speedup"]:.2f}), after the encoder {r["autoregressive"]["after_encoder"] * 1e3:.2f}'
-        f' -> {r["parallel"]["after_encoder"] * 1e3:.2f} ms (x{r["after_encoder_speedup"]:.2f})')
+    log(
+      f'  parallel vs autoregressive b={batch}: end to end '
+      f'{r["autoregressive"]["end_to_end"] * 1e3:.2f} -> {r["parallel"]["end_to_end"] * 1e3:.2f}'
+      f' ms (x{r["speedup"]:.2f}), after the encoder {r["autoregressive"]["after_encoder"] * 1e3:.2f}'
+      f' -> {r["parallel"]["after_encoder"] * 1e3:.2f} ms (x{r["after_encoder_speedup"]:.2f})'
+    )
   return out
 
 
@@ -407,20 +466,22 @@ class ActionMaskProcessor:
 
     positions = np.asarray(allowed_ids).shape[0]
     keep = np.zeros((positions, vocab_size), bool)
-    for i, (ids, n) in enumerate(zip(np.asarray(allowed_ids), np.asarray(num_allowed),
-                                     strict=True)):
+    for i, (ids, n) in enumerate(
+      zip(np.asarray(allowed_ids), np.asarray(num_allowed), strict=True)
+    ):
       keep[i, ids[:n]] = True
     self.keep = torch.from_numpy(keep)
 
   def __call__(self, input_ids, scores):
     # input_ids starts with the decoder start token: the next token is action position len - 1.
     position = min(input_ids.shape[1] - 1, self.keep.shape[0] - 1)
-    keep = self.keep[position, :scores.shape[-1]]
+    keep = self.keep[position, : scores.shape[-1]]
     return scores.masked_fill(~keep, float('-inf'))
 
 
-def _time_transformers(vit, project, t5, config, batch: int, repeats: int, steps: int,
-                       processor, thread_counts) -> dict:
+def _time_transformers(
+  vit, project, t5, config, batch: int, repeats: int, steps: int, processor, thread_counts
+) -> dict:
   """transformers timings at one batch size: `steps` new tokens = `steps` decoder passes.
 
   Each figure is the faster of PyTorch with 1 thread and with all cores: on a shared CPU its
@@ -433,8 +494,9 @@ def _time_transformers(vit, project, t5, config, batch: int, repeats: int, steps
 
   mc = config.model
   rng = np.random.default_rng(batch)
-  pixels = torch.from_numpy(rng.uniform(-1, 1, (batch, 3, mc.image_size, mc.image_size))
-                            .astype(np.float32))
+  pixels = torch.from_numpy(
+    rng.uniform(-1, 1, (batch, 3, mc.image_size, mc.image_size)).astype(np.float32)
+  )
   text = torch.from_numpy(rng.integers(3, 1000, (batch, config.data.max_input_len)))
   num_patches = (mc.image_size // mc.vit.patch_size) ** 2
   attention_mask = torch.ones(batch, num_patches + text.shape[1], dtype=torch.long)
@@ -459,9 +521,12 @@ def _time_transformers(vit, project, t5, config, batch: int, repeats: int, steps
   with torch.inference_mode():
     encoder_outputs = BaseModelOutput(last_hidden_state=encoder().last_hidden_state)
     counts = {}
-    for name, fn, kw in (('end_to_end', end_to_end, plain), ('loop', loop, plain),
-                         ('end_to_end_constrained', end_to_end, constrained),
-                         ('loop_constrained', loop, constrained)):
+    for name, fn, kw in (
+      ('end_to_end', end_to_end, plain),
+      ('loop', loop, plain),
+      ('end_to_end_constrained', end_to_end, constrained),
+      ('loop_constrained', loop, constrained),
+    ):
       passes.clear()
       generated = fn(**kw)
       counts[name] = len(passes)
@@ -472,10 +537,13 @@ def _time_transformers(vit, project, t5, config, batch: int, repeats: int, steps
         assert bool(keep.gather(1, chosen.T).all()), 'constrained generate left the action ids'
     hook.remove()
     assert len(set(counts.values())) == 1, counts
-    figures = dict(end_to_end=lambda: end_to_end(**plain),
-                   end_to_end_constrained=lambda: end_to_end(**constrained),
-                   encoder=encoder, loop=lambda: loop(**plain),
-                   loop_constrained=lambda: loop(**constrained))
+    figures = dict(
+      end_to_end=lambda: end_to_end(**plain),
+      end_to_end_constrained=lambda: end_to_end(**constrained),
+      encoder=encoder,
+      loop=lambda: loop(**plain),
+      loop_constrained=lambda: loop(**constrained),
+    )
     out, by_threads = {}, {}
     for name, fn in figures.items():
       by_threads[name] = {}
@@ -484,41 +552,69 @@ def _time_transformers(vit, project, t5, config, batch: int, repeats: int, steps
         by_threads[name][n] = median_time(fn, repeats)
       out[name] = min(by_threads[name].values())
     torch.set_num_threads(max(thread_counts))
-  return dict(out, forward_passes=counts['loop'], seconds_by_threads=by_threads,
-              threads={k: min(v, key=v.get) for k, v in by_threads.items()})
+  return dict(
+    out,
+    forward_passes=counts['loop'],
+    seconds_by_threads=by_threads,
+    threads={k: min(v, key=v.get) for k, v in by_threads.items()},
+  )
 
 
-def run_transformers(config, batches, repeats: int, log, steps: int, allowed_ids,
-                     num_allowed) -> dict:
+def run_transformers(
+  config, batches, repeats: int, log, steps: int, allowed_ids, num_allowed
+) -> dict:
   import torch
   import transformers
 
   mc = config.model
   torch.manual_seed(0)
-  vit = transformers.ViTModel(transformers.ViTConfig(
-      image_size=mc.image_size, patch_size=mc.vit.patch_size, hidden_size=mc.vit.width,
-      num_hidden_layers=mc.vit.depth, num_attention_heads=mc.vit.num_heads,
-      intermediate_size=mc.vit.mlp_dim, layer_norm_eps=1e-6), add_pooling_layer=False).eval()
+  vit = transformers.ViTModel(
+    transformers.ViTConfig(
+      image_size=mc.image_size,
+      patch_size=mc.vit.patch_size,
+      hidden_size=mc.vit.width,
+      num_hidden_layers=mc.vit.depth,
+      num_attention_heads=mc.vit.num_heads,
+      intermediate_size=mc.vit.mlp_dim,
+      layer_norm_eps=1e-6,
+    ),
+    add_pooling_layer=False,
+  ).eval()
   t = mc.t5
-  t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
-      vocab_size=mc.vocab_size, d_model=t.emb_dim, d_kv=t.head_dim, d_ff=t.mlp_dim,
-      num_layers=t.num_encoder_layers, num_decoder_layers=t.num_decoder_layers,
-      num_heads=t.num_heads, relative_attention_num_buckets=t.relative_attention_num_buckets,
+  t5 = transformers.T5ForConditionalGeneration(
+    transformers.T5Config(
+      vocab_size=mc.vocab_size,
+      d_model=t.emb_dim,
+      d_kv=t.head_dim,
+      d_ff=t.mlp_dim,
+      num_layers=t.num_encoder_layers,
+      num_decoder_layers=t.num_decoder_layers,
+      num_heads=t.num_heads,
+      relative_attention_num_buckets=t.relative_attention_num_buckets,
       relative_attention_max_distance=t.relative_attention_max_distance,
       feed_forward_proj='gated-gelu' if len(t.mlp_activations) == 2 else 'relu',
-      dropout_rate=0.0, tie_word_embeddings=t.logits_via_embedding,
-      decoder_start_token_id=0)).eval()
+      dropout_rate=0.0,
+      tie_word_embeddings=t.logits_via_embedding,
+      decoder_start_token_id=0,
+    )
+  ).eval()
   project = torch.nn.Linear(mc.vit.width, t.emb_dim)
   num_params = sum(p.numel() for m in (vit, t5, project) for p in m.parameters())
   out = dict(params=int(num_params), threads=torch.get_num_threads(), batches={})
   processor = ActionMaskProcessor(allowed_ids, num_allowed, mc.vocab_size)
   for batch in batches:
-    r = _time_transformers(vit, project, t5, config, batch, repeats, steps, processor,
-                           sorted({1, out['threads']}))
+    r = _time_transformers(
+      vit, project, t5, config, batch, repeats, steps, processor, sorted({1, out['threads']})
+    )
     out['batches'][batch] = r
-    log(f'  transformers b={batch}: ' + ', '.join(
-        f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in r.items()
-        if k != 'seconds_by_threads'))
+    log(
+      f'  transformers b={batch}: '
+      + ', '.join(
+        f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+        for k, v in r.items()
+        if k != 'seconds_by_threads'
+      )
+    )
   return out
 
 
@@ -531,8 +627,11 @@ def main(argv=None):
   parser.add_argument('--quick', action='store_true', help='smoke mode: batch 1, few repeats')
   parser.add_argument('--repeats', type=int, default=0, help='timed calls per figure')
   parser.add_argument('--configs', default='tiny,larger', help='comma-separated subset')
-  parser.add_argument('--parallel_only', action='store_true',
-                      help='only ours, autoregressive vs parallel action decoding (no torch)')
+  parser.add_argument(
+    '--parallel_only',
+    action='store_true',
+    help='only ours, autoregressive vs parallel action decoding (no torch)',
+  )
   args = parser.parse_args(argv)
   batches = (1,) if args.quick else (1, 8)
   repeats = args.repeats or (3 if args.quick else 10)
@@ -561,8 +660,7 @@ def main(argv=None):
   log(f'decode benchmark: {threads} CPU threads, batches {batches}, {repeats} repeats')
   rate = matmul_rate(args.quick)
   log('fp32 matmul GFLOP/s: ' + ', '.join(f'{k}={v:.1f}' for k, v in rate.items()))
-  results = dict(matmul_gflops=rate, configs={}, parallel=parallel,
-                 parallel_speedup_b1=parallel_b1)
+  results = dict(matmul_gflops=rate, configs={}, parallel=parallel, parallel_speedup_b1=parallel_b1)
   measured = {}
   for name in args.configs.split(','):
     config = configs[name]()
@@ -571,19 +669,29 @@ def main(argv=None):
     # The same decoder forward passes on both sides: ours runs one per action token and writes
     # EOS without one, so transformers generates exactly that many tokens.
     steps = ours['batches'][batches[0]]['forward_passes']
-    measured[name] = (config, ours, run_transformers(config, batches, repeats, log, steps,
-                                                     ours.pop('allowed_ids'),
-                                                     ours.pop('num_allowed')))
+    measured[name] = (
+      config,
+      ours,
+      run_transformers(
+        config, batches, repeats, log, steps, ours.pop('allowed_ids'), ours.pop('num_allowed')
+      ),
+    )
   # The machine is shared: measure the rate again and keep the best seen in the run (also the
   # 1024^2 matmuls timed next to our calls), so the floor is the lowest (most demanding) one.
   rate_after = matmul_rate(True)
   results['matmul_gflops_after'] = rate_after
-  paired_rates = [r for _, ours, _ in measured.values() for o in ours['batches'].values()
-                  for r, _ in o['floor_pairs']]
+  paired_rates = [
+    r
+    for _, ours, _ in measured.values()
+    for o in ours['batches'].values()
+    for r, _ in o['floor_pairs']
+  ]
   best_rate = max([rate['best'], rate_after['best']] + paired_rates)
   results['matmul_gflops_floor'] = best_rate
-  log(f'fp32 matmul GFLOP/s after: {rate_after["best"]:.1f}; best next to our calls: '
-      f'{max(paired_rates, default=0):.1f}; floor uses {best_rate:.1f}')
+  log(
+    f'fp32 matmul GFLOP/s after: {rate_after["best"]:.1f}; best next to our calls: '
+    f'{max(paired_rates, default=0):.1f}; floor uses {best_rate:.1f}'
+  )
   for name, (config, ours, theirs) in measured.items():
     entry = dict(params_ours=ours['params'], params_transformers=theirs['params'], batches={})
     for b in batches:
@@ -593,15 +701,20 @@ def main(argv=None):
       floor = flops['total'] / (best_rate * 1e9)
       paired = statistics.median(t / (flops['total'] / (r * 1e9)) for r, t in o['floor_pairs'])
       entry['batches'][b] = dict(
-          ours=o, transformers=t, flops=flops, floor_s=floor,
-          forward_passes=dict(ours=o['forward_passes'], transformers=t['forward_passes']),
-          speedup=t['end_to_end'] / o['end_to_end'],
-          speedup_constrained=t['end_to_end_constrained'] / o['end_to_end'],
-          speedup_full_vocab=t['end_to_end_constrained'] / o['end_to_end_full_vocab_mask'],
-          loop_speedup=t['loop'] / o['loop'],
-          loop_speedup_constrained=t['loop_constrained'] / o['loop'],
-          loop_speedup_full_vocab=t['loop_constrained'] / o['loop_full_vocab_mask'],
-          floor_ratio=o['end_to_end'] / floor, floor_ratio_paired=paired)
+        ours=o,
+        transformers=t,
+        flops=flops,
+        floor_s=floor,
+        forward_passes=dict(ours=o['forward_passes'], transformers=t['forward_passes']),
+        speedup=t['end_to_end'] / o['end_to_end'],
+        speedup_constrained=t['end_to_end_constrained'] / o['end_to_end'],
+        speedup_full_vocab=t['end_to_end_constrained'] / o['end_to_end_full_vocab_mask'],
+        loop_speedup=t['loop'] / o['loop'],
+        loop_speedup_constrained=t['loop_constrained'] / o['loop'],
+        loop_speedup_full_vocab=t['loop_constrained'] / o['loop_full_vocab_mask'],
+        floor_ratio=o['end_to_end'] / floor,
+        floor_ratio_paired=paired,
+      )
     results['configs'][name] = entry
 
   def pick(config, key):
@@ -614,33 +727,50 @@ def main(argv=None):
   results['floor_ratio_b1'] = pick('larger', 'floor_ratio')
   results['floor_ratio_b1_paired'] = pick('larger', 'floor_ratio_paired')
   results['forward_passes'] = {
-      f'{name}_b{b}': r['forward_passes'] for name, entry in results['configs'].items()
-      for b, r in entry['batches'].items()}
+    f'{name}_b{b}': r['forward_passes']
+    for name, entry in results['configs'].items()
+    for b, r in entry['batches'].items()
+  }
   results['comparisons'] = COMPARISONS
 
-  header = (f'{"config":8} {"B":>2} {"params":>7} | {"ours e2e":>9} {"enc":>8} {"loop":>8} '
-            f'{"maskloop":>8} | {"hf e2e":>8} {"hf enc":>8} {"hf loop":>8} {"hf cloop":>8} | '
-            f'{"floor":>8} {"speedup":>7} {"loop x":>6} {"cloop x":>7} {"fvloop x":>8} '
-            f'{"/floor":>6}')
+  header = (
+    f'{"config":8} {"B":>2} {"params":>7} | {"ours e2e":>9} {"enc":>8} {"loop":>8} '
+    f'{"maskloop":>8} | {"hf e2e":>8} {"hf enc":>8} {"hf loop":>8} {"hf cloop":>8} | '
+    f'{"floor":>8} {"speedup":>7} {"loop x":>6} {"cloop x":>7} {"fvloop x":>8} '
+    f'{"/floor":>6}'
+  )
   log('\n' + header + '\n' + '-' * len(header))
   for name, entry in results['configs'].items():
     for b, r in entry['batches'].items():
       o, t = r['ours'], r['transformers']
-      log(f'{name:8} {b:>2} {entry["params_ours"] / 1e6:>6.1f}M | {o["end_to_end"] * 1e3:>7.1f}ms '
-          f'{o["encoder"] * 1e3:>6.1f}ms {o["loop"] * 1e3:>6.1f}ms '
-          f'{o["loop_full_vocab_mask"] * 1e3:>6.1f}ms | {t["end_to_end"] * 1e3:>6.1f}ms '
-          f'{t["encoder"] * 1e3:>6.1f}ms {t["loop"] * 1e3:>6.1f}ms '
-          f'{t["loop_constrained"] * 1e3:>6.1f}ms | {r["floor_s"] * 1e3:>6.1f}ms '
-          f'{r["speedup"]:>7.2f} {r["loop_speedup"]:>6.2f} {r["loop_speedup_constrained"]:>7.2f} '
-          f'{r["loop_speedup_full_vocab"]:>8.2f} {r["floor_ratio"]:>6.2f}')
-  log('\nforward passes per call (ours = transformers): ' + ', '.join(
-      f'{k}={v["ours"]}' for k, v in results['forward_passes'].items()))
-  log('loop x: headline (ours constrained, K rows, vs transformers unconstrained); cloop x: both '
-      'constrained (transformers masks the full vocabulary); fvloop x: both full vocabulary + mask')
-  for key in ('speedup_b1', 'speedup_b1_constrained', 'speedup_b1_full_vocab',
-              'decode_loop_speedup_b1', 'decode_loop_speedup_b1_constrained',
-              'decode_loop_speedup_b1_full_vocab', 'floor_ratio_b1', 'floor_ratio_b1_paired',
-              'parallel_speedup_b1'):
+      log(
+        f'{name:8} {b:>2} {entry["params_ours"] / 1e6:>6.1f}M | {o["end_to_end"] * 1e3:>7.1f}ms '
+        f'{o["encoder"] * 1e3:>6.1f}ms {o["loop"] * 1e3:>6.1f}ms '
+        f'{o["loop_full_vocab_mask"] * 1e3:>6.1f}ms | {t["end_to_end"] * 1e3:>6.1f}ms '
+        f'{t["encoder"] * 1e3:>6.1f}ms {t["loop"] * 1e3:>6.1f}ms '
+        f'{t["loop_constrained"] * 1e3:>6.1f}ms | {r["floor_s"] * 1e3:>6.1f}ms '
+        f'{r["speedup"]:>7.2f} {r["loop_speedup"]:>6.2f} {r["loop_speedup_constrained"]:>7.2f} '
+        f'{r["loop_speedup_full_vocab"]:>8.2f} {r["floor_ratio"]:>6.2f}'
+      )
+  log(
+    '\nforward passes per call (ours = transformers): '
+    + ', '.join(f'{k}={v["ours"]}' for k, v in results['forward_passes'].items())
+  )
+  log(
+    'loop x: headline (ours constrained, K rows, vs transformers unconstrained); cloop x: both '
+    'constrained (transformers masks the full vocabulary); fvloop x: both full vocabulary + mask'
+  )
+  for key in (
+    'speedup_b1',
+    'speedup_b1_constrained',
+    'speedup_b1_full_vocab',
+    'decode_loop_speedup_b1',
+    'decode_loop_speedup_b1_constrained',
+    'decode_loop_speedup_b1_full_vocab',
+    'floor_ratio_b1',
+    'floor_ratio_b1_paired',
+    'parallel_speedup_b1',
+  ):
     log(f'{key}={results[key]}')
   if args.out:
     with open(args.out, 'w') as f:

@@ -45,8 +45,9 @@ def _timed_compile(row, name, fn, *args):
 def _random_params(model, inputs, seed=0):
   abstract = partitioning.unbox(jax.eval_shape(model.init, jax.random.key(0), *inputs))
   rng = np.random.RandomState(seed)
-  return jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype),
-                      abstract['params'])
+  return jax.tree.map(
+    lambda s: (0.1 * rng.standard_normal(s.shape)).astype(s.dtype), abstract['params']
+  )
 
 
 def measure(model_cfg, inputs, params):
@@ -62,10 +63,14 @@ def measure(model_cfg, inputs, params):
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
 
   encoded, mask = jax.eval_shape(
-      lambda p: model.apply({'params': p}, images, enc, method=VLA.encode), params)
-  cache = jax.eval_shape(lambda p, e, m: model.apply({'params': p}, e, m, dec.shape[1],
-                                                     method=VLA.init_decode_cache),
-                         params, encoded, mask)
+    lambda p: model.apply({'params': p}, images, enc, method=VLA.encode), params
+  )
+  cache = jax.eval_shape(
+    lambda p, e, m: model.apply({'params': p}, e, m, dec.shape[1], method=VLA.init_decode_cache),
+    params,
+    encoded,
+    mask,
+  )
 
   def decode_step(p, cache, tokens, step):
     return model.apply({'params': p}, cache, tokens, step, method=VLA.decode_step)
@@ -88,8 +93,10 @@ def main():
   args = parser.parse_args()
 
   overrides = list(args.override) + [
-      f'model.vit.depth={args.layers}', f'model.t5.num_encoder_layers={args.layers}',
-      f'model.t5.num_decoder_layers={args.layers}']
+    f'model.vit.depth={args.layers}',
+    f'model.t5.num_encoder_layers={args.layers}',
+    f'model.t5.num_decoder_layers={args.layers}',
+  ]
   config = config_flags.load_config(args.config, overrides)
   size, b = config.model.image_size, args.batch
   rng = np.random.RandomState(0)
@@ -109,8 +116,9 @@ def main():
       params = _random_params(VLA(model_cfg), inputs)
     name = 'scan' if scan else 'unrolled'
     print(f'measuring {name} ({args.layers} layers per stack) ...', flush=True)
-    results[name], logits[name] = measure(model_cfg, inputs,
-                                          stack_layers(params) if scan else params)
+    results[name], logits[name] = measure(
+      model_cfg, inputs, stack_layers(params) if scan else params
+    )
 
   diff = float(np.abs(logits['scan'] - logits['unrolled']).max())
   scale = float(np.abs(logits['unrolled']).max())
@@ -118,15 +126,27 @@ def main():
   for key in results['unrolled']:
     if key.endswith('_cpu_s'):
       continue
-    cpu = key[:-len('_s')] + '_cpu_s'
+    cpu = key[: -len('_s')] + '_cpu_s'
     a, s = results['unrolled'], results['scan']
-    print(f'{key:<24}{a[key]:>8.2f} /{a[cpu]:>6.2f}{s[key]:>8.2f} /{s[cpu]:>6.2f}'
-          f'{a[cpu] / s[cpu]:>9.1f}x')
-  print(f'max |logits(scan) - logits(unrolled)| = {diff:.2e} (max |logits| {scale:.2f}); '
-        f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
-  meta = dict(config=args.config, overrides=overrides, layers=args.layers, batch=b,
-              remat=str(config.model.remat), device=jax.devices()[0].device_kind,
-              max_abs_logit_diff=diff, max_abs_logit=scale, load_average=os.getloadavg()[0])
+    print(
+      f'{key:<24}{a[key]:>8.2f} /{a[cpu]:>6.2f}{s[key]:>8.2f} /{s[cpu]:>6.2f}'
+      f'{a[cpu] / s[cpu]:>9.1f}x'
+    )
+  print(
+    f'max |logits(scan) - logits(unrolled)| = {diff:.2e} (max |logits| {scale:.2f}); '
+    f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores'
+  )
+  meta = dict(
+    config=args.config,
+    overrides=overrides,
+    layers=args.layers,
+    batch=b,
+    remat=str(config.model.remat),
+    device=jax.devices()[0].device_kind,
+    max_abs_logit_diff=diff,
+    max_abs_logit=scale,
+    load_average=os.getloadavg()[0],
+  )
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(dict(meta, **results), f, indent=1)

@@ -62,8 +62,11 @@ def main():
   abstract = jax.eval_shape(model.init, jax.random.key(0), images, enc, dec)
   shardings = partitioning.shardings_for(abstract, mesh)
   num_params = sum(i.size for i in summary.param_infos(model_cfg))
-  print(f'{args.config}: {num_params:,} parameters, batch {b}, mesh {dict(mesh.shape)}, '
-        f'{jax.devices()[0].device_kind}', flush=True)
+  print(
+    f'{args.config}: {num_params:,} parameters, batch {b}, mesh {dict(mesh.shape)}, '
+    f'{jax.devices()[0].device_kind}',
+    flush=True,
+  )
 
   results = {}
   with partitioning.activate(mesh):
@@ -75,7 +78,8 @@ def main():
 
     forward = jax.jit(lambda p, i, e, d: model.apply(p, i, e, d))
     results['forward_compile_s'], results['forward_s'] = _time(
-        forward, params, images, enc, dec, repeats=args.repeats)
+      forward, params, images, enc, dec, repeats=args.repeats
+    )
     print(f'forward compile {results["forward_compile_s"]:.1f}s', flush=True)
 
     def loss_fn(p, i, e, d):
@@ -84,7 +88,8 @@ def main():
 
     grad = jax.jit(jax.value_and_grad(loss_fn))
     results['train_step_compile_s'], results['train_step_s'] = _time(
-        grad, params, images, enc, dec, repeats=args.repeats)
+      grad, params, images, enc, dec, repeats=args.repeats
+    )
     print(f'train step compile {results["train_step_compile_s"]:.1f}s', flush=True)
 
     steps = args.decode_len
@@ -104,14 +109,29 @@ def main():
       return jax.lax.while_loop(lambda c: c[0] < steps, body, init)[3]
 
     results['decode_compile_s'], results['decode_s'] = _time(
-        greedy, params, images, enc, repeats=args.repeats)
+      greedy, params, images, enc, repeats=args.repeats
+    )
 
-  results.update(config=args.config, overrides=args.override, batch=b, num_params=num_params,
-                 decode_len=steps, device=jax.devices()[0].device_kind,
-                 num_devices=jax.device_count(), dtype=str(model_cfg.dtype))
+  results.update(
+    config=args.config,
+    overrides=args.override,
+    batch=b,
+    num_params=num_params,
+    decode_len=steps,
+    device=jax.devices()[0].device_kind,
+    num_devices=jax.device_count(),
+    dtype=str(model_cfg.dtype),
+  )
   print(f'{"measure":<24}{"seconds":>12}')
-  for key in ('init_s', 'forward_compile_s', 'forward_s', 'train_step_compile_s',
-              'train_step_s', 'decode_compile_s', 'decode_s'):
+  for key in (
+    'init_s',
+    'forward_compile_s',
+    'forward_s',
+    'train_step_compile_s',
+    'train_step_s',
+    'decode_compile_s',
+    'decode_s',
+  ):
     print(f'{key:<24}{results[key]:>12.4f}')
   print(f'{"decode ms/token":<24}{1000 * results["decode_s"] / steps:>12.2f}')
   if args.out:

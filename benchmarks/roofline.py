@@ -36,8 +36,12 @@ def _key(path) -> str:
 
 
 def is_matmul(key: str, tied_logits: bool) -> bool:
-  return (key.endswith("['kernel']") or 'patch_embedding' in key or 'logits_dense' in key
-          or (tied_logits and key.endswith("['token_embedder']")))
+  return (
+    key.endswith("['kernel']")
+    or 'patch_embedding' in key
+    or 'logits_dense' in key
+    or (tied_logits and key.endswith("['token_embedder']"))
+  )
 
 
 def component(key: str) -> str:
@@ -69,17 +73,29 @@ def param_counts(params, tied_logits: bool) -> dict:
       embedding = size
     if 'logits_dense' in key or (tied_logits and key.endswith("['token_embedder']")):
       logits = size
-  return dict(matmul=dict(matmul), total=dict(total), logits=logits, embedding=embedding,
-              tied=bool(tied_logits))
+  return dict(
+    matmul=dict(matmul),
+    total=dict(total),
+    logits=logits,
+    embedding=embedding,
+    tied=bool(tied_logits),
+  )
 
 
 def shapes(config, image_tokens: int, encoded_len: int, decoder_len: int) -> dict:
   """Sequence lengths and attention widths of a config (lengths from the model's encode)."""
   vit, t5 = config.model.vit, config.model.t5
-  return dict(image=image_tokens, encoded=encoded_len, decoder=decoder_len,
-              vit_depth=int(vit.depth), vit_inner=int(vit.width),
-              enc_layers=int(t5.num_encoder_layers), dec_layers=int(t5.num_decoder_layers),
-              inner=int(t5.num_heads * t5.head_dim), emb=int(t5.emb_dim))
+  return dict(
+    image=image_tokens,
+    encoded=encoded_len,
+    decoder=decoder_len,
+    vit_depth=int(vit.depth),
+    vit_inner=int(vit.width),
+    enc_layers=int(t5.num_encoder_layers),
+    dec_layers=int(t5.num_decoder_layers),
+    inner=int(t5.num_heads * t5.head_dim),
+    emb=int(t5.emb_dim),
+  )
 
 
 def forward_flops(counts: dict, s: dict) -> dict:
@@ -87,13 +103,17 @@ def forward_flops(counts: dict, s: dict) -> dict:
   m = counts['matmul']
   att = lambda layers, lq, lk, inner: 4 * layers * lq * lk * inner  # noqa: E731
   out = dict(
-      image=2 * m.get('image', 0) * s['image'] + att(s['vit_depth'], s['image'], s['image'],
-                                                     s['vit_inner']),
-      encoder=2 * m.get('encoder', 0) * s['encoded'] + att(s['enc_layers'], s['encoded'],
-                                                           s['encoded'], s['inner']),
-      decoder=(2 * m.get('cross_kv', 0) * s['encoded'] + 2 * m.get('decoder', 0) * s['decoder']
-               + att(s['dec_layers'], s['decoder'], s['decoder'] + s['encoded'], s['inner'])),
-      other=2 * m.get('other', 0) * (s['encoded'] + s['decoder']))
+    image=2 * m.get('image', 0) * s['image']
+    + att(s['vit_depth'], s['image'], s['image'], s['vit_inner']),
+    encoder=2 * m.get('encoder', 0) * s['encoded']
+    + att(s['enc_layers'], s['encoded'], s['encoded'], s['inner']),
+    decoder=(
+      2 * m.get('cross_kv', 0) * s['encoded']
+      + 2 * m.get('decoder', 0) * s['decoder']
+      + att(s['dec_layers'], s['decoder'], s['decoder'] + s['encoded'], s['inner'])
+    ),
+    other=2 * m.get('other', 0) * (s['encoded'] + s['decoder']),
+  )
   out['total'] = sum(out.values())
   return out
 
@@ -103,40 +123,73 @@ def bound(flops: float, nbytes: float, rates: dict) -> float:
   return max(flops / rates['matmul_flops_s'], nbytes / rates['copy_bytes_s'])
 
 
-def decode_bounds(counts: dict, s: dict, *, batch: int, steps: int, rows: int,
-                  param_bytes: int, act_bytes: int, rates: dict) -> dict:
+def decode_bounds(
+  counts: dict,
+  s: dict,
+  *,
+  batch: int,
+  steps: int,
+  rows: int,
+  param_bytes: int,
+  act_bytes: int,
+  rates: dict,
+) -> dict:
   """Roofline seconds of encode, the token loop (cache fill + `steps` steps scoring `rows`
   output rows each) and end to end, for one call at `batch`."""
   m, t = counts['matmul'], counts['total']
   no_decoder = forward_flops(counts, dict(s, decoder=0))
-  encode = bound(batch * (no_decoder['image'] + no_decoder['encoder']),
-                 param_bytes * (t.get('image', 0) + t.get('encoder', 0)), rates)
+  encode = bound(
+    batch * (no_decoder['image'] + no_decoder['encoder']),
+    param_bytes * (t.get('image', 0) + t.get('encoder', 0)),
+    rates,
+  )
   kv = 2 * s['dec_layers'] * batch * s['inner'] * act_bytes  # bytes per cached position
-  fill = bound(2 * batch * m.get('cross_kv', 0) * s['encoded'],
-               param_bytes * t.get('cross_kv', 0) + kv * s['encoded'], rates)
+  fill = bound(
+    2 * batch * m.get('cross_kv', 0) * s['encoded'],
+    param_bytes * t.get('cross_kv', 0) + kv * s['encoded'],
+    rates,
+  )
   # A step reads every decoder weight but the cross-attention K/V projections, only the scored
   # rows of the output layer and one embedding row per example.
   emb_rows = (rows + batch) * s['emb']
-  step_params = (t.get('decoder', 0) + t.get('other', 0) - counts['logits'] - counts['embedding']
-                 + emb_rows)
+  step_params = (
+    t.get('decoder', 0) + t.get('other', 0) - counts['logits'] - counts['embedding'] + emb_rows
+  )
   if counts['tied']:  # one table, subtracted twice above
     step_params += counts['embedding']
   step_matmul = m.get('decoder', 0) + m.get('other', 0) - counts['logits'] + rows * s['emb']
   loop = fill
   for i in range(steps):
     attention = 4 * s['dec_layers'] * (i + 1 + s['encoded']) * s['inner']
-    loop += bound(batch * (2 * step_matmul + attention),
-                  param_bytes * step_params + kv * (i + 1 + s['encoded']), rates)
-  return dict(encode_s=encode, token_loop_s=loop, end_to_end_s=encode + loop,
-              per_token_s=(loop - fill) / max(steps, 1),
-              decoder_bytes_per_token=param_bytes * step_params)
+    loop += bound(
+      batch * (2 * step_matmul + attention),
+      param_bytes * step_params + kv * (i + 1 + s['encoded']),
+      rates,
+    )
+  return dict(
+    encode_s=encode,
+    token_loop_s=loop,
+    end_to_end_s=encode + loop,
+    per_token_s=(loop - fill) / max(steps, 1),
+    decoder_bytes_per_token=param_bytes * step_params,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernels per decode step, from compiled HLO text.
 
-FREE = {'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'after-all',
-        'partition-id', 'replica-id', 'opt-barrier', 'add-dependency'}
+FREE = {
+  'parameter',
+  'constant',
+  'get-tuple-element',
+  'tuple',
+  'bitcast',
+  'after-all',
+  'partition-id',
+  'replica-id',
+  'opt-barrier',
+  'add-dependency',
+}
 _HEADER = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
 
 
@@ -152,7 +205,7 @@ def _opcode(line: str) -> str | None:
       depth += ch == '('
       depth -= ch == ')'
       if depth == 0:
-        rest = rest[i + 1:]
+        rest = rest[i + 1 :]
         break
   else:
     rest = rest.partition(' ')[2]
@@ -209,8 +262,9 @@ def count_kernels(comps: dict, name: str, pick=max) -> collections.Counter:
         for k, v in count_kernels(comps, cond, pick).items():
           total[k] += (trips + 1) * v
     elif op == 'conditional':
-      branches = (_callees(line, 'branch_computations')
-                  or _callees(line, 'true_computation') + _callees(line, 'false_computation'))
+      branches = _callees(line, 'branch_computations') or _callees(
+        line, 'true_computation'
+      ) + _callees(line, 'false_computation')
       counts = [count_kernels(comps, c, pick) for c in branches]
       if counts:
         total += pick(counts, key=lambda c: sum(c.values()))
@@ -237,9 +291,14 @@ def token_loop_kernels(compiled_text: str) -> dict:
     raise ValueError('no while loop in the compiled entry computation: not a token loop?')
   per_step, body, line = max(loops)
   greedy = count_kernels(comps, body, min)
-  return dict(per_step=per_step, per_step_greedy=sum(greedy.values()), body=body,
-              known_trip_count=_trip_count(line), loops_in_entry=len(loops),
-              by_opcode_greedy=dict(greedy.most_common()))
+  return dict(
+    per_step=per_step,
+    per_step_greedy=sum(greedy.values()),
+    body=body,
+    known_trip_count=_trip_count(line),
+    loops_in_entry=len(loops),
+    by_opcode_greedy=dict(greedy.most_common()),
+  )
 
 
 def dumps(obj) -> str:

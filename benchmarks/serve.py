@@ -58,12 +58,20 @@ def write_random_checkpoint(workdir: str, config_spec: str, overrides: list[str]
   rng = np.random.default_rng(0)
   stats = actions_lib.NormStats.compute(rng.normal(0, 0.05, (256, action_space.dim)))
   size = config.model.image_size
-  variables = VLA(config.model).init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.uint8),
-                                     jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+  variables = VLA(config.model).init(
+    jax.random.key(0),
+    jnp.zeros((1, size, size, 3), jnp.uint8),
+    jnp.ones((1, 4), jnp.int32),
+    jnp.ones((1, 4), jnp.int32),
+  )
   vocab, _ = vocab_lib.from_config(config, action_space)
   ckpt = checkpoints.Checkpointer(workdir, async_save=False)
-  ckpt.save(0, {'params': nn.unbox(variables['params']), 'step': np.int32(0)}, None,
-            checkpoints.make_meta(config, stats, action_space, vocab))
+  ckpt.save(
+    0,
+    {'params': nn.unbox(variables['params']), 'step': np.int32(0)},
+    None,
+    checkpoints.make_meta(config, stats, action_space, vocab),
+  )
   ckpt.close()
 
 
@@ -83,12 +91,26 @@ def policy_alone(workdir: str, batch_sizes: list[int], seconds: float = 3.0) -> 
       policy.batch(images, instructions)
       times.append(time.perf_counter() - t0)
     lat = np.asarray(times) * 1000
-    rows.append({'setting': 'policy only', 'clients': 0, 'max_batch': b, 'max_wait_ms': 0.0,
-                 'requests': len(times) * b, 'errors': 0, 'mean_batch': float(b),
-                 'p50_ms': float(np.percentile(lat, 50)), 'p99_ms': float(np.percentile(lat, 99)),
-                 'mean_ms': float(lat.mean()), 'req_per_s': b * len(times) / (lat.sum() / 1000)})
-    print(f'[policy only] batch {b}: {rows[-1]["p50_ms"]:.1f} ms a call, '
-          f'{rows[-1]["req_per_s"]:.1f} examples/s', flush=True)
+    rows.append(
+      {
+        'setting': 'policy only',
+        'clients': 0,
+        'max_batch': b,
+        'max_wait_ms': 0.0,
+        'requests': len(times) * b,
+        'errors': 0,
+        'mean_batch': float(b),
+        'p50_ms': float(np.percentile(lat, 50)),
+        'p99_ms': float(np.percentile(lat, 99)),
+        'mean_ms': float(lat.mean()),
+        'req_per_s': b * len(times) / (lat.sum() / 1000),
+      }
+    )
+    print(
+      f'[policy only] batch {b}: {rows[-1]["p50_ms"]:.1f} ms a call, '
+      f'{rows[-1]["req_per_s"]:.1f} examples/s',
+      flush=True,
+    )
   return rows
 
 
@@ -106,9 +128,19 @@ class ServerProcess:
     self.url = f'http://127.0.0.1:{self.port}'
     self.log = open(log_path, 'w')  # noqa: SIM115  (closed in stop)
     self.proc = subprocess.Popen(
-        [sys.executable, '-m', 'rt2_jax.serve', source_flag, f'--port={self.port}',
-         f'--max_batch={max_batch}', f'--max_wait_ms={max_wait_ms}'],
-        cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+      [
+        sys.executable,
+        '-m',
+        'rt2_jax.serve',
+        source_flag,
+        f'--port={self.port}',
+        f'--max_batch={max_batch}',
+        f'--max_wait_ms={max_wait_ms}',
+      ],
+      cwd=REPO_ROOT,
+      stdout=self.log,
+      stderr=subprocess.STDOUT,
+    )
 
   def wait_ready(self, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
@@ -154,9 +186,11 @@ class _Connection:
   async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
     if self.writer is None:
       self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-    self.writer.write(f'POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n'
-                      f'Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n'
-                      .encode() + body)
+    self.writer.write(
+      f'POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n'
+      f'Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n'.encode()
+      + body
+    )
     head = await self.reader.readuntil(b'\r\n\r\n')
     lines = head.decode('latin-1').split('\r\n')
     status = int(lines[0].split()[1])
@@ -173,8 +207,9 @@ class _Connection:
     self.reader = self.writer = None
 
 
-async def run_load(url: str, bodies: list[bytes], clients: int, requests: int,
-                   max_seconds: float) -> dict:
+async def run_load(
+  url: str, bodies: list[bytes], clients: int, requests: int, max_seconds: float
+) -> dict:
   """`clients` closed-loop clients x `requests` each; latencies of the successful requests."""
   host, port = url.removeprefix('http://').split(':')
   latencies, errors = [], []
@@ -206,27 +241,34 @@ async def run_load(url: str, bodies: list[bytes], clients: int, requests: int,
   wall = time.perf_counter() - start
   lat = np.asarray(latencies) * 1000
   return {
-      'clients': clients, 'requests': len(latencies), 'errors': len(errors),
-      'first_error': errors[0] if errors else '', 'wall_s': wall,
-      'req_per_s': len(latencies) / wall if wall else 0.0,
-      'p50_ms': float(np.percentile(lat, 50)) if lat.size else float('nan'),
-      'p99_ms': float(np.percentile(lat, 99)) if lat.size else float('nan'),
-      'mean_ms': float(lat.mean()) if lat.size else float('nan'),
+    'clients': clients,
+    'requests': len(latencies),
+    'errors': len(errors),
+    'first_error': errors[0] if errors else '',
+    'wall_s': wall,
+    'req_per_s': len(latencies) / wall if wall else 0.0,
+    'p50_ms': float(np.percentile(lat, 50)) if lat.size else float('nan'),
+    'p99_ms': float(np.percentile(lat, 99)) if lat.size else float('nan'),
+    'mean_ms': float(lat.mean()) if lat.size else float('nan'),
   }
 
 
 def health_during_oversized_bodies(url: str) -> list[dict]:
   """Worst /health latency while the server refuses bodies of millions of list values (it must
   stop counting at its cap rather than build them all, which would hold the GIL for seconds)."""
-  bodies = {'json': (b'{"image": [' + b'0,' * 8_000_000 + b'0], "instruction": "go"}',
-                     'application/json'),
-            'msgpack': (wire.packb({'image': [[0, 0, 0]] * 400_000, 'instruction': 'go'}),
-                        wire.MSGPACK_TYPE)}
+  bodies = {
+    'json': (b'{"image": [' + b'0,' * 8_000_000 + b'0], "instruction": "go"}', 'application/json'),
+    'msgpack': (
+      wire.packb({'image': [[0, 0, 0]] * 400_000, 'instruction': 'go'}),
+      wire.MSGPACK_TYPE,
+    ),
+  }
   rows = []
   for name, (body, ctype) in bodies.items():
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      future = pool.submit(httpx.post, f'{url}/predict', content=body, timeout=60,
-                           headers={'content-type': ctype})
+      future = pool.submit(
+        httpx.post, f'{url}/predict', content=body, timeout=60, headers={'content-type': ctype}
+      )
       worst, polls = 0.0, 0
       while not future.done():
         start = time.monotonic()
@@ -234,10 +276,20 @@ def health_during_oversized_bodies(url: str) -> list[dict]:
         worst, polls = max(worst, time.monotonic() - start), polls + 1
         time.sleep(0.02)
       status = future.result().status_code
-    rows.append({'body': name, 'mbytes': len(body) / 1e6, 'status': status, 'health_polls': polls,
-                 'worst_health_ms': worst * 1e3})
-    print(f'oversized {name} body ({len(body) / 1e6:.0f} MB): answered {status}, worst /health '
-          f'{worst * 1e3:.0f} ms over {polls} polls', flush=True)
+    rows.append(
+      {
+        'body': name,
+        'mbytes': len(body) / 1e6,
+        'status': status,
+        'health_polls': polls,
+        'worst_health_ms': worst * 1e3,
+      }
+    )
+    print(
+      f'oversized {name} body ({len(body) / 1e6:.0f} MB): answered {status}, worst /health '
+      f'{worst * 1e3:.0f} ms over {polls} polls',
+      flush=True,
+    )
   return rows
 
 
@@ -259,16 +311,22 @@ def main() -> None:
       workdir = os.path.join(tmp, 'run')
       print(f'writing a randomly initialised {args.config} checkpoint to {workdir}', flush=True)
       write_random_checkpoint(workdir, args.config, [])
-    settings = [('no batching', 1, 0.0), (f'batch<={args.max_batch}', args.max_batch,
-                                          args.max_wait_ms)]
+    settings = [
+      ('no batching', 1, 0.0),
+      (f'batch<={args.max_batch}', args.max_batch, args.max_wait_ms),
+    ]
     rows, meta = policy_alone(workdir, [1, args.max_batch]), {}
     # Both servers run side by side (an idle one costs no CPU) and the settings alternate at each
     # load level, so a change in background load on a shared machine hits both alike.
     servers = []
     try:
       for name, max_batch, max_wait_ms in settings:
-        server = ServerProcess(f'--workdir={workdir}', max_batch, max_wait_ms,
-                               os.path.join(tmp, f'server_{max_batch}.log'))
+        server = ServerProcess(
+          f'--workdir={workdir}',
+          max_batch,
+          max_wait_ms,
+          os.path.join(tmp, f'server_{max_batch}.log'),
+        )
         servers.append((name, max_batch, max_wait_ms, server))
         print(f'[{name}] starting server (compiles every batch bucket first)...', flush=True)
         t0 = time.perf_counter()
@@ -276,24 +334,32 @@ def main() -> None:
         print(f'[{name}] ready in {time.perf_counter() - t0:.1f} s', flush=True)
       shape = wire.image_shape(meta)
       rng = np.random.default_rng(0)
-      bodies = [wire.packb({'image': rng.integers(0, 256, shape, dtype=np.uint8),
-                            'instruction': s})
-                for s in ('put carrot on plate', 'open the drawer', 'pick up the cup',
-                          'wipe the table')]
+      bodies = [
+        wire.packb({'image': rng.integers(0, 256, shape, dtype=np.uint8), 'instruction': s})
+        for s in ('put carrot on plate', 'open the drawer', 'pick up the cup', 'wipe the table')
+      ]
       for _, _, _, server in servers:
         asyncio.run(run_load(server.url, bodies, 2, 5, 30))  # connections, caches
       for clients in (int(c) for c in args.clients.split(',')):
         for name, max_batch, max_wait_ms, server in servers:
           before = httpx.get(f'{server.url}/stats').json()
-          result = asyncio.run(run_load(server.url, bodies, clients, args.requests,
-                                        args.max_seconds))
+          result = asyncio.run(
+            run_load(server.url, bodies, clients, args.requests, args.max_seconds)
+          )
           after = httpx.get(f'{server.url}/stats').json()
           batches = max(after['batches'] - before['batches'], 1)
-          result.update(setting=name, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                        mean_batch=(after['requests'] - before['requests']) / batches)
+          result.update(
+            setting=name,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            mean_batch=(after['requests'] - before['requests']) / batches,
+          )
           rows.append(result)
-          print(f'[{name}] {clients} clients: p50 {result["p50_ms"]:.1f} ms, '
-                f'{result["req_per_s"]:.1f} req/s', flush=True)
+          print(
+            f'[{name}] {clients} clients: p50 {result["p50_ms"]:.1f} ms, '
+            f'{result["req_per_s"]:.1f} req/s',
+            flush=True,
+          )
       oversized = health_during_oversized_bodies(servers[0][3].url)
     finally:
       for name, _, _, server in servers:
@@ -303,17 +369,28 @@ def main() -> None:
 
   order = ['policy only'] + [name for name, _, _ in settings]
   rows.sort(key=lambda r: (order.index(r['setting']), r['clients'], r['max_batch']))
-  header = (f'{"setting":<14} {"clients":>7} {"requests":>8} {"errors":>6} {"p50 ms":>8} '
-            f'{"p99 ms":>8} {"req/s":>8} {"mean batch":>10}')
+  header = (
+    f'{"setting":<14} {"clients":>7} {"requests":>8} {"errors":>6} {"p50 ms":>8} '
+    f'{"p99 ms":>8} {"req/s":>8} {"mean batch":>10}'
+  )
   print('\n' + header + '\n' + '-' * len(header))
   for r in rows:
-    print(f'{r["setting"]:<14} {r["clients"] or "-":>7} {r["requests"]:>8} {r["errors"]:>6} '
-          f'{r["p50_ms"]:>8.1f} {r["p99_ms"]:>8.1f} {r["req_per_s"]:>8.1f} '
-          f'{r["mean_batch"]:>10.2f}')
-  print('(policy only: latency of one policy.batch call of `mean batch` examples, no HTTP; '
-        'req/s = examples/s)')
-  report = {'model': meta.get('model_id', ''), 'image_shape': list(wire.image_shape(meta)),
-            'cpu_count': os.cpu_count(), 'results': rows, 'oversized_bodies': oversized}
+    print(
+      f'{r["setting"]:<14} {r["clients"] or "-":>7} {r["requests"]:>8} {r["errors"]:>6} '
+      f'{r["p50_ms"]:>8.1f} {r["p99_ms"]:>8.1f} {r["req_per_s"]:>8.1f} '
+      f'{r["mean_batch"]:>10.2f}'
+    )
+  print(
+    '(policy only: latency of one policy.batch call of `mean batch` examples, no HTTP; '
+    'req/s = examples/s)'
+  )
+  report = {
+    'model': meta.get('model_id', ''),
+    'image_shape': list(wire.image_shape(meta)),
+    'cpu_count': os.cpu_count(),
+    'results': rows,
+    'oversized_bodies': oversized,
+  }
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(report, f, indent=1)

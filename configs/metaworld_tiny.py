@@ -32,11 +32,20 @@ def get_config(arg=None):
 
   # Demonstrations (python -m rt2_jax.data.metaworld_demos); out '' = a cache folder keyed by
   # these settings under ~/.cache/rt2_jax/metaworld.
-  c.metaworld = ml_collections.ConfigDict(dict(
-      tasks=TASKS, episodes=25, val_episodes=2, image_size=64, camera='corner', max_steps=300,
-      web_frames=3, out='', workers=2,
+  c.metaworld = ml_collections.ConfigDict(
+    dict(
+      tasks=TASKS,
+      episodes=25,
+      val_episodes=2,
+      image_size=64,
+      camera='corner',
+      max_steps=300,
+      web_frames=3,
+      out='',
+      workers=2,
       web=True,  # co-train on the VQA/caption lines about the same scenes
-  ))
+    )
+  )
 
   c.data.robot.spec = 'metaworld'
   c.data.robot.data_dir = ''  # set by the recipe to the generated demos
@@ -59,16 +68,27 @@ def get_config(arg=None):
   c.ckpt.every = 500
   c.ckpt.keep = 4  # every checkpoint of the run, for the success-vs-step sweep
 
-  c.eval = ml_collections.ConfigDict(dict(
+  c.eval = ml_collections.ConfigDict(
+    dict(
       env='metaworld',
       tasks='',  # '' = metaworld.tasks
       unseen_tasks=UNSEEN_TASKS,
       categories='seen,unseen_positions,unseen_instructions,unseen_tasks',
-      episodes=10, max_steps=150, num_envs=10, workers=2,
+      episodes=10,
+      max_steps=150,
+      num_envs=10,
+      workers=2,
       # Meta-World checks success at every step and ends the episode there (as its benchmark
       # does); a predicted terminate would only cut episodes short, so it is measured offline.
-      baselines='expert,random', videos=4, use_terminate=False,
-      offline_max_examples=256, web_jsonl='', web_max_examples=200,
-      image_size=64, camera='corner', seed=0,
-  ))
+      baselines='expert,random',
+      videos=4,
+      use_terminate=False,
+      offline_max_examples=256,
+      web_jsonl='',
+      web_max_examples=200,
+      image_size=64,
+      camera='corner',
+      seed=0,
+    )
+  )
   return c

@@ -15,10 +15,20 @@ from rt2_jax import config_base
 
 # config.json of google/t5-v1_1-xl and google/flan-t5-xl (same shapes; untied lm_head).
 T5_V1_1_XL = dict(
-    model_type='t5', vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24,
-    num_decoder_layers=24, num_heads=32, relative_attention_num_buckets=32,
-    relative_attention_max_distance=128, feed_forward_proj='gated-gelu',
-    layer_norm_epsilon=1e-6, tie_word_embeddings=False)
+  model_type='t5',
+  vocab_size=32128,
+  d_model=2048,
+  d_kv=64,
+  d_ff=5120,
+  num_layers=24,
+  num_decoder_layers=24,
+  num_heads=32,
+  relative_attention_num_buckets=32,
+  relative_attention_max_distance=128,
+  feed_forward_proj='gated-gelu',
+  layer_norm_epsilon=1e-6,
+  tie_word_embeddings=False,
+)
 
 
 def get_config(arg=None):
@@ -26,12 +36,20 @@ def get_config(arg=None):
   c = config_base.base_config()
   c.model.vit.update(config_base.SIGLIP_SO400M_VIT)
   c.model.t5.update(
-      emb_dim=2048, num_heads=32, head_dim=64, mlp_dim=5120,
-      num_encoder_layers=24, num_decoder_layers=24,
-      mlp_activations=('gelu', 'linear'),  # gated-gelu = gelu_new (tanh) * linear
-      logits_via_embedding=False, layer_norm_epsilon=1e-6)
+    emb_dim=2048,
+    num_heads=32,
+    head_dim=64,
+    mlp_dim=5120,
+    num_encoder_layers=24,
+    num_decoder_layers=24,
+    mlp_activations=('gelu', 'linear'),  # gated-gelu = gelu_new (tanh) * linear
+    logits_via_embedding=False,
+    layer_norm_epsilon=1e-6,
+  )
   c.weights = config_base.weights_block(
-      T5_V1_1_XL, config_base.SIGLIP_SO400M_14_224,
-      t5_checkpoints=('google/flan-t5-xl', 'google/t5-v1_1-xl'),
-      vit_checkpoints=('google/siglip-so400m-patch14-224',))
+    T5_V1_1_XL,
+    config_base.SIGLIP_SO400M_14_224,
+    t5_checkpoints=('google/flan-t5-xl', 'google/t5-v1_1-xl'),
+    vit_checkpoints=('google/siglip-so400m-patch14-224',),
+  )
   return c

@@ -27,13 +27,33 @@ def get_config(arg=None):
   c.model.backbone = 'decoder_only'
   c.model.vocab_size = 257216
   c.model.image_size = 224
-  c.model.vit = ml_collections.ConfigDict(dict(
-      patch_size=14, width=1152, depth=27, num_heads=16, mlp_dim=4304, posemb='learn',
-      mlp_activation='gelu_tanh', layer_norm_epsilon=1e-6, dropout_rate=0.0))
+  c.model.vit = ml_collections.ConfigDict(
+    dict(
+      patch_size=14,
+      width=1152,
+      depth=27,
+      num_heads=16,
+      mlp_dim=4304,
+      posemb='learn',
+      mlp_activation='gelu_tanh',
+      layer_norm_epsilon=1e-6,
+      dropout_rate=0.0,
+    )
+  )
   if 't5' in c.model:
     del c.model['t5']
-  c.model.gemma = ml_collections.ConfigDict(dict(
-      emb_dim=2048, num_heads=8, num_kv_heads=1, head_dim=256, mlp_dim=16384, num_layers=18,
-      mlp_activation='gelu_tanh', rope_theta=10_000.0, layer_norm_epsilon=1e-6,
-      dropout_rate=0.0))
+  c.model.gemma = ml_collections.ConfigDict(
+    dict(
+      emb_dim=2048,
+      num_heads=8,
+      num_kv_heads=1,
+      head_dim=256,
+      mlp_dim=16384,
+      num_layers=18,
+      mlp_activation='gelu_tanh',
+      rope_theta=10_000.0,
+      layer_norm_epsilon=1e-6,
+      dropout_rate=0.0,
+    )
+  )
   return c

@@ -33,14 +33,23 @@ def get_config(arg=None):
   c.model.dtype = 'bfloat16'
   c.model.remat = 'dots'
   c.model.scan_layers = True  # compile one layer per stack, not 48 + 24 + 24
-  c.model.vit.update(patch_size=14, width=1664, depth=48, num_heads=16, mlp_dim=8192,
-                     posemb='learn')
+  c.model.vit.update(
+    patch_size=14, width=1664, depth=48, num_heads=16, mlp_dim=8192, posemb='learn'
+  )
   c.model.t5.update(
-      emb_dim=2048, num_heads=32, head_dim=64, mlp_dim=5120,
-      num_encoder_layers=24, num_decoder_layers=24,
-      relative_attention_num_buckets=32, relative_attention_max_distance=128,
-      mlp_activations=('gelu', 'linear'), logits_via_embedding=False,
-      dropout_rate=0.0, layer_norm_epsilon=1e-6)
+    emb_dim=2048,
+    num_heads=32,
+    head_dim=64,
+    mlp_dim=5120,
+    num_encoder_layers=24,
+    num_decoder_layers=24,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    mlp_activations=('gelu', 'linear'),
+    logits_via_embedding=False,
+    dropout_rate=0.0,
+    layer_norm_epsilon=1e-6,
+  )
 
   c.data.max_input_len = 64
   c.data.max_target_len = 32

@@ -32,14 +32,23 @@ def get_config(arg=None):
   c.model.dtype = 'bfloat16'
   c.model.remat = 'full'
   c.model.scan_layers = True  # compile one layer per stack, not 48 + 32 + 32
-  c.model.vit.update(patch_size=14, width=6144, depth=48, num_heads=48, mlp_dim=24576,
-                     posemb='learn')
+  c.model.vit.update(
+    patch_size=14, width=6144, depth=48, num_heads=48, mlp_dim=24576, posemb='learn'
+  )
   c.model.t5.update(
-      emb_dim=5120, num_heads=40, head_dim=128, mlp_dim=22528,
-      num_encoder_layers=32, num_decoder_layers=32,
-      relative_attention_num_buckets=32, relative_attention_max_distance=128,
-      mlp_activations=('silu', 'linear'), logits_via_embedding=False,
-      dropout_rate=0.0, layer_norm_epsilon=1e-6)
+    emb_dim=5120,
+    num_heads=40,
+    head_dim=128,
+    mlp_dim=22528,
+    num_encoder_layers=32,
+    num_decoder_layers=32,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    mlp_activations=('silu', 'linear'),
+    logits_via_embedding=False,
+    dropout_rate=0.0,
+    layer_norm_epsilon=1e-6,
+  )
 
   c.data.max_input_len = 64
   c.data.max_target_len = 32

@@ -32,28 +32,32 @@ def get_config(arg=None):
   if recipe not in RECIPES:
     raise ValueError(f'configs/tabletop_tiny.py: unknown recipe {recipe!r}; known: {RECIPES}')
   c = _base_config()
-  c.recipe = ml_collections.ConfigDict(dict(
+  c.recipe = ml_collections.ConfigDict(
+    dict(
       name=recipe,
       web_pretrained=recipe != 'scratch',
       # Robot share of the fine-tuning mixture; RT-2 used about half robot data.
       cofinetune_robot_rate=0.5,
-  ))
+    )
+  )
 
   # Vocabulary with every concept word a whole piece (scripts/train_tabletop_spm.py).
-  c.vocab.path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'rt2_jax',
-                              'assets', 'tabletop_spm.model')
+  c.vocab.path = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), '..', 'rt2_jax', 'assets', 'tabletop_spm.model'
+  )
 
   # Demonstrations (python -m rt2_jax.data.tabletop_demos); out '' = a cache folder keyed by
   # these settings under ~/.cache/rt2_jax/tabletop. tasks '' = every family of the robot pool.
-  c.tabletop = ml_collections.ConfigDict(dict(
-      tasks='', episodes=60, val_episodes=4, image_size=64, max_steps=200, out='', workers=2))
+  c.tabletop = ml_collections.ConfigDict(
+    dict(tasks='', episodes=60, val_episodes=4, image_size=64, max_steps=200, out='', workers=2)
+  )
   # The web corpus (rt2_jax.data.web_corpus): drawn pictures of every concept.
-  c.web_corpus = ml_collections.ConfigDict(dict(images=8000, val_images=200, image_size=64,
-                                                seed=0, out=''))
+  c.web_corpus = ml_collections.ConfigDict(
+    dict(images=8000, val_images=200, image_size=64, seed=0, out='')
+  )
   # Web pretraining: the VLM learns the concepts from the web corpus alone (the stand-in for
   # internet-scale pretraining). Cached by (corpus, model, these settings).
-  c.pretrain = ml_collections.ConfigDict(dict(steps=6000, lr=2e-3, batch_size=32, seed=0,
-                                              out=''))
+  c.pretrain = ml_collections.ConfigDict(dict(steps=6000, lr=2e-3, batch_size=32, seed=0, out=''))
 
   c.data.robot.spec = 'tabletop'
   c.data.robot.data_dir = ''  # set by the recipe to the generated demos
@@ -61,7 +65,9 @@ def get_config(arg=None):
   c.data.web.jsonl = ''  # set by the recipe to the web corpus
   c.data.robot_rate = 1.0 if recipe != 'cofinetune' else c.recipe.cofinetune_robot_rate
   c.data.max_input_len = 32  # the prompt (8 tokens) around instructions of up to 21
-  c.data.max_target_len = 28  # 'Plan: ... Action:' (up to 22) + 3 action tokens + EOS; captions <= 25
+  c.data.max_target_len = (
+    28  # 'Plan: ... Action:' (up to 22) + 3 action tokens + EOS; captions <= 25
+  )
 
   c.model.image_size = 64
   c.model.vit.patch_size = 8
@@ -86,12 +92,24 @@ def get_config(arg=None):
   c.ckpt.every = 1000
   c.ckpt.keep = 3
 
-  c.eval = ml_collections.ConfigDict(dict(
+  c.eval = ml_collections.ConfigDict(
+    dict(
       env='tabletop',
       # seen, unseen_combinations, unseen_concepts, symbols, relations, multistep
       categories='seen,unseen_combinations,unseen_concepts,symbols,relations,multistep',
-      episodes=50, max_steps=160, num_envs=10, workers=2, baselines='expert,random',
-      videos=6, use_terminate=True, offline_max_examples=256, web_jsonl='',
-      web_max_examples=200, image_size=64, plan_categories='multistep', seed=0,
-  ))
+      episodes=50,
+      max_steps=160,
+      num_envs=10,
+      workers=2,
+      baselines='expert,random',
+      videos=6,
+      use_terminate=True,
+      offline_max_examples=256,
+      web_jsonl='',
+      web_max_examples=200,
+      image_size=64,
+      plan_categories='multistep',
+      seed=0,
+    )
+  )
   return c

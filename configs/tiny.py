@@ -49,37 +49,59 @@ def get_config(arg=None):
   # query table (>= the action space's tokens per step).
   c.model.action_decoding = 'autoregressive'
   c.model.max_action_positions = 16
-  c.model.vit = ml_collections.ConfigDict(dict(
-      patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512,
+  c.model.vit = ml_collections.ConfigDict(
+    dict(
+      patch_size=8,
+      width=128,
+      depth=2,
+      num_heads=4,
+      mlp_dim=512,
       posemb='learn',  # 'learn' | 'sincos2d'
       mlp_activation='gelu_tanh',  # SigLIP / big_vision; 'gelu_exact' for HF ViT checkpoints
       layer_norm_epsilon=1e-6,
       dropout_rate=0.0,
-  ))
-  c.model.t5 = ml_collections.ConfigDict(dict(
-      emb_dim=128, num_heads=4, head_dim=32, mlp_dim=512,
-      num_encoder_layers=2, num_decoder_layers=2,
-      relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    )
+  )
+  c.model.t5 = ml_collections.ConfigDict(
+    dict(
+      emb_dim=128,
+      num_heads=4,
+      head_dim=32,
+      mlp_dim=512,
+      num_encoder_layers=2,
+      num_decoder_layers=2,
+      relative_attention_num_buckets=32,
+      relative_attention_max_distance=128,
       mlp_activations=('gelu', 'linear'),  # gated-GELU (T5 v1.1 / UL2 / mT5)
       logits_via_embedding=True,  # tied output embedding
       dropout_rate=0.0,
       layer_norm_epsilon=1e-6,
-  ))
+    )
+  )
 
   # Data: robot episodes (RLDS, described by a data_specs/ file) mixed with web VQA/captions.
   c.data = ml_collections.ConfigDict()
-  c.data.robot = ml_collections.ConfigDict(dict(
+  c.data.robot = ml_collections.ConfigDict(
+    dict(
       spec='bridge_dataset',  # name of a data_specs/ file, or a path to one
       data_dir='',  # TFDS builder dir; '' = generated data (see synthetic_if_missing)
       split='',  # '' = the spec's train split
       eval_split='',  # held-out episodes for offline eval; '' = the spec's eval split
       stats_path='',  # NormStats JSON (python -m rt2_jax.data.stats); '' = computed at start
-  ))
+    )
+  )
   # Web data: a JSONL of {image, question, answer} / {image, caption} lines (rt2_jax/data/web.py)
   # and/or a prepared TFDS image-caption dataset such as coco_captions; they share the web rate.
-  c.data.web = ml_collections.ConfigDict(dict(
-      jsonl='', tfds_name='', tfds_data_dir='', tfds_split='train',
-      caption_prompt='Caption the image.', max_examples=0))
+  c.data.web = ml_collections.ConfigDict(
+    dict(
+      jsonl='',
+      tfds_name='',
+      tfds_data_dir='',
+      tfds_split='train',
+      caption_prompt='Caption the image.',
+      max_examples=0,
+    )
+  )
   c.data.robot_rate = 0.5  # fraction of robot examples in the mixture
   c.data.prompt = 'What action should the robot take to {instruction}?'
   c.data.max_input_len = 32  # text tokens (image tokens come on top)
@@ -99,11 +121,17 @@ def get_config(arg=None):
   # tree-rewritten reduce-windows, e.g. a 6x slower global gradient norm (interleaved A/B on a
   # quiet 2-core CPU: 60M step 5.59 -> 5.51 s, Meta-World tiny 0.204 -> 0.197 s, tiny unchanged).
   c.xla_flags = '--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=dot,reduce'
-  c.optim = ml_collections.ConfigDict(dict(
+  c.optim = ml_collections.ConfigDict(
+    dict(
       name='adafactor',  # 'adafactor' | 'adamw'
-      lr=1e-3, schedule='rsqrt',  # 'rsqrt' | 'cosine' | 'constant'
-      warmup_steps=20, clip_norm=1.0, weight_decay=0.0, grad_accum_steps=1,
-  ))
+      lr=1e-3,
+      schedule='rsqrt',  # 'rsqrt' | 'cosine' | 'constant'
+      warmup_steps=20,
+      clip_norm=1.0,
+      weight_decay=0.0,
+      grad_accum_steps=1,
+    )
+  )
   c.freeze = ''  # regex over parameter paths to keep fixed, e.g. '^vit/'
   c.ckpt = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
 
@@ -116,12 +144,19 @@ def get_config(arg=None):
   # 0 or 1: one device using all cores (a few % faster for ~60M-parameter models, which then
   # skip the per-core optimizer update and gradient all-reduce); N: N virtual devices (local
   # multi-host tests). GPU/TPU devices are not affected.
-  c.distributed = ml_collections.ConfigDict(dict(
-      coordinator_address='', num_processes=1, process_id=0, local_device_count=-1))
+  c.distributed = ml_collections.ConfigDict(
+    dict(coordinator_address='', num_processes=1, process_id=0, local_device_count=-1)
+  )
 
-  c.decode = ml_collections.ConfigDict(dict(
+  c.decode = ml_collections.ConfigDict(
+    dict(
       mode='action',  # 'action' | 'plan_then_action' | 'text'
-      temperature=0.0, top_k=0,
-      plan_prefix='Plan:', action_delimiter='Action:', max_plan_len=24, max_text_len=32,
-  ))
+      temperature=0.0,
+      top_k=0,
+      plan_prefix='Plan:',
+      action_delimiter='Action:',
+      max_plan_len=24,
+      max_text_len=32,
+    )
+  )
   return c

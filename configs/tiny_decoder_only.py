@@ -17,9 +17,18 @@ def get_config(arg=None):
   c = module.get_config(arg)
   c.model.backbone = 'decoder_only'
   del c.model['t5']
-  c.model.gemma = ml_collections.ConfigDict(dict(
-      emb_dim=128, num_heads=4, num_kv_heads=1, head_dim=32, mlp_dim=512, num_layers=3,
-      mlp_activation='gelu_tanh', rope_theta=10_000.0, layer_norm_epsilon=1e-6,
+  c.model.gemma = ml_collections.ConfigDict(
+    dict(
+      emb_dim=128,
+      num_heads=4,
+      num_kv_heads=1,
+      head_dim=32,
+      mlp_dim=512,
+      num_layers=3,
+      mlp_activation='gelu_tanh',
+      rope_theta=10_000.0,
+      layer_norm_epsilon=1e-6,
       dropout_rate=0.0,
-  ))
+    )
+  )
   return c

@@ -11,25 +11,31 @@ from rt2_jax.actions import ActionField, ActionSpace
 from rt2_jax.data.spec import ActionSource, DatasetSpec
 
 SPEC = DatasetSpec(
-    name='bridge_dataset',
-    version='1.0.0',
-    image_keys=('observation/image_0', 'observation/image_1', 'observation/image_2',
-                'observation/image_3'),
-    image_shape=(256, 256),
-    resize='stretch',
-    instruction_key='language_instruction',
-    instruction_encoding='string',
-    action_space=ActionSpace([
-        ActionField('xyz_delta', width=3, bounds='q01_q99', unit='m'),
-        ActionField('rpy_delta', width=3, bounds='q01_q99', unit='rad'),
-        ActionField('gripper', width=1, low=0.0, high=1.0, unit='1 open, 0 closed'),
-    ]),
-    action_sources=(
-        ActionSource('action', start=0),
-        ActionSource('action', start=3),
-        ActionSource('action', start=6),
-    ),
-    train_split='train',
-    eval_split='val',
-    description='BridgeData V2 (Open X-Embodiment): 6-DoF end-effector deltas and gripper.',
+  name='bridge_dataset',
+  version='1.0.0',
+  image_keys=(
+    'observation/image_0',
+    'observation/image_1',
+    'observation/image_2',
+    'observation/image_3',
+  ),
+  image_shape=(256, 256),
+  resize='stretch',
+  instruction_key='language_instruction',
+  instruction_encoding='string',
+  action_space=ActionSpace(
+    [
+      ActionField('xyz_delta', width=3, bounds='q01_q99', unit='m'),
+      ActionField('rpy_delta', width=3, bounds='q01_q99', unit='rad'),
+      ActionField('gripper', width=1, low=0.0, high=1.0, unit='1 open, 0 closed'),
+    ]
+  ),
+  action_sources=(
+    ActionSource('action', start=0),
+    ActionSource('action', start=3),
+    ActionSource('action', start=6),
+  ),
+  train_split='train',
+  eval_split='val',
+  description='BridgeData V2 (Open X-Embodiment): 6-DoF end-effector deltas and gripper.',
 )

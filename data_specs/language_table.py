@@ -9,18 +9,20 @@ from rt2_jax.actions import ActionField, ActionSpace
 from rt2_jax.data.spec import ActionSource, DatasetSpec
 
 SPEC = DatasetSpec(
-    name='language_table',
-    version='0.0.1',
-    image_keys=('observation/rgb',),
-    image_shape=(360, 640),
-    resize='stretch',
-    instruction_key='observation/instruction',
-    instruction_encoding='utf8_bytes',
-    action_space=ActionSpace([
-        ActionField('translation_delta', width=2, low=-0.1, high=0.1, unit='m'),
-    ]),
-    action_sources=(ActionSource('action'),),
-    train_split='train[:95%]',
-    eval_split='train[95%:]',
-    description='Language-Table: 2-D planar pushing, instruction as UTF-8 bytes.',
+  name='language_table',
+  version='0.0.1',
+  image_keys=('observation/rgb',),
+  image_shape=(360, 640),
+  resize='stretch',
+  instruction_key='observation/instruction',
+  instruction_encoding='utf8_bytes',
+  action_space=ActionSpace(
+    [
+      ActionField('translation_delta', width=2, low=-0.1, high=0.1, unit='m'),
+    ]
+  ),
+  action_sources=(ActionSource('action'),),
+  train_split='train[:95%]',
+  eval_split='train[95%:]',
+  description='Language-Table: 2-D planar pushing, instruction as UTF-8 bytes.',
 )

@@ -12,20 +12,20 @@ from rt2_jax.data.spec import ActionSource, DatasetSpec
 from rt2_jax.envs.metaworld import ACTION_SPACE
 
 SPEC = DatasetSpec(
-    name='metaworld',
-    version='1.0.0',
-    image_keys=('observation/image',),
-    image_shape=(64, 64),
-    resize='stretch',
-    instruction_key='language_instruction',
-    instruction_encoding='string',
-    action_space=ACTION_SPACE,
-    action_sources=(
-        ActionSource('action', start=0),
-        ActionSource('action', start=3),
-        ActionSource('terminate_episode', start=0),
-    ),
-    train_split='train',
-    eval_split='val',
-    description='Meta-World v3 (Sawyer, 50 tasks): xyz delta, gripper effort, terminate.',
+  name='metaworld',
+  version='1.0.0',
+  image_keys=('observation/image',),
+  image_shape=(64, 64),
+  resize='stretch',
+  instruction_key='language_instruction',
+  instruction_encoding='string',
+  action_space=ACTION_SPACE,
+  action_sources=(
+    ActionSource('action', start=0),
+    ActionSource('action', start=3),
+    ActionSource('terminate_episode', start=0),
+  ),
+  train_split='train',
+  eval_split='val',
+  description='Meta-World v3 (Sawyer, 50 tasks): xyz delta, gripper effort, terminate.',
 )

@@ -26,8 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rt2_jax.client import PolicyClient, PolicyServerError  # noqa: E402
 
-DEFAULT_RLDS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'shared', 'data', 'bridge_dataset', '1.0.0')
+DEFAULT_RLDS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+  'shared',
+  'data',
+  'bridge_dataset',
+  '1.0.0',
+)
 
 
 def _fmt(vector) -> str:
@@ -80,7 +85,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--url', default='http://127.0.0.1:8000')
   parser.add_argument('--token', default=os.environ.get('RT2_SERVE_TOKEN'))
-  parser.add_argument('--instruction', default='', help='default: the episode\'s own')
+  parser.add_argument('--instruction', default='', help="default: the episode's own")
   parser.add_argument('--camera', choices=('rlds', 'noise'), default='rlds')
   parser.add_argument('--rlds_dir', default=DEFAULT_RLDS)
   parser.add_argument('--episode', type=int, default=0)
@@ -91,11 +96,14 @@ def main() -> None:
   args = parser.parse_args()
 
   # resize=True: the client scales camera frames to the policy's input size (bilinear).
-  client = PolicyClient(args.url, token=args.token, timeout_s=args.timeout_s, retries=2,
-                        resize=True)
+  client = PolicyClient(
+    args.url, token=args.token, timeout_s=args.timeout_s, retries=2, resize=True
+  )
   meta = client.metadata()
-  print(f'policy {meta.get("model_id", "?")}: image {meta.get("image_size")}, '
-        f'actions {meta.get("action_names", "?")}')
+  print(
+    f'policy {meta.get("model_id", "?")}: image {meta.get("image_size")}, '
+    f'actions {meta.get("action_names", "?")}'
+  )
   if args.camera == 'rlds':
     robot = ReplayRobot(args.rlds_dir, args.episode)
   else:

@@ -67,6 +67,7 @@ def parse_setting(text: str) -> Setting:
 
 def _path(p: str):
   from etils import epath
+
   return epath.Path(p)
 
 
@@ -75,8 +76,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
   root = _path(workdir) / 'checkpoints'
   if not root.exists():
     return []
-  return sorted(int(p.name) for p in root.iterdir()
-                if p.name.isdigit() and (p / 'state').exists())
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / 'state').exists())
 
 
 def select_steps(available: list[int], wanted: str) -> list[int]:
@@ -102,20 +102,32 @@ class Job:
     return os.path.basename(os.path.normpath(self.workdir))
 
   def results_path(self) -> str:
-    return os.path.join(self.workdir, 'eval', self.setting.name, f'step_{self.step}',
-                        'results.json')
+    return os.path.join(
+      self.workdir, 'eval', self.setting.name, f'step_{self.step}', 'results.json'
+    )
 
 
 def job_argv(job: Job, config: str = '', python: str = sys.executable) -> list[str]:
-  argv = [python, '-m', 'rt2_jax.evaluate', f'--workdir={job.workdir}',
-          f'--checkpoint={job.step}', f'--name={job.setting.name}']
-  config = config or (os.path.join(job.workdir, 'config.py')
-                      if _path(os.path.join(job.workdir, 'config.py')).exists() else '')
+  argv = [
+    python,
+    '-m',
+    'rt2_jax.evaluate',
+    f'--workdir={job.workdir}',
+    f'--checkpoint={job.step}',
+    f'--name={job.setting.name}',
+  ]
+  config = config or (
+    os.path.join(job.workdir, 'config.py')
+    if _path(os.path.join(job.workdir, 'config.py')).exists()
+    else ''
+  )
   if config:
     argv.append(f'--config={config}')
   elif job.setting.overrides:
-    raise ValueError(f'setting {job.setting.name!r} has overrides but {job.workdir} has no '
-                     'config.py: pass --config=configs/NAME.py')
+    raise ValueError(
+      f'setting {job.setting.name!r} has overrides but {job.workdir} has no '
+      'config.py: pass --config=configs/NAME.py'
+    )
   return argv + [f'--config.{o}' for o in job.setting.overrides]
 
 
@@ -130,8 +142,9 @@ def make_jobs(workdirs, steps: str, settings) -> list[Job]:
   return jobs
 
 
-def run_local(jobs, config: str, parallel: int, log_dir: str, dry_run: bool = False,
-              env: dict | None = None) -> list[dict]:
+def run_local(
+  jobs, config: str, parallel: int, log_dir: str, dry_run: bool = False, env: dict | None = None
+) -> list[dict]:
   """Runs jobs as local processes, `parallel` at a time; one log file per job."""
   os.makedirs(log_dir, exist_ok=True)
   environ = dict(os.environ, **(env or {}))
@@ -155,14 +168,18 @@ def run_local(jobs, config: str, parallel: int, log_dir: str, dry_run: bool = Fa
       job = r['job']
       status = 'ok' if r['code'] == 0 else f'FAILED (exit {r["code"]}, see {r["log"]})'
       if not dry_run:
-        print(f'[{len(done)}/{len(jobs)}] {job.run} step {job.step} setting {job.setting.name}: '
-              f'{status} in {r["seconds"]} s (elapsed {time.time() - start:.0f} s)', flush=True)
+        print(
+          f'[{len(done)}/{len(jobs)}] {job.run} step {job.step} setting {job.setting.name}: '
+          f'{status} in {r["seconds"]} s (elapsed {time.time() - start:.0f} s)',
+          flush=True,
+        )
   return done
 
 
 def _load_tpu():
-  spec = importlib.util.spec_from_file_location('rt2_launch_tpu',
-                                                os.path.join(REPO_ROOT, 'launch', 'tpu.py'))
+  spec = importlib.util.spec_from_file_location(
+    'rt2_launch_tpu', os.path.join(REPO_ROOT, 'launch', 'tpu.py')
+  )
   tpu = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tpu)
   return tpu
@@ -188,8 +205,9 @@ def worker_command(share, config: str, env: dict, remote_dir: str) -> str:
   steps = [f'cd {remote_dir} || exit 1', f'mkdir -p "{REMOTE_LOG_DIR}"']
   for index, job in share:
     argv = job_argv(job, config, python='python3')
-    steps.append(f'{prefix}{shlex.join(argv)} > "{remote_log(job)}" 2>&1; '
-                 f'echo "{JOB_STATUS} {index} exit=$?"')
+    steps.append(
+      f'{prefix}{shlex.join(argv)} > "{remote_log(job)}" 2>&1; echo "{JOB_STATUS} {index} exit=$?"'
+    )
   return '; '.join(steps)
 
 
@@ -203,11 +221,17 @@ def run_tpu(jobs, config: str, tpu_args, dry_run: bool) -> list[dict]:
   num_workers = tpu.hosts_for(tpu_args.accelerator_type)
   env = tpu.SINGLE_HOST_ENV if num_workers > 1 else {}
   shares = assign_workers(jobs, num_workers)
-  print(f'{len(jobs)} job(s) over {num_workers} worker(s) of {tpu_args.name} '
-        f'({tpu_args.accelerator_type}):', flush=True)
+  print(
+    f'{len(jobs)} job(s) over {num_workers} worker(s) of {tpu_args.name} '
+    f'({tpu_args.accelerator_type}):',
+    flush=True,
+  )
   for w, share in enumerate(shares):
-    print(f'  worker {w}: ' + (', '.join(f'{j.run}@{j.step}/{j.setting.name}' for _, j in share)
-                               or '(none)'), flush=True)
+    print(
+      f'  worker {w}: '
+      + (', '.join(f'{j.run}@{j.step}/{j.setting.name}' for _, j in share) or '(none)'),
+      flush=True,
+    )
   runner = tpu.Runner(dry_run)
   codes: dict[int, int] = {}
   seconds: dict[int, float] = {}
@@ -224,7 +248,7 @@ def run_tpu(jobs, config: str, tpu_args, dry_run: bool) -> list[dict]:
     for line in out.splitlines():
       parts = line.split()
       if len(parts) == 3 and parts[0] == JOB_STATUS and parts[2].startswith('exit='):
-        codes[int(parts[1])] = int(parts[2][len('exit='):])
+        codes[int(parts[1])] = int(parts[2][len('exit=') :])
     if not dry_run:
       print(f'worker {w}: {len(shares[w])} job(s) in {seconds[w]} s', flush=True)
 
@@ -242,8 +266,10 @@ def run_tpu(jobs, config: str, tpu_args, dry_run: bool) -> list[dict]:
       log = f'worker {w}:{remote_log(job)}'
       if not dry_run:
         status = 'ok' if code == 0 else f'FAILED (exit {code}, see {log})'
-        print(f'{job.run} step {job.step} setting {job.setting.name} on worker {w}: {status}',
-              flush=True)
+        print(
+          f'{job.run} step {job.step} setting {job.setting.name} on worker {w}: {status}',
+          flush=True,
+        )
       done.append(dict(job=job, code=code, seconds=seconds.get(w, 0.0), log=log, worker=w))
   return done
 
@@ -253,10 +279,12 @@ def warn_unshared(workdirs, shared_prefixes) -> None:
   them: a path that is not shared storage fails there or is missing here, so say so first."""
   local = [w for w in workdirs if not w.startswith(shared_prefixes)]
   if local:
-    print(f'warning: {", ".join(local)} not on {"/".join(shared_prefixes)}: the TPU workers must '
-          'see these paths (checkpoints in, results out) and so must this machine, which '
-          'aggregates the results; a disk local to either fails or leaves results missing',
-          flush=True)
+    print(
+      f'warning: {", ".join(local)} not on {"/".join(shared_prefixes)}: the TPU workers must '
+      'see these paths (checkpoints in, results out) and so must this machine, which '
+      'aggregates the results; a disk local to either fails or leaves results missing',
+      flush=True,
+    )
 
 
 def tpu_accelerator_type(args, tpu) -> str:
@@ -264,14 +292,28 @@ def tpu_accelerator_type(args, tpu) -> str:
   if args.accelerator_type:
     return args.accelerator_type
   if args.dry_run:
-    raise SystemExit('--tpu_name with --dry_run needs --accelerator_type (e.g. v4-32): it says '
-                     'how many workers the jobs are spread over')
+    raise SystemExit(
+      '--tpu_name with --dry_run needs --accelerator_type (e.g. v4-32): it says '
+      'how many workers the jobs are spread over'
+    )
   where = [f'--zone={args.zone}'] + ([f'--project={args.project}'] if args.project else [])
-  out = tpu.Runner(False)(['gcloud', 'compute', 'tpus', 'tpu-vm', 'describe', args.tpu_name,
-                           *where, '--format=value(acceleratorType)'], capture=True).strip()
+  out = tpu.Runner(False)(
+    [
+      'gcloud',
+      'compute',
+      'tpus',
+      'tpu-vm',
+      'describe',
+      args.tpu_name,
+      *where,
+      '--format=value(acceleratorType)',
+    ],
+    capture=True,
+  ).strip()
   if not out:
-    raise SystemExit(f'gcloud did not report the accelerator type of {args.tpu_name}: pass '
-                     '--accelerator_type')
+    raise SystemExit(
+      f'gcloud did not report the accelerator type of {args.tpu_name}: pass --accelerator_type'
+    )
   return out.rsplit('/', 1)[-1]
 
 
@@ -287,8 +329,13 @@ def aggregate(workdirs, settings, out: str) -> dict:
     run = os.path.basename(os.path.normpath(w))
     for s in settings:
       root = _path(w) / 'eval' / s.name
-      steps = sorted(int(p.name.removeprefix('step_')) for p in root.iterdir()
-                     if p.name.startswith('step_')) if root.exists() else []
+      steps = (
+        sorted(
+          int(p.name.removeprefix('step_')) for p in root.iterdir() if p.name.startswith('step_')
+        )
+        if root.exists()
+        else []
+      )
       if not steps:
         missing += 1
       for step in steps:
@@ -301,31 +348,52 @@ def aggregate(workdirs, settings, out: str) -> dict:
         for actor, cats in summary.items():
           for cat, tasks in cats.items():
             total = tasks[eval_report.ALL]
-            row = dict(run=run, setting=s.name, step=step, actor=actor, category=cat,
-                       successes=total['successes'], episodes=total['episodes'],
-                       rate=total['rate'], ci95=total['ci95'],
-                       token_accuracy=offline.get('token_accuracy'))
+            row = dict(
+              run=run,
+              setting=s.name,
+              step=step,
+              actor=actor,
+              category=cat,
+              successes=total['successes'],
+              episodes=total['episodes'],
+              rate=total['rate'],
+              ci95=total['ci95'],
+              token_accuracy=offline.get('token_accuracy'),
+            )
             rows.append(row)
             label = f'{run}/{s.name}' if actor == 'policy' else f'{actor} ({s.name})'
-            points.append(dict(setting=label, step=step, category=cat,
-                               successes=total['successes'], episodes=total['episodes']))
+            points.append(
+              dict(
+                setting=label,
+                step=step,
+                category=cat,
+                successes=total['successes'],
+                episodes=total['episodes'],
+              )
+            )
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'sweep.json'), 'w') as f:
-    json.dump(dict(rows=rows, workdirs=list(workdirs),
-                   settings=[dataclasses.asdict(s) for s in settings]), f, indent=1)
+    json.dump(
+      dict(rows=rows, workdirs=list(workdirs), settings=[dataclasses.asdict(s) for s in settings]),
+      f,
+      indent=1,
+    )
   with open(os.path.join(out, 'sweep.md'), 'w') as f:
     f.write(sweep_markdown(rows) + '\n')
   if points:
-    eval_report.plot_sweep(points, os.path.join(out, 'sweep.png'),
-                           title='closed-loop success vs training step')
+    eval_report.plot_sweep(
+      points, os.path.join(out, 'sweep.png'), title='closed-loop success vs training step'
+    )
   return dict(rows=rows, missing=missing)
 
 
 def sweep_markdown(rows) -> str:
   categories = [c for c in eval_report.CATEGORY_ORDER if any(r['category'] == c for r in rows)]
   categories += sorted({r['category'] for r in rows} - set(categories))
-  keys = sorted({(r['run'], r['setting'], r['step'], r['actor']) for r in rows},
-                key=lambda k: (k[3] != 'policy', k[0], k[1], k[2], k[3]))
+  keys = sorted(
+    {(r['run'], r['setting'], r['step'], r['actor']) for r in rows},
+    key=lambda k: (k[3] != 'policy', k[0], k[1], k[2], k[3]),
+  )
   # Baselines do not depend on the checkpoint: one row per (setting, actor) at its last step.
   seen_baselines, table = set(), []
   for run, setting, step, actor in keys:
@@ -335,37 +403,61 @@ def sweep_markdown(rows) -> str:
       seen_baselines.add((setting, actor))
     cells = []
     for cat in categories:
-      match = [r for r in rows if (r['run'], r['setting'], r['step'], r['actor'], r['category'])
-               == (run, setting, step, actor, cat)]
-      cells.append(eval_report.Rate(match[0]['successes'], match[0]['episodes']).cell()
-                   if match else '-')
-    token = next((r['token_accuracy'] for r in rows if (r['run'], r['setting'], r['step']) ==
-                  (run, setting, step) and r['token_accuracy'] is not None), None)
-    table.append(f'| {run if actor == "policy" else actor} | {setting} | '
-                 f'{step if actor == "policy" else "-"} | ' + ' | '.join(cells) +
-                 f' | {round(token, 4) if actor == "policy" and token is not None else "-"} |')
-  head = ('| run | setting | step | ' + ' | '.join(categories) + ' | offline token acc |\n'
-          '|---|---|---|' + '---|' * len(categories) + '---|')
+      match = [
+        r
+        for r in rows
+        if (r['run'], r['setting'], r['step'], r['actor'], r['category'])
+        == (run, setting, step, actor, cat)
+      ]
+      cells.append(
+        eval_report.Rate(match[0]['successes'], match[0]['episodes']).cell() if match else '-'
+      )
+    token = next(
+      (
+        r['token_accuracy']
+        for r in rows
+        if (r['run'], r['setting'], r['step']) == (run, setting, step)
+        and r['token_accuracy'] is not None
+      ),
+      None,
+    )
+    table.append(
+      f'| {run if actor == "policy" else actor} | {setting} | '
+      f'{step if actor == "policy" else "-"} | '
+      + ' | '.join(cells)
+      + f' | {round(token, 4) if actor == "policy" and token is not None else "-"} |'
+    )
+  head = (
+    '| run | setting | step | ' + ' | '.join(categories) + ' | offline token acc |\n'
+    '|---|---|---|' + '---|' * len(categories) + '---|'
+  )
   return head + ('\n' + '\n'.join(table) if table else '')
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument('--workdirs', required=True, help='comma-separated training run directories')
   p.add_argument('--steps', default='all', help="'all', 'last' or comma-separated steps")
-  p.add_argument('--setting', action='append', default=[],
-                 help="eval setting 'NAME[:key=value;...]' (repeatable; default: 'default')")
+  p.add_argument(
+    '--setting',
+    action='append',
+    default=[],
+    help="eval setting 'NAME[:key=value;...]' (repeatable; default: 'default')",
+  )
   p.add_argument('--config', default='', help='config file for runs without WORKDIR/config.py')
   p.add_argument('--out', required=True, help='where the aggregated table and plot go')
   p.add_argument('--parallel', type=int, default=1, help='local jobs at once')
   p.add_argument('--force', action='store_true', help='rerun jobs whose results exist')
   p.add_argument('--aggregate_only', action='store_true')
   p.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
-  p.add_argument('--tpu_name', default='',
-                 help="spread the jobs over this TPU VM slice's workers")
-  p.add_argument('--accelerator_type', default='',
-                 help='with --tpu_name: the slice type, e.g. v4-32 (default: asked of gcloud)')
+  p.add_argument('--tpu_name', default='', help="spread the jobs over this TPU VM slice's workers")
+  p.add_argument(
+    '--accelerator_type',
+    default='',
+    help='with --tpu_name: the slice type, e.g. v4-32 (default: asked of gcloud)',
+  )
   p.add_argument('--zone', default='')
   p.add_argument('--project', default='')
   return p.parse_args(argv)
@@ -381,8 +473,11 @@ def main(argv=None) -> dict:
   if not args.aggregate_only:
     jobs = make_jobs(workdirs, args.steps, settings)
     todo = [j for j in jobs if args.force or _read_json(j.results_path()) is None]
-    print(f'{len(jobs)} evaluations ({len(workdirs)} runs x steps x {len(settings)} settings); '
-          f'{len(jobs) - len(todo)} already done', flush=True)
+    print(
+      f'{len(jobs)} evaluations ({len(workdirs)} runs x steps x {len(settings)} settings); '
+      f'{len(jobs) - len(todo)} already done',
+      flush=True,
+    )
     if args.tpu_name:
       if not args.zone:
         raise SystemExit('--tpu_name needs --zone')
@@ -393,23 +488,29 @@ def main(argv=None) -> dict:
       except ValueError as e:
         raise SystemExit(f'error: {e}') from None
       warn_unshared(workdirs, tpu.SHARED_PREFIXES)
-      where = argparse.Namespace(name=args.tpu_name, zone=args.zone, project=args.project,
-                                 accelerator_type=accelerator_type)
+      where = argparse.Namespace(
+        name=args.tpu_name, zone=args.zone, project=args.project, accelerator_type=accelerator_type
+      )
       done = run_tpu(todo, args.config, where, args.dry_run)
     else:
-      done = run_local(todo, args.config, args.parallel, os.path.join(args.out, 'logs'),
-                       args.dry_run)
+      done = run_local(
+        todo, args.config, args.parallel, os.path.join(args.out, 'logs'), args.dry_run
+      )
     failed = [d for d in done if d['code'] != 0]
     if failed:
-      print(f'{len(failed)} evaluation(s) failed: ' + ', '.join(
-          f'{d["job"].run}@{d["job"].step}/{d["job"].setting.name}' for d in failed), flush=True)
+      print(
+        f'{len(failed)} evaluation(s) failed: '
+        + ', '.join(f'{d["job"].run}@{d["job"].step}/{d["job"].setting.name}' for d in failed),
+        flush=True,
+      )
     if args.dry_run:
       return {}
   result = aggregate(workdirs, settings, args.out)
   with open(os.path.join(args.out, 'sweep.md')) as f:
     print(f.read())
-  print(f'wrote {args.out}/sweep.json, sweep.md' + (', sweep.png' if result['rows'] else ''),
-        flush=True)
+  print(
+    f'wrote {args.out}/sweep.json, sweep.md' + (', sweep.png' if result['rows'] else ''), flush=True
+  )
   return result
 
 

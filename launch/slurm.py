@@ -33,21 +33,31 @@ import tempfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_PREFIXES = ('gs://',)
-DISTRIBUTED_KEYS = tuple(f'--config.distributed.{k}'
-                         for k in ('coordinator_address', 'num_processes', 'process_id'))
+DISTRIBUTED_KEYS = tuple(
+  f'--config.distributed.{k}' for k in ('coordinator_address', 'num_processes', 'process_id')
+)
 
 
 def train_argv(args, overrides: list[str]) -> list[str]:
   for o in overrides:
     if not o.startswith('--config.'):
-      raise SystemExit(f'unexpected extra argument {o!r}: only --config.KEY=VALUE overrides may '
-                       'follow --')
+      raise SystemExit(
+        f'unexpected extra argument {o!r}: only --config.KEY=VALUE overrides may follow --'
+      )
     if o.partition('=')[0] in DISTRIBUTED_KEYS:
-      raise SystemExit(f'{o}: the SLURM job sets the processes (coordinator_address=auto: JAX '
-                       'reads them from SLURM)')
-  return [args.python, '-m', 'rt2_jax.train', f'--config={args.config}',
-          f'--workdir={args.workdir}', *overrides,
-          '--config.distributed.coordinator_address=auto']
+      raise SystemExit(
+        f'{o}: the SLURM job sets the processes (coordinator_address=auto: JAX '
+        'reads them from SLURM)'
+      )
+  return [
+    args.python,
+    '-m',
+    'rt2_jax.train',
+    f'--config={args.config}',
+    f'--workdir={args.workdir}',
+    *overrides,
+    '--config.distributed.coordinator_address=auto',
+  ]
 
 
 def check(args) -> None:
@@ -58,8 +68,10 @@ def check(args) -> None:
   if not args.workdir:
     raise SystemExit('--workdir is required')
   if not (args.workdir.startswith(SHARED_PREFIXES) or os.path.isabs(args.workdir)):
-    raise SystemExit(f'--workdir={args.workdir} is relative: every node must name the same '
-                     'directory, use an absolute path on a shared file system or gs://')
+    raise SystemExit(
+      f'--workdir={args.workdir} is relative: every node must name the same '
+      'directory, use an absolute path on a shared file system or gs://'
+    )
   if args.nodes < 1 or args.gpus_per_node < 1:
     raise SystemExit(f'--nodes={args.nodes} and --gpus_per_node={args.gpus_per_node} must be >= 1')
   if not re.fullmatch(r'[A-Za-z0-9._-]+', args.job_name):
@@ -69,13 +81,13 @@ def check(args) -> None:
 def sbatch_script(args, overrides: list[str]) -> str:
   check(args)
   directives = [
-      f'--job-name={args.job_name}',
-      f'--nodes={args.nodes}',
-      f'--ntasks-per-node={args.gpus_per_node}',  # one JAX process per GPU
-      f'--gpus-per-node={args.gpus_per_node}',  # every task sees the node's GPUs
-      f'--time={args.time}',
-      f'--output={args.log_dir}/%x-%j.out',
-      f'--signal=TERM@{args.signal_seconds}',  # the trainer saves and exits 0 on SIGTERM
+    f'--job-name={args.job_name}',
+    f'--nodes={args.nodes}',
+    f'--ntasks-per-node={args.gpus_per_node}',  # one JAX process per GPU
+    f'--gpus-per-node={args.gpus_per_node}',  # every task sees the node's GPUs
+    f'--time={args.time}',
+    f'--output={args.log_dir}/%x-%j.out',
+    f'--signal=TERM@{args.signal_seconds}',  # the trainer saves and exits 0 on SIGTERM
   ]
   if args.cpus_per_task:
     directives.append(f'--cpus-per-task={args.cpus_per_task}')
@@ -86,16 +98,19 @@ def sbatch_script(args, overrides: list[str]) -> str:
   if args.requeue:
     directives.append('--requeue')
   directives += args.sbatch
-  lines = ['#!/bin/bash', *(f'#SBATCH {d}' for d in directives),
-           f'# written by launch/slurm.py: {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = '
-           f'{args.nodes * args.gpus_per_node} JAX processes',
-           'set -euo pipefail',
-           f'cd {shlex.quote(args.repo)}',
-           *(f'export {shlex.quote(e)}' for e in args.env),
-           # jax.distributed reads SLURM_* (coordinator_address=auto); the first node hosts the
-           # coordinator on a port derived from the job id.
-           'echo "rt2_jax: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, $SLURM_NTASKS tasks"',
-           f'srun --kill-on-bad-exit=1 {shlex.join(train_argv(args, overrides))}']
+  lines = [
+    '#!/bin/bash',
+    *(f'#SBATCH {d}' for d in directives),
+    f'# written by launch/slurm.py: {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = '
+    f'{args.nodes * args.gpus_per_node} JAX processes',
+    'set -euo pipefail',
+    f'cd {shlex.quote(args.repo)}',
+    *(f'export {shlex.quote(e)}' for e in args.env),
+    # jax.distributed reads SLURM_* (coordinator_address=auto); the first node hosts the
+    # coordinator on a port derived from the job id.
+    'echo "rt2_jax: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, $SLURM_NTASKS tasks"',
+    f'srun --kill-on-bad-exit=1 {shlex.join(train_argv(args, overrides))}',
+  ]
   return '\n'.join(lines) + '\n'
 
 
@@ -103,7 +118,7 @@ def parse(argv: list[str]):
   overrides = []
   if '--' in argv:
     i = argv.index('--')
-    argv, overrides = argv[:i], argv[i + 1:]
+    argv, overrides = argv[:i], argv[i + 1 :]
   overrides = [a for a in argv if a.startswith('--config.')] + overrides
   argv = [a for a in argv if not a.startswith('--config.')]
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -116,16 +131,27 @@ def parse(argv: list[str]):
   p.add_argument('--account', default='')
   p.add_argument('--time', default='24:00:00', help='time limit (sbatch --time)')
   p.add_argument('--job_name', default='rt2_jax')
-  p.add_argument('--signal_seconds', type=int, default=300,
-                 help='SIGTERM this long before the time limit (the trainer saves and exits)')
+  p.add_argument(
+    '--signal_seconds',
+    type=int,
+    default=300,
+    help='SIGTERM this long before the time limit (the trainer saves and exits)',
+  )
   p.add_argument('--requeue', action='store_true', help='requeue after preemption (resumes)')
   p.add_argument('--repo', default=REPO_ROOT, help='this checkout, as the nodes see it')
   p.add_argument('--python', default='python3', help="the nodes' Python with rt2_jax installed")
-  p.add_argument('--log_dir', default='', help='SLURM output files (default: WORKDIR/slurm, or '
-                 '--repo/slurm_logs for gs:// workdirs)')
+  p.add_argument(
+    '--log_dir',
+    default='',
+    help='SLURM output files (default: WORKDIR/slurm, or --repo/slurm_logs for gs:// workdirs)',
+  )
   p.add_argument('--env', action='append', default=[], help='KEY=VALUE exported first (repeatable)')
-  p.add_argument('--sbatch', action='append', default=[],
-                 help='extra #SBATCH directive, e.g. --sbatch=--exclusive (repeatable)')
+  p.add_argument(
+    '--sbatch',
+    action='append',
+    default=[],
+    help='extra #SBATCH directive, e.g. --sbatch=--exclusive (repeatable)',
+  )
   p.add_argument('--script', default='', help='where to write the script (default: a temp file)')
   p.add_argument('--dry_run', action='store_true', help='print the script, submit nothing')
   args = p.parse_args(argv)
@@ -133,8 +159,11 @@ def parse(argv: list[str]):
     if not re.fullmatch(r'[A-Za-z_][A-Za-z0-9_]*=.*', e):
       raise SystemExit(f'--env={e!r} is not KEY=VALUE')
   if not args.log_dir:
-    args.log_dir = (os.path.join(args.repo, 'slurm_logs') if args.workdir.startswith(
-        SHARED_PREFIXES) else os.path.join(args.workdir or '.', 'slurm'))
+    args.log_dir = (
+      os.path.join(args.repo, 'slurm_logs')
+      if args.workdir.startswith(SHARED_PREFIXES)
+      else os.path.join(args.workdir or '.', 'slurm')
+    )
   return args, overrides
 
 

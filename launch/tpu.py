@@ -42,13 +42,13 @@ SHARED_PREFIXES = ('gs://',)
 # prefix (cloud.google.com/tpu/docs/runtimes): 'v4 and older' use the Ubuntu 22.04 base image;
 # v5e (accelerator types v5litepod-N), v5p and v6e (Trillium) have their own images.
 RUNTIME_VERSIONS = {
-    'v2': 'tpu-ubuntu2204-base',
-    'v3': 'tpu-ubuntu2204-base',
-    'v4': 'tpu-ubuntu2204-base',
-    'v5litepod': 'v2-alpha-tpuv5-lite',  # v5e
-    'v5e': 'v2-alpha-tpuv5-lite',
-    'v5p': 'v2-alpha-tpuv5',
-    'v6e': 'v2-alpha-tpuv6e',
+  'v2': 'tpu-ubuntu2204-base',
+  'v3': 'tpu-ubuntu2204-base',
+  'v4': 'tpu-ubuntu2204-base',
+  'v5litepod': 'v2-alpha-tpuv5-lite',  # v5e
+  'v5e': 'v2-alpha-tpuv5-lite',
+  'v5p': 'v2-alpha-tpuv5',
+  'v6e': 'v2-alpha-tpuv6e',
 }
 
 
@@ -56,13 +56,17 @@ def generation(accelerator_type: str) -> tuple[str, int]:
   """'v5litepod-16' -> ('v5litepod', 16); an unknown generation is refused by name."""
   m = re.fullmatch(r'(v\d+[a-z]*)-(\d+)', accelerator_type)
   if not m:
-    raise ValueError(f'cannot parse accelerator type {accelerator_type!r} (expected e.g. v4-32, '
-                     'v5p-64, v5litepod-16, v6e-16)')
+    raise ValueError(
+      f'cannot parse accelerator type {accelerator_type!r} (expected e.g. v4-32, '
+      'v5p-64, v5litepod-16, v6e-16)'
+    )
   family, count = m.group(1), int(m.group(2))
   if family not in RUNTIME_VERSIONS:
-    raise ValueError(f'unknown TPU generation {family!r} in accelerator type '
-                     f'{accelerator_type!r}: known {", ".join(RUNTIME_VERSIONS)} (a new generation needs its '
-                     'runtime image and hosts per slice added to launch/tpu.py)')
+    raise ValueError(
+      f'unknown TPU generation {family!r} in accelerator type '
+      f'{accelerator_type!r}: known {", ".join(RUNTIME_VERSIONS)} (a new generation needs its '
+      'runtime image and hosts per slice added to launch/tpu.py)'
+    )
   return family, count
 
 
@@ -83,8 +87,11 @@ def hosts_for(accelerator_type: str) -> int:
 # other host joins): libtpu's process/chip bounds, one worker, no jax.distributed (train.py
 # starts it when TPU_WORKER_HOSTNAMES lists several hosts).
 SINGLE_HOST_ENV = {
-    'TPU_PROCESS_BOUNDS': '1,1,1', 'TPU_CHIPS_PER_PROCESS_BOUNDS': '2,2,1',
-    'TPU_VISIBLE_CHIPS': '0,1,2,3', 'TPU_WORKER_ID': '0', 'TPU_WORKER_HOSTNAMES': 'localhost',
+  'TPU_PROCESS_BOUNDS': '1,1,1',
+  'TPU_CHIPS_PER_PROCESS_BOUNDS': '2,2,1',
+  'TPU_VISIBLE_CHIPS': '0,1,2,3',
+  'TPU_WORKER_ID': '0',
+  'TPU_WORKER_HOSTNAMES': 'localhost',
 }
 
 
@@ -98,8 +105,9 @@ class Runner:
     print(('[dry run] ' if self.dry_run else '+ ') + shlex.join(argv), flush=True)
     if self.dry_run:
       return ''
-    result = subprocess.run(argv, check=False, text=True,
-                            stdout=subprocess.PIPE if capture else None)
+    result = subprocess.run(
+      argv, check=False, text=True, stdout=subprocess.PIPE if capture else None
+    )
     if result.returncode != 0:
       raise SystemExit(f'command failed with exit code {result.returncode}: {shlex.join(argv)}')
     return result.stdout or ''
@@ -113,8 +121,17 @@ def _where(args) -> list[str]:
 
 
 def _ssh(args, command: str, worker: str = 'all') -> list[str]:
-  return ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', args.name, *_where(args),
-          f'--worker={worker}', f'--command={command}']
+  return [
+    'gcloud',
+    'compute',
+    'tpus',
+    'tpu-vm',
+    'ssh',
+    args.name,
+    *_where(args),
+    f'--worker={worker}',
+    f'--command={command}',
+  ]
 
 
 def runtime_version(args) -> str:
@@ -122,17 +139,28 @@ def runtime_version(args) -> str:
   family, _ = generation(args.accelerator_type)
   default = RUNTIME_VERSIONS[family]
   if args.runtime_version and args.runtime_version != default:
-    print(f'# --runtime_version={args.runtime_version} instead of {default}, the image for '
-          f'{family}', flush=True)
+    print(
+      f'# --runtime_version={args.runtime_version} instead of {default}, the image for {family}',
+      flush=True,
+    )
   return args.runtime_version or default
 
 
 def cmd_create(args, run: Runner) -> None:
   qr = args.queued_resource or args.name
   runtime = runtime_version(args)
-  argv = ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', qr, f'--node-id={args.name}',
-          *_where(args), f'--accelerator-type={args.accelerator_type}',
-          f'--runtime-version={runtime}']
+  argv = [
+    'gcloud',
+    'compute',
+    'tpus',
+    'queued-resources',
+    'create',
+    qr,
+    f'--node-id={args.name}',
+    *_where(args),
+    f'--accelerator-type={args.accelerator_type}',
+    f'--runtime-version={runtime}',
+  ]
   if args.spot:
     argv.append('--spot')
   run(argv)
@@ -140,22 +168,40 @@ def cmd_create(args, run: Runner) -> None:
     return
   deadline = time.time() + args.wait_minutes * 60
   while True:
-    state = run(['gcloud', 'compute', 'tpus', 'queued-resources', 'describe', qr, *_where(args),
-                 '--format=value(state.state)'], capture=True).strip()
+    state = run(
+      [
+        'gcloud',
+        'compute',
+        'tpus',
+        'queued-resources',
+        'describe',
+        qr,
+        *_where(args),
+        '--format=value(state.state)',
+      ],
+      capture=True,
+    ).strip()
     print(f'queued resource {qr}: {state}', flush=True)
     if state == 'ACTIVE':
       return
     if state in ('FAILED', 'SUSPENDED'):
-      raise SystemExit(f'queued resource {qr} is {state}; see `gcloud compute tpus '
-                       f'queued-resources describe {qr} --zone={args.zone}`')
+      raise SystemExit(
+        f'queued resource {qr} is {state}; see `gcloud compute tpus '
+        f'queued-resources describe {qr} --zone={args.zone}`'
+      )
     if time.time() > deadline:
       raise SystemExit(f'queued resource {qr} not ACTIVE after {args.wait_minutes} min ({state})')
     time.sleep(args.poll_seconds)
 
 
 def _source_files() -> list[str]:
-  out = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard'],
-                       cwd=REPO_ROOT, check=True, text=True, stdout=subprocess.PIPE).stdout
+  out = subprocess.run(
+    ['git', 'ls-files', '--cached', '--others', '--exclude-standard'],
+    cwd=REPO_ROOT,
+    check=True,
+    text=True,
+    stdout=subprocess.PIPE,
+  ).stdout
   return [f for f in out.splitlines() if os.path.isfile(os.path.join(REPO_ROOT, f))]
 
 
@@ -168,14 +214,32 @@ def cmd_install(args, run: Runner) -> None:
     with tarfile.open(tarball, 'w:gz') as tar:
       for f in files:
         tar.add(os.path.join(REPO_ROOT, f), arcname=f)
-  run(['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', tarball, f'{args.name}:~/rt2_jax_src.tar.gz',
-       *_where(args), '--worker=all'])
-  run(_ssh(args, ' && '.join([
-      f'rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR}',
-      f'tar xzf ~/rt2_jax_src.tar.gz -C {REMOTE_DIR}',
-      f'pip install -q -U {shlex.quote(JAX_TPU)} -f {LIBTPU_INDEX}',
-      f'pip install -q -e {REMOTE_DIR}',
-  ])))
+  run(
+    [
+      'gcloud',
+      'compute',
+      'tpus',
+      'tpu-vm',
+      'scp',
+      tarball,
+      f'{args.name}:~/rt2_jax_src.tar.gz',
+      *_where(args),
+      '--worker=all',
+    ]
+  )
+  run(
+    _ssh(
+      args,
+      ' && '.join(
+        [
+          f'rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR}',
+          f'tar xzf ~/rt2_jax_src.tar.gz -C {REMOTE_DIR}',
+          f'pip install -q -U {shlex.quote(JAX_TPU)} -f {LIBTPU_INDEX}',
+          f'pip install -q -e {REMOTE_DIR}',
+        ]
+      ),
+    )
+  )
 
 
 def check_workdir(workdir: str, accelerator_type: str) -> None:
@@ -184,22 +248,25 @@ def check_workdir(workdir: str, accelerator_type: str) -> None:
   hosts = hosts_for(accelerator_type)
   if hosts > 1 and not workdir.startswith(SHARED_PREFIXES):
     raise SystemExit(
-        f'--workdir={workdir} is local to each host, but {accelerator_type} has {hosts} hosts that '
-        'must write one checkpoint together: use shared storage, e.g. gs://BUCKET/runs/NAME')
+      f'--workdir={workdir} is local to each host, but {accelerator_type} has {hosts} hosts that '
+      'must write one checkpoint together: use shared storage, e.g. gs://BUCKET/runs/NAME'
+    )
 
 
 def train_command(args, overrides: list[str]) -> str:
   for o in overrides:
     if not o.startswith('--config.'):
-      raise SystemExit(f'unexpected extra argument {o!r}: only --config.KEY=VALUE overrides may '
-                       'follow --')
+      raise SystemExit(
+        f'unexpected extra argument {o!r}: only --config.KEY=VALUE overrides may follow --'
+      )
   flags = [f'--config={args.config}', f'--workdir={args.workdir}', *overrides]
   if hosts_for(args.accelerator_type) > 1:  # every host joins one jax.distributed job
     flags.append('--config.distributed.coordinator_address=auto')
   train = f'python3 -m rt2_jax.train {shlex.join(flags)}'
   # Detached so the ssh session can end; the log stays on each worker.
-  return (f'cd {REMOTE_DIR} && nohup {train} > {LOG_FILE} 2>&1 < /dev/null & '
-          f'echo started on $(hostname)')
+  return (
+    f'cd {REMOTE_DIR} && nohup {train} > {LOG_FILE} 2>&1 < /dev/null & echo started on $(hostname)'
+  )
 
 
 def cmd_train(args, run: Runner, overrides: list[str]) -> None:
@@ -221,24 +288,50 @@ def cmd_stop(args, run: Runner) -> None:
 
 
 def cmd_status(args, run: Runner) -> None:
-  run(['gcloud', 'compute', 'tpus', 'queued-resources', 'describe',
-       args.queued_resource or args.name, *_where(args)])
+  run(
+    [
+      'gcloud',
+      'compute',
+      'tpus',
+      'queued-resources',
+      'describe',
+      args.queued_resource or args.name,
+      *_where(args),
+    ]
+  )
 
 
 def cmd_delete(args, run: Runner) -> None:
-  run(['gcloud', 'compute', 'tpus', 'queued-resources', 'delete', args.queued_resource or args.name,
-       *_where(args), '--force', '--quiet'])
+  run(
+    [
+      'gcloud',
+      'compute',
+      'tpus',
+      'queued-resources',
+      'delete',
+      args.queued_resource or args.name,
+      *_where(args),
+      '--force',
+      '--quiet',
+    ]
+  )
 
 
-COMMANDS = {'create': cmd_create, 'install': cmd_install, 'logs': cmd_logs, 'stop': cmd_stop,
-            'status': cmd_status, 'delete': cmd_delete}
+COMMANDS = {
+  'create': cmd_create,
+  'install': cmd_install,
+  'logs': cmd_logs,
+  'stop': cmd_stop,
+  'status': cmd_status,
+  'delete': cmd_delete,
+}
 
 
 def parse(argv: list[str]):
   overrides = []
   if '--' in argv:
     i = argv.index('--')
-    argv, overrides = argv[:i], argv[i + 1:]
+    argv, overrides = argv[:i], argv[i + 1 :]
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('command', choices=sorted([*COMMANDS, 'train']))
   p.add_argument('--name', required=True, help='TPU VM (node) name')
@@ -246,8 +339,11 @@ def parse(argv: list[str]):
   p.add_argument('--project', default='')
   p.add_argument('--queued_resource', default='', help='queued resource id (default: --name)')
   p.add_argument('--accelerator_type', default='v4-8')
-  p.add_argument('--runtime_version', default='',
-                 help='TPU VM image (default: by generation, see RUNTIME_VERSIONS)')
+  p.add_argument(
+    '--runtime_version',
+    default='',
+    help='TPU VM image (default: by generation, see RUNTIME_VERSIONS)',
+  )
   p.add_argument('--spot', action='store_true')
   p.add_argument('--no_wait', action='store_true', help='create: do not wait for ACTIVE')
   p.add_argument('--wait_minutes', type=float, default=60)

@@ -54,10 +54,13 @@ class ActionTokenizer:
     self.dim = int(self.low.shape[0])
     self.names = list(names) if names is not None else [f'dim{i}' for i in range(self.dim)]
     for i in range(self.dim):
-      if not (np.isfinite(self.low[i]) and np.isfinite(self.high[i]) and self.high[i] > self.low[i]):
+      if not (
+        np.isfinite(self.low[i]) and np.isfinite(self.high[i]) and self.high[i] > self.low[i]
+      ):
         raise ValueError(
-            f'action dimension {i} ({self.names[i]}): need finite low < high, '
-            f'got low={self.low[i]}, high={self.high[i]}')
+          f'action dimension {i} ({self.names[i]}): need finite low < high, '
+          f'got low={self.low[i]}, high={self.high[i]}'
+        )
     self.num_bins = int(num_bins)
     self.mode = mode
 
@@ -68,14 +71,16 @@ class ActionTokenizer:
   def _check(self, actions: np.ndarray) -> None:
     if actions.ndim == 0 or actions.shape[-1] != self.dim:
       raise ValueError(
-          f'expected actions with last dimension {self.dim} ({", ".join(self.names)}), '
-          f'got shape {actions.shape}')
+        f'expected actions with last dimension {self.dim} ({", ".join(self.names)}), '
+        f'got shape {actions.shape}'
+      )
     bad = ~np.isfinite(actions)
     if bad.any():
       dim = int(np.argwhere(bad)[0][-1])
       raise ValueError(
-          f'action dimension {dim} ({self.names[dim]}) is not finite: '
-          f'{actions[..., dim][bad[..., dim]].ravel()[:3].tolist()}')
+        f'action dimension {dim} ({self.names[dim]}) is not finite: '
+        f'{actions[..., dim][bad[..., dim]].ravel()[:3].tolist()}'
+      )
 
   def encode(self, actions, xp=np):
     """Actions [..., dim] -> int32 bins [..., dim] (clipped to [low, high] first)."""
@@ -181,8 +186,15 @@ class NormStats:
     if a.ndim != 2 or a.shape[0] == 0:
       raise ValueError(f'need actions of shape [N, dim] with N > 0, got {a.shape}')
     q01, q99 = np.quantile(a, [0.01, 0.99], axis=0)
-    return cls(min=a.min(0).tolist(), max=a.max(0).tolist(), mean=a.mean(0).tolist(),
-               std=a.std(0).tolist(), q01=q01.tolist(), q99=q99.tolist(), count=int(a.shape[0]))
+    return cls(
+      min=a.min(0).tolist(),
+      max=a.max(0).tolist(),
+      mean=a.mean(0).tolist(),
+      std=a.std(0).tolist(),
+      q01=q01.tolist(),
+      q99=q99.tolist(),
+      count=int(a.shape[0]),
+    )
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=1)
@@ -243,12 +255,13 @@ class ActionSpace:
       raise ValueError(f'expected last dimension {self.dim}, got shape {vector.shape}')
     out, i = {}, 0
     for f in self.fields:
-      out[f.name] = vector[..., i:i + f.width]
+      out[f.name] = vector[..., i : i + f.width]
       i += f.width
     return out
 
-  def tokenizer(self, stats: NormStats | None = None, num_bins: int = 256,
-                mode: str = 'rt1') -> SpaceTokenizer:
+  def tokenizer(
+    self, stats: NormStats | None = None, num_bins: int = 256, mode: str = 'rt1'
+  ) -> SpaceTokenizer:
     return SpaceTokenizer(self, stats, num_bins, mode)
 
   def to_json(self) -> str:
@@ -279,16 +292,22 @@ class SpaceTokenizer:
           low, high = f.low, f.high
         else:
           if stats is None:
-            raise ValueError(f'action field {f.name!r} takes bounds from stats ({f.bounds}), '
-                             'but no normalization stats were given')
+            raise ValueError(
+              f'action field {f.name!r} takes bounds from stats ({f.bounds}), '
+              'but no normalization stats were given'
+            )
           lo_key, hi_key = ('min', 'max') if f.bounds == 'min_max' else ('q01', 'q99')
-          low = np.asarray(getattr(stats, lo_key)[offset:offset + f.width], np.float32)
-          high = np.asarray(getattr(stats, hi_key)[offset:offset + f.width], np.float32)
+          low = np.asarray(getattr(stats, lo_key)[offset : offset + f.width], np.float32)
+          high = np.asarray(getattr(stats, hi_key)[offset : offset + f.width], np.float32)
           # A constant dimension (e.g. an unused axis) still needs a non-empty range.
           high = np.where(high > low, high, low + 1e-3)
         self._continuous[f.name] = ActionTokenizer(
-            _as_vector(low, f.width, f'{f.name} low'), _as_vector(high, f.width, f'{f.name} high'),
-            num_bins, mode, names=f.dim_names())
+          _as_vector(low, f.width, f'{f.name} low'),
+          _as_vector(high, f.width, f'{f.name} high'),
+          num_bins,
+          mode,
+          names=f.dim_names(),
+        )
       offset += f.width
 
   def encode(self, vectors, xp=np):
@@ -296,15 +315,17 @@ class SpaceTokenizer:
     if xp is np:
       vectors = np.asarray(vectors, dtype=np.float32)
       if vectors.ndim == 0 or vectors.shape[-1] != self.space.dim:
-        raise ValueError(f'expected actions with last dimension {self.space.dim} '
-                         f'({", ".join(self.space.dim_names)}), got shape {vectors.shape}')
+        raise ValueError(
+          f'expected actions with last dimension {self.space.dim} '
+          f'({", ".join(self.space.dim_names)}), got shape {vectors.shape}'
+        )
       bad = ~np.isfinite(vectors)
       if bad.any():
         d = int(np.argwhere(bad)[0][-1])
         raise ValueError(f'action dimension {d} ({self.space.dim_names[d]}) is not finite')
     out, i = [], 0
     for f in self.space.fields:
-      v = vectors[..., i:i + f.width]
+      v = vectors[..., i : i + f.width]
       if f.kind == CONTINUOUS:
         out.append(self._continuous[f.name].encode(v, xp=xp))
       elif f.kind == DISCRETE:
@@ -327,11 +348,11 @@ class SpaceTokenizer:
     out, p = [], 0
     for f in self.space.fields:
       if f.kind == CONTINUOUS:
-        out.append(self._continuous[f.name].decode(bins[..., p:p + f.width], xp=xp))
+        out.append(self._continuous[f.name].decode(bins[..., p : p + f.width], xp=xp))
         p += f.width
       elif f.kind == DISCRETE:
         values = xp.asarray(np.asarray(f.values, np.float32))
-        idx = xp.clip(bins[..., p:p + f.width], 0, len(f.values) - 1)
+        idx = xp.clip(bins[..., p : p + f.width], 0, len(f.values) - 1)
         out.append(values[idx].astype(xp.float32))
         p += f.width
       else:

@@ -47,8 +47,9 @@ class _Item:
 class Batcher:
   """Collects requests on the event loop and runs them through `policy.batch` in a thread."""
 
-  def __init__(self, policy, *, max_batch: int, max_wait_ms: float, max_queue: int,
-               request_timeout_s: float):
+  def __init__(
+    self, policy, *, max_batch: int, max_wait_ms: float, max_queue: int, request_timeout_s: float
+  ):
     self.policy, self.max_batch, self.max_wait_ms = policy, max_batch, max_wait_ms
     self.max_queue, self.request_timeout_s = max_queue, request_timeout_s
     self._pending: collections.deque[_Item] = collections.deque()
@@ -121,8 +122,11 @@ class Batcher:
       t0 = time.perf_counter()
       try:
         results = await loop.run_in_executor(
-            self._executor, self._run_isolated, [i.image for i in items],
-            [i.instruction for i in items])
+          self._executor,
+          self._run_isolated,
+          [i.image for i in items],
+          [i.instruction for i in items],
+        )
       except Exception as e:  # noqa: BLE001  (the worker must survive anything; answer 500)
         log.exception('batch failed outside the policy')
         results = [ModelError(f'{type(e).__name__}: {e}')] * len(items)

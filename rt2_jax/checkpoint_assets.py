@@ -35,7 +35,12 @@ from rt2_jax import vocab as vocab_lib
 
 DIRNAME = 'assets'
 VOCAB, STATS, ACTION_SPACE, PROMPT, IMAGE = (
-    'vocab.model', 'normalization_stats.json', 'action_space.json', 'prompt.json', 'image.json')
+  'vocab.model',
+  'normalization_stats.json',
+  'action_space.json',
+  'prompt.json',
+  'image.json',
+)
 FILES = (VOCAB, STATS, ACTION_SPACE, PROMPT, IMAGE)
 
 
@@ -47,8 +52,13 @@ def _json(value) -> bytes:
   return (json.dumps(value, indent=1) + '\n').encode('utf-8')
 
 
-def make(config, stats: actions_lib.NormStats | None, action_space: actions_lib.ActionSpace,
-         vocab: vocab_lib.Vocab, resize: str | None = None) -> dict[str, bytes]:
+def make(
+  config,
+  stats: actions_lib.NormStats | None,
+  action_space: actions_lib.ActionSpace,
+  vocab: vocab_lib.Vocab,
+  resize: str | None = None,
+) -> dict[str, bytes]:
   """{file name: contents} of a run. `resize` defaults to the data spec's, read now: at serve
   time the spec may be gone."""
   if resize is None:
@@ -56,17 +66,25 @@ def make(config, stats: actions_lib.NormStats | None, action_space: actions_lib.
 
     resize = load_spec(config.data.robot.spec).resize
   return {
-      VOCAB: vocab.model_bytes,
-      STATS: _json(json.loads(stats.to_json()) if stats is not None else None),
-      ACTION_SPACE: _json({'fields': json.loads(action_space.to_json()),
-                           'num_bins': int(config.actions.num_bins),
-                           'action_scheme': config.vocab.action_scheme,
-                           'decode_mode': config.actions.decode_mode}),
-      PROMPT: _json({'template': config.data.prompt,
-                     'max_input_len': int(config.data.max_input_len),
-                     'extra_ids': int(config.vocab.get('extra_ids', 0)),
-                     'vocab_checksum': vocab.checksum}),
-      IMAGE: _json({'size': int(config.model.image_size), 'resize': resize}),
+    VOCAB: vocab.model_bytes,
+    STATS: _json(json.loads(stats.to_json()) if stats is not None else None),
+    ACTION_SPACE: _json(
+      {
+        'fields': json.loads(action_space.to_json()),
+        'num_bins': int(config.actions.num_bins),
+        'action_scheme': config.vocab.action_scheme,
+        'decode_mode': config.actions.decode_mode,
+      }
+    ),
+    PROMPT: _json(
+      {
+        'template': config.data.prompt,
+        'max_input_len': int(config.data.max_input_len),
+        'extra_ids': int(config.vocab.get('extra_ids', 0)),
+        'vocab_checksum': vocab.checksum,
+      }
+    ),
+    IMAGE: _json({'size': int(config.model.image_size), 'resize': resize}),
   }
 
 
@@ -83,14 +101,19 @@ class Assets:
   image: dict  # size, resize
 
   def vocab(self) -> vocab_lib.Vocab:
-    return vocab_lib.Vocab(self.vocab_model, extra_ids=int(self.prompt['extra_ids']),
-                           path=os.path.join(self.folder, VOCAB))
+    return vocab_lib.Vocab(
+      self.vocab_model,
+      extra_ids=int(self.prompt['extra_ids']),
+      path=os.path.join(self.folder, VOCAB),
+    )
 
   def apply(self, config):
     """The checkpoint's config with the assets' values where it has copies of them."""
     if int(self.image['size']) != int(config.model.image_size):
-      raise ValueError(f'{self.folder}/{IMAGE} says size {self.image["size"]}, the checkpoint\'s '
-                       f'config model.image_size={config.model.image_size}')
+      raise ValueError(
+        f"{self.folder}/{IMAGE} says size {self.image['size']}, the checkpoint's "
+        f'config model.image_size={config.model.image_size}'
+      )
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.data.prompt = self.prompt['template']
@@ -110,9 +133,11 @@ def read(step_dir: str | os.PathLike) -> Assets | None:
 
   def data(name: str) -> bytes:
     if not (folder / name).exists():
-      raise MissingAssetError(f'checkpoint {step_dir} lacks {DIRNAME}/{name} (its {DIRNAME}/ '
-                              f'folder should hold {", ".join(FILES)}): copy it back from the '
-                              'original run')
+      raise MissingAssetError(
+        f'checkpoint {step_dir} lacks {DIRNAME}/{name} (its {DIRNAME}/ '
+        f'folder should hold {", ".join(FILES)}): copy it back from the '
+        'original run'
+      )
     return (folder / name).read_bytes()
 
   def parsed(name: str):
@@ -123,10 +148,14 @@ def read(step_dir: str | os.PathLike) -> Assets | None:
 
   stats, action, prompt, image = parsed(STATS), parsed(ACTION_SPACE), parsed(PROMPT), parsed(IMAGE)
   return Assets(
-      folder=os.fspath(folder), vocab_model=data(VOCAB),
-      stats=actions_lib.NormStats.from_json(json.dumps(stats)) if stats is not None else None,
-      action_space=actions_lib.ActionSpace.from_json(json.dumps(action['fields'])),
-      action={k: v for k, v in action.items() if k != 'fields'}, prompt=prompt, image=image)
+    folder=os.fspath(folder),
+    vocab_model=data(VOCAB),
+    stats=actions_lib.NormStats.from_json(json.dumps(stats)) if stats is not None else None,
+    action_space=actions_lib.ActionSpace.from_json(json.dumps(action['fields'])),
+    action={k: v for k, v in action.items() if k != 'fields'},
+    prompt=prompt,
+    image=image,
+  )
 
 
 # The orbax item: written with the other items, so it is part of the atomic, checksummed save.

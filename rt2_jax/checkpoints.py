@@ -174,8 +174,12 @@ def _digests(paths: list[epath.Path]) -> list[tuple[int, str]]:
 def _checkpoint_files(step_dir: epath.Path) -> list[epath.Path]:
   """The files of the items (state/, data/, meta/, assets/): orbax rewrites its own step
   metadata at the top level after the checksums are written."""
-  return [f for item in sorted(step_dir.iterdir(), key=lambda p: p.name) if item.is_dir()
-          for f in _files(item)]
+  return [
+    f
+    for item in sorted(step_dir.iterdir(), key=lambda p: p.name)
+    if item.is_dir()
+    for f in _files(item)
+  ]
 
 
 def write_checksums(step_dir: str | os.PathLike) -> dict:
@@ -183,9 +187,14 @@ def write_checksums(step_dir: str | os.PathLike) -> dict:
   step_dir = epath.Path(step_dir)
   files = _checkpoint_files(step_dir)
   names = [str(f.relative_to(step_dir)) for f in files]
-  manifest = {'format': 1, 'algorithm': 'sha256', 'files': {
+  manifest = {
+    'format': 1,
+    'algorithm': 'sha256',
+    'files': {
       name: {'bytes': size, 'sha256': digest}
-      for name, (size, digest) in zip(names, _digests(files), strict=True)}}
+      for name, (size, digest) in zip(names, _digests(files), strict=True)
+    },
+  }
   (step_dir / CHECKSUM_FILE).write_text(json.dumps(manifest, indent=0, sort_keys=True))
   return manifest
 
@@ -211,12 +220,13 @@ def verify_checksums(step_dir: str | os.PathLike) -> bool:
       present.append(name)
     else:
       problems.append(f'{name}: missing')
-  for name, (size, digest) in zip(present, _digests([step_dir / n for n in present]),
-                                  strict=True):
+  for name, (size, digest) in zip(present, _digests([step_dir / n for n in present]), strict=True):
     want_size, want_digest = expected[name]
     if size != want_size:
-      problems.append(f'{name}: {size} bytes, {want_size} when saved'
-                      + (' (truncated)' if size < want_size else ''))
+      problems.append(
+        f'{name}: {size} bytes, {want_size} when saved'
+        + (' (truncated)' if size < want_size else '')
+      )
     elif digest != want_digest:
       problems.append(f'{name}: contents differ from the SHA-256 written at save time')
   if problems:
@@ -247,16 +257,17 @@ class Restored:
   step: int
 
 
-def make_meta(config, stats: actions_lib.NormStats | None, action_space: actions_lib.ActionSpace,
-              vocab) -> dict:
+def make_meta(
+  config, stats: actions_lib.NormStats | None, action_space: actions_lib.ActionSpace, vocab
+) -> dict:
   """The JSON item stored with every checkpoint."""
   return {
-      'config': config_flags.to_json(config),
-      'norm_stats': stats.to_json() if stats is not None else None,
-      'action_space': action_space.to_json(),
-      'vocab_path': getattr(vocab, 'path', ''),
-      'vocab_checksum': getattr(vocab, 'checksum', ''),
-      'vocab_size': int(getattr(vocab, 'vocab_size', 0)),
+    'config': config_flags.to_json(config),
+    'norm_stats': stats.to_json() if stats is not None else None,
+    'action_space': action_space.to_json(),
+    'vocab_path': getattr(vocab, 'path', ''),
+    'vocab_checksum': getattr(vocab, 'checksum', ''),
+    'vocab_size': int(getattr(vocab, 'vocab_size', 0)),
   }
 
 
@@ -271,8 +282,9 @@ def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
 def _split_step_dir(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
   """'.../checkpoints/1200' -> ('.../checkpoints', 1200); anything else -> (dir, None)."""
   path = epath.Path(resolve_path(path))
-  if path.name.isdigit() and any((path / name).exists()
-                                 for name in ('state', 'meta', CHECKSUM_FILE)):
+  if path.name.isdigit() and any(
+    (path / name).exists() for name in ('state', 'meta', CHECKSUM_FILE)
+  ):
     return path.parent, int(path.name)
   return checkpoint_dir(path), None
 
@@ -299,10 +311,11 @@ def _gather_strings(text: str) -> list[str]:
   data = np.frombuffer(text.encode('utf-8'), np.uint8)
   lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int32))
   padded = np.zeros((int(lengths.max()),), np.uint8)
-  padded[:data.size] = data
+  padded[: data.size] = data
   gathered = multihost_utils.process_allgather(padded)
-  return [bytes(gathered[i, :int(lengths[i, 0])]).decode('utf-8')
-          for i in range(jax.process_count())]
+  return [
+    bytes(gathered[i, : int(lengths[i, 0])]).decode('utf-8') for i in range(jax.process_count())
+  ]
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
@@ -328,8 +341,9 @@ def _verify_everywhere(step_dir: epath.Path) -> tuple[str, str]:
 class Checkpointer:
   """Saves and restores training checkpoints of one workdir."""
 
-  def __init__(self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True,
-               checksums: bool = True):
+  def __init__(
+    self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True, checksums: bool = True
+  ):
     workdir = resolve_path(workdir)
     self.directory = epath.Path(workdir) / 'checkpoints'
     self.unreadable_dir = epath.Path(workdir) / 'checkpoints_unreadable'
@@ -340,18 +354,23 @@ class Checkpointer:
     # Always orbax's async checkpointer: its post-finalization callback writes the checksums into
     # the temporary directory before the commit (a synchronous save waits for it at once).
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True,
-            cleanup_tmp_directories=True,
-            async_options=ocp.AsyncOptions(
-                post_finalization_callback=self._write_checksums if checksums else None)),
-        item_handlers={
-            'state': ocp.PyTreeCheckpointHandler(),
-            'data': ocp.JsonCheckpointHandler(),
-            'meta': ocp.JsonCheckpointHandler(),
-            'assets': checkpoint_assets.AssetsHandler(),
-        })
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,
+        async_options=ocp.AsyncOptions(
+          post_finalization_callback=self._write_checksums if checksums else None
+        ),
+      ),
+      item_handlers={
+        'state': ocp.PyTreeCheckpointHandler(),
+        'data': ocp.JsonCheckpointHandler(),
+        'meta': ocp.JsonCheckpointHandler(),
+        'assets': checkpoint_assets.AssetsHandler(),
+      },
+    )
 
   def _check_writable(self) -> None:
     """Fails now, naming the directory, rather than at the first save after the compute."""
@@ -362,14 +381,18 @@ class Checkpointer:
       probe.unlink()
     except OSError as e:
       raise CheckpointWriteError(
-          f'cannot write checkpoints to {self.directory}: {e.strerror or _first_line(e)}; '
-          'choose a writable --workdir') from None
+        f'cannot write checkpoints to {self.directory}: {e.strerror or _first_line(e)}; '
+        'choose a writable --workdir'
+      ) from None
 
   def _warn_about_partial_saves(self):
     partial = sorted(p.name for p in self.directory.iterdir() if TMP_MARKER in p.name)
     if partial and jax.process_index() == 0:
-      log.warning('ignoring unfinished checkpoint saves in %s (a run stopped mid-save): %s',
-                  self.directory, ', '.join(partial))
+      log.warning(
+        'ignoring unfinished checkpoint saves in %s (a run stopped mid-save): %s',
+        self.directory,
+        ', '.join(partial),
+      )
 
   def _write_checksums(self) -> None:
     """orbax's post-finalization callback (process 0, background thread), before the commit."""
@@ -383,8 +406,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: dict, data_state, meta: dict,
-           assets: dict[str, bytes] | None = None) -> None:
+  def save(
+    self, step: int, state: dict, data_state, meta: dict, assets: dict[str, bytes] | None = None
+  ) -> None:
     """Starts an asynchronous save (a collective: every process calls it with its own data state).
 
     `data_state` is this process's iterator state (a JSON-able dict, or None); `assets`
@@ -396,8 +420,9 @@ class Checkpointer:
     meta = dict(meta, step=int(step))
     self.wait()
     self._saving = int(step)
-    items = dict(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data),
-                 meta=ocp.args.JsonSave(meta))
+    items = dict(
+      state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)
+    )
     if assets is not None:
       items['assets'] = checkpoint_assets.AssetsSave(assets)
     try:
@@ -432,9 +457,10 @@ class Checkpointer:
       self._manager.reload()
     kept = [s for s in self._safe_steps() if s != step]
     raise CheckpointWriteError(
-        f'saving checkpoint {step} to {self.directory} failed: {_first_line(error, 500)}'
-        f'{removed}. Earlier checkpoints are intact'
-        + (f' (latest: {kept[-1]})' if kept else ' (there are none)')) from error
+      f'saving checkpoint {step} to {self.directory} failed: {_first_line(error, 500)}'
+      f'{removed}. Earlier checkpoints are intact'
+      + (f' (latest: {kept[-1]})' if kept else ' (there are none)')
+    ) from error
 
   def _safe_steps(self) -> list[int]:
     try:
@@ -450,16 +476,24 @@ class Checkpointer:
 
   def _restore_step(self, step: int, abstract_state) -> Restored:
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                abstract_state,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
-            data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        ),
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
     data = restored['data']
     if data['process_count'] != jax.process_count():
-      log.warning('checkpoint %d was written by %d processes, this run has %d: the data '
-                  'iterators start afresh', step, data['process_count'], jax.process_count())
+      log.warning(
+        'checkpoint %d was written by %d processes, this run has %d: the data '
+        'iterators start afresh',
+        step,
+        data['process_count'],
+        jax.process_count(),
+      )
       data_state = None
     else:
       data_state = _decode_data_state(data['states'][jax.process_index()])
@@ -479,17 +513,27 @@ class Checkpointer:
       status, message = _verify_everywhere(where)
       if status == 'damaged':
         older = [s for s in self.all_steps() if s < step]
-        log.warning('checkpoint %s is damaged (%s); moving it to %s and %s', where, message,
-                    self.unreadable_dir, f'falling back to checkpoint {older[-1]}' if older
-                    else 'starting afresh: there is no earlier checkpoint')
+        log.warning(
+          'checkpoint %s is damaged (%s); moving it to %s and %s',
+          where,
+          message,
+          self.unreadable_dir,
+          f'falling back to checkpoint {older[-1]}'
+          if older
+          else 'starting afresh: there is no earlier checkpoint',
+        )
         self._move_aside(step)
         continue
       if status == 'error':
-        raise CheckpointReadError(f'cannot check checkpoint {where}: {message}; nothing was '
-                                  'moved or changed')
+        raise CheckpointReadError(
+          f'cannot check checkpoint {where}: {message}; nothing was moved or changed'
+        )
       if status == 'unverified':
-        log.warning('checkpoint %s has no %s (written by an older version): restoring it '
-                    'unverified', where, CHECKSUM_FILE)
+        log.warning(
+          'checkpoint %s has no %s (written by an older version): restoring it unverified',
+          where,
+          CHECKSUM_FILE,
+        )
       try:
         saved = array_shapes(self._manager.item_metadata(step)['state'].tree)
       except Exception:  # noqa: BLE001 - unreadable metadata: the restore below says why
@@ -500,11 +544,15 @@ class Checkpointer:
         return self._restore_step(step, abstract_state)
       except Exception as e:  # noqa: BLE001 - not proven damage: stop, move nothing
         raise CheckpointReadError(
-            f'checkpoint {where} could not be restored ({_first_line(e)}) although '
-            + ('its files match the checksums written at save time'
-               if status == 'verified' else 'it has no checksums to check it against')
-            + '; nothing was moved or changed. Fix the cause, or move that directory away to '
-            'resume from an earlier checkpoint') from e
+          f'checkpoint {where} could not be restored ({_first_line(e)}) although '
+          + (
+            'its files match the checksums written at save time'
+            if status == 'verified'
+            else 'it has no checksums to check it against'
+          )
+          + '; nothing was moved or changed. Fix the cause, or move that directory away to '
+          'resume from an earlier checkpoint'
+        ) from e
     return None
 
   def _move_aside(self, step: int) -> None:
@@ -516,6 +564,7 @@ class Checkpointer:
       (self.directory / str(step)).rename(target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f'rt2_jax_move_aside_{step}')
     self._manager.reload()
 
@@ -530,17 +579,22 @@ def _path_name(path) -> str:
 def array_shapes(tree_metadata) -> dict[str, tuple]:
   """{'a.b.c': shape} of an orbax tree metadata."""
   leaves = jax.tree_util.tree_flatten_with_path(
-      tree_metadata, is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))[0]
+    tree_metadata, is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype')
+  )[0]
   return {_path_name(p): tuple(m.shape) for p, m in leaves if m is not None}
 
 
 def _mismatches(saved: dict[str, tuple], abstract_tree) -> list[str]:
-  wanted = {_path_name(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]}
+  wanted = {
+    _path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+  }
   problems = [f'{k}: missing in the checkpoint' for k in sorted(set(wanted) - set(saved))]
   problems += [f'{k}: in the checkpoint, not in this run' for k in sorted(set(saved) - set(wanted))]
-  problems += [f'{k}: checkpoint shape {saved[k]}, this run {wanted[k]}'
-               for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]]
+  problems += [
+    f'{k}: checkpoint shape {saved[k]}, this run {wanted[k]}'
+    for k in sorted(set(saved) & set(wanted))
+    if saved[k] != wanted[k]
+  ]
   return problems
 
 
@@ -552,28 +606,37 @@ def _check_matches(saved: dict[str, tuple], abstract_state, where: str) -> None:
   problems = _mismatches(saved, abstract_state)
   if problems:
     raise MismatchError(
-        f'checkpoint {where} does not match this run\'s model/optimizer config '
-        f'({_shown(problems)}). Resume with the config it was written with, use a new --workdir, '
-        'or start from its parameters with --config.init_from=<that workdir>.')
+      f"checkpoint {where} does not match this run's model/optimizer config "
+      f'({_shown(problems)}). Resume with the config it was written with, use a new --workdir, '
+      'or start from its parameters with --config.init_from=<that workdir>.'
+    )
 
 
 def check_params_match(saved: dict[str, tuple], abstract_params, where: str) -> None:
   """Raises naming the parameters whose shapes differ between a checkpoint and the model."""
   problems = _mismatches(saved, abstract_params)
   if problems:
-    raise MismatchError(f'parameters in {where} do not fit this model ({_shown(problems)}): check '
-                     'that the --config model shapes are those the checkpoint was made with')
+    raise MismatchError(
+      f'parameters in {where} do not fit this model ({_shown(problems)}): check '
+      'that the --config model shapes are those the checkpoint was made with'
+    )
 
 
 def _abstract_params_from_metadata(tree_metadata, sharding) -> Any:
   params_md = tree_metadata['params']
   return jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), params_md,
-      is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+    params_md,
+    is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'),
+  )
 
 
-def load_params(path: str | os.PathLike, step: int | str | None = None, abstract_params=None,
-                sharding: jax.sharding.Sharding | None = None) -> tuple[Any, dict, int]:
+def load_params(
+  path: str | os.PathLike,
+  step: int | str | None = None,
+  abstract_params=None,
+  sharding: jax.sharding.Sharding | None = None,
+) -> tuple[Any, dict, int]:
   """(params, meta, step) from a training checkpoint: the newest one unless `step`.
 
   `path`: a workdir, its checkpoints/ dir, or one step dir. `abstract_params` (ShapeDtypeStructs
@@ -587,10 +650,15 @@ def load_params(path: str | os.PathLike, step: int | str | None = None, abstract
   if not directory.exists():
     raise FileNotFoundError(f'no checkpoints in {directory}: it does not exist')
   manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
-                     'meta': ocp.JsonCheckpointHandler(),
-                     'assets': checkpoint_assets.AssetsHandler()})
+    directory,
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    item_handlers={
+      'state': ocp.PyTreeCheckpointHandler(),
+      'data': ocp.JsonCheckpointHandler(),
+      'meta': ocp.JsonCheckpointHandler(),
+      'assets': checkpoint_assets.AssetsHandler(),
+    },
+  )
   try:
     steps = sorted(manager.all_steps())
     if not steps:
@@ -603,26 +671,40 @@ def load_params(path: str | os.PathLike, step: int | str | None = None, abstract
       verified = verify_checksums(where)
     except CorruptCheckpointError as e:
       good = [t for t in reversed(steps) if t != s and _verifies(directory / str(t))]
-      hint = (f'; checkpoint(s) {", ".join(map(str, good))} verify: load one explicitly '
-              '(--checkpoint=STEP, step=STEP)' if good else '; no other checkpoint here verifies')
+      hint = (
+        f'; checkpoint(s) {", ".join(map(str, good))} verify: load one explicitly '
+        '(--checkpoint=STEP, step=STEP)'
+        if good
+        else '; no other checkpoint here verifies'
+      )
       raise CorruptCheckpointError(where, e.problems, note=f'. Refusing to load it{hint}') from None
     if not verified:
-      log.warning('checkpoint %s has no %s (written by an older version): loading it unverified',
-                  where, CHECKSUM_FILE)
+      log.warning(
+        'checkpoint %s has no %s (written by an older version): loading it unverified',
+        where,
+        CHECKSUM_FILE,
+      )
     if abstract_params is None:
       tree_md = manager.item_metadata(s)['state'].tree
       target = _abstract_params_from_metadata(
-          tree_md, sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+        tree_md, sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      )
     else:
       target = abstract_params
-      check_params_match(array_shapes(manager.item_metadata(s)['state'].tree['params']),
-                         target, str(where))
-    restored = manager.restore(s, args=ocp.args.Composite(
+      check_params_match(
+        array_shapes(manager.item_metadata(s)['state'].tree['params']), target, str(where)
+      )
+    restored = manager.restore(
+      s,
+      args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
-            {'params': target},
-            restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
-            partial_restore=True),
-        meta=ocp.args.JsonRestore()))
+          {'params': target},
+          restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
+          partial_restore=True,
+        ),
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
     return restored['state']['params'], restored['meta'], int(s)
   finally:
     manager.close()
@@ -635,8 +717,11 @@ def _verifies(step_dir: epath.Path) -> bool:
     return False
 
 
-def restore_for_inference(path: str | os.PathLike, step: int | str | None = None,
-                          sharding: jax.sharding.Sharding | None = None) -> InferenceBundle:
+def restore_for_inference(
+  path: str | os.PathLike,
+  step: int | str | None = None,
+  sharding: jax.sharding.Sharding | None = None,
+) -> InferenceBundle:
   """Config, params, normalization stats, action space and assets of a training checkpoint.
 
   `path`: a workdir, its checkpoints/ dir, or one step dir (`.../checkpoints/1200`). Stats and
@@ -647,15 +732,16 @@ def restore_for_inference(path: str | os.PathLike, step: int | str | None = None
   assets = checkpoint_assets.read(_split_step_dir(path)[0] / str(step))
   stats = meta.get('norm_stats')
   return InferenceBundle(
-      config=config_flags.from_json(meta['config']),
-      params=params,
-      stats=(assets.stats if assets else
-             actions_lib.NormStats.from_json(stats) if stats else None),
-      action_space=(assets.action_space if assets else
-                    actions_lib.ActionSpace.from_json(meta['action_space'])),
-      step=step,
-      vocab_checksum=meta.get('vocab_checksum', ''),
-      assets=assets)
+    config=config_flags.from_json(meta['config']),
+    params=params,
+    stats=(assets.stats if assets else actions_lib.NormStats.from_json(stats) if stats else None),
+    action_space=(
+      assets.action_space if assets else actions_lib.ActionSpace.from_json(meta['action_space'])
+    ),
+    step=step,
+    vocab_checksum=meta.get('vocab_checksum', ''),
+    assets=assets,
+  )
 
 
 def load_init_params(path: str, abstract_params):
@@ -671,8 +757,10 @@ def load_init_params(path: str, abstract_params):
 
   params_dir = epath.Path(path) / convert.PARAMS_DIR
   if not params_dir.exists():
-    raise FileNotFoundError(f'--config.init_from={path}: neither a run (workdir/checkpoints, '
-                            f'or a step dir) nor a converted checkpoint ({convert.PARAMS_DIR}/)')
+    raise FileNotFoundError(
+      f'--config.init_from={path}: neither a run (workdir/checkpoints, '
+      f'or a step dir) nor a converted checkpoint ({convert.PARAMS_DIR}/)'
+    )
   metadata = ocp.StandardCheckpointer().metadata(params_dir)
   tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
   check_params_match(array_shapes(tree), abstract_params, path)

@@ -37,17 +37,33 @@ class PolicyServerError(RuntimeError):
 class PolicyClient:
   """Talks to one policy server. Thread-safe (httpx.Client is); use one per robot process."""
 
-  def __init__(self, url: str, token: str | None = None, timeout_s: float = 10.0,
-               retries: int = 3, backoff_s: float = 0.1, fmt: str = 'msgpack',
-               resize: bool = False, transport: httpx.BaseTransport | None = None):
+  def __init__(
+    self,
+    url: str,
+    token: str | None = None,
+    timeout_s: float = 10.0,
+    retries: int = 3,
+    backoff_s: float = 0.1,
+    fmt: str = 'msgpack',
+    resize: bool = False,
+    transport: httpx.BaseTransport | None = None,
+  ):
     if fmt not in ('msgpack', 'json'):
       raise ValueError(f"fmt must be 'msgpack' or 'json', got {fmt!r}")
     headers = {'authorization': f'Bearer {token}'} if token else {}
     self.url, self.retries, self.backoff_s, self.fmt, self.resize = (
-        url.rstrip('/'), retries, backoff_s, fmt, resize)
-    self._http = httpx.Client(base_url=self.url, headers=headers,
-                              timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
-                              transport=transport)
+      url.rstrip('/'),
+      retries,
+      backoff_s,
+      fmt,
+      resize,
+    )
+    self._http = httpx.Client(
+      base_url=self.url,
+      headers=headers,
+      timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+      transport=transport,
+    )
     self._metadata: dict | None = None
 
   def close(self) -> None:
@@ -78,8 +94,9 @@ class PolicyClient:
       if response.status_code >= 400:
         raise PolicyServerError(_error_text(response), response.status_code)
       return response
-    raise PolicyServerError(f'{method} {self.url}{path} failed after {self.retries + 1} '
-                            f'attempts; last: {last}')
+    raise PolicyServerError(
+      f'{method} {self.url}{path} failed after {self.retries + 1} attempts; last: {last}'
+    )
 
   def health(self) -> dict:
     return self._request('GET', '/health').json()
@@ -112,12 +129,15 @@ class PolicyClient:
     images = [self._prepare(im) for im in images]
     if self.fmt == 'msgpack':
       body = {'images': np.stack(images), 'instructions': list(instructions)}
-      response = self._request('POST', '/predict', content=wire.packb(body),
-                               headers={'content-type': wire.MSGPACK_TYPE})
+      response = self._request(
+        'POST', '/predict', content=wire.packb(body), headers={'content-type': wire.MSGPACK_TYPE}
+      )
       outputs = wire.unpackb(response.content)['outputs']
     else:
-      body = {'images': [wire.b64encode_image(im) for im in images],
-              'instructions': list(instructions)}
+      body = {
+        'images': [wire.b64encode_image(im) for im in images],
+        'instructions': list(instructions),
+      }
       outputs = [_arrays(o) for o in self._request('POST', '/predict', json=body).json()['outputs']]
     return outputs
 

@@ -36,8 +36,11 @@ _DEFINED: list[str] = []  # names of config flags defined through define_config
 
 def define_config(name: str = 'config', default: str | None = None, required: bool = True):
   holder = _mlc_flags.DEFINE_config_file(
-      name, default, 'Config file configs/NAME.py[:arg]; override keys with '
-      f'--{name}.key=value.', lock_config=True)
+    name,
+    default,
+    f'Config file configs/NAME.py[:arg]; override keys with --{name}.key=value.',
+    lock_config=True,
+  )
   if required and default is None:
     flags.mark_flag_as_required(name)
   _DEFINED.append(name)
@@ -69,7 +72,7 @@ def _override_keys(argv: Iterable[str], flag: str):
   prefix = f'--{flag}.'
   for arg in argv:
     if arg.startswith(prefix):
-      yield arg[len(prefix):].split('=', 1)[0]
+      yield arg[len(prefix) :].split('=', 1)[0]
 
 
 def _parse_flags(argv):
@@ -134,8 +137,11 @@ def resolve_path(path: str) -> str:
   candidate = os.path.join(REPO_ROOT, 'configs', path if path.endswith('.py') else path + '.py')
   if os.path.exists(candidate):
     return candidate
-  available = sorted(f[:-3] for f in os.listdir(os.path.join(REPO_ROOT, 'configs'))
-                     if f.endswith('.py') and not f.startswith('_'))
+  available = sorted(
+    f[:-3]
+    for f in os.listdir(os.path.join(REPO_ROOT, 'configs'))
+    if f.endswith('.py') and not f.startswith('_')
+  )
   raise ConfigError(f'config file not found: {path} (available in configs/: {available})')
 
 

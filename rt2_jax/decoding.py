@@ -187,8 +187,17 @@ class PlanThenActionCallback:
   write actions it scores only their K allowed rows (`[B, K]`, per example).
   """
 
-  def __init__(self, prefix_ids, delimiter_ids, allowed_ids, num_allowed, action_mask,
-               eos_id: int, vocab_size: int, max_plan_len: int):
+  def __init__(
+    self,
+    prefix_ids,
+    delimiter_ids,
+    allowed_ids,
+    num_allowed,
+    action_mask,
+    eos_id: int,
+    vocab_size: int,
+    max_plan_len: int,
+  ):
     self.prefix_ids = np.asarray(prefix_ids, np.int32).reshape(-1)
     self.delimiter_ids = np.asarray(delimiter_ids, np.int32).reshape(-1)
     if self.delimiter_ids.size == 0:
@@ -207,15 +216,17 @@ class PlanThenActionCallback:
     plan_valid = (ids != 0) & (ids != eos_id)
     # Row P of the table is the plan phase; rows 0..P-1 the action positions.
     self._full_valid = np.concatenate([action_mask, plan_valid[None]], axis=0)
-    self.max_steps = (len(self.prefix_ids) + max_plan_len + len(self.delimiter_ids)
-                      + self.num_positions)
+    self.max_steps = (
+      len(self.prefix_ids) + max_plan_len + len(self.delimiter_ids) + self.num_positions
+    )
 
   def init(self, batch_size):
     start = PREFIX if len(self.prefix_ids) else PLAN
     return PlanState(
-        phase=jnp.full((batch_size,), start, jnp.int32),
-        count=jnp.zeros((batch_size,), jnp.int32),
-        window=jnp.full((batch_size, len(self.delimiter_ids)), -1, jnp.int32))
+      phase=jnp.full((batch_size,), start, jnp.int32),
+      count=jnp.zeros((batch_size,), jnp.int32),
+      window=jnp.full((batch_size, len(self.delimiter_ids)), -1, jnp.int32),
+    )
 
   def request(self, step, state):
     del step
@@ -227,8 +238,11 @@ class PlanThenActionCallback:
     forced = jnp.where(phase == FINISHED, 0, forced)
     position = jnp.minimum(count, self.num_positions - 1)
     table_row = jnp.where(phase == ACTION, position, self.num_positions)
-    full = Request(rows=None if self.rows is None else jnp.asarray(self.rows),
-                   valid=jnp.asarray(self._full_valid)[table_row], forced=forced)
+    full = Request(
+      rows=None if self.rows is None else jnp.asarray(self.rows),
+      valid=jnp.asarray(self._full_valid)[table_row],
+      forced=forced,
+    )
     rows = jnp.asarray(self.allowed_ids)[position]  # [B, K]
     valid = jnp.arange(rows.shape[1])[None] < jnp.asarray(self.num_allowed)[position][:, None]
     sliced = Request(rows=rows, valid=valid, forced=forced)
@@ -245,12 +259,13 @@ class PlanThenActionCallback:
     next_phase = phase
     next_phase = jnp.where((phase == PREFIX) & (count >= len(self.prefix_ids)), PLAN, next_phase)
     next_phase = jnp.where((phase == PLAN) & saw_delimiter, ACTION, next_phase)
-    next_phase = jnp.where((phase == PLAN) & ~saw_delimiter & (count >= self.max_plan_len),
-                           DELIMITER, next_phase)
-    next_phase = jnp.where((phase == DELIMITER) & (count >= len(self.delimiter_ids)), ACTION,
-                           next_phase)
-    next_phase = jnp.where((phase == ACTION) & (count >= self.num_positions), FINISHED,
-                           next_phase)
+    next_phase = jnp.where(
+      (phase == PLAN) & ~saw_delimiter & (count >= self.max_plan_len), DELIMITER, next_phase
+    )
+    next_phase = jnp.where(
+      (phase == DELIMITER) & (count >= len(self.delimiter_ids)), ACTION, next_phase
+    )
+    next_phase = jnp.where((phase == ACTION) & (count >= self.num_positions), FINISHED, next_phase)
     count = jnp.where(next_phase != phase, 0, count)
     finished = next_phase == FINISHED
     return PlanState(phase=next_phase, count=count, window=window), finished
@@ -270,12 +285,20 @@ def make_callback(decode_config, vocab, action_vocab, model_vocab_size: int | No
     mask = action_vocab.mask
     if mask.shape[1] < model_vocab_size:
       mask = np.pad(mask, ((0, 0), (0, model_vocab_size - mask.shape[1])))
-    return PlanThenActionCallback(prefix, delimiter, action_vocab.allowed_ids,
-                                  action_vocab.num_allowed, mask, vocab.eos_id, vocab.vocab_size,
-                                  decode_config.max_plan_len)
+    return PlanThenActionCallback(
+      prefix,
+      delimiter,
+      action_vocab.allowed_ids,
+      action_vocab.num_allowed,
+      mask,
+      vocab.eos_id,
+      vocab.vocab_size,
+      decode_config.max_plan_len,
+    )
   if mode == 'text':
-    return TextCallback(vocab.eos_id, vocab.vocab_size, model_vocab_size,
-                        decode_config.max_text_len)
+    return TextCallback(
+      vocab.eos_id, vocab.vocab_size, model_vocab_size, decode_config.max_text_len
+    )
   raise ValueError(f'unknown decode mode {mode!r}; expected one of {MODES}')
 
 
@@ -292,10 +315,11 @@ def _score_and_pick(model, params, hidden, request: Request, rng, temperature, t
 def _step_token(model, params, hidden, request, rng, temperature, top_k):
   """One token per example for a Request or a Switch, honouring forced tokens."""
   requests = request.requests if isinstance(request, Switch) else (request,)
-  branches = [functools.partial(_score_and_pick, model, params, hidden, r, rng, temperature,
-                                top_k) for r in requests]
-  compute = branches[0] if len(branches) == 1 else (
-      lambda: jax.lax.switch(request.index, branches))
+  branches = [
+    functools.partial(_score_and_pick, model, params, hidden, r, rng, temperature, top_k)
+    for r in requests
+  ]
+  compute = branches[0] if len(branches) == 1 else (lambda: jax.lax.switch(request.index, branches))
   forced = requests[0].forced
   if forced is None:
     return compute()
@@ -303,26 +327,46 @@ def _step_token(model, params, hidden, request, rng, temperature, top_k):
   return jnp.where(forced >= 0, forced, free)
 
 
-def decode_from_encoded(model, params, encoded, encoder_mask, rng, callback, *,
-                        temperature=0.0, top_k: int = 0, eos_id: int = 1):
+def decode_from_encoded(
+  model,
+  params,
+  encoded,
+  encoder_mask,
+  rng,
+  callback,
+  *,
+  temperature=0.0,
+  top_k: int = 0,
+  eos_id: int = 1,
+):
   """Decoding after the encoder: int32 tokens [B, callback.max_steps + 1], EOS then 0s (a
   row that never finishes fills max_steps tokens, then a 0). The token loop, or with
   `model.action_decoding='parallel'` the action tokens in one pass (`parallel_from_encoded`)."""
   kw = dict(temperature=temperature, top_k=top_k, eos_id=eos_id)
   if vla_lib.action_decoding(model.config) == 'parallel' and isinstance(
-      callback, ActionCallback | PlanThenActionCallback):
+    callback, ActionCallback | PlanThenActionCallback
+  ):
     return parallel_from_encoded(model, params, encoded, encoder_mask, rng, callback, **kw)
   return autoregressive_from_encoded(model, params, encoded, encoder_mask, rng, callback, **kw)
 
 
-def autoregressive_from_encoded(model, params, encoded, encoder_mask, rng, callback, *,
-                                temperature=0.0, top_k: int = 0, eos_id: int = 1):
+def autoregressive_from_encoded(
+  model,
+  params,
+  encoded,
+  encoder_mask,
+  rng,
+  callback,
+  *,
+  temperature=0.0,
+  top_k: int = 0,
+  eos_id: int = 1,
+):
   """The token loop (see the module docstring); returns as `decode_from_encoded`."""
   variables = {'params': params}
   batch = encoded.shape[0]
   max_steps = callback.max_steps
-  cache = model.apply(variables, encoded, encoder_mask, max_steps,
-                      method=VLA.init_decode_cache)
+  cache = model.apply(variables, encoded, encoder_mask, max_steps, method=VLA.init_decode_cache)
   temperature = jnp.asarray(temperature, jnp.float32)
 
   def cond_fn(carry):
@@ -334,8 +378,9 @@ def autoregressive_from_encoded(model, params, encoded, encoder_mask, rng, callb
     previous = jnp.where(step > 0, jax.lax.dynamic_index_in_dim(tokens, step - 1, 1, False), 0)
     hidden, cache = model.apply(variables, cache, previous, step, method=VLA.decode_step)
     step_rng = jax.random.fold_in(rng, step)
-    token = _step_token(model, params, hidden, callback.request(step, cb_state), step_rng,
-                        temperature, top_k)
+    token = _step_token(
+      model, params, hidden, callback.request(step, cb_state), step_rng, temperature, top_k
+    )
     token = jnp.where(done, 0, token)
     cb_state, finished = callback.update(step, cb_state, token)
     finished = jnp.broadcast_to(finished, done.shape) | (token == eos_id)
@@ -349,8 +394,13 @@ def autoregressive_from_encoded(model, params, encoded, encoder_mask, rng, callb
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, after, step + 1, 1)
     return step + 1, tokens, cache, done | finished, cb_state
 
-  carry = (jnp.zeros((), jnp.int32), jnp.zeros((batch, max_steps + 1), jnp.int32), cache,
-           jnp.zeros((batch,), bool), callback.init(batch))
+  carry = (
+    jnp.zeros((), jnp.int32),
+    jnp.zeros((batch, max_steps + 1), jnp.int32),
+    cache,
+    jnp.zeros((batch,), bool),
+    callback.init(batch),
+  )
   _, tokens, _, _, _ = jax.lax.while_loop(cond_fn, body_fn, carry)
   return tokens
 
@@ -375,13 +425,28 @@ def _pick_actions(model, params, hidden, callback, rng, temperature, top_k):
   logits = model.apply({'params': params}, hidden, rows, method=VLA.compute_logits)  # [B, P, K]
   b, p, k = logits.shape
   valid = jnp.arange(k)[None] < jnp.asarray(callback.num_allowed)[:, None]
-  column = choose(logits.reshape(b * p, k), jnp.broadcast_to(valid, (b, p, k)).reshape(b * p, k),
-                  rng, temperature, top_k).reshape(b, p)
+  column = choose(
+    logits.reshape(b * p, k),
+    jnp.broadcast_to(valid, (b, p, k)).reshape(b * p, k),
+    rng,
+    temperature,
+    top_k,
+  ).reshape(b, p)
   return jnp.take_along_axis(jnp.broadcast_to(rows, (b, p, k)), column[..., None], -1)[..., 0]
 
 
-def parallel_from_encoded(model, params, encoded, encoder_mask, rng, callback, *,
-                          temperature=0.0, top_k: int = 0, eos_id: int = 1):
+def parallel_from_encoded(
+  model,
+  params,
+  encoded,
+  encoder_mask,
+  rng,
+  callback,
+  *,
+  temperature=0.0,
+  top_k: int = 0,
+  eos_id: int = 1,
+):
   """Parallel action decoding (`model.action_decoding='parallel'`): the P action tokens come
   from one teacher-forced decoder pass whose action positions read the model's learned
   queries (`VLA.decode_hidden`, as in training), each scored over its own allowed ids; no loop
@@ -396,22 +461,37 @@ def parallel_from_encoded(model, params, encoded, encoder_mask, rng, callback, *
   action_rng = jax.random.fold_in(rng, callback.max_steps)  # a step number the loop never uses
   if isinstance(callback, ActionCallback):
     inputs = jnp.zeros((batch, num), jnp.int32)  # BOS; positions 1.. read their queries
-    hidden = model.apply({'params': params}, encoded, encoder_mask, inputs,
-                         jnp.ones((batch, num), jnp.float32), method=VLA.decode_hidden)
+    hidden = model.apply(
+      {'params': params},
+      encoded,
+      encoder_mask,
+      inputs,
+      jnp.ones((batch, num), jnp.float32),
+      method=VLA.decode_hidden,
+    )
     ids = _pick_actions(model, params, hidden, callback, action_rng, temperature, top_k)
     return jnp.concatenate([ids, jnp.full((batch, 1), eos_id, jnp.int32)], axis=1)
   # The plan loop ends every row with EOS right after its delimiter: the actions go there.
-  plan = autoregressive_from_encoded(model, params, encoded, encoder_mask, rng,
-                                     _UntilActions(callback), temperature=temperature,
-                                     top_k=top_k, eos_id=eos_id)
+  plan = autoregressive_from_encoded(
+    model,
+    params,
+    encoded,
+    encoder_mask,
+    rng,
+    _UntilActions(callback),
+    temperature=temperature,
+    top_k=top_k,
+    eos_id=eos_id,
+  )
   length = callback.max_steps + 1
   plan = jnp.pad(plan, ((0, 0), (0, length - plan.shape[1])))
   start = jnp.argmax(plan == eos_id, axis=1).astype(jnp.int32)  # [B]
   positions = jnp.arange(length)[None]
   action_mask = (positions >= start[:, None]) & (positions < start[:, None] + num)
   inputs = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), plan[:, :-2]], axis=1)
-  hidden = model.apply({'params': params}, encoded, encoder_mask, inputs, action_mask[:, :-1],
-                       method=VLA.decode_hidden)  # [B, max_steps, E]
+  hidden = model.apply(
+    {'params': params}, encoded, encoder_mask, inputs, action_mask[:, :-1], method=VLA.decode_hidden
+  )  # [B, max_steps, E]
   at = start[:, None] + jnp.arange(num)[None]  # [B, P]
   hidden = jnp.take_along_axis(hidden, at[..., None], axis=1)
   ids = _pick_actions(model, params, hidden, callback, action_rng, temperature, top_k)
@@ -420,13 +500,31 @@ def parallel_from_encoded(model, params, encoded, encoder_mask, rng, callback, *
   return jnp.where(positions == (start + num)[:, None], eos_id, tokens).astype(jnp.int32)
 
 
-def decode(model, params, images, encoder_tokens, rng, callback, *, temperature=0.0,
-           top_k: int = 0, eos_id: int = 1):
+def decode(
+  model,
+  params,
+  images,
+  encoder_tokens,
+  rng,
+  callback,
+  *,
+  temperature=0.0,
+  top_k: int = 0,
+  eos_id: int = 1,
+):
   """Images [B, H, W, 3] + prompt tokens [B, Le] (0 = pad) -> tokens [B, max_steps + 1]."""
-  encoded, encoder_mask = model.apply({'params': params}, images, encoder_tokens,
-                                      method=VLA.encode)
-  return decode_from_encoded(model, params, encoded, encoder_mask, rng, callback,
-                             temperature=temperature, top_k=top_k, eos_id=eos_id)
+  encoded, encoder_mask = model.apply({'params': params}, images, encoder_tokens, method=VLA.encode)
+  return decode_from_encoded(
+    model,
+    params,
+    encoded,
+    encoder_mask,
+    rng,
+    callback,
+    temperature=temperature,
+    top_k=top_k,
+    eos_id=eos_id,
+  )
 
 
 class Decoder:
@@ -436,8 +534,7 @@ class Decoder:
   `decoder.from_encoded` time the encoder and the token loop apart (benchmarks).
   """
 
-  def __init__(self, model, callback, *, temperature: float = 0.0, top_k: int = 0,
-               eos_id: int = 1):
+  def __init__(self, model, callback, *, temperature: float = 0.0, top_k: int = 0, eos_id: int = 1):
     self.model, self.callback = model, callback
     self.temperature, self.top_k, self.eos_id = float(temperature), int(top_k), eos_id
     kw = dict(callback=callback, top_k=self.top_k, eos_id=eos_id)
@@ -464,8 +561,17 @@ class Decoder:
     t = self.temperature
 
     def decode_fn(params, images, tokens, rng):
-      return decode(self.model, params, images, tokens, rng, self.callback,
-                    temperature=t, top_k=self.top_k, eos_id=self.eos_id)
+      return decode(
+        self.model,
+        params,
+        images,
+        tokens,
+        rng,
+        self.callback,
+        temperature=t,
+        top_k=self.top_k,
+        eos_id=self.eos_id,
+      )
 
     return decode_fn
 
@@ -475,6 +581,5 @@ def split_output(tokens, eos_id: int = 1) -> list[np.ndarray]:
   out = []
   for row in np.asarray(tokens):
     end = np.flatnonzero(row == eos_id)
-    out.append(row[:end[0]] if end.size else row)
+    out.append(row[: end[0]] if end.size else row)
   return out
-

@@ -13,19 +13,28 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 ALL = 'all'
-CATEGORY_ORDER = ('seen', 'unseen_positions', 'unseen_instructions', 'unseen_tasks',
-                  # tabletop (rt2_jax.evaluate.TABLETOP_CATEGORIES)
-                  'unseen_combinations', 'unseen_concepts', 'symbols', 'relations', 'multistep')
+CATEGORY_ORDER = (
+  'seen',
+  'unseen_positions',
+  'unseen_instructions',
+  'unseen_tasks',
+  # tabletop (rt2_jax.evaluate.TABLETOP_CATEGORIES)
+  'unseen_combinations',
+  'unseen_concepts',
+  'symbols',
+  'relations',
+  'multistep',
+)
 CATEGORY_TITLES = {
-    'seen': 'seen tasks (training scenes)',
-    'unseen_combinations': 'unseen combinations of seen concepts',
-    'unseen_concepts': 'unseen concepts (named only in web data)',
-    'symbols': 'symbols (digits, only in web data)',
-    'relations': 'relations (only in web data)',
-    'multistep': 'multi-step tasks with plans',
-    'unseen_positions': 'seen tasks, unseen goal/object positions',
-    'unseen_instructions': 'seen tasks, unseen instructions (paraphrases)',
-    'unseen_tasks': 'unseen tasks (held out)',
+  'seen': 'seen tasks (training scenes)',
+  'unseen_combinations': 'unseen combinations of seen concepts',
+  'unseen_concepts': 'unseen concepts (named only in web data)',
+  'symbols': 'symbols (digits, only in web data)',
+  'relations': 'relations (only in web data)',
+  'multistep': 'multi-step tasks with plans',
+  'unseen_positions': 'seen tasks, unseen goal/object positions',
+  'unseen_instructions': 'seen tasks, unseen instructions (paraphrases)',
+  'unseen_tasks': 'unseen tasks (held out)',
 }
 
 
@@ -61,12 +70,19 @@ class Rate:
 
   def to_json(self) -> dict:
     low, high = self.interval
-    return dict(successes=self.successes, episodes=self.episodes, rate=round(self.rate, 4),
-                ci95=[round(low, 4), round(high, 4)], mean_steps=round(self.mean_steps, 1))
+    return dict(
+      successes=self.successes,
+      episodes=self.episodes,
+      rate=round(self.rate, 4),
+      ci95=[round(low, 4), round(high, 4)],
+      mean_steps=round(self.mean_steps, 1),
+    )
 
   def cell(self) -> str:
     low, high = self.interval
-    return f'{self.successes}/{self.episodes} ({100 * self.rate:.0f}%, {100 * low:.0f}-{100 * high:.0f})'
+    return (
+      f'{self.successes}/{self.episodes} ({100 * self.rate:.0f}%, {100 * low:.0f}-{100 * high:.0f})'
+    )
 
 
 def _ordered(names: Iterable[str], order: Sequence[str]) -> list[str]:
@@ -84,13 +100,18 @@ def summarize(rows: Sequence[Mapping]) -> dict[str, dict[str, dict[str, Rate]]]:
   for (actor, category, task), members in groups.items():
     steps = [m['steps'] for m in members]
     out.setdefault(actor, {}).setdefault(category, {})[task] = Rate(
-        sum(bool(m['success']) for m in members), len(members), sum(steps) / len(steps))
+      sum(bool(m['success']) for m in members), len(members), sum(steps) / len(steps)
+    )
   return out
 
 
 def summary_json(summary: Mapping) -> dict:
-  return {actor: {cat: {task: rate.to_json() for task, rate in tasks.items()}
-                  for cat, tasks in cats.items()} for actor, cats in summary.items()}
+  return {
+    actor: {
+      cat: {task: rate.to_json() for task, rate in tasks.items()} for cat, tasks in cats.items()
+    }
+    for actor, cats in summary.items()
+  }
 
 
 def _cell(summary: Mapping, actor: str, category: str, task: str) -> str:
@@ -102,8 +123,7 @@ def markdown_table(summary: Mapping, actors: Sequence[str] | None = None) -> str
   """One row per (category, task) and per category total; one column per actor."""
   actors = list(actors or summary)
   categories = _ordered((c for a in actors for c in summary.get(a, {})), CATEGORY_ORDER)
-  lines = ['| category | task | ' + ' | '.join(actors) + ' |',
-           '|---|---|' + '---|' * len(actors)]
+  lines = ['| category | task | ' + ' | '.join(actors) + ' |', '|---|---|' + '---|' * len(actors)]
   for cat in categories:
     tasks = _ordered((t for a in actors for t in summary.get(a, {}).get(cat, {}) if t != ALL), ())
     for task in [*tasks, ALL]:
@@ -130,13 +150,16 @@ def console_table(summary: Mapping, actors: Sequence[str] | None = None) -> str:
 
 def _pyplot():
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   return plt
 
 
-def plot_success(summary: Mapping, path: str, actors: Sequence[str] | None = None,
-                 title: str = '') -> None:
+def plot_success(
+  summary: Mapping, path: str, actors: Sequence[str] | None = None, title: str = ''
+) -> None:
   """Grouped bars: success per (category, task) and category totals, with 95% Wilson bars."""
   plt = _pyplot()
   actors = list(actors or summary)
@@ -146,7 +169,9 @@ def plot_success(summary: Mapping, path: str, actors: Sequence[str] | None = Non
     tasks = _ordered((t for a in actors for t in summary.get(a, {}).get(cat, {}) if t != ALL), ())
     groups += [(cat, t) for t in [*tasks, ALL]]
   width = 0.8 / max(1, len(actors))
-  fig, ax = plt.subplots(figsize=(min(40.0, max(6.0, 0.22 * len(groups) * max(1, len(actors)) + 2.5)), 4.5))
+  fig, ax = plt.subplots(
+    figsize=(min(40.0, max(6.0, 0.22 * len(groups) * max(1, len(actors)) + 2.5)), 4.5)
+  )
   for i, actor in enumerate(actors):
     xs, ys, lo, hi = [], [], [], []
     for g, (cat, task) in enumerate(groups):
@@ -160,8 +185,12 @@ def plot_success(summary: Mapping, path: str, actors: Sequence[str] | None = Non
       hi.append(max(0.0, high - rate.rate))
     ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=actor)
   ax.set_xticks(range(len(groups)))
-  ax.set_xticklabels([f'{c}\n{t}' if t == ALL else t.removesuffix('-v3') for c, t in groups],
-                     rotation=60, ha='right', fontsize=7)
+  ax.set_xticklabels(
+    [f'{c}\n{t}' if t == ALL else t.removesuffix('-v3') for c, t in groups],
+    rotation=60,
+    ha='right',
+    fontsize=7,
+  )
   ax.set_ylim(0, 1.1)
   ax.set_ylabel('success rate (95% Wilson interval)')
   ax.set_title(title or 'closed-loop success per task and category')
@@ -183,12 +212,15 @@ def plot_sweep(points: Sequence[Mapping], path: str, title: str = '') -> None:
   plt = _pyplot()
   categories = _ordered((p['category'] for p in points), CATEGORY_ORDER)
   settings = list(dict.fromkeys(p['setting'] for p in points))
-  fig, axes = plt.subplots(1, max(1, len(categories)), figsize=(4.2 * max(1, len(categories)), 3.6),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, max(1, len(categories)), figsize=(4.2 * max(1, len(categories)), 3.6), squeeze=False
+  )
   for ax, cat in zip(axes[0], categories, strict=False):
     for setting in settings:
-      pts = sorted((p for p in points if p['category'] == cat and p['setting'] == setting),
-                   key=lambda p: p['step'])
+      pts = sorted(
+        (p for p in points if p['category'] == cat and p['setting'] == setting),
+        key=lambda p: p['step'],
+      )
       if not pts:
         continue
       steps = [p['step'] for p in pts]

@@ -50,15 +50,23 @@ ACTORS = ('policy', 'expert', 'random')
 ENV_MODULES = {'metaworld': 'rt2_jax.envs.metaworld', 'tabletop': 'rt2_jax.envs.tabletop'}
 # Tabletop category -> the FAMILY@POOL tasks its episodes cycle through (rt2_jax.envs.tabletop_tasks).
 TABLETOP_CATEGORIES = {
-    'seen': ('place@robot', 'next_to@robot', 'onto_mark@robot'),
-    'unseen_combinations': ('place@unseen_combination', 'next_to@unseen_combination',
-                            'onto_mark@unseen_combination'),
-    'unseen_concepts': ('place@held_out_colour', 'place@held_out_shape',
-                        'next_to@held_out_colour', 'next_to@held_out_shape',
-                        'onto_mark@held_out_colour', 'onto_mark@held_out_shape'),
-    'symbols': ('onto_mark@symbol',),
-    'relations': ('relation@relation',),
-    'multistep': ('multistep@robot',),
+  'seen': ('place@robot', 'next_to@robot', 'onto_mark@robot'),
+  'unseen_combinations': (
+    'place@unseen_combination',
+    'next_to@unseen_combination',
+    'onto_mark@unseen_combination',
+  ),
+  'unseen_concepts': (
+    'place@held_out_colour',
+    'place@held_out_shape',
+    'next_to@held_out_colour',
+    'next_to@held_out_shape',
+    'onto_mark@held_out_colour',
+    'onto_mark@held_out_shape',
+  ),
+  'symbols': ('onto_mark@symbol',),
+  'relations': ('relation@relation',),
+  'multistep': ('multistep@robot',),
 }
 
 
@@ -94,8 +102,9 @@ class EvalSettings:
     if self.env == 'tabletop':
       bad = [c for c in self.categories if c not in TABLETOP_CATEGORIES]
       if bad:
-        raise ValueError(f'unknown tabletop eval categories {bad}; known: '
-                         f'{tuple(TABLETOP_CATEGORIES)}')
+        raise ValueError(
+          f'unknown tabletop eval categories {bad}; known: {tuple(TABLETOP_CATEGORIES)}'
+        )
 
   @classmethod
   def from_config(cls, config) -> EvalSettings:
@@ -103,8 +112,9 @@ class EvalSettings:
     m = config.get('metaworld', {}) or {}
     unknown = sorted(set(e) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-      raise ValueError(f'unknown config.eval keys {unknown}; known: '
-                       f'{[f.name for f in dataclasses.fields(cls)]}')
+      raise ValueError(
+        f'unknown config.eval keys {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}'
+      )
     for key in ('tasks', 'unseen_tasks', 'categories', 'baselines', 'plan_categories'):
       if key in e:
         e[key] = _as_tuple(e[key])
@@ -115,7 +125,7 @@ class EvalSettings:
         e[key] = m[key]
     settings = cls(**e)
     if settings.env not in ('', *ENV_MODULES):
-      raise ValueError(f"config.eval.env must be one of {('', *ENV_MODULES)}, got {settings.env!r}")
+      raise ValueError(f'config.eval.env must be one of {("", *ENV_MODULES)}, got {settings.env!r}')
     bad = [c for c in settings.categories if c not in eval_report.CATEGORY_ORDER]
     if bad:
       raise ValueError(f'unknown eval categories {bad}; known: {eval_report.CATEGORY_ORDER}')
@@ -127,10 +137,10 @@ class EvalSettings:
         mw.check_task(t)
     return settings
 
-
   @property
   def env_module(self):
     import importlib
+
     return importlib.import_module(ENV_MODULES[self.env or 'metaworld'])
 
   def render_settings(self):
@@ -154,6 +164,7 @@ def _as_tuple(value) -> tuple[str, ...]:
 def demo_manifest(config) -> dict | None:
   """The demo manifest next to data.robot.data_dir (if it is a Meta-World demo folder)."""
   from rt2_jax.data import metaworld_demos
+
   data_dir = config.data.robot.get('data_dir', '')
   for root in (data_dir, os.path.dirname(os.path.dirname(os.path.normpath(data_dir or '.')))):
     if root and os.path.exists(os.path.join(root, metaworld_demos.MANIFEST)):
@@ -162,17 +173,18 @@ def demo_manifest(config) -> dict | None:
   return None
 
 
-def episode_specs(settings: EvalSettings, train_seeds: dict | None = None
-                  ) -> list[mw.EpisodeSpec]:
+def episode_specs(settings: EvalSettings, train_seeds: dict | None = None) -> list[mw.EpisodeSpec]:
   """The seeded episodes of every category (the same list for every checkpoint and actor)."""
   n = settings.episodes
   if settings.env == 'tabletop':
     from rt2_jax.envs import tabletop
+
     specs = []
     for cat in settings.categories:
       tasks = TABLETOP_CATEGORIES[cat]
-      specs += [tabletop.episode_spec(tasks[i % len(tasks)], EVAL_SEED_BASE + i, cat)
-                for i in range(n)]
+      specs += [
+        tabletop.episode_spec(tasks[i % len(tasks)], EVAL_SEED_BASE + i, cat) for i in range(n)
+      ]
     return specs
   held_out = [EVAL_SEED_BASE + i for i in range(n)]
   specs = []
@@ -198,15 +210,22 @@ class PolicyActor:
   needs_images = True
   name = 'policy'
 
-  def __init__(self, policy, use_terminate: bool = True, action_dim: int = mw.ACTION_DIM,
-               env: str = 'metaworld'):
+  def __init__(
+    self,
+    policy,
+    use_terminate: bool = True,
+    action_dim: int = mw.ACTION_DIM,
+    env: str = 'metaworld',
+  ):
     names = [f.name for f in policy.action_space.fields]
     self.fields = [n for n in names if n != 'terminate']
     width = sum(f.width for f in policy.action_space.fields if f.name != 'terminate')
     if width != action_dim:
-      raise ValueError(f'the checkpoint predicts {names} ({width} numbers besides terminate), '
-                       f'not a {env} action of {action_dim}: train on that env\'s data '
-                       f'(data.robot.spec={env})')
+      raise ValueError(
+        f'the checkpoint predicts {names} ({width} numbers besides terminate), '
+        f"not a {env} action of {action_dim}: train on that env's data "
+        f'(data.robot.spec={env})'
+      )
     self.policy, self.use_terminate = policy, use_terminate
     self.has_terminate = 'terminate' in names
     self.seconds, self.calls = 0.0, 0
@@ -216,8 +235,9 @@ class PolicyActor:
     outs = self.policy.batch(batch.images, batch.instructions)
     self.seconds += time.time() - start
     self.calls += 1
-    actions = np.stack([np.concatenate([o.action[n] for n in self.fields])
-                        for o in outs]).astype(np.float32)
+    actions = np.stack([np.concatenate([o.action[n] for n in self.fields]) for o in outs]).astype(
+      np.float32
+    )
     if self.use_terminate and self.has_terminate:
       terminate = np.array([float(o.action['terminate'][0]) > 0.5 for o in outs])
     else:
@@ -226,14 +246,27 @@ class PolicyActor:
 
 
 def _rows(actor: str, results: Sequence[mw.EpisodeResult]) -> list[dict]:
-  return [dict(actor=actor, category=r.spec.category, task=r.spec.task, seed=r.spec.seed,
-               instruction=r.spec.instruction, success=bool(r.success), steps=int(r.steps),
-               terminated=bool(r.terminated_by_actor)) for r in results]
+  return [
+    dict(
+      actor=actor,
+      category=r.spec.category,
+      task=r.spec.task,
+      seed=r.spec.seed,
+      instruction=r.spec.instruction,
+      success=bool(r.success),
+      steps=int(r.steps),
+      terminated=bool(r.terminated_by_actor),
+    )
+    for r in results
+  ]
 
 
 def _specs_key(specs, settings: EvalSettings) -> str:
-  text = json.dumps([dataclasses.astuple(s) for s in specs] + [settings.max_steps]
-                    + ([settings.env] if settings.env != 'metaworld' else []))
+  text = json.dumps(
+    [dataclasses.astuple(s) for s in specs]
+    + [settings.max_steps]
+    + ([settings.env] if settings.env != 'metaworld' else [])
+  )
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -248,9 +281,16 @@ def baseline_rows(specs, settings: EvalSettings, cache_dir: str, progress=True) 
       continue
     module = settings.env_module
     actor = module.ExpertActor() if name == 'expert' else module.RandomActor(settings.seed)
-    results = runner.run_episodes(specs, actor, env=module.__name__, num_envs=settings.num_envs,
-                                  workers=settings.workers, max_steps=settings.max_steps,
-                                  progress=progress, desc=name)
+    results = runner.run_episodes(
+      specs,
+      actor,
+      env=module.__name__,
+      num_envs=settings.num_envs,
+      workers=settings.workers,
+      max_steps=settings.max_steps,
+      progress=progress,
+      desc=name,
+    )
     new = _rows(name, results)
     os.makedirs(cache_dir, exist_ok=True)
     with open(path, 'w') as f:
@@ -261,21 +301,34 @@ def baseline_rows(specs, settings: EvalSettings, cache_dir: str, progress=True) 
 
 def save_gif(frames, path: str, fps: int = 15, scale: int = 2) -> None:
   from PIL import Image
-  images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
-            for f in frames]
+
+  images = [
+    Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
+    for f in frames
+  ]
   images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
 
 
-def closed_loop(policy, settings: EvalSettings, specs, out_dir: str, progress=True,
-                plan_policy=None) -> dict:
+def closed_loop(
+  policy, settings: EvalSettings, specs, out_dir: str, progress=True, plan_policy=None
+) -> dict:
   """Rolls `policy` out on `specs`; with `plan_policy`, the episodes of
   `settings.plan_categories` are decoded plan-then-action by it instead."""
   module = settings.env_module
-  groups = [(policy, [i for i, s in enumerate(specs)
-                      if plan_policy is None or s.category not in settings.plan_categories])]
+  groups = [
+    (
+      policy,
+      [
+        i
+        for i, s in enumerate(specs)
+        if plan_policy is None or s.category not in settings.plan_categories
+      ],
+    )
+  ]
   if plan_policy is not None:
-    groups.append((plan_policy, [i for i, s in enumerate(specs)
-                                 if s.category in settings.plan_categories]))
+    groups.append(
+      (plan_policy, [i for i, s in enumerate(specs) if s.category in settings.plan_categories])
+    )
   # Record the first episode of the first `videos` (category, task) groups.
   firsts, seen = [], set()
   for i, s in enumerate(specs):
@@ -290,10 +343,17 @@ def closed_loop(policy, settings: EvalSettings, specs, out_dir: str, progress=Tr
       continue
     actor = PolicyActor(group_policy, settings.use_terminate, module.ACTION_DIM, settings.env)
     chunk = runner.run_episodes(
-        [specs[i] for i in index], actor, env=module.__name__, num_envs=settings.num_envs,
-        workers=settings.workers, max_steps=settings.max_steps,
-        render=settings.render_settings(), record=[k for k, i in enumerate(index) if i in firsts],
-        progress=progress, desc='policy' + (' (plan)' if group_policy is plan_policy else ''))
+      [specs[i] for i in index],
+      actor,
+      env=module.__name__,
+      num_envs=settings.num_envs,
+      workers=settings.workers,
+      max_steps=settings.max_steps,
+      render=settings.render_settings(),
+      record=[k for k, i in enumerate(index) if i in firsts],
+      progress=progress,
+      desc='policy' + (' (plan)' if group_policy is plan_policy else ''),
+    )
     for i, r in zip(index, chunk, strict=True):
       results[i] = r
     calls += actor.calls
@@ -306,15 +366,19 @@ def closed_loop(policy, settings: EvalSettings, specs, out_dir: str, progress=Tr
     r = results[i]
     if r.frames:
       task = r.spec.task.replace('@', '_')
-      name = (f'{r.spec.category}_{task}_{r.spec.seed}_'
-              f'{"success" if r.success else "fail"}.gif')
+      name = f'{r.spec.category}_{task}_{r.spec.seed}_{"success" if r.success else "fail"}.gif'
       save_gif(r.frames, os.path.join(out_dir, 'videos', name))
       videos.append(os.path.join('videos', name))
   steps = sum(r.steps for r in results)
-  return dict(rows=_rows('policy', results), videos=videos, seconds=round(seconds, 1),
-              env_steps=steps, policy_calls=int(calls),
-              policy_seconds=round(seconds_in_policy, 1),
-              ms_per_policy_call=round(1000 * seconds_in_policy / max(1, calls), 1))
+  return dict(
+    rows=_rows('policy', results),
+    videos=videos,
+    seconds=round(seconds, 1),
+    env_steps=steps,
+    policy_calls=int(calls),
+    policy_seconds=round(seconds_in_policy, 1),
+    ms_per_policy_call=round(1000 * seconds_in_policy / max(1, calls), 1),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,8 +410,8 @@ def corpus_bleu(preds: Sequence[str], refs: Sequence[str], max_n: int = 4) -> fl
     p, r = _normalize(pred).split(), _normalize(ref).split()
     pred_len, ref_len = pred_len + len(p), ref_len + len(r)
     for n in range(1, max_n + 1):
-      pc = Counter(tuple(p[i:i + n]) for i in range(len(p) - n + 1))
-      rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+      pc = Counter(tuple(p[i : i + n]) for i in range(len(p) - n + 1))
+      rc = Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1))
       matches[n - 1] += sum((pc & rc).values())
       totals[n - 1] += max(0, len(p) - n + 1)
   if pred_len == 0 or matches[0] == 0:
@@ -366,8 +430,10 @@ def text_metrics(preds: Sequence[str], refs: Sequence[str], kinds: Sequence[str]
     exact = float(np.mean([_normalize(a) == _normalize(b) for a, b in zip(p, r, strict=True)]))
     m = dict(count=len(idx), exact_match=round(exact, 4))
     if kind == 'caption':
-      m.update(token_f1=round(float(np.mean([token_f1(a, b) for a, b in zip(p, r, strict=True)])), 4),
-               bleu4=round(corpus_bleu(p, r), 4))
+      m.update(
+        token_f1=round(float(np.mean([token_f1(a, b) for a, b in zip(p, r, strict=True)])), 4),
+        bleu4=round(corpus_bleu(p, r), 4),
+      )
     out[kind] = m
   return out
 
@@ -385,8 +451,7 @@ def offline_robot(policy, config, max_examples: int, batch: int, log=print) -> d
   data_dir = pipeline.robot_data_dir(config, progress=log)
   split = pipeline.robot_split(config, 'eval')
   cache = os.path.expanduser(config.data.get('cache_dir', '') or '')
-  records = rlds.read_split(spec, data_dir, split, policy.image_size, cache_dir=cache,
-                            progress=log)
+  records = rlds.read_split(spec, data_dir, split, policy.image_size, cache_dir=cache, progress=log)
   n = len(records.actions)
   if n == 0:
     raise ValueError(f'{spec.name} split {split!r} at {data_dir} has no steps')
@@ -394,15 +459,21 @@ def offline_robot(policy, config, max_examples: int, batch: int, log=print) -> d
   names = [f.name for f in space.fields]
   term_dim = None
   if 'terminate' in names:
-    term_dim = sum(f.width for f in space.fields[:names.index('terminate')])
+    term_dim = sum(f.width for f in space.fields[: names.index('terminate')])
   # Every terminate step (rare) plus evenly spaced others, up to max_examples.
-  positives = (np.nonzero(records.actions[:, term_dim] > 0.5)[0] if term_dim is not None
-               else np.zeros(0, int))
+  positives = (
+    np.nonzero(records.actions[:, term_dim] > 0.5)[0] if term_dim is not None else np.zeros(0, int)
+  )
   others = np.setdiff1d(np.arange(n), positives)
   k = max(0, min(len(others), max_examples - len(positives)))
-  index = np.sort(np.concatenate([positives[:max_examples],
-                                  others[np.linspace(0, len(others) - 1, k).round().astype(int)]
-                                  if k else np.zeros(0, int)])).astype(int)
+  index = np.sort(
+    np.concatenate(
+      [
+        positives[:max_examples],
+        others[np.linspace(0, len(others) - 1, k).round().astype(int)] if k else np.zeros(0, int),
+      ]
+    )
+  ).astype(int)
   index = np.unique(index)
   preds, pred_bins = [], []
   for part in _chunks(len(index), batch):
@@ -416,21 +487,27 @@ def offline_robot(policy, config, max_examples: int, batch: int, log=print) -> d
   err = np.abs(pred - true)
   units = [f.unit for f in space.fields for _ in range(f.width)]
   out = dict(
-      dataset=spec.name, split=split, examples=int(len(index)),
-      token_accuracy=round(float((pred_bins == true_bins).mean()), 4),
-      token_accuracy_per_position=[round(float(a), 4) for a in (pred_bins == true_bins).mean(0)],
-      within_one_bin=round(float((np.abs(pred_bins - true_bins) <= 1).mean()), 4),
-      abs_error={d: dict(mean=round(float(err[:, i].mean()), 4), unit=units[i])
-                 for i, d in enumerate(space.dim_names)},
+    dataset=spec.name,
+    split=split,
+    examples=int(len(index)),
+    token_accuracy=round(float((pred_bins == true_bins).mean()), 4),
+    token_accuracy_per_position=[round(float(a), 4) for a in (pred_bins == true_bins).mean(0)],
+    within_one_bin=round(float((np.abs(pred_bins - true_bins) <= 1).mean()), 4),
+    abs_error={
+      d: dict(mean=round(float(err[:, i].mean()), 4), unit=units[i])
+      for i, d in enumerate(space.dim_names)
+    },
   )
   if term_dim is not None:
     t_pred, t_true = pred[:, term_dim] > 0.5, true[:, term_dim] > 0.5
     out['terminate'] = dict(
-        accuracy=round(float((t_pred == t_true).mean()), 4),
-        accuracy_on_last_steps=round(float(t_pred[t_true].mean()), 4) if t_true.any() else None,
-        accuracy_on_other_steps=(round(float((~t_pred[~t_true]).mean()), 4)
-                                 if (~t_true).any() else None),
-        last_steps=int(t_true.sum()))
+      accuracy=round(float((t_pred == t_true).mean()), 4),
+      accuracy_on_last_steps=round(float(t_pred[t_true].mean()), 4) if t_true.any() else None,
+      accuracy_on_other_steps=(
+        round(float((~t_pred[~t_true]).mean()), 4) if (~t_true).any() else None
+      ),
+      last_steps=int(t_true.sum()),
+    )
   return out
 
 
@@ -462,9 +539,13 @@ def _line_kinds(path: str) -> list[str] | None:
 
 def offline_web(text_policy, path: str, config, max_examples: int, batch: int, log=print) -> dict:
   from rt2_jax.data import web
-  records = web.read_jsonl(path, text_policy.image_size,
-                           config.data.web.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
-                           progress=log)
+
+  records = web.read_jsonl(
+    path,
+    text_policy.image_size,
+    config.data.web.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
+    progress=log,
+  )
   index = np.arange(len(records))
   if len(records) > max_examples:  # evenly spaced: lines of one image come together
     index = np.linspace(0, len(records) - 1, max_examples).round().astype(int)
@@ -472,8 +553,9 @@ def offline_web(text_policy, path: str, config, max_examples: int, batch: int, l
   preds = []
   for part in _chunks(len(records), batch):
     rows = np.arange(len(records))[part]
-    outs = text_policy.batch(records.images[records.image_index[rows]],
-                             [records.inputs[i] for i in rows])
+    outs = text_policy.batch(
+      records.images[records.image_index[rows]], [records.inputs[i] for i in rows]
+    )
     preds += [o.text.strip() for o in outs]
   metrics = text_metrics(preds, records.targets, records.kinds)
   tags = _line_kinds(path)
@@ -481,8 +563,10 @@ def offline_web(text_policy, path: str, config, max_examples: int, batch: int, l
     # Lines that say what they ask ("kind": grounding, colour, ... in the tabletop web corpus).
     metrics['by_kind'] = text_metrics(preds, records.targets, [tags[i] for i in index])
   metrics['file'] = path
-  metrics['samples'] = [dict(input=records.inputs[i], target=records.targets[i], output=preds[i])
-                        for i in range(min(5, len(preds)))]
+  metrics['samples'] = [
+    dict(input=records.inputs[i], target=records.targets[i], output=preds[i])
+    for i in range(min(5, len(preds)))
+  ]
   return metrics
 
 
@@ -490,8 +574,15 @@ def offline_web(text_policy, path: str, config, max_examples: int, batch: int, l
 # Everything.
 
 
-def evaluate(workdir: str, step: int | None = None, config=None, name: str = 'default',
-             out_dir: str = '', progress: bool = True, log=print) -> dict:
+def evaluate(
+  workdir: str,
+  step: int | None = None,
+  config=None,
+  name: str = 'default',
+  out_dir: str = '',
+  progress: bool = True,
+  log=print,
+) -> dict:
   """Evaluates one checkpoint of `workdir`; writes and returns the results."""
   from rt2_jax.checkpoints import resolve_path
   from rt2_jax.policy import Policy
@@ -509,30 +600,48 @@ def evaluate(workdir: str, step: int | None = None, config=None, name: str = 'de
   out_dir = out_dir or os.path.join(workdir, 'eval', name, f'step_{policy.step}')
   os.makedirs(out_dir, exist_ok=True)
   log(f'evaluating {policy.model_id} -> {out_dir}')
-  results = dict(workdir=os.path.abspath(workdir), step=policy.step, name=name,
-                 settings=dataclasses.asdict(settings), timings={})
+  results = dict(
+    workdir=os.path.abspath(workdir),
+    step=policy.step,
+    name=name,
+    settings=dataclasses.asdict(settings),
+    timings={},
+  )
 
   if settings.offline_max_examples > 0:
     t = time.time()
-    results['offline_robot'] = offline_robot(policy, eval_config, settings.offline_max_examples,
-                                             batch, log=log)
+    results['offline_robot'] = offline_robot(
+      policy, eval_config, settings.offline_max_examples, batch, log=log
+    )
     results['timings']['offline_robot_s'] = round(time.time() - t, 1)
-    log(f'offline robot: token accuracy {results["offline_robot"]["token_accuracy"]}, '
-        f'terminate {results["offline_robot"].get("terminate", {}).get("accuracy")}')
+    log(
+      f'offline robot: token accuracy {results["offline_robot"]["token_accuracy"]}, '
+      f'terminate {results["offline_robot"].get("terminate", {}).get("accuracy")}'
+    )
   web_path = web_jsonl_path(eval_config, settings)
   if settings.web_max_examples > 0 and web_path:
     t = time.time()
     text_policy = policy.replace(prompt='{instruction}', mode='text')
-    results['offline_web'] = offline_web(text_policy, web_path, eval_config,
-                                         settings.web_max_examples, batch, log=log)
+    results['offline_web'] = offline_web(
+      text_policy, web_path, eval_config, settings.web_max_examples, batch, log=log
+    )
     results['timings']['offline_web_s'] = round(time.time() - t, 1)
-    log('offline web: ' + ', '.join(f'{k} exact {v["exact_match"]}'
-                                    for k, v in results['offline_web'].items()
-                                    if isinstance(v, dict) and 'exact_match' in v))
+    log(
+      'offline web: '
+      + ', '.join(
+        f'{k} exact {v["exact_match"]}'
+        for k, v in results['offline_web'].items()
+        if isinstance(v, dict) and 'exact_match' in v
+      )
+    )
     if 'by_kind' in results['offline_web']:
-      log('offline web by kind: ' + ', '.join(
+      log(
+        'offline web by kind: '
+        + ', '.join(
           f'{k} {v["exact_match"]} ({v["count"]})'
-          for k, v in results['offline_web']['by_kind'].items()))
+          for k, v in results['offline_web']['by_kind'].items()
+        )
+      )
 
   if (settings.env == 'metaworld' and settings.tasks) or settings.env == 'tabletop':
     manifest = demo_manifest(eval_config) if settings.env == 'metaworld' else None
@@ -541,11 +650,12 @@ def evaluate(workdir: str, step: int | None = None, config=None, name: str = 'de
     plan_policy = None
     if settings.env == 'tabletop' and any(s.category in settings.plan_categories for s in specs):
       plan_policy = policy.replace(mode='plan_then_action')
-    log(f'closed loop: {len(specs)} episodes ({", ".join(settings.categories)}), '
-        f'{settings.num_envs} envs in {settings.workers} worker process(es)')
+    log(
+      f'closed loop: {len(specs)} episodes ({", ".join(settings.categories)}), '
+      f'{settings.num_envs} envs in {settings.workers} worker process(es)'
+    )
     t = time.time()
-    loop = closed_loop(policy, settings, specs, out_dir, progress=progress,
-                       plan_policy=plan_policy)
+    loop = closed_loop(policy, settings, specs, out_dir, progress=progress, plan_policy=plan_policy)
     rows = loop.pop('rows')
     rows += baseline_rows(specs, settings, os.path.join(workdir, 'eval', name), progress)
     results['timings']['closed_loop_s'] = round(time.time() - t, 1)
@@ -554,8 +664,12 @@ def evaluate(workdir: str, step: int | None = None, config=None, name: str = 'de
     results['closed_loop'] = dict(summary=eval_report.summary_json(summary), **loop)
     results['episodes'] = rows
     table = eval_report.markdown_table(summary, actors)
-    eval_report.plot_success(summary, os.path.join(out_dir, 'success.png'), actors,
-                             title=f'{policy.model_id}: closed-loop success')
+    eval_report.plot_success(
+      summary,
+      os.path.join(out_dir, 'success.png'),
+      actors,
+      title=f'{policy.model_id}: closed-loop success',
+    )
     results['table'] = eval_report.console_table(summary, actors)
   else:
     table = ''
@@ -571,16 +685,21 @@ def results_markdown(results: dict, table: str) -> str:
   lines = [f'# Evaluation of {results["workdir"]} at step {results["step"]}', '']
   robot = results.get('offline_robot')
   if robot:
-    lines += [f'## Offline: held-out robot steps ({robot["dataset"]}, split {robot["split"]}, '
-              f'{robot["examples"]} steps)', '',
-              f'- action-token accuracy: {robot["token_accuracy"]} (within one bin: '
-              f'{robot["within_one_bin"]}); per position {robot["token_accuracy_per_position"]}',
-              '- mean absolute error: ' + ', '.join(
-                  f'{d} {v["mean"]} {v["unit"]}'.strip() for d, v in robot['abs_error'].items())]
+    lines += [
+      f'## Offline: held-out robot steps ({robot["dataset"]}, split {robot["split"]}, '
+      f'{robot["examples"]} steps)',
+      '',
+      f'- action-token accuracy: {robot["token_accuracy"]} (within one bin: '
+      f'{robot["within_one_bin"]}); per position {robot["token_accuracy_per_position"]}',
+      '- mean absolute error: '
+      + ', '.join(f'{d} {v["mean"]} {v["unit"]}'.strip() for d, v in robot['abs_error'].items()),
+    ]
     if 'terminate' in robot:
       t = robot['terminate']
-      lines.append(f'- terminate accuracy {t["accuracy"]} (last steps {t["accuracy_on_last_steps"]}'
-                   f', other steps {t["accuracy_on_other_steps"]})')
+      lines.append(
+        f'- terminate accuracy {t["accuracy"]} (last steps {t["accuracy_on_last_steps"]}'
+        f', other steps {t["accuracy_on_other_steps"]})'
+      )
     lines.append('')
   web = results.get('offline_web')
   if web:
@@ -591,9 +710,15 @@ def results_markdown(results: dict, table: str) -> str:
     lines.append('')
   if table:
     loop = results['closed_loop']
-    lines += ['## Closed loop: success (k/n, rate, 95% Wilson interval)', '', table, '',
-              f'{loop["env_steps"]} policy env steps in {loop["seconds"]} s; '
-              f'{loop["ms_per_policy_call"]} ms per batched policy call.', '']
+    lines += [
+      '## Closed loop: success (k/n, rate, 95% Wilson interval)',
+      '',
+      table,
+      '',
+      f'{loop["env_steps"]} policy env steps in {loop["seconds"]} s; '
+      f'{loop["ms_per_policy_call"]} ms per batched policy call.',
+      '',
+    ]
     lines += [f'![{v}]({v})' for v in loop.get('videos', [])]
   lines.append(f'\nTotal {results["timings"]["total_s"]} s.')
   return '\n'.join(lines) + '\n'
@@ -602,14 +727,22 @@ def results_markdown(results: dict, table: str) -> str:
 def main(argv):
   from absl import flags
   from absl import logging as absl_logging
+
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   f = flags.FLAGS
-  results = evaluate(f.workdir, None if f.checkpoint < 0 else f.checkpoint, _CONFIG.value,
-                     name=f.name, out_dir=f.out or '')
+  results = evaluate(
+    f.workdir,
+    None if f.checkpoint < 0 else f.checkpoint,
+    _CONFIG.value,
+    name=f.name,
+    out_dir=f.out or '',
+  )
   if 'table' in results:
     print(results['table'])
-  print(f'wrote {os.path.join(f.out or os.path.join(f.workdir, "eval", f.name, "step_" + str(results["step"])), "results.json")}')
+  print(
+    f'wrote {os.path.join(f.out or os.path.join(f.workdir, "eval", f.name, "step_" + str(results["step"])), "results.json")}'
+  )
   sys.stdout.flush()
 
 
@@ -619,8 +752,7 @@ if __name__ == '__main__':
   from rt2_jax import config_flags
 
   _CONFIG = config_flags.define_config(required=False)
-  flags.DEFINE_string('workdir', None, 'training run directory (holds checkpoints/)',
-                      required=True)
+  flags.DEFINE_string('workdir', None, 'training run directory (holds checkpoints/)', required=True)
   flags.DEFINE_integer('checkpoint', -1, 'step to evaluate; -1 = the latest')
   flags.DEFINE_string('name', 'default', 'evaluation setting name (results go to eval/NAME/)')
   flags.DEFINE_string('out', '', 'output folder; default WORKDIR/eval/NAME/step_N')

@@ -76,11 +76,15 @@ def export_metadata(policy) -> dict:
 
   meta = dataclasses.asdict(policy.metadata)
   meta.update(
-      action_space=policy.action_space.to_json(),
-      norm_stats=policy.stats.to_json() if policy.stats is not None else None,
-      vocab_checksum=policy.vocab.checksum, vocab_size=policy.vocab.vocab_size,
-      max_input_len=policy.max_input_len, signature_outputs=list(OUTPUT_NAMES),
-      exported_at=time.strftime('%Y-%m-%dT%H:%M:%S%z'), batch_buckets=None)
+    action_space=policy.action_space.to_json(),
+    norm_stats=policy.stats.to_json() if policy.stats is not None else None,
+    vocab_checksum=policy.vocab.checksum,
+    vocab_size=policy.vocab.vocab_size,
+    max_input_len=policy.max_input_len,
+    signature_outputs=list(OUTPUT_NAMES),
+    exported_at=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+    batch_buckets=None,
+  )
   return meta
 
 
@@ -91,14 +95,27 @@ def check_inputs(image, instruction, size: int):
 
   shape, count = tf.shape(image, out_type=tf.int32), tf.shape(instruction, out_type=tf.int32)[0]
   checks = [
-      tf.debugging.Assert(tf.reduce_all(tf.equal(shape[1:], [size, size, 3])), [tf.strings.format(
+    tf.debugging.Assert(
+      tf.reduce_all(tf.equal(shape[1:], [size, size, 3])),
+      [
+        tf.strings.format(
           'images must be uint8 [b, {}, {}, 3] (the size this policy was exported with; '
           'SavedModelPolicy resizes other sizes as Policy does), got shape {}',
-          (size, size, shape))]),
-      tf.debugging.Assert(tf.equal(shape[0], count), [tf.strings.format(
-          'got {} images but {} instructions', (shape[0], count))]),
-      tf.debugging.Assert(shape[0] > 0, ['empty batch: got 0 images and instructions (Policy '
-                                         'and SavedModelPolicy return [] for an empty batch)']),
+          (size, size, shape),
+        )
+      ],
+    ),
+    tf.debugging.Assert(
+      tf.equal(shape[0], count),
+      [tf.strings.format('got {} images but {} instructions', (shape[0], count))],
+    ),
+    tf.debugging.Assert(
+      shape[0] > 0,
+      [
+        'empty batch: got 0 images and instructions (Policy '
+        'and SavedModelPolicy return [] for an empty batch)'
+      ],
+    ),
   ]
   with tf.control_dependencies(checks):
     return tf.identity(image), tf.identity(instruction)
@@ -116,12 +133,16 @@ def build_module(policy):
     plan_start = len(policy.callback.prefix_ids)
     plan_tail = policy.action_space.num_positions + len(policy.callback.delimiter_ids)
 
-  serve_tf = jax2tf.convert(make_jax_serving_fn(policy), with_gradient=False,
-                            polymorphic_shapes=[None, '(b, ...)', '(b, ...)'])
+  serve_tf = jax2tf.convert(
+    make_jax_serving_fn(policy),
+    with_gradient=False,
+    polymorphic_shapes=[None, '(b, ...)', '(b, ...)'],
+  )
   module = tf.Module()
   module.params = jax.tree.map(
-      lambda x: tf.Variable(np.asarray(x), trainable=False, name='param'),
-      jax.device_get(policy.params))
+    lambda x: tf.Variable(np.asarray(x), trainable=False, name='param'),
+    jax.device_get(policy.params),
+  )
   tokenizer = policy.prompt_spec.tf_tokenizer(vocab)
   module.sentencepiece = tokenizer.sentencepiece  # tracked, so the SavedModel keeps the model
 
@@ -129,9 +150,13 @@ def build_module(policy):
     ids = tf.where(ids < vocab.vocab_size, ids, vocab.unk_id)  # as Vocab.decode
     return module.sentencepiece.detokenize(tf.ragged.boolean_mask(ids, keep))
 
-  @tf.function(autograph=False, input_signature=[
+  @tf.function(
+    autograph=False,
+    input_signature=[
       tf.TensorSpec([None, size, size, 3], tf.uint8, name='image'),
-      tf.TensorSpec([None], tf.string, name='instruction')])
+      tf.TensorSpec([None], tf.string, name='instruction'),
+    ],
+  )
   def serving_default(image, instruction):
     image, instruction = check_inputs(image, instruction, size)
     tokens = tokenizer(instruction)
@@ -144,8 +169,13 @@ def build_module(policy):
       plan = tf.strings.regex_replace(detokenize(out, keep), f'^{space}+|{space}+$', '')
     else:
       plan = tf.fill(tf.shape(instruction), '')
-    return {'action': action, 'action_tokens': action_tokens, 'output_tokens': out,
-            'text': text, 'plan': plan}
+    return {
+      'action': action,
+      'action_tokens': action_tokens,
+      'output_tokens': out,
+      'text': text,
+      'plan': plan,
+    }
 
   module.serving_default = serving_default
   return module
@@ -175,8 +205,10 @@ def export_policy(policy, out_dir: str, verify_inputs=None) -> dict:
     mismatches = verify(out_dir, policy, images, instructions)
     if mismatches:
       raise AssertionError('the export disagrees with the JAX policy:\n' + '\n'.join(mismatches))
-    _log(f'verified: the reloaded SavedModel gives the JAX policy\'s tokens on '
-         f'{len(instructions)} inputs')
+    _log(
+      f"verified: the reloaded SavedModel gives the JAX policy's tokens on "
+      f'{len(instructions)} inputs'
+    )
   return meta
 
 
@@ -232,8 +264,10 @@ class SavedModelPolicy:
       raise TypeError(f'instruction must be a string, got {type(instruction).__name__}')
     image = np.asarray(image)
     if image.ndim == 4:
-      raise ValueError(f'policy(image, instruction) takes one [H, W, 3] image, got shape '
-                       f'{image.shape}; use policy.batch for a batch')
+      raise ValueError(
+        f'policy(image, instruction) takes one [H, W, 3] image, got shape '
+        f'{image.shape}; use policy.batch for a batch'
+      )
     return self.batch([image], [instruction])[0]
 
   def batch(self, images, instructions):
@@ -245,8 +279,7 @@ class SavedModelPolicy:
     if not images:
       return []
     s = self.image_size
-    images = np.stack([transforms.resize_image(im, s, self.metadata['resize'])
-                       for im in images])
+    images = np.stack([transforms.resize_image(im, s, self.metadata['resize']) for im in images])
     return run_in_buckets(self._run, self.batch_buckets, images, instructions)
 
   def warmup(self) -> None:
@@ -261,28 +294,44 @@ class SavedModelPolicy:
     from rt2_jax.policy import PolicyOutput
 
     del start
-    out = self._fn(image=tf.constant(images, tf.uint8),
-                   instruction=tf.constant(list(instructions), tf.string))
+    out = self._fn(
+      image=tf.constant(images, tf.uint8), instruction=tf.constant(list(instructions), tf.string)
+    )
     out = {k: v.numpy() for k, v in out.items()}
     outputs = []
     for i in range(len(instructions)):
       text, plan = out['text'][i].decode(), out['plan'][i].decode()
       if self.mode == 'text':
         tokens = np.trim_zeros(out['output_tokens'][i], 'b')  # text mode never writes pad
-        outputs.append(PolicyOutput(action={}, vector=np.zeros((0,), np.float32),
-                                    tokens=tokens.astype(np.int32), text=text, plan=''))
+        outputs.append(
+          PolicyOutput(
+            action={},
+            vector=np.zeros((0,), np.float32),
+            tokens=tokens.astype(np.int32),
+            text=text,
+            plan='',
+          )
+        )
         continue
       vector = out['action'][i].astype(np.float32)
-      action = {k: np.asarray(v, np.float32)
-                for k, v in self.action_space.unflatten(vector).items()}
-      outputs.append(PolicyOutput(action=action, vector=vector,
-                                  tokens=out['action_tokens'][i].astype(np.int32), text=text,
-                                  plan=plan))
+      action = {
+        k: np.asarray(v, np.float32) for k, v in self.action_space.unflatten(vector).items()
+      }
+      outputs.append(
+        PolicyOutput(
+          action=action,
+          vector=vector,
+          tokens=out['action_tokens'][i].astype(np.int32),
+          text=text,
+          plan=plan,
+        )
+      )
     return outputs
 
 
-def export_checkpoint(workdir: str, step: int | None, out_dir: str, verify: bool = True,
-                      param_dtype: str | None = None) -> dict:
+def export_checkpoint(
+  workdir: str, step: int | None, out_dir: str, verify: bool = True, param_dtype: str | None = None
+) -> dict:
   """The CLI: checkpoint -> Policy -> SavedModel (optionally verified on three inputs). The
   SavedModel's variables are the Policy's params: in the compute dtype unless `param_dtype`."""
   from rt2_jax.policy import Policy
@@ -294,11 +343,15 @@ def export_checkpoint(workdir: str, step: int | None, out_dir: str, verify: bool
   if verify:
     rng = np.random.default_rng(0)
     s = policy.image_size
-    verify_inputs = (rng.integers(0, 256, (3, s, s, 3), dtype=np.uint8),
-                     ['pick up the cup', 'put carrot on plate', 'open the drawer'])
+    verify_inputs = (
+      rng.integers(0, 256, (3, s, s, 3), dtype=np.uint8),
+      ['pick up the cup', 'put carrot on plate', 'open the drawer'],
+    )
   meta = export_policy(policy, out_dir, verify_inputs)
-  _log(f'exported {meta["model_id"]} ({meta["decode_mode"]} mode) to {out_dir} in '
-       f'{time.perf_counter() - t0:.1f} s')
+  _log(
+    f'exported {meta["model_id"]} ({meta["decode_mode"]} mode) to {out_dir} in '
+    f'{time.perf_counter() - t0:.1f} s'
+  )
   return meta
 
 
@@ -314,10 +367,17 @@ if __name__ == '__main__':
   from absl import app, flags
 
   flags.DEFINE_string('workdir', None, 'training workdir (or its checkpoints/ dir)', required=True)
-  flags.DEFINE_integer('checkpoint', None, 'checkpoint step; default the latest (a damaged one is '
-                       'refused, naming the steps that verify)')
+  flags.DEFINE_integer(
+    'checkpoint',
+    None,
+    'checkpoint step; default the latest (a damaged one is refused, naming the steps that verify)',
+  )
   flags.DEFINE_string('out', None, 'SavedModel directory to write', required=True)
   flags.DEFINE_bool('verify', True, 'reload the export and compare it with the JAX policy')
-  flags.DEFINE_string('param_dtype', '', 'dtype of the exported params; default the model\'s '
-                      'compute dtype (config.model.dtype); float32 keeps the checkpoint\'s')
+  flags.DEFINE_string(
+    'param_dtype',
+    '',
+    "dtype of the exported params; default the model's "
+    "compute dtype (config.model.dtype); float32 keeps the checkpoint's",
+  )
   app.run(main)

@@ -85,12 +85,16 @@ class EventWriter:
   def _write(self, event) -> None:
     data = event.SerializeToString()
     header = struct.pack('<Q', len(data))
-    self._file.write(header + struct.pack('<I', _masked_crc(header)) + data +
-                     struct.pack('<I', _masked_crc(data)))
+    self._file.write(
+      header + struct.pack('<I', _masked_crc(header)) + data + struct.pack('<I', _masked_crc(data))
+    )
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
-    summary = self._summary_pb2.Summary(value=[
-        self._summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
+    summary = self._summary_pb2.Summary(
+      value=[
+        self._summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()
+      ]
+    )
     self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
     self._file.flush()
 
@@ -111,20 +115,28 @@ def step_metric_sums(logits, batch, action_vocab, tokenizer) -> dict:
   codec = transforms.ActionCodec(action_vocab, tokenizer)
   predicted = codec.decode(codec.constrained_argmax(action_logits, xp=jnp), xp=jnp)
   error = jnp.abs(predicted - batch['actions']) * has_action[:, None]
-  return {'weight': weights.sum(), 'correct': (correct * weights).sum(),
-          'action_weight': action_mask.sum(), 'action_correct': (correct * action_mask).sum(),
-          'action_error_sum': error.sum(0), 'action_examples': has_action.sum().astype(jnp.float32),
-          'robot_examples': batch['is_robot'].sum().astype(jnp.float32),
-          'examples': jnp.float32(batch['is_robot'].shape[0])}
+  return {
+    'weight': weights.sum(),
+    'correct': (correct * weights).sum(),
+    'action_weight': action_mask.sum(),
+    'action_correct': (correct * action_mask).sum(),
+    'action_error_sum': error.sum(0),
+    'action_examples': has_action.sum().astype(jnp.float32),
+    'robot_examples': batch['is_robot'].sum().astype(jnp.float32),
+    'examples': jnp.float32(batch['is_robot'].shape[0]),
+  }
 
 
 def finalize_metrics(sums: dict, loss_sum) -> dict:
   error = sums['action_error_sum'] / jnp.maximum(sums['action_examples'], 1.0)
-  return {'loss': loss_sum / jnp.maximum(sums['weight'], 1e-8),
-          'token_accuracy': sums['correct'] / jnp.maximum(sums['weight'], 1e-8),
-          'action_accuracy': sums['action_correct'] / jnp.maximum(sums['action_weight'], 1e-8),
-          'action_error': error, 'action_error_mean': error.mean(),
-          'robot_fraction': sums['robot_examples'] / sums['examples']}
+  return {
+    'loss': loss_sum / jnp.maximum(sums['weight'], 1e-8),
+    'token_accuracy': sums['correct'] / jnp.maximum(sums['weight'], 1e-8),
+    'action_accuracy': sums['action_correct'] / jnp.maximum(sums['action_weight'], 1e-8),
+    'action_error': error,
+    'action_error_mean': error.mean(),
+    'robot_fraction': sums['robot_examples'] / sums['examples'],
+  }
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
@@ -139,11 +151,11 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
       data = f.read()
     pos = 0
     while pos + 12 <= len(data):
-      header = data[pos:pos + 8]
+      header = data[pos : pos + 8]
       (length,) = struct.unpack('<Q', header)
-      record = data[pos + 12:pos + 12 + length]
-      (header_crc,) = struct.unpack('<I', data[pos + 8:pos + 12])
-      (record_crc,) = struct.unpack('<I', data[pos + 12 + length:pos + 16 + length])
+      record = data[pos + 12 : pos + 12 + length]
+      (header_crc,) = struct.unpack('<I', data[pos + 8 : pos + 12])
+      (record_crc,) = struct.unpack('<I', data[pos + 12 + length : pos + 16 + length])
       if header_crc != _masked_crc(header) or record_crc != _masked_crc(record):
         raise ValueError(f'corrupt record at byte {pos} of {name}')
       pos += 16 + length
@@ -166,18 +178,30 @@ def average(metrics: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
   return out
 
 
-CONSOLE_KEYS = (('loss', 'loss', '.4f'), ('token_accuracy', 'tok_acc', '.3f'),
-                ('action_accuracy', 'act_acc', '.3f'), ('action_error_mean', 'act_err', '.4f'),
-                ('pointer_accuracy', 'ptr_acc', '.3f'),
-                ('pointer_distance', 'ptr_dist', '.3f'), ('learning_rate', 'lr', '.2e'),
-                ('grad_norm', 'gnorm', '.3f'))
+CONSOLE_KEYS = (
+  ('loss', 'loss', '.4f'),
+  ('token_accuracy', 'tok_acc', '.3f'),
+  ('action_accuracy', 'act_acc', '.3f'),
+  ('action_error_mean', 'act_err', '.4f'),
+  ('pointer_accuracy', 'ptr_acc', '.3f'),
+  ('pointer_distance', 'ptr_dist', '.3f'),
+  ('learning_rate', 'lr', '.2e'),
+  ('grad_norm', 'gnorm', '.3f'),
+)
 
 
 class MetricLogger:
   """Collects per-step device metrics; at log steps averages, prints and writes TensorBoard."""
 
-  def __init__(self, workdir: str, total_steps: int, global_batch_size: int,
-               dim_names: Sequence[str] = (), enabled: bool = True, print_fn=print):
+  def __init__(
+    self,
+    workdir: str,
+    total_steps: int,
+    global_batch_size: int,
+    dim_names: Sequence[str] = (),
+    enabled: bool = True,
+    print_fn=print,
+  ):
     self.total_steps, self.batch_size = total_steps, global_batch_size
     self.dim_names = list(dim_names)
     self.enabled, self.print_fn = enabled, print_fn

@@ -56,20 +56,26 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   if name == 'constant':
     return lambda step: lr * warmup_factor(step)
   if name == 'rsqrt':
-    return lambda step: lr * warmup_factor(step) * jax.lax.rsqrt(
-        jnp.maximum(step + 1.0, max(warmup, 1)) / max(warmup, 1))
+    return lambda step: (
+      lr
+      * warmup_factor(step)
+      * jax.lax.rsqrt(jnp.maximum(step + 1.0, max(warmup, 1)) / max(warmup, 1))
+    )
   decay_steps = max(int(total_steps) - warmup, 1)
 
   def cosine(step):
     progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
     return lr * warmup_factor(step) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+
   return cosine
 
 
 def param_path_names(params) -> dict:
   """The params tree with each leaf replaced by its '/'-joined path, e.g. 'vit/embedding/kernel'."""
+
   def name(path, _):
     return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
   return jax.tree_util.tree_map_with_path(name, params)
 
 
@@ -88,8 +94,9 @@ def freeze_labels(params, freeze_regex: str) -> dict:
     counts[v] += 1
   if counts[FROZEN] == 0:
     examples = ', '.join(sorted(jax.tree.leaves(names))[:6])
-    raise ValueError(f'config.freeze={freeze_regex!r} matches no parameter; paths look like: '
-                     f'{examples}, ...')
+    raise ValueError(
+      f'config.freeze={freeze_regex!r} matches no parameter; paths look like: {examples}, ...'
+    )
   if counts[TRAIN] == 0:
     raise ValueError(f'config.freeze={freeze_regex!r} freezes every parameter: nothing to train')
   return labels
@@ -102,12 +109,18 @@ def _core_optimizer(optim_cfg, schedule) -> optax.GradientTransformation:
     # leaves attention kernels [embed, heads, head_dim] with head_dim 64 unfactored, i.e. with a
     # second-moment array as large as the kernel.
     return optax.adafactor(
-        learning_rate=schedule, min_dim_size_to_factor=32, decay_rate=0.8, clipping_threshold=1.0,
-        multiply_by_parameter_scale=True, weight_decay_rate=wd or None,
-        weight_decay_mask=_matrices_only if wd else None)
+      learning_rate=schedule,
+      min_dim_size_to_factor=32,
+      decay_rate=0.8,
+      clipping_threshold=1.0,
+      multiply_by_parameter_scale=True,
+      weight_decay_rate=wd or None,
+      weight_decay_mask=_matrices_only if wd else None,
+    )
   if name == 'adamw':
     return optax.adamw(
-        learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd, mask=_matrices_only)
+      learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd, mask=_matrices_only
+    )
   raise ValueError(f'unknown optim.name {name!r}; expected one of {OPTIMIZERS}')
 
 
@@ -121,6 +134,7 @@ def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
 
   Its state gains the same leading axis (step counters included, one per layer, all equal).
   """
+
   def init(params):
     return jax.vmap(tx.init)(params)
 
@@ -128,6 +142,7 @@ def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     if params is None:
       return jax.vmap(lambda u, s: tx.update(u, s))(updates, state)
     return jax.vmap(tx.update)(updates, state, params)
+
   return optax.GradientTransformation(init, update)
 
 
@@ -143,6 +158,7 @@ def _labels(params, freeze_regex: str):
     for k in path:
       node = node[getattr(k, 'key', k)]
     return TRAIN_STACKED.format(param.shape[0]) if node else TRAIN
+
   return jax.tree_util.tree_map_with_path(label, frozen, params)
 
 
@@ -156,8 +172,10 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.
   if present == {TRAIN}:
     tx = core
   else:
-    groups = {label: core if label == TRAIN else optax.set_to_zero() if label == FROZEN
-              else per_layer(core) for label in sorted(present)}
+    groups = {
+      label: core if label == TRAIN else optax.set_to_zero() if label == FROZEN else per_layer(core)
+      for label in sorted(present)
+    }
     tx = optax.multi_transform(groups, labels)
   if float(optim_cfg.clip_norm) > 0:
     # One norm over all trainable gradients (clipping inside each group would clip stacked and
@@ -187,8 +205,8 @@ def _spec_for(leaf_shape, param_shape, param_spec: P) -> P:
     # A factored statistic: the parameter's shape with one dimension reduced away.
     # Last dims first: optimizers reduce trailing dims, never the leading layer axis of a stack.
     for i in reversed(range(len(param_shape))):
-      if tuple(param_shape[:i]) + tuple(param_shape[i + 1:]) == tuple(leaf_shape):
-        return P(*(spec[:i] + spec[i + 1:]))
+      if tuple(param_shape[:i]) + tuple(param_shape[i + 1 :]) == tuple(leaf_shape):
+        return P(*(spec[:i] + spec[i + 1 :]))
   return P()
 
 
@@ -201,7 +219,8 @@ def opt_state_specs(opt_state_shapes, params_shapes, params_specs) -> object:
   for path, leaf in jax.tree_util.tree_flatten_with_path(params_shapes)[0]:
     flat_shapes[_trailing_dict_path(path)] = leaf.shape
   for path, spec in jax.tree_util.tree_flatten_with_path(
-      params_specs, is_leaf=lambda x: isinstance(x, P))[0]:
+    params_specs, is_leaf=lambda x: isinstance(x, P)
+  )[0]:
     flat_specs[_trailing_dict_path(path)] = spec
 
   def spec(path, leaf):
@@ -213,6 +232,7 @@ def opt_state_specs(opt_state_shapes, params_shapes, params_specs) -> object:
         sub = key[start:]
         return _spec_for(shape, flat_shapes[sub], flat_specs.get(sub, P()))
     return P()
+
   return jax.tree_util.tree_map_with_path(spec, opt_state_shapes)
 
 

@@ -29,27 +29,27 @@ MESH_AXES = ('data', 'fsdp', 'model')
 # that array, so activations [batch, length, embed] shard batch over data*fsdp and leave embed
 # whole, while parameters [embed, mlp] shard embed over fsdp and mlp over model.
 LOGICAL_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('vocab', 'model'),
-    ('mlp', 'model'),
-    ('heads', 'model'),
-    ('image_embed', 'model'),
-    ('embed', 'fsdp'),
-    ('kv', None),
-    ('kv_heads', None),  # decoder-only grouped K/V heads: few (Gemma 2B has 1), replicated
-    ('length', None),
-    ('relpos_buckets', None),
-    ('image_tokens', None),
-    ('patch_height', None),
-    ('patch_width', None),
-    ('channels', None),
-    ('stem', None),  # the conv stem's channels (model.vit.stem='conv'): small, replicated
-    ('film', None),  # FiLM's (scale, shift) pair (model.vit.film)
-    ('pool_tokens', None),  # model.instruction_pool's summaries: few, replicated
-    ('embed_out', None),  # its small q/k/v outputs
-    ('action_queries', None),  # parallel action decoding's per-position queries: few
-    ('keypoints', None),  # model.pool_keypoints' few coordinate features
-    ('layers', None),  # scanned stacks: every device holds all layers of its parameter shard
+  ('batch', ('data', 'fsdp')),
+  ('vocab', 'model'),
+  ('mlp', 'model'),
+  ('heads', 'model'),
+  ('image_embed', 'model'),
+  ('embed', 'fsdp'),
+  ('kv', None),
+  ('kv_heads', None),  # decoder-only grouped K/V heads: few (Gemma 2B has 1), replicated
+  ('length', None),
+  ('relpos_buckets', None),
+  ('image_tokens', None),
+  ('patch_height', None),
+  ('patch_width', None),
+  ('channels', None),
+  ('stem', None),  # the conv stem's channels (model.vit.stem='conv'): small, replicated
+  ('film', None),  # FiLM's (scale, shift) pair (model.vit.film)
+  ('pool_tokens', None),  # model.instruction_pool's summaries: few, replicated
+  ('embed_out', None),  # its small q/k/v outputs
+  ('action_queries', None),  # parallel action decoding's per-position queries: few
+  ('keypoints', None),  # model.pool_keypoints' few coordinate features
+  ('layers', None),  # scanned stacks: every device holds all layers of its parameter shard
 )
 
 
@@ -67,12 +67,15 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % fixed:
-      raise ValueError(f'mesh {{{_describe(sizes)}}}: {num_devices} devices are not '
-                       f'divisible by the fixed axes ({fixed})')
+      raise ValueError(
+        f'mesh {{{_describe(sizes)}}}: {num_devices} devices are not '
+        f'divisible by the fixed axes ({fixed})'
+      )
     sizes[sizes.index(-1)] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'mesh {{{_describe(sizes)}}} needs {math.prod(sizes)} devices, '
-                     f'have {num_devices}')
+    raise ValueError(
+      f'mesh {{{_describe(sizes)}}} needs {math.prod(sizes)} devices, have {num_devices}'
+    )
   return tuple(sizes)
 
 

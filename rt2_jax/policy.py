@@ -75,8 +75,10 @@ def check_image(image, index: int = 0) -> np.ndarray:
   """One camera image as Policy takes it: uint8 [H, W, 3] (any H, W >= 1)."""
   image = np.asarray(image)
   if image.dtype != np.uint8:
-    raise TypeError(f'image {index} must be uint8 in 0..255, got dtype {image.dtype} '
-                    '(convert with (x * 255).round().astype(np.uint8) if it is 0..1 floats)')
+    raise TypeError(
+      f'image {index} must be uint8 in 0..255, got dtype {image.dtype} '
+      '(convert with (x * 255).round().astype(np.uint8) if it is 0..1 floats)'
+    )
   if image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f'image {index} must be [H, W, 3] RGB, got shape {image.shape}')
   if min(image.shape[:2]) < 1:
@@ -109,8 +111,10 @@ def check_instructions(instructions) -> list[str]:
     try:
       text.encode('utf-8')
     except UnicodeEncodeError as e:
-      raise ValueError(f'instruction {i} is not valid Unicode text: {e.reason} '
-                       f'{text[e.start]!r} at position {e.start}') from None
+      raise ValueError(
+        f'instruction {i} is not valid Unicode text: {e.reason} '
+        f'{text[e.start]!r} at position {e.start}'
+      ) from None
     out.append(text)
   return out
 
@@ -154,7 +158,7 @@ def run_in_buckets(call, buckets: Sequence[int], *columns) -> list:
   result per padded row, and returns the results of the real rows only, in order."""
   n, largest, results = len(columns[0]), buckets[-1], []
   for start in range(0, n, largest):
-    chunk = [c[start:start + largest] for c in columns]
+    chunk = [c[start : start + largest] for c in columns]
     rows = len(chunk[0])
     size = _bucket(rows, buckets)
     if size > rows:  # padding rows repeat the first example; their results are dropped
@@ -196,20 +200,34 @@ def _spec_resize(config) -> str:
 
     return load_spec(config.data.robot.spec).resize
   except Exception as e:  # noqa: BLE001  (a spec that moved away must not stop serving)
-    log.warning('could not read the resize policy of spec %r (%s); using stretch',
-                config.data.robot.get('spec', ''), e)
+    log.warning(
+      'could not read the resize policy of spec %r (%s); using stretch',
+      config.data.robot.get('spec', ''),
+      e,
+    )
     return 'stretch'
 
 
 class Policy:
   """Image + instruction -> action; see the module docstring."""
 
-  def __init__(self, config, params, stats: actions_lib.NormStats | None,
-               action_space: actions_lib.ActionSpace, *, vocab: vocab_lib.Vocab | None = None,
-               step: int | None = None, model_id: str = 'in-memory',
-               batch_buckets: Sequence[int] = DEFAULT_BUCKETS, resize: str | None = None,
-               prompt: str | None = None, seed: int | None = None,
-               param_dtype: str | None = None, **decode_overrides):
+  def __init__(
+    self,
+    config,
+    params,
+    stats: actions_lib.NormStats | None,
+    action_space: actions_lib.ActionSpace,
+    *,
+    vocab: vocab_lib.Vocab | None = None,
+    step: int | None = None,
+    model_id: str = 'in-memory',
+    batch_buckets: Sequence[int] = DEFAULT_BUCKETS,
+    resize: str | None = None,
+    prompt: str | None = None,
+    seed: int | None = None,
+    param_dtype: str | None = None,
+    **decode_overrides,
+  ):
     config = config.copy_and_resolve_references()
     with config.unlocked():
       for key, value in decode_overrides.items():
@@ -217,8 +235,9 @@ class Policy:
           raise ValueError(f'unknown decode option {key!r}; known: {sorted(config.decode)}')
         config.decode[key] = value
     if config.decode.mode not in decoding.MODES:
-      raise ValueError(f'unknown decode mode {config.decode.mode!r}; expected one of '
-                       f'{decoding.MODES}')
+      raise ValueError(
+        f'unknown decode mode {config.decode.mode!r}; expected one of {decoding.MODES}'
+      )
     # Logical-axis boxes from model.init are not needed here; the dtype is the compute dtype
     # unless asked otherwise (module docstring).
     self.param_dtype = str(jnp.dtype(param_dtype or config.model.dtype))
@@ -232,8 +251,9 @@ class Policy:
     self.image_size = int(config.model.image_size)
     self.resize = resize or _spec_resize(config)
     if self.resize not in transforms.RESIZE_POLICIES:
-      raise ValueError(f'unknown resize policy {self.resize!r}; expected one of '
-                       f'{transforms.RESIZE_POLICIES}')
+      raise ValueError(
+        f'unknown resize policy {self.resize!r}; expected one of {transforms.RESIZE_POLICIES}'
+      )
     self.batch_buckets = check_buckets(batch_buckets)
 
     if vocab is None:
@@ -241,17 +261,26 @@ class Policy:
     else:
       self.vocab = vocab
       self.action_vocab = vocab_lib.ActionVocab(
-          vocab, action_space, config.vocab.action_scheme, config.actions.num_bins,
-          vocab_size=config.model.vocab_size)
+        vocab,
+        action_space,
+        config.vocab.action_scheme,
+        config.actions.num_bins,
+        vocab_size=config.model.vocab_size,
+      )
     self.codec = transforms.ActionCodec.from_config(config, self.action_vocab, stats)
     self.action_tokenizer = self.codec.tokenizer
     vla.check_action_positions(config.model, action_space.num_positions)
     self.model = VLA(config.model)
-    self.callback = decoding.make_callback(config.decode, self.vocab, self.action_vocab,
-                                           config.model.vocab_size)
-    self.decoder = decoding.Decoder(self.model, self.callback,
-                                    temperature=config.decode.temperature,
-                                    top_k=config.decode.top_k, eos_id=self.vocab.eos_id)
+    self.callback = decoding.make_callback(
+      config.decode, self.vocab, self.action_vocab, config.model.vocab_size
+    )
+    self.decoder = decoding.Decoder(
+      self.model,
+      self.callback,
+      temperature=config.decode.temperature,
+      top_k=config.decode.top_k,
+      eos_id=self.vocab.eos_id,
+    )
     self._rng = jax.random.PRNGKey(config.seed if seed is None else seed)
     self._calls = 0
     self._warned_truncation = False
@@ -260,8 +289,9 @@ class Policy:
   # Construction from a checkpoint.
 
   @classmethod
-  def from_checkpoint(cls, workdir: str | os.PathLike, step: int | str | None = None,
-                      **kwargs) -> Policy:
+  def from_checkpoint(
+    cls, workdir: str | os.PathLike, step: int | str | None = None, **kwargs
+  ) -> Policy:
     """Loads params, config, normalization stats, action space, vocabulary, prompt and resize
     policy from the checkpoint's assets (rt2_jax.checkpoint_assets). A checkpoint written before
     assets existed reads the vocabulary from config.vocab.path (checked against its checksum)
@@ -278,26 +308,45 @@ class Policy:
       vocab = vocab_lib.Vocab.load(config.vocab.path, extra_ids=config.vocab.get('extra_ids', 0))
       if bundle.vocab_checksum and vocab.checksum != bundle.vocab_checksum:
         raise ValueError(
-            f'the vocabulary at {vocab.path} (checksum {vocab.checksum}) is not the one checkpoint '
-            f'{workdir} was trained with (checksum {bundle.vocab_checksum}); set config.vocab.path '
-            'to the original SentencePiece model')
-    if bundle.stats is None and any(f.kind == actions_lib.CONTINUOUS and f.bounds != 'spec'
-                                    for f in bundle.action_space.fields):
-      raise ValueError(f'checkpoint {workdir} has no normalization stats, but its action space '
-                       'takes bounds from them')
+          f'the vocabulary at {vocab.path} (checksum {vocab.checksum}) is not the one checkpoint '
+          f'{workdir} was trained with (checksum {bundle.vocab_checksum}); set config.vocab.path '
+          'to the original SentencePiece model'
+        )
+    if bundle.stats is None and any(
+      f.kind == actions_lib.CONTINUOUS and f.bounds != 'spec' for f in bundle.action_space.fields
+    ):
+      raise ValueError(
+        f'checkpoint {workdir} has no normalization stats, but its action space '
+        'takes bounds from them'
+      )
     name = os.path.basename(os.path.normpath(os.fspath(workdir)))
-    return cls(config, bundle.params, bundle.stats, bundle.action_space, vocab=vocab,
-               step=bundle.step, model_id=f'{name}@{bundle.step}', **kwargs)
+    return cls(
+      config,
+      bundle.params,
+      bundle.stats,
+      bundle.action_space,
+      vocab=vocab,
+      step=bundle.step,
+      model_id=f'{name}@{bundle.step}',
+      **kwargs,
+    )
 
   def replace(self, **overrides) -> Policy:
     """This policy with other constructor settings (batch_buckets, prompt, resize, seed, decode
     options such as mode), sharing its params, stats and vocabulary: no checkpoint is read.
     (A param_dtype wider than the held one casts up; it does not restore the lost precision.)"""
-    kwargs = dict(vocab=self.vocab, step=self.step, model_id=self.model_id,
-                  batch_buckets=self.batch_buckets, resize=self.resize, prompt=self.prompt,
-                  param_dtype=self.param_dtype)
-    return type(self)(self.config, self.params, self.stats, self.action_space,
-                      **{**kwargs, **overrides})
+    kwargs = dict(
+      vocab=self.vocab,
+      step=self.step,
+      model_id=self.model_id,
+      batch_buckets=self.batch_buckets,
+      resize=self.resize,
+      prompt=self.prompt,
+      param_dtype=self.param_dtype,
+    )
+    return type(self)(
+      self.config, self.params, self.stats, self.action_space, **{**kwargs, **overrides}
+    )
 
   # -------------------------------------------------------------------------------------------
   # The pure function export wraps, and its pieces.
@@ -310,13 +359,20 @@ class Policy:
   @property
   def metadata(self) -> PolicyMetadata:
     return PolicyMetadata(
-        image_size=self.image_size, resize=self.resize,
-        action_names=list(self.action_space.dim_names),
-        action_fields=[dict(name=f.name, width=f.width, kind=f.kind, unit=f.unit)
-                       for f in self.action_space.fields],
-        action_dim=self.action_space.dim, num_action_tokens=self.action_space.num_positions,
-        decode_mode=self.mode, prompt=self.prompt, batch_buckets=list(self.batch_buckets),
-        model_id=self.model_id, step=self.step)
+      image_size=self.image_size,
+      resize=self.resize,
+      action_names=list(self.action_space.dim_names),
+      action_fields=[
+        dict(name=f.name, width=f.width, kind=f.kind, unit=f.unit) for f in self.action_space.fields
+      ],
+      action_dim=self.action_space.dim,
+      num_action_tokens=self.action_space.num_positions,
+      decode_mode=self.mode,
+      prompt=self.prompt,
+      batch_buckets=list(self.batch_buckets),
+      model_id=self.model_id,
+      step=self.step,
+    )
 
   def tokenize(self, instructions: Sequence[str]) -> np.ndarray:
     """Instructions -> int32 prompt tokens [B, max_input_len] (0-padded)."""
@@ -339,10 +395,10 @@ class Policy:
     tokens = np.asarray(tokens, np.int32)
     texts = [self.vocab.decode(row) for row in tokens]
     if self.mode == 'text':
-      return [PolicyOutput(action={}, vector=np.zeros((0,), np.float32), tokens=ids, text=text,
-                           plan='')
-              for ids, text in zip(decoding.split_output(tokens, self.vocab.eos_id), texts,
-                                   strict=True)]
+      return [
+        PolicyOutput(action={}, vector=np.zeros((0,), np.float32), tokens=ids, text=text, plan='')
+        for ids, text in zip(decoding.split_output(tokens, self.vocab.eos_id), texts, strict=True)
+      ]
     num = self.codec.num_positions
     end = self.codec.action_end(tokens, self.vocab.eos_id)
     if tokens.shape[0] and end.min() < num:
@@ -355,8 +411,11 @@ class Policy:
       if self.mode == 'plan_then_action':
         callback = self.callback
         plan = self.vocab.decode(
-            row[len(callback.prefix_ids):stop - num - len(callback.delimiter_ids)]).strip()
-      action = {k: np.asarray(v, np.float32) for k, v in self.action_space.unflatten(vector).items()}
+          row[len(callback.prefix_ids) : stop - num - len(callback.delimiter_ids)]
+        ).strip()
+      action = {
+        k: np.asarray(v, np.float32) for k, v in self.action_space.unflatten(vector).items()
+      }
       outputs.append(PolicyOutput(action=action, vector=vector, tokens=ids, text=text, plan=plan))
     return outputs
 
@@ -368,8 +427,10 @@ class Policy:
       raise TypeError(f'instruction must be a string, got {type(instruction).__name__}')
     image = np.asarray(image)
     if image.ndim == 4:
-      raise ValueError(f'policy(image, instruction) takes one [H, W, 3] image, got shape '
-                       f'{image.shape}; use policy.batch for a batch')
+      raise ValueError(
+        f'policy(image, instruction) takes one [H, W, 3] image, got shape '
+        f'{image.shape}; use policy.batch for a batch'
+      )
     return self.batch([image], [instruction], rng=rng)[0]
 
   def batch(self, images, instructions: Sequence[str], rng=None) -> list[PolicyOutput]:
@@ -386,11 +447,18 @@ class Policy:
       self._calls += 1
 
     def decode(start, chunk_images, chunk_tokens):
-      return np.asarray(self.decoder(self.params, jnp.asarray(chunk_images),
-                                     jnp.asarray(chunk_tokens), jax.random.fold_in(rng, start)))
+      return np.asarray(
+        self.decoder(
+          self.params,
+          jnp.asarray(chunk_images),
+          jnp.asarray(chunk_tokens),
+          jax.random.fold_in(rng, start),
+        )
+      )
 
-    return self.outputs_from_tokens(np.stack(run_in_buckets(decode, self.batch_buckets, images,
-                                                            tokens)))
+    return self.outputs_from_tokens(
+      np.stack(run_in_buckets(decode, self.batch_buckets, images, tokens))
+    )
 
   def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
     """Compiles the decode for every bucket (serving does this before taking requests)."""

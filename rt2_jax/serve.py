@@ -87,13 +87,18 @@ class ServeConfig:
       raise ValueError(f'max_batch must be >= 1, got {self.max_batch}')
     if self.max_wait_ms < 0:
       raise ValueError(f'max_wait_ms must be >= 0, got {self.max_wait_ms}')
-    if min(self.body_timeout_s, self.parse_threads, self.max_instruction_chars,
-           self.max_list_values) <= 0:
-      raise ValueError('body_timeout_s, parse_threads, max_instruction_chars and max_list_values '
-                       'must be positive')
+    if (
+      min(self.body_timeout_s, self.parse_threads, self.max_instruction_chars, self.max_list_values)
+      <= 0
+    ):
+      raise ValueError(
+        'body_timeout_s, parse_threads, max_instruction_chars and max_list_values must be positive'
+      )
     if self.token != self.token.strip() or (self.token and not self.token.isprintable()):
-      raise ValueError('the token must not be blank, start or end with whitespace, or hold '
-                       'control characters (it travels in an HTTP header)')
+      raise ValueError(
+        'the token must not be blank, start or end with whitespace, or hold '
+        'control characters (it travels in an HTTP header)'
+      )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,18 +139,21 @@ def output_message(out, arrays: bool) -> dict:
   """A PolicyOutput -> the /predict reply (numpy arrays for msgpack, lists for JSON)."""
   conv = (lambda a, t: np.asarray(a, t)) if arrays else (lambda a, t: np.asarray(a, t).tolist())
   return {
-      'action': {k: conv(v, np.float32) for k, v in out.action.items()},
-      'vector': conv(out.vector, np.float32),
-      'tokens': conv(out.tokens, np.int32),
-      'text': str(out.text),
-      'plan': str(out.plan),
+    'action': {k: conv(v, np.float32) for k, v in out.action.items()},
+    'vector': conv(out.vector, np.float32),
+    'tokens': conv(out.tokens, np.int32),
+    'text': str(out.text),
+    'plan': str(out.plan),
   }
 
 
 def tf_output_row(out) -> dict:
-  return {'action': np.asarray(out.vector, np.float32).tolist(),
-          'action_tokens': np.asarray(out.tokens, np.int32).tolist(),
-          'text': str(out.text), 'plan': str(out.plan)}
+  return {
+    'action': np.asarray(out.vector, np.float32).tolist(),
+    'action_tokens': np.asarray(out.tokens, np.int32).tolist(),
+    'text': str(out.text),
+    'plan': str(out.plan),
+  }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +168,10 @@ def _instruction(value, where: str) -> str:
   try:
     value.encode('utf-8')
   except UnicodeEncodeError as e:
-    raise RequestError(f'{where}: instruction is not valid Unicode text: {e.reason} '
-                       f'{value[e.start]!r} at position {e.start}') from None
+    raise RequestError(
+      f'{where}: instruction is not valid Unicode text: {e.reason} '
+      f'{value[e.start]!r} at position {e.start}'
+    ) from None
   return value
 
 
@@ -198,8 +208,11 @@ def parse_predict(body, shape, max_instances: int) -> tuple[list, list, bool]:
     if len(images) != len(instructions):
       raise RequestError(f'{len(images)} images but {len(instructions)} instructions')
     _check_count(len(images), max_instances)
-    return ([_image(v, shape, f'images[{i}]') for i, v in enumerate(images)],
-            [_instruction(v, f'instructions[{i}]') for i, v in enumerate(instructions)], True)
+    return (
+      [_image(v, shape, f'images[{i}]') for i, v in enumerate(images)],
+      [_instruction(v, f'instructions[{i}]') for i, v in enumerate(instructions)],
+      True,
+    )
   image = _image(_field(body, 'image', 'body'), shape, 'image')
   return [image], [_instruction(_field(body, 'instruction', 'body'), 'body')], False
 
@@ -235,9 +248,11 @@ def parse_tf_serving(body, shape, max_instances: int) -> tuple[list, list, str]:
   if len(images) != len(instructions):
     raise RequestError(f'{len(images)} images but {len(instructions)} instructions')
   _check_count(len(images), max_instances)
-  return ([_image(v, shape, f'inputs.image[{i}]') for i, v in enumerate(images)],
-          [_instruction(v, f'inputs.instruction[{i}]') for i, v in enumerate(instructions)],
-          'columnar')
+  return (
+    [_image(v, shape, f'inputs.image[{i}]') for i, v in enumerate(images)],
+    [_instruction(v, f'inputs.instruction[{i}]') for i, v in enumerate(instructions)],
+    'columnar',
+  )
 
 
 def _media_type(headers, name: str) -> str:
@@ -245,12 +260,14 @@ def _media_type(headers, name: str) -> str:
 
 
 def _too_many_values(limit: int) -> RequestError:
-  return RequestError(f'body holds more than {limit} list values; send images as base64 PNG/JPEG '
-                      'or raw bytes, or as msgpack uint8 arrays, rather than as nested lists', 413)
+  return RequestError(
+    f'body holds more than {limit} list values; send images as base64 PNG/JPEG '
+    'or raw bytes, or as msgpack uint8 arrays, rather than as nested lists',
+    413,
+  )
 
 
-def decode_body(body: bytes, content_type: str,
-                max_list_values: int = ServeConfig.max_list_values):
+def decode_body(body: bytes, content_type: str, max_list_values: int = ServeConfig.max_list_values):
   if content_type in wire.MSGPACK_TYPES:
     try:
       return wire.unpackb(body, max_list_values=max_list_values)
@@ -259,8 +276,11 @@ def decode_body(body: bytes, content_type: str,
     except wire.WireError as e:
       raise RequestError(str(e)) from None
   if content_type not in ('', 'application/json', 'text/json'):
-    raise RequestError(f'unsupported content type {content_type[:100]!r}; send application/json '
-                       f'or {wire.MSGPACK_TYPE}', 415)
+    raise RequestError(
+      f'unsupported content type {content_type[:100]!r}; send application/json '
+      f'or {wire.MSGPACK_TYPE}',
+      415,
+    )
   if body.count(b',') >= max_list_values:  # a cheap bound on the values, before parsing
     raise _too_many_values(max_list_values)
   try:
@@ -278,8 +298,11 @@ def parse_request(body: bytes, content_type: str, parse, shape, config: ServeCon
   images, instructions, kind = parse(message, shape, config.max_instances)
   for i, text in enumerate(instructions):
     if len(text) > config.max_instruction_chars:
-      raise RequestError(f'instruction {i} has {len(text)} characters; at most '
-                         f'{config.max_instruction_chars} are accepted', 413)
+      raise RequestError(
+        f'instruction {i} has {len(text)} characters; at most '
+        f'{config.max_instruction_chars} are accepted',
+        413,
+      )
   return images, instructions, kind
 
 
@@ -298,9 +321,17 @@ def clean_message(text: str, limit: int = 1000) -> str:
 
 async def _send_json(send, status: int, payload: dict, headers=()) -> None:
   body = json.dumps(payload).encode()
-  await send({'type': 'http.response.start', 'status': status,
-              'headers': [(b'content-type', b'application/json'),
-                          (b'content-length', str(len(body)).encode()), *headers]})
+  await send(
+    {
+      'type': 'http.response.start',
+      'status': status,
+      'headers': [
+        (b'content-type', b'application/json'),
+        (b'content-length', str(len(body)).encode()),
+        *headers,
+      ],
+    }
+  )
   await send({'type': 'http.response.body', 'body': body})
 
 
@@ -310,8 +341,14 @@ class Guard:
   never see an oversize or unfinished body). Anything the app raises becomes a JSON 500 here, so
   the connection is answered, not reset."""
 
-  def __init__(self, app, max_body_bytes: int, token: str = '', open_paths=('/health',),
-               body_timeout_s: float = ServeConfig.body_timeout_s):
+  def __init__(
+    self,
+    app,
+    max_body_bytes: int,
+    token: str = '',
+    open_paths=('/health',),
+    body_timeout_s: float = ServeConfig.body_timeout_s,
+  ):
     self.app, self.max_body_bytes, self.open_paths = app, max_body_bytes, open_paths
     self.body_timeout_s = body_timeout_s
     self.token = token.encode()
@@ -338,8 +375,9 @@ class Guard:
     if self.token and scope['path'] not in self.open_paths:
       scheme, _, credential = headers.get(b'authorization', b'').partition(b' ')
       if scheme.lower() != b'bearer' or not hmac.compare_digest(credential.strip(), self.token):
-        return await _send_json(send, 401, {'error': 'missing or wrong bearer token'},
-                                [(b'www-authenticate', b'Bearer')])
+        return await _send_json(
+          send, 401, {'error': 'missing or wrong bearer token'}, [(b'www-authenticate', b'Bearer')]
+        )
     if scope['method'] in ('GET', 'HEAD', 'OPTIONS'):
       return await self.app(scope, receive, send)
     limit = self.max_body_bytes
@@ -349,7 +387,8 @@ class Guard:
         return await _send_json(send, 400, {'error': 'bad Content-Length header'})
       if int(declared) > limit:
         return await _send_json(
-            send, 413, {'error': f'body of {int(declared)} bytes exceeds the limit of {limit}'})
+          send, 413, {'error': f'body of {int(declared)} bytes exceeds the limit of {limit}'}
+        )
     body, more = bytearray(), True
     loop = asyncio.get_running_loop()
     deadline = loop.time() + self.body_timeout_s
@@ -359,9 +398,14 @@ class Guard:
       except TimeoutError:
         expected = f' of {int(declared)}' if declared is not None else ''
         return await _send_json(
-            send, 408, {'error': f'request body not received within {self.body_timeout_s:g} s '
-                                 f'(got {len(body)}{expected} bytes)'},
-            [(b'connection', b'close')])
+          send,
+          408,
+          {
+            'error': f'request body not received within {self.body_timeout_s:g} s '
+            f'(got {len(body)}{expected} bytes)'
+          },
+          [(b'connection', b'close')],
+        )
       if message['type'] == 'http.disconnect':
         return None
       body += message.get('body', b'')
@@ -381,8 +425,13 @@ class Guard:
 
 
 def make_batcher(policy, config: ServeConfig) -> Batcher:
-  return Batcher(policy, max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
-                 max_queue=config.max_queue, request_timeout_s=config.request_timeout_s)
+  return Batcher(
+    policy,
+    max_batch=config.max_batch,
+    max_wait_ms=config.max_wait_ms,
+    max_queue=config.max_queue,
+    request_timeout_s=config.request_timeout_s,
+  )
 
 
 def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
@@ -394,8 +443,9 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
   state = {'draining': False, 'started': time.time()}
 
   # Request bodies (JSON/msgpack, base64, PNG/JPEG) are decoded here, not on the event loop.
-  parse_pool = concurrent.futures.ThreadPoolExecutor(config.parse_threads,
-                                                     thread_name_prefix='parse')
+  parse_pool = concurrent.futures.ThreadPoolExecutor(
+    config.parse_threads, thread_name_prefix='parse'
+  )
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -405,8 +455,13 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
     await batcher.stop()
     parse_pool.shutdown(wait=False)
 
-  app = FastAPI(title='rt2_jax policy server', lifespan=lifespan, docs_url=None, redoc_url=None,
-                openapi_url=None)
+  app = FastAPI(
+    title='rt2_jax policy server',
+    lifespan=lifespan,
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+  )
   app.state.batcher, app.state.serve_state = batcher, state
 
   def error(status: int, message: str):
@@ -423,13 +478,16 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
     content_type = _media_type(request.headers, 'content-type')
     body = await request.body()
     images, instructions, kind = await asyncio.get_running_loop().run_in_executor(
-        parse_pool, parse_request, body, content_type, parse, shape, config)
+      parse_pool, parse_request, body, content_type, parse, shape, config
+    )
     try:
       outputs = await batcher.submit(images, instructions)
     except ModelError as e:
       raise RequestError(f'model error: {e}', 500) from None
-    wants_msgpack = (content_type in wire.MSGPACK_TYPES
-                     or _media_type(request.headers, 'accept') in wire.MSGPACK_TYPES)
+    wants_msgpack = (
+      content_type in wire.MSGPACK_TYPES
+      or _media_type(request.headers, 'accept') in wire.MSGPACK_TYPES
+    )
     return outputs, kind, wants_msgpack
 
   @app.exception_handler(RequestError)
@@ -439,24 +497,36 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
   @app.api_route('/health', methods=['GET', 'HEAD'])
   async def health():
     status = 'draining' if state['draining'] else 'ok'
-    return JSONResponse({'status': status, 'model': config.model_name},
-                        status_code=503 if state['draining'] else 200)
+    return JSONResponse(
+      {'status': status, 'model': config.model_name}, status_code=503 if state['draining'] else 200
+    )
 
   @app.api_route('/metadata', methods=['GET', 'HEAD'])
   async def metadata():
-    return {**meta, 'model_name': config.model_name,
-            'server': {'max_batch': config.max_batch, 'max_wait_ms': config.max_wait_ms,
-                       'max_body_bytes': config.max_body_bytes,
-                       'max_instances': config.max_instances,
-                       'buckets': list(buckets) if buckets is not None else None}}
+    return {
+      **meta,
+      'model_name': config.model_name,
+      'server': {
+        'max_batch': config.max_batch,
+        'max_wait_ms': config.max_wait_ms,
+        'max_body_bytes': config.max_body_bytes,
+        'max_instances': config.max_instances,
+        'buckets': list(buckets) if buckets is not None else None,
+      },
+    }
 
   @app.api_route('/stats', methods=['GET', 'HEAD'])
   async def stats():
     b = batcher
-    return {'requests': b.num_requests, 'batches': b.num_batches, 'errors': b.num_errors,
-            'mean_batch': b.num_requests / max(b.num_batches, 1),
-            'mean_batch_ms': 1000 * b.batch_time_s / max(b.num_batches, 1),
-            'queued': len(b._pending), 'uptime_s': time.time() - state['started']}
+    return {
+      'requests': b.num_requests,
+      'batches': b.num_batches,
+      'errors': b.num_errors,
+      'mean_batch': b.num_requests / max(b.num_batches, 1),
+      'mean_batch_ms': 1000 * b.batch_time_s / max(b.num_batches, 1),
+      'queued': len(b._pending),
+      'uptime_s': time.time() - state['started'],
+    }
 
   @app.post('/predict')
   async def predict(request: Request):
@@ -466,27 +536,43 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
 
   def check_model(name: str):
     if name != config.model_name:
-      raise RequestError(f'model {name!r} not found; this server serves {config.model_name!r}',
-                         404)
+      raise RequestError(f'model {name!r} not found; this server serves {config.model_name!r}', 404)
 
   @app.api_route('/v1/models/{name}', methods=['GET', 'HEAD'])
   async def tf_status(name: str):
     check_model(name)
-    return {'model_version_status': [{
-        'version': str(meta.get('step', 0)), 'state': 'AVAILABLE',
-        'status': {'error_code': 'OK', 'error_message': ''}}]}
+    return {
+      'model_version_status': [
+        {
+          'version': str(meta.get('step', 0)),
+          'state': 'AVAILABLE',
+          'status': {'error_code': 'OK', 'error_message': ''},
+        }
+      ]
+    }
 
   @app.api_route('/v1/models/{name}/metadata', methods=['GET', 'HEAD'])
   async def tf_metadata(name: str):
     check_model(name)
     h, w, _ = shape
-    return {'model_spec': {'name': name, 'signature_name': '', 'version': str(meta.get('step', 0))},
-            'metadata': {'signature_def': {'signature_def': {'serving_default': {
-                'inputs': {'image': {'dtype': 'DT_UINT8', 'shape': [-1, h, w, 3]},
-                           'instruction': {'dtype': 'DT_STRING', 'shape': [-1]}},
-                'outputs': {k: {} for k in TF_OUTPUT_NAMES},
-                'method_name': 'tensorflow/serving/predict'}}}},
-            'rt2_jax': meta}
+    return {
+      'model_spec': {'name': name, 'signature_name': '', 'version': str(meta.get('step', 0))},
+      'metadata': {
+        'signature_def': {
+          'signature_def': {
+            'serving_default': {
+              'inputs': {
+                'image': {'dtype': 'DT_UINT8', 'shape': [-1, h, w, 3]},
+                'instruction': {'dtype': 'DT_STRING', 'shape': [-1]},
+              },
+              'outputs': {k: {} for k in TF_OUTPUT_NAMES},
+              'method_name': 'tensorflow/serving/predict',
+            }
+          }
+        }
+      },
+      'rt2_jax': meta,
+    }
 
   async def tf_predict(name: str, request: Request):
     check_model(name)
@@ -528,19 +614,30 @@ class PolicyServer:
         serve_state['draining'] = True  # /health says so at once; new predicts get 503
         super().handle_exit(sig, frame)
 
-    self._server = _Server(uvicorn.Config(
-        self.app, host=config.host, port=config.port, log_level=log_level, access_log=False,
-        lifespan='on', timeout_graceful_shutdown=config.request_timeout_s + 5,
-        timeout_keep_alive=30))
+    self._server = _Server(
+      uvicorn.Config(
+        self.app,
+        host=config.host,
+        port=config.port,
+        log_level=log_level,
+        access_log=False,
+        lifespan='on',
+        timeout_graceful_shutdown=config.request_timeout_s + 5,
+        timeout_keep_alive=30,
+      )
+    )
     self._thread: threading.Thread | None = None
     self.url = f'http://{config.host}:{config.port}'
 
   def run(self) -> None:
     if self.config.host not in ('127.0.0.1', 'localhost', '::1') and not self.config.token:
-      log.warning('serving on %s without a token: anyone who can reach it can drive the robot',
-                  self.config.host)
-    auth = ('bearer token required' if self.config.token
-            else 'no token: open to anyone who can connect')
+      log.warning(
+        'serving on %s without a token: anyone who can reach it can drive the robot',
+        self.config.host,
+      )
+    auth = (
+      'bearer token required' if self.config.token else 'no token: open to anyone who can connect'
+    )
     print(f'serving {self.config.model_name} on {self.url} ({auth})', flush=True)
     self._server.run()
 
@@ -550,8 +647,9 @@ class PolicyServer:
     sock.bind((self.config.host, self.config.port))
     host, port = sock.getsockname()[:2]
     self.url = f'http://{host}:{port}'
-    self._thread = threading.Thread(target=self._server.run, kwargs={'sockets': [sock]},
-                                    name='policy-server', daemon=True)
+    self._thread = threading.Thread(
+      target=self._server.run, kwargs={'sockets': [sock]}, name='policy-server', daemon=True
+    )
     self._thread.start()
     deadline = time.monotonic() + timeout_s
     while not self._server.started:
@@ -579,17 +677,22 @@ def read_token(flag_token: str, token_file: str, environ=os.environ) -> str:
       with open(os.path.expanduser(token_file), encoding='utf-8') as f:
         token = f.read().strip()
     except (OSError, UnicodeDecodeError) as e:
-      raise ValueError(f'--token_file={token_file}: cannot read it '
-                       f'({getattr(e, "strerror", None) or e})') from None
+      raise ValueError(
+        f'--token_file={token_file}: cannot read it ({getattr(e, "strerror", None) or e})'
+      ) from None
     if not token:
-      raise ValueError(f'--token_file={token_file} is empty (or only whitespace): refusing to '
-                       'start a server without the authentication it asks for. Write the token '
-                       'into it, or drop --token_file to serve without one')
+      raise ValueError(
+        f'--token_file={token_file} is empty (or only whitespace): refusing to '
+        'start a server without the authentication it asks for. Write the token '
+        'into it, or drop --token_file to serve without one'
+      )
     return token
   token = flag_token or environ.get('RT2_SERVE_TOKEN', '')
   if token and not token.strip():
-    raise ValueError('the token (--token or $RT2_SERVE_TOKEN) is only whitespace: refusing to '
-                     'start a server without the authentication it asks for')
+    raise ValueError(
+      'the token (--token or $RT2_SERVE_TOKEN) is only whitespace: refusing to '
+      'start a server without the authentication it asks for'
+    )
   return token.strip()
 
 
@@ -606,10 +709,17 @@ def main(argv) -> None:
   logging.getLogger('rt2_jax').setLevel(logging.INFO)
   try:  # everything that can be refused is checked before the (slow) policy load
     config = ServeConfig(
-        host=f.host, port=f.port, max_batch=f.max_batch, max_wait_ms=f.max_wait_ms,
-        max_body_bytes=int(f.max_body_mb * (1 << 20)), body_timeout_s=f.body_timeout_s,
-        request_timeout_s=f.request_timeout_s, token=read_token(f.token, f.token_file),
-        model_name=f.model_name, warmup=f.warmup)
+      host=f.host,
+      port=f.port,
+      max_batch=f.max_batch,
+      max_wait_ms=f.max_wait_ms,
+      max_body_bytes=int(f.max_body_mb * (1 << 20)),
+      body_timeout_s=f.body_timeout_s,
+      request_timeout_s=f.request_timeout_s,
+      token=read_token(f.token, f.token_file),
+      model_name=f.model_name,
+      warmup=f.warmup,
+    )
   except ValueError as e:
     sys.exit(f'rt2_jax.serve: {e}')
   from rt2_jax import checkpoints
@@ -623,11 +733,17 @@ def main(argv) -> None:
       from rt2_jax.policy import Policy
 
       # The policy pads each batch of up to max_batch to these sizes: one compile per bucket.
-      policy = Policy.from_checkpoint(f.workdir, step=f.checkpoint,
-                                      batch_buckets=batch_buckets(f.max_batch),
-                                      param_dtype=f.param_dtype or None)
-  except (FileNotFoundError, checkpoints.CorruptCheckpointError,
-          checkpoints.CheckpointReadError) as e:
+      policy = Policy.from_checkpoint(
+        f.workdir,
+        step=f.checkpoint,
+        batch_buckets=batch_buckets(f.max_batch),
+        param_dtype=f.param_dtype or None,
+      )
+  except (
+    FileNotFoundError,
+    checkpoints.CorruptCheckpointError,
+    checkpoints.CheckpointReadError,
+  ) as e:
     sys.exit(f'rt2_jax.serve: refusing to serve: {e}')
   PolicyServer(policy, config, log_level='info').run()
 
@@ -637,8 +753,12 @@ def _define_flags() -> None:
 
   flags.DEFINE_string('workdir', '', 'training workdir (or its checkpoints/ dir) to serve')
   flags.DEFINE_integer('checkpoint', None, 'checkpoint step; default the latest')
-  flags.DEFINE_string('param_dtype', '', 'dtype the params are held in; default the model\'s '
-                      'compute dtype (config.model.dtype); float32 keeps the checkpoint\'s')
+  flags.DEFINE_string(
+    'param_dtype',
+    '',
+    "dtype the params are held in; default the model's "
+    "compute dtype (config.model.dtype); float32 keeps the checkpoint's",
+  )
   flags.DEFINE_string('saved_model', '', 'SavedModel written by rt2_jax.export, instead')
   flags.DEFINE_string('host', '127.0.0.1', 'bind address; 0.0.0.0 exposes the server')
   flags.DEFINE_integer('port', 8000, 'port')

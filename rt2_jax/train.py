@@ -68,21 +68,30 @@ def initialize_backend(config) -> None:
   explicit = int(d.get('local_device_count', 0)) > 0
   cpu_devices = cpu_device_count(config)
   # An explicit XLA_FLAGS device count (the tests' virtual meshes) wins over 'auto'.
-  if cpu_devices and (explicit or 'xla_force_host_platform_device_count' not in
-                      os.environ.get('XLA_FLAGS', '')):
+  if cpu_devices and (
+    explicit or 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
+  ):
     try:
       jax.config.update('jax_num_cpu_devices', cpu_devices)
     except RuntimeError:  # the backend already started in this process (e.g. a notebook)
       if explicit:
         raise
-      log.warning('JAX already started: keeping %d device(s) instead of distributed.'
-                  'local_device_count=-1 (%d)', jax.device_count(), cpu_devices)
+      log.warning(
+        'JAX already started: keeping %d device(s) instead of distributed.'
+        'local_device_count=-1 (%d)',
+        jax.device_count(),
+        cpu_devices,
+      )
   if d.coordinator_address == 'auto' or (
-      not d.coordinator_address and ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')):
+    not d.coordinator_address and ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  ):
     jax.distributed.initialize()  # the cluster (Cloud TPU slice, SLURM, ...) describes itself
   elif d.coordinator_address:
-    jax.distributed.initialize(coordinator_address=d.coordinator_address,
-                               num_processes=int(d.num_processes), process_id=int(d.process_id))
+    jax.distributed.initialize(
+      coordinator_address=d.coordinator_address,
+      num_processes=int(d.num_processes),
+      process_id=int(d.process_id),
+    )
 
 
 def usable_cores() -> int:
@@ -120,8 +129,16 @@ def cpu_device_count(config, cores: int | None = None) -> int:
 
 @functools.cache
 def _check_batch_keys(batch_keys: tuple) -> None:
-  required = ('image', 'encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
-              'decoder_loss_weights', 'is_robot', 'action_loss_mask', 'actions')
+  required = (
+    'image',
+    'encoder_input_tokens',
+    'decoder_input_tokens',
+    'decoder_target_tokens',
+    'decoder_loss_weights',
+    'is_robot',
+    'action_loss_mask',
+    'actions',
+  )
   missing = [k for k in required if k not in batch_keys]
   if missing:
     raise KeyError(f'training batches lack {missing}; got {sorted(batch_keys)}')
@@ -130,9 +147,11 @@ def _check_batch_keys(batch_keys: tuple) -> None:
 def dummy_inputs(config, batch_size: int = 1) -> tuple:
   """(images, encoder tokens, decoder tokens) of the training shapes, for init / eval_shape."""
   s, d = config.model.image_size, config.data
-  return (jnp.zeros((batch_size, s, s, 3), jnp.uint8),
-          jnp.ones((batch_size, d.max_input_len), jnp.int32),
-          jnp.ones((batch_size, d.max_target_len), jnp.int32))
+  return (
+    jnp.zeros((batch_size, s, s, 3), jnp.uint8),
+    jnp.ones((batch_size, d.max_input_len), jnp.int32),
+    jnp.ones((batch_size, d.max_target_len), jnp.int32),
+  )
 
 
 def pointer_label(xy, grid: int):
@@ -142,19 +161,28 @@ def pointer_label(xy, grid: int):
   centre = jnp.clip(xy * grid - 0.5, 0, grid - 1)  # in patch-centre units
   low = jnp.minimum(jnp.floor(centre), grid - 2).astype(jnp.int32)
   frac = centre - low
-  col = (jax.nn.one_hot(low[..., 0], grid) * (1 - frac[..., :1])
-         + jax.nn.one_hot(low[..., 0] + 1, grid) * frac[..., :1])
-  row = (jax.nn.one_hot(low[..., 1], grid) * (1 - frac[..., 1:])
-         + jax.nn.one_hot(low[..., 1] + 1, grid) * frac[..., 1:])
+  col = (
+    jax.nn.one_hot(low[..., 0], grid) * (1 - frac[..., :1])
+    + jax.nn.one_hot(low[..., 0] + 1, grid) * frac[..., :1]
+  )
+  row = (
+    jax.nn.one_hot(low[..., 1], grid) * (1 - frac[..., 1:])
+    + jax.nn.one_hot(low[..., 1] + 1, grid) * frac[..., 1:]
+  )
   return (row[..., :, None] * col[..., None, :]).reshape(*xy.shape[:-1], grid * grid)
 
 
 def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_spec_fn):
   """(state, batch) -> (state, metrics), to be jitted."""
   accum = int(config.optim.grad_accum_steps)
-  dropout = max(float(config.model.get('t5', {}).get('dropout_rate', 0.0)),
-                float(config.model.get('gemma', {}).get('dropout_rate', 0.0)),
-                float(config.model.vit.get('dropout_rate', 0.0))) > 0
+  dropout = (
+    max(
+      float(config.model.get('t5', {}).get('dropout_rate', 0.0)),
+      float(config.model.get('gemma', {}).get('dropout_rate', 0.0)),
+      float(config.model.vit.get('dropout_rate', 0.0)),
+    )
+    > 0
+  )
 
   pointer_weight = float(config.model.get('pointer_loss', 0.0))
   if pointer_weight and not int(config.model.get('instruction_pool', 0)):
@@ -185,8 +213,10 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     g = patch_grid
     weights = jax.nn.softmax(logits, -1).reshape(*logits.shape[:-1], g, g)
     centres = (jnp.arange(g, dtype=jnp.float32) + 0.5) / g
-    expected = jnp.stack([jnp.einsum('...rc,c->...', weights, centres),
-                          jnp.einsum('...rc,r->...', weights, centres)], -1)
+    expected = jnp.stack(
+      [jnp.einsum('...rc,c->...', weights, centres), jnp.einsum('...rc,r->...', weights, centres)],
+      -1,
+    )
     dist = jnp.where(valid, jnp.linalg.norm(expected - xy, axis=-1), 0.0).sum()
     return jnp.where(valid, ce, 0.0).sum(), hits.sum(), valid.sum(), dist
 
@@ -197,12 +227,17 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     return (~jnp.isnan(xy[:, :pool_tokens, 0])).sum()
 
   def loss_and_sums(params, batch, rng, total_weight, pointer_total):
-    logits, state = model.apply({'params': params}, batch['image'], batch['encoder_input_tokens'],
-                                batch['decoder_input_tokens'], enable_dropout=dropout,
-                                # parallel action decoding: action positions read queries
-                                action_mask=batch['action_loss_mask'],
-                                rngs={'dropout': rng} if dropout else None,
-                                mutable=['intermediates'])
+    logits, state = model.apply(
+      {'params': params},
+      batch['image'],
+      batch['encoder_input_tokens'],
+      batch['decoder_input_tokens'],
+      enable_dropout=dropout,
+      # parallel action decoding: action positions read queries
+      action_mask=batch['action_loss_mask'],
+      rngs={'dropout': rng} if dropout else None,
+      mutable=['intermediates'],
+    )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['decoder_target_tokens'])
     loss_sum = (ce * batch['decoder_loss_weights']).sum()
     loss = loss_sum / total_weight
@@ -211,9 +246,13 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
       pool_logits = state['intermediates']['instruction_pool']['logits'][0]
       pointer_loss_sum, hits, count, dist = pointer_sums(pool_logits, batch)
       loss = loss + pointer_weight * pointer_loss_sum / pointer_total
-      sums = dict(sums, pointer_loss_sum=jax.lax.stop_gradient(pointer_loss_sum),
-                  pointer_hits=hits, pointer_count=count,
-                  pointer_distance_sum=jax.lax.stop_gradient(dist))
+      sums = dict(
+        sums,
+        pointer_loss_sum=jax.lax.stop_gradient(pointer_loss_sum),
+        pointer_hits=hits,
+        pointer_count=count,
+        pointer_distance_sum=jax.lax.stop_gradient(dist),
+      )
     return loss, (loss_sum, sums)
 
   grad_fn = jax.grad(loss_and_sums, has_aux=True)
@@ -222,31 +261,38 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     rng = jax.random.fold_in(state.rng, state.step)
     # Normalizing by the whole batch's target count makes accumulation exact.
     total_weight = jnp.maximum(batch['decoder_loss_weights'].sum(), 1e-8)
-    pointer_total = (jnp.maximum(pointer_count(batch['pointer_xy']), 1)
-                     if pointer_weight else None)
+    pointer_total = jnp.maximum(pointer_count(batch['pointer_xy']), 1) if pointer_weight else None
     if accum == 1:
       grads, (loss_sum, sums) = grad_fn(state.params, batch, rng, total_weight, pointer_total)
     else:
+
       def split(x):  # micro-batch i = rows i, i + accum, ...: each spread over all devices
         x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
         return jax.lax.with_sharding_constraint(x, batch_spec_fn(x.ndim - 1, leading=1))
+
       micro = jax.tree.map(split, batch)
 
       def body(carry, xs):
         i, mb = xs
-        grads, (loss_sum, sums) = grad_fn(state.params, mb, jax.random.fold_in(rng, i),
-                                          total_weight, pointer_total)
+        grads, (loss_sum, sums) = grad_fn(
+          state.params, mb, jax.random.fold_in(rng, i), total_weight, pointer_total
+        )
         return jax.tree.map(jnp.add, carry, (grads, loss_sum, sums)), None
+
       grads_shape, (loss_shape, sums_shape) = jax.eval_shape(
-          grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng, total_weight,
-          pointer_total)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                           (grads_shape, loss_shape, sums_shape))
+        grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng, total_weight, pointer_total
+      )
+      zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, loss_shape, sums_shape)
+      )
       (grads, loss_sum, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    pointer = {k: sums.pop(k) for k in ('pointer_loss_sum', 'pointer_hits', 'pointer_count',
-                                         'pointer_distance_sum') if k in sums}
+    pointer = {
+      k: sums.pop(k)
+      for k in ('pointer_loss_sum', 'pointer_hits', 'pointer_count', 'pointer_distance_sum')
+      if k in sums
+    }
     out = metrics.finalize_metrics(sums, loss_sum)
     if pointer:  # examples with points: the pool's loss, how often it picks the patch, how far
       count = jnp.maximum(pointer['pointer_count'], 1)
@@ -256,6 +302,7 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     out['grad_norm'] = optax.tree.norm(grads)
     out['learning_rate'] = schedule(state.step)
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), out
+
   return train_step
 
 
@@ -270,6 +317,7 @@ def barrier(name: str, timeout_s: int = 1800) -> None:
     client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
   else:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -295,6 +343,7 @@ class Preemption:
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 
@@ -337,16 +386,21 @@ class Setup:
       init_rng, dropout_rng = jax.random.split(rng)
       params = partitioning.unbox(self.model.init(init_rng, *dummy_inputs(self.config)))['params']
       return TrainState(params, self.tx.init(params), jnp.int32(0), dropout_rng)
+
     with self.context():
       return jax.jit(init, out_shardings=self.state_shardings)(rng)
 
   def jit_train_step(self, action_vocab, tokenizer):
-    step_fn = make_train_step(self.model, self.tx, self.schedule, self.config, action_vocab,
-                              tokenizer, self.batch_sharding)
+    step_fn = make_train_step(
+      self.model, self.tx, self.schedule, self.config, action_vocab, tokenizer, self.batch_sharding
+    )
     # Metrics come back replicated, so every process can read them without a gather.
-    return jax.jit(step_fn, in_shardings=(self.state_shardings, None),
-                   out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
-                   donate_argnums=0)
+    return jax.jit(
+      step_fn,
+      in_shardings=(self.state_shardings, None),
+      out_shardings=(self.state_shardings, NamedSharding(self.mesh, P())),
+      donate_argnums=0,
+    )
 
 
 def make_setup(config, mesh=None) -> Setup:
@@ -356,30 +410,41 @@ def make_setup(config, mesh=None) -> Setup:
   n_batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
   accum = int(config.optim.grad_accum_steps)
   if accum < 1 or config.batch_size % (n_batch_shards * accum):
-    raise ValueError(f'batch_size={config.batch_size} must divide by data x fsdp = '
-                     f'{n_batch_shards} times optim.grad_accum_steps={accum} (see --config.mesh.* '
-                     f'on these {mesh.devices.size} devices)')
+    raise ValueError(
+      f'batch_size={config.batch_size} must divide by data x fsdp = '
+      f'{n_batch_shards} times optim.grad_accum_steps={accum} (see --config.mesh.* '
+      f'on these {mesh.devices.size} devices)'
+    )
   if config.batch_size % jax.process_count():
-    raise ValueError(f'batch_size={config.batch_size} must divide by the {jax.process_count()} '
-                     'processes')
+    raise ValueError(
+      f'batch_size={config.batch_size} must divide by the {jax.process_count()} processes'
+    )
   model = VLA(config.model)
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_RULES):
     abstract_vars = jax.eval_shape(model.init, jax.random.PRNGKey(0), *dummy_inputs(config))
   param_shardings = partitioning.logical_to_sharding(
-      nn.get_partition_spec(abstract_vars)['params'], mesh)
+    nn.get_partition_spec(abstract_vars)['params'], mesh
+  )
   abstract_params = partitioning.unbox(abstract_vars)['params']
   tx, schedule = optim.make_optimizer(config, abstract_params)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_specs = optim.opt_state_specs(abstract_opt, abstract_params,
-                                    jax.tree.map(lambda s: s.spec, param_shardings))
-  opt_shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), opt_specs,
-                               is_leaf=lambda x: isinstance(x, P))
+  opt_specs = optim.opt_state_specs(
+    abstract_opt, abstract_params, jax.tree.map(lambda s: s.spec, param_shardings)
+  )
+  opt_shardings = jax.tree.map(
+    lambda spec: NamedSharding(mesh, spec), opt_specs, is_leaf=lambda x: isinstance(x, P)
+  )
   replicated = NamedSharding(mesh, P())
   shardings = TrainState(param_shardings, opt_shardings, replicated, replicated)
-  abstract = TrainState(abstract_params, abstract_opt, jax.ShapeDtypeStruct((), jnp.int32),
-                        jax.ShapeDtypeStruct((2,), jnp.uint32))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+  abstract = TrainState(
+    abstract_params,
+    abstract_opt,
+    jax.ShapeDtypeStruct((), jnp.int32),
+    jax.ShapeDtypeStruct((2,), jnp.uint32),
+  )
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
   return Setup(config, mesh, model, tx, schedule, abstract, shardings)
 
 
@@ -391,9 +456,12 @@ def train(config, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   setup = make_setup(config)
   if is_main:
-    print(f'model: {optim.tree_size(setup.abstract_state.params) / 1e6:.2f}M parameters; mesh '
-          f'{dict(setup.mesh.shape)} over {jax.device_count()} {jax.default_backend().upper()} '
-          f'device(s), {jax.process_count()} process(es)', flush=True)
+    print(
+      f'model: {optim.tree_size(setup.abstract_state.params) / 1e6:.2f}M parameters; mesh '
+      f'{dict(setup.mesh.shape)} over {jax.device_count()} {jax.default_backend().upper()} '
+      f'device(s), {jax.process_count()} process(es)',
+      flush=True,
+    )
 
   ckpt = checkpoints.Checkpointer(workdir, keep=config.ckpt.keep, async_save=config.ckpt.async_save)
   restored = ckpt.restore_latest(setup.abstract_state.as_dict())
@@ -410,30 +478,38 @@ def train(config, workdir: str) -> dict:
       print(f'init_from={config.init_from} is not used: resuming this run', flush=True)
     stats_json = restored.meta.get('norm_stats')  # keep the run's statistics when resuming
     action_space, stats, vocab, action_vocab = build_data(
-        config, NormStats.from_json(stats_json) if stats_json else None)
+      config, NormStats.from_json(stats_json) if stats_json else None
+    )
   else:
     action_space, stats, vocab, action_vocab = build_data(config)
     state, start = setup.init_state(jax.random.PRNGKey(config.seed)), 0
     if config.init_from:
-      state = state.replace(params=checkpoints.load_init_params(config.init_from, setup.abstract_state.params))
+      state = state.replace(
+        params=checkpoints.load_init_params(config.init_from, setup.abstract_state.params)
+      )
   tokenizer = action_space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
   meta = checkpoints.make_meta(config, stats, action_space, vocab)
   assets = checkpoint_assets.make(config, stats, action_space, vocab)  # resize: the spec's, now
 
-  data_iter = pipeline.make_train_iterator(config, vocab, action_vocab, stats,
-                                           jax.process_index(), jax.process_count())
+  data_iter = pipeline.make_train_iterator(
+    config, vocab, action_vocab, stats, jax.process_index(), jax.process_count()
+  )
   if restored is not None and restored.data_state is not None:
     data_iter.set_state(restored.data_state)
   train_step = setup.jit_train_step(action_vocab, tokenizer)
 
   def global_batch(local: dict) -> dict:
     _check_batch_keys(tuple(sorted(local)))
-    return {k: jax.make_array_from_process_local_data(
-        setup.batch_sharding(np.ndim(v)), np.asarray(v), (config.batch_size,) + np.shape(v)[1:])
-        for k, v in local.items()}
+    return {
+      k: jax.make_array_from_process_local_data(
+        setup.batch_sharding(np.ndim(v)), np.asarray(v), (config.batch_size,) + np.shape(v)[1:]
+      )
+      for k, v in local.items()
+    }
 
-  logger = metrics.MetricLogger(workdir, config.total_steps, config.batch_size,
-                                action_space.dim_names, enabled=is_main)
+  logger = metrics.MetricLogger(
+    workdir, config.total_steps, config.batch_size, action_space.dim_names, enabled=is_main
+  )
   preemption = Preemption()
   last, step = {}, start
   batch = global_batch(next(data_iter))
@@ -444,8 +520,11 @@ def train(config, workdir: str) -> dict:
     # Compiled once, ahead of the loop: a batch of another shape fails instead of recompiling.
     compiled_step = train_step.lower(state, batch).compile()
   if is_main:
-    print(f'compiled in {time.perf_counter() - compile_start:.1f}s; training steps {start + 1}..'
-          f'{config.total_steps}', flush=True)
+    print(
+      f'compiled in {time.perf_counter() - compile_start:.1f}s; training steps {start + 1}..'
+      f'{config.total_steps}',
+      flush=True,
+    )
   # Processes compile at different speeds; meet before the first collective, whose CPU (gloo)
   # setup gives up after 30 s.
   barrier('rt2_jax_train_compiled')
@@ -518,8 +597,9 @@ def shutdown_distributed(grace_s: float = 1.0) -> None:
 def run() -> None:
   """The command line: defines the flags (only here, so importing this module defines none)."""
   _FLAGS['config'] = config_flags.define_config()
-  _FLAGS['workdir'] = flags.DEFINE_string('workdir', None, 'run directory: checkpoints/, '
-                                          'tensorboard/', required=True)
+  _FLAGS['workdir'] = flags.DEFINE_string(
+    'workdir', None, 'run directory: checkpoints/, tensorboard/', required=True
+  )
   config_flags.run(main)
 
 

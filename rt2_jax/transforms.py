@@ -46,7 +46,7 @@ def pad_rows(rows: Sequence[Sequence[int]], length: int) -> np.ndarray:
   """Token lists -> int32 [n, length], cut to `length`, 0-padded."""
   out = np.zeros((len(rows), length), np.int32)
   for i, row in enumerate(rows):
-    out[i, :min(len(row), length)] = row[:length]
+    out[i, : min(len(row), length)] = row[:length]
   return out
 
 
@@ -69,8 +69,10 @@ class Prompt:
     try:
       self.template.format(instruction='')
     except (KeyError, IndexError, ValueError) as e:
-      raise ValueError(f'the prompt {self.template!r} has a field other than {{instruction}} '
-                       f'({e!r}); write literal braces as {{{{ }}}}') from None
+      raise ValueError(
+        f'the prompt {self.template!r} has a field other than {{instruction}} '
+        f'({e!r}); write literal braces as {{{{ }}}}'
+      ) from None
 
   @classmethod
   def from_config(cls, config) -> Prompt:
@@ -96,18 +98,20 @@ class TFPromptTokenizer:
 
     self.prefix, _, self.suffix = prompt.template.format(instruction='\x00').partition('\x00')
     self.max_len = prompt.max_len
-    self.sentencepiece = tf_text.SentencepieceTokenizer(model=vocab.sp_model_bytes,
-                                                        out_type='int32')
+    self.sentencepiece = tf_text.SentencepieceTokenizer(
+      model=vocab.sp_model_bytes, out_type='int32'
+    )
 
   def __call__(self, instruction):
     import tensorflow as tf
 
     instruction = tf.strings.regex_replace(instruction, f'^{TF_SPACE}+|{TF_SPACE}+$', '')
-    check = tf.debugging.assert_greater(tf.strings.length(instruction), 0,
-                                        message='an instruction is empty')
+    check = tf.debugging.assert_greater(
+      tf.strings.length(instruction), 0, message='an instruction is empty'
+    )
     with tf.control_dependencies([check]):
       prompt = tf.strings.join([self.prefix, instruction, self.suffix])
-    ids = self.sentencepiece.tokenize(prompt)[:, :self.max_len]
+    ids = self.sentencepiece.tokenize(prompt)[:, : self.max_len]
     return ids.to_tensor(default_value=0, shape=[None, self.max_len])
 
 
@@ -179,12 +183,13 @@ def resize_image(image, size: int, policy: str = 'stretch', xp=np):
   """uint8 [H, W, 3] -> uint8 [size, size, 3] (see the module docstring); `xp=jnp` in jit."""
   h, w = int(image.shape[0]), int(image.shape[1])
   (top, left, ch, cw), (nh, nw), (pad_top, pad_left) = resize_geometry(h, w, size, policy)
-  image = xp.asarray(image)[top:top + ch, left:left + cw]
+  image = xp.asarray(image)[top : top + ch, left : left + cw]
   if (ch, cw) != (nh, nw):
     image = _resample(image, nh, nw, xp)
   if (nh, nw) != (size, size):
-    image = xp.pad(image, ((pad_top, size - nh - pad_top), (pad_left, size - nw - pad_left),
-                           (0, 0)))
+    image = xp.pad(
+      image, ((pad_top, size - nh - pad_top), (pad_left, size - nw - pad_left), (0, 0))
+    )
   return image.astype(xp.uint8)
 
 
@@ -195,8 +200,9 @@ def resize_image_tf(image, size: int, policy: str = 'stretch'):
   if policy not in RESIZE_POLICIES:
     raise ValueError(f'unknown resize policy {policy!r}; expected one of {RESIZE_POLICIES}')
   image = tf.ensure_shape(tf.cast(image, tf.uint8), [None, None, 3])
-  out = tf.numpy_function(lambda x: resize_image(x, size, policy), [image], tf.uint8,
-                          stateful=False)
+  out = tf.numpy_function(
+    lambda x: resize_image(x, size, policy), [image], tf.uint8, stateful=False
+  )
   return tf.ensure_shape(out, [size, size, 3])
 
 
@@ -208,8 +214,10 @@ class ActionCodec:
 
   def __init__(self, action_vocab, tokenizer: actions_lib.SpaceTokenizer):
     if tokenizer.space != action_vocab.space:
-      raise ValueError(f'the action tokenizer is for {tokenizer.space}, the action vocabulary for '
-                       f'{action_vocab.space}')
+      raise ValueError(
+        f'the action tokenizer is for {tokenizer.space}, the action vocabulary for '
+        f'{action_vocab.space}'
+      )
     self.action_vocab, self.tokenizer = action_vocab, tokenizer
     self.space: actions_lib.ActionSpace = action_vocab.space
     self.num_positions = int(action_vocab.num_positions)
@@ -225,8 +233,9 @@ class ActionCodec:
     self._position = np.asarray(position, np.int32)
 
   @classmethod
-  def create(cls, action_vocab, stats: actions_lib.NormStats | None, num_bins: int = 256,
-             mode: str = 'rt1') -> ActionCodec:
+  def create(
+    cls, action_vocab, stats: actions_lib.NormStats | None, num_bins: int = 256, mode: str = 'rt1'
+  ) -> ActionCodec:
     return cls(action_vocab, action_vocab.space.tokenizer(stats, num_bins, mode))
 
   @classmethod
@@ -257,10 +266,12 @@ class ActionCodec:
     highest logit: what greedy constrained decoding picks."""
     allowed = xp.asarray(self.action_vocab.allowed_ids)  # [P, K], rows padded with their last id
     candidates = xp.take_along_axis(
-        logits, xp.broadcast_to(allowed, logits.shape[:-2] + allowed.shape), axis=-1)
+      logits, xp.broadcast_to(allowed, logits.shape[:-2] + allowed.shape), axis=-1
+    )
     best = xp.argmax(candidates, axis=-1)
-    return xp.take_along_axis(xp.broadcast_to(allowed, best.shape[:-1] + allowed.shape),
-                              best[..., None], axis=-1)[..., 0].astype(xp.int32)
+    return xp.take_along_axis(
+      xp.broadcast_to(allowed, best.shape[:-1] + allowed.shape), best[..., None], axis=-1
+    )[..., 0].astype(xp.int32)
 
   @staticmethod
   def action_end(tokens, eos_id: int = EOS_ID, xp=np):

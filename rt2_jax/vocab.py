@@ -49,8 +49,11 @@ class Vocab:
 
     proto = sentencepiece_model_pb2.ModelProto.FromString(sp_model)
     for i in reversed(range(extra_ids)):  # seqio's order: <extra_id_0> ends up last
-      proto.pieces.add(piece=f'▁<extra_id_{i}>', score=0.0,
-                       type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+      proto.pieces.add(
+        piece=f'▁<extra_id_{i}>',
+        score=0.0,
+        type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED,
+      )
     self.model_bytes = sp_model  # the .model file as given (checkpoints save it: assets)
     self.sp_model_bytes = proto.SerializeToString()  # with the extra ids
     self._proto = proto
@@ -58,8 +61,10 @@ class Vocab:
     self._sp.LoadFromSerializedProto(self.sp_model_bytes)
     got = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id())
     if got != (PAD_ID, EOS_ID, UNK_ID):
-      raise ValueError(f'SentencePiece model {path or "<bytes>"} has (pad, eos, unk) ids {got}; '
-                       f'rt2_jax and seqio need {(PAD_ID, EOS_ID, UNK_ID)}')
+      raise ValueError(
+        f'SentencePiece model {path or "<bytes>"} has (pad, eos, unk) ids {got}; '
+        f'rt2_jax and seqio need {(PAD_ID, EOS_ID, UNK_ID)}'
+      )
     self.path, self.extra_ids = path, extra_ids
     self.vocab_size = self._sp.get_piece_size()
     self.pad_id, self.eos_id, self.unk_id = PAD_ID, EOS_ID, UNK_ID
@@ -86,7 +91,7 @@ class Vocab:
     """Ids -> text, up to the first EOS; padding is dropped."""
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]
     if EOS_ID in ids:
-      ids = ids[:ids.index(EOS_ID)]
+      ids = ids[: ids.index(EOS_ID)]
     ids = [i for i in ids if i != PAD_ID]
     ids = [i if 0 <= i < self.vocab_size else UNK_ID for i in ids]
     return self._sp.decode_ids(ids)
@@ -96,7 +101,9 @@ class Vocab:
 
   def extra_id(self, i: int) -> int:
     if not 0 <= i < self.extra_ids:
-      raise ValueError(f'<extra_id_{i}> does not exist: the vocabulary has {self.extra_ids} extra ids')
+      raise ValueError(
+        f'<extra_id_{i}> does not exist: the vocabulary has {self.extra_ids} extra ids'
+      )
     return self.vocab_size - 1 - i
 
   def normal_piece_ids(self) -> np.ndarray:
@@ -119,9 +126,10 @@ def number_token_ids(vocab: Vocab, count: int) -> np.ndarray:
   if bad:
     shown = ', '.join(f'{n!r} -> {p}' for n, p in bad[:5])
     raise ValueError(
-        f"action_scheme='numbers' needs every number 0..{count - 1} to be a single piece of "
-        f'{vocab.path or "the vocabulary"}, but {len(bad)} are not ({shown}{", ..." if len(bad) > 5 else ""}). '
-        "Use action_scheme='extra_ids' or 'least_used' for this vocabulary.")
+      f"action_scheme='numbers' needs every number 0..{count - 1} to be a single piece of "
+      f'{vocab.path or "the vocabulary"}, but {len(bad)} are not ({shown}{", ..." if len(bad) > 5 else ""}). '
+      "Use action_scheme='extra_ids' or 'least_used' for this vocabulary."
+    )
   if len(set(ids)) != len(ids):
     raise ValueError('number strings map to repeated pieces; cannot use them as action bins')
   return np.asarray(ids, np.int32)
@@ -130,23 +138,32 @@ def number_token_ids(vocab: Vocab, count: int) -> np.ndarray:
 class ActionVocab:
   """Action classes per position <-> token ids, and the allowed ids for constrained decoding."""
 
-  def __init__(self, vocab: Vocab, action_space: actions_lib.ActionSpace,
-               scheme: str = 'numbers', num_bins: int = 256, vocab_size: int | None = None):
+  def __init__(
+    self,
+    vocab: Vocab,
+    action_space: actions_lib.ActionSpace,
+    scheme: str = 'numbers',
+    num_bins: int = 256,
+    vocab_size: int | None = None,
+  ):
     if scheme not in SCHEMES:
       raise ValueError(f'unknown action_scheme {scheme!r}; expected one of {SCHEMES}')
     self.vocab, self.space, self.scheme, self.num_bins = vocab, action_space, scheme, num_bins
     self.vocab_size = vocab_size or vocab.vocab_size
     if self.vocab_size < vocab.vocab_size:
-      raise ValueError(f'vocab_size {self.vocab_size} is smaller than the vocabulary '
-                       f'({vocab.vocab_size} ids)')
+      raise ValueError(
+        f'vocab_size {self.vocab_size} is smaller than the vocabulary ({vocab.vocab_size} ids)'
+      )
     classes = action_space.classes_per_position(num_bins)
     n = max(classes)
     if scheme == 'numbers':
       table = number_token_ids(vocab, n)
     elif scheme == 'extra_ids':
       if vocab.extra_ids < n:
-        raise ValueError(f"action_scheme='extra_ids' needs >= {n} extra ids, the vocabulary has "
-                         f'{vocab.extra_ids} (set vocab.extra_ids)')
+        raise ValueError(
+          f"action_scheme='extra_ids' needs >= {n} extra ids, the vocabulary has "
+          f'{vocab.extra_ids} (set vocab.extra_ids)'
+        )
       table = np.asarray([vocab.extra_id(c) for c in range(n)], np.int32)
     else:
       normal = vocab.normal_piece_ids()
@@ -187,15 +204,21 @@ class ActionVocab:
       if ids.shape[-1:] != (self.num_positions,):
         raise ValueError(f'expected ids [..., {self.num_positions}], got shape {ids.shape}')
       in_range = (ids >= 0) & (ids < self.vocab_size)
-      out = np.where(in_range, self._inverse[np.arange(self.num_positions), np.where(in_range, ids, 0)], -1)
+      out = np.where(
+        in_range, self._inverse[np.arange(self.num_positions), np.where(in_range, ids, 0)], -1
+      )
       if (out < 0).any():
         pos = np.argwhere(out < 0)[0]
         tok = int(ids[tuple(pos)])
-        raise ValueError(f'token {tok} ({self.vocab.piece(tok) if 0 <= tok < self.vocab.vocab_size else "?"}) '
-                         f'is not a valid action token for position {int(pos[-1])}')
+        raise ValueError(
+          f'token {tok} ({self.vocab.piece(tok) if 0 <= tok < self.vocab.vocab_size else "?"}) '
+          f'is not a valid action token for position {int(pos[-1])}'
+        )
       return out
     inverse = xp.asarray(self._inverse)
-    return xp.maximum(inverse[xp.arange(self.num_positions), xp.clip(ids, 0, self.vocab_size - 1)], 0)
+    return xp.maximum(
+      inverse[xp.arange(self.num_positions), xp.clip(ids, 0, self.vocab_size - 1)], 0
+    )
 
 
 def from_config(config, action_space: actions_lib.ActionSpace) -> tuple[Vocab, ActionVocab]:
@@ -203,8 +226,11 @@ def from_config(config, action_space: actions_lib.ActionSpace) -> tuple[Vocab, A
   vocab = Vocab.load(config.vocab.path, extra_ids=config.vocab.get('extra_ids', 0))
   model_vocab = config.model.get('vocab_size', vocab.vocab_size)
   if model_vocab < vocab.vocab_size:
-    raise ValueError(f'config.model.vocab_size={model_vocab} is smaller than the vocabulary '
-                     f'{vocab.path} ({vocab.vocab_size} ids)')
-  action_vocab = ActionVocab(vocab, action_space, config.vocab.action_scheme,
-                             config.actions.num_bins, vocab_size=model_vocab)
+    raise ValueError(
+      f'config.model.vocab_size={model_vocab} is smaller than the vocabulary '
+      f'{vocab.path} ({vocab.vocab_size} ids)'
+    )
+  action_vocab = ActionVocab(
+    vocab, action_space, config.vocab.action_scheme, config.actions.num_bins, vocab_size=model_vocab
+  )
   return vocab, action_vocab

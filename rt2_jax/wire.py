@@ -47,8 +47,12 @@ class WireError(ValueError):
 def _pack_default(obj):
   if isinstance(obj, np.ndarray):
     arr = np.ascontiguousarray(obj)
-    return {_ARRAY_KEY: True, 'dtype': arr.dtype.str, 'shape': list(arr.shape),
-            'data': arr.tobytes()}
+    return {
+      _ARRAY_KEY: True,
+      'dtype': arr.dtype.str,
+      'shape': list(arr.shape),
+      'data': arr.tobytes(),
+    }
   if isinstance(obj, np.generic):
     return obj.item()
   raise TypeError(f'cannot msgpack an object of type {type(obj).__name__}')
@@ -61,28 +65,37 @@ def _unpack_hook(obj):
   if obj.get(_ARRAY_KEY) is not True:
     return obj
   if not all(k in obj for k in ('dtype', 'shape', 'data')):
-    raise WireError(f'malformed msgpack array (need dtype, shape, data): got keys '
-                    f'{sorted(map(str, obj))[:10]}')
+    raise WireError(
+      f'malformed msgpack array (need dtype, shape, data): got keys {sorted(map(str, obj))[:10]}'
+    )
   dtype_text, shape, data = obj['dtype'], obj['shape'], obj['data']
   if not isinstance(dtype_text, str):
-    raise WireError(f'malformed msgpack array: dtype must be a string, got '
-                    f'{type(dtype_text).__name__}')
+    raise WireError(
+      f'malformed msgpack array: dtype must be a string, got {type(dtype_text).__name__}'
+    )
   try:
     dtype = np.dtype(dtype_text)
   except (TypeError, ValueError, SyntaxError):
     raise WireError(f'malformed msgpack array: unknown dtype {dtype_text[:40]!r}') from None
   if dtype.name not in _ALLOWED_DTYPES:
     raise WireError(f'msgpack array dtype {dtype.name} not accepted; use one of {_ALLOWED_DTYPES}')
-  if (not isinstance(shape, list | tuple) or len(shape) > _MAX_NDIM
-      or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-    raise WireError(f'malformed msgpack array: shape must be a list of at most {_MAX_NDIM} '
-                    f'non-negative integers, got {str(shape)[:100]}')
+  if (
+    not isinstance(shape, list | tuple)
+    or len(shape) > _MAX_NDIM
+    or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+  ):
+    raise WireError(
+      f'malformed msgpack array: shape must be a list of at most {_MAX_NDIM} '
+      f'non-negative integers, got {str(shape)[:100]}'
+    )
   if not isinstance(data, bytes | bytearray):
     raise WireError('msgpack array data must be raw bytes (msgpack bin)')
   needed = math.prod(shape) * dtype.itemsize
   if needed != len(data):
-    raise WireError(f'msgpack array of shape {list(shape)} and dtype {dtype.name} needs '
-                    f'{needed} bytes, got {len(data)}')
+    raise WireError(
+      f'msgpack array of shape {list(shape)} and dtype {dtype.name} needs '
+      f'{needed} bytes, got {len(data)}'
+    )
   return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
@@ -110,9 +123,11 @@ def unpackb(data: bytes, max_list_values: int | None = None):
       if count > max_list_values:
         raise TooManyValues(f'message holds more than {max_list_values} list values')
       return values
+
   try:
-    return msgpack.unpackb(data, object_hook=_unpack_hook, list_hook=list_hook, raw=False,
-                           strict_map_key=True)
+    return msgpack.unpackb(
+      data, object_hook=_unpack_hook, list_hook=list_hook, raw=False, strict_map_key=True
+    )
   except WireError:
     raise
   except Exception as e:  # msgpack raises several unrelated types for garbage input.
@@ -165,27 +180,34 @@ def image_from_bytes(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data), formats=(kind,))  # reads the header only
     except Image.DecompressionBombError:
-      raise WireError(f'the {kind} header claims more than {2 * Image.MAX_IMAGE_PIXELS} pixels; '
-                      f'this policy takes {shape[1]}x{shape[0]} RGB images') from None
+      raise WireError(
+        f'the {kind} header claims more than {2 * Image.MAX_IMAGE_PIXELS} pixels; '
+        f'this policy takes {shape[1]}x{shape[0]} RGB images'
+      ) from None
     except Exception as e:  # noqa: BLE001  (Pillow raises many types on malformed headers)
       raise WireError(f'cannot decode the image bytes as {kind} ({_reason(e)})') from None
     with img:
       width, height = img.size
       if (height, width) != tuple(shape[:2]):
-        raise WireError(f'image is {width}x{height} pixels; this policy takes '
-                        f'{shape[1]}x{shape[0]} RGB images (resize on the client)')
+        raise WireError(
+          f'image is {width}x{height} pixels; this policy takes '
+          f'{shape[1]}x{shape[0]} RGB images (resize on the client)'
+        )
       try:
         arr = np.asarray(img.convert('RGB'))
       except Exception as e:  # noqa: BLE001  (truncated or corrupt data)
         raise WireError(f'cannot decode the image bytes as {kind} ({_reason(e)})') from None
     if arr.shape != tuple(shape):
-      raise WireError(f'image decoded to shape {list(arr.shape)}; this policy takes uint8 '
-                      f'{list(shape)}')
+      raise WireError(
+        f'image decoded to shape {list(arr.shape)}; this policy takes uint8 {list(shape)}'
+      )
     return arr
   if len(data) == int(np.prod(shape)):
     return np.frombuffer(data, np.uint8).reshape(shape)
-  raise WireError(f'image bytes are neither PNG/JPEG nor raw uint8 of shape {list(shape)} '
-                  f'({int(np.prod(shape))} bytes); got {len(data)} bytes')
+  raise WireError(
+    f'image bytes are neither PNG/JPEG nor raw uint8 of shape {list(shape)} '
+    f'({int(np.prod(shape))} bytes); got {len(data)} bytes'
+  )
 
 
 def _check_nesting(value: list, shape: tuple[int, int, int]) -> None:
@@ -199,8 +221,10 @@ def _check_nesting(value: list, shape: tuple[int, int, int]) -> None:
       raise WireError(f'image lists: {got}; this policy takes uint8 {list(shape)}')
     for pixel in row:
       if not isinstance(pixel, list) or len(pixel) != c:
-        raise WireError(f'image lists: each pixel must be a list of {c} integers; this policy '
-                        f'takes uint8 {list(shape)}')
+        raise WireError(
+          f'image lists: each pixel must be a list of {c} integers; this policy '
+          f'takes uint8 {list(shape)}'
+        )
 
 
 def image_from_message(value, shape: tuple[int, int, int]) -> np.ndarray:
@@ -222,16 +246,19 @@ def image_from_message(value, shape: tuple[int, int, int]) -> np.ndarray:
     try:
       arr = np.asarray(value)
     except (ValueError, TypeError, OverflowError):
-      raise WireError('image nested lists are ragged or hold non-numbers; expected [H][W][3] '
-                      'integers') from None
+      raise WireError(
+        'image nested lists are ragged or hold non-numbers; expected [H][W][3] integers'
+      ) from None
     if arr.dtype.kind not in 'iu' or arr.size == 0:
       raise WireError(f'image lists must hold integers 0..255, got dtype {arr.dtype.name}')
     if arr.min() < 0 or arr.max() > 255:
       raise WireError(f'image values must be in 0..255, got {arr.min()}..{arr.max()}')
     arr = arr.astype(np.uint8)
   else:
-    raise WireError(f'cannot read an image from a {type(value).__name__}; send base64 text, '
-                    '{"b64": ...}, nested lists, or (msgpack) a uint8 array')
+    raise WireError(
+      f'cannot read an image from a {type(value).__name__}; send base64 text, '
+      '{"b64": ...}, nested lists, or (msgpack) a uint8 array'
+    )
   if arr.shape != tuple(shape):
     raise WireError(f'image has shape {list(arr.shape)}; this policy takes uint8 {list(shape)}')
   return arr

@@ -18,14 +18,16 @@ import os
 import sys
 import time
 
-os.environ.setdefault('XLA_FLAGS', '--xla_cpu_use_onednn=true '
-                      '--xla_cpu_experimental_ynn_fusion_type=dot,reduce')
+os.environ.setdefault(
+  'XLA_FLAGS', '--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=dot,reduce'
+)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 import numpy as np  # noqa: E402
 
-TABLETOP_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'rt2_jax',
-                              'assets', 'tabletop_spm.model')
+TABLETOP_VOCAB = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), '..', 'rt2_jax', 'assets', 'tabletop_spm.model'
+)
 
 
 def parse():
@@ -45,8 +47,9 @@ def parse():
   p.add_argument('--grid', type=int, default=8, help='location answers: cells per side')
   p.add_argument('--min_objects', type=int, default=3)
   p.add_argument('--max_objects', type=int, default=6)
-  p.add_argument('--curriculum', type=int, default=0,
-                 help='steps over which max_objects grows from 1 (0 = none)')
+  p.add_argument(
+    '--curriculum', type=int, default=0, help='steps over which max_objects grows from 1 (0 = none)'
+  )
   p.add_argument('--clean', action='store_true', help='no marks, no clutter strokes')
   p.add_argument('--pool', type=int, default=6000, help='training pictures')
   p.add_argument('--eval_every', type=int, default=250)
@@ -59,12 +62,18 @@ def parse():
 
 def build_examples(vocab, rng, n_images, args, kinds, max_objects=None):
   from rt2_jax.data import web_corpus
+
   images, rows = [], []
   for _ in range(n_images):
     image, qas, _ = web_corpus.sample(
-        rng, args.image_size, kinds, min_objects=1 if max_objects else args.min_objects,
-        max_objects=max_objects or args.max_objects, max_marks=0 if args.clean else 2,
-      clutter=not args.clean)
+      rng,
+      args.image_size,
+      kinds,
+      min_objects=1 if max_objects else args.min_objects,
+      max_objects=max_objects or args.max_objects,
+      max_marks=0 if args.clean else 2,
+      clutter=not args.clean,
+    )
     qas = [qa for qa in qas if qa[1]]  # questions only (captions are long)
     if not qas:
       continue
@@ -81,8 +90,8 @@ def encode(vocab, rows, in_len=16, out_len=6):
   for i, (_, _, q, a) in enumerate(rows):
     qi = vocab.encode(q)[:in_len]
     ai = (vocab.encode(a) + [1])[:out_len]
-    enc[i, :len(qi)] = qi
-    tgt[i, :len(ai)] = ai
+    enc[i, : len(qi)] = qi
+    tgt[i, : len(ai)] = ai
   return enc, tgt
 
 
@@ -105,10 +114,27 @@ def main():
   vw, vd, vh, vm = (int(v) for v in args.vit.split(','))
   te, tenc, tdec, th, tm = (int(v) for v in args.t5.split(','))
   cfg.model.image_size = args.image_size
-  cfg.model.vit.update(dict(patch_size=args.patch, width=vw, depth=vd, num_heads=vh, mlp_dim=vm,
-                            posemb=args.posemb, stem=args.stem))
-  cfg.model.t5.update(dict(emb_dim=te, num_encoder_layers=tenc, num_decoder_layers=tdec,
-                           num_heads=th, head_dim=te // th, mlp_dim=tm))
+  cfg.model.vit.update(
+    dict(
+      patch_size=args.patch,
+      width=vw,
+      depth=vd,
+      num_heads=vh,
+      mlp_dim=vm,
+      posemb=args.posemb,
+      stem=args.stem,
+    )
+  )
+  cfg.model.t5.update(
+    dict(
+      emb_dim=te,
+      num_encoder_layers=tenc,
+      num_decoder_layers=tdec,
+      num_heads=th,
+      head_dim=te // th,
+      mlp_dim=tm,
+    )
+  )
   vocab = vocab_lib.Vocab.load(args.vocab)
   cfg.model.vocab_size = -(-vocab.vocab_size // 128) * 128
   kinds = tuple(args.kinds.split(','))
@@ -117,35 +143,42 @@ def main():
   t0 = time.time()
   rng = np.random.default_rng(args.seed)
   train_images, train_rows = build_examples(vocab, rng, args.pool, args, kinds)
-  eval_images, eval_rows = build_examples(vocab, np.random.default_rng(10_000 + args.seed),
-                                          args.eval_n // 3 + 1, args, kinds)
-  eval_rows = eval_rows[:args.eval_n]
+  eval_images, eval_rows = build_examples(
+    vocab, np.random.default_rng(10_000 + args.seed), args.eval_n // 3 + 1, args, kinds
+  )
+  eval_rows = eval_rows[: args.eval_n]
   small = None
   if args.curriculum:
-    small = build_examples(vocab, np.random.default_rng(20_000 + args.seed), args.pool // 3,
-                           args, kinds, max_objects=2)
+    small = build_examples(
+      vocab, np.random.default_rng(20_000 + args.seed), args.pool // 3, args, kinds, max_objects=2
+    )
   enc_all, tgt_all = encode(vocab, train_rows)
   img_idx = np.array([r[0] for r in train_rows])
   e_enc, e_tgt = encode(vocab, eval_rows)
   e_img = np.array([r[0] for r in eval_rows])
-  print(f'data: {len(train_rows)} train questions on {len(train_images)} pictures, '
-        f'{len(eval_rows)} eval questions; {time.time() - t0:.0f}s', flush=True)
+  print(
+    f'data: {len(train_rows)} train questions on {len(train_images)} pictures, '
+    f'{len(eval_rows)} eval questions; {time.time() - t0:.0f}s',
+    flush=True,
+  )
 
-  params = model.init(jax.random.PRNGKey(args.seed), train_images[:2], enc_all[:2],
-                      tgt_all[:2])['params']
-  params = jax.tree.map(lambda x: x.value if hasattr(x, 'value') else x, params,
-                        is_leaf=lambda x: hasattr(x, 'value'))
+  params = model.init(jax.random.PRNGKey(args.seed), train_images[:2], enc_all[:2], tgt_all[:2])[
+    'params'
+  ]
+  params = jax.tree.map(
+    lambda x: x.value if hasattr(x, 'value') else x, params, is_leaf=lambda x: hasattr(x, 'value')
+  )
   n_params = sum(x.size for x in jax.tree.leaves(params))
   if args.optim == 'adafactor':
     from rt2_jax import optim
 
-    cfg.optim.update(dict(name='adafactor', lr=args.lr, schedule='cosine',
-                          warmup_steps=args.warmup))
+    cfg.optim.update(
+      dict(name='adafactor', lr=args.lr, schedule='cosine', warmup_steps=args.warmup)
+    )
     cfg.total_steps = args.steps
     tx, _ = optim.make_optimizer(cfg, params)
   else:
-    sched = optax.warmup_cosine_decay_schedule(0, args.lr, args.warmup, args.steps,
-                                               args.lr * 0.05)
+    sched = optax.warmup_cosine_decay_schedule(0, args.lr, args.warmup, args.steps, args.lr * 0.05)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=1e-4))
   opt = tx.init(params)
 
@@ -221,8 +254,13 @@ def main():
     if i % args.eval_every == 0 or i == args.steps:
       sec = time.time() - start
       res = evaluate(params)
-      line = dict(step=i, seconds=round(sec, 1), steps_per_s=round(i / sec, 2),
-                  loss=round(float(np.mean(losses[-5:])), 4), **res)
+      line = dict(
+        step=i,
+        seconds=round(sec, 1),
+        steps_per_s=round(i / sec, 2),
+        loss=round(float(np.mean(losses[-5:])), 4),
+        **res,
+      )
       results.append(line)
       print(json.dumps(line), flush=True)
   if args.out:

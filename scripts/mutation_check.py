@@ -52,111 +52,170 @@ def _m(name, path, old, new, tests, why='', extra=()):
 
 
 MUTATIONS: tuple[Mutation, ...] = (
-    # --- The audit's twelve (issue #21). ---
-    _m('decode_num_allowed_mask_dropped', 'rt2_jax/decoding.py',
-       '    valid = jnp.arange(rows.shape[0]) < jnp.asarray(self.num_allowed)[position]\n',
-       '    valid = jnp.ones(rows.shape[0], bool)\n',
-       ['tests/test_decoding.py::test_action_sampling_follows_the_model_distribution'],
-       'padding columns repeat the last class id: ids stay valid, sampling is biased to it'),
-    _m('serve_padding_in_front', 'rt2_jax/policy.py',  # padding moved from serve to policy
-       '    return np.concatenate([rows, np.repeat(rows[:1], extra, 0)])\n'
-       '  return list(rows) + [rows[0]] * extra\n',
-       '    return np.concatenate([np.repeat(rows[:1], extra, 0), rows])\n'
-       '  return [rows[0]] * extra + list(rows)\n',
-       ['tests/test_serve.py::test_batches_of_non_bucket_sizes_answer_each_client'],
-       'a batch of 3 padded to 4 in front: clients get their neighbours\' answers'),
-    _m('bf16_ignored', 'rt2_jax/models/layers.py',
-       '    return jnp.dtype(name)\n',
-       "    return jnp.dtype('float32')\n",
-       ['tests/test_models.py::test_bfloat16_compute_close_to_float32'],
-       'model.dtype=bfloat16 computes in float32'),
-    _m('rng_reset_on_resume', 'rt2_jax/train.py',
-       '    state, start = TrainState(**restored.state), restored.step\n',
-       "    state, start = TrainState(**{**restored.state, 'rng': jax.random.PRNGKey(config.seed)}),"
-       ' restored.step\n',
-       ['tests/test_train_resume.py::test_resume_with_dropout_gives_identical_parameters'],
-       'dropout masks after a resume differ from an uninterrupted run\'s'),
-    _m('action_position_off_by_one', 'rt2_jax/data/tasks.py',
-       '    action_start[rows] = k\n',
-       '    action_start[rows] = k + 1\n',
-       ['tests/test_data_pipeline.py::test_batch_format'],
-       'the action loss mask and metrics look one token late'),
-    _m('data_iterator_restore_skipped', 'rt2_jax/train.py',
-       '    data_iter.set_state(restored.data_state)\n',
-       '    pass\n',
-       ['tests/test_train_resume.py::test_resume_with_dropout_gives_identical_parameters'],
-       'a resumed run restarts the data stream from the beginning'),
-    _m('relpos_halves_swapped', 'rt2_jax/models/t5.py',
-       '    buckets += (rel > 0).astype(np.int64) * num_buckets\n',
-       '    buckets += (rel < 0).astype(np.int64) * num_buckets\n',
-       ['tests/test_models.py::test_relative_position_buckets_reference_values'],
-       'bidirectional buckets: past and future offsets trade halves'),
-    _m('decode_cache_offset_off_by_one', 'rt2_jax/models/t5.py',
-       '        return lax.dynamic_update_slice(cache[name], value, (0, step, 0, 0))\n',
-       '        return lax.dynamic_update_slice(cache[name], value, (0, step + 1, 0, 0))\n',
-       ['tests/test_models.py::test_cached_decode_matches_full_forward'],
-       'each step writes its keys/values one row late'),
-    _m('export_strip_ascii_only', 'rt2_jax/transforms.py',
-       "TF_SPACE = r'[\\s\\x{0b}\\x{1c}-\\x{1f}\\x{85}\\p{Z}]'\n",
-       "TF_SPACE = r'\\s'\n",
-       ['tests/test_export.py::test_in_graph_tokenizer_equals_policy_tokenize'],
-       'the exported tokenizer keeps Unicode spaces that Policy.tokenize strips'),
-    _m('fsdp_rule_removed', 'rt2_jax/partitioning.py',
-       "    ('embed', 'fsdp'),\n",
-       '',
-       ['tests/test_partitioning.py::test_parameter_shardings_follow_the_rules'],
-       'parameters are no longer sharded over the fsdp axis'),
-    _m('zero_images_to_policy', 'rt2_jax/evaluate.py',
-       '    outs = self.policy.batch(batch.images, batch.instructions)\n',
-       '    outs = self.policy.batch(np.zeros_like(batch.images), batch.instructions)\n',
-       ['tests/test_evaluate.py::test_ci_closed_loop_through_the_policy'],
-       'the closed loop policy is shown blank frames'),
-    _m('actions_to_wrong_env', 'rt2_jax/envs/runner.py',
-       "        runner.call([(slot, 'slot_step', (actions[slot],)) for slot in stepping]),\n",
-       "        runner.call([(slot, 'slot_step', (actions[(slot + 1) % num_envs],))"
-       ' for slot in stepping]),\n',
-       ['tests/test_evaluate.py::test_ci_closed_loop_through_the_policy'],
-       'env i is stepped with the action of row i+1'),
-    # --- More of the same kinds. ---
-    _m('plan_decode_num_allowed_mask_dropped', 'rt2_jax/decoding.py',
-       '    valid = jnp.arange(rows.shape[1])[None] < jnp.asarray(self.num_allowed)[position][:, None]\n',
-       '    valid = jnp.ones(rows.shape, bool)\n',
-       ['tests/test_decoding.py::test_constrained_requests_sample_by_the_softmax_of_allowed_tokens'],
-       'the plan-then-action callback\'s action rows: the same bias'),
-    _m('zero_images_from_runner', 'rt2_jax/envs/runner.py',
-       "        images=(np.stack([r['ts'].image for r in rows]) if render is not None else None),\n",
-       "        images=(np.zeros_like(np.stack([r['ts'].image for r in rows])) if render is not None"
-       ' else None),\n',
-       ['tests/test_evaluate.py::test_ci_closed_loop_through_the_policy'],
-       'the runner hands every actor blank frames'),
-    # The data spec and the project's own fixture writer agree on a layout the published
-    # dataset does not have: the reader tests on that writer's fixtures pass.
-    _m('language_table_image_key_wrong_in_spec_and_writer', 'data_specs/language_table.py',
-       "    image_keys=('observation/rgb',),\n",
-       "    image_keys=('observation/image',),\n",
-       ['tests/test_data_rlds_published.py::test_language_table_reader_on_the_published_layout'],
-       'the camera is steps/observation/rgb in language_table',
-       extra=(Edit('rt2_jax/data/fixtures.py',
-                   "      'rgb': tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, "
-                   "encoding_format='jpeg'),\n",
-                   "      'image': tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, "
-                   "encoding_format='jpeg'),\n"),
-              Edit('rt2_jax/data/fixtures.py',
-                   "              'rgb': frames[t], 'instruction': instruction,\n",
-                   "              'image': frames[t], 'instruction': instruction,\n"))),
-    _m('fractal_instruction_key_wrong_in_spec_and_writer', 'data_specs/fractal20220817_data.py',
-       "    instruction_key='observation/natural_language_instruction',\n",
-       "    instruction_key='observation/language_instruction',\n",
-       ['tests/test_data_rlds_published.py::test_fractal_reader_on_the_published_layout'],
-       'the instruction is steps/observation/natural_language_instruction in fractal',
-       extra=(Edit('rt2_jax/data/fixtures.py',
-                   "      'natural_language_instruction': tfds.features.Text(),\n",
-                   "      'language_instruction': tfds.features.Text(),\n"),
-              Edit('rt2_jax/data/fixtures.py',
-                   "              'natural_language_instruction': _instruction(k, e, "
-                   "empty_instruction_episodes),\n",
-                   "              'language_instruction': _instruction(k, e, "
-                   "empty_instruction_episodes),\n"))),
+  # --- The audit's twelve (issue #21). ---
+  _m(
+    'decode_num_allowed_mask_dropped',
+    'rt2_jax/decoding.py',
+    '    valid = jnp.arange(rows.shape[0]) < jnp.asarray(self.num_allowed)[position]\n',
+    '    valid = jnp.ones(rows.shape[0], bool)\n',
+    ['tests/test_decoding.py::test_action_sampling_follows_the_model_distribution'],
+    'padding columns repeat the last class id: ids stay valid, sampling is biased to it',
+  ),
+  _m(
+    'serve_padding_in_front',
+    'rt2_jax/policy.py',  # padding moved from serve to policy
+    '    return np.concatenate([rows, np.repeat(rows[:1], extra, 0)])\n'
+    '  return list(rows) + [rows[0]] * extra\n',
+    '    return np.concatenate([np.repeat(rows[:1], extra, 0), rows])\n'
+    '  return [rows[0]] * extra + list(rows)\n',
+    ['tests/test_serve.py::test_batches_of_non_bucket_sizes_answer_each_client'],
+    "a batch of 3 padded to 4 in front: clients get their neighbours' answers",
+  ),
+  _m(
+    'bf16_ignored',
+    'rt2_jax/models/layers.py',
+    '    return jnp.dtype(name)\n',
+    "    return jnp.dtype('float32')\n",
+    ['tests/test_models.py::test_bfloat16_compute_close_to_float32'],
+    'model.dtype=bfloat16 computes in float32',
+  ),
+  _m(
+    'rng_reset_on_resume',
+    'rt2_jax/train.py',
+    '    state, start = TrainState(**restored.state), restored.step\n',
+    "    state, start = TrainState(**{**restored.state, 'rng': jax.random.PRNGKey(config.seed)}),"
+    ' restored.step\n',
+    ['tests/test_train_resume.py::test_resume_with_dropout_gives_identical_parameters'],
+    "dropout masks after a resume differ from an uninterrupted run's",
+  ),
+  _m(
+    'action_position_off_by_one',
+    'rt2_jax/data/tasks.py',
+    '    action_start[rows] = k\n',
+    '    action_start[rows] = k + 1\n',
+    ['tests/test_data_pipeline.py::test_batch_format'],
+    'the action loss mask and metrics look one token late',
+  ),
+  _m(
+    'data_iterator_restore_skipped',
+    'rt2_jax/train.py',
+    '    data_iter.set_state(restored.data_state)\n',
+    '    pass\n',
+    ['tests/test_train_resume.py::test_resume_with_dropout_gives_identical_parameters'],
+    'a resumed run restarts the data stream from the beginning',
+  ),
+  _m(
+    'relpos_halves_swapped',
+    'rt2_jax/models/t5.py',
+    '    buckets += (rel > 0).astype(np.int64) * num_buckets\n',
+    '    buckets += (rel < 0).astype(np.int64) * num_buckets\n',
+    ['tests/test_models.py::test_relative_position_buckets_reference_values'],
+    'bidirectional buckets: past and future offsets trade halves',
+  ),
+  _m(
+    'decode_cache_offset_off_by_one',
+    'rt2_jax/models/t5.py',
+    '        return lax.dynamic_update_slice(cache[name], value, (0, step, 0, 0))\n',
+    '        return lax.dynamic_update_slice(cache[name], value, (0, step + 1, 0, 0))\n',
+    ['tests/test_models.py::test_cached_decode_matches_full_forward'],
+    'each step writes its keys/values one row late',
+  ),
+  _m(
+    'export_strip_ascii_only',
+    'rt2_jax/transforms.py',
+    "TF_SPACE = r'[\\s\\x{0b}\\x{1c}-\\x{1f}\\x{85}\\p{Z}]'\n",
+    "TF_SPACE = r'\\s'\n",
+    ['tests/test_export.py::test_in_graph_tokenizer_equals_policy_tokenize'],
+    'the exported tokenizer keeps Unicode spaces that Policy.tokenize strips',
+  ),
+  _m(
+    'fsdp_rule_removed',
+    'rt2_jax/partitioning.py',
+    "  ('embed', 'fsdp'),\n",
+    '',
+    ['tests/test_partitioning.py::test_parameter_shardings_follow_the_rules'],
+    'parameters are no longer sharded over the fsdp axis',
+  ),
+  _m(
+    'zero_images_to_policy',
+    'rt2_jax/evaluate.py',
+    '    outs = self.policy.batch(batch.images, batch.instructions)\n',
+    '    outs = self.policy.batch(np.zeros_like(batch.images), batch.instructions)\n',
+    ['tests/test_evaluate.py::test_ci_closed_loop_through_the_policy'],
+    'the closed loop policy is shown blank frames',
+  ),
+  _m(
+    'actions_to_wrong_env',
+    'rt2_jax/envs/runner.py',
+    "        runner.call([(slot, 'slot_step', (actions[slot],)) for slot in stepping]),\n",
+    "        runner.call([(slot, 'slot_step', (actions[(slot + 1) % num_envs],))"
+    ' for slot in stepping]),\n',
+    ['tests/test_evaluate.py::test_ci_closed_loop_through_the_policy'],
+    'env i is stepped with the action of row i+1',
+  ),
+  # --- More of the same kinds. ---
+  _m(
+    'plan_decode_num_allowed_mask_dropped',
+    'rt2_jax/decoding.py',
+    '    valid = jnp.arange(rows.shape[1])[None] < jnp.asarray(self.num_allowed)[position][:, None]\n',
+    '    valid = jnp.ones(rows.shape, bool)\n',
+    ['tests/test_decoding.py::test_constrained_requests_sample_by_the_softmax_of_allowed_tokens'],
+    "the plan-then-action callback's action rows: the same bias",
+  ),
+  _m(
+    'zero_images_from_runner',
+    'rt2_jax/envs/runner.py',
+    "        images=(np.stack([r['ts'].image for r in rows]) if render is not None else None),\n",
+    "        images=(np.zeros_like(np.stack([r['ts'].image for r in rows])) if render is not None"
+    ' else None),\n',
+    ['tests/test_evaluate.py::test_ci_closed_loop_through_the_policy'],
+    'the runner hands every actor blank frames',
+  ),
+  # The data spec and the project's own fixture writer agree on a layout the published
+  # dataset does not have: the reader tests on that writer's fixtures pass.
+  _m(
+    'language_table_image_key_wrong_in_spec_and_writer',
+    'data_specs/language_table.py',
+    "  image_keys=('observation/rgb',),\n",
+    "  image_keys=('observation/image',),\n",
+    ['tests/test_data_rlds_published.py::test_language_table_reader_on_the_published_layout'],
+    'the camera is steps/observation/rgb in language_table',
+    extra=(
+      Edit(
+        'rt2_jax/data/fixtures.py',
+        "    'rgb': tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, "
+        "encoding_format='jpeg'),\n",
+        "    'image': tfds.features.Image(shape=(h, w, 3), dtype=np.uint8, "
+        "encoding_format='jpeg'),\n",
+      ),
+      Edit(
+        'rt2_jax/data/fixtures.py',
+        "          'rgb': frames[t],\n",
+        "          'image': frames[t],\n",
+      ),
+    ),
+  ),
+  _m(
+    'fractal_instruction_key_wrong_in_spec_and_writer',
+    'data_specs/fractal20220817_data.py',
+    "  instruction_key='observation/natural_language_instruction',\n",
+    "  instruction_key='observation/language_instruction',\n",
+    ['tests/test_data_rlds_published.py::test_fractal_reader_on_the_published_layout'],
+    'the instruction is steps/observation/natural_language_instruction in fractal',
+    extra=(
+      Edit(
+        'rt2_jax/data/fixtures.py',
+        "    'natural_language_instruction': tfds.features.Text(),\n",
+        "    'language_instruction': tfds.features.Text(),\n",
+      ),
+      Edit(
+        'rt2_jax/data/fixtures.py',
+        "          'natural_language_instruction': _instruction(k, e, "
+        'empty_instruction_episodes),\n',
+        "          'language_instruction': _instruction(k, e, empty_instruction_episodes),\n",
+      ),
+    ),
+  ),
 )
 
 
@@ -174,8 +233,10 @@ def check_applicable(mutation: Mutation, root: str = REPO_ROOT) -> None:
       text = f.read()
     count = text.count(e.old)
     if count != 1:
-      raise ValueError(f'{mutation.name}: the snippet to replace occurs {count} times in {e.path} '
-                       f'(expected once): {e.old!r}')
+      raise ValueError(
+        f'{mutation.name}: the snippet to replace occurs {count} times in {e.path} '
+        f'(expected once): {e.old!r}'
+      )
     if e.new == e.old:
       raise ValueError(f'{mutation.name}: the replacement equals the original in {e.path}')
 
@@ -183,14 +244,22 @@ def check_applicable(mutation: Mutation, root: str = REPO_ROOT) -> None:
 def _repo_files(root: str) -> list[str]:
   """Tracked and untracked (not ignored) files of the working tree, relative to `root`."""
   try:
-    out = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'],
-                         cwd=root, capture_output=True, check=True).stdout
+    out = subprocess.run(
+      ['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'],
+      cwd=root,
+      capture_output=True,
+      check=True,
+    ).stdout
     names = [n for n in out.decode().split('\0') if n]
   except (OSError, subprocess.CalledProcessError):  # not a git checkout: everything but caches
     names = []
     for dirpath, dirnames, filenames in os.walk(root):
-      dirnames[:] = [d for d in dirnames if d not in ('.git', '__pycache__', '.pytest_cache',
-                                                      '.ruff_cache') and not d.endswith('.egg-info')]
+      dirnames[:] = [
+        d
+        for d in dirnames
+        if d not in ('.git', '__pycache__', '.pytest_cache', '.ruff_cache')
+        and not d.endswith('.egg-info')
+      ]
       names += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames]
   return sorted({n for n in names if os.path.isfile(os.path.join(root, n))})
 
@@ -229,26 +298,44 @@ def _env(repo: str) -> dict:
 
 def _imports_copy(repo: str) -> None:
   code = 'import rt2_jax, sys; sys.stdout.write(rt2_jax.__file__)'
-  got = subprocess.run([sys.executable, '-c', code], cwd=repo, env=_env(repo),
-                       capture_output=True, text=True, check=True).stdout
+  got = subprocess.run(
+    [sys.executable, '-c', code],
+    cwd=repo,
+    env=_env(repo),
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
   want = os.path.join(os.path.realpath(repo), 'rt2_jax', '__init__.py')
   if os.path.realpath(got) != want:
     raise RuntimeError(f'the copy imports rt2_jax from {got}, not {want}')
 
 
-def run_one(mutation: Mutation, timeout_s: float = 900, verbose: bool = False,
-            root: str = REPO_ROOT) -> dict:
+def run_one(
+  mutation: Mutation, timeout_s: float = 900, verbose: bool = False, root: str = REPO_ROOT
+) -> dict:
   """Plants `mutation` in a fresh copy and runs its tests: {'caught': bool, ...}."""
   start = time.time()
   with tempfile.TemporaryDirectory(prefix=f'mutation_{mutation.name}_') as tmp:
     repo = make_copy(tmp, root)
     apply(mutation, repo)
     _imports_copy(repo)
-    cmd = [sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider', '-W',
-           'ignore::pytest.PytestUnknownMarkWarning', *mutation.tests]
+    cmd = [
+      sys.executable,
+      '-m',
+      'pytest',
+      '-q',
+      '-x',
+      '-p',
+      'no:cacheprovider',
+      '-W',
+      'ignore::pytest.PytestUnknownMarkWarning',
+      *mutation.tests,
+    ]
     try:
-      proc = subprocess.run(cmd, cwd=repo, env=_env(repo), capture_output=True, text=True,
-                            timeout=timeout_s)
+      proc = subprocess.run(
+        cmd, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=timeout_s
+      )
       rc, output = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
       rc, output = 'timeout', f'{e.stdout or ""}{e.stderr or ""}'
@@ -261,9 +348,15 @@ def run_one(mutation: Mutation, timeout_s: float = 900, verbose: bool = False,
   errors = [ln[1:].strip() for ln in lines if ln.startswith('E ') and ln[1:].strip()]
   failure = ' | '.join(errors[:3]) or next((ln for ln in lines if ln.startswith('FAILED')), '')
   summary = lines[-1] if lines else ''
-  return dict(name=mutation.name, tests=list(mutation.tests), caught=caught, returncode=rc,
-              seconds=round(time.time() - start, 1), failure=failure.strip()[:300],
-              summary=summary.strip()[:300])
+  return dict(
+    name=mutation.name,
+    tests=list(mutation.tests),
+    caught=caught,
+    returncode=rc,
+    seconds=round(time.time() - start, 1),
+    failure=failure.strip()[:300],
+    summary=summary.strip()[:300],
+  )
 
 
 def main(argv=None) -> int:
@@ -289,8 +382,15 @@ def main(argv=None) -> int:
     try:
       r = run_one(m, args.timeout, args.verbose)
     except (ValueError, RuntimeError, subprocess.CalledProcessError) as e:
-      r = dict(name=m.name, tests=list(m.tests), caught=False, returncode='not planted',
-               seconds=0.0, failure=str(e)[:300], summary='')
+      r = dict(
+        name=m.name,
+        tests=list(m.tests),
+        caught=False,
+        returncode='not planted',
+        seconds=0.0,
+        failure=str(e)[:300],
+        summary='',
+      )
     results.append(r)
     status = 'caught' if r['caught'] else 'SURVIVED'
     print(f'{m.name:<{width}}  {status:<8}  {r["seconds"]:>7.1f}  {" ".join(m.tests)}', flush=True)
@@ -301,8 +401,11 @@ def main(argv=None) -> int:
   print(f'{caught}/{len(results)} caught in {total_s:.0f} s', flush=True)
   if args.out:
     with open(args.out, 'w') as f:
-      json.dump({'caught': caught, 'total': len(results), 'seconds': round(total_s, 1),
-                 'results': results}, f, indent=1)
+      json.dump(
+        {'caught': caught, 'total': len(results), 'seconds': round(total_s, 1), 'results': results},
+        f,
+        indent=1,
+      )
   return 0 if caught == len(results) else 1
 
 

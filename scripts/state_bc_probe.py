@@ -36,8 +36,14 @@ def features(episode: tt.Episode, state, kind: str) -> np.ndarray:
   goal = unmet[0] if unmet else episode.goals[-1]
   block = block_xy[goal.block]
   target = tt._goal_target(episode, goal, block_xy)
-  f = [pusher, block, target, block - pusher, target - block,
-       [episode.blocks[goal.block].radius, float(not unmet)]]
+  f = [
+    pusher,
+    block,
+    target,
+    block - pusher,
+    target - block,
+    [episode.blocks[goal.block].radius, float(not unmet)],
+  ]
   if kind == 'all':
     slots = np.zeros((tt.MAX_BLOCKS, 3))
     slots[: len(block_xy), :2] = block_xy - pusher
@@ -152,8 +158,9 @@ def main():
       if not step.success:  # how far the goal's block ended from where it should be
         _, block_xy, _ = tt.split_state(step.state, len(env.episode.blocks))
         g = next(g for g in env.episode.goals if not tt.goal_met(env.episode, g, block_xy))
-        misses.append(float(np.linalg.norm(
-            block_xy[g.block] - tt._goal_target(env.episode, g, block_xy))))
+        misses.append(
+          float(np.linalg.norm(block_xy[g.block] - tt._goal_target(env.episode, g, block_xy)))
+        )
     if misses:
       print(f'{task}: misses end {np.round(sorted(misses), 2).tolist()} m from the goal')
     results[task] = wins / a.eval_episodes

@@ -22,8 +22,11 @@ SIZE = 1 << 21  # float32 elements per vector: 8 MB
 
 def initial_state() -> dict:
   rng = np.random.default_rng(0)
-  return {'w': rng.normal(size=SIZE).astype(np.float32), 'm': np.zeros(SIZE, np.float32),
-          'step': np.int32(0)}
+  return {
+    'w': rng.normal(size=SIZE).astype(np.float32),
+    'm': np.zeros(SIZE, np.float32),
+    'step': np.int32(0),
+  }
 
 
 def train_step(state: dict, cursor: int) -> dict:
@@ -45,8 +48,9 @@ def _abstract(state):
   import jax
 
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
-                                                     sharding=sharding), state)
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding), state
+  )
 
 
 def run(workdir: str, total_steps: int, every: int, step_sleep_s: float = 0.0) -> dict:
@@ -84,5 +88,9 @@ def final_state(workdir: str) -> dict:
 
 
 if __name__ == '__main__':
-  run(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
-      float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)
+  run(
+    sys.argv[1],
+    int(sys.argv[2]),
+    int(sys.argv[3]),
+    float(sys.argv[4]) if len(sys.argv) > 4 else 0.0,
+  )

@@ -12,8 +12,12 @@ def test_rt1_convention_exact_values():
   bins = tok.encode(a)
   # floor((a - low) / (high - low) * 255): -1 -> 0, 1 -> 255, 0 -> floor(127.5) = 127; clipped.
   np.testing.assert_array_equal(bins[:, 0], [0, 255, 127, 0, 255])
-  np.testing.assert_allclose(tok.decode(np.array([[0], [255], [127]]))[:, 0],
-                             [-1.0, 1.0, 127 / 255 * 2 - 1], rtol=0, atol=1e-7)
+  np.testing.assert_allclose(
+    tok.decode(np.array([[0], [255], [127]]))[:, 0],
+    [-1.0, 1.0, 127 / 255 * 2 - 1],
+    rtol=0,
+    atol=1e-7,
+  )
   assert bins.dtype == np.int32
 
 
@@ -55,12 +59,14 @@ def test_errors_name_the_dimension():
 
 
 def fractal_like_space():
-  return actions.ActionSpace([
+  return actions.ActionSpace(
+    [
       actions.ActionField('world_vector', 3, low=-1, high=1),
       actions.ActionField('rotation_delta', 3, low=-np.pi / 2, high=np.pi / 2),
       actions.ActionField('gripper', 1, kind='discrete', values=(-1.0, 1.0)),
       actions.ActionField('terminate_episode', 3, kind='onehot'),
-  ])
+    ]
+  )
 
 
 def test_space_discrete_and_onehot_fields():
@@ -68,8 +74,14 @@ def test_space_discrete_and_onehot_fields():
   assert space.dim == 10 and space.num_positions == 8
   assert space.classes_per_position() == [256] * 6 + [2, 3]
   tok = space.tokenizer()
-  vec = space.flatten({'world_vector': [0.1, -0.2, 1.0], 'rotation_delta': [0, 0, 0],
-                       'gripper': 0.7, 'terminate_episode': [0, 0, 1]})
+  vec = space.flatten(
+    {
+      'world_vector': [0.1, -0.2, 1.0],
+      'rotation_delta': [0, 0, 0],
+      'gripper': 0.7,
+      'terminate_episode': [0, 0, 1],
+    }
+  )
   bins = tok.encode(vec)
   assert bins[6] == 1 and bins[7] == 2
   back = space.unflatten(tok.decode(bins))
@@ -77,13 +89,18 @@ def test_space_discrete_and_onehot_fields():
   np.testing.assert_array_equal(back['gripper'], [1.0])
   np.testing.assert_allclose(back['world_vector'], [0.1, -0.2, 1.0], atol=2 / 255)
   with pytest.raises(KeyError, match='gripper'):
-    space.flatten({'world_vector': [0, 0, 0], 'rotation_delta': [0, 0, 0],
-                   'terminate_episode': [1, 0, 0]})
+    space.flatten(
+      {'world_vector': [0, 0, 0], 'rotation_delta': [0, 0, 0], 'terminate_episode': [1, 0, 0]}
+    )
 
 
 def test_space_bounds_from_stats_and_json_round_trip():
-  space = actions.ActionSpace([actions.ActionField('delta', 2, bounds='q01_q99'),
-                               actions.ActionField('grip', 1, low=0, high=1)])
+  space = actions.ActionSpace(
+    [
+      actions.ActionField('delta', 2, bounds='q01_q99'),
+      actions.ActionField('grip', 1, low=0, high=1),
+    ]
+  )
   data = np.random.default_rng(0).normal(size=(1000, 3)).astype(np.float32)
   stats = actions.NormStats.compute(data)
   stats2 = actions.NormStats.from_json(stats.to_json())

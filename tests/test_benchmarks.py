@@ -12,7 +12,8 @@ from conftest import REPO_ROOT
 
 def _load(name):
   spec = importlib.util.spec_from_file_location(
-      f'benchmarks_{name}', os.path.join(REPO_ROOT, 'benchmarks', f'{name}.py'))
+    f'benchmarks_{name}', os.path.join(REPO_ROOT, 'benchmarks', f'{name}.py')
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -31,11 +32,23 @@ def test_decode_benchmark_same_forward_passes_and_says_which_pair_is_which(tmp_p
   # The headline and both like-for-like pairs are reported, and the JSON says which is which.
   for key in ('speedup_b1', 'speedup_b1_constrained', 'speedup_b1_full_vocab'):
     assert results[key] > 0, key
-  assert set(results['comparisons']) >= {'headline', 'constrained', 'full_vocab',
-                                         'forward_passes', 'floor_ratio'}
-  for key in ('speedup', 'speedup_constrained', 'speedup_full_vocab', 'loop_speedup',
-              'loop_speedup_constrained', 'loop_speedup_full_vocab', 'floor_ratio',
-              'floor_ratio_paired'):
+  assert set(results['comparisons']) >= {
+    'headline',
+    'constrained',
+    'full_vocab',
+    'forward_passes',
+    'floor_ratio',
+  }
+  for key in (
+    'speedup',
+    'speedup_constrained',
+    'speedup_full_vocab',
+    'loop_speedup',
+    'loop_speedup_constrained',
+    'loop_speedup_full_vocab',
+    'floor_ratio',
+    'floor_ratio_paired',
+  ):
     assert entry[key] > 0, key
   # The floor divides by the best rate measured in the run, not a per-call one.
   rates = [results['matmul_gflops']['best'], results['matmul_gflops_after']['best']]
@@ -47,7 +60,12 @@ def test_decode_benchmark_same_forward_passes_and_says_which_pair_is_which(tmp_p
   assert results['parallel_speedup_b1']['tiny'] == parallel['speedup'] > 0
   assert entry['floor_ratio'] == entry['ours']['end_to_end'] / entry['floor_s']
   assert set(entry['transformers']['threads']) == {
-      'end_to_end', 'end_to_end_constrained', 'encoder', 'loop', 'loop_constrained'}
+    'end_to_end',
+    'end_to_end_constrained',
+    'encoder',
+    'loop',
+    'loop_constrained',
+  }
 
 
 def test_accelerator_smoke_without_tensorflow(tmp_path):
@@ -57,17 +75,24 @@ def test_accelerator_smoke_without_tensorflow(tmp_path):
   out = tmp_path / 'accelerator.json'
   blocked = ('tensorflow', 'tensorflow_datasets', 'tensorflow_text', 'seqio')
   code = (
-      'import runpy, sys\n'
-      f'for name in {blocked!r}:\n'
-      '  sys.modules[name] = None  # importing it raises ImportError\n'
-      f'sys.argv = ["accelerator.py", "--smoke", "--out={out}"]\n'
-      f'runpy.run_path({os.path.join(REPO_ROOT, "benchmarks", "accelerator.py")!r}, '
-      'run_name="__main__")\n'
-      f'print("LOADED", sorted(m for m, v in sys.modules.items() if v is not None and '
-      f'm.split(".")[0] in {blocked!r}))\n')
+    'import runpy, sys\n'
+    f'for name in {blocked!r}:\n'
+    '  sys.modules[name] = None  # importing it raises ImportError\n'
+    f'sys.argv = ["accelerator.py", "--smoke", "--out={out}"]\n'
+    f'runpy.run_path({os.path.join(REPO_ROOT, "benchmarks", "accelerator.py")!r}, '
+    'run_name="__main__")\n'
+    f'print("LOADED", sorted(m for m, v in sys.modules.items() if v is not None and '
+    f'm.split(".")[0] in {blocked!r}))\n'
+  )
   env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-  result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=REPO_ROOT)
+  result = subprocess.run(
+    [sys.executable, '-c', code],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=REPO_ROOT,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'LOADED []' in result.stdout
   r = json.loads(out.read_text())
@@ -82,13 +107,16 @@ def test_accelerator_smoke_without_tensorflow(tmp_path):
     assert 0 < kernels['per_step_greedy'] <= kernels['per_step']
     assert sum(kernels['by_opcode_greedy'].values()) == kernels['per_step_greedy']
   # bf16 weights halve the bytes a decode step reads.
-  assert (r['decode']['bfloat16_b1']['bound']['decoder_bytes_per_token'] * 2
-          == r['decode']['float32_b1']['bound']['decoder_bytes_per_token'])
+  assert (
+    r['decode']['bfloat16_b1']['bound']['decoder_bytes_per_token'] * 2
+    == r['decode']['float32_b1']['bound']['decoder_bytes_per_token']
+  )
   train = r['train']
   assert train['step_s'] > 0 and train['peak_bytes_xla'] > 0
   assert train['model_flops'] == 3 * train['model_flops_per_example_fwd']['total'] * 2
   assert train['mfu_vs_measured_matmul'] == pytest.approx(
-      train['model_flops'] / train['step_s'] / r['ceilings']['matmul_flops_s'])
+    train['model_flops'] / train['step_s'] / r['ceilings']['matmul_flops_s']
+  )
 
 
 def test_kernel_count_reads_the_loop_body_and_multiplies_inner_loops():
@@ -104,11 +132,14 @@ def test_kernel_count_reads_the_loop_body_and_multiplies_inner_loops():
       i, x = carry
       x, _ = jax.lax.scan(lambda h, _: (jnp.tanh(h @ h) + 1.0, None), x, None, length=inner_len)
       return i + 1, jnp.sort(x, axis=-1)
+
     return lambda x, n: jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
 
   x = jnp.ones((8, 8))
-  counts = {n: roofline.token_loop_kernels(jax.jit(outer(n)).lower(x, 3).compile().as_text())
-            for n in (2, 4)}
+  counts = {
+    n: roofline.token_loop_kernels(jax.jit(outer(n)).lower(x, 3).compile().as_text())
+    for n in (2, 4)
+  }
   assert counts[2]['per_step'] > 0 and counts[2]['known_trip_count'] is None
   per_inner = (counts[4]['per_step'] - counts[2]['per_step']) / 2
   assert per_inner >= 1 and counts[2]['per_step'] > 2 * per_inner  # the sort is outside it

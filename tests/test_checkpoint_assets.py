@@ -26,8 +26,10 @@ BUCKETS = (4,)  # one compile per Policy
 def _images():
   """Not square, so the resize policy matters (the run's is center_crop, the fallback stretch)."""
   rng = np.random.default_rng(0)
-  return [rng.integers(0, 256, shape, dtype=np.uint8)
-          for shape in ((48, 32, 3), (32, 56, 3), (64, 32, 3), (32, 80, 3))]
+  return [
+    rng.integers(0, 256, shape, dtype=np.uint8)
+    for shape in ((48, 32, 3), (32, 56, 3), (64, 32, 3), (32, 80, 3))
+  ]
 
 
 def _step_dir(workdir):
@@ -55,10 +57,18 @@ def run(tmp_path_factory):
     spec = f.read()
   assert "resize='stretch'" in spec
   (tmp / 'specs' / 'bridge_cropped.py').write_text(
-      spec.replace("resize='stretch'", "resize='center_crop'"))
+    spec.replace("resize='stretch'", "resize='center_crop'")
+  )
   original = tmp / 'run'
-  lib.run_train(original, {'total_steps': 2, 'ckpt.every': 2, 'vocab.path': vocab,
-                           'data.robot.spec': tmp / 'specs' / 'bridge_cropped.py'})
+  lib.run_train(
+    original,
+    {
+      'total_steps': 2,
+      'ckpt.every': 2,
+      'vocab.path': vocab,
+      'data.robot.spec': tmp / 'specs' / 'bridge_cropped.py',
+    },
+  )
   reference = Policy.from_checkpoint(original, batch_buckets=BUCKETS)
   assert reference.resize == 'center_crop'
   expected = reference.batch(_images(), INSTRUCTIONS)
@@ -74,20 +84,32 @@ def run(tmp_path_factory):
   shutil.copytree(original, copy)
   for gone in (tmp / 'vocab', tmp / 'specs', original):
     shutil.rmtree(gone)
-  return types.SimpleNamespace(tmp=tmp, copy=copy, old=old, expected=expected,
-                               old_resize=old_policy.resize, old_outputs=old_outputs)
+  return types.SimpleNamespace(
+    tmp=tmp,
+    copy=copy,
+    old=old,
+    expected=expected,
+    old_resize=old_policy.resize,
+    old_outputs=old_outputs,
+  )
 
 
 def test_assets_are_plain_files(run):
   import sentencepiece as spm
 
   folder = _step_dir(run.copy) / 'assets'
-  read = {name: json.loads((folder / name).read_text())
-          for name in checkpoint_assets.FILES if name.endswith('.json')}
+  read = {
+    name: json.loads((folder / name).read_text())
+    for name in checkpoint_assets.FILES
+    if name.endswith('.json')
+  }
   assert read['image.json'] == {'size': 32, 'resize': 'center_crop'}
   assert read['prompt.json']['template'] == 'What action should the robot take to {instruction}?'
   assert [f['name'] for f in read['action_space.json']['fields']] == [
-      'xyz_delta', 'rpy_delta', 'gripper']
+    'xyz_delta',
+    'rpy_delta',
+    'gripper',
+  ]
   assert len(read['normalization_stats.json']['q99']) == 7
   sp = spm.SentencePieceProcessor(model_proto=(folder / 'vocab.model').read_bytes())
   assert (folder / 'vocab.model').read_bytes() == open(vocab_lib.BUNDLED_MODEL, 'rb').read()
@@ -137,11 +159,20 @@ def test_evaluate_policies_keep_the_checkpoint_assets(run, monkeypatch, tmp_path
     evaluate.evaluate(run.copy, out_dir=str(tmp_path), log=lambda *a: None)
   policy = seen[0]
   assert policy.batch_buckets == [evaluate.EvalSettings().num_envs]
-  for variant in (policy, policy.replace(mode='text', prompt='{instruction}'),
-                  policy.replace(mode='plan_then_action')):
+  for variant in (
+    policy,
+    policy.replace(mode='text', prompt='{instruction}'),
+    policy.replace(mode='plan_then_action'),
+  ):
     assert variant.resize == 'center_crop' and variant.vocab.path.startswith(str(run.copy))
-    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(variant.params),
-                                      jax.tree_util.tree_leaves(policy.params), strict=True))
+    assert all(
+      a is b
+      for a, b in zip(
+        jax.tree_util.tree_leaves(variant.params),
+        jax.tree_util.tree_leaves(policy.params),
+        strict=True,
+      )
+    )
 
 
 def test_older_checkpoints_load_from_the_vocab_path_and_spec(run):

@@ -13,10 +13,12 @@ import pytest
 from rt2_jax import actions as actions_lib
 from rt2_jax import checkpoints, config_flags, optim
 
-SPACE = actions_lib.ActionSpace([
+SPACE = actions_lib.ActionSpace(
+  [
     actions_lib.ActionField('xyz', 3, low=-1.0, high=1.0, unit='m'),
     actions_lib.ActionField('gripper', 1, kind='discrete', values=(0.0, 1.0)),
-])
+  ]
+)
 STATS = actions_lib.NormStats.compute(np.random.default_rng(0).normal(size=(50, 4)))
 
 
@@ -32,15 +34,23 @@ def _config(**overrides):
 
 def _state(config, seed=0, width=8):
   rng = np.random.default_rng(seed)
-  params = {'vit': {'kernel': jnp.asarray(rng.normal(size=(4, width)), jnp.float32)},
-            'decoder': {'kernel': jnp.asarray(rng.normal(size=(width, 256)), jnp.float32),
-                        'scale': jnp.ones((width,), jnp.float32)}}
+  params = {
+    'vit': {'kernel': jnp.asarray(rng.normal(size=(4, width)), jnp.float32)},
+    'decoder': {
+      'kernel': jnp.asarray(rng.normal(size=(width, 256)), jnp.float32),
+      'scale': jnp.ones((width,), jnp.float32),
+    },
+  }
   tx, _ = optim.make_optimizer(config, params)
   opt_state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   _, opt_state = tx.update(grads, opt_state, params)
-  return {'params': params, 'opt_state': opt_state, 'step': jnp.int32(seed),
-          'rng': jax.random.PRNGKey(seed)}
+  return {
+    'params': params,
+    'opt_state': opt_state,
+    'step': jnp.int32(seed),
+    'rng': jax.random.PRNGKey(seed),
+  }
 
 
 def _abstract(tree):
@@ -171,18 +181,24 @@ def _damage(step_dir, how):
   if how == 'flip':
     _flip(target)
   elif how == 'truncate':
-    target.write_bytes(target.read_bytes()[:len(target.read_bytes()) // 2])
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
   elif how == 'delete':
     target.unlink()
   return str(target.relative_to(step_dir))
 
 
-@pytest.mark.parametrize('how, reason', [
+@pytest.mark.parametrize(
+  'how, reason',
+  [
     ('flip', 'contents differ from the SHA-256 written at save time'),
-    ('truncate', r'\d+ bytes, \d+ when saved \(truncated\)'), ('delete', 'missing'),
-    ('meta deleted', 'missing')])
-def test_damaged_latest_falls_back_for_training_and_is_refused_for_inference(tmp_path, caplog,
-                                                                             how, reason):
+    ('truncate', r'\d+ bytes, \d+ when saved \(truncated\)'),
+    ('delete', 'missing'),
+    ('meta deleted', 'missing'),
+  ],
+)
+def test_damaged_latest_falls_back_for_training_and_is_refused_for_inference(
+  tmp_path, caplog, how, reason
+):
   config = _three_checkpoints(tmp_path)
   step_dir = tmp_path / 'checkpoints' / '3'
   assert (step_dir / checkpoints.CHECKSUM_FILE).exists()
@@ -193,9 +209,11 @@ def test_damaged_latest_falls_back_for_training_and_is_refused_for_inference(tmp
   assert re.search(f'{name}: {reason}', str(info.value)), str(info.value)
 
   # Inference refuses it, naming the damage and the checkpoints that do verify.
-  with pytest.raises(checkpoints.CorruptCheckpointError,
-                     match=r'checkpoints/3 is damaged: .*Refusing to load it; checkpoint\(s\) 2, 1 '
-                           r'verify') as info:
+  with pytest.raises(
+    checkpoints.CorruptCheckpointError,
+    match=r'checkpoints/3 is damaged: .*Refusing to load it; checkpoint\(s\) 2, 1 '
+    r'verify',
+  ) as info:
     checkpoints.restore_for_inference(tmp_path)
   assert name in str(info.value)
   assert checkpoints.restore_for_inference(tmp_path, step=2).step == 2
@@ -220,8 +238,10 @@ def test_errors_that_are_not_damage_move_nothing(tmp_path, monkeypatch, caplog):
     raise PermissionError(13, 'Permission denied', str(step_dir))
 
   monkeypatch.setattr(checkpoints, 'verify_checksums', denied)
-  with pytest.raises(checkpoints.CheckpointReadError, match='cannot check checkpoint .*/3: '
-                     'PermissionError.*nothing was moved'):
+  with pytest.raises(
+    checkpoints.CheckpointReadError,
+    match='cannot check checkpoint .*/3: PermissionError.*nothing was moved',
+  ):
     ckpt.restore_latest(_abstract(_state(config)))
   monkeypatch.undo()
 
@@ -229,8 +249,10 @@ def test_errors_that_are_not_damage_move_nothing(tmp_path, monkeypatch, caplog):
     raise OSError(5, 'Input/output error')
 
   monkeypatch.setattr(ckpt, '_restore_step', failing_restore)
-  with pytest.raises(checkpoints.CheckpointReadError,
-                     match='could not be restored .*Input/output error.* although its files match'):
+  with pytest.raises(
+    checkpoints.CheckpointReadError,
+    match='could not be restored .*Input/output error.* although its files match',
+  ):
     ckpt.restore_latest(_abstract(_state(config)))
   assert ckpt.all_steps() == [1, 2, 3] and not (tmp_path / 'checkpoints_unreadable').exists()
   ckpt.close()
@@ -255,8 +277,10 @@ def test_relative_and_home_paths_save_and_load(tmp_path, monkeypatch):
   meta = checkpoints.make_meta(config, STATS, SPACE, FakeVocab())
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv('HOME', str(tmp_path / 'home'))
-  for workdir, where in (('rel/run', tmp_path / 'rel' / 'run'),
-                         ('~/run', tmp_path / 'home' / 'run')):
+  for workdir, where in (
+    ('rel/run', tmp_path / 'rel' / 'run'),
+    ('~/run', tmp_path / 'home' / 'run'),
+  ):
     ckpt = checkpoints.Checkpointer(workdir, async_save=True)
     assert str(ckpt.directory) == f'{where}/checkpoints'
     ckpt.save(5, _state(config, seed=5), {'n': 5}, meta)
@@ -276,8 +300,9 @@ def test_gs_paths_are_not_made_local(tmp_path, monkeypatch):
   url = 'gs://rt2-jax-test-no-such-bucket/run'
   assert checkpoints.resolve_path(url) == url
   # No GCS here: the failure names the bucket path, before any training, and nothing local.
-  with pytest.raises(checkpoints.CheckpointWriteError,
-                     match=f'cannot write checkpoints to {url}/checkpoints: '):
+  with pytest.raises(
+    checkpoints.CheckpointWriteError, match=f'cannot write checkpoints to {url}/checkpoints: '
+  ):
     checkpoints.Checkpointer(url)
   assert not list(tmp_path.iterdir())
 
@@ -296,12 +321,14 @@ def test_step_arguments():
 
 def test_unwritable_workdir_is_refused_before_training(tmp_path):
   (tmp_path / 'file').write_text('not a directory')
-  with pytest.raises(checkpoints.CheckpointWriteError,
-                     match=f'cannot write checkpoints to {tmp_path}/file/run/checkpoints: '):
+  with pytest.raises(
+    checkpoints.CheckpointWriteError,
+    match=f'cannot write checkpoints to {tmp_path}/file/run/checkpoints: ',
+  ):
     checkpoints.Checkpointer(str(tmp_path / 'file' / 'run'))
 
 
-_FULL_DISK = '''
+_FULL_DISK = """
 import logging, resource, signal, sys
 import jax.numpy as jnp, numpy as np
 from rt2_jax import checkpoints
@@ -319,7 +346,7 @@ with checkpoints.hold_orbax_errors() as held:
     held.records.clear()
     print('ERROR:', e)
     sys.exit(3)
-'''
+"""
 
 
 def test_a_failed_save_gives_one_message_and_leaves_no_partial_checkpoint(tmp_path):
@@ -329,12 +356,18 @@ def test_a_failed_save_gives_one_message_and_leaves_no_partial_checkpoint(tmp_pa
   from conftest import REPO_ROOT
 
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, XLA_FLAGS='')
-  result = subprocess.run([sys.executable, '-c', _FULL_DISK, str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, '-c', _FULL_DISK, str(tmp_path)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 3, result.stdout + result.stderr[-3000:]
   assert result.stdout.startswith(f'ERROR: saving checkpoint 2 to {tmp_path}/checkpoints failed: ')
   assert 'File too large' in result.stdout and 'Earlier checkpoints are intact (latest: 1)' in (
-      result.stdout)
+    result.stdout
+  )
   assert 'Traceback' not in result.stderr and 'ERROR:absl' not in result.stderr, result.stderr
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
   assert checkpoints.verify_checksums(tmp_path / 'checkpoints' / '1')

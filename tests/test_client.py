@@ -20,28 +20,44 @@ SHAPE = (8, 8, 3)
 
 
 def _reply(instruction='go'):
-  return {'action': {'xyz': np.array([0.1, 0.2, 0.3], np.float32)},
-          'vector': np.array([0.1, 0.2, 0.3], np.float32), 'tokens': np.array([5, 6, 7], np.int32),
-          'text': '5 6 7', 'plan': '', 'instruction': instruction}
+  return {
+    'action': {'xyz': np.array([0.1, 0.2, 0.3], np.float32)},
+    'vector': np.array([0.1, 0.2, 0.3], np.float32),
+    'tokens': np.array([5, 6, 7], np.int32),
+    'text': '5 6 7',
+    'plan': '',
+    'instruction': instruction,
+  }
 
 
 def test_wire_round_trip_keeps_arrays_exactly():
-  message = {'images': np.arange(2 * 8 * 8 * 3, dtype=np.uint8).reshape(2, 8, 8, 3),
-             'x': np.float32(1.5), 'v': np.array([1.0, -2.5], np.float64), 'text': 'héllo'}
+  message = {
+    'images': np.arange(2 * 8 * 8 * 3, dtype=np.uint8).reshape(2, 8, 8, 3),
+    'x': np.float32(1.5),
+    'v': np.array([1.0, -2.5], np.float64),
+    'text': 'héllo',
+  }
   back = wire.unpackb(wire.packb(message))
   np.testing.assert_array_equal(back['images'], message['images'])
   assert back['images'].dtype == np.uint8 and back['v'].dtype == np.float64
   assert back['x'] == 1.5 and back['text'] == 'héllo'
 
 
-@pytest.mark.parametrize('payload, match', [
+@pytest.mark.parametrize(
+  'payload, match',
+  [
     (b'\xc1\xc1', 'not valid msgpack'),
-    (msgpack.packb({'a': {'__ndarray__': True, 'dtype': '<f4', 'shape': [3], 'data': b'12'}}),
-     'needs 12 bytes'),
-    (msgpack.packb({'a': {'__ndarray__': True, 'dtype': '|O', 'shape': [1], 'data': b'1'}}),
-     'not accepted'),
+    (
+      msgpack.packb({'a': {'__ndarray__': True, 'dtype': '<f4', 'shape': [3], 'data': b'12'}}),
+      'needs 12 bytes',
+    ),
+    (
+      msgpack.packb({'a': {'__ndarray__': True, 'dtype': '|O', 'shape': [1], 'data': b'1'}}),
+      'not accepted',
+    ),
     (msgpack.packb({'a': {'__ndarray__': True, 'shape': [1]}}), 'malformed'),
-])
+  ],
+)
 def test_wire_refuses_malformed_arrays(payload, match):
   with pytest.raises(wire.WireError, match=match):
     wire.unpackb(payload)
@@ -50,12 +66,20 @@ def test_wire_refuses_malformed_arrays(payload, match):
 def test_image_forms_decode_to_the_same_array():
   image = np.random.default_rng(0).integers(0, 256, SHAPE, dtype=np.uint8)
   png = wire.b64encode_image(image, 'png')
-  for form in (png, {'b64': png}, wire.b64encode_image(image, 'raw'), image.tolist(), image,
-               base64.b64decode(png)):
+  for form in (
+    png,
+    {'b64': png},
+    wire.b64encode_image(image, 'raw'),
+    image.tolist(),
+    image,
+    base64.b64decode(png),
+  ):
     np.testing.assert_array_equal(wire.image_from_message(form, SHAPE), image)
 
 
-@pytest.mark.parametrize('value, match', [
+@pytest.mark.parametrize(
+  'value, match',
+  [
     ('not base64!', 'bad base64'),
     (base64.b64encode(b'\x89PNG\r\n\x1a\nbroken').decode(), 'cannot decode'),
     (base64.b64encode(b'xyz').decode(), 'neither PNG/JPEG nor raw'),
@@ -68,7 +92,8 @@ def test_image_forms_decode_to_the_same_array():
     ([[['a', 0, 0]] * 8] * 8, 'must hold integers'),
     ({'data': 'x'}, 'b64'),
     (3.5, 'cannot read an image'),
-])
+  ],
+)
 def test_bad_images_are_named(value, match):
   with pytest.raises(wire.WireError, match=match):
     wire.image_from_message(value, SHAPE)
@@ -96,14 +121,18 @@ class _Script:
       body = wire.unpackb(request.content)
       assert request.headers['content-type'] == wire.MSGPACK_TYPE
       assert body['images'].shape == (1, *SHAPE)
-      return httpx.Response(200, content=wire.packb({'outputs': [_reply(body['instructions'][0])]}),
-                            headers={'content-type': wire.MSGPACK_TYPE})
+      return httpx.Response(
+        200,
+        content=wire.packb({'outputs': [_reply(body['instructions'][0])]}),
+        headers={'content-type': wire.MSGPACK_TYPE},
+      )
     return httpx.Response(step, json={'error': f'scripted {step}'})
 
 
 def _client(script, **kw):
-  return PolicyClient('http://policy.test', transport=httpx.MockTransport(script),
-                      backoff_s=0.001, **kw)
+  return PolicyClient(
+    'http://policy.test', transport=httpx.MockTransport(script), backoff_s=0.001, **kw
+  )
 
 
 def test_act_returns_the_action_dict_after_transient_failures():
@@ -145,7 +174,9 @@ def test_token_is_sent_as_bearer_header():
     seen.append(request.headers.get('authorization'))
     return httpx.Response(200, json={'status': 'ok'})
 
-  PolicyClient('http://policy.test', token='s3cret', transport=httpx.MockTransport(handler)).health()
+  PolicyClient(
+    'http://policy.test', token='s3cret', transport=httpx.MockTransport(handler)
+  ).health()
   assert seen == ['Bearer s3cret']
 
 
@@ -162,17 +193,29 @@ def png_header_only(width, height, idat=b''):
   import zlib
 
   def chunk(kind, data):
-    return (struct.pack('>I', len(data)) + kind + data
-            + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (
+      struct.pack('>I', len(data))
+      + kind
+      + data
+      + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
+
   header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(idat))
-          + chunk(b'IEND', b''))
+  return (
+    b'\x89PNG\r\n\x1a\n'
+    + chunk(b'IHDR', header)
+    + chunk(b'IDAT', zlib.compress(idat))
+    + chunk(b'IEND', b'')
+  )
 
 
-@pytest.mark.parametrize('width, height, match', [
+@pytest.mark.parametrize(
+  'width, height, match',
+  [
     (65535, 65535, 'the PNG header claims more than'),  # was PIL's DecompressionBombError: 500
     (10000, 10000, 'image is 10000x10000 pixels; this policy takes 8x8'),  # refused undecoded
-])
+  ],
+)
 def test_image_size_is_checked_from_the_header_before_decoding(width, height, match):
   import time
 
@@ -184,18 +227,25 @@ def test_image_size_is_checked_from_the_header_before_decoding(width, height, ma
 
 
 def test_undecodable_images_name_no_heap_addresses():
-  for data in (b'\xff\xd8\xff' + b'\x00' * 50, b'\x89PNG\r\n\x1a\n' + b'x' * 20,
-               png_header_only(8, 8, b'\x00' * 10)):
+  for data in (
+    b'\xff\xd8\xff' + b'\x00' * 50,
+    b'\x89PNG\r\n\x1a\n' + b'x' * 20,
+    png_header_only(8, 8, b'\x00' * 10),
+  ):
     with pytest.raises(wire.WireError, match='cannot decode the image bytes as') as info:
       wire.image_from_bytes(data, SHAPE)
     assert ' at 0x' not in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize('shape', [[8.5, 8, 3], [8, 8, 3.0], [True, 8, 3], '8,8,3', [-8, -8, 3],
-                                   [2 ** 62, 2 ** 62, 3], [1] * 9])
+@pytest.mark.parametrize(
+  'shape',
+  [[8.5, 8, 3], [8, 8, 3.0], [True, 8, 3], '8,8,3', [-8, -8, 3], [2**62, 2**62, 3], [1] * 9],
+)
 def test_msgpack_array_shapes_must_be_non_negative_integers(shape):
-  payload = msgpack.packb({'a': {'__ndarray__': True, 'dtype': '|u1', 'shape': shape,
-                                 'data': bytes(192)}})
-  with pytest.raises(wire.WireError, match='shape must be a list of at most 8 non-negative'
-                     '|needs .* bytes, got 192'):
+  payload = msgpack.packb(
+    {'a': {'__ndarray__': True, 'dtype': '|u1', 'shape': shape, 'data': bytes(192)}}
+  )
+  with pytest.raises(
+    wire.WireError, match='shape must be a list of at most 8 non-negative|needs .* bytes, got 192'
+  ):
     wire.unpackb(payload)

@@ -6,29 +6,39 @@ import pytest
 
 from rt2_jax import config_flags
 
-ENTRY = '''
+ENTRY = """
 from rt2_jax import config_flags
 _C = config_flags.define_config()
 def main(argv):
   print('steps', _C.value.total_steps, 'lr', _C.value.optim.lr)
 if __name__ == '__main__':
   config_flags.run(main)
-'''
+"""
 
 
 def run_entry(tmp_path, *args):
   script = tmp_path / 'entry.py'
   script.write_text(ENTRY)
   # The script lives outside the checkout: put the checkout under test first on its path.
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      p for p in (config_flags.REPO_ROOT, os.environ.get('PYTHONPATH', '')) if p))
-  return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                        cwd=config_flags.REPO_ROOT, env=env)
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(
+      p for p in (config_flags.REPO_ROOT, os.environ.get('PYTHONPATH', '')) if p
+    ),
+  )
+  return subprocess.run(
+    [sys.executable, str(script), *args],
+    capture_output=True,
+    text=True,
+    cwd=config_flags.REPO_ROOT,
+    env=env,
+  )
 
 
 def test_overrides_apply(tmp_path):
-  out = run_entry(tmp_path, '--config=configs/tiny.py', '--config.total_steps=7',
-                  '--config.optim.lr=0.5')
+  out = run_entry(
+    tmp_path, '--config=configs/tiny.py', '--config.total_steps=7', '--config.optim.lr=0.5'
+  )
   assert out.returncode == 0, out.stderr
   assert 'steps 7 lr 0.5' in out.stdout
 
@@ -55,8 +65,11 @@ def test_load_config_and_json_round_trip():
 
 
 def test_every_config_file_loads():
-  names = [f for f in os.listdir(os.path.join(config_flags.REPO_ROOT, 'configs'))
-           if f.endswith('.py') and not f.startswith('_')]
+  names = [
+    f
+    for f in os.listdir(os.path.join(config_flags.REPO_ROOT, 'configs'))
+    if f.endswith('.py') and not f.startswith('_')
+  ]
   assert 'tiny.py' in names
   for name in names:
     c = config_flags.load_config(f'configs/{name}')

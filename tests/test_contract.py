@@ -28,8 +28,10 @@ BUCKETS = (4,)
 
 def _images():
   rng = np.random.default_rng(0)
-  return [rng.integers(0, 256, shape, dtype=np.uint8)
-          for shape in ((48, 32, 3), (32, 56, 3), (32, 32, 3), (20, 80, 3))]
+  return [
+    rng.integers(0, 256, shape, dtype=np.uint8)
+    for shape in ((48, 32, 3), (32, 56, 3), (32, 32, 3), (20, 80, 3))
+  ]
 
 
 @pytest.fixture(scope='module')
@@ -41,11 +43,21 @@ def run(tmp_path_factory):
   spec = (spec[:start] + FIELDS + spec[end:]).replace("resize='stretch'", "resize='pad'")
   (tmp / 'custom_spec.py').write_text(spec)
   workdir = tmp / 'run'
-  lib.run_train(workdir, {'total_steps': 2, 'ckpt.every': 2, 'data.prompt': PROMPT,
-                          'data.robot.spec': tmp / 'custom_spec.py', 'actions.num_bins': 100,
-                          'actions.decode_mode': 'centers', 'data.max_input_len': 24})
-  return types.SimpleNamespace(tmp=tmp, workdir=workdir,
-                               policy=Policy.from_checkpoint(workdir, batch_buckets=BUCKETS))
+  lib.run_train(
+    workdir,
+    {
+      'total_steps': 2,
+      'ckpt.every': 2,
+      'data.prompt': PROMPT,
+      'data.robot.spec': tmp / 'custom_spec.py',
+      'actions.num_bins': 100,
+      'actions.decode_mode': 'centers',
+      'data.max_input_len': 24,
+    },
+  )
+  return types.SimpleNamespace(
+    tmp=tmp, workdir=workdir, policy=Policy.from_checkpoint(workdir, batch_buckets=BUCKETS)
+  )
 
 
 def test_the_run_trained_on_what_the_policy_feeds_the_model(run):
@@ -57,21 +69,21 @@ def test_the_run_trained_on_what_the_policy_feeds_the_model(run):
   assert [f.name for f in policy.action_space.fields] == ['xyz', 'rpy', 'gripper']
   assert policy.action_vocab.num_positions == 7 and policy.codec.tokenizer.num_bins == 100
   want = policy.vocab.encode('Robot, please wipe the table now.')
-  np.testing.assert_array_equal(policy.tokenize(['  wipe the table '])[0, :len(want)], want)
+  np.testing.assert_array_equal(policy.tokenize(['  wipe the table '])[0, : len(want)], want)
 
   # The training batches of the same config: prompts and action targets as Policy has them.
   config = policy.config
   vocab, action_vocab = vocab_lib.from_config(config, policy.action_space)
-  it = pipeline.make_train_iterator(config, vocab, action_vocab, policy.stats, 0, 1,
-                                    progress=None)
+  it = pipeline.make_train_iterator(config, vocab, action_vocab, policy.stats, 0, 1, progress=None)
   batch, seen = next(it), 0
   for j, example in enumerate(it.describe_last()):
     if not batch['is_robot'][j]:
       continue
     seen += 1
     assert example['prompt'] == PROMPT.format(instruction=example['instruction'].strip())
-    np.testing.assert_array_equal(batch['encoder_input_tokens'][j],
-                                  policy.tokenize([example['instruction']])[0])
+    np.testing.assert_array_equal(
+      batch['encoder_input_tokens'][j], policy.tokenize([example['instruction']])[0]
+    )
     targets = batch['decoder_target_tokens'][j][batch['action_loss_mask'][j] > 0]
     np.testing.assert_array_equal(targets, policy.codec.encode(batch['actions'][j]))
   assert seen
@@ -90,9 +102,16 @@ def test_policy_server_and_savedmodel_give_the_same_tokens_and_actions(run, para
 
   policy = run.policy
   if params == 'random':
-    policy = Policy(policy.config, tiny_policy.draw_params(policy.params, 1), policy.stats,
-                    policy.action_space, vocab=policy.vocab, resize=policy.resize,
-                    batch_buckets=BUCKETS, model_id='random')
+    policy = Policy(
+      policy.config,
+      tiny_policy.draw_params(policy.params, 1),
+      policy.stats,
+      policy.action_space,
+      vocab=policy.vocab,
+      resize=policy.resize,
+      batch_buckets=BUCKETS,
+      model_id='random',
+    )
   expected = policy.batch(_images(), INSTRUCTIONS)
   for out in expected:
     assert out.tokens.shape == (7,) and out.vector.shape == (7,)
@@ -110,8 +129,9 @@ def test_policy_server_and_savedmodel_give_the_same_tokens_and_actions(run, para
 
   saved = str(run.tmp / f'saved_model_{params}')
   export.export_policy(policy, saved)
-  exported = export.SavedModelPolicy.load(saved, batch_buckets=BUCKETS).batch(_images(),
-                                                                                INSTRUCTIONS)
+  exported = export.SavedModelPolicy.load(saved, batch_buckets=BUCKETS).batch(
+    _images(), INSTRUCTIONS
+  )
   for want, reply, got in zip(expected, replies, exported, strict=True):
     np.testing.assert_array_equal(reply['tokens'], want.tokens)
     np.testing.assert_array_equal(reply['vector'], want.vector)
@@ -121,8 +141,11 @@ def test_policy_server_and_savedmodel_give_the_same_tokens_and_actions(run, para
   # The signature itself on the resized images: the SavedModel's own prompt tokenizer.
   images = policy.preprocess_images(_images())
   np.testing.assert_array_equal(
-      images, np.stack([transforms.resize_image(im, 32, 'pad') for im in _images()]))
+    images, np.stack([transforms.resize_image(im, 32, 'pad') for im in _images()])
+  )
   fn = tf.saved_model.load(saved).signatures['serving_default']
   raw = fn(image=tf.constant(images), instruction=tf.constant(INSTRUCTIONS))
-  np.testing.assert_array_equal(raw['action_tokens'].numpy(), np.stack([o.tokens for o in expected]))
+  np.testing.assert_array_equal(
+    raw['action_tokens'].numpy(), np.stack([o.tokens for o in expected])
+  )
   np.testing.assert_array_equal(raw['action'].numpy(), np.stack([o.vector for o in expected]))

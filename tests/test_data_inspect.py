@@ -23,9 +23,17 @@ def web_jsonl(tmp_path_factory):
 @pytest.mark.parametrize('name', ['fractal20220817_data', 'language_table', 'bridge_dataset'])
 def test_inspect_each_layout(tmp_path, web_jsonl, name, capsys):
   data_dir = fixtures.write_layout(name, str(tmp_path / 'd'), num_episodes=3, num_steps=3)
-  config = config_flags.load_config('tiny', overrides={
-      'data.robot.spec': name, 'data.robot.data_dir': data_dir, 'data.web.jsonl': web_jsonl,
-      'data.cache_dir': '', 'model.image_size': 16, 'data.robot_rate': 0.66})
+  config = config_flags.load_config(
+    'tiny',
+    overrides={
+      'data.robot.spec': name,
+      'data.robot.data_dir': data_dir,
+      'data.web.jsonl': web_jsonl,
+      'data.cache_dir': '',
+      'model.image_size': 16,
+      'data.robot_rate': 0.66,
+    },
+  )
   png = tmp_path / 'grid.png'
   report = inspect_lib.inspect(config, num=4, sample=2000, out=str(png), progress=None)
   printed = capsys.readouterr().out
@@ -44,15 +52,29 @@ def test_inspect_each_layout(tmp_path, web_jsonl, name, capsys):
     assert img.size[0] > 100 and img.size[1] > 100
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, 'bridge_dataset')),
-                    reason=f'the real Bridge sample is not at {SHARED_DATA}')
+@pytest.mark.skipif(
+  not os.path.isdir(os.path.join(SHARED_DATA, 'bridge_dataset')),
+  reason=f'the real Bridge sample is not at {SHARED_DATA}',
+)
 def test_inspect_cli_on_real_bridge(tmp_path, web_jsonl):
   png = tmp_path / 'grid.png'
   result = subprocess.run(
-      [sys.executable, '-m', 'rt2_jax.data.inspect', '--config=configs/tiny.py', '--num=3',
-       f'--out={png}', f'--config.data.robot.data_dir={SHARED_DATA}',
-       f'--config.data.web.jsonl={web_jsonl}', '--config.data.cache_dir='],
-      capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'rt2_jax.data.inspect',
+      '--config=configs/tiny.py',
+      '--num=3',
+      f'--out={png}',
+      f'--config.data.robot.data_dir={SHARED_DATA}',
+      f'--config.data.web.jsonl={web_jsonl}',
+      '--config.data.cache_dir=',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO_ROOT,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'robot/bridge_dataset' in result.stdout and '250 examples' in result.stdout
   assert png.exists()

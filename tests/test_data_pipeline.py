@@ -20,18 +20,29 @@ EPISODES, STEPS = 6, 4
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('pipeline'))
-  out = {name: fixtures.write_layout(name, os.path.join(root, name), num_episodes=EPISODES,
-                                     num_steps=STEPS, with_plan=True) for name in LAYOUTS}
+  out = {
+    name: fixtures.write_layout(
+      name, os.path.join(root, name), num_episodes=EPISODES, num_steps=STEPS, with_plan=True
+    )
+    for name in LAYOUTS
+  }
   out['jsonl'] = fixtures.write_web_jsonl(os.path.join(root, 'web'), num_examples=10)
-  out['coco_root'] = os.path.dirname(os.path.dirname(
-      fixtures.write_coco_captions(os.path.join(root, 'coco'), num_examples=4)))
+  out['coco_root'] = os.path.dirname(
+    os.path.dirname(fixtures.write_coco_captions(os.path.join(root, 'coco'), num_examples=4))
+  )
   return out
 
 
 def make_config(data, spec='bridge_dataset', **overrides):
-  values = {'data.robot.spec': spec, 'data.robot.data_dir': data[spec],
-            'data.web.jsonl': data['jsonl'], 'data.cache_dir': '', 'model.image_size': 16,
-            'batch_size': 8, 'data.synthetic_if_missing': False}
+  values = {
+    'data.robot.spec': spec,
+    'data.robot.data_dir': data[spec],
+    'data.web.jsonl': data['jsonl'],
+    'data.cache_dir': '',
+    'model.image_size': 16,
+    'batch_size': 8,
+    'data.synthetic_if_missing': False,
+  }
   values.update(overrides)
   return config_flags.load_config('tiny', overrides=values)
 
@@ -40,8 +51,9 @@ def make_iterator(config, process_index=0, process_count=1):
   space = pipeline.action_space(config)
   stats = pipeline.norm_stats(config, progress=None)
   vocab, action_vocab = vocab_lib.from_config(config, space)
-  it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, process_index,
-                                    process_count, progress=None)
+  it = pipeline.make_train_iterator(
+    config, vocab, action_vocab, stats, process_index, process_count, progress=None
+  )
   return it, vocab, action_vocab, stats
 
 
@@ -89,12 +101,19 @@ def test_batch_format(data, spec):
 def _task_data(name, kind, n, points):
   robot = kind == tasks.ROBOT
   return tasks.TaskData(
-      name=name, kind=kind, images=np.zeros((n, 4, 4, 3), np.uint8),
-      image_index=np.arange(n), encoder_table=np.full((1, 3), 5, np.int32),
-      encoder_index=np.zeros(n, np.int32), targets=np.tile(np.int32([[7, 1, 0]]), (n, 1)),
-      action_start=np.full(n, 0 if robot else -1, np.int32), num_action_tokens=int(robot),
-      actions=np.zeros((n, 2), np.float32) if robot else None, describe=lambda i: {},
-      points=points)
+    name=name,
+    kind=kind,
+    images=np.zeros((n, 4, 4, 3), np.uint8),
+    image_index=np.arange(n),
+    encoder_table=np.full((1, 3), 5, np.int32),
+    encoder_index=np.zeros(n, np.int32),
+    targets=np.tile(np.int32([[7, 1, 0]]), (n, 1)),
+    action_start=np.full(n, 0 if robot else -1, np.int32),
+    num_action_tokens=int(robot),
+    actions=np.zeros((n, 2), np.float32) if robot else None,
+    describe=lambda i: {},
+    points=points,
+  )
 
 
 def test_pointer_xy_has_the_widest_tasks_slots_nan_padded():
@@ -102,8 +121,11 @@ def test_pointer_xy_has_the_widest_tasks_slots_nan_padded():
   robot_points = rng.uniform(0, 1, (10, 3, 2)).astype(np.float32)
   web_points = rng.uniform(0, 1, (7, 1, 2)).astype(np.float32)
   web_points[2] = np.nan  # a line without a 'point'
-  data = [_task_data('robot/t', tasks.ROBOT, 10, robot_points),
-          _task_data('web/a', tasks.WEB, 7, web_points), _task_data('web/b', tasks.WEB, 5, None)]
+  data = [
+    _task_data('robot/t', tasks.ROBOT, 10, robot_points),
+    _task_data('web/a', tasks.WEB, 7, web_points),
+    _task_data('web/b', tasks.WEB, 5, None),
+  ]
   it = pipeline.MixtureIterator(data, [0.4, 0.4, 0.2], 32)
   assert it.num_points == 3
   for _ in range(3):
@@ -147,8 +169,9 @@ def test_plan_targets(data):
   from rt2_jax.data.spec import load_spec
 
   spec = dataclasses.replace(load_spec('fractal20220817_data'), plan_key='plan')
-  config = make_config(data, 'fractal20220817_data', **{'data.robot_rate': 1.0,
-                                                         'data.max_target_len': 24})
+  config = make_config(
+    data, 'fractal20220817_data', **{'data.robot_rate': 1.0, 'data.max_target_len': 24}
+  )
   space = spec.action_space
   vocab, action_vocab = vocab_lib.from_config(config, space)
   context = tasks.Context(config, vocab, action_vocab, None, progress=None)
@@ -173,8 +196,9 @@ def test_plan_targets(data):
   ends = short.targets[rows, short.action_start + space.num_positions]
   assert (ends == vocab.eos_id).all()
   np.testing.assert_array_equal(
-      short.targets[rows[:, None], short.action_start[:, None] + np.arange(space.num_positions)],
-      task.targets[rows[:, None], task.action_start[:, None] + np.arange(space.num_positions)])
+    short.targets[rows[:, None], short.action_start[:, None] + np.arange(space.num_positions)],
+    task.targets[rows[:, None], task.action_start[:, None] + np.arange(space.num_positions)],
+  )
 
 
 def test_target_length_too_short_is_explained(data):
@@ -216,7 +240,7 @@ def test_epochs_visit_every_example(data):
   for _ in range(n // 8 * 2):
     next(it)
     seen += [i for _, i in it.last_examples]
-  assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:2 * n]) == list(range(n))
+  assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n : 2 * n]) == list(range(n))
 
 
 def test_processes_get_disjoint_shards(data):
@@ -234,13 +258,22 @@ def test_processes_get_disjoint_shards(data):
 
 
 def test_web_tfds_captions(data):
-  config = make_config(data, **{'data.web.jsonl': '', 'data.web.tfds_name': 'coco_captions',
-                                'data.web.tfds_data_dir': data['coco_root']})
+  config = make_config(
+    data,
+    **{
+      'data.web.jsonl': '',
+      'data.web.tfds_name': 'coco_captions',
+      'data.web.tfds_data_dir': data['coco_root'],
+    },
+  )
   it, vocab, *_ = make_iterator(config)
   assert [t.name for t in it.tasks] == ['robot/bridge_dataset', 'web/coco_captions']
   batch = next(it)
-  texts = [vocab.decode(t) for t, r in zip(batch['decoder_target_tokens'], batch['is_robot'], strict=False)
-           if not r]
+  texts = [
+    vocab.decode(t)
+    for t, r in zip(batch['decoder_target_tokens'], batch['is_robot'], strict=False)
+    if not r
+  ]
   assert texts and all('image' in t for t in texts)
 
 
@@ -289,8 +322,10 @@ def test_tiny_config_uses_generated_data(tmp_path, monkeypatch):
     pipeline.robot_data_dir(config)
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, 'bridge_dataset')),
-                    reason=f'the real Bridge sample is not at {SHARED_DATA}')
+@pytest.mark.skipif(
+  not os.path.isdir(os.path.join(SHARED_DATA, 'bridge_dataset')),
+  reason=f'the real Bridge sample is not at {SHARED_DATA}',
+)
 def test_real_bridge_mixture(data):
   config = make_config(data, **{'data.robot.data_dir': SHARED_DATA, 'batch_size': 16})
   it, vocab, action_vocab, stats = make_iterator(config)
@@ -299,5 +334,9 @@ def test_real_bridge_mixture(data):
   robot = np.concatenate([b['is_robot'] for b in batches])
   assert abs(robot.mean() - 0.5) < 0.05
   texts = {d['instruction'] for d in it.describe_last() if d['task'].startswith('robot')}
-  assert texts <= {'put carrot on plate', 'flip pot upright which is in sink',
-                   'put cup from counter or drying rack into sink', 'turn lever vertical to front'}
+  assert texts <= {
+    'put carrot on plate',
+    'flip pot upright which is in sink',
+    'put cup from counter or drying rack into sink',
+    'turn lever vertical to front',
+  }

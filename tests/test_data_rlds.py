@@ -12,8 +12,9 @@ from rt2_jax.data import fixtures, rlds
 from rt2_jax.data.spec import ActionSource, load_spec
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_BRIDGE = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'data', 'bridge_dataset',
-                             '1.0.0')
+SHARED_BRIDGE = os.path.join(
+  os.path.dirname(REPO_ROOT), 'shared', 'data', 'bridge_dataset', '1.0.0'
+)
 LAYOUTS = ('fractal20220817_data', 'language_table', 'bridge_dataset')
 EPISODES, STEPS = 4, 3
 
@@ -21,12 +22,23 @@ EPISODES, STEPS = 4, 3
 @pytest.fixture(scope='module')
 def datasets(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('rlds'))
-  out = {name: fixtures.write_layout(name, os.path.join(root, name), num_episodes=EPISODES,
-                                     num_steps=STEPS, with_plan=name == 'fractal20220817_data')
-         for name in LAYOUTS}
-  out['bad_bridge'] = fixtures.write_bridge(os.path.join(root, 'bad'), num_episodes=5,
-                                            num_steps=STEPS, nan_episodes=(1,),
-                                            empty_instruction_episodes=(3,))
+  out = {
+    name: fixtures.write_layout(
+      name,
+      os.path.join(root, name),
+      num_episodes=EPISODES,
+      num_steps=STEPS,
+      with_plan=name == 'fractal20220817_data',
+    )
+    for name in LAYOUTS
+  }
+  out['bad_bridge'] = fixtures.write_bridge(
+    os.path.join(root, 'bad'),
+    num_episodes=5,
+    num_steps=STEPS,
+    nan_episodes=(1,),
+    empty_instruction_episodes=(3,),
+  )
   return out
 
 
@@ -55,31 +67,40 @@ def test_reads_every_layout(datasets, name):
 
 
 def test_fractal_action_vector_follows_spec_order(datasets):
-  records = rlds.read_split('fractal20220817_data', datasets['fractal20220817_data'], 'train', 8,
-                            progress=None)
+  records = rlds.read_split(
+    'fractal20220817_data', datasets['fractal20220817_data'], 'train', 8, progress=None
+  )
   raw = _raw_steps(datasets['fractal20220817_data'])
-  expected = np.stack([np.concatenate([
-      s['action']['terminate_episode'], s['action']['world_vector'],
-      s['action']['rotation_delta'], s['action']['gripper_closedness_action']]) for s in raw])
+  expected = np.stack(
+    [
+      np.concatenate(
+        [
+          s['action']['terminate_episode'],
+          s['action']['world_vector'],
+          s['action']['rotation_delta'],
+          s['action']['gripper_closedness_action'],
+        ]
+      )
+      for s in raw
+    ]
+  )
   np.testing.assert_allclose(records.actions, expected.astype(np.float32))
   assert records.actions[records.is_last][:, 0].tolist() == [1.0] * EPISODES  # terminate one-hot
   assert not records.plans  # the spec names no plan key
   with_plan = dataclasses.replace(load_spec('fractal20220817_data'), plan_key='plan')
-  records = rlds.read_split(with_plan, datasets['fractal20220817_data'], 'train', 8,
-                            progress=None)
+  records = rlds.read_split(with_plan, datasets['fractal20220817_data'], 'train', 8, progress=None)
   assert [records.plan(i) for i in range(len(records))] == [s['plan'].decode() for s in raw]
 
 
 def test_language_table_instruction_bytes(datasets):
-  records = rlds.read_split('language_table', datasets['language_table'], 'train', 8,
-                            progress=None)
+  records = rlds.read_split('language_table', datasets['language_table'], 'train', 8, progress=None)
   raw = _raw_steps(datasets['language_table'])
   for i, step in enumerate(raw):
     codes = step['observation']['instruction']
     assert records.instruction(i) == bytes(codes[codes > 0].astype(np.uint8).tolist()).decode()
   text = 'pousser le bloc à gauche'.encode()
   padded = np.zeros(512, np.int32)
-  padded[:len(text)] = list(text)
+  padded[: len(text)] = list(text)
   assert rlds._decode_instruction(padded, 'utf8_bytes') == 'pousser le bloc à gauche'
 
 
@@ -116,8 +137,9 @@ def test_missing_key_names_dataset_key_and_existing_keys(datasets):
 
 def test_action_slice_past_tensor_end_is_reported(datasets):
   base = load_spec('bridge_dataset')
-  spec = dataclasses.replace(base, action_sources=(*base.action_sources[:2],
-                                                   ActionSource('action', start=7)))
+  spec = dataclasses.replace(
+    base, action_sources=(*base.action_sources[:2], ActionSource('action', start=7))
+  )
   with pytest.raises(rlds.DataError, match=r'gripper.*action\[7:8\].*\(7,\)'):
     rlds.read_split(spec, datasets['bridge_dataset'], 'train', 8, progress=None)
 
@@ -133,11 +155,19 @@ def test_step_records_points_survive_select_save_and_load(tmp_path):
   points = np.arange(n * 3 * 2, dtype=np.float32).reshape(n, 3, 2) / 100
   points[1, 2] = np.nan
   records = rlds.StepRecords(
-      name='x', images=np.zeros((n, 4, 4, 3), np.uint8), actions=np.zeros((n, 2), np.float32),
-      instruction_index=np.zeros(n, np.int32), instructions=['go'],
-      plan_index=np.full(n, -1, np.int32), plans=[], episode_ids=np.repeat([0, 1], 3),
-      step_ids=np.tile(np.arange(3), 2), is_first=np.tile([True, False, False], 2),
-      is_last=np.tile([False, False, True], 2), points=points)
+    name='x',
+    images=np.zeros((n, 4, 4, 3), np.uint8),
+    actions=np.zeros((n, 2), np.float32),
+    instruction_index=np.zeros(n, np.int32),
+    instructions=['go'],
+    plan_index=np.full(n, -1, np.int32),
+    plans=[],
+    episode_ids=np.repeat([0, 1], 3),
+    step_ids=np.tile(np.arange(3), 2),
+    is_first=np.tile([True, False, False], 2),
+    is_last=np.tile([False, False, True], 2),
+    points=points,
+  )
   picked = records.select([1, 4])
   np.testing.assert_array_equal(picked.points, points[[1, 4]])
   records.save(str(tmp_path / 'with'))
@@ -153,7 +183,7 @@ def test_corrupt_record_names_the_file(datasets, tmp_path):
   file = next(os.path.join(broken, f) for f in os.listdir(broken) if '-train.tfrecord' in f)
   data = bytearray(open(file, 'rb').read())
   middle = len(data) // 2
-  data[middle:middle + 64] = bytes(64)  # breaks a record's payload checksum
+  data[middle : middle + 64] = bytes(64)  # breaks a record's payload checksum
   open(file, 'wb').write(bytes(data))
   with pytest.raises(rlds.DataError, match='corrupt record in file .*' + os.path.basename(file)):
     rlds.read_split('bridge_dataset', broken, 'train', 8, progress=None)
@@ -161,37 +191,51 @@ def test_corrupt_record_names_the_file(datasets, tmp_path):
 
 def test_bad_episodes_are_counted_and_skipped_or_fail(datasets):
   messages = []
-  records = rlds.read_split('bridge_dataset', datasets['bad_bridge'], 'train', 8,
-                            progress=messages.append)
+  records = rlds.read_split(
+    'bridge_dataset', datasets['bad_bridge'], 'train', 8, progress=messages.append
+  )
   assert records.skipped == {'no_instruction': 1, 'nonfinite_action': 1}
   assert sorted(set(records.episode_ids.tolist())) == [0, 2, 4]
   assert np.isfinite(records.actions).all() and all(records.instructions)
   assert any('skipping bad data' in m and 'episode ids [1]' in m for m in messages)
   with pytest.raises(rlds.DataError, match=r'no instruction \(episode ids \[3\]\)'):
-    rlds.read_split('bridge_dataset', datasets['bad_bridge'], 'train', 8, bad_data='fail',
-                    progress=None)
+    rlds.read_split(
+      'bridge_dataset', datasets['bad_bridge'], 'train', 8, bad_data='fail', progress=None
+    )
 
 
 def test_shards_split_episodes(datasets):
-  shards = [rlds.read_split('bridge_dataset', datasets['bridge_dataset'], 'train', 8,
-                            shard=(i, 3), progress=None) for i in range(3)]
+  shards = [
+    rlds.read_split(
+      'bridge_dataset', datasets['bridge_dataset'], 'train', 8, shard=(i, 3), progress=None
+    )
+    for i in range(3)
+  ]
   episodes = [set(s.episode_ids.tolist()) for s in shards]
   assert episodes == [{0, 3}, {1}, {2}]
 
 
 def test_cache_round_trip_and_invalidation(datasets, tmp_path):
   cache = str(tmp_path / 'cache')
-  first = rlds.read_split('language_table', datasets['language_table'], 'train', 8,
-                          cache_dir=cache, progress=None)
+  first = rlds.read_split(
+    'language_table', datasets['language_table'], 'train', 8, cache_dir=cache, progress=None
+  )
   messages = []
-  again = rlds.read_split('language_table', datasets['language_table'], 'train', 8,
-                          cache_dir=cache, progress=messages.append)
+  again = rlds.read_split(
+    'language_table',
+    datasets['language_table'],
+    'train',
+    8,
+    cache_dir=cache,
+    progress=messages.append,
+  )
   assert any('cached' in m for m in messages)
   np.testing.assert_array_equal(np.asarray(again.images), first.images)
   np.testing.assert_array_equal(again.actions, first.actions)
   assert again.instructions == first.instructions
-  other = rlds.read_split('language_table', datasets['language_table'], 'train', 12,
-                          cache_dir=cache, progress=None)
+  other = rlds.read_split(
+    'language_table', datasets['language_table'], 'train', 12, cache_dir=cache, progress=None
+  )
   assert other.images.shape[1] == 12  # a different request is a different cache entry
 
 
@@ -209,8 +253,9 @@ def test_finds_builder_folder_from_parent(datasets):
     rlds.resolve_builder_dir(os.path.dirname(parent), 'language_table')
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_BRIDGE),
-                    reason=f'the real Bridge sample is not at {SHARED_BRIDGE}')
+@pytest.mark.skipif(
+  not os.path.isdir(SHARED_BRIDGE), reason=f'the real Bridge sample is not at {SHARED_BRIDGE}'
+)
 def test_real_bridge_sample():
   records = rlds.read_split('bridge_dataset', SHARED_BRIDGE, 'train', 32, progress=None)
   assert len(records) == 250 and records.num_episodes == 25

@@ -27,40 +27,60 @@ _CLASS = 'tensorflow_datasets.core.features.'
 
 
 def _tensor(dtype, shape=(), scalar=False):
-  return {'pythonClassName': _CLASS + ('scalar.Scalar' if scalar else 'tensor_feature.Tensor'),
-          'tensor': {'shape': {'dimensions': [str(d) for d in shape]} if shape else {},
-                     'dtype': dtype, 'encoding': 'none'}}
+  return {
+    'pythonClassName': _CLASS + ('scalar.Scalar' if scalar else 'tensor_feature.Tensor'),
+    'tensor': {
+      'shape': {'dimensions': [str(d) for d in shape]} if shape else {},
+      'dtype': dtype,
+      'encoding': 'none',
+    },
+  }
 
 
 def _image(shape):
-  return {'pythonClassName': _CLASS + 'image_feature.Image',
-          'image': {'shape': {'dimensions': [str(d) for d in shape]}, 'dtype': 'uint8',
-                    'encodingFormat': 'jpeg'}}
+  return {
+    'pythonClassName': _CLASS + 'image_feature.Image',
+    'image': {
+      'shape': {'dimensions': [str(d) for d in shape]},
+      'dtype': 'uint8',
+      'encodingFormat': 'jpeg',
+    },
+  }
 
 
 def _dict(features):
-  return {'pythonClassName': _CLASS + 'features_dict.FeaturesDict',
-          'featuresDict': {'features': features}}
+  return {
+    'pythonClassName': _CLASS + 'features_dict.FeaturesDict',
+    'featuresDict': {'features': features},
+  }
 
 
 def _rlds(step_features, episode_features=None):
-  steps = {'pythonClassName': _CLASS + 'dataset_feature.Dataset',
-           'sequence': {'feature': _dict(step_features), 'length': '-1'}}
+  steps = {
+    'pythonClassName': _CLASS + 'dataset_feature.Dataset',
+    'sequence': {'feature': _dict(step_features), 'length': '-1'},
+  }
   return _dict({'steps': steps, **(episode_features or {})})
 
 
 # Published feature structures (leaves: the JSON above; values written per leaf kind below).
-FRACTAL = _rlds({
-    'action': _dict({
+FRACTAL = _rlds(
+  {
+    'action': _dict(
+      {
         'base_displacement_vector': _tensor('float32', (2,)),
         'base_displacement_vertical_rotation': _tensor('float32', (1,)),
         'gripper_closedness_action': _tensor('float32', (1,)),
         'rotation_delta': _tensor('float32', (3,)),
         'terminate_episode': _tensor('int32', (3,)),
         'world_vector': _tensor('float32', (3,)),
-    }),
-    'is_first': _tensor('bool'), 'is_last': _tensor('bool'), 'is_terminal': _tensor('bool'),
-    'observation': _dict({
+      }
+    ),
+    'is_first': _tensor('bool'),
+    'is_last': _tensor('bool'),
+    'is_terminal': _tensor('bool'),
+    'observation': _dict(
+      {
         'base_pose_tool_reached': _tensor('float32', (7,)),
         'gripper_closed': _tensor('float32', (1,)),
         'gripper_closedness_commanded': _tensor('float32', (1,)),
@@ -75,31 +95,63 @@ FRACTAL = _rlds({
         'src_rotation': _tensor('float32', (4,)),
         'vector_to_go': _tensor('float32', (3,)),
         'workspace_bounds': _tensor('float32', (3, 3)),
-    }),
+      }
+    ),
     'reward': _tensor('float32', scalar=True),
-}, {
-    'aspects': _dict({k: _tensor('bool') for k in
-                      ('already_success', 'feasible', 'has_aspects', 'success', 'undesirable')}),
-    'attributes': _dict({
-        **{k: _tensor('int64') for k in ('collection_mode', 'data_type', 'env', 'location',
-                                         'objects_family', 'task_family')},
-        **{f'{k}_name': _tensor('string') for k in ('collection_mode', 'data_type', 'env',
-                                                     'location', 'objects_family',
-                                                     'task_family')},
-    }),
-})
+  },
+  {
+    'aspects': _dict(
+      {
+        k: _tensor('bool')
+        for k in ('already_success', 'feasible', 'has_aspects', 'success', 'undesirable')
+      }
+    ),
+    'attributes': _dict(
+      {
+        **{
+          k: _tensor('int64')
+          for k in (
+            'collection_mode',
+            'data_type',
+            'env',
+            'location',
+            'objects_family',
+            'task_family',
+          )
+        },
+        **{
+          f'{k}_name': _tensor('string')
+          for k in (
+            'collection_mode',
+            'data_type',
+            'env',
+            'location',
+            'objects_family',
+            'task_family',
+          )
+        },
+      }
+    ),
+  },
+)
 
-LANGUAGE_TABLE = _rlds({
+LANGUAGE_TABLE = _rlds(
+  {
     'action': _tensor('float32', (2,)),
-    'is_first': _tensor('bool'), 'is_last': _tensor('bool'), 'is_terminal': _tensor('bool'),
-    'observation': _dict({
+    'is_first': _tensor('bool'),
+    'is_last': _tensor('bool'),
+    'is_terminal': _tensor('bool'),
+    'observation': _dict(
+      {
         'effector_target_translation': _tensor('float32', (2,)),
         'effector_translation': _tensor('float32', (2,)),
         'instruction': _tensor('int32', (512,)),
         'rgb': _image((360, 640, 3)),
-    }),
+      }
+    ),
     'reward': _tensor('float32', scalar=True),
-})
+  }
+)
 
 EPISODE_LENGTHS = (3, 1, 4)
 INSTRUCTIONS = ('pick the café cup', 'move the Ωmega block', 'open the drawer ')  # not ASCII
@@ -147,17 +199,32 @@ def _write(root, name, version, features, episodes):
   with tf.io.TFRecordWriter(os.path.join(folder, filename)) as writer:
     for episode in episodes:
       assert set(episode) == set(leaves), set(episode) ^ set(leaves)
-      example = tf.train.Example(features=tf.train.Features(feature={
-          path: _feature(leaves[path], value if path.startswith('steps/') else [value])
-          for path, value in episode.items()}))
+      example = tf.train.Example(
+        features=tf.train.Features(
+          feature={
+            path: _feature(leaves[path], value if path.startswith('steps/') else [value])
+            for path, value in episode.items()
+          }
+        )
+      )
       writer.write(example.SerializeToString())
   with open(os.path.join(folder, 'features.json'), 'w') as f:
     json.dump(features, f, indent=1)
-  info = {'name': name, 'version': version, 'fileFormat': 'tfrecord',
-          'moduleName': f'{name}.{name}_dataset_builder', 'description': 'hand-written fixture',
-          'splits': [{'name': 'train', 'numBytes': str(os.path.getsize(
-              os.path.join(folder, filename))), 'shardLengths': [str(len(episodes))],
-                      'filepathTemplate': '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'}]}
+  info = {
+    'name': name,
+    'version': version,
+    'fileFormat': 'tfrecord',
+    'moduleName': f'{name}.{name}_dataset_builder',
+    'description': 'hand-written fixture',
+    'splits': [
+      {
+        'name': 'train',
+        'numBytes': str(os.path.getsize(os.path.join(folder, filename))),
+        'shardLengths': [str(len(episodes))],
+        'filepathTemplate': '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}',
+      }
+    ],
+  }
   with open(os.path.join(folder, 'dataset_info.json'), 'w') as f:
     json.dump(info, f, indent=1)
   return folder
@@ -200,19 +267,25 @@ def fractal(tmp_path_factory):
     terminate = np.asarray([[1, 0, 0] if t == n - 1 else [0, 1, 0] for t in range(n)], np.int32)
     colors = _colors(n, e)
     episode = {
-        'steps/observation/image': [_jpeg(c, (256, 320, 3)) for c in colors],
-        'steps/observation/natural_language_instruction': [INSTRUCTIONS[e]] * n,
-        'steps/action/world_vector': list(world), 'steps/action/rotation_delta': list(rotation),
-        'steps/action/gripper_closedness_action': list(gripper),
-        'steps/action/terminate_episode': list(terminate),
-        'steps/is_first': [t == 0 for t in range(n)],
-        'steps/is_last': [t == n - 1 for t in range(n)],
-        'steps/is_terminal': [t == n - 1 for t in range(n)],
+      'steps/observation/image': [_jpeg(c, (256, 320, 3)) for c in colors],
+      'steps/observation/natural_language_instruction': [INSTRUCTIONS[e]] * n,
+      'steps/action/world_vector': list(world),
+      'steps/action/rotation_delta': list(rotation),
+      'steps/action/gripper_closedness_action': list(gripper),
+      'steps/action/terminate_episode': list(terminate),
+      'steps/is_first': [t == 0 for t in range(n)],
+      'steps/is_last': [t == n - 1 for t in range(n)],
+      'steps/is_terminal': [t == n - 1 for t in range(n)],
     }
     episode.update(_fill(leaves, rng, n, episode))
     episodes.append(episode)
-    expected.append(dict(colors=colors, instruction=INSTRUCTIONS[e].strip(),
-                         actions=np.concatenate([terminate, world, rotation, gripper], 1)))
+    expected.append(
+      dict(
+        colors=colors,
+        instruction=INSTRUCTIONS[e].strip(),
+        actions=np.concatenate([terminate, world, rotation, gripper], 1),
+      )
+    )
   root = str(tmp_path_factory.mktemp('published'))
   return _write(root, 'fractal20220817_data', '0.1.0', FRACTAL, episodes), expected
 
@@ -225,16 +298,16 @@ def language_table(tmp_path_factory):
   for e, n in enumerate(EPISODE_LENGTHS):
     text = INSTRUCTIONS[e].encode('utf-8')
     codes = np.zeros(512, np.int32)
-    codes[:len(text)] = np.frombuffer(text, np.uint8)
+    codes[: len(text)] = np.frombuffer(text, np.uint8)
     delta = rng.uniform(-0.1, 0.1, (n, 2)).astype(np.float32)
     colors = _colors(n, e)
     episode = {
-        'steps/observation/rgb': [_jpeg(c, (360, 640, 3)) for c in colors],
-        'steps/observation/instruction': [codes] * n,
-        'steps/action': list(delta),
-        'steps/is_first': [t == 0 for t in range(n)],
-        'steps/is_last': [t == n - 1 for t in range(n)],
-        'steps/is_terminal': [t == n - 1 for t in range(n)],
+      'steps/observation/rgb': [_jpeg(c, (360, 640, 3)) for c in colors],
+      'steps/observation/instruction': [codes] * n,
+      'steps/action': list(delta),
+      'steps/is_first': [t == 0 for t in range(n)],
+      'steps/is_last': [t == n - 1 for t in range(n)],
+      'steps/is_terminal': [t == n - 1 for t in range(n)],
     }
     episode.update(_fill(leaves, rng, n, episode))
     episodes.append(episode)
@@ -281,8 +354,10 @@ def test_the_hand_written_folders_read_with_tfds_as_written(fractal, language_ta
   the reader, not a mistake in this file)."""
   import tensorflow_datasets as tfds
 
-  for (folder, expected), key in ((fractal, 'observation/natural_language_instruction'),
-                                  (language_table, 'observation/instruction')):
+  for (folder, expected), key in (
+    (fractal, 'observation/natural_language_instruction'),
+    (language_table, 'observation/instruction'),
+  ):
     ds = tfds.builder_from_directory(folder).as_dataset(split='train', shuffle_files=False)
     episodes = list(tfds.as_numpy(ds))
     assert [len(list(e['steps'])) for e in episodes] == list(EPISODE_LENGTHS)
@@ -291,8 +366,11 @@ def test_the_hand_written_folders_read_with_tfds_as_written(fractal, language_ta
         value = step
         for part in key.split('/'):
           value = value[part]
-        text = (value.decode() if isinstance(value, bytes)
-                else bytes(value[value > 0].astype(np.uint8).tolist()).decode())
+        text = (
+          value.decode()
+          if isinstance(value, bytes)
+          else bytes(value[value > 0].astype(np.uint8).tolist()).decode()
+        )
         assert text.strip() == want['instruction']
         image = step['observation']['image' if 'fractal' in folder else 'rgb']
         assert np.abs(image.astype(int) - np.asarray(want['colors'][t])).max() <= 4

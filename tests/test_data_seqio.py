@@ -12,11 +12,17 @@ from rt2_jax.data import fixtures, pipeline, seqio_tasks
 def test_seqio_tasks_match_pipeline_tokens(tmp_path):
   import seqio
 
-  config = config_flags.load_config('tiny', overrides={
-      'data.robot.data_dir': fixtures.write_bridge(str(tmp_path / 'd'), num_episodes=2,
-                                                   num_steps=3),
+  config = config_flags.load_config(
+    'tiny',
+    overrides={
+      'data.robot.data_dir': fixtures.write_bridge(
+        str(tmp_path / 'd'), num_episodes=2, num_steps=3
+      ),
       'data.web.jsonl': fixtures.write_web_jsonl(str(tmp_path / 'w'), num_examples=4),
-      'data.cache_dir': '', 'model.image_size': 16})
+      'data.cache_dir': '',
+      'model.image_size': 16,
+    },
+  )
   stats = pipeline.norm_stats(config, progress=None)
   vocab, action_vocab = vocab_lib.from_config(config, pipeline.action_space(config))
   name = seqio_tasks.register(config, vocab, action_vocab, stats, progress=None)
@@ -30,7 +36,8 @@ def test_seqio_tasks_match_pipeline_tokens(tmp_path):
     assert len(examples) == len(task_data)
     for i, ex in enumerate(examples):
       np.testing.assert_array_equal(
-          ex['inputs'], [t for t in task_data.encoder_table[task_data.encoder_index[i]] if t])
+        ex['inputs'], [t for t in task_data.encoder_table[task_data.encoder_index[i]] if t]
+      )
       np.testing.assert_array_equal(ex['targets'], [t for t in task_data.targets[i] if t])
       assert ex['targets'][-1] == 1 and ex['image'].shape == (16, 16, 3)
       assert bool(ex['is_robot']) == task_data.is_robot

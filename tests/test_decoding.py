@@ -13,13 +13,19 @@ from rt2_jax import vocab as vocab_lib
 from rt2_jax.models.vla import VLA
 
 choose = jax.jit(decoding.choose, static_argnames='top_k')
-PROMPTS = ['put the spoon in the pot', 'open the drawer', 'pick up the red block on the left',
-           'wipe']
-SPACE = actions_lib.ActionSpace([  # continuous, discrete (2 of K classes) and one-hot (3)
+PROMPTS = [
+  'put the spoon in the pot',
+  'open the drawer',
+  'pick up the red block on the left',
+  'wipe',
+]
+SPACE = actions_lib.ActionSpace(
+  [  # continuous, discrete (2 of K classes) and one-hot (3)
     actions_lib.ActionField('xyz', width=3, low=-1.0, high=1.0),
     actions_lib.ActionField('gripper', kind='discrete', values=(0.0, 1.0)),
     actions_lib.ActionField('terminate', width=3, kind='onehot'),
-])
+  ]
+)
 
 
 def _config():
@@ -29,8 +35,9 @@ def _config():
   cfg.model.image_size = 32
   cfg.model.vocab_size = 896
   cfg.model.vit.update(width=32, depth=1, num_heads=2, mlp_dim=64)
-  cfg.model.t5.update(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
-                      num_encoder_layers=2, num_decoder_layers=2)
+  cfg.model.t5.update(
+    emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=2, num_decoder_layers=2
+  )
   cfg.data.max_input_len = 16
   cfg.decode.max_text_len = 10
   cfg.decode.max_plan_len = 6
@@ -46,7 +53,7 @@ def setup():
   tokens = np.zeros((len(PROMPTS), cfg.data.max_input_len), np.int32)
   for i, p in enumerate(PROMPTS):  # different lengths, right-padded
     ids = vocab.encode(p)
-    tokens[i, :len(ids)] = ids
+    tokens[i, : len(ids)] = ids
   init = jax.jit(model.init)
   dec = jnp.zeros((1, 4), jnp.int32)
 
@@ -67,8 +74,16 @@ def setup():
       decoders[key] = decoding.Decoder(model, callback, top_k=top_k)
     return decoders[key]
 
-  return dict(cfg=cfg, vocab=vocab, action_vocab=action_vocab, model=model, images=images,
-              tokens=tokens, params=params, decoder=decoder)
+  return dict(
+    cfg=cfg,
+    vocab=vocab,
+    action_vocab=action_vocab,
+    model=model,
+    images=images,
+    tokens=tokens,
+    params=params,
+    decoder=decoder,
+  )
 
 
 def _naive_decode(model, params, images, tokens, steps, vocab_size, rng, temperature):
@@ -80,7 +95,7 @@ def _naive_decode(model, params, images, tokens, steps, vocab_size, rng, tempera
   done = np.zeros((batch,), bool)
   for t in range(steps):
     dec_in = np.zeros((batch, steps), np.int32)  # later positions are hidden by the causal mask
-    dec_in[:, 1:t + 1] = out[:, :t]
+    dec_in[:, 1 : t + 1] = out[:, :t]
     logits = forward(params, dec_in)[:, t, :vocab_size]
     column = choose(logits, valid, jax.random.fold_in(rng, t), temperature)
     token = np.where(done, 0, np.asarray(column))
@@ -97,8 +112,9 @@ def test_cached_loop_equals_naive_reforward(setup, temperature):
   cached = np.asarray(decoder(params, s['images'], s['tokens'], rng, temperature=temperature))
   steps = decoder.callback.max_steps
   assert cached.shape == (len(PROMPTS), steps + 1)
-  naive = _naive_decode(s['model'], params, s['images'], s['tokens'], steps,
-                        s['vocab'].vocab_size, rng, temperature)
+  naive = _naive_decode(
+    s['model'], params, s['images'], s['tokens'], steps, s['vocab'].vocab_size, rng, temperature
+  )
   np.testing.assert_array_equal(cached, naive)
   if temperature > 0:  # sampling from random weights: a varied sequence, a meaningful check
     assert len(np.unique(cached)) > 5
@@ -112,8 +128,9 @@ def test_action_mode_always_valid_for_random_weights(setup):
   for seed in range(6):
     params = s['params'](seed)
     for temperature in (0.0, 3.0):
-      out = np.asarray(decoder(params, s['images'], s['tokens'], jax.random.PRNGKey(seed),
-                               temperature=temperature))
+      out = np.asarray(
+        decoder(params, s['images'], s['tokens'], jax.random.PRNGKey(seed), temperature=temperature)
+      )
       assert out.shape == (len(PROMPTS), num + 1)
       assert (out[:, num] == s['vocab'].eos_id).all()
       bins = av.ids_to_bins(out[:, :num])  # raises on any id not allowed at its position
@@ -128,14 +145,15 @@ def test_action_rows_equal_full_vocabulary_mask(setup):
   """Scoring only the K allowed rows picks exactly what masking all logits would pick."""
   s = setup
   params = s['params'](1)
-  sliced = np.asarray(s['decoder']('action')(params, s['images'], s['tokens'],
-                                             jax.random.PRNGKey(0)))
+  sliced = np.asarray(
+    s['decoder']('action')(params, s['images'], s['tokens'], jax.random.PRNGKey(0))
+  )
   encoded, mask = jax.jit(functools.partial(s['model'].apply, method=VLA.encode))(
-      {'params': params}, s['images'], s['tokens'])
+    {'params': params}, s['images'], s['tokens']
+  )
   full_mask = np.asarray(s['action_vocab'].mask)
   model, variables = s['model'], {'params': params}
-  cache = model.apply(variables, encoded, mask, SPACE.num_positions,
-                      method=VLA.init_decode_cache)
+  cache = model.apply(variables, encoded, mask, SPACE.num_positions, method=VLA.init_decode_cache)
 
   @jax.jit
   def full_vocab_step(cache, previous, t):
@@ -152,14 +170,15 @@ def test_action_rows_equal_full_vocabulary_mask(setup):
 def test_temperature_zero_is_greedy(setup):
   s = setup
   params = s['params']()
-  greedy = np.asarray(s['decoder']('text')(params, s['images'], s['tokens'],
-                                           jax.random.PRNGKey(0)))
+  greedy = np.asarray(s['decoder']('text')(params, s['images'], s['tokens'], jax.random.PRNGKey(0)))
   top_k = s['decoder']('text', top_k=5)
   for seed in range(3):
     out = top_k(params, s['images'], s['tokens'], jax.random.PRNGKey(seed), temperature=0.0)
     np.testing.assert_array_equal(np.asarray(out), greedy)
-  sampled = [np.asarray(top_k(params, s['images'], s['tokens'], jax.random.PRNGKey(seed),
-                              temperature=1.0)) for seed in range(3)]
+  sampled = [
+    np.asarray(top_k(params, s['images'], s['tokens'], jax.random.PRNGKey(seed), temperature=1.0))
+    for seed in range(3)
+  ]
   assert any(not np.array_equal(x, greedy) for x in sampled)
 
 
@@ -198,12 +217,15 @@ def test_plan_then_action_output_structure(setup):
   prefix, delim = vocab.encode(cfg.decode.plan_prefix), vocab.encode(cfg.decode.action_delimiter)
   num = SPACE.num_positions
   for seed in range(3):
-    out = np.asarray(decoder(s['params'](seed), s['images'], s['tokens'],
-                             jax.random.PRNGKey(seed), temperature=1.0))
+    out = np.asarray(
+      decoder(
+        s['params'](seed), s['images'], s['tokens'], jax.random.PRNGKey(seed), temperature=1.0
+      )
+    )
     for row in decoding.split_output(out, vocab.eos_id):
-      assert row[:len(prefix)].tolist() == prefix
-      assert row[-num - len(delim):-num].tolist() == delim
-      plan = row[len(prefix):-num - len(delim)]
+      assert row[: len(prefix)].tolist() == prefix
+      assert row[-num - len(delim) : -num].tolist() == delim
+      plan = row[len(prefix) : -num - len(delim)]
       assert len(plan) <= cb.max_plan_len + len(delim)
       assert vocab.eos_id not in plan and 0 not in plan
       av.ids_to_bins(row[-num:])  # valid action
@@ -217,8 +239,9 @@ def test_plan_state_machine_finds_the_delimiter():
   allowed = np.asarray([[30, 31], [32, 32]])
   mask = np.zeros((2, 64), bool)
   mask[0, [30, 31]] = mask[1, 32] = True
-  cb = decoding.PlanThenActionCallback(prefix, delim, allowed, [2, 1], mask, eos_id=1,
-                                       vocab_size=60, max_plan_len=4)
+  cb = decoding.PlanThenActionCallback(
+    prefix, delim, allowed, [2, 1], mask, eos_id=1, vocab_size=60, max_plan_len=4
+  )
   state = cb.init(2)
   # Example 0 says the delimiter after one plan token; example 1 never does (cap of 4).
   script = [(7, 7), (8, 8), (40, 40), (20, 41), (21, 20), (30, 42), (32, 43)]
@@ -239,7 +262,7 @@ def test_plan_state_machine_finds_the_delimiter():
 
 def _allowed(av, position):
   """The vocabulary ids action position `position` may produce, in class order."""
-  return av.allowed_ids[position, :av.num_allowed[position]]
+  return av.allowed_ids[position, : av.num_allowed[position]]
 
 
 def _assert_frequencies(ids, allowed, probs, where, sigmas=5.0):
@@ -251,8 +274,9 @@ def _assert_frequencies(ids, allowed, probs, where, sigmas=5.0):
     freq = float((ids == token).mean())
     bound = sigmas * np.sqrt(max(p * (1 - p), 1e-4) / n) + 1e-3
     assert abs(freq - p) < bound, (
-        f'{where}: id {token} sampled with frequency {freq:.3f}, the model gives it {p:.3f} '
-        f'(bound {bound:.3f}; a padding column scored as a real class biases this)')
+      f'{where}: id {token} sampled with frequency {freq:.3f}, the model gives it {p:.3f} '
+      f'(bound {bound:.3f}; a padding column scored as a real class biases this)'
+    )
 
 
 def test_constrained_requests_sample_by_the_softmax_of_allowed_tokens(setup):
@@ -265,18 +289,23 @@ def test_constrained_requests_sample_by_the_softmax_of_allowed_tokens(setup):
   logits = 2.0 * np.random.RandomState(0).randn(s['cfg'].model.vocab_size).astype(np.float32)
   action_cb = s['decoder']('action').callback
   plan_cb = s['decoder']('plan_then_action').callback
-  pick = jax.jit(lambda rows, valid, rng: decoding._rows_to_ids(
-      rows, choose(jnp.broadcast_to(jnp.asarray(logits)[rows], (n, rows.shape[-1])), valid, rng,
-                   1.0)))
+  pick = jax.jit(
+    lambda rows, valid, rng: decoding._rows_to_ids(
+      rows,
+      choose(jnp.broadcast_to(jnp.asarray(logits)[rows], (n, rows.shape[-1])), valid, rng, 1.0),
+    )
+  )
   for position in range(SPACE.num_positions):
     allowed = _allowed(av, position)
     probs = np.exp(logits[allowed] - logits[allowed].max())
     probs /= probs.sum()
     request = action_cb.request(jnp.int32(position), action_cb.init(n))
     ids = pick(request.rows, request.valid, jax.random.PRNGKey(position))
-    state = decoding.PlanState(phase=jnp.full((n,), decoding.ACTION, jnp.int32),
-                               count=jnp.full((n,), position, jnp.int32),
-                               window=jnp.full((n, len(plan_cb.delimiter_ids)), -1, jnp.int32))
+    state = decoding.PlanState(
+      phase=jnp.full((n,), decoding.ACTION, jnp.int32),
+      count=jnp.full((n,), position, jnp.int32),
+      window=jnp.full((n, len(plan_cb.delimiter_ids)), -1, jnp.int32),
+    )
     switch = plan_cb.request(jnp.int32(0), state)
     assert int(switch.index) == 1  # everyone writes actions: the [B, K] action rows
     sliced = switch.requests[1]
@@ -298,12 +327,12 @@ def test_action_sampling_follows_the_model_distribution(setup):
   n = 512
   images = np.repeat(s['images'][:1], n, axis=0)
   tokens = np.repeat(s['tokens'][:1], n, axis=0)
-  out = np.asarray(s['decoder']('action')(params, images, tokens, jax.random.PRNGKey(7),
-                                          temperature=1.0))
+  out = np.asarray(
+    s['decoder']('action')(params, images, tokens, jax.random.PRNGKey(7), temperature=1.0)
+  )
   num = SPACE.num_positions
-  dec_in = np.concatenate([np.zeros((n, 1), np.int32), out[:, :num - 1]], axis=1)
-  logits = np.asarray(jax.jit(model.apply)({'params': params}, images, tokens, dec_in),
-                      np.float64)
+  dec_in = np.concatenate([np.zeros((n, 1), np.int32), out[:, : num - 1]], axis=1)
+  logits = np.asarray(jax.jit(model.apply)({'params': params}, images, tokens, dec_in), np.float64)
   for position in (3, 4):  # gripper (discrete, 2 classes), terminate (one-hot, 3 classes)
     allowed = _allowed(av, position)
     scores = logits[:, position, allowed]
@@ -340,18 +369,26 @@ def test_row_finishing_early_keeps_its_eos(setup):
   s = setup
   params = s['params']()
   eos = s['vocab'].eos_id
-  script = [[5, 6, 2, 2, 2],  # the callback ends it at step 1, on 6: EOS is written after it
-            [7, eos, 2, 2, 2],  # ends on EOS at step 1
-            [8, 9, 10, 11, 12],  # the callback ends it at the last step
-            [13, 14, 15, 2, 2]]  # the callback ends it at step 2, before the last row
+  script = [
+    [5, 6, 2, 2, 2],  # the callback ends it at step 1, on 6: EOS is written after it
+    [7, eos, 2, 2, 2],  # ends on EOS at step 1
+    [8, 9, 10, 11, 12],  # the callback ends it at the last step
+    [13, 14, 15, 2, 2],
+  ]  # the callback ends it at step 2, before the last row
   callback = _ScriptCallback(script, finish_at=[1, 99, 4, 2])
   encoded, mask = jax.jit(functools.partial(s['model'].apply, method=VLA.encode))(
-      {'params': params}, s['images'], s['tokens'])
-  out = jax.jit(functools.partial(decoding.decode_from_encoded, s['model'], callback=callback,
-                                  eos_id=eos))(params, encoded, mask, jax.random.PRNGKey(0))
-  np.testing.assert_array_equal(np.asarray(out), [[5, 6, eos, 0, 0, 0],
-                                                  [7, eos, 0, 0, 0, 0],
-                                                  [8, 9, 10, 11, 12, eos],
-                                                  [13, 14, 15, eos, 0, 0]])
+    {'params': params}, s['images'], s['tokens']
+  )
+  out = jax.jit(
+    functools.partial(decoding.decode_from_encoded, s['model'], callback=callback, eos_id=eos)
+  )(params, encoded, mask, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(
+    np.asarray(out),
+    [[5, 6, eos, 0, 0, 0], [7, eos, 0, 0, 0, 0], [8, 9, 10, 11, 12, eos], [13, 14, 15, eos, 0, 0]],
+  )
   assert [r.tolist() for r in decoding.split_output(out, eos)] == [
-      [5, 6], [7], [8, 9, 10, 11, 12], [13, 14, 15]]
+    [5, 6],
+    [7],
+    [8, 9, 10, 11, 12],
+    [13, 14, 15],
+  ]

@@ -12,8 +12,9 @@ import pytest
 from rt2_jax import eval_report
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location('eval_sweep',
-                                               os.path.join(REPO_ROOT, 'launch', 'eval_sweep.py'))
+_spec = importlib.util.spec_from_file_location(
+  'eval_sweep', os.path.join(REPO_ROOT, 'launch', 'eval_sweep.py')
+)
 sweep = importlib.util.module_from_spec(_spec)
 sys.modules['eval_sweep'] = sweep  # dataclasses look their module up while the file executes
 _spec.loader.exec_module(sweep)
@@ -43,14 +44,20 @@ def _fake_results(workdir, setting, step, wins):
   rows = []
   for actor, w in (('policy', wins), ('expert', 4), ('random', 0)):
     for i in range(4):
-      rows.append(dict(actor=actor, category='seen', task='drawer-open-v3', seed=i,
-                       success=i < w, steps=5))
+      rows.append(
+        dict(actor=actor, category='seen', task='drawer-open-v3', seed=i, success=i < w, steps=5)
+      )
   out = os.path.join(workdir, 'eval', setting, f'step_{step}')
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'results.json'), 'w') as f:
-    json.dump(dict(step=step, closed_loop=dict(
-        summary=eval_report.summary_json(eval_report.summarize(rows))),
-        offline_robot=dict(token_accuracy=0.1 * wins)), f)
+    json.dump(
+      dict(
+        step=step,
+        closed_loop=dict(summary=eval_report.summary_json(eval_report.summarize(rows))),
+        offline_robot=dict(token_accuracy=0.1 * wins),
+      ),
+      f,
+    )
 
 
 def test_grid_commands_and_aggregate(tmp_path, capsys):
@@ -63,18 +70,38 @@ def test_grid_commands_and_aggregate(tmp_path, capsys):
     sweep.select_steps([100, 200], '100,300')
   jobs = sweep.make_jobs([a], 'all', settings)
   assert [(j.step, j.setting.name) for j in jobs] == [
-      (100, 'default'), (100, 'short'), (200, 'default'), (200, 'short')]
+    (100, 'default'),
+    (100, 'short'),
+    (200, 'default'),
+    (200, 'short'),
+  ]
   argv = sweep.job_argv(jobs[1], python='python3')
-  assert argv == ['python3', '-m', 'rt2_jax.evaluate', f'--workdir={a}', '--checkpoint=100',
-                  '--name=short', f'--config={a}/config.py', '--config.eval.episodes=2']
+  assert argv == [
+    'python3',
+    '-m',
+    'rt2_jax.evaluate',
+    f'--workdir={a}',
+    '--checkpoint=100',
+    '--name=short',
+    f'--config={a}/config.py',
+    '--config.eval.episodes=2',
+  ]
   with pytest.raises(ValueError, match='has no config.py'):
     sweep.job_argv(sweep.Job(b, 200, settings[1]))
   assert sweep.job_argv(sweep.Job(b, 200, settings[0]))[-1] == '--name=default'
   with pytest.raises(ValueError, match='has no checkpoints'):
     sweep.make_jobs([str(tmp_path / 'nothing')], 'all', settings)
 
-  sweep.main(['--workdirs', a, '--setting=default', '--setting=short:eval.episodes=2',
-              f'--out={tmp_path / "out"}', '--dry_run'])
+  sweep.main(
+    [
+      '--workdirs',
+      a,
+      '--setting=default',
+      '--setting=short:eval.episodes=2',
+      f'--out={tmp_path / "out"}',
+      '--dry_run',
+    ]
+  )
   printed = capsys.readouterr().out
   assert printed.count('[dry run]') == 4 and '--checkpoint=200' in printed
 
@@ -84,7 +111,10 @@ def test_grid_commands_and_aggregate(tmp_path, capsys):
   result = sweep.aggregate([a, b], settings[:1], str(tmp_path / 'out'))
   policy = [r for r in result['rows'] if r['actor'] == 'policy']
   assert [(r['run'], r['step'], r['successes']) for r in policy] == [
-      ('run_a', 100, 1), ('run_a', 200, 3), ('run_b', 200, 4)]
+    ('run_a', 100, 1),
+    ('run_a', 200, 3),
+    ('run_b', 200, 4),
+  ]
   md = open(tmp_path / 'out' / 'sweep.md').read()
   assert '| run_a | default | 200 | 3/4 (75%, 30-95) | 0.3 |' in md
   assert md.count('| expert |') == 1  # baselines once per setting
@@ -108,25 +138,45 @@ def _write_metaworld_run(workdir, demos_dir):
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from test_evaluate import SMALL
 
-  overrides = dict(SMALL, **{
-      'metaworld.tasks': 'button-press-topdown-v3', 'metaworld.image_size': 32,
-      'eval.episodes': 1, 'eval.max_steps': 3, 'eval.num_envs': 2, 'eval.workers': 1,
-      'eval.unseen_tasks': 'reach-v3', 'eval.categories': 'seen,unseen_tasks', 'eval.videos': 0,
-      'eval.offline_max_examples': 8, 'eval.web_max_examples': 4})
+  overrides = dict(
+    SMALL,
+    **{
+      'metaworld.tasks': 'button-press-topdown-v3',
+      'metaworld.image_size': 32,
+      'eval.episodes': 1,
+      'eval.max_steps': 3,
+      'eval.num_envs': 2,
+      'eval.workers': 1,
+      'eval.unseen_tasks': 'reach-v3',
+      'eval.categories': 'seen,unseen_tasks',
+      'eval.videos': 0,
+      'eval.offline_max_examples': 8,
+      'eval.web_max_examples': 4,
+    },
+  )
   config = recipe.resolved_config(
-      config_flags.load_config('configs/metaworld_tiny.py', overrides), demos_dir)
+    config_flags.load_config('configs/metaworld_tiny.py', overrides), demos_dir
+  )
   os.makedirs(workdir)
   recipe.write_config_file(config, os.path.join(workdir, 'config.py'))
   s = config.model.image_size
-  variables = VLA(config.model).init(jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.uint8),
-                                     jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+  variables = VLA(config.model).init(
+    jax.random.key(0),
+    jnp.zeros((1, s, s, 3), jnp.uint8),
+    jnp.ones((1, 4), jnp.int32),
+    jnp.ones((1, 4), jnp.int32),
+  )
   params = nn.unbox(variables['params'])
   vocab, _ = vocab_lib.from_config(config, mw.ACTION_SPACE)
   stats = NormStats.compute(np.random.default_rng(0).uniform(-1, 1, (50, 5)))
   ckpt = checkpoints.Checkpointer(workdir, async_save=False)
   for step in (1, 2):
-    ckpt.save(step, {'params': params, 'step': np.int32(step)}, None,
-              checkpoints.make_meta(config, stats, mw.ACTION_SPACE, vocab))
+    ckpt.save(
+      step,
+      {'params': params, 'step': np.int32(step)},
+      None,
+      checkpoints.make_meta(config, stats, mw.ACTION_SPACE, vocab),
+    )
   ckpt.close()
 
 
@@ -135,13 +185,26 @@ def test_sweep_evaluates_real_checkpoints(tmp_path):
   from rt2_jax.data import metaworld_demos as demos
 
   demos_dir = str(tmp_path / 'demos')
-  demos.generate(demos.DemoSettings(tasks=('button-press-topdown-v3',), episodes=1,
-                                    val_episodes=1, image_size=32), demos_dir, progress=False)
+  demos.generate(
+    demos.DemoSettings(
+      tasks=('button-press-topdown-v3',), episodes=1, val_episodes=1, image_size=32
+    ),
+    demos_dir,
+    progress=False,
+  )
   workdir = str(tmp_path / 'run')
   _write_metaworld_run(workdir, demos_dir)
   out = str(tmp_path / 'sweep')
-  result = sweep.main(['--workdirs', workdir, '--steps=all', '--setting=default',
-                       '--setting=two:eval.episodes=2', f'--out={out}'])
+  result = sweep.main(
+    [
+      '--workdirs',
+      workdir,
+      '--steps=all',
+      '--setting=default',
+      '--setting=two:eval.episodes=2',
+      f'--out={out}',
+    ]
+  )
   for step in (1, 2):
     r = json.load(open(os.path.join(workdir, 'eval', 'default', f'step_{step}', 'results.json')))
     assert r['step'] == step

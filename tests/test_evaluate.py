@@ -11,11 +11,20 @@ from rt2_jax import config_flags, eval_report, evaluate
 from rt2_jax.envs import metaworld as mw
 
 SMALL = {
-    'model.image_size': 32, 'model.vit.patch_size': 8, 'model.vit.width': 32,
-    'model.vit.depth': 1, 'model.vit.num_heads': 2, 'model.vit.mlp_dim': 64,
-    'model.t5.emb_dim': 32, 'model.t5.num_heads': 2, 'model.t5.head_dim': 16,
-    'model.t5.mlp_dim': 64, 'model.t5.num_encoder_layers': 1, 'model.t5.num_decoder_layers': 1,
-    'data.max_input_len': 16, 'data.max_target_len': 8,
+  'model.image_size': 32,
+  'model.vit.patch_size': 8,
+  'model.vit.width': 32,
+  'model.vit.depth': 1,
+  'model.vit.num_heads': 2,
+  'model.vit.mlp_dim': 64,
+  'model.t5.emb_dim': 32,
+  'model.t5.num_heads': 2,
+  'model.t5.head_dim': 16,
+  'model.t5.mlp_dim': 64,
+  'model.t5.num_encoder_layers': 1,
+  'model.t5.num_decoder_layers': 1,
+  'data.max_input_len': 16,
+  'data.max_target_len': 8,
 }
 
 
@@ -33,9 +42,16 @@ def _rows():
   rows = []
   for actor, wins in (('policy', [1, 1, 0, 1]), ('expert', [1, 1, 1, 1]), ('random', [0] * 4)):
     for i, w in enumerate(wins):
-      rows.append(dict(actor=actor, category='seen' if i < 2 else 'unseen_tasks',
-                       task='drawer-open-v3' if i < 2 else 'reach-v3', seed=i, success=w,
-                       steps=10 + i))
+      rows.append(
+        dict(
+          actor=actor,
+          category='seen' if i < 2 else 'unseen_tasks',
+          task='drawer-open-v3' if i < 2 else 'reach-v3',
+          seed=i,
+          success=w,
+          steps=10 + i,
+        )
+      )
   return rows
 
 
@@ -44,7 +60,9 @@ def test_summary_table_and_plot(tmp_path):
   assert summary['policy']['seen']['drawer-open-v3'].successes == 2
   assert summary['policy']['unseen_tasks']['all'] == eval_report.Rate(1, 2, 12.5)
   md = eval_report.markdown_table(summary, ['policy', 'expert', 'random'])
-  assert '| seen | drawer-open-v3 | 2/2 (100%, 34-100) | 2/2 (100%, 34-100) | 0/2 (0%, 0-66) |' in md
+  assert (
+    '| seen | drawer-open-v3 | 2/2 (100%, 34-100) | 2/2 (100%, 34-100) | 0/2 (0%, 0-66) |' in md
+  )
   assert md.index('| seen |') < md.index('| unseen_tasks |')
   text = eval_report.console_table(summary)
   assert 'unseen_tasks' in text and '1/2 (50%' in text
@@ -55,9 +73,11 @@ def test_summary_table_and_plot(tmp_path):
 
 
 def test_text_metrics():
-  m = evaluate.text_metrics(['Drawer.', 'no', 'a red robot arm next to a drawer'],
-                            ['drawer', 'yes', 'a red robot arm next to a drawer on a table'],
-                            ['vqa', 'vqa', 'caption'])
+  m = evaluate.text_metrics(
+    ['Drawer.', 'no', 'a red robot arm next to a drawer'],
+    ['drawer', 'yes', 'a red robot arm next to a drawer on a table'],
+    ['vqa', 'vqa', 'caption'],
+  )
   assert m['vqa'] == dict(count=2, exact_match=0.5)
   assert m['caption']['exact_match'] == 0.0
   assert 0.7 < m['caption']['token_f1'] < 1.0 and 0.3 < m['caption']['bleu4'] < 1.0
@@ -82,11 +102,15 @@ def test_episode_categories_and_settings():
   assert [e.seed for e in para] == held
   assert {e.instruction for e in para} <= set(mw.PARAPHRASES['drawer-open-v3'])
   assert [e.task for e in specs if e.category == 'unseen_tasks'] == ['button-press-v3'] * 3
-  assert all(e.instruction == mw.INSTRUCTIONS[e.task] for e in specs
-             if e.category in ('seen', 'unseen_positions', 'unseen_tasks'))
+  assert all(
+    e.instruction == mw.INSTRUCTIONS[e.task]
+    for e in specs
+    if e.category in ('seen', 'unseen_positions', 'unseen_tasks')
+  )
 
-  bad = config_flags.load_config('configs/metaworld_tiny.py',
-                                 {'eval.categories': 'seen,unseen_objects'})
+  bad = config_flags.load_config(
+    'configs/metaworld_tiny.py', {'eval.categories': 'seen,unseen_objects'}
+  )
   with pytest.raises(ValueError, match="unknown eval categories \\['unseen_objects'\\]"):
     evaluate.EvalSettings.from_config(bad)
   bad = config_flags.load_config('configs/metaworld_tiny.py', {'eval.unseen_tasks': 'fly-v3'})
@@ -107,8 +131,12 @@ def tiny_metaworld_policy(scale: float = 1.0):
 
   config = config_flags.load_config('configs/metaworld_tiny.py', SMALL)
   s = config.model.image_size
-  variables = VLA(config.model).init(jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.uint8),
-                                     jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+  variables = VLA(config.model).init(
+    jax.random.key(0),
+    jnp.zeros((1, s, s, 3), jnp.uint8),
+    jnp.ones((1, 4), jnp.int32),
+    jnp.ones((1, 4), jnp.int32),
+  )
   params = jax.tree.map(lambda x: x * scale, nn.unbox(variables['params']))
   return Policy(config, params, None, mw.ACTION_SPACE, batch_buckets=(2,))
 
@@ -151,9 +179,17 @@ def test_ci_closed_loop_through_the_policy(tmp_path, monkeypatch):
   monkeypatch.setattr(evaluate, 'PolicyActor', RecordingActor)
   monkeypatch.setattr(evaluate, 'save_gif', keep_frames)
   tasks = ('drawer-open-v3', 'button-press-topdown-v3')
-  settings = evaluate.EvalSettings(tasks=tasks, categories=('seen',), episodes=1, max_steps=4,
-                                   num_envs=2, workers=1, videos=2, image_size=32,
-                                   use_terminate=False)
+  settings = evaluate.EvalSettings(
+    tasks=tasks,
+    categories=('seen',),
+    episodes=1,
+    max_steps=4,
+    num_envs=2,
+    workers=1,
+    videos=2,
+    image_size=32,
+    use_terminate=False,
+  )
   specs = evaluate.episode_specs(settings)
   assert [(e.task, e.seed) for e in specs] == [(t, 0) for t in tasks]
   out = evaluate.closed_loop(policy, settings, specs, str(tmp_path), progress=False)
@@ -163,6 +199,7 @@ def test_ci_closed_loop_through_the_policy(tmp_path, monkeypatch):
   names = [f'seen_{t}_0_fail.gif' for t in tasks]
   assert out['videos'] == [f'videos/{n}' for n in names]
   from PIL import Image
+
   with Image.open(tmp_path / out['videos'][0]) as gif:
     assert gif.n_frames == 5 and gif.size == (64, 64)
 
@@ -187,19 +224,21 @@ def test_ci_closed_loop_through_the_policy(tmp_path, monkeypatch):
   assert any(not np.allclose(a[0], a[1]) for a in actions[:-1]), actions  # rows differ
   for row, spec in enumerate(specs):
     replay = _Replay(actions[:, row])
-    mw.run_episodes([spec], replay, num_envs=1, workers=0, max_steps=4, render=None,
-                    progress=False)
+    mw.run_episodes([spec], replay, num_envs=1, workers=0, max_steps=4, render=None, progress=False)
     assert len(replay.states) == 4
     for t, state in enumerate(replay.states):
-      np.testing.assert_allclose(calls[t][1][row], state, atol=1e-6,
-                                 err_msg=f'row {row}, state before step {t}')
+      np.testing.assert_allclose(
+        calls[t][1][row], state, atol=1e-6, err_msg=f'row {row}, state before step {t}'
+      )
+
 
 def test_policy_actor_maps_outputs_to_env_actions():
   policy = tiny_metaworld_policy()
   actor = evaluate.PolicyActor(policy)
   images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), np.uint8)
-  batch = mw.ActorInput(images, np.zeros((2, 39), np.float32), ['open the drawer'] * 2,
-                        ['drawer-open-v3'] * 2)
+  batch = mw.ActorInput(
+    images, np.zeros((2, 39), np.float32), ['open the drawer'] * 2, ['drawer-open-v3'] * 2
+  )
   actions, terminate = actor(batch)
   assert actions.shape == (2, 4) and actions.dtype == np.float32
   assert np.abs(actions).max() <= 1.0 and terminate.dtype == bool
@@ -210,6 +249,7 @@ def test_policy_actor_maps_outputs_to_env_actions():
   import types
 
   from rt2_jax.data.spec import load_spec
+
   bridge = types.SimpleNamespace(action_space=load_spec('bridge_dataset').action_space)
   with pytest.raises(ValueError, match='not a metaworld action of 4'):
     evaluate.PolicyActor(bridge)

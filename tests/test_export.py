@@ -18,9 +18,15 @@ from rt2_jax.policy import Policy  # noqa: E402
 from rt2_jax.serve import PolicyServer, ServeConfig  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INSTRUCTIONS = ['pick up the cup', '  put carrot on plate\n', 'wipe the table',
-                'open the drawer and then ' * 6 + 'stop',  # longer than max_input_len
-                'ünïcode spoon\u3000', 'stack blocks', 'push the red button']
+INSTRUCTIONS = [
+  'pick up the cup',
+  '  put carrot on plate\n',
+  'wipe the table',
+  'open the drawer and then ' * 6 + 'stop',  # longer than max_input_len
+  'ünïcode spoon\u3000',
+  'stack blocks',
+  'push the red button',
+]
 
 
 @pytest.fixture(scope='module')
@@ -66,15 +72,19 @@ def test_reloaded_savedmodel_gives_the_policy_tokens(exported, reference):
   # Different inputs decode to different actions, so the equalities below are not vacuous.
   assert len({tuple(o.tokens) for o in expected}) > 3
   for rows in (range(len(INSTRUCTIONS)), [2]):  # the batch dimension is polymorphic
-    got = {k: v.numpy() for k, v in fn(
+    got = {
+      k: v.numpy()
+      for k, v in fn(
         image=tf.constant(images[list(rows)]),
-        instruction=tf.constant([INSTRUCTIONS[i] for i in rows])).items()}
+        instruction=tf.constant([INSTRUCTIONS[i] for i in rows]),
+      ).items()
+    }
     for j, i in enumerate(rows):
       want = expected[i]
       np.testing.assert_array_equal(got['action_tokens'][j], want.tokens)
       np.testing.assert_allclose(got['action'][j], want.vector, rtol=1e-5, atol=1e-6)
       assert got['text'][j].decode() == want.text and got['plan'][j].decode() == ''
-      assert (got['output_tokens'][j][:len(want.tokens)] == want.tokens).all()
+      assert (got['output_tokens'][j][: len(want.tokens)] == want.tokens).all()
 
 
 def test_savedmodel_policy_adapter_and_metadata(exported, reference):
@@ -114,14 +124,14 @@ def test_savedmodel_policy_checks_inputs_as_policy_does(exported):
   size = policy.image_size
   image = _images(1, size)[0]
   bad = {
-      'float 0..1 image': ([image.astype(np.float32) / 255], ['go']),
-      'one channel': ([image[..., :1]], ['go']),
-      'empty image': ([image[:0]], ['go']),
-      'count mismatch': (_images(2, size), ['go']),
-      'one string': ([image], 'go'),
-      'empty instruction': ([image], ['  ']),
-      'not a string': ([image], [3]),
-      'lone surrogate': ([image], ['go \ud800']),
+    'float 0..1 image': ([image.astype(np.float32) / 255], ['go']),
+    'one channel': ([image[..., :1]], ['go']),
+    'empty image': ([image[:0]], ['go']),
+    'count mismatch': (_images(2, size), ['go']),
+    'one string': ([image], 'go'),
+    'empty instruction': ([image], ['  ']),
+    'not a string': ([image], [3]),
+    'lone surrogate': ([image], ['go \ud800']),
   }
   for name, (images, instructions) in bad.items():
     with pytest.raises((TypeError, ValueError)) as want:
@@ -136,9 +146,10 @@ def test_savedmodel_policy_checks_inputs_as_policy_does(exported):
   # The signature itself (TF-Serving, tf.saved_model.load) names the problem too.
   fn = tf.saved_model.load(out).signatures['serving_default']
   for images, instructions, message in [
-      (_images(1, size + 1), ['go'], rf'images must be uint8 \[b, {size}, {size}, 3\]'),
-      (_images(2, size), ['go'], 'got 2 images but 1 instructions'),
-      (_images(0, size), [], 'empty batch')]:
+    (_images(1, size + 1), ['go'], rf'images must be uint8 \[b, {size}, {size}, 3\]'),
+    (_images(2, size), ['go'], 'got 2 images but 1 instructions'),
+    (_images(0, size), [], 'empty batch'),
+  ]:
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
       fn(image=tf.constant(images), instruction=tf.constant(instructions, tf.string))
 
@@ -154,8 +165,9 @@ def test_plan_then_action_export_matches(tmp_path):
     assert w.text.startswith('Plan:') and (g.plan, g.text) == (w.plan, w.text)
 
 
-@pytest.mark.parametrize('mode', ['action', pytest.param('plan_then_action',
-                                                         marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  'mode', ['action', pytest.param('plan_then_action', marks=pytest.mark.slow)]
+)
 def test_parallel_action_decoding_export_matches(tmp_path, mode):
   """model.action_decoding='parallel': the SavedModel gives the Policy's tokens and actions."""
   policy = tiny_policy.make_policy('parallel', mode=mode, max_plan_len=4)
@@ -175,8 +187,19 @@ def test_parallel_action_decoding_export_matches(tmp_path, mode):
 def test_cli_writes_a_verified_export(tmp_path):
   workdir = tiny_policy.write_checkpoint(tmp_path / 'run')
   result = subprocess.run(
-      [sys.executable, '-m', 'rt2_jax.export', f'--workdir={workdir}', '--checkpoint=1',
-       f'--out={tmp_path / "sm"}'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      '-m',
+      'rt2_jax.export',
+      f'--workdir={workdir}',
+      '--checkpoint=1',
+      f'--out={tmp_path / "sm"}',
+    ],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert 'verified' in result.stdout
   assert os.path.exists(tmp_path / 'sm' / 'saved_model.pb')

@@ -30,15 +30,23 @@ def gcloud(tmp_path):
   log = tmp_path / 'gcloud.log'
 
   def run(*args, expect_ok=True, **env_extra):
-    env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', FAKE_GCLOUD_LOG=str(log),
-               **env_extra)
-    result = subprocess.run([sys.executable, TPU_PY, *args], env=env, cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=120)
+    env = dict(
+      os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', FAKE_GCLOUD_LOG=str(log), **env_extra
+    )
+    result = subprocess.run(
+      [sys.executable, TPU_PY, *args],
+      env=env,
+      cwd=REPO_ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
     if expect_ok:
       assert result.returncode == 0, result.stdout + result.stderr
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     log.unlink(missing_ok=True)
     return result, calls
+
   return run
 
 
@@ -49,12 +57,17 @@ def test_create_requests_a_queued_resource_and_waits(gcloud):
   _, calls = gcloud('create', *WHERE, '--accelerator_type=v4-32', '--spot', '--poll_seconds=0')
   create, describe = calls
   assert create[:5] == ['compute', 'tpus', 'queued-resources', 'create', 'rt2-test']
-  for flag in ('--node-id=rt2-test', '--zone=us-central2-b', '--project=my-proj',
-               '--accelerator-type=v4-32', '--runtime-version=tpu-ubuntu2204-base', '--spot'):
+  for flag in (
+    '--node-id=rt2-test',
+    '--zone=us-central2-b',
+    '--project=my-proj',
+    '--accelerator-type=v4-32',
+    '--runtime-version=tpu-ubuntu2204-base',
+    '--spot',
+  ):
     assert flag in create
   assert describe[:4] == ['compute', 'tpus', 'queued-resources', 'describe']
-  result, _ = gcloud('create', *WHERE, '--poll_seconds=0', expect_ok=False,
-                     FAKE_QR_STATE='FAILED')
+  result, _ = gcloud('create', *WHERE, '--poll_seconds=0', expect_ok=False, FAKE_QR_STATE='FAILED')
   assert result.returncode != 0 and 'is FAILED' in result.stderr
 
 
@@ -70,23 +83,40 @@ def test_install_copies_the_source_to_every_worker(gcloud):
 
 
 def test_train_runs_one_identical_command_on_all_workers(gcloud):
-  _, calls = gcloud('train', *WHERE, '--accelerator_type=v4-32', '--config=configs/tiny.py',
-                    '--workdir=gs://bucket/runs/a', '--', '--config.total_steps=50',
-                    '--config.optim.lr=0.01')
+  _, calls = gcloud(
+    'train',
+    *WHERE,
+    '--accelerator_type=v4-32',
+    '--config=configs/tiny.py',
+    '--workdir=gs://bucket/runs/a',
+    '--',
+    '--config.total_steps=50',
+    '--config.optim.lr=0.01',
+  )
   (ssh,) = calls  # one ssh with --worker=all: every host gets the same flags
   assert '--worker=all' in ssh
   command = next(a for a in ssh if a.startswith('--command='))
-  assert ('python3 -m rt2_jax.train --config=configs/tiny.py --workdir=gs://bucket/runs/a '
-          '--config.total_steps=50 --config.optim.lr=0.01') in command
+  assert (
+    'python3 -m rt2_jax.train --config=configs/tiny.py --workdir=gs://bucket/runs/a '
+    '--config.total_steps=50 --config.optim.lr=0.01'
+  ) in command
   assert '--config.distributed.coordinator_address=auto' in command
   assert 'nohup' in command and '~/rt2_jax_train.log' in command
 
 
-@pytest.mark.parametrize('accelerator, ok', [('v4-32', False), ('v5litepod-16', False),
-                                             ('v4-8', True), ('v5litepod-8', True)])
+@pytest.mark.parametrize(
+  'accelerator, ok',
+  [('v4-32', False), ('v5litepod-16', False), ('v4-8', True), ('v5litepod-8', True)],
+)
 def test_train_refuses_a_local_workdir_on_multi_host_slices(gcloud, accelerator, ok):
-  result, calls = gcloud('train', *WHERE, f'--accelerator_type={accelerator}',
-                         '--config=configs/tiny.py', '--workdir=/tmp/run', expect_ok=ok)
+  result, calls = gcloud(
+    'train',
+    *WHERE,
+    f'--accelerator_type={accelerator}',
+    '--config=configs/tiny.py',
+    '--workdir=/tmp/run',
+    expect_ok=ok,
+  )
   if ok:
     (ssh,) = calls
     assert not any('coordinator_address' in a for a in ssh)  # a single host: no distributed job
@@ -96,11 +126,19 @@ def test_train_refuses_a_local_workdir_on_multi_host_slices(gcloud, accelerator,
 
 
 def test_train_rejects_bad_input(gcloud):
-  result, calls = gcloud('train', *WHERE, '--config=configs/nope.py', '--workdir=gs://b/r',
-                         expect_ok=False)
+  result, calls = gcloud(
+    'train', *WHERE, '--config=configs/nope.py', '--workdir=gs://b/r', expect_ok=False
+  )
   assert result.returncode != 0 and 'no such file' in result.stderr and calls == []
-  result, calls = gcloud('train', *WHERE, '--config=configs/tiny.py', '--workdir=gs://b/r', '--',
-                         '--oops=1', expect_ok=False)
+  result, calls = gcloud(
+    'train',
+    *WHERE,
+    '--config=configs/tiny.py',
+    '--workdir=gs://b/r',
+    '--',
+    '--oops=1',
+    expect_ok=False,
+  )
   assert result.returncode != 0 and '--oops=1' in result.stderr and calls == []
 
 
@@ -117,25 +155,45 @@ def test_logs_stop_status_delete(gcloud):
 
 
 def test_dry_run_prints_every_command_and_runs_none(gcloud):
-  for args in (['create', '--accelerator_type=v4-32'], ['install'],
-               ['train', '--accelerator_type=v4-32', '--config=configs/tiny.py',
-                '--workdir=gs://b/r', '--config.total_steps=5'],
-               ['logs'], ['delete']):
+  for args in (
+    ['create', '--accelerator_type=v4-32'],
+    ['install'],
+    [
+      'train',
+      '--accelerator_type=v4-32',
+      '--config=configs/tiny.py',
+      '--workdir=gs://b/r',
+      '--config.total_steps=5',
+    ],
+    ['logs'],
+    ['delete'],
+  ):
     result, calls = gcloud(args[0], *WHERE, *args[1:], '--dry_run')
     assert calls == []
     printed = [line for line in result.stdout.splitlines() if line.startswith('[dry run] gcloud')]
     assert printed, result.stdout
-  assert '--config.total_steps=5' in gcloud('train', *WHERE, '--accelerator_type=v4-32',
-                                            '--config=configs/tiny.py', '--workdir=gs://b/r',
-                                            '--config.total_steps=5', '--dry_run')[0].stdout
+  assert (
+    '--config.total_steps=5'
+    in gcloud(
+      'train',
+      *WHERE,
+      '--accelerator_type=v4-32',
+      '--config=configs/tiny.py',
+      '--workdir=gs://b/r',
+      '--config.total_steps=5',
+      '--dry_run',
+    )[0].stdout
+  )
 
 
 def test_hosts_per_slice():
   spec = importlib.util.spec_from_file_location('launch_tpu', TPU_PY)
   tpu = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tpu)
-  assert [tpu.hosts_for(t) for t in ('v4-8', 'v4-32', 'v5p-128', 'v5litepod-8', 'v5litepod-16',
-                                      'v6e-256', 'v3-8')] == [1, 4, 16, 1, 4, 64, 1]
+  assert [
+    tpu.hosts_for(t)
+    for t in ('v4-8', 'v4-32', 'v5p-128', 'v5litepod-8', 'v5litepod-16', 'v6e-256', 'v3-8')
+  ] == [1, 4, 16, 1, 4, 64, 1]
   with pytest.raises(ValueError, match='cannot parse accelerator type'):
     tpu.hosts_for('h100')
 
@@ -154,10 +212,17 @@ slurm = _load('launch_slurm_for_tests', os.path.join(REPO_ROOT, 'launch', 'slurm
 
 
 # Issue 20, item 5: the runtime image of each TPU generation (cloud.google.com/tpu/docs/runtimes).
-@pytest.mark.parametrize('accelerator, image', [
-    ('v2-8', 'tpu-ubuntu2204-base'), ('v3-32', 'tpu-ubuntu2204-base'),
-    ('v4-8', 'tpu-ubuntu2204-base'), ('v5litepod-16', 'v2-alpha-tpuv5-lite'),
-    ('v5p-8', 'v2-alpha-tpuv5'), ('v6e-8', 'v2-alpha-tpuv6e')])
+@pytest.mark.parametrize(
+  'accelerator, image',
+  [
+    ('v2-8', 'tpu-ubuntu2204-base'),
+    ('v3-32', 'tpu-ubuntu2204-base'),
+    ('v4-8', 'tpu-ubuntu2204-base'),
+    ('v5litepod-16', 'v2-alpha-tpuv5-lite'),
+    ('v5p-8', 'v2-alpha-tpuv5'),
+    ('v6e-8', 'v2-alpha-tpuv6e'),
+  ],
+)
 def test_create_uses_the_runtime_image_of_the_generation(accelerator, image, capsys):
   tpu_lib.main(['create', *WHERE, f'--accelerator_type={accelerator}', '--dry_run'])
   (line,) = capsys.readouterr().out.splitlines()
@@ -167,16 +232,25 @@ def test_create_uses_the_runtime_image_of_the_generation(accelerator, image, cap
 
 
 def test_unknown_tpu_generations_are_refused_before_any_gcloud_call(gcloud, capsys):
-  for bad, message in (('v7-8', "unknown TPU generation 'v7'"),
-                       ('tpu7x-8', "cannot parse accelerator type 'tpu7x-8'")):
+  for bad, message in (
+    ('v7-8', "unknown TPU generation 'v7'"),
+    ('tpu7x-8', "cannot parse accelerator type 'tpu7x-8'"),
+  ):
     result, calls = gcloud('create', *WHERE, f'--accelerator_type={bad}', expect_ok=False)
     assert result.returncode != 0 and message in result.stderr and calls == []
-  result, calls = gcloud('train', *WHERE, '--accelerator_type=v9-8', '--config=configs/tiny.py',
-                         '--workdir=gs://b/r', expect_ok=False)
+  result, calls = gcloud(
+    'train',
+    *WHERE,
+    '--accelerator_type=v9-8',
+    '--config=configs/tiny.py',
+    '--workdir=gs://b/r',
+    expect_ok=False,
+  )
   assert "unknown TPU generation 'v9'" in result.stderr and calls == []
   # An explicit image still wins, with a note.
-  tpu_lib.main(['create', *WHERE, '--accelerator_type=v5p-8', '--runtime_version=my-image',
-                '--dry_run'])
+  tpu_lib.main(
+    ['create', *WHERE, '--accelerator_type=v5p-8', '--runtime_version=my-image', '--dry_run']
+  )
   out = capsys.readouterr().out
   assert '--runtime-version=my-image' in out and 'instead of v2-alpha-tpuv5' in out
 
@@ -194,16 +268,23 @@ def _fake_runs(root, steps=(100, 200, 300)):
 
 def test_eval_sweep_dry_run_spreads_jobs_over_the_slice_workers(tmp_path, capsys):
   a, b = _fake_runs(str(tmp_path))
-  tpu_flags = [f'--workdirs={a},{b}', f'--out={tmp_path / "out"}', '--tpu_name=rt2',
-               '--zone=us-central2-b', '--dry_run']
+  tpu_flags = [
+    f'--workdirs={a},{b}',
+    f'--out={tmp_path / "out"}',
+    '--tpu_name=rt2',
+    '--zone=us-central2-b',
+    '--dry_run',
+  ]
   sweep.main([*tpu_flags, '--accelerator_type=v4-32'])  # 4 hosts
   out = capsys.readouterr().out
   assert f'warning: {a}, {b} not on gs://: the TPU workers must see these paths' in out
-  assert ('6 job(s) over 4 worker(s) of rt2 (v4-32):\n'
-          '  worker 0: run_a@100/default, run_b@200/default\n'
-          '  worker 1: run_a@200/default, run_b@300/default\n'
-          '  worker 2: run_a@300/default\n'
-          '  worker 3: run_b@100/default\n') in out
+  assert (
+    '6 job(s) over 4 worker(s) of rt2 (v4-32):\n'
+    '  worker 0: run_a@100/default, run_b@200/default\n'
+    '  worker 1: run_a@200/default, run_b@300/default\n'
+    '  worker 2: run_a@300/default\n'
+    '  worker 3: run_b@100/default\n'
+  ) in out
   ssh = [line for line in out.splitlines() if line.startswith('[dry run] gcloud')]
   assert len(ssh) == 4
   for w, line in enumerate(ssh):
@@ -254,8 +335,15 @@ def test_eval_sweep_workers_run_their_shares_at_once(tmp_path, monkeypatch, caps
   monkeypatch.setenv('PATH', f'{bin_dir}:{os.environ["PATH"]}')
   monkeypatch.setenv('HOME', str(home))
   monkeypatch.setenv('FAKE_EVAL_LOG', str(log))
-  result = sweep.main([f'--workdirs={a},{b}', f'--out={tmp_path / "out"}', '--tpu_name=rt2',
-                       '--zone=z', '--accelerator_type=v4-32'])
+  result = sweep.main(
+    [
+      f'--workdirs={a},{b}',
+      f'--out={tmp_path / "out"}',
+      '--tpu_name=rt2',
+      '--zone=z',
+      '--accelerator_type=v4-32',
+    ]
+  )
   out = capsys.readouterr().out
   assert result['missing'] == 2  # nothing was evaluated for real
   assert 'run_b step 200 setting default on worker 0: FAILED (exit 3' in out
@@ -268,37 +356,62 @@ def test_eval_sweep_workers_run_their_shares_at_once(tmp_path, monkeypatch, caps
   first = [min(float(s[2]) for s in starts if s[0] == w) for w in '0123']
   assert max(first) - min(first) < 0.4, first
   assert sorted(os.listdir(home / 'rt2_eval_logs')) == sorted(
-      f'run_{r}_default_{s}.log' for r in 'ab' for s in (100, 200, 300))
+    f'run_{r}_default_{s}.log' for r in 'ab' for s in (100, 200, 300)
+  )
 
 
 # Issue 20, item 5: GPU clusters under SLURM.
-SLURM = ['--nodes=2', '--gpus_per_node=8', '--partition=gpu', '--config=configs/tiny.py',
-         '--workdir=/shared/runs/a']
+SLURM = [
+  '--nodes=2',
+  '--gpus_per_node=8',
+  '--partition=gpu',
+  '--config=configs/tiny.py',
+  '--workdir=/shared/runs/a',
+]
 
 
 def test_slurm_dry_run_prints_the_sbatch_script(capsys):
-  slurm.main([*SLURM, '--time=02:00:00', '--env=XLA_PYTHON_CLIENT_MEM_FRACTION=.9',
-              '--script=/tmp/x.sbatch', '--dry_run', '--', '--config.total_steps=5'])
+  slurm.main(
+    [
+      *SLURM,
+      '--time=02:00:00',
+      '--env=XLA_PYTHON_CLIENT_MEM_FRACTION=.9',
+      '--script=/tmp/x.sbatch',
+      '--dry_run',
+      '--',
+      '--config.total_steps=5',
+    ]
+  )
   out = capsys.readouterr().out
-  for line in ('#SBATCH --nodes=2', '#SBATCH --ntasks-per-node=8', '#SBATCH --gpus-per-node=8',
-               '#SBATCH --partition=gpu', '#SBATCH --time=02:00:00',
-               '#SBATCH --signal=TERM@300', '#SBATCH --output=/shared/runs/a/slurm/%x-%j.out',
-               f'cd {REPO_ROOT}', 'export XLA_PYTHON_CLIENT_MEM_FRACTION=.9',
-               'srun --kill-on-bad-exit=1 python3 -m rt2_jax.train --config=configs/tiny.py '
-               '--workdir=/shared/runs/a --config.total_steps=5 '
-               '--config.distributed.coordinator_address=auto',
-               '[dry run] sbatch /tmp/x.sbatch'):
+  for line in (
+    '#SBATCH --nodes=2',
+    '#SBATCH --ntasks-per-node=8',
+    '#SBATCH --gpus-per-node=8',
+    '#SBATCH --partition=gpu',
+    '#SBATCH --time=02:00:00',
+    '#SBATCH --signal=TERM@300',
+    '#SBATCH --output=/shared/runs/a/slurm/%x-%j.out',
+    f'cd {REPO_ROOT}',
+    'export XLA_PYTHON_CLIENT_MEM_FRACTION=.9',
+    'srun --kill-on-bad-exit=1 python3 -m rt2_jax.train --config=configs/tiny.py '
+    '--workdir=/shared/runs/a --config.total_steps=5 '
+    '--config.distributed.coordinator_address=auto',
+    '[dry run] sbatch /tmp/x.sbatch',
+  ):
     assert line in out.splitlines(), (line, out)
   assert not os.path.exists('/tmp/x.sbatch') and 'gpus-per-task' not in out
 
 
-@pytest.mark.parametrize('flags, message', [
+@pytest.mark.parametrize(
+  'flags, message',
+  [
     (['--workdir=runs/a'], 'is relative'),
     (['--config=configs/nope.py'], 'no such file'),
     (['--', '--config.distributed.num_processes=4'], 'the SLURM job sets the processes'),
     (['--', '--oops=1'], "unexpected extra argument '--oops=1'"),
     (['--gpus_per_node=0'], 'must be >= 1'),
-])
+  ],
+)
 def test_slurm_refuses_bad_input(flags, message):
   with pytest.raises(SystemExit, match=message):
     slurm.main([*SLURM, '--dry_run', *flags])
@@ -343,20 +456,39 @@ def _submit_with_fake_slurm(tmp_path, python, flags, extra_env=None):
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   (bin_dir / 'srun').write_text(FAKE_SRUN)
-  (bin_dir / 'sbatch').write_text('#!/bin/bash\necho "$@" > "$FAKE_SBATCH_LOG"\n'
-                                  'exec bash "$1" > "$FAKE_SBATCH_OUT" 2>&1\n')
+  (bin_dir / 'sbatch').write_text(
+    '#!/bin/bash\necho "$@" > "$FAKE_SBATCH_LOG"\nexec bash "$1" > "$FAKE_SBATCH_OUT" 2>&1\n'
+  )
   for f in ('srun', 'sbatch'):
     (bin_dir / f).chmod(0o755)
   job_id = str(1000 + os.getpid() % 3000)  # jax's coordinator port follows the job id
-  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_JOB_ID=job_id,
-             SLURM_JOB_NODELIST='localhost', SLURM_NTASKS='2',
-             FAKE_SBATCH_LOG=str(tmp_path / 'sbatch.log'),
-             FAKE_SBATCH_OUT=str(tmp_path / 'job.out'), **(extra_env or {}))
+  env = dict(
+    os.environ,
+    PATH=f'{bin_dir}:{os.environ["PATH"]}',
+    SLURM_JOB_ID=job_id,
+    SLURM_JOB_NODELIST='localhost',
+    SLURM_NTASKS='2',
+    FAKE_SBATCH_LOG=str(tmp_path / 'sbatch.log'),
+    FAKE_SBATCH_OUT=str(tmp_path / 'job.out'),
+    **(extra_env or {}),
+  )
   script = tmp_path / 'job.sbatch'
   result = subprocess.run(
-      [sys.executable, os.path.join(REPO_ROOT, 'launch', 'slurm.py'), '--nodes=1',
-       '--gpus_per_node=2', f'--python={python}', f'--script={script}', *flags],
-      env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      os.path.join(REPO_ROOT, 'launch', 'slurm.py'),
+      '--nodes=1',
+      '--gpus_per_node=2',
+      f'--python={python}',
+      f'--script={script}',
+      *flags,
+    ],
+    env=env,
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   job_out = (tmp_path / 'job.out').read_text() if (tmp_path / 'job.out').exists() else ''
   return result, script, job_out
 
@@ -371,23 +503,35 @@ def test_slurm_job_forms_one_jax_distributed_job(tmp_path):
   python.chmod(0o755)
   workdir = tmp_path / 'run'
   result, script, job_out = _submit_with_fake_slurm(
-      tmp_path, str(python), ['--config=configs/tiny.py', f'--workdir={workdir}',
-                              '--env=JAX_PLATFORMS=cpu'])
+    tmp_path,
+    str(python),
+    ['--config=configs/tiny.py', f'--workdir={workdir}', '--env=JAX_PLATFORMS=cpu'],
+  )
   assert result.returncode == 0, result.stdout + result.stderr + job_out
   assert f'wrote {script}' in result.stdout
   assert (tmp_path / 'sbatch.log').read_text().split() == [str(script)]
   assert os.path.isdir(workdir / 'slurm')  # the --output directory exists before sbatch
   assert sorted(line for line in job_out.splitlines() if line.startswith('process ')) == [
-      'process 0 of 2', 'process 1 of 2'], job_out
+    'process 0 of 2',
+    'process 1 of 2',
+  ], job_out
 
 
 @pytest.mark.slow
 def test_slurm_job_trains_two_processes(tmp_path):
   workdir = tmp_path / 'run'
   result, _, job_out = _submit_with_fake_slurm(
-      tmp_path, sys.executable, ['--config=configs/tiny.py', f'--workdir={workdir}', '--',
-                                 '--config.total_steps=2', '--config.batch_size=4',
-                                 '--config.distributed.local_device_count=1'])
+    tmp_path,
+    sys.executable,
+    [
+      '--config=configs/tiny.py',
+      f'--workdir={workdir}',
+      '--',
+      '--config.total_steps=2',
+      '--config.batch_size=4',
+      '--config.distributed.local_device_count=1',
+    ],
+  )
   assert result.returncode == 0, result.stdout + result.stderr + job_out[-5000:]
   assert '2 process(es)' in job_out and 'done: step 2' in job_out, job_out[-5000:]
   assert os.listdir(workdir / 'checkpoints')

@@ -18,6 +18,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 def test_every_task_has_an_instruction_and_held_out_paraphrases():
   assert len(mw.TASKS) == 50
   import metaworld
+
   assert set(mw.TASKS) == set(metaworld.ALL_V3_ENVIRONMENTS)
   assert len(set(mw.INSTRUCTIONS.values())) == 50  # the instruction names the task
   for task in mw.TASKS:
@@ -52,14 +53,17 @@ def test_action_space_tokenizes_expert_actions():
 
 def test_state_only_actors_without_rendering():
   # No rendering at all: safe in this process. Button-press-topdown takes the expert ~70 steps.
-  specs = [mw.EpisodeSpec('button-press-topdown-v3', s, 'press the button from the top')
-           for s in (0, 1)]
-  expert = mw.run_episodes(specs, mw.ExpertActor(), num_envs=2, workers=0, max_steps=150,
-                           progress=False)
+  specs = [
+    mw.EpisodeSpec('button-press-topdown-v3', s, 'press the button from the top') for s in (0, 1)
+  ]
+  expert = mw.run_episodes(
+    specs, mw.ExpertActor(), num_envs=2, workers=0, max_steps=150, progress=False
+  )
   assert [r.success for r in expert] == [True, True]
   assert all(0 < r.first_success_step == r.steps <= 150 for r in expert)
-  randoms = mw.run_episodes(specs, mw.RandomActor(0), num_envs=2, workers=0, max_steps=40,
-                            progress=False)
+  randoms = mw.run_episodes(
+    specs, mw.RandomActor(0), num_envs=2, workers=0, max_steps=40, progress=False
+  )
   assert [r.success for r in randoms] == [False, False]
   assert [r.steps for r in randoms] == [40, 40]
 
@@ -67,6 +71,7 @@ def test_state_only_actors_without_rendering():
 def scene_probe(task, seed, size, camera):
   """Runs in a worker: images of a seeded scene and where known points land in them."""
   import mujoco
+
   env = mw.TaskEnv(task, mw.RenderSettings(size, camera))
   first = env.reset(seed)
   again = env.reset(seed)
@@ -87,18 +92,31 @@ def scene_probe(task, seed, size, camera):
     image = env._image()
     magenta = (image[..., 0] > 180) & (image[..., 1] < 80) & (image[..., 2] > 180)
     rows, cols = np.nonzero(magenta)
-    points.append(dict(point=point, projected=env.project(point),
-                       rendered=(rows.mean() + 0.5, cols.mean() + 0.5) if len(rows) else None))
+    points.append(
+      dict(
+        point=point,
+        projected=env.project(point),
+        rendered=(rows.mean() + 0.5, cols.mean() + 0.5) if len(rows) else None,
+      )
+    )
   step = env.step(np.array([0, 0, 1, 0], np.float32))
   env.close()
   second.close()
-  return dict(first=first, again=again, other=other, points=points, step=step,
-              interleaved=interleaved, second_first=second_first, second_again=second_again)
+  return dict(
+    first=first,
+    again=again,
+    other=other,
+    points=points,
+    step=step,
+    interleaved=interleaved,
+    second_first=second_first,
+    second_again=second_again,
+  )
 
 
 def test_seeded_scenes_and_upright_images_in_a_worker():
   with Workers(1, env={'PYTHONPATH': TESTS_DIR}) as workers:
-    probe, = workers.run([(0, 'test_metaworld:scene_probe', ('reach-v3', 3, 64, 'corner'))])
+    (probe,) = workers.run([(0, 'test_metaworld:scene_probe', ('reach-v3', 3, 64, 'corner'))])
   first, again, other = probe['first'], probe['again'], probe['other']
   assert first.image.dtype == np.uint8 and first.image.shape == (64, 64, 3)
   np.testing.assert_array_equal(first.image, again.image)  # same seed, same scene
@@ -138,8 +156,16 @@ class _ScriptedImageActor:
 def test_batched_rollouts_render_in_workers_with_a_fixed_batch():
   specs = [mw.EpisodeSpec('drawer-open-v3', s, 'open the drawer', 'seen') for s in range(3)]
   actor = _ScriptedImageActor()
-  results = mw.run_episodes(specs, actor, num_envs=2, workers=1, max_steps=3,
-                            render=mw.RenderSettings(32), record=[0, 2], progress=False)
+  results = mw.run_episodes(
+    specs,
+    actor,
+    num_envs=2,
+    workers=1,
+    max_steps=3,
+    render=mw.RenderSettings(32),
+    record=[0, 2],
+    progress=False,
+  )
   assert all(shape == ((2, 32, 32, 3), 2) for shape in actor.shapes)
   assert results[0].terminated_by_actor and results[0].steps == 1
   assert [r.steps for r in results[1:]] == [3, 3]

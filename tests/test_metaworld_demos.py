@@ -14,8 +14,9 @@ TASK = 'button-press-topdown-v3'  # the expert needs ~70 steps
 @pytest.fixture(scope='module')
 def demo_dir(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('mw_demos'))
-  settings = demos.DemoSettings(tasks=(TASK,), episodes=1, val_episodes=1, image_size=32,
-                                web_frames=3)
+  settings = demos.DemoSettings(
+    tasks=(TASK,), episodes=1, val_episodes=1, image_size=32, web_frames=3
+  )
   manifest = demos.generate(settings, out, workers=2, progress=False)
   return out, manifest
 
@@ -69,8 +70,11 @@ def test_read_through_the_data_spec_and_web_reader(demo_dir):
   assert answers['Is the gripper open?'] == 'yes'
   assert answers['Is the task done?'] == 'no'
   last_step = max(x['step'] for x in lines)
-  done = [x['answer'] for x in lines if x['step'] == last_step and
-          x.get('question') == 'Is the task done?']
+  done = [
+    x['answer']
+    for x in lines
+    if x['step'] == last_step and x.get('question') == 'Is the task done?'
+  ]
   assert done == ['yes']
   assert any('caption' in x for x in lines)
   records = web.read_jsonl(os.path.join(out, 'web', 'train.jsonl'), 32, progress=lambda *a: None)

@@ -21,8 +21,9 @@ def _model_cfg(**overrides):
   cfg.image_size = 32
   cfg.vocab_size = 256
   cfg.vit.update(width=32, depth=1, num_heads=2, mlp_dim=64)
-  cfg.t5.update(emb_dim=32, num_heads=2, head_dim=24, mlp_dim=64,
-                num_encoder_layers=2, num_decoder_layers=2)
+  cfg.t5.update(
+    emb_dim=32, num_heads=2, head_dim=24, mlp_dim=64, num_encoder_layers=2, num_decoder_layers=2
+  )
   return lib.set_dotted(cfg, overrides)
 
 
@@ -70,6 +71,7 @@ def _cached_decode_logits(model, variables, images, enc, dec):
       step, cache, out = carry
       hidden, cache = model.apply(variables, cache, dec[:, step], step, method=VLA.decode_step)
       return step + 1, cache, out.at[:, step].set(hidden)
+
     out = jnp.zeros((B, DEC_LEN, encoded.shape[-1]), jnp.float32)
     return jax.lax.while_loop(lambda c: c[0] < DEC_LEN, body, (jnp.int32(0), cache, out))[2]
 
@@ -81,12 +83,15 @@ def test_compute_logits_rows(model_and_vars):
   hidden = jax.random.normal(jax.random.key(1), (B, 32))
   full = model.apply(variables, hidden, None, method=VLA.compute_logits)
   rows = jnp.array([3, 17, 255, 4])
-  np.testing.assert_allclose(model.apply(variables, hidden, rows, method=VLA.compute_logits),
-                             full[:, rows], atol=1e-5)
+  np.testing.assert_allclose(
+    model.apply(variables, hidden, rows, method=VLA.compute_logits), full[:, rows], atol=1e-5
+  )
   rows_b = jnp.array([[1, 2, 3], [7, 8, 9]])
-  np.testing.assert_allclose(model.apply(variables, hidden, rows_b, method=VLA.compute_logits),
-                             np.take_along_axis(np.asarray(full), np.asarray(rows_b), 1),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    model.apply(variables, hidden, rows_b, method=VLA.compute_logits),
+    np.take_along_axis(np.asarray(full), np.asarray(rows_b), 1),
+    atol=1e-5,
+  )
 
 
 def test_instruction_padding_changes_nothing(model_and_vars):
@@ -128,15 +133,14 @@ def test_bad_inputs_and_config_fail_clearly():
   with pytest.raises(ValueError, match='image_size'):
     jax.eval_shape(model.init, jax.random.key(0), images[:, :16, :16], enc, dec)
   with pytest.raises(ValueError, match='unknown model.t5 keys'):
-    jax.eval_shape(VLA(_model_cfg(**{'t5.num_head': 3})).init, jax.random.key(0), images, enc,
-                   dec)
+    jax.eval_shape(VLA(_model_cfg(**{'t5.num_head': 3})).init, jax.random.key(0), images, enc, dec)
 
 
 def _sub_eqns(jaxpr):
   """Equations of every sub-jaxpr (pjit, custom_vjp, scan bodies), recursively."""
   for eqn in jaxpr.eqns:
     for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
         inner = getattr(sub, 'jaxpr', sub)
         if hasattr(inner, 'eqns'):
           yield from inner.eqns
@@ -145,8 +149,9 @@ def _sub_eqns(jaxpr):
 
 def test_bfloat16_compute_close_to_float32(model_and_vars):
   model, variables = model_and_vars
-  cfg = _model_cfg(**{'dtype': 'bfloat16',
-                      't5.logits_via_embedding': model.config.t5.logits_via_embedding})
+  cfg = _model_cfg(
+    **{'dtype': 'bfloat16', 't5.logits_via_embedding': model.config.t5.logits_via_embedding}
+  )
   images, enc, dec = _inputs(3)
   ref = model.apply(variables, images, enc, dec)
   low = VLA(cfg).apply(variables, images, enc, dec)
@@ -163,6 +168,7 @@ def test_bfloat16_compute_close_to_float32(model_and_vars):
 
 def test_summary_counts_match_real_params(model_and_vars):
   from rt2_jax.models import summary
+
   model, variables = model_and_vars
   infos = summary.param_infos(model.config)
   assert sum(i.size for i in infos) == sum(x.size for x in jax.tree.leaves(variables['params']))
@@ -173,21 +179,26 @@ def test_summary_counts_match_real_params(model_and_vars):
 @pytest.mark.slow
 def test_palix_55b_config_is_55b_class():
   from rt2_jax.models import summary
+
   big = config_flags.load_config('configs/rt2_palix_55b.py').model
   total = sum(summary.counts_by_component(summary.param_infos(big)).values())
   assert 50e9 < total < 60e9, total
 
 
-@pytest.mark.parametrize('x_shape,kernel_shape,in_dims', [
+@pytest.mark.parametrize(
+  'x_shape,kernel_shape,in_dims',
+  [
     ((3, 5, 16), (16, 24), 1),  # dense
     ((3, 5, 16), (16, 4, 6), 1),  # q/k/v projection [embed, heads, kv]
     ((3, 5, 4, 6), (4, 6, 16), 2),  # attention output [heads, kv, embed]
     ((7, 16), (16, 24), 1),
-])
+  ],
+)
 def test_dense_dot_gradients_equal_dot_general(x_shape, kernel_shape, in_dims):
   # dense_dot forms the kernel gradient itself (to keep the transpose out of the compiled
   # step); values and both gradients must match lax.dot_general's.
   from rt2_jax.models.layers import dense_dot
+
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
@@ -205,6 +216,7 @@ def test_broadcast_batch_gradient_is_the_batch_sum():
   # broadcast_batch forms its gradient as a dot with ones (XLA:CPU's leading-axis reduction is
   # slow); value and gradient must match jnp.broadcast_to's.
   from rt2_jax.models.layers import broadcast_batch
+
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(1, 4, 6, 6)), jnp.float32)
   g = jnp.asarray(rng.normal(size=(3, 4, 6, 6)), jnp.float32)
@@ -223,14 +235,17 @@ def test_remat_dots_saves_dense_outputs():
   from jax._src.ad_checkpoint import saved_residuals
 
   from rt2_jax.models.layers import SAVE_DOTS, DenseGeneral
+
   layer = DenseGeneral((16,), ('embed', 'mlp'))
   x = jnp.ones((8, 16))
   params = layer.init(jax.random.PRNGKey(0), x)
 
   def outputs_saved(policy):
-    f = jax.checkpoint(lambda p, x: jnp.sin(layer.apply(p, jnp.sin(layer.apply(p, x)))).sum(),
-                       policy=policy)
+    f = jax.checkpoint(
+      lambda p, x: jnp.sin(layer.apply(p, jnp.sin(layer.apply(p, x)))).sum(), policy=policy
+    )
     return [r for r in saved_residuals(f, params, x) if 'argument' not in r[1]]
+
   assert len(outputs_saved(SAVE_DOTS)) == 2, outputs_saved(SAVE_DOTS)
   assert outputs_saved(None) == []  # 'full' keeps no intermediate
 
@@ -239,8 +254,9 @@ def test_conv_stem_is_local_and_shardable():
   from rt2_jax import partitioning
   from rt2_jax.models import vit as vit_lib
 
-  cfg = vit_lib.ViTConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2,
-                          mlp_dim=64, stem='conv')
+  cfg = vit_lib.ViTConfig(
+    image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64, stem='conv'
+  )
   stem = vit_lib.ConvStem(cfg)
   images = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (1, 32, 32, 3)), jnp.float32)
   variables = stem.init(jax.random.key(0), images)
@@ -259,12 +275,15 @@ def test_conv_stem_is_local_and_shardable():
   shardings = partitioning.shardings_for(abstract['params'], mesh)
   assert 'stem' in shardings['vit'] and 'patch_embedding' not in shardings['vit']
   with pytest.raises(ValueError, match="stem='conv' needs a power-of-two patch_size"):
-    jax.eval_shape(VLA(_model_cfg(**{'vit.stem': 'conv', 'vit.patch_size': 6,
-                                     'image_size': 24})).init, jax.random.key(0),
-                   vis[:, :24, :24], enc, dec)
+    jax.eval_shape(
+      VLA(_model_cfg(**{'vit.stem': 'conv', 'vit.patch_size': 6, 'image_size': 24})).init,
+      jax.random.key(0),
+      vis[:, :24, :24],
+      enc,
+      dec,
+    )
   with pytest.raises(ValueError, match="model.vit.stem must be 'patch' or 'conv'"):
-    jax.eval_shape(VLA(_model_cfg(**{'vit.stem': 'cnn'})).init, jax.random.key(0), vis, enc,
-                   dec)
+    jax.eval_shape(VLA(_model_cfg(**{'vit.stem': 'cnn'})).init, jax.random.key(0), vis, enc, dec)
 
 
 @pytest.mark.parametrize('scan', [False, True])
@@ -280,19 +299,26 @@ def test_film_starts_as_the_plain_vit_and_then_reads_the_instruction(scan):
   assert film_params == ['film']
   # Zero-initialised FiLM: the same function as the plain model with the other parameters.
   plain_params = jax.tree.map(lambda x: x, film_vars['params'])
-  for block in ([plain_params['vit']['blocks']] if scan else
-                [v for k, v in plain_params['vit'].items() if k.startswith('block_')]):
+  for block in (
+    [plain_params['vit']['blocks']]
+    if scan
+    else [v for k, v in plain_params['vit'].items() if k.startswith('block_')]
+  ):
     del block['film']
-  np.testing.assert_allclose(film.apply(film_vars, images, enc, dec),
-                             plain.apply({'params': plain_params}, images, enc, dec),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    film.apply(film_vars, images, enc, dec),
+    plain.apply({'params': plain_params}, images, enc, dec),
+    rtol=1e-5,
+    atol=1e-5,
+  )
   # Once FiLM is not zero, the image tokens depend on the instruction (and not on padding).
   perturbed = jax.tree_util.tree_map_with_path(
-      lambda path, x: x + 0.1 if 'film' in jax.tree_util.keystr(path) else x, film_vars)
+    lambda path, x: x + 0.1 if 'film' in jax.tree_util.keystr(path) else x, film_vars
+  )
 
   def image_tokens(tokens):
     encoded, _ = film.apply(perturbed, images, tokens, method=VLA.encode)
-    return np.asarray(encoded[:, :-tokens.shape[1]])
+    return np.asarray(encoded[:, : -tokens.shape[1]])
 
   other = enc.copy()
   other[0, 0] = 42
@@ -310,13 +336,26 @@ def test_attention_logit_scale_equals_a_scaled_query_kernel():
   sharp = VLA(_model_cfg(**{'t5.attention_logit_scale': 4.0}))
   variables = nn.meta.unbox(jax.jit(plain.init)(jax.random.key(0), images, enc, dec))
   scaled_queries = jax.tree_util.tree_map_with_path(
-      lambda path, x: x * 4.0 if "'query'" in jax.tree_util.keystr(path) and
-      "'lm'" in jax.tree_util.keystr(path) else x, variables)
+    lambda path, x: (
+      x * 4.0
+      if "'query'" in jax.tree_util.keystr(path) and "'lm'" in jax.tree_util.keystr(path)
+      else x
+    ),
+    variables,
+  )
   assert jax.tree.leaves(jax.tree.map(lambda a, b: (a != b).any(), variables, scaled_queries))
-  np.testing.assert_allclose(sharp.apply(variables, images, enc, dec),
-                             plain.apply(scaled_queries, images, enc, dec), rtol=1e-4, atol=1e-4)
-  assert np.abs(sharp.apply(variables, images, enc, dec)
-                - plain.apply(variables, images, enc, dec)).max() > 1e-3
+  np.testing.assert_allclose(
+    sharp.apply(variables, images, enc, dec),
+    plain.apply(scaled_queries, images, enc, dec),
+    rtol=1e-4,
+    atol=1e-4,
+  )
+  assert (
+    np.abs(
+      sharp.apply(variables, images, enc, dec) - plain.apply(variables, images, enc, dec)
+    ).max()
+    > 1e-3
+  )
 
 
 def test_zero_init_residual_starts_every_t5_layer_as_the_identity():
@@ -324,15 +363,23 @@ def test_zero_init_residual_starts_every_t5_layer_as_the_identity():
   model = VLA(_model_cfg(**{'t5.zero_init_residual': True}))
   variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images, enc, dec))
   lm = variables['params']['lm']
-  zeroed = [path for path, x in jax.tree_util.tree_leaves_with_path(lm)
-            if not np.asarray(x).any()]
+  zeroed = [path for path, x in jax.tree_util.tree_leaves_with_path(lm) if not np.asarray(x).any()]
   names = [jax.tree_util.keystr(p) for p in zeroed]
   assert any("'out'" in n for n in names) and any("'wo'" in n for n in names), names
   # Identity layers: the encoder's output is its final RMSNorm of [image; text] embeddings.
   encoded, _ = model.apply(variables, images, enc, method=VLA.encode)
-  x = model.apply(variables, images, enc, method=lambda m, i, e: jnp.concatenate(
-      [m.image_projection(m.vit(i.astype(jnp.float32) * (2.0 / 255.0) - 1.0, True, None)),
-       m.lm.embed(e)], 1))
+  x = model.apply(
+    variables,
+    images,
+    enc,
+    method=lambda m, i, e: jnp.concatenate(
+      [
+        m.image_projection(m.vit(i.astype(jnp.float32) * (2.0 / 255.0) - 1.0, True, None)),
+        m.lm.embed(e),
+      ],
+      1,
+    ),
+  )
   expected = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6)
   np.testing.assert_allclose(encoded, expected, rtol=1e-4, atol=1e-4)
   # T5's own init (the default) does change the embeddings.
@@ -358,6 +405,7 @@ def test_instruction_pool_puts_word_chosen_summaries_before_the_image_tokens():
     def run(m, i, e):
       real = (e > 0)[..., None]
       return m.instruction_pool(image_tokens(m, i), (m.lm.embed(e) * real).sum(1) / real.sum(1))
+
     return np.asarray(model.apply(variables, images, tokens, method=run))
 
   # By hand: softmax over the 16 image tokens of 2 * q.k, the values pooled, plus a type row.
@@ -399,16 +447,17 @@ def test_pool_to_decoder_adds_the_encoded_summaries_to_every_decoder_input():
     x = m.lm.embed(d) + encoded[:, :2].mean(1)[:, None]
     return m.lm.compute_logits(m.lm._output_hidden(m.lm.decoder(x, encoded, mask)))
 
-  np.testing.assert_allclose(logits, plain.apply(variables, images, enc, dec, method=by_hand),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    logits, plain.apply(variables, images, enc, dec, method=by_hand), rtol=1e-5, atol=1e-5
+  )
   assert np.abs(logits - np.asarray(plain.apply(variables, images, enc, dec))).max() > 1e-2
   other = enc.copy()
   other[0, 0] = 42  # other words: other summaries, so example 0's decoder inputs change
   changed = np.abs(logits - np.asarray(model.apply(variables, images, other, dec))).max((1, 2))
   assert changed[0] > 1e-3 and changed[1] == 0
-  np.testing.assert_allclose(_cached_decode_logits(model, variables, images, enc, dec), logits,
-                             atol=2e-5, rtol=1e-5)
-
+  np.testing.assert_allclose(
+    _cached_decode_logits(model, variables, images, enc, dec), logits, atol=2e-5, rtol=1e-5
+  )
 
 
 def test_pool_keypoints_add_each_summarys_expected_patch_centre_to_the_summaries():
@@ -421,14 +470,22 @@ def test_pool_keypoints_add_each_summarys_expected_patch_centre_to_the_summaries
   weights = np.zeros((1, 2, 16), np.float32)
   weights[0, 0, 2 * 4 + 1] = 1.0
   weights[0, 1, [0, 3]] = 0.5  # row 0, cols 0 and 3
-  pool_vars = pool.init(jax.random.key(0), jnp.asarray(weights),
-                        method=InstructionPool.keypoint_features)
-  feats, inter = pool.apply({'params': pool_vars['params']}, jnp.asarray(weights),
-                            method=InstructionPool.keypoint_features, mutable=['intermediates'])
+  pool_vars = pool.init(
+    jax.random.key(0), jnp.asarray(weights), method=InstructionPool.keypoint_features
+  )
+  feats, inter = pool.apply(
+    {'params': pool_vars['params']},
+    jnp.asarray(weights),
+    method=InstructionPool.keypoint_features,
+    mutable=['intermediates'],
+  )
   points = np.asarray(inter['intermediates']['keypoints'][0])[0]
   np.testing.assert_allclose(points, [[1.5 / 4, 2.5 / 4], [2.0 / 4, 0.5 / 4]], atol=1e-6)
-  np.testing.assert_allclose(np.asarray(feats)[0], 4.0 * np.array(
-      [1.5 / 4 - 0.5, 2.5 / 4 - 0.5, 0.0, 0.5 / 4 - 0.5, -0.5 / 4, 2.0 / 4]), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(feats)[0],
+    4.0 * np.array([1.5 / 4 - 0.5, 2.5 / 4 - 0.5, 0.0, 0.5 / 4 - 0.5, -0.5 / 4, 2.0 / 4]),
+    atol=1e-6,
+  )
 
   images, enc, dec = _inputs()
   model = VLA(_model_cfg(**{'instruction_pool': 2, 'pool_keypoints': True}))
@@ -439,12 +496,25 @@ def test_pool_keypoints_add_each_summarys_expected_patch_centre_to_the_summaries
   def summaries(m, i, e):
     encoded, _ = m.encode(i, e)
     return encoded
+
   # The same parameters without the keypoint projection: the summaries differ by it only.
-  without = {'params': dict(variables['params'], instruction_pool={
-      k: v for k, v in variables['params']['instruction_pool'].items()
-      if k != 'keypoint_projection'})}
-  assert np.abs(np.asarray(model.apply(variables, images, enc, method=summaries))
-                - np.asarray(plain.apply(without, images, enc, method=summaries))).max() > 1e-3
+  without = {
+    'params': dict(
+      variables['params'],
+      instruction_pool={
+        k: v
+        for k, v in variables['params']['instruction_pool'].items()
+        if k != 'keypoint_projection'
+      },
+    )
+  }
+  assert (
+    np.abs(
+      np.asarray(model.apply(variables, images, enc, method=summaries))
+      - np.asarray(plain.apply(without, images, enc, method=summaries))
+    ).max()
+    > 1e-3
+  )
   abstract = jax.eval_shape(model.init, jax.random.key(0), images, enc, dec)
   mesh = partitioning.make_mesh(config_flags.load_config('configs/tiny.py').mesh)
   partitioning.shardings_for(abstract['params'], mesh)  # every axis has a rule

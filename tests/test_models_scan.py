@@ -28,8 +28,9 @@ def _model_cfg(scan, **overrides):
   cfg.image_size = 32
   cfg.vocab_size = VOCAB
   cfg.vit.update(width=EMB, depth=2, num_heads=2, mlp_dim=64)
-  cfg.t5.update(emb_dim=EMB, num_heads=2, head_dim=16, mlp_dim=48, num_encoder_layers=2,
-                num_decoder_layers=3)  # decoder depth differs from the encoder's
+  cfg.t5.update(
+    emb_dim=EMB, num_heads=2, head_dim=16, mlp_dim=48, num_encoder_layers=2, num_decoder_layers=3
+  )  # decoder depth differs from the encoder's
   return lib.set_dotted(cfg, overrides)
 
 
@@ -89,7 +90,8 @@ def test_scanned_init_has_the_stacked_layout_and_axes(models_and_params):
   boxed = jax.eval_shape(scanned.init, jax.random.key(0), *_inputs())['params']
   specs = partitioning.logical_specs(boxed)
   assert specs['vit']['blocks']['attention']['query']['kernel'] == P(
-      'layers', 'embed', 'heads', 'kv')
+    'layers', 'embed', 'heads', 'kv'
+  )
   assert specs['lm']['encoder']['layers']['mlp']['wi_0']['kernel'] == P('layers', 'embed', 'mlp')
   assert specs['lm']['encoder']['relpos_bias']['rel_embedding'] == P('heads', 'relpos_buckets')
 
@@ -106,6 +108,7 @@ def test_scanned_forward_and_gradients_equal_unrolled(models_and_params):
       logits = model.apply({'params': p}, images, enc, dec)
       logp = jax.nn.log_softmax(logits)
       return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1)), logits
+
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(p)
 
   (_, expected), want = loss_and_grads(unrolled, params)
@@ -114,8 +117,9 @@ def test_scanned_forward_and_gradients_equal_unrolled(models_and_params):
   np.testing.assert_allclose(logits, expected, atol=2e-5, rtol=1e-5)
   want = stack_layers(want)
   assert jax.tree.structure(grads) == jax.tree.structure(want)
-  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want),
-                          strict=True):
+  for (path, g), w in zip(
+    jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want), strict=True
+  ):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
   assert float(jnp.abs(grads['lm']['encoder']['layers']['mlp']['wo']['kernel']).max()) > 1e-4
 
@@ -135,8 +139,9 @@ def _decode(model, params, images, enc, dec, max_len):
       return step + 1, cache, out.at[:, step].set(hidden)
 
     out = jnp.zeros((B, DEC_LEN, EMB), jnp.float32)
-    _, final, hidden = jax.lax.while_loop(lambda c: c[0] < DEC_LEN, body,
-                                          (jnp.int32(0), cache, out))
+    _, final, hidden = jax.lax.while_loop(
+      lambda c: c[0] < DEC_LEN, body, (jnp.int32(0), cache, out)
+    )
     step_logits = model.apply(variables, hidden, method=VLA.compute_logits)
     return cache, final, step_logits, model.apply(variables, images, enc, dec)
 
@@ -167,14 +172,15 @@ def test_scanned_cached_decode_equals_unrolled(models_and_params):
 
 def test_decoding_loop_gives_the_same_tokens_scanned(models_and_params):
   from rt2_jax import decoding
+
   unrolled, scanned, params, stacked = models_and_params
   images, enc, _ = _inputs(4)
-  callback = decoding.TextCallback(eos_id=1, vocab_size=VOCAB, model_vocab_size=VOCAB,
-                                   max_len=6)
+  callback = decoding.TextCallback(eos_id=1, vocab_size=VOCAB, model_vocab_size=VOCAB, max_len=6)
 
   def greedy(model, p):
-    run = jax.jit(lambda p, images, enc: decoding.decode(model, p, images, enc,
-                                                         jax.random.key(0), callback))
+    run = jax.jit(
+      lambda p, images, enc: decoding.decode(model, p, images, enc, jax.random.key(0), callback)
+    )
     return np.asarray(run(p, images, enc))
 
   tokens = greedy(scanned, stacked)
@@ -184,6 +190,7 @@ def test_decoding_loop_gives_the_same_tokens_scanned(models_and_params):
 
 def test_large_configs_scan_and_keep_their_parameter_counts():
   from rt2_jax.models import summary
+
   for name, total in (('rt2_pali_3b', 4_695_939_456), ('rt2_palix_55b', 54_325_849_600)):
     cfg = config_flags.load_config(f'configs/{name}.py').model
     assert cfg.scan_layers is True
@@ -192,7 +199,7 @@ def test_large_configs_scan_and_keep_their_parameter_counts():
     assert any(i.path.startswith('lm/decoder/layers/') and i.axes[0] == 'layers' for i in infos)
   text = summary.summarize(config_flags.load_config('configs/rt2_pali_3b.py').model)
   assert f'{4_695_939_456:,}' in text
-  assert 'vit/blocks/mlp/fc1/kernel' in text and 'x48' in text and "(1664, 8192)" in text
+  assert 'vit/blocks/mlp/fc1/kernel' in text and 'x48' in text and '(1664, 8192)' in text
 
 
 def test_stacked_params_shard_like_their_layers():
@@ -201,7 +208,8 @@ def test_stacked_params_shard_like_their_layers():
   abstract = jax.eval_shape(scanned.init, jax.random.key(0), *_inputs())
   shardings = partitioning.shardings_for(abstract, mesh)['params']
   assert shardings['lm']['encoder']['layers']['mlp']['wi_0']['kernel'].spec == P(
-      None, 'fsdp', 'model')
+    None, 'fsdp', 'model'
+  )
   assert shardings['vit']['blocks']['attention']['query']['bias'].spec == P(None, 'model', None)
   assert shardings['lm']['logits_dense'].spec == P('fsdp', 'model')
 
@@ -239,5 +247,6 @@ def test_scanned_sharded_forward_equals_unsharded(models_and_params):
     batch = jax.sharding.NamedSharding(mesh, P(('data', 'fsdp')))
     logits = jax.jit(scanned.apply)({'params': params}, *jax.device_put((images, enc, dec), batch))
   np.testing.assert_allclose(logits, expected, atol=2e-5, rtol=1e-5)
-  assert isinstance(abstract['params']['vit']['blocks']['mlp']['fc1']['kernel'],
-                    nn.LogicallyPartitioned)
+  assert isinstance(
+    abstract['params']['vit']['blocks']['mlp']['fc1']['kernel'], nn.LogicallyPartitioned
+  )

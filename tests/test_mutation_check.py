@@ -12,10 +12,20 @@ sys.path.insert(0, os.path.join(REPO_ROOT, 'scripts'))
 
 import mutation_check  # noqa: E402  (scripts/mutation_check.py)
 
-AUDIT = ('decode_num_allowed_mask_dropped', 'serve_padding_in_front', 'bf16_ignored',
-         'rng_reset_on_resume', 'action_position_off_by_one', 'data_iterator_restore_skipped',
-         'relpos_halves_swapped', 'decode_cache_offset_off_by_one', 'export_strip_ascii_only',
-         'fsdp_rule_removed', 'zero_images_to_policy', 'actions_to_wrong_env')
+AUDIT = (
+  'decode_num_allowed_mask_dropped',
+  'serve_padding_in_front',
+  'bf16_ignored',
+  'rng_reset_on_resume',
+  'action_position_off_by_one',
+  'data_iterator_restore_skipped',
+  'relpos_halves_swapped',
+  'decode_cache_offset_off_by_one',
+  'export_strip_ascii_only',
+  'fsdp_rule_removed',
+  'zero_images_to_policy',
+  'actions_to_wrong_env',
+)
 
 
 def _test_functions(path):

@@ -53,8 +53,9 @@ def test_prefix_lm_mask():
   bias = np.asarray(gemma.prefix_lm_bias(np.array([[True, True, False, True, True]]), 3))[0, 0]
   seen = bias == 0
   # Prefix rows see the real prefix (both ways), not the suffix; suffix rows are causal.
-  np.testing.assert_array_equal(seen, [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0],
-                                       [1, 1, 0, 1, 0], [1, 1, 0, 1, 1]])
+  np.testing.assert_array_equal(
+    seen, [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 1, 0], [1, 1, 0, 1, 1]]
+  )
 
 
 def test_unknown_backbone_and_missing_gemma_block_fail_clearly():
@@ -78,15 +79,32 @@ def make_hf_paligemma(folder, vision_use_head=True):
   transformers = pytest.importorskip('transformers')
   torch.manual_seed(0)
   cfg = transformers.PaliGemmaConfig(
-      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, image_size=32, patch_size=8,
-                         vision_use_head=vision_use_head),
-      # 4 query heads over 2 key-value heads (grouped), head_dim 16 != hidden / heads.
-      text_config=dict(model_type='gemma', hidden_size=48, intermediate_size=96,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=16, vocab_size=VOCAB, rope_parameters=dict(
-                           rope_type='default', rope_theta=500.0)),
-      image_token_index=IMAGE_TOKEN, projection_dim=48, hidden_size=48, vocab_size=VOCAB)
+    vision_config=dict(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      image_size=32,
+      patch_size=8,
+      vision_use_head=vision_use_head,
+    ),
+    # 4 query heads over 2 key-value heads (grouped), head_dim 16 != hidden / heads.
+    text_config=dict(
+      model_type='gemma',
+      hidden_size=48,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=16,
+      vocab_size=VOCAB,
+      rope_parameters=dict(rope_type='default', rope_theta=500.0),
+    ),
+    image_token_index=IMAGE_TOKEN,
+    projection_dim=48,
+    hidden_size=48,
+    vocab_size=VOCAB,
+  )
   cfg._attn_implementation = 'eager'
   model = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
   with torch.no_grad():  # random norms and biases: a mis-mapped one cannot pass
@@ -100,8 +118,11 @@ def make_hf_paligemma(folder, vision_use_head=True):
 
 
 def _overrides(settings, vocab_size, scan=False):
-  out = {'model.vocab_size': vocab_size, 'model.image_size': settings['image_size'],
-         'model.scan_layers': scan}
+  out = {
+    'model.vocab_size': vocab_size,
+    'model.image_size': settings['image_size'],
+    'model.scan_layers': scan,
+  }
   out.update({f'model.gemma.{k}': v for k, v in settings['gemma'].items()})
   for k, v in settings['vit'].items():
     if k in config_flags.load_config(CONFIG).model.vit:
@@ -128,14 +149,17 @@ def test_paligemma_logits_match_transformers(tmp_path, scan):
   num_image = (32 // 8) ** 2
   with torch.no_grad():
     ids = np.concatenate([np.full((2, num_image), IMAGE_TOKEN), prompt, suffix], axis=1)
-    types = np.concatenate([np.zeros((2, num_image + prompt.shape[1])),
-                            np.ones(suffix.shape)], axis=1)
+    types = np.concatenate(
+      [np.zeros((2, num_image + prompt.shape[1])), np.ones(suffix.shape)], axis=1
+    )
     pixels = images.astype(np.float32) * np.float32(2 / 255) - 1
-    ref = hf(input_ids=torch.from_numpy(ids).long(),
-             pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
-             attention_mask=torch.ones(ids.shape, dtype=torch.long),
-             token_type_ids=torch.from_numpy(types).long()).logits.numpy()
-  ref = ref[:, -suffix.shape[1]:]
+    ref = hf(
+      input_ids=torch.from_numpy(ids).long(),
+      pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
+      attention_mask=torch.ones(ids.shape, dtype=torch.long),
+      token_type_ids=torch.from_numpy(types).long(),
+    ).logits.numpy()
+  ref = ref[:, -suffix.shape[1] :]
   diff = np.abs(ours[..., :VOCAB] - ref).max()
   assert diff < TOL, diff
   assert np.abs(ref).max() > 0.1  # not trivially zero
@@ -153,9 +177,17 @@ def test_paligemma_config_defaults_match_transformers():
   for key, ours in hf_paligemma.PALIGEMMA_TEXT_DEFAULTS.items():
     assert getattr(t, key) == ours, key
   settings = hf_paligemma.settings_from_hf({'model_type': 'paligemma'})
-  assert settings['gemma'] == dict(emb_dim=2048, num_heads=8, num_kv_heads=1, head_dim=256,
-                                   mlp_dim=16384, num_layers=18, mlp_activation='gelu_tanh',
-                                   rope_theta=10000.0, layer_norm_epsilon=1e-6)
+  assert settings['gemma'] == dict(
+    emb_dim=2048,
+    num_heads=8,
+    num_kv_heads=1,
+    head_dim=256,
+    mlp_dim=16384,
+    num_layers=18,
+    mlp_activation='gelu_tanh',
+    rope_theta=10000.0,
+    layer_norm_epsilon=1e-6,
+  )
 
 
 def test_paligemma_mismatches_are_reported_by_name(tmp_path):
@@ -172,8 +204,9 @@ def test_paligemma_mismatches_are_reported_by_name(tmp_path):
   with pytest.raises(ConversionError, match='num_kv_heads is 2 in the checkpoint'):
     hf_paligemma.convert(cfg.model, str(tmp_path), log=lambda *_: None)
   with pytest.raises(ConversionError, match='PaliGemma 2 uses Gemma 2'):
-    hf_paligemma.settings_from_hf({'model_type': 'paligemma',
-                                   'text_config': {'model_type': 'gemma2'}})
+    hf_paligemma.settings_from_hf(
+      {'model_type': 'paligemma', 'text_config': {'model_type': 'gemma2'}}
+    )
 
 
 @pytest.mark.parametrize('scheme', ['numbers', 'least_used'])
@@ -182,52 +215,84 @@ def test_decoder_only_decodes_valid_actions_through_the_compiled_loop(scheme):
   from rt2_jax import decoding
   from rt2_jax import vocab as vocab_lib
 
-  cfg = config_flags.load_config(CONFIG, {
-      'model.vocab_size': 896, 'model.image_size': 32, 'model.vit.width': 32,
-      'model.vit.depth': 1, 'model.vit.num_heads': 2, 'model.vit.mlp_dim': 64,
-      'model.gemma.emb_dim': 32, 'model.gemma.num_heads': 2, 'model.gemma.head_dim': 16,
-      'model.gemma.mlp_dim': 64, 'vocab.action_scheme': scheme, 'actions.num_bins': 64})
-  space = actions_lib.ActionSpace([actions_lib.ActionField('xyz', width=3, low=-1.0, high=1.0),
-                                   actions_lib.ActionField('gripper', kind='discrete',
-                                                           values=(0.0, 1.0))])
+  cfg = config_flags.load_config(
+    CONFIG,
+    {
+      'model.vocab_size': 896,
+      'model.image_size': 32,
+      'model.vit.width': 32,
+      'model.vit.depth': 1,
+      'model.vit.num_heads': 2,
+      'model.vit.mlp_dim': 64,
+      'model.gemma.emb_dim': 32,
+      'model.gemma.num_heads': 2,
+      'model.gemma.head_dim': 16,
+      'model.gemma.mlp_dim': 64,
+      'vocab.action_scheme': scheme,
+      'actions.num_bins': 64,
+    },
+  )
+  space = actions_lib.ActionSpace(
+    [
+      actions_lib.ActionField('xyz', width=3, low=-1.0, high=1.0),
+      actions_lib.ActionField('gripper', kind='discrete', values=(0.0, 1.0)),
+    ]
+  )
   vocab, action_vocab = vocab_lib.from_config(cfg, space)
   model = VLA(cfg.model)
   images, _, _ = _inputs(vocab.vocab_size, image_size=32, seed=5)
   prompts = np.zeros((2, 8), np.int32)
   for i, text in enumerate(['open the drawer', 'pick up the red block']):
     ids = vocab.encode(text)
-    prompts[i, :len(ids)] = ids
-  params = jax.jit(model.init)(jax.random.key(1), images, prompts,
-                               np.zeros((2, 4), np.int32))['params']
+    prompts[i, : len(ids)] = ids
+  params = jax.jit(model.init)(jax.random.key(1), images, prompts, np.zeros((2, 4), np.int32))[
+    'params'
+  ]
   callback = decoding.make_callback(cfg.decode, vocab, action_vocab, cfg.model.vocab_size)
-  tokens = np.asarray(decoding.Decoder(model, callback)(params, images, prompts,
-                                                         jax.random.key(0)))
+  tokens = np.asarray(decoding.Decoder(model, callback)(params, images, prompts, jax.random.key(0)))
   num = action_vocab.num_positions
   assert (tokens[:, num] == vocab.eos_id).all()
   for position in range(num):  # each position holds one of its allowed ids
-    allowed = action_vocab.allowed_ids[position][:action_vocab.num_allowed[position]]
+    allowed = action_vocab.allowed_ids[position][: action_vocab.num_allowed[position]]
     assert np.isin(tokens[:, position], allowed).all()
   # Greedy: each token is the teacher-forced argmax over its position's allowed ids.
-  dec_in = np.concatenate([np.zeros((2, 1), np.int32), tokens[:, :num - 1]], axis=1)
+  dec_in = np.concatenate([np.zeros((2, 1), np.int32), tokens[:, : num - 1]], axis=1)
   logits = np.asarray(model.apply({'params': params}, images, prompts, dec_in))
   for position in range(num):
-    allowed = action_vocab.allowed_ids[position][:action_vocab.num_allowed[position]]
+    allowed = action_vocab.allowed_ids[position][: action_vocab.num_allowed[position]]
     best = allowed[np.argmax(logits[:, position][:, allowed], axis=1)]
     np.testing.assert_array_equal(tokens[:, position], best)
 
 
 # google/paligemma-3b-pt-224 config.json as published (vision tower without its pooling head).
 PALIGEMMA_3B_PT_224 = {
-    'model_type': 'paligemma', 'hidden_size': 2048, 'image_token_index': 257152,
-    'projection_dim': 2048, 'vocab_size': 257216,
-    'text_config': {'hidden_size': 2048, 'intermediate_size': 16384, 'model_type': 'gemma',
-                    'num_attention_heads': 8, 'num_hidden_layers': 18, 'num_image_tokens': 256,
-                    'num_key_value_heads': 1, 'vocab_size': 257216},
-    'vision_config': {'hidden_size': 1152, 'intermediate_size': 4304,
-                      'model_type': 'siglip_vision_model', 'num_attention_heads': 16,
-                      'num_hidden_layers': 27, 'num_image_tokens': 256, 'patch_size': 14,
-                      'projection_dim': 2048, 'projector_hidden_act': 'gelu_fast',
-                      'vision_use_head': False},
+  'model_type': 'paligemma',
+  'hidden_size': 2048,
+  'image_token_index': 257152,
+  'projection_dim': 2048,
+  'vocab_size': 257216,
+  'text_config': {
+    'hidden_size': 2048,
+    'intermediate_size': 16384,
+    'model_type': 'gemma',
+    'num_attention_heads': 8,
+    'num_hidden_layers': 18,
+    'num_image_tokens': 256,
+    'num_key_value_heads': 1,
+    'vocab_size': 257216,
+  },
+  'vision_config': {
+    'hidden_size': 1152,
+    'intermediate_size': 4304,
+    'model_type': 'siglip_vision_model',
+    'num_attention_heads': 16,
+    'num_hidden_layers': 27,
+    'num_image_tokens': 256,
+    'patch_size': 14,
+    'projection_dim': 2048,
+    'projector_hidden_act': 'gelu_fast',
+    'vision_use_head': False,
+  },
 }
 
 
@@ -248,7 +313,8 @@ def test_paligemma_3b_config_matches_the_published_shapes():
   transformers = pytest.importorskip('transformers')
   with torch.device('meta'):  # shapes only: nothing allocated
     hf = transformers.PaliGemmaForConditionalGeneration(
-        transformers.PaliGemmaConfig(**PALIGEMMA_3B_PT_224))
+      transformers.PaliGemmaConfig(**PALIGEMMA_3B_PT_224)
+    )
   shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
   theirs = sum(int(np.prod(s)) for k, s in shapes.items() if k != 'lm_head.weight')  # tied
   assert ours == theirs, (ours, theirs)

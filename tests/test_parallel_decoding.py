@@ -29,31 +29,45 @@ def setup():
   tokens = np.zeros((len(PROMPTS), cfg.data.max_input_len), np.int32)
   for i, p in enumerate(PROMPTS):
     ids = vocab.encode(p)
-    tokens[i, :len(ids)] = ids
+    tokens[i, : len(ids)] = ids
   init = jax.jit(model.init)
 
   @functools.cache
   def params(seed=0):
-    return nn.unbox(init(jax.random.PRNGKey(seed), images[:1], tokens[:1],
-                         jnp.zeros((1, 4), jnp.int32))['params'])
+    return nn.unbox(
+      init(jax.random.PRNGKey(seed), images[:1], tokens[:1], jnp.zeros((1, 4), jnp.int32))['params']
+    )
 
   def decoder(mode):
     dcfg = cfg.decode.copy_and_resolve_references()
     dcfg.mode = mode
-    return decoding.Decoder(model, decoding.make_callback(dcfg, vocab, action_vocab,
-                                                          cfg.model.vocab_size))
+    return decoding.Decoder(
+      model, decoding.make_callback(dcfg, vocab, action_vocab, cfg.model.vocab_size)
+    )
 
-  forward = jax.jit(lambda p, dec, mask: model.apply({'params': p}, images, tokens, dec,
-                                                     action_mask=mask))
+  forward = jax.jit(
+    lambda p, dec, mask: model.apply({'params': p}, images, tokens, dec, action_mask=mask)
+  )
   codec = transforms.ActionCodec(action_vocab, SPACE.tokenizer(None, 256))
-  return dict(cfg=cfg, vocab=vocab, action_vocab=action_vocab, model=model, images=images,
-              tokens=tokens, params=params, decoder=decoder, forward=forward, codec=codec)
+  return dict(
+    cfg=cfg,
+    vocab=vocab,
+    action_vocab=action_vocab,
+    model=model,
+    images=images,
+    tokens=tokens,
+    params=params,
+    decoder=decoder,
+    forward=forward,
+    codec=codec,
+  )
 
 
 def test_action_query_index():
   mask = np.array([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], np.float32)
-  np.testing.assert_array_equal(vla_lib.action_query_index(mask),
-                                [[0, 0, 1, 2, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(
+    vla_lib.action_query_index(mask), [[0, 0, 1, 2, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]]
+  )
 
 
 def test_params_and_config_checks(setup):
@@ -102,9 +116,9 @@ def test_no_action_position_reads_an_action_token(setup):
   targets = rng.choice(text, (b, length)).astype(np.int32)
   mask = np.zeros((b, length), np.float32)
   for i in range(b):
-    targets[i, start[i]:start[i] + num] = av.bins_to_ids(rng.integers(0, 2, num))
+    targets[i, start[i] : start[i] + num] = av.bins_to_ids(rng.integers(0, 2, num))
     targets[i, start[i] + num] = 1
-    mask[i, start[i]:start[i] + num] = 1
+    mask[i, start[i] : start[i] + num] = 1
   inputs = np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], 1)
   # Every action token fed as an input: at action positions 1..P-1 and at the EOS position.
   fed = np.isin(inputs, av.action_token_ids)
@@ -132,16 +146,17 @@ def test_plan_then_action_decodes_the_actions_in_one_pass(setup):
   delim = vocab.encode(cfg.decode.action_delimiter)
   for seed, temperature in ((0, 0.0), (1, 0.0), (2, 1.0)):
     params = s['params'](seed)
-    out = np.asarray(decoder(params, s['images'], s['tokens'], jax.random.PRNGKey(seed),
-                             temperature=temperature))
+    out = np.asarray(
+      decoder(params, s['images'], s['tokens'], jax.random.PRNGKey(seed), temperature=temperature)
+    )
     assert out.shape == (b, decoder.callback.max_steps + 1)
     rows = decoding.split_output(out, vocab.eos_id)
     mask = np.zeros(out.shape, np.float32)
     for i, row in enumerate(rows):
-      assert row[:len(prefix)].tolist() == prefix
-      assert row[-num - len(delim):-num].tolist() == delim
-      assert (out[i, len(row) + 1:] == 0).all()
-      mask[i, len(row) - num:len(row)] = 1
+      assert row[: len(prefix)].tolist() == prefix
+      assert row[-num - len(delim) : -num].tolist() == delim
+      assert (out[i, len(row) + 1 :] == 0).all()
+      mask[i, len(row) - num : len(row)] = 1
     actions = np.stack([r[-num:] for r in rows])
     s['action_vocab'].ids_to_bins(actions)  # raises on an id not allowed at its position
     if temperature == 0:
@@ -158,8 +173,10 @@ def test_scanned_layers_decode_the_same(setup):
   cfg.model.scan_layers = True
   dcfg = cfg.decode.copy_and_resolve_references()
   dcfg.mode = 'action'
-  scanned = decoding.Decoder(VLA(cfg.model), decoding.make_callback(
-      dcfg, s['vocab'], s['action_vocab'], cfg.model.vocab_size))
+  scanned = decoding.Decoder(
+    VLA(cfg.model),
+    decoding.make_callback(dcfg, s['vocab'], s['action_vocab'], cfg.model.vocab_size),
+  )
   params, rng = s['params'](1), jax.random.PRNGKey(0)
   want = np.asarray(s['decoder']('action')(params, s['images'], s['tokens'], rng))
   got = np.asarray(scanned(stack_layers(params), s['images'], s['tokens'], rng))
@@ -168,7 +185,11 @@ def test_scanned_layers_decode_the_same(setup):
 
 def test_autoregressive_model_has_no_queries():
   cfg = _config()
-  shapes = jax.eval_shape(VLA(cfg.model).init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, 32, 32, 3), jnp.uint8), jnp.ones((1, 4), jnp.int32),
-                          jnp.ones((1, 4), jnp.int32))
+  shapes = jax.eval_shape(
+    VLA(cfg.model).init,
+    jax.random.PRNGKey(0),
+    jnp.zeros((1, 32, 32, 3), jnp.uint8),
+    jnp.ones((1, 4), jnp.int32),
+    jnp.ones((1, 4), jnp.int32),
+  )
   assert 'action_query_embedding' not in shapes['params']

@@ -35,8 +35,15 @@ def _model():
   cfg.image_size = 32
   cfg.vocab_size = 256
   cfg.vit.update(width=32, depth=1, num_heads=2, mlp_dim=64)
-  cfg.t5.update(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1,
-                num_decoder_layers=1, logits_via_embedding=False)
+  cfg.t5.update(
+    emb_dim=32,
+    num_heads=2,
+    head_dim=16,
+    mlp_dim=64,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    logits_via_embedding=False,
+  )
   return VLA(cfg)
 
 
@@ -81,8 +88,7 @@ def test_sharded_forward_equals_unsharded():
 
   batch_sharding = jax.sharding.NamedSharding(mesh, P(('data', 'fsdp')))
   with partitioning.activate(mesh):
-    sharded_vars = jax.jit(model.init, out_shardings=shardings)(
-        jax.random.key(0), images, enc, dec)
+    sharded_vars = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), images, enc, dec)
     emb = partitioning.unbox(sharded_vars)['params']['lm']['token_embedder']
     assert emb.sharding.shard_shape(emb.shape) == (128, 16)  # vocab over model, embed over fsdp
     inputs = jax.device_put((images, enc, dec), batch_sharding)
@@ -91,8 +97,7 @@ def test_sharded_forward_equals_unsharded():
     def first_step(v, images, enc):
       encoded, mask = model.apply(v, images, enc, method=VLA.encode)
       cache = model.apply(v, encoded, mask, 4, method=VLA.init_decode_cache)
-      hidden, _ = model.apply(v, cache, jnp.zeros((4,), jnp.int32), 0,
-                              method=VLA.decode_step)
+      hidden, _ = model.apply(v, cache, jnp.zeros((4,), jnp.int32), 0, method=VLA.decode_step)
       return model.apply(v, hidden, method=VLA.compute_logits)
 
     step_logits = jax.jit(first_step)(sharded_vars, *inputs[:2])
@@ -103,8 +108,7 @@ def test_sharded_forward_equals_unsharded():
 def test_every_logical_name_has_a_rule():
   model, (images, enc, dec) = _model(), _inputs()
   abstract = jax.eval_shape(model.init, jax.random.key(0), images, enc, dec)
-  specs = jax.tree.leaves(partitioning.logical_specs(abstract),
-                          is_leaf=lambda x: isinstance(x, P))
+  specs = jax.tree.leaves(partitioning.logical_specs(abstract), is_leaf=lambda x: isinstance(x, P))
   used = {name for spec in specs for name in spec if name is not None}
   ruled = {name for name, _ in partitioning.LOGICAL_RULES}
   assert used <= ruled, f'logical names without a rule: {sorted(used - ruled)}'

@@ -26,8 +26,9 @@ def _config():
   cfg.model.image_size = 32
   cfg.model.vocab_size = 896
   cfg.model.vit.update(width=32, depth=1, num_heads=2, mlp_dim=64)
-  cfg.model.t5.update(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
-                      num_encoder_layers=1, num_decoder_layers=1)
+  cfg.model.t5.update(
+    emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=1, num_decoder_layers=1
+  )
   cfg.data.max_input_len = 24
   cfg.decode.max_plan_len = 5
   return cfg
@@ -35,8 +36,10 @@ def _config():
 
 def _stats():
   rng = np.random.RandomState(0)
-  acts = np.concatenate([rng.normal(0, 0.01, (500, 3)), rng.normal(0, 0.1, (500, 3)),
-                         rng.randint(0, 2, (500, 1))], axis=1)
+  acts = np.concatenate(
+    [rng.normal(0, 0.01, (500, 3)), rng.normal(0, 0.1, (500, 3)), rng.randint(0, 2, (500, 1))],
+    axis=1,
+  )
   return actions_lib.NormStats.compute(acts)
 
 
@@ -48,8 +51,9 @@ def _images(n, size=32, seed=0):
 def parts():
   cfg = _config()
   model = VLA(cfg.model)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), _images(1), np.ones((1, 24), np.int32),
-                                  np.zeros((1, 4), np.int32))
+  variables = jax.jit(model.init)(
+    jax.random.PRNGKey(0), _images(1), np.ones((1, 24), np.int32), np.zeros((1, 4), np.int32)
+  )
   return cfg, nn.meta.unbox(variables['params']), _stats()
 
 
@@ -99,9 +103,11 @@ def test_parallel_action_decoding(parts):
   cfg = cfg.copy_and_resolve_references()
   cfg.model.action_decoding = 'parallel'
   model = VLA(cfg.model)
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), _images(1),
-                                             np.ones((1, 24), np.int32),
-                                             np.zeros((1, 4), np.int32))['params'])
+  params = nn.meta.unbox(
+    jax.jit(model.init)(
+      jax.random.PRNGKey(1), _images(1), np.ones((1, 24), np.int32), np.zeros((1, 4), np.int32)
+    )['params']
+  )
   policy = Policy(cfg, params, stats, SPACE, batch_buckets=(1, 4))
   images = _images(3, seed=4)
   outs = policy.batch(images, INSTRUCTIONS)
@@ -111,8 +117,12 @@ def test_parallel_action_decoding(parts):
     np.testing.assert_array_equal(policy(images[i], INSTRUCTIONS[i]).tokens, out.tokens)
 
   def loops(p):  # while loops in the lowered decode: the token loop, and the PRNG's own
-    return jax.jit(p.decode_fn).lower(p.params, images[:1], p.tokenize(['go']),
-                                      jax.random.PRNGKey(0)).as_text().count('stablehlo.while')
+    return (
+      jax.jit(p.decode_fn)
+      .lower(p.params, images[:1], p.tokenize(['go']), jax.random.PRNGKey(0))
+      .as_text()
+      .count('stablehlo.while')
+    )
 
   autoregressive = Policy(parts[0], parts[1], stats, SPACE)
   assert loops(policy) == loops(autoregressive) - 1  # no token loop
@@ -158,8 +168,11 @@ def test_bad_inputs_fail_clearly(policy, parts):
   with pytest.raises(ValueError, match='2 images but 1 instructions'):
     policy.batch(_images(2), ['open the drawer'])
   # Issue 16: a lone surrogate was a RuntimeError from SentencePiece; [] a numpy stack error.
-  with pytest.raises(ValueError, match=r"instruction 0 is not valid Unicode text: surrogates not "
-                                       r"allowed '\\ud800' at position 3"):
+  with pytest.raises(
+    ValueError,
+    match=r'instruction 0 is not valid Unicode text: surrogates not '
+    r"allowed '\\ud800' at position 3",
+  ):
     policy(image, 'go \ud800')
   assert policy.batch([], []) == [] and policy.batch(np.zeros((0, 32, 32, 3), np.uint8), []) == []
   with pytest.raises(ValueError, match='0 images but 1 instructions'):
@@ -195,32 +208,33 @@ def test_from_checkpoint_equals_in_memory(tmp_path, policy, parts):
   cfg, params, stats = parts
   vocab = vocab_lib.Vocab.load(cfg.vocab.path)
   ckpt = checkpoints.Checkpointer(str(tmp_path / 'run'), async_save=False)
-  ckpt.save(7, {'params': params, 'step': 7}, None,
-            checkpoints.make_meta(cfg, stats, SPACE, vocab))
+  ckpt.save(7, {'params': params, 'step': 7}, None, checkpoints.make_meta(cfg, stats, SPACE, vocab))
   ckpt.close()
   loaded = Policy.from_checkpoint(tmp_path / 'run', batch_buckets=(1, 4))
   assert loaded.step == 7 and loaded.metadata.model_id == 'run@7'
   images = _images(3, seed=4)
-  for a, b in zip(loaded.batch(images, INSTRUCTIONS), policy.batch(images, INSTRUCTIONS),
-                  strict=True):
+  for a, b in zip(
+    loaded.batch(images, INSTRUCTIONS), policy.batch(images, INSTRUCTIONS), strict=True
+  ):
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.vector, b.vector)
   meta = loaded.metadata
   assert meta.image_size == 32 and meta.action_dim == 7 and meta.num_action_tokens == 7
   assert meta.action_names[:3] == ['xyz_delta[0]', 'xyz_delta[1]', 'xyz_delta[2]']
 
-  other = types.SimpleNamespace(path='elsewhere.model', checksum='0123456789abcdef',
-                                vocab_size=vocab.vocab_size)
+  other = types.SimpleNamespace(
+    path='elsewhere.model', checksum='0123456789abcdef', vocab_size=vocab.vocab_size
+  )
   ckpt = checkpoints.Checkpointer(str(tmp_path / 'other'), async_save=False)
-  ckpt.save(1, {'params': params, 'step': 1}, None,
-            checkpoints.make_meta(cfg, stats, SPACE, other))
+  ckpt.save(1, {'params': params, 'step': 1}, None, checkpoints.make_meta(cfg, stats, SPACE, other))
   ckpt.close()
   with pytest.raises(ValueError, match='not the one checkpoint'):
     Policy.from_checkpoint(tmp_path / 'other')
 
 
-def test_from_checkpoint_takes_relative_and_home_paths_and_step_strings(tmp_path, monkeypatch,
-                                                                       parts):
+def test_from_checkpoint_takes_relative_and_home_paths_and_step_strings(
+  tmp_path, monkeypatch, parts
+):
   cfg, params, stats = parts
   vocab = vocab_lib.Vocab.load(cfg.vocab.path)
   ckpt = checkpoints.Checkpointer(str(tmp_path / 'run'), async_save=False)
@@ -238,10 +252,11 @@ def test_decode_fn_exports_with_a_polymorphic_batch(policy):
   fn = jax.jit(policy.decode_fn)
   (batch,) = jax.export.symbolic_shape('b')
   shapes = (
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), policy.params),
-      jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.uint8),
-      jax.ShapeDtypeStruct((batch, 24), jnp.int32),
-      jax.ShapeDtypeStruct((2,), jnp.uint32))
+    jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), policy.params),
+    jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.uint8),
+    jax.ShapeDtypeStruct((batch, 24), jnp.int32),
+    jax.ShapeDtypeStruct((2,), jnp.uint32),
+  )
   exported = jax.export.export(fn)(*shapes)
   text = exported.mlir_module()
   assert 'callback' not in text  # no host callbacks: jax2tf and TF Serving can run it
@@ -249,8 +264,9 @@ def test_decode_fn_exports_with_a_polymorphic_batch(policy):
   tokens = policy.tokenize(INSTRUCTIONS[:2])
   rng = jax.random.PRNGKey(0)
   np.testing.assert_array_equal(
-      np.asarray(exported.call(policy.params, images, tokens, rng)),
-      np.asarray(policy.decoder(policy.params, images, tokens, rng)))
+    np.asarray(exported.call(policy.params, images, tokens, rng)),
+    np.asarray(policy.decoder(policy.params, images, tokens, rng)),
+  )
 
 
 def test_params_held_in_the_compute_dtype():

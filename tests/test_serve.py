@@ -60,9 +60,13 @@ class ScriptedPolicy:
   @staticmethod
   def expected(image, instruction):
     vector = np.array([image.mean(), len(instruction)], np.float32)
-    return types.SimpleNamespace(action={'mean': vector[:1], 'length': vector[1:]},
-                                 vector=vector, tokens=np.array([3, 4], np.int32),
-                                 text='3 4', plan='')
+    return types.SimpleNamespace(
+      action={'mean': vector[:1], 'length': vector[1:]},
+      vector=vector,
+      tokens=np.array([3, 4], np.int32),
+      text='3 4',
+      plan='',
+    )
 
 
 def _image(seed, shape=(8, 8, 3)):
@@ -115,32 +119,55 @@ def _assert_same(reply, expected):
 def test_predict_equals_the_policy_in_every_format(server, policy, inputs):
   images, instructions = inputs
   expected = policy.batch(np.stack(images), instructions)
-  json_replies = [httpx.post(f'{server}/predict', timeout=30, json={
-      'image': wire.b64encode_image(im), 'instruction': s}).json()
-      for im, s in zip(images, instructions, strict=True)]
-  msgpack_batch = wire.unpackb(httpx.post(
-      f'{server}/predict', timeout=30, headers={'content-type': wire.MSGPACK_TYPE},
-      content=wire.packb({'images': np.stack(images), 'instructions': instructions})).content)
+  json_replies = [
+    httpx.post(
+      f'{server}/predict', timeout=30, json={'image': wire.b64encode_image(im), 'instruction': s}
+    ).json()
+    for im, s in zip(images, instructions, strict=True)
+  ]
+  msgpack_batch = wire.unpackb(
+    httpx.post(
+      f'{server}/predict',
+      timeout=30,
+      headers={'content-type': wire.MSGPACK_TYPE},
+      content=wire.packb({'images': np.stack(images), 'instructions': instructions}),
+    ).content
+  )
   client = PolicyClient(server)
   for i, exp in enumerate(expected):
     _assert_same(json_replies[i], exp)
     _assert_same(msgpack_batch['outputs'][i], exp)
     _assert_same(client.predict(images[i], instructions[i]), exp)
-    np.testing.assert_allclose(client.act(images[i], instructions[i])['gripper'],
-                               exp.action['gripper'])
+    np.testing.assert_allclose(
+      client.act(images[i], instructions[i])['gripper'], exp.action['gripper']
+    )
 
   # A camera frame of another size: the client resizes it as the Policy itself would.
   frame = _image(9, (48, 40, 3))
-  _assert_same(PolicyClient(server, resize=True).predict(frame, 'go'),
-               policy.batch([frame], ['go'])[0])
+  _assert_same(
+    PolicyClient(server, resize=True).predict(frame, 'go'), policy.batch([frame], ['go'])[0]
+  )
 
   # TF-Serving REST, row and columnar forms, images as nested lists and as {"b64": ...}.
-  rows = httpx.post(f'{server}/v1/models/rt2:predict', timeout=30, json={'instances': [
-      {'image': im.tolist(), 'instruction': s} for im, s in zip(images, instructions, strict=True)
-  ]}).json()['predictions']
-  cols = httpx.post(f'{server}/v1/models/rt2/versions/1:predict', timeout=30, json={'inputs': {
-      'image': [{'b64': wire.b64encode_image(im, 'raw')} for im in images],
-      'instruction': instructions}}).json()['outputs']
+  rows = httpx.post(
+    f'{server}/v1/models/rt2:predict',
+    timeout=30,
+    json={
+      'instances': [
+        {'image': im.tolist(), 'instruction': s} for im, s in zip(images, instructions, strict=True)
+      ]
+    },
+  ).json()['predictions']
+  cols = httpx.post(
+    f'{server}/v1/models/rt2/versions/1:predict',
+    timeout=30,
+    json={
+      'inputs': {
+        'image': [{'b64': wire.b64encode_image(im, 'raw')} for im in images],
+        'instruction': instructions,
+      }
+    },
+  ).json()['outputs']
   for i, exp in enumerate(expected):
     for got in (rows[i], {k: v[i] for k, v in cols.items()}):
       np.testing.assert_array_equal(got['action_tokens'], exp.tokens)
@@ -164,29 +191,55 @@ def _bad_requests(shape):
   h, w, _ = shape
   good = wire.b64encode_image(_image(0, shape))
   return {
-      'wrong image size': (dict(json={'image': wire.b64encode_image(_image(0, (h + 2, w, 3))),
-                                      'instruction': 'go'}), 400, 'pixels'),
-      'wrong dtype': (dict(content=wire.packb({'image': np.zeros(shape, np.float32),
-                                               'instruction': 'go'}),
-                           headers={'content-type': wire.MSGPACK_TYPE}), 400, 'uint8'),
-      'bad base64': (dict(json={'image': '***', 'instruction': 'go'}), 400, 'base64'),
-      'missing instruction': (dict(json={'image': good}), 400, "missing field 'instruction'"),
-      'missing image': (dict(json={'instruction': 'go'}), 400, "missing field 'image'"),
-      'empty instruction': (dict(json={'image': good, 'instruction': ' '}), 400, 'empty'),
-      'instruction not a string': (dict(json={'image': good, 'instruction': 3}), 400, 'string'),
-      'not json': (dict(content=b'{"image": ', headers={'content-type': 'application/json'}),
-                   400, 'not valid JSON'),
-      'not msgpack': (dict(content=b'\xc1', headers={'content-type': wire.MSGPACK_TYPE}),
-                      400, 'msgpack'),
-      'unknown content type': (dict(content=b'x', headers={'content-type': 'text/plain'}),
-                               415, 'content type'),
-      'oversize body': (dict(json={'image': 'A' * (2 << 20), 'instruction': 'go'}), 413, 'limit'),
-      'oversize streamed body': (dict(content=iter([b'{"image": "', b'A' * (2 << 20), b'"}'])),
-                                 413, 'limit'),
-      'mismatched batch': (dict(json={'images': [good, good], 'instructions': ['go']}), 400,
-                           '2 images but 1 instructions'),
-      'too many examples': (dict(json={'images': ['x'] * 300, 'instructions': ['go'] * 300}),
-                            413, 'at most 256'),
+    'wrong image size': (
+      dict(json={'image': wire.b64encode_image(_image(0, (h + 2, w, 3))), 'instruction': 'go'}),
+      400,
+      'pixels',
+    ),
+    'wrong dtype': (
+      dict(
+        content=wire.packb({'image': np.zeros(shape, np.float32), 'instruction': 'go'}),
+        headers={'content-type': wire.MSGPACK_TYPE},
+      ),
+      400,
+      'uint8',
+    ),
+    'bad base64': (dict(json={'image': '***', 'instruction': 'go'}), 400, 'base64'),
+    'missing instruction': (dict(json={'image': good}), 400, "missing field 'instruction'"),
+    'missing image': (dict(json={'instruction': 'go'}), 400, "missing field 'image'"),
+    'empty instruction': (dict(json={'image': good, 'instruction': ' '}), 400, 'empty'),
+    'instruction not a string': (dict(json={'image': good, 'instruction': 3}), 400, 'string'),
+    'not json': (
+      dict(content=b'{"image": ', headers={'content-type': 'application/json'}),
+      400,
+      'not valid JSON',
+    ),
+    'not msgpack': (
+      dict(content=b'\xc1', headers={'content-type': wire.MSGPACK_TYPE}),
+      400,
+      'msgpack',
+    ),
+    'unknown content type': (
+      dict(content=b'x', headers={'content-type': 'text/plain'}),
+      415,
+      'content type',
+    ),
+    'oversize body': (dict(json={'image': 'A' * (2 << 20), 'instruction': 'go'}), 413, 'limit'),
+    'oversize streamed body': (
+      dict(content=iter([b'{"image": "', b'A' * (2 << 20), b'"}'])),
+      413,
+      'limit',
+    ),
+    'mismatched batch': (
+      dict(json={'images': [good, good], 'instructions': ['go']}),
+      400,
+      '2 images but 1 instructions',
+    ),
+    'too many examples': (
+      dict(json={'images': ['x'] * 300, 'instructions': ['go'] * 300}),
+      413,
+      'at most 256',
+    ),
   }
 
 
@@ -197,11 +250,13 @@ def test_invalid_inputs_get_4xx_and_the_server_keeps_serving(server, policy, inp
     assert response.status_code == status, (name, response.text)
     assert message in response.json()['error'], (name, response.text)
   tf_bad = {
-      'no instances': ({'signature_name': 'serving_default'}, 'exactly one of'),
-      'bad signature': ({'signature_name': 'x', 'instances': []}, 'signature_name'),
-      'instance not object': ({'instances': [[1, 2]]}, 'instances[0] must be an object'),
-      'bad nested image': ({'instances': [{'image': [[1, 2]], 'instruction': 'go'}]},
-                           'instances[0].image'),
+    'no instances': ({'signature_name': 'serving_default'}, 'exactly one of'),
+    'bad signature': ({'signature_name': 'x', 'instances': []}, 'signature_name'),
+    'instance not object': ({'instances': [[1, 2]]}, 'instances[0] must be an object'),
+    'bad nested image': (
+      {'instances': [{'image': [[1, 2]], 'instruction': 'go'}]},
+      'instances[0].image',
+    ),
   }
   for name, (body, message) in tf_bad.items():
     response = httpx.post(f'{server}/v1/models/rt2:predict', json=body, timeout=30)
@@ -257,7 +312,6 @@ def test_batches_are_padded_to_buckets_and_never_exceed_max_batch():
     server.stop()
 
 
-
 class _HoldPolicy(ScriptedPolicy):
   """ScriptedPolicy that records each padded call's instructions and blocks a call holding
   'hold' until released, so the test decides which requests share the next batch."""
@@ -289,12 +343,15 @@ def test_batches_of_non_bucket_sizes_answer_each_client():
           assert time.monotonic() < deadline
           time.sleep(0.01)
         # Instruction lengths 1..size (the answer's second number) and one image each.
-        jobs = [(100 * group + i, 'abcdefgh'[:i + 1]) for i in range(size)]
+        jobs = [(100 * group + i, 'abcdefgh'[: i + 1]) for i in range(size)]
         singles, pair = (jobs[:-2], jobs[-2:]) if size > 4 else (jobs, [])
         futures = [pool.submit(client.predict, _image(seed), text) for seed, text in singles]
         if pair:
-          futures.append(pool.submit(client.predict_batch, [_image(seed) for seed, _ in pair],
-                                     [text for _, text in pair]))
+          futures.append(
+            pool.submit(
+              client.predict_batch, [_image(seed) for seed, _ in pair], [text for _, text in pair]
+            )
+          )
         while len(server.batcher._pending) < size:  # all of them are queued
           assert time.monotonic() < deadline
           time.sleep(0.01)
@@ -336,9 +393,15 @@ def test_model_error_is_a_500_for_that_request_only():
   server, url = _start(policy, max_batch=4, max_wait_ms=200)
   try:
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-      futures = [pool.submit(httpx.post, f'{url}/predict', timeout=30, json={
-          'image': wire.b64encode_image(_image(i)), 'instruction': s})
-          for i, s in enumerate(['go', 'explode', 'stop'])]
+      futures = [
+        pool.submit(
+          httpx.post,
+          f'{url}/predict',
+          timeout=30,
+          json={'image': wire.b64encode_image(_image(i)), 'instruction': s},
+        )
+        for i, s in enumerate(['go', 'explode', 'stop'])
+      ]
       time.sleep(0.3)  # let all three join one batch
       gate.set()
       responses = [f.result() for f in futures]
@@ -357,8 +420,7 @@ def test_slow_model_gives_504_and_a_full_queue_503():
   try:
     body = {'image': wire.b64encode_image(_image(0)), 'instruction': 'go'}
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-      futures = [pool.submit(httpx.post, f'{url}/predict', json=body, timeout=30)
-                 for _ in range(6)]
+      futures = [pool.submit(httpx.post, f'{url}/predict', json=body, timeout=30) for _ in range(6)]
       statuses = sorted(f.result().status_code for f in futures)
     # One request holds the policy, two wait in the queue (both time out), three are refused.
     assert statuses == [503, 503, 503, 504, 504, 504], statuses
@@ -374,8 +436,15 @@ def test_stop_drains_requests_in_flight_then_refuses_connections():
   policy = ScriptedPolicy(gate=gate)
   server, url = _start(policy, max_batch=2, max_wait_ms=0)
   with concurrent.futures.ThreadPoolExecutor(5) as pool:
-    futures = [pool.submit(httpx.post, f'{url}/predict', timeout=30, json={
-        'image': wire.b64encode_image(_image(i)), 'instruction': 'go'}) for i in range(5)]
+    futures = [
+      pool.submit(
+        httpx.post,
+        f'{url}/predict',
+        timeout=30,
+        json={'image': wire.b64encode_image(_image(i)), 'instruction': 'go'},
+      )
+      for i in range(5)
+    ]
     deadline = time.monotonic() + 10
     while policy.in_call + len(server.batcher._pending) < 5:  # all five are in the server
       assert time.monotonic() < deadline
@@ -406,8 +475,18 @@ def test_sigterm_drains_a_real_server_process(tmp_path):
   url = f'http://127.0.0.1:{port}'
   log = open(tmp_path / 'server.log', 'w+')  # noqa: SIM115
   proc = subprocess.Popen(
-      [sys.executable, '-m', 'rt2_jax.serve', f'--workdir={workdir}', f'--port={port}',
-       '--max_batch=2'], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    [
+      sys.executable,
+      '-m',
+      'rt2_jax.serve',
+      f'--workdir={workdir}',
+      f'--port={port}',
+      '--max_batch=2',
+    ],
+    cwd=REPO_ROOT,
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
   try:
     deadline = time.monotonic() + 300
     while True:
@@ -460,18 +539,23 @@ def _issue16_inputs(shape, route):
     return json.dumps({'instances': [example]} if tf else example).encode()
 
   return [
-      ('deep', _deep_json(), 'nested too deeply'),
-      ('long number', (b'{"instances": [{"image": 1' if tf else b'{"image": 1') + b'1' * 5000
-       + (b', "instruction": "go"}]}' if tf else b', "instruction": "go"}'),
-       'Exceeds the limit (4300 digits)'),
-      ('png bomb', body(bomb, 'go'), 'header claims more than'),
-      ('lone surrogate', body(good, 'go \ud800'), 'not valid Unicode text: surrogates not allowed'),
+    ('deep', _deep_json(), 'nested too deeply'),
+    (
+      'long number',
+      (b'{"instances": [{"image": 1' if tf else b'{"image": 1')
+      + b'1' * 5000
+      + (b', "instruction": "go"}]}' if tf else b', "instruction": "go"}'),
+      'Exceeds the limit (4300 digits)',
+    ),
+    ('png bomb', body(bomb, 'go'), 'header claims more than'),
+    ('lone surrogate', body(good, 'go \ud800'), 'not valid Unicode text: surrogates not allowed'),
   ]
 
 
 @pytest.mark.parametrize('route', ['/predict', '/v1/models/rt2:predict'])
-def test_inputs_that_gave_500_get_a_4xx_and_the_connection_stays_open(server, policy, inputs,
-                                                                       route):
+def test_inputs_that_gave_500_get_a_4xx_and_the_connection_stays_open(
+  server, policy, inputs, route
+):
   shape = wire.image_shape(_meta(policy))
   images, instructions = inputs
   expected = policy.batch(images[:1], instructions[:1])[0]
@@ -482,8 +566,9 @@ def test_inputs_that_gave_500_get_a_4xx_and_the_connection_stays_open(server, po
       assert message in response.json()['error'], (name, response.text)
       assert response.headers.get('connection') != 'close', name
       # The same kept-alive connection still answers correctly.
-      good = client.post('/predict', json={'image': wire.b64encode_image(images[0]),
-                                           'instruction': instructions[0]})
+      good = client.post(
+        '/predict', json={'image': wire.b64encode_image(images[0]), 'instruction': instructions[0]}
+      )
       assert good.status_code == 200, (name, good.text)
       _assert_same(good.json(), expected)
 
@@ -497,8 +582,10 @@ def test_head_requests_and_a_body_that_never_arrives():
     host, port = url.removeprefix('http://').split(':')
     with socket.create_connection((host, int(port)), timeout=10) as sock:
       start = time.monotonic()
-      sock.sendall(b'POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
-                   b'Content-Length: 100\r\n\r\n{"image": ')  # 10 of the 100 bytes, then silence
+      sock.sendall(
+        b'POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n'
+        b'Content-Length: 100\r\n\r\n{"image": '
+      )  # 10 of the 100 bytes, then silence
       reply = b''
       while b'\r\n\r\n' not in reply or not reply.rstrip().endswith(b'}'):
         chunk = sock.recv(4096)
@@ -526,8 +613,12 @@ def test_request_bodies_are_decoded_off_the_event_loop(monkeypatch):
   server, url = _start(ScriptedPolicy())
   try:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      future = pool.submit(httpx.post, f'{url}/predict', timeout=30, json={
-          'image': wire.b64encode_image(_image(0)), 'instruction': 'go'})
+      future = pool.submit(
+        httpx.post,
+        f'{url}/predict',
+        timeout=30,
+        json={'image': wire.b64encode_image(_image(0)), 'instruction': 'go'},
+      )
       time.sleep(0.3)
       start = time.monotonic()
       assert httpx.get(f'{url}/health', timeout=10).status_code == 200
@@ -541,7 +632,8 @@ def test_error_messages_carry_no_heap_addresses():
   from rt2_jax.serve import clean_message
 
   assert clean_message('cannot identify image file <_io.BytesIO object at 0x7f3a2c1d0e50>') == (
-      'cannot identify image file <_io.BytesIO>')
+    'cannot identify image file <_io.BytesIO>'
+  )
   assert len(clean_message('x' * 5000)) < 1100
 
 
@@ -564,9 +656,18 @@ def test_an_empty_token_file_refuses_to_start(tmp_path):
   # The command line refuses before loading anything (the workdir here does not even exist).
   (tmp_path / 'token').write_text('\n')
   result = subprocess.run(
-      [sys.executable, '-m', 'rt2_jax.serve', f'--workdir={tmp_path / "nowhere"}',
-       f'--token_file={tmp_path / "token"}'], cwd=REPO_ROOT, capture_output=True, text=True,
-      timeout=120)
+    [
+      sys.executable,
+      '-m',
+      'rt2_jax.serve',
+      f'--workdir={tmp_path / "nowhere"}',
+      f'--token_file={tmp_path / "token"}',
+    ],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode != 0
   assert 'token' in result.stderr and 'is empty' in result.stderr, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
@@ -585,20 +686,21 @@ def test_bodies_with_millions_of_list_values_are_refused_before_parsing():
     for body, ctype in ((huge_json, 'application/json'), (huge_msgpack, wire.MSGPACK_TYPE)):
       cut = body[:-40]
       with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(httpx.post, f'{url}/predict', content=cut, timeout=60,
-                             headers={'content-type': ctype})
+        future = pool.submit(
+          httpx.post, f'{url}/predict', content=cut, timeout=60, headers={'content-type': ctype}
+        )
         assert httpx.get(f'{url}/health', timeout=30).status_code == 200
         response = future.result()
       assert response.status_code == 413, (ctype, response.text)
       assert 'more than 1000000 list values; send images as base64' in response.json()['error']
     # The same bodies cut short but under the cap are parsed to the end and refused as broken.
     small_cut = wire.packb({'image': [[0, 0, 0]] * 1000, 'instruction': 'go'})[:-40]
-    reply = httpx.post(f'{url}/predict', content=small_cut,
-                       headers={'content-type': wire.MSGPACK_TYPE})
+    reply = httpx.post(
+      f'{url}/predict', content=small_cut, headers={'content-type': wire.MSGPACK_TYPE}
+    )
     assert reply.status_code == 400 and 'not valid msgpack' in reply.json()['error'], reply.text
     # Nested-list images of a sane size still work.
     reply = httpx.post(f'{url}/predict', json={'image': _image(1).tolist(), 'instruction': 'go'})
-    assert reply.status_code == 200 and reply.json()['vector'][0] == pytest.approx(
-        _image(1).mean())
+    assert reply.status_code == 200 and reply.json()['vector'][0] == pytest.approx(_image(1).mean())
   finally:
     server.stop()

@@ -109,8 +109,9 @@ def test_read_through_the_data_spec_and_tokenized_with_plans(demo_dir):
   assert (records.points > 0).all() and (records.points < 1).all()
   cache = os.path.join(out, 'records_cache')
   for _ in range(2):
-    cached = rlds.read_split(spec, demos.builder_dir(out), 'train', SIZE, cache_dir=cache,
-                             progress=_quiet)
+    cached = rlds.read_split(
+      spec, demos.builder_dir(out), 'train', SIZE, cache_dir=cache, progress=_quiet
+    )
     np.testing.assert_array_equal(cached.points, records.points)
 
   vocab_path = os.path.join(os.path.dirname(rt2_jax.__file__), 'assets', 'tabletop_spm.model')

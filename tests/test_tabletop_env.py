@@ -229,8 +229,9 @@ def segmentation_probe(task, seed, size, steps):
 def test_image_points_project_the_pusher_and_blocks_onto_their_pixels():
   size = 64
   with Workers(1, env={'PYTHONPATH': TESTS_DIR}) as workers:
-    (probe,) = workers.run([(0, 'test_tabletop_env:segmentation_probe',
-                             ('next_to@robot', 3, size, 5))])
+    (probe,) = workers.run(
+      [(0, 'test_tabletop_env:segmentation_probe', ('next_to@robot', 3, size, 5))]
+    )
   ep = tt.make_episode('next_to@robot', 3)
   pusher, block_xy, _ = tt.split_state(probe['state'], len(ep.blocks))
   objects = [(probe['pusher'], pusher)] + list(zip(probe['blocks'], block_xy, strict=True))

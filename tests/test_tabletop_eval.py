@@ -11,11 +11,19 @@ from rt2_jax import config_flags, evaluate
 from rt2_jax.envs import tabletop
 
 SMALL = {
-    'model.image_size': 32, 'model.vit.patch_size': 8, 'model.vit.width': 32,
-    'model.vit.depth': 1, 'model.vit.num_heads': 2, 'model.vit.mlp_dim': 64,
-    'model.t5.emb_dim': 32, 'model.t5.num_heads': 2, 'model.t5.head_dim': 16,
-    'model.t5.mlp_dim': 64, 'model.t5.num_encoder_layers': 1, 'model.t5.num_decoder_layers': 1,
-    'decode.max_plan_len': 4,
+  'model.image_size': 32,
+  'model.vit.patch_size': 8,
+  'model.vit.width': 32,
+  'model.vit.depth': 1,
+  'model.vit.num_heads': 2,
+  'model.vit.mlp_dim': 64,
+  'model.t5.emb_dim': 32,
+  'model.t5.num_heads': 2,
+  'model.t5.head_dim': 16,
+  'model.t5.mlp_dim': 64,
+  'model.t5.num_encoder_layers': 1,
+  'model.t5.num_decoder_layers': 1,
+  'decode.max_plan_len': 4,
 }
 
 
@@ -30,15 +38,34 @@ def tiny_tabletop_policy(mode: str = 'action'):
 
   config = config_flags.load_config('configs/tabletop_tiny.py', SMALL)
   s = config.model.image_size
-  variables = VLA(config.model).init(jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.uint8),
-                                     jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
-  return Policy(config, nn.unbox(variables['params']), None, tabletop.ACTION_SPACE,
-                batch_buckets=(2,), mode=mode)
+  variables = VLA(config.model).init(
+    jax.random.key(0),
+    jnp.zeros((1, s, s, 3), jnp.uint8),
+    jnp.ones((1, 4), jnp.int32),
+    jnp.ones((1, 4), jnp.int32),
+  )
+  return Policy(
+    config,
+    nn.unbox(variables['params']),
+    None,
+    tabletop.ACTION_SPACE,
+    batch_buckets=(2,),
+    mode=mode,
+  )
 
 
 def _settings(**kw):
-  base = dict(env='tabletop', categories=('seen', 'multistep'), episodes=1, max_steps=3,
-              num_envs=2, workers=1, videos=2, image_size=32, baselines=())
+  base = dict(
+    env='tabletop',
+    categories=('seen', 'multistep'),
+    episodes=1,
+    max_steps=3,
+    num_envs=2,
+    workers=1,
+    videos=2,
+    image_size=32,
+    baselines=(),
+  )
   return evaluate.EvalSettings(**(base | kw))
 
 
@@ -57,8 +84,14 @@ def test_tabletop_episode_specs_cover_each_category():
 def test_two_episode_closed_loop_through_the_policy(tmp_path):
   settings = _settings()
   specs = evaluate.episode_specs(settings)
-  out = evaluate.closed_loop(tiny_tabletop_policy(), settings, specs, str(tmp_path),
-                             progress=False, plan_policy=tiny_tabletop_policy('plan_then_action'))
+  out = evaluate.closed_loop(
+    tiny_tabletop_policy(),
+    settings,
+    specs,
+    str(tmp_path),
+    progress=False,
+    plan_policy=tiny_tabletop_policy('plan_then_action'),
+  )
   assert [r['category'] for r in out['rows']] == ['seen', 'multistep']
   assert all(0 <= r['steps'] <= 3 for r in out['rows'])  # untrained: may terminate at once
   assert out['policy_calls'] >= 1 and len(out['videos']) == 2
@@ -74,9 +107,15 @@ class _PushFirstRow:
 
   def batch(self, images, instructions):
     self.seen.append((np.array(images), list(instructions)))
-    return [types.SimpleNamespace(action={
-        'delta': np.array([1.0 if row == 0 else 0.0, 0.0], np.float32),
-        'terminate': np.zeros(1, np.float32)}) for row in range(len(instructions))]
+    return [
+      types.SimpleNamespace(
+        action={
+          'delta': np.array([1.0 if row == 0 else 0.0, 0.0], np.float32),
+          'terminate': np.zeros(1, np.float32),
+        }
+      )
+      for row in range(len(instructions))
+    ]
 
 
 def test_policy_sees_the_frames_and_drives_its_own_env():
@@ -86,9 +125,17 @@ def test_policy_sees_the_frames_and_drives_its_own_env():
   specs = evaluate.episode_specs(settings)
   policy = _PushFirstRow()
   actor = evaluate.PolicyActor(policy, False, tabletop.ACTION_DIM, 'tabletop')
-  results = runner.run_episodes(specs, actor, env='rt2_jax.envs.tabletop', num_envs=2,
-                                workers=1, max_steps=5, render=settings.render_settings(),
-                                record=[0, 1], progress=False)
+  results = runner.run_episodes(
+    specs,
+    actor,
+    env='rt2_jax.envs.tabletop',
+    num_envs=2,
+    workers=1,
+    max_steps=5,
+    render=settings.render_settings(),
+    record=[0, 1],
+    progress=False,
+  )
   assert [r.steps for r in results] == [5, 5] and len(policy.seen) == 5
   assert policy.seen[0][1] == [s.instruction for s in specs]
   for row, result in enumerate(results):

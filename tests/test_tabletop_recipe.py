@@ -14,7 +14,10 @@ def _config(name='cofinetune', **overrides):
 def test_recipes_differ_only_in_init_and_mixture():
   a, b, c = _config('scratch'), _config('robot_only'), _config('cofinetune')
   assert (a.recipe.web_pretrained, b.recipe.web_pretrained, c.recipe.web_pretrained) == (
-      False, True, True)
+    False,
+    True,
+    True,
+  )
   assert (a.data.robot_rate, b.data.robot_rate, c.data.robot_rate) == (1.0, 1.0, 0.5)
   for other in (a, b):
     assert other.total_steps == c.total_steps and other.batch_size == c.batch_size
@@ -49,14 +52,20 @@ def test_pretrained_checkpoint_is_shared_and_keyed_by_what_it_learns(monkeypatch
 
 def _report(name, seed, k):
   rate = dict(successes=k, episodes=20, rate=k / 20, ci95=[0.0, 0.5])
-  return dict(recipe=name, seed=seed,
-              closed_loop={'policy': {'seen': {'all': rate}, 'unseen_concepts': {'all': rate}},
-                           'expert': {'seen': {'all': rate}}})
+  return dict(
+    recipe=name,
+    seed=seed,
+    closed_loop={
+      'policy': {'seen': {'all': rate}, 'unseen_concepts': {'all': rate}},
+      'expert': {'seen': {'all': rate}},
+    },
+  )
 
 
 def test_ablation_table_rows_are_recipes_columns_categories():
   table, cells = recipe.ablation_table(
-      [_report('cofinetune', 0, 9), _report('scratch', 0, 1), _report('scratch', 1, 2)])
+    [_report('cofinetune', 0, 9), _report('scratch', 0, 1), _report('scratch', 1, 2)]
+  )
   lines = table.splitlines()
   assert lines[0] == '| recipe | seed | seen | unseen_concepts |'
   assert lines[2].startswith('| (a) from scratch, robot only | 0 | 1/20 (5%')

@@ -22,8 +22,9 @@ def _config(**overrides):
 
 @pytest.mark.parametrize('name', ['rsqrt', 'cosine', 'constant'])
 def test_schedules(name):
-  config = _config(**{'optim.schedule': name, 'optim.warmup_steps': 10, 'optim.lr': 0.01,
-                      'total_steps': 110})
+  config = _config(
+    **{'optim.schedule': name, 'optim.warmup_steps': 10, 'optim.lr': 0.01, 'total_steps': 110}
+  )
   lr = optim.make_schedule(config.optim, config.total_steps)
   assert float(lr(0)) == pytest.approx(0.001)  # warmup: (step + 1) / warmup
   assert float(lr(9)) == pytest.approx(0.01)
@@ -35,7 +36,9 @@ def test_schedules(name):
     optim.make_schedule(_config(**{'optim.schedule': 'linear'}).optim, 10)
 
 
-@pytest.mark.parametrize('overrides, cores, expected', [
+@pytest.mark.parametrize(
+  'overrides, cores, expected',
+  [
     ({}, 2, 2),  # the default: one device per core ...
     ({}, 1, 1),
     ({'batch_size': 6}, 4, 3),  # ... as many as divide the batch
@@ -47,7 +50,8 @@ def test_schedules(name):
     ({'mesh.data': 1}, 4, 0),
     ({'distributed.local_device_count': 0}, 4, 0),
     ({'distributed.local_device_count': 3}, 2, 3),  # explicit: as given
-])
+  ],
+)
 def test_cpu_device_count(overrides, cores, expected):
   config = config_flags.load_config('configs/tiny.py', overrides)
   assert train.cpu_device_count(config, cores=cores) == expected
@@ -67,26 +71,38 @@ def test_freeze_gives_zero_updates_and_no_state():
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     assert not np.any(np.asarray(updates['vit']['kernel']))
     assert np.all(np.asarray(updates['lm']['kernel']) != 0)
-    frozen_leaves = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
-                     if 'vit' in jax.tree_util.keystr(path)]
+    frozen_leaves = [
+      leaf
+      for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+      if 'vit' in jax.tree_util.keystr(path)
+    ]
     assert frozen_leaves == []  # the frozen tower carries no optimizer state
-  with pytest.raises(ValueError, match=r"matches no parameter; paths look like: lm/kernel"):
+  with pytest.raises(ValueError, match=r'matches no parameter; paths look like: lm/kernel'):
     optim.make_optimizer(_config(freeze='^encoder/'), params)
   with pytest.raises(ValueError, match='freezes every parameter'):
     optim.make_optimizer(_config(freeze='.'), params)
 
 
 def test_opt_state_specs_follow_the_parameters():
-  params = {'mlp': {'kernel': jax.ShapeDtypeStruct((256, 384), jnp.float32),
-                    'bias': jax.ShapeDtypeStruct((384,), jnp.float32)}}
+  params = {
+    'mlp': {
+      'kernel': jax.ShapeDtypeStruct((256, 384), jnp.float32),
+      'bias': jax.ShapeDtypeStruct((384,), jnp.float32),
+    }
+  }
   specs = {'mlp': {'kernel': P('fsdp', 'model'), 'bias': P('model')}}
   for name in ('adafactor', 'adamw'):
     tx, _ = optim.make_optimizer(_config(**{'optim.name': name}), params)
     opt_shapes = jax.eval_shape(tx.init, params)
     got = optim.opt_state_specs(opt_shapes, params, specs)
-    flat = {jax.tree_util.keystr(p): (s, leaf.shape) for (p, s), leaf in zip(
+    flat = {
+      jax.tree_util.keystr(p): (s, leaf.shape)
+      for (p, s), leaf in zip(
         jax.tree_util.tree_flatten_with_path(got, is_leaf=lambda x: isinstance(x, P))[0],
-        jax.tree.leaves(opt_shapes), strict=True)}
+        jax.tree.leaves(opt_shapes),
+        strict=True,
+      )
+    }
     for key, (spec, shape) in flat.items():
       if shape == (256, 384):
         assert spec == P('fsdp', 'model'), key
@@ -101,14 +117,25 @@ def test_opt_state_specs_follow_the_parameters():
 def _layered_params(rng, n_layers=3):
   def layer(i):
     k = jax.random.fold_in(rng, i)
-    return {'mlp': {'wi': jax.random.normal(k, (64, 96)) * (i + 1),  # factored by Adafactor
-                    'bias': jax.random.normal(jax.random.fold_in(k, 1), (96,))},
-            'attn': {'query': jax.random.normal(jax.random.fold_in(k, 2), (64, 4, 16)) / (i + 1)}}
+    return {
+      'mlp': {
+        'wi': jax.random.normal(k, (64, 96)) * (i + 1),  # factored by Adafactor
+        'bias': jax.random.normal(jax.random.fold_in(k, 1), (96,)),
+      },
+      'attn': {'query': jax.random.normal(jax.random.fold_in(k, 2), (64, 4, 16)) / (i + 1)},
+    }
+
   # Two stacks of different depths, as the ViT and the LM have.
-  return {'vit': {'embedding': {'kernel': jax.random.normal(rng, (48, 64))},
-                  **{f'block_{i}': layer(10 + i) for i in range(n_layers - 1)}},
-          'lm': {'encoder': {f'layers_{i}': layer(i) for i in range(n_layers)},
-                 'final_norm': {'scale': jnp.ones((64,))}}}
+  return {
+    'vit': {
+      'embedding': {'kernel': jax.random.normal(rng, (48, 64))},
+      **{f'block_{i}': layer(10 + i) for i in range(n_layers - 1)},
+    },
+    'lm': {
+      'encoder': {f'layers_{i}': layer(i) for i in range(n_layers)},
+      'final_norm': {'scale': jnp.ones((64,))},
+    },
+  }
 
 
 @pytest.mark.parametrize('name,freeze', [('adafactor', ''), ('adamw', ''), ('adafactor', '^vit/')])
@@ -117,22 +144,26 @@ def test_scanned_params_get_the_same_updates_as_unrolled(name, freeze):
   # weight decay, are per array: a stacked [layers, ...] leaf must be updated layer by layer.
   unrolled = _layered_params(jax.random.PRNGKey(0))
   stacked = layout.stack_layers(unrolled)
-  config = _config(freeze=freeze, **{'optim.name': name, 'optim.weight_decay': 0.1,
-                                     'optim.clip_norm': 1.0})
+  config = _config(
+    freeze=freeze, **{'optim.name': name, 'optim.weight_decay': 0.1, 'optim.clip_norm': 1.0}
+  )
   tx_u, _ = optim.make_optimizer(config, unrolled)
   tx_s, _ = optim.make_optimizer(config, stacked)
   state_u, state_s = tx_u.init(unrolled), tx_s.init(stacked)
   update_u, update_s = jax.jit(tx_u.update), jax.jit(tx_s.update)  # op by op is slow
   for step in range(3):
-    grads = jax.tree.map(lambda p, s=step: jnp.sin(p * (s + 2.0)) * (3.0 if p.ndim > 1 else 0.1),
-                         unrolled)
+    grads = jax.tree.map(
+      lambda p, s=step: jnp.sin(p * (s + 2.0)) * (3.0 if p.ndim > 1 else 0.1), unrolled
+    )
     upd_u, state_u = update_u(grads, state_u, unrolled)
     upd_s, state_s = update_s(layout.stack_layers(grads), state_s, stacked)
     got = layout.unstack_layers(upd_s)
-    for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(upd_u)[0],
-                                  jax.tree.leaves(got), strict=True):
-      np.testing.assert_allclose(have, want, rtol=2e-5, atol=1e-7,
-                                 err_msg=f'{name} step {step} {jax.tree_util.keystr(path)}')
+    for (path, want), have in zip(
+      jax.tree_util.tree_flatten_with_path(upd_u)[0], jax.tree.leaves(got), strict=True
+    ):
+      np.testing.assert_allclose(
+        have, want, rtol=2e-5, atol=1e-7, err_msg=f'{name} step {step} {jax.tree_util.keystr(path)}'
+      )
     unrolled = optax.apply_updates(unrolled, upd_u)
     stacked = optax.apply_updates(stacked, upd_s)
   if freeze:
@@ -141,15 +172,21 @@ def test_scanned_params_get_the_same_updates_as_unrolled(name, freeze):
 
 
 def test_stacked_opt_state_is_sharded_like_its_layers():
-  params = {'lm': {'encoder': {'layers': {'mlp': {
-      'wi': jax.ShapeDtypeStruct((4, 256, 384), jnp.float32)}}}}}
+  params = {
+    'lm': {'encoder': {'layers': {'mlp': {'wi': jax.ShapeDtypeStruct((4, 256, 384), jnp.float32)}}}}
+  }
   specs = {'lm': {'encoder': {'layers': {'mlp': {'wi': P(None, 'fsdp', 'model')}}}}}
   tx, _ = optim.make_optimizer(_config(), params)
   opt_shapes = jax.eval_shape(tx.init, params)
   got = optim.opt_state_specs(opt_shapes, params, specs)
-  pairs = [(leaf.shape, spec) for leaf, spec in zip(
+  pairs = [
+    (leaf.shape, spec)
+    for leaf, spec in zip(
       jax.tree.leaves(opt_shapes),
-      jax.tree.leaves(got, is_leaf=lambda x: isinstance(x, P)), strict=True)]
+      jax.tree.leaves(got, is_leaf=lambda x: isinstance(x, P)),
+      strict=True,
+    )
+  ]
   # Per-layer row / column statistics keep the layer axis in front.
   assert ((4, 256), P(None, 'fsdp')) in pairs
   assert ((4, 384), P(None, 'model')) in pairs
@@ -160,7 +197,8 @@ def action_setup():
   config = _config()
   space = pipeline.action_space(config)
   stats = actions_lib.NormStats.compute(
-      np.random.default_rng(0).uniform(-0.05, 0.05, (200, space.dim)))
+    np.random.default_rng(0).uniform(-0.05, 0.05, (200, space.dim))
+  )
   vocab, action_vocab = vocab_lib.from_config(config, space)
   tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
   return config, space, action_vocab, tokenizer
@@ -174,24 +212,27 @@ def _batch(config, space, action_vocab, tokenizer, seed=0):
   actions[:, -1] = rng.integers(0, 2, b)
   ids = action_vocab.bins_to_ids(tokenizer.encode(actions))
   targets = np.zeros((b, length), np.int32)
-  targets[:, 1:1 + num_pos] = ids  # one text token before the actions
+  targets[:, 1 : 1 + num_pos] = ids  # one text token before the actions
   targets[:, 0] = 5
   targets[:, 1 + num_pos] = 1
   weights = (targets != 0).astype(np.float32)
   action_mask = np.zeros((b, length), np.float32)
-  action_mask[:, 1:1 + num_pos] = 1
+  action_mask[:, 1 : 1 + num_pos] = 1
   is_robot = np.ones(b, bool)
   is_robot[:2] = False
   action_mask[:2] = 0
   actions[:2] = 0
   size = config.model.image_size
-  return {'image': rng.integers(0, 255, (b, size, size, 3), dtype=np.uint8),
-          'encoder_input_tokens': rng.integers(3, 100, (b, config.data.max_input_len)).astype(
-              np.int32),
-          'decoder_input_tokens': np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]],
-                                                 1),
-          'decoder_target_tokens': targets, 'decoder_loss_weights': weights,
-          'is_robot': is_robot, 'action_loss_mask': action_mask, 'actions': actions}
+  return {
+    'image': rng.integers(0, 255, (b, size, size, 3), dtype=np.uint8),
+    'encoder_input_tokens': rng.integers(3, 100, (b, config.data.max_input_len)).astype(np.int32),
+    'decoder_input_tokens': np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], 1),
+    'decoder_target_tokens': targets,
+    'decoder_loss_weights': weights,
+    'is_robot': is_robot,
+    'action_loss_mask': action_mask,
+    'actions': actions,
+  }
 
 
 def test_action_metrics_decode_the_constrained_argmax(action_setup):
@@ -211,7 +252,8 @@ def test_action_metrics_decode_the_constrained_argmax(action_setup):
       logits[i, 1 + p, chosen_ids[i, p]] = 50.0
       logits[i, 1 + p, text_token] = 100.0
   sums = jax.jit(lambda lg, bt: metrics.step_metric_sums(lg, bt, action_vocab, tokenizer))(
-      logits, batch)
+    logits, batch
+  )
   expected = np.abs(tokenizer.decode(chosen) - batch['actions'])[2:].sum(0)
   np.testing.assert_allclose(np.asarray(sums['action_error_sum']), expected, rtol=1e-5, atol=1e-6)
   assert float(sums['action_examples']) == b - 2
@@ -291,14 +333,19 @@ def test_init_from_a_run_or_a_converted_checkpoint(tmp_path):
   checkpointer.wait_until_finished()
   run = tmp_path / 'run'
   ckpt = checkpoints.Checkpointer(str(run), async_save=False)
-  ckpt.save(7, {'params': params, 'opt_state': {}, 'step': np.int32(7),
-                'rng': np.zeros(2, np.uint32)}, None, {'config': '{}'})
+  ckpt.save(
+    7,
+    {'params': params, 'opt_state': {}, 'step': np.int32(7), 'rng': np.zeros(2, np.uint32)},
+    None,
+    {'config': '{}'},
+  )
   ckpt.close()
 
   for source in (converted, run):
     got = checkpoints.load_init_params(str(source), abstract)
-    for a, b, spec in zip(jax.tree.leaves(got), jax.tree.leaves(params),
-                          jax.tree.leaves(abstract), strict=True):
+    for a, b, spec in zip(
+      jax.tree.leaves(got), jax.tree.leaves(params), jax.tree.leaves(abstract), strict=True
+    ):
       np.testing.assert_array_equal(np.asarray(a), b)
       assert a.sharding == spec.sharding
 
@@ -324,8 +371,9 @@ def _bilinear_label(x, y, grid):
 
 def test_pointer_loss_trains_each_summary_to_point_at_its_slot(action_setup):
   _, space, action_vocab, tokenizer = action_setup
-  setup = train.make_setup(_config(**{'model.instruction_pool': 2, 'model.pointer_loss': 0.5,
-                                      'batch_size': 8}))
+  setup = train.make_setup(
+    _config(**{'model.instruction_pool': 2, 'model.pointer_loss': 0.5, 'batch_size': 8})
+  )
   state = setup.init_state(jax.random.PRNGKey(0))
   batch = _batch(setup.config, space, action_vocab, tokenizer)
   rng = np.random.default_rng(3)
@@ -337,9 +385,13 @@ def test_pointer_loss_trains_each_summary_to_point_at_its_slot(action_setup):
   batch = {k: jax.device_put(v, setup.batch_sharding(v.ndim)) for k, v in batch.items()}
   # By hand: each summary's logits over the 4 x 4 patches (32 px, 8 px patches), row-major,
   # against the point spread over its four nearest patch centres.
-  _, inter = setup.model.apply({'params': state.params}, batch['image'],
-                               batch['encoder_input_tokens'], batch['decoder_input_tokens'],
-                               mutable=['intermediates'])
+  _, inter = setup.model.apply(
+    {'params': state.params},
+    batch['image'],
+    batch['encoder_input_tokens'],
+    batch['decoder_input_tokens'],
+    mutable=['intermediates'],
+  )
   logits = np.asarray(inter['intermediates']['instruction_pool']['logits'][0])
   assert logits.shape == (len(xy), 2, 16)
   log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -372,4 +424,5 @@ def test_pointer_loss_trains_each_summary_to_point_at_its_slot(action_setup):
 def test_pointer_loss_needs_the_instruction_pool():
   with pytest.raises(ValueError, match='instruction_pool'):
     train.make_setup(_config(**{'model.pointer_loss': 1.0, 'batch_size': 8})).jit_train_step(
-        None, None)
+      None, None
+    )

@@ -52,8 +52,14 @@ class Life:
   """One process of the run, its output read line by line in a thread."""
 
   def __init__(self, cmd, cwd, env):
-    self.proc = subprocess.Popen(cmd, cwd=cwd, env=dict(env, PYTHONUNBUFFERED='1'),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    self.proc = subprocess.Popen(
+      cmd,
+      cwd=cwd,
+      env=dict(env, PYTHONUNBUFFERED='1'),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
     self.lines: list[str] = []
     self.new: queue.Queue = queue.Queue()
     self._reader = threading.Thread(target=self._read, daemon=True)
@@ -79,8 +85,9 @@ class Life:
     self.finish()
 
 
-def kill_once(life: Life, ckpt_dir, kind: str, every: int, rng: random.Random, skip: int = 0,
-              timeout_s=300) -> dict | None:
+def kill_once(
+  life: Life, ckpt_dir, kind: str, every: int, rng: random.Random, skip: int = 0, timeout_s=300
+) -> dict | None:
   """Kills `life` at the (skip+1)-th point of `kind`; None if the run finished first."""
   deadline = time.monotonic() + timeout_s
   seen_committed = set(_committed(ckpt_dir))
@@ -137,8 +144,13 @@ def kill_once(life: Life, ckpt_dir, kind: str, every: int, rng: random.Random, s
     seen = 'after' if kind != 'before' else 'before (its save had committed)'
   else:
     seen = 'before'
-  return {'asked': kind, 'seen': seen, 'target': target, 'latest': max(committed, default=None),
-          'partial_left': left}
+  return {
+    'asked': kind,
+    'seen': seen,
+    'target': target,
+    'latest': max(committed, default=None),
+    'partial_left': left,
+  }
 
 
 def kill_many(cmd, cwd, env, ckpt_dir, kinds, every, rng):
@@ -187,8 +199,9 @@ def _driver_kills(tmp_path, kinds, seed, steps=DRIVER_STEPS):
   workdir = tmp_path / 'run'
   cmd = [sys.executable, DRIVER, str(workdir), str(steps), str(DRIVER_EVERY), '0.02']
   env = dict(lib.env(1), JAX_PLATFORMS='cpu')
-  records, outputs = kill_many(cmd, lib.REPO_ROOT, env, workdir / 'checkpoints', kinds,
-                               DRIVER_EVERY, rng)
+  records, outputs = kill_many(
+    cmd, lib.REPO_ROOT, env, workdir / 'checkpoints', kinds, DRIVER_EVERY, rng
+  )
   got = fault_driver.final_state(str(workdir))
   want = fault_driver.reference(steps)
   assert sorted(got) == sorted(want)
@@ -196,8 +209,10 @@ def _driver_kills(tmp_path, kinds, seed, steps=DRIVER_STEPS):
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)  # bit for bit
   assert not (workdir / 'checkpoints_unreadable').exists(), outputs
   assert not _partial(workdir / 'checkpoints')  # the last run cleaned up interrupted saves
-  print(f'kill -9 survived: {len(records)} {_summary(records)}; resumes: '
-        f'{[r["resumed_from"] for r in records]}')
+  print(
+    f'kill -9 survived: {len(records)} {_summary(records)}; resumes: '
+    f'{[r["resumed_from"] for r in records]}'
+  )
   return records
 
 
@@ -236,17 +251,22 @@ def _assert_same_params(workdir_a, workdir_b):
 
 
 @pytest.mark.slow
-def test_trainer_killed_at_random_points_ends_with_the_uninterrupted_parameters(straight12,
-                                                                                tmp_path):
+def test_trainer_killed_at_random_points_ends_with_the_uninterrupted_parameters(
+  straight12, tmp_path
+):
   rng = random.Random(160)
   workdir = tmp_path / 'run'
   cmd = [sys.executable, '-m', 'rt2_jax.train', *lib.flags(TRAIN_STEPS), f'--workdir={workdir}']
-  kinds = ['during', 'before', 'after', 'during'] + [rng.choice(['before', 'during', 'after'])
-                                                     for _ in range(2)]
-  records, outputs = kill_many(cmd, lib.REPO_ROOT, lib.env(None), workdir / 'checkpoints', kinds,
-                               2, rng)
-  print(f'trainer kill -9 survived: {len(records)} {_summary(records)}; resumes: '
-        f'{[r["resumed_from"] for r in records]}')
+  kinds = ['during', 'before', 'after', 'during'] + [
+    rng.choice(['before', 'during', 'after']) for _ in range(2)
+  ]
+  records, outputs = kill_many(
+    cmd, lib.REPO_ROOT, lib.env(None), workdir / 'checkpoints', kinds, 2, rng
+  )
+  print(
+    f'trainer kill -9 survived: {len(records)} {_summary(records)}; resumes: '
+    f'{[r["resumed_from"] for r in records]}'
+  )
   assert len(records) >= 4 and 'during' in {r['seen'] for r in records}, records
   assert not (workdir / 'checkpoints_unreadable').exists()
   _assert_same_params(straight12, workdir)
@@ -257,11 +277,13 @@ def test_trainer_killed_at_random_points_ends_with_the_uninterrupted_parameters(
 
 
 def _damage(step_dir, how):
-  files = sorted((p for p in (step_dir / 'state').rglob('*') if p.is_file()
-                  and p.parent.name == 'd'), key=lambda p: p.stat().st_size)
+  files = sorted(
+    (p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.parent.name == 'd'),
+    key=lambda p: p.stat().st_size,
+  )
   target = files[-1]
   if how == 'truncate':
-    target.write_bytes(target.read_bytes()[:target.stat().st_size // 2])
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
   elif how == 'delete':
     target.unlink()
   else:
@@ -282,9 +304,11 @@ def fallback(straight, tmp_path, how, overrides=None, relative=False):
   name = _damage(run / 'checkpoints' / str(latest), how)
   result = lib.run_train('run' if relative else run, overrides, devices=None, cwd=tmp_path)
   previous = latest - 2
-  message = re.search(rf'checkpoint {run}/checkpoints/{latest} is damaged \((.*?)\); moving it to '
-                      rf'{run}/checkpoints_unreadable and falling back to checkpoint {previous}',
-                      result.stderr)
+  message = re.search(
+    rf'checkpoint {run}/checkpoints/{latest} is damaged \((.*?)\); moving it to '
+    rf'{run}/checkpoints_unreadable and falling back to checkpoint {previous}',
+    result.stderr,
+  )
   assert message and name in message.group(1), result.stderr[-3000:]
   assert f'resumed from {run}/checkpoints/{previous}' in result.stdout
   assert (run / 'checkpoints_unreadable' / str(latest)).exists()
@@ -293,9 +317,14 @@ def fallback(straight, tmp_path, how, overrides=None, relative=False):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('how, reason', [('truncate', 'when saved (truncated)'),
-                                         ('delete', 'missing'),
-                                         ('flip', 'contents differ from the SHA-256')])
+@pytest.mark.parametrize(
+  'how, reason',
+  [
+    ('truncate', 'when saved (truncated)'),
+    ('delete', 'missing'),
+    ('flip', 'contents differ from the SHA-256'),
+  ],
+)
 def test_damaged_latest_checkpoint_falls_back_in_the_trainer(straight12, tmp_path, how, reason):
   assert reason in fallback(straight12, tmp_path, how, TRAIN_STEPS)
 
@@ -308,8 +337,10 @@ def test_unwritable_workdir_is_refused_before_training_with_one_message(tmp_path
   (tmp_path / 'file').write_text('a file where a directory should be')
   result = lib.run_train(tmp_path / 'file' / 'run', devices=None, check=False)
   assert result.returncode == 1, result.stdout + result.stderr[-3000:]
-  assert (f'rt2_jax.train: cannot write checkpoints to {tmp_path}/file/run/checkpoints: '
-          'Not a directory; choose a writable --workdir') in result.stderr
+  assert (
+    f'rt2_jax.train: cannot write checkpoints to {tmp_path}/file/run/checkpoints: '
+    'Not a directory; choose a writable --workdir'
+  ) in result.stderr
   assert 'Traceback' not in result.stderr and 'compiling' not in result.stdout
 
 
@@ -318,8 +349,9 @@ def test_home_and_gs_workdirs(straight12, tmp_path):
   home = tmp_path / 'home'
   shutil.copytree(straight12, home / 'run')
   shutil.rmtree(home / 'run' / 'checkpoints' / '12')
-  result = lib.run_train('~/run', TRAIN_STEPS, devices=None, cwd=tmp_path,
-                         extra_env={'HOME': str(home)})
+  result = lib.run_train(
+    '~/run', TRAIN_STEPS, devices=None, cwd=tmp_path, extra_env={'HOME': str(home)}
+  )
   assert f'resumed from {home}/run/checkpoints/10' in result.stdout
   assert not (tmp_path / '~').exists()
   _assert_same_params(straight12, home / 'run')

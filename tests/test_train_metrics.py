@@ -14,20 +14,33 @@ def test_crc32c_check_value():
 
 
 def test_average_expands_vectors():
-  got = metrics.average([{'loss': np.float32(1.0), 'err': np.array([1.0, 3.0])},
-                         {'loss': np.float32(3.0), 'err': np.array([3.0, 5.0])}])
+  got = metrics.average(
+    [
+      {'loss': np.float32(1.0), 'err': np.array([1.0, 3.0])},
+      {'loss': np.float32(3.0), 'err': np.array([3.0, 5.0])},
+    ]
+  )
   assert got == {'loss': 2.0, 'err/0': 2.0, 'err/1': 4.0}
 
 
 def test_logger_writes_console_and_events_tensorflow_can_read(tmp_path):
   lines = []
-  logger = metrics.MetricLogger(str(tmp_path), total_steps=4, global_batch_size=8,
-                                dim_names=['x', 'gripper'],
-                                print_fn=lambda s, flush=False: lines.append(s))
+  logger = metrics.MetricLogger(
+    str(tmp_path),
+    total_steps=4,
+    global_batch_size=8,
+    dim_names=['x', 'gripper'],
+    print_fn=lambda s, flush=False: lines.append(s),
+  )
   logger.start(0)
   for i in range(4):
-    logger.add({'loss': jnp.float32(i), 'token_accuracy': jnp.float32(0.5),
-                'action_error': jnp.asarray([0.1 * i, 1.0])})
+    logger.add(
+      {
+        'loss': jnp.float32(i),
+        'token_accuracy': jnp.float32(0.5),
+        'action_error': jnp.asarray([0.1 * i, 1.0]),
+      }
+    )
     if i % 2 == 1:
       values = logger.write(i + 1)
   logger.close()

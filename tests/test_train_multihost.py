@@ -20,11 +20,21 @@ COMPARED = 3  # steps whose metrics are compared
 # Not marked slow although it takes 1-2 min on 2 cores: issue 6 requires it in the README test run.
 def test_two_processes_match_one_process_and_stop_together_on_sigterm(tmp_path):
   multi, single = tmp_path / 'multi', tmp_path / 'single'
-  cmd = [os.path.join(lib.REPO_ROOT, 'launch', 'local_multihost.sh'), '2',
-         '--devices_per_process=4', *lib.flags({**STEPS, 'total_steps': 100000}),
-         f'--workdir={multi}']
-  proc = subprocess.Popen(cmd, cwd=lib.REPO_ROOT, env=lib.env(4), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  cmd = [
+    os.path.join(lib.REPO_ROOT, 'launch', 'local_multihost.sh'),
+    '2',
+    '--devices_per_process=4',
+    *lib.flags({**STEPS, 'total_steps': 100000}),
+    f'--workdir={multi}',
+  ]
+  proc = subprocess.Popen(
+    cmd,
+    cwd=lib.REPO_ROOT,
+    env=lib.env(4),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   lines, deadline = [], time.time() + 600
   for line in proc.stdout:
     lines.append(line)
@@ -41,16 +51,20 @@ def test_two_processes_match_one_process_and_stop_together_on_sigterm(tmp_path):
   assert f'saving checkpoint {saved} (preempted)' in out and f'done: step {saved}' in out
 
   # The same global batches in one process over 8 devices, stopped the same way.
-  lib.run_train(single, {**STEPS, 'total_steps': 100000}, devices=8, emulate_processes=2,
-                fault=dict(at_batch=COMPARED + 1, signal='SIGTERM'))
+  lib.run_train(
+    single,
+    {**STEPS, 'total_steps': 100000},
+    devices=8,
+    emulate_processes=2,
+    fault=dict(at_batch=COMPARED + 1, signal='SIGTERM'),
+  )
   multi_scalars = metrics.read_scalars(str(multi / 'tensorboard'))
   single_scalars = metrics.read_scalars(str(single / 'tensorboard'))
   for tag in ('loss', 'token_accuracy', 'grad_norm', 'action_error_mean'):
     a = dict(multi_scalars[tag])
     b = dict(single_scalars[tag])
     steps = list(range(1, COMPARED + 1))
-    np.testing.assert_allclose([a[s] for s in steps], [b[s] for s in steps], rtol=1e-5,
-                               err_msg=tag)
+    np.testing.assert_allclose([a[s] for s in steps], [b[s] for s in steps], rtol=1e-5, err_msg=tag)
 
 
 def test_the_launcher_runs_the_python_it_is_given_not_python3_from_path(tmp_path):

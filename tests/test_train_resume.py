@@ -49,8 +49,9 @@ def test_sigterm_then_sigkill_then_restart_gives_identical_parameters(straight, 
   assert 'saving checkpoint 3 (preempted)' in stopped.stdout
   assert os.path.isdir(tmp_path / 'checkpoints' / '3')  # not a multiple of ckpt.every
   # Resume, then SIGKILL at the 2nd batch of that run (step 5), once checkpoint 4 is written.
-  killed = lib.run_train(tmp_path, fault=dict(at_batch=2, signal='SIGKILL', after_ckpt=4),
-                         check=False, devices=None)
+  killed = lib.run_train(
+    tmp_path, fault=dict(at_batch=2, signal='SIGKILL', after_ckpt=4), check=False, devices=None
+  )
   assert killed.returncode == -9, killed.stderr[-2000:]
   assert f'resumed from {tmp_path}/checkpoints/3' in killed.stdout
   assert 'step 6/6' not in killed.stdout
@@ -65,8 +66,9 @@ def test_resume_with_dropout_gives_identical_parameters(straight, tmp_path):
   with the parameters of an uninterrupted run: the state's rng and the data stream resume."""
   dropout = {'model.t5.dropout_rate': 0.1, 'model.vit.dropout_rate': 0.1}
   lib.run_train(tmp_path / 'straight', dropout, devices=None)
-  stopped = lib.run_train(tmp_path / 'resumed', dropout, devices=None,
-                          fault=dict(at_batch=3, signal='SIGTERM'))
+  stopped = lib.run_train(
+    tmp_path / 'resumed', dropout, devices=None, fault=dict(at_batch=3, signal='SIGTERM')
+  )
   assert 'saving checkpoint 3 (preempted)' in stopped.stdout
   resumed = lib.run_train(tmp_path / 'resumed', dropout, devices=None)
   assert f'resumed from {tmp_path}/resumed/checkpoints/3' in resumed.stdout

@@ -12,14 +12,30 @@ from rt2_jax import actions as actions_lib
 from rt2_jax import transforms
 from rt2_jax import vocab as vocab_lib
 
-SPACE = actions_lib.ActionSpace([
+SPACE = actions_lib.ActionSpace(
+  [
     actions_lib.ActionField('xyz', width=3, low=-1.0, high=1.0),
     actions_lib.ActionField('rot', width=2, bounds='q01_q99'),
     actions_lib.ActionField('gripper', width=1, kind='discrete', values=(0.0, 0.5, 1.0)),
     actions_lib.ActionField('terminate', width=3, kind='onehot'),
-])
-WORDS = ['pick', 'up', 'the', 'red', 'block', 'open', 'drawer', 'Plan:', '255', '<extra_id_0>',
-         'ü', 'caf\u00e9', '\u4e2d\u6587', 'a  b']
+  ]
+)
+WORDS = [
+  'pick',
+  'up',
+  'the',
+  'red',
+  'block',
+  'open',
+  'drawer',
+  'Plan:',
+  '255',
+  '<extra_id_0>',
+  'ü',
+  'caf\u00e9',
+  '\u4e2d\u6587',
+  'a  b',
+]
 SPACES = [' ', '\t', '\n', '\u00a0', '\u2003', '\x0b', '\x1c', '\u3000', '\x85']
 
 
@@ -27,8 +43,9 @@ SPACES = [' ', '\t', '\n', '\u00a0', '\u2003', '\x0b', '\x1c', '\u3000', '\x85']
 def _codec(mode: str = 'rt1') -> transforms.ActionCodec:
   rng = np.random.default_rng(0)
   stats = actions_lib.NormStats.compute(rng.normal(size=(100, SPACE.dim)))
-  action_vocab = vocab_lib.ActionVocab(vocab_lib.Vocab.load(), SPACE, 'numbers', 256,
-                                       vocab_size=1280)
+  action_vocab = vocab_lib.ActionVocab(
+    vocab_lib.Vocab.load(), SPACE, 'numbers', 256, vocab_size=1280
+  )
   return transforms.ActionCodec.create(action_vocab, stats, 256, mode)
 
 
@@ -53,8 +70,14 @@ def test_prompt_text_strips_and_fills_the_template():
     transforms.Prompt('{instruction} {other}', 8)
 
 
-@pytest.mark.parametrize('template', ['What action should the robot take to {instruction}?',
-                                      '{instruction}', 'Robot, please {instruction} now. {{ok}}'])
+@pytest.mark.parametrize(
+  'template',
+  [
+    'What action should the robot take to {instruction}?',
+    '{instruction}',
+    'Robot, please {instruction} now. {{ok}}',
+  ],
+)
 def test_prompt_numpy_and_tensorflow_agree(template):
   tf = pytest.importorskip('tensorflow')
   pytest.importorskip('tensorflow_text')
@@ -83,12 +106,14 @@ def test_resize_numpy_jax_and_tensorflow_agree(policy):
     in_jit = jax.jit(lambda x: transforms.resize_image(x, 32, policy, xp=jnp))(image)
     np.testing.assert_array_equal(np.asarray(in_jit), want, err_msg=f'{image.shape} jax')
   # TensorFlow as the data pipeline runs it: a tf.data map over images of varying size.
-  ds = tf.data.Dataset.from_generator(lambda: iter(images),
-                                      output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+  ds = tf.data.Dataset.from_generator(
+    lambda: iter(images), output_signature=tf.TensorSpec([None, None, 3], tf.uint8)
+  )
   got = [x.numpy() for x in ds.map(lambda x: transforms.resize_image_tf(x, 32, policy))]
   for image, out in zip(images, got, strict=True):
-    np.testing.assert_array_equal(out, transforms.resize_image(image, 32, policy),
-                                  err_msg=f'{image.shape} tf')
+    np.testing.assert_array_equal(
+      out, transforms.resize_image(image, 32, policy), err_msg=f'{image.shape} tf'
+    )
 
 
 @pytest.mark.parametrize('policy', transforms.RESIZE_POLICIES)
@@ -101,7 +126,7 @@ def test_resize_stays_within_a_level_of_tf_image_resize(policy):
     x = tf.constant(image)
     if policy == 'center_crop':
       side = min(shape)
-      x = x[(shape[0] - side) // 2:][:side, (shape[1] - side) // 2:][:, :side]
+      x = x[(shape[0] - side) // 2 :][:side, (shape[1] - side) // 2 :][:, :side]
     if policy == 'pad':
       ref = tf.image.resize_with_pad(tf.cast(x, tf.float32), 32, 32, antialias=True)
     else:
@@ -141,13 +166,15 @@ def test_codec_numpy_and_jax_agree(mode):
   vectors = _random_actions(rng, 64)
   ids = codec.encode(vectors)
   assert ids.shape == (64, codec.num_positions) and ids.dtype == np.int32
-  np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: codec.encode(v, xp=jnp))(vectors)),
-                                ids)
+  np.testing.assert_array_equal(
+    np.asarray(jax.jit(lambda v: codec.encode(v, xp=jnp))(vectors)), ids
+  )
   decoded = codec.decode(ids)
   assert decoded.dtype == np.float32
   np.testing.assert_array_equal(decoded, codec.tokenizer.decode(codec.ids_to_bins(ids)))
-  np.testing.assert_array_equal(np.asarray(jax.jit(lambda i: codec.decode(i, xp=jnp))(ids)),
-                                decoded)
+  np.testing.assert_array_equal(
+    np.asarray(jax.jit(lambda i: codec.decode(i, xp=jnp))(ids)), decoded
+  )
   # Units -> bins -> units: within a bin width inside the bounds (xyz: [-1, 1]).
   inside = np.clip(vectors[:, :3], -1.0, 1.0)
   assert np.abs(decoded[:, :3] - inside).max() <= 2 / 255 + 1e-6
@@ -161,8 +188,12 @@ def test_codec_decode_in_tensorflow_agrees():
 
   codec = _codec()
   ids = codec.encode(_random_actions(np.random.default_rng(6), 32))
-  fn = tf.function(jax2tf.convert(lambda i: codec.decode(i, xp=jnp), with_gradient=False,
-                                  polymorphic_shapes=['(b, ...)']), autograph=False)
+  fn = tf.function(
+    jax2tf.convert(
+      lambda i: codec.decode(i, xp=jnp), with_gradient=False, polymorphic_shapes=['(b, ...)']
+    ),
+    autograph=False,
+  )
   np.testing.assert_array_equal(fn(tf.constant(ids)).numpy(), codec.decode(ids))
 
 
@@ -172,7 +203,8 @@ def test_codec_constrained_argmax_and_action_positions_agree():
   logits = rng.normal(size=(16, codec.num_positions, 1280)).astype(np.float32)
   ids = codec.constrained_argmax(logits)
   np.testing.assert_array_equal(
-      np.asarray(jax.jit(lambda x: codec.constrained_argmax(x, xp=jnp))(logits)), ids)
+    np.asarray(jax.jit(lambda x: codec.constrained_argmax(x, xp=jnp))(logits)), ids
+  )
   allowed = codec.action_vocab.allowed_ids
   for p in range(codec.num_positions):  # the best logit among the position's allowed ids
     best = allowed[p][np.argmax(logits[:, p][:, allowed[p]], axis=1)]
@@ -185,16 +217,18 @@ def test_codec_constrained_argmax_and_action_positions_agree():
   for i in range(16):
     start = int(rng.integers(0, 8))
     rows[i, :start] = rng.integers(3, 1000, start)
-    rows[i, start:start + codec.num_positions] = ids[i]
+    rows[i, start : start + codec.num_positions] = ids[i]
     if i % 2:
       rows[i, start + codec.num_positions] = transforms.EOS_ID
   end = codec.action_end(rows)
-  np.testing.assert_array_equal(np.asarray(jax.jit(lambda r: codec.action_end(r, xp=jnp))(rows)),
-                                end)
+  np.testing.assert_array_equal(
+    np.asarray(jax.jit(lambda r: codec.action_end(r, xp=jnp))(rows)), end
+  )
   got = codec.action_ids(rows, end)
   np.testing.assert_array_equal(got, ids)
   np.testing.assert_array_equal(
-      np.asarray(jax.jit(lambda r, e: codec.action_ids(r, e, xp=jnp))(rows, end)), got)
+    np.asarray(jax.jit(lambda r, e: codec.action_ids(r, e, xp=jnp))(rows, end)), got
+  )
 
 
 def test_codec_refuses_a_tokenizer_of_another_space():

@@ -30,7 +30,7 @@ def test_answers_match_the_scene():
       if point is not None:  # the answer's cell holds the point
         assert answer == web_corpus.location_text(*point)
       if kind == 'grounding':
-        name = question[len('Where is the '):-1]
+        name = question[len('Where is the ') : -1]
         matches = [o for i, o in enumerate(objs) if scene.name_of(i) == name]
         assert len(matches) == 1, (question, objs)
         o = matches[0]
@@ -54,14 +54,19 @@ def test_every_concept_appears_in_the_corpus():
   rng = np.random.default_rng(1)
   text = ' '.join(q + ' ' + a for _ in range(150) for _, q, a, _ in web_corpus.sample(rng, 32)[1])
   words = set(text.replace('?', ' ').replace(',', ' ').split())
-  for concept in (*concepts.COLOURS, *concepts.SHAPES, *concepts.DIGITS, 'biggest', 'leftmost',
-                  'closest'):
+  for concept in (
+    *concepts.COLOURS,
+    *concepts.SHAPES,
+    *concepts.DIGITS,
+    'biggest',
+    'leftmost',
+    'closest',
+  ):
     assert concept in words, concept
 
 
 def test_generate_writes_the_web_jsonl_format(tmp_path):
-  info = web_corpus.generate(str(tmp_path), images=12, val_images=3, image_size=32,
-                             progress=None)
+  info = web_corpus.generate(str(tmp_path), images=12, val_images=3, image_size=32, progress=None)
   assert info['counts']['train/grounding'] > 0
   records = web.read_jsonl(str(tmp_path / 'train.jsonl'), 32, progress=None)
   assert len(records) == sum(v for k, v in info['counts'].items() if k.startswith('train/'))
@@ -70,10 +75,12 @@ def test_generate_writes_the_web_jsonl_format(tmp_path):
   with open(tmp_path / 'train.jsonl') as f:
     rows = [json.loads(line) for line in f]
   where = np.array(['point' in r for r in rows])  # every 'Where is' line, and only those
-  assert where.any() and (where == [r.get('question', '').startswith('Where is') for r in rows]
-                          ).all()
-  np.testing.assert_array_equal(records.points[where], np.float32(
-      [r['point'] for r in rows if 'point' in r]))
+  assert (
+    where.any() and (where == [r.get('question', '').startswith('Where is') for r in rows]).all()
+  )
+  np.testing.assert_array_equal(
+    records.points[where], np.float32([r['point'] for r in rows if 'point' in r])
+  )
   assert np.isnan(records.points[~where]).all()
   with open(tmp_path / 'val.jsonl') as f:
     rows = [json.loads(line) for line in f]

@@ -32,12 +32,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 
 T5_CASES = {
-    # T5 v1.0-style tied + scaled output; heads * head_dim (24) != d_model (32); gated-GELU.
-    'tied_3x8_gelu': dict(d_model=32, num_heads=3, d_kv=8, d_ff=48, num_layers=2,
-                          num_decoder_layers=3, feed_forward_proj='gated-gelu', tied=True),
-    # T5 v1.1 / UL2-style untied lm_head without scaling; 2 heads of 16; gated-SiLU.
-    'untied_2x16_silu': dict(d_model=32, num_heads=2, d_kv=16, d_ff=40, num_layers=2,
-                             num_decoder_layers=2, feed_forward_proj='gated-silu', tied=False),
+  # T5 v1.0-style tied + scaled output; heads * head_dim (24) != d_model (32); gated-GELU.
+  'tied_3x8_gelu': dict(
+    d_model=32,
+    num_heads=3,
+    d_kv=8,
+    d_ff=48,
+    num_layers=2,
+    num_decoder_layers=3,
+    feed_forward_proj='gated-gelu',
+    tied=True,
+  ),
+  # T5 v1.1 / UL2-style untied lm_head without scaling; 2 heads of 16; gated-SiLU.
+  'untied_2x16_silu': dict(
+    d_model=32,
+    num_heads=2,
+    d_kv=16,
+    d_ff=40,
+    num_layers=2,
+    num_decoder_layers=2,
+    feed_forward_proj='gated-silu',
+    tied=False,
+  ),
 }
 VOCAB = 120
 
@@ -54,9 +70,14 @@ def _perturb_norms(model):
 
 def make_hf_t5(folder, tied, **kw):
   torch.manual_seed(0)
-  cfg = transformers.T5Config(vocab_size=VOCAB, dropout_rate=0.0,
-                              relative_attention_num_buckets=8,
-                              relative_attention_max_distance=20, tie_word_embeddings=tied, **kw)
+  cfg = transformers.T5Config(
+    vocab_size=VOCAB,
+    dropout_rate=0.0,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=20,
+    tie_word_embeddings=tied,
+    **kw,
+  )
   model = transformers.T5ForConditionalGeneration(cfg).eval()
   if not tied:  # transformers 5 always ties; v1.1 checkpoints carry their own lm_head
     model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, kw['d_model']))
@@ -67,9 +88,15 @@ def make_hf_t5(folder, tied, **kw):
 
 def make_hf_siglip(folder, image_size=32):
   torch.manual_seed(1)
-  cfg = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, image_size=image_size,
-                                        patch_size=8, layer_norm_eps=1e-5)
+  cfg = transformers.SiglipVisionConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=image_size,
+    patch_size=8,
+    layer_norm_eps=1e-5,
+  )
   model = transformers.SiglipVisionModel(cfg).eval()
   _perturb_norms(model)
   model.save_pretrained(folder)
@@ -112,13 +139,18 @@ def test_t5_encoder_and_logits_match_reference(t5_case):
   model = T5(cfg)
   ours_logits = model.apply({'params': params}, enc, dec)
   mask = enc > 0
-  ours_enc = model.apply({'params': params}, model.apply({'params': params}, enc, method=T5.embed),
-                         mask, method=T5.encode)
+  ours_enc = model.apply(
+    {'params': params},
+    model.apply({'params': params}, enc, method=T5.embed),
+    mask,
+    method=T5.encode,
+  )
   with torch.no_grad():
     ids, att = torch.from_numpy(enc).long(), torch.from_numpy(mask).long()
     ref_enc = hf.encoder(input_ids=ids, attention_mask=att).last_hidden_state.numpy()
-    ref_logits = hf(input_ids=ids, attention_mask=att,
-                    decoder_input_ids=torch.from_numpy(dec).long()).logits.numpy()
+    ref_logits = hf(
+      input_ids=ids, attention_mask=att, decoder_input_ids=torch.from_numpy(dec).long()
+    ).logits.numpy()
   np.testing.assert_allclose(ours_enc, ref_enc, atol=TOL, rtol=0)
   np.testing.assert_allclose(ours_logits, ref_logits, atol=TOL, rtol=0)
   assert np.abs(ref_logits).max() > 0.1  # not trivially zero
@@ -129,8 +161,9 @@ def test_siglip_vision_features_match_reference(tmp_path):
   settings = hf_vision.settings_from_hf(read_config(str(tmp_path)))
   cfg = ViTConfig(**settings)
   report = Report()
-  params = hf_vision.convert(SafetensorsFolder(str(tmp_path)), read_config(str(tmp_path)), cfg,
-                             report)['vit']
+  params = hf_vision.convert(
+    SafetensorsFolder(str(tmp_path)), read_config(str(tmp_path)), cfg, report
+  )['vit']
   assert not report.errors, report.summary()
   assert report.unused and all(k.startswith('head.') for k in report.unused)  # pooling head
 
@@ -158,12 +191,26 @@ def test_convert_cli_then_vla_matches_reference_pipeline(tmp_path):
   kw.pop('tied')
   hf_t5_model, hf_vit = make_hf_t5(t5_dir, True, **kw), make_hf_siglip(vit_dir)
   overrides = _tiny_overrides(t5_dir, vit_dir, vocab_size=128)  # 8 rows beyond the checkpoint
-  flags = [f'--config.{k}={v!r}' if isinstance(v, tuple) else f'--config.{k}={v}'
-           for k, v in overrides.items()]
+  flags = [
+    f'--config.{k}={v!r}' if isinstance(v, tuple) else f'--config.{k}={v}'
+    for k, v in overrides.items()
+  ]
   result = subprocess.run(
-      [sys.executable, '-m', 'rt2_jax.weights.convert', f'--t5={t5_dir}', f'--vit={vit_dir}',
-       '--config=configs/tiny.py', f'--out={out}', *flags],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'rt2_jax.weights.convert',
+      f'--t5={t5_dir}',
+      f'--vit={vit_dir}',
+      '--config=configs/tiny.py',
+      f'--out={out}',
+      *flags,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'NEWLY INITIALISED image_projection/dense/kernel' in result.stdout
   assert 'NEWLY INITIALISED lm/token_embedder[120:128]' in result.stdout
@@ -186,8 +233,11 @@ def test_convert_cli_then_vla_matches_reference_pipeline(tmp_path):
     x = torch.from_numpy(np.concatenate([img, txt], 1))
     mask = torch.from_numpy(np.concatenate([np.ones(img.shape[:2]), enc > 0], 1)).long()
     encoded = hf_t5_model.encoder(inputs_embeds=x, attention_mask=mask).last_hidden_state
-    ref = hf_t5_model(encoder_outputs=(encoded,), attention_mask=mask,
-                      decoder_input_ids=torch.from_numpy(dec).long()).logits.numpy()
+    ref = hf_t5_model(
+      encoder_outputs=(encoded,),
+      attention_mask=mask,
+      decoder_input_ids=torch.from_numpy(dec).long(),
+    ).logits.numpy()
   np.testing.assert_allclose(np.asarray(logits)[..., :VOCAB], ref, atol=TOL, rtol=0)
 
 
@@ -209,9 +259,10 @@ def test_mismatches_and_missing_tensors_are_reported_by_name(tmp_path):
   report = Report()
   hf_t5.convert(tensors, hf_cfg, T5Config(**hf_t5.settings_from_hf(hf_cfg)), report)
   assert report.errors == [
-      'T5: checkpoint has no tensor decoder.block.1.layer.2.DenseReluDense.wo.weight',
-      'T5: 1 checkpoint tensors are not used by the model and not known to be unused (a '
-      'checkpoint layout this importer does not read): extra.weight']
+    'T5: checkpoint has no tensor decoder.block.1.layer.2.DenseReluDense.wo.weight',
+    'T5: 1 checkpoint tensors are not used by the model and not known to be unused (a '
+    'checkpoint layout this importer does not read): extra.weight',
+  ]
   assert report.unused == []
 
   # Through the full converter: tied config vs an untied checkpoint fails naming the fix.
@@ -224,15 +275,22 @@ def test_mismatches_and_missing_tensors_are_reported_by_name(tmp_path):
 
 def test_hf_vit_format_and_position_embedding_resize(tmp_path):
   torch.manual_seed(0)
-  hf_cfg = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=4, image_size=32, patch_size=8)
+  hf_cfg = transformers.ViTConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+  )
   transformers.ViTModel(hf_cfg).save_pretrained(str(tmp_path))
   settings = hf_vision.settings_from_hf(read_config(str(tmp_path)))
   assert settings['mlp_activation'] == 'gelu_exact' and settings['layer_norm_epsilon'] == 1e-12
   cfg = ViTConfig(**dict(settings, image_size=48))  # 4x4 grid in the checkpoint -> 6x6
   report = Report()
-  params = hf_vision.convert(SafetensorsFolder(str(tmp_path)), read_config(str(tmp_path)), cfg,
-                             report)['vit']
+  params = hf_vision.convert(
+    SafetensorsFolder(str(tmp_path)), read_config(str(tmp_path)), cfg, report
+  )['vit']
   assert not report.errors, report.summary()
   assert params['pos_embedding'].shape == (36, 32)
   assert any('resized from 16 to 36' in n for n in report.notes)
@@ -246,11 +304,15 @@ def test_hf_vit_format_and_position_embedding_resize(tmp_path):
 def _copy_checkpoint(src: str, dst: str, drop=(), add=None):
   """A copy of an HF folder with some tensors dropped / added (safetensors + config.json)."""
   from safetensors.numpy import save_file
+
   os.makedirs(dst)
   tensors = {k: np.asarray(v) for k, v in SafetensorsFolder(src).items() if k not in drop}
   tensors.update(add or {})
   save_file(tensors, os.path.join(dst, 'model.safetensors'))
-  with open(os.path.join(src, 'config.json')) as f, open(os.path.join(dst, 'config.json'), 'w') as g:
+  with (
+    open(os.path.join(src, 'config.json')) as f,
+    open(os.path.join(dst, 'config.json'), 'w') as g,
+  ):
     g.write(f.read())
   return dst
 
@@ -263,8 +325,9 @@ def test_convert_with_scan_layers_stacks_and_names_checkpoint_tensors(tmp_path):
   make_hf_siglip(vit_dir)
   overrides = _tiny_overrides(t5_dir, vit_dir, vocab_size=VOCAB)
   unrolled_cfg = config_flags.load_config('configs/tiny.py', overrides).model
-  scan_cfg = config_flags.load_config('configs/tiny.py',
-                                      dict(overrides, **{'model.scan_layers': True})).model
+  scan_cfg = config_flags.load_config(
+    'configs/tiny.py', dict(overrides, **{'model.scan_layers': True})
+  ).model
   quiet = dict(log=lambda _: None)
   params, report = convert(unrolled_cfg, t5_dir, vit_dir, **quiet)
   stacked, scan_report = convert(scan_cfg, t5_dir, vit_dir, **quiet)
@@ -272,8 +335,9 @@ def test_convert_with_scan_layers_stacks_and_names_checkpoint_tensors(tmp_path):
   # The scanned model's tree, holding the same weights stacked along a leading layers axis.
   images = np.random.RandomState(0).randint(0, 256, (2, 32, 32, 3)).astype(np.uint8)
   enc, dec = _tokens()
-  abstract = nn.meta.unbox(jax.eval_shape(VLA(scan_cfg).init, jax.random.key(0), images, enc,
-                                          dec))['params']
+  abstract = nn.meta.unbox(jax.eval_shape(VLA(scan_cfg).init, jax.random.key(0), images, enc, dec))[
+    'params'
+  ]
   assert jax.tree.structure(stacked) == jax.tree.structure(abstract)
   assert jax.tree.map(np.shape, stacked) == jax.tree.map(lambda x: x.shape, abstract)
   assert stacked['lm']['decoder']['layers']['mlp']['wo']['kernel'].shape == (2, 40, 32)
@@ -281,26 +345,39 @@ def test_convert_with_scan_layers_stacks_and_names_checkpoint_tensors(tmp_path):
   # Reports still map per-layer parameters to the checkpoint's own tensor names.
   assert scan_report.loaded == report.loaded
   assert scan_report.loaded['lm/decoder/layers_1/mlp/wo/kernel'] == (
-      'decoder.block.1.layer.2.DenseReluDense.wo.weight')
+    'decoder.block.1.layer.2.DenseReluDense.wo.weight'
+  )
   assert scan_report.loaded['vit/block_1/mlp/fc1/kernel'] == 'encoder.layers.1.mlp.fc1.weight'
   assert any('scan_layers=True' in note for note in scan_report.notes)
 
   # Unused and missing tensors are named as in the checkpoint, with scan on.
   assert report.unused and all(k.startswith('head.') for k in report.unused)  # SigLIP pooling
-  extra = _copy_checkpoint(t5_dir, str(tmp_path / 't5_extra'),
-                           add={'decoder.block.9.layer.0.layer_norm.weight': np.ones(32)})
-  with pytest.raises(ConversionError, match=r'T5: 1 checkpoint tensors are not used by the model '
-                                            r'.*: decoder\.block\.9\.layer\.0\.layer_norm\.weight'):
+  extra = _copy_checkpoint(
+    t5_dir,
+    str(tmp_path / 't5_extra'),
+    add={'decoder.block.9.layer.0.layer_norm.weight': np.ones(32)},
+  )
+  with pytest.raises(
+    ConversionError,
+    match=r'T5: 1 checkpoint tensors are not used by the model '
+    r'.*: decoder\.block\.9\.layer\.0\.layer_norm\.weight',
+  ):
     convert(scan_cfg, extra, vit_dir, **quiet)
-  missing = _copy_checkpoint(t5_dir, str(tmp_path / 't5_missing'),
-                             drop=('encoder.block.1.layer.1.DenseReluDense.wi_0.weight',))
-  with pytest.raises(ConversionError,
-                     match=r'T5: checkpoint has no tensor encoder\.block\.1\.layer\.1\.'
-                           r'DenseReluDense\.wi_0\.weight'):
+  missing = _copy_checkpoint(
+    t5_dir,
+    str(tmp_path / 't5_missing'),
+    drop=('encoder.block.1.layer.1.DenseReluDense.wi_0.weight',),
+  )
+  with pytest.raises(
+    ConversionError,
+    match=r'T5: checkpoint has no tensor encoder\.block\.1\.layer\.1\.'
+    r'DenseReluDense\.wi_0\.weight',
+  ):
     convert(scan_cfg, missing, vit_dir, **quiet)
 
   # Saved scanned; loaded as saved, or into an unrolled target with its shardings.
   from rt2_jax.weights import convert as convert_lib
+
   out = str(tmp_path / 'out')
   convert_lib.save(out, stacked, dict(scan_layers=True))
   loaded = load_converted(out)
@@ -320,18 +397,38 @@ def test_convert_with_scan_layers_stacks_and_names_checkpoint_tensors(tmp_path):
 # Importer defects found by an independent parity check (issue 20, item 4).
 
 # 'ACT' and 'gated-ACT' over every transformers ACT2FN name the importer maps.
-FEED_FORWARD_PROJS = ('relu', 'gated-relu', 'gelu', 'gated-gelu', 'gelu_new', 'gated-gelu_new',
-                      'gelu_pytorch_tanh', 'gated-gelu_pytorch_tanh', 'gelu_fast', 'silu',
-                      'gated-silu', 'swish')
+FEED_FORWARD_PROJS = (
+  'relu',
+  'gated-relu',
+  'gelu',
+  'gated-gelu',
+  'gelu_new',
+  'gated-gelu_new',
+  'gelu_pytorch_tanh',
+  'gated-gelu_pytorch_tanh',
+  'gelu_fast',
+  'silu',
+  'gated-silu',
+  'swish',
+)
 
 
 def _hf_t5_in_memory(model_cls=None, config_cls=None, **kw):
   """(HF model, its config.json dict as save_pretrained writes it, its tensors); no disk."""
   torch.manual_seed(0)
   config_cls = config_cls or transformers.T5Config
-  cfg = config_cls(vocab_size=VOCAB, d_model=32, num_heads=2, d_kv=16, d_ff=40, num_layers=2,
-                   dropout_rate=0.0, relative_attention_num_buckets=8,
-                   relative_attention_max_distance=20, **kw)
+  cfg = config_cls(
+    vocab_size=VOCAB,
+    d_model=32,
+    num_heads=2,
+    d_kv=16,
+    d_ff=40,
+    num_layers=2,
+    dropout_rate=0.0,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=20,
+    **kw,
+  )
   model = (model_cls or transformers.T5ForConditionalGeneration)(cfg).eval()
   _perturb_norms(model)
   tensors = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
@@ -342,8 +439,11 @@ def _t5_logits(model, cfg, params):
   enc, dec = _tokens()
   ours = np.asarray(T5(cfg).apply({'params': params}, enc, dec))
   with torch.no_grad():
-    ref = model(input_ids=torch.from_numpy(enc).long(), attention_mask=torch.from_numpy(enc > 0),
-                decoder_input_ids=torch.from_numpy(dec).long()).logits.numpy()
+    ref = model(
+      input_ids=torch.from_numpy(enc).long(),
+      attention_mask=torch.from_numpy(enc > 0),
+      decoder_input_ids=torch.from_numpy(dec).long(),
+    ).logits.numpy()
   return ours, ref
 
 
@@ -377,10 +477,13 @@ def test_t5_feed_forward_proj_refused_with_its_name():
 
 
 def test_config_defaults_are_the_transformers_defaults():
-  for table, classes in ((hf_t5.CONFIG_DEFAULTS, dict(t5=transformers.T5Config,
-                                                      mt5=transformers.MT5Config)),
-                         (hf_vision.CONFIG_DEFAULTS, dict(siglip_vision_model=(
-                             transformers.SiglipVisionConfig), vit=transformers.ViTConfig))):
+  for table, classes in (
+    (hf_t5.CONFIG_DEFAULTS, dict(t5=transformers.T5Config, mt5=transformers.MT5Config)),
+    (
+      hf_vision.CONFIG_DEFAULTS,
+      dict(siglip_vision_model=(transformers.SiglipVisionConfig), vit=transformers.ViTConfig),
+    ),
+  ):
     assert sorted(table) == sorted(classes)
     for model_type, cls in classes.items():
       theirs = cls().to_dict()
@@ -389,8 +492,9 @@ def test_config_defaults_are_the_transformers_defaults():
 
 def test_mt5_matches_reference():
   # transformers 5 saves mT5 with tie_word_embeddings=true but never scales its output.
-  model, hf_cfg, tensors = _hf_t5_in_memory(transformers.MT5ForConditionalGeneration,
-                                            transformers.MT5Config)
+  model, hf_cfg, tensors = _hf_t5_in_memory(
+    transformers.MT5ForConditionalGeneration, transformers.MT5Config
+  )
   assert hf_cfg['model_type'] == 'mt5' and hf_cfg.get('tie_word_embeddings', True)
   cfg = T5Config(**hf_t5.settings_from_hf(hf_cfg))
   assert not cfg.logits_via_embedding and cfg.mlp_activations == ('gelu', 'linear')
@@ -402,22 +506,35 @@ def test_mt5_matches_reference():
 
 
 def test_umt5_refused_and_unused_tensors_are_errors(tmp_path):
-  model, hf_cfg, tensors = _hf_t5_in_memory(transformers.UMT5ForConditionalGeneration,
-                                            transformers.UMT5Config)
+  model, hf_cfg, tensors = _hf_t5_in_memory(
+    transformers.UMT5ForConditionalGeneration, transformers.UMT5Config
+  )
   model.save_pretrained(str(tmp_path / 'umt5'))
   saved = read_config(str(tmp_path / 'umt5'))
   assert saved['model_type'] == 'umt5'
-  with pytest.raises(ConversionError, match="model_type 'umt5' is not supported: umT5 keeps a "
-                                            'relative-position bias table in every layer'):
-    hf_t5.convert(SafetensorsFolder(str(tmp_path / 'umt5')), saved,
-                  T5Config(**hf_t5.settings_from_hf(dict(saved, model_type='t5'))), Report())
+  with pytest.raises(
+    ConversionError,
+    match="model_type 'umt5' is not supported: umT5 keeps a "
+    'relative-position bias table in every layer',
+  ):
+    hf_t5.convert(
+      SafetensorsFolder(str(tmp_path / 'umt5')),
+      saved,
+      T5Config(**hf_t5.settings_from_hf(dict(saved, model_type='t5'))),
+      Report(),
+    )
   # The same tensors under a T5 config: the per-layer tables are named, nothing converts.
   disguised = dict(hf_cfg, model_type='t5')
   report = Report()
-  assert hf_t5.convert(tensors, disguised, T5Config(**hf_t5.settings_from_hf(disguised)),
-                       report) == {}
-  assert len(report.errors) == 1 and 'in layers after the first (2 tensors, e.g. decoder.block.' \
-      '1.layer.0.SelfAttention.relative_attention_bias.weight), as umT5' in report.errors[0]
+  assert (
+    hf_t5.convert(tensors, disguised, T5Config(**hf_t5.settings_from_hf(disguised)), report) == {}
+  )
+  assert (
+    len(report.errors) == 1
+    and 'in layers after the first (2 tensors, e.g. decoder.block.'
+    '1.layer.0.SelfAttention.relative_attention_bias.weight), as umT5'
+    in report.errors[0]
+  )
   # Tied copies of `shared` are known to be unused; a copy that differs is an error.
   _, hf_cfg, tensors = _hf_t5_in_memory(tie_word_embeddings=False)
   cfg = T5Config(**hf_t5.settings_from_hf(hf_cfg))
@@ -425,24 +542,44 @@ def test_umt5_refused_and_unused_tensors_are_errors(tmp_path):
     tensors[alias] = tensors['shared.weight'].copy()
   report = Report()
   hf_t5.convert(tensors, hf_cfg, cfg, report)
-  assert not report.errors and report.unused == ['decoder.embed_tokens.weight',
-                                                 'encoder.embed_tokens.weight']
+  assert not report.errors and report.unused == [
+    'decoder.embed_tokens.weight',
+    'encoder.embed_tokens.weight',
+  ]
   tensors['encoder.embed_tokens.weight'][3, 0] += 1
   report = Report()
   hf_t5.convert(tensors, hf_cfg, cfg, report)
-  assert report.errors == ['T5: encoder.embed_tokens.weight differs from shared.weight: separate '
-                           'input embeddings per stack are not supported']
+  assert report.errors == [
+    'T5: encoder.embed_tokens.weight differs from shared.weight: separate '
+    'input embeddings per stack are not supported'
+  ]
 
 
 def test_paligemma_vision_config_without_defaults_matches_reference(tmp_path):
   """A PaliGemma checkpoint whose vision_config leaves transformers' defaults out."""
   torch.manual_seed(2)
   hf_cfg = transformers.PaliGemmaConfig(
-      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, patch_size=16, vision_use_head=False),
-      text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=300),
-      projection_dim=16, vocab_size=300, image_token_index=299)
+    vision_config=dict(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=4,
+      patch_size=16,
+      vision_use_head=False,
+    ),
+    text_config=dict(
+      hidden_size=16,
+      intermediate_size=32,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      num_key_value_heads=1,
+      head_dim=8,
+      vocab_size=300,
+    ),
+    projection_dim=16,
+    vocab_size=300,
+    image_token_index=299,
+  )
   model = transformers.PaliGemmaForConditionalGeneration(hf_cfg).eval()
   _perturb_norms(model)
   folder = str(tmp_path)
@@ -451,8 +588,11 @@ def test_paligemma_vision_config_without_defaults_matches_reference(tmp_path):
   defaults = transformers.SiglipVisionConfig().to_dict()
   with open(os.path.join(folder, 'config.json')) as f:
     config = json.load(f)
-  config['vision_config'] = {k: v for k, v in config['vision_config'].items()
-                             if k == 'model_type' or defaults.get(k, object()) != v}
+  config['vision_config'] = {
+    k: v
+    for k, v in config['vision_config'].items()
+    if k == 'model_type' or defaults.get(k, object()) != v
+  }
   assert 'image_size' not in config['vision_config']
   assert 'hidden_act' not in config['vision_config']
   settings = hf_vision.settings_from_hf(config)
@@ -467,33 +607,48 @@ def test_paligemma_vision_config_without_defaults_matches_reference(tmp_path):
   ours = ViT(cfg).apply({'params': params}, pixels)
   with torch.no_grad():
     ref = model.model.vision_tower(
-        pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))).last_hidden_state
+      pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))
+    ).last_hidden_state
   np.testing.assert_allclose(ours, ref.numpy(), atol=TOL, rtol=0)
   # A tensor no importer knows is an error naming it; so is a tower it cannot read.
   tensors = dict(SafetensorsFolder(folder))
   tensors['vision_tower.encoder.layers.0.extra.weight'] = np.zeros(2, np.float32)
   report = Report()
   hf_vision.convert(tensors, config, cfg, report)
-  assert report.errors == ['ViT: 1 checkpoint tensors are not used by the model and not known '
-                           'to be unused (a checkpoint layout this importer does not read): '
-                           'vision_tower.encoder.layers.0.extra.weight']
+  assert report.errors == [
+    'ViT: 1 checkpoint tensors are not used by the model and not known '
+    'to be unused (a checkpoint layout this importer does not read): '
+    'vision_tower.encoder.layers.0.extra.weight'
+  ]
   with pytest.raises(ConversionError, match="model_type 'siglip2_vision_model' is not supported"):
     hf_vision.settings_from_hf(dict(config, vision_config=dict(model_type='siglip2_vision_model')))
 
 
-@pytest.mark.parametrize('hf_config', [
-    dict(model_type='paligemma'), dict(model_type='paligemma', vision_config=None),
+@pytest.mark.parametrize(
+  'hf_config',
+  [
+    dict(model_type='paligemma'),
+    dict(model_type='paligemma', vision_config=None),
     dict(model_type='paligemma', vision_config={}),
     dict(model_type='paligemma', vision_config=dict(hidden_size=64, patch_size=8)),
-    dict(model_type='siglip'), dict(model_type='siglip', vision_config=dict(image_size=384))],
-    ids=str)
+    dict(model_type='siglip'),
+    dict(model_type='siglip', vision_config=dict(image_size=384)),
+  ],
+  ids=str,
+)
 def test_nested_vision_config_defaults_are_the_towers_transformers_builds(hf_config):
   """Without a vision_config transformers builds PaliGemma's own tower (So400m/14), not SigLIP's
   class defaults; with a dict (even {}) it fills the dict from SigLIP's class defaults."""
   v = transformers.AutoConfig.for_model(**hf_config).vision_config
-  theirs = dict(image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size,
-                depth=v.num_hidden_layers, num_heads=v.num_attention_heads,
-                mlp_dim=v.intermediate_size, layer_norm_epsilon=v.layer_norm_eps,
-                mlp_activation=hf_vision._ACTIVATIONS[v.hidden_act])
+  theirs = dict(
+    image_size=v.image_size,
+    patch_size=v.patch_size,
+    width=v.hidden_size,
+    depth=v.num_hidden_layers,
+    num_heads=v.num_attention_heads,
+    mlp_dim=v.intermediate_size,
+    layer_norm_epsilon=v.layer_norm_eps,
+    mlp_activation=hf_vision._ACTIVATIONS[v.hidden_act],
+  )
   ours = hf_vision.settings_from_hf(hf_config)
   assert {k: ours[k] for k in theirs} == theirs

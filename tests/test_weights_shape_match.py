@@ -9,8 +9,11 @@ pytest.importorskip('transformers')
 from rt2_jax import config_base, config_flags  # noqa: E402
 from rt2_jax.weights import shape_match  # noqa: E402
 
-PUBLIC_CONFIGS = ('configs/pali_3b_public.py', 'configs/pali_large_public.py',
-                  'configs/pali_large_public.py:t5_xxl')
+PUBLIC_CONFIGS = (
+  'configs/pali_3b_public.py',
+  'configs/pali_large_public.py',
+  'configs/pali_large_public.py:t5_xxl',
+)
 
 
 def _keys(config, prefix=''):

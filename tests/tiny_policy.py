@@ -24,15 +24,15 @@ from rt2_jax import actions as actions_lib
 from rt2_jax import config_flags
 
 OVERRIDES = {
-    'model.image_size': 32,
-    'model.vit.depth': 1,
-    'model.vit.width': 64,
-    'model.vit.mlp_dim': 128,
-    'model.t5.num_encoder_layers': 1,
-    'model.t5.num_decoder_layers': 1,
-    'model.t5.emb_dim': 64,
-    'model.t5.mlp_dim': 128,
-    'model.t5.num_heads': 2,
+  'model.image_size': 32,
+  'model.vit.depth': 1,
+  'model.vit.width': 64,
+  'model.vit.mlp_dim': 128,
+  'model.t5.num_encoder_layers': 1,
+  'model.t5.num_decoder_layers': 1,
+  'model.t5.emb_dim': 64,
+  'model.t5.mlp_dim': 128,
+  'model.t5.num_heads': 2,
 }
 
 
@@ -44,16 +44,23 @@ def make_bundle(seed: int = 0, action_decoding: str = 'autoregressive'):
   from rt2_jax.models.vla import VLA
 
   config = config_flags.load_config(
-      'tiny', overrides=dict(OVERRIDES, **{'model.action_decoding': action_decoding}))
+    'tiny', overrides=dict(OVERRIDES, **{'model.action_decoding': action_decoding})
+  )
   action_space = load_spec('bridge_dataset').action_space
   rng = np.random.default_rng(seed)
-  actions = np.concatenate([rng.normal(0, 0.01, (500, 3)), rng.normal(0, 0.05, (500, 3)),
-                            rng.integers(0, 2, (500, 1))], axis=1).astype(np.float32)
+  actions = np.concatenate(
+    [rng.normal(0, 0.01, (500, 3)), rng.normal(0, 0.05, (500, 3)), rng.integers(0, 2, (500, 1))],
+    axis=1,
+  ).astype(np.float32)
   stats = actions_lib.NormStats.compute(actions)
   size = config.model.image_size
-  shapes = jax.eval_shape(VLA(config.model).init, jax.random.key(seed),
-                          jnp.zeros((1, size, size, 3), jnp.uint8), jnp.ones((1, 4), jnp.int32),
-                          jnp.ones((1, 4), jnp.int32))
+  shapes = jax.eval_shape(
+    VLA(config.model).init,
+    jax.random.key(seed),
+    jnp.zeros((1, size, size, 3), jnp.uint8),
+    jnp.ones((1, 4), jnp.int32),
+    jnp.ones((1, 4), jnp.int32),
+  )
   return config, draw_params(nn.unbox(shapes['params']), seed + 1), stats, action_space
 
 
@@ -89,8 +96,12 @@ def write_checkpoint(workdir) -> str:
   config, params, stats, action_space = make_bundle()
   vocab, _ = vocab_lib.from_config(config, action_space)
   ckpt = checkpoints.Checkpointer(str(workdir), async_save=False)
-  ckpt.save(1, {'params': params, 'step': np.int32(1)}, None,
-            checkpoints.make_meta(config, stats, action_space, vocab),
-            checkpoint_assets.make(config, stats, action_space, vocab))
+  ckpt.save(
+    1,
+    {'params': params, 'step': np.int32(1)},
+    None,
+    checkpoints.make_meta(config, stats, action_space, vocab),
+    checkpoint_assets.make(config, stats, action_space, vocab),
+  )
   ckpt.close()
   return os.fspath(workdir)

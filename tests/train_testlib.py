@@ -13,12 +13,25 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JAX_CACHE_DIR = os.path.join(tempfile.gettempdir(), 'rt2_jax_test_compilation_cache')
 
 SMALL = {
-    'model.image_size': 32, 'model.vit.patch_size': 8, 'model.vit.width': 32,
-    'model.vit.depth': 1, 'model.vit.num_heads': 2, 'model.vit.mlp_dim': 64,
-    'model.t5.emb_dim': 32, 'model.t5.num_heads': 2, 'model.t5.head_dim': 16,
-    'model.t5.mlp_dim': 64, 'model.t5.num_encoder_layers': 1, 'model.t5.num_decoder_layers': 1,
-    'data.max_input_len': 16, 'data.max_target_len': 10, 'batch_size': 4, 'log_every': 1,
-    'ckpt.every': 2, 'total_steps': 6, 'optim.warmup_steps': 2,
+  'model.image_size': 32,
+  'model.vit.patch_size': 8,
+  'model.vit.width': 32,
+  'model.vit.depth': 1,
+  'model.vit.num_heads': 2,
+  'model.vit.mlp_dim': 64,
+  'model.t5.emb_dim': 32,
+  'model.t5.num_heads': 2,
+  'model.t5.head_dim': 16,
+  'model.t5.mlp_dim': 64,
+  'model.t5.num_encoder_layers': 1,
+  'model.t5.num_decoder_layers': 1,
+  'data.max_input_len': 16,
+  'data.max_target_len': 10,
+  'batch_size': 4,
+  'log_every': 1,
+  'ckpt.every': 2,
+  'total_steps': 6,
+  'optim.warmup_steps': 2,
 }
 
 
@@ -36,8 +49,9 @@ def set_dotted(config, overrides: dict):
 
 def flags(overrides=None) -> list[str]:
   merged = dict(SMALL, **(overrides or {}))
-  return ([f'--config={os.path.join(REPO_ROOT, "configs", "tiny.py")}']
-          + [f'--config.{k}={v}' for k, v in merged.items()])
+  return [f'--config={os.path.join(REPO_ROOT, "configs", "tiny.py")}'] + [
+    f'--config.{k}={v}' for k, v in merged.items()
+  ]
 
 
 def env(devices: int | None = 1) -> dict:
@@ -61,16 +75,16 @@ def env(devices: int | None = 1) -> dict:
 
 
 # Driver pieces: patches of rt2_jax.data.pipeline.make_train_iterator, then the trainer's CLI.
-_PRELUDE = textwrap.dedent('''
+_PRELUDE = textwrap.dedent("""
     import os, signal, sys, time
     import numpy as np
     from rt2_jax.data import pipeline
     make = pipeline.make_train_iterator
-''')
+""")
 
 # One process reading what `count` processes would read: batches concatenated in process order
 # (= the rows each process contributes to the global batch).
-_EMULATE = textwrap.dedent('''
+_EMULATE = textwrap.dedent("""
     make_single = make
 
     class Concatenated:
@@ -88,11 +102,11 @@ _EMULATE = textwrap.dedent('''
           s.set_state(st)
 
     make = lambda *a, **k: Concatenated(a, k)
-''')
+""")
 
 # At the `at_batch`-th batch drawn it waits until checkpoint `after_ckpt` is complete (if
 # given), then sends `signal` to its own process.
-_FAULT = textwrap.dedent('''
+_FAULT = textwrap.dedent("""
     AT_BATCH, SIGNAL, AFTER_CKPT, WORKDIR = {at_batch}, signal.{signal}, {after_ckpt}, {workdir!r}
 
     class Faulty:
@@ -117,17 +131,26 @@ _FAULT = textwrap.dedent('''
 
     make_unfaulty = make
     make = lambda *a, **k: Faulty(make_unfaulty(*a, **k))
-''')
+""")
 
-_RUN = textwrap.dedent('''
+_RUN = textwrap.dedent("""
     pipeline.make_train_iterator = make
     from rt2_jax import train
     train.run()
-''')
+""")
 
 
-def run_train(workdir, overrides=None, fault=None, timeout=600, check=True, devices=1,
-              emulate_processes=0, cwd=REPO_ROOT, extra_env=None):
+def run_train(
+  workdir,
+  overrides=None,
+  fault=None,
+  timeout=600,
+  check=True,
+  devices=1,
+  emulate_processes=0,
+  cwd=REPO_ROOT,
+  extra_env=None,
+):
   """`fault`: dict(at_batch=, signal='SIGKILL'|'SIGTERM', after_ckpt=None|step).
   `emulate_processes`: N = this one process reads the data of N processes. `workdir` may be
   relative to `cwd`."""
@@ -141,11 +164,18 @@ def run_train(workdir, overrides=None, fault=None, timeout=600, check=True, devi
     cmd = [sys.executable, '-c', code + _RUN, *argv]
   else:
     cmd = [sys.executable, '-m', 'rt2_jax.train', *argv]
-  result = subprocess.run(cmd, cwd=cwd, env={**env(devices), **(extra_env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+  result = subprocess.run(
+    cmd,
+    cwd=cwd,
+    env={**env(devices), **(extra_env or {})},
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   if check and result.returncode != 0:
-    raise AssertionError(f'trainer failed ({result.returncode}):\n{result.stdout}\n'
-                         f'{result.stderr[-4000:]}')
+    raise AssertionError(
+      f'trainer failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}'
+    )
   return result
 
 
@@ -155,5 +185,6 @@ def final_params(workdir):
   bundle = checkpoints.restore_for_inference(workdir)
   from flax import traverse_util
 
-  return bundle.step, {'/'.join(k): np.asarray(v)
-                       for k, v in traverse_util.flatten_dict(bundle.params).items()}
+  return bundle.step, {
+    '/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(bundle.params).items()
+  }

@@ -28,7 +28,7 @@ def realized_rates(it, num_examples: int) -> dict[str, float]:
   seen = 0
   while seen < num_examples:
     assign = it.assignment(it.step)
-    for t in assign[:num_examples - seen]:
+    for t in assign[: num_examples - seen]:
       counts[it.tasks[t].name] += 1
     seen += min(len(assign), num_examples - seen)
     it.step += 1
@@ -41,7 +41,7 @@ def decode_example(batch: dict, j: int, info: dict, vocab, action_vocab, tokeniz
   targets = batch['decoder_target_tokens'][j]
   out = dict(info)
   out['input_ids'] = [int(i) for i in batch['encoder_input_tokens'][j] if i]
-  out['target_ids'] = [int(i) for i in targets[:int((targets != 0).sum())]]
+  out['target_ids'] = [int(i) for i in targets[: int((targets != 0).sum())]]
   out['target_text'] = vocab.decode(targets)
   if batch['is_robot'][j]:
     codec = transforms.ActionCodec(action_vocab, tokenizer)
@@ -56,30 +56,36 @@ def decode_example(batch: dict, j: int, info: dict, vocab, action_vocab, tokeniz
 
 
 def format_example(ex: dict, space) -> str:
-  lines = [f"[{ex['task']}] " + (f"instruction: {ex['instruction']!r}" if ex['instruction']
-                                  else f"{ex.get('kind', 'web')}"),
-           f"  prompt:  {ex['prompt']!r}",
-           f"  target:  {ex['target_text']!r}",
-           f"  input ids:  {ex['input_ids']}",
-           f"  target ids: {ex['target_ids']}"]
+  lines = [
+    f'[{ex["task"]}] '
+    + (f'instruction: {ex["instruction"]!r}' if ex['instruction'] else f'{ex.get("kind", "web")}'),
+    f'  prompt:  {ex["prompt"]!r}',
+    f'  target:  {ex["target_text"]!r}',
+    f'  input ids:  {ex["input_ids"]}',
+    f'  target ids: {ex["target_ids"]}',
+  ]
   if ex.get('plan'):
-    lines.append(f"  plan: {ex['plan']!r}")
+    lines.append(f'  plan: {ex["plan"]!r}')
   if ex.get('points'):
-    lines.append('  points (slot: x, y in [0, 1]): ' + ', '.join(
-        f'{k}: ({x:.3f}, {y:.3f})' for k, (x, y) in ex['points'].items()))
+    lines.append(
+      '  points (slot: x, y in [0, 1]): '
+      + ', '.join(f'{k}: ({x:.3f}, {y:.3f})' for k, (x, y) in ex['points'].items())
+    )
   if 'episode_id' in ex:
-    lines.append(f"  episode {ex['episode_id']} step {ex['step_id']}")
+    lines.append(f'  episode {ex["episode_id"]} step {ex["step_id"]}')
   if 'decoded_action' in ex:
     units = [f.unit for f in space.fields for _ in range(f.width)]
-    lines.append(f"  {'dimension':<28}{'recorded':>12}{'from tokens':>14}{'bin':>6}  unit")
+    lines.append(f'  {"dimension":<28}{"recorded":>12}{"from tokens":>14}{"bin":>6}  unit')
     bins = iter(ex['bins'])
     for f in space.fields:
       b = [next(bins)] if f.kind == 'onehot' else [next(bins) for _ in range(f.width)]
       for k, name in enumerate(f.dim_names()):
         i = space.dim_names.index(name)
         shown = b[0] if f.kind == 'onehot' else b[k]
-        lines.append(f'  {name:<28}{ex["action"][i]:>12.4f}{ex["decoded_action"][i]:>14.4f}'
-                     f'{shown:>6}  {units[i]}')
+        lines.append(
+          f'  {name:<28}{ex["action"][i]:>12.4f}{ex["decoded_action"][i]:>14.4f}'
+          f'{shown:>6}  {units[i]}'
+        )
   return '\n'.join(lines)
 
 
@@ -132,12 +138,15 @@ def inspect(config, num: int = 5, sample: int = 2000, out: str = '', progress=pr
   for ex in examples:
     print(format_example(ex, space))
   if out:
-    titles = [f"{ex['prompt']} -> {ex['target_text']}" for ex in examples]
+    titles = [f'{ex["prompt"]} -> {ex["target_text"]}' for ex in examples]
     save_grid(out, images, titles)
     print(f'\nwrote {out}')
-  return {'tasks': {t.name: len(t) for t in it.tasks}, 'realized': realized,
-          'rates': dict(zip([t.name for t in it.tasks], it.rates.tolist(), strict=False)),
-          'examples': examples}
+  return {
+    'tasks': {t.name: len(t) for t in it.tasks},
+    'realized': realized,
+    'rates': dict(zip([t.name for t in it.tasks], it.rates.tolist(), strict=False)),
+    'examples': examples,
+  }
 
 
 def main():

@@ -58,8 +58,9 @@ class DemoSettings:
   def __post_init__(self):
     object.__setattr__(self, 'tasks', tuple(mw.parse_tasks(self.tasks)))
     if self.episodes < 1 or self.val_episodes < 0:
-      raise ValueError(f'need episodes >= 1 and val_episodes >= 0, got {self.episodes}, '
-                       f'{self.val_episodes}')
+      raise ValueError(
+        f'need episodes >= 1 and val_episodes >= 0, got {self.episodes}, {self.val_episodes}'
+      )
     mw.RenderSettings(self.image_size, self.camera)  # validates
 
   def to_json(self) -> dict:
@@ -85,6 +86,7 @@ _COLORS = {(1, 0, 0): 'red', (0, 1, 0): 'green', (0, 0, 1): 'blue', (0, 0, 0): '
 def _goal_site(env: mw.TaskEnv):
   """(world position, colour word) of the visible goal marker, or None."""
   import mujoco
+
   model, data = env.raw.model, env.raw.data
   site = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, 'goal')
   if site < 0 or model.site_rgba[site][3] < 0.5 or model.site_group[site] > 2:
@@ -105,10 +107,10 @@ def scene_questions(env: mw.TaskEnv, ts: mw.TimeStep) -> list[dict]:
   gripper_open = bool(ts.state[3] > 0.65)  # 1.0 fully open, about 0.3 closed
   yes_no = ('no', 'yes')
   lines = [
-      dict(question='What object is on the table?', answer=obj),
-      dict(question='Is the gripper open?', answer=yes_no[gripper_open]),
-      dict(question='Is the task done?', answer=yes_no[bool(ts.success)]),
-      dict(question='Where is the gripper?', answer=_region(*env.project(hand), size)),
+    dict(question='What object is on the table?', answer=obj),
+    dict(question='Is the gripper open?', answer=yes_no[gripper_open]),
+    dict(question='Is the task done?', answer=yes_no[bool(ts.success)]),
+    dict(question='Where is the gripper?', answer=_region(*env.project(hand), size)),
   ]
   goal = _goal_site(env)
   if goal is not None:
@@ -120,8 +122,14 @@ def scene_questions(env: mw.TaskEnv, ts: mw.TimeStep) -> list[dict]:
       opened = ts.success if task.startswith(f'{noun}-open') else not ts.success
       lines.append(dict(question=f'Is the {noun} open?', answer=yes_no[bool(opened)]))
   near = np.linalg.norm(hand - env.object_position()) < 0.08
-  lines.append(dict(caption=(f'robot arm {"touching" if near else "next to"} the {obj}, '
-                             f'gripper {"open" if gripper_open else "closed"}')))
+  lines.append(
+    dict(
+      caption=(
+        f'robot arm {"touching" if near else "next to"} the {obj}, '
+        f'gripper {"open" if gripper_open else "closed"}'
+      )
+    )
+  )
   return lines
 
 
@@ -154,8 +162,15 @@ def expert_episode(env: mw.TaskEnv, seed: int, max_steps: int, web_frames: int) 
     return None
   frames = np.linspace(0, len(images) - 1, max(web_frames, 0)).round().astype(int)
   web = [(int(t), questions[t]) for t in sorted(set(frames.tolist()))]
-  return Episode(env.task, seed, mw.INSTRUCTIONS[env.task], np.stack(images), np.stack(states),
-                 np.stack(actions), web)
+  return Episode(
+    env.task,
+    seed,
+    mw.INSTRUCTIONS[env.task],
+    np.stack(images),
+    np.stack(states),
+    np.stack(actions),
+    web,
+  )
 
 
 def to_rlds(ep: Episode) -> dict:
@@ -167,18 +182,23 @@ def to_rlds(ep: Episode) -> dict:
   for t in range(n):
     last = t == n - 1
     solved = t >= n - 2  # the last movement solves the task; the terminate step keeps it solved
-    steps.append(dict(
+    steps.append(
+      dict(
         observation=dict(image=ep.images[t], state=ep.states[t]),
         language_instruction=ep.instruction,
         action=actions[t],
         terminate_episode=np.float32(last),
         reward=np.float32(solved),
         discount=np.float32(1.0),
-        is_first=t == 0, is_last=last, is_terminal=last,
+        is_first=t == 0,
+        is_last=last,
+        is_terminal=last,
         success=bool(last),
-    ))
-  return dict(steps=steps, episode_metadata=dict(task=ep.task, seed=ep.seed, num_steps=n,
-                                                 success=True))
+      )
+    )
+  return dict(
+    steps=steps, episode_metadata=dict(task=ep.task, seed=ep.seed, num_steps=n, success=True)
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,12 +211,18 @@ def _episode_job(args) -> tuple[str, int, Episode | None, float]:
   task, seed, settings = args
   env = _WORKER_ENVS.get(task)
   if env is None:
-    env = _WORKER_ENVS[task] = mw.TaskEnv(task, mw.RenderSettings(settings.image_size,
-                                                                  settings.camera),
-                                          max_steps=min(500, settings.max_steps + 1))
+    env = _WORKER_ENVS[task] = mw.TaskEnv(
+      task,
+      mw.RenderSettings(settings.image_size, settings.camera),
+      max_steps=min(500, settings.max_steps + 1),
+    )
   start = time.time()
-  return task, seed, expert_episode(env, seed, settings.max_steps, settings.web_frames), \
-      time.time() - start
+  return (
+    task,
+    seed,
+    expert_episode(env, seed, settings.max_steps, settings.web_frames),
+    time.time() - start,
+  )
 
 
 def _seed_stream(task: str, base: int, wanted: int, settings: DemoSettings):
@@ -218,20 +244,28 @@ class _Collector:
     # dataset here) crash when loaded into one process (rt2_jax/envs/worker.py).
     if self._workers is None:
       from rt2_jax.envs.worker import Workers
+
       self._workers = Workers(max(1, self.workers))
     n = len(self._workers)
     for i in range(0, len(jobs), n):
-      wave = jobs[i:i + n]
-      yield from self._workers.run([(j, f'{__name__}:_episode_job', (job,))
-                                    for j, job in enumerate(wave)])
+      wave = jobs[i : i + n]
+      yield from self._workers.run(
+        [(j, f'{__name__}:_episode_job', (job,)) for j, job in enumerate(wave)]
+      )
 
   def episodes(self, split: str, per_task: int) -> Iterator[Episode]:
     from tqdm.auto import tqdm
 
     base = 0 if split == 'train' else VAL_SEED_BASE
     total = per_task * len(self.settings.tasks)
-    bar = tqdm(total=total, desc=f'{split} demos', unit='ep', disable=not self.progress,
-               dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(
+      total=total,
+      desc=f'{split} demos',
+      unit='ep',
+      disable=not self.progress,
+      dynamic_ncols=True,
+      file=sys.stdout,
+    )
     used = self.manifest['splits'].setdefault(split, {})
     start = time.time()
     steps = 0
@@ -244,10 +278,11 @@ class _Collector:
         wave = [job for _, job in zip(range(per_task - len(used[task])), jobs, strict=False)]
         if not wave:
           raise RuntimeError(
-              f'{task}: the scripted expert solved only {len(used[task])} of '
-              f'{per_task * self.settings.max_attempts_factor} {split} seeds within '
-              f'{self.settings.max_steps} steps (failed seeds {failed}); lower --episodes or '
-              'raise --max_steps')
+            f'{task}: the scripted expert solved only {len(used[task])} of '
+            f'{per_task * self.settings.max_attempts_factor} {split} seeds within '
+            f'{self.settings.max_steps} steps (failed seeds {failed}); lower --episodes or '
+            'raise --max_steps'
+          )
         for _, seed, ep, _ in self._map(wave):
           if ep is None:
             failed.append(seed)
@@ -271,8 +306,9 @@ class _Collector:
       name = f'{split}_{ep.task}_{ep.seed}_{t:03d}.png'
       Image.fromarray(ep.images[t]).save(os.path.join(image_dir, name))
       for line in lines:
-        self.web_lines[split].append({'image': f'images/{name}', **line,
-                                      'task': ep.task, 'seed': ep.seed, 'step': t})
+        self.web_lines[split].append(
+          {'image': f'images/{name}', **line, 'task': ep.task, 'seed': ep.seed, 'step': t}
+        )
 
   def close(self):
     if self._workers is not None:
@@ -305,16 +341,24 @@ def builder_class():
 
     def _info(self):
       s = self._image_size
-      step = tfds.features.FeaturesDict({
-          'observation': tfds.features.FeaturesDict({
-              'image': tfds.features.Image(shape=(s, s, 3), dtype=np.uint8,
-                                           encoding_format='png', doc='Camera, right side up.'),
-              'state': tfds.features.Tensor(shape=(mw.STATE_DIM,), dtype=np.float32,
-                                            doc='Meta-World state (goal observable).'),
-          }),
+      step = tfds.features.FeaturesDict(
+        {
+          'observation': tfds.features.FeaturesDict(
+            {
+              'image': tfds.features.Image(
+                shape=(s, s, 3), dtype=np.uint8, encoding_format='png', doc='Camera, right side up.'
+              ),
+              'state': tfds.features.Tensor(
+                shape=(mw.STATE_DIM,), dtype=np.float32, doc='Meta-World state (goal observable).'
+              ),
+            }
+          ),
           'language_instruction': tfds.features.Text(),
-          'action': tfds.features.Tensor(shape=(mw.ACTION_DIM,), dtype=np.float32,
-                                         doc='xyz delta in [-1, 1] (1 = 1 cm), gripper effort.'),
+          'action': tfds.features.Tensor(
+            shape=(mw.ACTION_DIM,),
+            dtype=np.float32,
+            doc='xyz delta in [-1, 1] (1 = 1 cm), gripper effort.',
+          ),
           'terminate_episode': tfds.features.Scalar(dtype=np.float32),
           'reward': tfds.features.Scalar(dtype=np.float32),
           'discount': tfds.features.Scalar(dtype=np.float32),
@@ -322,21 +366,26 @@ def builder_class():
           'is_last': tfds.features.Scalar(dtype=np.bool_),
           'is_terminal': tfds.features.Scalar(dtype=np.bool_),
           'success': tfds.features.Scalar(dtype=np.bool_),
-      })
+        }
+      )
       # DatasetInfo directly: dataset_info_from_configs looks for a package folder of metadata.
       return tfds.core.DatasetInfo(
-          builder=self,
-          description=__doc__,
-          features=tfds.features.FeaturesDict({
-              'steps': tfds.features.Dataset(step),
-              'episode_metadata': tfds.features.FeaturesDict({
-                  'task': tfds.features.Text(),
-                  'seed': tfds.features.Scalar(dtype=np.int64),
-                  'num_steps': tfds.features.Scalar(dtype=np.int32),
-                  'success': tfds.features.Scalar(dtype=np.bool_),
-              }),
-          }),
-          homepage='https://github.com/Farama-Foundation/Metaworld',
+        builder=self,
+        description=__doc__,
+        features=tfds.features.FeaturesDict(
+          {
+            'steps': tfds.features.Dataset(step),
+            'episode_metadata': tfds.features.FeaturesDict(
+              {
+                'task': tfds.features.Text(),
+                'seed': tfds.features.Scalar(dtype=np.int64),
+                'num_steps': tfds.features.Scalar(dtype=np.int32),
+                'success': tfds.features.Scalar(dtype=np.bool_),
+              }
+            ),
+          }
+        ),
+        homepage='https://github.com/Farama-Foundation/Metaworld',
       )
 
     def _split_generators(self, dl_manager):
@@ -365,23 +414,32 @@ def builder_dir(out: str) -> str:
 
 def read_manifest(out: str) -> dict | None:
   path = os.path.join(out, MANIFEST)
-  if not os.path.exists(path) or not os.path.exists(os.path.join(builder_dir(out),
-                                                                 'dataset_info.json')):
+  if not os.path.exists(path) or not os.path.exists(
+    os.path.join(builder_dir(out), 'dataset_info.json')
+  ):
     return None
   with open(path) as f:
     return json.load(f)
 
 
-def generate(settings: DemoSettings, out: str, *, workers: int = 1, overwrite: bool = False,
-             progress: bool = True) -> dict:
+def generate(
+  settings: DemoSettings,
+  out: str,
+  *,
+  workers: int = 1,
+  overwrite: bool = False,
+  progress: bool = True,
+) -> dict:
   """Writes the dataset, the web JSONL and the manifest under `out`; returns the manifest."""
   import tensorflow_datasets as tfds
 
   out = os.path.abspath(os.path.expanduser(out))
   if os.path.exists(builder_dir(out)) or os.path.exists(os.path.join(out, 'web')):
     if not overwrite:
-      raise FileExistsError(f'{out} already holds Meta-World demos; pass --overwrite to replace '
-                            'them (or ensure_demos() to reuse matching ones)')
+      raise FileExistsError(
+        f'{out} already holds Meta-World demos; pass --overwrite to replace '
+        'them (or ensure_demos() to reuse matching ones)'
+      )
     shutil.rmtree(os.path.join(out, DATASET_NAME), ignore_errors=True)
     shutil.rmtree(os.path.join(out, 'web'), ignore_errors=True)
   os.makedirs(out, exist_ok=True)
@@ -390,8 +448,11 @@ def generate(settings: DemoSettings, out: str, *, workers: int = 1, overwrite: b
   try:
     tfds.disable_progress_bar()  # ours counts episodes and steps
     builder = builder_class()(collector=collector, image_size=settings.image_size, data_dir=out)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+        compute_stats=tfds.download.ComputeStatsMode.SKIP
+      )
+    )
   finally:
     collector.close()
   for split, lines in collector.web_lines.items():
@@ -400,16 +461,20 @@ def generate(settings: DemoSettings, out: str, *, workers: int = 1, overwrite: b
         for line in lines:
           f.write(json.dumps(line) + '\n')
   manifest = collector.manifest
-  manifest.update(builder_dir=builder_dir(out), web={k: len(v) for k, v in
-                                                     collector.web_lines.items()},
-                  total_seconds=round(time.time() - start, 1), version=DATASET_VERSION)
+  manifest.update(
+    builder_dir=builder_dir(out),
+    web={k: len(v) for k, v in collector.web_lines.items()},
+    total_seconds=round(time.time() - start, 1),
+    version=DATASET_VERSION,
+  )
   with open(os.path.join(out, MANIFEST), 'w') as f:
     json.dump(manifest, f, indent=1)
   return manifest
 
 
-def ensure_demos(settings: DemoSettings, out: str, *, workers: int = 1, progress: bool = True,
-                 log=print) -> dict:
+def ensure_demos(
+  settings: DemoSettings, out: str, *, workers: int = 1, progress: bool = True, log=print
+) -> dict:
   """Reuses demos under `out` written with the same settings, else (re)generates them."""
   manifest = read_manifest(out)
   if manifest is not None and manifest.get('settings') == settings.to_json():
@@ -422,14 +487,18 @@ def ensure_demos(settings: DemoSettings, out: str, *, workers: int = 1, progress
 
 def summary(manifest: dict) -> str:
   s = manifest['settings']
-  parts = [f'{split}: {sum(len(v) for v in seeds.values())} episodes, '
-           f'{manifest.get("steps", {}).get(split, 0)} steps, '
-           f'{manifest.get("seconds", {}).get(split, 0)} s'
-           for split, seeds in manifest['splits'].items()]
+  parts = [
+    f'{split}: {sum(len(v) for v in seeds.values())} episodes, '
+    f'{manifest.get("steps", {}).get(split, 0)} steps, '
+    f'{manifest.get("seconds", {}).get(split, 0)} s'
+    for split, seeds in manifest['splits'].items()
+  ]
   failed = sum(len(v) for v in manifest['failed_seeds'].values())
-  return (f'{len(s["tasks"])} tasks at {s["image_size"]} px: {"; ".join(parts)}; '
-          f'expert failures skipped: {failed}; web lines {manifest.get("web")}; '
-          f'-> {manifest["builder_dir"]}')
+  return (
+    f'{len(s["tasks"])} tasks at {s["image_size"]} px: {"; ".join(parts)}; '
+    f'expert failures skipped: {failed}; web lines {manifest.get("web")}; '
+    f'-> {manifest["builder_dir"]}'
+  )
 
 
 def main(argv: Sequence[str]):
@@ -437,9 +506,15 @@ def main(argv: Sequence[str]):
 
   del argv
   f = flags.FLAGS
-  settings = DemoSettings(tasks=tuple(mw.parse_tasks(f.tasks)), episodes=f.episodes,
-                          val_episodes=f.val_episodes, image_size=f.image_size, camera=f.camera,
-                          max_steps=f.max_steps, web_frames=f.web_frames)
+  settings = DemoSettings(
+    tasks=tuple(mw.parse_tasks(f.tasks)),
+    episodes=f.episodes,
+    val_episodes=f.val_episodes,
+    image_size=f.image_size,
+    camera=f.camera,
+    max_steps=f.max_steps,
+    web_frames=f.web_frames,
+  )
   manifest = generate(settings, f.out, workers=f.workers, overwrite=f.overwrite)
   print(summary(manifest))
 

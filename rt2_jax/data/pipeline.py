@@ -44,8 +44,17 @@ from rt2_jax.data.spec import DatasetSpec, load_spec
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 STATE_VERSION = 1
-MODEL_KEYS = ('image', 'encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
-              'decoder_loss_weights', 'is_robot', 'action_loss_mask', 'actions', 'pointer_xy')
+MODEL_KEYS = (
+  'image',
+  'encoder_input_tokens',
+  'decoder_input_tokens',
+  'decoder_target_tokens',
+  'decoder_loss_weights',
+  'is_robot',
+  'action_loss_mask',
+  'actions',
+  'pointer_xy',
+)
 
 
 # --- What the config asks for. ---
@@ -65,8 +74,10 @@ def robot_data_dir(config, progress=print) -> str:
   if d.robot.data_dir:
     return d.robot.data_dir
   if not d.get('synthetic_if_missing', False):
-    raise ValueError('data.robot.data_dir is empty: set it to a TFDS builder folder of '
-                     f'{d.robot.spec}, or set data.synthetic_if_missing=True for generated data')
+    raise ValueError(
+      'data.robot.data_dir is empty: set it to a TFDS builder folder of '
+      f'{d.robot.spec}, or set data.synthetic_if_missing=True for generated data'
+    )
   return synthetic.robot_dataset(robot_spec(config).name, progress=progress)
 
 
@@ -88,9 +99,15 @@ def norm_stats(config, progress=print) -> NormStats:
     from rt2_jax.data import stats as stats_lib
 
     return stats_lib.load(d.robot.stats_path)
-  records = rlds.read_split(robot_spec(config), robot_data_dir(config, progress),
-                            robot_split(config), image_size=0, bad_data=d.bad_data,
-                            cache_dir=d.get('cache_dir', ''), progress=progress)
+  records = rlds.read_split(
+    robot_spec(config),
+    robot_data_dir(config, progress),
+    robot_split(config),
+    image_size=0,
+    bad_data=d.bad_data,
+    cache_dir=d.get('cache_dir', ''),
+    progress=progress,
+  )
   return NormStats.compute(records.actions)
 
 
@@ -109,19 +126,25 @@ def register_from_config(config, progress=print) -> str:
   if rate > 0:
     spec = robot_spec(config)
     task = tasks.register_task(
-        tasks.robot_task(spec, robot_data_dir(config, progress), robot_split(config)))
+      tasks.robot_task(spec, robot_data_dir(config, progress), robot_split(config))
+    )
     entries.append((task.name, rate))
   if rate < 1:
     web_tasks = []
     if d.web.get('jsonl', ''):
       web_tasks.append(tasks.web_jsonl_task(d.web.jsonl))
     if d.web.get('tfds_name', ''):
-      web_tasks.append(tasks.web_tfds_task(d.web.tfds_name, d.web.get('tfds_data_dir', ''),
-                                           d.web.get('tfds_split', 'train')))
+      web_tasks.append(
+        tasks.web_tfds_task(
+          d.web.tfds_name, d.web.get('tfds_data_dir', ''), d.web.get('tfds_split', 'train')
+        )
+      )
     if not web_tasks:
       if not d.get('synthetic_if_missing', False):
-        raise ValueError(f'data.robot_rate={rate} asks for web data, but data.web.jsonl and '
-                         'data.web.tfds_name are empty (or set data.synthetic_if_missing=True)')
+        raise ValueError(
+          f'data.robot_rate={rate} asks for web data, but data.web.jsonl and '
+          'data.web.tfds_name are empty (or set data.synthetic_if_missing=True)'
+        )
       web_tasks.append(tasks.web_jsonl_task(synthetic.web_jsonl(progress), 'web/synthetic'))
     for task in web_tasks:
       tasks.register_task(task)
@@ -137,18 +160,28 @@ def register_from_config(config, progress=print) -> str:
 class MixtureIterator:
   """Batches of this process's share of a global batch, drawn from tasks at fixed rates."""
 
-  def __init__(self, task_data: list, rates, global_batch_size: int, seed: int = 0,
-               process_index: int = 0, process_count: int = 1, action_dim: int = 0):
+  def __init__(
+    self,
+    task_data: list,
+    rates,
+    global_batch_size: int,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    action_dim: int = 0,
+  ):
     if global_batch_size % process_count:
-      raise ValueError(f'batch_size={global_batch_size} is not divisible by the '
-                       f'{process_count} processes')
+      raise ValueError(
+        f'batch_size={global_batch_size} is not divisible by the {process_count} processes'
+      )
     if len(task_data) != len(rates) or not task_data:
       raise ValueError('need one rate per task, and at least one task')
     for t in task_data:
       if not len(t):
         raise ValueError(f'task {t.name} has no examples on process {process_index}')
-    shapes = {t.name: (t.images.shape[1:], t.encoder_table.shape[1], t.targets.shape[1])
-              for t in task_data}
+    shapes = {
+      t.name: (t.images.shape[1:], t.encoder_table.shape[1], t.targets.shape[1]) for t in task_data
+    }
     if len(set(shapes.values())) > 1:
       raise ValueError(f'tasks disagree on image shape / input / target length: {shapes}')
     self.tasks = list(task_data)
@@ -163,8 +196,9 @@ class MixtureIterator:
       raise ValueError(f'robot tasks have different action widths {robot_dims}')
     self.action_dim = robot_dims.pop() if robot_dims else action_dim
     # Pointer slots per example: the widest task's; narrower tasks leave the rest NaN.
-    self.num_points = max([t.points.shape[1] for t in self.tasks if t.points is not None],
-                          default=1)
+    self.num_points = max(
+      [t.points.shape[1] for t in self.tasks if t.points is not None], default=1
+    )
     self.step = 0
     self.consumed = [0] * len(self.tasks)
     self._perms: dict[int, tuple[int, np.ndarray]] = {}
@@ -174,8 +208,11 @@ class MixtureIterator:
 
   def assignment(self, step: int) -> np.ndarray:
     """Task index of each local example of global step `step`."""
-    g = (np.int64(step) * self.global_batch_size + self.process_index * self.batch_size
-         + np.arange(self.batch_size, dtype=np.int64))
+    g = (
+      np.int64(step) * self.global_batch_size
+      + self.process_index * self.batch_size
+      + np.arange(self.batch_size, dtype=np.int64)
+    )
     u = np.mod(g.astype(np.float64) * GOLDEN + self._offset, 1.0)
     return np.searchsorted(self._edges, u, side='right').astype(np.int32)
 
@@ -205,13 +242,13 @@ class MixtureIterator:
     first = self.tasks[0]
     length = first.targets.shape[1]
     batch = {
-        'image': np.empty((b, *first.images.shape[1:]), np.uint8),
-        'encoder_input_tokens': np.zeros((b, first.encoder_table.shape[1]), np.int32),
-        'decoder_target_tokens': np.zeros((b, length), np.int32),
-        'is_robot': np.zeros(b, bool),
-        'action_loss_mask': np.zeros((b, length), np.float32),
-        'actions': np.zeros((b, self.action_dim), np.float32),
-        'pointer_xy': np.full((b, self.num_points, 2), np.nan, np.float32),
+      'image': np.empty((b, *first.images.shape[1:]), np.uint8),
+      'encoder_input_tokens': np.zeros((b, first.encoder_table.shape[1]), np.int32),
+      'decoder_target_tokens': np.zeros((b, length), np.int32),
+      'is_robot': np.zeros(b, bool),
+      'action_loss_mask': np.zeros((b, length), np.float32),
+      'actions': np.zeros((b, self.action_dim), np.float32),
+      'pointer_xy': np.full((b, self.num_points, 2), np.nan, np.float32),
     }
     examples = [None] * b
     positions_of_length = np.arange(length)
@@ -227,16 +264,18 @@ class MixtureIterator:
       if task.is_robot:
         batch['is_robot'][where] = True
         start = task.action_start[idx][:, None]
-        batch['action_loss_mask'][where] = ((positions_of_length >= start) & (
-            positions_of_length < start + task.num_action_tokens)).astype(np.float32)
+        batch['action_loss_mask'][where] = (
+          (positions_of_length >= start) & (positions_of_length < start + task.num_action_tokens)
+        ).astype(np.float32)
         batch['actions'][where] = task.actions[idx]
       if task.points is not None:
-        batch['pointer_xy'][where, :task.points.shape[1]] = task.points[idx]
+        batch['pointer_xy'][where, : task.points.shape[1]] = task.points[idx]
       for w, i in zip(where, idx, strict=False):
         examples[w] = (int(t), int(i))
     targets = batch['decoder_target_tokens']
     batch['decoder_input_tokens'] = np.concatenate(
-        [np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1)
+      [np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1
+    )
     batch['decoder_loss_weights'] = (targets != 0).astype(np.float32)
     self.last_examples = examples
     return {k: batch[k] for k in MODEL_KEYS}
@@ -252,24 +291,36 @@ class MixtureIterator:
   # State.
 
   def _fingerprint(self) -> dict:
-    return {'seed': self.seed, 'global_batch_size': self.global_batch_size,
-            'process_index': self.process_index, 'process_count': self.process_count,
-            'tasks': {t.name: len(t) for t in self.tasks}, 'rates': self.rates.round(6).tolist()}
+    return {
+      'seed': self.seed,
+      'global_batch_size': self.global_batch_size,
+      'process_index': self.process_index,
+      'process_count': self.process_count,
+      'tasks': {t.name: len(t) for t in self.tasks},
+      'rates': self.rates.round(6).tolist(),
+    }
 
   def get_state(self) -> dict:
-    return {'version': STATE_VERSION, 'step': self.step,
-            'consumed': {t.name: c for t, c in zip(self.tasks, self.consumed, strict=False)},
-            'fingerprint': self._fingerprint()}
+    return {
+      'version': STATE_VERSION,
+      'step': self.step,
+      'consumed': {t.name: c for t, c in zip(self.tasks, self.consumed, strict=False)},
+      'fingerprint': self._fingerprint(),
+    }
 
   def set_state(self, state) -> None:
     if state.get('version') != STATE_VERSION:
-      raise ValueError(f'data iterator state version {state.get("version")}, expected '
-                       f'{STATE_VERSION}')
+      raise ValueError(
+        f'data iterator state version {state.get("version")}, expected {STATE_VERSION}'
+      )
     saved, now = state.get('fingerprint', {}), self._fingerprint()
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if changed:
-      warnings.warn(f'resuming the data stream with a different setup, so it will not continue '
-                    f'exactly: {changed} (saved, now)', stacklevel=2)
+      warnings.warn(
+        f'resuming the data stream with a different setup, so it will not continue '
+        f'exactly: {changed} (saved, now)',
+        stacklevel=2,
+      )
     self.step = int(state['step'])
     self.consumed = [int(state['consumed'].get(t.name, 0)) for t in self.tasks]
     self._perms.clear()
@@ -283,8 +334,9 @@ class MixtureIterator:
     return out
 
 
-def make_train_iterator(config, vocab, action_vocab, stats, process_index=None,
-                        process_count=None, progress=print) -> MixtureIterator:
+def make_train_iterator(
+  config, vocab, action_vocab, stats, process_index=None, process_count=None, progress=print
+) -> MixtureIterator:
   """The training iterator of `config` (see the module docstring)."""
   if process_index is None or process_count is None:
     import jax
@@ -292,15 +344,25 @@ def make_train_iterator(config, vocab, action_vocab, stats, process_index=None,
     process_index, process_count = jax.process_index(), jax.process_count()
   start = time.time()
   mixture = tasks.get_mixture(register_from_config(config, progress))
-  context = tasks.Context(config, vocab, action_vocab, stats, process_index, process_count,
-                          progress)
+  context = tasks.Context(
+    config, vocab, action_vocab, stats, process_index, process_count, progress
+  )
   task_data = mixture.build(context)
-  it = MixtureIterator(task_data, mixture.rates(), config.batch_size, config.seed,
-                       process_index, process_count,
-                       action_dim=action_space(config).dim if config.data.robot.spec else 0)
+  it = MixtureIterator(
+    task_data,
+    mixture.rates(),
+    config.batch_size,
+    config.seed,
+    process_index,
+    process_count,
+    action_dim=action_space(config).dim if config.data.robot.spec else 0,
+  )
   if progress:
-    sizes = ', '.join(f'{t.name}: {len(t)} x {r:.2f}' for t, r in zip(task_data, it.rates, strict=False))
-    progress(f'data mixture {mixture.name} ({sizes}), {it.batch_size} examples a batch on '
-             f'process {process_index}/{process_count}, ready in {time.time() - start:.1f}s')
+    sizes = ', '.join(
+      f'{t.name}: {len(t)} x {r:.2f}' for t, r in zip(task_data, it.rates, strict=False)
+    )
+    progress(
+      f'data mixture {mixture.name} ({sizes}), {it.batch_size} examples a batch on '
+      f'process {process_index}/{process_count}, ready in {time.time() - start:.1f}s'
+    )
   return it
-

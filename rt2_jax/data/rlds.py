@@ -92,21 +92,37 @@ class StepRecords:
 
   def select(self, index: np.ndarray) -> StepRecords:
     index = np.asarray(index)
-    arrays = {f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)
-              if isinstance(getattr(self, f.name), np.ndarray)}
+    arrays = {
+      f.name: getattr(self, f.name)[index]
+      for f in dataclasses.fields(self)
+      if isinstance(getattr(self, f.name), np.ndarray)
+    }
     # Keep only the texts the selected steps use.
     used = np.unique(arrays['instruction_index'])
-    arrays['instruction_index'] = np.searchsorted(used, arrays['instruction_index']).astype(np.int32)
+    arrays['instruction_index'] = np.searchsorted(used, arrays['instruction_index']).astype(
+      np.int32
+    )
     used_plans = np.unique(arrays['plan_index'][arrays['plan_index'] >= 0])
-    arrays['plan_index'] = np.where(arrays['plan_index'] >= 0, np.searchsorted(
-        used_plans, arrays['plan_index']), -1).astype(np.int32)
-    return dataclasses.replace(self, **arrays, instructions=[self.instructions[i] for i in used],
-                               plans=[self.plans[i] for i in used_plans])
+    arrays['plan_index'] = np.where(
+      arrays['plan_index'] >= 0, np.searchsorted(used_plans, arrays['plan_index']), -1
+    ).astype(np.int32)
+    return dataclasses.replace(
+      self,
+      **arrays,
+      instructions=[self.instructions[i] for i in used],
+      plans=[self.plans[i] for i in used_plans],
+    )
 
   def save(self, path: str) -> None:
     os.makedirs(path, exist_ok=True)
-    meta = {'format': _CACHE_FORMAT, 'name': self.name, 'instructions': self.instructions,
-            'plans': self.plans, 'skipped': self.skipped, 'source': self.source}
+    meta = {
+      'format': _CACHE_FORMAT,
+      'name': self.name,
+      'instructions': self.instructions,
+      'plans': self.plans,
+      'skipped': self.skipped,
+      'source': self.source,
+    }
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
       if isinstance(value, np.ndarray):
@@ -125,8 +141,14 @@ class StepRecords:
       file = os.path.join(path, f'{f.name}.npy')
       if os.path.exists(file):
         arrays[f.name] = np.load(file, mmap_mode='r' if mmap and f.name == 'images' else None)
-    return cls(**arrays, name=meta['name'], instructions=meta['instructions'],
-               plans=meta['plans'], skipped=meta['skipped'], source=meta['source'])
+    return cls(
+      **arrays,
+      name=meta['name'],
+      instructions=meta['instructions'],
+      plans=meta['plans'],
+      skipped=meta['skipped'],
+      source=meta['source'],
+    )
 
 
 # --- Locating the builder folder and checking the spec against its features. ---
@@ -164,15 +186,20 @@ def resolve_builder_dir(data_dir: str, name: str = '') -> str:
   for base in candidates:
     if not fs.isdir(base):
       continue
-    versions = [v.rstrip('/') for v in fs.listdir(base)
-                if fs.exists(f'{base}/{v.rstrip("/")}/dataset_info.json')]
+    versions = [
+      v.rstrip('/')
+      for v in fs.listdir(base)
+      if fs.exists(f'{base}/{v.rstrip("/")}/dataset_info.json')
+    ]
     if versions:
       best = max(versions, key=lambda v: [int(x) if x.isdigit() else -1 for x in v.split('.')])
       return f'{base}/{best}'
   if not fs.exists(data_dir):
     raise DataError(f'dataset folder {data_dir} does not exist')
-  raise DataError(f'{data_dir} is not a TFDS builder folder (no dataset_info.json there, nor in '
-                  f'{name or "NAME"}/VERSION/ below it); it holds {sorted(fs.listdir(data_dir))[:20]}')
+  raise DataError(
+    f'{data_dir} is not a TFDS builder folder (no dataset_info.json there, nor in '
+    f'{name or "NAME"}/VERSION/ below it); it holds {sorted(fs.listdir(data_dir))[:20]}'
+  )
 
 
 def _flatten_features(features, prefix='') -> dict:
@@ -193,14 +220,18 @@ def _check_spec(spec: DatasetSpec, builder, where: str) -> tuple[dict, dict]:
 
   features = builder.info.features
   if 'steps' not in features:
-    raise DataError(f'{spec.name} ({where}): not an RLDS dataset, no "steps" feature; top-level '
-                    f'keys are {sorted(features.keys())}')
+    raise DataError(
+      f'{spec.name} ({where}): not an RLDS dataset, no "steps" feature; top-level '
+      f'keys are {sorted(features.keys())}'
+    )
   step_features = _flatten_features(features['steps'].feature)
   episode_features = _flatten_features({k: v for k, v in features.items() if k != 'steps'})
 
   def missing(key, level, known):
-    raise DataError(f'dataset {spec.name} ({where}): {level} key {key!r} named by the spec is '
-                    f'missing; the {level} keys that exist are {sorted(known)}')
+    raise DataError(
+      f'dataset {spec.name} ({where}): {level} key {key!r} named by the spec is '
+      f'missing; the {level} keys that exist are {sorted(known)}'
+    )
 
   for key in spec.step_keys():
     if key not in step_features:
@@ -210,20 +241,26 @@ def _check_spec(spec: DatasetSpec, builder, where: str) -> tuple[dict, dict]:
       missing(key, 'episode', episode_features)
   for key in spec.image_keys:
     if not isinstance(step_features[key], tfds.features.Image):
-      raise DataError(f'dataset {spec.name} ({where}): image key {key!r} is a '
-                      f'{type(step_features[key]).__name__}, not an Image')
+      raise DataError(
+        f'dataset {spec.name} ({where}): image key {key!r} is a '
+        f'{type(step_features[key]).__name__}, not an Image'
+      )
   if spec.points_key:
     shape = tuple(step_features[spec.points_key].shape or ())
     if len(shape) != 2 or shape[1] != 2:
-      raise DataError(f'dataset {spec.name} ({where}): points key {spec.points_key!r} must hold '
-                      f'[K, 2] image points, but it has shape {shape}')
+      raise DataError(
+        f'dataset {spec.name} ({where}): points key {spec.points_key!r} must hold '
+        f'[K, 2] image points, but it has shape {shape}'
+      )
   for field, source in spec.field_sources():
     shape = step_features[source.key].shape
     width = int(np.prod(shape)) if shape else 1
     if source.start + field.width > width:
-      raise DataError(f'dataset {spec.name} ({where}): action field {field.name!r} reads '
-                      f'{source.key}[{source.start}:{source.start + field.width}], but that '
-                      f'tensor has shape {tuple(shape)}')
+      raise DataError(
+        f'dataset {spec.name} ({where}): action field {field.name!r} reads '
+        f'{source.key}[{source.start}:{source.start + field.width}], but that '
+        f'tensor has shape {tuple(shape)}'
+      )
   return step_features, episode_features
 
 
@@ -236,8 +273,14 @@ def _get(tree, path: str):
   return tree
 
 
-def _step_dataset(spec: DatasetSpec, builder, split: str, image_size: int, shard: tuple[int, int],
-                  step_features: dict):
+def _step_dataset(
+  spec: DatasetSpec,
+  builder,
+  split: str,
+  image_size: int,
+  shard: tuple[int, int],
+  step_features: dict,
+):
   import tensorflow as tf
   import tensorflow_datasets as tfds
 
@@ -257,28 +300,31 @@ def _step_dataset(spec: DatasetSpec, builder, split: str, image_size: int, shard
     ds = ds.filter(lambda i, _: i % count == index)
 
   def episode_value(episode, key):
-    return _get(episode, key[len(EPISODE_PREFIX):])
+    return _get(episode, key[len(EPISODE_PREFIX) :])
 
   def to_steps(episode_index, episode):
-    instruction = (episode_value(episode, spec.instruction_key)
-                   if spec.instruction_key.startswith(EPISODE_PREFIX) else None)
-    plan = (episode_value(episode, spec.plan_key)
-            if spec.plan_key.startswith(EPISODE_PREFIX) else None)
+    instruction = (
+      episode_value(episode, spec.instruction_key)
+      if spec.instruction_key.startswith(EPISODE_PREFIX)
+      else None
+    )
+    plan = (
+      episode_value(episode, spec.plan_key) if spec.plan_key.startswith(EPISODE_PREFIX) else None
+    )
 
     def per_step(step_index, step):
       parts = []
       for field, source in spec.field_sources():
         flat = tf.reshape(tf.cast(_get(step, source.key), tf.float32), [-1])
-        parts.append(flat[source.start:source.start + field.width])
+        parts.append(flat[source.start : source.start + field.width])
       out = {
-          'image': _get(step, spec.image_key),
-          'instruction': instruction if instruction is not None
-                         else _get(step, spec.instruction_key),
-          'action': tf.concat(parts, axis=0),
-          'episode_id': tf.cast(episode_index, tf.int32),
-          'step_id': tf.cast(step_index, tf.int32),
-          'is_first': step['is_first'] if 'is_first' in step else tf.equal(step_index, 0),
-          'is_last': step['is_last'] if 'is_last' in step else tf.constant(False),
+        'image': _get(step, spec.image_key),
+        'instruction': instruction if instruction is not None else _get(step, spec.instruction_key),
+        'action': tf.concat(parts, axis=0),
+        'episode_id': tf.cast(episode_index, tf.int32),
+        'step_id': tf.cast(step_index, tf.int32),
+        'is_first': step['is_first'] if 'is_first' in step else tf.equal(step_index, 0),
+        'is_last': step['is_last'] if 'is_last' in step else tf.constant(False),
       }
       if spec.plan_key:
         out['plan'] = plan if plan is not None else _get(step, spec.plan_key)
@@ -305,7 +351,7 @@ def _step_dataset(spec: DatasetSpec, builder, split: str, image_size: int, shard
 def _decode_instruction(value, encoding: str) -> str:
   if encoding == 'utf8_bytes':
     codes = np.asarray(value).reshape(-1)
-    codes = codes[:np.argmax(codes == 0)] if (codes == 0).any() else codes
+    codes = codes[: np.argmax(codes == 0)] if (codes == 0).any() else codes
     return bytes(codes.astype(np.uint8).tolist()).decode('utf-8', errors='replace').strip()
   if isinstance(value, bytes):
     return value.decode('utf-8', errors='replace').strip()
@@ -331,8 +377,18 @@ def _read(spec, builder, builder_dir, split, image_size, shard, step_features, p
   where = f'{builder_dir}, split {split!r}'
   if progress:
     progress(f'reading {spec.name} ({where}, shard {shard[0]}/{shard[1]}) ...')
-  cols = {k: [] for k in ('image', 'action', 'episode_id', 'step_id', 'is_first', 'is_last',
-                          *(('points',) if spec.points_key else ()))}
+  cols = {
+    k: []
+    for k in (
+      'image',
+      'action',
+      'episode_id',
+      'step_id',
+      'is_first',
+      'is_last',
+      *(('points',) if spec.points_key else ()),
+    )
+  }
   texts, plans = [], []
   start, last_report, episode = time.time(), time.time(), -1
   iterator = iter(_step_dataset(spec, builder, split, image_size, shard, step_features))
@@ -343,22 +399,31 @@ def _read(spec, builder, builder_dir, split, image_size, shard, step_features, p
       break
     except tf.errors.OpError as e:
       bad = _find_corrupt_file(builder, split)
-      culprit = f'corrupt record in file {bad}' if bad else (
+      culprit = (
+        f'corrupt record in file {bad}'
+        if bad
+        else (
           f'cannot decode a step after episode {episode} (files: '
-          f'{[f.filename for f in builder.info.splits[split].file_instructions]})')
-      raise DataError(f'dataset {spec.name} ({where}): {culprit}: '
-                      f'{type(e).__name__}: {e.message.splitlines()[0]}') from None
+          f'{[f.filename for f in builder.info.splits[split].file_instructions]})'
+        )
+      )
+      raise DataError(
+        f'dataset {spec.name} ({where}): {culprit}: {type(e).__name__}: {e.message.splitlines()[0]}'
+      ) from None
     for k in cols:
       cols[k].append(batch[k].numpy())
-    texts.extend(_decode_instruction(v, spec.instruction_encoding)
-                 for v in batch['instruction'].numpy())
+    texts.extend(
+      _decode_instruction(v, spec.instruction_encoding) for v in batch['instruction'].numpy()
+    )
     if spec.plan_key:
       plans.extend(_decode_instruction(v, 'string') for v in batch['plan'].numpy())
     episode = int(cols['episode_id'][-1][-1])
     if progress and time.time() - last_report > 10:
       last_report = time.time()
-      progress(f'  {sum(len(a) for a in cols["action"])} steps, {episode + 1} episodes, '
-               f'{time.time() - start:.0f}s')
+      progress(
+        f'  {sum(len(a) for a in cols["action"])} steps, {episode + 1} episodes, '
+        f'{time.time() - start:.0f}s'
+      )
   if not cols['action']:
     raise DataError(f'dataset {spec.name} ({where}, shard {shard[0]}/{shard[1]}) has no steps')
   arrays = {k: np.concatenate(v) for k, v in cols.items()}
@@ -367,18 +432,28 @@ def _read(spec, builder, builder_dir, split, image_size, shard, step_features, p
   plan_list = sorted({p for p in plans if p})
   plan_lookup = {p: i for i, p in enumerate(plan_list)}
   records = StepRecords(
-      name=spec.name, images=arrays['image'], actions=arrays['action'].astype(np.float32),
-      instruction_index=np.asarray([lookup[t] for t in texts], np.int32),
-      instructions=instructions,
-      plan_index=np.asarray([plan_lookup.get(p, -1) for p in plans] if spec.plan_key
-                            else np.full(len(texts), -1), np.int32),
-      plans=plan_list, episode_ids=arrays['episode_id'].astype(np.int32),
-      step_ids=arrays['step_id'].astype(np.int32), is_first=arrays['is_first'].astype(bool),
-      is_last=arrays['is_last'].astype(bool), source=where,
-      points=arrays['points'].astype(np.float32) if spec.points_key else None)
+    name=spec.name,
+    images=arrays['image'],
+    actions=arrays['action'].astype(np.float32),
+    instruction_index=np.asarray([lookup[t] for t in texts], np.int32),
+    instructions=instructions,
+    plan_index=np.asarray(
+      [plan_lookup.get(p, -1) for p in plans] if spec.plan_key else np.full(len(texts), -1),
+      np.int32,
+    ),
+    plans=plan_list,
+    episode_ids=arrays['episode_id'].astype(np.int32),
+    step_ids=arrays['step_id'].astype(np.int32),
+    is_first=arrays['is_first'].astype(bool),
+    is_last=arrays['is_last'].astype(bool),
+    source=where,
+    points=arrays['points'].astype(np.float32) if spec.points_key else None,
+  )
   if progress:
-    progress(f'read {len(records)} steps, {records.num_episodes} episodes of {spec.name} in '
-             f'{time.time() - start:.1f}s')
+    progress(
+      f'read {len(records)} steps, {records.num_episodes} episodes of {spec.name} in '
+      f'{time.time() - start:.1f}s'
+    )
   return records
 
 
@@ -397,8 +472,11 @@ def check_episodes(records: StepRecords, bad_data: str = 'skip', progress=None) 
       bad[reason] = episodes
   if not bad:
     return records
-  summary = '; '.join(f'{len(v)} episode(s) with {k.replace("_", " ")} (episode ids '
-                      f'{v[:10].tolist()}{"..." if len(v) > 10 else ""})' for k, v in bad.items())
+  summary = '; '.join(
+    f'{len(v)} episode(s) with {k.replace("_", " ")} (episode ids '
+    f'{v[:10].tolist()}{"..." if len(v) > 10 else ""})'
+    for k, v in bad.items()
+  )
   message = f'dataset {records.name} ({records.source}): {summary}'
   if bad_data == 'fail':
     raise DataError(message + ". Set data.bad_data='skip' to drop them with a warning.")
@@ -424,14 +502,33 @@ def _cache_key(spec: DatasetSpec, builder_dir, split, image_size, shard, bad_dat
     else:
       stat = os.stat(path)
       files.append((name, stat.st_size, stat.st_mtime_ns))
-  text = json.dumps([_CACHE_FORMAT, spec.summary(), str(builder_dir), split, image_size,
-                     list(shard), bad_data, files], sort_keys=True)
+  text = json.dumps(
+    [
+      _CACHE_FORMAT,
+      spec.summary(),
+      str(builder_dir),
+      split,
+      image_size,
+      list(shard),
+      bad_data,
+      files,
+    ],
+    sort_keys=True,
+  )
   return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def read_split(spec, data_dir: str, split: str, image_size: int, *, bad_data: str = 'skip',
-               shard: tuple[int, int] = (0, 1), cache_dir: str = '', progress=print
-               ) -> StepRecords:
+def read_split(
+  spec,
+  data_dir: str,
+  split: str,
+  image_size: int,
+  *,
+  bad_data: str = 'skip',
+  shard: tuple[int, int] = (0, 1),
+  cache_dir: str = '',
+  progress=print,
+) -> StepRecords:
   """All steps of `split` (episodes i with i % shard[1] == shard[0]) as StepRecords.
 
   image_size 0 reads everything but images (records.images is then [N, 0, 0, 3]).
@@ -455,14 +552,17 @@ def read_split(spec, data_dir: str, split: str, image_size: int, *, bad_data: st
   try:
     builder = tfds.builder_from_directory(builder_dir)
   except Exception as e:  # a broken dataset_info.json / features.json
-    raise DataError(f'cannot open TFDS builder folder {builder_dir} for {spec.name}: '
-                    f'{type(e).__name__}: {e}') from None
+    raise DataError(
+      f'cannot open TFDS builder folder {builder_dir} for {spec.name}: {type(e).__name__}: {e}'
+    ) from None
   step_features, _ = _check_spec(spec, builder, builder_dir)
   try:
     builder.info.splits[split]
   except Exception:
-    raise DataError(f'dataset {spec.name} ({builder_dir}) has no split {split!r}; splits are '
-                    f'{sorted(builder.info.splits.keys())}') from None
+    raise DataError(
+      f'dataset {spec.name} ({builder_dir}) has no split {split!r}; splits are '
+      f'{sorted(builder.info.splits.keys())}'
+    ) from None
   records = _read(spec, builder, builder_dir, split, image_size, shard, step_features, progress)
   records = check_episodes(records, bad_data, progress)
   if cache_path:
@@ -474,4 +574,3 @@ def read_split(spec, data_dir: str, split: str, image_size: int, *, bad_data: st
       os.replace(tmp, cache_path)
     records = StepRecords.load(cache_path)
   return records
-

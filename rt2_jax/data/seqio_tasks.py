@@ -41,56 +41,65 @@ def _tokenize_inputs(dataset, output_features):
 def _examples(data: tasks.TaskData, vocab):
   for i in range(len(data)):
     target = data.targets[i]
-    target = target[:int(np.flatnonzero(target == tasks.EOS_ID)[0])]  # seqio adds EOS back
+    target = target[: int(np.flatnonzero(target == tasks.EOS_ID)[0])]  # seqio adds EOS back
     info = data.describe(i)
     yield {
-        'inputs': info['prompt'],
-        'targets': target.astype(np.int32),
-        'targets_pretokenized': vocab.decode(data.targets[i]),
-        'image': np.asarray(data.images[data.image_index[i]]),
-        'is_robot': data.is_robot,
-        'actions': (data.actions[i] if data.actions is not None
-                    else np.zeros(0, np.float32)).astype(np.float32),
+      'inputs': info['prompt'],
+      'targets': target.astype(np.int32),
+      'targets_pretokenized': vocab.decode(data.targets[i]),
+      'image': np.asarray(data.images[data.image_index[i]]),
+      'is_robot': data.is_robot,
+      'actions': (data.actions[i] if data.actions is not None else np.zeros(0, np.float32)).astype(
+        np.float32
+      ),
     }
 
 
-def register(config, vocab, action_vocab, stats, process_index: int = 0,
-             process_count: int = 1, progress=print) -> str:
+def register(
+  config, vocab, action_vocab, stats, process_index: int = 0, process_count: int = 1, progress=print
+) -> str:
   """Registers seqio Tasks for the config's mixture (this process's shard) and the Mixture."""
   import seqio
   import tensorflow as tf
 
   mixture = tasks.get_mixture(pipeline.register_from_config(config, progress))
-  context = tasks.Context(config, vocab, action_vocab, stats, process_index, process_count,
-                          progress)
+  context = tasks.Context(
+    config, vocab, action_vocab, stats, process_index, process_count, progress
+  )
   vocabulary = seqio.SentencePieceVocabulary(vocab.path, extra_ids=vocab.extra_ids)
-  output_features = {'inputs': seqio.Feature(vocabulary, add_eos=False),
-                     'targets': seqio.Feature(vocabulary, add_eos=True)}
+  output_features = {
+    'inputs': seqio.Feature(vocabulary, add_eos=False),
+    'targets': seqio.Feature(vocabulary, add_eos=True),
+  }
   size = config.model.image_size
   names = []
   for (task_name, rate), data in zip(mixture.tasks, mixture.build(context), strict=False):
     dim = data.actions.shape[1] if data.actions is not None else 0
     signature = {
-        'inputs': tf.TensorSpec([], tf.string),
-        'targets': tf.TensorSpec([None], tf.int32),
-        'targets_pretokenized': tf.TensorSpec([], tf.string),
-        'image': tf.TensorSpec([size, size, 3], tf.uint8),
-        'is_robot': tf.TensorSpec([], tf.bool),
-        'actions': tf.TensorSpec([dim], tf.float32),
+      'inputs': tf.TensorSpec([], tf.string),
+      'targets': tf.TensorSpec([None], tf.int32),
+      'targets_pretokenized': tf.TensorSpec([], tf.string),
+      'image': tf.TensorSpec([size, size, 3], tf.uint8),
+      'is_robot': tf.TensorSpec([], tf.bool),
+      'actions': tf.TensorSpec([dim], tf.float32),
     }
 
     def dataset_fn(split, shuffle_files, seed=None, data=data, signature=signature):
       del split, shuffle_files, seed
-      return tf.data.Dataset.from_generator(lambda: _examples(data, vocab),
-                                            output_signature=signature)
+      return tf.data.Dataset.from_generator(
+        lambda: _examples(data, vocab), output_signature=signature
+      )
 
     name = seqio_name(task_name)
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(
-        name, seqio.FunctionDataSource(dataset_fn, splits=('train',),
-                                       num_input_examples={'train': len(data)}),
-        output_features=output_features,
-        preprocessors=[_tokenize_inputs, seqio.preprocessors.append_eos_after_trim])
+      name,
+      seqio.FunctionDataSource(
+        dataset_fn, splits=('train',), num_input_examples={'train': len(data)}
+      ),
+      output_features=output_features,
+      preprocessors=[_tokenize_inputs, seqio.preprocessors.append_eos_after_trim],
+    )
     names.append((name, rate))
   mixture_name = seqio_name(mixture.name)
   seqio.MixtureRegistry.remove(mixture_name)

@@ -79,21 +79,27 @@ class DatasetSpec:
     if not self.image_keys:
       raise ValueError(f'dataset spec {self.name!r}: image_keys is empty')
     if self.instruction_encoding not in INSTRUCTION_ENCODINGS:
-      raise ValueError(f'dataset spec {self.name!r}: instruction_encoding must be one of '
-                       f'{INSTRUCTION_ENCODINGS}, got {self.instruction_encoding!r}')
+      raise ValueError(
+        f'dataset spec {self.name!r}: instruction_encoding must be one of '
+        f'{INSTRUCTION_ENCODINGS}, got {self.instruction_encoding!r}'
+      )
     if self.resize not in RESIZE_POLICIES:
-      raise ValueError(f'dataset spec {self.name!r}: resize must be one of {RESIZE_POLICIES}, '
-                       f'got {self.resize!r}')
+      raise ValueError(
+        f'dataset spec {self.name!r}: resize must be one of {RESIZE_POLICIES}, got {self.resize!r}'
+      )
     if self.points_key.startswith(EPISODE_PREFIX):
-      raise ValueError(f'dataset spec {self.name!r}: points_key must be a step path (points change '
-                       f'every step), got {self.points_key!r}')
+      raise ValueError(
+        f'dataset spec {self.name!r}: points_key must be a step path (points change '
+        f'every step), got {self.points_key!r}'
+      )
     if not isinstance(self.action_space, ActionSpace):
       raise TypeError(f'dataset spec {self.name!r}: action_space must be an ActionSpace')
     fields = self.action_space.fields
     if len(self.action_sources) != len(fields):
       raise ValueError(
-          f'dataset spec {self.name!r}: {len(fields)} action fields '
-          f'({[f.name for f in fields]}) but {len(self.action_sources)} action_sources')
+        f'dataset spec {self.name!r}: {len(fields)} action fields '
+        f'({[f.name for f in fields]}) but {len(self.action_sources)} action_sources'
+      )
 
   @property
   def image_key(self) -> str:
@@ -111,15 +117,19 @@ class DatasetSpec:
   def episode_keys(self) -> list[str]:
     """Episode-level paths (without the 'episode/' prefix) this spec reads."""
     keys = [self.instruction_key, self.plan_key]
-    return [k[len(EPISODE_PREFIX):] for k in keys if k.startswith(EPISODE_PREFIX)]
+    return [k[len(EPISODE_PREFIX) :] for k in keys if k.startswith(EPISODE_PREFIX)]
 
   def summary(self) -> str:
-    parts = [f'{f.name}:{f.kind}[{f.width}]<-{s.key}[{s.start}:{s.start + f.width}]'
-             for f, s in self.field_sources()]
-    return (f'{self.name}: image={self.image_key} ({self.resize}), '
-            f'instruction={self.instruction_key} ({self.instruction_encoding}), '
-            f'plan={self.plan_key or "-"}, points={self.points_key or "-"}, '
-            f'action=[{", ".join(parts)}]')
+    parts = [
+      f'{f.name}:{f.kind}[{f.width}]<-{s.key}[{s.start}:{s.start + f.width}]'
+      for f, s in self.field_sources()
+    ]
+    return (
+      f'{self.name}: image={self.image_key} ({self.resize}), '
+      f'instruction={self.instruction_key} ({self.instruction_encoding}), '
+      f'plan={self.plan_key or "-"}, points={self.points_key or "-"}, '
+      f'action=[{", ".join(parts)}]'
+    )
 
 
 def repo_root() -> pathlib.Path:
@@ -159,12 +169,15 @@ def load_spec(name_or_path) -> DatasetSpec:
   path = pathlib.Path(text).expanduser()
   if text.endswith('.py') or os.sep in text:
     if not path.is_file():
-      raise FileNotFoundError(f'dataset spec file {path} does not exist; '
-                              f'named specs available: {available_specs()}')
+      raise FileNotFoundError(
+        f'dataset spec file {path} does not exist; named specs available: {available_specs()}'
+      )
     return _load_file(path)
   for d in spec_dirs():
     candidate = d / f'{text}.py'
     if candidate.is_file():
       return _load_file(candidate)
-  raise ValueError(f'unknown dataset spec {text!r}: no {text}.py in '
-                   f'{[str(d) for d in spec_dirs()]}; available: {available_specs()}')
+  raise ValueError(
+    f'unknown dataset spec {text!r}: no {text}.py in '
+    f'{[str(d) for d in spec_dirs()]}; available: {available_specs()}'
+  )

@@ -21,12 +21,14 @@ from rt2_jax.data import rlds
 from rt2_jax.data.spec import load_spec
 
 
-def compute(spec, data_dir: str, split: str = '', bad_data: str = 'skip',
-            progress=print) -> NormStats:
+def compute(
+  spec, data_dir: str, split: str = '', bad_data: str = 'skip', progress=print
+) -> NormStats:
   """NormStats over every step of `split` (default: the spec's train split)."""
   spec = load_spec(spec)
-  records = rlds.read_split(spec, data_dir, split or spec.train_split, image_size=0,
-                            bad_data=bad_data, progress=progress)
+  records = rlds.read_split(
+    spec, data_dir, split or spec.train_split, image_size=0, bad_data=bad_data, progress=progress
+  )
   return NormStats.compute(records.actions)
 
 
@@ -54,8 +56,7 @@ def main(argv=None) -> None:
   from absl import app, flags
 
   flags.DEFINE_string('spec', None, 'data_specs/ name or path of a spec file', required=True)
-  flags.DEFINE_string('data_dir', None, 'TFDS builder folder (or a folder above it)',
-                      required=True)
+  flags.DEFINE_string('data_dir', None, 'TFDS builder folder (or a folder above it)', required=True)
   flags.DEFINE_string('split', '', "TFDS split; '' = the spec's train split")
   flags.DEFINE_string('out', '', 'where to write the JSON ("" = print only)')
   flags.DEFINE_enum('bad_data', 'skip', list(rlds.BAD_DATA_MODES), 'bad episode handling')

@@ -40,8 +40,10 @@ def _locked(path: str):
 def robot_dataset(spec_name: str, progress=print) -> str:
   """The TFDS builder folder of a generated dataset in `spec_name`'s layout."""
   if spec_name not in fixtures.WRITERS:
-    raise ValueError(f'no synthetic data for spec {spec_name!r} (layouts: '
-                     f'{sorted(fixtures.WRITERS)}); set data.robot.data_dir')
+    raise ValueError(
+      f'no synthetic data for spec {spec_name!r} (layouts: '
+      f'{sorted(fixtures.WRITERS)}); set data.robot.data_dir'
+    )
   root = os.path.join(cache_root(), 'synthetic', VERSION, spec_name)
   done = os.path.join(root, 'DONE')
   with _locked(root):
@@ -51,8 +53,14 @@ def robot_dataset(spec_name: str, progress=print) -> str:
       shutil.rmtree(os.path.join(root, spec_name), ignore_errors=True)  # an interrupted write
       splits = ('train', 'val') if spec_name == 'bridge_dataset' else ('train',)
       counts = {s: ROBOT_EPISODES[s] for s in splits}
-      path = fixtures.write_layout(spec_name, root, num_episodes=counts, num_steps=ROBOT_STEPS,
-                                   image_size=IMAGE_SIZE, splits=splits)
+      path = fixtures.write_layout(
+        spec_name,
+        root,
+        num_episodes=counts,
+        num_steps=ROBOT_STEPS,
+        image_size=IMAGE_SIZE,
+        splits=splits,
+      )
       with open(done, 'w') as f:
         f.write(path)
     with open(done) as f:

@@ -144,21 +144,28 @@ def tokenize_robot(records, spec: DatasetSpec, context: Context, name: str) -> T
   cfg = context.config
   vocab = context.vocab
   max_in, max_out = cfg.data.max_input_len, cfg.data.max_target_len
-  codec = transforms.ActionCodec.create(context.action_vocab, context.stats,
-                                        cfg.actions.num_bins, cfg.actions.decode_mode)
+  codec = transforms.ActionCodec.create(
+    context.action_vocab, context.stats, cfg.actions.num_bins, cfg.actions.decode_mode
+  )
   if codec.space != spec.action_space:
-    raise ValueError(f'task {name}: the action vocabulary is for {codec.space}, the data spec '
-                     f'{spec.name} has {spec.action_space}')
+    raise ValueError(
+      f'task {name}: the action vocabulary is for {codec.space}, the data spec '
+      f'{spec.name} has {spec.action_space}'
+    )
   num_positions = codec.num_positions
   if num_positions + 1 > max_out:
-    raise ValueError(f'data.max_target_len={max_out} cannot hold the {num_positions} action '
-                     f'tokens of {spec.name} plus EOS; set it to at least {num_positions + 1}')
+    raise ValueError(
+      f'data.max_target_len={max_out} cannot hold the {num_positions} action '
+      f'tokens of {spec.name} plus EOS; set it to at least {num_positions + 1}'
+    )
   prompt = transforms.Prompt.from_config(cfg)
   prompts = [prompt.text(t) for t in records.instructions]
   encoder_table, cut = transforms.encode_texts(vocab, prompts, prompt.max_len)  # = prompt.encode
   if cut and context.progress:
-    context.progress(f'WARNING: {cut} of {len(prompts)} robot prompts of {spec.name} are longer '
-                     f'than data.max_input_len={max_in} tokens and were cut')
+    context.progress(
+      f'WARNING: {cut} of {len(prompts)} robot prompts of {spec.name} are longer '
+      f'than data.max_input_len={max_in} tokens and were cut'
+    )
   action_ids = codec.encode(records.actions)  # [n, P]
   n = len(records)
   targets = np.zeros((n, max_out), np.int32)
@@ -170,8 +177,10 @@ def tokenize_robot(records, spec: DatasetSpec, context: Context, name: str) -> T
     delimiter = vocab.encode(decode_cfg.action_delimiter)
     room = max_out - num_positions - 1 - len(delimiter)
     if room < 2:
-      raise ValueError(f'data.max_target_len={max_out} leaves no room for a plan before the '
-                       f'{num_positions} action tokens of {spec.name}')
+      raise ValueError(
+        f'data.max_target_len={max_out} leaves no room for a plan before the '
+        f'{num_positions} action tokens of {spec.name}'
+      )
     for j, plan in enumerate(records.plans):
       prefix_rows[j] = vocab.encode(f'{decode_cfg.plan_prefix} {plan}')[:room] + delimiter
   for j, prefix in prefix_rows.items():
@@ -180,24 +189,41 @@ def tokenize_robot(records, spec: DatasetSpec, context: Context, name: str) -> T
       continue
     k = len(prefix)
     targets[rows, :k] = prefix
-    targets[rows, k:k + num_positions] = action_ids[rows]
+    targets[rows, k : k + num_positions] = action_ids[rows]
     targets[rows, k + num_positions] = EOS_ID
     action_start[rows] = k
 
   def describe(i: int) -> dict:
-    return {'instruction': records.instruction(i), 'prompt': prompts[records.instruction_index[i]],
-            'plan': records.plan(i), 'episode_id': int(records.episode_ids[i]),
-            'step_id': int(records.step_ids[i])}
+    return {
+      'instruction': records.instruction(i),
+      'prompt': prompts[records.instruction_index[i]],
+      'plan': records.plan(i),
+      'episode_id': int(records.episode_ids[i]),
+      'step_id': int(records.step_ids[i]),
+    }
 
   return TaskData(
-      name=name, kind=ROBOT, images=records.images, image_index=np.arange(n, dtype=np.int64),
-      encoder_table=encoder_table, encoder_index=np.asarray(records.instruction_index, np.int32),
-      targets=targets, action_start=action_start, num_action_tokens=num_positions,
-      actions=np.asarray(records.actions, np.float32), describe=describe,
-      info={'steps': n, 'episodes': records.num_episodes, 'skipped': dict(records.skipped),
-            'instructions': len(records.instructions), 'plans': len(records.plans),
-            'source': records.source},
-      points=None if records.points is None else np.asarray(records.points, np.float32))
+    name=name,
+    kind=ROBOT,
+    images=records.images,
+    image_index=np.arange(n, dtype=np.int64),
+    encoder_table=encoder_table,
+    encoder_index=np.asarray(records.instruction_index, np.int32),
+    targets=targets,
+    action_start=action_start,
+    num_action_tokens=num_positions,
+    actions=np.asarray(records.actions, np.float32),
+    describe=describe,
+    info={
+      'steps': n,
+      'episodes': records.num_episodes,
+      'skipped': dict(records.skipped),
+      'instructions': len(records.instructions),
+      'plans': len(records.plans),
+      'source': records.source,
+    },
+    points=None if records.points is None else np.asarray(records.points, np.float32),
+  )
 
 
 def tokenize_web(records, context: Context, name: str) -> TaskData:
@@ -208,22 +234,35 @@ def tokenize_web(records, context: Context, name: str) -> TaskData:
   inputs = sorted(set(records.inputs))
   lookup = {t: i for i, t in enumerate(inputs)}
   encoder_table, _ = transforms.encode_texts(vocab, inputs, max_in)
-  rows = [vocab.encode(t)[:max_out - 1] + [EOS_ID] for t in records.targets]
+  rows = [vocab.encode(t)[: max_out - 1] + [EOS_ID] for t in records.targets]
 
   def describe(i: int) -> dict:
-    return {'instruction': '', 'prompt': records.inputs[i], 'plan': '',
-            'kind': records.kinds[i], 'answer': records.targets[i]}
+    return {
+      'instruction': '',
+      'prompt': records.inputs[i],
+      'plan': '',
+      'kind': records.kinds[i],
+      'answer': records.targets[i],
+    }
 
   n = len(records)
   return TaskData(
-      name=name, kind=WEB, images=records.images, image_index=np.asarray(records.image_index),
-      encoder_table=encoder_table,
-      encoder_index=np.asarray([lookup[t] for t in records.inputs], np.int32),
-      targets=transforms.pad_rows(rows, max_out), action_start=np.full(n, -1, np.int32),
-      num_action_tokens=0, actions=None, describe=describe,
-      info={'examples': n, 'images': int(records.images.shape[0]), 'source': records.source},
-      points=None if records.points is None else np.asarray(records.points,
-                                                             np.float32).reshape(n, 1, 2))
+    name=name,
+    kind=WEB,
+    images=records.images,
+    image_index=np.asarray(records.image_index),
+    encoder_table=encoder_table,
+    encoder_index=np.asarray([lookup[t] for t in records.inputs], np.int32),
+    targets=transforms.pad_rows(rows, max_out),
+    action_start=np.full(n, -1, np.int32),
+    num_action_tokens=0,
+    actions=None,
+    describe=describe,
+    info={'examples': n, 'images': int(records.images.shape[0]), 'source': records.source},
+    points=None
+    if records.points is None
+    else np.asarray(records.points, np.float32).reshape(n, 1, 2),
+  )
 
 
 # --- Tasks from a config. ---
@@ -240,12 +279,20 @@ def robot_task(spec, data_dir: str, split: str, name: str = '') -> Task:
   def build(context: Context) -> TaskData:
     cfg = context.config
     records = rlds.read_split(
-        spec, data_dir, split, cfg.model.image_size, bad_data=cfg.data.bad_data,
-        shard=(context.process_index, context.process_count),
-        cache_dir=cfg.data.get('cache_dir', ''), progress=context.progress)
+      spec,
+      data_dir,
+      split,
+      cfg.model.image_size,
+      bad_data=cfg.data.bad_data,
+      shard=(context.process_index, context.process_count),
+      cache_dir=cfg.data.get('cache_dir', ''),
+      progress=context.progress,
+    )
     if not len(records):
-      raise ValueError(f'task {name}: no usable steps in {data_dir} split {split!r} for process '
-                       f'{context.process_index} of {context.process_count}')
+      raise ValueError(
+        f'task {name}: no usable steps in {data_dir} split {split!r} for process '
+        f'{context.process_index} of {context.process_count}'
+      )
     return tokenize_robot(records, spec, context, name)
 
   return Task(name, ROBOT, build, f'{spec.name} from {data_dir} [{split}]')
@@ -257,10 +304,13 @@ def web_jsonl_task(path: str, name: str = 'web/jsonl') -> Task:
   def build(context: Context) -> TaskData:
     cfg = context.config
     records = web.read_jsonl(
-        path, cfg.model.image_size,
-        caption_prompt=cfg.data.web.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
-        max_examples=cfg.data.web.get('max_examples', 0),
-        shard=(context.process_index, context.process_count), progress=context.progress)
+      path,
+      cfg.model.image_size,
+      caption_prompt=cfg.data.web.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
+      max_examples=cfg.data.web.get('max_examples', 0),
+      shard=(context.process_index, context.process_count),
+      progress=context.progress,
+    )
     return tokenize_web(records, context, name)
 
   return Task(name, WEB, build, f'JSONL {path}')
@@ -274,10 +324,15 @@ def web_tfds_task(tfds_name: str, data_dir: str, split: str, name: str = '') -> 
   def build(context: Context) -> TaskData:
     cfg = context.config
     records = web.read_tfds(
-        tfds_name, data_dir, split, cfg.model.image_size,
-        caption_prompt=cfg.data.web.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
-        max_examples=cfg.data.web.get('max_examples', 0),
-        shard=(context.process_index, context.process_count), progress=context.progress)
+      tfds_name,
+      data_dir,
+      split,
+      cfg.model.image_size,
+      caption_prompt=cfg.data.web.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
+      max_examples=cfg.data.web.get('max_examples', 0),
+      shard=(context.process_index, context.process_count),
+      progress=context.progress,
+    )
     return tokenize_web(records, context, name)
 
   return Task(name, WEB, build, f'TFDS {tfds_name} [{split}]')

@@ -56,9 +56,13 @@ class WebRecords:
   def select(self, index) -> WebRecords:
     index = np.asarray(index, np.int64)
     return dataclasses.replace(
-        self, image_index=self.image_index[index], inputs=[self.inputs[i] for i in index],
-        targets=[self.targets[i] for i in index], kinds=[self.kinds[i] for i in index],
-        points=None if self.points is None else self.points[index])
+      self,
+      image_index=self.image_index[index],
+      inputs=[self.inputs[i] for i in index],
+      targets=[self.targets[i] for i in index],
+      kinds=[self.kinds[i] for i in index],
+      points=None if self.points is None else self.points[index],
+    )
 
 
 def _load_image(path: str, size: int, where: str) -> np.ndarray:
@@ -80,16 +84,22 @@ def _point(value, where: str) -> tuple[float, float]:
   try:
     x, y = (float(v) for v in value)
   except (TypeError, ValueError):
-    raise DataError(f'{where}: "point" must be [x, y] with numbers in [0, 1], got {value!r}'
-                    ) from None
+    raise DataError(
+      f'{where}: "point" must be [x, y] with numbers in [0, 1], got {value!r}'
+    ) from None
   if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
     raise DataError(f'{where}: "point" must be [x, y] with numbers in [0, 1], got {value!r}')
   return (x, y)
 
 
-def read_jsonl(path: str, image_size: int, caption_prompt: str = DEFAULT_CAPTION_PROMPT,
-               max_examples: int = 0, shard: tuple[int, int] = (0, 1), progress=print
-               ) -> WebRecords:
+def read_jsonl(
+  path: str,
+  image_size: int,
+  caption_prompt: str = DEFAULT_CAPTION_PROMPT,
+  max_examples: int = 0,
+  shard: tuple[int, int] = (0, 1),
+  progress=print,
+) -> WebRecords:
   """Examples of a JSONL file (lines i with i % shard[1] == shard[0]), images resized."""
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
@@ -114,8 +124,9 @@ def read_jsonl(path: str, image_size: int, caption_prompt: str = DEFAULT_CAPTION
         raise DataError(f'{where}: not valid JSON ({e.msg})') from None
       if not isinstance(row, dict) or 'image' not in row:
         keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise DataError(f'{where}: a line needs "image" plus "question"+"answer" or "caption"; '
-                        f'it has {keys}')
+        raise DataError(
+          f'{where}: a line needs "image" plus "question"+"answer" or "caption"; it has {keys}'
+        )
       if 'question' in row:
         if 'answer' not in row:
           raise DataError(f'{where}: a "question" line needs an "answer"; it has {sorted(row)}')
@@ -124,8 +135,9 @@ def read_jsonl(path: str, image_size: int, caption_prompt: str = DEFAULT_CAPTION
         kind, prompt = 'caption', caption_prompt
         target = str(row['caption'] if 'caption' in row else row['answer'])
       else:
-        raise DataError(f'{where}: a line needs "question"+"answer" or "caption"; '
-                        f'it has {sorted(row)}')
+        raise DataError(
+          f'{where}: a line needs "question"+"answer" or "caption"; it has {sorted(row)}'
+        )
       if not target.strip():
         raise DataError(f'{where}: empty {"answer" if kind == "vqa" else "caption"}')
       image_path = os.path.join(folder, os.path.expanduser(str(row['image'])))
@@ -140,22 +152,42 @@ def read_jsonl(path: str, image_size: int, caption_prompt: str = DEFAULT_CAPTION
       if max_examples and len(targets) >= max_examples:
         break
   if not targets:
-    raise DataError(f'web JSONL file {path} has no examples'
-                    + (f' for shard {shard[0]} of {shard[1]}' if shard[1] > 1 else ''))
+    raise DataError(
+      f'web JSONL file {path} has no examples'
+      + (f' for shard {shard[0]} of {shard[1]}' if shard[1] > 1 else '')
+    )
   if progress:
-    progress(f'read {len(targets)} web examples ({len(images)} images) from {path} in '
-             f'{time.time() - start:.1f}s')
-  return WebRecords(name=os.path.basename(path), images=np.stack(images),
-                    image_index=np.asarray(image_index, np.int32), inputs=inputs,
-                    targets=targets, kinds=kinds, source=path,
-                    points=np.asarray(points, np.float32).reshape(-1, 2))
+    progress(
+      f'read {len(targets)} web examples ({len(images)} images) from {path} in '
+      f'{time.time() - start:.1f}s'
+    )
+  return WebRecords(
+    name=os.path.basename(path),
+    images=np.stack(images),
+    image_index=np.asarray(image_index, np.int32),
+    inputs=inputs,
+    targets=targets,
+    kinds=kinds,
+    source=path,
+    points=np.asarray(points, np.float32).reshape(-1, 2),
+  )
 
 
-def read_tfds(name: str, data_dir: str, split: str, image_size: int, *,
-              caption_prompt: str = DEFAULT_CAPTION_PROMPT, image_key: str = 'image',
-              text_key: str = 'captions/text', question_key: str = '', answer_key: str = '',
-              max_examples: int = 0, shard: tuple[int, int] = (0, 1), progress=print
-              ) -> WebRecords:
+def read_tfds(
+  name: str,
+  data_dir: str,
+  split: str,
+  image_size: int,
+  *,
+  caption_prompt: str = DEFAULT_CAPTION_PROMPT,
+  image_key: str = 'image',
+  text_key: str = 'captions/text',
+  question_key: str = '',
+  answer_key: str = '',
+  max_examples: int = 0,
+  shard: tuple[int, int] = (0, 1),
+  progress=print,
+) -> WebRecords:
   """A prepared TFDS image-text dataset (e.g. coco_captions) as WebRecords.
 
   `data_dir` is the TFDS data dir holding NAME/VERSION/ (or that builder folder itself). With
@@ -170,14 +202,18 @@ def read_tfds(name: str, data_dir: str, split: str, image_size: int, *,
   try:
     builder_dir = resolve_builder_dir(data_dir or tfds.core.constants.DATA_DIR, name)
   except DataError as e:
-    raise DataError(f'TFDS dataset {name} is not prepared under {data_dir!r} ({e}); prepare it '
-                    f'with `tfds build {name} --data_dir=...` or unset data.web.tfds_name') from None
+    raise DataError(
+      f'TFDS dataset {name} is not prepared under {data_dir!r} ({e}); prepare it '
+      f'with `tfds build {name} --data_dir=...` or unset data.web.tfds_name'
+    ) from None
   builder = tfds.builder_from_directory(builder_dir)
   paths = _feature_paths(builder.info.features)
   for key in [image_key, *((question_key, answer_key) if question_key else (text_key,))]:
     if key not in paths:
-      raise DataError(f'TFDS dataset {name} ({builder_dir}): key {key!r} missing; the keys that '
-                      f'exist are {sorted(paths)}')
+      raise DataError(
+        f'TFDS dataset {name} ({builder_dir}): key {key!r} missing; the keys that '
+        f'exist are {sorted(paths)}'
+      )
   ds = builder.as_dataset(split=split, shuffle_files=False)
   if shard[1] > 1:
     ds = ds.shard(shard[1], shard[0])
@@ -190,8 +226,7 @@ def read_tfds(name: str, data_dir: str, split: str, image_size: int, *,
   start = time.time()
   images, image_index, inputs, targets, kinds = [], [], [], [], []
   for example in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-    image = transforms.resize_image(np.asarray(get(example, image_key), np.uint8),
-                                    image_size)
+    image = transforms.resize_image(np.asarray(get(example, image_key), np.uint8), image_size)
     if question_key:
       pairs = [(_text(get(example, question_key)), _text(get(example, answer_key)), 'vqa')]
     else:
@@ -211,11 +246,19 @@ def read_tfds(name: str, data_dir: str, split: str, image_size: int, *,
   if not targets:
     raise DataError(f'TFDS dataset {name} ({builder_dir}, split {split!r}) gave no examples')
   if progress:
-    progress(f'read {len(targets)} web examples ({len(images)} images) from {name} {split} in '
-             f'{time.time() - start:.1f}s')
-  return WebRecords(name=name, images=np.stack(images),
-                    image_index=np.asarray(image_index, np.int32), inputs=inputs,
-                    targets=targets, kinds=kinds, source=f'{builder_dir}:{split}')
+    progress(
+      f'read {len(targets)} web examples ({len(images)} images) from {name} {split} in '
+      f'{time.time() - start:.1f}s'
+    )
+  return WebRecords(
+    name=name,
+    images=np.stack(images),
+    image_index=np.asarray(image_index, np.int32),
+    inputs=inputs,
+    targets=targets,
+    kinds=kinds,
+    source=f'{builder_dir}:{split}',
+  )
 
 
 def _feature_paths(features, prefix='') -> set:

@@ -37,8 +37,16 @@ from rt2_jax.envs import concepts
 GRID = 8
 NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
 # Low-saturation backgrounds (the robot's board is one fixed colour; these are many).
-BACKGROUNDS = ((0.93, 0.92, 0.88), (0.55, 0.42, 0.30), (0.35, 0.35, 0.38), (0.80, 0.80, 0.82),
-               (0.20, 0.22, 0.25), (0.70, 0.62, 0.50), (0.60, 0.68, 0.72), (0.95, 0.95, 0.95))
+BACKGROUNDS = (
+  (0.93, 0.92, 0.88),
+  (0.55, 0.42, 0.30),
+  (0.35, 0.35, 0.38),
+  (0.80, 0.80, 0.82),
+  (0.20, 0.22, 0.25),
+  (0.70, 0.62, 0.50),
+  (0.60, 0.68, 0.72),
+  (0.95, 0.95, 0.95),
+)
 KINDS = ('grounding', 'relation', 'colour', 'shape', 'count', 'compare', 'symbol', 'caption')
 
 
@@ -91,9 +99,16 @@ def location_text(x: float, y: float, grid: int = 0) -> str:
 # Scenes.
 
 
-def random_scene(rng: np.random.Generator, *, min_objects: int = 3, max_objects: int = 6,
-                 colours=tuple(concepts.COLOURS), shapes=concepts.SHAPES,
-                 max_marks: int = 2, clutter: bool = True) -> DrawnScene:
+def random_scene(
+  rng: np.random.Generator,
+  *,
+  min_objects: int = 3,
+  max_objects: int = 6,
+  colours=tuple(concepts.COLOURS),
+  shapes=concepts.SHAPES,
+  max_marks: int = 2,
+  clutter: bool = True,
+) -> DrawnScene:
   n = int(rng.integers(min_objects, max_objects + 1))
   squash = float(rng.uniform(0.7, 1.0)) if rng.random() < 0.5 else 1.0
   placed: list[tuple[float, float, float]] = []
@@ -114,8 +129,17 @@ def random_scene(rng: np.random.Generator, *, min_objects: int = 3, max_objects:
     spot = place(radius)
     if spot is None:
       continue
-    objects.append(DrawnObject(str(rng.choice(colours)), str(rng.choice(shapes)), size,
-                               spot[0], spot[1], radius, float(rng.uniform(0, 2 * math.pi))))
+    objects.append(
+      DrawnObject(
+        str(rng.choice(colours)),
+        str(rng.choice(shapes)),
+        size,
+        spot[0],
+        spot[1],
+        radius,
+        float(rng.uniform(0, 2 * math.pi)),
+      )
+    )
   marks = []
   for _ in range(int(rng.integers(0, max_marks + 1))):
     radius = float(rng.uniform(0.07, 0.09))
@@ -134,21 +158,39 @@ def random_scene(rng: np.random.Generator, *, min_objects: int = 3, max_objects:
 
 def _outline(shape: str, x: float, y: float, r: float, angle: float) -> list[tuple[float, float]]:
   if shape == 'square':
-    pts = [(math.cos(a), math.sin(a)) for a in np.linspace(math.pi / 4, 2 * math.pi + math.pi / 4,
-                                                           4, endpoint=False)]
+    pts = [
+      (math.cos(a), math.sin(a))
+      for a in np.linspace(math.pi / 4, 2 * math.pi + math.pi / 4, 4, endpoint=False)
+    ]
     pts = [(px * 0.95, py * 0.95) for px, py in pts]
   elif shape == 'circle':
     pts = [(math.cos(a), math.sin(a)) for a in np.linspace(0, 2 * math.pi, 24, endpoint=False)]
   elif shape == 'triangle':
-    pts = [(math.cos(a), math.sin(a)) for a in np.linspace(-math.pi / 2, 1.5 * math.pi, 3,
-                                                           endpoint=False)]
+    pts = [
+      (math.cos(a), math.sin(a))
+      for a in np.linspace(-math.pi / 2, 1.5 * math.pi, 3, endpoint=False)
+    ]
   elif shape == 'star':
-    pts = [((1.0 if i % 2 == 0 else 0.45) * math.cos(a), (1.0 if i % 2 == 0 else 0.45) * math.sin(a))
-           for i, a in enumerate(np.linspace(-math.pi / 2, 1.5 * math.pi, 10, endpoint=False))]
+    pts = [
+      ((1.0 if i % 2 == 0 else 0.45) * math.cos(a), (1.0 if i % 2 == 0 else 0.45) * math.sin(a))
+      for i, a in enumerate(np.linspace(-math.pi / 2, 1.5 * math.pi, 10, endpoint=False))
+    ]
   elif shape == 'cross':
     w = 0.36
-    pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w),
-           (-1, -w), (-w, -w)]
+    pts = [
+      (-w, -1),
+      (w, -1),
+      (w, -w),
+      (1, -w),
+      (1, w),
+      (w, w),
+      (w, 1),
+      (-w, 1),
+      (-w, w),
+      (-1, w),
+      (-1, -w),
+      (-w, -w),
+    ]
   else:
     raise ValueError(f'unknown shape {shape!r}; known: {concepts.SHAPES}')
   c, s = math.cos(angle), math.sin(angle)
@@ -156,8 +198,17 @@ def _outline(shape: str, x: float, y: float, r: float, angle: float) -> list[tup
 
 
 _SEGMENTS = {  # seven-segment digits: a b c d e f g
-    '0': 'abcdef', '1': 'bc', '2': 'abdeg', '3': 'abcdg', '4': 'bcfg', '5': 'acdfg',
-    '6': 'acdefg', '7': 'abc', '8': 'abcdefg', '9': 'abcdfg'}
+  '0': 'abcdef',
+  '1': 'bc',
+  '2': 'abdeg',
+  '3': 'abcdg',
+  '4': 'bcfg',
+  '5': 'acdfg',
+  '6': 'acdefg',
+  '7': 'abc',
+  '8': 'abcdefg',
+  '9': 'abcdfg',
+}
 
 
 def _draw_mark(draw, mark: DrawnMark, scale: float, colour, style: int, font_cache: dict):
@@ -165,14 +216,21 @@ def _draw_mark(draw, mark: DrawnMark, scale: float, colour, style: int, font_cac
   width = max(1, int(r * 0.28))
   if mark.symbol in _SEGMENTS and style == 0:
     h, w = r, r * 0.55  # seven-segment, as on the simulated board
-    ends = {'a': ((-w, -h), (w, -h)), 'b': ((w, -h), (w, 0)), 'c': ((w, 0), (w, h)),
-            'd': ((-w, h), (w, h)), 'e': ((-w, 0), (-w, h)), 'f': ((-w, -h), (-w, 0)),
-            'g': ((-w, 0), (w, 0))}
+    ends = {
+      'a': ((-w, -h), (w, -h)),
+      'b': ((w, -h), (w, 0)),
+      'c': ((w, 0), (w, h)),
+      'd': ((-w, h), (w, h)),
+      'e': ((-w, 0), (-w, h)),
+      'f': ((-w, -h), (-w, 0)),
+      'g': ((-w, 0), (w, 0)),
+    }
     for seg in _SEGMENTS[mark.symbol]:
       (ax, ay), (bx, by) = ends[seg]
       draw.line([(x + ax, y + ay), (x + bx, y + by)], fill=colour, width=width)
   elif mark.symbol in _SEGMENTS:
     from PIL import ImageFont
+
     size = int(2.2 * r)
     font = font_cache.get(size)
     if font is None:
@@ -246,8 +304,9 @@ def _list_names(names: list[str]) -> str:
   return names[0] if len(names) == 1 else ', '.join(names[:-1]) + ' and ' + names[-1]
 
 
-def questions(scene: DrawnScene, rng: np.random.Generator,
-              kinds=KINDS) -> list[tuple[str, str, str, tuple[float, float] | None]]:
+def questions(
+  scene: DrawnScene, rng: np.random.Generator, kinds=KINDS
+) -> list[tuple[str, str, str, tuple[float, float] | None]]:
   """(kind, question or '' for a caption, answer, point) for this picture; point is where in
   the picture (x, y in [0, 1]) a 'where is' question's answer lies, None for other kinds."""
   out = []
@@ -256,30 +315,43 @@ def questions(scene: DrawnScene, rng: np.random.Generator,
   nameable = [i for i, n in enumerate(names) if n]
   if 'grounding' in kinds:
     for i in nameable:
-      out.append(('grounding', f'Where is the {names[i]}?', *_where(scene, objs[i].x,
-                                                                   objs[i].y)))
+      out.append(('grounding', f'Where is the {names[i]}?', *_where(scene, objs[i].x, objs[i].y)))
   if 'relation' in kinds and len(objs) >= 2:
     radii = [o.radius for o in objs]
     xs = [image_position(scene, o.x, o.y)[0] for o in objs]
-    picks = {'biggest': int(np.argmax(radii)), 'smallest': int(np.argmin(radii)),
-             'leftmost': int(np.argmin(xs)), 'rightmost': int(np.argmax(xs))}
-    ordered = {'biggest': sorted(radii), 'smallest': sorted(radii), 'leftmost': sorted(xs),
-               'rightmost': sorted(xs)}
+    picks = {
+      'biggest': int(np.argmax(radii)),
+      'smallest': int(np.argmin(radii)),
+      'leftmost': int(np.argmin(xs)),
+      'rightmost': int(np.argmax(xs)),
+    }
+    ordered = {
+      'biggest': sorted(radii),
+      'smallest': sorted(radii),
+      'leftmost': sorted(xs),
+      'rightmost': sorted(xs),
+    }
     for rel, i in picks.items():
       vals = ordered[rel]
       margin = (vals[-1] - vals[-2]) if rel in ('biggest', 'rightmost') else (vals[1] - vals[0])
       if margin > (0.02 if rel in ('biggest', 'smallest') else 0.08):
-        out.append(('relation', f'Where is the {rel} block?', *_where(scene, objs[i].x,
-                                                                      objs[i].y)))
+        out.append(('relation', f'Where is the {rel} block?', *_where(scene, objs[i].x, objs[i].y)))
     if nameable and len(objs) >= 3:
       ref = int(rng.choice(nameable))
-      d = [math.hypot(o.x - objs[ref].x, o.y - objs[ref].y) if j != ref else 9.0
-           for j, o in enumerate(objs)]
+      d = [
+        math.hypot(o.x - objs[ref].x, o.y - objs[ref].y) if j != ref else 9.0
+        for j, o in enumerate(objs)
+      ]
       order = np.argsort(d)
       if d[order[1]] - d[order[0]] > 0.1:
         near = objs[int(order[0])]
-        out.append(('relation', f'Where is the block closest to the {names[ref]}?',
-                    *_where(scene, near.x, near.y)))
+        out.append(
+          (
+            'relation',
+            f'Where is the block closest to the {names[ref]}?',
+            *_where(scene, near.x, near.y),
+          )
+        )
   if 'colour' in kinds:
     for shape in {o.shape for o in objs}:
       same = [o for o in objs if o.shape == shape]
@@ -297,8 +369,9 @@ def questions(scene: DrawnScene, rng: np.random.Generator,
     a, b = objs[i], objs[j]
     if abs(a.radius - b.radius) > 0.02:
       big = names[i] if a.radius > b.radius else names[j]
-      out.append(('compare', f'Which is bigger, the {names[i]} or the {names[j]}?',
-                  f'the {big}', None))
+      out.append(
+        ('compare', f'Which is bigger, the {names[i]} or the {names[j]}?', f'the {big}', None)
+      )
   if 'symbol' in kinds:
     for m in scene.marks:
       out.append(('symbol', f'Where is the {m.symbol}?', *_where(scene, m.x, m.y)))
@@ -306,8 +379,7 @@ def questions(scene: DrawnScene, rng: np.random.Generator,
         d = [math.hypot(objs[i].x - m.x, objs[i].y - m.y) for i in nameable]
         k = int(np.argmin(d))
         if d[k] < 0.3:
-          out.append(('symbol', f'What digit is next to the {names[nameable[k]]}?', m.symbol,
-                      None))
+          out.append(('symbol', f'What digit is next to the {names[nameable[k]]}?', m.symbol, None))
   if 'caption' in kinds and nameable:
     listed = [names[i] for i in nameable]
     marks = [m.symbol for m in scene.marks]
@@ -315,8 +387,9 @@ def questions(scene: DrawnScene, rng: np.random.Generator,
     text = _list_names(listed[:3]) + (' and other blocks' if len(listed) > 3 else '')
     marks = marks[:1]
     if marks:
-      text += ' beside ' + ' and '.join(f'the {"digit " if s in concepts.DIGITS else ""}{s}'
-                                        for s in marks)
+      text += ' beside ' + ' and '.join(
+        f'the {"digit " if s in concepts.DIGITS else ""}{s}' for s in marks
+      )
     out.append(('caption', '', text, None))
   return out
 
@@ -331,8 +404,16 @@ def sample(rng: np.random.Generator, image_size: int, kinds=KINDS, **scene_kw):
   return draw(scene, image_size, rng), questions(scene, rng, kinds), scene
 
 
-def generate(out: str, *, images: int = 4000, val_images: int = 200, image_size: int = 64,
-             seed: int = 0, kinds=KINDS, progress=print) -> dict:
+def generate(
+  out: str,
+  *,
+  images: int = 4000,
+  val_images: int = 200,
+  image_size: int = 64,
+  seed: int = 0,
+  kinds=KINDS,
+  progress=print,
+) -> dict:
   """Writes OUT/train.jsonl, OUT/val.jsonl and OUT/images/*.png; returns counts per kind."""
   from PIL import Image
 
@@ -348,8 +429,7 @@ def generate(out: str, *, images: int = 4000, val_images: int = 200, image_size:
         Image.fromarray(image).save(os.path.join(out, rel))
         for kind, question, answer, point in qas:
           row = {'image': rel, 'kind': kind}
-          row.update({'question': question, 'answer': answer} if question else
-                     {'caption': answer})
+          row.update({'question': question, 'answer': answer} if question else {'caption': answer})
           if point is not None:
             row['point'] = list(point)
           f.write(json.dumps(row) + '\n')
@@ -357,8 +437,15 @@ def generate(out: str, *, images: int = 4000, val_images: int = 200, image_size:
         if progress and (i + 1) % 1000 == 0:
           progress(f'web corpus: {split} {i + 1}/{n} pictures ({time.time() - start:.0f}s)')
     os.replace(os.path.join(out, f'{split}.jsonl.tmp'), os.path.join(out, f'{split}.jsonl'))
-  info = dict(images=images, val_images=val_images, image_size=image_size, seed=seed,
-              grid=GRID, counts=counts, seconds=round(time.time() - start, 1))
+  info = dict(
+    images=images,
+    val_images=val_images,
+    image_size=image_size,
+    seed=seed,
+    grid=GRID,
+    counts=counts,
+    seconds=round(time.time() - start, 1),
+  )
   with open(os.path.join(out, 'corpus.json'), 'w') as f:
     json.dump(info, f, indent=1)
   return info

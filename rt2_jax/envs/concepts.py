@@ -16,14 +16,14 @@ import dataclasses
 
 # Colour name -> RGB in 0..1 (the simulator's block colour; the web corpus jitters around it).
 COLOURS = {
-    'red': (0.85, 0.12, 0.10),
-    'green': (0.15, 0.70, 0.20),
-    'blue': (0.12, 0.30, 0.90),
-    'yellow': (0.95, 0.85, 0.10),
-    'purple': (0.55, 0.20, 0.75),
-    'orange': (1.00, 0.50, 0.05),
-    'cyan': (0.10, 0.85, 0.90),
-    'pink': (1.00, 0.45, 0.70),
+  'red': (0.85, 0.12, 0.10),
+  'green': (0.15, 0.70, 0.20),
+  'blue': (0.12, 0.30, 0.90),
+  'yellow': (0.95, 0.85, 0.10),
+  'purple': (0.55, 0.20, 0.75),
+  'orange': (1.00, 0.50, 0.05),
+  'cyan': (0.10, 0.85, 0.90),
+  'pink': (1.00, 0.45, 0.70),
 }
 # Block shapes as seen from above (the simulator extrudes each outline into a prism).
 SHAPES = ('square', 'circle', 'triangle', 'star', 'cross')
@@ -69,24 +69,32 @@ class ConceptSplit:
 
   def held_out_words(self) -> tuple[str, ...]:
     """Words that no robot instruction may contain."""
-    return (self.held_out_colours + self.held_out_shapes + self.held_out_marks
-            + self.held_out_relations)
+    return (
+      self.held_out_colours + self.held_out_shapes + self.held_out_marks + self.held_out_relations
+    )
 
   def robot_block(self, colour: str, shape: str) -> bool:
     """Whether a (colour, shape) block may appear in (and be named by) robot data."""
-    return (colour in self.robot_colours and shape in self.robot_shapes
-            and (colour, shape) not in self.held_out_combinations)
+    return (
+      colour in self.robot_colours
+      and shape in self.robot_shapes
+      and (colour, shape) not in self.held_out_combinations
+    )
 
 
 # Half the colours, four of five shapes, the icons but no digits, no relations; one shape per
 # robot colour (a different one each) is held out as an unseen combination.
 SPLIT = ConceptSplit(
-    robot_colours=('red', 'green', 'blue', 'yellow'),
-    robot_shapes=('square', 'circle', 'triangle', 'cross'),
-    robot_marks=ICONS,
-    robot_relations=(),
-    held_out_combinations=(('red', 'circle'), ('green', 'cross'), ('blue', 'triangle'),
-                           ('yellow', 'square')),
+  robot_colours=('red', 'green', 'blue', 'yellow'),
+  robot_shapes=('square', 'circle', 'triangle', 'cross'),
+  robot_marks=ICONS,
+  robot_relations=(),
+  held_out_combinations=(
+    ('red', 'circle'),
+    ('green', 'cross'),
+    ('blue', 'triangle'),
+    ('yellow', 'square'),
+  ),
 )
 
 

@@ -104,8 +104,10 @@ class RenderSettings:
 def _camera() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The 'top' camera's (position, image-right axis, image-up axis) in world coordinates."""
   c, s = np.cos(_CAMERA_TILT), np.sin(_CAMERA_TILT)
-  return np.array([0, -_CAMERA_DIST * s, _CAMERA_DIST * c]), np.array([1.0, 0, 0]), np.array(
-    [0, c, s]
+  return (
+    np.array([0, -_CAMERA_DIST * s, _CAMERA_DIST * c]),
+    np.array([1.0, 0, 0]),
+    np.array([0, c, s]),
   )
 
 

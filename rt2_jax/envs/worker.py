@@ -50,9 +50,14 @@ class Workers:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     environ['PYTHONPATH'] = os.pathsep.join(p for p in (root, environ.get('PYTHONPATH')) if p)
     self._procs = [
-        subprocess.Popen([sys.executable, '-m', 'rt2_jax.envs.worker'], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, env=environ)
-        for _ in range(num_workers)]
+      subprocess.Popen(
+        [sys.executable, '-m', 'rt2_jax.envs.worker'],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=environ,
+      )
+      for _ in range(num_workers)
+    ]
     self.closed = False
 
   def __len__(self):
@@ -89,8 +94,10 @@ class Workers:
     try:
       return pickle.load(proc.stdout)
     except EOFError:
-      raise WorkerError(f'worker {w} exited with code {proc.wait()} (see its stderr above); '
-                        'a crash here is often the renderer (try MUJOCO_GL=osmesa)') from None
+      raise WorkerError(
+        f'worker {w} exited with code {proc.wait()} (see its stderr above); '
+        'a crash here is often the renderer (try MUJOCO_GL=osmesa)'
+      ) from None
 
   def close(self):
     if self.closed:

@@ -46,8 +46,14 @@ class GemmaConfig:
   scan_layers: bool = False  # layers under nn.scan: params stacked as lm/layers [num_layers, ...]
 
   @classmethod
-  def from_config(cls, gemma_cfg, vocab_size: int, dtype: str = 'float32', remat: str = 'none',
-                  scan_layers: bool = False):
+  def from_config(
+    cls,
+    gemma_cfg,
+    vocab_size: int,
+    dtype: str = 'float32',
+    remat: str = 'none',
+    scan_layers: bool = False,
+  ):
     """From the `model.gemma` ConfigDict block; unknown keys fail naming them."""
     d = dict(gemma_cfg)
     model_level = {'vocab_size', 'dtype', 'remat', 'scan_layers'}
@@ -55,11 +61,14 @@ class GemmaConfig:
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f'unknown model.gemma keys {unknown}; known: {sorted(known)}')
-    cfg = cls(vocab_size=int(vocab_size), dtype=dtype, remat=remat,
-              scan_layers=bool(scan_layers), **d)
+    cfg = cls(
+      vocab_size=int(vocab_size), dtype=dtype, remat=remat, scan_layers=bool(scan_layers), **d
+    )
     if cfg.num_heads % cfg.num_kv_heads:
-      raise ValueError(f'model.gemma.num_heads {cfg.num_heads} is not a multiple of '
-                       f'num_kv_heads {cfg.num_kv_heads}')
+      raise ValueError(
+        f'model.gemma.num_heads {cfg.num_heads} is not a multiple of '
+        f'num_kv_heads {cfg.num_kv_heads}'
+      )
     if cfg.head_dim % 2:
       raise ValueError(f'model.gemma.head_dim must be even for RoPE, got {cfg.head_dim}')
     layers.activation(cfg.mlp_activation)
@@ -74,8 +83,12 @@ class GemmaRMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
-                       (x.shape[-1],), jnp.float32)
+    scale = self.param(
+      'scale',
+      nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+      (x.shape[-1],),
+      jnp.float32,
+    )
     x = x.astype(jnp.float32)
     x = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
     return (x * (1.0 + scale)).astype(self.dtype)
@@ -108,14 +121,16 @@ class Attention(nn.Module):
 
   def setup(self):
     cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
-    self.query = layers.DenseGeneral((cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'kv'),
-                                     dtype=dtype)
-    self.key = layers.DenseGeneral((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'kv'),
-                                   dtype=dtype)
-    self.value = layers.DenseGeneral((cfg.num_kv_heads, cfg.head_dim),
-                                     ('embed', 'kv_heads', 'kv'), dtype=dtype)
-    self.out = layers.DenseGeneral((cfg.emb_dim,), ('heads', 'kv', 'embed'), in_dims=2,
-                                   dtype=dtype)
+    self.query = layers.DenseGeneral(
+      (cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'kv'), dtype=dtype
+    )
+    self.key = layers.DenseGeneral(
+      (cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'kv'), dtype=dtype
+    )
+    self.value = layers.DenseGeneral(
+      (cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'kv'), dtype=dtype
+    )
+    self.out = layers.DenseGeneral((cfg.emb_dim,), ('heads', 'kv', 'embed'), in_dims=2, dtype=dtype)
     self.attn_dropout = nn.Dropout(cfg.dropout_rate)
 
   def qkv(self, x, positions):
@@ -132,9 +147,8 @@ class Attention(nn.Module):
     b, lq, h, d = q.shape
     groups = h // cfg.num_kv_heads
     # Query head n reads key-value head n // groups (transformers' repeat_kv order).
-    q = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, lq, cfg.num_kv_heads, groups, d)
-    logits = jnp.einsum('bqngd,bknd->bngqk', q, k.astype(dtype),
-                        preferred_element_type=jnp.float32)
+    q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, lq, cfg.num_kv_heads, groups, d)
+    logits = jnp.einsum('bqngd,bknd->bngqk', q, k.astype(dtype), preferred_element_type=jnp.float32)
     logits = logits + bias[:, :, None]
     weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
     if cfg.dropout_rate > 0.0 and not deterministic:
@@ -191,8 +205,11 @@ class Layer(nn.Module):
       return lax.dynamic_update_slice(cache[name], value[None], (layer, 0, index, 0, 0))
 
     cache = dict(cache, k=write('k', k), v=write('v', v))
-    read = ((lambda n: cache[n]) if layer is None
-            else (lambda n: lax.dynamic_index_in_dim(cache[n], layer, 0, keepdims=False)))
+    read = (
+      (lambda n: cache[n])
+      if layer is None
+      else (lambda n: lax.dynamic_index_in_dim(cache[n], layer, 0, keepdims=False))
+    )
     x = self._finish(x, self.attention.attend(q, read('k'), read('v'), bias), True)
     return x, cache
 
@@ -206,11 +223,12 @@ class Gemma(nn.Module):
     cfg = self.config
     # std emb_dim**-0.5: times sqrt(emb_dim) the inputs start at unit scale.
     self.token_embedder = self.param(
-        'token_embedder', nn.with_logical_partitioning(
-            nn.initializers.normal(cfg.emb_dim ** -0.5), ('vocab', 'embed')),
-        (cfg.vocab_size, cfg.emb_dim), jnp.float32)
-    layer_cls = layers.maybe_remat(Layer, cfg.remat, static_argnums=(4,),
-                                   scanned=cfg.scan_layers)
+      'token_embedder',
+      nn.with_logical_partitioning(nn.initializers.normal(cfg.emb_dim**-0.5), ('vocab', 'embed')),
+      (cfg.vocab_size, cfg.emb_dim),
+      jnp.float32,
+    )
+    layer_cls = layers.maybe_remat(Layer, cfg.remat, static_argnums=(4,), scanned=cfg.scan_layers)
     if cfg.scan_layers:
       self.layers = layer_cls(cfg, name='layers')
     else:
@@ -221,7 +239,7 @@ class Gemma(nn.Module):
   def embed(self, tokens):
     """Token ids -> embeddings times sqrt(emb_dim) (Gemma's input scaling)."""
     dtype = layers.to_dtype(self.config.dtype)
-    x = jnp.take(self.token_embedder, tokens, axis=0) * jnp.float32(self.config.emb_dim ** 0.5)
+    x = jnp.take(self.token_embedder, tokens, axis=0) * jnp.float32(self.config.emb_dim**0.5)
     return constrain(x.astype(dtype), ('batch', 'length', 'embed'))
 
   def __call__(self, x, key_mask, prefix_len: int, deterministic: bool = True):
@@ -233,8 +251,10 @@ class Gemma(nn.Module):
     bias = prefix_lm_bias(key_mask, prefix_len)
     x = self.dropout(x.astype(layers.to_dtype(cfg.dtype)), deterministic)
     if cfg.scan_layers:
+
       def body(layer, x, positions, bias):
         return layer(x, positions, bias, deterministic)
+
       x, kv = layers.scan_over_layers(body, cfg.num_layers)(self.layers, x, positions, bias)
     else:
       kv = []
@@ -259,11 +279,16 @@ class Gemma(nn.Module):
       layer_caches = dict(k=extend(kv[0]), v=extend(kv[1]))
     else:
       layer_caches = [dict(k=extend(k), v=extend(v)) for k, v in kv]
-    key_mask = jnp.concatenate([prefix_mask.astype(bool),
-                                jnp.ones((prefix.shape[0], pad), bool)], axis=1)
+    key_mask = jnp.concatenate(
+      [prefix_mask.astype(bool), jnp.ones((prefix.shape[0], pad), bool)], axis=1
+    )
     # prefix_len: real prefix tokens per example (RoPE positions); prefix_columns: P.
-    return dict(key_mask=key_mask, prefix_len=jnp.sum(prefix_mask, axis=1, dtype=jnp.int32),
-                prefix_columns=jnp.int32(prefix.shape[1]), layers=layer_caches)
+    return dict(
+      key_mask=key_mask,
+      prefix_len=jnp.sum(prefix_mask, axis=1, dtype=jnp.int32),
+      prefix_columns=jnp.int32(prefix.shape[1]),
+      layers=layer_caches,
+    )
 
   def step(self, cache, x, step):
     """x [B, 1, E] the decoded token `step` (from 0) -> hidden [B, 1, E], the new cache."""
@@ -276,12 +301,15 @@ class Gemma(nn.Module):
     positions = (cache['prefix_len'] + 1 + step)[:, None]
     x = x.astype(layers.to_dtype(cfg.dtype))
     if cfg.scan_layers:
+
       def body(layer, carry, positions, bias, index):
         x, layer_caches, i = carry
         x, layer_caches = layer.step(x, positions, bias, layer_caches, index, i)
         return (x, layer_caches, i + 1), None
+
       (x, new_layers, _), _ = layers.scan_over_layers(body, cfg.num_layers)(
-          self.layers, (x, cache['layers'], jnp.int32(0)), positions, bias, index)
+        self.layers, (x, cache['layers'], jnp.int32(0)), positions, bias, index
+      )
     else:
       new_layers = []
       for layer, layer_cache in zip(self.layers, cache['layers'], strict=True):
@@ -294,9 +322,10 @@ class Gemma(nn.Module):
     dtype = layers.to_dtype(self.config.dtype)
     table, hidden = self.token_embedder, hidden.astype(dtype)
     if rows is None:
-      logits = jnp.einsum('...e,ve->...v', hidden, table.astype(dtype),
-                          preferred_element_type=jnp.float32)
-      return constrain(logits, ('batch', 'length', 'vocab')[-logits.ndim:])
+      logits = jnp.einsum(
+        '...e,ve->...v', hidden, table.astype(dtype), preferred_element_type=jnp.float32
+      )
+      return constrain(logits, ('batch', 'length', 'vocab')[-logits.ndim :])
     rows = jnp.asarray(rows, jnp.int32)
     picked = jnp.take(table, rows, axis=0).astype(dtype)
     if rows.ndim == 1:
@@ -305,5 +334,7 @@ class Gemma(nn.Module):
       return jnp.einsum('be,bke->bk', hidden, picked, preferred_element_type=jnp.float32)
     if rows.ndim == 2 and hidden.ndim == 3:
       return jnp.einsum('ble,lke->blk', hidden, picked, preferred_element_type=jnp.float32)
-    raise ValueError(f'rows must be None, [K], [B, K] (with hidden [B, E]) or [L, K] (with '
-                     f'hidden [B, L, E]); got rows {rows.shape} and hidden {hidden.shape}')
+    raise ValueError(
+      f'rows must be None, [K], [B, K] (with hidden [B, E]) or [L, K] (with '
+      f'hidden [B, L, E]); got rows {rows.shape} and hidden {hidden.shape}'
+    )

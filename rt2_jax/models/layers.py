@@ -23,12 +23,12 @@ Dtype = Any
 MASK_BIAS = -1e10
 
 ACTIVATIONS = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=True),  # HF gelu_new / gelu_pytorch_tanh
-    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
-    'gelu_exact': lambda x: jax.nn.gelu(x, approximate=False),
-    'relu': jax.nn.relu,
-    'silu': jax.nn.silu,
-    'linear': lambda x: x,
+  'gelu': lambda x: jax.nn.gelu(x, approximate=True),  # HF gelu_new / gelu_pytorch_tanh
+  'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+  'gelu_exact': lambda x: jax.nn.gelu(x, approximate=False),
+  'relu': jax.nn.relu,
+  'silu': jax.nn.silu,
+  'linear': lambda x: x,
 }
 
 
@@ -55,8 +55,9 @@ DENSE_OUTPUT = 'dense_output'
 # remat='dots': save the weight matmuls' outputs, i.e. dots without batch dimensions and the
 # DenseGeneral outputs (dense_dot is a custom_vjp, which the dots policy does not look into).
 SAVE_DOTS = jax.checkpoint_policies.save_from_both_policies(
-    jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT))
+  jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT),
+)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -84,8 +85,11 @@ def _dense_dot_bwd(in_dims, residuals, g):
   x, kernel = residuals
   n_out = kernel.ndim - in_dims
   # dx: contract g's output axes with the kernel's; the result is [batch..., in...].
-  dx = lax.dot_general(g, kernel, ((tuple(range(g.ndim - n_out, g.ndim)),
-                                    tuple(range(in_dims, kernel.ndim))), ((), ())))
+  dx = lax.dot_general(
+    g,
+    kernel,
+    ((tuple(range(g.ndim - n_out, g.ndim)), tuple(range(in_dims, kernel.ndim))), ((), ())),
+  )
   # dkernel: contract the batch axes; the result is [in..., out...], the kernel's own order.
   batch = tuple(range(x.ndim - in_dims))
   dkernel = lax.dot_general(x, g, ((batch, batch), ((), ())))
@@ -113,8 +117,7 @@ def _broadcast_batch_fwd(x, batch_size):
 
 def _broadcast_batch_bwd(batch_size, _, g):
   ones = jnp.ones((1, batch_size), g.dtype)
-  summed = lax.dot_general(ones, g, (((1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+  summed = lax.dot_general(ones, g, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   return (summed.astype(g.dtype),)
 
 
@@ -133,22 +136,30 @@ class DenseGeneral(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    in_shape = tuple(x.shape[-self.in_dims:])
+    in_shape = tuple(x.shape[-self.in_dims :])
     shape = in_shape + tuple(self.features)
     if len(self.axes) != len(shape):
       raise ValueError(f'{self.name}: {len(shape)}-d kernel {shape} but axes {self.axes}')
     n_in = self.in_dims
     init = nn.initializers.variance_scaling(
-        self.init_scale, 'fan_in', 'truncated_normal',
-        in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, len(shape))))
-    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.axes), shape,
-                        jnp.float32)
+      self.init_scale,
+      'fan_in',
+      'truncated_normal',
+      in_axis=tuple(range(n_in)),
+      out_axis=tuple(range(n_in, len(shape))),
+    )
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.axes), shape, jnp.float32)
     # Named so that remat='dots' still saves it: the policy cannot see into the custom_vjp.
-    y = checkpoint_name(dense_dot(x.astype(self.dtype), kernel.astype(self.dtype), n_in),
-                        DENSE_OUTPUT)
+    y = checkpoint_name(
+      dense_dot(x.astype(self.dtype), kernel.astype(self.dtype), n_in), DENSE_OUTPUT
+    )
     if self.use_bias:
-      bias = self.param('bias', nn.with_logical_partitioning(
-          nn.initializers.zeros, self.axes[n_in:]), tuple(self.features), jnp.float32)
+      bias = self.param(
+        'bias',
+        nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
+        tuple(self.features),
+        jnp.float32,
+      )
       y = y + bias.astype(self.dtype)
     return y
 
@@ -161,8 +172,12 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
-                       (x.shape[-1],), jnp.float32)
+    scale = self.param(
+      'scale',
+      nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+      (x.shape[-1],),
+      jnp.float32,
+    )
     x = x.astype(jnp.float32)
     x = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
     return (x * scale).astype(self.dtype)
@@ -178,10 +193,12 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     width, axes = x.shape[-1], (self.axis_name,)
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, axes),
-                       (width,), jnp.float32)
-    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, axes),
-                      (width,), jnp.float32)
+    scale = self.param(
+      'scale', nn.with_logical_partitioning(nn.initializers.ones, axes), (width,), jnp.float32
+    )
+    bias = self.param(
+      'bias', nn.with_logical_partitioning(nn.initializers.zeros, axes), (width,), jnp.float32
+    )
     x = x.astype(jnp.float32)
     x = x - jnp.mean(x, axis=-1, keepdims=True)
     x = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
@@ -212,13 +229,19 @@ class MultiHeadAttention(nn.Module):
     qkv_axes = ('embed', 'heads', 'kv')
     # Unscaled logits (T5) put the 1/sqrt(head_dim) into the query init instead.
     q_scale = 1.0 if self.scale_logits else 1.0 / self.head_dim
-    self.query = DenseGeneral(hd, qkv_axes, use_bias=self.use_bias, init_scale=q_scale,
-                              dtype=self.dtype)
+    self.query = DenseGeneral(
+      hd, qkv_axes, use_bias=self.use_bias, init_scale=q_scale, dtype=self.dtype
+    )
     self.key = DenseGeneral(hd, qkv_axes, use_bias=self.use_bias, dtype=self.dtype)
     self.value = DenseGeneral(hd, qkv_axes, use_bias=self.use_bias, dtype=self.dtype)
-    self.out = DenseGeneral((self.out_features,), ('heads', 'kv', 'embed'), in_dims=2,
-                            use_bias=self.use_bias, init_scale=self.out_init_scale,
-                            dtype=self.dtype)
+    self.out = DenseGeneral(
+      (self.out_features,),
+      ('heads', 'kv', 'embed'),
+      in_dims=2,
+      use_bias=self.use_bias,
+      init_scale=self.out_init_scale,
+      dtype=self.dtype,
+    )
     self.attn_dropout = nn.Dropout(self.dropout_rate)
 
   def project_kv(self, x):
@@ -232,7 +255,7 @@ class MultiHeadAttention(nn.Module):
   def attend(self, q, k, v, bias=None, deterministic: bool = True):
     """q [B,Q,H,D], k/v [B,K,H,D], bias broadcastable to [B,H,Q,K] (float32) -> [B,Q,E]."""
     if self.scale_logits:
-      q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+      q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
     if self.logit_scale != 1.0:
       q = q * jnp.asarray(self.logit_scale, q.dtype)
     # Heads-major [B,H,L,D] operands: XLA:CPU's batched matmuls run 20-40% faster on them than
@@ -268,8 +291,9 @@ def maybe_remat(module_cls, remat: str, static_argnums: tuple[int, ...], scanned
     return module_cls
   if remat not in policies:
     raise ValueError(f"model.remat must be 'none', 'full' or 'dots', got {remat!r}")
-  return nn.remat(module_cls, policy=policies[remat], static_argnums=static_argnums,
-                  prevent_cse=not scanned)
+  return nn.remat(
+    module_cls, policy=policies[remat], static_argnums=static_argnums, prevent_cse=not scanned
+  )
 
 
 def scan_over_layers(body, length: int):
@@ -279,6 +303,11 @@ def scan_over_layers(body, length: int):
   (replicated under LOGICAL_RULES); `args` are the same for every layer (broadcast), `out` is
   stacked. One layer is traced and compiled instead of `length`.
   """
-  return nn.scan(body, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                 in_axes=nn.broadcast, length=length,
-                 metadata_params={nn.PARTITION_NAME: 'layers'})
+  return nn.scan(
+    body,
+    variable_axes={'params': 0},
+    split_rngs={'params': True, 'dropout': True},
+    in_axes=nn.broadcast,
+    length=length,
+    metadata_params={nn.PARTITION_NAME: 'layers'},
+  )

@@ -38,8 +38,10 @@ def _stack_trees(trees: list, path: str):
   if isinstance(first, Mapping):
     for i, tree in enumerate(trees):
       if not isinstance(tree, Mapping) or set(tree) != set(first):
-        raise ValueError(f'{path}: layer {i} has keys {sorted(tree)} but layer 0 has '
-                         f'{sorted(first)}; layers must be alike to stack')
+        raise ValueError(
+          f'{path}: layer {i} has keys {sorted(tree)} but layer 0 has '
+          f'{sorted(first)}; layers must be alike to stack'
+        )
     return {k: _stack_trees([t[k] for t in trees], f'{path}/{k}') for k in first}
   shapes = {tuple(np.shape(t)) for t in trees}
   if len(shapes) != 1:
@@ -52,7 +54,8 @@ def has_per_layer_keys(tree) -> bool:
   if not isinstance(tree, Mapping):
     return False
   return any(_PER_LAYER.match(str(k)) for k in tree) or any(
-      has_per_layer_keys(v) for v in tree.values())
+    has_per_layer_keys(v) for v in tree.values()
+  )
 
 
 def stacked_leaves(tree):
@@ -61,11 +64,14 @@ def stacked_leaves(tree):
   For optimizers whose per-array statistics (Adafactor's parameter scale, update clipping,
   factored moments) must stay per layer: apply them slice by slice along axis 0 of these.
   """
+
   def mark(node, inside):
     if not isinstance(node, Mapping):
       return inside
-    return {k: mark(v, inside or (k in _STACKED and not has_per_layer_keys(v)))
-            for k, v in node.items()}
+    return {
+      k: mark(v, inside or (k in _STACKED and not has_per_layer_keys(v))) for k, v in node.items()
+    }
+
   return mark(tree, False)
 
 
@@ -92,8 +98,7 @@ def stack_layers(tree, *, consume: bool = False):
       raise ValueError(f'cannot stack {prefix}_* into {name!r}: that key already exists')
     n = len(by_index)
     if sorted(by_index) != list(range(n)):
-      raise ValueError(f'{prefix}_* layers must be numbered 0..{n - 1}, got '
-                       f'{sorted(by_index)}')
+      raise ValueError(f'{prefix}_* layers must be numbered 0..{n - 1}, got {sorted(by_index)}')
     keys = [by_index[i] for i in range(n)]
     out[name] = _stack_trees([tree[k] for k in keys], f'{prefix}_*')
     if consume:

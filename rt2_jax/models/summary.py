@@ -44,8 +44,11 @@ def param_infos(model_cfg) -> list[ParamInfo]:
   boxed = abstract_variables(model_cfg)['params']
   specs = partitioning.logical_specs(boxed)
   shapes = partitioning.unbox(boxed)
-  flat_specs = dict(jax.tree_util.tree_flatten_with_path(
-      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
+  flat_specs = dict(
+    jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )[0]
+  )
   infos = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     name = '/'.join(str(getattr(k, 'key', k)) for k in path)
@@ -59,8 +62,14 @@ def component(path: str) -> str:
   return '/'.join(parts[:2]) if parts[0] == 'lm' else parts[0]
 
 
-ORDER = ('vit', 'image_projection', 'lm/token_embedder', 'lm/encoder', 'lm/decoder',
-         'lm/logits_dense')
+ORDER = (
+  'vit',
+  'image_projection',
+  'lm/token_embedder',
+  'lm/encoder',
+  'lm/decoder',
+  'lm/logits_dense',
+)
 
 
 def counts_by_component(infos) -> dict[str, int]:
@@ -82,14 +91,18 @@ def summarize(model_cfg, top: int = 8) -> str:
   infos = param_infos(model_cfg)
   counts = counts_by_component(infos)
   total = sum(counts.values())
-  lines = [f'image {vit_cfg.image_size}px, patch {vit_cfg.patch_size} -> '
-           f'{vit_cfg.num_patches} image tokens; vocab {t5_cfg.vocab_size}; '
-           f'compute {t5_cfg.dtype}; remat {t5_cfg.remat}; scan_layers {t5_cfg.scan_layers}',
-           f'{"component":<24}{"params":>16}{"share":>8}']
+  lines = [
+    f'image {vit_cfg.image_size}px, patch {vit_cfg.patch_size} -> '
+    f'{vit_cfg.num_patches} image tokens; vocab {t5_cfg.vocab_size}; '
+    f'compute {t5_cfg.dtype}; remat {t5_cfg.remat}; scan_layers {t5_cfg.scan_layers}',
+    f'{"component":<24}{"params":>16}{"share":>8}',
+  ]
   for name, n in counts.items():
     lines.append(f'{name:<24}{n:>16,}{100 * n / total:>7.1f}%')
-  lines.append(f'{"total":<24}{total:>16,}  ({_human(total)}: {total * 4 / 2**30:.1f} GiB in '
-               f'float32, {total * 2 / 2**30:.1f} GiB in bfloat16)')
+  lines.append(
+    f'{"total":<24}{total:>16,}  ({_human(total)}: {total * 4 / 2**30:.1f} GiB in '
+    f'float32, {total * 2 / 2**30:.1f} GiB in bfloat16)'
+  )
   # Arrays repeated in every layer are listed once with a count and the shape of one layer:
   # layers_* / block_* (unrolled), or a stack whose leading axis is 'layers' (scanned).
   groups = collections.defaultdict(list)
@@ -106,8 +119,10 @@ def summarize(model_cfg, top: int = 8) -> str:
   lines.append('largest arrays (logical axes -> mesh axes under partitioning.LOGICAL_RULES):')
   for path, count, shape, axes in largest:
     mesh_axes = tuple(nn.logical_to_mesh_axes(axes, partitioning.LOGICAL_RULES))
-    lines.append(f'  {path:<48} x{count:<3} {str(shape):<15} {_human(math.prod(shape)):>8}  '
-                 f'{axes} -> {mesh_axes}')
+    lines.append(
+      f'  {path:<48} x{count:<3} {str(shape):<15} {_human(math.prod(shape)):>8}  '
+      f'{axes} -> {mesh_axes}'
+    )
   return '\n'.join(lines)
 
 

@@ -50,8 +50,14 @@ class T5Config:
   scan_layers: bool = False
 
   @classmethod
-  def from_config(cls, t5_cfg, vocab_size: int, dtype: str = 'float32', remat: str = 'none',
-                  scan_layers: bool = False):
+  def from_config(
+    cls,
+    t5_cfg,
+    vocab_size: int,
+    dtype: str = 'float32',
+    remat: str = 'none',
+    scan_layers: bool = False,
+  ):
     """From the `model.t5` ConfigDict block; unknown keys fail naming them."""
     d = dict(t5_cfg)
     model_level = {'vocab_size', 'dtype', 'remat', 'scan_layers'}
@@ -60,12 +66,14 @@ class T5Config:
     if unknown:
       raise ValueError(f'unknown model.t5 keys {unknown}; known: {sorted(known)}')
     d['mlp_activations'] = tuple(d.get('mlp_activations', cls.mlp_activations))
-    return cls(vocab_size=int(vocab_size), dtype=dtype, remat=remat,
-                scan_layers=bool(scan_layers), **d)
+    return cls(
+      vocab_size=int(vocab_size), dtype=dtype, remat=remat, scan_layers=bool(scan_layers), **d
+    )
 
 
-def relative_position_buckets(relative_position: np.ndarray, bidirectional: bool,
-                              num_buckets: int, max_distance: int) -> np.ndarray:
+def relative_position_buckets(
+  relative_position: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
   """T5 bucketing of (key - query) offsets: exact for small offsets, log-spaced up to max."""
   rel = np.asarray(relative_position, np.int64)
   buckets = np.zeros_like(rel)
@@ -93,9 +101,11 @@ class RelativePositionBias(nn.Module):
 
   def setup(self):
     self.rel_embedding = self.param(
-        'rel_embedding',
-        nn.with_logical_partitioning(nn.initializers.normal(1.0), ('heads', 'relpos_buckets')),
-        (self.num_heads, self.num_buckets), jnp.float32)
+      'rel_embedding',
+      nn.with_logical_partitioning(nn.initializers.normal(1.0), ('heads', 'relpos_buckets')),
+      (self.num_heads, self.num_buckets),
+      jnp.float32,
+    )
 
   def _buckets(self, rel):
     return relative_position_buckets(rel, self.bidirectional, self.num_buckets, self.max_distance)
@@ -122,22 +132,32 @@ class MlpBlock(nn.Module):
     acts = cfg.mlp_activations
     h = None
     for i, name in enumerate(acts):
-      wi = layers.DenseGeneral((cfg.mlp_dim,), ('embed', 'mlp'), dtype=dtype,
-                               name=f'wi_{i}' if len(acts) > 1 else 'wi')(x)
+      wi = layers.DenseGeneral(
+        (cfg.mlp_dim,), ('embed', 'mlp'), dtype=dtype, name=f'wi_{i}' if len(acts) > 1 else 'wi'
+      )(x)
       wi = layers.activation(name)(wi)
       h = wi if h is None else h * wi
     h = constrain(h, ('batch', 'length', 'mlp'))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    return layers.DenseGeneral((cfg.emb_dim,), ('mlp', 'embed'), dtype=dtype, name='wo',
-                               init_scale=0.0 if cfg.zero_init_residual else 1.0)(h)
+    return layers.DenseGeneral(
+      (cfg.emb_dim,),
+      ('mlp', 'embed'),
+      dtype=dtype,
+      name='wo',
+      init_scale=0.0 if cfg.zero_init_residual else 1.0,
+    )(h)
 
 
 def _attention(cfg: T5Config):
-  return layers.MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.emb_dim,
-                                   logit_scale=cfg.attention_logit_scale,
-                                   out_init_scale=0.0 if cfg.zero_init_residual else 1.0,
-                                   dropout_rate=cfg.dropout_rate,
-                                   dtype=layers.to_dtype(cfg.dtype))
+  return layers.MultiHeadAttention(
+    cfg.num_heads,
+    cfg.head_dim,
+    cfg.emb_dim,
+    logit_scale=cfg.attention_logit_scale,
+    out_init_scale=0.0 if cfg.zero_init_residual else 1.0,
+    dropout_rate=cfg.dropout_rate,
+    dtype=layers.to_dtype(cfg.dtype),
+  )
 
 
 def _norm(cfg: T5Config):
@@ -211,12 +231,10 @@ class DecoderLayer(nn.Module):
     k, v = self.self_attention.project_kv(h)
     cache = dict(cache, self_k=write('self_k', k), self_v=write('self_v', v))
     q = self.self_attention.project_q(h)
-    x = x + self.self_attention.attend(q, read('self_k').astype(dtype), read('self_v'),
-                                       self_bias)
+    x = x + self.self_attention.attend(q, read('self_k').astype(dtype), read('self_v'), self_bias)
     h = self.pre_cross_attention_layer_norm(x)
     q = self.encoder_decoder_attention.project_q(h)
-    x = x + self.encoder_decoder_attention.attend(q, read('cross_k'), read('cross_v'),
-                                                  cross_bias)
+    x = x + self.encoder_decoder_attention.attend(q, read('cross_k'), read('cross_v'), cross_bias)
     x = x + self.mlp(self.pre_mlp_layer_norm(x))
     return x, cache
 
@@ -224,8 +242,9 @@ class DecoderLayer(nn.Module):
 def _layer_stack(layer_cls, cfg: T5Config, num_layers: int, static_argnums: tuple[int, ...]):
   """The layers of a stack, built inside `setup`: one scanned module named 'layers' (nn.scan
   stacks its params along 'layers') or `layers_0..n-1`. static_argnums: see maybe_remat."""
-  layer_cls = layers.maybe_remat(layer_cls, cfg.remat, static_argnums=static_argnums,
-                                 scanned=cfg.scan_layers)
+  layer_cls = layers.maybe_remat(
+    layer_cls, cfg.remat, static_argnums=static_argnums, scanned=cfg.scan_layers
+  )
   if cfg.scan_layers:
     return layer_cls(cfg, name='layers')
   return [layer_cls(cfg, name=f'layers_{i}') for i in range(num_layers)]
@@ -237,8 +256,11 @@ class Encoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.relpos_bias = RelativePositionBias(
-        cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
-        bidirectional=True)
+      cfg.relative_attention_num_buckets,
+      cfg.relative_attention_max_distance,
+      cfg.num_heads,
+      bidirectional=True,
+    )
     self.layers = _layer_stack(EncoderLayer, cfg, cfg.num_encoder_layers, static_argnums=(3,))
     self.encoder_norm = _norm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
@@ -248,12 +270,15 @@ class Encoder(nn.Module):
     cfg = self.config
     length = x.shape[1]
     # The relative position bias is shared by all layers: computed once, outside any scan.
-    bias = (layers.broadcast_batch(self.relpos_bias(length, length), x.shape[0])
-            + layers.mask_to_bias(mask))
+    bias = layers.broadcast_batch(
+      self.relpos_bias(length, length), x.shape[0]
+    ) + layers.mask_to_bias(mask)
     x = self.dropout(x.astype(layers.to_dtype(cfg.dtype)), deterministic)
     if cfg.scan_layers:
+
       def body(layer, x, bias):
         return layer(x, bias, deterministic), None
+
       x, _ = layers.scan_over_layers(body, cfg.num_encoder_layers)(self.layers, x, bias)
     else:
       for layer in self.layers:
@@ -267,8 +292,11 @@ class Decoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.relpos_bias = RelativePositionBias(
-        cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
-        bidirectional=False)
+      cfg.relative_attention_num_buckets,
+      cfg.relative_attention_max_distance,
+      cfg.num_heads,
+      bidirectional=False,
+    )
     self.layers = _layer_stack(DecoderLayer, cfg, cfg.num_decoder_layers, static_argnums=(5,))
     self.decoder_norm = _norm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
@@ -282,10 +310,13 @@ class Decoder(nn.Module):
     cross_bias = layers.mask_to_bias(encoder_mask)
     x = self.dropout(x.astype(layers.to_dtype(cfg.dtype)), deterministic)
     if cfg.scan_layers:
+
       def body(layer, x, self_bias, encoded, cross_bias):
         return layer(x, self_bias, encoded, cross_bias, deterministic), None
+
       x, _ = layers.scan_over_layers(body, cfg.num_decoder_layers)(
-          self.layers, x, self_bias, encoded, cross_bias)
+        self.layers, x, self_bias, encoded, cross_bias
+      )
     else:
       for layer in self.layers:
         x = layer(x, self_bias, encoded, cross_bias, deterministic)
@@ -298,19 +329,22 @@ class Decoder(nn.Module):
     batch = encoded.shape[0]
     shape = (batch, int(max_decode_len), cfg.num_heads, cfg.head_dim)
     if cfg.scan_layers:
+
       def body(layer, carry, encoded):
         return carry, layer.cross_kv(encoded)
-      _, (k, v) = layers.scan_over_layers(body, cfg.num_decoder_layers)(
-          self.layers, None, encoded)
+
+      _, (k, v) = layers.scan_over_layers(body, cfg.num_decoder_layers)(self.layers, None, encoded)
       stacked = (cfg.num_decoder_layers,) + shape
-      layer_caches = dict(self_k=jnp.zeros(stacked, dtype), self_v=jnp.zeros(stacked, dtype),
-                          cross_k=k, cross_v=v)
+      layer_caches = dict(
+        self_k=jnp.zeros(stacked, dtype), self_v=jnp.zeros(stacked, dtype), cross_k=k, cross_v=v
+      )
     else:
       layer_caches = []
       for layer in self.layers:
         k, v = layer.cross_kv(encoded)
-        layer_caches.append(dict(self_k=jnp.zeros(shape, dtype), self_v=jnp.zeros(shape, dtype),
-                                 cross_k=k, cross_v=v))
+        layer_caches.append(
+          dict(self_k=jnp.zeros(shape, dtype), self_v=jnp.zeros(shape, dtype), cross_k=k, cross_v=v)
+        )
     return dict(encoder_mask=encoder_mask.astype(bool), layers=layer_caches)
 
   def step(self, cache, x, step):
@@ -329,8 +363,10 @@ class Decoder(nn.Module):
         x, layer_caches, i = carry
         x, layer_caches = layer.step(x, self_bias, layer_caches, cross_bias, step, i)
         return (x, layer_caches, i + 1), None
+
       (x, new_layers, _), _ = layers.scan_over_layers(body, cfg.num_decoder_layers)(
-          self.layers, (x, cache['layers'], jnp.int32(0)), self_bias, cross_bias, step)
+        self.layers, (x, cache['layers'], jnp.int32(0)), self_bias, cross_bias, step
+      )
     else:
       new_layers = []
       for layer, layer_cache in zip(self.layers, cache['layers'], strict=True):
@@ -352,16 +388,22 @@ class T5(nn.Module):
   def setup(self):
     cfg = self.config
     self.token_embedder = self.param(
-        'token_embedder', nn.with_logical_partitioning(nn.initializers.normal(1.0),
-                                                       ('vocab', 'embed')),
-        (cfg.vocab_size, cfg.emb_dim), jnp.float32)
+      'token_embedder',
+      nn.with_logical_partitioning(nn.initializers.normal(1.0), ('vocab', 'embed')),
+      (cfg.vocab_size, cfg.emb_dim),
+      jnp.float32,
+    )
     self.encoder = Encoder(cfg)
     self.decoder = Decoder(cfg)
     if not cfg.logits_via_embedding:  # untied output projection [E, V]
       self.logits_dense = self.param(
-          'logits_dense', nn.with_logical_partitioning(
-              nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'),
-              ('embed', 'vocab')), (cfg.emb_dim, cfg.vocab_size), jnp.float32)
+        'logits_dense',
+        nn.with_logical_partitioning(
+          nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'), ('embed', 'vocab')
+        ),
+        (cfg.emb_dim, cfg.vocab_size),
+        jnp.float32,
+      )
 
   def embed(self, tokens):
     x = jnp.take(self.token_embedder, tokens, axis=0).astype(layers.to_dtype(self.config.dtype))
@@ -372,18 +414,21 @@ class T5(nn.Module):
 
   def _output_hidden(self, hidden):
     if self.config.logits_via_embedding:  # T5: rescale before the tied embedding
-      hidden = hidden * jnp.asarray(self.config.emb_dim ** -0.5, hidden.dtype)
+      hidden = hidden * jnp.asarray(self.config.emb_dim**-0.5, hidden.dtype)
     return hidden
 
-  def decode(self, decoder_input_tokens, encoded, encoder_mask, deterministic: bool = True,
-             input_offset=None):
+  def decode(
+    self, decoder_input_tokens, encoded, encoder_mask, deterministic: bool = True, input_offset=None
+  ):
     """Teacher-forced decoder: final hidden states [B, Ld, E] ready for `compute_logits`.
     `input_offset` [B, E], when given, is added to every input embedding."""
-    return self.decode_embedded(self.embed(decoder_input_tokens), encoded, encoder_mask,
-                                deterministic, input_offset)
+    return self.decode_embedded(
+      self.embed(decoder_input_tokens), encoded, encoder_mask, deterministic, input_offset
+    )
 
-  def decode_embedded(self, x, encoded, encoder_mask, deterministic: bool = True,
-                      input_offset=None):
+  def decode_embedded(
+    self, x, encoded, encoder_mask, deterministic: bool = True, input_offset=None
+  ):
     """`decode` from input embeddings [B, Ld, E] (parallel action decoding swaps some)."""
     hidden = self.decoder(_shifted(x, input_offset), encoded, encoder_mask, deterministic)
     return self._output_hidden(hidden)
@@ -398,9 +443,10 @@ class T5(nn.Module):
       table = self.logits_dense.T
     hidden = hidden.astype(dtype)
     if rows is None:
-      logits = jnp.einsum('...e,ve->...v', hidden, table.astype(dtype),
-                          preferred_element_type=jnp.float32)
-      return constrain(logits, ('batch', 'length', 'vocab')[-logits.ndim:])
+      logits = jnp.einsum(
+        '...e,ve->...v', hidden, table.astype(dtype), preferred_element_type=jnp.float32
+      )
+      return constrain(logits, ('batch', 'length', 'vocab')[-logits.ndim :])
     rows = jnp.asarray(rows, jnp.int32)
     picked = jnp.take(table, rows, axis=0).astype(dtype)  # [K, E] or [B, K, E]
     if rows.ndim == 1:
@@ -409,9 +455,11 @@ class T5(nn.Module):
       return jnp.einsum('be,bke->bk', hidden, picked, preferred_element_type=jnp.float32)
     if rows.ndim == 2 and hidden.ndim == 3:  # per position: rows [L, K], hidden [B, L, E]
       return jnp.einsum('ble,lke->blk', hidden, picked, preferred_element_type=jnp.float32)
-    raise ValueError(f'rows must be None, [K], [B, K] (with hidden [B, E]) or [L, K] (with '
-                     f'hidden [B, L, E]); got rows '
-                     f'{rows.shape} and hidden {hidden.shape}')
+    raise ValueError(
+      f'rows must be None, [K], [B, K] (with hidden [B, E]) or [L, K] (with '
+      f'hidden [B, L, E]); got rows '
+      f'{rows.shape} and hidden {hidden.shape}'
+    )
 
   def init_decode_cache(self, encoded, encoder_mask, max_decode_len: int):
     return self.decoder.init_cache(encoded, encoder_mask, max_decode_len)
@@ -428,4 +476,3 @@ class T5(nn.Module):
     encoded = self.encode(self.embed(encoder_input_tokens), mask, not enable_dropout)
     hidden = self.decode(decoder_input_tokens, encoded, mask, not enable_dropout)
     return self.compute_logits(hidden)
-

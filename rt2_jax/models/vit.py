@@ -47,8 +47,14 @@ class ViTConfig:
   scan_layers: bool = False  # blocks under nn.scan, params stacked as vit/blocks [depth, ...]
 
   @classmethod
-  def from_config(cls, vit_cfg, image_size: int, dtype: str = 'float32', remat: str = 'none',
-                  scan_layers: bool = False):
+  def from_config(
+    cls,
+    vit_cfg,
+    image_size: int,
+    dtype: str = 'float32',
+    remat: str = 'none',
+    scan_layers: bool = False,
+  ):
     """From the `model.vit` ConfigDict block; unknown keys fail naming them."""
     d = dict(vit_cfg)
     model_level = {'image_size', 'dtype', 'remat', 'scan_layers'}
@@ -56,11 +62,14 @@ class ViTConfig:
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f'unknown model.vit keys {unknown}; known: {sorted(known)}')
-    cfg = cls(image_size=int(image_size), dtype=dtype, remat=remat,
-              scan_layers=bool(scan_layers), **d)
+    cfg = cls(
+      image_size=int(image_size), dtype=dtype, remat=remat, scan_layers=bool(scan_layers), **d
+    )
     if cfg.image_size % cfg.patch_size:
-      raise ValueError(f'model.image_size {cfg.image_size} is not a multiple of '
-                       f'model.vit.patch_size {cfg.patch_size}')
+      raise ValueError(
+        f'model.image_size {cfg.image_size} is not a multiple of '
+        f'model.vit.patch_size {cfg.patch_size}'
+      )
     if cfg.width % cfg.num_heads:
       raise ValueError(f'model.vit.width {cfg.width} not divisible by num_heads {cfg.num_heads}')
     if cfg.posemb not in ('learn', 'sincos2d'):
@@ -68,8 +77,9 @@ class ViTConfig:
     if cfg.stem not in ('patch', 'conv'):
       raise ValueError(f"model.vit.stem must be 'patch' or 'conv', got {cfg.stem!r}")
     if cfg.stem == 'conv' and (cfg.patch_size < 2 or cfg.patch_size & (cfg.patch_size - 1)):
-      raise ValueError(f"model.vit.stem='conv' needs a power-of-two patch_size >= 2, got "
-                       f'{cfg.patch_size}')
+      raise ValueError(
+        f"model.vit.stem='conv' needs a power-of-two patch_size >= 2, got {cfg.patch_size}"
+      )
     return cfg
 
   @property
@@ -78,7 +88,7 @@ class ViTConfig:
 
   @property
   def num_patches(self) -> int:
-    return self.grid ** 2
+    return self.grid**2
 
 
 def posemb_sincos_2d(grid: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -99,12 +109,14 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
-    h = layers.DenseGeneral((cfg.mlp_dim,), ('embed', 'mlp'), use_bias=True, dtype=dtype,
-                            name='fc1')(x)
+    h = layers.DenseGeneral(
+      (cfg.mlp_dim,), ('embed', 'mlp'), use_bias=True, dtype=dtype, name='fc1'
+    )(x)
     h = constrain(layers.activation(cfg.mlp_activation)(h), ('batch', 'length', 'mlp'))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    return layers.DenseGeneral((cfg.width,), ('mlp', 'embed'), use_bias=True, dtype=dtype,
-                               name='fc2')(h)
+    return layers.DenseGeneral(
+      (cfg.width,), ('mlp', 'embed'), use_bias=True, dtype=dtype, name='fc2'
+    )(h)
 
 
 class EncoderBlock(nn.Module):
@@ -115,19 +127,31 @@ class EncoderBlock(nn.Module):
     cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
     eps = cfg.layer_norm_epsilon
     h = layers.LayerNorm(eps, dtype=dtype, name='norm1')(x)
-    h = layers.MultiHeadAttention(cfg.num_heads, cfg.width // cfg.num_heads, cfg.width,
-                                  use_bias=True, scale_logits=True, dtype=dtype,
-                                  name='attention')(h, h)
+    h = layers.MultiHeadAttention(
+      cfg.num_heads,
+      cfg.width // cfg.num_heads,
+      cfg.width,
+      use_bias=True,
+      scale_logits=True,
+      dtype=dtype,
+      name='attention',
+    )(h, h)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    h = MlpBlock(cfg, name='mlp')(layers.LayerNorm(eps, dtype=dtype, name='norm2')(x),
-                                  deterministic)
+    h = MlpBlock(cfg, name='mlp')(
+      layers.LayerNorm(eps, dtype=dtype, name='norm2')(x), deterministic
+    )
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     if cfg.film:
       if condition is None:
-        raise ValueError('model.vit.film needs a condition vector (the VLA passes the '
-                         'instruction)')
-      film = layers.DenseGeneral((2, cfg.width), ('embed', 'film', 'image_embed'), use_bias=True,
-                                 init_scale=0.0, dtype=dtype, name='film')(condition)
+        raise ValueError('model.vit.film needs a condition vector (the VLA passes the instruction)')
+      film = layers.DenseGeneral(
+        (2, cfg.width),
+        ('embed', 'film', 'image_embed'),
+        use_bias=True,
+        init_scale=0.0,
+        dtype=dtype,
+        name='film',
+      )(condition)
       x = x * (1.0 + film[:, None, 0]) + film[:, None, 1]
     return constrain(x, ('batch', 'length', 'embed'))
 
@@ -146,19 +170,26 @@ class ConvStem(nn.Module):
     for i in range(n):
       features = max(cfg.width // 2 ** (n - i), 16)
       kernel = self.param(
-          f'conv_{i}', nn.with_logical_partitioning(
-              nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
-              ('patch_height', 'patch_width', 'channels', 'stem')),
-          (3, 3, x.shape[-1], features), jnp.float32)
-      x = jax.lax.conv_general_dilated(x, kernel.astype(dtype), (2, 2), 'SAME',
-                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-      x = layers.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, axis_name='stem',
-                           name=f'conv_{i}_norm')(x)
+        f'conv_{i}',
+        nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+          ('patch_height', 'patch_width', 'channels', 'stem'),
+        ),
+        (3, 3, x.shape[-1], features),
+        jnp.float32,
+      )
+      x = jax.lax.conv_general_dilated(
+        x, kernel.astype(dtype), (2, 2), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+      )
+      x = layers.LayerNorm(
+        cfg.layer_norm_epsilon, dtype=dtype, axis_name='stem', name=f'conv_{i}_norm'
+      )(x)
       x = nn.gelu(x, approximate=True)
     b, g = x.shape[0], cfg.grid
     x = x.reshape(b, g * g, x.shape[-1])
-    return layers.DenseGeneral((cfg.width,), ('stem', 'embed'), use_bias=True, dtype=dtype,
-                               name='stem_projection')(x)
+    return layers.DenseGeneral(
+      (cfg.width,), ('stem', 'embed'), use_bias=True, dtype=dtype, name='stem_projection'
+    )(x)
 
 
 class ViT(nn.Module):
@@ -178,38 +209,52 @@ class ViT(nn.Module):
       x = ConvStem(cfg, name='stem')(images)
     else:
       kernel = self.param(
-          'patch_embedding',
-          nn.with_logical_partitioning(
-              nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
-              ('patch_height', 'patch_width', 'channels', 'embed')),
-          (p, p, c, cfg.width), jnp.float32)
-      bias = self.param('patch_bias', nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                   ('embed',)),
-                        (cfg.width,), jnp.float32)
+        'patch_embedding',
+        nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+          ('patch_height', 'patch_width', 'channels', 'embed'),
+        ),
+        (p, p, c, cfg.width),
+        jnp.float32,
+      )
+      bias = self.param(
+        'patch_bias',
+        nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+        (cfg.width,),
+        jnp.float32,
+      )
       # Non-overlapping patches: a stride = kernel convolution is exactly a matmul on patches.
       # They are gathered into rows first (one pass over the image, fused with the cast) so
       # that the kernel gradient is one plain dot rather than a strided copy of the output
       # gradient.
       patches = images.astype(dtype).reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
-      x = layers.dense_dot(patches.reshape(b, g * g, p * p * c),
-                           kernel.astype(dtype).reshape(p * p * c, -1), 1)
+      x = layers.dense_dot(
+        patches.reshape(b, g * g, p * p * c), kernel.astype(dtype).reshape(p * p * c, -1), 1
+      )
       x = x + bias.astype(dtype)
     if cfg.posemb == 'learn':
-      pos = self.param('pos_embedding', nn.with_logical_partitioning(
-          nn.initializers.normal(cfg.width ** -0.5), ('image_tokens', 'embed')),
-                       (cfg.num_patches, cfg.width), jnp.float32)
+      pos = self.param(
+        'pos_embedding',
+        nn.with_logical_partitioning(
+          nn.initializers.normal(cfg.width**-0.5), ('image_tokens', 'embed')
+        ),
+        (cfg.num_patches, cfg.width),
+        jnp.float32,
+      )
     else:
       pos = jnp.asarray(posemb_sincos_2d(g, cfg.width))
     x = x + layers.broadcast_batch(pos.astype(dtype)[None], b)
     x = constrain(x, ('batch', 'length', 'embed'))
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-    block_cls = layers.maybe_remat(EncoderBlock, cfg.remat, static_argnums=(2,),
-                                   scanned=cfg.scan_layers)
+    block_cls = layers.maybe_remat(
+      EncoderBlock, cfg.remat, static_argnums=(2,), scanned=cfg.scan_layers
+    )
     if cfg.scan_layers:
+
       def body(block, x, condition):
         return block(x, deterministic, condition), None
-      x, _ = layers.scan_over_layers(body, cfg.depth)(block_cls(cfg, name='blocks'), x,
-                                                       condition)
+
+      x, _ = layers.scan_over_layers(body, cfg.depth)(block_cls(cfg, name='blocks'), x, condition)
     else:
       for i in range(cfg.depth):
         x = block_cls(cfg, name=f'block_{i}')(x, deterministic, condition)

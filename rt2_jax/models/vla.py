@@ -76,8 +76,9 @@ def configs_from_model_config(model_cfg) -> tuple[ViTConfig, T5Config | GemmaCon
   if backbone(model_cfg) == 'decoder_only':
     if 'gemma' not in model_cfg:
       raise ValueError("model.backbone='decoder_only' needs a model.gemma block")
-    return vit, GemmaConfig.from_config(model_cfg.gemma, model_cfg.vocab_size, dtype, remat,
-                                        bool(scan))
+    return vit, GemmaConfig.from_config(
+      model_cfg.gemma, model_cfg.vocab_size, dtype, remat, bool(scan)
+    )
   t5 = T5Config.from_config(model_cfg.t5, model_cfg.vocab_size, dtype, remat, bool(scan))
   return vit, t5
 
@@ -100,9 +101,11 @@ def check_action_positions(model_cfg, num_positions: int) -> None:
     return
   most = int(model_cfg.get('max_action_positions', 0))
   if num_positions > most:
-    raise ValueError(f'the action space has {num_positions} action tokens, more than '
-                     f'model.max_action_positions={most} (parallel action decoding learns one '
-                     'query per position): raise it')
+    raise ValueError(
+      f'the action space has {num_positions} action tokens, more than '
+      f'model.max_action_positions={most} (parallel action decoding learns one '
+      'query per position): raise it'
+    )
 
 
 def action_query_index(action_mask):
@@ -127,8 +130,9 @@ class ImageProjection(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return layers.DenseGeneral((self.features,), ('image_embed', 'embed'), use_bias=True,
-                               dtype=self.dtype, name='dense')(x)
+    return layers.DenseGeneral(
+      (self.features,), ('image_embed', 'embed'), use_bias=True, dtype=self.dtype, name='dense'
+    )(x)
 
 
 class InstructionPool(nn.Module):
@@ -148,21 +152,30 @@ class InstructionPool(nn.Module):
 
   def setup(self):
     k, e = self.num_tokens, self.features
-    self.query = layers.DenseGeneral((k, e), ('embed', 'pool_tokens', 'embed_out'),
-                                     use_bias=True, dtype=self.dtype)
+    self.query = layers.DenseGeneral(
+      (k, e), ('embed', 'pool_tokens', 'embed_out'), use_bias=True, dtype=self.dtype
+    )
     self.key = layers.DenseGeneral((e,), ('embed', 'embed_out'), use_bias=True, dtype=self.dtype)
-    self.value = layers.DenseGeneral((e,), ('embed', 'embed_out'), use_bias=True,
-                                     dtype=self.dtype)
-    self.type_embedding = self.param('type_embedding', nn.with_logical_partitioning(
-        nn.initializers.normal(1.0), ('pool_tokens', 'embed')), (k, e), jnp.float32)
+    self.value = layers.DenseGeneral((e,), ('embed', 'embed_out'), use_bias=True, dtype=self.dtype)
+    self.type_embedding = self.param(
+      'type_embedding',
+      nn.with_logical_partitioning(nn.initializers.normal(1.0), ('pool_tokens', 'embed')),
+      (k, e),
+      jnp.float32,
+    )
     if self.keypoint_grid:
-      self.keypoint_projection = layers.DenseGeneral((e,), ('keypoints', 'embed'), use_bias=True,
-                                                     dtype=self.dtype)
+      self.keypoint_projection = layers.DenseGeneral(
+        (e,), ('keypoints', 'embed'), use_bias=True, dtype=self.dtype
+      )
 
   def logits(self, image_tokens, instruction):
     """[B, K, N] float32: where each summary looks (a grounding loss can train these)."""
-    return self.scale * jnp.einsum('bke,bne->bkn', self.query(instruction),
-                                   self.key(image_tokens), preferred_element_type=jnp.float32)
+    return self.scale * jnp.einsum(
+      'bke,bne->bkn',
+      self.query(instruction),
+      self.key(image_tokens),
+      preferred_element_type=jnp.float32,
+    )
 
   def __call__(self, image_tokens, instruction):
     logits = self.logits(image_tokens, instruction)
@@ -182,8 +195,10 @@ class InstructionPool(nn.Module):
     read it out of pooled features."""
     g = self.keypoint_grid
     if weights.shape[-1] != g * g:
-      raise ValueError(f'model.pool_keypoints needs a square patch grid: {weights.shape[-1]} '
-                       f'patches, expected {g} x {g}')
+      raise ValueError(
+        f'model.pool_keypoints needs a square patch grid: {weights.shape[-1]} '
+        f'patches, expected {g} x {g}'
+      )
     centres = (jnp.arange(g, dtype=jnp.float32) + 0.5) / g
     x = jnp.einsum('bkrc,c->bk', weights.reshape(*weights.shape[:2], g, g), centres)
     y = jnp.einsum('bkrc,r->bk', weights.reshape(*weights.shape[:2], g, g), centres)
@@ -206,16 +221,24 @@ class VLA(nn.Module):
     self.lm = Gemma(self.t5_config) if self.decoder_only else T5(self.t5_config)
     pool_tokens = int(self.config.get('instruction_pool', 0))
     if self.decoder_only and pool_tokens:
-      raise ValueError("model.instruction_pool is not implemented for model.backbone="
-                       "'decoder_only'; set it to 0")
+      raise ValueError(
+        "model.instruction_pool is not implemented for model.backbone='decoder_only'; set it to 0"
+      )
     keypoints = bool(self.config.get('pool_keypoints', False))
     if keypoints and pool_tokens < 1:
       raise ValueError('model.pool_keypoints needs model.instruction_pool >= 1')
     grid = self.vit_config.image_size // self.vit_config.patch_size
-    self.instruction_pool = (InstructionPool(pool_tokens, self.t5_config.emb_dim,
-                                             float(self.config.get('instruction_pool_scale', 4.0)),
-                                             dtype, grid if keypoints else 0)
-                             if pool_tokens > 0 else None)
+    self.instruction_pool = (
+      InstructionPool(
+        pool_tokens,
+        self.t5_config.emb_dim,
+        float(self.config.get('instruction_pool_scale', 4.0)),
+        dtype,
+        grid if keypoints else 0,
+      )
+      if pool_tokens > 0
+      else None
+    )
     if self._parallel_actions:
       # Row i - 1 is the decoder input of action position i; position 0 reads the token before
       # the actions (BOS, or the plan's last token), as in autoregressive decoding.
@@ -223,9 +246,11 @@ class VLA(nn.Module):
       if rows < 1:
         raise ValueError('model.action_decoding=parallel needs model.max_action_positions >= 2')
       self.action_query_embedding = self.param(
-          'action_query_embedding', nn.with_logical_partitioning(
-              nn.initializers.normal(1.0), ('action_queries', 'embed')),
-          (rows, self.t5_config.emb_dim), jnp.float32)
+        'action_query_embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(1.0), ('action_queries', 'embed')),
+        (rows, self.t5_config.emb_dim),
+        jnp.float32,
+      )
 
   @property
   def num_image_tokens(self) -> int:
@@ -237,8 +262,10 @@ class VLA(nn.Module):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'images must be [B, H, W, 3], got shape {images.shape}')
     if encoder_input_tokens.ndim != 2 or encoder_input_tokens.shape[0] != images.shape[0]:
-      raise ValueError(f'encoder_input_tokens must be [B, L] with B = {images.shape[0]}, got '
-                       f'{encoder_input_tokens.shape}')
+      raise ValueError(
+        f'encoder_input_tokens must be [B, L] with B = {images.shape[0]}, got '
+        f'{encoder_input_tokens.shape}'
+      )
 
   def encode(self, images, encoder_input_tokens, enable_dropout: bool = False):
     """-> (encoded [B, N + L, E], encoder_mask [B, N + L] bool)."""
@@ -251,10 +278,12 @@ class VLA(nn.Module):
     image_tokens = self.image_projection(self.vit(pixels, deterministic, condition))
     if self.instruction_pool is not None:  # the instruction's summaries go in front
       image_tokens = jnp.concatenate(
-          [self.instruction_pool(image_tokens, instruction), image_tokens], axis=1)
+        [self.instruction_pool(image_tokens, instruction), image_tokens], axis=1
+      )
     x = jnp.concatenate([image_tokens.astype(text_tokens.dtype), text_tokens], axis=1)
     mask = jnp.concatenate(
-        [jnp.ones(image_tokens.shape[:2], bool), encoder_input_tokens > 0], axis=1)
+      [jnp.ones(image_tokens.shape[:2], bool), encoder_input_tokens > 0], axis=1
+    )
     if self.decoder_only:  # the prefix embeddings: the decoder runs them with its targets
       return x, mask
     return self.lm.encode(x, mask, deterministic), mask
@@ -266,17 +295,30 @@ class VLA(nn.Module):
     Measurement 6). None otherwise."""
     if not self._decoder_offset_enabled:
       return None
-    return encoded[:, :self.instruction_pool.num_tokens].mean(1)
+    return encoded[:, : self.instruction_pool.num_tokens].mean(1)
 
-  def __call__(self, images, encoder_input_tokens, decoder_input_tokens,
-               enable_dropout: bool = False, action_mask=None):
+  def __call__(
+    self,
+    images,
+    encoder_input_tokens,
+    decoder_input_tokens,
+    enable_dropout: bool = False,
+    action_mask=None,
+  ):
     """Teacher-forced logits [B, Ld, V] (float32); `action_mask`: see `decode_hidden`."""
     encoded, mask = self.encode(images, encoder_input_tokens, enable_dropout)
     return self.lm.compute_logits(
-        self.decode_hidden(encoded, mask, decoder_input_tokens, action_mask, enable_dropout))
+      self.decode_hidden(encoded, mask, decoder_input_tokens, action_mask, enable_dropout)
+    )
 
-  def decode_hidden(self, encoded, encoder_mask, decoder_input_tokens, action_mask=None,
-                    enable_dropout: bool = False):
+  def decode_hidden(
+    self,
+    encoded,
+    encoder_mask,
+    decoder_input_tokens,
+    action_mask=None,
+    enable_dropout: bool = False,
+  ):
     """Teacher-forced decoder: final hidden states [B, Ld, E] for `compute_logits`.
 
     With `model.action_decoding='parallel'`, `action_mask` [B, Ld] (1 where the target is an
@@ -288,18 +330,23 @@ class VLA(nn.Module):
     x = self.lm.embed(decoder_input_tokens)
     if self._parallel_actions and action_mask is not None:
       index = action_query_index(action_mask)
-      queries = jnp.take(self.action_query_embedding, jnp.maximum(index - 1, 0), axis=0,
-                         mode='clip').astype(x.dtype)
+      queries = jnp.take(
+        self.action_query_embedding, jnp.maximum(index - 1, 0), axis=0, mode='clip'
+      ).astype(x.dtype)
       x = jnp.where((index > 0)[..., None], queries, x)
     if self.decoder_only:  # one pass over [prefix ; targets], prefix-LM mask
       prefix_len = encoded.shape[1]
-      full_mask = jnp.concatenate(
-          [encoder_mask.astype(bool), jnp.ones(x.shape[:2], bool)], axis=1)
-      hidden, _ = self.lm(jnp.concatenate([encoded.astype(x.dtype), x], axis=1), full_mask,
-                          prefix_len, not enable_dropout)
+      full_mask = jnp.concatenate([encoder_mask.astype(bool), jnp.ones(x.shape[:2], bool)], axis=1)
+      hidden, _ = self.lm(
+        jnp.concatenate([encoded.astype(x.dtype), x], axis=1),
+        full_mask,
+        prefix_len,
+        not enable_dropout,
+      )
       return hidden[:, prefix_len:]
-    return self.lm.decode_embedded(x, encoded, encoder_mask, not enable_dropout,
-                                   self._decoder_offset(encoded))
+    return self.lm.decode_embedded(
+      x, encoded, encoder_mask, not enable_dropout, self._decoder_offset(encoded)
+    )
 
   def init_decode_cache(self, encoded, encoder_mask, max_decode_len: int):
     """Self-attention K/V [B, max_decode_len, H, D] zeros + cross-attention K/V, per layer
@@ -319,8 +366,9 @@ class VLA(nn.Module):
       hidden, cache = self.lm.step(cache, x, jnp.asarray(step, jnp.int32))
       return hidden[:, 0], cache
     if self._decoder_offset_enabled:
-      hidden, decoder_cache = self.lm.decode_step(cache['decoder'], token_ids, step,
-                                                  cache['input_offset'])
+      hidden, decoder_cache = self.lm.decode_step(
+        cache['decoder'], token_ids, step, cache['input_offset']
+      )
       return hidden, dict(cache, decoder=decoder_cache)
     return self.lm.decode_step(cache, token_ids, step)
 

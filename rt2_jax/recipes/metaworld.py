@@ -31,9 +31,14 @@ CACHE_ROOT = '~/.cache/rt2_jax/metaworld'
 def demo_settings(config) -> metaworld_demos.DemoSettings:
   m = config.metaworld
   return metaworld_demos.DemoSettings(
-      tasks=tuple(mw.parse_tasks(m.tasks)), episodes=m.episodes,
-      val_episodes=m.val_episodes, image_size=m.image_size, camera=m.camera,
-      max_steps=m.max_steps, web_frames=m.web_frames)
+    tasks=tuple(mw.parse_tasks(m.tasks)),
+    episodes=m.episodes,
+    val_episodes=m.val_episodes,
+    image_size=m.image_size,
+    camera=m.camera,
+    max_steps=m.max_steps,
+    web_frames=m.web_frames,
+  )
 
 
 def demos_dir(config) -> str:
@@ -64,23 +69,29 @@ def resolved_config(config, demos: str):
 def write_config_file(config, path: str) -> None:
   text = config_flags.to_json(config)
   with open(path, 'w') as f:
-    f.write('"""The resolved config of this run, written by rt2_jax.recipes.metaworld."""\n\n'
-            'from rt2_jax import config_flags\n\n'
-            f'CONFIG_JSON = {text!r}\n\n\n'
-            'def get_config(arg=None):\n'
-            '  del arg\n'
-            '  config = config_flags.from_json(CONFIG_JSON)\n'
-            '  config.unlock()\n'
-            '  return config\n')
+    f.write(
+      '"""The resolved config of this run, written by rt2_jax.recipes.metaworld."""\n\n'
+      'from rt2_jax import config_flags\n\n'
+      f'CONFIG_JSON = {text!r}\n\n\n'
+      'def get_config(arg=None):\n'
+      '  del arg\n'
+      '  config = config_flags.from_json(CONFIG_JSON)\n'
+      '  config.unlock()\n'
+      '  return config\n'
+    )
 
 
 def write_report(workdir: str, results: dict, timings: dict, **fields) -> dict:
   """WORKDIR/main_job.json from rt2_jax.evaluate's results; prints the closed-loop table."""
-  report = dict(workdir=workdir, **fields, step=results['step'], timings=timings,
-                closed_loop=results.get('closed_loop', {}).get('summary'),
-                offline_robot=results.get('offline_robot'),
-                offline_web={k: v for k, v in results.get('offline_web', {}).items()
-                             if k != 'samples'})
+  report = dict(
+    workdir=workdir,
+    **fields,
+    step=results['step'],
+    timings=timings,
+    closed_loop=results.get('closed_loop', {}).get('summary'),
+    offline_robot=results.get('offline_robot'),
+    offline_web={k: v for k, v in results.get('offline_web', {}).items() if k != 'samples'},
+  )
   with open(os.path.join(workdir, 'main_job.json'), 'w') as f:
     json.dump(report, f, indent=1)
   print('\n=== closed-loop success (k/n, rate %, 95% Wilson interval %) ===')
@@ -112,8 +123,13 @@ def run(config, workdir: str) -> dict:
   config = resolved_config(config, out)
   config_path = os.path.join(workdir, 'config.py')
   write_config_file(config, config_path)
-  command = [sys.executable, '-m', 'rt2_jax.train', f'--config={config_path}',
-             f'--workdir={workdir}']
+  command = [
+    sys.executable,
+    '-m',
+    'rt2_jax.train',
+    f'--config={config_path}',
+    f'--workdir={workdir}',
+  ]
   print(' '.join(command), flush=True)
   code = subprocess.call(command)
   if code != 0:
@@ -121,9 +137,15 @@ def run(config, workdir: str) -> dict:
   timings['train_s'] = round(time.time() - t, 1)
 
   baselines = evaluate.EvalSettings.from_config(config).baselines
-  t = _stage(3, 'evaluation (offline + closed loop' + (
-      f', with {" and ".join(baselines)} baseline{"s" * (len(baselines) > 1)})' if baselines
-      else ')'))
+  t = _stage(
+    3,
+    'evaluation (offline + closed loop'
+    + (
+      f', with {" and ".join(baselines)} baseline{"s" * (len(baselines) > 1)})'
+      if baselines
+      else ')'
+    ),
+  )
   results = evaluate.evaluate(workdir, config=config)
   timings['eval_s'] = round(time.time() - t, 1)
   timings['total_s'] = round(time.time() - start, 1)
@@ -131,22 +153,33 @@ def run(config, workdir: str) -> dict:
   report = write_report(workdir, results, timings, demos=out)
   robot = results.get('offline_robot')
   if robot:
-    print(f'offline (held-out steps): action-token accuracy {robot["token_accuracy"]}, '
-          f'terminate accuracy {robot.get("terminate", {}).get("accuracy")}')
+    print(
+      f'offline (held-out steps): action-token accuracy {robot["token_accuracy"]}, '
+      f'terminate accuracy {robot.get("terminate", {}).get("accuracy")}'
+    )
   web = results.get('offline_web', {})
   if web:
-    print('offline (held-out web): ' + ', '.join(
-        f'{k} exact match {v["exact_match"]}' for k, v in web.items()
-        if isinstance(v, dict) and 'exact_match' in v))
-  print('timings: ' + ', '.join(f'{k} {v}' for k, v in timings.items()) +
-        f' (of a 1800 s budget); results in {workdir}/eval/default/step_{results["step"]}/',
-        flush=True)
+    print(
+      'offline (held-out web): '
+      + ', '.join(
+        f'{k} exact match {v["exact_match"]}'
+        for k, v in web.items()
+        if isinstance(v, dict) and 'exact_match' in v
+      )
+    )
+  print(
+    'timings: '
+    + ', '.join(f'{k} {v}' for k, v in timings.items())
+    + f' (of a 1800 s budget); results in {workdir}/eval/default/step_{results["step"]}/',
+    flush=True,
+  )
   return report
 
 
 def main(argv):
   from absl import flags
   from absl import logging as absl_logging
+
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   # TensorFlow (demo writer, trainer, evaluator and their worker processes) logs its CUDA probe

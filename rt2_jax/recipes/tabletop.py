@@ -33,9 +33,9 @@ from rt2_jax.recipes.metaworld import write_config_file, write_report
 
 CACHE_ROOT = '~/.cache/rt2_jax/tabletop'
 RECIPE_TITLES = {
-    'scratch': '(a) from scratch, robot only',
-    'robot_only': '(b) web-pretrained, robot-only fine-tuning',
-    'cofinetune': '(c) web-pretrained, co-fine-tuned',
+  'scratch': '(a) from scratch, robot only',
+  'robot_only': '(b) web-pretrained, robot-only fine-tuning',
+  'cofinetune': '(c) web-pretrained, co-fine-tuned',
 }
 
 
@@ -51,8 +51,9 @@ def demo_settings(config):
   from rt2_jax.data import tabletop_demos
 
   t = config.tabletop
-  kw = dict(episodes=t.episodes, val_episodes=t.val_episodes, image_size=t.image_size,
-            max_steps=t.max_steps)
+  kw = dict(
+    episodes=t.episodes, val_episodes=t.val_episodes, image_size=t.image_size, max_steps=t.max_steps
+  )
   if t.get('tasks'):
     kw['tasks'] = tuple(x.strip() for x in t.tasks.split(',') if x.strip())
   return tabletop_demos.DemoSettings(**kw)
@@ -60,17 +61,24 @@ def demo_settings(config):
 
 def web_dir(config) -> str:
   w = config.web_corpus
-  settings = dict(images=w.images, val_images=w.val_images, image_size=w.image_size,
-                  seed=w.seed, version=2)  # 2: lines carry "point"
+  settings = dict(
+    images=w.images, val_images=w.val_images, image_size=w.image_size, seed=w.seed, version=2
+  )  # 2: lines carry "point"
   return _cache_dir('web', settings, w.get('out', ''))
 
 
 def pretrain_dir(config) -> str:
   p = config.pretrain
-  settings = dict(web=web_dir(config), model=config_flags.to_json(config.model),
-                  vocab=config.vocab.path and os.path.basename(config.vocab.path),
-                  steps=p.steps, lr=p.lr, batch_size=p.batch_size, seed=p.seed,
-                  version=2)  # 2: pointer loss with bilinear labels over every slot
+  settings = dict(
+    web=web_dir(config),
+    model=config_flags.to_json(config.model),
+    vocab=config.vocab.path and os.path.basename(config.vocab.path),
+    steps=p.steps,
+    lr=p.lr,
+    batch_size=p.batch_size,
+    seed=p.seed,
+    version=2,
+  )  # 2: pointer loss with bilinear labels over every slot
   return _cache_dir('pretrain', settings, p.get('out', ''))
 
 
@@ -128,8 +136,9 @@ def prepare_data(config) -> tuple[str, str]:
   else:
     w = config.web_corpus
     print(f'web corpus: drawing {w.images} + {w.val_images} pictures into {web}', flush=True)
-    info = web_corpus.generate(web, images=w.images, val_images=w.val_images,
-                               image_size=w.image_size, seed=w.seed)
+    info = web_corpus.generate(
+      web, images=w.images, val_images=w.val_images, image_size=w.image_size, seed=w.seed
+    )
     print(f'web corpus: {info["counts"]} in {info["seconds"]} s', flush=True)
   return tabletop_demos.builder_dir(demos), web
 
@@ -152,16 +161,25 @@ def run(config, workdir: str, data: tuple[str, str] | None = None) -> dict:
   demos_builder, web = data or prepare_data(config)
   timings['data_s'] = round(time.time() - t, 1)
 
-  t = _stage(2, 4, f'web pretraining ({config.pretrain.steps} steps on the web corpus)'
-             if config.recipe.web_pretrained else 'web pretraining: skipped (from scratch)')
+  t = _stage(
+    2,
+    4,
+    f'web pretraining ({config.pretrain.steps} steps on the web corpus)'
+    if config.recipe.web_pretrained
+    else 'web pretraining: skipped (from scratch)',
+  )
   init = ensure_pretrained(config, demos_builder, web) if config.recipe.web_pretrained else ''
   timings['pretrain_s'] = round(time.time() - t, 1)
 
   fine = _resolved(config, demos_builder, web, stage='finetune')
   with fine.unlocked():
     fine.init_from = init
-  t = _stage(3, 4, f'{RECIPE_TITLES[config.recipe.name]}: {fine.total_steps} steps, batch '
-             f'{fine.batch_size}, robot rate {fine.data.robot_rate}')
+  t = _stage(
+    3,
+    4,
+    f'{RECIPE_TITLES[config.recipe.name]}: {fine.total_steps} steps, batch '
+    f'{fine.batch_size}, robot rate {fine.data.robot_rate}',
+  )
   _train(fine, workdir, 'fine-tuning')
   timings['train_s'] = round(time.time() - t, 1)
 
@@ -170,8 +188,12 @@ def run(config, workdir: str, data: tuple[str, str] | None = None) -> dict:
   timings['eval_s'] = round(time.time() - t, 1)
   timings['total_s'] = round(time.time() - start, 1)
   report = write_report(workdir, results, timings, recipe=config.recipe.name)
-  print('timings: ' + ', '.join(f'{k} {v}' for k, v in timings.items()) +
-        f'; results in {workdir}/eval/default/step_{results["step"]}/', flush=True)
+  print(
+    'timings: '
+    + ', '.join(f'{k} {v}' for k, v in timings.items())
+    + f'; results in {workdir}/eval/default/step_{results["step"]}/',
+    flush=True,
+  )
   return report
 
 
@@ -194,16 +216,22 @@ def ablation_table(reports: list[dict]) -> tuple[str, dict]:
       key = (r['recipe'], r.get('seed', 0))
       cells.setdefault(key, {})[cat] = rate
   categories = [c for c in eval_report.CATEGORY_ORDER if c in categories]
-  lines = ['| recipe | seed | ' + ' | '.join(categories) + ' |',
-           '|---|---|' + '---|' * len(categories)]
-  for (recipe, seed), row in sorted(cells.items(), key=lambda kv: (
-      list(RECIPE_TITLES).index(kv[0][0]), kv[0][1])):
+  lines = [
+    '| recipe | seed | ' + ' | '.join(categories) + ' |',
+    '|---|---|' + '---|' * len(categories),
+  ]
+  for (recipe, seed), row in sorted(
+    cells.items(), key=lambda kv: (list(RECIPE_TITLES).index(kv[0][0]), kv[0][1])
+  ):
     values = []
     for c in categories:
       rate = row.get(c)
-      values.append('-' if rate is None else
-                    f'{rate["successes"]}/{rate["episodes"]} ({100 * rate["rate"]:.0f}%, '
-                    f'{100 * rate["ci95"][0]:.0f}-{100 * rate["ci95"][1]:.0f})')
+      values.append(
+        '-'
+        if rate is None
+        else f'{rate["successes"]}/{rate["episodes"]} ({100 * rate["rate"]:.0f}%, '
+        f'{100 * rate["ci95"][0]:.0f}-{100 * rate["ci95"][1]:.0f})'
+      )
     lines.append(f'| {RECIPE_TITLES[recipe]} | {seed} | ' + ' | '.join(values) + ' |')
   data = {f'{recipe}/seed{seed}': row for (recipe, seed), row in cells.items()}
   return '\n'.join(lines), data
@@ -229,8 +257,7 @@ def run_ablation(config, workdir: str, seeds: list[int], recipes=tuple(RECIPE_TI
     json.dump(dict(seeds=seeds, cells=cells, reports=reports), f, indent=1)
   with open(os.path.join(workdir, 'ablation.md'), 'w') as f:
     f.write('# Tabletop ablation (policy success, k/n, 95% Wilson interval)\n\n' + table + '\n')
-  print('\n=== RT-2 ablation: closed-loop success by recipe and category ===\n' + table,
-        flush=True)
+  print('\n=== RT-2 ablation: closed-loop success by recipe and category ===\n' + table, flush=True)
   return dict(table=table, cells=cells)
 
 

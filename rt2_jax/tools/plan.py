@@ -40,14 +40,15 @@ CHIPS = {'v4': 32 * GIB, 'v5p': 95 * GIB, 'h100': 80 * GIB}
 HEADROOM = 0.9
 
 
-
 def parse_mesh(text: str, mesh_cfg=None) -> dict[str, int]:
   sizes = {a: 1 for a in partitioning.MESH_AXES}
   if not text:
     sizes.update({a: int(mesh_cfg[a]) for a in partitioning.MESH_AXES})
     if -1 in sizes.values():
-      raise ValueError(f'the config mesh {sizes} uses -1 (the remaining devices): give --mesh, '
-                       "e.g. --mesh=fsdp=16,model=8")
+      raise ValueError(
+        f'the config mesh {sizes} uses -1 (the remaining devices): give --mesh, '
+        'e.g. --mesh=fsdp=16,model=8'
+      )
     return sizes
   for part in text.split(','):
     name, sep, value = part.partition('=')
@@ -68,8 +69,10 @@ def per_device_bytes(shape, dtype, spec: P, mesh: dict[str, int]) -> int:
 
 def tree_bytes(shapes, specs, mesh) -> int:
   flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-  return sum(per_device_bytes(s.shape, s.dtype, spec, mesh)
-             for s, spec in zip(jax.tree.leaves(shapes), flat_specs, strict=True))
+  return sum(
+    per_device_bytes(s.shape, s.dtype, spec, mesh)
+    for s, spec in zip(jax.tree.leaves(shapes), flat_specs, strict=True)
+  )
 
 
 @dataclasses.dataclass
@@ -120,19 +123,26 @@ def activation_bytes(config, mesh: dict[str, int]) -> dict[str, int]:
     full = dots + probs + b * tokens * (2 * mlp_inputs * mlp / tp + 8 * width) * c
     return x, dots, full
 
-  layers = ([layer(patches, vit.width, vit.num_heads, vit.width // vit.num_heads, vit.mlp_dim,
-                   1)] * vit.depth
-            + [layer(t_enc, t5.emb_dim, t5.num_heads, t5.head_dim, t5.mlp_dim, gated)]
-            * t5.num_encoder_layers
-            + [layer(t_dec, t5.emb_dim, t5.num_heads, t5.head_dim, t5.mlp_dim, gated,
-                     cross_keys=t_enc)] * t5.num_decoder_layers)
+  layers = (
+    [layer(patches, vit.width, vit.num_heads, vit.width // vit.num_heads, vit.mlp_dim, 1)]
+    * vit.depth
+    + [layer(t_enc, t5.emb_dim, t5.num_heads, t5.head_dim, t5.mlp_dim, gated)]
+    * t5.num_encoder_layers
+    + [layer(t_dec, t5.emb_dim, t5.num_heads, t5.head_dim, t5.mlp_dim, gated, cross_keys=t_enc)]
+    * t5.num_decoder_layers
+  )
   pick = {'full': 0, 'dots': 1, 'none': 2}[remat]
   saved = sum(layer_bytes[pick] for layer_bytes in layers)
   # Recomputing a layer in the backward pass holds its activations again.
   working = max(layer_bytes[2] for layer_bytes in layers) if remat != 'none' else 0
   logits = b * t_dec * m_cfg.vocab_size / tp * 4 * 2
-  return {'saved_for_backward': int(saved), 'working_set': int(working), 'logits': int(logits),
-          'per_device_batch': b, 'remat': remat}
+  return {
+    'saved_for_backward': int(saved),
+    'working_set': int(working),
+    'logits': int(logits),
+    'per_device_batch': b,
+    'remat': remat,
+  }
 
 
 def make_plan(config, mesh: dict[str, int], name: str = '') -> Plan:
@@ -140,17 +150,28 @@ def make_plan(config, mesh: dict[str, int], name: str = '') -> Plan:
 
   boxed = summary.abstract_variables(config.model)['params']
   logical = partitioning.logical_specs(boxed)
-  specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(s, partitioning.LOGICAL_RULES), logical,
-                       is_leaf=lambda x: isinstance(x, P))
+  specs = jax.tree.map(
+    lambda s: nn.logical_to_mesh_axes(s, partitioning.LOGICAL_RULES),
+    logical,
+    is_leaf=lambda x: isinstance(x, P),
+  )
   params = partitioning.unbox(boxed)
   tx, _ = optim.make_optimizer(config, params)
   opt_shapes = jax.eval_shape(tx.init, params)
   opt_specs = optim.opt_state_specs(opt_shapes, params, specs)
   param_bytes = tree_bytes(params, specs, mesh)
   acts = activation_bytes(config, mesh)
-  return Plan(name, mesh, math.prod(mesh.values()), optim.tree_size(params), param_bytes,
-              tree_bytes(opt_shapes, opt_specs, mesh), param_bytes,
-              acts['saved_for_backward'] + acts['working_set'] + acts['logits'], acts)
+  return Plan(
+    name,
+    mesh,
+    math.prod(mesh.values()),
+    optim.tree_size(params),
+    param_bytes,
+    tree_bytes(opt_shapes, opt_specs, mesh),
+    param_bytes,
+    acts['saved_for_backward'] + acts['working_set'] + acts['logits'],
+    acts,
+  )
 
 
 def _size(n: float) -> str:
@@ -166,19 +187,21 @@ def report(plan: Plan, chips) -> str:
   detail = plan.activation_detail
   mesh = ', '.join(f'{k}={v}' for k, v in plan.mesh.items())
   lines = [
-      f'{plan.config_name}: {_count(plan.num_params)} parameters on {plan.num_devices} devices '
-      f'({mesh}); {detail["per_device_batch"]:g} examples per device, remat {detail["remat"]}',
-      f'  parameters (fp32)   {gib(plan.params)}',
-      f'  optimizer state     {gib(plan.optimizer)}',
-      f'  gradients (fp32)    {gib(plan.gradients)}',
-      f'  activations (rough) {gib(plan.activations)}  (saved {gib(detail["saved_for_backward"])},'
-      f' working {gib(detail["working_set"])}, logits {gib(detail["logits"])})',
-      f'  total per device    {gib(plan.total)}',
+    f'{plan.config_name}: {_count(plan.num_params)} parameters on {plan.num_devices} devices '
+    f'({mesh}); {detail["per_device_batch"]:g} examples per device, remat {detail["remat"]}',
+    f'  parameters (fp32)   {gib(plan.params)}',
+    f'  optimizer state     {gib(plan.optimizer)}',
+    f'  gradients (fp32)    {gib(plan.gradients)}',
+    f'  activations (rough) {gib(plan.activations)}  (saved {gib(detail["saved_for_backward"])},'
+    f' working {gib(detail["working_set"])}, logits {gib(detail["logits"])})',
+    f'  total per device    {gib(plan.total)}',
   ]
   for chip in chips:
     verdict = 'fits' if plan.fits(chip) else 'does NOT fit'
-    lines.append(f'  {chip:<5} {CHIPS[chip] / GIB:4.0f} GiB: {verdict} '
-                 f'({plan.total / CHIPS[chip]:.0%} of the chip)')
+    lines.append(
+      f'  {chip:<5} {CHIPS[chip] / GIB:4.0f} GiB: {verdict} '
+      f'({plan.total / CHIPS[chip]:.0%} of the chip)'
+    )
   return '\n'.join(lines)
 
 
@@ -199,14 +222,21 @@ def main(argv) -> None:
   print(report(plan, chips))
   if flags.FLAGS.out:
     with open(flags.FLAGS.out, 'w') as f:
-      json.dump({**dataclasses.asdict(plan), 'total': plan.total,
-                 'fits': {c: plan.fits(c) for c in chips}}, f, indent=1)
+      json.dump(
+        {**dataclasses.asdict(plan), 'total': plan.total, 'fits': {c: plan.fits(c) for c in chips}},
+        f,
+        indent=1,
+      )
 
 
 def run() -> None:
   config_flags.define_config()
-  flags.DEFINE_string('mesh', '', "mesh sizes, e.g. 'data=16,model=16' (unnamed axes = 1); "
-                      "'' = the config's mesh, which must not use -1")
+  flags.DEFINE_string(
+    'mesh',
+    '',
+    "mesh sizes, e.g. 'data=16,model=16' (unnamed axes = 1); "
+    "'' = the config's mesh, which must not use -1",
+  )
   flags.DEFINE_list('chip', list(CHIPS), f'chips to check: {", ".join(CHIPS)}')
   flags.DEFINE_string('out', '', 'also write the plan as JSON here')
   config_flags.run(main)

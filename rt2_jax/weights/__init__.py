@@ -7,4 +7,5 @@
 def load_converted(out_dir: str, target=None) -> dict:
   """Params dict written by `python -m rt2_jax.weights.convert` (see convert.load_converted)."""
   from rt2_jax.weights import convert  # orbax is imported only when needed
+
   return convert.load_converted(out_dir, target)

@@ -69,12 +69,25 @@ def init_image_projection(model_cfg, seed: int) -> dict:
 def convert(model_cfg, t5_dir: str, vit_dir: str, seed: int = 0, log=print):
   """-> (params nested dict of float32 numpy arrays, Report). Raises ConversionError."""
   log(f'reading T5 checkpoint {t5_dir} and vision checkpoint {vit_dir}')
-  return convert_tensors(model_cfg, SafetensorsFolder(t5_dir), read_config(t5_dir),
-                         SafetensorsFolder(vit_dir), read_config(vit_dir), seed)
+  return convert_tensors(
+    model_cfg,
+    SafetensorsFolder(t5_dir),
+    read_config(t5_dir),
+    SafetensorsFolder(vit_dir),
+    read_config(vit_dir),
+    seed,
+  )
 
 
-def convert_tensors(model_cfg, t5_tensors, t5_config: dict, vit_tensors, vit_config: dict,
-                    seed: int = 0, report: Report | None = None):
+def convert_tensors(
+  model_cfg,
+  t5_tensors,
+  t5_config: dict,
+  vit_tensors,
+  vit_config: dict,
+  seed: int = 0,
+  report: Report | None = None,
+):
   """`convert` on name -> tensor mappings and config.json dicts (weights.shape_match feeds it
   shape-only stand-ins). `report` (optional) is filled in place, also when this raises."""
   vit_cfg, t5_cfg = configs_from_model_config(model_cfg)
@@ -83,8 +96,12 @@ def convert_tensors(model_cfg, t5_tensors, t5_config: dict, vit_tensors, vit_con
   _merge(params, hf_t5.convert(t5_tensors, t5_config, t5_cfg, report, seed))
   _merge(params, hf_vision.convert(vit_tensors, vit_config, vit_cfg, report))
   if report.errors:
-    raise ConversionError('weight conversion failed:\n' + '\n'.join(
-        f'ERROR {e}' for e in report.errors) + '\n' + _suggest(model_cfg, t5_config, vit_config))
+    raise ConversionError(
+      'weight conversion failed:\n'
+      + '\n'.join(f'ERROR {e}' for e in report.errors)
+      + '\n'
+      + _suggest(model_cfg, t5_config, vit_config)
+    )
   params['image_projection'] = init_image_projection(model_cfg, seed)
   for path, _ in _flatten(params['image_projection'], 'image_projection/'):
     report.new[path] = 'no pretrained source (ViT width -> T5 width)'
@@ -97,10 +114,11 @@ def convert_tensors(model_cfg, t5_tensors, t5_config: dict, vit_tensors, vit_con
   if vit_cfg.scan_layers:
     params = layout.stack_layers(params, consume=True)  # per leaf: no second full copy
     report.notes.append(
-        f'model.scan_layers=True: per-layer arrays stacked along a leading layers axis '
-        f'(vit/block_* -> vit/blocks [{vit_cfg.depth}], lm/encoder/layers_* -> lm/encoder/layers '
-        f'[{t5_cfg.num_encoder_layers}], lm/decoder/layers_* -> lm/decoder/layers '
-        f'[{t5_cfg.num_decoder_layers}])')
+      f'model.scan_layers=True: per-layer arrays stacked along a leading layers axis '
+      f'(vit/block_* -> vit/blocks [{vit_cfg.depth}], lm/encoder/layers_* -> lm/encoder/layers '
+      f'[{t5_cfg.num_encoder_layers}], lm/decoder/layers_* -> lm/decoder/layers '
+      f'[{t5_cfg.num_decoder_layers}])'
+    )
     _check_complete(params, model_cfg, report)
     if report.errors:  # a bug in stacking, not in the checkpoint
       raise ConversionError('stacking for model.scan_layers failed:\n' + report.summary())
@@ -123,8 +141,10 @@ def _check_complete(params: dict, model_cfg, report: Report):
     report.errors.append(f'unexpected: converted array {path} is not a model parameter')
   for path in sorted(set(got) & set(expected)):
     if tuple(got[path].shape) != tuple(expected[path]):
-      report.errors.append(f'shape: {path} converted as {tuple(got[path].shape)}, the model '
-                           f'needs {tuple(expected[path])}')
+      report.errors.append(
+        f'shape: {path} converted as {tuple(got[path].shape)}, the model '
+        f'needs {tuple(expected[path])}'
+      )
 
 
 def _suggest(model_cfg, t5_config: dict, vit_config: dict) -> str:
@@ -140,8 +160,11 @@ def _suggest(model_cfg, t5_config: dict, vit_config: dict) -> str:
     for key, value in settings.items():
       ours = model_cfg[block].get(key)
       if (tuple(ours) if isinstance(ours, (list, tuple)) else ours) != value:
-        flags_.append(f'--config.model.{block}.{key}={value!r}' if isinstance(value, tuple)
-                      else f'--config.model.{block}.{key}={value}')
+        flags_.append(
+          f'--config.model.{block}.{key}={value!r}'
+          if isinstance(value, tuple)
+          else f'--config.model.{block}.{key}={value}'
+        )
   return ('overrides that match the checkpoints: ' + ' '.join(flags_)) if flags_ else ''
 
 
@@ -169,8 +192,10 @@ def load_converted(out_dir: str, target=None) -> dict:
   """
   path = os.path.join(os.path.abspath(out_dir), PARAMS_DIR)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'{out_dir} has no {PARAMS_DIR}/: not a converted checkpoint '
-                            f'(python -m rt2_jax.weights.convert ... --out={out_dir})')
+    raise FileNotFoundError(
+      f'{out_dir} has no {PARAMS_DIR}/: not a converted checkpoint '
+      f'(python -m rt2_jax.weights.convert ... --out={out_dir})'
+    )
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(path)
   tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata
@@ -178,28 +203,36 @@ def load_converted(out_dir: str, target=None) -> dict:
   if target is not None and stored_unrolled == layout.has_per_layer_keys(target):
     return checkpointer.restore(path, target)
   abstract = jax.tree.map(
-      lambda m: np.zeros(m.shape, m.dtype), tree,
-      is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
+    lambda m: np.zeros(m.shape, m.dtype),
+    tree,
+    is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'),
+  )
   host = checkpointer.restore(path, abstract)
   if target is None:
     return host
-  print(f'{out_dir}: converted {"unrolled" if stored_unrolled else "scanned"} layout, the model '
-        f'is {"scanned" if stored_unrolled else "unrolled"}: '
-        f'{"stacking" if stored_unrolled else "unstacking"} layers on the host', flush=True)
+  print(
+    f'{out_dir}: converted {"unrolled" if stored_unrolled else "scanned"} layout, the model '
+    f'is {"scanned" if stored_unrolled else "unrolled"}: '
+    f'{"stacking" if stored_unrolled else "unstacking"} layers on the host',
+    flush=True,
+  )
   host = layout.stack_layers(host, consume=True) if stored_unrolled else layout.unstack_layers(host)
   host = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(host)[0]}
   wanted, treedef = jax.tree_util.tree_flatten_with_path(target)
   names = [jax.tree_util.keystr(k) for k, _ in wanted]
   if set(names) != set(host):
-    raise ValueError(f'{out_dir}: converted params do not match the target after changing '
-                     f'layout; missing {sorted(set(names) - set(host))[:4]}, unexpected '
-                     f'{sorted(set(host) - set(names))[:4]}')
+    raise ValueError(
+      f'{out_dir}: converted params do not match the target after changing '
+      f'layout; missing {sorted(set(names) - set(host))[:4]}, unexpected '
+      f'{sorted(set(host) - set(names))[:4]}'
+    )
   leaves = []
   for name, (_, want) in zip(names, wanted, strict=True):
     value = np.asarray(host.pop(name), want.dtype)
     if tuple(value.shape) != tuple(want.shape):
-      raise ValueError(f'{out_dir}: converted {name} has shape {value.shape}, the target needs '
-                       f'{tuple(want.shape)}')
+      raise ValueError(
+        f'{out_dir}: converted {name} has shape {value.shape}, the target needs {tuple(want.shape)}'
+      )
     sharding = getattr(want, 'sharding', None)
     leaves.append(jax.device_put(value, sharding) if sharding is not None else value)
   return jax.tree_util.tree_unflatten(treedef, leaves)
@@ -216,12 +249,18 @@ def main(argv):
     sys.exit(1)
   print(report.summary(), flush=True)
   total = sum(v.size for _, v in _flatten(params))
-  meta = dict(t5_dir=os.path.abspath(_T5.value), vit_dir=os.path.abspath(_VIT.value),
-              t5_config=read_config(_T5.value), vit_config=read_config(_VIT.value),
-              model_config=json.loads(config.model.to_json_best_effort()), seed=_SEED.value,
-              scan_layers=bool(config.model.get('scan_layers', False)),
-              num_params=int(total), report=report.to_json(),
-              created=time.strftime('%Y-%m-%dT%H:%M:%S'))
+  meta = dict(
+    t5_dir=os.path.abspath(_T5.value),
+    vit_dir=os.path.abspath(_VIT.value),
+    t5_config=read_config(_T5.value),
+    vit_config=read_config(_VIT.value),
+    model_config=json.loads(config.model.to_json_best_effort()),
+    seed=_SEED.value,
+    scan_layers=bool(config.model.get('scan_layers', False)),
+    num_params=int(total),
+    report=report.to_json(),
+    created=time.strftime('%Y-%m-%dT%H:%M:%S'),
+  )
   print(f'writing {total:,} parameters to {_OUT.value}/{PARAMS_DIR}', flush=True)
   save(_OUT.value, params, meta)
   print(f'done in {time.time() - start:.1f}s: train with --config.init_from={_OUT.value}')
@@ -229,10 +268,10 @@ def main(argv):
 
 if __name__ == '__main__':
   _CONFIG = config_flags.define_config()
-  _T5 = flags.DEFINE_string('t5', None, 'HF T5 / Flan-T5 / UL2 / mT5 checkpoint folder.',
-                            required=True)
+  _T5 = flags.DEFINE_string(
+    't5', None, 'HF T5 / Flan-T5 / UL2 / mT5 checkpoint folder.', required=True
+  )
   _VIT = flags.DEFINE_string('vit', None, 'HF SigLIP or ViT checkpoint folder.', required=True)
-  _OUT = flags.DEFINE_string('out', None, 'Output directory (must not exist yet).',
-                             required=True)
+  _OUT = flags.DEFINE_string('out', None, 'Output directory (must not exist yet).', required=True)
   _SEED = flags.DEFINE_integer('seed', 0, 'Seed for the newly initialised arrays.')
   config_flags.run(main)

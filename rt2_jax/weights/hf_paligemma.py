@@ -46,20 +46,47 @@ from rt2_jax.weights.report import ConversionError, Report, Source, put
 # transformers' GemmaConfig class defaults for the keys read here (a `text_config` dict fills
 # missing keys from them), and PaliGemma's own text tower (its `sub_configs_defaults`), used when
 # `text_config` is absent or null. tests/test_weights_parity checks both against transformers.
-GEMMA_DEFAULTS = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576,
-                      num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
-                      head_dim=256, hidden_act='gelu_pytorch_tanh', rms_norm_eps=1e-6,
-                      rope_theta=10000.0, attention_bias=False)
-PALIGEMMA_TEXT_DEFAULTS = dict(hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,
-                               num_attention_heads=8, num_key_value_heads=1, vocab_size=257152)
-_ACTIVATIONS = {'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh',
-                'gelu_fast': 'gelu_tanh', 'gelu': 'gelu_exact'}
+GEMMA_DEFAULTS = dict(
+  vocab_size=256000,
+  hidden_size=3072,
+  intermediate_size=24576,
+  num_hidden_layers=28,
+  num_attention_heads=16,
+  num_key_value_heads=16,
+  head_dim=256,
+  hidden_act='gelu_pytorch_tanh',
+  rms_norm_eps=1e-6,
+  rope_theta=10000.0,
+  attention_bias=False,
+)
+PALIGEMMA_TEXT_DEFAULTS = dict(
+  hidden_size=2048,
+  num_hidden_layers=18,
+  intermediate_size=16384,
+  num_attention_heads=8,
+  num_key_value_heads=1,
+  vocab_size=257152,
+)
+_ACTIVATIONS = {
+  'gelu_pytorch_tanh': 'gelu_tanh',
+  'gelu_new': 'gelu_tanh',
+  'gelu_fast': 'gelu_tanh',
+  'gelu': 'gelu_exact',
+}
 # Key layouts: (vision tower, projector, language model, lm_head) prefixes.
 _LAYOUTS = {
-    'saved': ('vision_tower.', 'multi_modal_projector.', 'language_model.model.',
-              'language_model.lm_head.'),
-    'module': ('model.vision_tower.', 'model.multi_modal_projector.', 'model.language_model.',
-               'lm_head.'),
+  'saved': (
+    'vision_tower.',
+    'multi_modal_projector.',
+    'language_model.model.',
+    'language_model.lm_head.',
+  ),
+  'module': (
+    'model.vision_tower.',
+    'model.multi_modal_projector.',
+    'model.language_model.',
+    'lm_head.',
+  ),
 }
 
 
@@ -85,19 +112,23 @@ class _Subset(Mapping):
 def text_config(hf: dict) -> dict:
   """The Gemma text config with transformers' defaults filled in; PaliGemma 2 refused."""
   if hf.get('model_type') != 'paligemma':
-    raise ConversionError(f'PaliGemma: checkpoint model_type is {hf.get("model_type")!r}, '
-                          "expected 'paligemma'")
+    raise ConversionError(
+      f"PaliGemma: checkpoint model_type is {hf.get('model_type')!r}, expected 'paligemma'"
+    )
   t = hf.get('text_config')
   t = dict(PALIGEMMA_TEXT_DEFAULTS) if t is None else dict(t)
   t_type = t.get('model_type', 'gemma')
   if t_type != 'gemma':
-    raise ConversionError(f'PaliGemma: text_config model_type {t_type!r} is not supported: only '
-                          'Gemma 1 (PaliGemma 1); PaliGemma 2 uses Gemma 2 (logit soft-capping, '
-                          'sliding-window layers, extra norms), which rt2_jax.models.gemma lacks')
+    raise ConversionError(
+      f'PaliGemma: text_config model_type {t_type!r} is not supported: only '
+      'Gemma 1 (PaliGemma 1); PaliGemma 2 uses Gemma 2 (logit soft-capping, '
+      'sliding-window layers, extra norms), which rt2_jax.models.gemma lacks'
+    )
   rope = t.get('rope_parameters') or t.get('rope_scaling') or {}
   if rope.get('rope_type', 'default') != 'default':
-    raise ConversionError(f'PaliGemma: rope_type {rope["rope_type"]!r} is not supported '
-                          "(only 'default')")
+    raise ConversionError(
+      f"PaliGemma: rope_type {rope['rope_type']!r} is not supported (only 'default')"
+    )
   t = {**GEMMA_DEFAULTS, **t}
   if 'rope_theta' in rope:
     t['rope_theta'] = rope['rope_theta']
@@ -112,16 +143,26 @@ def settings_from_hf(hf: dict) -> dict:
   t = text_config(hf)
   act = t['hidden_act']
   if act not in _ACTIVATIONS:
-    raise ConversionError(f'PaliGemma: unsupported hidden_act {act!r}; known: '
-                          f'{sorted(_ACTIVATIONS)}')
+    raise ConversionError(
+      f'PaliGemma: unsupported hidden_act {act!r}; known: {sorted(_ACTIVATIONS)}'
+    )
   vit = hf_vision.settings_from_hf(hf)
   return dict(
-      vocab_size=int(t['vocab_size']), image_size=vit.pop('image_size'), vit=vit,
-      gemma=dict(emb_dim=t['hidden_size'], num_heads=t['num_attention_heads'],
-                 num_kv_heads=t['num_key_value_heads'], head_dim=t['head_dim'],
-                 mlp_dim=t['intermediate_size'], num_layers=t['num_hidden_layers'],
-                 mlp_activation=_ACTIVATIONS[act], rope_theta=float(t['rope_theta']),
-                 layer_norm_epsilon=float(t['rms_norm_eps'])))
+    vocab_size=int(t['vocab_size']),
+    image_size=vit.pop('image_size'),
+    vit=vit,
+    gemma=dict(
+      emb_dim=t['hidden_size'],
+      num_heads=t['num_attention_heads'],
+      num_kv_heads=t['num_key_value_heads'],
+      head_dim=t['head_dim'],
+      mlp_dim=t['intermediate_size'],
+      num_layers=t['num_hidden_layers'],
+      mlp_activation=_ACTIVATIONS[act],
+      rope_theta=float(t['rope_theta']),
+      layer_norm_epsilon=float(t['rms_norm_eps']),
+    ),
+  )
 
 
 def check_config(hf: dict, cfg: GemmaConfig, report: Report):
@@ -129,17 +170,19 @@ def check_config(hf: dict, cfg: GemmaConfig, report: Report):
     ours = getattr(cfg, key)
     same = np.isclose(theirs, ours, rtol=1e-3) if isinstance(theirs, float) else theirs == ours
     if not same:
-      report.errors.append(f'Gemma: {key} is {theirs!r} in the checkpoint but model.gemma.{key} '
-                           f'is {ours!r}')
+      report.errors.append(
+        f'Gemma: {key} is {theirs!r} in the checkpoint but model.gemma.{key} is {ours!r}'
+      )
 
 
 def detect_layout(tensors) -> str:
   for name, (_, _, text, _) in _LAYOUTS.items():
     if text + 'embed_tokens.weight' in tensors:
       return name
-  raise ConversionError('not a PaliGemma checkpoint: no tensor named '
-                        + ' or '.join(t + 'embed_tokens.weight' for _, _, t, _ in
-                                      _LAYOUTS.values()))
+  raise ConversionError(
+    'not a PaliGemma checkpoint: no tensor named '
+    + ' or '.join(t + 'embed_tokens.weight' for _, _, t, _ in _LAYOUTS.values())
+  )
 
 
 def convert_tensors(tensors: Mapping, hf: dict, model_cfg, report: Report, seed: int = 0) -> dict:
@@ -150,8 +193,10 @@ def convert_tensors(tensors: Mapping, hf: dict, model_cfg, report: Report, seed:
   vision, projector, text, head = _LAYOUTS[detect_layout(tensors)]
   unknown = [k for k in tensors if not k.startswith((vision, projector, text, head))]
   if unknown:
-    report.errors.append(f'PaliGemma: {len(unknown)} tensors outside the vision tower, projector '
-                         f'and language model: {sorted(unknown)[:8]}')
+    report.errors.append(
+      f'PaliGemma: {len(unknown)} tensors outside the vision tower, projector '
+      f'and language model: {sorted(unknown)[:8]}'
+    )
   tree = hf_vision.convert(_Subset(tensors, (vision,)), hf, vit_cfg, report)
 
   num_errors = len(report.errors)
@@ -162,50 +207,78 @@ def convert_tensors(tensors: Mapping, hf: dict, model_cfg, report: Report, seed:
   vision_width = vit_cfg.width
   src = Source(_Subset(tensors, (projector,)), projector, report, 'PaliGemma projector')
   w = src.take('linear.weight', (e, vision_width))
-  put(tree, 'image_projection/dense/kernel', None if w is None else w.T, report,
-      projector + 'linear.weight')
-  put(tree, 'image_projection/dense/bias', src.take('linear.bias', (e,)), report,
-      projector + 'linear.bias')
+  put(
+    tree,
+    'image_projection/dense/kernel',
+    None if w is None else w.T,
+    report,
+    projector + 'linear.weight',
+  )
+  put(
+    tree,
+    'image_projection/dense/bias',
+    src.take('linear.bias', (e,)),
+    report,
+    projector + 'linear.bias',
+  )
   src.finish()
 
   src = Source(_Subset(tensors, (text, head)), text, report, 'Gemma')
   table = src.take('embed_tokens.weight')
   if table is not None:
     if table.shape[1] != e or table.shape[0] > cfg.vocab_size:
-      report.errors.append(f'Gemma: {text}embed_tokens.weight is {table.shape}, the model needs '
-                           f'at most {cfg.vocab_size} rows of width {e} (model.vocab_size)')
+      report.errors.append(
+        f'Gemma: {text}embed_tokens.weight is {table.shape}, the model needs '
+        f'at most {cfg.vocab_size} rows of width {e} (model.vocab_size)'
+      )
       table = None
     elif head + 'weight' in tensors:  # the tied output embedding, saved anyway
       src.mark_used(head + 'weight')
       if not np.array_equal(np.asarray(tensors[head + 'weight'], np.float32), table):
-        report.errors.append(f'Gemma: {head}weight differs from the input embedding; the '
-                             'model ties them (an untied head is not supported)')
+        report.errors.append(
+          f'Gemma: {head}weight differs from the input embedding; the '
+          'model ties them (an untied head is not supported)'
+        )
   if table is not None and table.shape[0] < cfg.vocab_size:
     extra = cfg.vocab_size - table.shape[0]
     report.new[f'lm/token_embedder[{table.shape[0]}:{cfg.vocab_size}]'] = (
-        f'{extra} vocabulary rows beyond the checkpoint vocabulary ({table.shape[0]})')
+      f'{extra} vocabulary rows beyond the checkpoint vocabulary ({table.shape[0]})'
+    )
     rng = np.random.default_rng(seed)
-    table = np.concatenate([table, rng.normal(0.0, e ** -0.5, (extra, e)).astype(np.float32)])
+    table = np.concatenate([table, rng.normal(0.0, e**-0.5, (extra, e)).astype(np.float32)])
   put(tree, 'lm/token_embedder', table, report, text + 'embed_tokens.weight')
   put(tree, 'lm/final_norm/scale', src.take('norm.weight', (e,)), report, text + 'norm.weight')
   for i in range(cfg.num_layers):
     ours, theirs = f'lm/layers_{i}', f'layers.{i}.'
 
     for key, shape, reshape, path in (
-        ('self_attn.q_proj', (h * d, e), (e, h, d), 'attention/query/kernel'),
-        ('self_attn.k_proj', (kv * d, e), (e, kv, d), 'attention/key/kernel'),
-        ('self_attn.v_proj', (kv * d, e), (e, kv, d), 'attention/value/kernel'),
-        ('self_attn.o_proj', (e, h * d), (h, d, e), 'attention/out/kernel'),
-        ('mlp.gate_proj', (f, e), (e, f), 'mlp/wi_0/kernel'),
-        ('mlp.up_proj', (f, e), (e, f), 'mlp/wi_1/kernel'),
-        ('mlp.down_proj', (e, f), (f, e), 'mlp/wo/kernel')):
+      ('self_attn.q_proj', (h * d, e), (e, h, d), 'attention/query/kernel'),
+      ('self_attn.k_proj', (kv * d, e), (e, kv, d), 'attention/key/kernel'),
+      ('self_attn.v_proj', (kv * d, e), (e, kv, d), 'attention/value/kernel'),
+      ('self_attn.o_proj', (e, h * d), (h, d, e), 'attention/out/kernel'),
+      ('mlp.gate_proj', (f, e), (e, f), 'mlp/wi_0/kernel'),
+      ('mlp.up_proj', (f, e), (e, f), 'mlp/wi_1/kernel'),
+      ('mlp.down_proj', (e, f), (f, e), 'mlp/wo/kernel'),
+    ):
       w = src.take(theirs + key + '.weight', shape)
-      put(tree, f'{ours}/{path}', None if w is None else w.T.reshape(reshape), report,
-          text + theirs + key + '.weight')
-    for norm, key in (('pre_attention_norm', 'input_layernorm'),
-                      ('pre_mlp_norm', 'post_attention_layernorm')):
-      put(tree, f'{ours}/{norm}/scale', src.take(f'{theirs}{key}.weight', (e,)), report,
-          f'{text}{theirs}{key}.weight')
+      put(
+        tree,
+        f'{ours}/{path}',
+        None if w is None else w.T.reshape(reshape),
+        report,
+        text + theirs + key + '.weight',
+      )
+    for norm, key in (
+      ('pre_attention_norm', 'input_layernorm'),
+      ('pre_mlp_norm', 'post_attention_layernorm'),
+    ):
+      put(
+        tree,
+        f'{ours}/{norm}/scale',
+        src.take(f'{theirs}{key}.weight', (e,)),
+        report,
+        f'{text}{theirs}{key}.weight',
+      )
   src.finish()
   return tree
 
@@ -225,16 +298,14 @@ def convert(model_cfg, folder: str, seed: int = 0, log=print):
 
   report = Report()
   log(f'reading PaliGemma checkpoint {folder}')
-  params = convert_tensors(SafetensorsFolder(folder), read_config(folder), model_cfg, report,
-                           seed)
+  params = convert_tensors(SafetensorsFolder(folder), read_config(folder), model_cfg, report, seed)
   if not report.errors:
     _check_complete(params, _unscanned(model_cfg), report)
   if report.errors:
     raise ConversionError('weight conversion failed:\n' + report.summary())
   if bool(model_cfg.get('scan_layers', False)):
     params = layout.stack_layers(params, consume=True)
-    report.notes.append('model.scan_layers=True: per-layer arrays stacked (vit/blocks, '
-                        'lm/layers)')
+    report.notes.append('model.scan_layers=True: per-layer arrays stacked (vit/blocks, lm/layers)')
     _check_complete(params, model_cfg, report)
     if report.errors:
       raise ConversionError('stacking for model.scan_layers failed:\n' + report.summary())
@@ -261,11 +332,16 @@ def main(argv):
     for value in node.values():
       (stack if isinstance(value, dict) else leaves).append(value)
   total = sum(v.size for v in leaves)
-  meta = dict(paligemma_dir=os.path.abspath(_DIR.value), paligemma_config=read_config(_DIR.value),
-              model_config=json.loads(config.model.to_json_best_effort()), seed=_SEED.value,
-              scan_layers=bool(config.model.get('scan_layers', False)),
-              num_params=int(total), report=report.to_json(),
-              created=time.strftime('%Y-%m-%dT%H:%M:%S'))
+  meta = dict(
+    paligemma_dir=os.path.abspath(_DIR.value),
+    paligemma_config=read_config(_DIR.value),
+    model_config=json.loads(config.model.to_json_best_effort()),
+    seed=_SEED.value,
+    scan_layers=bool(config.model.get('scan_layers', False)),
+    num_params=int(total),
+    report=report.to_json(),
+    created=time.strftime('%Y-%m-%dT%H:%M:%S'),
+  )
   print(f'writing {total:,} parameters to {_OUT.value}', flush=True)
   save(_OUT.value, params, meta)
   print(f'done in {time.time() - start:.1f}s: train with --config.init_from={_OUT.value}')

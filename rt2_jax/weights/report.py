@@ -71,8 +71,9 @@ class Source:
     self.used.add(full)
     value = _float32(self.tensors[full])
     if shape is not None and tuple(value.shape) != tuple(shape):
-      self.report.errors.append(f'{self.label}: {full} has shape {tuple(value.shape)}, the '
-                                f'config needs {tuple(shape)}')
+      self.report.errors.append(
+        f'{self.label}: {full} has shape {tuple(value.shape)}, the config needs {tuple(shape)}'
+      )
       return None
     return value
 
@@ -95,13 +96,15 @@ class Source:
         unknown.append(key)
     for why, keys in known.items():
       self.report.unused.extend(keys)
-      self.report.notes.append(f'{self.label}: {len(keys)} checkpoint tensors known to be unused: '
-                               f'{why}')
+      self.report.notes.append(
+        f'{self.label}: {len(keys)} checkpoint tensors known to be unused: {why}'
+      )
     if unknown:
       self.report.errors.append(
-          f'{self.label}: {len(unknown)} checkpoint tensors are not used by the model and not '
-          f'known to be unused (a checkpoint layout this importer does not read): '
-          + ', '.join(_group_names(unknown, 12)))
+        f'{self.label}: {len(unknown)} checkpoint tensors are not used by the model and not '
+        f'known to be unused (a checkpoint layout this importer does not read): '
+        + ', '.join(_group_names(unknown, 12))
+      )
 
 
 def put(tree: dict, path: str, value, report: Report, source_key: str):
@@ -112,8 +115,11 @@ def put(tree: dict, path: str, value, report: Report, source_key: str):
   node = tree
   for p in parents:
     node = node.setdefault(p, {})
-  node[leaf] = (value.astype(np.float32) if getattr(value, 'shape_only', False)
-                else np.ascontiguousarray(value, np.float32))
+  node[leaf] = (
+    value.astype(np.float32)
+    if getattr(value, 'shape_only', False)
+    else np.ascontiguousarray(value, np.float32)
+  )
   report.loaded[path] = source_key
 
 

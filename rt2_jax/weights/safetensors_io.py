@@ -16,9 +16,16 @@ import ml_dtypes
 import numpy as np
 
 _DTYPES = {
-    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
-    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
-    'BOOL': np.bool_,
+  'F64': np.float64,
+  'F32': np.float32,
+  'F16': np.float16,
+  'BF16': ml_dtypes.bfloat16,
+  'I64': np.int64,
+  'I32': np.int32,
+  'I16': np.int16,
+  'I8': np.int8,
+  'U8': np.uint8,
+  'BOOL': np.bool_,
 }
 
 
@@ -43,8 +50,9 @@ class SafetensorsFolder(Mapping):
       files = sorted(f for f in os.listdir(folder) if f.endswith('.safetensors'))
     if not files:
       raise FileNotFoundError(
-          f'no *.safetensors in {folder} (PyTorch .bin checkpoints are not read: re-save the '
-          f'model with save_pretrained(..., safe_serialization=True))')
+        f'no *.safetensors in {folder} (PyTorch .bin checkpoints are not read: re-save the '
+        f'model with save_pretrained(..., safe_serialization=True))'
+      )
     self._entries: dict[str, tuple[str, int, dict]] = {}
     for name in files:
       path = os.path.join(folder, name)
@@ -76,7 +84,9 @@ class SafetensorsFolder(Mapping):
 def read_config(folder: str) -> dict:
   path = os.path.join(folder, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{folder} has no config.json (expected a Hugging Face checkpoint '
-                            f'folder written by save_pretrained)')
+    raise FileNotFoundError(
+      f'{folder} has no config.json (expected a Hugging Face checkpoint '
+      f'folder written by save_pretrained)'
+    )
   with open(path) as f:
     return json.load(f)

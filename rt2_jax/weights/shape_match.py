@@ -145,8 +145,10 @@ def checkpoint_tensors(hf: dict, tied_copies: bool = True) -> dict[str, ShapeOnl
   auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModel
   with torch.device('meta'):
     model = auto.from_config(hf_config)
-  objects = {**dict(model.named_parameters(remove_duplicate=False)),
-             **dict(model.named_buffers(remove_duplicate=False))}
+  objects = {
+    **dict(model.named_parameters(remove_duplicate=False)),
+    **dict(model.named_buffers(remove_duplicate=False)),
+  }
   contents: dict[int, float] = {}
   tensors = {}
   for name, value in model.state_dict().items():
@@ -172,8 +174,9 @@ def shape_match(model_cfg, weights, tied_copies: bool = True) -> tuple[bool, str
   vit_tensors = checkpoint_tensors(vit_hf, tied_copies)
   report = Report()
   try:
-    params, _ = convert_lib.convert_tensors(model_cfg, t5_tensors, t5_hf, vit_tensors, vit_hf,
-                                            report=report)
+    params, _ = convert_lib.convert_tensors(
+      model_cfg, t5_tensors, t5_hf, vit_tensors, vit_hf, report=report
+    )
     got = {k: tuple(v.shape) for k, v in _flatten(params).items()}
   except ConversionError:
     got = {}
@@ -183,25 +186,39 @@ def shape_match(model_cfg, weights, tied_copies: bool = True) -> tuple[bool, str
   for label, tensors in (('T5', t5_tensors), ('vision', vit_tensors)):
     used = [k for k in tensors if k in loaded]
     unused = [k for k in tensors if k in report.unused]
-    counts[label] = dict(tensors=len(tensors), loaded=len(used), known_unused=len(unused),
-                         other=len(tensors) - len(used) - len(unused))
-    lines.append(f'{label} checkpoint: {len(tensors)} tensors '
-                 f'({sum(t.size for t in tensors.values()):,} values): {len(used)} loaded, '
-                 f'{len(unused)} known unused, {counts[label]["other"]} otherwise accounted for')
+    counts[label] = dict(
+      tensors=len(tensors),
+      loaded=len(used),
+      known_unused=len(unused),
+      other=len(tensors) - len(used) - len(unused),
+    )
+    lines.append(
+      f'{label} checkpoint: {len(tensors)} tensors '
+      f'({sum(t.size for t in tensors.values()):,} values): {len(used)} loaded, '
+      f'{len(unused)} known unused, {counts[label]["other"]} otherwise accounted for'
+    )
   new = [p for p in expected if any(n == p or n.startswith(p + '[') for n in report.new)]
   covered = [p for p in expected if got.get(p) == tuple(expected[p])]
   mismatched = [p for p in expected if p in got and got[p] != tuple(expected[p])]
   missing = sorted(set(expected) - set(got))
   unexpected = sorted(set(got) - set(expected))
-  counts['model'] = dict(params=len(expected), covered=len(covered), new=len(new),
-                         mismatched=len(mismatched), missing=len(missing),
-                         unexpected=len(unexpected), errors=len(report.errors))
+  counts['model'] = dict(
+    params=len(expected),
+    covered=len(covered),
+    new=len(new),
+    mismatched=len(mismatched),
+    missing=len(missing),
+    unexpected=len(unexpected),
+    errors=len(report.errors),
+  )
   size = sum(math.prod(s) for s in expected.values())
-  lines.append(f'model (eval_shape, scan_layers={bool(model_cfg.scan_layers)}): {len(expected)} '
-               f'arrays, {size:,} values: {len(covered)} converted with equal shapes '
-               f'({len(covered) - len(new)} from the checkpoints, {len(new)} newly initialised: '
-               f'{", ".join(new) or "none"}), {len(mismatched)} shape mismatches, '
-               f'{len(missing)} missing, {len(unexpected)} unexpected')
+  lines.append(
+    f'model (eval_shape, scan_layers={bool(model_cfg.scan_layers)}): {len(expected)} '
+    f'arrays, {size:,} values: {len(covered)} converted with equal shapes '
+    f'({len(covered) - len(new)} from the checkpoints, {len(new)} newly initialised: '
+    f'{", ".join(new) or "none"}), {len(mismatched)} shape mismatches, '
+    f'{len(missing)} missing, {len(unexpected)} unexpected'
+  )
   ok = not report.errors and len(covered) == len(expected) and not unexpected
   lines.append(f'{"OK" if ok else "FAILED"} in {time.time() - start:.1f}s')
   details = report.summary()
@@ -212,13 +229,17 @@ def main(argv):
   del argv
   config = _CONFIG.value
   if 'weights' not in config:
-    sys.stderr.write('the config has no `weights` block naming public checkpoints '
-                     '(see configs/pali_3b_public.py)\n')
+    sys.stderr.write(
+      'the config has no `weights` block naming public checkpoints '
+      '(see configs/pali_3b_public.py)\n'
+    )
     sys.exit(2)
   ok, text, _ = shape_match(config.model, config.weights, _TIED_COPIES.value)
   w = config.weights
-  print(f'T5 checkpoints: {", ".join(w.t5_checkpoints)}; vision checkpoints: '
-        f'{", ".join(w.vit_checkpoints)}')
+  print(
+    f'T5 checkpoints: {", ".join(w.t5_checkpoints)}; vision checkpoints: '
+    f'{", ".join(w.vit_checkpoints)}'
+  )
   print(text, flush=True)
   sys.exit(0 if ok else 1)
 
@@ -226,6 +247,9 @@ def main(argv):
 if __name__ == '__main__':
   _CONFIG = config_flags.define_config()
   _TIED_COPIES = flags.DEFINE_bool(
-      'tied_copies', True, 'List every name of a tied tensor (as the state dict); false leaves '
-      'out the later names, as save_pretrained does.')
+    'tied_copies',
+    True,
+    'List every name of a tied tensor (as the state dict); false leaves '
+    'out the later names, as save_pretrained does.',
+  )
   config_flags.run(main)
