@@ -40,9 +40,15 @@ def get_config(arg=None):
   c.model.instruction_pool_scale = 4.0
   # True (with instruction_pool > 0): the encoded summaries' mean is added to every decoder input.
   c.model.pool_to_decoder = False
-  # > 0 (with instruction_pool > 0): weight of a cross-entropy that trains the first summary's
-  # pooling to pick the patch holding a web example's 'point' (referring-expression answers).
+  # > 0 (with instruction_pool > 0): weight of a cross-entropy that trains summary k's pooling to
+  # pick the patches around batch pointer_xy[:, k] (web 'point's; tabletop demos' points).
   c.model.pointer_loss = 0.0
+  # True (with instruction_pool > 0): each summary's keypoint (the expected patch centre it pools;
+  # with pool_keypoint_offsets refined within its patch) and their pairwise differences are added
+  # to the summaries as numbers. keypoint_loss > 0 pulls the keypoints onto batch pointer_xy.
+  c.model.pool_keypoints = False
+  c.model.pool_keypoint_offsets = False
+  c.model.keypoint_loss = 0.0
   # 'autoregressive' (RT-2: action token i reads token i-1) or 'parallel': action positions after
   # the first read learned queries, so one decoder pass predicts every action token (issue 19).
   # The same token cross-entropy and constrained vocabulary; max_action_positions sizes the

@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.instruction_pool_scale = 4.0
   c.model.pool_to_decoder = False
   c.model.pointer_loss = 0.0
+  c.model.pool_keypoints = False
+  c.model.pool_keypoint_offsets = False
+  c.model.keypoint_loss = 0.0
   c.model.action_decoding = 'autoregressive'
   c.model.max_action_positions = 16
   # Shapes come from the config; the values here are placeholders every config replaces.

@@ -192,12 +192,13 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
 
   vla.check_action_positions(config.model, action_vocab.num_positions)
 
-  def pointer_sums(pool_logits, batch):
+  def pointer_sums(pool_logits, batch, keypoints=None):
     """Pointing loss of the summaries' pooling logits [B, K, N] against `pointer_xy` [B, K', 2]
-    (or [B, 2]: slot 0), slots k < min(K, K'); NaN points weigh 0: (loss sum, hits, count).
-    The label is the point's bilinear spread over the four nearest patch centres, so the
-    softmax's expected patch centre (model.pool_keypoints) is trained towards the point itself;
-    a hit is the argmax on the patch that holds the point."""
+    (or [B, 2]: slot 0), slots k < min(K, K'); NaN points weigh 0. The label is the point's
+    bilinear spread over the four nearest patch centres, so the softmax's expected patch centre
+    is trained towards the point itself; a hit is the argmax on the patch that holds the point.
+    The distance is the keypoint's (model.pool_keypoints, with offsets when on; else the
+    expected patch centre) from the point. -> (loss sum, hits, count, distance sum, L1 sum)."""
     xy = batch['pointer_xy']
     xy = xy[:, None] if xy.ndim == 2 else xy
     k = min(xy.shape[1], pool_logits.shape[1])
@@ -209,18 +210,26 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     cell = jnp.clip(jnp.floor(xy * patch_grid), 0, patch_grid - 1)
     target = (cell[..., 1] * patch_grid + cell[..., 0]).astype(jnp.int32)
     hits = (logits.argmax(-1) == target) & valid
-    # How far the softmax's expected patch centre lies from the point (fraction of the image).
-    g = patch_grid
-    weights = jax.nn.softmax(logits, -1).reshape(*logits.shape[:-1], g, g)
-    centres = (jnp.arange(g, dtype=jnp.float32) + 0.5) / g
-    expected = jnp.stack(
-      [jnp.einsum('...rc,c->...', weights, centres), jnp.einsum('...rc,r->...', weights, centres)],
-      -1,
-    )
-    dist = jnp.where(valid, jnp.linalg.norm(expected - xy, axis=-1), 0.0).sum()
-    return jnp.where(valid, ce, 0.0).sum(), hits.sum(), valid.sum(), dist
+    if keypoints is None:
+      g = patch_grid
+      weights = jax.nn.softmax(logits, -1).reshape(*logits.shape[:-1], g, g)
+      centres = (jnp.arange(g, dtype=jnp.float32) + 0.5) / g
+      keypoints = jnp.stack(
+        [
+          jnp.einsum('...rc,c->...', weights, centres),
+          jnp.einsum('...rc,r->...', weights, centres),
+        ],
+        -1,
+      )
+    error = keypoints[:, :k] - xy
+    dist = jnp.where(valid, jnp.linalg.norm(jax.lax.stop_gradient(error), axis=-1), 0.0).sum()
+    l1 = jnp.where(valid, jnp.abs(error).sum(-1), 0.0).sum()
+    return jnp.where(valid, ce, 0.0).sum(), hits.sum(), valid.sum(), dist, l1
 
   pool_tokens = int(config.model.get('instruction_pool', 0))
+  keypoint_weight = float(config.model.get('keypoint_loss', 0.0))
+  if keypoint_weight and not (pointer_weight and config.model.get('pool_keypoints', False)):
+    raise ValueError('model.keypoint_loss trains model.pool_keypoints next to model.pointer_loss')
 
   def pointer_count(xy):
     xy = xy[:, None] if xy.ndim == 2 else xy
@@ -243,9 +252,12 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     loss = loss_sum / total_weight
     sums = metrics.step_metric_sums(jax.lax.stop_gradient(logits), batch, action_vocab, tokenizer)
     if pointer_weight:
-      pool_logits = state['intermediates']['instruction_pool']['logits'][0]
-      pointer_loss_sum, hits, count, dist = pointer_sums(pool_logits, batch)
+      pool = state['intermediates']['instruction_pool']
+      keypoints = pool['keypoints'][0] if 'keypoints' in pool else None
+      pointer_loss_sum, hits, count, dist, l1 = pointer_sums(pool['logits'][0], batch, keypoints)
       loss = loss + pointer_weight * pointer_loss_sum / pointer_total
+      if keypoint_weight:  # the keypoint itself pulled onto the point (fractions of the image)
+        loss = loss + keypoint_weight * l1 / pointer_total
       sums = dict(
         sums,
         pointer_loss_sum=jax.lax.stop_gradient(pointer_loss_sum),

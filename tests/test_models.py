@@ -520,3 +520,31 @@ def test_pool_keypoints_add_each_summarys_expected_patch_centre_to_the_summaries
   partitioning.shardings_for(abstract['params'], mesh)  # every axis has a rule
   with pytest.raises(ValueError, match='instruction_pool'):
     VLA(_model_cfg(**{'pool_keypoints': True})).init(jax.random.key(0), images, enc, dec)
+
+
+def test_keypoint_offsets_move_each_keypoint_at_most_half_a_patch():
+  from rt2_jax.models.vla import InstructionPool
+
+  rng = np.random.default_rng(0)
+  weights = jnp.asarray(rng.dirichlet(np.ones(16), size=(2, 3)).astype(np.float32))
+  tokens = jnp.asarray(rng.normal(size=(2, 16, 8)).astype(np.float32) * 5)
+  plain = InstructionPool(3, 8, keypoint_grid=4)
+  refined = InstructionPool(3, 8, keypoint_grid=4, keypoint_offsets=True)
+
+  def points(pool):
+    v = pool.init(jax.random.key(0), weights, tokens, method=InstructionPool.keypoint_features)
+    _, inter = pool.apply(
+      {'params': v['params']},
+      weights,
+      tokens,
+      method=InstructionPool.keypoint_features,
+      mutable=['intermediates'],
+    )
+    return np.asarray(inter['intermediates']['keypoints'][0])
+
+  shift = np.abs(points(refined) - points(plain))
+  assert 1e-4 < shift.max() <= 0.5 / 4 + 1e-6  # moved, by at most half a 1/4-wide patch
+  with pytest.raises(ValueError, match='pool_keypoints'):
+    VLA(_model_cfg(**{'instruction_pool': 1, 'pool_keypoint_offsets': True})).init(
+      jax.random.key(0), *_inputs()
+    )

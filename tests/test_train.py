@@ -421,6 +421,44 @@ def test_pointer_loss_trains_each_summary_to_point_at_its_slot(action_setup):
   assert float(out['pointer_distance']) < 0.9 * float(np.mean(dists))  # and moves its centre
 
 
+def test_keypoint_loss_pulls_the_refined_keypoints_onto_the_points(action_setup):
+  _, space, action_vocab, tokenizer = action_setup
+  overrides = {
+    'model.instruction_pool': 2,
+    'model.pointer_loss': 0.1,
+    'model.pool_keypoints': True,
+    'model.pool_keypoint_offsets': True,
+    'batch_size': 8,
+  }
+  with pytest.raises(ValueError, match='keypoint_loss'):
+    no_pointer = {**overrides, 'model.pointer_loss': 0.0, 'model.keypoint_loss': 1.0}
+    train.make_setup(_config(**no_pointer)).jit_train_step(action_vocab, tokenizer)
+  setup = train.make_setup(_config(**overrides, **{'model.keypoint_loss': 5.0}))
+  state = setup.init_state(jax.random.PRNGKey(0))
+  batch = _batch(setup.config, space, action_vocab, tokenizer)
+  xy = np.random.default_rng(4).uniform(0, 1, (len(batch['image']), 2, 2)).astype(np.float32)
+  batch['pointer_xy'] = xy
+  batch = {k: jax.device_put(v, setup.batch_sharding(v.ndim)) for k, v in batch.items()}
+  _, inter = setup.model.apply(
+    {'params': state.params},
+    batch['image'],
+    batch['encoder_input_tokens'],
+    batch['decoder_input_tokens'],
+    mutable=['intermediates'],
+  )
+  keypoints = np.asarray(inter['intermediates']['instruction_pool']['keypoints'][0])
+  step = setup.jit_train_step(action_vocab, tokenizer)
+  state, out = step(state, batch)
+  # The reported distance is the refined keypoints' (not the plain expected patch centre's).
+  assert float(out['pointer_distance']) == pytest.approx(
+    np.linalg.norm(keypoints - xy, axis=-1).mean(), rel=1e-4
+  )
+  first = float(out['pointer_distance'])
+  for _ in range(30):
+    state, out = step(state, batch)
+  assert float(out['pointer_distance']) < 0.8 * first
+
+
 def test_pointer_loss_needs_the_instruction_pool():
   with pytest.raises(ValueError, match='instruction_pool'):
     train.make_setup(_config(**{'model.pointer_loss': 1.0, 'batch_size': 8})).jit_train_step(

@@ -149,6 +149,7 @@ class InstructionPool(nn.Module):
   scale: float = 4.0
   dtype: Any = jnp.float32
   keypoint_grid: int = 0  # > 0: model.pool_keypoints on this square patch grid
+  keypoint_offsets: bool = False  # model.pool_keypoint_offsets
 
   def setup(self):
     k, e = self.num_tokens, self.features
@@ -167,6 +168,10 @@ class InstructionPool(nn.Module):
       self.keypoint_projection = layers.DenseGeneral(
         (e,), ('keypoints', 'embed'), use_bias=True, dtype=self.dtype
       )
+    if self.keypoint_offsets:
+      self.keypoint_offset = layers.DenseGeneral(
+        (2,), ('embed', 'keypoints'), use_bias=True, dtype=self.dtype
+      )
 
   def logits(self, image_tokens, instruction):
     """[B, K, N] float32: where each summary looks (a grounding loss can train these)."""
@@ -184,15 +189,18 @@ class InstructionPool(nn.Module):
     pooled = jnp.einsum('bkn,bne->bke', weights.astype(self.dtype), self.value(image_tokens))
     pooled = pooled + self.type_embedding.astype(self.dtype)[None]
     if self.keypoint_grid:
-      pooled = pooled + self.keypoint_projection(self.keypoint_features(weights))[:, None]
+      features = self.keypoint_features(weights, image_tokens)
+      pooled = pooled + self.keypoint_projection(features)[:, None]
     return pooled
 
-  def keypoint_features(self, weights):
-    """[B, K, N] pooling weights -> [B, 2K + K(K-1)] float32: each summary's expected patch
-    centre (x right, y down, in [0, 1] of the image: a spatial soft-argmax) and the differences
-    between every pair, centred and scaled to about [-2, 2]. A push is a direction between
-    positions (pusher to block, block to goal): given as numbers, the decoder need not learn to
-    read it out of pooled features."""
+  def keypoint_features(self, weights, image_tokens=None):
+    """[B, K, N] pooling weights -> [B, 2K + K(K-1)] float32: each summary's keypoint, its
+    expected patch centre (x right, y down, in [0, 1] of the image: a spatial soft-argmax),
+    and the differences between every pair, centred and scaled to about [-2, 2]. A push is a
+    direction between positions (pusher to block, block to goal): given as numbers, the decoder
+    need not learn to read it out of pooled features. With `keypoint_offsets` each patch also
+    says where in itself the thing lies (up to half a patch from its centre, from its own
+    token), so a keypoint is not bound to the 8 x 8 grid of centres."""
     g = self.keypoint_grid
     if weights.shape[-1] != g * g:
       raise ValueError(
@@ -203,6 +211,9 @@ class InstructionPool(nn.Module):
     x = jnp.einsum('bkrc,c->bk', weights.reshape(*weights.shape[:2], g, g), centres)
     y = jnp.einsum('bkrc,r->bk', weights.reshape(*weights.shape[:2], g, g), centres)
     points = jnp.stack([x, y], axis=-1)  # [B, K, 2]
+    if self.keypoint_offsets:
+      offsets = jnp.tanh(self.keypoint_offset(image_tokens).astype(jnp.float32)) * (0.5 / g)
+      points = points + jnp.einsum('bkn,bnc->bkc', weights, offsets)
     self.sow('intermediates', 'keypoints', points)
     i, j = np.triu_indices(self.num_tokens, k=1)
     diffs = (points[:, i] - points[:, j]).reshape(points.shape[0], -1)
@@ -227,6 +238,9 @@ class VLA(nn.Module):
     keypoints = bool(self.config.get('pool_keypoints', False))
     if keypoints and pool_tokens < 1:
       raise ValueError('model.pool_keypoints needs model.instruction_pool >= 1')
+    offsets = bool(self.config.get('pool_keypoint_offsets', False))
+    if offsets and not keypoints:
+      raise ValueError('model.pool_keypoint_offsets refines model.pool_keypoints: set both')
     grid = self.vit_config.image_size // self.vit_config.patch_size
     self.instruction_pool = (
       InstructionPool(
@@ -235,6 +249,7 @@ class VLA(nn.Module):
         float(self.config.get('instruction_pool_scale', 4.0)),
         dtype,
         grid if keypoints else 0,
+        offsets,
       )
       if pool_tokens > 0
       else None
