@@ -139,6 +139,18 @@ def get_config(arg=None):
     )
   )
   c.freeze = ''  # regex over parameter paths to keep fixed, e.g. '^vit/'
+  # LoRA fine-tuning (rt2_jax.lora): rank > 0 trains low-rank adapters on the `targets` kernels
+  # (regex over parameter paths) of the config.init_from base, held frozen in `base_dtype`;
+  # `train_full` names parameters trained in full beside them. rank 0 = full fine-tuning.
+  c.lora = ml_collections.ConfigDict(
+    dict(
+      rank=0,
+      alpha=16.0,
+      targets=r'/(query|key|value|out|wi|wi_0|wi_1|wo|fc1|fc2)/kernel$',
+      train_full='',
+      base_dtype='bfloat16',
+    )
+  )
   c.ckpt = ml_collections.ConfigDict(dict(every=100, keep=3, async_save=True))
 
   # Device mesh: -1 takes the remaining devices.

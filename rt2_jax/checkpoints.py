@@ -45,7 +45,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from rt2_jax import actions as actions_lib
-from rt2_jax import checkpoint_assets, config_flags
+from rt2_jax import checkpoint_assets, config_flags, lora
 
 log = logging.getLogger(__name__)
 TMP_MARKER = '.orbax-checkpoint-tmp'
@@ -731,8 +731,11 @@ def restore_for_inference(
   params, meta, step = load_params(path, step, sharding=sharding)
   assets = checkpoint_assets.read(_split_step_dir(path)[0] / str(step))
   stats = meta.get('norm_stats')
+  config = config_flags.from_json(meta['config'])
+  if meta.get(lora.META_KEY):  # LoRA adapters: merged into their base once, here
+    params = lora.merged_params(config, params, meta[lora.META_KEY], sharding)
   return InferenceBundle(
-    config=config_flags.from_json(meta['config']),
+    config=config,
     params=params,
     stats=(assets.stats if assets else actions_lib.NormStats.from_json(stats) if stats else None),
     action_space=(
@@ -742,6 +745,20 @@ def restore_for_inference(
     vocab_checksum=meta.get('vocab_checksum', ''),
     assets=assets,
   )
+
+
+def pinned_path(path: str) -> str:
+  """`path` made absolute; a run's workdir or checkpoints dir -> its newest step dir (so that a
+  pointer to it keeps meaning these parameters while that run goes on)."""
+  directory, step = _split_step_dir(path)
+  if step is None:
+    steps = (
+      [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+    )
+    if not steps:  # a converted checkpoint (or nothing: loading it says what is missing)
+      return resolve_path(path)
+    step = max(steps)
+  return os.fspath(directory / str(step))
 
 
 def load_init_params(path: str, abstract_params):

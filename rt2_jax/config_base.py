@@ -102,6 +102,15 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   c.freeze = ''
+  c.lora = ml_collections.ConfigDict(
+    dict(
+      rank=0,
+      alpha=16.0,
+      targets=r'/(query|key|value|out|wi|wi_0|wi_1|wo|fc1|fc2)/kernel$',
+      train_full='',
+      base_dtype='bfloat16',
+    )
+  )
   c.ckpt = ml_collections.ConfigDict(dict(every=2000, keep=3, async_save=True))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, model=1))
   c.distributed = ml_collections.ConfigDict(

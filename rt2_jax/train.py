@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rt2_jax import checkpoint_assets, checkpoints, config_flags, metrics, optim, partitioning
+from rt2_jax import lora as lora_lib
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.actions import NormStats
 
@@ -53,6 +54,9 @@ class TrainState:
   opt_state: Any
   step: jax.Array  # int32 scalar: optimizer steps taken
   rng: jax.Array  # uint32[2]: dropout randomness, folded with the step
+  # LoRA (config.lora.rank > 0): the frozen base parameters; `params` is then the trainable
+  # tree of rt2_jax.lora. Not saved: checkpoints name the base instead (lora.META_KEY).
+  frozen: Any = None
 
   def as_dict(self) -> dict:
     return {'params': self.params, 'opt_state': self.opt_state, 'step': self.step, 'rng': self.rng}
@@ -235,7 +239,11 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     xy = xy[:, None] if xy.ndim == 2 else xy
     return (~jnp.isnan(xy[:, :pool_tokens, 0])).sum()
 
-  def loss_and_sums(params, batch, rng, total_weight, pointer_total):
+  lora = lora_lib.LoraConfig.from_config(config)
+
+  def loss_and_sums(params, frozen, batch, rng, total_weight, pointer_total):
+    if lora.enabled:  # only the adapters are differentiated; the base is a constant
+      params = lora_lib.merge(frozen, params, lora, config.model.dtype)
     logits, state = model.apply(
       {'params': params},
       batch['image'],
@@ -275,7 +283,9 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     total_weight = jnp.maximum(batch['decoder_loss_weights'].sum(), 1e-8)
     pointer_total = jnp.maximum(pointer_count(batch['pointer_xy']), 1) if pointer_weight else None
     if accum == 1:
-      grads, (loss_sum, sums) = grad_fn(state.params, batch, rng, total_weight, pointer_total)
+      grads, (loss_sum, sums) = grad_fn(
+        state.params, state.frozen, batch, rng, total_weight, pointer_total
+      )
     else:
 
       def split(x):  # micro-batch i = rows i, i + accum, ...: each spread over all devices
@@ -287,12 +297,18 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
       def body(carry, xs):
         i, mb = xs
         grads, (loss_sum, sums) = grad_fn(
-          state.params, mb, jax.random.fold_in(rng, i), total_weight, pointer_total
+          state.params, state.frozen, mb, jax.random.fold_in(rng, i), total_weight, pointer_total
         )
         return jax.tree.map(jnp.add, carry, (grads, loss_sum, sums)), None
 
       grads_shape, (loss_shape, sums_shape) = jax.eval_shape(
-        grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng, total_weight, pointer_total
+        grad_fn,
+        state.params,
+        state.frozen,
+        jax.tree.map(lambda x: x[0], micro),
+        rng,
+        total_weight,
+        pointer_total,
       )
       zeros = jax.tree.map(
         lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, loss_shape, sums_shape)
@@ -394,10 +410,16 @@ class Setup:
     return stack
 
   def init_state(self, rng) -> TrainState:
+    lora = lora_lib.LoraConfig.from_config(self.config)
+
     def init(rng):
       init_rng, dropout_rng = jax.random.split(rng)
       params = partitioning.unbox(self.model.init(init_rng, *dummy_inputs(self.config)))['params']
-      return TrainState(params, self.tx.init(params), jnp.int32(0), dropout_rng)
+      frozen = None
+      if lora.enabled:  # a random base: train() replaces it with config.init_from's
+        frozen = lora_lib.base_params(params, lora)
+        params = lora_lib.init_trainable(params, lora, jax.random.fold_in(init_rng, 1))
+      return TrainState(params, self.tx.init(params), jnp.int32(0), dropout_rng, frozen)
 
     with self.context():
       return jax.jit(init, out_shardings=self.state_shardings)(rng)
@@ -438,6 +460,13 @@ def make_setup(config, mesh=None) -> Setup:
     nn.get_partition_spec(abstract_vars)['params'], mesh
   )
   abstract_params = partitioning.unbox(abstract_vars)['params']
+  lora = lora_lib.LoraConfig.from_config(config)
+  frozen, frozen_shardings = None, None
+  if lora.enabled:  # the base keeps the model's shardings; the small adapters are replicated
+    frozen = jax.eval_shape(functools.partial(lora_lib.base_params, cfg=lora), abstract_params)
+    frozen_shardings = param_shardings
+    abstract_params = lora_lib.abstract_trainable(abstract_params, lora)
+    param_shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_params)
   tx, schedule = optim.make_optimizer(config, abstract_params)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_specs = optim.opt_state_specs(
@@ -447,17 +476,33 @@ def make_setup(config, mesh=None) -> Setup:
     lambda spec: NamedSharding(mesh, spec), opt_specs, is_leaf=lambda x: isinstance(x, P)
   )
   replicated = NamedSharding(mesh, P())
-  shardings = TrainState(param_shardings, opt_shardings, replicated, replicated)
+  shardings = TrainState(param_shardings, opt_shardings, replicated, replicated, frozen_shardings)
   abstract = TrainState(
     abstract_params,
     abstract_opt,
     jax.ShapeDtypeStruct((), jnp.int32),
     jax.ShapeDtypeStruct((2,), jnp.uint32),
+    frozen,
   )
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
   )
   return Setup(config, mesh, model, tx, schedule, abstract, shardings)
+
+
+def load_lora_base(setup: Setup, path: str):
+  """The frozen base of a LoRA run from `path` (a run's step dir or a converted checkpoint),
+  read in float32 and held in config.lora.base_dtype with the model's shardings."""
+  lora = lora_lib.LoraConfig.from_config(setup.config)
+  frozen = setup.abstract_state.frozen
+  full = jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), frozen
+  )
+  params = checkpoints.load_init_params(path, full)
+  with setup.context():
+    return jax.jit(
+      functools.partial(lora_lib.base_params, cfg=lora), out_shardings=setup.state_shardings.frozen
+    )(params)
 
 
 def train(config, workdir: str) -> dict:
@@ -467,11 +512,19 @@ def train(config, workdir: str) -> dict:
   workdir = checkpoints.resolve_path(workdir)  # relative and ~ paths; gs:// stays as it is
   is_main = jax.process_index() == 0
   setup = make_setup(config)
+  lora = lora_lib.LoraConfig.from_config(config)
   if is_main:
+    frozen = setup.abstract_state.frozen
     print(
-      f'model: {optim.tree_size(setup.abstract_state.params) / 1e6:.2f}M parameters; mesh '
-      f'{dict(setup.mesh.shape)} over {jax.device_count()} {jax.default_backend().upper()} '
-      f'device(s), {jax.process_count()} process(es)',
+      f'model: {optim.tree_size(frozen or setup.abstract_state.params) / 1e6:.2f}M parameters'
+      + (
+        f' (LoRA rank {lora.rank}: {optim.tree_size(setup.abstract_state.params) / 1e6:.3f}M '
+        'trainable)'
+        if lora.enabled
+        else ''
+      )
+      + f'; mesh {dict(setup.mesh.shape)} over {jax.device_count()} '
+      f'{jax.default_backend().upper()} device(s), {jax.process_count()} process(es)',
       flush=True,
     )
 
@@ -486,6 +539,9 @@ def train(config, workdir: str) -> dict:
       ckpt.close()
       return {}
     state, start = TrainState(**restored.state), restored.step
+    if lora.enabled:  # the base the run started from, as its checkpoints name it
+      lora_base = restored.meta[lora_lib.META_KEY]
+      state = state.replace(frozen=load_lora_base(setup, lora_base))
     if config.init_from and is_main:
       print(f'init_from={config.init_from} is not used: resuming this run', flush=True)
     stats_json = restored.meta.get('norm_stats')  # keep the run's statistics when resuming
@@ -495,12 +551,22 @@ def train(config, workdir: str) -> dict:
   else:
     action_space, stats, vocab, action_vocab = build_data(config)
     state, start = setup.init_state(jax.random.PRNGKey(config.seed)), 0
-    if config.init_from:
+    if lora.enabled and not config.init_from:
+      raise ValueError(
+        'config.lora fine-tunes a pretrained base: set config.init_from (a run or a converted '
+        'checkpoint)'
+      )
+    if lora.enabled:  # pinned: a later checkpoint of the base run must not change this one's
+      lora_base = checkpoints.pinned_path(config.init_from)
+      state = state.replace(frozen=load_lora_base(setup, lora_base))
+    elif config.init_from:
       state = state.replace(
         params=checkpoints.load_init_params(config.init_from, setup.abstract_state.params)
       )
   tokenizer = action_space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
   meta = checkpoints.make_meta(config, stats, action_space, vocab)
+  if lora.enabled:
+    meta[lora_lib.META_KEY] = lora_base
   assets = checkpoint_assets.make(config, stats, action_space, vocab)  # resize: the spec's, now
 
   data_iter = pipeline.make_train_iterator(

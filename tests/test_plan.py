@@ -103,3 +103,47 @@ def test_cli_reports_chips_and_writes_json(tmp_path):
     timeout=300,
   )
   assert bad.returncode != 0 and 'uses -1' in bad.stderr
+
+
+def test_lora_plan_counts_base_adapters_and_the_merged_copy():
+  config = _config(batch_size=8, **{'lora.rank': 4, 'mesh.data': 2, 'mesh.model': 4})
+  setup = train.make_setup(config)  # 8 CPU devices
+  mesh = {'data': 2, 'fsdp': 1, 'model': 4}
+  p = plan.make_plan(config, mesh)
+  full = plan.make_plan(_config(batch_size=8), mesh)
+
+  def shard_bytes(tree):
+    return sum(
+      math.prod(s.sharding.shard_shape(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(tree)
+    )
+
+  # The trainer's own state: a bfloat16 base, float32 adapters with their optimizer state.
+  assert p.params == shard_bytes(setup.abstract_state.frozen) + shard_bytes(
+    setup.abstract_state.params
+  )
+  assert p.optimizer == shard_bytes(setup.abstract_state.opt_state)
+  assert p.num_trainable == sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+  assert p.num_trainable < 0.2 * p.num_params == 0.2 * full.num_params
+  # The merged kernels (float32 compute) and their gradient, beside the adapters' gradients.
+  assert 0 < p.merged < 4 * p.num_params / 4 and p.gradients > p.merged
+  # (Not smaller in total here: float32 compute merges in float32, and the adapters are
+  # replicated while the base is split 8 ways; the 3B test below is where LoRA pays.)
+  assert p.activations == full.activations
+  assert p.total == p.params + p.optimizer + p.gradients + p.merged + p.activations
+
+
+def test_lora_comparison_for_a_3b_config():
+  config = config_flags.load_config('configs/pali_3b_public.py', {})
+  mesh = {'data': 1, 'fsdp': 1, 'model': 1}
+  full = plan.make_plan(config, mesh)
+  lora = plan.make_plan(
+    config_flags.load_config('configs/pali_3b_public.py', {'lora.rank': 16}), mesh
+  )
+  assert 3.0e9 < full.num_params == lora.num_params < 3.5e9
+  assert 30e6 < lora.num_trainable < 60e6
+  assert lora.params < 0.55 * full.params and lora.total < full.total  # base in bfloat16
+  # Full fine-tuning does not fit a 24 GB GPU even at one example; LoRA does.
+  assert plan.largest_batch(full, config, 'l4') == 0 < plan.largest_batch(lora, config, 'l4')
+  assert plan.largest_batch(full, config, 'h100') >= 8
+  table = plan.lora_comparison(config, mesh, ['l4', 'h100'], 'pali_3b_public')
+  assert 'LoRA r=16' in table and 'full' in table

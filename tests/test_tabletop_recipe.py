@@ -37,6 +37,10 @@ def test_stage_configs(tmp_path):
   assert fine.data.robot.data_dir == '/demos'
   robot_only = recipe._resolved(_config('robot_only'), '/demos', str(tmp_path), stage='finetune')
   assert robot_only.data.robot_rate == 1.0
+  # LoRA fine-tunes the web checkpoint; the web pretraining itself trains every parameter.
+  lora = _config('robot_only', **{'lora.rank': 8})
+  assert recipe._resolved(lora, '/demos', str(tmp_path), stage='pretrain').lora.rank == 0
+  assert recipe._resolved(lora, '/demos', str(tmp_path), stage='finetune').lora.rank == 8
 
 
 def test_pretrained_checkpoint_is_shared_and_keyed_by_what_it_learns(monkeypatch, tmp_path):

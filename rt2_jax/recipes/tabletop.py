@@ -96,6 +96,8 @@ def _resolved(config, demos_builder: str, web: str, *, stage: str):
       config.total_steps, config.optim.lr, config.batch_size = p.steps, p.lr, p.batch_size
       config.seed = p.seed
       config.init_from = ''
+      if 'lora' in config:  # LoRA fine-tunes the web checkpoint; pretraining trains everything
+        config.lora.rank = 0
       config.ckpt.every, config.ckpt.keep = max(500, p.steps // 4), 1
     elif config.recipe.name == 'cofinetune':
       config.data.robot_rate = config.recipe.cofinetune_robot_rate

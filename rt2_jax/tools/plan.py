@@ -31,12 +31,14 @@ import flax.linen as nn
 import jax
 from absl import flags
 from absl import logging as absl_logging
+from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from rt2_jax import config_flags, optim, partitioning
+from rt2_jax import config_flags, lora, optim, partitioning
 
 GIB = 1024**3
-CHIPS = {'v4': 32 * GIB, 'v5p': 95 * GIB, 'h100': 80 * GIB}
+# 'l4' stands for every 24 GB GPU (L4, A10G, RTX 4090); 'h100' for every 80 GB one (A100 80GB).
+CHIPS = {'v4': 32 * GIB, 'v5p': 95 * GIB, 'h100': 80 * GIB, 'l4': 24 * GIB}
 HEADROOM = 0.9
 
 
@@ -86,26 +88,32 @@ class Plan:
   gradients: int
   activations: int
   activation_detail: dict
+  # LoRA: the merged copy of the adapted kernels the loss applies (its gradient is in
+  # `gradients`); 0 for full fine-tuning.
+  merged: int = 0
+  num_trainable: int = 0  # 0: every parameter (full fine-tuning)
+  base_dtype: str = 'float32'
 
   @property
   def total(self) -> int:
-    return self.params + self.optimizer + self.gradients + self.activations
+    return self.params + self.optimizer + self.gradients + self.activations + self.merged
 
   def fits(self, chip: str) -> bool:
     return self.total <= HEADROOM * CHIPS[chip]
 
 
-def activation_bytes(config, mesh: dict[str, int]) -> dict[str, int]:
-  """Rough activation memory per device (see the module docstring)."""
+def activation_bytes(config, mesh: dict[str, int], per_device_batch=None) -> dict[str, int]:
+  """Rough activation memory per device (see the module docstring); `per_device_batch`
+  replaces the config's batch / (data x fsdp) / grad_accum_steps."""
   m_cfg, d_cfg = config.model, config.data
   c = 2 if m_cfg.dtype == 'bfloat16' else 4
   b = config.batch_size / (mesh['data'] * mesh['fsdp']) / int(config.optim.grad_accum_steps)
+  b = b if per_device_batch is None else per_device_batch
   tp = mesh['model']
   remat = str(m_cfg.get('remat', 'none'))
-  vit, t5 = m_cfg.vit, m_cfg.t5
+  vit = m_cfg.vit
   patches = (m_cfg.image_size // vit.patch_size) ** 2
   t_enc, t_dec = patches + d_cfg.max_input_len, d_cfg.max_target_len
-  gated = 2 if len(t5.mlp_activations) > 1 else 1
 
   def layer(tokens, width, heads, head_dim, mlp, mlp_inputs, cross_keys=0):
     """(input, saved weight-matmul outputs, all activations) of one layer, bytes per device."""
@@ -123,14 +131,24 @@ def activation_bytes(config, mesh: dict[str, int]) -> dict[str, int]:
     full = dots + probs + b * tokens * (2 * mlp_inputs * mlp / tp + 8 * width) * c
     return x, dots, full
 
-  layers = (
-    [layer(patches, vit.width, vit.num_heads, vit.width // vit.num_heads, vit.mlp_dim, 1)]
-    * vit.depth
-    + [layer(t_enc, t5.emb_dim, t5.num_heads, t5.head_dim, t5.mlp_dim, gated)]
-    * t5.num_encoder_layers
-    + [layer(t_dec, t5.emb_dim, t5.num_heads, t5.head_dim, t5.mlp_dim, gated, cross_keys=t_enc)]
-    * t5.num_decoder_layers
-  )
+  layers = [
+    layer(patches, vit.width, vit.num_heads, vit.width // vit.num_heads, vit.mlp_dim, 1)
+  ] * vit.depth
+  if 'gemma' in m_cfg and str(m_cfg.get('backbone', '')) == 'decoder_only':
+    # One prefix-LM over [image ; prompt ; target] (GeGLU; K/V counted at the query heads').
+    g = m_cfg.gemma
+    layers += [layer(t_enc + t_dec, g.emb_dim, g.num_heads, g.head_dim, g.mlp_dim, 2)] * int(
+      g.num_layers
+    )
+  else:
+    t5 = m_cfg.t5
+    gated = 2 if len(t5.mlp_activations) > 1 else 1
+    layers += [layer(t_enc, t5.emb_dim, t5.num_heads, t5.head_dim, t5.mlp_dim, gated)] * int(
+      t5.num_encoder_layers
+    )
+    layers += [
+      layer(t_dec, t5.emb_dim, t5.num_heads, t5.head_dim, t5.mlp_dim, gated, cross_keys=t_enc)
+    ] * int(t5.num_decoder_layers)
   pick = {'full': 0, 'dots': 1, 'none': 2}[remat]
   saved = sum(layer_bytes[pick] for layer_bytes in layers)
   # Recomputing a layer in the backward pass holds its activations again.
@@ -156,11 +174,15 @@ def make_plan(config, mesh: dict[str, int], name: str = '') -> Plan:
     is_leaf=lambda x: isinstance(x, P),
   )
   params = partitioning.unbox(boxed)
+  acts = activation_bytes(config, mesh)
+  activations = acts['saved_for_backward'] + acts['working_set'] + acts['logits']
+  cfg = lora.LoraConfig.from_config(config)
+  if cfg.enabled:
+    return _lora_plan(config, cfg, params, specs, mesh, name, acts, activations)
   tx, _ = optim.make_optimizer(config, params)
   opt_shapes = jax.eval_shape(tx.init, params)
   opt_specs = optim.opt_state_specs(opt_shapes, params, specs)
   param_bytes = tree_bytes(params, specs, mesh)
-  acts = activation_bytes(config, mesh)
   return Plan(
     name,
     mesh,
@@ -169,8 +191,42 @@ def make_plan(config, mesh: dict[str, int], name: str = '') -> Plan:
     param_bytes,
     tree_bytes(opt_shapes, opt_specs, mesh),
     param_bytes,
-    acts['saved_for_backward'] + acts['working_set'] + acts['logits'],
+    activations,
     acts,
+  )
+
+
+def _lora_plan(config, cfg, params, specs, mesh, name, acts, activations) -> Plan:
+  """The base in cfg.base_dtype (sharded as the model), adapters and their optimizer state
+  (float32, replicated), their gradients, plus the merged copy of the adapted kernels in the
+  wider of base and compute dtype and its gradient (the loss merges the whole tree before
+  `model.apply`; counted in full, an upper bound where XLA frees a layer's early)."""
+  base = jax.eval_shape(lambda p: lora.base_params(p, cfg), params)
+  trainable = lora.abstract_trainable(params, cfg)
+  replicated = jax.tree.map(lambda _: P(), trainable)
+  tx, _ = optim.make_optimizer(config, trainable)
+  opt_shapes = jax.eval_shape(tx.init, trainable)
+  merged_dtype = jax.numpy.promote_types(cfg.base_dtype, config.model.dtype)
+  flat_specs = traverse_util.flatten_dict(specs, is_leaf=lambda _, x: isinstance(x, P))
+  flat_params = traverse_util.flatten_dict(params)
+  merged = sum(
+    per_device_bytes(flat_params[t.path].shape, merged_dtype, flat_specs[t.path], mesh)
+    for t in lora.find_targets(params, cfg)
+  )
+  adapter_bytes = tree_bytes(trainable, replicated, mesh)
+  return Plan(
+    name,
+    mesh,
+    math.prod(mesh.values()),
+    optim.tree_size(params),
+    tree_bytes(base, specs, mesh) + adapter_bytes,
+    tree_bytes(opt_shapes, jax.tree.map(lambda _: P(), opt_shapes), mesh),
+    adapter_bytes + merged,
+    activations,
+    acts,
+    merged=merged,
+    num_trainable=optim.tree_size(trainable),
+    base_dtype=cfg.base_dtype,
   )
 
 
@@ -186,12 +242,22 @@ def report(plan: Plan, chips) -> str:
   gib = _size
   detail = plan.activation_detail
   mesh = ', '.join(f'{k}={v}' for k, v in plan.mesh.items())
+  lora_line = (
+    f'; LoRA: {_count(plan.num_trainable)} trainable, base in {plan.base_dtype}'
+    if plan.num_trainable
+    else ''
+  )
   lines = [
     f'{plan.config_name}: {_count(plan.num_params)} parameters on {plan.num_devices} devices '
-    f'({mesh}); {detail["per_device_batch"]:g} examples per device, remat {detail["remat"]}',
-    f'  parameters (fp32)   {gib(plan.params)}',
+    f'({mesh}); {detail["per_device_batch"]:g} examples per device, remat {detail["remat"]}'
+    + lora_line,
+    f'  parameters          {gib(plan.params)}',
     f'  optimizer state     {gib(plan.optimizer)}',
-    f'  gradients (fp32)    {gib(plan.gradients)}',
+    f'  gradients           {gib(plan.gradients)}',
+  ]
+  if plan.num_trainable:
+    lines.append(f'  merged LoRA kernels {gib(plan.merged)}')
+  lines += [
     f'  activations (rough) {gib(plan.activations)}  (saved {gib(detail["saved_for_backward"])},'
     f' working {gib(detail["working_set"])}, logits {gib(detail["logits"])})',
     f'  total per device    {gib(plan.total)}',
@@ -203,6 +269,50 @@ def report(plan: Plan, chips) -> str:
       f'({plan.total / CHIPS[chip]:.0%} of the chip)'
     )
   return '\n'.join(lines)
+
+
+def largest_batch(plan: Plan, config, chip: str, limit: int = 1024) -> int:
+  """The largest power-of-two per-device micro-batch whose plan fits `chip` (0: not even 1);
+  the rest of a global batch comes from grad_accum_steps or more devices."""
+  fixed = plan.total - plan.activations
+  best, b = 0, 1
+  while b <= limit:
+    a = activation_bytes(config, plan.mesh, per_device_batch=b)
+    if fixed + a['saved_for_backward'] + a['working_set'] + a['logits'] > HEADROOM * CHIPS[chip]:
+      break
+    best, b = b, b * 2
+  return best
+
+
+def lora_comparison(config, mesh: dict[str, int], chips, name: str = '') -> str:
+  """Full fine-tuning vs LoRA (config.lora, rank 16 if off) on `mesh`: memory per device and
+  the largest micro-batch per device that fits each chip."""
+  full_cfg = config.copy_and_resolve_references()
+  full_cfg.lora.rank = 0
+  lora_cfg = config.copy_and_resolve_references()
+  lora_cfg.lora.rank = int(config.lora.rank) or 16
+  rows = [
+    ('full', make_plan(full_cfg, mesh, name), full_cfg),
+    (f'LoRA r={lora_cfg.lora.rank}', make_plan(lora_cfg, mesh, name), lora_cfg),
+  ]
+  head = f'{"":>10} {"trainable":>10} {"params":>9} {"opt":>9} {"grads":>9} {"merged":>9}'
+  head += ''.join(f' {f"{c} {CHIPS[c] // GIB} GiB":>13}' for c in chips)
+  out = [
+    f'{name} ({_count(rows[0][1].num_params)} parameters), {mesh}, remat '
+    f'{config.model.remat}; fixed bytes per device, largest micro-batch per device:',
+    head,
+  ]
+  for label, plan, cfg in rows:
+    line = (
+      f'{label:>10} {_count(plan.num_trainable or plan.num_params):>10} '
+      f'{plan.params / GIB:8.2f}G {plan.optimizer / GIB:8.2f}G {plan.gradients / GIB:8.2f}G '
+      f'{plan.merged / GIB:8.2f}G'
+    )
+    for chip in chips:
+      b = largest_batch(plan, cfg, chip)
+      line += f' {("batch " + str(b)) if b else "no":>13}'
+    out.append(line)
+  return '\n'.join(out)
 
 
 def main(argv) -> None:
@@ -218,6 +328,9 @@ def main(argv) -> None:
   except ValueError as e:
     sys.exit(f'error: {e}')
   name = getattr(flags.FLAGS['config'], 'config_filename', 'config')
+  if flags.FLAGS.lora_comparison:
+    print(lora_comparison(config, mesh, chips, name))
+    return
   plan = make_plan(config, mesh, name)
   print(report(plan, chips))
   if flags.FLAGS.out:
@@ -239,6 +352,12 @@ def run() -> None:
   )
   flags.DEFINE_list('chip', list(CHIPS), f'chips to check: {", ".join(CHIPS)}')
   flags.DEFINE_string('out', '', 'also write the plan as JSON here')
+  flags.DEFINE_bool(
+    'lora_comparison',
+    False,
+    'print full fine-tuning vs LoRA (config.lora; rank 16 if 0): bytes per device and the '
+    'largest micro-batch per device that fits each chip',
+  )
   config_flags.run(main)
 
 

@@ -1,0 +1,198 @@
+"""LoRA (rt2_jax.lora): the merge is the unmerged low-rank path, step 0 is the base model, only
+adapters train, scanned = unrolled, checkpoints are small and Policy merges them into their base."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import train_testlib as lib
+from flax import traverse_util
+from test_train import _batch
+
+from rt2_jax import actions as actions_lib
+from rt2_jax import checkpoints, config_flags, lora, optim, train
+from rt2_jax import vocab as vocab_lib
+from rt2_jax.data import pipeline
+from rt2_jax.models import layers, layout
+
+LORA = {'lora.rank': 4, 'lora.alpha': 8.0, 'lora.base_dtype': 'float32'}
+
+
+def _config(**overrides):
+  return config_flags.load_config(
+    'configs/tiny.py', {**lib.SMALL, **LORA, 'batch_size': 8, **overrides}
+  )
+
+
+def _random_like(tree, seed, scale=0.2):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: jnp.asarray(rng.normal(0, scale, a.shape), a.dtype), tree)
+
+
+@pytest.mark.parametrize('stacked', [False, True])
+def test_merged_kernel_equals_the_low_rank_path_beside_it(stacked):
+  # x . (W + s A B) == x . W + s (x A) B, with the kernel read as [prod(in), prod(out)]:
+  # q [embed, heads, kv] has one input axis, out [heads, kv, embed] two, MLP kernels are 2-d.
+  cfg = lora.LoraConfig(rank=3, alpha=6.0, targets=lora.DEFAULT_TARGETS)
+  lead = (2,) if stacked else ()
+  name = 'layers' if stacked else 'layers_0'
+  shapes = {'query': (16, 4, 8), 'out': (4, 8, 16), 'wi_0': (16, 24)}
+  base = {'lm': {name: {'attention': {}, 'mlp': {}}}}
+  for key, shape in shapes.items():
+    group = 'mlp' if key == 'wi_0' else 'attention'
+    base['lm'][name][group][key] = {'kernel': jnp.zeros(lead + shape)}
+  base = _random_like(base, 0)
+  trainable = _random_like(lora.init_trainable(base, cfg, jax.random.key(0)), 1)
+  merged = lora.merge(base, trainable, cfg)
+  rng = np.random.default_rng(2)
+  for key, shape in shapes.items():
+    group = 'mlp' if key == 'wi_0' else 'attention'
+    n_in = 2 if key == 'out' else 1
+    w = base['lm'][name][group][key]['kernel']
+    ad = trainable['adapters']['lm'][name][group][key]['kernel']
+    got = merged['lm'][name][group][key]['kernel']
+    for i in range(2 if stacked else 1):
+      pick = (lambda t, i=i: t[i]) if stacked else (lambda t: t)
+      xi = jnp.asarray(rng.normal(size=(5,) + shape[:n_in]), jnp.float32)
+      low_rank = (xi.reshape(5, -1) @ pick(ad['a'])) @ pick(ad['b'])
+      want = layers.dense_dot(xi, pick(w), n_in) + cfg.scale * low_rank.reshape((5,) + shape[n_in:])
+      np.testing.assert_allclose(layers.dense_dot(xi, pick(got), n_in), want, rtol=1e-5, atol=1e-5)
+
+
+def test_config_errors_name_the_problem():
+  with pytest.raises(ValueError, match='matches no parameter'):
+    train.make_setup(_config(**{'lora.targets': 'nothing_like_this'}))
+  with pytest.raises(ValueError, match=r'vit/patch_embedding .*only 2-d or 3-d dense kernels'):
+    train.make_setup(_config(**{'lora.targets': 'patch_embedding'}))
+  with pytest.raises(ValueError, match='config.freeze and config.lora are exclusive'):
+    train.make_setup(_config(freeze='^vit/'))
+  with pytest.raises(ValueError, match='base_dtype'):
+    train.make_setup(_config(**{'lora.base_dtype': 'float16'}))
+
+
+@pytest.fixture(scope='module')
+def action_setup():
+  config = _config()
+  space = pipeline.action_space(config)
+  stats = actions_lib.NormStats.compute(
+    np.random.default_rng(0).uniform(-0.05, 0.05, (200, space.dim))
+  )
+  _, action_vocab = vocab_lib.from_config(config, space)
+  tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
+  return space, action_vocab, tokenizer
+
+
+def _logits(setup, params, batch):
+  return setup.model.apply(
+    {'params': params},
+    batch['image'],
+    batch['encoder_input_tokens'],
+    batch['decoder_input_tokens'],
+  )
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_step0_is_the_base_and_only_adapters_train(action_setup, scan):
+  space, action_vocab, tokenizer = action_setup
+  config = _config(**{'model.scan_layers': scan, 'lora.train_full': '^image_projection/'})
+  setup = train.make_setup(config)
+  state = setup.init_state(jax.random.PRNGKey(0))
+  base = state.frozen
+  batch = _batch(config, space, action_vocab, tokenizer)
+  batch = {k: v[: config.batch_size] for k, v in batch.items()}
+  cfg = lora.LoraConfig.from_config(config)
+  with setup.context():
+    np.testing.assert_array_equal(
+      _logits(setup, base, batch), _logits(setup, lora.merge(base, state.params, cfg), batch)
+    )
+  # Optimizer state only for the trainable tree: a small fraction of the model.
+  assert optim.tree_size(state.params) < 0.25 * optim.tree_size(base)
+  assert optim.tree_size(state.opt_state) < 2 * optim.tree_size(state.params)
+  before = jax.tree.map(np.asarray, (state.params, base))
+  step = setup.jit_train_step(action_vocab, tokenizer)
+  with setup.context():
+    for _ in range(3):
+      state, out = step(state, batch)
+  assert np.isfinite(float(out['loss']))
+  for a, b in zip(jax.tree.leaves(before[1]), jax.tree.leaves(state.frozen), strict=True):
+    np.testing.assert_array_equal(a, np.asarray(b))  # the base never moves
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), before[0], state.params)
+  assert all(jax.tree.leaves(changed)), changed  # every A, B and the fully trained projection
+
+
+def test_scanned_adapters_equal_unrolled(action_setup):
+  space, action_vocab, tokenizer = action_setup
+  unrolled = train.make_setup(_config())
+  scanned = train.make_setup(_config(**{'model.scan_layers': True}))
+  base = _random_like(unrolled.abstract_state.frozen, 0, 0.1)
+  trainable = _random_like(unrolled.abstract_state.params, 1, 0.1)  # B != 0: a real update
+  cfg = lora.LoraConfig.from_config(unrolled.config)
+  batch = _batch(unrolled.config, space, action_vocab, tokenizer)
+  with unrolled.context():
+    want = _logits(unrolled, lora.merge(base, trainable, cfg), batch)
+  with scanned.context():
+    got = _logits(
+      scanned,
+      lora.merge(layout.stack_layers(base), layout.stack_layers(trainable), cfg),
+      batch,
+    )
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(want, _logits(unrolled, base, batch), atol=1e-3)
+
+
+def _array_bytes(state_dir) -> int:
+  """Bytes of the arrays a checkpoint's state item holds (its saved metadata). On disk, orbax's
+  per-array metadata about equals the data for a model this small."""
+  import orbax.checkpoint as ocp
+
+  tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  leaves = jax.tree.leaves(tree, is_leaf=lambda m: hasattr(m, 'shape'))
+  return sum(math.prod(m.shape) * np.dtype(m.dtype).itemsize for m in leaves)
+
+
+def test_lora_run_saves_adapters_and_policy_merges_them(tmp_path):
+  from rt2_jax.policy import Policy
+
+  # The base: a run's checkpoint of the same model (random weights, so actions depend on them).
+  overrides = {**LORA, 'lora.rank': 2, 'total_steps': 4}
+  config = _config(**overrides)
+  abstract = train.make_setup(config).abstract_state.frozen
+  base = jax.tree.map(np.asarray, _random_like(abstract, 0, 0.2))
+  ckpt = checkpoints.Checkpointer(str(tmp_path / 'base'), async_save=False)
+  ckpt.save(3, {'params': base, 'step': np.int32(3)}, None, {'config': '{}'})
+  ckpt.close()
+
+  run = tmp_path / 'lora'
+  lib.run_train(run, dict(overrides, init_from=str(tmp_path / 'base'), **{'optim.lr': 0.01}))
+  # Resuming reads the base from the pointer in the checkpoint.
+  result = lib.run_train(run, dict(overrides, total_steps=6, init_from=''))
+  assert 'resumed from' in result.stdout, result.stdout
+
+  step_dir = run / 'checkpoints' / '6'
+  # Adapters, their optimizer state, step and rng: under a tenth of the base's parameters.
+  lora_bytes = _array_bytes(step_dir / 'state')
+  base_bytes = _array_bytes(tmp_path / 'base' / 'checkpoints' / '3' / 'state')
+  assert lora_bytes < 0.1 * base_bytes, (lora_bytes, base_bytes)
+  params, meta, _ = checkpoints.load_params(run)
+  assert set(params) == {'adapters'}
+  assert meta[lora.META_KEY] == os.fspath(tmp_path / 'base' / 'checkpoints' / '3')
+  assert any(np.any(np.asarray(b) != 0) for b in jax.tree.leaves(params))
+
+  policy = Policy.from_checkpoint(run)
+  merged = lora.merge(base, params, lora.LoraConfig.from_config(config))
+  for path, want in traverse_util.flatten_dict(merged).items():
+    got = traverse_util.flatten_dict(policy.params)[path]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  unmerged = Policy(config, merged, policy.stats, policy.action_space, vocab=policy.vocab)
+  rng = np.random.default_rng(0)
+  size = config.model.image_size
+  images = list(rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8))
+  instructions = ['pick up the cup', 'open the drawer', 'put carrot on plate']
+  want = [o.action for o in unmerged.batch(images, instructions)]
+  got = [o.action for o in policy.batch(images, instructions)]
+  for a, b in zip(got, want, strict=True):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
