@@ -48,7 +48,7 @@ def write_random_checkpoint(workdir: str, config_spec: str, overrides: list[str]
   import jax.numpy as jnp
 
   from rt2_jax import actions as actions_lib
-  from rt2_jax import checkpoints, config_flags
+  from rt2_jax import checkpoint_assets, checkpoints, config_flags
   from rt2_jax import vocab as vocab_lib
   from rt2_jax.data.spec import load_spec
   from rt2_jax.models.vla import VLA
@@ -70,7 +70,8 @@ def write_random_checkpoint(workdir: str, config_spec: str, overrides: list[str]
     0,
     {'params': nn.unbox(variables['params']), 'step': np.int32(0)},
     None,
-    checkpoints.make_meta(config, stats, action_space, vocab),
+    checkpoints.make_meta(config, vocab),
+    checkpoint_assets.make(config, stats, action_space, vocab),
   )
   ckpt.close()
 

@@ -158,6 +158,20 @@ def read(step_dir: str | os.PathLike) -> Assets | None:
   )
 
 
+def copy(step_dir: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+  """Copies a checkpoint's assets into `dest` (an export keeps them next to its model): the
+  names copied, [] for a checkpoint older than assets."""
+  folder = epath.Path(step_dir) / DIRNAME
+  if not folder.exists():
+    return []
+  dest = epath.Path(dest)
+  dest.mkdir(parents=True, exist_ok=True)
+  names = sorted(p.name for p in folder.iterdir() if p.name in FILES)
+  for name in names:
+    (dest / name).write_bytes((folder / name).read_bytes())
+  return names
+
+
 # The orbax item: written with the other items, so it is part of the atomic, checksummed save.
 
 

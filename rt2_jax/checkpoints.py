@@ -4,9 +4,12 @@ Layout: `WORKDIR/checkpoints/<step>/` written by an orbax `CheckpointManager`, f
 
   state   params, opt_state, step, rng (sharded arrays; each host writes its own shards)
   data    the data iterators' states, one per process: {'process_count': N, 'states': [...]}
-  meta    JSON: config, normalization stats, action space, vocab path + checksum, step
+  meta    JSON object: {format: 2, config: {...}, vocab_path, vocab_checksum, vocab_size, step}
   assets  plain files serving reads (vocabulary, stats, action space, prompt, image size and
-          resize policy): see rt2_jax.checkpoint_assets. Older checkpoints have none.
+          resize policy): see rt2_jax.checkpoint_assets. The stats and action space live here only
+
+Older checkpoints (meta without 'format') have no assets and keep config, stats and action space
+as JSON strings inside meta; `read_meta` reads both layouts.
 
 Saves are asynchronous (the train loop goes on while the arrays are written) and atomic: orbax
 writes into a temporary directory and renames it when complete. Just before the rename, the SHA-256
@@ -249,26 +252,54 @@ class InferenceBundle:
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-  """A training checkpoint read back: state tree, this process's data state, meta, step."""
+  """A training checkpoint read back: state tree, this process's data state, meta, step, and
+  the normalization stats it was trained with (from its assets, or an older meta)."""
 
   state: Any
   data_state: Any
   meta: dict
   step: int
+  stats: actions_lib.NormStats | None = None
 
 
-def make_meta(
-  config, stats: actions_lib.NormStats | None, action_space: actions_lib.ActionSpace, vocab
-) -> dict:
-  """The JSON item stored with every checkpoint."""
+META_FORMAT = 2  # 1 (no 'format' key): config, stats and action space as JSON strings in meta
+
+
+def make_meta(config, vocab) -> dict:
+  """The JSON item stored with every checkpoint. Stats and action space are not in it: they are
+  assets (`checkpoint_assets.make`), stored once."""
   return {
-    'config': config_flags.to_json(config),
-    'norm_stats': stats.to_json() if stats is not None else None,
-    'action_space': action_space.to_json(),
+    'format': META_FORMAT,
+    'config': json.loads(config_flags.to_json(config)),
     'vocab_path': getattr(vocab, 'path', ''),
     'vocab_checksum': getattr(vocab, 'checksum', ''),
     'vocab_size': int(getattr(vocab, 'vocab_size', 0)),
   }
+
+
+@dataclasses.dataclass(frozen=True)
+class Meta:
+  """A meta item read back, either layout: stats and action space are None where it has none
+  (the current layout keeps them in the assets)."""
+
+  config: Any  # ml_collections.ConfigDict (locked)
+  stats: actions_lib.NormStats | None
+  action_space: actions_lib.ActionSpace | None
+
+
+def read_meta(meta: dict) -> Meta:
+  """Parses a meta item of the current layout or of the older one (JSON strings inside JSON)."""
+  fmt = meta.get('format', 1)
+  if fmt == META_FORMAT:
+    return Meta(config_flags.from_json(json.dumps(meta['config'])), None, None)
+  if fmt != 1:
+    raise ValueError(f'checkpoint meta format {fmt!r}: this version reads 1 and {META_FORMAT}')
+  stats, space = meta.get('norm_stats'), meta.get('action_space')
+  return Meta(
+    config_flags.from_json(meta['config']),
+    actions_lib.NormStats.from_json(stats) if stats else None,
+    actions_lib.ActionSpace.from_json(space) if space else None,
+  )
 
 
 def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
@@ -287,6 +318,11 @@ def _split_step_dir(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
   ):
     return path.parent, int(path.name)
   return checkpoint_dir(path), None
+
+
+def step_dir(path: str | os.PathLike, step: int) -> epath.Path:
+  """The folder of checkpoint `step` of a workdir, its checkpoints/ dir or one step dir."""
+  return _split_step_dir(path)[0] / str(int(step))
 
 
 def _encode_data_state(state) -> str:
@@ -497,7 +533,9 @@ class Checkpointer:
       data_state = None
     else:
       data_state = _decode_data_state(data['states'][jax.process_index()])
-    return Restored(restored['state'], data_state, restored['meta'], int(step))
+    assets = checkpoint_assets.read(self.directory / str(step))
+    stats = assets.stats if assets else read_meta(restored['meta']).stats
+    return Restored(restored['state'], data_state, restored['meta'], int(step), stats)
 
   def restore_latest(self, abstract_state) -> Restored | None:
     """The newest checkpoint whose files verify, or None.
@@ -725,22 +763,26 @@ def restore_for_inference(
   """Config, params, normalization stats, action space and assets of a training checkpoint.
 
   `path`: a workdir, its checkpoints/ dir, or one step dir (`.../checkpoints/1200`). Stats and
-  action space come from the assets when the checkpoint has them (MissingAssetError names a
-  missing file), else from meta.
+  action space come from the assets (MissingAssetError names a missing file), or from the meta
+  of a checkpoint older than assets.
   """
   params, meta, step = load_params(path, step, sharding=sharding)
-  assets = checkpoint_assets.read(_split_step_dir(path)[0] / str(step))
-  stats = meta.get('norm_stats')
-  config = config_flags.from_json(meta['config'])
+  where = step_dir(path, step)
+  assets = checkpoint_assets.read(where)
+  parsed = read_meta(meta)
+  if assets is None and parsed.action_space is None:
+    raise checkpoint_assets.MissingAssetError(
+      f'checkpoint {where} has neither {checkpoint_assets.DIRNAME}/ nor an action space in its '
+      'meta (saved without assets): it cannot be served'
+    )
+  config = parsed.config
   if meta.get(lora.META_KEY):  # LoRA adapters: merged into their base once, here
     params = lora.merged_params(config, params, meta[lora.META_KEY], sharding)
   return InferenceBundle(
     config=config,
     params=params,
-    stats=(assets.stats if assets else actions_lib.NormStats.from_json(stats) if stats else None),
-    action_space=(
-      assets.action_space if assets else actions_lib.ActionSpace.from_json(meta['action_space'])
-    ),
+    stats=assets.stats if assets else parsed.stats,
+    action_space=assets.action_space if assets else parsed.action_space,
     step=step,
     vocab_checksum=meta.get('vocab_checksum', ''),
     assets=assets,

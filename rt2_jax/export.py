@@ -41,6 +41,8 @@ from rt2_jax import actions as actions_lib
 from rt2_jax import transforms
 
 METADATA_FILE = os.path.join('assets.extra', 'rt2_jax_metadata.json')
+# An export of a checkpoint keeps the checkpoint's assets (rt2_jax.checkpoint_assets) here.
+CHECKPOINT_ASSETS_DIR = os.path.join('assets.extra', 'checkpoint_assets')
 OUTPUT_NAMES = ('action', 'action_tokens', 'output_tokens', 'text', 'plan')
 
 
@@ -332,8 +334,10 @@ class SavedModelPolicy:
 def export_checkpoint(
   workdir: str, step: int | None, out_dir: str, verify: bool = True, param_dtype: str | None = None
 ) -> dict:
-  """The CLI: checkpoint -> Policy -> SavedModel (optionally verified on three inputs). The
-  SavedModel's variables are the Policy's params: in the compute dtype unless `param_dtype`."""
+  """The CLI: checkpoint -> Policy -> SavedModel (optionally verified on three inputs), with the
+  checkpoint's assets copied to CHECKPOINT_ASSETS_DIR. The SavedModel's variables are the
+  Policy's params: in the compute dtype unless `param_dtype`."""
+  from rt2_jax import checkpoint_assets, checkpoints
   from rt2_jax.policy import Policy
 
   t0 = time.perf_counter()
@@ -348,6 +352,10 @@ def export_checkpoint(
       ['pick up the cup', 'put carrot on plate', 'open the drawer'],
     )
   meta = export_policy(policy, out_dir, verify_inputs)
+  dest = os.path.join(checkpoints.resolve_path(out_dir), CHECKPOINT_ASSETS_DIR)
+  copied = checkpoint_assets.copy(checkpoints.step_dir(workdir, policy.step), dest)
+  if copied:
+    _log(f"copied the checkpoint's assets ({', '.join(copied)}) to {dest}")
   _log(
     f'exported {meta["model_id"]} ({meta["decode_mode"]} mode) to {out_dir} in '
     f'{time.perf_counter() - t0:.1f} s'

@@ -42,7 +42,6 @@ from jax.sharding import PartitionSpec as P
 from rt2_jax import checkpoint_assets, checkpoints, config_flags, metrics, optim, partitioning
 from rt2_jax import lora as lora_lib
 from rt2_jax import vocab as vocab_lib
-from rt2_jax.actions import NormStats
 
 log = logging.getLogger(__name__)
 BATCH_AXES = ('data', 'fsdp')
@@ -544,10 +543,8 @@ def train(config, workdir: str) -> dict:
       state = state.replace(frozen=load_lora_base(setup, lora_base))
     if config.init_from and is_main:
       print(f'init_from={config.init_from} is not used: resuming this run', flush=True)
-    stats_json = restored.meta.get('norm_stats')  # keep the run's statistics when resuming
-    action_space, stats, vocab, action_vocab = build_data(
-      config, NormStats.from_json(stats_json) if stats_json else None
-    )
+    # keep the run's statistics when resuming
+    action_space, stats, vocab, action_vocab = build_data(config, restored.stats)
   else:
     action_space, stats, vocab, action_vocab = build_data(config)
     state, start = setup.init_state(jax.random.PRNGKey(config.seed)), 0
@@ -564,7 +561,7 @@ def train(config, workdir: str) -> dict:
         params=checkpoints.load_init_params(config.init_from, setup.abstract_state.params)
       )
   tokenizer = action_space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
-  meta = checkpoints.make_meta(config, stats, action_space, vocab)
+  meta = checkpoints.make_meta(config, vocab)
   if lora.enabled:
     meta[lora_lib.META_KEY] = lora_base
   assets = checkpoint_assets.make(config, stats, action_space, vocab)  # resize: the spec's, now

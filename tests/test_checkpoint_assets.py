@@ -9,6 +9,7 @@ import types
 
 import jax
 import numpy as np
+import old_layout  # tests/old_layout.py
 import pytest
 import train_testlib as lib  # tests/train_testlib.py
 
@@ -73,10 +74,9 @@ def run(tmp_path_factory):
   assert reference.resize == 'center_crop'
   expected = reference.batch(_images(), INSTRUCTIONS)
 
-  old = tmp / 'old_layout'  # today's layout: no assets/, checksums of the rest
+  old = tmp / 'old_layout'  # the layout before assets: strings in meta, no assets/
   shutil.copytree(original, old)
-  shutil.rmtree(_step_dir(old) / 'assets')
-  checkpoints.write_checksums(_step_dir(old))
+  old_layout.convert(_step_dir(old))
   old_policy = Policy.from_checkpoint(old, batch_buckets=BUCKETS)
   old_outputs = old_policy.batch(_images(), INSTRUCTIONS)
 
@@ -201,3 +201,8 @@ def test_export_of_the_copy_gives_the_same_actions(run, tmp_path):
   assert meta['resize'] == 'center_crop'
   exported = export.SavedModelPolicy.load(out).batch(_images(), INSTRUCTIONS)
   _assert_same(exported, run.expected, rtol=1e-5)  # float32 in TF: as tests/test_export.py
+  copied = os.path.join(out, export.CHECKPOINT_ASSETS_DIR)  # the checkpoint's assets, as they are
+  assert sorted(os.listdir(copied)) == sorted(checkpoint_assets.FILES)
+  for name in checkpoint_assets.FILES:
+    with open(os.path.join(copied, name), 'rb') as f:
+      assert f.read() == (_step_dir(run.copy) / 'assets' / name).read_bytes(), name

@@ -1,6 +1,7 @@
 """Checkpoints: round trip, keep-K, damaged latest skipped (checksums), config mismatch, inference
 bundle, relative / ~ / gs:// paths, unwritable workdir and full disk."""
 
+import json
 import logging
 import os
 import re
@@ -8,10 +9,11 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import old_layout  # tests/old_layout.py
 import pytest
 
 from rt2_jax import actions as actions_lib
-from rt2_jax import checkpoints, config_flags, optim
+from rt2_jax import checkpoint_assets, checkpoints, config_flags, optim
 
 SPACE = actions_lib.ActionSpace(
   [
@@ -26,6 +28,15 @@ class FakeVocab:
   path = '/somewhere/spm.model'
   checksum = 'abc123'
   vocab_size = 1000
+  model_bytes = b'not a SentencePiece model: nothing here parses it'
+
+
+def _items(config, stats=STATS):
+  """(meta, assets) of a checkpoint, as train.py makes them."""
+  vocab = FakeVocab()
+  return checkpoints.make_meta(config, vocab), checkpoint_assets.make(
+    config, stats, SPACE, vocab, resize='stretch'
+  )
 
 
 def _config(**overrides):
@@ -67,10 +78,10 @@ def _assert_trees_equal(a, b):
 @pytest.mark.parametrize('freeze', ['', '^vit/'])
 def test_round_trip_and_inference_bundle(tmp_path, freeze):
   config = _config(freeze=freeze)
-  meta = checkpoints.make_meta(config, STATS, SPACE, FakeVocab())
+  meta, assets = _items(config)
   ckpt = checkpoints.Checkpointer(str(tmp_path), keep=2, async_save=True)
   for step in (1, 2, 3):
-    ckpt.save(step, _state(config, seed=step), {'epoch': step, 'offset': [1, 2]}, meta)
+    ckpt.save(step, _state(config, seed=step), {'epoch': step, 'offset': [1, 2]}, meta, assets)
   ckpt.wait()
   assert ckpt.all_steps() == [2, 3]  # keep=2
 
@@ -95,12 +106,54 @@ def test_round_trip_and_inference_bundle(tmp_path, freeze):
     checkpoints.restore_for_inference(tmp_path, step=7)
 
 
+def test_meta_is_plain_json_and_stores_stats_and_space_once(tmp_path):
+  """Config is a JSON object in meta; stats and action space are only in the assets."""
+  config = _config()
+  ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, _state(config), None, *_items(config))
+  restored = ckpt.restore_latest(_abstract(_state(config)))
+  ckpt.close()
+  assert restored.stats == STATS
+  step_dir = tmp_path / 'checkpoints' / '1'
+  on_disk = json.loads((step_dir / 'meta' / 'metadata').read_text())
+  assert on_disk['format'] == checkpoints.META_FORMAT and isinstance(on_disk['config'], dict)
+  assert on_disk['config']['model']['t5']['emb_dim'] == 128
+  assert not {'norm_stats', 'action_space'} & set(on_disk)
+  assets = json.loads((step_dir / 'assets' / checkpoint_assets.STATS).read_text())
+  assert assets['q99'] == json.loads(STATS.to_json())['q99']
+
+
+def test_older_meta_layout_still_loads(tmp_path):
+  """Checkpoints written before issue 17 (JSON strings inside meta, no assets/) still load, for
+  inference and for resuming."""
+  config = _config()
+  ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, _state(config), None, old_layout.meta(config, STATS, SPACE, FakeVocab()))
+  restored = ckpt.restore_latest(_abstract(_state(config)))
+  ckpt.close()
+  assert restored.stats == STATS
+  bundle = checkpoints.restore_for_inference(tmp_path)
+  assert bundle.assets is None and bundle.stats == STATS and bundle.action_space == SPACE
+  assert bundle.config.model.t5.emb_dim == 128 and bundle.vocab_checksum == 'abc123'
+
+
+def test_a_checkpoint_saved_without_assets_is_refused_for_inference(tmp_path):
+  config = _config()
+  ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, _state(config), None, checkpoints.make_meta(config, FakeVocab()))
+  ckpt.close()
+  with pytest.raises(checkpoint_assets.MissingAssetError, match='saved without assets'):
+    checkpoints.restore_for_inference(tmp_path)
+  with pytest.raises(ValueError, match='meta format 3'):
+    checkpoints.read_meta({'format': 3, 'config': {}})
+
+
 def test_unreadable_latest_is_skipped_with_warning(tmp_path, caplog):
   config = _config()
-  meta = checkpoints.make_meta(config, STATS, SPACE, FakeVocab())
+  meta, assets = _items(config)
   ckpt = checkpoints.Checkpointer(str(tmp_path), keep=3, async_save=False)
-  ckpt.save(1, _state(config, seed=1), {'n': 1}, meta)
-  ckpt.save(2, _state(config, seed=2), {'n': 2}, meta)
+  ckpt.save(1, _state(config, seed=1), {'n': 1}, meta, assets)
+  ckpt.save(2, _state(config, seed=2), {'n': 2}, meta, assets)
   ckpt.close()
   # Damage the newest checkpoint's array data, as a crash in the middle of writing would.
   for f in (tmp_path / 'checkpoints' / '2' / 'state').rglob('*'):
@@ -121,16 +174,16 @@ def test_unreadable_latest_is_skipped_with_warning(tmp_path, caplog):
   assert 'falling back to checkpoint 1' in text
   assert (tmp_path / 'checkpoints_unreadable' / '2').exists()
   # Training goes on and can write step 2 again.
-  ckpt.save(2, _state(config, seed=5), {'n': 5}, meta)
+  ckpt.save(2, _state(config, seed=5), {'n': 5}, meta, assets)
   ckpt.close()
   assert checkpoints.Checkpointer(str(tmp_path)).all_steps() == [1, 2]
 
 
 def test_mismatched_config_raises_instead_of_skipping(tmp_path):
   config = _config()
-  meta = checkpoints.make_meta(config, None, SPACE, FakeVocab())
+  meta, assets = _items(config, None)
   ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
-  ckpt.save(4, _state(config, width=8), None, meta)
+  ckpt.save(4, _state(config, width=8), None, meta, assets)
   with pytest.raises(ValueError, match=r'does not match.*decoder\.kernel.*\(8, 256\)'):
     ckpt.restore_latest(_abstract(_state(config, width=16)))
   assert ckpt.all_steps() == [4]  # nothing moved aside
@@ -149,10 +202,10 @@ def test_no_checkpoint_errors_clearly(tmp_path):
 
 def _three_checkpoints(tmp_path, config=None):
   config = config or _config()
-  meta = checkpoints.make_meta(config, STATS, SPACE, FakeVocab())
+  meta, assets = _items(config)
   ckpt = checkpoints.Checkpointer(str(tmp_path), keep=3, async_save=True)
   for step in (1, 2, 3):
-    ckpt.save(step, _state(config, seed=step), {'n': step}, meta)
+    ckpt.save(step, _state(config, seed=step), {'n': step}, meta, assets)
   ckpt.close()
   return config
 
@@ -274,7 +327,7 @@ def test_errors_that_are_not_damage_move_nothing(tmp_path, monkeypatch, caplog):
 
 def test_relative_and_home_paths_save_and_load(tmp_path, monkeypatch):
   config = _config()
-  meta = checkpoints.make_meta(config, STATS, SPACE, FakeVocab())
+  meta, assets = _items(config)
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv('HOME', str(tmp_path / 'home'))
   for workdir, where in (
@@ -283,7 +336,7 @@ def test_relative_and_home_paths_save_and_load(tmp_path, monkeypatch):
   ):
     ckpt = checkpoints.Checkpointer(workdir, async_save=True)
     assert str(ckpt.directory) == f'{where}/checkpoints'
-    ckpt.save(5, _state(config, seed=5), {'n': 5}, meta)
+    ckpt.save(5, _state(config, seed=5), {'n': 5}, meta, assets)
     ckpt.close()
     ckpt = checkpoints.Checkpointer(workdir)  # resumes: the checkpoint is read, not moved
     assert ckpt.restore_latest(_abstract(_state(config))).step == 5

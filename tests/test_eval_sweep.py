@@ -128,7 +128,7 @@ def _write_metaworld_run(workdir, demos_dir):
   import jax
   import jax.numpy as jnp
 
-  from rt2_jax import checkpoints, config_flags
+  from rt2_jax import checkpoint_assets, checkpoints, config_flags
   from rt2_jax import vocab as vocab_lib
   from rt2_jax.actions import NormStats
   from rt2_jax.envs import metaworld as mw
@@ -175,7 +175,8 @@ def _write_metaworld_run(workdir, demos_dir):
       step,
       {'params': params, 'step': np.int32(step)},
       None,
-      checkpoints.make_meta(config, stats, mw.ACTION_SPACE, vocab),
+      checkpoints.make_meta(config, vocab),
+      checkpoint_assets.make(config, stats, mw.ACTION_SPACE, vocab),
     )
   ckpt.close()
 

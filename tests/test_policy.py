@@ -6,10 +6,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import old_layout  # tests/old_layout.py
 import pytest
 
 from rt2_jax import actions as actions_lib
-from rt2_jax import checkpoints, config_flags
+from rt2_jax import checkpoint_assets, checkpoints, config_flags
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.data.spec import load_spec
 from rt2_jax.models.vla import VLA
@@ -204,11 +205,16 @@ def test_text_mode(parts):
   assert out.text == policy.vocab.decode(out.tokens)
 
 
+def _items(cfg, stats, vocab):
+  """(meta, assets) of a checkpoint, as train.py makes them."""
+  return checkpoints.make_meta(cfg, vocab), checkpoint_assets.make(cfg, stats, SPACE, vocab)
+
+
 def test_from_checkpoint_equals_in_memory(tmp_path, policy, parts):
   cfg, params, stats = parts
   vocab = vocab_lib.Vocab.load(cfg.vocab.path)
   ckpt = checkpoints.Checkpointer(str(tmp_path / 'run'), async_save=False)
-  ckpt.save(7, {'params': params, 'step': 7}, None, checkpoints.make_meta(cfg, stats, SPACE, vocab))
+  ckpt.save(7, {'params': params, 'step': 7}, None, *_items(cfg, stats, vocab))
   ckpt.close()
   loaded = Policy.from_checkpoint(tmp_path / 'run', batch_buckets=(1, 4))
   assert loaded.step == 7 and loaded.metadata.model_id == 'run@7'
@@ -222,11 +228,12 @@ def test_from_checkpoint_equals_in_memory(tmp_path, policy, parts):
   assert meta.image_size == 32 and meta.action_dim == 7 and meta.num_action_tokens == 7
   assert meta.action_names[:3] == ['xyz_delta[0]', 'xyz_delta[1]', 'xyz_delta[2]']
 
+  # A checkpoint older than assets reads config.vocab.path, checked against its checksum.
   other = types.SimpleNamespace(
     path='elsewhere.model', checksum='0123456789abcdef', vocab_size=vocab.vocab_size
   )
   ckpt = checkpoints.Checkpointer(str(tmp_path / 'other'), async_save=False)
-  ckpt.save(1, {'params': params, 'step': 1}, None, checkpoints.make_meta(cfg, stats, SPACE, other))
+  ckpt.save(1, {'params': params, 'step': 1}, None, old_layout.meta(cfg, stats, SPACE, other))
   ckpt.close()
   with pytest.raises(ValueError, match='not the one checkpoint'):
     Policy.from_checkpoint(tmp_path / 'other')
@@ -238,7 +245,7 @@ def test_from_checkpoint_takes_relative_and_home_paths_and_step_strings(
   cfg, params, stats = parts
   vocab = vocab_lib.Vocab.load(cfg.vocab.path)
   ckpt = checkpoints.Checkpointer(str(tmp_path / 'run'), async_save=False)
-  ckpt.save(5, {'params': params, 'step': 5}, None, checkpoints.make_meta(cfg, stats, SPACE, vocab))
+  ckpt.save(5, {'params': params, 'step': 5}, None, *_items(cfg, stats, vocab))
   ckpt.close()
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv('HOME', str(tmp_path))

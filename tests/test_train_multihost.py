@@ -1,8 +1,9 @@
 """Multi-process training for real: launch/local_multihost.sh runs 2 processes x 4 CPU devices
 (jax.distributed, gloo collectives, one data shard per process). Its losses equal those of 1
 process x 8 devices reading the same global batches, and SIGTERM to the launcher makes both
-processes agree on a step, save it and exit 0."""
+processes agree on a step, save it (process 0 writing the assets) and exit 0."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import time
 import numpy as np
 import train_testlib as lib
 
-from rt2_jax import metrics
+from rt2_jax import checkpoint_assets, checkpoints, metrics
 
 STEPS = {'batch_size': 8, 'ckpt.every': 1000}
 COMPARED = 3  # steps whose metrics are compared
@@ -49,6 +50,13 @@ def test_two_processes_match_one_process_and_stop_together_on_sigterm(tmp_path):
   (saved,) = os.listdir(multi / 'checkpoints')  # one checkpoint: the agreed preemption step
   assert COMPARED < int(saved) < 100000
   assert f'saving checkpoint {saved} (preempted)' in out and f'done: step {saved}' in out
+  # Process 0 wrote the assets, once, and they are part of the verified checkpoint.
+  step_dir = multi / 'checkpoints' / saved
+  assert checkpoints.verify_checksums(step_dir)
+  assets = checkpoint_assets.read(step_dir)
+  assert assets.action_space.dim == 7 and assets.image == {'size': 32, 'resize': 'stretch'}
+  manifest = json.loads((step_dir / checkpoints.CHECKSUM_FILE).read_text())
+  assert {f'assets/{name}' for name in checkpoint_assets.FILES} <= set(manifest['files'])
 
   # The same global batches in one process over 8 devices, stopped the same way.
   lib.run_train(

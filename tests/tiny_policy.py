@@ -100,7 +100,7 @@ def write_checkpoint(workdir) -> str:
     1,
     {'params': params, 'step': np.int32(1)},
     None,
-    checkpoints.make_meta(config, stats, action_space, vocab),
+    checkpoints.make_meta(config, vocab),
     checkpoint_assets.make(config, stats, action_space, vocab),
   )
   ckpt.close()
