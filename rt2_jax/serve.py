@@ -29,6 +29,9 @@ The server binds 127.0.0.1 unless `--host` says otherwise; `--token` (or $RT2_SE
 `--token_file`) requires `Authorization: Bearer <token>` on every route but /health. A token file
 that is empty or only whitespace is refused at start (it would otherwise mean "no token"), and
 the start-up line says whether a token is required.
+
+Request parsing lives in `rt2_jax.serve_requests`, the token / body-limit middleware in
+`rt2_jax.serve_guard`; this module is the app, its routes and the CLI.
 """
 
 from __future__ import annotations
@@ -37,11 +40,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import hmac
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -53,8 +54,15 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from rt2_jax import wire
+from rt2_jax import serve_requests, wire
 from rt2_jax.batcher import Batcher, ModelError, RequestError
+from rt2_jax.serve_guard import Guard
+from rt2_jax.serve_requests import (
+  clean_message,
+  parse_predict,
+  parse_request,
+  parse_tf_serving,
+)
 
 log = logging.getLogger('rt2_jax.serve')
 
@@ -73,9 +81,7 @@ class ServeConfig:
   max_body_bytes: int = 32 << 20
   body_timeout_s: float = 5.0  # the whole body must arrive within this after the headers: 408
   max_instruction_chars: int = 4096  # longer instructions are refused (prompts are cut anyway)
-  # Most values in a body's lists (nested-list images): parsing millions holds the GIL for
-  # seconds, so more are refused (413) before parsing; images travel best as bytes anyway.
-  max_list_values: int = 1_000_000
+  max_list_values: int = serve_requests.MAX_LIST_VALUES  # more are refused before parsing: 413
   parse_threads: int = 2  # threads decoding request bodies and images, off the event loop
   request_timeout_s: float = 60.0  # a request waiting longer than this gets 504
   token: str = ''  # bearer token; '' = no authentication
@@ -156,274 +162,6 @@ def tf_output_row(out) -> dict:
   }
 
 
-# ----------------------------------------------------------------------------------------------
-# Request parsing.
-
-
-def _instruction(value, where: str) -> str:
-  if not isinstance(value, str):
-    raise RequestError(f'{where}: instruction must be a string, got {type(value).__name__}')
-  if not value.strip():
-    raise RequestError(f'{where}: instruction is empty')
-  try:
-    value.encode('utf-8')
-  except UnicodeEncodeError as e:
-    raise RequestError(
-      f'{where}: instruction is not valid Unicode text: {e.reason} '
-      f'{value[e.start]!r} at position {e.start}'
-    ) from None
-  return value
-
-
-def _image(value, shape, where: str) -> np.ndarray:
-  try:
-    return wire.image_from_message(value, shape)
-  except wire.WireError as e:
-    raise RequestError(f'{where}: {e}') from None
-
-
-def _field(obj: dict, key: str, where: str):
-  if key not in obj:
-    raise RequestError(f'{where}: missing field {key!r} (have {sorted(obj)})')
-  return obj[key]
-
-
-def _check_count(n: int, limit: int) -> None:
-  if n == 0:
-    raise RequestError('request holds no examples')
-  if n > limit:
-    raise RequestError(f'request holds {n} examples; at most {limit} are accepted', 413)
-
-
-def parse_predict(body, shape, max_instances: int) -> tuple[list, list, bool]:
-  """/predict body -> (images, instructions, is_batch)."""
-  if not isinstance(body, dict):
-    raise RequestError(f'body must be an object, got {type(body).__name__}')
-  if 'images' in body or 'instructions' in body:
-    images, instructions = _field(body, 'images', 'body'), _field(body, 'instructions', 'body')
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-      images = list(images)
-    if not isinstance(images, list) or not isinstance(instructions, list):
-      raise RequestError('"images" and "instructions" must be lists')
-    if len(images) != len(instructions):
-      raise RequestError(f'{len(images)} images but {len(instructions)} instructions')
-    _check_count(len(images), max_instances)
-    return (
-      [_image(v, shape, f'images[{i}]') for i, v in enumerate(images)],
-      [_instruction(v, f'instructions[{i}]') for i, v in enumerate(instructions)],
-      True,
-    )
-  image = _image(_field(body, 'image', 'body'), shape, 'image')
-  return [image], [_instruction(_field(body, 'instruction', 'body'), 'body')], False
-
-
-def parse_tf_serving(body, shape, max_instances: int) -> tuple[list, list, str]:
-  """TF-Serving REST body -> (images, instructions, 'row'|'columnar')."""
-  if not isinstance(body, dict):
-    raise RequestError(f'body must be an object, got {type(body).__name__}')
-  signature = body.get('signature_name', 'serving_default')
-  if signature != 'serving_default':
-    raise RequestError(f'unknown signature_name {signature!r}; this model has serving_default')
-  if ('instances' in body) == ('inputs' in body):
-    raise RequestError('body must hold exactly one of "instances" (row) or "inputs" (columnar)')
-  if 'instances' in body:
-    instances = body['instances']
-    if not isinstance(instances, list):
-      raise RequestError('"instances" must be a list')
-    _check_count(len(instances), max_instances)
-    images, instructions = [], []
-    for i, inst in enumerate(instances):
-      where = f'instances[{i}]'
-      if not isinstance(inst, dict):
-        raise RequestError(f'{where} must be an object with "image" and "instruction"')
-      images.append(_image(_field(inst, 'image', where), shape, f'{where}.image'))
-      instructions.append(_instruction(_field(inst, 'instruction', where), where))
-    return images, instructions, 'row'
-  inputs = body['inputs']
-  if not isinstance(inputs, dict):
-    raise RequestError('"inputs" must be an object with "image" and "instruction" lists')
-  images, instructions = _field(inputs, 'image', 'inputs'), _field(inputs, 'instruction', 'inputs')
-  if not isinstance(images, list) or not isinstance(instructions, list):
-    raise RequestError('inputs "image" and "instruction" must be lists (batch first)')
-  if len(images) != len(instructions):
-    raise RequestError(f'{len(images)} images but {len(instructions)} instructions')
-  _check_count(len(images), max_instances)
-  return (
-    [_image(v, shape, f'inputs.image[{i}]') for i, v in enumerate(images)],
-    [_instruction(v, f'inputs.instruction[{i}]') for i, v in enumerate(instructions)],
-    'columnar',
-  )
-
-
-def _media_type(headers, name: str) -> str:
-  return headers.get(name, '').split(';')[0].strip().lower()
-
-
-def _too_many_values(limit: int) -> RequestError:
-  return RequestError(
-    f'body holds more than {limit} list values; send images as base64 PNG/JPEG '
-    'or raw bytes, or as msgpack uint8 arrays, rather than as nested lists',
-    413,
-  )
-
-
-def decode_body(body: bytes, content_type: str, max_list_values: int = ServeConfig.max_list_values):
-  if content_type in wire.MSGPACK_TYPES:
-    try:
-      return wire.unpackb(body, max_list_values=max_list_values)
-    except wire.TooManyValues:
-      raise _too_many_values(max_list_values) from None
-    except wire.WireError as e:
-      raise RequestError(str(e)) from None
-  if content_type not in ('', 'application/json', 'text/json'):
-    raise RequestError(
-      f'unsupported content type {content_type[:100]!r}; send application/json '
-      f'or {wire.MSGPACK_TYPE}',
-      415,
-    )
-  if body.count(b',') >= max_list_values:  # a cheap bound on the values, before parsing
-    raise _too_many_values(max_list_values)
-  try:
-    return json.loads(body)
-  except RecursionError:
-    raise RequestError('body is not valid JSON here: nested too deeply') from None
-  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers of > 4300 digits
-    raise RequestError(f'body is not valid JSON: {str(e)[:300]}') from None
-
-
-def parse_request(body: bytes, content_type: str, parse, shape, config: ServeConfig):
-  """Body bytes -> (images, instructions, kind): JSON/msgpack decoding, base64, image decoding
-  and every check. Runs in a worker thread, never on the event loop."""
-  message = decode_body(body, content_type, config.max_list_values)
-  images, instructions, kind = parse(message, shape, config.max_instances)
-  for i, text in enumerate(instructions):
-    if len(text) > config.max_instruction_chars:
-      raise RequestError(
-        f'instruction {i} has {len(text)} characters; at most '
-        f'{config.max_instruction_chars} are accepted',
-        413,
-      )
-  return images, instructions, kind
-
-
-_ADDRESS = re.compile(r'<([\w.]+) object at 0x[0-9a-fA-F]+>|\bat 0x[0-9a-fA-F]{6,}\b')
-
-
-def clean_message(text: str, limit: int = 1000) -> str:
-  """An error text fit for a client: no object reprs with heap addresses, bounded length."""
-  text = _ADDRESS.sub(lambda m: f'<{m.group(1)}>' if m.group(1) else '', str(text))
-  return text if len(text) <= limit else text[:limit] + '...'
-
-
-# ----------------------------------------------------------------------------------------------
-# The ASGI app.
-
-
-async def _send_json(send, status: int, payload: dict, headers=()) -> None:
-  body = json.dumps(payload).encode()
-  await send(
-    {
-      'type': 'http.response.start',
-      'status': status,
-      'headers': [
-        (b'content-type', b'application/json'),
-        (b'content-length', str(len(body)).encode()),
-        *headers,
-      ],
-    }
-  )
-  await send({'type': 'http.response.body', 'body': body})
-
-
-class Guard:
-  """ASGI middleware: bearer-token check, then a body size limit on the declared and the
-  streamed length and a deadline for the whole body (the body is buffered here, so handlers
-  never see an oversize or unfinished body). Anything the app raises becomes a JSON 500 here, so
-  the connection is answered, not reset."""
-
-  def __init__(
-    self,
-    app,
-    max_body_bytes: int,
-    token: str = '',
-    open_paths=('/health',),
-    body_timeout_s: float = ServeConfig.body_timeout_s,
-  ):
-    self.app, self.max_body_bytes, self.open_paths = app, max_body_bytes, open_paths
-    self.body_timeout_s = body_timeout_s
-    self.token = token.encode()
-
-  async def __call__(self, scope, receive, send):
-    if scope['type'] != 'http':
-      return await self.app(scope, receive, send)
-    started = False
-
-    async def tracking_send(message):
-      nonlocal started
-      started = started or message['type'] == 'http.response.start'
-      await send(message)
-
-    try:
-      return await self._guarded(scope, receive, tracking_send)
-    except Exception as e:  # noqa: BLE001  (a bug must cost one 500, not the connection)
-      log.exception('unhandled error on %s %s', scope.get('method'), scope.get('path'))
-      if not started:
-        await _send_json(send, 500, {'error': f'internal server error ({type(e).__name__})'})
-
-  async def _guarded(self, scope, receive, send):
-    headers = dict(scope['headers'])
-    if self.token and scope['path'] not in self.open_paths:
-      scheme, _, credential = headers.get(b'authorization', b'').partition(b' ')
-      if scheme.lower() != b'bearer' or not hmac.compare_digest(credential.strip(), self.token):
-        return await _send_json(
-          send, 401, {'error': 'missing or wrong bearer token'}, [(b'www-authenticate', b'Bearer')]
-        )
-    if scope['method'] in ('GET', 'HEAD', 'OPTIONS'):
-      return await self.app(scope, receive, send)
-    limit = self.max_body_bytes
-    declared = headers.get(b'content-length')
-    if declared is not None:
-      if not declared.isdigit():
-        return await _send_json(send, 400, {'error': 'bad Content-Length header'})
-      if int(declared) > limit:
-        return await _send_json(
-          send, 413, {'error': f'body of {int(declared)} bytes exceeds the limit of {limit}'}
-        )
-    body, more = bytearray(), True
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + self.body_timeout_s
-    while more:
-      try:
-        message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-      except TimeoutError:
-        expected = f' of {int(declared)}' if declared is not None else ''
-        return await _send_json(
-          send,
-          408,
-          {
-            'error': f'request body not received within {self.body_timeout_s:g} s '
-            f'(got {len(body)}{expected} bytes)'
-          },
-          [(b'connection', b'close')],
-        )
-      if message['type'] == 'http.disconnect':
-        return None
-      body += message.get('body', b'')
-      more = message.get('more_body', False)
-      if len(body) > limit:
-        return await _send_json(send, 413, {'error': f'body exceeds the limit of {limit} bytes'})
-    replayed = False
-
-    async def replay():
-      nonlocal replayed
-      if not replayed:
-        replayed = True
-        return {'type': 'http.request', 'body': bytes(body), 'more_body': False}
-      return await receive()
-
-    return await self.app(scope, replay, send)
-
-
 def make_batcher(policy, config: ServeConfig) -> Batcher:
   return Batcher(
     policy,
@@ -475,7 +213,7 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
   async def run(request: Request, parse):
     if state['draining']:
       raise RequestError('server is shutting down', 503)
-    content_type = _media_type(request.headers, 'content-type')
+    content_type = serve_requests.media_type(request.headers, 'content-type')
     body = await request.body()
     images, instructions, kind = await asyncio.get_running_loop().run_in_executor(
       parse_pool, parse_request, body, content_type, parse, shape, config
@@ -486,7 +224,7 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
       raise RequestError(f'model error: {e}', 500) from None
     wants_msgpack = (
       content_type in wire.MSGPACK_TYPES
-      or _media_type(request.headers, 'accept') in wire.MSGPACK_TYPES
+      or serve_requests.media_type(request.headers, 'accept') in wire.MSGPACK_TYPES
     )
     return outputs, kind, wants_msgpack
 

@@ -601,15 +601,15 @@ def test_head_requests_and_a_body_that_never_arrives():
 
 
 def test_request_bodies_are_decoded_off_the_event_loop(monkeypatch):
-  from rt2_jax import serve
+  from rt2_jax import serve_requests
 
-  decode = serve._image
+  decode = serve_requests._image
 
   def slow_image(value, shape, where):
     time.sleep(1.5)  # as a large image decode would take
     return decode(value, shape, where)
 
-  monkeypatch.setattr(serve, '_image', slow_image)
+  monkeypatch.setattr(serve_requests, '_image', slow_image)
   server, url = _start(ScriptedPolicy())
   try:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

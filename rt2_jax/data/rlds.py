@@ -81,15 +81,6 @@ class StepRecords:
     j = int(self.plan_index[i])
     return self.plans[j] if j >= 0 else ''
 
-  def episode_bounds(self) -> list[tuple[int, int]]:
-    """[(start, stop)] of each episode's steps (records are stored episode by episode)."""
-    if not len(self):
-      return []
-    change = np.flatnonzero(np.diff(self.episode_ids)) + 1
-    starts = np.concatenate([[0], change])
-    stops = np.concatenate([change, [len(self)]])
-    return list(zip(starts.tolist(), stops.tolist(), strict=False))
-
   def select(self, index: np.ndarray) -> StepRecords:
     index = np.asarray(index)
     arrays = {
