@@ -29,13 +29,19 @@ import optax
 from rt2_jax.envs import tabletop
 from rt2_jax.envs import tabletop_tasks as tt
 
+NOISE = np.random.default_rng(12345)
 
-def features(episode: tt.Episode, state, kind: str) -> np.ndarray:
+
+def features(episode: tt.Episode, state, kind: str, noise: float = 0.0) -> np.ndarray:
+  """`noise`: std (metres) of Gaussian errors on the three positions, as a perception
+  module would make them (about 0.93 px a cm in the 64 px image)."""
   pusher, block_xy, _ = tt.split_state(state, len(episode.blocks))
   unmet = [g for g in episode.goals if not tt.goal_met(episode, g, block_xy)]
   goal = unmet[0] if unmet else episode.goals[-1]
   block = block_xy[goal.block]
   target = tt._goal_target(episode, goal, block_xy)
+  if noise:
+    pusher, block, target = (x + noise * NOISE.standard_normal(2) for x in (pusher, block, target))
   f = [
     pusher,
     block,
@@ -52,7 +58,7 @@ def features(episode: tt.Episode, state, kind: str) -> np.ndarray:
   return np.concatenate([np.ravel(x) for x in f]).astype(np.float32) * np.float32(5.0)
 
 
-def demos(tasks, episodes, seed0, kind, noise=0.0):
+def demos(tasks, episodes, seed0, kind, noise=0.0, position_noise=0.0):
   rng = np.random.default_rng(seed0)
   xs, ys = [], []
   env = tabletop.TabletopEnv(tasks[0], render=None, max_steps=tabletop.DEFAULT_MAX_STEPS)
@@ -63,7 +69,7 @@ def demos(tasks, episodes, seed0, kind, noise=0.0):
       ex, ey = [], []
       while True:
         action, _ = env.expert_action()
-        ex.append(features(env.episode, step.state, kind))
+        ex.append(features(env.episode, step.state, kind, position_noise))
         ey.append(action)
         # DART: execute a perturbed action, label the expert's (the demos visit off-path states)
         step = env.step(np.clip(action + noise * rng.standard_normal(2), -1, 1))
@@ -104,11 +110,14 @@ def main():
   p.add_argument('--max_steps', type=int, default=160)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--eval_seed0', type=int, default=100_000, help='0: the training seeds')
+  p.add_argument(
+    '--position_noise', type=float, default=0.0, help='std (m) of errors on the positions'
+  )
   p.add_argument('--noise', type=float, default=0.0, help='DART noise on the executed demo actions')
   a = p.parse_args()
   tasks = a.tasks.split(',')
   t0 = time.time()
-  x, y, kept = demos(tasks, a.episodes, 0, a.features, a.noise)
+  x, y, kept = demos(tasks, a.episodes, 0, a.features, a.noise, a.position_noise)
   print(f'{kept} demos, {len(x)} steps in {time.time() - t0:.0f}s', flush=True)
   out = 2 if a.loss == 'mse' else 2 * a.bins
   params = mlp_init(jax.random.PRNGKey(a.seed), [x.shape[1], a.width, a.width, out])
@@ -152,7 +161,8 @@ def main():
     for seed in range(a.eval_seed0, a.eval_seed0 + a.eval_episodes):
       step = env.reset(seed, task)
       while not (step.success or step.truncated):
-        action = np.asarray(act(params, features(env.episode, step.state, a.features)[None]))[0]
+        f = features(env.episode, step.state, a.features, a.position_noise)
+        action = np.asarray(act(params, f[None]))[0]
         step = env.step(action)
       wins += bool(step.success)
       if not step.success:  # how far the goal's block ended from where it should be
