@@ -39,8 +39,14 @@ def run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('contract')
   with open(os.path.join(lib.REPO_ROOT, 'data_specs', 'bridge_dataset.py')) as f:
     spec = f.read()
-  start, end = spec.index('ActionSpace(['), spec.index('    ]),') + len('    ])')
-  spec = (spec[:start] + FIELDS + spec[end:]).replace("resize='stretch'", "resize='pad'")
+  start = spec.index('action_space=ActionSpace(') + len('action_space=')
+  end, depth = start, 0
+  for end in range(start, len(spec)):  # the ActionSpace(...) call's closing parenthesis
+    depth += {'(': 1, ')': -1}.get(spec[end], 0)
+    if depth == 0 and spec[end] == ')':
+      break
+  spec = (spec[:start] + FIELDS + spec[end + 1 :]).replace("resize='stretch'", "resize='pad'")
+  assert 'xyz_delta' not in spec and "resize='pad'" in spec
   (tmp / 'custom_spec.py').write_text(spec)
   workdir = tmp / 'run'
   lib.run_train(
