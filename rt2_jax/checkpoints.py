@@ -534,7 +534,12 @@ class Checkpointer:
     else:
       data_state = _decode_data_state(data['states'][jax.process_index()])
     assets = checkpoint_assets.read(self.directory / str(step))
-    stats = assets.stats if assets else read_meta(restored['meta']).stats
+    if assets:
+      stats = assets.stats
+    elif 'config' in restored['meta']:  # a training run's meta of the older layout
+      stats = read_meta(restored['meta']).stats
+    else:  # a meta of the caller's own (the Checkpointer does not require a training run's)
+      stats = None
     return Restored(restored['state'], data_state, restored['meta'], int(step), stats)
 
   def restore_latest(self, abstract_state) -> Restored | None:
