@@ -1,8 +1,9 @@
-"""Base for the large configs that load public checkpoints (configs/pali_*_public.py).
+"""The one set of config keys, with accelerator-scale defaults and no CPU-only XLA flags.
 
-Imported, not executed from a file: `base_config()` has every key of configs/tiny.py (documented
-there; tests/test_weights_shape_match.py checks the key sets stay equal) with accelerator-scale
-defaults, and no CPU-only XLA flags. A config adds the model shapes and its `weights` block.
+Imported, not executed from a file: every config starts from `base_config()` and overrides
+what it changes (configs/tiny.py: the CPU-sized model and run; configs/pali_*_public.py: the
+public checkpoints' shapes and a `weights` block). Every entry point takes `--config=FILE` plus
+`--config.key=value` overrides.
 """
 
 from __future__ import annotations
@@ -13,24 +14,43 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.init_from = ''  # python -m rt2_jax.weights.convert ... --out=DIR, then DIR here
+  c.init_from = ''  # converted pretrained checkpoint dir, or another run's workdir/checkpoint
+
+  # Vocabulary. '' = the SentencePiece model bundled in rt2_jax/assets (trained by
+  # scripts/train_tiny_spm.py). Action bins are written as number tokens "0".."255" (RT-2-PaLI-X)
+  # or as dedicated symbols ('extra_ids': appended ids; 'least_used': the N lowest-score pieces).
 
   c.vocab = ml_collections.ConfigDict(dict(path='', extra_ids=0, action_scheme='numbers'))
+  # decode_mode 'rt1': bin/(n-1) (RT-1 convention); 'centers': bin centers.
   c.actions = ml_collections.ConfigDict(dict(num_bins=256, decode_mode='rt1'))
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 32128  # T5 / UL2 SentencePiece: 32000 pieces + 100 extra ids + padding
   c.model.image_size = 224
-  c.model.dtype = 'bfloat16'
-  c.model.remat = 'dots'
-  c.model.scan_layers = True  # one layer compiled per stack
+  c.model.dtype = 'bfloat16'  # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
+  c.model.remat = 'dots'  # 'none' | 'full' | 'dots': rematerialise each layer in the backward pass
+  # True: ViT blocks and T5 layers run under nn.scan (one layer compiled, params stacked along a
+  # leading 'layers' axis); convert params with rt2_jax.models.stack_layers / unstack_layers.
+  c.model.scan_layers = True
+  # K > 0: K image summaries pooled by an instruction-conditioned query go in front of the image
+  # tokens (rt2_jax.models.vla.InstructionPool; issue 15's grounding work). 0 = the plain VLA.
   c.model.instruction_pool = 0
   c.model.instruction_pool_scale = 4.0
+  # True (with instruction_pool > 0): the encoded summaries' mean is added to every decoder input.
   c.model.pool_to_decoder = False
+  # > 0 (with instruction_pool > 0): weight of a cross-entropy that trains summary k's pooling to
+  # pick the patches around batch pointer_xy[:, k] (web 'point's; tabletop demos' points).
   c.model.pointer_loss = 0.0
+  # True (with instruction_pool > 0): each summary's keypoint (the expected patch centre it pools;
+  # with pool_keypoint_offsets refined within its patch) and their pairwise differences are added
+  # to the summaries as numbers. keypoint_loss > 0 pulls the keypoints onto batch pointer_xy.
   c.model.pool_keypoints = False
   c.model.pool_keypoint_offsets = False
   c.model.keypoint_loss = 0.0
+  # 'autoregressive' (RT-2: action token i reads token i-1) or 'parallel': action positions after
+  # the first read learned queries, so one decoder pass predicts every action token (issue 19).
+  # The same token cross-entropy and constrained vocabulary; max_action_positions sizes the
+  # query table (>= the action space's tokens per step).
   c.model.action_decoding = 'autoregressive'
   c.model.max_action_positions = 16
   # Shapes come from the config; the values here are placeholders every config replaces.
@@ -41,8 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
       depth=0,
       num_heads=0,
       mlp_dim=0,
-      posemb='learn',
-      mlp_activation='gelu_tanh',
+      posemb='learn',  # 'learn' | 'sincos2d'
+      mlp_activation='gelu_tanh',  # SigLIP / big_vision; 'gelu_exact' for HF ViT checkpoints
       layer_norm_epsilon=1e-6,
       dropout_rate=0.0,
     )
@@ -57,17 +77,26 @@ def base_config() -> ml_collections.ConfigDict:
       num_decoder_layers=0,
       relative_attention_num_buckets=32,
       relative_attention_max_distance=128,
-      mlp_activations=('gelu', 'linear'),
-      logits_via_embedding=False,
+      mlp_activations=('gelu', 'linear'),  # gated-GELU (T5 v1.1 / UL2 / mT5)
+      logits_via_embedding=False,  # True: tied output embedding
       dropout_rate=0.0,
       layer_norm_epsilon=1e-6,
     )
   )
 
+  # Data: robot episodes (RLDS, described by a data_specs/ file) mixed with web VQA/captions.
   c.data = ml_collections.ConfigDict()
   c.data.robot = ml_collections.ConfigDict(
-    dict(spec='bridge_dataset', data_dir='', split='', eval_split='', stats_path='')
+    dict(
+      spec='bridge_dataset',  # name of a data_specs/ file, or a path to one
+      data_dir='',  # TFDS builder dir; '' = generated data (see synthetic_if_missing)
+      split='',  # '' = the spec's train split
+      eval_split='',  # held-out episodes for offline eval; '' = the spec's eval split
+      stats_path='',  # NormStats JSON (python -m rt2_jax.data.stats); '' = computed at start
+    )
   )
+  # Web data: a JSONL of {image, question, answer} / {image, caption} lines (rt2_jax/data/web.py)
+  # and/or a prepared TFDS image-caption dataset such as coco_captions; they share the web rate.
   c.data.web = ml_collections.ConfigDict(
     dict(
       jsonl='',
@@ -78,30 +107,37 @@ def base_config() -> ml_collections.ConfigDict:
       max_examples=0,
     )
   )
-  c.data.robot_rate = 0.5
+  c.data.robot_rate = 0.5  # fraction of robot examples in the mixture
   c.data.prompt = 'What action should the robot take to {instruction}?'
-  c.data.max_input_len = 64
+  c.data.max_input_len = 64  # text tokens (image tokens come on top)
   c.data.max_target_len = 32
-  c.data.bad_data = 'skip'
-  c.data.synthetic_if_missing = False  # a real run must name its data
-  c.data.cache_dir = '~/.cache/rt2_jax/records'
+  c.data.bad_data = 'skip'  # 'skip' (counted warning) or 'fail'
+  # True: empty data paths -> small generated datasets in the spec's layout (cached in
+  # ~/.cache/rt2_jax). False: a real run must name its data.
+  c.data.synthetic_if_missing = False
+  c.data.cache_dir = '~/.cache/rt2_jax/records'  # decoded steps (.npy); '' = decode every run
 
   c.total_steps = 100_000
-  c.batch_size = 256
+  c.batch_size = 256  # global
   c.log_every = 50
-  c.xla_flags = ''  # the accelerator's defaults (tiny.py's flags are for CPU only)
+  # Extra XLA flags, added to $XLA_FLAGS before the backend starts ('' = the backend's defaults;
+  # configs/tiny.py sets CPU ones).
+  c.xla_flags = ''
   c.optim = ml_collections.ConfigDict(
     dict(
-      name='adafactor',
+      name='adafactor',  # 'adafactor' | 'adamw'
       lr=1e-3,
-      schedule='rsqrt',
+      schedule='rsqrt',  # 'rsqrt' | 'cosine' | 'constant'
       warmup_steps=1000,
       clip_norm=1.0,
       weight_decay=0.0,
       grad_accum_steps=1,
     )
   )
-  c.freeze = ''
+  c.freeze = ''  # regex over parameter paths to keep fixed, e.g. '^vit/'
+  # LoRA fine-tuning (rt2_jax.lora): rank > 0 trains low-rank adapters on the `targets` kernels
+  # (regex over parameter paths) of the config.init_from base, held frozen in `base_dtype`;
+  # `train_full` names parameters trained in full beside them. rank 0 = full fine-tuning.
   c.lora = ml_collections.ConfigDict(
     dict(
       rank=0,
@@ -112,13 +148,21 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   c.ckpt = ml_collections.ConfigDict(dict(every=2000, keep=3, async_save=True))
+  # Device mesh: -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, model=1))
+  # Multi-process: '' = one process; 'auto' = the cluster describes itself (multi-host Cloud TPU
+  # slices, SLURM); else every process gets the same coordinator 'host:port' and its process_id.
+  # local_device_count: CPU devices per process. -1 (auto): one per core that divides the batch
+  # (data parallel over the cores of a CPU host: ~20% faster steps on 2 cores for the tiny
+  # config); 0 or 1: one device using all cores (a few % faster for ~60M-parameter models,
+  # which then skip the per-core optimizer update and gradient all-reduce); N: N virtual
+  # devices (local multi-host tests). GPU/TPU devices are not affected.
   c.distributed = ml_collections.ConfigDict(
     dict(coordinator_address='', num_processes=1, process_id=0, local_device_count=-1)
   )
   c.decode = ml_collections.ConfigDict(
     dict(
-      mode='action',
+      mode='action',  # 'action' | 'plan_then_action' | 'text'
       temperature=0.0,
       top_k=0,
       plan_prefix='Plan:',
