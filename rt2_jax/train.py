@@ -214,16 +214,7 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     target = (cell[..., 1] * patch_grid + cell[..., 0]).astype(jnp.int32)
     hits = (logits.argmax(-1) == target) & valid
     if keypoints is None:
-      g = patch_grid
-      weights = jax.nn.softmax(logits, -1).reshape(*logits.shape[:-1], g, g)
-      centres = (jnp.arange(g, dtype=jnp.float32) + 0.5) / g
-      keypoints = jnp.stack(
-        [
-          jnp.einsum('...rc,c->...', weights, centres),
-          jnp.einsum('...rc,r->...', weights, centres),
-        ],
-        -1,
-      )
+      keypoints = vla.expected_patch_centre(jax.nn.softmax(logits, -1), patch_grid)
     error = keypoints[:, :k] - xy
     dist = jnp.where(valid, jnp.linalg.norm(jax.lax.stop_gradient(error), axis=-1), 0.0).sum()
     l1 = jnp.where(valid, jnp.abs(error).sum(-1), 0.0).sum()

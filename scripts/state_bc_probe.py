@@ -36,8 +36,8 @@ def features(episode: tt.Episode, state, kind: str, noise: float = 0.0) -> np.nd
   """`noise`: std (metres) of Gaussian errors on the three positions, as a perception
   module would make them (about 0.93 px a cm in the 64 px image)."""
   pusher, block_xy, _ = tt.split_state(state, len(episode.blocks))
-  unmet = [g for g in episode.goals if not tt.goal_met(episode, g, block_xy)]
-  goal = unmet[0] if unmet else episode.goals[-1]
+  goal = tt.current_goal(episode, block_xy)
+  solved = tt.success(episode, state)
   block = block_xy[goal.block]
   target = tt._goal_target(episode, goal, block_xy)
   if noise:
@@ -48,7 +48,7 @@ def features(episode: tt.Episode, state, kind: str, noise: float = 0.0) -> np.nd
     target,
     block - pusher,
     target - block,
-    [episode.blocks[goal.block].radius, float(not unmet)],
+    [episode.blocks[goal.block].radius, float(solved)],
   ]
   if kind == 'all':
     slots = np.zeros((tt.MAX_BLOCKS, 3))

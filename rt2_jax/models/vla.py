@@ -122,6 +122,16 @@ def mean_embedding(embedded, tokens):
   return (embedded * real).sum(1) / jnp.maximum(real.sum(1), 1.0)
 
 
+def expected_patch_centre(weights, grid: int):
+  """Softmax weights [..., grid * grid] over row-major patches -> [..., 2] float32: the expected
+  patch centre, x right and y down in [0, 1] of the image (a spatial soft-argmax)."""
+  w = weights.reshape(*weights.shape[:-1], grid, grid).astype(jnp.float32)
+  centres = (jnp.arange(grid, dtype=jnp.float32) + 0.5) / grid
+  return jnp.stack(
+    [jnp.einsum('...rc,c->...', w, centres), jnp.einsum('...rc,r->...', w, centres)], -1
+  )
+
+
 class ImageProjection(nn.Module):
   """ViT width -> T5 width. Has no pretrained source: the converter initialises it fresh."""
 
@@ -207,10 +217,7 @@ class InstructionPool(nn.Module):
         f'model.pool_keypoints needs a square patch grid: {weights.shape[-1]} '
         f'patches, expected {g} x {g}'
       )
-    centres = (jnp.arange(g, dtype=jnp.float32) + 0.5) / g
-    x = jnp.einsum('bkrc,c->bk', weights.reshape(*weights.shape[:2], g, g), centres)
-    y = jnp.einsum('bkrc,r->bk', weights.reshape(*weights.shape[:2], g, g), centres)
-    points = jnp.stack([x, y], axis=-1)  # [B, K, 2]
+    points = expected_patch_centre(weights, g)  # [B, K, 2]
     if self.keypoint_offsets:
       offsets = jnp.tanh(self.keypoint_offset(image_tokens).astype(jnp.float32)) * (0.5 / g)
       points = points + jnp.einsum('bkn,bnc->bkc', weights, offsets)
