@@ -47,6 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pool_keypoints = False
   c.model.pool_keypoint_offsets = False
   c.model.keypoint_loss = 0.0
+  # How each summary's query reads the instruction: 'mean' (one mean word embedding for all) or
+  # 'attend' (rt2_jax.models.vla.InstructionReader: per-summary attention over the words with
+  # positions, so 'X next to Y' and 'Y next to X' differ); pool_query_max_len >= the prompt.
+  c.model.pool_query = 'mean'
+  c.model.pool_query_max_len = 64
   # 'autoregressive' (RT-2: action token i reads token i-1) or 'parallel': action positions after
   # the first read learned queries, so one decoder pass predicts every action token (issue 19).
   # The same token cross-entropy and constrained vocabulary; max_action_positions sizes the

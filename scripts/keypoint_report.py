@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import jax
 import numpy as np
@@ -31,6 +32,20 @@ def angle_within(a, b, degrees: float) -> np.ndarray:
   na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
   cos = (a * b).sum(-1) / np.maximum(na * nb, 1e-9)
   return (cos >= np.cos(np.deg2rad(degrees))) & (na > 1e-6) & (nb > 1e-6)
+
+
+def distance_summary(d: np.ndarray) -> dict:
+  return {
+    'mean_px': round(float(d.mean()), 2),
+    'median_px': round(float(np.median(d)), 2),
+    'within_2px': round(float((d <= 2).mean()), 3),
+    'within_4px': round(float((d <= 4).mean()), 3),
+  }
+
+
+def instruction_kind(text: str) -> str:
+  """'two_blocks' when the instruction names a second block, else 'one_block'."""
+  return 'two_blocks' if re.search(r'\bnext to\b|\bclosest to\b|\bthen\b', text) else 'one_block'
 
 
 def main():
@@ -67,13 +82,17 @@ def main():
   px = np.linalg.norm(found[:, :k] - true[:, :k], axis=-1) * policy.image_size
   report = {'checkpoint': a.workdir, 'split': a.split, 'steps': int(n), 'slots': {}}
   for s in range(k):
-    d = px[:, s]
-    report['slots'][POINTER_SLOTS[s]] = {
-      'mean_px': round(float(d.mean()), 2),
-      'median_px': round(float(np.median(d)), 2),
-      'within_2px': round(float((d <= 2).mean()), 3),
-      'within_4px': round(float((d <= 4).mean()), 3),
+    report['slots'][POINTER_SLOTS[s]] = distance_summary(px[:, s])
+  # Instructions naming a second block ('next to Y', 'closest to Y', 'then'): a query built from
+  # the instruction's mean word embedding cannot tell the block to push from the other one.
+  kinds = np.array([instruction_kind(records.instruction(int(i))) for i in pick])
+  report['median_px_by_kind'] = {
+    kind: {
+      'steps': int((kinds == kind).sum()),
+      **{POINTER_SLOTS[s]: round(float(np.median(px[kinds == kind, s])), 2) for s in range(k)},
     }
+    for kind in sorted(set(kinds))
+  }
   if k >= 3:
     block, pusher, goal = (0, 1, 2)
     for name, (u, v) in {

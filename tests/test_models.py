@@ -435,6 +435,39 @@ def test_instruction_pool_puts_word_chosen_summaries_before_the_image_tokens():
   partitioning.shardings_for(abstract['params'], mesh)  # every axis has a rule
 
 
+def test_pool_query_attend_tells_word_order_apart_where_the_mean_embedding_cannot():
+  # 'push X next to Y' and 'push Y next to X' have the same mean word embedding: with
+  # pool_query='mean' their summaries are equal, with 'attend' they differ; padding changes
+  # neither, and each summary gets its own instruction vector.
+  images, enc, dec = _inputs()
+  swapped = enc.copy()
+  swapped[0, :4] = [7, 8, 5, 6]
+
+  def summaries(model, variables, tokens):
+    encoded, _ = model.apply(variables, images, tokens, method=VLA.encode)
+    return np.asarray(encoded[:, :2])
+
+  cfg = {'instruction_pool': 2, 't5.num_encoder_layers': 0}
+  mean = VLA(_model_cfg(**cfg))
+  attend = VLA(_model_cfg(**cfg, pool_query='attend', pool_query_max_len=8))
+  for model in (mean, attend):
+    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images, enc, dec))
+    a, b = summaries(model, variables, enc), summaries(model, variables, swapped)
+    padded = np.concatenate([enc, np.zeros_like(enc)], 1)[:, :8]
+    np.testing.assert_allclose(summaries(model, variables, padded), a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-6)  # row 1 was not swapped
+    if model is mean:
+      np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)
+    else:
+      assert np.abs(a[0] - b[0]).max() > 1e-3
+      reader = variables['params']['instruction_reader']
+      assert reader['slot_queries'].shape == (2, 32)
+  with pytest.raises(ValueError, match='pool_query'):
+    VLA(_model_cfg(pool_query='first')).init(jax.random.key(0), images, enc, dec)
+  with pytest.raises(ValueError, match='longer than'):
+    attend.init(jax.random.key(0), images, np.zeros((B, 9), np.int32) + 3, dec)
+
+
 def test_pool_to_decoder_adds_the_encoded_summaries_to_every_decoder_input():
   images, enc, dec = _inputs()
   model = VLA(_model_cfg(**{'instruction_pool': 2, 'pool_to_decoder': True}))

@@ -145,6 +145,56 @@ class ImageProjection(nn.Module):
     )(x)
 
 
+class InstructionReader(nn.Module):
+  """One instruction vector per summary [B, K, E], read from the prompt's words [B, L, E]: the
+  words with learned positions, one self-attention block (so 'red' after 'next to the' differs
+  from 'red' after 'push the'), then each summary's learned query attends over them. The mean
+  word embedding cannot tell 'push X next to Y' from 'push Y next to X', so summaries that
+  point at X and at Y from it find the wrong block (docs/tabletop.md, Measurement 10)."""
+
+  num_tokens: int
+  features: int
+  max_len: int
+  num_heads: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, words, tokens):
+    e, length = self.features, words.shape[1]
+    if length > self.max_len:
+      raise ValueError(
+        f'model.pool_query=attend: prompt of {length} tokens, longer than its '
+        f'{self.max_len} positions (data.max_input_len)'
+      )
+    positions = self.param(
+      'position_embedding',
+      nn.with_logical_partitioning(nn.initializers.normal(0.5), ('length', 'embed')),
+      (self.max_len, e),
+      jnp.float32,
+    )
+    x = words.astype(self.dtype) + positions[:length].astype(self.dtype)[None]
+    real = tokens > 0
+    attention = layers.MultiHeadAttention(
+      self.num_heads, e // self.num_heads, e, use_bias=True, scale_logits=True, dtype=self.dtype
+    )
+    h = layers.LayerNorm(dtype=self.dtype, name='pre_attention_norm')(x)
+    x = x + attention(h, h, layers.mask_to_bias(real))
+    x = layers.LayerNorm(dtype=self.dtype, name='final_norm')(x)
+    queries = self.param(
+      'slot_queries',
+      nn.with_logical_partitioning(nn.initializers.normal(1.0), ('pool_tokens', 'embed')),
+      (self.num_tokens, e),
+      jnp.float32,
+    )
+    keys = layers.DenseGeneral((e,), ('embed', 'embed_out'), use_bias=True, dtype=self.dtype)(x)
+    logits = jnp.einsum(
+      'ke,ble->bkl', queries.astype(self.dtype), keys, preferred_element_type=jnp.float32
+    ) * (e**-0.5)
+    logits = jnp.where(real[:, None, :], logits, layers.MASK_BIAS)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    return jnp.einsum('bkl,ble->bke', weights, x)
+
+
 class InstructionPool(nn.Module):
   """`num_tokens` summaries of the image tokens, each a softmax pooling whose query is a linear
   map of the instruction vector (RT-1's TokenLearner, conditioned on the words as
@@ -160,12 +210,20 @@ class InstructionPool(nn.Module):
   dtype: Any = jnp.float32
   keypoint_grid: int = 0  # > 0: model.pool_keypoints on this square patch grid
   keypoint_offsets: bool = False  # model.pool_keypoint_offsets
+  # True: the instruction is one vector per summary [B, K, E] (InstructionReader), each mapped
+  # to its query by one shared map; False: one vector [B, E] mapped to the K queries.
+  per_summary_instruction: bool = False
 
   def setup(self):
     k, e = self.num_tokens, self.features
-    self.query = layers.DenseGeneral(
-      (k, e), ('embed', 'pool_tokens', 'embed_out'), use_bias=True, dtype=self.dtype
-    )
+    if self.per_summary_instruction:
+      self.query = layers.DenseGeneral(
+        (e,), ('embed', 'embed_out'), use_bias=True, dtype=self.dtype
+      )
+    else:
+      self.query = layers.DenseGeneral(
+        (k, e), ('embed', 'pool_tokens', 'embed_out'), use_bias=True, dtype=self.dtype
+      )
     self.key = layers.DenseGeneral((e,), ('embed', 'embed_out'), use_bias=True, dtype=self.dtype)
     self.value = layers.DenseGeneral((e,), ('embed', 'embed_out'), use_bias=True, dtype=self.dtype)
     self.type_embedding = self.param(
@@ -248,6 +306,23 @@ class VLA(nn.Module):
     offsets = bool(self.config.get('pool_keypoint_offsets', False))
     if offsets and not keypoints:
       raise ValueError('model.pool_keypoint_offsets refines model.pool_keypoints: set both')
+    pool_query = str(self.config.get('pool_query', 'mean'))
+    if pool_query not in ('mean', 'attend'):
+      raise ValueError(f"model.pool_query must be 'mean' or 'attend', got {pool_query!r}")
+    if pool_query == 'attend' and pool_tokens < 1:
+      raise ValueError(
+        'model.pool_query=attend reads the instruction for model.instruction_pool >= 1'
+      )
+    self.instruction_reader = (
+      InstructionReader(
+        pool_tokens,
+        self.t5_config.emb_dim,
+        int(self.config.get('pool_query_max_len', 64)),
+        dtype=dtype,
+      )
+      if pool_query == 'attend'
+      else None
+    )
     grid = self.vit_config.image_size // self.vit_config.patch_size
     self.instruction_pool = (
       InstructionPool(
@@ -257,6 +332,7 @@ class VLA(nn.Module):
         dtype,
         grid if keypoints else 0,
         offsets,
+        per_summary_instruction=pool_query == 'attend',
       )
       if pool_tokens > 0
       else None
@@ -299,6 +375,8 @@ class VLA(nn.Module):
     condition = instruction if self.vit_config.film else None
     image_tokens = self.image_projection(self.vit(pixels, deterministic, condition))
     if self.instruction_pool is not None:  # the instruction's summaries go in front
+      if self.instruction_reader is not None:
+        instruction = self.instruction_reader(text_tokens, encoder_input_tokens)
       image_tokens = jnp.concatenate(
         [self.instruction_pool(image_tokens, instruction), image_tokens], axis=1
       )
