@@ -59,6 +59,11 @@ def get_config(arg=None):
   # internet-scale pretraining). Cached by (corpus, model, these settings).
   c.pretrain = ml_collections.ConfigDict(dict(steps=6000, lr=2e-3, batch_size=32, seed=0, out=''))
 
+  # The pointing stage (steps > 0): before fine-tuning, the image encoder and the instruction
+  # pool learn where the block, the pusher and the goal are on the robot frames, without the
+  # language model (config.pointing_only; rt2_jax/recipes/tabletop.py).
+  c.pointing = ml_collections.ConfigDict(dict(steps=0, lr=2e-3, batch_size=32))
+
   c.data.robot.spec = 'tabletop'
   c.data.robot.data_dir = ''  # set by the recipe to the generated demos
   c.data.synthetic_if_missing = False

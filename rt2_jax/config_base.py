@@ -140,6 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   c.freeze = ''  # regex over parameter paths to keep fixed, e.g. '^vit/'
+  # True: train only where the instruction pool's summaries point (model.pointer_loss, plus
+  # keypoint_loss) through the image encoder, without the language model: a cheap first stage
+  # whose checkpoint a fine-tuning run starts from (config.init_from).
+  c.pointing_only = False
   # LoRA fine-tuning (rt2_jax.lora): rank > 0 trains low-rank adapters on the `targets` kernels
   # (regex over parameter paths) of the config.init_from base, held frozen in `base_dtype`;
   # `train_full` names parameters trained in full beside them. rank 0 = full fine-tuning.

@@ -127,6 +127,22 @@ def step_metric_sums(logits, batch, action_vocab, tokenizer) -> dict:
   }
 
 
+def empty_step_sums(batch) -> dict:
+  """`step_metric_sums`' keys with nothing counted, for a step that decodes no tokens (the
+  pointing stage, config.pointing_only)."""
+  zero = jnp.float32(0.0)
+  return {
+    'weight': zero,
+    'correct': zero,
+    'action_weight': zero,
+    'action_correct': zero,
+    'action_error_sum': jnp.zeros(batch['actions'].shape[-1], jnp.float32),
+    'action_examples': zero,
+    'robot_examples': batch['is_robot'].sum().astype(jnp.float32),
+    'examples': jnp.float32(batch['is_robot'].shape[0]),
+  }
+
+
 def finalize_metrics(sums: dict, loss_sum) -> dict:
   error = sums['action_error_sum'] / jnp.maximum(sums['action_examples'], 1.0)
   return {

@@ -230,10 +230,33 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     return (~jnp.isnan(xy[:, :pool_tokens, 0])).sum()
 
   lora = lora_lib.LoraConfig.from_config(config)
+  pointing_only = bool(config.get('pointing_only', False))
+  if pointing_only and not pointer_weight:
+    raise ValueError('config.pointing_only trains model.pointer_loss alone; set it > 0')
+
+  def pointing_loss_and_sums(params, batch, pointer_total):
+    """The pointing stage: the summaries' pointing loss alone, without the language model."""
+    logits, keypoints = model.apply(
+      {'params': params}, batch['image'], batch['encoder_input_tokens'], method=vla.VLA.point
+    )
+    pointer_loss_sum, hits, count, dist, l1 = pointer_sums(logits, batch, keypoints)
+    loss = pointer_weight * pointer_loss_sum / pointer_total
+    if keypoint_weight:
+      loss = loss + keypoint_weight * l1 / pointer_total
+    sums = dict(
+      metrics.empty_step_sums(batch),
+      pointer_loss_sum=jax.lax.stop_gradient(pointer_loss_sum),
+      pointer_hits=hits,
+      pointer_count=count,
+      pointer_distance_sum=jax.lax.stop_gradient(dist),
+    )
+    return loss, (jnp.float32(0.0), sums)
 
   def loss_and_sums(params, frozen, batch, rng, total_weight, pointer_total):
     if lora.enabled:  # only the adapters are differentiated; the base is a constant
       params = lora_lib.merge(frozen, params, lora, config.model.dtype)
+    if pointing_only:
+      return pointing_loss_and_sums(params, batch, pointer_total)
     logits, state = model.apply(
       {'params': params},
       batch['image'],

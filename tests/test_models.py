@@ -503,16 +503,14 @@ def test_pool_keypoints_add_each_summarys_expected_patch_centre_to_the_summaries
   weights = np.zeros((1, 2, 16), np.float32)
   weights[0, 0, 2 * 4 + 1] = 1.0
   weights[0, 1, [0, 3]] = 0.5  # row 0, cols 0 and 3
-  pool_vars = pool.init(
-    jax.random.key(0), jnp.asarray(weights), method=InstructionPool.keypoint_features
-  )
-  feats, inter = pool.apply(
-    {'params': pool_vars['params']},
-    jnp.asarray(weights),
-    method=InstructionPool.keypoint_features,
-    mutable=['intermediates'],
-  )
-  points = np.asarray(inter['intermediates']['keypoints'][0])[0]
+
+  def features(m, w):
+    points = m.keypoints(w)
+    return m.keypoint_features(points), points
+
+  pool_vars = pool.init(jax.random.key(0), jnp.asarray(weights), method=features)
+  feats, points = pool.apply({'params': pool_vars['params']}, jnp.asarray(weights), method=features)
+  points = np.asarray(points)[0]
   np.testing.assert_allclose(points, [[1.5 / 4, 2.5 / 4], [2.0 / 4, 0.5 / 4]], atol=1e-6)
   np.testing.assert_allclose(
     np.asarray(feats)[0],
@@ -565,15 +563,10 @@ def test_keypoint_offsets_move_each_keypoint_at_most_half_a_patch():
   refined = InstructionPool(3, 8, keypoint_grid=4, keypoint_offsets=True)
 
   def points(pool):
-    v = pool.init(jax.random.key(0), weights, tokens, method=InstructionPool.keypoint_features)
-    _, inter = pool.apply(
-      {'params': v['params']},
-      weights,
-      tokens,
-      method=InstructionPool.keypoint_features,
-      mutable=['intermediates'],
+    v = pool.init(jax.random.key(0), weights, tokens, method=InstructionPool.keypoints)
+    return np.asarray(
+      pool.apply({'params': v['params']}, weights, tokens, method=InstructionPool.keypoints)
     )
-    return np.asarray(inter['intermediates']['keypoints'][0])
 
   shift = np.abs(points(refined) - points(plain))
   assert 1e-4 < shift.max() <= 0.5 / 4 + 1e-6  # moved, by at most half a 1/4-wide patch

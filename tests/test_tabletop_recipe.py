@@ -41,6 +41,13 @@ def test_stage_configs(tmp_path):
   lora = _config('robot_only', **{'lora.rank': 8})
   assert recipe._resolved(lora, '/demos', str(tmp_path), stage='pretrain').lora.rank == 0
   assert recipe._resolved(lora, '/demos', str(tmp_path), stage='finetune').lora.rank == 8
+  # The pointing stage: robot frames only, its own steps, the pointing loss alone.
+  pointing = _config('cofinetune', **{'pointing.steps': 11, 'pointing.lr': 0.01})
+  point = recipe._resolved(pointing, '/demos', str(tmp_path), stage='pointing')
+  assert point.pointing_only and point.data.robot_rate == 1.0
+  assert (point.total_steps, point.optim.lr, point.ckpt.every) == (11, 0.01, 11)
+  fine = recipe._resolved(pointing, '/demos', str(tmp_path), stage='finetune')
+  assert not fine.pointing_only and fine.data.robot_rate == 0.5 and fine.total_steps == 3000
 
 
 def test_pretrained_checkpoint_is_shared_and_keyed_by_what_it_learns(monkeypatch, tmp_path):

@@ -1,6 +1,7 @@
 """Train step pieces: schedules, freezing, optimizer-state sharding, action metrics in real units,
 and one sharded step (data=4 x model=2) where gradient accumulation matches the full batch."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -419,6 +420,45 @@ def test_pointer_loss_trains_each_summary_to_point_at_its_slot(action_setup):
     state, out = step(state, batch)
   assert float(out['pointer_loss']) < 0.7 * first  # it trains the pool
   assert float(out['pointer_distance']) < 0.9 * float(np.mean(dists))  # and moves its centre
+
+
+def test_pointing_only_trains_the_pointing_alone_and_leaves_the_language_model(action_setup):
+  _, space, action_vocab, tokenizer = action_setup
+  overrides = {'model.instruction_pool': 2, 'model.pointer_loss': 0.5, 'batch_size': 8}
+  full = train.make_setup(_config(**overrides))
+  stage = train.make_setup(_config(**overrides, pointing_only=True))
+  state = stage.init_state(jax.random.PRNGKey(0))
+  batch = _batch(stage.config, space, action_vocab, tokenizer)
+  xy = np.random.default_rng(4).uniform(0, 1, (len(batch['image']), 2, 2)).astype(np.float32)
+  xy[:2, 1] = np.nan
+  batch['pointer_xy'] = xy
+  batch = {k: jax.device_put(v, stage.batch_sharding(v.ndim)) for k, v in batch.items()}
+  before = {
+    k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(state.params, sep='/').items()
+  }
+  # The same pointing loss as the full step's, from the same parameters (the steps donate
+  # their state, so the full step gets a copy).
+  _, full_out = full.jit_train_step(action_vocab, tokenizer)(jax.tree.map(jnp.copy, state), batch)
+  step = stage.jit_train_step(action_vocab, tokenizer)
+  after, out = step(state, batch)
+  assert float(out['pointer_loss']) == pytest.approx(float(full_out['pointer_loss']), rel=1e-5)
+  assert float(out['loss']) == 0.0 and float(full_out['loss']) > 0.0
+  moved = {
+    k
+    for k, v in flax.traverse_util.flatten_dict(after.params, sep='/').items()
+    if np.abs(np.asarray(v) - before[k]).max() > 0
+  }
+  assert any(k.startswith('vit/') for k in moved)
+  assert any(k.startswith('instruction_pool/') for k in moved)
+  assert not any(k.startswith(('lm/encoder', 'lm/decoder')) for k in moved), sorted(moved)
+  first = float(out['pointer_loss'])
+  for _ in range(20):
+    after, out = step(after, batch)
+  assert float(out['pointer_loss']) < 0.8 * first
+  with pytest.raises(ValueError, match='pointing_only'):
+    train.make_setup(_config(pointing_only=True, batch_size=8)).jit_train_step(
+      action_vocab, tokenizer
+    )
 
 
 def test_keypoint_loss_pulls_the_refined_keypoints_onto_the_points(action_setup):

@@ -257,18 +257,16 @@ class InstructionPool(nn.Module):
     pooled = jnp.einsum('bkn,bne->bke', weights.astype(self.dtype), self.value(image_tokens))
     pooled = pooled + self.type_embedding.astype(self.dtype)[None]
     if self.keypoint_grid:
-      features = self.keypoint_features(weights, image_tokens)
-      pooled = pooled + self.keypoint_projection(features)[:, None]
+      points = self.keypoints(weights, image_tokens)
+      self.sow('intermediates', 'keypoints', points)
+      pooled = pooled + self.keypoint_projection(self.keypoint_features(points))[:, None]
     return pooled
 
-  def keypoint_features(self, weights, image_tokens=None):
-    """[B, K, N] pooling weights -> [B, 2K + K(K-1)] float32: each summary's keypoint, its
-    expected patch centre (x right, y down, in [0, 1] of the image: a spatial soft-argmax),
-    and the differences between every pair, centred and scaled to about [-2, 2]. A push is a
-    direction between positions (pusher to block, block to goal): given as numbers, the decoder
-    need not learn to read it out of pooled features. With `keypoint_offsets` each patch also
-    says where in itself the thing lies (up to half a patch from its centre, from its own
-    token), so a keypoint is not bound to the 8 x 8 grid of centres."""
+  def keypoints(self, weights, image_tokens=None):
+    """[B, K, N] pooling weights -> [B, K, 2] float32: each summary's keypoint, its expected
+    patch centre (x right, y down, in [0, 1] of the image: a spatial soft-argmax). With
+    `keypoint_offsets` each patch also says where in itself the thing lies (up to half a patch
+    from its centre, from its own token), so a keypoint is not bound to the grid of centres."""
     g = self.keypoint_grid
     if weights.shape[-1] != g * g:
       raise ValueError(
@@ -279,7 +277,13 @@ class InstructionPool(nn.Module):
     if self.keypoint_offsets:
       offsets = jnp.tanh(self.keypoint_offset(image_tokens).astype(jnp.float32)) * (0.5 / g)
       points = points + jnp.einsum('bkn,bnc->bkc', weights, offsets)
-    self.sow('intermediates', 'keypoints', points)
+    return points
+
+  def keypoint_features(self, points):
+    """[B, K, 2] keypoints -> [B, 2K + K(K-1)]: the keypoints and the differences between every
+    pair, centred and scaled to about [-2, 2]. A push is a direction between positions (pusher
+    to block, block to goal): given as numbers, the decoder need not learn to read it out of
+    pooled features."""
     i, j = np.triu_indices(self.num_tokens, k=1)
     diffs = (points[:, i] - points[:, j]).reshape(points.shape[0], -1)
     return 4.0 * jnp.concatenate([(points - 0.5).reshape(points.shape[0], -1), diffs], axis=-1)
@@ -365,18 +369,41 @@ class VLA(nn.Module):
         f'{encoder_input_tokens.shape}'
       )
 
-  def encode(self, images, encoder_input_tokens, enable_dropout: bool = False):
-    """-> (encoded [B, N + L, E], encoder_mask [B, N + L] bool)."""
+  def _embed(self, images, encoder_input_tokens, deterministic: bool):
+    """-> image tokens [B, N, E], word embeddings [B, L, E] and the instruction the pool reads
+    ([B, E] mean word embedding, or [B, K, E] with model.pool_query=attend)."""
     self._check_inputs(images, encoder_input_tokens)
-    deterministic = not enable_dropout
     pixels = images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
     text_tokens = self.lm.embed(encoder_input_tokens)
     instruction = mean_embedding(text_tokens, encoder_input_tokens)
     condition = instruction if self.vit_config.film else None
     image_tokens = self.image_projection(self.vit(pixels, deterministic, condition))
+    if self.instruction_reader is not None:
+      instruction = self.instruction_reader(text_tokens, encoder_input_tokens)
+    return image_tokens, text_tokens, instruction
+
+  def point(self, images, encoder_input_tokens):
+    """Where the instruction pool's summaries look, without the language model: -> pooling
+    logits [B, K, N] and keypoints [B, K, 2] (the expected patch centres; with
+    model.pool_keypoint_offsets refined within patches). The pointing stage
+    (config.pointing_only) trains on these alone, at a fraction of the full step's cost."""
+    if self.instruction_pool is None:
+      raise ValueError('VLA.point needs model.instruction_pool >= 1')
+    image_tokens, _, instruction = self._embed(images, encoder_input_tokens, True)
+    pool = self.instruction_pool
+    logits = pool.logits(image_tokens, instruction)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if pool.keypoint_grid:
+      return logits, pool.keypoints(weights, image_tokens)
+    return logits, expected_patch_centre(weights, self.vit_config.grid)
+
+  def encode(self, images, encoder_input_tokens, enable_dropout: bool = False):
+    """-> (encoded [B, N + L, E], encoder_mask [B, N + L] bool)."""
+    deterministic = not enable_dropout
+    image_tokens, text_tokens, instruction = self._embed(
+      images, encoder_input_tokens, deterministic
+    )
     if self.instruction_pool is not None:  # the instruction's summaries go in front
-      if self.instruction_reader is not None:
-        instruction = self.instruction_reader(text_tokens, encoder_input_tokens)
       image_tokens = jnp.concatenate(
         [self.instruction_pool(image_tokens, instruction), image_tokens], axis=1
       )

@@ -99,6 +99,12 @@ def _resolved(config, demos_builder: str, web: str, *, stage: str):
       if 'lora' in config:  # LoRA fine-tunes the web checkpoint; pretraining trains everything
         config.lora.rank = 0
       config.ckpt.every, config.ckpt.keep = max(500, p.steps // 4), 1
+    elif stage == 'pointing':
+      q = config.pointing
+      config.pointing_only = True
+      config.data.robot_rate = 1.0  # robot frames: their points name block, pusher and goal
+      config.total_steps, config.optim.lr, config.batch_size = q.steps, q.lr, q.batch_size
+      config.ckpt.every, config.ckpt.keep = q.steps, 1
     elif config.recipe.name == 'cofinetune':
       config.data.robot_rate = config.recipe.cofinetune_robot_rate
     else:
@@ -159,13 +165,14 @@ def run(config, workdir: str, data: tuple[str, str] | None = None) -> dict:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   timings = {}
-  t = _stage(1, 4, 'tabletop demonstrations and the web corpus')
+  total = 5 if int(config.get('pointing', {}).get('steps', 0)) else 4
+  t = _stage(1, total, 'tabletop demonstrations and the web corpus')
   demos_builder, web = data or prepare_data(config)
   timings['data_s'] = round(time.time() - t, 1)
 
   t = _stage(
     2,
-    4,
+    total,
     f'web pretraining ({config.pretrain.steps} steps on the web corpus)'
     if config.recipe.web_pretrained
     else 'web pretraining: skipped (from scratch)',
@@ -173,19 +180,31 @@ def run(config, workdir: str, data: tuple[str, str] | None = None) -> dict:
   init = ensure_pretrained(config, demos_builder, web) if config.recipe.web_pretrained else ''
   timings['pretrain_s'] = round(time.time() - t, 1)
 
+  pointing_steps = int(config.get('pointing', {}).get('steps', 0))
+  if pointing_steps:
+    # Where the block, the pusher and the goal are, learned on robot frames through the image
+    # encoder alone (config.pointing_only) before the whole model is fine-tuned from it.
+    t = _stage(3, total, f'pointing stage ({pointing_steps} steps on robot frames)')
+    point = _resolved(config, demos_builder, web, stage='pointing')
+    with point.unlocked():
+      point.init_from = init
+    init = os.path.join(workdir, 'pointing')
+    _train(point, init, 'the pointing stage')
+    timings['pointing_s'] = round(time.time() - t, 1)
+
   fine = _resolved(config, demos_builder, web, stage='finetune')
   with fine.unlocked():
     fine.init_from = init
   t = _stage(
-    3,
-    4,
+    total - 1,
+    total,
     f'{RECIPE_TITLES[config.recipe.name]}: {fine.total_steps} steps, batch '
     f'{fine.batch_size}, robot rate {fine.data.robot_rate}',
   )
   _train(fine, workdir, 'fine-tuning')
   timings['train_s'] = round(time.time() - t, 1)
 
-  t = _stage(4, 4, 'evaluation (offline + closed loop, with expert and random baselines)')
+  t = _stage(total, total, 'evaluation (offline + closed loop, with expert and random baselines)')
   results = evaluate.evaluate(workdir, config=fine)
   timings['eval_s'] = round(time.time() - t, 1)
   timings['total_s'] = round(time.time() - start, 1)
