@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pool_keypoints = False
   c.model.pool_keypoint_offsets = False
   c.model.keypoint_loss = 0.0
+  # > 0 (with pool_keypoints): each keypoint is the soft-argmax within this many patches of the
+  # pooling's argmax, not over the whole image (far-off mass biases it towards the centre).
+  c.model.pool_keypoint_window = 0
   # How each summary's query reads the instruction: 'mean' (one mean word embedding for all) or
   # 'attend' (rt2_jax.models.vla.InstructionReader: per-summary attention over the words with
   # positions, so 'X next to Y' and 'Y next to X' differ); pool_query_max_len >= the prompt.

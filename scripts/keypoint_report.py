@@ -1,12 +1,14 @@
 """How well a trained tabletop policy's pointing summaries find what the action needs.
 
-For a checkpoint trained with `model.pool_keypoints` on demos that carry `observation/points`
-(the block to push, the pusher, where the block should go: `tabletop_tasks.POINTER_SLOTS`), reads
-a demo split, runs the model's encoder and compares each summary's keypoint (the softmax's
-expected patch centre) with the true point: per slot, the mean and median distance in pixels
-and the share within 2 and 4 px; and, for the two directions a push is made of (pusher to block,
-block to goal), the share of steps where the keypoints' direction is within 30 degrees of the
-true one.
+For a checkpoint trained with `model.instruction_pool` and `model.pointer_loss` on demos that
+carry `observation/points` (the block to push, the pusher, where the block should go:
+`tabletop_tasks.POINTER_SLOTS`), reads a demo split, runs the image side of the model
+(`VLA.point`) and compares each summary's keypoint (the softmax's expected patch centre) with
+the true point: per slot, the mean and median distance in pixels, the share within 2 and 4 px
+and how often the pooling's argmax is the patch that holds the point; the median by instructions
+naming one block or two; and, for the two directions a push is made of (pusher to block, block
+to goal), the share of steps where the keypoints' direction is within 30 degrees of the true
+one.
 
   python scripts/keypoint_report.py --workdir=RUN [--split=val] [--max_steps=2000]
 """
@@ -65,24 +67,28 @@ def main():
   pick = np.linspace(0, len(records) - 1, n).astype(int)
 
   @jax.jit
-  def keypoints(images, tokens):
-    _, state = policy.model.apply(
-      {'params': policy.params}, images, tokens, method=VLA.encode, mutable=['intermediates']
-    )
-    return state['intermediates']['instruction_pool']['keypoints'][0]
+  def keypoints(images, tokens):  # VLA.point: the pool's logits and keypoints, no language model
+    return policy.model.apply({'params': policy.params}, images, tokens, method=VLA.point)
 
-  found = []
+  found, argmax = [], []
   for start in range(0, n, a.batch):
     rows = pick[start : start + a.batch]
     tokens = policy.tokenize([records.instruction(int(i)) for i in rows])
-    found.append(np.asarray(keypoints(np.asarray(records.images[rows]), tokens)))
-  found = np.concatenate(found)
+    logits, points = keypoints(np.asarray(records.images[rows]), tokens)
+    found.append(np.asarray(points))
+    argmax.append(np.asarray(logits).argmax(-1))
+  found, argmax = np.concatenate(found), np.concatenate(argmax)
+  grid = int(round(np.sqrt(logits.shape[-1])))
   true = np.asarray(records.points[pick])
   k = min(found.shape[1], true.shape[1])
   px = np.linalg.norm(found[:, :k] - true[:, :k], axis=-1) * policy.image_size
   report = {'checkpoint': a.workdir, 'split': a.split, 'steps': int(n), 'slots': {}}
+  cell = np.clip(np.floor(np.nan_to_num(true[:, :k]) * grid), 0, grid - 1).astype(int)
+  right_patch = argmax[:, :k] == cell[..., 1] * grid + cell[..., 0]
   for s in range(k):
-    report['slots'][POINTER_SLOTS[s]] = distance_summary(px[:, s])
+    report['slots'][POINTER_SLOTS[s]] = dict(
+      distance_summary(px[:, s]), argmax_on_patch=round(float(right_patch[:, s].mean()), 3)
+    )
   # Instructions naming a second block ('next to Y', 'closest to Y', 'then'): a query built from
   # the instruction's mean word embedding cannot tell the block to push from the other one.
   kinds = np.array([instruction_kind(records.instruction(int(i))) for i in pick])

@@ -553,6 +553,33 @@ def test_pool_keypoints_add_each_summarys_expected_patch_centre_to_the_summaries
     VLA(_model_cfg(**{'pool_keypoints': True})).init(jax.random.key(0), images, enc, dec)
 
 
+def test_pool_keypoint_window_ignores_mass_far_from_the_peak():
+  from rt2_jax.models.vla import InstructionPool, expected_patch_centre, local_window
+
+  # A 4 x 4 grid: 0.6 on patch (row 1, col 1), 0.2 on its right neighbour, 0.2 far away at
+  # (row 3, col 3). Over the whole grid the far mass drags the keypoint; within one patch of
+  # the peak it is the 3:1 mix of the two near centres.
+  weights = np.zeros((1, 1, 16), np.float32)
+  weights[0, 0, [5, 6, 15]] = [0.6, 0.2, 0.2]
+  near = (0.75 * 1.5 + 0.25 * 2.5) / 4
+  local = np.asarray(local_window(jnp.asarray(weights), 4, 1))
+  np.testing.assert_allclose(local[0, 0, [5, 6]], [0.75, 0.25], rtol=1e-6)
+  assert local[0, 0, 15] == 0.0
+  np.testing.assert_allclose(
+    np.asarray(expected_patch_centre(local, 4))[0, 0], [near, 1.5 / 4], rtol=1e-6
+  )
+  far = np.asarray(expected_patch_centre(jnp.asarray(weights), 4))[0, 0]
+  assert abs(far[0] - near) > 0.05
+  pool = InstructionPool(1, 8, keypoint_grid=4, keypoint_window=1)
+  v = pool.init(jax.random.key(0), jnp.asarray(weights), method=InstructionPool.keypoints)
+  points = pool.apply(v, jnp.asarray(weights), method=InstructionPool.keypoints)
+  np.testing.assert_allclose(np.asarray(points)[0, 0], [near, 1.5 / 4], rtol=1e-6)
+  with pytest.raises(ValueError, match='pool_keypoint_window'):
+    VLA(_model_cfg(**{'instruction_pool': 1, 'pool_keypoint_window': 1})).init(
+      jax.random.key(0), *_inputs()
+    )
+
+
 def test_keypoint_offsets_move_each_keypoint_at_most_half_a_patch():
   from rt2_jax.models.vla import InstructionPool
 
