@@ -2,6 +2,7 @@
 (issue 18): the same batch layout as the default pipeline, every row one of the tasks' examples,
 and an unknown name refused with the registered ones."""
 
+import json
 import os
 
 import numpy as np
@@ -125,3 +126,41 @@ def test_seqio_modules_are_imported_and_a_task_of_another_vocabulary_is_refused(
       iterators(config)
   finally:
     sys.path.remove(str(tmp_path))
+
+
+def _same(a: list, b: list) -> bool:
+  return all(
+    np.array_equal(x[k], y[k], equal_nan=True) for x, y in zip(a, b, strict=True) for k in x
+  )
+
+
+def test_the_saved_position_resumes_each_process_exactly(data):
+  config = make_config(data, **{'batch_size': 4})
+  stats = pipeline.norm_stats(config, progress=None)
+  vocab, action_vocab = vocab_lib.from_config(config, pipeline.action_space(config))
+
+  def make(process_index, c=config):
+    return pipeline.make_train_iterator(
+      c, vocab, action_vocab, stats, process_index, 2, progress=None
+    )
+
+  continued = {}
+  for process in (0, 1):
+    it = make(process)
+    for _ in range(5):
+      next(it)
+    state = json.loads(json.dumps(it.get_state()))  # what the checkpoint's JSON item holds
+    assert state['step'] == 5 and state['fingerprint']['process_index'] == process
+    continued[process] = [next(it) for _ in range(6)]
+    resumed = make(process)
+    resumed.set_state(state)
+    assert _same([next(resumed) for _ in range(6)], continued[process])
+    fresh = make(process)
+    assert not _same([next(fresh) for _ in range(6)], continued[process])
+  # Each process reads its own shard: their batches differ.
+  assert not _same(continued[0], continued[1])
+  # Another seed: the saved position does not apply, the stream starts from its beginning.
+  other = config.copy_and_resolve_references()
+  other.seed = 1
+  with pytest.warns(UserWarning, match='data setup changed'):
+    make(1, other).set_state(state)

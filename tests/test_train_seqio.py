@@ -2,6 +2,7 @@
 lines by a module named in data.seqio_modules, mixed with the robot data, trains with the tiny
 config."""
 
+import json
 import math
 import re
 import sys
@@ -108,3 +109,38 @@ def test_trains_on_a_custom_task_mixed_with_robot_data(module_dir, tmp_path):
   losses = _losses(result.stdout)
   assert len(losses) == steps and all(math.isfinite(x) for x in losses)
   assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def _assert_same_params(workdir_a, workdir_b):
+  step_a, params_a = lib.final_params(workdir_a)
+  step_b, params_b = lib.final_params(workdir_b)
+  assert step_a == step_b == lib.SMALL['total_steps']
+  assert params_a.keys() == params_b.keys()
+  for k in params_a:
+    np.testing.assert_array_equal(params_a[k], params_b[k], err_msg=k)
+
+
+def test_sigterm_then_sigkill_then_restart_gives_identical_parameters(module_dir, tmp_path):
+  """The runs of tests/test_train_resume.py on the seqio mixture: the tf.data position saved
+  with each checkpoint (the custom task's shuffle buffer, the sampler, batches in flight)
+  makes the resumed runs draw the uninterrupted run's batches."""
+  env = {'PYTHONPATH': f'{lib.REPO_ROOT}:{module_dir}'}
+
+  def run(workdir, **kwargs):
+    return lib.run_train(workdir, MIXTURE, devices=None, extra_env=env, **kwargs)
+
+  run(tmp_path / 'straight')
+  stopped = run(tmp_path / 'resumed', fault=dict(at_batch=3, signal='SIGTERM'))
+  assert 'saving checkpoint 3 (preempted)' in stopped.stdout
+  state = json.loads(
+    json.loads((tmp_path / 'resumed/checkpoints/3/data/metadata').read_text())['states'][0]
+  )['json']
+  assert state['kind'] == 'seqio' and state['step'] == 3
+  killed = run(
+    tmp_path / 'resumed', fault=dict(at_batch=2, signal='SIGKILL', after_ckpt=4), check=False
+  )
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert f'resumed from {tmp_path}/resumed/checkpoints/3' in killed.stdout
+  resumed = run(tmp_path / 'resumed')
+  assert f'resumed from {tmp_path}/resumed/checkpoints/4' in resumed.stdout
+  _assert_same_params(tmp_path / 'straight', tmp_path / 'resumed')
