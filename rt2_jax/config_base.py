@@ -116,6 +116,12 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   c.data.robot_rate = 0.5  # fraction of robot examples in the mixture
+  # '' = the mixture data.robot / data.web describe, read by rt2_jax.data.pipeline. Else the name
+  # of a registered seqio Task or Mixture, read through rt2_jax.data.seqio_iterator (issue 18):
+  # 'rt2_config' is the config's own mixture as seqio tasks; modules named in seqio_modules
+  # (comma-separated, imported after those tasks exist) register others.
+  c.data.mixture = ''
+  c.data.seqio_modules = ''
   c.data.prompt = 'What action should the robot take to {instruction}?'
   c.data.max_input_len = 64  # text tokens (image tokens come on top)
   c.data.max_target_len = 32

@@ -10,6 +10,8 @@ inspect.py     python -m rt2_jax.data.inspect: sizes, realized rates, decoded ex
 fixtures.py    tiny datasets in the real fractal / language_table / bridge layouts
 synthetic.py   generated data for configs with empty data paths
 seqio_tasks.py the same tasks as seqio Tasks / Mixture
+seqio_mixture.py   data.mixture: output features, the config's tasks as seqio Tasks ('rt2_config')
+seqio_iterator.py  data.mixture: one feature converter into the batch; tf.data position as JSON
 metaworld_demos.py  Meta-World scripted-expert demos as RLDS + web JSONL (evaluation owns it)
 tabletop_demos.py   tabletop scripted-expert demos (plans on multistep) as RLDS
 """

@@ -337,11 +337,18 @@ class MixtureIterator:
 def make_train_iterator(
   config, vocab, action_vocab, stats, process_index=None, process_count=None, progress=print
 ) -> MixtureIterator:
-  """The training iterator of `config` (see the module docstring)."""
+  """The training iterator of `config` (see the module docstring); with data.mixture set, the
+  seqio one (`rt2_jax.data.seqio_iterator`: the same batches' keys, get_state / set_state)."""
   if process_index is None or process_count is None:
     import jax
 
     process_index, process_count = jax.process_index(), jax.process_count()
+  if config.data.get('mixture', ''):
+    from rt2_jax.data import seqio_iterator
+
+    return seqio_iterator.make_iterator(
+      config, vocab, action_vocab, stats, process_index, process_count, progress
+    )
   start = time.time()
   mixture = tasks.get_mixture(register_from_config(config, progress))
   context = tasks.Context(

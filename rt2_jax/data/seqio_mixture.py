@@ -1,0 +1,265 @@
+"""Training data as seqio Tasks and Mixtures (issue 18): the features every task yields, the
+config's own robot / web tasks, and the custom-task helpers.
+
+With `data.mixture` set the trainer reads that registered seqio Task or Mixture
+(`rt2_jax.data.seqio_iterator`). Every task of it has the output features of
+`output_features()`:
+
+  inputs        int32 [Li]  prompt / question ids (no EOS), the project's SentencePiece vocabulary
+  targets       int32 [Lt]  action ids / answer ids, EOS appended by seqio
+  image         uint8 [H, W, 3]  any size: the feature converter resizes to model.image_size
+  is_robot      bool []
+  actions       float32 [dim]    real units ([0] for web examples)
+  action_start  int32 []         first action-token position in targets (-1: none)
+  pointer_xy    float32 [K, 2]   image points (x right, y down, in [0, 1]); [0, 2] for none
+
+A custom image-text task needs a source with 'inputs' / 'targets' text and 'image', then
+`web_preprocessors()` (tokenize, fill the robot fields, EOS); see the README. The config's robot
+task is registered as `robot_task_name(spec)` (e.g. 'rt2_robot_bridge_dataset'), its web tasks
+as 'rt2_web_jsonl' / 'rt2_web_<tfds name>', and the mixture `data.robot` / `data.web` describe
+(today's default one) as CONFIG_MIXTURE; modules named by `data.seqio_modules` are imported after
+that, so their mixtures can name these tasks.
+
+Each process reads its shard (`seqio.ShardInfo(process_index, process_count)`). The config's
+tasks still decode their split into memory when first read (`rt2_jax.data.tasks`), shuffle an
+index per epoch inside the source (no example buffer) and gather examples by index, so their
+position is a few integers in the tf.data iterator state.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import re
+
+import numpy as np
+
+from rt2_jax.data import pipeline, tasks
+
+CONFIG_MIXTURE = 'rt2_config'
+FIELDS = ('inputs', 'targets', 'image', 'is_robot', 'actions', 'action_start', 'pointer_xy')
+
+
+def seqio_name(name: str) -> str:
+  return 'rt2_' + re.sub(r'[^\w]', '_', name)
+
+
+def robot_task_name(spec_name: str) -> str:
+  return seqio_name(f'robot/{spec_name}')
+
+
+def seqio_vocabulary(vocab_path: str = '', extra_ids: int = 0):
+  """The project's SentencePiece model ('' = the bundled one) as a seqio vocabulary: the same
+  ids as `rt2_jax.vocab.Vocab.load(vocab_path, extra_ids)`."""
+  import seqio
+
+  from rt2_jax import vocab as vocab_lib
+
+  return seqio.SentencePieceVocabulary(vocab_path or vocab_lib.BUNDLED_MODEL, extra_ids=extra_ids)
+
+
+def output_features(vocab_path: str = '', extra_ids: int = 0) -> dict:
+  """The output features every task of a training mixture declares (module docstring)."""
+  import seqio
+  import tensorflow as tf
+
+  text = seqio_vocabulary(vocab_path, extra_ids)
+  raw = seqio.PassThroughVocabulary(size=0)
+
+  def field(dtype, rank):
+    return seqio.Feature(raw, add_eos=False, dtype=dtype, rank=rank)
+
+  return {
+    'inputs': seqio.Feature(text, add_eos=False),
+    'targets': seqio.Feature(text, add_eos=True),
+    'image': field(tf.uint8, 3),
+    'is_robot': field(tf.bool, 0),
+    'actions': field(tf.float32, 1),
+    'action_start': field(tf.int32, 0),
+    'pointer_xy': field(tf.float32, 2),
+  }
+
+
+def config_output_features(config) -> dict:
+  return output_features(config.vocab.path, config.vocab.get('extra_ids', 0))
+
+
+def fill_web_fields(dataset):
+  """A web example's robot fields: not a robot step, no actions, no action tokens; its 'point'
+  (x, y), if it has one, as pointer slot 0."""
+  import tensorflow as tf
+
+  def fill(example):
+    example = dict(example)
+    point = example.pop('point', None)
+    example['is_robot'] = tf.constant(False)
+    example['actions'] = tf.zeros([0], tf.float32)
+    example['action_start'] = tf.constant(-1, tf.int32)
+    example['pointer_xy'] = (
+      tf.zeros([0, 2], tf.float32)
+      if point is None
+      else tf.reshape(tf.cast(point, tf.float32), [1, 2])
+    )
+    return example
+
+  return dataset.map(fill, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def web_preprocessors() -> list:
+  """The last preprocessors of an image-text task: tokenize 'inputs' / 'targets' with the
+  output features' vocabulary, fill the robot fields (`fill_web_fields`), append EOS."""
+  import seqio
+
+  return [seqio.preprocessors.tokenize, fill_web_fields, seqio.preprocessors.append_eos_after_trim]
+
+
+# --- The config's tasks as seqio sources. ---
+
+
+@functools.cache
+def _source_class():
+  import seqio
+  import tensorflow as tf
+
+  class TaskDataSource(seqio.DataSource):
+    """A `tasks.Task` (robot or web, decoded and tokenized per process shard when first read) as
+    a seqio source: an index shuffled per epoch, examples gathered by index."""
+
+    def __init__(self, task: tasks.Task, context: tasks.Context):
+      super().__init__(splits=('train',), performs_internal_shuffling=True)
+      self.task, self.context = task, context
+      self._built: dict[tuple[int, int], tasks.TaskData] = {}
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+      return True
+
+    def list_shards(self, split):
+      return [self.task.name]
+
+    def rebind(self, task: tasks.Task, context: tasks.Context) -> None:
+      self.task, self.context = task, context
+      self._built.clear()
+
+    def task_data(self, shard: tuple[int, int]) -> tasks.TaskData:
+      if shard not in self._built:
+        import dataclasses
+
+        context = dataclasses.replace(self.context, process_index=shard[0], process_count=shard[1])
+        self._built[shard] = self.task.build(context)
+      return self._built[shard]
+
+    def get_dataset(self, split='train', shuffle=True, seed=None, shard_info=None, **unused):
+      del split, unused
+      shard = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
+      data = self.task_data(shard)
+      n = len(data)
+      if not n:
+        raise ValueError(f'task {data.name} has no examples on shard {shard}')
+      dim = data.actions.shape[1] if data.actions is not None else 0
+      k = data.points.shape[1] if data.points is not None else 0
+      size = data.images.shape[1:]
+
+      def example(i):
+        image = np.asarray(data.images[data.image_index[i]])
+        encoder = data.encoder_table[data.encoder_index[i]]
+        target = data.targets[i]
+        actions = data.actions[i] if data.actions is not None else np.zeros(0, np.float32)
+        points = data.points[i] if data.points is not None else np.zeros((0, 2), np.float32)
+        return (
+          encoder[encoder != 0].astype(np.int32),
+          target[: int(np.flatnonzero(target == tasks.EOS_ID)[0])].astype(np.int32),  # EOS: seqio
+          image,
+          np.int32(data.action_start[i]),
+          np.asarray(actions, np.float32),
+          np.asarray(points, np.float32),
+        )
+
+      def to_features(i):
+        inputs, targets, image, start, actions, points = tf.numpy_function(
+          example, [i], [tf.int32, tf.int32, tf.uint8, tf.int32, tf.float32, tf.float32]
+        )
+        return {
+          'inputs': tf.ensure_shape(inputs, [None]),
+          'targets': tf.ensure_shape(targets, [None]),
+          'image': tf.ensure_shape(image, size),
+          'is_robot': tf.constant(data.is_robot),
+          'actions': tf.ensure_shape(actions, [dim]),
+          'action_start': tf.ensure_shape(start, []),
+          'pointer_xy': tf.ensure_shape(points, [k, 2]),
+        }
+
+      ds = tf.data.Dataset.range(n)
+      if shuffle:  # a fresh permutation every epoch (seqio repeats the source)
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+      return ds.map(to_features, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  return TaskDataSource
+
+
+def _register(name: str, provider) -> None:
+  import seqio
+
+  registry = seqio.MixtureRegistry if isinstance(provider, seqio.Mixture) else seqio.TaskRegistry
+  seqio.TaskRegistry.remove(name)
+  seqio.MixtureRegistry.remove(name)
+  registry.add_provider(name, provider)
+
+
+def register_config_tasks(config, vocab, action_vocab, stats, progress=print) -> str:
+  """Registers the config's robot / web tasks (read lazily) and their mixture CONFIG_MIXTURE
+  with today's rates; returns CONFIG_MIXTURE."""
+  import seqio
+
+  source_class = _source_class()
+  context = tasks.Context(config, vocab, action_vocab, stats, 0, 1, progress)
+  features = config_output_features(config)
+  entries = []
+  for task_name, rate in tasks.get_mixture(pipeline.register_from_config(config, progress)).tasks:
+    name = seqio_name(task_name)
+    task = tasks.get_task(task_name)
+    existing = seqio.TaskRegistry.get(name) if name in seqio.TaskRegistry.names() else None
+    if (
+      existing is not None
+      and isinstance(existing.source, source_class)
+      and existing.output_features == features
+    ):
+      # Rebound in place: mixtures registered earlier hold this Task object, not its name.
+      existing.source.rebind(task, context)
+    else:
+      _register(
+        name,
+        seqio.Task(
+          name,
+          source_class(task, context),
+          output_features=features,
+          preprocessors=[seqio.preprocessors.append_eos_after_trim],
+          shuffle_buffer_size=None,  # the source shuffles its index
+        ),
+      )
+    entries.append((name, rate))
+  _register(CONFIG_MIXTURE, seqio.Mixture(CONFIG_MIXTURE, entries))
+  return CONFIG_MIXTURE
+
+
+def import_modules(names: str) -> list[str]:
+  """Imports the comma-separated modules of `data.seqio_modules` (they register seqio tasks)."""
+  modules = [n.strip() for n in str(names or '').split(',') if n.strip()]
+  for module in modules:
+    importlib.import_module(module)
+  return modules
+
+
+def get_provider(name: str):
+  """The registered seqio Task or Mixture `name`, or a KeyError listing what there is."""
+  import seqio
+
+  if name in seqio.MixtureRegistry.names():
+    return seqio.MixtureRegistry.get(name)
+  if name in seqio.TaskRegistry.names():
+    return seqio.TaskRegistry.get(name)
+  raise KeyError(
+    f'data.mixture={name!r} is not a registered seqio Task or Mixture (register it in a module '
+    f'named by data.seqio_modules). Mixtures: {sorted(seqio.MixtureRegistry.names())}; tasks: '
+    f'{sorted(seqio.TaskRegistry.names())}'
+  )

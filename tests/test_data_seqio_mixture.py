@@ -1,0 +1,166 @@
+"""data.mixture: the trainer's batches read from a seqio mixture through VLAFeatureConverter
+(issue 18): the same batch layout as the default pipeline, every row one of the tasks' examples,
+and an unknown name refused with the registered ones."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rt2_jax import config_flags
+from rt2_jax import vocab as vocab_lib
+from rt2_jax.data import fixtures, pipeline, seqio_mixture
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('seqio_mixture'))
+  return {
+    'robot': fixtures.write_bridge(os.path.join(root, 'bridge'), num_episodes=4, num_steps=4),
+    'jsonl': fixtures.write_web_jsonl(os.path.join(root, 'web'), num_examples=6),
+  }
+
+
+def make_config(data, **overrides):
+  values = {
+    'data.robot.data_dir': data['robot'],
+    'data.web.jsonl': data['jsonl'],
+    'data.cache_dir': '',
+    'data.synthetic_if_missing': False,
+    'model.image_size': 16,
+    'batch_size': 8,
+    'data.mixture': seqio_mixture.CONFIG_MIXTURE,
+  }
+  values.update(overrides)
+  return config_flags.load_config('tiny', overrides=values)
+
+
+def iterators(config):
+  """(seqio iterator, default iterator) of the same config."""
+  stats = pipeline.norm_stats(config, progress=None)
+  vocab, action_vocab = vocab_lib.from_config(config, pipeline.action_space(config))
+  seqio_it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=None)
+  default = config.copy_and_resolve_references()
+  default.data.mixture = ''
+  default_it = pipeline.make_train_iterator(
+    default, vocab, action_vocab, stats, 0, 1, progress=None
+  )
+  return seqio_it, default_it, action_vocab
+
+
+def find_example(task, row: dict) -> int:
+  """Index of the task's example that this batch row is, or -1."""
+  for i in range(len(task)):
+    encoder = task.encoder_table[task.encoder_index[i]]
+    if (
+      np.array_equal(task.targets[i], row['decoder_target_tokens'])
+      and np.array_equal(encoder, row['encoder_input_tokens'])
+      and np.array_equal(task.images[task.image_index[i]], row['image'])
+    ):
+      return i
+  return -1
+
+
+def test_config_mixture_rows_are_the_tasks_examples_in_the_default_layout(data):
+  config = make_config(data)
+  seqio_it, default_it, action_vocab = iterators(config)
+  robot, web = default_it.tasks
+  batches = [next(seqio_it) for _ in range(12)]
+  reference = next(default_it)
+  for key, value in reference.items():  # same keys, dtypes and shapes as the default pipeline
+    assert batches[0][key].dtype == value.dtype and batches[0][key].shape == value.shape, key
+  positions = action_vocab.num_positions
+  for batch in batches:
+    np.testing.assert_array_equal(batch['decoder_input_tokens'][:, 0], 0)
+    np.testing.assert_array_equal(
+      batch['decoder_input_tokens'][:, 1:], batch['decoder_target_tokens'][:, :-1]
+    )
+    np.testing.assert_array_equal(
+      batch['decoder_loss_weights'], batch['decoder_target_tokens'] != 0
+    )
+    for j in range(config.batch_size):
+      row = {k: v[j] for k, v in batch.items()}
+      task = robot if row['is_robot'] else web
+      i = find_example(task, row)
+      assert i >= 0, f'row {j} is none of {task.name} examples'
+      if row['is_robot']:
+        start = task.action_start[i]
+        want = np.zeros(config.data.max_target_len, np.float32)
+        want[start : start + positions] = 1
+        np.testing.assert_array_equal(row['action_loss_mask'], want)
+        np.testing.assert_allclose(row['actions'], task.actions[i])
+      else:
+        assert not row['action_loss_mask'].any() and not row['actions'].any()
+        np.testing.assert_array_equal(row['pointer_xy'][:1], task.points[i])  # NaN: no point
+  is_robot = np.concatenate([b['is_robot'] for b in batches])
+  assert 0.3 < is_robot.mean() < 0.7  # data.robot_rate = 0.5
+
+
+def test_unknown_mixture_is_refused_with_the_registered_names(data):
+  config = make_config(data, **{'data.mixture': 'no_such_mixture'})
+  with pytest.raises(KeyError, match=r'no_such_mixture.*rt2_config.*rt2_robot_bridge_dataset'):
+    iterators(config)
+
+
+def test_seqio_modules_are_imported_and_a_task_of_another_vocabulary_is_refused(data, tmp_path):
+  module = tmp_path / 'other_vocab_task.py'
+  module.write_text(
+    'import seqio\n'
+    'import tensorflow as tf\n'
+    'from rt2_jax.data import seqio_mixture\n'
+    'features = seqio_mixture.output_features(extra_ids=3)\n'
+    'seqio.TaskRegistry.remove("other_vocab")\n'
+    'seqio.TaskRegistry.add("other_vocab", seqio.FunctionDataSource(\n'
+    '  lambda split, shuffle_files: tf.data.Dataset.from_tensors({"inputs": "a"}),\n'
+    '  splits=["train"]), output_features=features)\n'
+  )
+  import sys
+
+  sys.path.insert(0, str(tmp_path))
+  try:
+    config = make_config(
+      data, **{'data.mixture': 'other_vocab', 'data.seqio_modules': 'other_vocab_task'}
+    )
+    with pytest.raises(ValueError, match='another vocabulary than config.vocab'):
+      iterators(config)
+  finally:
+    sys.path.remove(str(tmp_path))
+
+
+def _same(a: list, b: list) -> bool:
+  return all(
+    np.array_equal(x[k], y[k], equal_nan=True) for x, y in zip(a, b, strict=True) for k in x
+  )
+
+
+def test_the_saved_position_resumes_each_process_exactly(data):
+  config = make_config(data, **{'batch_size': 4})
+  stats = pipeline.norm_stats(config, progress=None)
+  vocab, action_vocab = vocab_lib.from_config(config, pipeline.action_space(config))
+
+  def make(process_index, c=config):
+    return pipeline.make_train_iterator(
+      c, vocab, action_vocab, stats, process_index, 2, progress=None
+    )
+
+  continued = {}
+  for process in (0, 1):
+    it = make(process)
+    for _ in range(5):
+      next(it)
+    state = json.loads(json.dumps(it.get_state()))  # what the checkpoint's JSON item holds
+    assert state['step'] == 5 and state['fingerprint']['process_index'] == process
+    continued[process] = [next(it) for _ in range(6)]
+    resumed = make(process)
+    resumed.set_state(state)
+    assert _same([next(resumed) for _ in range(6)], continued[process])
+    fresh = make(process)
+    assert not _same([next(fresh) for _ in range(6)], continued[process])
+  # Each process reads its own shard: their batches differ.
+  assert not _same(continued[0], continued[1])
+  # Another seed: the saved position does not apply, the stream starts from its beginning.
+  other = config.copy_and_resolve_references()
+  other.seed = 1
+  with pytest.warns(UserWarning, match='data setup changed'):
+    make(1, other).set_state(state)
