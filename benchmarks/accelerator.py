@@ -323,7 +323,7 @@ def train_section(args, config, mesh, params, counts, s, rates, rec) -> None:
   import jax
   from train_step import synthetic_batch
 
-  from rt2_jax import train
+  from rt2_jax import train, transforms
   from rt2_jax import vocab as vocab_lib
   from rt2_jax.actions import NormStats
   from rt2_jax.data import pipeline
@@ -334,7 +334,7 @@ def train_section(args, config, mesh, params, counts, s, rates, rec) -> None:
   space = pipeline.action_space(config)
   stats = NormStats.compute(np.random.default_rng(0).uniform(-0.05, 0.05, (100, space.dim)))
   _, action_vocab = vocab_lib.from_config(config, space)
-  tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
+  codec = transforms.ActionCodec.from_config(config, action_vocab, stats)
   setup = train.make_setup(config, mesh)
   # The decode section's fp32 weights, not setup.init_state (see random_params).
   state = jax.device_put(
@@ -343,11 +343,11 @@ def train_section(args, config, mesh, params, counts, s, rates, rec) -> None:
   )
   batch = {
     k: jax.device_put(v, setup.batch_sharding(np.ndim(v)))
-    for k, v in synthetic_batch(config, action_vocab, tokenizer).items()
+    for k, v in synthetic_batch(config, codec).items()
   }
   start = time.perf_counter()
   with setup.context():
-    compiled = setup.jit_train_step(action_vocab, tokenizer).lower(state, batch).compile()
+    compiled = setup.jit_train_step(codec).lower(state, batch).compile()
   row = dict(
     batch=args.train_batch,
     compile_s=time.perf_counter() - start,

@@ -80,15 +80,15 @@ def load_config(overrides):
   return config_flags.load_config('configs/tiny.py', {**COMMON, **overrides})
 
 
-def synthetic_batch(config, action_vocab, tokenizer, seed=0) -> dict:
+def synthetic_batch(config, codec, seed=0) -> dict:
   """A robot batch in the trainer's format: one text token, the action tokens, EOS."""
   rng = np.random.default_rng(seed)
   b, length, size = config.batch_size, config.data.max_target_len, config.model.image_size
-  dim, num_pos = tokenizer.space.dim, action_vocab.num_positions
+  dim, num_pos = codec.space.dim, codec.num_positions
   actions = rng.uniform(-0.05, 0.05, (b, dim)).astype(np.float32)
   targets = np.zeros((b, length), np.int32)
   targets[:, 0] = 5
-  targets[:, 1 : 1 + num_pos] = action_vocab.bins_to_ids(tokenizer.encode(actions))
+  targets[:, 1 : 1 + num_pos] = codec.encode(actions)
   targets[:, 1 + num_pos] = 1
   action_mask = np.zeros((b, length), np.float32)
   action_mask[:, 1 : 1 + num_pos] = 1
@@ -118,7 +118,7 @@ def _median_step(step, warmup: int, steps: int) -> float:
 def time_ours(config, warmup, steps):
   import jax
 
-  from rt2_jax import optim, train
+  from rt2_jax import optim, train, transforms
   from rt2_jax import vocab as vocab_lib
   from rt2_jax.actions import NormStats
   from rt2_jax.data import pipeline
@@ -126,16 +126,16 @@ def time_ours(config, warmup, steps):
   space = pipeline.action_space(config)
   stats = NormStats.compute(np.random.default_rng(0).uniform(-0.05, 0.05, (100, space.dim)))
   _, action_vocab = vocab_lib.from_config(config, space)
-  tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
+  codec = transforms.ActionCodec.from_config(config, action_vocab, stats)
   setup = train.make_setup(config)
   state = setup.init_state(jax.random.PRNGKey(0))
   batch = {
     k: jax.device_put(v, setup.batch_sharding(v.ndim))
-    for k, v in synthetic_batch(config, action_vocab, tokenizer).items()
+    for k, v in synthetic_batch(config, codec).items()
   }
   start = time.perf_counter()
   with setup.context():
-    compiled = setup.jit_train_step(action_vocab, tokenizer).lower(state, batch).compile()
+    compiled = setup.jit_train_step(codec).lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   box = {'state': state}
 
@@ -314,6 +314,7 @@ def run_worker(args) -> dict:
     return time_ours(config, args.warmup, args.steps)
   import torch
 
+  from rt2_jax import transforms
   from rt2_jax import vocab as vocab_lib
   from rt2_jax.actions import NormStats
   from rt2_jax.data import pipeline
@@ -321,10 +322,8 @@ def run_worker(args) -> dict:
   torch.set_num_threads(args.threads)
   space = pipeline.action_space(config)
   _, action_vocab = vocab_lib.from_config(config, space)
-  tokenizer = space.tokenizer(NormStats.compute(np.zeros((2, space.dim))), 256, 'rt1')
-  return time_pytorch(
-    config, synthetic_batch(config, action_vocab, tokenizer), args.warmup, args.steps
-  )
+  codec = transforms.ActionCodec.create(action_vocab, NormStats.compute(np.zeros((2, space.dim))))
+  return time_pytorch(config, synthetic_batch(config, codec), args.warmup, args.steps)
 
 
 def spawn(worker: str, model: str, threads: int, warmup: int, steps: int, devices: int = 0) -> dict:

@@ -1,8 +1,9 @@
 """The one set of config keys, with accelerator-scale defaults and no CPU-only XLA flags.
 
 Imported, not executed from a file: every config starts from `base_config()` and overrides
-what it changes (configs/tiny.py: the CPU-sized model and run; configs/pali_*_public.py: the
-public checkpoints' shapes and a `weights` block). Every entry point takes `--config=FILE` plus
+what it changes (configs/tiny.py: the CPU-sized model and run; configs/rt2_pali_3b.py and
+configs/rt2_palix_55b.py: shape classes; configs/pali_*_public.py: the public checkpoints' shapes
+and a `weights` block). Every entry point takes `--config=FILE` plus
 `--config.key=value` overrides.
 """
 

@@ -102,17 +102,16 @@ class EventWriter:
     self._file.close()
 
 
-def step_metric_sums(logits, batch, action_vocab, tokenizer) -> dict:
+def step_metric_sums(logits, batch, codec: transforms.ActionCodec) -> dict:
   """Per micro-batch sums; `finalize_metrics` turns them into ratios."""
   targets, weights = batch['decoder_target_tokens'], batch['decoder_loss_weights']
   action_mask = batch['action_loss_mask'] * weights
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   # The action tokens of each example, in order: the first P positions of its action mask.
-  num_pos = action_vocab.num_positions
+  num_pos = codec.num_positions
   positions = jnp.argsort(1 - (action_mask > 0).astype(jnp.int32), axis=1, stable=True)[:, :num_pos]
   has_action = batch['is_robot'] & ((action_mask > 0).sum(1) >= num_pos)
   action_logits = jnp.take_along_axis(logits, positions[..., None], axis=1)  # [B, P, V]
-  codec = transforms.ActionCodec(action_vocab, tokenizer)
   predicted = codec.decode(codec.constrained_argmax(action_logits, xp=jnp), xp=jnp)
   error = jnp.abs(predicted - batch['actions']) * has_action[:, None]
   return {

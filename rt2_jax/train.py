@@ -39,7 +39,15 @@ from absl import logging as absl_logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rt2_jax import checkpoint_assets, checkpoints, config_flags, metrics, optim, partitioning
+from rt2_jax import (
+  checkpoint_assets,
+  checkpoints,
+  config_flags,
+  metrics,
+  optim,
+  partitioning,
+  transforms,
+)
 from rt2_jax import lora as lora_lib
 from rt2_jax import vocab as vocab_lib
 
@@ -175,8 +183,8 @@ def pointer_label(xy, grid: int):
   return (row[..., :, None] * col[..., None, :]).reshape(*xy.shape[:-1], grid * grid)
 
 
-def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_spec_fn):
-  """(state, batch) -> (state, metrics), to be jitted."""
+def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, batch_spec_fn):
+  """(state, batch) -> (state, metrics), to be jitted; `codec` decodes the action metrics."""
   accum = int(config.optim.grad_accum_steps)
   dropout = (
     max(
@@ -193,7 +201,7 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
   patch_grid = config.model.image_size // config.model.vit.patch_size
   from rt2_jax.models import vla
 
-  vla.check_action_positions(config.model, action_vocab.num_positions)
+  vla.check_action_positions(config.model, codec.num_positions)
 
   def pointer_sums(pool_logits, batch, keypoints=None):
     """Pointing loss of the summaries' pooling logits [B, K, N] against `pointer_xy` [B, K', 2]
@@ -271,7 +279,7 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['decoder_target_tokens'])
     loss_sum = (ce * batch['decoder_loss_weights']).sum()
     loss = loss_sum / total_weight
-    sums = metrics.step_metric_sums(jax.lax.stop_gradient(logits), batch, action_vocab, tokenizer)
+    sums = metrics.step_metric_sums(jax.lax.stop_gradient(logits), batch, codec)
     if pointer_weight:
       pool = state['intermediates']['instruction_pool']
       keypoints = pool['keypoints'][0] if 'keypoints' in pool else None
@@ -437,9 +445,9 @@ class Setup:
     with self.context():
       return jax.jit(init, out_shardings=self.state_shardings)(rng)
 
-  def jit_train_step(self, action_vocab, tokenizer):
+  def jit_train_step(self, codec: transforms.ActionCodec):
     step_fn = make_train_step(
-      self.model, self.tx, self.schedule, self.config, action_vocab, tokenizer, self.batch_sharding
+      self.model, self.tx, self.schedule, self.config, codec, self.batch_sharding
     )
     # Metrics come back replicated, so every process can read them without a gather.
     return jax.jit(
@@ -574,7 +582,7 @@ def train(config, workdir: str) -> dict:
       state = state.replace(
         params=checkpoints.load_init_params(config.init_from, setup.abstract_state.params)
       )
-  tokenizer = action_space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
+  codec = transforms.ActionCodec.from_config(config, action_vocab, stats)
   meta = checkpoints.make_meta(config, vocab)
   if lora.enabled:
     meta[lora_lib.META_KEY] = lora_base
@@ -585,7 +593,7 @@ def train(config, workdir: str) -> dict:
   )
   if restored is not None and restored.data_state is not None:
     data_iter.set_state(restored.data_state)
-  train_step = setup.jit_train_step(action_vocab, tokenizer)
+  train_step = setup.jit_train_step(codec)
 
   def global_batch(local: dict) -> dict:
     _check_batch_keys(tuple(sorted(local)))

@@ -13,7 +13,7 @@ from flax import traverse_util
 from test_train import _batch
 
 from rt2_jax import actions as actions_lib
-from rt2_jax import checkpoints, config_flags, lora, optim, train
+from rt2_jax import checkpoints, config_flags, lora, optim, train, transforms
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.data import pipeline
 from rt2_jax.models import layers, layout
@@ -81,8 +81,7 @@ def action_setup():
     np.random.default_rng(0).uniform(-0.05, 0.05, (200, space.dim))
   )
   _, action_vocab = vocab_lib.from_config(config, space)
-  tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
-  return space, action_vocab, tokenizer
+  return transforms.ActionCodec.from_config(config, action_vocab, stats)
 
 
 def _logits(setup, params, batch):
@@ -96,12 +95,12 @@ def _logits(setup, params, batch):
 
 @pytest.mark.parametrize('scan', [False, True])
 def test_step0_is_the_base_and_only_adapters_train(action_setup, scan):
-  space, action_vocab, tokenizer = action_setup
+  codec = action_setup
   config = _config(**{'model.scan_layers': scan, 'lora.train_full': '^image_projection/'})
   setup = train.make_setup(config)
   state = setup.init_state(jax.random.PRNGKey(0))
   base = state.frozen
-  batch = _batch(config, space, action_vocab, tokenizer)
+  batch = _batch(config, codec)
   batch = {k: v[: config.batch_size] for k, v in batch.items()}
   cfg = lora.LoraConfig.from_config(config)
   with setup.context():
@@ -112,7 +111,7 @@ def test_step0_is_the_base_and_only_adapters_train(action_setup, scan):
   assert optim.tree_size(state.params) < 0.25 * optim.tree_size(base)
   assert optim.tree_size(state.opt_state) < 2 * optim.tree_size(state.params)
   before = jax.tree.map(np.asarray, (state.params, base))
-  step = setup.jit_train_step(action_vocab, tokenizer)
+  step = setup.jit_train_step(codec)
   with setup.context():
     for _ in range(3):
       state, out = step(state, batch)
@@ -124,13 +123,13 @@ def test_step0_is_the_base_and_only_adapters_train(action_setup, scan):
 
 
 def test_scanned_adapters_equal_unrolled(action_setup):
-  space, action_vocab, tokenizer = action_setup
+  codec = action_setup
   unrolled = train.make_setup(_config())
   scanned = train.make_setup(_config(**{'model.scan_layers': True}))
   base = _random_like(unrolled.abstract_state.frozen, 0, 0.1)
   trainable = _random_like(unrolled.abstract_state.params, 1, 0.1)  # B != 0: a real update
   cfg = lora.LoraConfig.from_config(unrolled.config)
-  batch = _batch(unrolled.config, space, action_vocab, tokenizer)
+  batch = _batch(unrolled.config, codec)
   with unrolled.context():
     want = _logits(unrolled, lora.merge(base, trainable, cfg), batch)
   with scanned.context():

@@ -393,8 +393,11 @@ def test_instruction_pool_puts_word_chosen_summaries_before_the_image_tokens():
   from rt2_jax import partitioning
 
   images, enc, dec = _inputs()
-  model = VLA(_model_cfg(**{'instruction_pool': 3, 'instruction_pool_scale': 2.0}))
-  assert model.num_image_tokens == 16 + 3
+  cfg = _model_cfg(**{'instruction_pool': 3, 'instruction_pool_scale': 2.0})
+  model = VLA(cfg)
+  # Encoder positions before the text: the 3 summaries, then the 4 x 4 patches.
+  num_image_tokens = (cfg.image_size // cfg.vit.patch_size) ** 2 + cfg.instruction_pool
+  assert num_image_tokens == 16 + 3
   variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images, enc, dec))
   pool = variables['params']['instruction_pool']
 
@@ -423,7 +426,8 @@ def test_instruction_pool_puts_word_chosen_summaries_before_the_image_tokens():
   assert w.max() < 0.999  # not degenerate: the check above compares a real pooling
   # The encoder sees [summaries; patches; text]; the summaries follow the words, not padding.
   encoded, mask = model.apply(variables, images, enc, method=VLA.encode)
-  assert encoded.shape[1] == mask.shape[1] == 19 + enc.shape[1] and mask[:, :19].all()
+  assert encoded.shape[1] == mask.shape[1] == num_image_tokens + enc.shape[1]
+  assert mask[:, :num_image_tokens].all()
   other = enc.copy()
   other[0, 0] = 42
   assert np.abs(pooled(enc) - pooled(other))[0].max() > 1e-3

@@ -14,7 +14,7 @@ import pytest
 import train_testlib as lib
 from jax.sharding import PartitionSpec as P
 
-from rt2_jax import config_flags, partitioning
+from rt2_jax import config_base, config_flags, partitioning
 from rt2_jax.models import layout, stack_layers, unstack_layers
 from rt2_jax.models.vla import VLA, configs_from_model_config
 
@@ -200,6 +200,27 @@ def test_large_configs_scan_and_keep_their_parameter_counts():
   text = summary.summarize(config_flags.load_config('configs/rt2_pali_3b.py').model)
   assert f'{4_695_939_456:,}' in text
   assert 'vit/blocks/mlp/fc1/kernel' in text and 'x48' in text and '(1664, 8192)' in text
+
+
+def _flat(config, prefix=''):
+  out = {}
+  for k, v in config.items():
+    out.update(_flat(v, f'{prefix}{k}.') if hasattr(v, 'items') else {f'{prefix}{k}': v})
+  return out
+
+
+def test_large_configs_start_from_the_base_without_cpu_flags():
+  """The shape-class configs are the base config plus their own overrides: the same keys, and
+  nothing CPU-specific (tiny's XLA flags, its CPU-sized data and run)."""
+  base = _flat(config_base.base_config())
+  for name in ('rt2_pali_3b', 'rt2_palix_55b'):
+    cfg = _flat(config_flags.load_config(f'configs/{name}.py'))
+    assert set(cfg) == set(base), name
+    assert cfg['xla_flags'] == '', name
+    changed = {k for k in cfg if cfg[k] != base[k]}
+    assert all(
+      k.startswith(('model.', 'total_steps', 'batch_size', 'ckpt.', 'mesh.')) for k in changed
+    ), changed
 
 
 def test_stacked_params_shard_like_their_layers():

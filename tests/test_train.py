@@ -11,7 +11,7 @@ import train_testlib as lib
 from jax.sharding import PartitionSpec as P
 
 from rt2_jax import actions as actions_lib
-from rt2_jax import config_flags, metrics, optim, train
+from rt2_jax import config_flags, metrics, optim, train, transforms
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.data import pipeline
 from rt2_jax.models import layout, vla
@@ -200,18 +200,18 @@ def action_setup():
   stats = actions_lib.NormStats.compute(
     np.random.default_rng(0).uniform(-0.05, 0.05, (200, space.dim))
   )
-  vocab, action_vocab = vocab_lib.from_config(config, space)
-  tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
-  return config, space, action_vocab, tokenizer
+  _, action_vocab = vocab_lib.from_config(config, space)
+  return config, transforms.ActionCodec.from_config(config, action_vocab, stats)
 
 
-def _batch(config, space, action_vocab, tokenizer, seed=0):
+def _batch(config, codec, seed=0):
   """Robot examples: [action tokens..., EOS] targets, with 2 web rows (no action tokens)."""
   rng = np.random.default_rng(seed)
+  space = codec.space
   b, length, num_pos = config.batch_size * 2, config.data.max_target_len, space.num_positions
   actions = rng.uniform(-0.05, 0.05, (b, space.dim)).astype(np.float32)
   actions[:, -1] = rng.integers(0, 2, b)
-  ids = action_vocab.bins_to_ids(tokenizer.encode(actions))
+  ids = codec.encode(actions)
   targets = np.zeros((b, length), np.int32)
   targets[:, 1 : 1 + num_pos] = ids  # one text token before the actions
   targets[:, 0] = 5
@@ -237,8 +237,9 @@ def _batch(config, space, action_vocab, tokenizer, seed=0):
 
 
 def test_action_metrics_decode_the_constrained_argmax(action_setup):
-  config, space, action_vocab, tokenizer = action_setup
-  batch = _batch(config, space, action_vocab, tokenizer)
+  config, codec = action_setup
+  space, action_vocab = codec.space, codec.action_vocab
+  batch = _batch(config, codec)
   b, length = batch['decoder_target_tokens'].shape
   vocab_size = config.model.vocab_size
   rng = np.random.default_rng(1)
@@ -252,10 +253,8 @@ def test_action_metrics_decode_the_constrained_argmax(action_setup):
     for p in range(space.num_positions):
       logits[i, 1 + p, chosen_ids[i, p]] = 50.0
       logits[i, 1 + p, text_token] = 100.0
-  sums = jax.jit(lambda lg, bt: metrics.step_metric_sums(lg, bt, action_vocab, tokenizer))(
-    logits, batch
-  )
-  expected = np.abs(tokenizer.decode(chosen) - batch['actions'])[2:].sum(0)
+  sums = jax.jit(lambda lg, bt: metrics.step_metric_sums(lg, bt, codec))(logits, batch)
+  expected = np.abs(codec.tokenizer.decode(chosen) - batch['actions'])[2:].sum(0)
   np.testing.assert_allclose(np.asarray(sums['action_error_sum']), expected, rtol=1e-5, atol=1e-6)
   assert float(sums['action_examples']) == b - 2
   assert float(sums['action_correct']) == 0.0  # the text token wins the plain argmax
@@ -263,7 +262,7 @@ def test_action_metrics_decode_the_constrained_argmax(action_setup):
 
 @pytest.mark.slow  # compiles init and two steps on 8 devices: about 1-2 min on 2 cores
 def test_sharded_step_with_accumulation_matches_full_batch(action_setup):
-  config, space, action_vocab, tokenizer = action_setup
+  _, codec = action_setup
   mesh_overrides = {'mesh.data': 4, 'mesh.model': 2, 'batch_size': 8}
   setups = {}
   for accum in (1, 2):
@@ -275,13 +274,13 @@ def test_sharded_step_with_accumulation_matches_full_batch(action_setup):
   assert any('model' in tuple(spec) for spec in specs)  # tensor-parallel parameters
 
   state = setup.init_state(jax.random.PRNGKey(0))
-  batch = _batch(setups[1].config, space, action_vocab, tokenizer)
+  batch = _batch(setups[1].config, codec)
   batch = {k: v[:8] for k, v in batch.items()}
   global_batch = {k: jax.device_put(v, setup.batch_sharding(v.ndim)) for k, v in batch.items()}
   out = {}
   for accum, s in setups.items():
     copy = jax.tree.map(jnp.copy, state)
-    new_state, metrics = s.jit_train_step(action_vocab, tokenizer)(copy, global_batch)
+    new_state, metrics = s.jit_train_step(codec)(copy, global_batch)
     out[accum] = (jax.device_get(new_state.params), jax.device_get(metrics))
   np.testing.assert_allclose(out[1][1]['loss'], out[2][1]['loss'], rtol=1e-5)
   np.testing.assert_allclose(out[1][1]['grad_norm'], out[2][1]['grad_norm'], rtol=1e-4)
@@ -297,20 +296,21 @@ def test_parallel_action_train_step_never_reads_action_tokens(action_setup):
   """model.action_decoding='parallel': the step's loss and gradients are the same when the
   action tokens fed as inputs at action positions are replaced by others, and the queries
   train."""
-  config, space, action_vocab, tokenizer = action_setup
+  _, codec = action_setup
   setup = train.make_setup(_config(**{'model.action_decoding': 'parallel', 'batch_size': 8}))
   assert setup.state_shardings.params['action_query_embedding'].spec == P(None, 'fsdp')
   state = setup.init_state(jax.random.PRNGKey(0))
-  batch = {k: v[:8] for k, v in _batch(setup.config, space, action_vocab, tokenizer).items()}
+  batch = {k: v[:8] for k, v in _batch(setup.config, codec).items()}
   inputs = batch['decoder_input_tokens']
   # Action positions after the first of each row read the previous action token as input.
   fed = np.asarray(vla.action_query_index(batch['action_loss_mask'])) > 0
-  assert fed.sum() == 6 * (space.num_positions - 1)  # 6 robot rows; web rows have no actions
-  assert np.isin(inputs[fed], action_vocab.action_token_ids).all()
-  other = np.random.default_rng(1).choice(action_vocab.action_token_ids, inputs.shape)
+  assert fed.sum() == 6 * (codec.num_positions - 1)  # 6 robot rows; web rows have no actions
+  action_ids = codec.action_vocab.action_token_ids
+  assert np.isin(inputs[fed], action_ids).all()
+  other = np.random.default_rng(1).choice(action_ids, inputs.shape)
   scrambled = dict(batch, decoder_input_tokens=np.where(fed, other, inputs).astype(np.int32))
   assert not np.array_equal(scrambled['decoder_input_tokens'], inputs)
-  step = setup.jit_train_step(action_vocab, tokenizer)
+  step = setup.jit_train_step(codec)
   out = [step(jax.tree.map(jnp.copy, state), b) for b in (batch, scrambled)]
   for key in ('loss', 'grad_norm', 'action_accuracy'):
     np.testing.assert_allclose(out[0][1][key], out[1][1][key], rtol=1e-6, err_msg=key)
@@ -371,12 +371,12 @@ def _bilinear_label(x, y, grid):
 
 
 def test_pointer_loss_trains_each_summary_to_point_at_its_slot(action_setup):
-  _, space, action_vocab, tokenizer = action_setup
+  _, codec = action_setup
   setup = train.make_setup(
     _config(**{'model.instruction_pool': 2, 'model.pointer_loss': 0.5, 'batch_size': 8})
   )
   state = setup.init_state(jax.random.PRNGKey(0))
-  batch = _batch(setup.config, space, action_vocab, tokenizer)
+  batch = _batch(setup.config, codec)
   rng = np.random.default_rng(3)
   # Three slots of points for a pool of two summaries: slot 2 has no summary and is ignored.
   xy = rng.uniform(0, 1, (len(batch['image']), 3, 2)).astype(np.float32)
@@ -410,7 +410,7 @@ def test_pointer_loss_trains_each_summary_to_point_at_its_slot(action_setup):
       p = np.exp(log_p[i, k]).reshape(4, 4)
       dists.append(np.hypot(p.sum(0) @ centres - xy[i, k, 0], p.sum(1) @ centres - xy[i, k, 1]))
   assert len(losses) == 2 * len(xy) - 8
-  step = setup.jit_train_step(action_vocab, tokenizer)
+  step = setup.jit_train_step(codec)
   state, out = step(state, batch)
   assert float(out['pointer_loss']) == pytest.approx(np.mean(losses), rel=1e-4)
   assert float(out['pointer_accuracy']) == pytest.approx(np.mean(hits))
@@ -462,7 +462,7 @@ def test_pointing_only_trains_the_pointing_alone_and_leaves_the_language_model(a
 
 
 def test_keypoint_loss_pulls_the_refined_keypoints_onto_the_points(action_setup):
-  _, space, action_vocab, tokenizer = action_setup
+  _, codec = action_setup
   overrides = {
     'model.instruction_pool': 2,
     'model.pointer_loss': 0.1,
@@ -472,10 +472,10 @@ def test_keypoint_loss_pulls_the_refined_keypoints_onto_the_points(action_setup)
   }
   with pytest.raises(ValueError, match='keypoint_loss'):
     no_pointer = {**overrides, 'model.pointer_loss': 0.0, 'model.keypoint_loss': 1.0}
-    train.make_setup(_config(**no_pointer)).jit_train_step(action_vocab, tokenizer)
+    train.make_setup(_config(**no_pointer)).jit_train_step(codec)
   setup = train.make_setup(_config(**overrides, **{'model.keypoint_loss': 5.0}))
   state = setup.init_state(jax.random.PRNGKey(0))
-  batch = _batch(setup.config, space, action_vocab, tokenizer)
+  batch = _batch(setup.config, codec)
   xy = np.random.default_rng(4).uniform(0, 1, (len(batch['image']), 2, 2)).astype(np.float32)
   batch['pointer_xy'] = xy
   batch = {k: jax.device_put(v, setup.batch_sharding(v.ndim)) for k, v in batch.items()}
@@ -487,7 +487,7 @@ def test_keypoint_loss_pulls_the_refined_keypoints_onto_the_points(action_setup)
     mutable=['intermediates'],
   )
   keypoints = np.asarray(inter['intermediates']['instruction_pool']['keypoints'][0])
-  step = setup.jit_train_step(action_vocab, tokenizer)
+  step = setup.jit_train_step(codec)
   state, out = step(state, batch)
   # The reported distance is the refined keypoints' (not the plain expected patch centre's).
   assert float(out['pointer_distance']) == pytest.approx(
@@ -501,6 +501,4 @@ def test_keypoint_loss_pulls_the_refined_keypoints_onto_the_points(action_setup)
 
 def test_pointer_loss_needs_the_instruction_pool():
   with pytest.raises(ValueError, match='instruction_pool'):
-    train.make_setup(_config(**{'model.pointer_loss': 1.0, 'batch_size': 8})).jit_train_step(
-      None, None
-    )
+    train.make_setup(_config(**{'model.pointer_loss': 1.0, 'batch_size': 8})).jit_train_step(None)

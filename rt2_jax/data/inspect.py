@@ -36,7 +36,7 @@ def realized_rates(it, num_examples: int) -> dict[str, float]:
   return {t.name: counts[t.name] / seen for t in it.tasks}
 
 
-def decode_example(batch: dict, j: int, info: dict, vocab, action_vocab, tokenizer) -> dict:
+def decode_example(batch: dict, j: int, info: dict, vocab, codec: transforms.ActionCodec) -> dict:
   """Texts and de-tokenized actions of example j of a batch."""
   targets = batch['decoder_target_tokens'][j]
   out = dict(info)
@@ -44,7 +44,6 @@ def decode_example(batch: dict, j: int, info: dict, vocab, action_vocab, tokeniz
   out['target_ids'] = [int(i) for i in targets[: int((targets != 0).sum())]]
   out['target_text'] = vocab.decode(targets)
   if batch['is_robot'][j]:
-    codec = transforms.ActionCodec(action_vocab, tokenizer)
     ids = targets[np.flatnonzero(batch['action_loss_mask'][j])]
     out['bins'] = codec.ids_to_bins(ids).tolist()
     out['decoded_action'] = codec.decode(ids)
@@ -118,7 +117,7 @@ def inspect(config, num: int = 5, sample: int = 2000, out: str = '', progress=pr
   stats = pipeline.norm_stats(config, progress=progress)
   vocab, action_vocab = vocab_lib.from_config(config, space)
   it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=progress)
-  tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
+  codec = transforms.ActionCodec.from_config(config, action_vocab, stats)
   print('\n== datasets')
   for task, rate in zip(it.tasks, it.rates, strict=False):
     print(f'{task.name:<28} {len(task):>8} examples  rate {rate:.3f}  {task.info}')
@@ -133,7 +132,7 @@ def inspect(config, num: int = 5, sample: int = 2000, out: str = '', progress=pr
     for j, info in enumerate(it.describe_last()):
       if len(examples) == num:
         break
-      examples.append(decode_example(batch, j, info, vocab, action_vocab, tokenizer))
+      examples.append(decode_example(batch, j, info, vocab, codec))
       images.append(batch['image'][j])
   for ex in examples:
     print(format_example(ex, space))

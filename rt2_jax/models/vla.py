@@ -377,12 +377,6 @@ class VLA(nn.Module):
         jnp.float32,
       )
 
-  @property
-  def num_image_tokens(self) -> int:
-    """Encoder positions before the text: the patches, plus `model.instruction_pool`."""
-    vit_cfg, _ = configs_from_model_config(self.config)
-    return vit_cfg.num_patches + int(self.config.get('instruction_pool', 0))
-
   def _check_inputs(self, images, encoder_input_tokens):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'images must be [B, H, W, 3], got shape {images.shape}')
