@@ -423,12 +423,12 @@ def test_pointer_loss_trains_each_summary_to_point_at_its_slot(action_setup):
 
 
 def test_pointing_only_trains_the_pointing_alone_and_leaves_the_language_model(action_setup):
-  _, space, action_vocab, tokenizer = action_setup
+  _, codec = action_setup
   overrides = {'model.instruction_pool': 2, 'model.pointer_loss': 0.5, 'batch_size': 8}
   full = train.make_setup(_config(**overrides))
   stage = train.make_setup(_config(**overrides, pointing_only=True))
   state = stage.init_state(jax.random.PRNGKey(0))
-  batch = _batch(stage.config, space, action_vocab, tokenizer)
+  batch = _batch(stage.config, codec)
   xy = np.random.default_rng(4).uniform(0, 1, (len(batch['image']), 2, 2)).astype(np.float32)
   xy[:2, 1] = np.nan
   batch['pointer_xy'] = xy
@@ -438,8 +438,8 @@ def test_pointing_only_trains_the_pointing_alone_and_leaves_the_language_model(a
   }
   # The same pointing loss as the full step's, from the same parameters (the steps donate
   # their state, so the full step gets a copy).
-  _, full_out = full.jit_train_step(action_vocab, tokenizer)(jax.tree.map(jnp.copy, state), batch)
-  step = stage.jit_train_step(action_vocab, tokenizer)
+  _, full_out = full.jit_train_step(codec)(jax.tree.map(jnp.copy, state), batch)
+  step = stage.jit_train_step(codec)
   after, out = step(state, batch)
   assert float(out['pointer_loss']) == pytest.approx(float(full_out['pointer_loss']), rel=1e-5)
   assert float(out['loss']) == 0.0 and float(full_out['loss']) > 0.0
@@ -456,9 +456,7 @@ def test_pointing_only_trains_the_pointing_alone_and_leaves_the_language_model(a
     after, out = step(after, batch)
   assert float(out['pointer_loss']) < 0.8 * first
   with pytest.raises(ValueError, match='pointing_only'):
-    train.make_setup(_config(pointing_only=True, batch_size=8)).jit_train_step(
-      action_vocab, tokenizer
-    )
+    train.make_setup(_config(pointing_only=True, batch_size=8)).jit_train_step(codec)
 
 
 def test_keypoint_loss_pulls_the_refined_keypoints_onto_the_points(action_setup):
