@@ -23,7 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.vocab = ml_collections.ConfigDict(dict(path='', extra_ids=0, action_scheme='numbers'))
   # decode_mode 'rt1': bin/(n-1) (RT-1 convention); 'centers': bin centers.
-  c.actions = ml_collections.ConfigDict(dict(num_bins=256, decode_mode='rt1'))
+  # label_sigma > 0: continuous action tokens are trained against a Gaussian of this many bins
+  # round the target instead of one-hot (neighbouring bins are near misses); decoding unchanged.
+  c.actions = ml_collections.ConfigDict(dict(num_bins=256, decode_mode='rt1', label_sigma=0.0))
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 32128  # T5 / UL2 SentencePiece: 32000 pieces + 100 extra ids + padding

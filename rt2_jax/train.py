@@ -39,6 +39,7 @@ from absl import logging as absl_logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rt2_jax import actions as actions_lib
 from rt2_jax import (
   checkpoint_assets,
   checkpoints,
@@ -183,6 +184,31 @@ def pointer_label(xy, grid: int):
   return (row[..., :, None] * col[..., None, :]).reshape(*xy.shape[:-1], grid * grid)
 
 
+def smoothed_action_cross_entropy(logits, targets, action_mask, codec, sigma: float):
+  """Cross-entropy [B, L] of each continuous action token against a Gaussian over the bins
+  round its target (`sigma` in bins; actions.label_sigma) instead of the one-hot target, so a
+  near miss costs less than a far one (the 256 classes of a coordinate are otherwise unrelated);
+  and where it applies [B, L] bool. Decoding is unchanged: the argmax over the same tokens."""
+  action_vocab, space = codec.action_vocab, codec.space
+  continuous = np.concatenate(
+    [[f.kind == actions_lib.CONTINUOUS] * f.positions for f in space.fields]
+  )
+  allowed = jnp.asarray(action_vocab.allowed_ids)  # [P, K]: class -> id, rows padded
+  num_positions, num_classes = allowed.shape
+  from rt2_jax.models import vla
+
+  position = jnp.minimum(vla.action_query_index(action_mask), num_positions - 1)
+  target = jnp.asarray(action_vocab.inverse_table)[position, targets]  # -1: not an action id
+  applies = (action_mask > 0) & jnp.asarray(continuous)[position] & (target >= 0)
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  candidates = jnp.take_along_axis(log_p, allowed[position], axis=-1)  # [B, L, K]
+  classes = jnp.arange(num_classes)
+  real = classes < jnp.asarray(action_vocab.num_allowed)[position][..., None]
+  weights = jnp.exp(-0.5 * ((classes - target[..., None]) / sigma) ** 2) * real
+  weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-30)
+  return -(weights * candidates).sum(-1), applies
+
+
 def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, batch_spec_fn):
   """(state, batch) -> (state, metrics), to be jitted; `codec` decodes the action metrics."""
   accum = int(config.optim.grad_accum_steps)
@@ -238,6 +264,7 @@ def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, 
     return (~jnp.isnan(xy[:, :pool_tokens, 0])).sum()
 
   lora = lora_lib.LoraConfig.from_config(config)
+  label_sigma = float(config.actions.get('label_sigma', 0.0))
   pointing_only = bool(config.get('pointing_only', False))
   if pointing_only and not pointer_weight:
     raise ValueError('config.pointing_only trains model.pointer_loss alone; set it > 0')
@@ -277,6 +304,11 @@ def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, 
       mutable=['intermediates'],
     )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['decoder_target_tokens'])
+    if label_sigma:
+      soft, applies = smoothed_action_cross_entropy(
+        logits, batch['decoder_target_tokens'], batch['action_loss_mask'], codec, label_sigma
+      )
+      ce = jnp.where(applies, soft, ce)
     loss_sum = (ce * batch['decoder_loss_weights']).sum()
     loss = loss_sum / total_weight
     sums = metrics.step_metric_sums(jax.lax.stop_gradient(logits), batch, codec)

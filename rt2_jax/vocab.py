@@ -182,6 +182,12 @@ class ActionVocab:
       self._inverse[p, table[:k]] = np.arange(k, dtype=np.int32)
 
   @property
+  def inverse_table(self) -> np.ndarray:
+    """int32 [num_positions, vocab_size]: the class each id stands for at each position, -1
+    where the id is not allowed there."""
+    return self._inverse
+
+  @property
   def mask(self) -> np.ndarray:
     """bool [num_positions, vocab_size]: which ids each action position may produce."""
     return self._inverse >= 0

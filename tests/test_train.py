@@ -236,6 +236,51 @@ def _batch(config, codec, seed=0):
   }
 
 
+def test_label_sigma_trains_continuous_action_tokens_against_neighbouring_bins(action_setup):
+  config, codec = action_setup
+  space, action_vocab = codec.space, codec.action_vocab
+  batch = _batch(config, codec)
+  b, length = batch['decoder_target_tokens'].shape
+  logits = np.random.default_rng(2).normal(size=(b, length, config.model.vocab_size))
+  logits = jnp.asarray(logits.astype(np.float32))
+  targets, mask = batch['decoder_target_tokens'], batch['action_loss_mask']
+  soft, applies = jax.jit(
+    lambda lg: train.smoothed_action_cross_entropy(lg, targets, mask, codec, 2.0)
+  )(logits)
+  continuous = [f.kind == 'continuous' for f in space.fields for _ in range(f.positions)]
+  assert any(continuous)
+  expected_applies = np.zeros((b, length), bool)
+  expected_applies[2:, 1 : 1 + space.num_positions] = continuous  # robot rows' action tokens
+  np.testing.assert_array_equal(np.asarray(applies), expected_applies)
+  # By hand at one continuous position: a Gaussian over its bins round the target bin.
+  log_p = np.asarray(jax.nn.log_softmax(logits, -1))
+  i, p = 3, continuous.index(True)
+  k = int(action_vocab.num_allowed[p])
+  target = int(action_vocab.ids_to_bins(targets[i, 1 : 1 + space.num_positions])[p])
+  w = np.exp(-0.5 * ((np.arange(k) - target) / 2.0) ** 2)
+  w /= w.sum()
+  expected = -(w * log_p[i, 1 + p, action_vocab.allowed_ids[p, :k]]).sum()
+  assert float(soft[i, 1 + p]) == pytest.approx(expected, rel=1e-5)
+  # A vanishing sigma is the one-hot cross-entropy.
+  sharp, _ = train.smoothed_action_cross_entropy(logits, targets, mask, codec, 1e-3)
+  one_hot = -np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(
+    np.asarray(sharp)[expected_applies], one_hot[expected_applies], rtol=1e-5
+  )
+  # In the train step: the loss differs from the one-hot loss, the metrics do not.
+  outs = []
+  for sigma in (0.0, 2.0):
+    setup = train.make_setup(_config(**{'actions.label_sigma': sigma, 'batch_size': 8}))
+    state = setup.init_state(jax.random.PRNGKey(0))
+    rows = _batch(setup.config, codec)
+    sharded = {k: jax.device_put(v, setup.batch_sharding(v.ndim)) for k, v in rows.items()}
+    outs.append(setup.jit_train_step(codec)(state, sharded)[1])
+  assert float(outs[1]['loss']) != pytest.approx(float(outs[0]['loss']), rel=1e-4)
+  assert float(outs[1]['action_error_mean']) == pytest.approx(
+    float(outs[0]['action_error_mean']), rel=1e-6
+  )
+
+
 def test_action_metrics_decode_the_constrained_argmax(action_setup):
   config, codec = action_setup
   space, action_vocab = codec.space, codec.action_vocab
