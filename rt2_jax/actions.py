@@ -196,12 +196,18 @@ class NormStats:
       count=int(a.shape[0]),
     )
 
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=1)
+    return json.dumps(self.to_dict(), indent=1)
 
   @classmethod
   def from_json(cls, text: str) -> NormStats:
-    d = json.loads(text)
+    return cls.from_dict(json.loads(text))
+
+  @classmethod
+  def from_dict(cls, d: Mapping) -> NormStats:
     missing = [k for k in cls.KEYS if k not in d]
     if missing:
       raise ValueError(f'normalization stats lack keys {missing}; have {sorted(d)}')
@@ -264,12 +270,20 @@ class ActionSpace:
   ) -> SpaceTokenizer:
     return SpaceTokenizer(self, stats, num_bins, mode)
 
+  def to_dicts(self) -> list[dict]:
+    """The fields as plain dicts (JSON-ready), in order."""
+    return [f.to_dict() for f in self.fields]
+
   def to_json(self) -> str:
-    return json.dumps([f.to_dict() for f in self.fields], indent=1)
+    return json.dumps(self.to_dicts(), indent=1)
+
+  @classmethod
+  def from_dicts(cls, fields: Sequence[Mapping]) -> ActionSpace:
+    return cls([ActionField.from_dict(d) for d in fields])
 
   @classmethod
   def from_json(cls, text: str) -> ActionSpace:
-    return cls([ActionField.from_dict(d) for d in json.loads(text)])
+    return cls.from_dicts(json.loads(text))
 
   def __eq__(self, other):
     return isinstance(other, ActionSpace) and self.fields == other.fields

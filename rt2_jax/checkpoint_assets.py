@@ -67,10 +67,10 @@ def make(
     resize = load_spec(config.data.robot.spec).resize
   return {
     VOCAB: vocab.model_bytes,
-    STATS: _json(json.loads(stats.to_json()) if stats is not None else None),
+    STATS: _json(stats.to_dict() if stats is not None else None),
     ACTION_SPACE: _json(
       {
-        'fields': json.loads(action_space.to_json()),
+        'fields': action_space.to_dicts(),
         'num_bins': int(config.actions.num_bins),
         'action_scheme': config.vocab.action_scheme,
         'decode_mode': config.actions.decode_mode,
@@ -150,8 +150,8 @@ def read(step_dir: str | os.PathLike) -> Assets | None:
   return Assets(
     folder=os.fspath(folder),
     vocab_model=data(VOCAB),
-    stats=actions_lib.NormStats.from_json(json.dumps(stats)) if stats is not None else None,
-    action_space=actions_lib.ActionSpace.from_json(json.dumps(action['fields'])),
+    stats=actions_lib.NormStats.from_dict(stats) if stats is not None else None,
+    action_space=actions_lib.ActionSpace.from_dicts(action['fields']),
     action={k: v for k, v in action.items() if k != 'fields'},
     prompt=prompt,
     image=image,

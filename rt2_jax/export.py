@@ -41,6 +41,9 @@ from rt2_jax import actions as actions_lib
 from rt2_jax import transforms
 
 METADATA_FILE = os.path.join('assets.extra', 'rt2_jax_metadata.json')
+# 2: plain nested JSON (action_space a list of field dicts, norm_stats a dict). Exports without
+# a 'format' key (1) hold those two as JSON strings; `read_metadata` still reads them.
+METADATA_FORMAT = 2
 # An export of a checkpoint keeps the checkpoint's assets (rt2_jax.checkpoint_assets) here.
 CHECKPOINT_ASSETS_DIR = os.path.join('assets.extra', 'checkpoint_assets')
 OUTPUT_NAMES = ('action', 'action_tokens', 'output_tokens', 'text', 'plan')
@@ -78,8 +81,9 @@ def export_metadata(policy) -> dict:
 
   meta = dataclasses.asdict(policy.metadata)
   meta.update(
-    action_space=policy.action_space.to_json(),
-    norm_stats=policy.stats.to_json() if policy.stats is not None else None,
+    format=METADATA_FORMAT,
+    action_space=policy.action_space.to_dicts(),
+    norm_stats=policy.stats.to_dict() if policy.stats is not None else None,
     vocab_checksum=policy.vocab.checksum,
     vocab_size=policy.vocab.vocab_size,
     max_input_len=policy.max_input_len,
@@ -87,6 +91,27 @@ def export_metadata(policy) -> dict:
     exported_at=time.strftime('%Y-%m-%dT%H:%M:%S%z'),
     batch_buckets=None,
   )
+  return meta
+
+
+def read_metadata(path: str) -> dict:
+  """The metadata of the export at `path`, in the current layout (METADATA_FORMAT), also from an
+  export of the older one (action_space and norm_stats as JSON strings inside the JSON)."""
+  meta_path = os.path.join(path, METADATA_FILE)
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f'{path} is not an rt2_jax export: {METADATA_FILE} is missing')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  fmt = meta.get('format', 1)
+  if fmt == 1:
+    for key in ('action_space', 'norm_stats'):
+      if isinstance(meta.get(key), str):
+        meta[key] = json.loads(meta[key])
+    meta['format'] = METADATA_FORMAT
+  elif fmt != METADATA_FORMAT:
+    raise ValueError(
+      f'{meta_path}: metadata format {fmt!r}; this version reads 1 and {METADATA_FORMAT}'
+    )
   return meta
 
 
@@ -244,14 +269,10 @@ class SavedModelPolicy:
 
     self.batch_buckets = check_buckets(DEFAULT_BUCKETS if batch_buckets is None else batch_buckets)
     path = resolve_path(path)
-    meta_path = os.path.join(path, METADATA_FILE)
-    if not os.path.exists(meta_path):
-      raise FileNotFoundError(f'{path} is not an rt2_jax export: {METADATA_FILE} is missing')
-    with open(meta_path) as f:
-      self.metadata = json.load(f)
+    self.metadata = read_metadata(path)
     self.metadata['batch_buckets'] = list(self.batch_buckets)
     self.path = path
-    self.action_space = actions_lib.ActionSpace.from_json(self.metadata['action_space'])
+    self.action_space = actions_lib.ActionSpace.from_dicts(self.metadata['action_space'])
     self.mode = self.metadata['decode_mode']
     self.image_size = int(self.metadata['image_size'])
     self._loaded = tf.saved_model.load(path)

@@ -1,5 +1,6 @@
-"""Checkpoints as versions before issue 17 wrote them, so tests can check they still load: meta
-holds config, stats and action space as JSON strings inside JSON, and there is no assets/."""
+"""Checkpoints and exports as versions before issue 17 wrote them, so tests can check they still
+load: meta holds config, stats and action space as JSON strings inside JSON, and there is no
+assets/; an export's metadata holds action space and stats as JSON strings."""
 
 import json
 import shutil
@@ -31,3 +32,12 @@ def convert(step_dir) -> None:
   path.write_text(json.dumps(old))
   shutil.rmtree(step_dir / checkpoint_assets.DIRNAME)
   checkpoints.write_checksums(step_dir)
+
+
+def export_metadata(new: dict) -> dict:
+  """An export's metadata (rt2_jax.export.METADATA_FILE) of today's layout in the older one: no
+  'format' key, action space and stats as the JSON strings their to_json wrote."""
+  old = {k: v for k, v in new.items() if k != 'format'}
+  old['action_space'] = json.dumps(new['action_space'], indent=1)
+  old['norm_stats'] = json.dumps(new['norm_stats'], indent=1) if new['norm_stats'] else None
+  return old

@@ -1,3 +1,5 @@
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +110,11 @@ def test_space_bounds_from_stats_and_json_round_trip():
   tok = space.tokenizer(stats2)
   np.testing.assert_allclose(tok._continuous['delta'].low, stats.q01[:2], rtol=1e-6)
   assert actions.ActionSpace.from_json(space.to_json()) == space
+  # The plain-dict forms (nested inside other JSON) are what the JSON strings hold.
+  assert stats.to_dict() == json.loads(stats.to_json())
+  assert actions.NormStats.from_dict(stats.to_dict()) == stats
+  assert space.to_dicts() == json.loads(space.to_json())
+  assert actions.ActionSpace.from_dicts(space.to_dicts()) == space
   with pytest.raises(ValueError, match='no normalization stats'):
     space.tokenizer(None)
   with pytest.raises(ValueError, match='lack keys'):

@@ -1,17 +1,21 @@
 """rt2_jax.export: a checkpoint's SavedModel, reloaded with tf.saved_model.load, decodes exactly
 like the JAX Policy (in-graph tokenizer, decoding loop and action units), for any batch size."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import old_layout  # tests/old_layout.py
 import pytest
 import tiny_policy  # tests/tiny_policy.py
 
 tf = pytest.importorskip('tensorflow')
 import tensorflow_text  # noqa: E402, F401  (registers the SentencePiece ops of the export)
 
+from rt2_jax import actions as actions_lib  # noqa: E402
 from rt2_jax import export  # noqa: E402
 from rt2_jax.client import PolicyClient  # noqa: E402
 from rt2_jax.policy import Policy  # noqa: E402
@@ -107,6 +111,47 @@ def test_savedmodel_policy_adapter_and_metadata(exported, reference):
     np.testing.assert_allclose(reply['vector'], want.vector, rtol=1e-5, atol=1e-6)
   finally:
     server.stop()
+
+
+def _strings(tree):
+  if isinstance(tree, dict):
+    return [s for v in tree.values() for s in _strings(v)]
+  if isinstance(tree, list):
+    return [s for v in tree for s in _strings(v)]
+  return [tree] if isinstance(tree, str) else []
+
+
+def test_metadata_is_plain_nested_json(exported):
+  policy, out = exported
+  with open(os.path.join(out, export.METADATA_FILE)) as f:
+    meta = json.load(f)
+  assert meta['format'] == export.METADATA_FORMAT == 2
+  assert policy.stats is not None and isinstance(meta['norm_stats'], dict)
+  assert actions_lib.NormStats.from_dict(meta['norm_stats']) == policy.stats
+  assert isinstance(meta['action_space'], list) and isinstance(meta['action_space'][0], dict)
+  assert actions_lib.ActionSpace.from_dicts(meta['action_space']) == policy.action_space
+  # No value is itself a JSON document (the older layout's strings inside the JSON).
+  for text in _strings(meta):
+    assert not text.lstrip().startswith(('{', '[')), text
+
+
+def test_export_of_the_older_metadata_layout_still_loads(exported, tmp_path):
+  policy, out = exported
+  new = export.read_metadata(out)
+  old_dir = tmp_path / 'old_export'
+  shutil.copytree(out, old_dir)
+  old = old_layout.export_metadata(new)
+  assert isinstance(old['action_space'], str) and 'format' not in old
+  (old_dir / export.METADATA_FILE).write_text(json.dumps(old, indent=1))
+  assert export.read_metadata(str(old_dir)) == new
+  adapter = export.SavedModelPolicy.load(str(old_dir))
+  assert adapter.action_space == policy.action_space
+  assert {k: v for k, v in adapter.metadata.items() if k != 'batch_buckets'} == {
+    k: v for k, v in new.items() if k != 'batch_buckets'
+  }
+  (old_dir / export.METADATA_FILE).write_text(json.dumps(dict(new, format=3)))
+  with pytest.raises(ValueError, match='metadata format 3'):
+    export.read_metadata(str(old_dir))
 
 
 def test_empty_instruction_is_refused_in_graph(exported):
