@@ -18,8 +18,9 @@ get gradients and optimizer state. A kernel [in..., out...] is read as the matri
 stacked layers (model.scan_layers) get stacked adapters [layers, in, r] / [layers, r, out].
 B starts at zero, so step 0 is the base model exactly.
 
-Checkpoints hold the trainable tree only, plus the base's location in their meta
-(`META_KEY`); `merged_params` rebuilds the full parameters once for Policy, serving and export.
+Checkpoints hold the trainable tree only, plus the base's location in their meta (`META_KEY`,
+with a relative path and a fingerprint: rt2_jax.lora_base); `merged_params` rebuilds the full
+parameters once for Policy, serving and export.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from rt2_jax.models import layout
 
 DEFAULT_TARGETS = r'/(query|key|value|out|wi|wi_0|wi_1|wo|fc1|fc2)/kernel$'
 BASE_DTYPES = ('bfloat16', 'float32')
-META_KEY = 'lora_base'  # checkpoint meta: the resolved path of the base parameters
+META_KEY = 'lora_base'  # checkpoint meta: the absolute path of the base (see rt2_jax.lora_base)
 
 
 @dataclasses.dataclass(frozen=True)

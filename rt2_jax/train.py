@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from rt2_jax import checkpoint_assets, checkpoints, config_flags, metrics, optim, partitioning
 from rt2_jax import lora as lora_lib
+from rt2_jax import lora_base as lora_base_lib
 from rt2_jax import vocab as vocab_lib
 
 log = logging.getLogger(__name__)
@@ -530,7 +531,7 @@ def train(config, workdir: str) -> dict:
       return {}
     state, start = TrainState(**restored.state), restored.step
     if lora.enabled:  # the base the run started from, as its checkpoints name it
-      lora_base = restored.meta[lora_lib.META_KEY]
+      lora_base = lora_base_lib.resolve(restored.meta, ckpt.directory)
       state = state.replace(frozen=load_lora_base(setup, lora_base))
     if config.init_from and is_main:
       print(f'init_from={config.init_from} is not used: resuming this run', flush=True)
@@ -553,8 +554,8 @@ def train(config, workdir: str) -> dict:
       )
   tokenizer = action_space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
   meta = checkpoints.make_meta(config, vocab)
-  if lora.enabled:
-    meta[lora_lib.META_KEY] = lora_base
+  if lora.enabled:  # where the base is now (a moved run's new checkpoints name its new place)
+    meta.update(lora_base_lib.reference(lora_base, ckpt.directory))
   assets = checkpoint_assets.make(config, stats, action_space, vocab)  # resize: the spec's, now
 
   data_iter = pipeline.make_train_iterator(

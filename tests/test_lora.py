@@ -153,32 +153,58 @@ def _array_bytes(state_dir) -> int:
   return sum(math.prod(m.shape) * np.dtype(m.dtype).itemsize for m in leaves)
 
 
-def test_lora_run_saves_adapters_and_policy_merges_them(tmp_path):
-  from rt2_jax.policy import Policy
+OVERRIDES = {**LORA, 'lora.rank': 2, 'total_steps': 4}
 
-  # The base: a run's checkpoint of the same model (random weights, so actions depend on them).
-  overrides = {**LORA, 'lora.rank': 2, 'total_steps': 4}
-  config = _config(**overrides)
+
+@pytest.fixture(scope='module')
+def lora_run(tmp_path_factory):
+  """root/base: a run's checkpoint (random weights, so actions depend on them); root/lora: a
+  LoRA run from it, 4 steps then resumed to 6. -> (root, config, base params)."""
+  root = tmp_path_factory.mktemp('lora_runs')
+  config = _config(**OVERRIDES)
   abstract = train.make_setup(config).abstract_state.frozen
   base = jax.tree.map(np.asarray, _random_like(abstract, 0, 0.2))
-  ckpt = checkpoints.Checkpointer(str(tmp_path / 'base'), async_save=False)
+  ckpt = checkpoints.Checkpointer(str(root / 'base'), async_save=False)
   ckpt.save(3, {'params': base, 'step': np.int32(3)}, None, {'config': '{}'})
   ckpt.close()
-
-  run = tmp_path / 'lora'
-  lib.run_train(run, dict(overrides, init_from=str(tmp_path / 'base'), **{'optim.lr': 0.01}))
+  run = root / 'lora'
+  lib.run_train(run, dict(OVERRIDES, init_from=str(root / 'base'), **{'optim.lr': 0.01}))
   # Resuming reads the base from the pointer in the checkpoint.
-  result = lib.run_train(run, dict(overrides, total_steps=6, init_from=''))
+  result = lib.run_train(run, dict(OVERRIDES, total_steps=6, init_from=''))
   assert 'resumed from' in result.stdout, result.stdout
+  return root, config, base
 
+
+def _policy_inputs(config):
+  rng = np.random.default_rng(0)
+  size = config.model.image_size
+  images = list(rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8))
+  return images, ['pick up the cup', 'open the drawer', 'put carrot on plate']
+
+
+def _assert_same_actions(got, want):
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    for key in a.action:
+      np.testing.assert_array_equal(a.action[key], b.action[key])
+
+
+def test_lora_run_saves_adapters_and_policy_merges_them(lora_run):
+  from rt2_jax import lora_base
+  from rt2_jax.policy import Policy
+
+  root, config, base = lora_run
+  run = root / 'lora'
   step_dir = run / 'checkpoints' / '6'
   # Adapters, their optimizer state, step and rng: under a tenth of the base's parameters.
   lora_bytes = _array_bytes(step_dir / 'state')
-  base_bytes = _array_bytes(tmp_path / 'base' / 'checkpoints' / '3' / 'state')
+  base_bytes = _array_bytes(root / 'base' / 'checkpoints' / '3' / 'state')
   assert lora_bytes < 0.1 * base_bytes, (lora_bytes, base_bytes)
   params, meta, _ = checkpoints.load_params(run)
   assert set(params) == {'adapters'}
-  assert meta[lora.META_KEY] == os.fspath(tmp_path / 'base' / 'checkpoints' / '3')
+  assert meta[lora.META_KEY] == os.fspath(root / 'base' / 'checkpoints' / '3')
+  assert meta[lora_base.RELATIVE_KEY] == os.path.join('..', '..', 'base', 'checkpoints', '3')
+  assert len(meta[lora_base.FINGERPRINT_KEY]) == 64
   assert any(np.any(np.asarray(b) != 0) for b in jax.tree.leaves(params))
 
   policy = Policy.from_checkpoint(run)
@@ -187,12 +213,55 @@ def test_lora_run_saves_adapters_and_policy_merges_them(tmp_path):
     got = traverse_util.flatten_dict(policy.params)[path]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
   unmerged = Policy(config, merged, policy.stats, policy.action_space, vocab=policy.vocab)
-  rng = np.random.default_rng(0)
-  size = config.model.image_size
-  images = list(rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8))
-  instructions = ['pick up the cup', 'open the drawer', 'put carrot on plate']
-  want = [o.action for o in unmerged.batch(images, instructions)]
-  got = [o.action for o in policy.batch(images, instructions)]
-  for a, b in zip(got, want, strict=True):
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key])
+  images, instructions = _policy_inputs(config)
+  _assert_same_actions(policy.batch(images, instructions), unmerged.batch(images, instructions))
+
+
+def test_copied_workdirs_load_without_the_originals(lora_run, tmp_path):
+  """Both workdirs copied elsewhere and the originals gone: the LoRA checkpoint finds its base
+  by its relative path; a missing or different base is refused by name; resuming the copy
+  works and its new checkpoints name the base's new place."""
+  import shutil
+
+  from rt2_jax import lora_base
+  from rt2_jax.policy import Policy
+
+  root, config, _ = lora_run
+  images, instructions = _policy_inputs(config)
+  want = Policy.from_checkpoint(root / 'lora').batch(images, instructions)
+  copy = tmp_path / 'elsewhere'
+  shutil.copytree(root, copy)
+  gone = root.with_name(root.name + '_gone')
+  os.rename(root, gone)  # the originals are no longer at the paths the meta names
+  try:
+    _assert_same_actions(Policy.from_checkpoint(copy / 'lora').batch(images, instructions), want)
+
+    # The LoRA run alone, without its base beside it: refused, naming the base and both paths.
+    alone = tmp_path / 'alone'
+    shutil.copytree(copy / 'lora', alone / 'lora')
+    with pytest.raises(lora_base.MissingLoraBaseError) as error:
+      checkpoints.restore_for_inference(alone / 'lora')
+    message = str(error.value)
+    assert os.fspath(root / 'base' / 'checkpoints' / '3') in message  # the base it trained on
+    assert os.fspath(alone / 'base' / 'checkpoints' / '3') in message  # where to put it
+    # ... or told where it is.
+    got = Policy.from_checkpoint(alone / 'lora', lora_base=copy / 'base' / 'checkpoints' / '3')
+    _assert_same_actions(got.batch(images, instructions), want)
+
+    # Another run's parameters where the base should be: refused, never merged.
+    other = alone / 'base'
+    ckpt = checkpoints.Checkpointer(str(other), async_save=False)
+    abstract = train.make_setup(config).abstract_state.frozen
+    other_params = jax.tree.map(np.asarray, _random_like(abstract, 7))
+    ckpt.save(3, {'params': other_params, 'step': np.int32(3)}, None, {'config': '{}'})
+    ckpt.close()
+    with pytest.raises(lora_base.MissingLoraBaseError, match='holds other parameters'):
+      checkpoints.restore_for_inference(alone / 'lora')
+
+    # Resuming the copy reads the copied base; its new checkpoint names where it is now.
+    result = lib.run_train(copy / 'lora', dict(OVERRIDES, total_steps=8, init_from=''))
+    assert 'resumed from' in result.stdout, result.stdout
+    _, meta, step = checkpoints.load_params(copy / 'lora')
+    assert step == 8 and meta[lora.META_KEY] == os.fspath(copy / 'base' / 'checkpoints' / '3')
+  finally:
+    os.rename(gone, root)
