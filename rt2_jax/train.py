@@ -233,10 +233,11 @@ def make_train_step(model, tx, schedule, config, action_vocab, tokenizer, batch_
   lora = lora_lib.LoraConfig.from_config(config)
 
   def loss_and_sums(params, frozen, batch, rng, total_weight, pointer_total):
+    variables = {'params': params}
     if lora.enabled:  # only the adapters are differentiated; the base is a constant
-      params = lora_lib.merge(frozen, params, lora, config.model.dtype)
+      variables = lora_lib.apply_variables(frozen, params, lora, config.model.dtype)
     logits, state = model.apply(
-      {'params': params},
+      variables,
       batch['image'],
       batch['encoder_input_tokens'],
       batch['decoder_input_tokens'],

@@ -1,12 +1,14 @@
 """LoRA (rt2_jax.lora): the merge is the unmerged low-rank path, step 0 is the base model, only
 adapters train, scanned = unrolled, checkpoints are small and Policy merges them into their base."""
 
+import dataclasses
 import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import train_testlib as lib
 from flax import traverse_util
@@ -141,6 +143,106 @@ def test_scanned_adapters_equal_unrolled(action_setup):
     )
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   assert not np.allclose(want, _logits(unrolled, base, batch), atol=1e-3)
+
+
+def _tiny_decoder_only(**overrides):
+  return config_flags.load_config(
+    'configs/tiny_decoder_only.py',
+    {**lib.SMALL_DECODER_ONLY, **LORA, 'batch_size': 8, **overrides},
+  )
+
+
+@pytest.mark.parametrize(
+  'backbone,scan,remat,base_dtype',
+  [
+    ('encoder_decoder', False, 'none', 'float32'),
+    ('encoder_decoder', True, 'dots', 'bfloat16'),
+    ('decoder_only', False, 'full', 'bfloat16'),
+    ('decoder_only', True, 'dots', 'float32'),
+  ],
+)
+def test_layer_merge_equals_the_tree_merge(action_setup, backbone, scan, remat, base_dtype):
+  """config.lora.merge='layer' (each DenseGeneral merges its own kernel) gives the loss and
+  adapter gradients of merging the whole tree first, for every adapted kernel."""
+  space, action_vocab, tokenizer = action_setup
+  make = _tiny_decoder_only if backbone == 'decoder_only' else _config
+  overrides = {
+    'model.scan_layers': scan,
+    'model.remat': remat,
+    'lora.base_dtype': base_dtype,
+    'lora.train_full': '^image_projection/',
+  }
+  setup = train.make_setup(make(**overrides))
+  cfg = lora.LoraConfig.from_config(setup.config)
+  assert cfg.merge == 'layer'  # the default
+  base = lora.base_params(_random_like(setup.abstract_state.frozen, 0, 0.1), cfg)
+  trainable = _random_like(setup.abstract_state.params, 1, 0.1)  # B != 0: a real update
+  batch = _batch(setup.config, space, action_vocab, tokenizer)
+
+  def loss(trainable, merge):
+    variables = lora.apply_variables(base, trainable, dataclasses.replace(cfg, merge=merge))
+    logits = setup.model.apply(
+      variables, batch['image'], batch['encoder_input_tokens'], batch['decoder_input_tokens']
+    )
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['decoder_target_tokens'])
+    weights = batch['decoder_loss_weights']
+    return (ce * weights).sum() / weights.sum(), logits
+
+  with setup.context():
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (want_loss, want_logits), want = grad(trainable, 'tree')
+    (got_loss, got_logits), got = grad(trainable, 'layer')
+    no_update = dict(trainable, adapters=jax.tree.map(jnp.zeros_like, trainable['adapters']))
+    _, base_logits = loss(no_update, 'tree')
+  # The adapters change the model, so the equalities below are not vacuous.
+  scale = float(jnp.abs(want_logits).max())
+  assert float(jnp.abs(want_logits - base_logits).max()) > 0.1 * scale
+  np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-5 * scale)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  flat_want = traverse_util.flatten_dict(want)
+  for path, g in traverse_util.flatten_dict(got).items():
+    w = flat_want[path]
+    assert float(jnp.abs(w).max()) > 0, path  # every adapter is in the loss
+    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-6, err_msg='/'.join(path))
+
+
+def test_layer_merge_compiles_without_the_merged_copy(action_setup):
+  """XLA's own buffer plan of the train step (scanned layers, remat 'dots', one device): merging
+  in each layer needs less temporary memory than merging the whole tree, by at least half of
+  the float32 merged kernels (the copy and its gradient) that tools/plan says it saves."""
+  from rt2_jax.tools import plan
+
+  space, action_vocab, tokenizer = action_setup
+  wide = {'model.t5.emb_dim': 512, 'model.t5.mlp_dim': 2048, 'model.t5.num_heads': 8}
+  temp = {}
+  for merge in ('tree', 'layer'):
+    config = config_flags.load_config(
+      'configs/tiny.py',
+      {
+        **LORA,
+        **wide,
+        'lora.merge': merge,
+        'lora.base_dtype': 'bfloat16',
+        'model.scan_layers': True,
+        'model.remat': 'dots',
+        'batch_size': 8,
+      },
+    )
+    mesh = jax.sharding.Mesh(
+      np.array(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'model')
+    )
+    setup = train.make_setup(config, mesh=mesh)
+    batch = {k: v[:8] for k, v in _batch(config, space, action_vocab, tokenizer).items()}
+    with setup.context():
+      compiled = (
+        setup.jit_train_step(action_vocab, tokenizer).lower(setup.abstract_state, batch).compile()
+      )
+    temp[merge] = compiled.memory_analysis().temp_size_in_bytes
+    planned = plan.make_plan(config, {'data': 1, 'fsdp': 1, 'model': 1})
+    if merge == 'tree':
+      merged = planned.merged  # every adapted kernel, float32
+  assert planned.merged < merged / 2  # the plan counts one layer's (of 2 + 2 here)
+  assert temp['layer'] < temp['tree'] - merged / 2, (temp, merged)
 
 
 def _array_bytes(state_dir) -> int:
