@@ -764,12 +764,14 @@ def restore_for_inference(
   path: str | os.PathLike,
   step: int | str | None = None,
   sharding: jax.sharding.Sharding | None = None,
+  lora_base: str | None = None,
 ) -> InferenceBundle:
   """Config, params, normalization stats, action space and assets of a training checkpoint.
 
   `path`: a workdir, its checkpoints/ dir, or one step dir (`.../checkpoints/1200`). Stats and
   action space come from the assets (MissingAssetError names a missing file), or from the meta
-  of a checkpoint older than assets.
+  of a checkpoint older than assets. A LoRA checkpoint's adapters are merged into their base,
+  found as rt2_jax.lora_base.resolve says (`lora_base`: read it from this path instead).
   """
   params, meta, step = load_params(path, step, sharding=sharding)
   where = step_dir(path, step)
@@ -782,7 +784,10 @@ def restore_for_inference(
     )
   config = parsed.config
   if meta.get(lora.META_KEY):  # LoRA adapters: merged into their base once, here
-    params = lora.merged_params(config, params, meta[lora.META_KEY], sharding)
+    from rt2_jax import lora_base as lora_base_lib
+
+    base = lora_base_lib.resolve(meta, _split_step_dir(path)[0], lora_base)
+    params = lora.merged_params(config, params, base, sharding)
   return InferenceBundle(
     config=config,
     params=params,

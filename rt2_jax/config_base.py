@@ -159,6 +159,8 @@ def base_config() -> ml_collections.ConfigDict:
   # LoRA fine-tuning (rt2_jax.lora): rank > 0 trains low-rank adapters on the `targets` kernels
   # (regex over parameter paths) of the config.init_from base, held frozen in `base_dtype`;
   # `train_full` names parameters trained in full beside them. rank 0 = full fine-tuning.
+  # merge: 'layer' merges each kernel inside its layer (no merged copy of the model), 'tree'
+  # the whole tree before the forward pass.
   c.lora = ml_collections.ConfigDict(
     dict(
       rank=0,
@@ -166,6 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
       targets=r'/(query|key|value|out|wi|wi_0|wi_1|wo|fc1|fc2)/kernel$',
       train_full='',
       base_dtype='bfloat16',
+      merge='layer',
     )
   )
   c.ckpt = ml_collections.ConfigDict(dict(every=2000, keep=3, async_save=True))

@@ -9,17 +9,22 @@
   train_full  regex: parameters trained in full beside the adapters ('' = none), e.g.
               '^image_projection/' when the base's projection is fresh (converted checkpoints)
   base_dtype  'bfloat16' or 'float32': how the frozen base is held while training
+  merge       'layer' (default): each DenseGeneral merges its own kernel as it runs (the
+              adapters travel in the 'lora' variable collection), so no merged copy of the
+              adapted kernels exists beside the base, nor its gradient, beyond the layer being
+              computed; 'tree': merge the whole tree before `model.apply` (the same numbers)
 
 No layer knows about LoRA. The train state holds the frozen base (`TrainState.frozen`, never
 saved) and the trainable tree {'adapters': {<kernel path>: {'a' [in, r], 'b' [r, out]}},
 'full': {...}}; the loss merges W + (alpha/r) A @ B before `model.apply`, so only the adapters
-get gradients and optimizer state. A kernel [in..., out...] is read as the matrix
+get gradients and optimizer state (with merge='layer' inside each layer instead). A kernel [in..., out...] is read as the matrix
 [prod(in), prod(out)] (attention output kernels [heads, kv, embed] have two input axes);
 stacked layers (model.scan_layers) get stacked adapters [layers, in, r] / [layers, r, out].
 B starts at zero, so step 0 is the base model exactly.
 
-Checkpoints hold the trainable tree only, plus the base's location in their meta
-(`META_KEY`); `merged_params` rebuilds the full parameters once for Policy, serving and export.
+Checkpoints hold the trainable tree only, plus the base's location in their meta (`META_KEY`,
+with a relative path and a fingerprint: rt2_jax.lora_base); `merged_params` rebuilds the full
+parameters once for Policy, serving and export.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from rt2_jax.models import layout
+from rt2_jax.models import layers, layout
 
 DEFAULT_TARGETS = r'/(query|key|value|out|wi|wi_0|wi_1|wo|fc1|fc2)/kernel$'
 BASE_DTYPES = ('bfloat16', 'float32')
-META_KEY = 'lora_base'  # checkpoint meta: the resolved path of the base parameters
+MERGES = ('layer', 'tree')
+META_KEY = 'lora_base'  # checkpoint meta: the absolute path of the base (see rt2_jax.lora_base)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,7 @@ class LoraConfig:
   targets: str = DEFAULT_TARGETS
   train_full: str = ''
   base_dtype: str = 'bfloat16'
+  merge: str = 'layer'
 
   @property
   def enabled(self) -> bool:
@@ -73,6 +80,8 @@ class LoraConfig:
       raise ValueError(
         f'config.lora.base_dtype must be one of {BASE_DTYPES}, got {cfg.base_dtype!r}'
       )
+    if cfg.merge not in MERGES:
+      raise ValueError(f'config.lora.merge must be one of {MERGES}, got {cfg.merge!r}')
     for key in ('targets', 'train_full'):
       try:
         re.compile(getattr(cfg, key))
@@ -184,6 +193,35 @@ def merge(base, trainable, cfg: LoraConfig, compute_dtype='float32'):
     merged = w.astype(jnp.float32) + cfg.scale * delta.reshape(w.shape)
     flat[path] = merged.astype(jnp.promote_types(w.dtype, jnp.dtype(compute_dtype)))
   return traverse_util.unflatten_dict(flat)
+
+
+def layer_variables(base, trainable, cfg: LoraConfig) -> dict:
+  """Variables for `model.apply` that merge each adapted kernel inside its layer
+  (layers.DenseGeneral reads the 'lora' collection): {'params': the base with the fully trained
+  parameters, 'lora': {<module path>: {'a', 'b', 'scale'}}}. Equals applying `merge`'s tree."""
+  flat = dict(traverse_util.flatten_dict(base))
+  for path, leaf in traverse_util.flatten_dict(trainable.get('full', {})).items():
+    flat[path] = leaf
+  pairs = traverse_util.flatten_dict(trainable['adapters'])
+  adapters = {}
+  for path in {p[:-1] for p in pairs}:
+    if path[-1] != 'kernel':
+      raise ValueError(f'LoRA adapter on {_name(path)}: only DenseGeneral kernels merge in-layer')
+    a, b = pairs[path + ('a',)], pairs[path + ('b',)]
+    module = path[:-1]
+    adapters[module + ('a',)], adapters[module + ('b',)] = a, b
+    adapters[module + ('scale',)] = jnp.full(a.shape[:-2], cfg.scale, jnp.float32)  # [layers]
+  return {
+    'params': traverse_util.unflatten_dict(flat),
+    layers.LORA: traverse_util.unflatten_dict(adapters),
+  }
+
+
+def apply_variables(base, trainable, cfg: LoraConfig, compute_dtype='float32') -> dict:
+  """What the train step passes to `model.apply`, by `cfg.merge`."""
+  if cfg.merge == 'layer':
+    return layer_variables(base, trainable, cfg)
+  return {'params': merge(base, trainable, cfg, compute_dtype)}
 
 
 def merged_params(config, trainable, base_path: str, sharding=None):

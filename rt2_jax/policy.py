@@ -290,16 +290,23 @@ class Policy:
 
   @classmethod
   def from_checkpoint(
-    cls, workdir: str | os.PathLike, step: int | str | None = None, **kwargs
+    cls,
+    workdir: str | os.PathLike,
+    step: int | str | None = None,
+    lora_base: str | None = None,
+    **kwargs,
   ) -> Policy:
     """Loads params, config, normalization stats, action space, vocabulary, prompt and resize
     policy from the checkpoint's assets (rt2_jax.checkpoint_assets). A checkpoint written before
     assets existed reads the vocabulary from config.vocab.path (checked against its checksum)
-    and the resize policy from the data spec, as then."""
+    and the resize policy from the data spec, as then. A LoRA checkpoint is merged into its base
+    (`lora_base`: where to read the base, when it is not where rt2_jax.lora_base looks)."""
     from rt2_jax import checkpoints
 
     workdir = checkpoints.resolve_path(workdir)
-    bundle = checkpoints.restore_for_inference(workdir, checkpoints.as_step(step))
+    bundle = checkpoints.restore_for_inference(
+      workdir, checkpoints.as_step(step), lora_base=lora_base
+    )
     if bundle.assets is not None:
       config, vocab = bundle.assets.apply(bundle.config), bundle.assets.vocab()
       kwargs.setdefault('resize', bundle.assets.image['resize'])

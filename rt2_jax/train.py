@@ -50,6 +50,7 @@ from rt2_jax import (
   transforms,
 )
 from rt2_jax import lora as lora_lib
+from rt2_jax import lora_base as lora_base_lib
 from rt2_jax import vocab as vocab_lib
 
 log = logging.getLogger(__name__)
@@ -269,10 +270,10 @@ def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, 
   if pointing_only and not pointer_weight:
     raise ValueError('config.pointing_only trains model.pointer_loss alone; set it > 0')
 
-  def pointing_loss_and_sums(params, batch, pointer_total):
+  def pointing_loss_and_sums(variables, batch, pointer_total):
     """The pointing stage: the summaries' pointing loss alone, without the language model."""
     logits, keypoints = model.apply(
-      {'params': params}, batch['image'], batch['encoder_input_tokens'], method=vla.VLA.point
+      variables, batch['image'], batch['encoder_input_tokens'], method=vla.VLA.point
     )
     pointer_loss_sum, hits, count, dist, l1 = pointer_sums(logits, batch, keypoints)
     loss = pointer_weight * pointer_loss_sum / pointer_total
@@ -288,12 +289,13 @@ def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, 
     return loss, (jnp.float32(0.0), sums)
 
   def loss_and_sums(params, frozen, batch, rng, total_weight, pointer_total):
+    variables = {'params': params}
     if lora.enabled:  # only the adapters are differentiated; the base is a constant
-      params = lora_lib.merge(frozen, params, lora, config.model.dtype)
+      variables = lora_lib.apply_variables(frozen, params, lora, config.model.dtype)
     if pointing_only:
-      return pointing_loss_and_sums(params, batch, pointer_total)
+      return pointing_loss_and_sums(variables, batch, pointer_total)
     logits, state = model.apply(
-      {'params': params},
+      variables,
       batch['image'],
       batch['encoder_input_tokens'],
       batch['decoder_input_tokens'],
@@ -593,7 +595,7 @@ def train(config, workdir: str) -> dict:
       return {}
     state, start = TrainState(**restored.state), restored.step
     if lora.enabled:  # the base the run started from, as its checkpoints name it
-      lora_base = restored.meta[lora_lib.META_KEY]
+      lora_base = lora_base_lib.resolve(restored.meta, ckpt.directory)
       state = state.replace(frozen=load_lora_base(setup, lora_base))
     if config.init_from and is_main:
       print(f'init_from={config.init_from} is not used: resuming this run', flush=True)
@@ -616,8 +618,8 @@ def train(config, workdir: str) -> dict:
       )
   codec = transforms.ActionCodec.from_config(config, action_vocab, stats)
   meta = checkpoints.make_meta(config, vocab)
-  if lora.enabled:
-    meta[lora_lib.META_KEY] = lora_base
+  if lora.enabled:  # where the base is now (a moved run's new checkpoints name its new place)
+    meta.update(lora_base_lib.reference(lora_base, ckpt.directory))
   assets = checkpoint_assets.make(config, stats, action_space, vocab)  # resize: the spec's, now
 
   data_iter = pipeline.make_train_iterator(

@@ -28,25 +28,31 @@ SPACE = actions_lib.ActionSpace(
 )
 
 
-def _config():
-  cfg = config_flags.load_config('configs/tiny.py')
+def _config(backbone: str = 'encoder_decoder'):
+  """configs/tiny.py (or tiny_decoder_only.py for backbone='decoder_only'), smaller."""
+  name = 'tiny_decoder_only' if backbone == 'decoder_only' else 'tiny'
+  cfg = config_flags.load_config(f'configs/{name}.py')
   cfg.unlock()
   # Smaller than tiny so the tests stay fast; vocab_size holds the bundled vocabulary.
   cfg.model.image_size = 32
   cfg.model.vocab_size = 896
   cfg.model.vit.update(width=32, depth=1, num_heads=2, mlp_dim=64)
-  cfg.model.t5.update(
-    emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=2, num_decoder_layers=2
-  )
+  if backbone == 'decoder_only':
+    cfg.model.gemma.update(emb_dim=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+  else:
+    cfg.model.t5.update(
+      emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_encoder_layers=2, num_decoder_layers=2
+    )
   cfg.data.max_input_len = 16
   cfg.decode.max_text_len = 10
   cfg.decode.max_plan_len = 6
   return cfg
 
 
-@pytest.fixture(scope='module')
-def setup():
-  cfg = _config()
+@pytest.fixture(scope='module', params=['encoder_decoder', 'decoder_only'])
+def setup(request):
+  """Both backbones: the decoder-only prefix-LM's KV cache goes through the same loop."""
+  cfg = _config(request.param)
   vocab, action_vocab = vocab_lib.from_config(cfg, SPACE)
   model = VLA(cfg.model)
   images = np.random.RandomState(0).randint(0, 256, (len(PROMPTS), 32, 32, 3)).astype(np.uint8)

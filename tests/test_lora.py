@@ -1,12 +1,14 @@
 """LoRA (rt2_jax.lora): the merge is the unmerged low-rank path, step 0 is the base model, only
 adapters train, scanned = unrolled, checkpoints are small and Policy merges them into their base."""
 
+import dataclasses
 import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import train_testlib as lib
 from flax import traverse_util
@@ -142,6 +144,106 @@ def test_scanned_adapters_equal_unrolled(action_setup):
   assert not np.allclose(want, _logits(unrolled, base, batch), atol=1e-3)
 
 
+def _tiny_decoder_only(**overrides):
+  return config_flags.load_config(
+    'configs/tiny_decoder_only.py',
+    {**lib.SMALL_DECODER_ONLY, **LORA, 'batch_size': 8, **overrides},
+  )
+
+
+@pytest.mark.parametrize(
+  'backbone,scan,remat,base_dtype',
+  [
+    ('encoder_decoder', False, 'none', 'float32'),
+    ('encoder_decoder', True, 'dots', 'bfloat16'),
+    ('decoder_only', False, 'full', 'bfloat16'),
+    ('decoder_only', True, 'dots', 'float32'),
+  ],
+)
+def test_layer_merge_equals_the_tree_merge(action_setup, backbone, scan, remat, base_dtype):
+  """config.lora.merge='layer' (each DenseGeneral merges its own kernel) gives the loss and
+  adapter gradients of merging the whole tree first, for every adapted kernel."""
+  space, action_vocab, tokenizer = action_setup
+  make = _tiny_decoder_only if backbone == 'decoder_only' else _config
+  overrides = {
+    'model.scan_layers': scan,
+    'model.remat': remat,
+    'lora.base_dtype': base_dtype,
+    'lora.train_full': '^image_projection/',
+  }
+  setup = train.make_setup(make(**overrides))
+  cfg = lora.LoraConfig.from_config(setup.config)
+  assert cfg.merge == 'layer'  # the default
+  base = lora.base_params(_random_like(setup.abstract_state.frozen, 0, 0.1), cfg)
+  trainable = _random_like(setup.abstract_state.params, 1, 0.1)  # B != 0: a real update
+  batch = _batch(setup.config, space, action_vocab, tokenizer)
+
+  def loss(trainable, merge):
+    variables = lora.apply_variables(base, trainable, dataclasses.replace(cfg, merge=merge))
+    logits = setup.model.apply(
+      variables, batch['image'], batch['encoder_input_tokens'], batch['decoder_input_tokens']
+    )
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['decoder_target_tokens'])
+    weights = batch['decoder_loss_weights']
+    return (ce * weights).sum() / weights.sum(), logits
+
+  with setup.context():
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (want_loss, want_logits), want = grad(trainable, 'tree')
+    (got_loss, got_logits), got = grad(trainable, 'layer')
+    no_update = dict(trainable, adapters=jax.tree.map(jnp.zeros_like, trainable['adapters']))
+    _, base_logits = loss(no_update, 'tree')
+  # The adapters change the model, so the equalities below are not vacuous.
+  scale = float(jnp.abs(want_logits).max())
+  assert float(jnp.abs(want_logits - base_logits).max()) > 0.1 * scale
+  np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-5 * scale)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  flat_want = traverse_util.flatten_dict(want)
+  for path, g in traverse_util.flatten_dict(got).items():
+    w = flat_want[path]
+    assert float(jnp.abs(w).max()) > 0, path  # every adapter is in the loss
+    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-6, err_msg='/'.join(path))
+
+
+def test_layer_merge_compiles_without_the_merged_copy(action_setup):
+  """XLA's own buffer plan of the train step (scanned layers, remat 'dots', one device): merging
+  in each layer needs less temporary memory than merging the whole tree, by at least half of
+  the float32 merged kernels (the copy and its gradient) that tools/plan says it saves."""
+  from rt2_jax.tools import plan
+
+  space, action_vocab, tokenizer = action_setup
+  wide = {'model.t5.emb_dim': 512, 'model.t5.mlp_dim': 2048, 'model.t5.num_heads': 8}
+  temp = {}
+  for merge in ('tree', 'layer'):
+    config = config_flags.load_config(
+      'configs/tiny.py',
+      {
+        **LORA,
+        **wide,
+        'lora.merge': merge,
+        'lora.base_dtype': 'bfloat16',
+        'model.scan_layers': True,
+        'model.remat': 'dots',
+        'batch_size': 8,
+      },
+    )
+    mesh = jax.sharding.Mesh(
+      np.array(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'model')
+    )
+    setup = train.make_setup(config, mesh=mesh)
+    batch = {k: v[:8] for k, v in _batch(config, space, action_vocab, tokenizer).items()}
+    with setup.context():
+      compiled = (
+        setup.jit_train_step(action_vocab, tokenizer).lower(setup.abstract_state, batch).compile()
+      )
+    temp[merge] = compiled.memory_analysis().temp_size_in_bytes
+    planned = plan.make_plan(config, {'data': 1, 'fsdp': 1, 'model': 1})
+    if merge == 'tree':
+      merged = planned.merged  # every adapted kernel, float32
+  assert planned.merged < merged / 2  # the plan counts one layer's (of 2 + 2 here)
+  assert temp['layer'] < temp['tree'] - merged / 2, (temp, merged)
+
+
 def _array_bytes(state_dir) -> int:
   """Bytes of the arrays a checkpoint's state item holds (its saved metadata). On disk, orbax's
   per-array metadata about equals the data for a model this small."""
@@ -152,32 +254,58 @@ def _array_bytes(state_dir) -> int:
   return sum(math.prod(m.shape) * np.dtype(m.dtype).itemsize for m in leaves)
 
 
-def test_lora_run_saves_adapters_and_policy_merges_them(tmp_path):
-  from rt2_jax.policy import Policy
+OVERRIDES = {**LORA, 'lora.rank': 2, 'total_steps': 4}
 
-  # The base: a run's checkpoint of the same model (random weights, so actions depend on them).
-  overrides = {**LORA, 'lora.rank': 2, 'total_steps': 4}
-  config = _config(**overrides)
+
+@pytest.fixture(scope='module')
+def lora_run(tmp_path_factory):
+  """root/base: a run's checkpoint (random weights, so actions depend on them); root/lora: a
+  LoRA run from it, 4 steps then resumed to 6. -> (root, config, base params)."""
+  root = tmp_path_factory.mktemp('lora_runs')
+  config = _config(**OVERRIDES)
   abstract = train.make_setup(config).abstract_state.frozen
   base = jax.tree.map(np.asarray, _random_like(abstract, 0, 0.2))
-  ckpt = checkpoints.Checkpointer(str(tmp_path / 'base'), async_save=False)
+  ckpt = checkpoints.Checkpointer(str(root / 'base'), async_save=False)
   ckpt.save(3, {'params': base, 'step': np.int32(3)}, None, {'config': '{}'})
   ckpt.close()
-
-  run = tmp_path / 'lora'
-  lib.run_train(run, dict(overrides, init_from=str(tmp_path / 'base'), **{'optim.lr': 0.01}))
+  run = root / 'lora'
+  lib.run_train(run, dict(OVERRIDES, init_from=str(root / 'base'), **{'optim.lr': 0.01}))
   # Resuming reads the base from the pointer in the checkpoint.
-  result = lib.run_train(run, dict(overrides, total_steps=6, init_from=''))
+  result = lib.run_train(run, dict(OVERRIDES, total_steps=6, init_from=''))
   assert 'resumed from' in result.stdout, result.stdout
+  return root, config, base
 
+
+def _policy_inputs(config):
+  rng = np.random.default_rng(0)
+  size = config.model.image_size
+  images = list(rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8))
+  return images, ['pick up the cup', 'open the drawer', 'put carrot on plate']
+
+
+def _assert_same_actions(got, want):
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    for key in a.action:
+      np.testing.assert_array_equal(a.action[key], b.action[key])
+
+
+def test_lora_run_saves_adapters_and_policy_merges_them(lora_run):
+  from rt2_jax import lora_base
+  from rt2_jax.policy import Policy
+
+  root, config, base = lora_run
+  run = root / 'lora'
   step_dir = run / 'checkpoints' / '6'
   # Adapters, their optimizer state, step and rng: under a tenth of the base's parameters.
   lora_bytes = _array_bytes(step_dir / 'state')
-  base_bytes = _array_bytes(tmp_path / 'base' / 'checkpoints' / '3' / 'state')
+  base_bytes = _array_bytes(root / 'base' / 'checkpoints' / '3' / 'state')
   assert lora_bytes < 0.1 * base_bytes, (lora_bytes, base_bytes)
   params, meta, _ = checkpoints.load_params(run)
   assert set(params) == {'adapters'}
-  assert meta[lora.META_KEY] == os.fspath(tmp_path / 'base' / 'checkpoints' / '3')
+  assert meta[lora.META_KEY] == os.fspath(root / 'base' / 'checkpoints' / '3')
+  assert meta[lora_base.RELATIVE_KEY] == os.path.join('..', '..', 'base', 'checkpoints', '3')
+  assert len(meta[lora_base.FINGERPRINT_KEY]) == 64
   assert any(np.any(np.asarray(b) != 0) for b in jax.tree.leaves(params))
 
   policy = Policy.from_checkpoint(run)
@@ -186,12 +314,55 @@ def test_lora_run_saves_adapters_and_policy_merges_them(tmp_path):
     got = traverse_util.flatten_dict(policy.params)[path]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
   unmerged = Policy(config, merged, policy.stats, policy.action_space, vocab=policy.vocab)
-  rng = np.random.default_rng(0)
-  size = config.model.image_size
-  images = list(rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8))
-  instructions = ['pick up the cup', 'open the drawer', 'put carrot on plate']
-  want = [o.action for o in unmerged.batch(images, instructions)]
-  got = [o.action for o in policy.batch(images, instructions)]
-  for a, b in zip(got, want, strict=True):
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key])
+  images, instructions = _policy_inputs(config)
+  _assert_same_actions(policy.batch(images, instructions), unmerged.batch(images, instructions))
+
+
+def test_copied_workdirs_load_without_the_originals(lora_run, tmp_path):
+  """Both workdirs copied elsewhere and the originals gone: the LoRA checkpoint finds its base
+  by its relative path; a missing or different base is refused by name; resuming the copy
+  works and its new checkpoints name the base's new place."""
+  import shutil
+
+  from rt2_jax import lora_base
+  from rt2_jax.policy import Policy
+
+  root, config, _ = lora_run
+  images, instructions = _policy_inputs(config)
+  want = Policy.from_checkpoint(root / 'lora').batch(images, instructions)
+  copy = tmp_path / 'elsewhere'
+  shutil.copytree(root, copy)
+  gone = root.with_name(root.name + '_gone')
+  os.rename(root, gone)  # the originals are no longer at the paths the meta names
+  try:
+    _assert_same_actions(Policy.from_checkpoint(copy / 'lora').batch(images, instructions), want)
+
+    # The LoRA run alone, without its base beside it: refused, naming the base and both paths.
+    alone = tmp_path / 'alone'
+    shutil.copytree(copy / 'lora', alone / 'lora')
+    with pytest.raises(lora_base.MissingLoraBaseError) as error:
+      checkpoints.restore_for_inference(alone / 'lora')
+    message = str(error.value)
+    assert os.fspath(root / 'base' / 'checkpoints' / '3') in message  # the base it trained on
+    assert os.fspath(alone / 'base' / 'checkpoints' / '3') in message  # where to put it
+    # ... or told where it is.
+    got = Policy.from_checkpoint(alone / 'lora', lora_base=copy / 'base' / 'checkpoints' / '3')
+    _assert_same_actions(got.batch(images, instructions), want)
+
+    # Another run's parameters where the base should be: refused, never merged.
+    other = alone / 'base'
+    ckpt = checkpoints.Checkpointer(str(other), async_save=False)
+    abstract = train.make_setup(config).abstract_state.frozen
+    other_params = jax.tree.map(np.asarray, _random_like(abstract, 7))
+    ckpt.save(3, {'params': other_params, 'step': np.int32(3)}, None, {'config': '{}'})
+    ckpt.close()
+    with pytest.raises(lora_base.MissingLoraBaseError, match='holds other parameters'):
+      checkpoints.restore_for_inference(alone / 'lora')
+
+    # Resuming the copy reads the copied base; its new checkpoint names where it is now.
+    result = lib.run_train(copy / 'lora', dict(OVERRIDES, total_steps=8, init_from=''))
+    assert 'resumed from' in result.stdout, result.stdout
+    _, meta, step = checkpoints.load_params(copy / 'lora')
+    assert step == 8 and meta[lora.META_KEY] == os.fspath(copy / 'base' / 'checkpoints' / '3')
+  finally:
+    os.rename(gone, root)

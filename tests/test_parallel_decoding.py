@@ -18,9 +18,10 @@ from rt2_jax.models import vla as vla_lib
 from rt2_jax.models.vla import VLA
 
 
-@pytest.fixture(scope='module')
-def setup():
-  cfg = _config()
+@pytest.fixture(scope='module', params=['encoder_decoder', 'decoder_only'])
+def setup(request):
+  """Both backbones: the decoder-only prefix-LM reads its queries in the same places."""
+  cfg = _config(request.param)
   cfg.model.action_decoding = 'parallel'
   cfg.model.max_action_positions = 8
   vocab, action_vocab = vocab_lib.from_config(cfg, SPACE)
@@ -72,7 +73,9 @@ def test_action_query_index():
 
 def test_params_and_config_checks(setup):
   params = setup['params']()
-  assert params['action_query_embedding'].shape == (7, setup['cfg'].model.t5.emb_dim)
+  model = setup['cfg'].model
+  emb_dim = (model.gemma if model.get('backbone') == 'decoder_only' else model.t5).emb_dim
+  assert params['action_query_embedding'].shape == (7, emb_dim)
   vla_lib.check_action_positions(setup['cfg'].model, 8)
   with pytest.raises(ValueError, match='max_action_positions=8'):
     vla_lib.check_action_positions(setup['cfg'].model, 9)

@@ -35,6 +35,19 @@ SMALL = {
 }
 
 
+# The same sizes for configs/tiny_decoder_only.py: a 1-layer Gemma of T5's width instead of T5.
+SMALL_DECODER_ONLY = {
+  **{k: v for k, v in SMALL.items() if not k.startswith('model.t5.')},
+  'model.gemma.emb_dim': 32,
+  'model.gemma.num_heads': 2,
+  'model.gemma.num_kv_heads': 1,
+  'model.gemma.head_dim': 16,
+  'model.gemma.mlp_dim': 64,
+  'model.gemma.num_layers': 2,
+}
+SMALL_BY_CONFIG = {'tiny.py': SMALL, 'tiny_decoder_only.py': SMALL_DECODER_ONLY}
+
+
 def set_dotted(config, overrides: dict):
   """config['a']['b'] = value for each 'a.b': value; unlike load_config, new keys are allowed
   (tests use them to check the model's own validation)."""
@@ -47,9 +60,10 @@ def set_dotted(config, overrides: dict):
   return config
 
 
-def flags(overrides=None) -> list[str]:
-  merged = dict(SMALL, **(overrides or {}))
-  return [f'--config={os.path.join(REPO_ROOT, "configs", "tiny.py")}'] + [
+def flags(overrides=None, config: str = 'tiny.py') -> list[str]:
+  """Trainer flags: configs/`config` with its SMALL sizes and `overrides`."""
+  merged = dict(SMALL_BY_CONFIG[config], **(overrides or {}))
+  return [f'--config={os.path.join(REPO_ROOT, "configs", config)}'] + [
     f'--config.{k}={v}' for k, v in merged.items()
   ]
 
@@ -150,11 +164,12 @@ def run_train(
   emulate_processes=0,
   cwd=REPO_ROOT,
   extra_env=None,
+  config='tiny.py',
 ):
   """`fault`: dict(at_batch=, signal='SIGKILL'|'SIGTERM', after_ckpt=None|step).
   `emulate_processes`: N = this one process reads the data of N processes. `workdir` may be
-  relative to `cwd`."""
-  argv = flags(overrides) + [f'--workdir={workdir}']
+  relative to `cwd`. `config`: a file in configs/ with sizes in SMALL_BY_CONFIG."""
+  argv = flags(overrides, config) + [f'--workdir={workdir}']
   if fault or emulate_processes:
     code = _PRELUDE
     if emulate_processes:

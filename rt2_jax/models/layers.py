@@ -60,6 +60,21 @@ SAVE_DOTS = jax.checkpoint_policies.save_from_both_policies(
 )
 
 
+# Variable collection of LoRA adapters merged inside their layer (config.lora.merge='layer',
+# rt2_jax.lora.layer_variables): per adapted DenseGeneral {'a' [in, r], 'b' [r, out], 'scale' []}.
+LORA = 'lora'
+
+
+def lora_kernel(kernel, a, b, scale, dtype):
+  """kernel + scale * a @ b in float32, kept in the wider of the kernel's dtype and `dtype`
+  (as rt2_jax.lora.merge computes it for the whole tree). The product has a batch axis of size
+  1 so that remat='dots' (which saves dots without batch axes) recomputes this kernel-sized
+  array in the backward pass instead of keeping one per layer."""
+  delta = jnp.einsum('zir,zro->zio', a[None], b[None], preferred_element_type=jnp.float32)[0]
+  merged = kernel.astype(jnp.float32) + scale * delta.reshape(kernel.shape)
+  return merged.astype(jnp.promote_types(kernel.dtype, dtype))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def dense_dot(x, kernel, in_dims: int):
   """x . kernel, contracting x's last `in_dims` axes with kernel's first `in_dims` axes.
@@ -149,6 +164,9 @@ class DenseGeneral(nn.Module):
       out_axis=tuple(range(n_in, len(shape))),
     )
     kernel = self.param('kernel', nn.with_logical_partitioning(init, self.axes), shape, jnp.float32)
+    if self.has_variable(LORA, 'a'):  # a LoRA adapter: this layer's kernel merged here only
+      get = functools.partial(self.get_variable, LORA)
+      kernel = lora_kernel(kernel, get('a'), get('b'), get('scale'), self.dtype)
     # Named so that remat='dots' still saves it: the policy cannot see into the custom_vjp.
     y = checkpoint_name(
       dense_dot(x.astype(self.dtype), kernel.astype(self.dtype), n_in), DENSE_OUTPUT
@@ -305,7 +323,7 @@ def scan_over_layers(body, length: int):
   """
   return nn.scan(
     body,
-    variable_axes={'params': 0},
+    variable_axes={'params': 0, LORA: 0},
     split_rngs={'params': True, 'dropout': True},
     in_axes=nn.broadcast,
     length=length,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 
 import flax.linen as nn
@@ -88,8 +89,8 @@ class Plan:
   gradients: int
   activations: int
   activation_detail: dict
-  # LoRA: the merged copy of the adapted kernels the loss applies (its gradient is in
-  # `gradients`); 0 for full fine-tuning.
+  # LoRA: the merged adapted kernels alive at once (all of them with lora.merge='tree', one
+  # layer's with 'layer'; their gradient is in `gradients`); 0 for full fine-tuning.
   merged: int = 0
   num_trainable: int = 0  # 0: every parameter (full fine-tuning)
   base_dtype: str = 'float32'
@@ -196,23 +197,49 @@ def make_plan(config, mesh: dict[str, int], name: str = '') -> Plan:
   )
 
 
+LAYER_NAME = re.compile(r'(layers|blocks?)(_\d+)?')
+
+
+def _layer_of(path: tuple) -> tuple:
+  """The layer a parameter belongs to: its path up to the first `layers`/`blocks` (stacked)
+  or `layers_i`/`block_i` (unrolled) entry; the whole path for one outside any layer."""
+  for i, key in enumerate(path):
+    if LAYER_NAME.fullmatch(str(key)):
+      return path[: i + 1]
+  return path
+
+
+def merged_kernel_bytes(params, specs, mesh, cfg, dtype) -> int:
+  """Bytes per device of the merged adapted kernels alive at once: all of them for
+  merge='tree' (the loss merges the whole tree); with merge='layer' the largest one layer's
+  (one slice of a stacked kernel), as each layer merges its own while it runs."""
+  flat_specs = traverse_util.flatten_dict(specs, is_leaf=lambda _, x: isinstance(x, P))
+  flat_params = traverse_util.flatten_dict(params)
+  per_layer: dict[tuple, int] = {}
+  total = 0
+  for t in lora.find_targets(params, cfg):
+    shape, spec = flat_params[t.path].shape, flat_specs[t.path]
+    total += per_device_bytes(shape, dtype, spec, mesh)
+    if t.stacked:
+      shape, spec = shape[1:], P(*tuple(spec)[1:])
+    key = _layer_of(t.path)
+    per_layer[key] = per_layer.get(key, 0) + per_device_bytes(shape, dtype, spec, mesh)
+  return total if cfg.merge == 'tree' else max(per_layer.values())
+
+
 def _lora_plan(config, cfg, params, specs, mesh, name, acts, activations) -> Plan:
   """The base in cfg.base_dtype (sharded as the model), adapters and their optimizer state
-  (float32, replicated), their gradients, plus the merged copy of the adapted kernels in the
-  wider of base and compute dtype and its gradient (the loss merges the whole tree before
-  `model.apply`; counted in full, an upper bound where XLA frees a layer's early)."""
+  (float32, replicated), their gradients, plus the merged adapted kernels in the wider of base
+  and compute dtype and their gradient: the whole tree with lora.merge='tree' (the loss merges
+  it before `model.apply`; counted in full, an upper bound where XLA frees a layer's early),
+  one layer's with merge='layer'."""
   base = jax.eval_shape(lambda p: lora.base_params(p, cfg), params)
   trainable = lora.abstract_trainable(params, cfg)
   replicated = jax.tree.map(lambda _: P(), trainable)
   tx, _ = optim.make_optimizer(config, trainable)
   opt_shapes = jax.eval_shape(tx.init, trainable)
   merged_dtype = jax.numpy.promote_types(cfg.base_dtype, config.model.dtype)
-  flat_specs = traverse_util.flatten_dict(specs, is_leaf=lambda _, x: isinstance(x, P))
-  flat_params = traverse_util.flatten_dict(params)
-  merged = sum(
-    per_device_bytes(flat_params[t.path].shape, merged_dtype, flat_specs[t.path], mesh)
-    for t in lora.find_targets(params, cfg)
-  )
+  merged = merged_kernel_bytes(params, specs, mesh, cfg, merged_dtype)
   adapter_bytes = tree_bytes(trainable, replicated, mesh)
   return Plan(
     name,
