@@ -154,7 +154,7 @@ def test_plan_rows_that_finish_early_keep_their_actions():
   policy = tiny_tabletop_policy('plan_then_action')
   cb, vocab = policy.callback, policy.vocab
   plan = vocab.encode('red square to center.')
-  actions = policy.action_vocab.bins_to_ids(np.array([[10, 200, 1]]))[0].tolist()
+  actions = policy.action_vocab.bins_to_ids(np.array([[10, 15, 1]]))[0].tolist()
   early = [*cb.prefix_ids, *plan, *cb.delimiter_ids, *actions, 0, 0, 0]
   late = [*cb.prefix_ids, *plan, 5, 6, 7, *cb.delimiter_ids, *actions]
   out = policy.outputs_from_tokens(np.array([early, late], np.int32))
