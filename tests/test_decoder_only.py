@@ -15,10 +15,8 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import flax.linen as nn
-import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,13 +85,7 @@ def test_server_process_gives_the_checkpoint_policy_tokens(workdir, reference, t
     stderr=subprocess.STDOUT,
   )
   try:
-    deadline = time.monotonic() + 300
-    while True:
-      assert proc.poll() is None and time.monotonic() < deadline, 'server did not come up'
-      with contextlib.suppress(httpx.TransportError):
-        if httpx.get(f'{url}/health', timeout=1).status_code == 200:
-          break
-      time.sleep(0.2)
+    lib.wait_until_healthy(proc, url)
     replies = PolicyClient(url, retries=0, timeout_s=300).predict_batch(list(images), INSTRUCTIONS)
     for reply, want in zip(replies, expected, strict=True):
       np.testing.assert_array_equal(reply['tokens'], want.tokens)

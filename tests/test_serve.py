@@ -7,7 +7,6 @@ stand-in whose speed and failures the test controls (draining, model errors, bat
 
 import base64
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import os
@@ -23,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import tiny_policy  # tests/tiny_policy.py
+import train_testlib as lib
 
 from rt2_jax import wire
 from rt2_jax.client import PolicyClient, PolicyServerError
@@ -488,13 +488,7 @@ def test_sigterm_drains_a_real_server_process(tmp_path):
     stderr=subprocess.STDOUT,
   )
   try:
-    deadline = time.monotonic() + 300
-    while True:
-      assert proc.poll() is None and time.monotonic() < deadline, 'server did not come up'
-      with contextlib.suppress(httpx.TransportError):
-        if httpx.get(f'{url}/health', timeout=1).status_code == 200:
-          break
-      time.sleep(0.2)
+    lib.wait_until_healthy(proc, url)
     shape = wire.image_shape(httpx.get(f'{url}/metadata').json())
     images = [_image(i, shape) for i in range(256)]
     client = PolicyClient(url, retries=0, timeout_s=300)

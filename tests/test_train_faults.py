@@ -242,14 +242,6 @@ def straight12(tmp_path_factory):
   return workdir
 
 
-def _assert_same_params(workdir_a, workdir_b):
-  step_a, params_a = lib.final_params(workdir_a)
-  step_b, params_b = lib.final_params(workdir_b)
-  assert step_a == step_b and params_a.keys() == params_b.keys()
-  for k in params_a:
-    np.testing.assert_array_equal(params_a[k], params_b[k], err_msg=k)
-
-
 @pytest.mark.slow
 def test_trainer_killed_at_random_points_ends_with_the_uninterrupted_parameters(
   straight12, tmp_path
@@ -269,7 +261,7 @@ def test_trainer_killed_at_random_points_ends_with_the_uninterrupted_parameters(
   )
   assert len(records) >= 4 and 'during' in {r['seen'] for r in records}, records
   assert not (workdir / 'checkpoints_unreadable').exists()
-  _assert_same_params(straight12, workdir)
+  lib.assert_same_params(straight12, workdir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +304,7 @@ def fallback(straight, tmp_path, how, overrides=None, relative=False):
   assert message and name in message.group(1), result.stderr[-3000:]
   assert f'resumed from {run}/checkpoints/{previous}' in result.stdout
   assert (run / 'checkpoints_unreadable' / str(latest)).exists()
-  _assert_same_params(straight, run)
+  lib.assert_same_params(straight, run)
   return message.group(1)
 
 
@@ -354,7 +346,7 @@ def test_home_and_gs_workdirs(straight12, tmp_path):
   )
   assert f'resumed from {home}/run/checkpoints/10' in result.stdout
   assert not (tmp_path / '~').exists()
-  _assert_same_params(straight12, home / 'run')
+  lib.assert_same_params(straight12, home / 'run')
 
   # gs:// is passed through untouched: here (no GCS) it fails at once, naming the bucket path.
   url = 'gs://rt2-jax-test-no-such-bucket/run'

@@ -20,15 +20,6 @@ def straight(tmp_path_factory):
   return workdir, result
 
 
-def _assert_same_params(workdir_a, workdir_b):
-  step_a, params_a = lib.final_params(workdir_a)
-  step_b, params_b = lib.final_params(workdir_b)
-  assert step_a == step_b == lib.SMALL['total_steps']
-  assert params_a.keys() == params_b.keys()
-  for k in params_a:
-    np.testing.assert_array_equal(params_a[k], params_b[k], err_msg=k)
-
-
 def test_straight_run_writes_checkpoints_and_events_and_rerun_has_nothing_to_do(straight):
   workdir, result = straight
   assert 'step 6/6 | loss' in result.stdout
@@ -57,7 +48,7 @@ def test_sigterm_then_sigkill_then_restart_gives_identical_parameters(straight, 
   assert 'step 6/6' not in killed.stdout
   resumed = lib.run_train(tmp_path, devices=None)
   assert f'resumed from {tmp_path}/checkpoints/4' in resumed.stdout
-  _assert_same_params(straight[0], tmp_path)
+  lib.assert_same_params(straight[0], tmp_path, steps=lib.SMALL['total_steps'])
 
 
 def test_resume_with_dropout_gives_identical_parameters(straight, tmp_path):
@@ -72,7 +63,9 @@ def test_resume_with_dropout_gives_identical_parameters(straight, tmp_path):
   assert 'saving checkpoint 3 (preempted)' in stopped.stdout
   resumed = lib.run_train(tmp_path / 'resumed', dropout, devices=None)
   assert f'resumed from {tmp_path}/resumed/checkpoints/3' in resumed.stdout
-  _assert_same_params(tmp_path / 'straight', tmp_path / 'resumed')
+  lib.assert_same_params(
+    tmp_path / 'straight', tmp_path / 'resumed', steps=lib.SMALL['total_steps']
+  )
   # Dropout is really on: the parameters differ from those of the run without it.
   _, without = lib.final_params(straight[0])
   _, with_dropout = lib.final_params(tmp_path / 'straight')

@@ -111,15 +111,6 @@ def test_trains_on_a_custom_task_mixed_with_robot_data(module_dir, tmp_path):
   assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
-def _assert_same_params(workdir_a, workdir_b):
-  step_a, params_a = lib.final_params(workdir_a)
-  step_b, params_b = lib.final_params(workdir_b)
-  assert step_a == step_b == lib.SMALL['total_steps']
-  assert params_a.keys() == params_b.keys()
-  for k in params_a:
-    np.testing.assert_array_equal(params_a[k], params_b[k], err_msg=k)
-
-
 def test_sigterm_then_sigkill_then_restart_gives_identical_parameters(module_dir, tmp_path):
   """The runs of tests/test_train_resume.py on the seqio mixture: the tf.data position saved
   with each checkpoint (the custom task's shuffle buffer, the sampler, batches in flight)
@@ -143,4 +134,6 @@ def test_sigterm_then_sigkill_then_restart_gives_identical_parameters(module_dir
   assert f'resumed from {tmp_path}/resumed/checkpoints/3' in killed.stdout
   resumed = run(tmp_path / 'resumed')
   assert f'resumed from {tmp_path}/resumed/checkpoints/4' in resumed.stdout
-  _assert_same_params(tmp_path / 'straight', tmp_path / 'resumed')
+  lib.assert_same_params(
+    tmp_path / 'straight', tmp_path / 'resumed', steps=lib.SMALL['total_steps']
+  )

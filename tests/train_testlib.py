@@ -203,3 +203,30 @@ def final_params(workdir):
   return bundle.step, {
     '/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(bundle.params).items()
   }
+
+
+def assert_same_params(workdir_a, workdir_b, steps=None):
+  """The two runs' final checkpoints: the same step (`steps` when given) and equal parameters,
+  bit for bit."""
+  step_a, params_a = final_params(workdir_a)
+  step_b, params_b = final_params(workdir_b)
+  assert step_a == step_b and (steps is None or step_a == steps), (step_a, step_b, steps)
+  assert params_a.keys() == params_b.keys()
+  for k in params_a:
+    np.testing.assert_array_equal(params_a[k], params_b[k], err_msg=k)
+
+
+def wait_until_healthy(proc, url: str, timeout_s: float = 300) -> None:
+  """Waits for a started `rt2_jax.serve` process to answer /health (fails if it exits)."""
+  import contextlib
+  import time
+
+  import httpx
+
+  deadline = time.monotonic() + timeout_s
+  while True:
+    assert proc.poll() is None and time.monotonic() < deadline, 'server did not come up'
+    with contextlib.suppress(httpx.TransportError):
+      if httpx.get(f'{url}/health', timeout=1).status_code == 200:
+        return
+    time.sleep(0.2)
