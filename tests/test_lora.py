@@ -167,7 +167,7 @@ def _tiny_decoder_only(**overrides):
 def test_layer_merge_equals_the_tree_merge(action_setup, backbone, scan, remat, base_dtype):
   """config.lora.merge='layer' (each DenseGeneral merges its own kernel) gives the loss and
   adapter gradients of merging the whole tree first, for every adapted kernel."""
-  space, action_vocab, tokenizer = action_setup
+  codec = action_setup
   make = _tiny_decoder_only if backbone == 'decoder_only' else _config
   overrides = {
     'model.scan_layers': scan,
@@ -180,7 +180,7 @@ def test_layer_merge_equals_the_tree_merge(action_setup, backbone, scan, remat, 
   assert cfg.merge == 'layer'  # the default
   base = lora.base_params(_random_like(setup.abstract_state.frozen, 0, 0.1), cfg)
   trainable = _random_like(setup.abstract_state.params, 1, 0.1)  # B != 0: a real update
-  batch = _batch(setup.config, space, action_vocab, tokenizer)
+  batch = _batch(setup.config, codec)
 
   def loss(trainable, merge):
     variables = lora.apply_variables(base, trainable, dataclasses.replace(cfg, merge=merge))
@@ -215,7 +215,7 @@ def test_layer_merge_compiles_without_the_merged_copy(action_setup):
   the float32 merged kernels (the copy and its gradient) that tools/plan says it saves."""
   from rt2_jax.tools import plan
 
-  space, action_vocab, tokenizer = action_setup
+  codec = action_setup
   wide = {'model.t5.emb_dim': 512, 'model.t5.mlp_dim': 2048, 'model.t5.num_heads': 8}
   temp = {}
   for merge in ('tree', 'layer'):
@@ -235,11 +235,9 @@ def test_layer_merge_compiles_without_the_merged_copy(action_setup):
       np.array(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'model')
     )
     setup = train.make_setup(config, mesh=mesh)
-    batch = {k: v[:8] for k, v in _batch(config, space, action_vocab, tokenizer).items()}
+    batch = {k: v[:8] for k, v in _batch(config, codec).items()}
     with setup.context():
-      compiled = (
-        setup.jit_train_step(action_vocab, tokenizer).lower(setup.abstract_state, batch).compile()
-      )
+      compiled = setup.jit_train_step(codec).lower(setup.abstract_state, batch).compile()
     temp[merge] = compiled.memory_analysis().temp_size_in_bytes
     planned = plan.make_plan(config, {'data': 1, 'fsdp': 1, 'model': 1})
     if merge == 'tree':
