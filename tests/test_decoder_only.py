@@ -27,7 +27,7 @@ import train_testlib as lib
 from test_train import _batch
 
 from rt2_jax import actions as actions_lib
-from rt2_jax import config_flags, decoding, train
+from rt2_jax import config_flags, decoding, train, transforms
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.client import PolicyClient
 from rt2_jax.data import pipeline
@@ -228,12 +228,12 @@ def test_bfloat16_trains_with_a_loss_close_to_float32():
       np.random.default_rng(0).uniform(-0.05, 0.05, (200, space.dim))
     )
     _, action_vocab = vocab_lib.from_config(config, space)
-    tokenizer = space.tokenizer(stats, config.actions.num_bins, config.actions.decode_mode)
-    batch = _batch(config, space, action_vocab, tokenizer)
+    codec = transforms.ActionCodec.from_config(config, action_vocab, stats)
+    batch = _batch(config, codec)
     batch = {k: v[: config.batch_size] for k, v in batch.items()}
     setup = train.make_setup(config)
     state = setup.init_state(jax.random.PRNGKey(0))
-    step = setup.jit_train_step(action_vocab, tokenizer)
+    step = setup.jit_train_step(codec)
     losses[dtype] = []
     with setup.context():
       for _ in range(2):
