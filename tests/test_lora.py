@@ -60,8 +60,12 @@ def test_merged_kernel_equals_the_low_rank_path_beside_it(stacked):
       pick = (lambda t, i=i: t[i]) if stacked else (lambda t: t)
       xi = jnp.asarray(rng.normal(size=(5,) + shape[:n_in]), jnp.float32)
       low_rank = (xi.reshape(5, -1) @ pick(ad['a'])) @ pick(ad['b'])
-      want = layers.dense_dot(xi, pick(w), n_in) + cfg.scale * low_rank.reshape((5,) + shape[n_in:])
-      np.testing.assert_allclose(layers.dense_dot(xi, pick(got), n_in), want, rtol=1e-5, atol=1e-5)
+      dims = layers.dense_dims(xi.ndim, n_in)
+      want = jax.lax.dot_general(xi, pick(w), dims) + cfg.scale * low_rank.reshape(
+        (5,) + shape[n_in:]
+      )
+      got_y = jax.lax.dot_general(xi, pick(got), dims)
+      np.testing.assert_allclose(got_y, want, rtol=1e-5, atol=1e-5)
 
 
 def test_config_errors_name_the_problem():

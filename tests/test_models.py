@@ -185,58 +185,36 @@ def test_palix_55b_config_is_55b_class():
   assert 50e9 < total < 60e9, total
 
 
-@pytest.mark.parametrize(
-  'x_shape,kernel_shape,in_dims',
-  [
-    ((3, 5, 16), (16, 24), 1),  # dense
-    ((3, 5, 16), (16, 4, 6), 1),  # q/k/v projection [embed, heads, kv]
-    ((3, 5, 4, 6), (4, 6, 16), 2),  # attention output [heads, kv, embed]
-    ((7, 16), (16, 24), 1),
-  ],
-)
-def test_dense_dot_gradients_equal_dot_general(x_shape, kernel_shape, in_dims):
-  # dense_dot forms the kernel gradient itself (to keep the transpose out of the compiled
-  # step); values and both gradients must match lax.dot_general's.
-  from rt2_jax.models.layers import dense_dot
+def test_patch_embedding_is_a_matmul_on_each_patch():
+  # The 'patch' stem is a stride = kernel convolution: each token is its patch's pixels
+  # (row-major within the patch, channels last) times the kernel, tokens in row-major order.
+  from rt2_jax.models import vit as vit_lib
 
+  cfg = vit_lib.ViTConfig(image_size=16, patch_size=4, width=8, depth=0, num_heads=2, mlp_dim=8)
+  vit = vit_lib.ViT(cfg)
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
-  g = jnp.asarray(rng.normal(size=x_shape[:-in_dims] + kernel_shape[in_dims:]), jnp.float32)
-  dims = ((tuple(range(len(x_shape) - in_dims, len(x_shape))), tuple(range(in_dims))), ((), ()))
-  want, want_vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), x, kernel)
-  got, got_vjp = jax.vjp(lambda a, b: dense_dot(a, b, in_dims), x, kernel)
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-  for got_grad, want_grad in zip(got_vjp(g), want_vjp(g), strict=True):
-    assert got_grad.shape == want_grad.shape
-    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-5)
+  images = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  params = nn.unbox(vit.init(jax.random.key(0), images))['params']
+  params['patch_bias'] = jnp.asarray(rng.normal(size=8), jnp.float32)
+  params['pos_embedding'] = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+  got = vit.apply({'params': params}, images)
 
-
-def test_broadcast_batch_gradient_is_the_batch_sum():
-  # broadcast_batch forms its gradient as a dot with ones (XLA:CPU's leading-axis reduction is
-  # slow); value and gradient must match jnp.broadcast_to's.
-  from rt2_jax.models.layers import broadcast_batch
-
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(1, 4, 6, 6)), jnp.float32)
-  g = jnp.asarray(rng.normal(size=(3, 4, 6, 6)), jnp.float32)
-  want, want_vjp = jax.vjp(lambda a: jnp.broadcast_to(a, (3, 4, 6, 6)), x)
-  got, got_vjp = jax.vjp(lambda a: broadcast_batch(a, 3), x)
-  np.testing.assert_array_equal(got, want)
-  (got_grad,), (want_grad,) = got_vjp(g), want_vjp(g)
-  assert got_grad.shape == (1, 4, 6, 6)
-  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got_grad[0], np.asarray(g).sum(0), rtol=1e-5, atol=1e-5)
+  patches = np.asarray(images).reshape(2, 4, 4, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5)
+  kernel = np.asarray(params['patch_embedding']).reshape(48, 8)
+  x = patches.reshape(2, 16, 48) @ kernel + np.asarray(params['patch_bias'])
+  x = x + np.asarray(params['pos_embedding'])
+  x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)  # encoder_norm
+  np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4)
 
 
 def test_remat_dots_saves_dense_outputs():
-  # dense_dot is a custom_vjp, invisible to the dots policy: without its named output,
-  # remat='dots' would silently recompute every projection, as 'full' does.
+  # remat='dots' is jax's own policy: a DenseGeneral output (a dot without batch axes) is kept,
+  # 'full' keeps no intermediate.
   from jax._src.ad_checkpoint import saved_residuals
 
-  from rt2_jax.models.layers import SAVE_DOTS, DenseGeneral
+  from rt2_jax.models import layers
 
-  layer = DenseGeneral((16,), ('embed', 'mlp'))
+  layer = layers.DenseGeneral((16,), ('embed', 'mlp'))
   x = jnp.ones((8, 16))
   params = layer.init(jax.random.PRNGKey(0), x)
 
@@ -246,8 +224,46 @@ def test_remat_dots_saves_dense_outputs():
     )
     return [r for r in saved_residuals(f, params, x) if 'argument' not in r[1]]
 
-  assert len(outputs_saved(SAVE_DOTS)) == 2, outputs_saved(SAVE_DOTS)
-  assert outputs_saved(None) == []  # 'full' keeps no intermediate
+  assert layers.SAVE_DOTS is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  assert len(outputs_saved(layers.SAVE_DOTS)) == 2, outputs_saved(layers.SAVE_DOTS)
+  assert outputs_saved(None) == []
+
+
+def test_remat_dots_saves_every_projection_and_keeps_the_gradients():
+  """Whole VLA: 'dots' saves one output per weight matmul of the rematerialised layers that the
+  backward pass reads, and 'none', 'full' and 'dots' give the same loss and gradients."""
+  from jax._src.ad_checkpoint import saved_residuals
+
+  images, enc, dec = _inputs(1)
+  targets = jnp.asarray(np.roll(dec, -1, axis=1))
+
+  def loss(model, p):
+    logp = jax.nn.log_softmax(model.apply({'params': p}, images, enc, dec))
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
+
+  results, saved, dots_saved = {}, {}, {}
+  params = None
+  for remat in ('none', 'full', 'dots'):
+    model = VLA(_model_cfg(remat=remat))
+    if params is None:
+      params = jax.jit(model.init)(jax.random.key(0), images, enc, dec)['params']
+    results[remat] = jax.jit(jax.value_and_grad(lambda p, m=model: loss(m, p)))(params)
+    residuals = saved_residuals(lambda p, m=model: loss(m, p), params)
+    saved[remat] = len(residuals)
+    dots_saved[remat] = sum('dot_general' in r[1] for r in residuals)
+  # Weight matmuls in the remat'd layers whose outputs the backward pass reads: ViT block q, k,
+  # v, out, fc1; T5 encoder layer q, k, v, out, wi_0, wi_1; a decoder layer also the cross-
+  # attention's 4 (1, 2 and 2 layers). The last of each layer (fc2, wo) only feeds an add.
+  assert saved['dots'] - saved['full'] == dots_saved['dots'] == 5 + 2 * 6 + 2 * 10, saved
+  assert dots_saved['full'] == 0
+  want_loss, want = results['none']
+  for remat in ('full', 'dots'):
+    got_loss, got = results[remat]
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    for (path, g), w in zip(
+      jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True
+    ):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=f'{remat} {path}')
 
 
 def test_conv_stem_is_local_and_shardable():

@@ -3,6 +3,10 @@
 Every parameter is created through `nn.with_logical_partitioning`, so a single table of
 logical-axis rules (rt2_jax.partitioning.LOGICAL_RULES) shards the whole model. Parameters are
 float32; `dtype` is the compute dtype. Attention logits and softmax run in float32.
+
+Plain jax operations, for every backend. (XLA:CPU-tuned variants of the dense gradient, the
+batch-shared bias gradient, the attention layout and the ViT stem were measured against these
+on a 2-core AVX-512 CPU, issue 17, and gave no gain there, so none is kept.)
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 # Added to the attention logits of masked keys: large enough that exp() underflows to 0 in
@@ -51,13 +54,9 @@ def constrain(x, axes: Sequence[str | None]):
   return nn.with_logical_constraint(x, tuple(axes))
 
 
-DENSE_OUTPUT = 'dense_output'
-# remat='dots': save the weight matmuls' outputs, i.e. dots without batch dimensions and the
-# DenseGeneral outputs (dense_dot is a custom_vjp, which the dots policy does not look into).
-SAVE_DOTS = jax.checkpoint_policies.save_from_both_policies(
-  jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-  jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT),
-)
+# remat='dots': save the weight matmuls' outputs (jax's dots without batch dimensions: every
+# DenseGeneral); the batched attention matmuls and the LoRA product are recomputed.
+SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 # Variable collection of LoRA adapters merged inside their layer (config.lora.merge='layer',
@@ -75,68 +74,9 @@ def lora_kernel(kernel, a, b, scale, dtype):
   return merged.astype(jnp.promote_types(kernel.dtype, dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def dense_dot(x, kernel, in_dims: int):
-  """x . kernel, contracting x's last `in_dims` axes with kernel's first `in_dims` axes.
-
-  The same as lax.dot_general, except for how the kernel gradient is formed. JAX's transpose
-  rule computes it as dot(g, x) -> [out..., in...] and then transposes it into the kernel's
-  axis order; under data parallelism the gradient all-reduce lands between the two, XLA cannot
-  fold the transpose into the dot, and on CPU every kernel gradient became a strided copy
-  (~4 ms for a 512x1024 kernel). Here the gradient is dot(x, g), already [in..., out...].
-  """
-  return lax.dot_general(x, kernel, _dense_dims(x.ndim, in_dims))
-
-
-def _dense_dims(x_ndim: int, in_dims: int):
+def dense_dims(x_ndim: int, in_dims: int):
+  """lax.dot_general dimension numbers: x's last `in_dims` axes with the kernel's first."""
   return (tuple(range(x_ndim - in_dims, x_ndim)), tuple(range(in_dims))), ((), ())
-
-
-def _dense_dot_fwd(x, kernel, in_dims):
-  return dense_dot(x, kernel, in_dims), (x, kernel)
-
-
-def _dense_dot_bwd(in_dims, residuals, g):
-  x, kernel = residuals
-  n_out = kernel.ndim - in_dims
-  # dx: contract g's output axes with the kernel's; the result is [batch..., in...].
-  dx = lax.dot_general(
-    g,
-    kernel,
-    ((tuple(range(g.ndim - n_out, g.ndim)), tuple(range(in_dims, kernel.ndim))), ((), ())),
-  )
-  # dkernel: contract the batch axes; the result is [in..., out...], the kernel's own order.
-  batch = tuple(range(x.ndim - in_dims))
-  dkernel = lax.dot_general(x, g, ((batch, batch), ((), ())))
-  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
-
-
-dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def broadcast_batch(x, batch_size: int):
-  """Broadcasts x [1, ...] to [batch_size, ...] (a learned bias shared by all examples).
-
-  The same as jnp.broadcast_to, except for the gradient: the sum over the batch is formed as a
-  dot with ones. XLA:CPU's reduction over a leading axis with a large trailing extent ran ~100x
-  below memory bandwidth (the T5 relative-position bias gradient, [8, 8, 228, 228] -> [8, 228,
-  228], took 44 ms; the dot takes 0.5 ms).
-  """
-  return jnp.broadcast_to(x, (batch_size,) + x.shape[1:])
-
-
-def _broadcast_batch_fwd(x, batch_size):
-  return broadcast_batch(x, batch_size), None
-
-
-def _broadcast_batch_bwd(batch_size, _, g):
-  ones = jnp.ones((1, batch_size), g.dtype)
-  summed = lax.dot_general(ones, g, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  return (summed.astype(g.dtype),)
-
-
-broadcast_batch.defvjp(_broadcast_batch_fwd, _broadcast_batch_bwd)
 
 
 class DenseGeneral(nn.Module):
@@ -167,10 +107,7 @@ class DenseGeneral(nn.Module):
     if self.has_variable(LORA, 'a'):  # a LoRA adapter: this layer's kernel merged here only
       get = functools.partial(self.get_variable, LORA)
       kernel = lora_kernel(kernel, get('a'), get('b'), get('scale'), self.dtype)
-    # Named so that remat='dots' still saves it: the policy cannot see into the custom_vjp.
-    y = checkpoint_name(
-      dense_dot(x.astype(self.dtype), kernel.astype(self.dtype), n_in), DENSE_OUTPUT
-    )
+    y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dense_dims(x.ndim, n_in))
     if self.use_bias:
       bias = self.param(
         'bias',
@@ -276,16 +213,13 @@ class MultiHeadAttention(nn.Module):
       q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
     if self.logit_scale != 1.0:
       q = q * jnp.asarray(self.logit_scale, q.dtype)
-    # Heads-major [B,H,L,D] operands: XLA:CPU's batched matmuls run 20-40% faster on them than
-    # on [B,L,H,D] (one transposed copy each instead of strided per-head slices).
-    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v.astype(self.dtype)))
-    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     if bias is not None:
       logits = logits + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     if self.dropout_rate > 0.0 and not deterministic:
       weights = self.attn_dropout(weights, deterministic=False)
-    out = jnp.einsum('bhqk,bhkd->bhqd', weights, v).transpose(0, 2, 1, 3)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(self.dtype))
     return constrain(self.out(out), ('batch', 'length', 'embed'))
 
   def __call__(self, x_q, x_kv, bias=None, deterministic: bool = True):

@@ -270,9 +270,7 @@ class Encoder(nn.Module):
     cfg = self.config
     length = x.shape[1]
     # The relative position bias is shared by all layers: computed once, outside any scan.
-    bias = layers.broadcast_batch(
-      self.relpos_bias(length, length), x.shape[0]
-    ) + layers.mask_to_bias(mask)
+    bias = self.relpos_bias(length, length) + layers.mask_to_bias(mask)  # [B, H, L, L]
     x = self.dropout(x.astype(layers.to_dtype(cfg.dtype)), deterministic)
     if cfg.scan_layers:
 

@@ -1,6 +1,6 @@
 """Vision Transformer image encoder (flax linen), SigLIP / big_vision compatible.
 
-Patch embedding (a stride = kernel convolution, written as patchify + matmul; or, with
+Patch embedding (a stride = kernel convolution; or, with
 `stem='conv'`, a small stack of 3x3 stride-2 convolutions, which trains faster from scratch:
 Xiao et al. 2021, "Early convolutions help transformers see better"), learned or 2-D sin-cos
 position embeddings, pre-LN blocks with biased attention and a GELU MLP, and a final
@@ -223,15 +223,14 @@ class ViT(nn.Module):
         (cfg.width,),
         jnp.float32,
       )
-      # Non-overlapping patches: a stride = kernel convolution is exactly a matmul on patches.
-      # They are gathered into rows first (one pass over the image, fused with the cast) so
-      # that the kernel gradient is one plain dot rather than a strided copy of the output
-      # gradient.
-      patches = images.astype(dtype).reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
-      x = layers.dense_dot(
-        patches.reshape(b, g * g, p * p * c), kernel.astype(dtype).reshape(p * p * c, -1), 1
+      x = jax.lax.conv_general_dilated(
+        images.astype(dtype),
+        kernel.astype(dtype),
+        (p, p),
+        'VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
       )
-      x = x + bias.astype(dtype)
+      x = x.reshape(b, g * g, cfg.width) + bias.astype(dtype)
     if cfg.posemb == 'learn':
       pos = self.param(
         'pos_embedding',
@@ -243,7 +242,7 @@ class ViT(nn.Module):
       )
     else:
       pos = jnp.asarray(posemb_sincos_2d(g, cfg.width))
-    x = x + layers.broadcast_batch(pos.astype(dtype)[None], b)
+    x = x + pos.astype(dtype)[None]
     x = constrain(x, ('batch', 'length', 'embed'))
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     block_cls = layers.maybe_remat(
