@@ -54,7 +54,8 @@ def test_cached_decode_matches_full_forward(model_and_vars):
   encoded, mask = model.apply(variables, images, enc, method=VLA.encode)
   assert encoded.shape[:2] == mask.shape == (B, 16 + enc.shape[1])
   cache = model.apply(variables, encoded, mask, DEC_LEN + 3, method=VLA.init_decode_cache)
-  assert cache['layers'][0]['self_k'].shape == (B, DEC_LEN + 3, 2, 24)
+  # Cache layout (layers.cache_shape): one [length, head_dim] matrix per example and head.
+  assert cache['layers'][0]['self_k'].shape == (B * 2, DEC_LEN + 3, 24)
   step_logits = _cached_decode_logits(model, variables, images, enc, dec)
   np.testing.assert_allclose(step_logits, logits, atol=2e-5, rtol=1e-5)
 

@@ -156,8 +156,8 @@ def test_scanned_cached_decode_equals_unrolled(models_and_params):
   cache_s, final_s, steps_s, logits_s = _decode(scanned, stacked, images, enc, dec, max_len)
 
   layers = cache_s['layers']  # one dict of arrays stacked over the 3 decoder layers
-  assert layers['self_k'].shape == (3, B, max_len, 2, 16)
-  assert layers['cross_v'].shape == (3, B, 16 + enc.shape[1], 2, 16)
+  assert layers['self_k'].shape == (3, B * 2, max_len, 16)  # [L, B*H, T, D]
+  assert layers['cross_v'].shape == (3, B * 2, 16 + enc.shape[1], 16)
   assert isinstance(cache_u['layers'], list) and len(cache_u['layers']) == 3
 
   np.testing.assert_allclose(steps_s, steps_u, atol=2e-5, rtol=1e-5)

@@ -28,11 +28,13 @@ def _inputs(vocab, image_size=64, seed=0):
   return images, enc, dec
 
 
-@pytest.mark.parametrize('scan', [False, True])
-def test_cached_decoding_matches_teacher_forcing_and_ignores_prompt_padding(scan):
+# Batch 1 with the config's one KV head keeps each cache as one [length, head_dim] matrix
+# (layers.cache_shape), batch 2 as [2, length, head_dim].
+@pytest.mark.parametrize('scan,batch', [(False, 2), (True, 2), (False, 1), (True, 1)])
+def test_cached_decoding_matches_teacher_forcing_and_ignores_prompt_padding(scan, batch):
   cfg = config_flags.load_config(CONFIG, {'model.scan_layers': scan, 'model.vocab_size': 256})
   model = VLA(cfg.model)
-  images, enc, dec = _inputs(256)
+  images, enc, dec = (x[:batch] for x in _inputs(256))
   enc[0, 4:] = 0
   dec[:, 0] = 0
   variables = jax.jit(model.init)(jax.random.key(0), images, enc, dec)

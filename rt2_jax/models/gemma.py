@@ -141,6 +141,23 @@ class Attention(nn.Module):
     v = constrain(self.value(x), ('batch', 'length', 'kv_heads', 'kv'))
     return q, k, v
 
+  def attend_cached(self, q, k, v, bias):
+    """`attend` against a decode cache: k / v in the cache layout (layers.cache_shape, KV
+    heads), read by the matmuls as they are."""
+    cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
+    b, lq, h, d = q.shape
+    n = cfg.num_kv_heads
+    groups = h // n
+    # Query head n * groups + g reads key-value head n, as in `attend`: [B*KV, G*Q, D].
+    q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, lq, n, groups, d)
+    q = q.transpose(0, 2, 3, 1, 4).reshape(b * n, groups * lq, d)
+    logits = layers.cache_logits(q, k.astype(dtype)).reshape(b, n, groups, lq, -1)
+    logits = logits + bias[:, :, None]
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype).reshape(b * n, groups * lq, -1)
+    out = layers.cache_weighted_sum(weights, v.astype(dtype)).reshape(b, n, groups, lq, d)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
+    return constrain(self.out(out), ('batch', 'length', 'embed'))
+
   def attend(self, q, k, v, bias, deterministic: bool = True):
     """q [B, Q, H, D], k / v [B, K, KV, D], bias [B, 1, Q, K] -> [B, Q, E]."""
     cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
@@ -194,15 +211,12 @@ class Layer(nn.Module):
 
   def step(self, x, positions, bias, cache, index, layer=None):
     """One position x [B, 1, E]; writes its K/V at cache column `index`. `cache` holds this
-    layer's {'k', 'v'} [B, S, KV, D], or with `layer` (traced, under scan) every layer's
-    stacked [L, B, S, KV, D], updated in place."""
+    layer's {'k', 'v'} in the cache layout (layers.cache_shape), or with `layer` (traced,
+    under scan) every layer's stacked [L, ...], updated in place."""
     q, k, v = self.attention.qkv(self.pre_attention_norm(x), positions)
 
-    def write(name, value):
-      value = value.astype(cache[name].dtype)
-      if layer is None:
-        return lax.dynamic_update_slice(cache[name], value, (0, index, 0, 0))
-      return lax.dynamic_update_slice(cache[name], value[None], (layer, 0, index, 0, 0))
+    def write(name, value):  # value [B, 1, KV, D]
+      return layers.update_cache(cache[name], layers.to_cache_layout(value), index, layer)
 
     cache = dict(cache, k=write('k', k), v=write('v', v))
     read = (
@@ -210,7 +224,7 @@ class Layer(nn.Module):
       if layer is None
       else (lambda n: lax.dynamic_index_in_dim(cache[n], layer, 0, keepdims=False))
     )
-    x = self._finish(x, self.attention.attend(q, read('k'), read('v'), bias), True)
+    x = self._finish(x, self.attention.attend_cached(q, read('k'), read('v'), bias), True)
     return x, cache
 
 
@@ -265,18 +279,18 @@ class Gemma(nn.Module):
 
   def init_cache(self, prefix, prefix_mask, max_decode_len: int):
     """Runs the prefix [B, P, E] once; its keys/values fill cache columns 0..P-1 and
-    `max_decode_len` zero columns follow for the decoded tokens."""
+    `max_decode_len` zero columns follow for the decoded tokens. Per layer {'k', 'v'} in the
+    cache layout (layers.cache_shape) of P + max_decode_len positions, or stacked [L, ...]."""
     cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
     _, kv = self(prefix, prefix_mask, prefix.shape[1])
     pad = int(max_decode_len)
 
-    def extend(a):  # pad the length axis (-3) with zero columns
-      widths = [(0, 0)] * a.ndim
-      widths[-3] = (0, pad)
-      return jnp.pad(a.astype(dtype), widths)
+    def extend(a):  # [B, P, KV, D] -> cache layout, the length axis padded with zero columns
+      a = layers.to_cache_layout(a.astype(dtype))
+      return jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, pad), (0, 0)])
 
     if cfg.scan_layers:
-      layer_caches = dict(k=extend(kv[0]), v=extend(kv[1]))
+      layer_caches = dict(k=jax.vmap(extend)(kv[0]), v=jax.vmap(extend)(kv[1]))
     else:
       layer_caches = [dict(k=extend(k), v=extend(v)) for k, v in kv]
     key_mask = jnp.concatenate(

@@ -207,12 +207,16 @@ class MultiHeadAttention(nn.Module):
   def project_q(self, x):
     return constrain(self.query(x), ('batch', 'length', 'heads', 'kv'))
 
-  def attend(self, q, k, v, bias=None, deterministic: bool = True):
-    """q [B,Q,H,D], k/v [B,K,H,D], bias broadcastable to [B,H,Q,K] (float32) -> [B,Q,E]."""
+  def _scale_query(self, q):
     if self.scale_logits:
       q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
     if self.logit_scale != 1.0:
       q = q * jnp.asarray(self.logit_scale, q.dtype)
+    return q
+
+  def attend(self, q, k, v, bias=None, deterministic: bool = True):
+    """q [B,Q,H,D], k/v [B,K,H,D], bias broadcastable to [B,H,Q,K] (float32) -> [B,Q,E]."""
+    q = self._scale_query(q)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     if bias is not None:
       logits = logits + bias
@@ -222,9 +226,67 @@ class MultiHeadAttention(nn.Module):
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(self.dtype))
     return constrain(self.out(out), ('batch', 'length', 'embed'))
 
+  def attend_cached(self, q, k, v, bias=None):
+    """`attend` (deterministic) against a decode cache: q [B,Q,H,D], k/v in the cache layout
+    (`to_cache_layout`), which the matmuls read as they are."""
+    b, lq, h, d = q.shape
+    q = self._scale_query(q).transpose(0, 2, 1, 3).reshape(b * h, lq, d)
+    logits = cache_logits(q, k).reshape(b, h, lq, -1)
+    if bias is not None:
+      logits = logits + bias
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype).reshape(b * h, lq, -1)
+    out = cache_weighted_sum(weights, v.astype(self.dtype))
+    out = out.reshape(b, h, lq, d).transpose(0, 2, 1, 3)
+    return constrain(self.out(out), ('batch', 'length', 'embed'))
+
   def __call__(self, x_q, x_kv, bias=None, deterministic: bool = True):
     k, v = self.project_kv(x_kv)
     return self.attend(self.project_q(x_q), k, v, bias, deterministic)
+
+
+# Decode caches keep keys and values in the layout the step's matmuls read: [B*H, L, D] (one
+# matrix per example and head), or [L, D] when B*H is 1. Why: kept [B, L, H, D], every decode
+# step transposed every cache whole (a full copy per cache and layer); kept [B, H, L, D], or
+# [1, L, D], the reshape into the matmul's operand fused with the cache's in-place update on
+# XLA:CPU, which then copied the cache three times a step (issue 19). Read as they are, the
+# update stays in place and nothing else touches the cache.
+
+
+def cache_shape(batch: int, heads: int, length: int, head_dim: int) -> tuple[int, ...]:
+  """The cache layout's shape for keys or values [batch, length, heads, head_dim]."""
+  if batch * heads == 1:  # False for a symbolic (export-polymorphic) batch
+    return (length, head_dim)
+  return (batch * heads, length, head_dim)
+
+
+def to_cache_layout(x):
+  """Keys or values [B, L, H, D] -> the cache layout, `cache_shape(B, H, L, D)`."""
+  b, length, h, d = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(cache_shape(b, h, length, d))
+
+
+def update_cache(cache, new, index, layer=None):
+  """Writes `new` (cache layout, length 1) at position `index` of the cache's length axis
+  (-2), in place; with `layer`, into that layer's slice of a stacked cache [L, ...]."""
+  start = [0] * cache.ndim
+  start[-2] = index
+  if layer is not None:
+    new, start[0] = new[None], layer
+  return lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
+
+
+def cache_logits(q, k):
+  """float32 logits [X, M, K] of queries q [X, M, D] against keys k in the cache layout."""
+  if k.ndim == 2:  # X == 1
+    return jnp.einsum('md,kd->mk', q[0], k, preferred_element_type=jnp.float32)[None]
+  return jnp.einsum('xmd,xkd->xmk', q, k, preferred_element_type=jnp.float32)
+
+
+def cache_weighted_sum(weights, v):
+  """weights [X, M, K] times values v in the cache layout -> [X, M, D]."""
+  if v.ndim == 2:
+    return jnp.einsum('mk,kd->md', weights[0], v)[None]
+  return jnp.einsum('xmk,xkd->xmd', weights, v)
 
 
 def mask_to_bias(key_mask):

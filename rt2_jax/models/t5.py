@@ -205,14 +205,17 @@ class DecoderLayer(nn.Module):
     return constrain(x + self.dropout(h, deterministic), ('batch', 'length', 'embed'))
 
   def cross_kv(self, encoded):
-    return self.encoder_decoder_attention.project_kv(encoded)
+    """Cross-attention K/V in the decode cache's layout (layers.cache_shape)."""
+    k, v = self.encoder_decoder_attention.project_kv(encoded)
+    return layers.to_cache_layout(k), layers.to_cache_layout(v)
 
   def step(self, x, self_bias, cache, cross_bias, step, layer=None):
     """One position: x [B,1,E]; writes this position's K/V into the cache at `step`.
 
-    `cache` holds this layer's arrays [B, ...], or with `layer` (a traced index, under scan)
-    every layer's stacked [L, B, ...]: the new K/V row is written in place at
-    [layer, :, step], so a decode step moves no more cache memory than the unrolled loop.
+    `cache` holds this layer's arrays in the cache layout (layers.cache_shape), or with
+    `layer` (a traced index, under scan) every layer's stacked [L, ...]: the new K/V row is
+    written in place at [layer, ..., step, :], so a decode step moves no more cache memory
+    than the unrolled loop.
     """
     dtype = layers.to_dtype(self.config.dtype)
 
@@ -221,20 +224,19 @@ class DecoderLayer(nn.Module):
         return cache[name]
       return lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False)
 
-    def write(name, value):
-      value = value.astype(cache[name].dtype)
-      if layer is None:
-        return lax.dynamic_update_slice(cache[name], value, (0, step, 0, 0))
-      return lax.dynamic_update_slice(cache[name], value[None], (layer, 0, step, 0, 0))
+    def write(name, value):  # value [B, 1, H, D]
+      return layers.update_cache(cache[name], layers.to_cache_layout(value), step, layer)
 
     h = self.pre_self_attention_layer_norm(x)
     k, v = self.self_attention.project_kv(h)
     cache = dict(cache, self_k=write('self_k', k), self_v=write('self_v', v))
     q = self.self_attention.project_q(h)
-    x = x + self.self_attention.attend(q, read('self_k').astype(dtype), read('self_v'), self_bias)
+    self_attend = self.self_attention.attend_cached
+    x = x + self_attend(q, read('self_k').astype(dtype), read('self_v'), self_bias)
     h = self.pre_cross_attention_layer_norm(x)
     q = self.encoder_decoder_attention.project_q(h)
-    x = x + self.encoder_decoder_attention.attend(q, read('cross_k'), read('cross_v'), cross_bias)
+    cross_attend = self.encoder_decoder_attention.attend_cached
+    x = x + cross_attend(q, read('cross_k'), read('cross_v'), cross_bias)
     x = x + self.mlp(self.pre_mlp_layer_norm(x))
     return x, cache
 
@@ -321,11 +323,12 @@ class Decoder(nn.Module):
     return self.dropout(self.decoder_norm(x), deterministic)
 
   def init_cache(self, encoded, encoder_mask, max_decode_len: int):
-    """Per layer {'self_k', 'self_v', 'cross_k', 'cross_v'}: a list, or (scan) one dict of
-    arrays stacked along a leading layers axis."""
+    """Per layer {'self_k', 'self_v', 'cross_k', 'cross_v'} in the cache layout
+    (layers.cache_shape): a list, or (scan) one dict of arrays stacked along a leading layers
+    axis."""
     cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
     batch = encoded.shape[0]
-    shape = (batch, int(max_decode_len), cfg.num_heads, cfg.head_dim)
+    shape = layers.cache_shape(batch, cfg.num_heads, int(max_decode_len), cfg.head_dim)
     if cfg.scan_layers:
 
       def body(layer, carry, encoded):
@@ -348,9 +351,9 @@ class Decoder(nn.Module):
   def step(self, cache, x, step):
     """x [B, 1, E] embedded token at position `step` -> hidden [B, 1, E] and the new cache."""
     cfg = self.config
-    # Self K/V [B, T, H, D] per layer, or [L, B, T, H, D] stacked.
+    # Self K/V [..., T, D] per layer (layers.cache_shape), or stacked [L, ..., T, D].
     self_k = cache['layers']['self_k'] if cfg.scan_layers else cache['layers'][0]['self_k']
-    max_len = self_k.shape[-3]
+    max_len = self_k.shape[-2]
     self_bias = self.relpos_bias.for_step(step, max_len)
     self_bias = self_bias + jnp.where(jnp.arange(max_len) <= step, 0.0, layers.MASK_BIAS)
     cross_bias = layers.mask_to_bias(cache['encoder_mask'])

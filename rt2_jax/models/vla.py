@@ -493,8 +493,9 @@ class VLA(nn.Module):
     )
 
   def init_decode_cache(self, encoded, encoder_mask, max_decode_len: int):
-    """Self-attention K/V [B, max_decode_len, H, D] zeros + cross-attention K/V, per layer
-    (with scan_layers: one dict of arrays stacked [L, B, ...]), and the decoder's input offset
+    """Self-attention K/V of max_decode_len zero positions + cross-attention K/V, per layer in
+    the cache layout (layers.cache_shape: [B*H, length, D], or [length, D] when B*H is 1; with
+    scan_layers one dict of arrays stacked [L, ...]), and the decoder's input offset
     when there is one. An opaque pytree to callers. Decoder-only: the prefix's K/V (one pass
     over it) followed by max_decode_len empty columns per layer."""
     if self.decoder_only:
