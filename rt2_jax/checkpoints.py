@@ -40,12 +40,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from rt2_jax import actions as actions_lib
 from rt2_jax import checkpoint_assets, config_flags, lora
@@ -813,9 +815,27 @@ def pinned_path(path: str) -> str:
   return os.fspath(directory / str(step))
 
 
-def load_init_params(path: str, abstract_params):
+def load_init_params(path: str, abstract_params, fresh_params=None, fresh_pattern: str = ''):
   """Parameters of another run's checkpoint or of a converted pretrained checkpoint
-  (`python -m rt2_jax.weights.convert`), restored straight into the run's shardings."""
+  (`python -m rt2_jax.weights.convert`), restored straight into the run's shardings.
+
+  `fresh_pattern` (config.init_fresh, a regex over '/'-joined parameter paths): the matching
+  parameters are new in this model (a head or option added for fine-tuning); they keep their
+  values from `fresh_params` and must not be in the checkpoint, every other one must be.
+  """
+  if fresh_pattern:
+    pattern = re.compile(fresh_pattern)
+    flat = traverse_util.flatten_dict(abstract_params)
+    fresh = {k for k in flat if pattern.search('/'.join(map(str, k)))}
+    if not fresh:
+      raise ValueError(f'config.init_fresh={fresh_pattern!r} matches no parameter of this model')
+    kept = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in fresh})
+    restored = traverse_util.flatten_dict(load_init_params(path, kept))
+    new = traverse_util.flatten_dict(fresh_params)
+    restored.update({k: new[k] for k in fresh})
+    names = sorted('/'.join(map(str, k)) for k in fresh)
+    print(f'freshly initialized (config.init_fresh): {", ".join(names)}', flush=True)
+    return traverse_util.unflatten_dict(restored)
   path = resolve_path(path)
   if (epath.Path(path) / 'checkpoints').exists() or (epath.Path(path) / 'state').exists():
     params, _, step = load_params(path, abstract_params=abstract_params)

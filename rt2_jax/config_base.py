@@ -16,6 +16,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.init_from = ''  # converted pretrained checkpoint dir, or another run's workdir/checkpoint
+  # Regex over '/'-joined parameter paths: parameters new in this model (not in init_from's
+  # checkpoint), which keep their fresh initialization; every other one must be there.
+  c.init_fresh = ''
 
   # Vocabulary. '' = the SentencePiece model bundled in rt2_jax/assets (trained by
   # scripts/train_tiny_spm.py). Action bins are written as number tokens "0".."255" (RT-2-PaLI-X)
@@ -53,6 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
   # > 0 (with pool_keypoints): each keypoint is the soft-argmax within this many patches of the
   # pooling's argmax, not over the whole image (far-off mass biases it towards the centre).
   c.model.pool_keypoint_window = 0
+  # > 0 (with pool_keypoints): the keypoint features also go through an MLP of this width (GELU)
+  # into the summaries, beside the linear map: a push direction is a nonlinear function of the
+  # positions, which a small MLP fits from true positions (docs/tabletop.md, Measurement 10).
+  c.model.pool_keypoint_mlp = 0
   # How each summary's query reads the instruction: 'mean' (one mean word embedding for all) or
   # 'attend' (rt2_jax.models.vla.InstructionReader: per-summary attention over the words with
   # positions, so 'X next to Y' and 'Y next to X' differ); pool_query_max_len >= the prompt.

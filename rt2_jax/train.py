@@ -614,7 +614,12 @@ def train(config, workdir: str) -> dict:
       state = state.replace(frozen=load_lora_base(setup, lora_base))
     elif config.init_from:
       state = state.replace(
-        params=checkpoints.load_init_params(config.init_from, setup.abstract_state.params)
+        params=checkpoints.load_init_params(
+          config.init_from,
+          setup.abstract_state.params,
+          fresh_params=state.params,
+          fresh_pattern=config.get('init_fresh', ''),
+        )
       )
   codec = transforms.ActionCodec.from_config(config, action_vocab, stats)
   meta = checkpoints.make_meta(config, vocab)

@@ -574,6 +574,36 @@ def test_pool_keypoints_add_each_summarys_expected_patch_centre_to_the_summaries
     VLA(_model_cfg(**{'pool_keypoints': True})).init(jax.random.key(0), images, enc, dec)
 
 
+def test_pool_keypoint_mlp_adds_a_nonlinear_map_of_the_keypoint_features():
+  images, enc, dec = _inputs()
+  cfg = {'instruction_pool': 2, 'pool_keypoints': True}
+  model = VLA(_model_cfg(**cfg, pool_keypoint_mlp=16))
+  variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images, enc, dec))
+  pool = variables['params']['instruction_pool']
+  assert pool['keypoint_hidden']['kernel'].shape == (6, 16)
+  assert pool['keypoint_mlp_out']['kernel'].shape == (16, 32)
+
+  def summaries(m, i, e):
+    return m.encode(i, e)[0]
+
+  # Without the MLP's parameters (the model without the option) the summaries differ.
+  without = {
+    'params': dict(
+      variables['params'],
+      instruction_pool={
+        k: v for k, v in pool.items() if k not in ('keypoint_hidden', 'keypoint_mlp_out')
+      },
+    )
+  }
+  got = np.asarray(model.apply(variables, images, enc, method=summaries))
+  plain = np.asarray(VLA(_model_cfg(**cfg)).apply(without, images, enc, method=summaries))
+  assert np.abs(got - plain).max() > 1e-3
+  with pytest.raises(ValueError, match='pool_keypoint_mlp'):
+    VLA(_model_cfg(instruction_pool=2, pool_keypoint_mlp=16)).init(
+      jax.random.key(0), images, enc, dec
+    )
+
+
 def test_pool_keypoint_window_ignores_mass_far_from_the_peak():
   from rt2_jax.models.vla import InstructionPool, expected_patch_centre, local_window
 

@@ -402,6 +402,37 @@ def test_init_from_a_run_or_a_converted_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match='neither a run'):
     checkpoints.load_init_params(str(tmp_path), abstract)
 
+  # A model with a new parameter (a keypoint MLP): config.init_fresh keeps it as initialized and
+  # restores every other one; without it the checkpoint does not fit.
+  cfg = {'model.instruction_pool': 2, 'model.pool_keypoints': True}
+  grown = train.make_setup(_config(batch_size=8, **cfg, **{'model.pool_keypoint_mlp': 16}))
+  old = train.make_setup(_config(batch_size=8, **cfg)).abstract_state.params
+  old_params = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), old)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / 'old'), async_save=False)
+  ckpt.save(
+    3,
+    {'params': old_params, 'opt_state': {}, 'step': np.int32(3), 'rng': np.zeros(2, np.uint32)},
+    None,
+    {'config': '{}'},
+  )
+  ckpt.close()
+  fresh = grown.init_state(jax.random.PRNGKey(0)).params
+  with pytest.raises(checkpoints.MismatchError, match='keypoint_hidden'):
+    checkpoints.load_init_params(str(tmp_path / 'old'), grown.abstract_state.params)
+  with pytest.raises(ValueError, match='matches no parameter'):
+    checkpoints.load_init_params(str(tmp_path / 'old'), old, old_params, 'no_such_layer')
+  got = checkpoints.load_init_params(
+    str(tmp_path / 'old'), grown.abstract_state.params, fresh, 'keypoint_(hidden|mlp_out)'
+  )
+  pool, fresh_pool = got['instruction_pool'], fresh['instruction_pool']
+  for name in ('keypoint_hidden', 'keypoint_mlp_out'):
+    np.testing.assert_array_equal(pool[name]['kernel'], fresh_pool[name]['kernel'])
+  np.testing.assert_array_equal(
+    pool['keypoint_projection']['kernel'],
+    old_params['instruction_pool']['keypoint_projection']['kernel'],
+  )
+  np.testing.assert_array_equal(got['vit']['pos_embedding'], old_params['vit']['pos_embedding'])
+
 
 def _bilinear_label(x, y, grid):
   """Numpy reference: weights of the four patch centres around (x, y) (row-major patches)."""

@@ -227,6 +227,7 @@ class InstructionPool(nn.Module):
   keypoint_grid: int = 0  # > 0: model.pool_keypoints on this square patch grid
   keypoint_offsets: bool = False  # model.pool_keypoint_offsets
   keypoint_window: int = 0  # model.pool_keypoint_window
+  keypoint_mlp: int = 0  # model.pool_keypoint_mlp
   # True: the instruction is one vector per summary [B, K, E] (InstructionReader), each mapped
   # to its query by one shared map; False: one vector [B, E] mapped to the K queries.
   per_summary_instruction: bool = False
@@ -253,6 +254,13 @@ class InstructionPool(nn.Module):
       self.keypoint_projection = layers.DenseGeneral(
         (e,), ('keypoints', 'embed'), use_bias=True, dtype=self.dtype
       )
+    if self.keypoint_grid and self.keypoint_mlp:
+      self.keypoint_hidden = layers.DenseGeneral(
+        (self.keypoint_mlp,), ('keypoints', 'embed_out'), use_bias=True, dtype=self.dtype
+      )
+      self.keypoint_mlp_out = layers.DenseGeneral(
+        (e,), ('embed_out', 'embed'), use_bias=True, dtype=self.dtype
+      )
     if self.keypoint_offsets:
       self.keypoint_offset = layers.DenseGeneral(
         (2,), ('embed', 'keypoints'), use_bias=True, dtype=self.dtype
@@ -276,7 +284,11 @@ class InstructionPool(nn.Module):
     if self.keypoint_grid:
       points = self.keypoints(weights, image_tokens)
       self.sow('intermediates', 'keypoints', points)
-      pooled = pooled + self.keypoint_projection(self.keypoint_features(points))[:, None]
+      features = self.keypoint_features(points)
+      pooled = pooled + self.keypoint_projection(features)[:, None]
+      if self.keypoint_mlp:
+        hidden = nn.gelu(self.keypoint_hidden(features))
+        pooled = pooled + self.keypoint_mlp_out(hidden)[:, None]
     return pooled
 
   def keypoints(self, weights, image_tokens=None):
@@ -332,6 +344,9 @@ class VLA(nn.Module):
     window = int(self.config.get('pool_keypoint_window', 0))
     if window and not keypoints:
       raise ValueError('model.pool_keypoint_window localises model.pool_keypoints: set both')
+    keypoint_mlp = int(self.config.get('pool_keypoint_mlp', 0))
+    if keypoint_mlp and not keypoints:
+      raise ValueError('model.pool_keypoint_mlp reads model.pool_keypoints: set both')
     pool_query = str(self.config.get('pool_query', 'mean'))
     if pool_query not in ('mean', 'attend'):
       raise ValueError(f"model.pool_query must be 'mean' or 'attend', got {pool_query!r}")
@@ -360,6 +375,7 @@ class VLA(nn.Module):
         offsets,
         per_summary_instruction=pool_query == 'attend',
         keypoint_window=window,
+        keypoint_mlp=keypoint_mlp,
       )
       if pool_tokens > 0
       else None
