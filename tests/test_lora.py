@@ -99,7 +99,8 @@ def _logits(setup, params, batch):
   )
 
 
-@pytest.mark.parametrize('scan', [False, True])
+# Unrolled in the full run only: the scanned layout is the one with more to get wrong.
+@pytest.mark.parametrize('scan', [pytest.param(False, marks=pytest.mark.slow), True])
 def test_step0_is_the_base_and_only_adapters_train(action_setup, scan):
   codec = action_setup
   config = _config(**{'model.scan_layers': scan, 'lora.train_full': '^image_projection/'})
@@ -160,7 +161,8 @@ def _tiny_decoder_only(**overrides):
   [
     ('encoder_decoder', False, 'none', 'float32'),
     ('encoder_decoder', True, 'dots', 'bfloat16'),
-    ('decoder_only', False, 'full', 'bfloat16'),
+    # CI runs one case per backbone; the full run (`-m slow` included) all four.
+    pytest.param('decoder_only', False, 'full', 'bfloat16', marks=pytest.mark.slow),
     ('decoder_only', True, 'dots', 'float32'),
   ],
 )

@@ -303,7 +303,7 @@ def test_conv_stem_is_local_and_shardable():
     jax.eval_shape(VLA(_model_cfg(**{'vit.stem': 'cnn'})).init, jax.random.key(0), vis, enc, dec)
 
 
-@pytest.mark.parametrize('scan', [False, True])
+@pytest.mark.parametrize('scan', [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_film_starts_as_the_plain_vit_and_then_reads_the_instruction(scan):
   from rt2_jax import partitioning
 

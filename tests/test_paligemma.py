@@ -30,7 +30,16 @@ def _inputs(vocab, image_size=64, seed=0):
 
 # Batch 1 with the config's one KV head keeps each cache as one [length, head_dim] matrix
 # (layers.cache_shape), batch 2 as [2, length, head_dim].
-@pytest.mark.parametrize('scan,batch', [(False, 2), (True, 2), (False, 1), (True, 1)])
+# CI: each layout once (scanned at batch 2, unrolled at batch 1); the full run all four.
+@pytest.mark.parametrize(
+  'scan,batch',
+  [
+    pytest.param(False, 2, marks=pytest.mark.slow),
+    (True, 2),
+    (False, 1),
+    pytest.param(True, 1, marks=pytest.mark.slow),
+  ],
+)
 def test_cached_decoding_matches_teacher_forcing_and_ignores_prompt_padding(scan, batch):
   cfg = config_flags.load_config(CONFIG, {'model.scan_layers': scan, 'model.vocab_size': 256})
   model = VLA(cfg.model)

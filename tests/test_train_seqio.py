@@ -111,6 +111,9 @@ def test_trains_on_a_custom_task_mixed_with_robot_data(module_dir, tmp_path):
   assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
 
+# Slow (70 s): CI keeps the same kill-and-resume through the default path
+# (test_train_resume.py) and the seqio iterator's own resume (test_data_seqio_mixture.py).
+@pytest.mark.slow
 def test_sigterm_then_sigkill_then_restart_gives_identical_parameters(module_dir, tmp_path):
   """The runs of tests/test_train_resume.py on the seqio mixture: the tf.data position saved
   with each checkpoint (the custom task's shuffle buffer, the sampler, batches in flight)
