@@ -115,8 +115,8 @@ MUTATIONS: tuple[Mutation, ...] = (
   _m(
     'decode_cache_offset_off_by_one',
     'rt2_jax/models/t5.py',
-    '        return lax.dynamic_update_slice(cache[name], value, (0, step, 0, 0))\n',
-    '        return lax.dynamic_update_slice(cache[name], value, (0, step + 1, 0, 0))\n',
+    '      return layers.update_cache(cache[name], layers.to_cache_layout(value), step, layer)\n',
+    '      return layers.update_cache(cache[name], layers.to_cache_layout(value), step + 1, layer)\n',
     ['tests/test_models.py::test_cached_decode_matches_full_forward'],
     'each step writes its keys/values one row late',
   ),
