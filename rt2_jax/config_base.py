@@ -135,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prompt = 'What action should the robot take to {instruction}?'
   c.data.max_input_len = 64  # text tokens (image tokens come on top)
   c.data.max_target_len = 32
+  # > 0: each training image is shifted by up to this many pixels, its pointer_xy points with it
+  # (rt2_jax/augment.py; in the train step, so every input pipeline gets it).
+  c.data.augment_shift_px = 0
   c.data.bad_data = 'skip'  # 'skip' (counted warning) or 'fail'
   # True: empty data paths -> small generated datasets in the spec's layout (cached in
   # ~/.cache/rt2_jax). False: a real run must name its data.

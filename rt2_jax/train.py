@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from rt2_jax import actions as actions_lib
 from rt2_jax import (
+  augment,
   checkpoint_assets,
   checkpoints,
   config_flags,
@@ -267,6 +268,7 @@ def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, 
   lora = lora_lib.LoraConfig.from_config(config)
   label_sigma = float(config.actions.get('label_sigma', 0.0))
   pointing_only = bool(config.get('pointing_only', False))
+  shift_px = int(config.data.get('augment_shift_px', 0))
   if pointing_only and not pointer_weight:
     raise ValueError('config.pointing_only trains model.pointer_loss alone; set it > 0')
 
@@ -334,6 +336,10 @@ def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, 
 
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
+    if shift_px:  # a key of its own; without the option the dropout keys stay as they were
+      shift_rng, rng = jax.random.split(rng)
+      image, points = augment.shift(shift_rng, batch['image'], batch['pointer_xy'], shift_px)
+      batch = dict(batch, image=image, pointer_xy=points)
     # Normalizing by the whole batch's target count makes accumulation exact.
     total_weight = jnp.maximum(batch['decoder_loss_weights'].sum(), 1e-8)
     pointer_total = jnp.maximum(pointer_count(batch['pointer_xy']), 1) if pointer_weight else None

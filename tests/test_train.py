@@ -576,3 +576,42 @@ def test_keypoint_loss_pulls_the_refined_keypoints_onto_the_points(action_setup)
 def test_pointer_loss_needs_the_instruction_pool():
   with pytest.raises(ValueError, match='instruction_pool'):
     train.make_setup(_config(**{'model.pointer_loss': 1.0, 'batch_size': 8})).jit_train_step(None)
+
+
+def test_shift_augmentation_moves_each_image_and_its_points_together(action_setup):
+  from rt2_jax import augment
+
+  rng = np.random.default_rng(5)
+  images = np.zeros((6, 16, 12, 3), np.uint8)
+  cols, rows = rng.integers(3, 9, 6), rng.integers(3, 13, 6)
+  images[np.arange(6), rows, cols] = 255  # one bright pixel each, at its point
+  points = np.stack([(cols + 0.5) / 12, (rows + 0.5) / 16], -1).astype(np.float32)[:, None]
+  points = np.concatenate([points, np.full_like(points, np.nan)], 1)  # slot 1 absent
+  moved, moved_points = jax.jit(augment.shift, static_argnums=3)(
+    jax.random.key(0), jnp.asarray(images), jnp.asarray(points), 3
+  )
+  moved, moved_points = np.asarray(moved), np.asarray(moved_points)
+  assert np.isnan(moved_points[:, 1]).all()
+  shifts = set()
+  for i in range(6):
+    r, c = np.argwhere(moved[i, ..., 0] == 255)[0]
+    np.testing.assert_allclose(moved_points[i, 0], [(c + 0.5) / 12, (r + 0.5) / 16], atol=1e-6)
+    shifts.add((c - cols[i], r - rows[i]))
+    assert max(abs(c - cols[i]), abs(r - rows[i])) <= 3
+  assert len(shifts) > 1  # per-example offsets
+  # In the train step: the same batch gives another loss with the option, and the run is
+  # deterministic (the offsets come from the step's key).
+  _, codec = action_setup
+  overrides = {'model.instruction_pool': 1, 'model.pointer_loss': 1.0, 'batch_size': 8}
+  outs = []
+  for px in (0, 2):
+    setup = train.make_setup(_config(**overrides, **{'data.augment_shift_px': px}))
+    state = setup.init_state(jax.random.PRNGKey(0))
+    batch = _batch(setup.config, codec)
+    batch['pointer_xy'] = np.full((len(batch['image']), 2), 0.3, np.float32)
+    sharded = {k: jax.device_put(v, setup.batch_sharding(v.ndim)) for k, v in batch.items()}
+    step = setup.jit_train_step(codec)
+    for _ in range(2):  # the step donates its state: each call gets a copy
+      outs.append(float(step(jax.tree.map(jnp.copy, state), sharded)[1]['loss']))
+  assert outs[0] == outs[1] and outs[2] == outs[3]
+  assert outs[2] != pytest.approx(outs[0], rel=1e-6)
