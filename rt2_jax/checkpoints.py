@@ -773,10 +773,14 @@ def restore_for_inference(
   `path`: a workdir, its checkpoints/ dir, or one step dir (`.../checkpoints/1200`). Stats and
   action space come from the assets (MissingAssetError names a missing file), or from the meta
   of a checkpoint older than assets. A LoRA checkpoint's adapters are merged into their base,
-  found as rt2_jax.lora_base.resolve says (`lora_base`: read it from this path instead).
+  found as rt2_jax.lora_base.resolve says (`lora_base`: read it from this path instead; refused
+  for a checkpoint that is not LoRA).
   """
+  from rt2_jax import lora_base as lora_base_lib
+
   params, meta, step = load_params(path, step, sharding=sharding)
   where = step_dir(path, step)
+  lora_base_lib.check_override(meta, where, lora_base)
   assets = checkpoint_assets.read(where)
   parsed = read_meta(meta)
   if assets is None and parsed.action_space is None:
@@ -786,8 +790,6 @@ def restore_for_inference(
     )
   config = parsed.config
   if meta.get(lora.META_KEY):  # LoRA adapters: merged into their base once, here
-    from rt2_jax import lora_base as lora_base_lib
-
     base = lora_base_lib.resolve(meta, _split_step_dir(path)[0], lora_base)
     params = lora.merged_params(config, params, base, sharding)
   return InferenceBundle(

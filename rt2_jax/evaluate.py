@@ -582,8 +582,10 @@ def evaluate(
   out_dir: str = '',
   progress: bool = True,
   log=print,
+  lora_base: str | None = None,
 ) -> dict:
-  """Evaluates one checkpoint of `workdir`; writes and returns the results."""
+  """Evaluates one checkpoint of `workdir`; writes and returns the results (`lora_base`: where a
+  LoRA checkpoint's base is read from when it has moved, see rt2_jax.lora_base)."""
   from rt2_jax.checkpoints import resolve_path
   from rt2_jax.policy import Policy
 
@@ -592,7 +594,7 @@ def evaluate(
   # The one checkpoint read; the eval settings (so the batch size) may come from its config.
   # Text and plan decoding are variants of this policy (`replace`: same params, vocabulary,
   # prompt and resize policy), each compiling only its own decode loop.
-  policy = Policy.from_checkpoint(workdir, step)
+  policy = Policy.from_checkpoint(workdir, step, lora_base=lora_base)
   eval_config = config if config is not None else policy.config
   settings = EvalSettings.from_config(eval_config)
   batch = max(1, settings.num_envs)
@@ -728,16 +730,22 @@ def main(argv):
   from absl import flags
   from absl import logging as absl_logging
 
+  from rt2_jax import lora_base
+
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   f = flags.FLAGS
-  results = evaluate(
-    f.workdir,
-    None if f.checkpoint < 0 else f.checkpoint,
-    _CONFIG.value,
-    name=f.name,
-    out_dir=f.out or '',
-  )
+  try:
+    results = evaluate(
+      f.workdir,
+      None if f.checkpoint < 0 else f.checkpoint,
+      _CONFIG.value,
+      name=f.name,
+      out_dir=f.out or '',
+      lora_base=f.lora_base or None,
+    )
+  except lora_base.ERRORS as e:  # a moved LoRA base: say which flag finds it, no traceback
+    sys.exit(f'rt2_jax.evaluate: {e}')
   if 'table' in results:
     print(results['table'])
   print(
@@ -749,9 +757,10 @@ def main(argv):
 if __name__ == '__main__':
   from absl import flags
 
-  from rt2_jax import config_flags
+  from rt2_jax import config_flags, lora_base
 
   _CONFIG = config_flags.define_config(required=False)
+  lora_base.define_flag()
   flags.DEFINE_string('workdir', None, 'training run directory (holds checkpoints/)', required=True)
   flags.DEFINE_integer('checkpoint', -1, 'step to evaluate; -1 = the latest')
   flags.DEFINE_string('name', 'default', 'evaluation setting name (results go to eval/NAME/)')

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 
@@ -353,17 +354,23 @@ class SavedModelPolicy:
 
 
 def export_checkpoint(
-  workdir: str, step: int | None, out_dir: str, verify: bool = True, param_dtype: str | None = None
+  workdir: str,
+  step: int | None,
+  out_dir: str,
+  verify: bool = True,
+  param_dtype: str | None = None,
+  lora_base: str | None = None,
 ) -> dict:
   """The CLI: checkpoint -> Policy -> SavedModel (optionally verified on three inputs), with the
   checkpoint's assets copied to CHECKPOINT_ASSETS_DIR. The SavedModel's variables are the
-  Policy's params: in the compute dtype unless `param_dtype`."""
+  Policy's params: in the compute dtype unless `param_dtype`; a LoRA checkpoint's merged into
+  its base (`lora_base`: where to read the base when it has moved, see rt2_jax.lora_base)."""
   from rt2_jax import checkpoint_assets, checkpoints
   from rt2_jax.policy import Policy
 
   t0 = time.perf_counter()
   _log(f'loading {workdir}' + (f' step {step}' if step is not None else ''))
-  policy = Policy.from_checkpoint(workdir, step=step, param_dtype=param_dtype)
+  policy = Policy.from_checkpoint(workdir, step=step, param_dtype=param_dtype, lora_base=lora_base)
   verify_inputs = None
   if verify:
     rng = np.random.default_rng(0)
@@ -387,13 +394,22 @@ def export_checkpoint(
 def main(argv) -> None:
   from absl import flags
 
+  from rt2_jax import lora_base
+
   del argv
   f = flags.FLAGS
-  export_checkpoint(f.workdir, f.checkpoint, f.out, f.verify, f.param_dtype or None)
+  try:
+    export_checkpoint(
+      f.workdir, f.checkpoint, f.out, f.verify, f.param_dtype or None, f.lora_base or None
+    )
+  except lora_base.ERRORS as e:  # a moved LoRA base: say which flag finds it, no traceback
+    sys.exit(f'rt2_jax.export: {e}')
 
 
 if __name__ == '__main__':
   from absl import app, flags
+
+  from rt2_jax import lora_base
 
   flags.DEFINE_string('workdir', None, 'training workdir (or its checkpoints/ dir)', required=True)
   flags.DEFINE_integer(
@@ -409,4 +425,5 @@ if __name__ == '__main__':
     "dtype of the exported params; default the model's "
     "compute dtype (config.model.dtype); float32 keeps the checkpoint's",
   )
+  lora_base.define_flag()
   app.run(main)

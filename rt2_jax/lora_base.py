@@ -9,10 +9,13 @@ A LoRA checkpoint holds adapters only; its meta names the base they were trained
   lora_base_fingerprint  SHA-256 over the base's recorded state-file checksums (a run's
                          rt2_checksums.json; '' for a converted checkpoint, which has none)
 
-`resolve` tries an explicit override, else the absolute path, then the relative one, and takes
-the first that exists and whose fingerprint (when both sides have one) matches: a path that now
-holds other parameters is never merged. If none fits, `MissingLoraBaseError` names the base, the
-paths tried and why each was refused.
+`resolve` tries an explicit override (a step dir, a converted checkpoint, or a run's workdir,
+meaning its newest step), else the absolute path, then the relative one, and takes the first
+that exists and whose fingerprint (when both sides have one) matches: a path that now holds
+other parameters is never merged. If none fits, `MissingLoraBaseError` names the base, the
+paths tried and why each was refused, and how to point at it: the `--lora_base=PATH` flag of
+`rt2_jax.serve`, `rt2_jax.export` and `rt2_jax.evaluate` (`define_flag`), or `lora_base=` of
+`Policy.from_checkpoint` / `checkpoints.restore_for_inference`, which all end in `resolve`.
 """
 
 from __future__ import annotations
@@ -32,8 +35,43 @@ FINGERPRINT_KEY = 'lora_base_fingerprint'
 log = logging.getLogger(__name__)
 
 
+FLAG_HELP = (
+  "where a LoRA checkpoint's base is now, when it has moved from where the checkpoint names it: "
+  "a run's step dir, a run's workdir (its newest step) or a converted checkpoint; "
+  'default: found from the checkpoint (rt2_jax.lora_base)'
+)
+HOW_TO_OVERRIDE = (
+  'pass its path as --lora_base=PATH (rt2_jax.serve, rt2_jax.export, rt2_jax.evaluate) or '
+  'lora_base= (Policy.from_checkpoint, checkpoints.restore_for_inference)'
+)
+
+
 class MissingLoraBaseError(FileNotFoundError):
   """No path holds the base parameters a LoRA checkpoint's adapters were trained on."""
+
+
+class NotLoraError(ValueError):
+  """A base was given for a checkpoint that holds full parameters (no adapters to merge)."""
+
+
+# What loading a checkpoint with (or without) a base override can refuse: the CLIs exit on these.
+ERRORS = (MissingLoraBaseError, NotLoraError)
+
+
+def define_flag() -> None:
+  """`--lora_base` for the command lines that load a checkpoint for inference."""
+  from absl import flags
+
+  flags.DEFINE_string('lora_base', '', FLAG_HELP)
+
+
+def check_override(meta: dict, where, override: str | None) -> None:
+  """Refuses an override for a checkpoint that is not LoRA: it would be silently unused."""
+  if override and not meta.get(META_KEY):
+    raise NotLoraError(
+      f'--lora_base / lora_base={os.fspath(override)} given, but checkpoint {os.fspath(where)} '
+      'is not a LoRA checkpoint (it holds full parameters and names no base): drop it'
+    )
 
 
 def fingerprint(base_path: str) -> str:
@@ -64,8 +102,8 @@ def resolve(meta: dict, checkpoints_dir, override: str | None = None) -> str:
   """The path to read the base from, for a checkpoint in `checkpoints_dir` with `meta`."""
   checkpoints_dir = os.fspath(checkpoints_dir)
   recorded = str(meta[META_KEY])
-  if override:
-    candidates = [checkpoints.resolve_path(override)]
+  if override:  # a run's workdir means its newest step, which the fingerprint then checks
+    candidates = [checkpoints.pinned_path(override)]
   else:
     candidates = [recorded]
     relative = meta.get(RELATIVE_KEY)
@@ -87,7 +125,7 @@ def resolve(meta: dict, checkpoints_dir, override: str | None = None) -> str:
       log.info('LoRA base %s read from %s', recorded, path)
     return path
   relative = meta.get(RELATIVE_KEY)
-  fix = 'pass its path as lora_base= (Policy.from_checkpoint, checkpoints.restore_for_inference)'
+  fix = HOW_TO_OVERRIDE
   if relative and not override:
     beside = os.path.normpath(os.path.join(checkpoints_dir, relative))
     fix = f'copy it to {beside} (where it sat relative to this run) or {fix}'

@@ -460,8 +460,10 @@ def main(argv) -> None:
     )
   except ValueError as e:
     sys.exit(f'rt2_jax.serve: {e}')
-  from rt2_jax import checkpoints
+  from rt2_jax import checkpoints, lora_base
 
+  if f.lora_base and f.saved_model:
+    sys.exit('rt2_jax.serve: --lora_base is for --workdir (an export holds merged parameters)')
   try:
     if f.saved_model:
       from rt2_jax.export import SavedModelPolicy
@@ -476,9 +478,11 @@ def main(argv) -> None:
         step=f.checkpoint,
         batch_buckets=batch_buckets(f.max_batch),
         param_dtype=f.param_dtype or None,
+        lora_base=f.lora_base or None,
       )
   except (
     FileNotFoundError,
+    *lora_base.ERRORS,
     checkpoints.CorruptCheckpointError,
     checkpoints.CheckpointReadError,
   ) as e:
@@ -489,6 +493,8 @@ def main(argv) -> None:
 def _define_flags() -> None:
   from absl import flags
 
+  from rt2_jax import lora_base
+
   flags.DEFINE_string('workdir', '', 'training workdir (or its checkpoints/ dir) to serve')
   flags.DEFINE_integer('checkpoint', None, 'checkpoint step; default the latest')
   flags.DEFINE_string(
@@ -497,6 +503,7 @@ def _define_flags() -> None:
     "dtype the params are held in; default the model's "
     "compute dtype (config.model.dtype); float32 keeps the checkpoint's",
   )
+  lora_base.define_flag()
   flags.DEFINE_string('saved_model', '', 'SavedModel written by rt2_jax.export, instead')
   flags.DEFINE_string('host', '127.0.0.1', 'bind address; 0.0.0.0 exposes the server')
   flags.DEFINE_integer('port', 8000, 'port')

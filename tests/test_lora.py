@@ -1,9 +1,12 @@
 """LoRA (rt2_jax.lora): the merge is the unmerged low-rank path, step 0 is the base model, only
 adapters train, scanned = unrolled, checkpoints are small and Policy merges them into their base."""
 
+import contextlib
 import dataclasses
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -294,6 +297,16 @@ def _assert_same_actions(got, want):
       np.testing.assert_array_equal(a.action[key], b.action[key])
 
 
+@pytest.fixture(scope='module')
+def lora_actions(lora_run):
+  """(images, instructions, the LoRA run's actions on them) with its base where it was trained."""
+  from rt2_jax.policy import Policy
+
+  root, config, _ = lora_run
+  images, instructions = _policy_inputs(config)
+  return images, instructions, Policy.from_checkpoint(root / 'lora').batch(images, instructions)
+
+
 def test_lora_run_saves_adapters_and_policy_merges_them(lora_run):
   from rt2_jax import lora_base
   from rt2_jax.policy import Policy
@@ -322,7 +335,18 @@ def test_lora_run_saves_adapters_and_policy_merges_them(lora_run):
   _assert_same_actions(policy.batch(images, instructions), unmerged.batch(images, instructions))
 
 
-def test_copied_workdirs_load_without_the_originals(lora_run, tmp_path):
+@contextlib.contextmanager
+def _originals_moved(root):
+  """The fixture's workdirs renamed away for the block: the paths a LoRA meta records are gone."""
+  gone = root.with_name(root.name + '_gone')
+  os.rename(root, gone)
+  try:
+    yield
+  finally:
+    os.rename(gone, root)
+
+
+def test_copied_workdirs_load_without_the_originals(lora_run, lora_actions, tmp_path):
   """Both workdirs copied elsewhere and the originals gone: the LoRA checkpoint finds its base
   by its relative path; a missing or different base is refused by name; resuming the copy
   works and its new checkpoints name the base's new place."""
@@ -332,13 +356,10 @@ def test_copied_workdirs_load_without_the_originals(lora_run, tmp_path):
   from rt2_jax.policy import Policy
 
   root, config, _ = lora_run
-  images, instructions = _policy_inputs(config)
-  want = Policy.from_checkpoint(root / 'lora').batch(images, instructions)
+  images, instructions, want = lora_actions
   copy = tmp_path / 'elsewhere'
   shutil.copytree(root, copy)
-  gone = root.with_name(root.name + '_gone')
-  os.rename(root, gone)  # the originals are no longer at the paths the meta names
-  try:
+  with _originals_moved(root):
     _assert_same_actions(Policy.from_checkpoint(copy / 'lora').batch(images, instructions), want)
 
     # The LoRA run alone, without its base beside it: refused, naming the base and both paths.
@@ -349,7 +370,7 @@ def test_copied_workdirs_load_without_the_originals(lora_run, tmp_path):
     message = str(error.value)
     assert os.fspath(root / 'base' / 'checkpoints' / '3') in message  # the base it trained on
     assert os.fspath(alone / 'base' / 'checkpoints' / '3') in message  # where to put it
-    # ... or told where it is.
+    assert '--lora_base=PATH' in message  # ... or the flag that says where it is
     got = Policy.from_checkpoint(alone / 'lora', lora_base=copy / 'base' / 'checkpoints' / '3')
     _assert_same_actions(got.batch(images, instructions), want)
 
@@ -368,5 +389,59 @@ def test_copied_workdirs_load_without_the_originals(lora_run, tmp_path):
     assert 'resumed from' in result.stdout, result.stdout
     _, meta, step = checkpoints.load_params(copy / 'lora')
     assert step == 8 and meta[lora.META_KEY] == os.fspath(copy / 'base' / 'checkpoints' / '3')
-  finally:
-    os.rename(gone, root)
+
+
+def test_command_lines_take_lora_base_when_the_base_moved(lora_run, lora_actions, tmp_path):
+  """`--lora_base` of export, serve and evaluate reaches the one lookup (rt2_jax.lora_base) with
+  the base moved away: export reads it from there (its SavedModel acts as the policy did before
+  the move); serve and evaluate, pointed at a wrong path, refuse naming it and the flag, with no
+  traceback. An override for a checkpoint that is not LoRA is refused, not silently unused."""
+  import shutil
+
+  from rt2_jax import export, lora_base
+
+  root, _, _ = lora_run
+  images, instructions, want = lora_actions
+  run = tmp_path / 'lora'
+  shutil.copytree(root / 'lora', run)
+  moved = tmp_path / 'moved' / 'base'  # the base run's workdir: its newest step is the base
+  shutil.copytree(root / 'base', moved)
+  nowhere = tmp_path / 'nowhere'
+  saved_model = tmp_path / 'saved_model'
+  commands = {
+    'export': [
+      'rt2_jax.export',
+      f'--workdir={run}',
+      f'--out={saved_model}',
+      '--verify=false',
+      f'--lora_base={moved}',
+    ],
+    'serve': ['rt2_jax.serve', f'--workdir={run}', '--warmup=false', f'--lora_base={nowhere}'],
+    'evaluate': ['rt2_jax.evaluate', f'--workdir={run}', f'--lora_base={nowhere}'],
+  }
+  with _originals_moved(root):
+    procs = {
+      name: subprocess.Popen(
+        [sys.executable, '-m', *args],
+        cwd=lib.REPO_ROOT,
+        env=lib.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+      for name, args in commands.items()
+    }
+    results = {name: (*p.communicate(timeout=600), p.returncode) for name, p in procs.items()}
+  with pytest.raises(lora_base.NotLoraError, match='not a LoRA checkpoint'):
+    checkpoints.restore_for_inference(root / 'base', lora_base=moved)
+
+  out, err, code = results['export']
+  assert code == 0, out[-3000:] + err[-3000:]
+  got = export.SavedModelPolicy.load(str(saved_model)).batch(images, instructions)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(g.tokens, w.tokens)
+  for name in ('serve', 'evaluate'):
+    out, err, code = results[name]
+    assert code != 0, f'{name} loaded a LoRA checkpoint from a base that does not exist'
+    assert f'rt2_jax.{name}: ' in err and os.fspath(nowhere) in err, err[-3000:]
+    assert '--lora_base=PATH' in err and 'Traceback' not in err, err[-3000:]
