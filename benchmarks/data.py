@@ -1,12 +1,22 @@
-"""Input pipeline speed: examples/s of the robot + web mixture on this CPU.
+"""Input pipeline speed: examples/s of the robot + web mixture on this CPU, both data paths.
 
-  python benchmarks/data.py [--batch_size=32] [--image_sizes=64,224] [--batches=300] \\
-      [--data_dir=BRIDGE_BUILDER_DIR] [--out=benchmarks/data.json]
+  python benchmarks/data.py [--batch_size=32] [--image_sizes=64,224] [--batches=100] \\
+      [--paths=default,seqio] [--data_dir=BRIDGE_BUILDER_DIR] [--out=benchmarks/data.json]
 
-For each image size: the time to build the iterator (read + decode + resize + tokenize, with the
-record cache off) and the steady-state rate of `next(iterator)` at the given batch size. Robot
-data defaults to the generated Bridge-layout dataset (configs/tiny.py with empty paths), web
-data to the generated JSONL.
+The normalization statistics are computed once (their time is reported) and read from a file by
+each run. Each (path, image size) runs in a fresh process, so its peak RSS and its time to the
+first batch are its own. Both paths are built by the trainer's own
+`pipeline.make_train_iterator` from the same config: 'default' with data.mixture = '' (the
+in-memory MixtureIterator), 'seqio' with data.mixture = 'rt2_config' (the same robot + web tasks
+and rates as a seqio Mixture, through the feature converter and tf.data).
+
+Reported per run: the time to the first batch (building the iterator, which reads, decodes,
+resizes and tokenizes with the record cache off, then the first `next`; TensorFlow and seqio,
+which both paths use, are imported before); the steady-state rate of `next(iterator)` after 5
+warm-up batches, in wall time and in CPU time of all the process's threads (less sensitive to
+other work on the machine); the process's RSS before building the iterator, its peak, and the
+difference. Robot data defaults to the generated Bridge-layout dataset (configs/tiny.py with
+empty paths), web data to the generated JSONL.
 """
 
 from __future__ import annotations
@@ -15,92 +25,211 @@ import argparse
 import json
 import os
 import platform
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # run as a script: import this checkout's rt2_jax
+  sys.path.insert(0, REPO_ROOT)
+PATHS = ('default', 'seqio')
+RESULT_PREFIX = 'DATA_BENCH_RESULT '
+WARMUP_BATCHES = 5
 
-from rt2_jax import config_flags  # noqa: E402
-from rt2_jax import vocab as vocab_lib  # noqa: E402
-from rt2_jax.data import pipeline  # noqa: E402
+
+def rss_mb() -> float:
+  """This process's resident set now (Linux /proc; 0 where there is none)."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmRSS:'):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return 0.0
 
 
-def bench(image_size: int, batch_size: int, batches: int, data_dir: str, robot_rate: float):
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def load_config(path: str, image_size: int, batch_size: int, args, stats_path: str = ''):
+  from rt2_jax import config_flags
+  from rt2_jax.data import seqio_mixture
+
   overrides = {
     'model.image_size': image_size,
     'batch_size': batch_size,
-    'data.robot_rate': robot_rate,
+    'data.robot_rate': args.robot_rate,
     'data.cache_dir': '',
+    'data.robot.stats_path': stats_path,
+    'data.mixture': seqio_mixture.CONFIG_MIXTURE if path == 'seqio' else '',
   }
-  if data_dir:
-    overrides['data.robot.data_dir'] = data_dir
-  config = config_flags.load_config('tiny', overrides=overrides)
+  if args.data_dir:
+    overrides['data.robot.data_dir'] = args.data_dir
+  return config_flags.load_config('tiny', overrides=overrides)
+
+
+def bench(path: str, image_size: int, args) -> dict:
+  """One (path, image size) in this process; meant to run in a fresh one (`run_child`)."""
+  from rt2_jax import vocab as vocab_lib
+  from rt2_jax.data import pipeline
+
+  batch_size, batches = args.batch_size, args.batches
+  start = time.perf_counter()
+  # Both paths use them; imported first so the RSS below counts the data, not the libraries.
+  import seqio  # noqa: F401
+  import tensorflow  # noqa: F401
+
+  import_s = time.perf_counter() - start
+  config = load_config(path, image_size, batch_size, args, args.stats_path)
   quiet = None
-  stats = pipeline.norm_stats(config, progress=quiet)
+  stats = pipeline.norm_stats(config, progress=quiet)  # read from --stats_path when given
   vocab, action_vocab = vocab_lib.from_config(config, pipeline.action_space(config))
+  rss_before = rss_mb()
   start = time.perf_counter()
   it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=quiet)
   setup_s = time.perf_counter() - start
-  for _ in range(5):  # warm up
+  next(it)
+  first_batch_s = time.perf_counter() - start
+  for _ in range(WARMUP_BATCHES - 1):
     next(it)
   robot = 0
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   for _ in range(batches):
     robot += int(next(it)['is_robot'].sum())
   elapsed = time.perf_counter() - start
+  cpu = time.process_time() - cpu_start  # every thread's, tf.data's included
+  peak = peak_rss_mb()
   return {
+    'path': path,
     'image_size': image_size,
     'batch_size': batch_size,
     'batches': batches,
     'setup_s': round(setup_s, 3),
+    'first_batch_s': round(first_batch_s, 3),
     'ms_per_batch': round(1000 * elapsed / batches, 3),
     'examples_per_s': round(batches * batch_size / elapsed, 1),
+    'cpu_ms_per_batch': round(1000 * cpu / batches, 3),
     'robot_fraction': round(robot / (batches * batch_size), 4),
-    'robot_steps': len(it.tasks[0]),
-    'web_examples': sum(len(t) for t in it.tasks[1:]),
+    'import_s': round(import_s, 3),
+    'rss_before_iterator_mb': round(rss_before, 1),
+    'peak_rss_mb': round(peak, 1),
+    'pipeline_rss_mb': round(peak - rss_before, 1),
+    'tasks': task_sizes(config, it),
   }
 
 
-def main():
+def task_sizes(config, it) -> dict:
+  """{task: examples} of the mixture the iterator reads (None where a source does not say)."""
+  if hasattr(it, 'tasks'):  # the default path's MixtureIterator
+    return {t.name: len(t) for t in it.tasks}
+  from rt2_jax.data import seqio_mixture
+
+  provider = seqio_mixture.get_provider(config.data.mixture)
+  return {
+    t.name: t.source.num_input_examples('train') for t in getattr(provider, 'tasks', [provider])
+  }
+
+
+def run_child(path: str, image_size: int, args, stats_path: str) -> dict:
+  """`bench` in a fresh interpreter: its own RSS peak, imports and caches."""
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    f'--child={path}:{image_size}',
+    f'--batch_size={args.batch_size}',
+    f'--batches={args.batches}',
+    f'--robot_rate={args.robot_rate}',
+    f'--data_dir={args.data_dir}',
+    f'--stats_path={stats_path}',
+  ]
+  result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+  lines = [ln for ln in result.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+  if result.returncode != 0 or not lines:
+    raise RuntimeError(
+      f'{path} at {image_size} px failed ({result.returncode}):\n{result.stderr[-3000:]}'
+    )
+  return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+
+def print_table(rows: list) -> None:
+  columns = (
+    ('path', 'path'),
+    ('image_size', 'image'),
+    ('batch_size', 'batch'),
+    ('first_batch_s', '1st batch s'),
+    ('ms_per_batch', 'ms/batch'),
+    ('cpu_ms_per_batch', 'CPU ms/batch'),
+    ('examples_per_s', 'examples/s'),
+    ('robot_fraction', 'robot frac'),
+    ('peak_rss_mb', 'peak RSS MB'),
+    ('pipeline_rss_mb', '+pipeline MB'),
+  )
+  print(''.join(f'{h:>13}' for _, h in columns))
+  for r in rows:
+    print(''.join(f'{r[k]:>13}' for k, _ in columns))
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--image_sizes', default='64,224')
-  parser.add_argument('--batches', type=int, default=300)
+  parser.add_argument('--batches', type=int, default=100)
   parser.add_argument('--robot_rate', type=float, default=0.5)
+  parser.add_argument('--paths', default=','.join(PATHS), help='default and/or seqio')
   parser.add_argument('--data_dir', default='', help="Bridge builder dir; '' = generated data")
   parser.add_argument('--out', default='')
-  args = parser.parse_args()
-  rows = [
-    bench(int(s), args.batch_size, args.batches, args.data_dir, args.robot_rate)
-    for s in args.image_sizes.split(',')
-  ]
-  header = ('image', 'batch', 'setup s', 'ms/batch', 'examples/s', 'robot frac')
-  print(''.join(f'{h:>12}' for h in header))
-  for r in rows:
-    print(
-      ''.join(
-        f'{v:>12}'
-        for v in (
-          r['image_size'],
-          r['batch_size'],
-          r['setup_s'],
-          r['ms_per_batch'],
-          r['examples_per_s'],
-          r['robot_fraction'],
-        )
-      )
-    )
+  parser.add_argument('--child', default='', help=argparse.SUPPRESS)  # PATH:SIZE, internal
+  parser.add_argument('--stats_path', default='', help=argparse.SUPPRESS)  # internal
+  args = parser.parse_args(argv)
+  if args.child:
+    path, size = args.child.split(':')
+    row = bench(path, int(size), args)
+    print(RESULT_PREFIX + json.dumps(row), flush=True)
+    return row
+  paths = [p.strip() for p in args.paths.split(',') if p.strip()]
+  unknown = sorted(set(paths) - set(PATHS))
+  if unknown:
+    parser.error(f'--paths: unknown {unknown}; choose from {PATHS}')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  load_before = [round(x, 2) for x in os.getloadavg()]  # other work on the CPUs skews the rates
+  from rt2_jax.data import pipeline
+  from rt2_jax.data import stats as stats_lib
+
+  start = time.perf_counter()
+  stats = pipeline.norm_stats(load_config('default', 64, args.batch_size, args), progress=None)
+  stats_s = time.perf_counter() - start
+  with tempfile.TemporaryDirectory() as tmp:
+    stats_path = os.path.join(tmp, 'stats.json')
+    stats_lib.save(stats, stats_path)
+    rows = [
+      run_child(p, int(s), args, stats_path) for s in args.image_sizes.split(',') for p in paths
+    ]
+  print_table(rows)
   result = {
     'benchmark': 'data',
     'machine': platform.processor() or platform.machine(),
     'cpus': os.cpu_count(),
+    'load_average_before_after': [load_before, [round(x, 2) for x in os.getloadavg()]],
     'robot_rate': args.robot_rate,
+    'warmup_batches': WARMUP_BATCHES,
+    'stats_s': round(stats_s, 3),
+    'note': (
+      'each row a fresh process; both paths from pipeline.make_train_iterator on the same config '
+      '(seqio: data.mixture=rt2_config); stats computed once (stats_s) and read by each; '
+      'first_batch_s = iterator build + first next (tensorflow and seqio imported before); '
+      'peak_rss_mb is the whole process, pipeline_rss_mb its growth from building the iterator on'
+    ),
     'results': rows,
   }
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(result, f, indent=1)
     print(f'wrote {args.out}')
+  return result
 
 
 if __name__ == '__main__':

@@ -10,9 +10,12 @@ against batch['actions'].
 
 The train step returns a dict of device scalars/vectors each step; `MetricLogger` keeps them
 (no host sync) and only at a log step fetches them all at once, averages, adds throughput
-(steps/s, examples/s) and writes:
+(steps/s, examples/s) and `data_wait_fraction` (the share of the wall time since the last log
+line that the host spent blocked in `next(iterator)`, timed on the host: `add_data_wait`; an
+upper bound on the device's idle time for data, since with asynchronous dispatch the device may
+still be running the previous step meanwhile) and writes:
 
-  console     step 120/1000 | loss 2.314 | tok_acc 0.412 | act_acc 0.371 | 41.2 ex/s | ...
+  console     step 120/1000 | loss 2.314 | tok_acc 0.412 | ... | 41.2 ex/s 5.15 steps/s | data_wait 0.03
   TensorBoard WORKDIR/tensorboard/events.out.tfevents.*  (scalars, one tag per metric)
 
 The event files are TFRecord-framed `tensorboard` Event protos written here directly, so the
@@ -216,18 +219,25 @@ class MetricLogger:
     dim_names: Sequence[str] = (),
     enabled: bool = True,
     print_fn=print,
+    clock=time.perf_counter,
   ):
     self.total_steps, self.batch_size = total_steps, global_batch_size
     self.dim_names = list(dim_names)
-    self.enabled, self.print_fn = enabled, print_fn
+    self.enabled, self.print_fn, self.clock = enabled, print_fn, clock
     self.writer = EventWriter(os.path.join(workdir, 'tensorboard')) if enabled else None
     self._pending: list = []
     self._last_time: float | None = None
     self._last_step: int | None = None
+    self._data_wait = 0.0  # seconds blocked on the input pipeline since the last log line
 
   def start(self, step: int) -> None:
     """Marks the step throughput is measured from (after compilation, ideally)."""
-    self._last_time, self._last_step = time.perf_counter(), step
+    self._last_time, self._last_step = self.clock(), step
+    self._data_wait = 0.0
+
+  def add_data_wait(self, seconds: float) -> None:
+    """Time the host spent in `next(iterator)`; measured on the host, so no device sync."""
+    self._data_wait += seconds
 
   def add(self, metrics) -> None:
     if self.enabled:  # only the main process fetches and reports
@@ -239,7 +249,7 @@ class MetricLogger:
       return {}
     fetched = jax.device_get(self._pending)
     self._pending = []
-    now = time.perf_counter()
+    now = self.clock()
     values = average(fetched)
     for i, name in enumerate(self.dim_names):  # per-dimension errors under readable names
       key = f'action_error/{i}'
@@ -249,13 +259,19 @@ class MetricLogger:
       steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
       values['steps_per_s'] = steps_per_s
       values['examples_per_s'] = steps_per_s * self.batch_size
+      # The wait intervals lie inside this one; the clamp only guards clock rounding.
+      wall = max(now - self._last_time, 1e-9)
+      values['data_wait_fraction'] = min(1.0, max(0.0, self._data_wait / wall))
     self._last_time, self._last_step = now, step
+    self._data_wait = 0.0
     if self.enabled:
       self.writer.scalars(step, values)
       parts = [f'step {step}/{self.total_steps}']
       parts += [f'{short} {values[k]:{fmt}}' for k, short, fmt in CONSOLE_KEYS if k in values]
       if 'examples_per_s' in values:
         parts.append(f'{values["examples_per_s"]:.1f} ex/s {values["steps_per_s"]:.2f} steps/s')
+      if 'data_wait_fraction' in values:
+        parts.append(f'data_wait {values["data_wait_fraction"]:.2f}')
       self.print_fn(' | '.join(parts), flush=True)
     return values
 

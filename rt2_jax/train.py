@@ -7,7 +7,8 @@ rt2_jax.partitioning; the batch split over data x fsdp) computes the loss on tar
 gradients (optionally accumulated over micro-batches), the optimizer update and the metrics:
 loss, token accuracy, action-token accuracy and the per-dimension action error in real units
 (action-constrained argmax -> bins -> SpaceTokenizer.decode, all inside jit). The host only
-waits for the device when it logs.
+waits for the device when it logs; each log line also says which fraction of the wall time since
+the previous one the host spent waiting for data (`data_wait_fraction`: time in next(iterator)).
 
 The workdir holds checkpoints/ (rt2_jax.checkpoints) and tensorboard/. Rerunning the same
 command resumes from the newest checkpoint; SIGTERM saves one and exits 0. Multi-host: every
@@ -687,7 +688,11 @@ def train(config, workdir: str) -> dict:
         print(f'saving checkpoint {step}' + (' (preempted)' if stop else ''), flush=True)
     if stop or step >= config.total_steps:
       break
-    batch = global_batch(next(data_iter))
+    # Host-side timing of the input pipeline alone (the step runs on, dispatched asynchronously).
+    wait_start = time.perf_counter()
+    local = next(data_iter)
+    logger.add_data_wait(time.perf_counter() - wait_start)
+    batch = global_batch(local)
   ckpt.close()
   logger.close()
   preemption.close()

@@ -68,6 +68,32 @@ def test_decode_benchmark_same_forward_passes_and_says_which_pair_is_which(tmp_p
   }
 
 
+def test_data_benchmark_runs_both_paths_on_the_same_data(tmp_path):
+  """benchmarks/data.py (issue 18): the default and the seqio mixture path, each in its own
+  process, read the same tasks at the same batch size; every figure is reported."""
+  data = _load('data')
+  out = tmp_path / 'data.json'
+  data.main(['--image_sizes=32', '--batches=3', '--batch_size=4', f'--out={out}'])
+  r = json.loads(out.read_text())
+  assert r['stats_s'] > 0
+  rows = {row['path']: row for row in r['results']}
+  assert sorted(rows) == ['default', 'seqio']
+  # The same mixture: the config's robot and web tasks, the same sizes, only named per path.
+  assert sorted(rows['default']['tasks'].values()) == sorted(rows['seqio']['tasks'].values())
+  assert rows['seqio']['tasks'].keys() == {
+    'rt2_' + name.replace('/', '_') for name in rows['default']['tasks']
+  }
+  for row in rows.values():
+    assert row['image_size'] == 32 and row['batch_size'] == 4 and row['batches'] == 3
+    assert 0 < row['setup_s'] <= row['first_batch_s']
+    assert row['examples_per_s'] == pytest.approx(4000 / row['ms_per_batch'], rel=0.01)
+    assert 0 < row['robot_fraction'] < 1 and row['cpu_ms_per_batch'] > 0
+    assert 0 < row['rss_before_iterator_mb'] <= row['peak_rss_mb']
+    assert row['pipeline_rss_mb'] == pytest.approx(
+      row['peak_rss_mb'] - row['rss_before_iterator_mb'], abs=0.11
+    )
+
+
 def test_accelerator_smoke_without_tensorflow(tmp_path):
   """benchmarks/accelerator.py --smoke (issue 19) in a process where TensorFlow cannot be
   imported (the device image has none): every figure is there, and the decode + train-step

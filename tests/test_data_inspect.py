@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rt2_jax import config_flags
-from rt2_jax.data import fixtures
+from rt2_jax.data import fixtures, seqio_mixture
 from rt2_jax.data import inspect as inspect_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +50,38 @@ def test_inspect_each_layout(tmp_path, web_jsonl, name, capsys):
 
   with Image.open(png) as img:
     assert img.size[0] > 100 and img.size[1] > 100
+
+
+def test_inspect_a_seqio_mixture(tmp_path, web_jsonl, capsys):
+  """data.mixture set: the batches the trainer would read, rates realized per kind."""
+  data_dir = fixtures.write_layout(
+    'bridge_dataset', str(tmp_path / 'd'), num_episodes=3, num_steps=3
+  )
+  config = config_flags.load_config(
+    'tiny',
+    overrides={
+      'data.robot.data_dir': data_dir,
+      'data.web.jsonl': web_jsonl,
+      'data.cache_dir': '',
+      'model.image_size': 16,
+      'data.robot_rate': 0.66,
+      'data.mixture': seqio_mixture.CONFIG_MIXTURE,
+    },
+  )
+  report = inspect_lib.inspect(config, num=12, sample=800, out='', progress=None)
+  printed = capsys.readouterr().out
+  assert report['tasks'] == {'rt2_robot_bridge_dataset': 9, 'rt2_web_jsonl': 6}
+  assert report['configured'] == pytest.approx({'robot': 0.66, 'web': 0.34})
+  assert abs(report['realized']['robot'] - 0.66) < 0.06  # seqio samples at random
+  kinds = {ex['kind'] for ex in report['examples']}
+  assert kinds == {'robot', 'web'}, kinds
+  for ex in report['examples']:
+    assert ex['task'] == f'rt2_config ({ex["kind"]})' and ex['prompt']
+    if ex['kind'] == 'robot':
+      assert ex['target_ids'][-1] == 1  # EOS
+      widths = np.abs(ex['decoded_action'] - ex['action'])
+      assert widths.max() < 0.05 * (1 + np.abs(ex['action']).max()), ex
+  assert 'rt2_robot_bridge_dataset' in printed and 'from tokens' in printed
 
 
 @pytest.mark.skipif(

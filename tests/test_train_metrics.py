@@ -63,3 +63,32 @@ def test_logger_writes_console_and_events_tensorflow_can_read(tmp_path):
   ours = metrics.read_scalars(os.path.join(tmp_path, 'tensorboard'))
   assert ours['loss'] == [(2, 0.5), (4, 2.5)]
   assert {(s, t) for (s, t) in seen} == {(s, t) for t, v in ours.items() for s, _ in v}
+
+
+def test_data_wait_fraction_is_the_share_of_wall_time_in_next_since_the_last_line(tmp_path):
+  now = [100.0]
+  lines = []
+  logger = metrics.MetricLogger(
+    str(tmp_path),
+    total_steps=3,
+    global_batch_size=4,
+    print_fn=lambda s, flush=False: lines.append(s),
+    clock=lambda: now[0],
+  )
+  logger.add_data_wait(5.0)  # before start (the first batch, compilation): not counted
+  logger.start(0)
+  for wait, step_time in ((0.5, 1.5), (1.0, 1.0)):  # 2 s per step, 1.5 s of it waiting
+    logger.add_data_wait(wait)
+    now[0] += wait + step_time
+    logger.add({'loss': jnp.float32(1.0)})
+  first = logger.write(2)
+  logger.add_data_wait(4.0)  # the host waited the whole interval
+  now[0] += 4.0
+  logger.add({'loss': jnp.float32(1.0)})
+  second = logger.write(3)
+  logger.close()
+  assert first['data_wait_fraction'] == 1.5 / 4.0
+  assert second['data_wait_fraction'] == 1.0
+  assert lines[0].endswith('| data_wait 0.38') and lines[1].endswith('| data_wait 1.00')
+  events = metrics.read_scalars(os.path.join(tmp_path, 'tensorboard'))
+  assert events['data_wait_fraction'] == [(2, 0.375), (3, 1.0)]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import train_testlib as lib
 
-from rt2_jax import config_flags
+from rt2_jax import config_flags, metrics
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.data import pipeline
 
@@ -109,6 +109,12 @@ def test_trains_on_a_custom_task_mixed_with_robot_data(module_dir, tmp_path):
   losses = _losses(result.stdout)
   assert len(losses) == steps and all(math.isfinite(x) for x in losses)
   assert np.mean(losses[-5:]) < np.mean(losses[:5])
+  # The share of each log interval spent in next(iterator): every line but the first (which
+  # starts the clock), on the console and in TensorBoard.
+  waits = metrics.read_scalars(str(tmp_path / 'tensorboard'))['data_wait_fraction']
+  assert [s for s, _ in waits] == list(range(2, steps + 1))
+  assert all(0.0 <= w <= 1.0 for _, w in waits), waits
+  assert len(re.findall(r'\| data_wait [01]\.\d\d$', result.stdout, re.M)) == steps - 1
 
 
 # Slow (70 s): CI keeps the same kill-and-resume through the default path

@@ -7,11 +7,17 @@ Prints each task's size, the robot/web rates realized over `--sample` examples o
 stream next to the configured ones, and `--num` decoded examples (instruction, prompt, target
 text, token ids, and the action de-tokenized back to real units next to the recorded one); saves
 a PNG grid of example images titled with their prompts and targets.
+
+With data.mixture set (a seqio Task or Mixture, `rt2_jax.data.seqio_iterator`) it reads the same
+batches the trainer would. Those rows do not say which task they came from, so the rates are
+realized per kind (robot / web: the tasks' rates summed by the kind of their first example) and
+an example is named by the mixture and its kind; its prompt is the decoded encoder input.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import sys
 import textwrap
@@ -19,6 +25,17 @@ import textwrap
 import numpy as np
 
 from rt2_jax import transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRow:
+  """One task of the mixture as inspect lists it."""
+
+  name: str
+  examples: int | None  # None: its source does not say
+  rate: float  # normalized over the mixture
+  kind: str  # 'robot' | 'web'
+  info: dict
 
 
 def realized_rates(it, num_examples: int) -> dict[str, float]:
@@ -34,6 +51,77 @@ def realized_rates(it, num_examples: int) -> dict[str, float]:
     it.step += 1
   it.set_state(state)
   return {t.name: counts[t.name] / seen for t in it.tasks}
+
+
+def default_task_rows(it) -> list[TaskRow]:
+  return [
+    TaskRow(t.name, len(t), float(r), t.kind, t.info)
+    for t, r in zip(it.tasks, it.rates, strict=False)
+  ]
+
+
+def seqio_kind(task, config) -> str:
+  """'robot' or 'web': what the task's first example is (shard 0 of 1, unshuffled)."""
+  import seqio
+
+  d = config.data
+  ds = task.get_dataset(
+    {'inputs': int(d.max_input_len), 'targets': int(d.max_target_len)},
+    split='train',
+    shuffle=False,
+    shard_info=seqio.ShardInfo(0, 1),
+    num_epochs=1,
+    try_in_mem_cache=False,
+  )
+  return 'robot' if bool(next(iter(ds.take(1)))['is_robot']) else 'web'
+
+
+def seqio_task_rows(config) -> list[TaskRow]:
+  """The tasks of data.mixture (registered by building its iterator) and their rates."""
+  import seqio
+
+  from rt2_jax.data import seqio_mixture
+
+  provider = seqio_mixture.get_provider(config.data.mixture)
+  if isinstance(provider, seqio.Mixture):
+    tasks = list(provider.tasks)
+    rates = np.asarray([provider.get_rate(t) for t in tasks], np.float64)
+  else:
+    tasks, rates = [provider], np.ones(1)
+  rates = rates / rates.sum()
+  return [
+    TaskRow(
+      t.name,
+      t.source.num_input_examples('train'),
+      float(r),
+      seqio_kind(t, config),
+      {'source': type(t.source).__name__},
+    )
+    for t, r in zip(tasks, rates, strict=True)
+  ]
+
+
+def realized_kinds(it, num_examples: int) -> dict[str, float]:
+  """Robot / web fractions over the next `num_examples` examples of `it`, which is put back
+  where it was (its saved state)."""
+  state = it.get_state()
+  robot = seen = 0
+  while seen < num_examples:
+    is_robot = next(it)['is_robot'][: num_examples - seen]
+    robot += int(is_robot.sum())
+    seen += len(is_robot)
+  it.set_state(state)
+  return {'robot': robot / seen, 'web': 1 - robot / seen}
+
+
+def describe_seqio_rows(batch: dict, vocab, mixture: str) -> list[dict]:
+  """What a seqio batch says of its rows: the kind and the decoded prompt."""
+  out = []
+  for j, robot in enumerate(batch['is_robot']):
+    kind = 'robot' if robot else 'web'
+    prompt = vocab.decode(batch['encoder_input_tokens'][j])
+    out.append({'task': f'{mixture} ({kind})', 'instruction': '', 'prompt': prompt, 'kind': kind})
+  return out
 
 
 def decode_example(batch: dict, j: int, info: dict, vocab, codec: transforms.ActionCodec) -> dict:
@@ -118,18 +206,30 @@ def inspect(config, num: int = 5, sample: int = 2000, out: str = '', progress=pr
   vocab, action_vocab = vocab_lib.from_config(config, space)
   it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=progress)
   codec = transforms.ActionCodec.from_config(config, action_vocab, stats)
+  mixture = config.data.get('mixture', '')
+  rows = seqio_task_rows(config) if mixture else default_task_rows(it)
   print('\n== datasets')
-  for task, rate in zip(it.tasks, it.rates, strict=False):
-    print(f'{task.name:<28} {len(task):>8} examples  rate {rate:.3f}  {task.info}')
+  for row in rows:
+    size = '?' if row.examples is None else row.examples
+    print(f'{row.name:<28} {size:>8} examples  rate {row.rate:.3f}  {row.kind}  {row.info}')
+  if mixture:  # per kind: a seqio row does not say its task
+    configured = collections.defaultdict(float)
+    for row in rows:
+      configured[row.kind] += row.rate
+    configured = {k: configured[k] for k in ('robot', 'web')}
+    realized = realized_kinds(it, sample)
+  else:
+    configured = {row.name: row.rate for row in rows}
+    realized = realized_rates(it, sample)
   print(f'\n== mixture rates realized over {sample} examples')
-  realized = realized_rates(it, sample)
-  for task, rate in zip(it.tasks, it.rates, strict=False):
-    print(f'{task.name:<28} configured {rate:.3f}  realized {realized[task.name]:.3f}')
+  for key, rate in configured.items():
+    print(f'{key:<28} configured {rate:.3f}  realized {realized[key]:.3f}')
   print(f'\n== {num} examples')
   examples, images = [], []
   while len(examples) < num:
     batch = next(it)
-    for j, info in enumerate(it.describe_last()):
+    infos = describe_seqio_rows(batch, vocab, mixture) if mixture else it.describe_last()
+    for j, info in enumerate(infos):
       if len(examples) == num:
         break
       examples.append(decode_example(batch, j, info, vocab, codec))
@@ -141,9 +241,10 @@ def inspect(config, num: int = 5, sample: int = 2000, out: str = '', progress=pr
     save_grid(out, images, titles)
     print(f'\nwrote {out}')
   return {
-    'tasks': {t.name: len(t) for t in it.tasks},
-    'realized': realized,
-    'rates': dict(zip([t.name for t in it.tasks], it.rates.tolist(), strict=False)),
+    'tasks': {row.name: row.examples for row in rows},
+    'rates': {row.name: row.rate for row in rows},
+    'configured': configured,  # per task, or per kind with data.mixture
+    'realized': realized,  # the same keys
     'examples': examples,
   }
 

@@ -137,6 +137,10 @@ def _source_class():
     def list_shards(self, split):
       return [self.task.name]
 
+    def num_input_examples(self, split):
+      # The whole split's (shard 0 of 1), decoded on first use like any read of it.
+      return len(self.task_data((0, 1))) if split == 'train' else None
+
     def rebind(self, task: tasks.Task, context: tasks.Context) -> None:
       self.task, self.context = task, context
       self._built.clear()
