@@ -68,6 +68,8 @@ def test_decode_benchmark_same_forward_passes_and_says_which_pair_is_which(tmp_p
   }
 
 
+# Slow (about 90 s: four fresh processes that each import TensorFlow and seqio).
+@pytest.mark.slow
 def test_data_benchmark_runs_both_paths_on_the_same_data(tmp_path):
   """benchmarks/data.py (issue 18): the default and the seqio mixture path, each in its own
   process, read the same tasks at the same batch size; every figure is reported."""
