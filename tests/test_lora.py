@@ -132,6 +132,8 @@ def test_step0_is_the_base_and_only_adapters_train(action_setup, scan):
   assert all(jax.tree.leaves(changed)), changed  # every A, B and the fully trained projection
 
 
+# Slow (17 s); CI keeps scanned LoRA training (the step-0 test) and the scanned layer merge.
+@pytest.mark.slow
 def test_scanned_adapters_equal_unrolled(action_setup):
   codec = action_setup
   unrolled = train.make_setup(_config())
@@ -162,7 +164,7 @@ def _tiny_decoder_only(**overrides):
 @pytest.mark.parametrize(
   'backbone,scan,remat,base_dtype',
   [
-    ('encoder_decoder', False, 'none', 'float32'),
+    pytest.param('encoder_decoder', False, 'none', 'float32', marks=pytest.mark.slow),
     ('encoder_decoder', True, 'dots', 'bfloat16'),
     # CI runs one case per backbone; the full run (`-m slow` included) all four.
     pytest.param('decoder_only', False, 'full', 'bfloat16', marks=pytest.mark.slow),
