@@ -239,6 +239,25 @@ def test_cache_round_trip_and_invalidation(datasets, tmp_path):
   assert other.images.shape[1] == 12  # a different request is a different cache entry
 
 
+def test_cache_written_meanwhile_by_another_process_is_kept(datasets, tmp_path, monkeypatch):
+  # Two test workers (or hosts) miss the cache together: the second to finish finds the folder
+  # taken, keeps the first one's copy and leaves no temporary folder behind.
+  cache = tmp_path / 'cache'
+  replace = os.replace
+
+  def other_process_finishes_first(src, dst):
+    if '.tmp' in str(src):
+      shutil.copytree(src, dst)
+    replace(src, dst)
+
+  monkeypatch.setattr(os, 'replace', other_process_finishes_first)
+  records = rlds.read_split(
+    'language_table', datasets['language_table'], 'train', 8, cache_dir=str(cache), progress=None
+  )
+  assert len(records) > 0
+  assert [p.name for p in cache.iterdir() if '.tmp' in p.name] == []
+
+
 def test_split_is_in_stored_order(datasets):
   records = rlds.read_split('bridge_dataset', datasets['bridge_dataset'], 'val', 8, progress=None)
   assert records.episode_ids.tolist() == np.repeat(np.arange(EPISODES), STEPS).tolist()

@@ -559,9 +559,11 @@ def read_split(
   if cache_path:
     tmp = f'{cache_path}.tmp{os.getpid()}'
     records.save(tmp)
-    if os.path.exists(cache_path):  # another process wrote it meanwhile
-      shutil.rmtree(tmp, ignore_errors=True)
-    else:
+    try:
       os.replace(tmp, cache_path)
+    except OSError:  # another process wrote it meanwhile (a folder cannot replace a full one)
+      if not os.path.exists(os.path.join(cache_path, 'meta.json')):
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
     records = StepRecords.load(cache_path)
   return records
