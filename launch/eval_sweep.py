@@ -8,7 +8,9 @@
 Each job is `python -m rt2_jax.evaluate --workdir=W --checkpoint=STEP --name=SETTING` with the
 setting's `--config.KEY=VALUE` overrides on top of the run's own resolved config (W/config.py,
 written by rt2_jax.recipes.metaworld) or `--config`. Jobs whose results already exist are
-skipped (rerun with --force). `--parallel=N` runs N jobs at once as local processes; with
+skipped (rerun with --force). `--lora_base=PATH` is passed to every job (where the base of
+LoRA checkpoints is now, when it has moved: see rt2_jax/lora_base.py; evaluate refuses it for a
+checkpoint that is not LoRA, so sweep runs of one base together). `--parallel=N` runs N jobs at once as local processes; with
 `--tpu_name/--zone` the jobs are spread round-robin over the workers of a Cloud TPU VM slice
 (`--accelerator_type`, or asked of gcloud), each worker running its share in order and all
 workers at once, through the launch/tpu.py ssh wrapper; on a multi-host slice each job is a
@@ -65,6 +67,11 @@ def parse_setting(text: str) -> Setting:
   return Setting(name, tuple(overrides))
 
 
+def _absolute(path: str) -> str:
+  """A local path made absolute (~ expanded); a URL (gs://...) as it is."""
+  return path if '://' in path else os.path.abspath(os.path.expanduser(path))
+
+
 def _path(p: str):
   from etils import epath
 
@@ -107,7 +114,9 @@ class Job:
     )
 
 
-def job_argv(job: Job, config: str = '', python: str = sys.executable) -> list[str]:
+def job_argv(
+  job: Job, config: str = '', python: str = sys.executable, lora_base: str = ''
+) -> list[str]:
   argv = [
     python,
     '-m',
@@ -128,6 +137,8 @@ def job_argv(job: Job, config: str = '', python: str = sys.executable) -> list[s
       f'setting {job.setting.name!r} has overrides but {job.workdir} has no '
       'config.py: pass --config=configs/NAME.py'
     )
+  if lora_base:
+    argv.append(f'--lora_base={lora_base}')
   return argv + [f'--config.{o}' for o in job.setting.overrides]
 
 
@@ -143,7 +154,13 @@ def make_jobs(workdirs, steps: str, settings) -> list[Job]:
 
 
 def run_local(
-  jobs, config: str, parallel: int, log_dir: str, dry_run: bool = False, env: dict | None = None
+  jobs,
+  config: str,
+  parallel: int,
+  log_dir: str,
+  dry_run: bool = False,
+  env: dict | None = None,
+  lora_base: str = '',
 ) -> list[dict]:
   """Runs jobs as local processes, `parallel` at a time; one log file per job."""
   os.makedirs(log_dir, exist_ok=True)
@@ -152,7 +169,7 @@ def run_local(
   done, start = [], time.time()
 
   def one(job: Job) -> dict:
-    argv = job_argv(job, config)
+    argv = job_argv(job, config, lora_base=lora_base)
     log = os.path.join(log_dir, f'{job.run}_{job.setting.name}_{job.step}.log')
     if dry_run:
       print('[dry run] ' + shlex.join(argv), flush=True)
@@ -199,19 +216,19 @@ def remote_log(job: Job) -> str:
   return f'{REMOTE_LOG_DIR}/{name}.log'
 
 
-def worker_command(share, config: str, env: dict, remote_dir: str) -> str:
+def worker_command(share, config: str, env: dict, remote_dir: str, lora_base: str = '') -> str:
   """One shell command that runs a worker's share in order, one log per job, past failures."""
   prefix = ''.join(f'{k}={shlex.quote(v)} ' for k, v in env.items())
   steps = [f'cd {remote_dir} || exit 1', f'mkdir -p "{REMOTE_LOG_DIR}"']
   for index, job in share:
-    argv = job_argv(job, config, python='python3')
+    argv = job_argv(job, config, python='python3', lora_base=lora_base)
     steps.append(
       f'{prefix}{shlex.join(argv)} > "{remote_log(job)}" 2>&1; echo "{JOB_STATUS} {index} exit=$?"'
     )
   return '; '.join(steps)
 
 
-def run_tpu(jobs, config: str, tpu_args, dry_run: bool) -> list[dict]:
+def run_tpu(jobs, config: str, tpu_args, dry_run: bool, lora_base: str = '') -> list[dict]:
   """Spreads jobs over the TPU slice's workers; each runs its share in order, all in parallel.
 
   On a multi-host slice every job is a single-host process on its worker's own chips
@@ -237,7 +254,7 @@ def run_tpu(jobs, config: str, tpu_args, dry_run: bool) -> list[dict]:
   seconds: dict[int, float] = {}
 
   def one(w: int) -> None:
-    command = worker_command(shares[w], config, env, tpu.REMOTE_DIR)
+    command = worker_command(shares[w], config, env, tpu.REMOTE_DIR, lora_base)
     t = time.time()
     try:
       out = runner(tpu._ssh(tpu_args, command, worker=str(w)), capture=True)
@@ -447,6 +464,12 @@ def parse(argv):
     help="eval setting 'NAME[:key=value;...]' (repeatable; default: 'default')",
   )
   p.add_argument('--config', default='', help='config file for runs without WORKDIR/config.py')
+  p.add_argument(
+    '--lora_base',
+    default='',
+    help="passed to every job: where the LoRA checkpoints' base is now, when it has moved (a "
+    "run's step dir, its workdir or a converted checkpoint; see rt2_jax/lora_base.py)",
+  )
   p.add_argument('--out', required=True, help='where the aggregated table and plot go')
   p.add_argument('--parallel', type=int, default=1, help='local jobs at once')
   p.add_argument('--force', action='store_true', help='rerun jobs whose results exist')
@@ -468,6 +491,9 @@ def main(argv=None) -> dict:
   workdirs = [w.strip() for w in args.workdirs.split(',') if w.strip()]
   settings = [parse_setting(s) for s in (args.setting or ['default'])]
   names = [s.name for s in settings]
+  # The jobs run from the repository root (locally) or another machine: a relative path would
+  # name another folder there.
+  lora_base = _absolute(args.lora_base) if args.lora_base else ''
   if len(set(names)) != len(names):
     raise SystemExit(f'duplicate setting names in {names}')
   if not args.aggregate_only:
@@ -487,14 +513,19 @@ def main(argv=None) -> dict:
         tpu.hosts_for(accelerator_type)
       except ValueError as e:
         raise SystemExit(f'error: {e}') from None
-      warn_unshared(workdirs, tpu.SHARED_PREFIXES)
+      warn_unshared(workdirs + ([lora_base] if lora_base else []), tpu.SHARED_PREFIXES)
       where = argparse.Namespace(
         name=args.tpu_name, zone=args.zone, project=args.project, accelerator_type=accelerator_type
       )
-      done = run_tpu(todo, args.config, where, args.dry_run)
+      done = run_tpu(todo, args.config, where, args.dry_run, lora_base)
     else:
       done = run_local(
-        todo, args.config, args.parallel, os.path.join(args.out, 'logs'), args.dry_run
+        todo,
+        args.config,
+        args.parallel,
+        os.path.join(args.out, 'logs'),
+        args.dry_run,
+        lora_base=lora_base,
       )
     failed = [d for d in done if d['code'] != 0]
     if failed:

@@ -312,19 +312,51 @@ def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
   return path
 
 
-def _split_step_dir(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
-  """'.../checkpoints/1200' -> ('.../checkpoints', 1200); anything else -> (dir, None)."""
+@dataclasses.dataclass(frozen=True)
+class Located:
+  """What a checkpoint path points at: a run's checkpoints (workdir or checkpoints/ dir), or one
+  checkpoint's own folder, named by its step or under any other name (a copied step dir)."""
+
+  directory: epath.Path  # the folder of step dirs; for a step dir, the folder it sits in
+  step: int | None = None  # the step a step dir's name says
+  step_path: epath.Path | None = None  # a step dir given directly
+
+  @property
+  def renamed(self) -> bool:
+    """A step dir whose name is not its step: it is read on its own, not through its folder."""
+    return self.step_path is not None and self.step is None
+
+
+def _is_step_dir(path: epath.Path) -> bool:
+  if (path / 'checkpoints').exists():  # a workdir
+    return False
+  return any((path / name).exists() for name in ('state', 'meta', CHECKSUM_FILE))
+
+
+def locate(path: str | os.PathLike) -> Located:
+  """'.../checkpoints/1200' -> (.../checkpoints, 1200, it); '.../base_ckpt' holding a
+  checkpoint's items (state/, meta/, checksums) -> (..., None, it); a workdir or checkpoints dir
+  -> (its checkpoints dir, None, None)."""
   path = epath.Path(resolve_path(path))
-  if path.name.isdigit() and any(
-    (path / name).exists() for name in ('state', 'meta', CHECKSUM_FILE)
-  ):
-    return path.parent, int(path.name)
-  return checkpoint_dir(path), None
+  if not _is_step_dir(path):
+    return Located(checkpoint_dir(path))
+  if path.name.isdigit():
+    return Located(path.parent, int(path.name), path)
+  if TMP_MARKER in path.name:  # orbax renames it to its step once complete: it may be partial
+    raise CheckpointReadError(
+      f'{path} is an unfinished save (an orbax temporary directory): point at a finished '
+      'step dir, or at the workdir to take its newest checkpoint'
+    )
+  return Located(path.parent, None, path)
 
 
 def step_dir(path: str | os.PathLike, step: int) -> epath.Path:
-  """The folder of checkpoint `step` of a workdir, its checkpoints/ dir or one step dir."""
-  return _split_step_dir(path)[0] / str(int(step))
+  """The folder of checkpoint `step` of a workdir, its checkpoints/ dir or one step dir (a step
+  dir under another name is the one checkpoint there: itself)."""
+  located = locate(path)
+  if located.renamed:
+    return located.step_path
+  return located.directory / str(int(step))
 
 
 def _encode_data_state(state) -> str:
@@ -684,75 +716,92 @@ def load_params(
 ) -> tuple[Any, dict, int]:
   """(params, meta, step) from a training checkpoint: the newest one unless `step`.
 
-  `path`: a workdir, its checkpoints/ dir, or one step dir. `abstract_params` (ShapeDtypeStructs
+  `path`: a workdir, its checkpoints/ dir, or one step dir (named by its step, or under any
+  other name: a copied `checkpoints/1000` at `.../base_ckpt`). `abstract_params` (ShapeDtypeStructs
   with shardings) restores straight into that layout; else every array goes to `sharding`
   (default: the first local device). The checkpoint's files are verified against the checksums
   written at save time first: a damaged one raises CorruptCheckpointError naming the damage and
   the steps that do verify (inference never falls back to an older model by itself).
   """
-  directory, step_in_path = _split_step_dir(path)
-  step = as_step(step) if step is not None else step_in_path
-  if not directory.exists():
-    raise FileNotFoundError(f'no checkpoints in {directory}: it does not exist')
-  manager = ocp.CheckpointManager(
-    directory,
-    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-    item_handlers={
-      'state': ocp.PyTreeCheckpointHandler(),
-      'data': ocp.JsonCheckpointHandler(),
-      'meta': ocp.JsonCheckpointHandler(),
-      'assets': checkpoint_assets.AssetsHandler(),
-    },
-  )
+  located = locate(path)
+  step = as_step(step) if step is not None else located.step
+  if located.renamed:  # one checkpoint under another name: verified like any other
+    where, s = located.step_path, None
+    _verify_for_inference(where, [])
+  else:
+    s, where = _pick_step(located.directory, step)
+  meta = ocp.JsonCheckpointHandler().restore(where / 'meta')
+  if s is None:  # the step its meta records (Checkpointer.save writes it)
+    if 'step' not in meta:
+      raise CheckpointReadError(f'{where}: its meta records no step, and its name is not one')
+    s = int(meta['step'])
+    if step is not None and step != s:
+      raise FileNotFoundError(f'{where} is the step dir of checkpoint {s}, not of step {step}')
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    steps = sorted(manager.all_steps())
-    if not steps:
-      raise FileNotFoundError(f'no checkpoints in {directory}')
-    if step is not None and step not in steps:
-      raise FileNotFoundError(f'no checkpoint for step {step} in {directory}; have {steps}')
-    s = steps[-1] if step is None else step
-    where = directory / str(s)
-    try:
-      verified = verify_checksums(where)
-    except CorruptCheckpointError as e:
-      good = [t for t in reversed(steps) if t != s and _verifies(directory / str(t))]
-      hint = (
-        f'; checkpoint(s) {", ".join(map(str, good))} verify: load one explicitly '
-        '(--checkpoint=STEP, step=STEP)'
-        if good
-        else '; no other checkpoint here verifies'
-      )
-      raise CorruptCheckpointError(where, e.problems, note=f'. Refusing to load it{hint}') from None
-    if not verified:
-      log.warning(
-        'checkpoint %s has no %s (written by an older version): loading it unverified',
-        where,
-        CHECKSUM_FILE,
-      )
+    tree_md = handler.metadata(where / 'state').tree
     if abstract_params is None:
-      tree_md = manager.item_metadata(s)['state'].tree
       target = _abstract_params_from_metadata(
         tree_md, sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       )
     else:
       target = abstract_params
-      check_params_match(
-        array_shapes(manager.item_metadata(s)['state'].tree['params']), target, str(where)
-      )
-    restored = manager.restore(
-      s,
-      args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-          {'params': target},
-          restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
-          partial_restore=True,
-        ),
-        meta=ocp.args.JsonRestore(),
+      check_params_match(array_shapes(tree_md['params']), target, str(where))
+    restored = handler.restore(  # params only: the optimizer state etc. are not read
+      where / 'state',
+      args=ocp.args.PyTreeRestore(
+        {'params': target},
+        restore_args={'params': ocp.checkpoint_utils.construct_restore_args(target)},
+        partial_restore=True,
       ),
     )
-    return restored['state']['params'], restored['meta'], int(s)
+  finally:
+    handler.close()
+  return restored['params'], meta, int(s)
+
+
+def _pick_step(directory: epath.Path, step: int | None) -> tuple[int, epath.Path]:
+  """(step, its folder) of a run's checkpoints dir: `step`, else the newest; verified."""
+  if not directory.exists():
+    raise FileNotFoundError(f'no checkpoints in {directory}: it does not exist')
+  manager = ocp.CheckpointManager(
+    directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+  )
+  try:
+    steps = sorted(manager.all_steps())
   finally:
     manager.close()
+  if not steps:
+    raise FileNotFoundError(
+      f"no checkpoints in {directory}: give a run's workdir, its checkpoints/ dir, or one "
+      "checkpoint's step dir (the folder holding state/ and meta/)"
+    )
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f'no checkpoint for step {step} in {directory}; have {steps}')
+  s = steps[-1] if step is None else step
+  where = directory / str(s)
+  _verify_for_inference(where, [directory / str(t) for t in reversed(steps) if t != s])
+  return s, where
+
+
+def _verify_for_inference(where: epath.Path, others: list[epath.Path]) -> None:
+  """Checks `where` against its checksums: damage raises naming the `others` that verify."""
+  try:
+    verified = verify_checksums(where)
+  except CorruptCheckpointError as e:
+    good = [other.name for other in others if _verifies(other)]
+    hint = (
+      f'; checkpoint(s) {", ".join(good)} verify: load one explicitly (--checkpoint=STEP, step=STEP)'
+      if good
+      else '; no other checkpoint here verifies'
+    )
+    raise CorruptCheckpointError(where, e.problems, note=f'. Refusing to load it{hint}') from None
+  if not verified:
+    log.warning(
+      'checkpoint %s has no %s (written by an older version): loading it unverified',
+      where,
+      CHECKSUM_FILE,
+    )
 
 
 def _verifies(step_dir: epath.Path) -> bool:
@@ -770,9 +819,9 @@ def restore_for_inference(
 ) -> InferenceBundle:
   """Config, params, normalization stats, action space and assets of a training checkpoint.
 
-  `path`: a workdir, its checkpoints/ dir, or one step dir (`.../checkpoints/1200`). Stats and
-  action space come from the assets (MissingAssetError names a missing file), or from the meta
-  of a checkpoint older than assets. A LoRA checkpoint's adapters are merged into their base,
+  `path`: a workdir, its checkpoints/ dir, or one step dir (`.../checkpoints/1200`, or one
+  under another name). Stats and action space come from the assets (MissingAssetError names a
+  missing file), or from the meta of a checkpoint older than assets. A LoRA checkpoint's adapters are merged into their base,
   found as rt2_jax.lora_base.resolve says (`lora_base`: read it from this path instead; refused
   for a checkpoint that is not LoRA).
   """
@@ -790,7 +839,7 @@ def restore_for_inference(
     )
   config = parsed.config
   if meta.get(lora.META_KEY):  # LoRA adapters: merged into their base once, here
-    base = lora_base_lib.resolve(meta, _split_step_dir(path)[0], lora_base)
+    base = lora_base_lib.resolve(meta, locate(path).directory, lora_base)
     params = lora.merged_params(config, params, base, sharding)
   return InferenceBundle(
     config=config,
@@ -806,15 +855,16 @@ def restore_for_inference(
 def pinned_path(path: str) -> str:
   """`path` made absolute; a run's workdir or checkpoints dir -> its newest step dir (so that a
   pointer to it keeps meaning these parameters while that run goes on)."""
-  directory, step = _split_step_dir(path)
-  if step is None:
-    steps = (
-      [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
-    )
-    if not steps:  # a converted checkpoint (or nothing: loading it says what is missing)
-      return resolve_path(path)
-    step = max(steps)
-  return os.fspath(directory / str(step))
+  located = locate(path)
+  if located.step_path is not None:  # a step dir, whatever its name
+    return os.fspath(located.step_path)
+  directory = located.directory
+  steps = (
+    [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+  )
+  if not steps:  # a converted checkpoint (or nothing: loading it says what is missing)
+    return resolve_path(path)
+  return os.fspath(directory / str(max(steps)))
 
 
 def load_init_params(path: str, abstract_params, fresh_params=None, fresh_pattern: str = ''):
@@ -826,14 +876,26 @@ def load_init_params(path: str, abstract_params, fresh_params=None, fresh_patter
   values from `fresh_params` and must not be in the checkpoint, every other one must be.
   """
   if fresh_pattern:
+    if fresh_params is None:
+      raise ValueError(
+        f'load_init_params(fresh_pattern={fresh_pattern!r}) needs fresh_params: the freshly '
+        'initialized parameter tree whose matching entries are kept (train.py passes the new '
+        "run's initial params)"
+      )
     pattern = re.compile(fresh_pattern)
     flat = traverse_util.flatten_dict(abstract_params)
     fresh = {k for k in flat if pattern.search('/'.join(map(str, k)))}
     if not fresh:
       raise ValueError(f'config.init_fresh={fresh_pattern!r} matches no parameter of this model')
+    new = traverse_util.flatten_dict(fresh_params)
+    lacking = sorted('/'.join(map(str, k)) for k in fresh if k not in new)
+    if lacking:
+      raise ValueError(
+        f'fresh_params lacks {_shown(lacking)}, matched by fresh_pattern={fresh_pattern!r}: '
+        "pass the parameters initialized for this model (not another's)"
+      )
     kept = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in fresh})
     restored = traverse_util.flatten_dict(load_init_params(path, kept))
-    new = traverse_util.flatten_dict(fresh_params)
     restored.update({k: new[k] for k in fresh})
     names = sorted('/'.join(map(str, k)) for k in fresh)
     print(f'freshly initialized (config.init_fresh): {", ".join(names)}', flush=True)

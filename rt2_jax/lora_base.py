@@ -9,12 +9,13 @@ A LoRA checkpoint holds adapters only; its meta names the base they were trained
   lora_base_fingerprint  SHA-256 over the base's recorded state-file checksums (a run's
                          rt2_checksums.json; '' for a converted checkpoint, which has none)
 
-`resolve` tries an explicit override (a step dir, a converted checkpoint, or a run's workdir,
-meaning its newest step), else the absolute path, then the relative one, and takes the first
-that exists and whose fingerprint (when both sides have one) matches: a path that now holds
-other parameters is never merged. If none fits, `MissingLoraBaseError` names the base, the
-paths tried and why each was refused, and how to point at it: the `--lora_base=PATH` flag of
-`rt2_jax.serve`, `rt2_jax.export` and `rt2_jax.evaluate` (`define_flag`), or `lora_base=` of
+`resolve` tries an explicit override (a step dir under any name, a converted checkpoint, or a
+run's workdir, meaning its newest step), else the absolute path, then the relative one, and
+takes the first that exists and whose fingerprint (when both sides have one) matches: a path
+that now holds other parameters is never merged. If none fits, `MissingLoraBaseError` names the
+base, the paths tried and why each was refused, and how to point at it: the `--lora_base=PATH`
+flag of `rt2_jax.serve`, `rt2_jax.export` and `rt2_jax.evaluate` (`define_flag`; also
+`launch/eval_sweep.py`, which passes it to every job), or `lora_base=` of
 `Policy.from_checkpoint` / `checkpoints.restore_for_inference`, which all end in `resolve`.
 """
 
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 
 FLAG_HELP = (
   "where a LoRA checkpoint's base is now, when it has moved from where the checkpoint names it: "
-  "a run's step dir, a run's workdir (its newest step) or a converted checkpoint; "
-  'default: found from the checkpoint (rt2_jax.lora_base)'
+  "a run's step dir (under any name), a run's workdir (its newest step) or a converted "
+  'checkpoint; default: found from the checkpoint (rt2_jax.lora_base)'
 )
 HOW_TO_OVERRIDE = (
   'pass its path as --lora_base=PATH (rt2_jax.serve, rt2_jax.export, rt2_jax.evaluate) or '

@@ -515,6 +515,16 @@ def make_setup(config, mesh=None) -> Setup:
     raise ValueError(
       f'batch_size={config.batch_size} must divide by the {jax.process_count()} processes'
     )
+  lora = lora_lib.LoraConfig.from_config(config)
+  if lora.enabled and config.get('init_fresh', ''):
+    # The base is read whole from config.init_from, in training and again at every load for
+    # serving (lora.merged_params): parameters it lacks have no source there.
+    raise ValueError(
+      f'config.init_fresh={config.init_fresh!r} does not work with config.lora (rank '
+      f'{lora.rank}): a LoRA base is read whole from config.init_from, when training and when '
+      'serving, so it must hold every parameter of the model. Drop init_fresh, or first '
+      'fine-tune without LoRA (config.init_fresh set) and start the LoRA run from that run'
+    )
   model = VLA(config.model)
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.LOGICAL_RULES):
     abstract_vars = jax.eval_shape(model.init, jax.random.PRNGKey(0), *dummy_inputs(config))
@@ -522,7 +532,6 @@ def make_setup(config, mesh=None) -> Setup:
     nn.get_partition_spec(abstract_vars)['params'], mesh
   )
   abstract_params = partitioning.unbox(abstract_vars)['params']
-  lora = lora_lib.LoraConfig.from_config(config)
   frozen, frozen_shardings = None, None
   if lora.enabled:  # the base keeps the model's shardings; the small adapters are replicated
     frozen = jax.eval_shape(functools.partial(lora_lib.base_params, cfg=lora), abstract_params)

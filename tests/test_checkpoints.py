@@ -348,6 +348,63 @@ def test_relative_and_home_paths_save_and_load(tmp_path, monkeypatch):
   assert checkpoints.resolve_path('a/../b') == str(tmp_path / 'b')
 
 
+def test_a_step_dir_under_any_name_loads_verified(tmp_path):
+  """A step dir copied under a name that is not its step (checkpoints/2 -> base_ckpt) loads as
+  the numeric one does: its step from its meta, its assets, checksums verified first (issue 20)."""
+  import shutil
+
+  config = _three_checkpoints(tmp_path / 'run')
+  renamed = tmp_path / 'copies' / 'base_ckpt'
+  shutil.copytree(tmp_path / 'run' / 'checkpoints' / '2', renamed)
+  bundle = checkpoints.restore_for_inference(renamed)
+  assert bundle.step == 2 and bundle.action_space == SPACE and bundle.stats == STATS
+  _assert_trees_equal(bundle.params, _state(config, seed=2)['params'])
+  assert checkpoints.restore_for_inference(renamed, step=2).step == 2
+  with pytest.raises(FileNotFoundError, match='base_ckpt is the step dir of checkpoint 2, not of'):
+    checkpoints.restore_for_inference(renamed, step=3)
+  assert checkpoints.step_dir(renamed, 2) == renamed
+  assert checkpoints.pinned_path(str(renamed)) == str(renamed)  # what LoRA runs record
+  abstract = _abstract(_state(config)['params'])
+  _assert_trees_equal(
+    checkpoints.load_init_params(str(renamed), abstract), _state(config, seed=2)['params']
+  )
+
+  # Verified like a numbered one: damage is refused, naming the file.
+  name = _damage(renamed, 'flip')
+  with pytest.raises(checkpoints.CorruptCheckpointError, match='base_ckpt is damaged: ') as info:
+    checkpoints.load_init_params(str(renamed), abstract)
+  assert name in str(info.value) and 'Refusing to load it' in str(info.value)
+
+  # An orbax temporary dir (a save that may not have finished) is refused by name.
+  partial = tmp_path / 'copies' / f'3{checkpoints.TMP_MARKER}-123'
+  shutil.copytree(tmp_path / 'run' / 'checkpoints' / '3', partial)
+  with pytest.raises(checkpoints.CheckpointReadError, match='an unfinished save'):
+    checkpoints.load_params(partial)
+  # A folder that holds neither a checkpoint nor step dirs says what to pass.
+  with pytest.raises(FileNotFoundError, match="give a run's workdir, its checkpoints/ dir, or one"):
+    checkpoints.load_params(tmp_path / 'copies')
+
+
+def test_fresh_pattern_needs_the_fresh_params(tmp_path):
+  """load_init_params(fresh_pattern=...) keeps the matching parameters from `fresh_params`:
+  without them, or with a tree lacking some, it says so before reading the checkpoint."""
+  config = _config()
+  old = _state(config, seed=3)['params']
+  del old['vit']  # the model below has it new: not in the checkpoint
+  ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(3, {'params': old, 'step': np.int32(3)}, None, {'config': '{}'})
+  ckpt.close()
+  abstract = _abstract(_state(config)['params'])
+  with pytest.raises(ValueError, match=r"fresh_pattern='\^vit/'\) needs fresh_params"):
+    checkpoints.load_init_params(str(tmp_path), abstract, fresh_pattern='^vit/')
+  with pytest.raises(ValueError, match=r'fresh_params lacks vit/kernel, matched by'):
+    checkpoints.load_init_params(str(tmp_path), abstract, {'decoder': {}}, '^vit/')
+  fresh = _state(config, seed=9)['params']
+  got = checkpoints.load_init_params(str(tmp_path), abstract, fresh, '^vit/')
+  _assert_trees_equal(got['vit'], fresh['vit'])  # kept as given
+  _assert_trees_equal(got['decoder'], old['decoder'])  # restored
+
+
 def test_gs_paths_are_not_made_local(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   url = 'gs://rt2-jax-test-no-such-bucket/run'

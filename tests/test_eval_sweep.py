@@ -224,3 +224,37 @@ def test_sweep_evaluates_real_checkpoints(tmp_path):
   # A second run finds everything done.
   again = sweep.main(['--workdirs', workdir, '--setting=default', f'--out={out}'])
   assert again['rows']
+
+
+def test_lora_base_reaches_every_job_command(tmp_path, capsys, monkeypatch):
+  """`--lora_base` is forwarded to each evaluate job, made absolute (the jobs run from the
+  repository root), locally and on every TPU worker; without it no job gets the flag."""
+  a = _fake_run(str(tmp_path), 'run_a', [100, 200])
+  b = _fake_run(str(tmp_path), 'run_b', [300])
+  monkeypatch.chdir(tmp_path)
+  base = str(tmp_path / 'moved' / 'base_ckpt')
+  sweep.main(
+    [f'--workdirs={a},{b}', '--lora_base=moved/base_ckpt', f'--out={tmp_path / "out"}', '--dry_run']
+  )
+  jobs = [line for line in capsys.readouterr().out.splitlines() if line.startswith('[dry run]')]
+  assert len(jobs) == 3
+  assert all(line.endswith(f' --lora_base={base}') for line in jobs), jobs
+
+  tpu_flags = [f'--workdirs={a},{b}', f'--out={tmp_path / "out"}', '--tpu_name=rt2', '--zone=z']
+  sweep.main(
+    [
+      *tpu_flags,
+      '--accelerator_type=v4-16',
+      '--lora_base=gs://bucket/base/checkpoints/7',
+      '--dry_run',
+    ]
+  )
+  ssh = [line for line in capsys.readouterr().out.splitlines() if 'tpu-vm ssh' in line]
+  assert len(ssh) == 2  # two workers, each running its share
+  for line in ssh:
+    assert (
+      line.count('rt2_jax.evaluate') == line.count('--lora_base=gs://bucket/base/checkpoints/7') > 0
+    ), line
+
+  sweep.main([*tpu_flags, '--accelerator_type=v4-16', '--dry_run'])
+  assert '--lora_base' not in capsys.readouterr().out

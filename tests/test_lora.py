@@ -80,6 +80,10 @@ def test_config_errors_name_the_problem():
     train.make_setup(_config(freeze='^vit/'))
   with pytest.raises(ValueError, match='base_dtype'):
     train.make_setup(_config(**{'lora.base_dtype': 'float16'}))
+  # A LoRA base is read whole from init_from: init_fresh would be silently unused (issue 20).
+  with pytest.raises(ValueError, match=r"init_fresh='\^decoder/' does not work with config.lora"):
+    train.make_setup(_config(init_fresh='^decoder/'))
+  assert train.make_setup(_config(init_fresh='^decoder/', **{'lora.rank': 0})).abstract_state
 
 
 @pytest.fixture(scope='module')
@@ -375,6 +379,18 @@ def test_copied_workdirs_load_without_the_originals(lora_run, lora_actions, tmp_
     assert '--lora_base=PATH' in message  # ... or the flag that says where it is
     got = Policy.from_checkpoint(alone / 'lora', lora_base=copy / 'base' / 'checkpoints' / '3')
     _assert_same_actions(got.batch(images, instructions), want)
+    # The base's step dir copied under another name (issue 20): found, fingerprint-checked.
+    renamed = tmp_path / 'base_ckpt'
+    shutil.copytree(copy / 'base' / 'checkpoints' / '3', renamed)
+    meta = checkpoints.load_params(alone / 'lora')[1]
+    assert lora_base.resolve(meta, alone / 'lora' / 'checkpoints', renamed) == os.fspath(renamed)
+    numbered = traverse_util.flatten_dict(got.params)  # merged with the numbered step dir
+    merged = traverse_util.flatten_dict(
+      checkpoints.restore_for_inference(alone / 'lora', lora_base=renamed).params
+    )
+    assert merged.keys() == numbered.keys()
+    for key, value in merged.items():
+      np.testing.assert_array_equal(np.asarray(value), np.asarray(numbered[key]))
 
     # Another run's parameters where the base should be: refused, never merged.
     other = alone / 'base'
