@@ -495,168 +495,51 @@ def _goal_target(episode: Episode, goal: Goal, block_xy: np.ndarray) -> np.ndarr
   return np.zeros(2)
 
 
-def _segment_clear(a, b, centre, radius) -> bool:
-  ab = b - a
-  t = np.clip(np.dot(centre - a, ab) / max(np.dot(ab, ab), 1e-12), 0, 1)
-  return bool(np.linalg.norm(a + t * ab - centre) > radius)
-
-
-_BEHIND = 0.012  # gap between pusher and block when lining up a push
-
-
-def _behind(block, radius, towards) -> np.ndarray:
-  """Where the pusher lines up to push a block at `block` towards `towards`."""
-  u = (towards - block) / max(np.linalg.norm(towards - block), 1e-9)
-  return block - u * (radius + PUSHER_RADIUS + _BEHIND)
-
-
-def _route(episode: Episode, goal: Goal, block_xy: np.ndarray, target) -> np.ndarray:
-  """Where to push the goal's block next. Straight to `target` when the way is clear and the
-  pusher can get behind the block; else the shortest detour past a block in the way (a pushed
-  block that meets another glances off it, often into a wall); else the short push that gets
-  closest to the target (off a wall, out of a corner), when the pusher cannot get behind it."""
-  here, radius = block_xy[goal.block], episode.blocks[goal.block].radius
-  obstacles = [(block_xy[j], b.radius) for j, b in enumerate(episode.blocks) if j != goal.block]
-  passable = [
-    (c, r)
-    for (c, r), j in zip(
-      obstacles, (j for j in range(len(block_xy)) if j != goal.block), strict=True
-    )
-    if j != goal.other
-  ]  # the reference block of next_to is the destination
-
-  def clear(a, b, margin):  # moving away from a block it already touches counts as clear
-    return all(
-      _segment_clear(a, b, c, radius + r + margin) or (b - a) @ (a - c) > 0.0 for c, r in passable
-    )
-
-  def can_push(towards):
-    behind = _behind(here, radius, towards)
-    return bool(
-      np.all(np.abs(behind) <= PUSHER_LIMIT)
-      and all(np.linalg.norm(behind - c) > r + PUSHER_RADIUS for c, r in obstacles)
-    )
-
-  if clear(here, target, 0.0) and can_push(target):
-    return target
-  limit = BOARD_HALF - radius - 2 * PUSHER_RADIUS - 0.01
-  path = (target - here) / max(np.linalg.norm(target - here), 1e-9)
-  normal = np.array([-path[1], path[0]])
-  best, best_cost = None, np.inf
-  for centre, r in passable:
-    if _segment_clear(here, target, centre, radius + r):
-      continue
-    for side in (1.0, -1.0):
-      via = centre + side * (radius + r + 0.035) * normal
-      if (
-        np.all(np.abs(via) <= limit)
-        and clear(here, via, 0.01)
-        and clear(via, target, 0.01)
-        and can_push(via)
-      ):
-        cost = np.linalg.norm(via - here) + np.linalg.norm(target - via)
-        if cost < best_cost:
-          best, best_cost = via, cost
-  if best is not None:
-    return best
-  if can_push(target):  # no clear way round: shove through (the others give way)
-    return target
-  # Against a wall: the pusher can only touch the block from where there is room, and the
-  # block then moves along the line from the pusher through its centre (with the pusher hugging
-  # the wall, along the wall and a little away from it). Take the short push whose end is
-  # closest to the target, avoiding corners (a block in a corner cannot be pushed out).
-  for angle in np.arange(24) * np.pi / 12:
-    reach = np.array([np.cos(angle), np.sin(angle)]) * (radius + PUSHER_RADIUS + _BEHIND)
-    touch = np.clip(here + reach, -PUSHER_LIMIT, PUSHER_LIMIT)
-    room = np.linalg.norm(here - touch)
-    if room < 0.8 * (radius + PUSHER_RADIUS) or any(
-      np.linalg.norm(touch - c) < r + PUSHER_RADIUS for c, r in obstacles
-    ):
-      continue
-    step = here + 0.06 * (here - touch) / room
-    if clear(here, step, 0.0):
-      near_walls = np.sum(BOARD_HALF - radius - np.abs(step) < 0.04)
-      cost = np.linalg.norm(target - step) + 0.2 * (near_walls == 2)
-      if cost < best_cost:
-        best, best_cost = step, cost
-  return target if best is None else best
-
-
-_CELL = 0.01
-_GRID = np.stack(
-  np.meshgrid(*[np.arange(-PUSHER_LIMIT, PUSHER_LIMIT + 1e-9, _CELL)] * 2, indexing='ij'), -1
-)  # [G, G, 2] pusher positions
-
-
-def _navigate(pusher, goal, discs) -> np.ndarray:
-  """Pusher displacement towards `goal` that keeps its centre out of `discs` [(centre, radius)]:
-  straight when the way is clear, else along the shortest path on a 1 cm grid."""
-  if all(_segment_clear(pusher, goal, c, r) for c, r in discs):
-    return goal - pusher
-  # Inside a disc (just after a push): back out first, unless the goal lies that way anyway.
-  inside = [c for c, r in discs if np.linalg.norm(pusher - c) < r]
-  if inside and not all((goal - pusher) @ (pusher - c) > 0 for c in inside):
-    away = sum((pusher - c) / max(np.linalg.norm(pusher - c), 1e-9) for c in inside)
-    return 0.75 * STEP_METRES * away / max(np.linalg.norm(away), 1e-9)
-  free = np.ones(_GRID.shape[:2], bool)
-  for c, r in discs:
-    free &= np.sum((_GRID - c) ** 2, -1) > r * r
-  size = free.shape[0]
-  cell = lambda p: tuple(np.clip(np.round((p + PUSHER_LIMIT) / _CELL).astype(int), 0, size - 1))  # noqa: E731
-  dist = np.full(free.shape, np.inf)
-  dist[cell(goal)] = 0.0
-  moves = [(dx, dy, np.hypot(dx, dy)) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]
-  for _ in range(4 * size):  # wavefront relaxation (chamfer distance) until nothing changes
-    new = dist.copy()
-    for dx, dy, cost in moves:
-      shifted = np.full(free.shape, np.inf)
-      shifted[max(dx, 0) : size + min(dx, 0), max(dy, 0) : size + min(dy, 0)] = (
-        dist[max(-dx, 0) : size + min(-dx, 0), max(-dy, 0) : size + min(-dy, 0)] + cost
-      )
-      new = np.minimum(new, shifted)
-    new[~free] = np.inf
-    new[cell(goal)] = 0.0
-    if np.array_equal(new, dist):
-      break
-    dist = new
-  # Head for the nearby free cell (within 3 cm) that is closest to the goal along the grid.
-  near = np.sum((_GRID - pusher) ** 2, -1) <= (3 * _CELL) ** 2
-  score = np.where(near, dist, np.inf)
-  if not np.isfinite(score.min()):
-    return goal - pusher
-  return _GRID[np.unravel_index(np.argmin(score), score.shape)] - pusher
-
-
-def _push_move(pusher, block, radius, target, obstacles) -> np.ndarray:
-  """Pusher displacement (metres) that pushes a block of `radius` at `block` towards `target`:
-  get behind it on the line through the target (around it and around `obstacles`, not through
-  them), then push along the line, correcting sideways drift."""
-  to_goal = target - block
-  dist = np.linalg.norm(to_goal)
-  u = to_goal / max(dist, 1e-9)
-  n = np.array([-u[1], u[0]])
-  contact = radius + PUSHER_RADIUS
-  rel = pusher - block
-  along, lateral = float(rel @ u), float(rel @ n)
-  if -contact - 0.03 < along < -0.4 * radius and abs(lateral) < 0.3 * radius:
-    speed = np.clip(dist + 0.01, 0.006, STEP_METRES)
-    return speed * u - 0.8 * lateral * n
-  discs = [(block, contact + 0.004)] + [(c, r + PUSHER_RADIUS + 0.004) for c, r in obstacles]
-  return _navigate(pusher, _behind(block, radius, target), discs)
+_GAP = 0.012  # between pusher and block where the pusher lines up for a push
+_LINE_UP_SECTOR = np.deg2rad(35)  # within this of the line-up point, head straight for it
+_ROUND_AHEAD = np.deg2rad(50)  # going round the block, aim this far ahead on the ring
 
 
 def expert_action(episode: Episode, state) -> tuple[np.ndarray, bool]:
   """(delta float32[2] in [-1, 1], terminate): a still step with terminate once it succeeded.
-  Works on the first goal that does not hold (a block knocked out of place is pushed back)."""
+
+  It reads three points, the ones a pointing policy finds in the picture
+  (`pointer_targets`): the block of the first goal that does not hold (a block knocked out of
+  place is pushed back), the pusher, and where that block should go now. Lined up behind the
+  block, it pushes along the line to the target, correcting sideways drift; else it goes to the
+  line-up point, round the block counter-clockwise on a ring just outside it. Always the same way
+  round, so that no state has two equally good moves (a left-or-right detour that an imitator
+  would average into standing still); other blocks are not avoided (they give way).
+  """
   if success(episode, state):
     return np.zeros(2, np.float32), True
   pusher, block_xy, _ = split_state(state, len(episode.blocks))
   goal = current_goal(episode, block_xy)
-  target = _route(episode, goal, block_xy, _goal_target(episode, goal, block_xy))
-  obstacles = [(block_xy[j], b.radius) for j, b in enumerate(episode.blocks) if j != goal.block]
-  move = _push_move(
-    pusher, block_xy[goal.block], episode.blocks[goal.block].radius, target, obstacles
-  )
+  target = _goal_target(episode, goal, block_xy)
+  block, radius = block_xy[goal.block], episode.blocks[goal.block].radius
+  contact = radius + PUSHER_RADIUS
+  ring = contact + _GAP
+  to_target = target - block
+  dist = np.linalg.norm(to_target)
+  # The line-up point, kept on the board: against a wall the push then goes along the line from
+  # there through the block, which takes it off the wall first.
+  line_up = np.clip(block - to_target / max(dist, 1e-9) * ring, -PUSHER_LIMIT, PUSHER_LIMIT)
+  u = (block - line_up) / max(np.linalg.norm(block - line_up), 1e-9)
+  n = np.array([-u[1], u[0]])
+  rel = pusher - block
+  along, lateral = float(rel @ u), float(rel @ n)
+  if -contact - 0.03 < along < -0.4 * radius and abs(lateral) < 0.3 * radius:
+    speed = np.clip(dist + 0.01, 0.006, STEP_METRES)  # slows down for the last centimetres
+    move = speed * u - 0.8 * lateral * n
+  else:
+    back = math.atan2(-u[1], -u[0])  # the line-up point's angle round the block
+    own = math.atan2(rel[1], rel[0])
+    if abs((own - back + math.pi) % (2 * math.pi) - math.pi) < _LINE_UP_SECTOR:
+      aim = line_up
+    else:
+      phi = own + min((back - own) % (2 * math.pi), _ROUND_AHEAD)
+      aim = block + ring * np.array([math.cos(phi), math.sin(phi)])
+    move = aim - pusher
   delta = move / STEP_METRES
   delta /= max(1.0, float(np.abs(delta).max()))
   return delta.astype(np.float32), False
