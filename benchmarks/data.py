@@ -1,7 +1,8 @@
 """Input pipeline speed: examples/s of the robot + web mixture on this CPU, both data paths.
 
   python benchmarks/data.py [--batch_size=32] [--image_sizes=64,224] [--batches=100] \\
-      [--paths=default,seqio] [--data_dir=BRIDGE_BUILDER_DIR] [--out=benchmarks/data.json]
+      [--paths=default,seqio] [--data_dir=BRIDGE_BUILDER_DIR] [--step_steps=3] \\
+      [--out=benchmarks/data.json]
 
 The normalization statistics are computed once (their time is reported) and read from a file by
 each run. Each (path, image size) runs in a fresh process, so its peak RSS and its time to the
@@ -17,6 +18,14 @@ warm-up batches, in wall time and in CPU time of all the process's threads (less
 other work on the machine); the process's RSS before building the iterator, its peak, and the
 difference. Robot data defaults to the generated Bridge-layout dataset (configs/tiny.py with
 empty paths), web data to the generated JSONL.
+
+Beside the supply, the consumption: the examples/s the train step of the same config (tiny, each
+image size, the same batch size) eats on this machine, timed in a fresh process with the
+trainer's own compiled step (`benchmarks/train_step.time_ours`: the median of --step_steps
+steps after 1 warm-up step, on synthetic robot batches; the trainer's default mesh and XLA
+flags). At 224 px the tiny config's 8-px patches make 784 image tokens: a slow step here.
+Each row reports supply_over_consumption = its examples/s over that rate (above 1: the pipeline
+keeps up with the step, on its own; both share the CPUs in training). --step_steps=0 skips it.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ if REPO_ROOT not in sys.path:  # run as a script: import this checkout's rt2_jax
 PATHS = ('default', 'seqio')
 RESULT_PREFIX = 'DATA_BENCH_RESULT '
 WARMUP_BATCHES = 5
+STEP_WARMUP = 1
 
 
 def rss_mb() -> float:
@@ -122,6 +132,32 @@ def bench(path: str, image_size: int, args) -> dict:
   }
 
 
+def step_consumption(image_size: int, args) -> dict:
+  """The examples/s of the config's train step (meant to run in a fresh process: XLA's flags and
+  threads are fixed when its backend starts)."""
+  import importlib.util
+
+  from rt2_jax import train
+
+  config = load_config('default', image_size, args.batch_size, args)
+  train.initialize_backend(config)
+  spec = importlib.util.spec_from_file_location(
+    'train_step_bench', os.path.join(REPO_ROOT, 'benchmarks', 'train_step.py')
+  )
+  train_step = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(train_step)
+  timing = train_step.time_ours(config, STEP_WARMUP, args.step_steps)
+  return {
+    'image_size': image_size,
+    'batch_size': args.batch_size,
+    'steps': args.step_steps,
+    'step_s': round(timing['step_s'], 4),
+    'examples_per_s': round(args.batch_size / timing['step_s'], 1),
+    'compile_s': round(timing['compile_s'], 2),
+    'devices': timing['devices'],
+  }
+
+
 def task_sizes(config, it) -> dict:
   """{task: examples} of the mixture the iterator reads (None where a source does not say)."""
   if hasattr(it, 'tasks'):  # the default path's MixtureIterator
@@ -145,6 +181,7 @@ def run_child(path: str, image_size: int, args, stats_path: str) -> dict:
     f'--robot_rate={args.robot_rate}',
     f'--data_dir={args.data_dir}',
     f'--stats_path={stats_path}',
+    f'--step_steps={args.step_steps}',
   ]
   result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
   lines = [ln for ln in result.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
@@ -164,13 +201,15 @@ def print_table(rows: list) -> None:
     ('ms_per_batch', 'ms/batch'),
     ('cpu_ms_per_batch', 'CPU ms/batch'),
     ('examples_per_s', 'examples/s'),
+    ('consumption_examples_per_s', 'step ex/s'),
+    ('supply_over_consumption', 'supply/step'),
     ('robot_fraction', 'robot frac'),
     ('peak_rss_mb', 'peak RSS MB'),
     ('pipeline_rss_mb', '+pipeline MB'),
   )
   print(''.join(f'{h:>13}' for _, h in columns))
   for r in rows:
-    print(''.join(f'{r[k]:>13}' for k, _ in columns))
+    print(''.join(f'{r.get(k, "-")!s:>13}' for k, _ in columns))
 
 
 def main(argv=None):
@@ -181,13 +220,16 @@ def main(argv=None):
   parser.add_argument('--robot_rate', type=float, default=0.5)
   parser.add_argument('--paths', default=','.join(PATHS), help='default and/or seqio')
   parser.add_argument('--data_dir', default='', help="Bridge builder dir; '' = generated data")
+  parser.add_argument(
+    '--step_steps', type=int, default=3, help='train steps timed for the consumption; 0: skip'
+  )
   parser.add_argument('--out', default='')
   parser.add_argument('--child', default='', help=argparse.SUPPRESS)  # PATH:SIZE, internal
   parser.add_argument('--stats_path', default='', help=argparse.SUPPRESS)  # internal
   args = parser.parse_args(argv)
   if args.child:
     path, size = args.child.split(':')
-    row = bench(path, int(size), args)
+    row = step_consumption(int(size), args) if path == 'step' else bench(path, int(size), args)
     print(RESULT_PREFIX + json.dumps(row), flush=True)
     return row
   paths = [p.strip() for p in args.paths.split(',') if p.strip()]
@@ -205,9 +247,14 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tmp:
     stats_path = os.path.join(tmp, 'stats.json')
     stats_lib.save(stats, stats_path)
-    rows = [
-      run_child(p, int(s), args, stats_path) for s in args.image_sizes.split(',') for p in paths
-    ]
+    sizes = [int(s) for s in args.image_sizes.split(',')]
+    rows = [run_child(p, s, args, stats_path) for s in sizes for p in paths]
+  consumption = [run_child('step', s, args, '') for s in sizes] if args.step_steps > 0 else []
+  eaten = {c['image_size']: c['examples_per_s'] for c in consumption}
+  for row in rows:
+    if row['image_size'] in eaten:
+      row['consumption_examples_per_s'] = eaten[row['image_size']]
+      row['supply_over_consumption'] = round(row['examples_per_s'] / eaten[row['image_size']], 2)
   print_table(rows)
   result = {
     'benchmark': 'data',
@@ -221,8 +268,11 @@ def main(argv=None):
       'each row a fresh process; both paths from pipeline.make_train_iterator on the same config '
       '(seqio: data.mixture=rt2_config); stats computed once (stats_s) and read by each; '
       'first_batch_s = iterator build + first next (tensorflow and seqio imported before); '
-      'peak_rss_mb is the whole process, pipeline_rss_mb its growth from building the iterator on'
+      'peak_rss_mb is the whole process, pipeline_rss_mb its growth from building the iterator on; '
+      'consumption: the train step of the same config and batch, timed in its own process '
+      '(benchmarks/train_step.time_ours, median step), supply_over_consumption per row'
     ),
+    'consumption': consumption,
     'results': rows,
   }
   if args.out:

@@ -114,13 +114,19 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   # Web data: a JSONL of {image, question, answer} / {image, caption} lines (rt2_jax/data/web.py)
-  # and/or a prepared TFDS image-caption dataset such as coco_captions; they share the web rate.
+  # and/or a prepared TFDS image-caption dataset such as coco_captions, or a TFDS VQA dataset
+  # (tfds_question_key and tfds_answer_key set); they share the web rate. Keys are '/'-joined
+  # feature paths of the TFDS dataset.
   c.data.web = ml_collections.ConfigDict(
     dict(
       jsonl='',
       tfds_name='',
       tfds_data_dir='',
       tfds_split='train',
+      tfds_image_key='image',
+      tfds_text_key='captions/text',  # captions: a string or a sequence of strings
+      tfds_question_key='',  # with tfds_answer_key: VQA examples (question -> answer)
+      tfds_answer_key='',
       caption_prompt='Caption the image.',
       max_examples=0,
     )

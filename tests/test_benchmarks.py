@@ -68,14 +68,16 @@ def test_decode_benchmark_same_forward_passes_and_says_which_pair_is_which(tmp_p
   }
 
 
-# Slow (about 90 s: four fresh processes that each import TensorFlow and seqio).
+# Slow (2 to 5 min: three fresh processes that each import TensorFlow and seqio, and one that
+# compiles the train step).
 @pytest.mark.slow
 def test_data_benchmark_runs_both_paths_on_the_same_data(tmp_path):
   """benchmarks/data.py (issue 18): the default and the seqio mixture path, each in its own
   process, read the same tasks at the same batch size; every figure is reported."""
   data = _load('data')
   out = tmp_path / 'data.json'
-  data.main(['--image_sizes=32', '--batches=3', '--batch_size=4', f'--out={out}'])
+  # Batch 8: the train step's batch splits over the tests' 8 host devices (conftest.py).
+  data.main(['--image_sizes=32', '--batches=3', '--batch_size=8', '--step_steps=1', f'--out={out}'])
   r = json.loads(out.read_text())
   assert r['stats_s'] > 0
   rows = {row['path']: row for row in r['results']}
@@ -86,13 +88,22 @@ def test_data_benchmark_runs_both_paths_on_the_same_data(tmp_path):
     'rt2_' + name.replace('/', '_') for name in rows['default']['tasks']
   }
   for row in rows.values():
-    assert row['image_size'] == 32 and row['batch_size'] == 4 and row['batches'] == 3
+    assert row['image_size'] == 32 and row['batch_size'] == 8 and row['batches'] == 3
     assert 0 < row['setup_s'] <= row['first_batch_s']
-    assert row['examples_per_s'] == pytest.approx(4000 / row['ms_per_batch'], rel=0.01)
+    assert row['examples_per_s'] == pytest.approx(8000 / row['ms_per_batch'], rel=0.01)
     assert 0 < row['robot_fraction'] < 1 and row['cpu_ms_per_batch'] > 0
     assert 0 < row['rss_before_iterator_mb'] <= row['peak_rss_mb']
     assert row['pipeline_rss_mb'] == pytest.approx(
       row['peak_rss_mb'] - row['rss_before_iterator_mb'], abs=0.11
+    )
+  # The consumption: the same config's train step, timed in its own process, beside each row.
+  (step,) = r['consumption']
+  assert step['image_size'] == 32 and step['batch_size'] == 8 and step['steps'] == 1
+  assert step['examples_per_s'] == pytest.approx(8 / step['step_s'], rel=0.01)
+  for row in rows.values():
+    assert row['consumption_examples_per_s'] == step['examples_per_s']
+    assert row['supply_over_consumption'] == pytest.approx(
+      row['examples_per_s'] / step['examples_per_s'], rel=0.01
     )
 
 

@@ -277,6 +277,61 @@ def test_web_tfds_captions(data):
   assert texts and all('image' in t for t in texts)
 
 
+def write_tiny_vqa(out_dir: str) -> tuple[str, list]:
+  """A TFDS VQA builder folder (nested keys, as VQA sets have them); returns it and its pairs."""
+  import tensorflow_datasets as tfds
+
+  features = tfds.features.FeaturesDict(
+    {
+      'picture': tfds.features.Image(shape=(8, 8, 3), dtype=np.uint8),
+      'qa': tfds.features.FeaturesDict(
+        {'question': tfds.features.Text(), 'answer': tfds.features.Text()}
+      ),
+    }
+  )
+  pairs = [(f'how many blocks are in row {i}?', f'{i + 2} blocks') for i in range(5)]
+  rows = [
+    {'picture': np.full((8, 8, 3), 40 * i, np.uint8), 'qa': {'question': q, 'answer': a}}
+    for i, (q, a) in enumerate(pairs)
+  ]
+  return fixtures.write_tfds(out_dir, 'tiny_vqa', '1.0.0', features, {'train': rows}), pairs
+
+
+def test_web_tfds_vqa_keys_from_the_config(tmp_path, data):
+  """data.web.tfds_{image,question,answer}_key reach web.read_tfds: the examples are the
+  dataset's question -> answer pairs (not captions under the default keys)."""
+  builder_dir, pairs = write_tiny_vqa(str(tmp_path / 'vqa'))
+  web = {'data.web.jsonl': '', 'data.web.tfds_name': 'tiny_vqa'}
+  web['data.web.tfds_data_dir'] = builder_dir
+  # The default keys (image, captions/text) are not in this dataset: a clear error.
+  with pytest.raises(DataError, match=r"key 'image' missing"):
+    make_iterator(make_config(data, **{**web, 'data.robot_rate': 0.0}))
+  config = make_config(
+    data,
+    **{
+      **web,
+      'data.robot_rate': 0.0,
+      'data.web.tfds_image_key': 'picture',
+      'data.web.tfds_question_key': 'qa/question',
+      'data.web.tfds_answer_key': 'qa/answer',
+    },
+  )
+  it, vocab, *_ = make_iterator(config)
+  (task,) = it.tasks
+  assert task.name == 'web/tiny_vqa' and len(task) == len(pairs)
+  seen = set()
+  for batch in take(it, 2):
+    for enc, target, image in zip(
+      batch['encoder_input_tokens'], batch['decoder_target_tokens'], batch['image'], strict=True
+    ):
+      question, answer = vocab.decode(enc), vocab.decode(target)
+      assert (question, answer) in pairs
+      # Each pair keeps its own image (uniform grey 40 * i, resized to the model's size).
+      assert (image == 40 * pairs.index((question, answer))).all()
+      seen.add(question)
+  assert seen == {q for q, _ in pairs}
+
+
 def test_web_jsonl_errors(tmp_path, data):
   from rt2_jax.data import web
 

@@ -323,12 +323,17 @@ def web_tfds_task(tfds_name: str, data_dir: str, split: str, name: str = '') -> 
 
   def build(context: Context) -> TaskData:
     cfg = context.config
+    w = cfg.data.web
     records = web.read_tfds(
       tfds_name,
       data_dir,
       split,
       cfg.model.image_size,
-      caption_prompt=cfg.data.web.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
+      caption_prompt=w.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
+      image_key=w.get('tfds_image_key', 'image'),
+      text_key=w.get('tfds_text_key', 'captions/text'),
+      question_key=w.get('tfds_question_key', ''),
+      answer_key=w.get('tfds_answer_key', ''),
       max_examples=cfg.data.web.get('max_examples', 0),
       shard=(context.process_index, context.process_count),
       progress=context.progress,
