@@ -164,3 +164,37 @@ def test_the_saved_position_resumes_each_process_exactly(data):
   other.seed = 1
   with pytest.warns(UserWarning, match='data setup changed'):
     make(1, other).set_state(state)
+
+
+def test_cached_images_stay_on_disk_and_give_the_same_batches(data, tmp_path, monkeypatch):
+  # With the record cache the robot images are memory-mapped: the seqio source reads them one by
+  # one instead of copying the dataset's images into TensorFlow, with the same batches.
+  config = make_config(data, **{'data.cache_dir': str(tmp_path / 'records')})
+  next(iterators(config)[0])  # writes the cache
+  import tensorflow as tf
+
+  numpy_function, reads = tf.numpy_function, []
+
+  def counted(fn, *args, **kwargs):  # traced once per source: a per-example read from disk
+    reads.append(fn)
+    return numpy_function(fn, *args, **kwargs)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(tf, 'numpy_function', counted)
+    streamed_it = iterators(config)[0]
+    streamed = [next(streamed_it) for _ in range(4)]
+  assert reads, 'memory-mapped images were copied into TensorFlow instead of read from disk'
+  reader = seqio_mixture.image_reader
+  kinds = []
+
+  def copying_reader(images):
+    kinds.append(type(images))
+    return reader(np.array(images))  # an in-memory copy
+
+  monkeypatch.setattr(seqio_mixture, 'image_reader', copying_reader)
+  copied_it = iterators(config)[0]
+  assert np.memmap in kinds  # the robot task's images were memory-mapped
+  for reference in streamed:
+    batch = next(copied_it)
+    for key in reference:
+      np.testing.assert_array_equal(batch[key], reference[key], err_msg=key)

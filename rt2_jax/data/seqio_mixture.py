@@ -182,8 +182,8 @@ def task_tensors(data: tasks.TaskData) -> TaskTensors:
   """The task's arrays copied into TensorFlow once and captured by `example`, which gathers an
   example's features with a few TensorFlow ops: no Python call per example (a per-example
   `tf.numpy_function` cost ~80x the default path's CPU per batch), and the iterator state stays
-  the index dataset's few integers. The copy is held in memory, memory-mapped cached images
-  (data.cache_dir) included; the source keeps it instead of the numpy arrays."""
+  the index dataset's few integers. The source keeps the copy instead of the numpy arrays;
+  memory-mapped images stay on disk (`image_reader`)."""
   import tensorflow as tf
 
   n = len(data)
@@ -201,7 +201,8 @@ def task_tensors(data: tasks.TaskData) -> TaskTensors:
   encoder_index = np.asarray(data.encoder_index, np.int64)
   actions = data.actions if data.actions is not None else np.zeros((n, 0), np.float32)
   points = data.points if data.points is not None else np.zeros((n, 0, 2), np.float32)
-  images = tf.convert_to_tensor(np.asarray(data.images, np.uint8))
+  image = image_reader(data.images)
+
   per_example = {
     'image_index': tf.constant(np.asarray(data.image_index, np.int64)),
     'encoder': tf.constant(encoder_table[encoder_index]),
@@ -219,7 +220,7 @@ def task_tensors(data: tasks.TaskData) -> TaskTensors:
     return {
       'inputs': row['encoder'][: row['encoder_len']],
       'targets': row['targets'][: row['target_len']],
-      'image': tf.gather(images, row['image_index']),
+      'image': image(row['image_index']),
       'is_robot': is_robot,
       'actions': row['actions'],
       'action_start': row['action_start'],
@@ -227,6 +228,23 @@ def task_tensors(data: tasks.TaskData) -> TaskTensors:
     }
 
   return TaskTensors(data.name, n, example)
+
+
+def image_reader(images: np.ndarray) -> Callable[[Any], Any]:
+  """index tensor -> that image. Images in memory are copied into TensorFlow once and gathered;
+  memory-mapped ones (the record cache, data.cache_dir) stay on disk and are read one by one (a
+  small tf.numpy_function): copying them would hold a whole dataset's images in memory."""
+  import tensorflow as tf
+
+  if isinstance(images, np.memmap):
+    shape = images.shape[1:]
+
+    def read(j):
+      return np.asarray(images[int(j)], np.uint8)
+
+    return lambda index: tf.ensure_shape(tf.numpy_function(read, [index], tf.uint8), shape)
+  held = tf.convert_to_tensor(np.asarray(images, np.uint8))
+  return lambda index: tf.gather(held, index)
 
 
 def _register(name: str, provider) -> None:
