@@ -26,19 +26,6 @@ from rt2_jax.envs import tabletop_tasks as tt
 _PROBE = runpy.run_path(os.path.join(os.path.dirname(__file__), 'state_bc_probe.py'))
 
 
-def pushing(episode, state) -> bool:
-  """Whether the expert is in its push phase (lined up behind the goal's block)."""
-  pusher, block_xy, _ = tt.split_state(state, len(episode.blocks))
-  goal = tt.current_goal(episode, block_xy)
-  block, radius = block_xy[goal.block], episode.blocks[goal.block].radius
-  to = tt._goal_target(episode, goal, block_xy) - block
-  u = to / max(np.linalg.norm(to), 1e-9)
-  rel = pusher - block
-  along, lateral = rel @ u, rel @ np.array([-u[1], u[0]])
-  contact = radius + tt.PUSHER_RADIUS
-  return bool(-contact - 0.03 < along < -0.4 * radius and abs(lateral) < 0.3 * radius)
-
-
 def main():
   p = argparse.ArgumentParser()
   p.add_argument('--task', default='onto_mark@robot')
@@ -75,7 +62,7 @@ def main():
       action = np.asarray(act(params, _PROBE['features'](env.episode, step.state, 'goal')[None]))[0]
       expert, _ = env.expert_action()
       cos = action @ expert / max(np.linalg.norm(action) * np.linalg.norm(expert), 1e-9)
-      rows.append((pushing(env.episode, step.state), cos, action))
+      rows.append((tt.expert_pushing(env.episode, step.state), cos, action))
       if a.trace and len(rows) % 4 == 1:
         pusher, block_xy, _ = tt.split_state(step.state, len(env.episode.blocks))
         goal = tt.current_goal(env.episode, block_xy)

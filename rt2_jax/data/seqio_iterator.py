@@ -254,8 +254,9 @@ def make_iterator(
   ds = ds.batch(local, drop_remainder=True).prefetch(2)
   options = tf.data.Options()
   options.deterministic = True
-  # A custom task's source may gather by index through tf.numpy_function, which holds no state of
-  # its own: its position is the index dataset's, which the checkpoint has.
+  # Sources that read by index through tf.numpy_function (the config's tasks' memory-mapped
+  # images, or a custom task's source) hold no state of their own: their position is the index
+  # dataset's, which the checkpoint has.
   options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
   ds = ds.with_options(options)
   tasks = getattr(provider, 'tasks', [provider])

@@ -334,7 +334,7 @@ def web_tfds_task(tfds_name: str, data_dir: str, split: str, name: str = '') -> 
       text_key=w.get('tfds_text_key', 'captions/text'),
       question_key=w.get('tfds_question_key', ''),
       answer_key=w.get('tfds_answer_key', ''),
-      max_examples=cfg.data.web.get('max_examples', 0),
+      max_examples=w.get('max_examples', 0),
       shard=(context.process_index, context.process_count),
       progress=context.progress,
     )

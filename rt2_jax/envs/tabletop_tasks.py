@@ -500,6 +500,52 @@ _LINE_UP_SECTOR = np.deg2rad(35)  # within this of the line-up point, head strai
 _ROUND_AHEAD = np.deg2rad(50)  # going round the block, aim this far ahead on the ring
 
 
+@dataclasses.dataclass(frozen=True)
+class _LineUp:
+  """The expert's view of a step: the goal's block, where to line up to push it to its target,
+  and the pusher in the push's frame (`along` the push, `lateral` to it)."""
+
+  pusher: np.ndarray
+  block: np.ndarray
+  radius: float
+  dist: float  # block to target
+  line_up: np.ndarray
+  u: np.ndarray  # the push's direction
+  n: np.ndarray
+  along: float
+  lateral: float
+
+  @property
+  def pushing(self) -> bool:
+    """Lined up behind the block: the expert pushes (else it goes round to line up)."""
+    contact = self.radius + PUSHER_RADIUS
+    return (
+      -contact - 0.03 < self.along < -0.4 * self.radius and abs(self.lateral) < 0.3 * self.radius
+    )
+
+
+def _line_up(episode: Episode, state) -> _LineUp:
+  pusher, block_xy, _ = split_state(state, len(episode.blocks))
+  goal = current_goal(episode, block_xy)
+  target = _goal_target(episode, goal, block_xy)
+  block, radius = block_xy[goal.block], episode.blocks[goal.block].radius
+  to_target = target - block
+  dist = float(np.linalg.norm(to_target))
+  ring = radius + PUSHER_RADIUS + _GAP
+  # The line-up point, kept on the board: against a wall the push then goes along the line from
+  # there through the block, which takes it off the wall first.
+  line_up = np.clip(block - to_target / max(dist, 1e-9) * ring, -PUSHER_LIMIT, PUSHER_LIMIT)
+  u = (block - line_up) / max(np.linalg.norm(block - line_up), 1e-9)
+  n = np.array([-u[1], u[0]])
+  rel = pusher - block
+  return _LineUp(pusher, block, radius, dist, line_up, u, n, float(rel @ u), float(rel @ n))
+
+
+def expert_pushing(episode: Episode, state) -> bool:
+  """Whether the expert is in its push phase at `state` (for analyses of imitators)."""
+  return _line_up(episode, state).pushing
+
+
 def expert_action(episode: Episode, state) -> tuple[np.ndarray, bool]:
   """(delta float32[2] in [-1, 1], terminate): a still step with terminate once it succeeded.
 
@@ -513,33 +559,21 @@ def expert_action(episode: Episode, state) -> tuple[np.ndarray, bool]:
   """
   if success(episode, state):
     return np.zeros(2, np.float32), True
-  pusher, block_xy, _ = split_state(state, len(episode.blocks))
-  goal = current_goal(episode, block_xy)
-  target = _goal_target(episode, goal, block_xy)
-  block, radius = block_xy[goal.block], episode.blocks[goal.block].radius
-  contact = radius + PUSHER_RADIUS
-  ring = contact + _GAP
-  to_target = target - block
-  dist = np.linalg.norm(to_target)
-  # The line-up point, kept on the board: against a wall the push then goes along the line from
-  # there through the block, which takes it off the wall first.
-  line_up = np.clip(block - to_target / max(dist, 1e-9) * ring, -PUSHER_LIMIT, PUSHER_LIMIT)
-  u = (block - line_up) / max(np.linalg.norm(block - line_up), 1e-9)
-  n = np.array([-u[1], u[0]])
-  rel = pusher - block
-  along, lateral = float(rel @ u), float(rel @ n)
-  if -contact - 0.03 < along < -0.4 * radius and abs(lateral) < 0.3 * radius:
-    speed = np.clip(dist + 0.01, 0.006, STEP_METRES)  # slows down for the last centimetres
-    move = speed * u - 0.8 * lateral * n
+  v = _line_up(episode, state)
+  if v.pushing:
+    speed = np.clip(v.dist + 0.01, 0.006, STEP_METRES)  # slows down for the last centimetres
+    move = speed * v.u - 0.8 * v.lateral * v.n
   else:
-    back = math.atan2(-u[1], -u[0])  # the line-up point's angle round the block
+    rel = v.pusher - v.block
+    back = math.atan2(-v.u[1], -v.u[0])  # the line-up point's angle round the block
     own = math.atan2(rel[1], rel[0])
     if abs((own - back + math.pi) % (2 * math.pi) - math.pi) < _LINE_UP_SECTOR:
-      aim = line_up
+      aim = v.line_up
     else:
       phi = own + min((back - own) % (2 * math.pi), _ROUND_AHEAD)
-      aim = block + ring * np.array([math.cos(phi), math.sin(phi)])
-    move = aim - pusher
+      ring = v.radius + PUSHER_RADIUS + _GAP
+      aim = v.block + ring * np.array([math.cos(phi), math.sin(phi)])
+    move = aim - v.pusher
   delta = move / STEP_METRES
   delta /= max(1.0, float(np.abs(delta).max()))
   return delta.astype(np.float32), False
