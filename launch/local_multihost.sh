@@ -23,6 +23,11 @@ if [[ "${1:-}" == --devices_per_process=* ]]; then
 fi
 python=${PYTHON:-python3}
 port=${RT2_COORDINATOR_PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+if [ -z "$port" ]; then
+  # Without a port every process would wait forever for a coordinator at '127.0.0.1:'.
+  echo "local_multihost.sh: could not pick a free coordinator port with $python" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 
 pids=()
