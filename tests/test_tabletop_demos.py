@@ -201,3 +201,72 @@ def test_expert_failure_is_explained():
   finally:
     rollouts.close()
   assert rollouts.manifest['skipped_seeds']['train']['place@robot'] == [0, 1]
+
+
+def test_scene_frames_and_noisy_rollouts(tmp_path):
+  """`scenes` adds one-step episodes of still scenes (the pusher at reset, then just off the goal's
+  block) labelled with the expert's action there; `action_noise` perturbs the executed moves
+  while every recorded action stays the expert's at the recorded state."""
+  import tensorflow_datasets as tfds
+
+  from rt2_jax.data import rlds
+  from rt2_jax.data.spec import load_spec
+
+  task = 'place@robot'
+  settings = demos.DemoSettings(
+    tasks=(task,), episodes=1, val_episodes=0, image_size=SIZE, scenes=3, action_noise=0.3
+  )
+  manifest = demos.generate(settings, str(tmp_path), workers=1, progress=False)
+  frames = manifest['scene_frames'][task]
+  assert 2 * 3 <= frames <= demos.SCENE_FRAMES * 3
+  builder = tfds.builder_from_directory(demos.builder_dir(str(tmp_path)))
+  rollouts, stills = [], []
+  for episode in tfds.as_numpy(builder.as_dataset(split='train')):
+    steps = list(episode['steps'])
+    meta = episode['episode_metadata']
+    (rollouts if meta['success'] else stills).append((int(meta['seed']), steps))
+  assert len(rollouts) == 1 and len(stills) == frames
+  # The rollout: each recorded action is the expert's at the recorded state, and the states are
+  # not those of the expert's own noiseless rollout (the noise moved the pusher).
+  seed, steps = rollouts[0]
+  episode = tt.make_episode(task, seed)
+  for step in steps[:-1]:
+    action, _ = tt.expert_action(episode, step['observation']['state'])
+    np.testing.assert_allclose(step['action'], action, atol=1e-6)
+  env = tabletop.TabletopEnv(task, None)  # no renderer: GL and TensorFlow in one process crash
+  try:
+    clean = [env.reset(seed, task).state]
+    for _ in steps[:-1]:
+      clean.append(env.step(env.expert_action()[0]).state)
+  finally:
+    env.close()
+  noisy = np.stack([step['observation']['state'] for step in steps])
+  assert np.abs(np.stack(clean) - noisy).max() > 0.01
+  # The still frames: one step, never terminal, the expert's action and the pointing targets at
+  # the frame's state; after the first of a scene the pusher is just off the goal's block.
+  near = 0
+  for seed, steps in stills:
+    assert seed >= demos.SCENE_SEED_BASE and len(steps) == 1
+    step = steps[0]
+    assert step['terminate_episode'] == 0.0 and step['is_last'] and not step['is_terminal']
+    scene, state = tt.make_episode(task, seed), step['observation']['state']
+    action, _ = tt.expert_action(scene, state)
+    np.testing.assert_allclose(step['action'], action, atol=1e-6)
+    np.testing.assert_allclose(
+      step['observation']['points'], demos.step_points(scene, [state])[0], atol=1e-6
+    )
+    pusher, block_xy, _ = tt.split_state(state, len(scene.blocks))
+    goal = tt.current_goal(scene, block_xy)
+    gap = np.linalg.norm(pusher - block_xy[goal.block]) - scene.blocks[goal.block].radius
+    near += bool(tt.PUSHER_RADIUS < gap < tt.PUSHER_RADIUS + 0.055)
+  assert near >= frames - 3
+  # The standard reader takes them: one step each, none terminating.
+  records = rlds.read_split(
+    load_spec('tabletop'), demos.builder_dir(str(tmp_path)), 'train', SIZE, progress=_quiet
+  )
+  assert records.num_episodes == 1 + frames
+  assert (records.actions[:, 2] == 1.0).sum() == 1
+  with pytest.raises(ValueError, match='scenes must be'):
+    demos.DemoSettings(scenes=-1)
+  with pytest.raises(ValueError, match='action_noise'):
+    demos.DemoSettings(action_noise=2.0)

@@ -27,7 +27,15 @@ Each episode ends with one extra step: the solved state, a still action and term
 policy learns when to stop (its points are the solved state's: the last goal's block). Train
 episodes use seeds 0, 1, ... of each task and `val` episodes seeds from VAL_SEED_BASE
 (closed-loop evaluation uses others again, rt2_jax.evaluate); a seed whose expert rollout fails
-is skipped and listed in the manifest. `DemoSettings.format` (DEMO_FORMAT) is part of the
+is skipped and listed in the manifest.
+
+With `DemoSettings.scenes` > 0 the train split also holds still frames of that many more scenes
+per task (seeds from SCENE_SEED_BASE), SCENE_FRAMES each, as one-step episodes
+(`episode_metadata/success` false, terminate 0, the expert's action at that state): the scene
+at reset, then the pusher put down at random just off the goal's block. A policy trained on
+expert rollouts alone sees its named block almost only beside the pusher, and learns to look for
+it there (docs/tabletop.md, Measurement 13); these frames are many more layouts at the cost of
+one render each. `DemoSettings.format` (DEMO_FORMAT) is part of the
 settings, so demos written before the points existed are never reused.
 
 Rollouts and rendering run in worker processes (rt2_jax/envs/worker.py): Mesa's renderer and
@@ -59,6 +67,8 @@ DATASET_VERSION = '1.0.0'
 # manifest: demos of another format are regenerated, never reused. 2: observation/points.
 DEMO_FORMAT = 2
 VAL_SEED_BASE = 50_000
+SCENE_SEED_BASE = 1_000_000
+SCENE_FRAMES = 3  # per scene: at reset, then twice with the pusher just off the goal's block
 MANIFEST = 'manifest.json'
 ROBOT_TASKS = tuple(t for t in tt.TASKS if t.endswith('@robot'))
 
@@ -85,6 +95,11 @@ class DemoSettings:
   image_size: int = 64
   max_steps: int = tb.DEFAULT_MAX_STEPS  # per expert rollout
   max_attempts_factor: int = 2  # give up on a task after this many seeds per wanted episode
+  # DART-style demos: the pusher executes the expert's delta plus Gaussian noise of this standard
+  # deviation a coordinate (seeded by the episode), while every step records the expert's clean
+  # action at the state reached, so the demos also show how to recover from a policy's errors.
+  action_noise: float = 0.0
+  scenes: int = 0  # still scenes per task added to the train split (SCENE_FRAMES frames each)
   # Robot demos name only robot concepts (the RT-2 experiment depends on it): other pools are
   # refused unless this is set (e.g. for an oracle that sees every concept).
   allow_held_out: bool = False
@@ -96,10 +111,14 @@ class DemoSettings:
       raise ValueError(
         f'this code writes tabletop demos of format {DEMO_FORMAT}, not {self.format}'
       )
+    if self.scenes < 0:
+      raise ValueError(f'scenes must be >= 0, got {self.scenes}')
     if self.episodes < 1 or self.val_episodes < 0:
       raise ValueError(
         f'need episodes >= 1 and val_episodes >= 0, got {self.episodes}, {self.val_episodes}'
       )
+    if not 0.0 <= self.action_noise <= 1.0:
+      raise ValueError(f'action_noise must be in [0, 1], got {self.action_noise}')
     if self.max_steps < 1 or self.max_attempts_factor < 1:
       raise ValueError(
         f'need max_steps >= 1 and max_attempts_factor >= 1, got {self.max_steps}, '
@@ -131,6 +150,9 @@ class Demo:
   states: np.ndarray  # float32 [T + 1, STATE_DIM]
   actions: np.ndarray  # float32 [T, 2]
   points: np.ndarray  # float32 [T + 1, 3, 2]: image points of the step's pointer targets
+  # False for still scene frames: then actions hold one action per image (the expert's at that
+  # state) and no step terminates.
+  solved: bool = True
 
 
 def plan_text(episode: tt.Episode) -> str:
@@ -138,14 +160,22 @@ def plan_text(episode: tt.Episode) -> str:
   return episode.plan.removeprefix('Plan:').strip()
 
 
-def expert_demo(env: tb.TabletopEnv, task: str, seed: int, max_steps: int) -> Demo | None:
-  """One scripted rollout until success; None when the expert fails within max_steps."""
+def expert_demo(
+  env: tb.TabletopEnv, task: str, seed: int, max_steps: int, action_noise: float = 0.0
+) -> Demo | None:
+  """One scripted rollout until success; None when the expert fails within max_steps. With
+  `action_noise`, the executed move is perturbed (DemoSettings.action_noise); the recorded
+  action is always the expert's own."""
   ts = env.reset(seed, task)
+  rng = np.random.default_rng([seed, 1]) if action_noise else None
   images, states, actions = [ts.image], [ts.state], []
   solved = tt.success(env.episode, ts.state)
   while not solved and len(actions) < max_steps:
     action, _ = env.expert_action()
-    ts = env.step(action)
+    executed = action
+    if rng is not None:
+      executed = np.clip(action + rng.normal(0.0, action_noise, action.shape), -1, 1)
+    ts = env.step(executed.astype(np.float32))
     actions.append(action)
     images.append(ts.image)
     states.append(ts.state)
@@ -165,6 +195,49 @@ def expert_demo(env: tb.TabletopEnv, task: str, seed: int, max_steps: int) -> De
   )
 
 
+def scene_demos(
+  env: tb.TabletopEnv, task: str, seed: int, frames: int = SCENE_FRAMES
+) -> list[Demo]:
+  """Still frames of one scene (see the module doc), each a one-step Demo; `frames` - 1 of
+  them with the pusher put just off the goal's block (fewer where no free spot was found)."""
+  ts = env.reset(seed, task)
+  episode = env.episode
+  rng = np.random.default_rng([seed, 2])
+  found = [ts]
+  for _ in range(20 * (frames - 1)):
+    if len(found) == frames:
+      break
+    pusher, block_xy, _ = tt.split_state(ts.state, len(episode.blocks))
+    goal = tt.current_goal(episode, block_xy)
+    angle = rng.uniform(-np.pi, np.pi)
+    reach = episode.blocks[goal.block].radius + tt.PUSHER_RADIUS + rng.uniform(0.003, 0.05)
+    xy = block_xy[goal.block] + reach * np.array([np.cos(angle), np.sin(angle)])
+    clear = all(
+      np.linalg.norm(xy - q) > b.radius + tt.PUSHER_RADIUS + 0.002
+      for i, (q, b) in enumerate(zip(block_xy, episode.blocks, strict=True))
+      if i != goal.block
+    )
+    if clear and np.all(np.abs(xy) <= tt.PUSHER_LIMIT):
+      found.append(env.place_pusher(xy))
+  out = []
+  for step in found:
+    action, _ = tt.expert_action(episode, step.state)
+    out.append(
+      Demo(
+        task=task,
+        seed=int(seed),
+        instruction=episode.instruction,
+        plan=plan_text(episode),
+        images=step.image[None],
+        states=step.state[None].astype(np.float32),
+        actions=action[None].astype(np.float32),
+        points=step_points(episode, [step.state]),
+        solved=False,
+      )
+    )
+  return out
+
+
 def step_points(episode: tt.Episode, states) -> np.ndarray:
   """float32 [T, len(POINTER_SLOTS), 2]: each state's pointer targets, projected into the image."""
   return tb.image_points(np.stack([tt.pointer_targets(episode, s) for s in states]))
@@ -173,25 +246,29 @@ def step_points(episode: tt.Episode, states) -> np.ndarray:
 def to_rlds(demo: Demo) -> dict:
   """Demo -> a TFDS example dict (steps as a list of per-step dicts)."""
   n = len(demo.images)  # the last frame is the solved state, with the terminate step
-  actions = np.concatenate([demo.actions, np.zeros((1, tb.ACTION_DIM), np.float32)])
+  actions = demo.actions
+  if demo.solved:
+    actions = np.concatenate([demo.actions, np.zeros((1, tb.ACTION_DIM), np.float32)])
   steps = []
   for t in range(n):
     last = t == n - 1
+    ends = last and demo.solved
     steps.append(
       dict(
         observation=dict(image=demo.images[t], state=demo.states[t], points=demo.points[t]),
         language_instruction=demo.instruction,
         plan=demo.plan,
         action=actions[t],
-        terminate_episode=np.float32(last),
-        reward=np.float32(t >= n - 2),  # the last move solves it; the terminate step keeps it
+        terminate_episode=np.float32(ends),
+        # The last move solves it; the terminate step keeps it.
+        reward=np.float32(demo.solved and t >= n - 2),
         discount=np.float32(1.0),
         is_first=t == 0,
         is_last=last,
-        is_terminal=last,
+        is_terminal=ends,
       )
     )
-  metadata = dict(task=demo.task, seed=demo.seed, num_steps=n, success=True)
+  metadata = dict(task=demo.task, seed=demo.seed, num_steps=n, success=demo.solved)
   return dict(steps=steps, episode_metadata=metadata)
 
 
@@ -201,13 +278,23 @@ def to_rlds(demo: Demo) -> dict:
 _WORKER_ENVS: dict = {}  # image size -> env (one env serves every task)
 
 
-def _demo_job(task: str, seed: int, image_size: int, max_steps: int) -> Demo | None:
+def _demo_job(
+  task: str, seed: int, image_size: int, max_steps: int, action_noise: float = 0.0
+) -> Demo | None:
   env = _WORKER_ENVS.get(image_size)
   if env is None:
     env = tb.TabletopEnv(task, tb.RenderSettings(image_size), max_steps=max_steps)
     _WORKER_ENVS[image_size] = env
   env.max_steps = max_steps
-  return expert_demo(env, task, seed, max_steps)
+  return expert_demo(env, task, seed, max_steps, action_noise)
+
+
+def _scene_job(task: str, seed: int, image_size: int) -> list[Demo]:
+  env = _WORKER_ENVS.get(image_size)
+  if env is None:
+    env = tb.TabletopEnv(task, tb.RenderSettings(image_size))
+    _WORKER_ENVS[image_size] = env
+  return scene_demos(env, task, seed)
 
 
 class _Stopped(Exception):
@@ -229,7 +316,7 @@ class _Rollouts:
   def _run(self, jobs: list[tuple[str, int]]) -> list[Demo | None]:
     s = self.settings
     calls = [
-      (i, f'{__name__}:_demo_job', (task, seed, s.image_size, s.max_steps))
+      (i, f'{__name__}:_demo_job', (task, seed, s.image_size, s.max_steps, s.action_noise))
       for i, (task, seed) in enumerate(jobs)
     ]
     return self._workers.run(calls)
@@ -261,6 +348,23 @@ class _Rollouts:
           used[task].append(seed)
           steps[task] += len(demo.images)
           put(demo)
+      if split == 'train' and s.scenes:
+        self._produce_scenes(task, put)
+
+  def _produce_scenes(self, task: str, put) -> None:
+    frames = self.manifest.setdefault('scene_frames', {})
+    frames[task] = 0
+    seeds = range(SCENE_SEED_BASE, SCENE_SEED_BASE + self.settings.scenes)
+    chunk = 8 * len(self._workers)
+    for start in range(0, len(seeds), chunk):
+      calls = [
+        (i, f'{__name__}:_scene_job', (task, seed, self.settings.image_size))
+        for i, seed in enumerate(seeds[start : start + chunk])
+      ]
+      for demos in self._workers.run(calls):
+        frames[task] += len(demos)
+        for demo in demos:
+          put(demo)
 
   def demos(self, split: str, per_task: int) -> Iterator[Demo]:
     """The split's demos in (task, seed) order. Rollouts run in a background thread, so the
@@ -289,8 +393,9 @@ class _Rollouts:
         with contextlib.suppress(_Stopped):
           put(e)
 
+    scenes = self.settings.scenes * SCENE_FRAMES if split == 'train' else 0
     bar = tqdm(
-      total=per_task * len(self.settings.tasks),
+      total=(per_task + scenes) * len(self.settings.tasks),
       desc=f'tabletop {split} demos',
       unit='ep',
       disable=not self.progress,
@@ -406,8 +511,13 @@ def builder_class():
       return splits
 
     def _generate_examples(self, split, per_task):
+      frames: dict = {}  # (task, seed) -> still frames of that scene so far
       for demo in self._rollouts.demos(split, per_task):
-        yield f'{demo.task}_{demo.seed}', to_rlds(demo)
+        key = f'{demo.task}_{demo.seed}'
+        if not demo.solved:
+          frame = frames[demo.task, demo.seed] = frames.get((demo.task, demo.seed), -1) + 1
+          key += f'_{frame}'
+        yield key, to_rlds(demo)
 
   _BUILDER_CLASS = Tabletop
   return Tabletop
@@ -529,6 +639,8 @@ def summary(manifest: dict) -> str:
       f'episode), {manifest["seconds"].get(split, 0)} s'
     )
   skipped = sum(len(v) for split in manifest['skipped_seeds'].values() for v in split.values())
+  if manifest.get('scene_frames'):
+    parts.append(f'scene frames: {sum(manifest["scene_frames"].values())}')
   return (
     f'{len(s["tasks"])} tasks at {s["image_size"]} px: {"; ".join(parts)}; '
     f'expert failures skipped: {skipped}; {manifest["bytes"] / 2**20:.1f} MiB in '
@@ -548,6 +660,8 @@ def main(argv: Sequence[str]):
     image_size=f.image_size,
     max_steps=f.max_steps,
     allow_held_out=f.allow_held_out,
+    action_noise=f.action_noise,
+    scenes=f.scenes,
   )
   manifest = generate(settings, f.out, workers=f.workers, overwrite=f.overwrite)
   print(summary(manifest))
@@ -562,6 +676,8 @@ def _define_flags():
   flags.DEFINE_integer('image_size', 64, 'square image size in pixels')
   flags.DEFINE_integer('max_steps', tb.DEFAULT_MAX_STEPS, 'step limit of one expert rollout')
   flags.DEFINE_integer('workers', 2, 'rollout processes (each renders on its own)')
+  flags.DEFINE_float('action_noise', 0.0, 'std of the noise added to executed moves (DART)')
+  flags.DEFINE_integer('scenes', 0, 'still scenes per task added to the train split')
   flags.DEFINE_bool('allow_held_out', False, 'accept tasks outside the robot pool')
   flags.DEFINE_string('out', None, 'output folder', required=True)
   flags.DEFINE_bool('overwrite', False, 'replace demos already in --out')

@@ -376,6 +376,23 @@ class TabletopEnv:
     done = success(self.episode, state)
     return TimeStep(self._image(), state, float(done), done, self.steps >= self.max_steps)
 
+  def place_pusher(self, xy) -> TimeStep:
+    """Puts the pusher at board point `xy` (clipped to its limits) with no physics step, for
+    data generation (a still frame of the same scene with the pusher elsewhere). Blocks do not
+    move, so the caller keeps it clear of them."""
+    import mujoco
+
+    if self.episode is None:
+      raise RuntimeError('call reset(seed) before place_pusher()')
+    xy = np.clip(np.asarray(xy, np.float64).reshape(2), -tt.PUSHER_LIMIT, tt.PUSHER_LIMIT)
+    self.data.qpos[self._pusher_qpos] = xy
+    self.data.qvel[:] = 0
+    self.data.ctrl[:] = xy
+    mujoco.mj_forward(self.model, self.data)
+    state = self.state
+    done = success(self.episode, state)
+    return TimeStep(self._image(), state, float(done), done, False)
+
   @property
   def state(self) -> np.ndarray:
     data = self.data

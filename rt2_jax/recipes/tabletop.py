@@ -52,7 +52,12 @@ def demo_settings(config):
 
   t = config.tabletop
   kw = dict(
-    episodes=t.episodes, val_episodes=t.val_episodes, image_size=t.image_size, max_steps=t.max_steps
+    episodes=t.episodes,
+    val_episodes=t.val_episodes,
+    image_size=t.image_size,
+    max_steps=t.max_steps,
+    action_noise=t.get('action_noise', 0.0),
+    scenes=t.get('scenes', 0),
   )
   if t.get('tasks'):
     kw['tasks'] = tuple(x.strip() for x in t.tasks.split(',') if x.strip())
