@@ -284,6 +284,7 @@ class Policy:
     self._rng = jax.random.PRNGKey(config.seed if seed is None else seed)
     self._calls = 0
     self._warned_truncation = False
+    self._point = None  # the jitted VLA.point, built by keypoints() on first use
 
   # -------------------------------------------------------------------------------------------
   # Construction from a checkpoint.
@@ -388,6 +389,21 @@ class Policy:
       log.warning('%d prompt(s) cut to data.max_input_len=%d tokens', cut, self.max_input_len)
       self._warned_truncation = True
     return tokens
+
+  def keypoints(self, images, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """For a model with `model.instruction_pool` (and `pool_keypoints`): its pooling logits
+    float32 [B, K, patches] and keypoints [B, K, 2] (x right, y down, in [0, 1] of the image;
+    `VLA.point`, the image side only), for analyses of what the policy points at."""
+    from rt2_jax.models.vla import VLA
+
+    if self._point is None:
+      self._point = jax.jit(
+        lambda params, im, tok: self.model.apply({'params': params}, im, tok, method=VLA.point)
+      )
+    logits, points = self._point(
+      self.params, self.preprocess_images(images), self.tokenize(instructions)
+    )
+    return np.asarray(logits), np.asarray(points)
 
   def preprocess_images(self, images) -> np.ndarray:
     """uint8 [B, H, W, 3] (or a list of [H, W, 3]) -> uint8 [B, S, S, 3], resized if needed."""

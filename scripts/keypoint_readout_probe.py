@@ -23,7 +23,6 @@ import optax
 
 from rt2_jax.data import rlds
 from rt2_jax.data.spec import load_spec
-from rt2_jax.models.vla import VLA
 from rt2_jax.policy import Policy
 
 SLOTS = 3  # target block, pusher, goal (tabletop_tasks.POINTER_SLOTS)
@@ -82,9 +81,6 @@ def main():
   policy = Policy.from_checkpoint(a.workdir)
   cfg = policy.config
   spec = load_spec(cfg.data.robot.spec)
-  point = jax.jit(
-    lambda i, t: policy.model.apply({'params': policy.params}, i, t, method=VLA.point)[1]
-  )
   splits = {}
   for split, n in (('train', a.train_steps), ('val', None)):
     records = rlds.read_split(spec, cfg.data.robot.data_dir, split, policy.image_size)
@@ -94,8 +90,8 @@ def main():
     found = []
     for start in range(0, len(rows), 256):
       chunk = rows[start : start + 256]
-      tokens = policy.tokenize([records.instruction(int(i)) for i in chunk])
-      found.append(np.asarray(point(np.asarray(records.images[chunk]), tokens))[:, :SLOTS])
+      instructions = [records.instruction(int(i)) for i in chunk]
+      found.append(policy.keypoints(np.asarray(records.images[chunk]), instructions)[1][:, :SLOTS])
     true = np.nan_to_num(np.asarray(records.points[rows])[:, :SLOTS], nan=0.5)
     splits[split] = (true, np.concatenate(found), np.asarray(records.actions[rows])[:, :2])
   report = {'checkpoint': a.workdir, 'direction_within_30deg': {}}

@@ -5,12 +5,13 @@ carry `observation/points` (the block to push, the pusher, where the block shoul
 `tabletop_tasks.POINTER_SLOTS`), reads a demo split, runs the image side of the model
 (`VLA.point`) and compares each summary's keypoint (the softmax's expected patch centre) with
 the true point: per slot, the mean and median distance in pixels, the share within 2 and 4 px
-and how often the pooling's argmax is the patch that holds the point; the median by instructions
+how often the pooling's argmax is the patch that holds the point, and the share more than 5 cm
+off on the board (another object than the one meant); the median by instructions
 naming one block or two; and, for the two directions a push is made of (pusher to block, block
 to goal), the share of steps where the keypoints' direction is within 30 degrees of the true
 one.
 
-  python scripts/keypoint_report.py --workdir=RUN [--split=val] [--max_steps=2000]
+  python scripts/keypoint_report.py --workdir=RUN [--split=val] [--max_steps=2000] [--data_dir=DIR]
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import argparse
 import json
 import re
 
-import jax
 import numpy as np
 
 from rt2_jax.data import rlds
 from rt2_jax.data.spec import load_spec
+from rt2_jax.envs import tabletop
 from rt2_jax.envs.tabletop_tasks import POINTER_SLOTS
-from rt2_jax.models.vla import VLA
 from rt2_jax.policy import Policy
 
 
@@ -56,38 +56,54 @@ def main():
   p.add_argument('--split', default='val')
   p.add_argument('--max_steps', type=int, default=2000)
   p.add_argument('--batch', type=int, default=64)
+  p.add_argument(
+    '--data_dir',
+    default='',
+    help="another builder dir of the same spec (default: the run's demos), e.g. held-out "
+    'scenes: python -m rt2_jax.data.tabletop_demos --episodes=1 --scenes=400 '
+    '--scene_seed_base=3000000 --out=DIR',
+  )
   a = p.parse_args()
   policy = Policy.from_checkpoint(a.workdir)
   cfg = policy.config
   spec = load_spec(cfg.data.robot.spec)
-  records = rlds.read_split(spec, cfg.data.robot.data_dir, a.split, policy.image_size)
+  data_dir = a.data_dir or cfg.data.robot.data_dir
+  records = rlds.read_split(spec, data_dir, a.split, policy.image_size)
   if records.points is None:
     raise SystemExit(f'{spec.name} has no points (spec.points_key); nothing to compare')
   n = min(len(records), a.max_steps)
   pick = np.linspace(0, len(records) - 1, n).astype(int)
 
-  @jax.jit
-  def keypoints(images, tokens):  # VLA.point: the pool's logits and keypoints, no language model
-    return policy.model.apply({'params': policy.params}, images, tokens, method=VLA.point)
-
   found, argmax = [], []
   for start in range(0, n, a.batch):
     rows = pick[start : start + a.batch]
-    tokens = policy.tokenize([records.instruction(int(i)) for i in rows])
-    logits, points = keypoints(np.asarray(records.images[rows]), tokens)
-    found.append(np.asarray(points))
-    argmax.append(np.asarray(logits).argmax(-1))
+    instructions = [records.instruction(int(i)) for i in rows]
+    logits, points = policy.keypoints(np.asarray(records.images[rows]), instructions)
+    found.append(points)
+    argmax.append(logits.argmax(-1))
   found, argmax = np.concatenate(found), np.concatenate(argmax)
   grid = int(round(np.sqrt(logits.shape[-1])))
   true = np.asarray(records.points[pick])
   k = min(found.shape[1], true.shape[1])
   px = np.linalg.norm(found[:, :k] - true[:, :k], axis=-1) * policy.image_size
-  report = {'checkpoint': a.workdir, 'split': a.split, 'steps': int(n), 'slots': {}}
+  # On the board (tabletop): beyond 5 cm is another object than the one meant.
+  board_cm = 100 * np.linalg.norm(
+    tabletop.board_points(found[:, :k]) - tabletop.board_points(np.nan_to_num(true[:, :k])), axis=-1
+  )
+  report = {
+    'checkpoint': a.workdir,
+    'data_dir': data_dir,
+    'split': a.split,
+    'steps': int(n),
+    'slots': {},
+  }
   cell = np.clip(np.floor(np.nan_to_num(true[:, :k]) * grid), 0, grid - 1).astype(int)
   right_patch = argmax[:, :k] == cell[..., 1] * grid + cell[..., 0]
   for s in range(k):
     report['slots'][POINTER_SLOTS[s]] = dict(
-      distance_summary(px[:, s]), argmax_on_patch=round(float(right_patch[:, s].mean()), 3)
+      distance_summary(px[:, s]),
+      argmax_on_patch=round(float(right_patch[:, s].mean()), 3),
+      beyond_5cm_on_board=round(float((board_cm[:, s] > 5).mean()), 3),
     )
   # Instructions naming a second block ('next to Y', 'closest to Y', 'then'): a query built from
   # the instruction's mean word embedding cannot tell the block to push from the other one.
@@ -101,6 +117,14 @@ def main():
   }
   if k >= 3:
     block, pusher, goal = (0, 1, 2)
+    # Whether the block is found away from the pusher too: demos show it mostly beside it.
+    board_true = tabletop.board_points(np.nan_to_num(true[:, :k]))
+    apart = np.linalg.norm(board_true[:, block] - board_true[:, pusher], axis=-1) >= 0.08
+    report['block_beyond_5cm_by_pusher_distance'] = {
+      name: {'steps': int(m.sum()), 'share': round(float((board_cm[m, block] > 5).mean()), 3)}
+      for name, m in (('under_8cm', ~apart), ('8cm_or_more', apart))
+      if m.any()
+    }
     for name, (u, v) in {
       'pusher_to_block': (pusher, block),
       'block_to_goal': (block, goal),

@@ -132,6 +132,34 @@ def test_pusher_moves_two_cm_a_step_and_blocks_stay_on_the_board():
     env.step(np.zeros(3, np.float32))
 
 
+def test_expert_acts_from_its_three_points_and_image_points_map_back():
+  """The expert is a function of the three pointed points and the block's radius
+  (`action_from_points`, what a model's keypoints can drive), and `board_points` inverts
+  `image_points`; `place_pusher` moves only the pusher."""
+  xy = np.random.default_rng(0).uniform(-tt.BOARD_HALF, tt.BOARD_HALF, (50, 2))
+  np.testing.assert_allclose(tabletop.board_points(tabletop.image_points(xy)), xy, atol=1e-5)
+  env = tabletop.TabletopEnv('next_to@robot', render=None)
+  compared = 0
+  for seed in range(3):
+    ts = env.reset(seed)
+    for _ in range(60):
+      action, done = env.expert_action()
+      if done:
+        break
+      _, block_xy, _ = tt.split_state(ts.state, len(env.episode.blocks))
+      radius = env.episode.blocks[tt.current_goal(env.episode, block_xy).block].radius
+      points = tt.pointer_targets(env.episode, ts.state)
+      np.testing.assert_allclose(tt.action_from_points(points, radius), action, atol=1e-4)
+      compared += 1
+      ts = env.step(action)
+  assert compared > 60
+  before = env.reset(0).state
+  moved = env.place_pusher([0.1, -0.2]).state
+  np.testing.assert_allclose(moved[:2], [0.1, -0.2], atol=1e-6)
+  np.testing.assert_array_equal(moved[2:], before[2:])
+  env.close()
+
+
 def test_expert_succeeds_on_every_family():
   # Three episodes per family, each in another pool (the expert scores about 97% over 20-50
   # seeds per family x pool: scripts/tabletop_expert_report.py).

@@ -30,7 +30,7 @@ episodes use seeds 0, 1, ... of each task and `val` episodes seeds from VAL_SEED
 is skipped and listed in the manifest.
 
 With `DemoSettings.scenes` > 0 the train split also holds still frames of that many more scenes
-per task (seeds from SCENE_SEED_BASE), SCENE_FRAMES each, as one-step episodes
+per task (seeds from `scene_seed_base`, SCENE_SEED_BASE by default), SCENE_FRAMES each, as one-step episodes
 (`episode_metadata/success` false, terminate 0, the expert's action at that state): the scene
 at reset, then the pusher put down at random just off the goal's block. A policy trained on
 expert rollouts alone sees its named block almost only beside the pusher, and learns to look for
@@ -100,6 +100,7 @@ class DemoSettings:
   # action at the state reached, so the demos also show how to recover from a policy's errors.
   action_noise: float = 0.0
   scenes: int = 0  # still scenes per task added to the train split (SCENE_FRAMES frames each)
+  scene_seed_base: int = SCENE_SEED_BASE  # another base gives held-out scenes
   # Robot demos name only robot concepts (the RT-2 experiment depends on it): other pools are
   # refused unless this is set (e.g. for an oracle that sees every concept).
   allow_held_out: bool = False
@@ -354,7 +355,8 @@ class _Rollouts:
   def _produce_scenes(self, task: str, put) -> None:
     frames = self.manifest.setdefault('scene_frames', {})
     frames[task] = 0
-    seeds = range(SCENE_SEED_BASE, SCENE_SEED_BASE + self.settings.scenes)
+    base = self.settings.scene_seed_base
+    seeds = range(base, base + self.settings.scenes)
     chunk = 8 * len(self._workers)
     for start in range(0, len(seeds), chunk):
       calls = [
@@ -662,6 +664,7 @@ def main(argv: Sequence[str]):
     allow_held_out=f.allow_held_out,
     action_noise=f.action_noise,
     scenes=f.scenes,
+    scene_seed_base=f.scene_seed_base,
   )
   manifest = generate(settings, f.out, workers=f.workers, overwrite=f.overwrite)
   print(summary(manifest))
@@ -678,6 +681,9 @@ def _define_flags():
   flags.DEFINE_integer('workers', 2, 'rollout processes (each renders on its own)')
   flags.DEFINE_float('action_noise', 0.0, 'std of the noise added to executed moves (DART)')
   flags.DEFINE_integer('scenes', 0, 'still scenes per task added to the train split')
+  flags.DEFINE_integer(
+    'scene_seed_base', SCENE_SEED_BASE, 'first scene seed (another base: held-out scenes)'
+  )
   flags.DEFINE_bool('allow_held_out', False, 'accept tasks outside the robot pool')
   flags.DEFINE_string('out', None, 'output folder', required=True)
   flags.DEFINE_bool('overwrite', False, 'replace demos already in --out')

@@ -17,7 +17,8 @@ State: float32[26] = pusher x, y, then per block slot (8): x, y, angle (zeros pa
 blocks); block order as in `make_episode(task, seed).blocks`.
 Task strings are 'FAMILY@POOL' (`TASKS`); `episode_spec(task, seed)` gives the runner's spec.
 `image_points(xy)` projects board points into the camera image ([0, 1], x right, y down), e.g.
-`image_points(pointer_targets(episode, state))` for the pointing targets of a step.
+`image_points(pointer_targets(episode, state))` for the pointing targets of a step;
+`board_points` maps image points back onto the board.
 
 `MUJOCO_GL` defaults to 'egl' (headless Mesa). Importing this module is cheap: mujoco loads on
 first use.
@@ -126,6 +127,23 @@ def image_points(xy, height: float = _BLOCK_HALF_HEIGHT) -> np.ndarray:
   return np.stack([0.5 + (world @ right) * scale, 0.5 - (world @ up) * scale], -1).astype(
     np.float32
   )
+
+
+def board_points(image_xy, height: float = _BLOCK_HALF_HEIGHT) -> np.ndarray:
+  """The inverse of `image_points`: image points ([..., 2] in [0, 1], x from the left, y from the
+  top) -> float64 [..., 2] board xy (metres) where the camera's ray through them meets the plane
+  `height` above the board (e.g. a model's keypoints -> the points the expert reads)."""
+  p = np.asarray(image_xy, np.float64)
+  pos, right, up = _camera()
+  forward = np.cross(up, right)
+  focal = 0.5 / np.tan(np.deg2rad(_CAMERA_FOVY) / 2)
+  ray = (
+    forward
+    + ((p[..., 0] - 0.5) / focal)[..., None] * right
+    + ((0.5 - p[..., 1]) / focal)[..., None] * up
+  )
+  t = (height - pos[2]) / ray[..., 2]
+  return (pos + t[..., None] * ray)[..., :2]
 
 
 def _fmt(*values) -> str:

@@ -525,10 +525,11 @@ class _LineUp:
 
 
 def _line_up(episode: Episode, state) -> _LineUp:
-  pusher, block_xy, _ = split_state(state, len(episode.blocks))
-  goal = current_goal(episode, block_xy)
-  target = _goal_target(episode, goal, block_xy)
-  block, radius = block_xy[goal.block], episode.blocks[goal.block].radius
+  block, pusher, target, goal = _points(episode, state)
+  return _line_up_points(pusher, block, target, episode.blocks[goal.block].radius)
+
+
+def _line_up_points(pusher, block, target, radius: float) -> _LineUp:
   to_target = target - block
   dist = float(np.linalg.norm(to_target))
   ring = radius + PUSHER_RADIUS + _GAP
@@ -559,7 +560,18 @@ def expert_action(episode: Episode, state) -> tuple[np.ndarray, bool]:
   """
   if success(episode, state):
     return np.zeros(2, np.float32), True
-  v = _line_up(episode, state)
+  return _move(_line_up(episode, state)), False
+
+
+def action_from_points(points, radius: float) -> np.ndarray:
+  """The expert's move (float32[2], as `expert_action`) from the three points alone: board xy of
+  the block to push, the pusher and where the block should go (`pointer_targets`' rows; e.g.
+  a model's keypoints mapped back by `tabletop.board_points`), and the block's radius."""
+  block, pusher, target = np.asarray(points, np.float64)
+  return _move(_line_up_points(pusher, block, target, radius))
+
+
+def _move(v: _LineUp) -> np.ndarray:
   if v.pushing:
     speed = np.clip(v.dist + 0.01, 0.006, STEP_METRES)  # slows down for the last centimetres
     move = speed * v.u - 0.8 * v.lateral * v.n
@@ -576,7 +588,7 @@ def expert_action(episode: Episode, state) -> tuple[np.ndarray, bool]:
     move = aim - v.pusher
   delta = move / STEP_METRES
   delta /= max(1.0, float(np.abs(delta).max()))
-  return delta.astype(np.float32), False
+  return delta.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -586,7 +598,11 @@ def expert_action(episode: Episode, state) -> tuple[np.ndarray, bool]:
 def pointer_targets(episode: Episode, state) -> np.ndarray:
   """float32 [len(POINTER_SLOTS), 2] board xy (metres) of the current goal's block, the pusher
   and where that block should go now (`_goal_target`: beside the other block for next_to)."""
+  return np.stack(_points(episode, state)[:3]).astype(np.float32)
+
+
+def _points(episode: Episode, state) -> tuple[np.ndarray, np.ndarray, np.ndarray, Goal]:
+  """(the current goal's block, the pusher, where that block should go, the goal)."""
   pusher, block_xy, _ = split_state(state, len(episode.blocks))
   goal = current_goal(episode, block_xy)
-  target = _goal_target(episode, goal, block_xy)
-  return np.stack([block_xy[goal.block], pusher, target]).astype(np.float32)
+  return block_xy[goal.block], pusher, _goal_target(episode, goal, block_xy), goal
