@@ -4,9 +4,13 @@ and an unknown name refused with the registered ones."""
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
 from rt2_jax import config_flags
 from rt2_jax import vocab as vocab_lib
@@ -236,7 +240,7 @@ def test_robot_rows_pair_each_image_with_its_own_step_with_and_without_the_recor
     for batch in runs[run]:
       for j in np.flatnonzero(batch['is_robot']):
         steps = np.flatnonzero((flat == batch['image'][j].reshape(-1)).all(axis=1))
-        assert steps.size == 1, f'{run}: row {j} image is {steps.size} steps images'
+        assert steps.size == 1, f'{run}: the image of row {j} matches {steps.size} steps'
         i = steps[0]
         encoder = reference.encoder_table[reference.encoder_index[i]]
         np.testing.assert_array_equal(batch['decoder_target_tokens'][j], reference.targets[i])
@@ -246,3 +250,36 @@ def test_robot_rows_pair_each_image_with_its_own_step_with_and_without_the_recor
     assert rows >= 12, run
   for run in ('cache written', 'cache read'):
     assert _same(runs[run], runs['in memory']), f'{run}: other batches than without the cache'
+
+
+_EXIT_WITH_A_LIVE_ITERATOR = textwrap.dedent("""
+    import time
+    import tensorflow as tf
+    from rt2_jax.data import seqio_iterator
+
+    def slow_read(i):  # as the memory-mapped image reads: Python called from tf.data's threads
+      time.sleep(0.2)
+      return i
+
+    ds = tf.data.Dataset.range(10**6).map(
+      lambda i: {'x': tf.numpy_function(slow_read, [i], tf.int64)}, num_parallel_calls=4
+    )
+    it = seqio_iterator.SeqioIterator(ds.batch(2).prefetch(2), {})
+    next(it)  # reads in flight from here on
+    raise RuntimeError('failed with the iterator alive')
+""")
+
+
+def test_a_failure_with_a_live_iterator_reading_through_python_exits(tmp_path):
+  # The failure's traceback keeps the iterator alive until the interpreter shuts down, with
+  # Python calls in flight: without closing it at exit the process hung there forever.
+  result = subprocess.run(
+    [sys.executable, '-c', _EXIT_WITH_A_LIVE_ITERATOR],
+    env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'failed with the iterator alive' in result.stderr
