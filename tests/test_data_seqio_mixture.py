@@ -4,13 +4,17 @@ and an unknown name refused with the registered ones."""
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
 from rt2_jax import config_flags
 from rt2_jax import vocab as vocab_lib
-from rt2_jax.data import fixtures, pipeline, seqio_mixture
+from rt2_jax.data import fixtures, pipeline, seqio_mixture, tasks
 
 
 @pytest.fixture(scope='module')
@@ -198,3 +202,84 @@ def test_cached_images_stay_on_disk_and_give_the_same_batches(data, tmp_path, mo
     batch = next(copied_it)
     for key in reference:
       np.testing.assert_array_equal(batch[key], reference[key], err_msg=key)
+
+
+def _robot_reference(config):
+  """The config's robot task built without the record cache: images in memory, each unique."""
+  uncached = config.copy_and_resolve_references()
+  uncached.data.cache_dir = ''
+  stats = pipeline.norm_stats(uncached, progress=None)
+  vocab, action_vocab = vocab_lib.from_config(uncached, pipeline.action_space(uncached))
+  context = tasks.Context(uncached, vocab, action_vocab, stats, 0, 1, None)
+  spec = pipeline.robot_spec(uncached)
+  task = tasks.robot_task(spec, pipeline.robot_data_dir(uncached), pipeline.robot_split(uncached))
+  reference = task.build(context)
+  flat = reference.images.reshape(len(reference.images), -1)
+  assert len(np.unique(flat, axis=0)) == len(flat), 'the fixture needs one image per step'
+  return reference, stats, vocab, action_vocab
+
+
+@pytest.mark.parametrize('mixture', [seqio_mixture.CONFIG_MIXTURE, ''], ids=['seqio', 'default'])
+def test_robot_rows_pair_each_image_with_its_own_step_with_and_without_the_record_cache(
+  data, tmp_path, mixture
+):
+  # Each robot row's image is one step's (the fixture's images are unique); its tokens and actions
+  # must be that step's, with the images in memory and memory-mapped from the record cache; and
+  # the cache must not change the stream: the same batches, bit for bit, for the same seed.
+  cache = str(tmp_path / 'records')
+  reference, stats, vocab, action_vocab = _robot_reference(make_config(data))
+  flat = reference.images.reshape(len(reference.images), -1)
+  runs = {}
+  for run, cache_dir in (('in memory', ''), ('cache written', cache), ('cache read', cache)):
+    config = make_config(data, **{'data.cache_dir': cache_dir, 'data.mixture': mixture})
+    it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=None)
+    if not mixture:  # the default iterator's robot images are the cache's memory map
+      assert isinstance(it.tasks[0].images, np.memmap) == bool(cache_dir), run
+    runs[run] = [next(it) for _ in range(6)]
+    rows = 0
+    for batch in runs[run]:
+      for j in np.flatnonzero(batch['is_robot']):
+        steps = np.flatnonzero((flat == batch['image'][j].reshape(-1)).all(axis=1))
+        assert steps.size == 1, f'{run}: the image of row {j} matches {steps.size} steps'
+        i = steps[0]
+        encoder = reference.encoder_table[reference.encoder_index[i]]
+        np.testing.assert_array_equal(batch['decoder_target_tokens'][j], reference.targets[i])
+        np.testing.assert_array_equal(batch['encoder_input_tokens'][j], encoder)
+        np.testing.assert_allclose(batch['actions'][j], reference.actions[i], rtol=1e-6)
+        rows += 1
+    assert rows >= 12, run
+  for run in ('cache written', 'cache read'):
+    assert _same(runs[run], runs['in memory']), f'{run}: other batches than without the cache'
+
+
+_EXIT_WITH_A_LIVE_ITERATOR = textwrap.dedent("""
+    import time
+    import tensorflow as tf
+    from rt2_jax.data import seqio_iterator
+
+    def slow_read(i):  # as the memory-mapped image reads: Python called from tf.data's threads
+      time.sleep(0.2)
+      return i
+
+    ds = tf.data.Dataset.range(10**6).map(
+      lambda i: {'x': tf.numpy_function(slow_read, [i], tf.int64)}, num_parallel_calls=4
+    )
+    it = seqio_iterator.SeqioIterator(ds.batch(2).prefetch(2), {})
+    next(it)  # reads in flight from here on
+    raise RuntimeError('failed with the iterator alive')
+""")
+
+
+def test_a_failure_with_a_live_iterator_reading_through_python_exits(tmp_path):
+  # The failure's traceback keeps the iterator alive until the interpreter shuts down, with
+  # Python calls in flight: without closing it at exit the process hung there forever.
+  result = subprocess.run(
+    [sys.executable, '-c', _EXIT_WITH_A_LIVE_ITERATOR],
+    env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'failed with the iterator alive' in result.stderr

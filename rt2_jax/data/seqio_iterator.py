@@ -16,11 +16,13 @@ config's tasks shuffle an index instead, so theirs is a few integers per epoch).
 
 from __future__ import annotations
 
+import atexit
 import base64
 import os
 import tempfile
 import time
 import warnings
+import weakref
 import zlib
 
 import numpy as np
@@ -147,6 +149,21 @@ def _restore_iterator(iterator, files: dict) -> None:
     tf.train.Checkpoint(iterator=iterator).read(os.path.join(d, 'data')).assert_consumed()
 
 
+# Iterators not yet closed, closed at exit (`_close_live_iterators`).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  """A tf.data iterator whose map calls Python (the memory-mapped image reads, a custom task's
+  tf.numpy_function) can hang the process forever if it is still alive when the interpreter
+  finalizes: CPython stops a worker thread that asks for the GIL then, and the iterator's
+  destructor waits for that thread's call. An exception's traceback (or a module global) keeps
+  the iterator alive until then; closing it here, while Python still runs, is clean."""
+  for it in list(_LIVE):
+    it.close()
+
+
 class SeqioIterator:
   """numpy batches of a tf.data pipeline, with its position saved and restored as JSON."""
 
@@ -154,14 +171,25 @@ class SeqioIterator:
     self.dataset, self.fingerprint = dataset, dict(fingerprint)
     self._iterator = iter(dataset)
     self.step = 0
+    _LIVE.add(self)
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    batch = {k: v.numpy() for k, v in next(self._iterator).items()}
+    batch = {k: v.numpy() for k, v in next(self._open()).items()}
     self.step += 1
     return batch
+
+  def _open(self):
+    if self._iterator is None:
+      raise ValueError('the seqio iterator is closed')
+    return self._iterator
+
+  def close(self) -> None:
+    """Stops the tf.data pipeline (its threads and prefetched batches); next() then fails."""
+    self._iterator = None
+    _LIVE.discard(self)
 
   def get_state(self) -> dict:
     return {
@@ -169,7 +197,7 @@ class SeqioIterator:
       'version': STATE_VERSION,
       'step': self.step,
       'fingerprint': self.fingerprint,
-      'iterator': _save_iterator(self._iterator),
+      'iterator': _save_iterator(self._open()),
     }
 
   def set_state(self, state) -> None:
@@ -190,7 +218,7 @@ class SeqioIterator:
         stacklevel=2,
       )
       return
-    _restore_iterator(self._iterator, state['iterator'])
+    _restore_iterator(self._open(), state['iterator'])
     self.step = int(state['step'])
 
 
