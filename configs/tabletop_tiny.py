@@ -48,8 +48,20 @@ def get_config(arg=None):
 
   # Demonstrations (python -m rt2_jax.data.tabletop_demos); out '' = a cache folder keyed by
   # these settings under ~/.cache/rt2_jax/tabletop. tasks '' = every family of the robot pool.
+  # scenes: still frames of that many more scenes a task (more layouts for pointing,
+  # docs/tabletop.md Measurement 13); action_noise: DART-style perturbed rollouts.
   c.tabletop = ml_collections.ConfigDict(
-    dict(tasks='', episodes=300, val_episodes=4, image_size=64, max_steps=200, out='', workers=2)
+    dict(
+      tasks='',
+      episodes=300,
+      val_episodes=4,
+      image_size=64,
+      max_steps=200,
+      out='',
+      workers=2,
+      scenes=0,
+      action_noise=0.0,
+    )
   )
   # The web corpus (rt2_jax.data.web_corpus): drawn pictures of every concept.
   c.web_corpus = ml_collections.ConfigDict(

@@ -56,7 +56,7 @@ def demo_settings(config):
     val_episodes=t.val_episodes,
     image_size=t.image_size,
     max_steps=t.max_steps,
-    action_noise=t.get('action_noise', 0.0),
+    action_noise=t.get('action_noise', 0.0),  # .get: configs written before these keys
     scenes=t.get('scenes', 0),
   )
   if t.get('tasks'):
