@@ -29,14 +29,15 @@ episodes use seeds 0, 1, ... of each task and `val` episodes seeds from VAL_SEED
 (closed-loop evaluation uses others again, rt2_jax.evaluate); a seed whose expert rollout fails
 is skipped and listed in the manifest.
 
-With `DemoSettings.scenes` > 0 the train split also holds still frames of that many more scenes
-per task (seeds from `scene_seed_base`, SCENE_SEED_BASE by default), SCENE_FRAMES each, as one-step episodes
-(`episode_metadata/success` false, terminate 0, the expert's action at that state): the scene
-at reset, then the pusher put down at random just off the goal's block. A policy trained on
-expert rollouts alone sees its named block almost only beside the pusher, and learns to look for
-it there (docs/tabletop.md, Measurement 13); these frames are many more layouts at the cost of
-one render each. `DemoSettings.format` (DEMO_FORMAT) is part of the
-settings, so demos written before the points existed are never reused.
+With `DemoSettings.scenes` > 0 the train split also holds still frames of that many more
+scenes per task (seeds from `scene_seed_base`, SCENE_SEED_BASE by default), SCENE_FRAMES each,
+as one-step episodes (`episode_metadata/success` false, terminate 0, the expert's action at that
+state): the scene at reset, then the pusher put down at random just off the goal's block. The
+rollouts show a few hundred layouts a task and a pointing head overfits them (docs/tabletop.md,
+Measurements 11 and 13); these frames add many more at the cost of one render each.
+
+`DemoSettings.format` (DEMO_FORMAT) is part of the settings, so demos written before the points
+existed are never reused.
 
 Rollouts and rendering run in worker processes (rt2_jax/envs/worker.py): Mesa's renderer and
 TensorFlow, which writes the dataset here, crash when loaded into one process.
