@@ -393,17 +393,23 @@ class Policy:
   def keypoints(self, images, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """For a model with `model.instruction_pool` (and `pool_keypoints`): its pooling logits
     float32 [B, K, patches] and keypoints [B, K, 2] (x right, y down, in [0, 1] of the image;
-    `VLA.point`, the image side only), for analyses of what the policy points at."""
+    `VLA.point`, the image side only), for analyses of what the policy points at. Batches are
+    padded to `batch_buckets` as for actions, so it compiles once per bucket."""
     from rt2_jax.models.vla import VLA
 
     if self._point is None:
       self._point = jax.jit(
         lambda params, im, tok: self.model.apply({'params': params}, im, tok, method=VLA.point)
       )
-    logits, points = self._point(
-      self.params, self.preprocess_images(images), self.tokenize(instructions)
-    )
-    return np.asarray(logits), np.asarray(points)
+
+    def point(start, chunk_images, chunk_tokens):
+      del start
+      logits, points = self._point(self.params, chunk_images, chunk_tokens)
+      return list(zip(np.asarray(logits), np.asarray(points), strict=True))
+
+    images, tokens = self.preprocess_images(images), self.tokenize(instructions)
+    rows = run_in_buckets(point, self.batch_buckets, images, tokens)
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
   def preprocess_images(self, images) -> np.ndarray:
     """uint8 [B, H, W, 3] (or a list of [H, W, 3]) -> uint8 [B, S, S, 3], resized if needed."""

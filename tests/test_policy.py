@@ -311,3 +311,30 @@ def test_params_held_in_the_compute_dtype():
   assert tokens >= 0.9 and rows >= 0.5, (rows, tokens)
   with pytest.raises(ValueError, match='floating-point'):
     Policy(config, params, stats, space, param_dtype='int32')
+
+
+def test_keypoints_match_the_model_and_compile_once_per_bucket(parts):
+  """`Policy.keypoints` is `VLA.point` on the preprocessed batch, padded to the buckets: any
+  batch size gives the unpadded model's rows, and sizes 1..5 compile only the two buckets."""
+  cfg, params, stats = parts
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.model.instruction_pool = 3
+    cfg.model.pool_keypoints = True
+  model = VLA(cfg.model)
+  variables = jax.jit(model.init)(
+    jax.random.PRNGKey(1), _images(1), np.ones((1, 24), np.int32), np.zeros((1, 4), np.int32)
+  )
+  policy = Policy(cfg, nn.meta.unbox(variables['params']), stats, SPACE, batch_buckets=(1, 4))
+  images = _images(5, seed=3)
+  texts = [INSTRUCTIONS[i % 3] for i in range(5)]
+  logits, points = policy.keypoints(images, texts)
+  assert logits.shape[:2] == points.shape[:2] == (5, 3) and points.shape[-1] == 2
+  want_logits, want_points = model.apply(
+    {'params': policy.params}, images, policy.tokenize(texts), method=VLA.point
+  )
+  np.testing.assert_allclose(points, want_points, atol=1e-5)
+  np.testing.assert_allclose(logits, want_logits, atol=1e-4)
+  for n in (1, 2, 3):
+    policy.keypoints(images[:n], texts[:n])
+  assert policy._point._cache_size() == 2  # buckets 1 and 4

@@ -206,11 +206,11 @@ def scene_demos(
   episode = env.episode
   rng = np.random.default_rng([seed, 2])
   found = [ts]
+  _, block_xy, _ = tt.split_state(ts.state, len(episode.blocks))  # placing the pusher keeps them
+  goal = tt.current_goal(episode, block_xy)
   for _ in range(20 * (frames - 1)):
     if len(found) == frames:
       break
-    pusher, block_xy, _ = tt.split_state(ts.state, len(episode.blocks))
-    goal = tt.current_goal(episode, block_xy)
     angle = rng.uniform(-np.pi, np.pi)
     reach = episode.blocks[goal.block].radius + tt.PUSHER_RADIUS + rng.uniform(0.003, 0.05)
     xy = block_xy[goal.block] + reach * np.array([np.cos(angle), np.sin(angle)])
