@@ -32,7 +32,8 @@ is skipped and listed in the manifest.
 With `DemoSettings.scenes` > 0 the train split also holds still frames of that many more
 scenes per task (seeds from `scene_seed_base`, SCENE_SEED_BASE by default), SCENE_FRAMES each,
 as one-step episodes (`episode_metadata/success` false, terminate 0, the expert's action at that
-state): the scene at reset, then the pusher put down at random just off the goal's block. The
+state): the scene at reset, then the pusher put down at random just off the goal's block and
+just off a decoy (another block, one of the named block's colour or shape where there is one). The
 rollouts show a few hundred layouts a task and a pointing head overfits them (docs/tabletop.md,
 Measurements 11 and 13); these frames add many more at the cost of one render each.
 
@@ -65,11 +66,14 @@ from rt2_jax.envs import tabletop_tasks as tt
 DATASET_NAME = 'tabletop'
 DATASET_VERSION = '1.0.0'
 # What the examples hold, keyed into the settings (so into the recipe's cache folder) and the
-# manifest: demos of another format are regenerated, never reused. 2: observation/points.
-DEMO_FORMAT = 2
+# manifest: demos of another format are regenerated, never reused. 2: observation/points;
+# 3: scene frames beside a decoy block too.
+DEMO_FORMAT = 3
 VAL_SEED_BASE = 50_000
 SCENE_SEED_BASE = 1_000_000
-SCENE_FRAMES = 3  # per scene: at reset, then twice with the pusher just off the goal's block
+SCENE_FRAMES = (
+  3  # per scene: at reset, then with the pusher just off the goal's block, then a decoy's
+)
 MANIFEST = 'manifest.json'
 ROBOT_TASKS = tuple(t for t in tt.TASKS if t.endswith('@robot'))
 
@@ -200,24 +204,27 @@ def expert_demo(
 def scene_demos(
   env: tb.TabletopEnv, task: str, seed: int, frames: int = SCENE_FRAMES
 ) -> list[Demo]:
-  """Still frames of one scene (see the module doc), each a one-step Demo; `frames` - 1 of
-  them with the pusher put just off the goal's block (fewer where no free spot was found)."""
+  """Still frames of one scene (see the module doc), each a one-step Demo: the scene at reset,
+  then the pusher put just off the goal's block and off a decoy block in turn (fewer frames
+  where no free spot was found)."""
   ts = env.reset(seed, task)
   episode = env.episode
   rng = np.random.default_rng([seed, 2])
   found = [ts]
   _, block_xy, _ = tt.split_state(ts.state, len(episode.blocks))  # placing the pusher keeps them
   goal = tt.current_goal(episode, block_xy)
+  beside = [goal.block, _decoy(episode, goal.block, rng)]
   for _ in range(20 * (frames - 1)):
     if len(found) == frames:
       break
+    k = beside[(len(found) - 1) % 2]
     angle = rng.uniform(-np.pi, np.pi)
-    reach = episode.blocks[goal.block].radius + tt.PUSHER_RADIUS + rng.uniform(0.003, 0.05)
-    xy = block_xy[goal.block] + reach * np.array([np.cos(angle), np.sin(angle)])
+    reach = episode.blocks[k].radius + tt.PUSHER_RADIUS + rng.uniform(0.003, 0.05)
+    xy = block_xy[k] + reach * np.array([np.cos(angle), np.sin(angle)])
     clear = all(
       np.linalg.norm(xy - q) > b.radius + tt.PUSHER_RADIUS + 0.002
       for i, (q, b) in enumerate(zip(block_xy, episode.blocks, strict=True))
-      if i != goal.block
+      if i != k
     )
     if clear and np.all(np.abs(xy) <= tt.PUSHER_LIMIT):
       found.append(env.place_pusher(xy))
@@ -238,6 +245,21 @@ def scene_demos(
       )
     )
   return out
+
+
+def _decoy(episode: tt.Episode, named: int, rng: np.random.Generator) -> int:
+  """Another block for the pusher to stand beside, one sharing the named block's colour or
+  shape where there is one. Rollouts keep the pusher beside the block to push, and a pointing
+  head trained on them alone learned 'the block by the pusher' instead of reading the words
+  (docs/tabletop.md, Measurement 14); frames beside a look-alike break that cue."""
+  target = episode.blocks[named]
+  others = [i for i in range(len(episode.blocks)) if i != named]
+  alike = [
+    i
+    for i in others
+    if episode.blocks[i].colour == target.colour or episode.blocks[i].shape == target.shape
+  ]
+  return int(rng.choice(alike or others))
 
 
 def step_points(episode: tt.Episode, states) -> np.ndarray:
@@ -620,7 +642,7 @@ def ensure_demos(
   if manifest is None:
     pass
   elif manifest.get('settings', {}).get('format') != settings.format:
-    log(f'tabletop demos in {out} are of an older format (no pointing targets); regenerating')
+    log(f'tabletop demos in {out} are of an older format; regenerating')
   elif manifest.get('settings') != settings.to_json():
     log(f'tabletop demos in {out} were made with other settings; regenerating')
   elif manifest.get('simulator') != simulator_fingerprint():
