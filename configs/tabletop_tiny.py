@@ -49,7 +49,8 @@ def get_config(arg=None):
   # Demonstrations (python -m rt2_jax.data.tabletop_demos); out '' = a cache folder keyed by
   # these settings under ~/.cache/rt2_jax/tabletop. tasks '' = every family of the robot pool.
   # scenes: still frames of that many more scenes a task (more layouts for pointing,
-  # docs/tabletop.md Measurement 13); action_noise: DART-style perturbed rollouts.
+  # docs/tabletop.md Measurement 13); action_noise: DART-style perturbed rollouts;
+  # decoy_starts: the share of rollouts starting beside a look-alike block (Measurement 14).
   c.tabletop = ml_collections.ConfigDict(
     dict(
       tasks='',
@@ -61,6 +62,7 @@ def get_config(arg=None):
       workers=2,
       scenes=0,
       action_noise=0.0,
+      decoy_starts=0.0,
     )
   )
   # The web corpus (rt2_jax.data.web_corpus): drawn pictures of every concept.

@@ -274,3 +274,34 @@ def test_scene_frames_and_noisy_rollouts(tmp_path):
     demos.DemoSettings(scenes=-1)
   with pytest.raises(ValueError, match='action_noise'):
     demos.DemoSettings(action_noise=2.0)
+
+
+def test_decoy_starts_put_the_pusher_beside_another_block(tmp_path):
+  """With `decoy_starts=1` every rollout starts with the pusher just off a block other than the
+  one to push (not where the scene put it), and records the expert's way from there."""
+  import tensorflow_datasets as tfds
+
+  task = 'place@robot'
+  settings = demos.DemoSettings(
+    tasks=(task,), episodes=2, val_episodes=0, image_size=SIZE, decoy_starts=1.0
+  )
+  demos.generate(settings, str(tmp_path), workers=1, progress=False)
+  builder = tfds.builder_from_directory(demos.builder_dir(str(tmp_path)))
+  episodes = list(tfds.as_numpy(builder.as_dataset(split='train')))
+  assert len(episodes) == 2
+  for episode in episodes:
+    steps = list(episode['steps'])
+    scene = tt.make_episode(task, int(episode['episode_metadata']['seed']))
+    first = steps[0]['observation']['state']
+    pusher, block_xy, _ = tt.split_state(first, len(scene.blocks))
+    assert np.linalg.norm(pusher - np.asarray(scene.pusher_xy)) > 1e-3  # moved off its reset spot
+    gaps = np.linalg.norm(pusher - block_xy, axis=-1) - [b.radius for b in scene.blocks]
+    nearest = int(np.argmin(gaps))
+    assert nearest != tt.current_goal(scene, block_xy).block
+    assert gaps[nearest] < tt.PUSHER_RADIUS + 0.055
+    for step in steps[:-1]:
+      action, _ = tt.expert_action(scene, step['observation']['state'])
+      np.testing.assert_allclose(step['action'], action, atol=1e-6)
+    assert episode['episode_metadata']['success']
+  with pytest.raises(ValueError, match='decoy_starts'):
+    demos.DemoSettings(decoy_starts=1.5)

@@ -104,6 +104,10 @@ class DemoSettings:
   # deviation a coordinate (seeded by the episode), while every step records the expert's clean
   # action at the state reached, so the demos also show how to recover from a policy's errors.
   action_noise: float = 0.0
+  # Share of rollouts whose pusher starts just off a decoy block (see `_decoy`) instead of where
+  # the scene put it: the demos then show the way from a look-alike to the named block, which a
+  # policy that went to the wrong block first has to take.
+  decoy_starts: float = 0.0
   scenes: int = 0  # still scenes per task added to the train split (SCENE_FRAMES frames each)
   scene_seed_base: int = SCENE_SEED_BASE  # another base gives held-out scenes
   # Robot demos name only robot concepts (the RT-2 experiment depends on it): other pools are
@@ -125,6 +129,8 @@ class DemoSettings:
       )
     if not 0.0 <= self.action_noise <= 1.0:
       raise ValueError(f'action_noise must be in [0, 1], got {self.action_noise}')
+    if not 0.0 <= self.decoy_starts <= 1.0:
+      raise ValueError(f'decoy_starts must be in [0, 1], got {self.decoy_starts}')
     if self.max_steps < 1 or self.max_attempts_factor < 1:
       raise ValueError(
         f'need max_steps >= 1 and max_attempts_factor >= 1, got {self.max_steps}, '
@@ -167,12 +173,25 @@ def plan_text(episode: tt.Episode) -> str:
 
 
 def expert_demo(
-  env: tb.TabletopEnv, task: str, seed: int, max_steps: int, action_noise: float = 0.0
+  env: tb.TabletopEnv,
+  task: str,
+  seed: int,
+  max_steps: int,
+  action_noise: float = 0.0,
+  decoy_starts: float = 0.0,
 ) -> Demo | None:
   """One scripted rollout until success; None when the expert fails within max_steps. With
   `action_noise`, the executed move is perturbed (DemoSettings.action_noise); the recorded
-  action is always the expert's own."""
+  action is always the expert's own. With `decoy_starts`, that share of seeds starts with the
+  pusher just off a decoy block."""
   ts = env.reset(seed, task)
+  if decoy_starts and np.random.default_rng([seed, 3]).uniform() < decoy_starts:
+    rng = np.random.default_rng([seed, 4])
+    _, block_xy, _ = tt.split_state(ts.state, len(env.episode.blocks))
+    decoy = _decoy(env.episode, tt.current_goal(env.episode, block_xy).block, rng)
+    xy = _spot_beside(env.episode, block_xy, decoy, rng)
+    if xy is not None:
+      ts = env.place_pusher(xy)
   rng = np.random.default_rng([seed, 1]) if action_noise else None
   images, states, actions = [ts.image], [ts.state], []
   solved = tt.success(env.episode, ts.state)
@@ -214,19 +233,9 @@ def scene_demos(
   _, block_xy, _ = tt.split_state(ts.state, len(episode.blocks))  # placing the pusher keeps them
   goal = tt.current_goal(episode, block_xy)
   beside = [goal.block, _decoy(episode, goal.block, rng)]
-  for _ in range(20 * (frames - 1)):
-    if len(found) == frames:
-      break
-    k = beside[(len(found) - 1) % 2]
-    angle = rng.uniform(-np.pi, np.pi)
-    reach = episode.blocks[k].radius + tt.PUSHER_RADIUS + rng.uniform(0.003, 0.05)
-    xy = block_xy[k] + reach * np.array([np.cos(angle), np.sin(angle)])
-    clear = all(
-      np.linalg.norm(xy - q) > b.radius + tt.PUSHER_RADIUS + 0.002
-      for i, (q, b) in enumerate(zip(block_xy, episode.blocks, strict=True))
-      if i != k
-    )
-    if clear and np.all(np.abs(xy) <= tt.PUSHER_LIMIT):
+  for j in range(1, frames):
+    xy = _spot_beside(episode, block_xy, beside[(j - 1) % 2], rng)
+    if xy is not None:
       found.append(env.place_pusher(xy))
   out = []
   for step in found:
@@ -245,6 +254,22 @@ def scene_demos(
       )
     )
   return out
+
+
+def _spot_beside(episode: tt.Episode, block_xy, k: int, rng: np.random.Generator, tries: int = 20):
+  """A random free pusher position just off block k (up to 5 cm from its edge), or None."""
+  for _ in range(tries):
+    angle = rng.uniform(-np.pi, np.pi)
+    reach = episode.blocks[k].radius + tt.PUSHER_RADIUS + rng.uniform(0.003, 0.05)
+    xy = block_xy[k] + reach * np.array([np.cos(angle), np.sin(angle)])
+    clear = all(
+      np.linalg.norm(xy - q) > b.radius + tt.PUSHER_RADIUS + 0.002
+      for i, (q, b) in enumerate(zip(block_xy, episode.blocks, strict=True))
+      if i != k
+    )
+    if clear and np.all(np.abs(xy) <= tt.PUSHER_LIMIT):
+      return xy
+  return None
 
 
 def _decoy(episode: tt.Episode, named: int, rng: np.random.Generator) -> int:
@@ -303,14 +328,19 @@ _WORKER_ENVS: dict = {}  # image size -> env (one env serves every task)
 
 
 def _demo_job(
-  task: str, seed: int, image_size: int, max_steps: int, action_noise: float = 0.0
+  task: str,
+  seed: int,
+  image_size: int,
+  max_steps: int,
+  action_noise: float = 0.0,
+  decoy_starts: float = 0.0,
 ) -> Demo | None:
   env = _WORKER_ENVS.get(image_size)
   if env is None:
     env = tb.TabletopEnv(task, tb.RenderSettings(image_size), max_steps=max_steps)
     _WORKER_ENVS[image_size] = env
   env.max_steps = max_steps
-  return expert_demo(env, task, seed, max_steps, action_noise)
+  return expert_demo(env, task, seed, max_steps, action_noise, decoy_starts)
 
 
 def _scene_job(task: str, seed: int, image_size: int) -> list[Demo]:
@@ -340,7 +370,11 @@ class _Rollouts:
   def _run(self, jobs: list[tuple[str, int]]) -> list[Demo | None]:
     s = self.settings
     calls = [
-      (i, f'{__name__}:_demo_job', (task, seed, s.image_size, s.max_steps, s.action_noise))
+      (
+        i,
+        f'{__name__}:_demo_job',
+        (task, seed, s.image_size, s.max_steps, s.action_noise, s.decoy_starts),
+      )
       for i, (task, seed) in enumerate(jobs)
     ]
     return self._workers.run(calls)
@@ -686,6 +720,7 @@ def main(argv: Sequence[str]):
     max_steps=f.max_steps,
     allow_held_out=f.allow_held_out,
     action_noise=f.action_noise,
+    decoy_starts=f.decoy_starts,
     scenes=f.scenes,
     scene_seed_base=f.scene_seed_base,
   )
@@ -703,6 +738,7 @@ def _define_flags():
   flags.DEFINE_integer('max_steps', tb.DEFAULT_MAX_STEPS, 'step limit of one expert rollout')
   flags.DEFINE_integer('workers', 2, 'rollout processes (each renders on its own)')
   flags.DEFINE_float('action_noise', 0.0, 'std of the noise added to executed moves (DART)')
+  flags.DEFINE_float('decoy_starts', 0.0, 'share of rollouts starting beside a decoy block')
   flags.DEFINE_integer('scenes', 0, 'still scenes per task added to the train split')
   flags.DEFINE_integer(
     'scene_seed_base', SCENE_SEED_BASE, 'first scene seed (another base: held-out scenes)'

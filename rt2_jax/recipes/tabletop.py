@@ -57,6 +57,7 @@ def demo_settings(config):
     image_size=t.image_size,
     max_steps=t.max_steps,
     action_noise=t.get('action_noise', 0.0),  # .get: configs written before these keys
+    decoy_starts=t.get('decoy_starts', 0.0),
     scenes=t.get('scenes', 0),
   )
   if t.get('tasks'):
