@@ -444,7 +444,13 @@ def build_data(config, stats=None):
 
   action_space = pipeline.action_space(config)
   if stats is None:
-    stats = pipeline.norm_stats(config)
+    # Process 0 reads the split and caches the statistics beside the data; the others then load
+    # that file (or, where it is not shared, compute the same numbers themselves).
+    if jax.process_index() == 0:
+      stats = pipeline.norm_stats(config)
+    barrier('rt2_jax_norm_stats', timeout_s=6 * 3600)
+    if stats is None:
+      stats = pipeline.norm_stats(config)
   vocab, action_vocab = vocab_lib.from_config(config, action_space)
   return action_space, stats, vocab, action_vocab
 

@@ -1,7 +1,7 @@
 """Training batches: a deterministic, resumable mixture of robot and web examples.
 
   space = pipeline.action_space(config)
-  stats = pipeline.norm_stats(config)                     # same on every process
+  stats = pipeline.norm_stats(config)       # same on every process, cached beside the data
   vocab, action_vocab = rt2_jax.vocab.from_config(config, space)
   it = pipeline.make_train_iterator(config, vocab, action_vocab, stats,
                                     jax.process_index(), jax.process_count())
@@ -39,7 +39,8 @@ import warnings
 import numpy as np
 
 from rt2_jax.actions import ActionSpace, NormStats
-from rt2_jax.data import rlds, synthetic, tasks
+from rt2_jax.data import stats as stats_lib
+from rt2_jax.data import synthetic, tasks
 from rt2_jax.data.spec import DatasetSpec, load_spec
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -89,26 +90,22 @@ def robot_split(config, which: str = 'train') -> str:
 
 
 def norm_stats(config, progress=print) -> NormStats:
-  """NormStats of the robot training split (data.robot.stats_path if set, else computed).
+  """NormStats of the robot training split: data.robot.stats_path if set, else `stats.cached`.
 
-  Every process reads the whole split (actions only, images are not decoded), so all of them
-  get the same numbers. With data.cache_dir set the result is cached.
+  The split is read (actions only) the first time a dataset is used; the numbers are cached
+  beside it (or in data.cache_dir) for later runs and processes (rt2_jax/data/stats.py).
   """
   d = config.data
   if d.robot.get('stats_path', ''):
-    from rt2_jax.data import stats as stats_lib
-
     return stats_lib.load(d.robot.stats_path)
-  records = rlds.read_split(
+  return stats_lib.cached(
     robot_spec(config),
     robot_data_dir(config, progress),
     robot_split(config),
-    image_size=0,
     bad_data=d.bad_data,
     cache_dir=d.get('cache_dir', ''),
     progress=progress,
   )
-  return NormStats.compute(records.actions)
 
 
 def register_from_config(config, progress=print) -> str:

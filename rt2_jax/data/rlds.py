@@ -40,6 +40,8 @@ from rt2_jax.data.spec import EPISODE_PREFIX, DatasetSpec, load_spec
 BAD_DATA_MODES = ('skip', 'fail')
 NO_INSTRUCTION, NONFINITE_ACTION = 'no_instruction', 'nonfinite_action'
 _CACHE_FORMAT = 3  # 2: images resized by rt2_jax.transforms (integer arithmetic); 3: points
+# Names of files this project writes into a builder folder (rt2_jax.data.stats's cache).
+DERIVED_PREFIX = 'rt2_jax-'
 
 log = logging.getLogger(__name__)
 
@@ -481,11 +483,17 @@ def check_episodes(records: StepRecords, bad_data: str = 'skip', progress=None) 
   return kept
 
 
-def _cache_key(spec: DatasetSpec, builder_dir, split, image_size, shard, bad_data) -> str:
-  """Changes when the spec, the request or any file of the builder folder changes."""
+def cache_key(spec: DatasetSpec, builder_dir, split, image_size, shard, bad_data) -> str:
+  """Changes when the spec, the request or any file of the builder folder changes.
+
+  Files this project writes beside the data (names starting with DERIVED_PREFIX) are not part
+  of the dataset, so writing them changes no key.
+  """
   fs = _fs(builder_dir)
   files = []
   for name in sorted(fs.listdir(builder_dir)):
+    if name.startswith(DERIVED_PREFIX):
+      continue
     path = f'{builder_dir}/{name}'
     if _is_remote(path):
       stat = fs.stat(path)
@@ -530,7 +538,7 @@ def read_split(
   builder_dir = resolve_builder_dir(data_dir, spec.name)
   cache_path = ''
   if cache_dir:  # checked before TensorFlow is imported: a cache hit never needs it
-    key = _cache_key(spec, builder_dir, split, image_size, shard, bad_data)
+    key = cache_key(spec, builder_dir, split, image_size, shard, bad_data)
     cache_path = os.path.join(os.path.expanduser(cache_dir), f'{spec.name}-{key}')
     if os.path.exists(os.path.join(cache_path, 'meta.json')):
       records = StepRecords.load(cache_path)
