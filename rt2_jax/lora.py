@@ -178,6 +178,12 @@ def base_params(params, cfg: LoraConfig):
   )
 
 
+def _adapted(pairs: dict) -> list[tuple]:
+  """The adapted kernels' paths, sorted: the merge must trace the same program in every
+  process of a multi-host job, and a set's order follows the per-process string hash seed."""
+  return sorted({p[:-1] for p in pairs})
+
+
 def merge(base, trainable, cfg: LoraConfig, compute_dtype='float32'):
   """Parameters the model applies: W + (alpha/r) A @ B for every adapted kernel, the fully
   trained parameters, the rest of `base` as it is. A merged kernel is computed in float32 and
@@ -186,7 +192,7 @@ def merge(base, trainable, cfg: LoraConfig, compute_dtype='float32'):
   for path, leaf in traverse_util.flatten_dict(trainable.get('full', {})).items():
     flat[path] = leaf
   pairs = traverse_util.flatten_dict(trainable['adapters'])
-  for path in {p[:-1] for p in pairs}:
+  for path in _adapted(pairs):
     a, b = pairs[path + ('a',)], pairs[path + ('b',)]
     w = flat[path]
     delta = jnp.einsum('...ir,...ro->...io', a, b, preferred_element_type=jnp.float32)
@@ -204,7 +210,7 @@ def layer_variables(base, trainable, cfg: LoraConfig) -> dict:
     flat[path] = leaf
   pairs = traverse_util.flatten_dict(trainable['adapters'])
   adapters = {}
-  for path in {p[:-1] for p in pairs}:
+  for path in _adapted(pairs):
     if path[-1] != 'kernel':
       raise ValueError(f'LoRA adapter on {_name(path)}: only DenseGeneral kernels merge in-layer')
     a, b = pairs[path + ('a',)], pairs[path + ('b',)]
@@ -226,15 +232,22 @@ def apply_variables(base, trainable, cfg: LoraConfig, compute_dtype='float32') -
 
 def merged_params(config, trainable, base_path: str, sharding=None):
   """Full parameters of a LoRA checkpoint: the base read from `base_path` (a run's step dir or
-  a converted checkpoint) in float32, merged with `trainable` once (inference reads no adapter)."""
+  a converted checkpoint) in float32, merged with `trainable` once (inference reads no adapter).
+
+  `sharding`: where the base is read, and so the merged parameters are: one Sharding for every
+  array (default: this process's first device), or a tree of them like the parameters' (the
+  model's own layout on a mesh over several processes, as training holds it)."""
   from rt2_jax import checkpoints, partitioning
   from rt2_jax.models import summary
 
   cfg = LoraConfig.from_config(config)
   abstract = partitioning.unbox(summary.abstract_variables(config.model)['params'])
-  target = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, abstract)
   abstract = jax.tree.map(
-    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=target), abstract
+    lambda s, target: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=target), abstract, sharding
   )
   base = checkpoints.load_init_params(base_path, abstract)
   return merge(base, trainable, cfg, 'float32')

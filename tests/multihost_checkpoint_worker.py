@@ -7,6 +7,14 @@ launch/local_multihost.sh in place of the trainer (the test points $PYTHON at it
   --phase=load  parameters read from --config.init_from as train() reads them (full model;
                 LoRA base when --lora_rank > 0; whole on one device, as Policy.from_checkpoint
                 reads them), each compared on every process with --reference, shard by shard.
+  --phase=lora  train() on the config (config.lora set, its base in config.init_from) into
+                --workdir (--train=0: a checkpoint saved as train() saves it, without its
+                train step to compile, adapters drawn at random), then merged for inference
+                three ways: on this process's first device (restore_for_inference, as
+                Policy.from_checkpoint and serving read it), replicated over the mesh of both
+                processes, and in the model's own layout on it (lora.merged_params); the last
+                one decodes policy_images() with INSTRUCTIONS through Policy. Writes
+                --out_I.npz (I: the process) for the test to compare with one process.
 
 Prints `process I: ...` lines the test checks; a failed check exits non-zero (the launcher then
 stops the other process and fails).
@@ -20,6 +28,8 @@ from flax import traverse_util
 
 from rt2_jax import checkpoints, config_flags, lora_base, train
 from rt2_jax import lora as lora_lib
+
+INSTRUCTIONS = ('pick up the cup', 'open the drawer', 'put carrot on plate')
 
 
 def _args(argv: list[str]) -> tuple[dict, str, list[str]]:
@@ -129,13 +139,108 @@ def load(config, args: dict) -> None:
   _say(f'load_params whole equal, step {step}, meta step {meta["step"]}')
 
 
+def policy_images(size: int, seed: int = 0) -> list[np.ndarray]:
+  """The images each process (and the test's one-process run) decodes with INSTRUCTIONS."""
+  rng = np.random.default_rng(seed)
+  return list(rng.integers(0, 256, (len(INSTRUCTIONS), size, size, 3), dtype=np.uint8))
+
+
+def _whole(tree) -> dict:
+  """{path: the whole array as numpy} of a tree laid out over the processes' devices."""
+  from jax.experimental import multihost_utils
+
+  flat = _flat(tree)
+  spread = {k: v for k, v in flat.items() if not v.is_fully_addressable}
+  # Every process takes part in the gather, in one order (sorted keys).
+  gathered = multihost_utils.process_allgather(dict(sorted(spread.items())), tiled=True)
+  return {k: np.asarray(gathered[k] if k in spread else v) for k, v in flat.items()}
+
+
+def _save_lora_untrained(config, workdir: str) -> None:
+  """The checkpoint train() would save at config.total_steps, its adapters (B too) random."""
+  from rt2_jax import checkpoint_assets
+
+  setup = train.make_setup(config)
+  action_space, stats, vocab, _ = train.build_data(config)
+  state = setup.init_state(jax.random.PRNGKey(config.seed))
+
+  def away_from_zero(params):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    noise = [
+      0.05 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(tree, [x + n for x, n in zip(leaves, noise, strict=True)])
+
+  params = jax.jit(away_from_zero, out_shardings=setup.state_shardings.params)(state.params)
+  ckpt = checkpoints.Checkpointer(workdir, async_save=False)
+  meta = checkpoints.make_meta(config, vocab)
+  meta.update(lora_base.reference(checkpoints.pinned_path(config.init_from), ckpt.directory))
+  steps = jax.jit(lambda s: s + config.total_steps, out_shardings=setup.state_shardings.step)
+  state = state.replace(params=params, step=steps(state.step))  # a global array, as trained
+  assets = checkpoint_assets.make(config, stats, action_space, vocab)
+  ckpt.save(config.total_steps, state.as_dict(), None, meta, assets)
+  ckpt.close()
+
+
+def lora(config, args: dict) -> None:
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from rt2_jax.policy import Policy
+
+  workdir = args['workdir']
+  if int(args['train']):
+    train.train(config, workdir)  # a few LoRA steps, every process on its share of the batch
+  else:
+    _save_lora_untrained(config, workdir)
+  setup = train.make_setup(config)
+  assert {d.process_index for d in setup.mesh.devices.flat} == set(range(jax.process_count()))
+  out = {}
+
+  # As Policy.from_checkpoint and serving read it: merged on this process's first device.
+  local = checkpoints.restore_for_inference(workdir)
+  for key, array in _flat(local.params).items():
+    assert array.devices() == {jax.local_devices()[0]}, key
+    out[f'local/{key}'] = np.asarray(array)
+
+  # Replicated over every device of both processes: the merge runs as one job-wide program.
+  everywhere = NamedSharding(setup.mesh, PartitionSpec())
+  replicated = checkpoints.restore_for_inference(workdir, sharding=everywhere)
+  for key, array in _flat(replicated.params).items():
+    assert not array.is_fully_addressable and array.sharding == everywhere, key
+    np.testing.assert_array_equal(np.asarray(array.addressable_data(0)), out[f'local/{key}'])
+
+  # The model's own layout over both processes (the frozen base's, as training holds it).
+  adapters, meta, _ = checkpoints.load_params(workdir, sharding=everywhere)
+  base = lora_base.resolve(meta, checkpoints.locate(workdir).directory)
+  merged = lora_lib.merged_params(config, adapters, base, setup.state_shardings.frozen)
+  split = 0
+  for array in _flat(merged).values():
+    split += int(len(array.addressable_shards[0].data.shape) > 0 and not array.is_fully_replicated)
+  for key, value in _whole(merged).items():
+    out[f'sharded/{key}'] = value
+  policy = Policy(
+    local.assets.apply(local.config),
+    merged,
+    local.stats,
+    local.action_space,
+    vocab=local.assets.vocab(),
+    resize=local.assets.image['resize'],
+  )
+  outputs = policy.batch(policy_images(config.model.image_size), list(INSTRUCTIONS))
+  out['tokens'] = np.stack([o.tokens for o in outputs])
+  out['vectors'] = np.stack([o.vector for o in outputs])
+  np.savez(f'{args["out"]}_{jax.process_index()}.npz', **out)
+  _say(f'lora merged alike 3 ways on {len(_flat(merged))} arrays, {split} split over devices')
+
+
 def main() -> None:
   args, spec, overrides = _args(sys.argv[1:])
   config = config_flags.load_config(spec, overrides)
   train.initialize_backend(config)
   assert jax.process_count() == 2, jax.process_count()
   args.update(spec=spec, overrides=overrides)
-  {'save': save, 'load': load}[args['phase']](config, args)
+  {'save': save, 'load': load, 'lora': lora}[args['phase']](config, args)
 
 
 if __name__ == '__main__':

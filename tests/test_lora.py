@@ -71,6 +71,46 @@ def test_merged_kernel_equals_the_low_rank_path_beside_it(stacked):
       np.testing.assert_allclose(got_y, want, rtol=1e-5, atol=1e-5)
 
 
+# Lowers the tree merge of 6 adapted kernels; prints the order a set of their paths iterates in
+# (it follows the string hash seed) and a digest of the program.
+_MERGE_PROGRAM = """
+import hashlib, jax, jax.numpy as jnp
+from rt2_jax import lora
+cfg = lora.LoraConfig(rank=2, alpha=4.0)
+base = {f'layers_{i}': {name: {'kernel': jnp.zeros((8, 8))} for name in ('query', 'wo')}
+        for i in range(3)}
+trainable = lora.init_trainable(base, cfg, jax.random.key(0))
+paths = {('layers_%d' % i, name) for i in range(3) for name in ('query', 'wo')}
+text = jax.jit(lambda b, t: lora.merge(b, t, cfg)).lower(base, trainable).as_text()
+print(list(paths), hashlib.sha256(text.encode()).hexdigest())
+"""
+
+
+def test_merge_traces_one_program_whatever_the_hash_seed():
+  """Every process of a multi-host job must run the same program, but each has its own string
+  hash seed: the merge once followed a set's order of the kernel paths, so two processes traced
+  their merges (and collectives) in different orders (issue 20)."""
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', _MERGE_PROGRAM],
+      cwd=lib.REPO_ROOT,
+      env=dict(lib.env(), PYTHONHASHSEED=str(seed)),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for seed in (1, 2)
+  ]
+  lines = []
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    lines.append(out.strip().splitlines()[-1])
+  orders = [line.rsplit(' ', 1)[0] for line in lines]
+  assert orders[0] != orders[1], orders  # the seeds do order a set differently here
+  assert len({line.rsplit(' ', 1)[1] for line in lines}) == 1, lines
+
+
 def test_config_errors_name_the_problem():
   with pytest.raises(ValueError, match='matches no parameter'):
     train.make_setup(_config(**{'lora.targets': 'nothing_like_this'}))
