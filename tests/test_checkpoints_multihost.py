@@ -132,7 +132,10 @@ def _random_base(root, config) -> dict:
 
 # CI saves the LoRA checkpoint without compiling a train step (that compile took half of the
 # 2-process run here); the full run trains it.
-@pytest.mark.parametrize('trained', [pytest.param(True, marks=pytest.mark.slow), False])
+# Slow (about 80 s on 2 cores even untrained): CI keeps the save/load test above and
+# test_lora.py's one-program check of the merge.
+@pytest.mark.slow
+@pytest.mark.parametrize('trained', [True, False])
 def test_a_lora_run_of_two_processes_merges_as_one_process_does(tmp_path, trained):
   """Its checkpoint (adapters only; the base named by its meta) merged on each process's first
   device (as Policy.from_checkpoint reads it), replicated over both processes' devices, and in
