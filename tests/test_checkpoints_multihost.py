@@ -130,10 +130,9 @@ def _random_base(root, config) -> dict:
   return {'/'.join(k): v for k, v in traverse_util.flatten_dict(base).items()}
 
 
-# CI saves the LoRA checkpoint without compiling a train step (that compile took half of the
-# 2-process run here); the full run trains it.
-# Slow (about 80 s on 2 cores even untrained): CI keeps the save/load test above and
-# test_lora.py's one-program check of the merge.
+# trained=False saves the LoRA checkpoint without compiling a train step (that compile took half
+# of the 2-process run here). Both are slow (about 80 s on 2 cores even untrained): CI keeps the
+# 2-process save/load test above and test_lora.py's one-program check of the merge.
 @pytest.mark.slow
 @pytest.mark.parametrize('trained', [True, False])
 def test_a_lora_run_of_two_processes_merges_as_one_process_does(tmp_path, trained):
