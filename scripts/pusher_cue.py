@@ -21,6 +21,7 @@ import json
 
 import numpy as np
 
+from rt2_jax.data.tabletop_demos import spot_beside
 from rt2_jax.envs import tabletop as tb
 from rt2_jax.envs import tabletop_tasks as tt
 from rt2_jax.evaluate import EVAL_SEED_BASE, TABLETOP_CATEGORIES
@@ -28,22 +29,6 @@ from rt2_jax.policy import Policy
 
 RIGHT_CM = 5.0
 FRAMES = ('reset', 'pusher_by_named', 'pusher_by_look_alike')
-
-
-def beside(block_xy, episode: tt.Episode, k: int, rng: np.random.Generator):
-  """A free pusher position just off block k, or None."""
-  for _ in range(50):
-    angle = rng.uniform(-np.pi, np.pi)
-    reach = episode.blocks[k].radius + tt.PUSHER_RADIUS + rng.uniform(0.003, 0.03)
-    xy = block_xy[k] + reach * np.array([np.cos(angle), np.sin(angle)])
-    clear = all(
-      np.linalg.norm(xy - q) > b.radius + tt.PUSHER_RADIUS + 0.002
-      for i, (q, b) in enumerate(zip(block_xy, episode.blocks, strict=True))
-      if i != k
-    )
-    if clear and np.all(np.abs(xy) <= tt.PUSHER_LIMIT):
-      return xy
-  return None
 
 
 def main():
@@ -70,8 +55,8 @@ def main():
       ]
       if not alike:
         continue
-      by_named = beside(block_xy, episode, named, rng)
-      by_alike = beside(block_xy, episode, alike[0], rng)
+      by_named = spot_beside(episode, block_xy, named, rng, max_gap=0.03, tries=50)
+      by_alike = spot_beside(episode, block_xy, alike[0], rng, max_gap=0.03, tries=50)
       if by_named is None or by_alike is None:
         continue
       row = (episode.instruction, block_xy, named, alike[0])

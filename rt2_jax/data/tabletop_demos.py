@@ -189,7 +189,7 @@ def expert_demo(
     rng = np.random.default_rng([seed, 4])
     _, block_xy, _ = tt.split_state(ts.state, len(env.episode.blocks))
     decoy = _decoy(env.episode, tt.current_goal(env.episode, block_xy).block, rng)
-    xy = _spot_beside(env.episode, block_xy, decoy, rng)
+    xy = spot_beside(env.episode, block_xy, decoy, rng)
     if xy is not None:
       ts = env.place_pusher(xy)
   rng = np.random.default_rng([seed, 1]) if action_noise else None
@@ -234,7 +234,7 @@ def scene_demos(
   goal = tt.current_goal(episode, block_xy)
   beside = [goal.block, _decoy(episode, goal.block, rng)]
   for j in range(1, frames):
-    xy = _spot_beside(episode, block_xy, beside[(j - 1) % 2], rng)
+    xy = spot_beside(episode, block_xy, beside[(j - 1) % 2], rng)
     if xy is not None:
       found.append(env.place_pusher(xy))
   out = []
@@ -256,11 +256,19 @@ def scene_demos(
   return out
 
 
-def _spot_beside(episode: tt.Episode, block_xy, k: int, rng: np.random.Generator, tries: int = 20):
-  """A random free pusher position just off block k (up to 5 cm from its edge), or None."""
+def spot_beside(
+  episode: tt.Episode,
+  block_xy,
+  k: int,
+  rng: np.random.Generator,
+  max_gap: float = 0.05,
+  tries: int = 20,
+):
+  """A random free pusher position just off block k (up to `max_gap` metres from its edge), or
+  None when `tries` draws found none."""
   for _ in range(tries):
     angle = rng.uniform(-np.pi, np.pi)
-    reach = episode.blocks[k].radius + tt.PUSHER_RADIUS + rng.uniform(0.003, 0.05)
+    reach = episode.blocks[k].radius + tt.PUSHER_RADIUS + rng.uniform(0.003, max_gap)
     xy = block_xy[k] + reach * np.array([np.cos(angle), np.sin(angle)])
     clear = all(
       np.linalg.norm(xy - q) > b.radius + tt.PUSHER_RADIUS + 0.002
