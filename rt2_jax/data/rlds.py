@@ -154,6 +154,7 @@ def _is_remote(path: str) -> bool:
 class _LocalFs:
   exists, isdir = staticmethod(os.path.exists), staticmethod(os.path.isdir)
   listdir = staticmethod(os.listdir)
+  GFile = staticmethod(open)  # tf.io.gfile's name, so one call opens local and remote files
 
 
 def _fs(path: str):

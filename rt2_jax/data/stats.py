@@ -109,14 +109,6 @@ def _load_if_valid(path: str, say) -> NormStats | None:
     return None
 
 
-def _open(path: str, mode: str):
-  if rlds._is_remote(path):
-    import tensorflow as tf
-
-    return tf.io.gfile.GFile(path, mode)
-  return open(path, mode)
-
-
 def describe(stats: NormStats, spec) -> str:
   """A table: one row per action dimension."""
   spec = load_spec(spec)
@@ -127,14 +119,14 @@ def describe(stats: NormStats, spec) -> str:
 
 
 def load(path: str) -> NormStats:
-  with _open(path, 'r') as f:
+  with rlds._fs(path).GFile(path, 'r') as f:
     return NormStats.from_json(f.read())
 
 
 def save(stats: NormStats, path: str) -> None:
   """Writes `path` whole or not at all (a reader never sees half a file)."""
   if rlds._is_remote(path):  # object stores make an object visible only once it is complete
-    with _open(path, 'w') as f:
+    with rlds._fs(path).GFile(path, 'w') as f:
       f.write(stats.to_json())
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
