@@ -49,8 +49,10 @@ def get_config(arg=None):
   # Demonstrations (python -m rt2_jax.data.tabletop_demos); out '' = a cache folder keyed by
   # these settings under ~/.cache/rt2_jax/tabletop. tasks '' = every family of the robot pool.
   # scenes: still frames of that many more scenes a task (more layouts for pointing,
-  # docs/tabletop.md Measurement 13); action_noise: DART-style perturbed rollouts;
-  # decoy_starts: the share of rollouts starting beside a look-alike block (Measurement 14).
+  # docs/tabletop.md Measurement 13, with the pusher by the goal's block and by a decoy in turn);
+  # action_noise: DART-style perturbed rollouts; decoy_starts: the share of rollouts starting
+  # beside a look-alike block, so that the block by the pusher is not the named one
+  # (Measurement 14).
   c.tabletop = ml_collections.ConfigDict(
     dict(
       tasks='',
@@ -60,9 +62,9 @@ def get_config(arg=None):
       max_steps=200,
       out='',
       workers=2,
-      scenes=0,
+      scenes=8000,
       action_noise=0.0,
-      decoy_starts=0.0,
+      decoy_starts=0.5,
     )
   )
   # The web corpus (rt2_jax.data.web_corpus): drawn pictures of every concept.
@@ -76,7 +78,7 @@ def get_config(arg=None):
   # The pointing stage (steps > 0): before fine-tuning, the image encoder and the instruction
   # pool learn where the block, the pusher and the goal are on the robot frames, without the
   # language model (config.pointing_only; rt2_jax/recipes/tabletop.py).
-  c.pointing = ml_collections.ConfigDict(dict(steps=3000, lr=2e-3, batch_size=32))
+  c.pointing = ml_collections.ConfigDict(dict(steps=6000, lr=2e-3, batch_size=32))
 
   # 17 bins a coordinate (steps of 1/8 in [-1, 1]) instead of RT-2's 256, each trained against a
   # Gaussian of one bin round the target: the expert's actions are unit vectors, and an oracle
@@ -97,6 +99,12 @@ def get_config(arg=None):
   c.model.image_size = 64
   c.model.vit.patch_size = 8
   c.model.vit.posemb = 'sincos2d'
+  # The convolutional stem finds the pusher reliably (Measurement 14: more than 5 cm off on 2% of
+  # visited steps against 31% with the linear patch embedding, equal steps and data).
+  c.model.vit.stem = 'conv'
+  # Each training image shifted by up to 4 px (its points with it): held-out pointing improves
+  # most from this (Measurement 11).
+  c.data.augment_shift_px = 4
   # Grounding (docs/tabletop.md, Measurements 5-8): instruction-pooled image summaries trained to
   # point (web 'where is' questions: slot 0; robot steps: the block to push, the pusher and where
   # the block should go, tabletop_tasks.POINTER_SLOTS), their positions given to the model as
@@ -110,7 +118,7 @@ def get_config(arg=None):
   c.model.pool_query = 'attend'
   c.model.pool_to_decoder = True
   c.model.pointer_loss = 1.0
-  c.total_steps = 4000
+  c.total_steps = 3000
   c.batch_size = 32
   c.log_every = 100
   # Adafactor at 2e-3 with a cosine schedule, as the Meta-World recipe (AdamW at 1e-3 diverged

@@ -80,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_heads=0,
       mlp_dim=0,
       posemb='learn',  # 'learn' | 'sincos2d'
+      # 'patch': one strided projection of each patch; 'conv': 3x3 stride-2 convolutions down to
+      # the patch grid (rt2_jax/models/vit.py; trains faster from scratch on small images).
+      stem='patch',
       mlp_activation='gelu_tanh',  # SigLIP / big_vision; 'gelu_exact' for HF ViT checkpoints
       layer_norm_epsilon=1e-6,
       dropout_rate=0.0,

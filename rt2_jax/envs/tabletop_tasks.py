@@ -38,7 +38,7 @@ BOARD_HALF = 0.3  # the board is 0.6 m square, walls at +-BOARD_HALF
 PUSHER_RADIUS = 0.018
 PUSHER_LIMIT = BOARD_HALF - PUSHER_RADIUS
 STEP_METRES = 0.02  # |delta| = 1 moves the pusher 2 cm a step: about 30 steps across the board
-BLOCK_HALF = {'small': 0.03, 'large': 0.045}  # half the width of a square; other shapes scale
+BLOCK_HALF = {'small': 0.04, 'large': 0.055}  # half the width of a square; other shapes scale
 MAX_BLOCKS = 8
 STATE_DIM = 2 + 3 * MAX_BLOCKS
 PLACE_TOLERANCE = 0.07  # block centre within this of a place point
