@@ -60,6 +60,12 @@ def base_config() -> ml_collections.ConfigDict:
   # into the summaries, beside the linear map: a push direction is a nonlinear function of the
   # positions, which a small MLP fits from true positions (docs/tabletop.md, Measurement 10).
   c.model.pool_keypoint_mlp = 0
+  # >= 0 (with pool_keypoints): in training, the summaries and the decoder read the labelled
+  # points (batch pointer_xy, plus Gaussian noise of this standard deviation in image fractions)
+  # as the keypoints wherever a point is labelled, so the action read-out learns the expert's
+  # function of true positions instead of fitting the model's own training-set keypoints; the
+  # pointing loss still trains the model's own. < 0: off. Decoding always reads the model's own.
+  c.model.pool_keypoint_teacher = -1.0
   # How each summary's query reads the instruction: 'mean' (one mean word embedding for all) or
   # 'attend' (rt2_jax.models.vla.InstructionReader: per-summary attention over the words with
   # positions, so 'X next to Y' and 'Y next to X' differ); pool_query_max_len >= the prompt.

@@ -269,6 +269,9 @@ def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, 
   lora = lora_lib.LoraConfig.from_config(config)
   label_sigma = float(config.actions.get('label_sigma', 0.0))
   pointing_only = bool(config.get('pointing_only', False))
+  keypoint_teacher = float(config.model.get('pool_keypoint_teacher', -1.0))
+  if keypoint_teacher >= 0 and not config.model.get('pool_keypoints', False):
+    raise ValueError('model.pool_keypoint_teacher feeds model.pool_keypoints: set both')
   shift_px = int(config.data.get('augment_shift_px', 0))
   if pointing_only and not pointer_weight:
     raise ValueError('config.pointing_only trains model.pointer_loss alone; set it > 0')
@@ -297,6 +300,10 @@ def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, 
       variables = lora_lib.apply_variables(frozen, params, lora, config.model.dtype)
     if pointing_only:
       return pointing_loss_and_sums(variables, batch, pointer_total)
+    override = None
+    if keypoint_teacher >= 0:  # the labelled points (+ noise) in place of the model's keypoints
+      noise = jax.random.normal(jax.random.fold_in(rng, 1), batch['pointer_xy'].shape)
+      override = batch['pointer_xy'] + keypoint_teacher * noise
     logits, state = model.apply(
       variables,
       batch['image'],
@@ -305,6 +312,7 @@ def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, 
       enable_dropout=dropout,
       # parallel action decoding: action positions read queries
       action_mask=batch['action_loss_mask'],
+      keypoint_override=override,
       rngs={'dropout': rng} if dropout else None,
       mutable=['intermediates'],
     )

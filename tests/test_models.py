@@ -604,6 +604,36 @@ def test_pool_keypoint_mlp_adds_a_nonlinear_map_of_the_keypoint_features():
     )
 
 
+def test_keypoint_override_replaces_the_labelled_slots_only():
+  images, enc, dec = _inputs()
+  model = VLA(_model_cfg(instruction_pool=2, pool_keypoints=True))
+  variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images, enc, dec))
+  logits, inter = model.apply(variables, images, enc, dec, mutable=['intermediates'])
+  own = np.asarray(inter['intermediates']['instruction_pool']['keypoints'][0])  # [B, 2, 2]
+
+  def run(override):
+    return np.asarray(model.apply(variables, images, enc, dec, keypoint_override=override))
+
+  # The model's own points, or no label anywhere: the same logits as without an override.
+  np.testing.assert_allclose(run(own), logits, atol=1e-6)
+  np.testing.assert_allclose(run(np.full_like(own, np.nan)), logits, atol=1e-6)
+  # Example 0's slot 0 moved: only example 0 changes, and a [B, 2] override is slot 0.
+  moved = np.full_like(own, np.nan)
+  moved[0, 0] = own[0, 0] + 0.25
+  changed = np.abs(run(moved) - np.asarray(logits)).max((1, 2))
+  assert changed[0] > 1e-3 and changed[1] < 1e-6
+  np.testing.assert_allclose(run(moved[:, 0]), run(moved), atol=1e-6)
+  # The sown keypoints stay the model's own (the pointing loss reads them).
+  _, inter = model.apply(
+    variables, images, enc, dec, keypoint_override=moved, mutable=['intermediates']
+  )
+  np.testing.assert_allclose(inter['intermediates']['instruction_pool']['keypoints'][0], own)
+  plain = VLA(_model_cfg(instruction_pool=2))
+  plain_vars = plain.init(jax.random.key(0), images, enc, dec)
+  with pytest.raises(ValueError, match='pool_keypoints'):
+    plain.apply(plain_vars, images, enc, dec, keypoint_override=own)
+
+
 def test_pool_keypoint_window_ignores_mass_far_from_the_peak():
   from rt2_jax.models.vla import InstructionPool, expected_patch_centre, local_window
 

@@ -573,6 +573,31 @@ def test_keypoint_loss_pulls_the_refined_keypoints_onto_the_points(action_setup)
   assert float(out['pointer_distance']) < 0.8 * first
 
 
+def test_keypoint_teacher_feeds_the_labelled_points_to_the_read_out(action_setup):
+  _, codec = action_setup
+  base = {'model.instruction_pool': 2, 'model.pool_keypoints': True, 'batch_size': 8}
+  no_keypoints = {**base, 'model.pool_keypoints': False, 'model.pool_keypoint_teacher': 0.0}
+  with pytest.raises(ValueError, match='pool_keypoint_teacher'):
+    train.make_setup(_config(**no_keypoints)).jit_train_step(codec)
+
+  def loss(teacher, xy):
+    setup = train.make_setup(_config(**base, **{'model.pool_keypoint_teacher': teacher}))
+    state = setup.init_state(jax.random.PRNGKey(0))
+    batch = dict(_batch(setup.config, codec), pointer_xy=xy)
+    batch = {k: jax.device_put(v, setup.batch_sharding(v.ndim)) for k, v in batch.items()}
+    return float(setup.jit_train_step(codec)(state, batch)[1]['loss'])
+
+  rng = np.random.default_rng(3)
+  xy = rng.uniform(0, 1, (16, 2, 2)).astype(np.float32)
+  other = rng.uniform(0, 1, (16, 2, 2)).astype(np.float32)
+  # Off, the action loss does not read the labels; on, it does (and the noise moves it).
+  assert loss(-1.0, xy) == loss(-1.0, other)
+  assert loss(0.0, xy) != loss(0.0, other)
+  assert loss(0.0, xy) != loss(0.05, xy)
+  unlabelled = np.full_like(xy, np.nan)  # no label: the model's own keypoints
+  assert loss(0.0, unlabelled) == pytest.approx(loss(-1.0, xy), rel=1e-6)
+
+
 def test_pointer_loss_needs_the_instruction_pool():
   with pytest.raises(ValueError, match='instruction_pool'):
     train.make_setup(_config(**{'model.pointer_loss': 1.0, 'batch_size': 8})).jit_train_step(None)

@@ -275,7 +275,10 @@ class InstructionPool(nn.Module):
       preferred_element_type=jnp.float32,
     )
 
-  def __call__(self, image_tokens, instruction):
+  def __call__(self, image_tokens, instruction, keypoint_override=None):
+    """-> summaries [B, K, E]. `keypoint_override` [B, K', 2] (NaN = the model's own): the
+    keypoints the summaries read instead of the model's (model.pool_keypoint_teacher); the
+    model's own are still sown for the pointing loss."""
     logits = self.logits(image_tokens, instruction)
     self.sow('intermediates', 'logits', logits)  # for model.pointer_loss (rt2_jax/train.py)
     weights = jax.nn.softmax(logits, axis=-1)
@@ -284,6 +287,8 @@ class InstructionPool(nn.Module):
     if self.keypoint_grid:
       points = self.keypoints(weights, image_tokens)
       self.sow('intermediates', 'keypoints', points)
+      if keypoint_override is not None:
+        points = override_keypoints(points, keypoint_override)
       features = self.keypoint_features(points)
       pooled = pooled + self.keypoint_projection(features)[:, None]
       if self.keypoint_mlp:
@@ -318,6 +323,15 @@ class InstructionPool(nn.Module):
     i, j = np.triu_indices(self.num_tokens, k=1)
     diffs = (points[:, i] - points[:, j]).reshape(points.shape[0], -1)
     return 4.0 * jnp.concatenate([(points - 0.5).reshape(points.shape[0], -1), diffs], axis=-1)
+
+
+def override_keypoints(points, override):
+  """points [B, K, 2] with each slot k < K' replaced by override [B, K', 2] (or [B, 2]: slot 0)
+  where the override is not NaN."""
+  override = override[:, None] if override.ndim == 2 else override
+  k = min(points.shape[1], override.shape[1])
+  head = jnp.where(jnp.isnan(override[:, :k]), points[:, :k], override[:, :k])
+  return jnp.concatenate([head.astype(points.dtype), points[:, k:]], axis=1)
 
 
 class VLA(nn.Module):
@@ -430,16 +444,22 @@ class VLA(nn.Module):
       return logits, pool.keypoints(weights, image_tokens)
     return logits, expected_patch_centre(weights, self.vit_config.grid)
 
-  def encode(self, images, encoder_input_tokens, enable_dropout: bool = False):
-    """-> (encoded [B, N + L, E], encoder_mask [B, N + L] bool)."""
+  def encode(
+    self, images, encoder_input_tokens, enable_dropout: bool = False, keypoint_override=None
+  ):
+    """-> (encoded [B, N + L, E], encoder_mask [B, N + L] bool). `keypoint_override`: see
+    InstructionPool.__call__ (training with model.pool_keypoint_teacher)."""
     deterministic = not enable_dropout
     image_tokens, text_tokens, instruction = self._embed(
       images, encoder_input_tokens, deterministic
     )
+    if keypoint_override is not None and (
+      self.instruction_pool is None or not self.instruction_pool.keypoint_grid
+    ):
+      raise ValueError('a keypoint override needs model.pool_keypoints')
     if self.instruction_pool is not None:  # the instruction's summaries go in front
-      image_tokens = jnp.concatenate(
-        [self.instruction_pool(image_tokens, instruction), image_tokens], axis=1
-      )
+      summaries = self.instruction_pool(image_tokens, instruction, keypoint_override)
+      image_tokens = jnp.concatenate([summaries, image_tokens], axis=1)
     x = jnp.concatenate([image_tokens.astype(text_tokens.dtype), text_tokens], axis=1)
     mask = jnp.concatenate(
       [jnp.ones(image_tokens.shape[:2], bool), encoder_input_tokens > 0], axis=1
@@ -464,9 +484,11 @@ class VLA(nn.Module):
     decoder_input_tokens,
     enable_dropout: bool = False,
     action_mask=None,
+    keypoint_override=None,
   ):
-    """Teacher-forced logits [B, Ld, V] (float32); `action_mask`: see `decode_hidden`."""
-    encoded, mask = self.encode(images, encoder_input_tokens, enable_dropout)
+    """Teacher-forced logits [B, Ld, V] (float32); `action_mask`: see `decode_hidden`;
+    `keypoint_override`: see `encode`."""
+    encoded, mask = self.encode(images, encoder_input_tokens, enable_dropout, keypoint_override)
     return self.lm.compute_logits(
       self.decode_hidden(encoded, mask, decoder_input_tokens, action_mask, enable_dropout)
     )
