@@ -580,12 +580,17 @@ def test_keypoint_teacher_feeds_the_labelled_points_to_the_read_out(action_setup
   with pytest.raises(ValueError, match='pool_keypoint_teacher'):
     train.make_setup(_config(**no_keypoints)).jit_train_step(codec)
 
+  steps = {}
+
   def loss(teacher, xy):
-    setup = train.make_setup(_config(**base, **{'model.pool_keypoint_teacher': teacher}))
-    state = setup.init_state(jax.random.PRNGKey(0))
+    if teacher not in steps:  # one compile per setting
+      setup = train.make_setup(_config(**base, **{'model.pool_keypoint_teacher': teacher}))
+      steps[teacher] = (setup, setup.jit_train_step(codec))
+    setup, step = steps[teacher]
+    state = setup.init_state(jax.random.PRNGKey(0))  # fresh: the step donates its state
     batch = dict(_batch(setup.config, codec), pointer_xy=xy)
     batch = {k: jax.device_put(v, setup.batch_sharding(v.ndim)) for k, v in batch.items()}
-    return float(setup.jit_train_step(codec)(state, batch)[1]['loss'])
+    return float(step(state, batch)[1]['loss'])
 
   rng = np.random.default_rng(3)
   xy = rng.uniform(0, 1, (16, 2, 2)).astype(np.float32)
