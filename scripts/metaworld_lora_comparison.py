@@ -15,7 +15,8 @@
    parameters, checkpoint size on disk; also written to WORKDIR/lora_comparison.{json,md}.
 
 Config overrides (--config.key=value) apply to every fine-tuning variant; rerunning resumes every
-stage (finished trainings are skipped, evaluations rerun).
+stage (finished trainings are skipped, evaluations rerun); the table keeps the rows of variants
+an earlier run in the same WORKDIR evaluated (`--variants=full_adamw` adds one row).
 """
 
 from __future__ import annotations
@@ -124,6 +125,17 @@ def table(rows: list[dict], categories: list[str]) -> str:
   return '\n'.join(lines)
 
 
+def merged_rows(path: str, rows: list[dict]) -> list[dict]:
+  """`rows` with the rows of other variants an earlier run left in `path`, in VARIANTS order."""
+  by_name = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      by_name = {r['variant']: r for r in json.load(f)['rows']}
+  by_name.update({r['variant']: r for r in rows})
+  order = list(VARIANTS)
+  return sorted(by_name.values(), key=lambda r: order.index(r['variant']))
+
+
 def run(config, workdir: str, pretrain_steps: int, variants: list[str]) -> list[dict]:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -166,6 +178,7 @@ def run(config, workdir: str, pretrain_steps: int, variants: list[str]) -> list[
         offline_robot_token_accuracy=(report.get('offline_robot') or {}).get('token_accuracy'),
       )
     )
+  rows = merged_rows(os.path.join(workdir, 'lora_comparison.json'), rows)
   categories = [c.strip() for c in config.eval.categories.split(',') if c.strip()]
   text = table(rows, categories)
   with open(os.path.join(workdir, 'lora_comparison.json'), 'w') as f:

@@ -53,3 +53,13 @@ def test_table():
   )
   text = comparison.table([row], ['seen', 'unseen_tasks'])
   assert text.splitlines()[-1] == '| LoRA | 19/20 | - | 301 | 3.5 | 0.295M | 3.0 MiB |'
+
+
+def test_rows_of_an_earlier_run_are_kept_in_variant_order(tmp_path):
+  path = tmp_path / 'lora_comparison.json'
+  path.write_text('{"rows": [{"variant": "lora_adamw", "x": 1}, {"variant": "full", "x": 1}]}')
+  rows = comparison.merged_rows(
+    str(path), [{'variant': 'lora', 'x': 2}, {'variant': 'full', 'x': 2}]
+  )
+  assert [(r['variant'], r['x']) for r in rows] == [('full', 2), ('lora', 2), ('lora_adamw', 1)]
+  assert comparison.merged_rows(str(tmp_path / 'none.json'), rows[:1]) == rows[:1]
