@@ -72,7 +72,7 @@ SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 #                 instead of per-head strided slices of [B, L, H, D].
 #   patch_matmul  the ViT patch stem as patchify + matmul (DenseGeneral's dot, so with dense_dot
 #                 its kernel gradient too) instead of a stride = kernel convolution.
-# On the 2-core AVX-512 CPU of issue 17 only dense_dot measured faster (tiny train step 0.77x);
+# On the 2-core AVX-512 CPU of issue 17 only dense_dot measured faster (tiny train step 0.78x);
 # the other three were within noise there (configs/tiny.py has the figures).
 CPU_KERNELS = ('dense_dot', 'batch_bias', 'heads_major', 'patch_matmul')
 
