@@ -16,6 +16,14 @@ def get_config(arg=None):
   c.model.dtype = 'float32'
   c.model.remat = 'none'
   c.model.scan_layers = False
+  # XLA:CPU variants (rt2_jax.models.layers.CPU_KERNELS), each measured against the plain ops on
+  # this 2-core AVX-512 CPU under load (issue 17; variants interleaved in one process, ratio to
+  # the plain ops within each round, medians): dense_dot, the kernel gradient formed in the
+  # kernel's axis order, takes the train step to 0.78x process CPU time (batch 32, 40 rounds,
+  # all below 0.88x; wall 0.82x), 0.80x at batch 8 (60 rounds), 0.88x at batch 8 with the
+  # xla_flags below. Forward and decode do not use it (about 1.0x). batch_bias, heads_major and
+  # patch_matmul gave train steps of 0.97-1.04x: no clear gain, so they stay off.
+  c.model.cpu_kernels = 'dense_dot'
   c.model.vit.update(patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512)
   c.model.t5.update(
     emb_dim=128,

@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   # True: ViT blocks and T5 layers run under nn.scan (one layer compiled, params stacked along a
   # leading 'layers' axis); convert params with rt2_jax.models.stack_layers / unstack_layers.
   c.model.scan_layers = True
+  # Named XLA:CPU variants of some model operations (rt2_jax.models.layers.CPU_KERNELS),
+  # comma-separated; '' = plain jax operations. The same values and gradients either way; a CPU
+  # config switches on the ones measured faster on its processor (configs/tiny.py).
+  c.model.cpu_kernels = ''
   # K > 0: K image summaries pooled by an instruction-conditioned query go in front of the image
   # tokens (rt2_jax.models.vla.InstructionPool; issue 15's grounding work). 0 = the plain VLA.
   c.model.instruction_pool = 0

@@ -174,20 +174,26 @@ def _loss_and_grads(model_cfg, params, images, prompts, dec_in, targets):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize('scan', [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_remat_gives_the_loss_and_gradients_of_no_remat(inputs, scan):
+@pytest.mark.parametrize(
+  'scan,kernels',
+  [(False, ''), (False, 'dense_dot'), pytest.param(True, '', marks=pytest.mark.slow)],
+)
+def test_remat_gives_the_loss_and_gradients_of_no_remat(inputs, scan, kernels):
+  """remat 'full' and 'dots' give the plain loss and gradients of no remat, also with
+  model.cpu_kernels='dense_dot' (of the options the only one the Gemma path uses)."""
   params, images, prompts, dec_in, targets = inputs
   if scan:
     params = stack_layers(params)
   results = {}
-  for remat in ('none', 'full', 'dots'):
-    cfg = _model_config(**{'model.remat': remat, 'model.scan_layers': scan}).model
-    results[remat] = _loss_and_grads(cfg, params, images, prompts, dec_in, targets)
-  want_loss, want_grads = results['none']
+  for remat, names in (('none', ''), ('none', kernels), ('full', kernels), ('dots', kernels)):
+    overrides = {'model.remat': remat, 'model.scan_layers': scan, 'model.cpu_kernels': names}
+    cfg = _model_config(**overrides).model
+    results[remat, names] = _loss_and_grads(cfg, params, images, prompts, dec_in, targets)
+  want_loss, want_grads = results['none', '']
   layer_kernel = want_grads['lm']['layers' if scan else 'layers_1']['mlp']['wo']['kernel']
   assert float(jnp.abs(layer_kernel).max()) > 1e-4  # the gradients reach the layers
-  for remat in ('full', 'dots'):
-    loss, grads = results[remat]
+  for remat in ('none', 'full', 'dots'):
+    loss, grads = results[remat, kernels]
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
     for (path, g), w in zip(

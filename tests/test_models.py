@@ -8,6 +8,7 @@ import pytest
 import train_testlib as lib
 
 from rt2_jax import config_flags
+from rt2_jax.models import layers
 from rt2_jax.models import t5 as t5_lib
 from rt2_jax.models.vla import VLA
 
@@ -186,12 +187,16 @@ def test_palix_55b_config_is_55b_class():
   assert 50e9 < total < 60e9, total
 
 
-def test_patch_embedding_is_a_matmul_on_each_patch():
-  # The 'patch' stem is a stride = kernel convolution: each token is its patch's pixels
-  # (row-major within the patch, channels last) times the kernel, tokens in row-major order.
+@pytest.mark.parametrize('kernels', [(), ('patch_matmul',), ('dense_dot', 'patch_matmul')])
+def test_patch_embedding_is_a_matmul_on_each_patch(kernels):
+  # The 'patch' stem is a stride = kernel convolution (or with cpu_kernels 'patch_matmul' a
+  # matmul on gathered patches): each token is its patch's pixels (row-major within the patch,
+  # channels last) times the kernel, tokens in row-major order.
   from rt2_jax.models import vit as vit_lib
 
-  cfg = vit_lib.ViTConfig(image_size=16, patch_size=4, width=8, depth=0, num_heads=2, mlp_dim=8)
+  cfg = vit_lib.ViTConfig(
+    image_size=16, patch_size=4, width=8, depth=0, num_heads=2, mlp_dim=8, cpu_kernels=kernels
+  )
   vit = vit_lib.ViT(cfg)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
@@ -208,14 +213,14 @@ def test_patch_embedding_is_a_matmul_on_each_patch():
   np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4)
 
 
-def test_remat_dots_saves_dense_outputs():
+@pytest.mark.parametrize('kernels', [(), ('dense_dot',)])
+def test_remat_dots_saves_dense_outputs(kernels):
   # remat='dots' is jax's own policy: a DenseGeneral output (a dot without batch axes) is kept,
-  # 'full' keeps no intermediate.
+  # 'full' keeps no intermediate. The dense_dot option hides its dot in a custom_vjp, so its
+  # policy also saves the output by name (and jax's policy alone would save nothing).
   from jax._src.ad_checkpoint import saved_residuals
 
-  from rt2_jax.models import layers
-
-  layer = layers.DenseGeneral((16,), ('embed', 'mlp'))
+  layer = layers.DenseGeneral((16,), ('embed', 'mlp'), kernels=kernels)
   x = jnp.ones((8, 16))
   params = layer.init(jax.random.PRNGKey(0), x)
 
@@ -225,14 +230,22 @@ def test_remat_dots_saves_dense_outputs():
     )
     return [r for r in saved_residuals(f, params, x) if 'argument' not in r[1]]
 
+  policy = layers.remat_policy('dots', kernels)
   assert layers.SAVE_DOTS is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  assert len(outputs_saved(layers.SAVE_DOTS)) == 2, outputs_saved(layers.SAVE_DOTS)
-  assert outputs_saved(None) == []
+  assert (policy is layers.SAVE_DOTS) == (kernels == ())
+  assert len(outputs_saved(policy)) == 2, outputs_saved(policy)
+  assert len(outputs_saved(layers.SAVE_DOTS)) == (0 if kernels else 2)
+  assert outputs_saved(layers.remat_policy('full', kernels)) == []
 
 
-def test_remat_dots_saves_every_projection_and_keeps_the_gradients():
+ALL_CPU_KERNELS = ','.join(layers.CPU_KERNELS)
+
+
+@pytest.mark.parametrize('kernels', ['', ALL_CPU_KERNELS])
+def test_remat_dots_saves_every_projection_and_keeps_the_gradients(kernels):
   """Whole VLA: 'dots' saves one output per weight matmul of the rematerialised layers that the
-  backward pass reads, and 'none', 'full' and 'dots' give the same loss and gradients."""
+  backward pass reads, and 'none', 'full' and 'dots' give the same loss and gradients; so too
+  with every model.cpu_kernels option on."""
   from jax._src.ad_checkpoint import saved_residuals
 
   images, enc, dec = _inputs(1)
@@ -245,13 +258,13 @@ def test_remat_dots_saves_every_projection_and_keeps_the_gradients():
   results, saved, dots_saved = {}, {}, {}
   params = None
   for remat in ('none', 'full', 'dots'):
-    model = VLA(_model_cfg(remat=remat))
+    model = VLA(_model_cfg(remat=remat, cpu_kernels=kernels))
     if params is None:
       params = jax.jit(model.init)(jax.random.key(0), images, enc, dec)['params']
     results[remat] = jax.jit(jax.value_and_grad(lambda p, m=model: loss(m, p)))(params)
     residuals = saved_residuals(lambda p, m=model: loss(m, p), params)
     saved[remat] = len(residuals)
-    dots_saved[remat] = sum('dot_general' in r[1] for r in residuals)
+    dots_saved[remat] = sum('dot_general' in r[1] or layers.DENSE_OUTPUT in r[1] for r in residuals)
   # Weight matmuls in the remat'd layers whose outputs the backward pass reads: ViT block q, k,
   # v, out, fc1; T5 encoder layer q, k, v, out, wi_0, wi_1; a decoder layer also the cross-
   # attention's 4 (1, 2 and 2 layers). The last of each layer (fc2, wo) only feeds an add.
@@ -265,6 +278,40 @@ def test_remat_dots_saves_every_projection_and_keeps_the_gradients():
       jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True
     ):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=f'{remat} {path}')
+
+
+@pytest.mark.parametrize('kernels', [*layers.CPU_KERNELS, ALL_CPU_KERNELS])
+def test_cpu_kernels_give_the_loss_and_gradients_of_the_plain_ops(kernels):
+  """Each model.cpu_kernels option (float32) changes only the operations XLA is given: the
+  same loss and parameter gradients as the plain ops, and the same parameters."""
+  images, enc, dec = _inputs(2)
+  targets = jnp.asarray(np.roll(dec, -1, axis=1))
+  results = {}
+  params = None
+  for name in ('', kernels):
+    model = VLA(_model_cfg(cpu_kernels=name))
+    if params is None:
+      params = jax.jit(model.init)(jax.random.key(0), images, enc, dec)['params']
+
+    def loss(p, m=model):
+      logp = jax.nn.log_softmax(m.apply({'params': p}, images, enc, dec))
+      return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
+
+    results[name] = jax.jit(jax.value_and_grad(loss))(params)
+  want_loss, want = results['']
+  got_loss, got = results[kernels]
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  for (path, g), w in zip(
+    jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True
+  ):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f'{kernels} {path}')
+
+
+def test_cpu_kernels_reject_unknown_names():
+  assert layers.cpu_kernels(' heads_major, dense_dot,') == ('dense_dot', 'heads_major')
+  assert layers.cpu_kernels('') == ()
+  with pytest.raises(ValueError, match="unknown model.cpu_kernels \\['dense_dots'\\]"):
+    VLA(_model_cfg(cpu_kernels='dense_dots')).init(jax.random.key(0), *_inputs())
 
 
 def test_conv_stem_is_local_and_shardable():

@@ -221,6 +221,9 @@ def test_large_configs_start_from_the_base_without_cpu_flags():
     assert all(
       k.startswith(('model.', 'total_steps', 'batch_size', 'ckpt.', 'mesh.')) for k in changed
     ), changed
+  # Nor tiny's XLA:CPU model variants (model.cpu_kernels): plain jax operations.
+  for name in ('rt2_pali_3b', 'rt2_palix_55b', 'paligemma_3b'):
+    assert config_flags.load_config(f'configs/{name}.py').model.cpu_kernels == '', name
 
 
 def test_stacked_params_shard_like_their_layers():

@@ -18,6 +18,7 @@ The model takes embeddings, not tokens, so the VLA can put image tokens in front
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -44,6 +45,8 @@ class GemmaConfig:
   dtype: str = 'float32'
   remat: str = 'none'  # 'none' | 'full' | 'dots'
   scan_layers: bool = False  # layers under nn.scan: params stacked as lm/layers [num_layers, ...]
+  # model.cpu_kernels (layers.CPU_KERNELS); of those only dense_dot has a use here.
+  cpu_kernels: tuple[str, ...] = ()
 
   @classmethod
   def from_config(
@@ -53,16 +56,22 @@ class GemmaConfig:
     dtype: str = 'float32',
     remat: str = 'none',
     scan_layers: bool = False,
+    cpu_kernels: str = '',
   ):
     """From the `model.gemma` ConfigDict block; unknown keys fail naming them."""
     d = dict(gemma_cfg)
-    model_level = {'vocab_size', 'dtype', 'remat', 'scan_layers'}
+    model_level = {'vocab_size', 'dtype', 'remat', 'scan_layers', 'cpu_kernels'}
     known = {f.name for f in dataclasses.fields(cls)} - model_level
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f'unknown model.gemma keys {unknown}; known: {sorted(known)}')
     cfg = cls(
-      vocab_size=int(vocab_size), dtype=dtype, remat=remat, scan_layers=bool(scan_layers), **d
+      vocab_size=int(vocab_size),
+      dtype=dtype,
+      remat=remat,
+      scan_layers=bool(scan_layers),
+      cpu_kernels=layers.cpu_kernels(cpu_kernels),
+      **d,
     )
     if cfg.num_heads % cfg.num_kv_heads:
       raise ValueError(
@@ -121,16 +130,11 @@ class Attention(nn.Module):
 
   def setup(self):
     cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
-    self.query = layers.DenseGeneral(
-      (cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'kv'), dtype=dtype
-    )
-    self.key = layers.DenseGeneral(
-      (cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'kv'), dtype=dtype
-    )
-    self.value = layers.DenseGeneral(
-      (cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'kv'), dtype=dtype
-    )
-    self.out = layers.DenseGeneral((cfg.emb_dim,), ('heads', 'kv', 'embed'), in_dims=2, dtype=dtype)
+    dense = functools.partial(layers.DenseGeneral, dtype=dtype, kernels=cfg.cpu_kernels)
+    self.query = dense((cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'kv'))
+    self.key = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'kv'))
+    self.value = dense((cfg.num_kv_heads, cfg.head_dim), ('embed', 'kv_heads', 'kv'))
+    self.out = dense((cfg.emb_dim,), ('heads', 'kv', 'embed'), in_dims=2)
     self.attn_dropout = nn.Dropout(cfg.dropout_rate)
 
   def qkv(self, x, positions):
@@ -180,11 +184,12 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
-    gate = layers.DenseGeneral((cfg.mlp_dim,), ('embed', 'mlp'), dtype=dtype, name='wi_0')(x)
-    up = layers.DenseGeneral((cfg.mlp_dim,), ('embed', 'mlp'), dtype=dtype, name='wi_1')(x)
+    dense = functools.partial(layers.DenseGeneral, dtype=dtype, kernels=cfg.cpu_kernels)
+    gate = dense((cfg.mlp_dim,), ('embed', 'mlp'), name='wi_0')(x)
+    up = dense((cfg.mlp_dim,), ('embed', 'mlp'), name='wi_1')(x)
     h = constrain(layers.activation(cfg.mlp_activation)(gate) * up, ('batch', 'length', 'mlp'))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    return layers.DenseGeneral((cfg.emb_dim,), ('mlp', 'embed'), dtype=dtype, name='wo')(h)
+    return dense((cfg.emb_dim,), ('mlp', 'embed'), name='wo')(h)
 
 
 class Layer(nn.Module):
@@ -242,7 +247,9 @@ class Gemma(nn.Module):
       (cfg.vocab_size, cfg.emb_dim),
       jnp.float32,
     )
-    layer_cls = layers.maybe_remat(Layer, cfg.remat, static_argnums=(4,), scanned=cfg.scan_layers)
+    layer_cls = layers.maybe_remat(
+      Layer, cfg.remat, (4,), scanned=cfg.scan_layers, kernels=cfg.cpu_kernels
+    )
     if cfg.scan_layers:
       self.layers = layer_cls(cfg, name='layers')
     else:

@@ -4,9 +4,9 @@ Every parameter is created through `nn.with_logical_partitioning`, so a single t
 logical-axis rules (rt2_jax.partitioning.LOGICAL_RULES) shards the whole model. Parameters are
 float32; `dtype` is the compute dtype. Attention logits and softmax run in float32.
 
-Plain jax operations, for every backend. (XLA:CPU-tuned variants of the dense gradient, the
-batch-shared bias gradient, the attention layout and the ViT stem were measured against these
-on a 2-core AVX-512 CPU, issue 17, and gave no gain there, so none is kept.)
+Plain jax operations by default, for every backend. `model.cpu_kernels` names XLA:CPU variants
+(CPU_KERNELS) that a config may switch on where they measure faster on its processor; each gives
+the same values and gradients as the plain ops, and remat='dots' saves the same matmul outputs.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 # Added to the attention logits of masked keys: large enough that exp() underflows to 0 in
@@ -58,6 +59,115 @@ def constrain(x, axes: Sequence[str | None]):
 # DenseGeneral); the batched attention matmuls and the LoRA product are recomputed.
 SAVE_DOTS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
+# XLA:CPU variants a config can switch on by name (model.cpu_kernels, comma-separated; '' = the
+# plain ops). Each computes the same values and gradients as the plain ops; they differ only in
+# the operations XLA:CPU is given. Measured on the processor at hand before a config uses them:
+#   dense_dot     DenseGeneral's kernel gradient as one dot already in the kernel's axis order
+#                 (jax's transpose rule forms [out, in] and then transposes it: a strided copy
+#                 per kernel on XLA:CPU).
+#   batch_bias    a learned bias shared by every example (the T5 encoder's relative-position
+#                 bias, the ViT's position embedding) gets its gradient, the sum over the batch,
+#                 as a dot with ones instead of a reduction over the leading axis.
+#   heads_major   the attention matmuls read [B, H, L, D] operands (one transposed copy each)
+#                 instead of per-head strided slices of [B, L, H, D].
+#   patch_matmul  the ViT patch stem as patchify + matmul (DenseGeneral's dot, so with dense_dot
+#                 its kernel gradient too) instead of a stride = kernel convolution.
+# On the 2-core AVX-512 CPU of issue 17 only dense_dot measured faster (tiny train step 0.78x);
+# the other three were within noise there (configs/tiny.py has the figures).
+CPU_KERNELS = ('dense_dot', 'batch_bias', 'heads_major', 'patch_matmul')
+
+
+def cpu_kernels(names: str | Sequence[str]) -> tuple[str, ...]:
+  """`model.cpu_kernels` ('a,b' or a sequence; '' = none) -> the validated names, sorted."""
+  if isinstance(names, str):
+    names = names.split(',')
+  chosen = sorted({n.strip() for n in names if n.strip()})
+  unknown = [n for n in chosen if n not in CPU_KERNELS]
+  if unknown:
+    raise ValueError(f'unknown model.cpu_kernels {unknown}; known: {list(CPU_KERNELS)}')
+  return tuple(chosen)
+
+
+# The name dense_dot's output carries: remat='dots' looks for dots without batch axes in the
+# jaxpr, and a custom_vjp hides its dot from that policy, so with dense_dot on the policy also
+# saves outputs of this name (remat_policy). The plain ops need no name.
+DENSE_OUTPUT = 'dense_output'
+
+
+def remat_policy(remat: str, kernels: Sequence[str] = ()):
+  """The jax.checkpoint policy of model.remat ('full': None, 'dots': save weight matmuls)."""
+  if remat == 'full':
+    return None
+  if remat != 'dots':
+    raise ValueError(f"model.remat must be 'none', 'full' or 'dots', got {remat!r}")
+  if 'dense_dot' not in kernels:
+    return SAVE_DOTS
+  return jax.checkpoint_policies.save_from_both_policies(
+    SAVE_DOTS, jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)
+  )
+
+
+def dense_dims(x_ndim: int, in_dims: int):
+  """lax.dot_general dimension numbers: x's last `in_dims` axes with the kernel's first."""
+  return (tuple(range(x_ndim - in_dims, x_ndim)), tuple(range(in_dims))), ((), ())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense_dot(x, kernel, in_dims: int):
+  """lax.dot_general(x, kernel, dense_dims(...)) with the kernel gradient formed as
+  dot(x, g) -> [in..., out...], the kernel's own order (cpu_kernels 'dense_dot')."""
+  return lax.dot_general(x, kernel, dense_dims(x.ndim, in_dims))
+
+
+def _dense_dot_fwd(x, kernel, in_dims):
+  return dense_dot(x, kernel, in_dims), (x, kernel)
+
+
+def _dense_dot_bwd(in_dims, residuals, g):
+  x, kernel = residuals
+  out_axes = tuple(range(in_dims, kernel.ndim))
+  g_out_axes = tuple(range(g.ndim - len(out_axes), g.ndim))
+  dx = lax.dot_general(g, kernel, ((g_out_axes, out_axes), ((), ())))  # [batch..., in...]
+  batch_axes = tuple(range(x.ndim - in_dims))
+  dkernel = lax.dot_general(x, g, ((batch_axes, batch_axes), ((), ())))  # [in..., out...]
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
+
+
+def dense(x, kernel, in_dims: int, kernels: Sequence[str] = ()):
+  """x . kernel over x's last `in_dims` axes: the plain dot, or dense_dot (named for remat)."""
+  if 'dense_dot' in kernels:
+    return checkpoint_name(dense_dot(x, kernel, in_dims), DENSE_OUTPUT)
+  return lax.dot_general(x, kernel, dense_dims(x.ndim, in_dims))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _broadcast_batch(x, batch_size: int):
+  return jnp.broadcast_to(x, (batch_size,) + x.shape[1:])
+
+
+def _broadcast_batch_fwd(x, batch_size):
+  return _broadcast_batch(x, batch_size), None
+
+
+def _broadcast_batch_bwd(batch_size, _, g):
+  ones = jnp.ones((1, batch_size), g.dtype)
+  summed = lax.dot_general(ones, g, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return (summed.astype(g.dtype),)
+
+
+_broadcast_batch.defvjp(_broadcast_batch_fwd, _broadcast_batch_bwd)
+
+
+def add_batch_shared(x, shared, kernels: Sequence[str] = ()):
+  """x [B, ...] + shared [1, ...] (a learned bias shared by every example). With 'batch_bias'
+  the shared term is broadcast to the batch first, its gradient then a dot with ones."""
+  if 'batch_bias' in kernels:
+    shared = _broadcast_batch(shared, x.shape[0])
+  return x + shared
+
 
 # Variable collection of LoRA adapters merged inside their layer (config.lora.merge='layer',
 # rt2_jax.lora.layer_variables): per adapted DenseGeneral {'a' [in, r], 'b' [r, out], 'scale' []}.
@@ -74,11 +184,6 @@ def lora_kernel(kernel, a, b, scale, dtype):
   return merged.astype(jnp.promote_types(kernel.dtype, dtype))
 
 
-def dense_dims(x_ndim: int, in_dims: int):
-  """lax.dot_general dimension numbers: x's last `in_dims` axes with the kernel's first."""
-  return (tuple(range(x_ndim - in_dims, x_ndim)), tuple(range(in_dims))), ((), ())
-
-
 class DenseGeneral(nn.Module):
   """y = x . kernel, contracting the last `in_dims` axes of x; kernel axes are named `axes`."""
 
@@ -88,6 +193,7 @@ class DenseGeneral(nn.Module):
   use_bias: bool = False
   init_scale: float = 1.0
   dtype: Dtype = jnp.float32
+  kernels: tuple[str, ...] = ()  # CPU_KERNELS in use (model.cpu_kernels)
 
   @nn.compact
   def __call__(self, x):
@@ -107,7 +213,7 @@ class DenseGeneral(nn.Module):
     if self.has_variable(LORA, 'a'):  # a LoRA adapter: this layer's kernel merged here only
       get = functools.partial(self.get_variable, LORA)
       kernel = lora_kernel(kernel, get('a'), get('b'), get('scale'), self.dtype)
-    y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dense_dims(x.ndim, n_in))
+    y = dense(x.astype(self.dtype), kernel.astype(self.dtype), n_in, self.kernels)
     if self.use_bias:
       bias = self.param(
         'bias',
@@ -178,24 +284,21 @@ class MultiHeadAttention(nn.Module):
   out_init_scale: float = 1.0  # 0: the block starts by adding nothing (T5Config.zero_init_residual)
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  kernels: tuple[str, ...] = ()  # CPU_KERNELS in use (model.cpu_kernels)
 
   def setup(self):
     hd = (self.num_heads, self.head_dim)
     qkv_axes = ('embed', 'heads', 'kv')
     # Unscaled logits (T5) put the 1/sqrt(head_dim) into the query init instead.
     q_scale = 1.0 if self.scale_logits else 1.0 / self.head_dim
-    self.query = DenseGeneral(
-      hd, qkv_axes, use_bias=self.use_bias, init_scale=q_scale, dtype=self.dtype
+    dense = functools.partial(
+      DenseGeneral, use_bias=self.use_bias, dtype=self.dtype, kernels=self.kernels
     )
-    self.key = DenseGeneral(hd, qkv_axes, use_bias=self.use_bias, dtype=self.dtype)
-    self.value = DenseGeneral(hd, qkv_axes, use_bias=self.use_bias, dtype=self.dtype)
-    self.out = DenseGeneral(
-      (self.out_features,),
-      ('heads', 'kv', 'embed'),
-      in_dims=2,
-      use_bias=self.use_bias,
-      init_scale=self.out_init_scale,
-      dtype=self.dtype,
+    self.query = dense(hd, qkv_axes, init_scale=q_scale)
+    self.key = dense(hd, qkv_axes)
+    self.value = dense(hd, qkv_axes)
+    self.out = dense(
+      (self.out_features,), ('heads', 'kv', 'embed'), in_dims=2, init_scale=self.out_init_scale
     )
     self.attn_dropout = nn.Dropout(self.dropout_rate)
 
@@ -217,13 +320,21 @@ class MultiHeadAttention(nn.Module):
   def attend(self, q, k, v, bias=None, deterministic: bool = True):
     """q [B,Q,H,D], k/v [B,K,H,D], bias broadcastable to [B,H,Q,K] (float32) -> [B,Q,E]."""
     q = self._scale_query(q)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    v = v.astype(self.dtype)
+    if 'heads_major' in self.kernels:
+      q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+      logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     if bias is not None:
       logits = logits + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     if self.dropout_rate > 0.0 and not deterministic:
       weights = self.attn_dropout(weights, deterministic=False)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v.astype(self.dtype))
+    if 'heads_major' in self.kernels:
+      out = jnp.einsum('bhqk,bhkd->bhqd', weights, v).transpose(0, 2, 1, 3)
+    else:
+      out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     return constrain(self.out(out), ('batch', 'length', 'embed'))
 
   def attend_cached(self, q, k, v, bias=None):
@@ -294,19 +405,26 @@ def mask_to_bias(key_mask):
   return jnp.where(key_mask, 0.0, MASK_BIAS).astype(jnp.float32)[:, None, None, :]
 
 
-def maybe_remat(module_cls, remat: str, static_argnums: tuple[int, ...], scanned: bool = False):
+def maybe_remat(
+  module_cls,
+  remat: str,
+  static_argnums: tuple[int, ...],
+  scanned: bool = False,
+  kernels: Sequence[str] = (),
+):
   """Wraps a layer class in `nn.remat` ('full': save nothing, 'dots': save weight matmuls).
 
   `static_argnums` count `self` as 0 and must name the `deterministic` argument. Under a scan
   the loop already keeps XLA from merging the recomputation away, so CSE prevention is off.
+  `kernels`: the layer's CPU_KERNELS (see remat_policy).
   """
-  policies = {'full': None, 'dots': SAVE_DOTS}
   if remat == 'none':
     return module_cls
-  if remat not in policies:
-    raise ValueError(f"model.remat must be 'none', 'full' or 'dots', got {remat!r}")
   return nn.remat(
-    module_cls, policy=policies[remat], static_argnums=static_argnums, prevent_cse=not scanned
+    module_cls,
+    policy=remat_policy(remat, kernels),
+    static_argnums=static_argnums,
+    prevent_cse=not scanned,
   )
 
 

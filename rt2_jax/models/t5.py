@@ -48,6 +48,7 @@ class T5Config:
   remat: str = 'none'  # 'none' | 'full' | 'dots' (rematerialise each layer in the backward pass)
   # Layers under nn.scan: params stacked as {encoder,decoder}/layers [num_layers, ...].
   scan_layers: bool = False
+  cpu_kernels: tuple[str, ...] = ()  # model.cpu_kernels (layers.CPU_KERNELS)
 
   @classmethod
   def from_config(
@@ -57,17 +58,23 @@ class T5Config:
     dtype: str = 'float32',
     remat: str = 'none',
     scan_layers: bool = False,
+    cpu_kernels: str = '',
   ):
     """From the `model.t5` ConfigDict block; unknown keys fail naming them."""
     d = dict(t5_cfg)
-    model_level = {'vocab_size', 'dtype', 'remat', 'scan_layers'}
+    model_level = {'vocab_size', 'dtype', 'remat', 'scan_layers', 'cpu_kernels'}
     known = {f.name for f in dataclasses.fields(cls)} - model_level
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f'unknown model.t5 keys {unknown}; known: {sorted(known)}')
     d['mlp_activations'] = tuple(d.get('mlp_activations', cls.mlp_activations))
     return cls(
-      vocab_size=int(vocab_size), dtype=dtype, remat=remat, scan_layers=bool(scan_layers), **d
+      vocab_size=int(vocab_size),
+      dtype=dtype,
+      remat=remat,
+      scan_layers=bool(scan_layers),
+      cpu_kernels=layers.cpu_kernels(cpu_kernels),
+      **d,
     )
 
 
@@ -133,7 +140,11 @@ class MlpBlock(nn.Module):
     h = None
     for i, name in enumerate(acts):
       wi = layers.DenseGeneral(
-        (cfg.mlp_dim,), ('embed', 'mlp'), dtype=dtype, name=f'wi_{i}' if len(acts) > 1 else 'wi'
+        (cfg.mlp_dim,),
+        ('embed', 'mlp'),
+        dtype=dtype,
+        kernels=cfg.cpu_kernels,
+        name=f'wi_{i}' if len(acts) > 1 else 'wi',
       )(x)
       wi = layers.activation(name)(wi)
       h = wi if h is None else h * wi
@@ -143,6 +154,7 @@ class MlpBlock(nn.Module):
       (cfg.emb_dim,),
       ('mlp', 'embed'),
       dtype=dtype,
+      kernels=cfg.cpu_kernels,
       name='wo',
       init_scale=0.0 if cfg.zero_init_residual else 1.0,
     )(h)
@@ -157,6 +169,7 @@ def _attention(cfg: T5Config):
     out_init_scale=0.0 if cfg.zero_init_residual else 1.0,
     dropout_rate=cfg.dropout_rate,
     dtype=layers.to_dtype(cfg.dtype),
+    kernels=cfg.cpu_kernels,
   )
 
 
@@ -245,7 +258,7 @@ def _layer_stack(layer_cls, cfg: T5Config, num_layers: int, static_argnums: tupl
   """The layers of a stack, built inside `setup`: one scanned module named 'layers' (nn.scan
   stacks its params along 'layers') or `layers_0..n-1`. static_argnums: see maybe_remat."""
   layer_cls = layers.maybe_remat(
-    layer_cls, cfg.remat, static_argnums=static_argnums, scanned=cfg.scan_layers
+    layer_cls, cfg.remat, static_argnums, scanned=cfg.scan_layers, kernels=cfg.cpu_kernels
   )
   if cfg.scan_layers:
     return layer_cls(cfg, name='layers')
@@ -272,7 +285,9 @@ class Encoder(nn.Module):
     cfg = self.config
     length = x.shape[1]
     # The relative position bias is shared by all layers: computed once, outside any scan.
-    bias = self.relpos_bias(length, length) + layers.mask_to_bias(mask)  # [B, H, L, L]
+    bias = layers.add_batch_shared(  # [B, H, L, L]
+      layers.mask_to_bias(mask), self.relpos_bias(length, length), cfg.cpu_kernels
+    )
     x = self.dropout(x.astype(layers.to_dtype(cfg.dtype)), deterministic)
     if cfg.scan_layers:
 

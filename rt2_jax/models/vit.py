@@ -12,6 +12,7 @@ Input images are floats already scaled to [-1, 1] (the VLA does the scaling).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -45,6 +46,7 @@ class ViTConfig:
   dtype: str = 'float32'
   remat: str = 'none'  # 'none' | 'full' | 'dots'
   scan_layers: bool = False  # blocks under nn.scan, params stacked as vit/blocks [depth, ...]
+  cpu_kernels: tuple[str, ...] = ()  # model.cpu_kernels (layers.CPU_KERNELS)
 
   @classmethod
   def from_config(
@@ -54,16 +56,22 @@ class ViTConfig:
     dtype: str = 'float32',
     remat: str = 'none',
     scan_layers: bool = False,
+    cpu_kernels: str = '',
   ):
     """From the `model.vit` ConfigDict block; unknown keys fail naming them."""
     d = dict(vit_cfg)
-    model_level = {'image_size', 'dtype', 'remat', 'scan_layers'}
+    model_level = {'image_size', 'dtype', 'remat', 'scan_layers', 'cpu_kernels'}
     known = {f.name for f in dataclasses.fields(cls)} - model_level
     unknown = sorted(set(d) - known)
     if unknown:
       raise ValueError(f'unknown model.vit keys {unknown}; known: {sorted(known)}')
     cfg = cls(
-      image_size=int(image_size), dtype=dtype, remat=remat, scan_layers=bool(scan_layers), **d
+      image_size=int(image_size),
+      dtype=dtype,
+      remat=remat,
+      scan_layers=bool(scan_layers),
+      cpu_kernels=layers.cpu_kernels(cpu_kernels),
+      **d,
     )
     if cfg.image_size % cfg.patch_size:
       raise ValueError(
@@ -109,14 +117,13 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     cfg, dtype = self.config, layers.to_dtype(self.config.dtype)
-    h = layers.DenseGeneral(
-      (cfg.mlp_dim,), ('embed', 'mlp'), use_bias=True, dtype=dtype, name='fc1'
-    )(x)
+    dense = functools.partial(
+      layers.DenseGeneral, use_bias=True, dtype=dtype, kernels=cfg.cpu_kernels
+    )
+    h = dense((cfg.mlp_dim,), ('embed', 'mlp'), name='fc1')(x)
     h = constrain(layers.activation(cfg.mlp_activation)(h), ('batch', 'length', 'mlp'))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    return layers.DenseGeneral(
-      (cfg.width,), ('mlp', 'embed'), use_bias=True, dtype=dtype, name='fc2'
-    )(h)
+    return dense((cfg.width,), ('mlp', 'embed'), name='fc2')(h)
 
 
 class EncoderBlock(nn.Module):
@@ -134,6 +141,7 @@ class EncoderBlock(nn.Module):
       use_bias=True,
       scale_logits=True,
       dtype=dtype,
+      kernels=cfg.cpu_kernels,
       name='attention',
     )(h, h)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
@@ -150,6 +158,7 @@ class EncoderBlock(nn.Module):
         use_bias=True,
         init_scale=0.0,
         dtype=dtype,
+        kernels=cfg.cpu_kernels,
         name='film',
       )(condition)
       x = x * (1.0 + film[:, None, 0]) + film[:, None, 1]
@@ -188,7 +197,12 @@ class ConvStem(nn.Module):
     b, g = x.shape[0], cfg.grid
     x = x.reshape(b, g * g, x.shape[-1])
     return layers.DenseGeneral(
-      (cfg.width,), ('stem', 'embed'), use_bias=True, dtype=dtype, name='stem_projection'
+      (cfg.width,),
+      ('stem', 'embed'),
+      use_bias=True,
+      dtype=dtype,
+      kernels=cfg.cpu_kernels,
+      name='stem_projection',
     )(x)
 
 
@@ -223,14 +237,25 @@ class ViT(nn.Module):
         (cfg.width,),
         jnp.float32,
       )
-      x = jax.lax.conv_general_dilated(
-        images.astype(dtype),
-        kernel.astype(dtype),
-        (p, p),
-        'VALID',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      )
-      x = x.reshape(b, g * g, cfg.width) + bias.astype(dtype)
+      if 'patch_matmul' in cfg.cpu_kernels:
+        # The same map as the convolution: each patch's pixels gathered into a row (one pass
+        # over the image, fused with the cast), then one matmul with the flattened kernel.
+        patches = images.astype(dtype).reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = layers.dense(
+          patches.reshape(b, g * g, p * p * c),
+          kernel.astype(dtype).reshape(p * p * c, cfg.width),
+          1,
+          cfg.cpu_kernels,
+        )
+      else:
+        x = jax.lax.conv_general_dilated(
+          images.astype(dtype),
+          kernel.astype(dtype),
+          (p, p),
+          'VALID',
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        ).reshape(b, g * g, cfg.width)
+      x = x + bias.astype(dtype)
     if cfg.posemb == 'learn':
       pos = self.param(
         'pos_embedding',
@@ -242,11 +267,11 @@ class ViT(nn.Module):
       )
     else:
       pos = jnp.asarray(posemb_sincos_2d(g, cfg.width))
-    x = x + pos.astype(dtype)[None]
+    x = layers.add_batch_shared(x, pos.astype(dtype)[None], cfg.cpu_kernels)
     x = constrain(x, ('batch', 'length', 'embed'))
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     block_cls = layers.maybe_remat(
-      EncoderBlock, cfg.remat, static_argnums=(2,), scanned=cfg.scan_layers
+      EncoderBlock, cfg.remat, (2,), scanned=cfg.scan_layers, kernels=cfg.cpu_kernels
     )
     if cfg.scan_layers:
 

@@ -72,14 +72,14 @@ def configs_from_model_config(model_cfg) -> tuple[ViTConfig, T5Config | GemmaCon
   scan = model_cfg.get('scan_layers', False)
   if not isinstance(scan, (bool, np.bool_)):
     raise ValueError(f'model.scan_layers must be True or False, got {scan!r}')
-  vit = ViTConfig.from_config(model_cfg.vit, model_cfg.image_size, dtype, remat, bool(scan))
+  kernels = str(model_cfg.get('cpu_kernels', ''))
+  shared = (dtype, remat, bool(scan), kernels)
+  vit = ViTConfig.from_config(model_cfg.vit, model_cfg.image_size, *shared)
   if backbone(model_cfg) == 'decoder_only':
     if 'gemma' not in model_cfg:
       raise ValueError("model.backbone='decoder_only' needs a model.gemma block")
-    return vit, GemmaConfig.from_config(
-      model_cfg.gemma, model_cfg.vocab_size, dtype, remat, bool(scan)
-    )
-  t5 = T5Config.from_config(model_cfg.t5, model_cfg.vocab_size, dtype, remat, bool(scan))
+    return vit, GemmaConfig.from_config(model_cfg.gemma, model_cfg.vocab_size, *shared)
+  t5 = T5Config.from_config(model_cfg.t5, model_cfg.vocab_size, *shared)
   return vit, t5
 
 
@@ -153,11 +153,17 @@ class ImageProjection(nn.Module):
 
   features: int
   dtype: Any = jnp.float32
+  kernels: tuple[str, ...] = ()  # layers.CPU_KERNELS in use
 
   @nn.compact
   def __call__(self, x):
     return layers.DenseGeneral(
-      (self.features,), ('image_embed', 'embed'), use_bias=True, dtype=self.dtype, name='dense'
+      (self.features,),
+      ('image_embed', 'embed'),
+      use_bias=True,
+      dtype=self.dtype,
+      kernels=self.kernels,
+      name='dense',
     )(x)
 
 
@@ -341,7 +347,9 @@ class VLA(nn.Module):
     self.vit_config, self.t5_config = configs_from_model_config(self.config)
     dtype = layers.to_dtype(self.t5_config.dtype)
     self.vit = ViT(self.vit_config)
-    self.image_projection = ImageProjection(self.t5_config.emb_dim, dtype)
+    self.image_projection = ImageProjection(
+      self.t5_config.emb_dim, dtype, self.t5_config.cpu_kernels
+    )
     self.decoder_only = isinstance(self.t5_config, GemmaConfig)
     self.lm = Gemma(self.t5_config) if self.decoder_only else T5(self.t5_config)
     pool_tokens = int(self.config.get('instruction_pool', 0))
