@@ -20,7 +20,8 @@ saved) and the trainable tree {'adapters': {<kernel path>: {'a' [in, r], 'b' [r,
 get gradients and optimizer state (with merge='layer' inside each layer instead). A kernel [in..., out...] is read as the matrix
 [prod(in), prod(out)] (attention output kernels [heads, kv, embed] have two input axes);
 stacked layers (model.scan_layers) get stacked adapters [layers, in, r] / [layers, r, out].
-B starts at zero, so step 0 is the base model exactly.
+B starts at zero, so step 0 is the base model exactly; Adafactor steps the adapters without its
+parameter scale, which would keep B's steps near lr x 1e-3 (rt2_jax.optim).
 
 Checkpoints hold the trainable tree only, plus the base's location in their meta (`META_KEY`,
 with a relative path and a fingerprint: rt2_jax.lora_base); `merged_params` rebuilds the full
@@ -42,6 +43,7 @@ from rt2_jax.models import layers, layout
 DEFAULT_TARGETS = r'/(query|key|value|out|wi|wi_0|wi_1|wo|fc1|fc2)/kernel$'
 BASE_DTYPES = ('bfloat16', 'float32')
 MERGES = ('layer', 'tree')
+ADAPTERS = 'adapters'  # the trainable tree's key for the adapters (rt2_jax.optim reads it)
 META_KEY = 'lora_base'  # checkpoint meta: the absolute path of the base (see rt2_jax.lora_base)
 
 
@@ -163,7 +165,7 @@ def init_trainable(base, cfg: LoraConfig, rng) -> dict:
     a = jax.random.normal(key, lead + (t.rows, cfg.rank), jnp.float32) / math.sqrt(t.rows)
     adapters[t.path + ('a',)] = a
     adapters[t.path + ('b',)] = jnp.zeros(lead + (cfg.rank, t.cols), jnp.float32)
-  trainable = {'adapters': traverse_util.unflatten_dict(adapters)}
+  trainable = {ADAPTERS: traverse_util.unflatten_dict(adapters)}
   full = {p: jnp.asarray(flat[p], jnp.float32) for p in _full_paths(base, cfg)}
   if full:
     trainable['full'] = traverse_util.unflatten_dict(full)

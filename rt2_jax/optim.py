@@ -10,6 +10,13 @@
   freeze      regex over '/'-joined parameter paths ('^vit/'): matching parameters get zero
               updates and no optimizer state.
 
+LoRA (`config.lora.rank > 0`, `params` the trainable tree of rt2_jax.lora): Adafactor steps the
+adapters without the parameter scale. That scale multiplies each step by the parameter's RMS
+(floored at 1e-3), and B starts at zero, so B would take steps of about lr x 1e-3 and barely
+train (measured: 0/20 closed-loop successes where AdamW reached 11/20). Their steps are then lr
+times the clipped, second-moment-normalised gradient, as for AdamW without momentum; parameters
+trained in full beside them (`lora.train_full`) keep the scale.
+
 Stacked parameters (model.scan_layers=True: `blocks` / `layers` subtrees with a leading
 [num_layers] axis) get the optimizer vmapped over that axis. Adafactor's factored moments,
 parameter scale and update clipping, and the matrices-only weight-decay mask, are per-array
@@ -30,12 +37,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from rt2_jax import lora
 from rt2_jax.models import layout
 
 SCHEDULES = ('rsqrt', 'cosine', 'constant')
 OPTIMIZERS = ('adafactor', 'adamw')
 TRAIN, FROZEN = 'train', 'frozen'
 TRAIN_STACKED = 'train_stacked_{}'  # one group per stack depth (vmap needs one axis size)
+ADAPTER, ADAPTER_STACKED = 'adapter', 'adapter_stacked_{}'  # LoRA adapters: no parameter scale
 
 
 def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -102,7 +111,7 @@ def freeze_labels(params, freeze_regex: str) -> dict:
   return labels
 
 
-def _core_optimizer(optim_cfg, schedule) -> optax.GradientTransformation:
+def _core_optimizer(optim_cfg, schedule, parameter_scale=True) -> optax.GradientTransformation:
   name, wd = optim_cfg.name, float(optim_cfg.weight_decay)
   if name == 'adafactor':
     # Factor every matrix-like parameter whose two largest dims are >= 32: optax's default (128)
@@ -113,7 +122,7 @@ def _core_optimizer(optim_cfg, schedule) -> optax.GradientTransformation:
       min_dim_size_to_factor=32,
       decay_rate=0.8,
       clipping_threshold=1.0,
-      multiply_by_parameter_scale=True,
+      multiply_by_parameter_scale=parameter_scale,
       weight_decay_rate=wd or None,
       weight_decay_mask=_matrices_only if wd else None,
     )
@@ -146,17 +155,21 @@ def per_layer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def _labels(params, freeze_regex: str):
-  """TRAIN / TRAIN_STACKED.format(num_layers) / FROZEN per leaf."""
+def _labels(params, freeze_regex: str, adapters: bool = False):
+  """TRAIN / TRAIN_STACKED.format(num_layers) / FROZEN per leaf; with `adapters`, the leaves
+  under the LoRA trainable tree's adapters are ADAPTER / ADAPTER_STACKED.format(num_layers)."""
   frozen = freeze_labels(params, freeze_regex)
   stacked = layout.stacked_leaves(params)
 
   def label(path, f, param):
     if f == FROZEN:
       return FROZEN
+    keys = [getattr(k, 'key', k) for k in path]
     node = stacked
-    for k in path:
-      node = node[getattr(k, 'key', k)]
+    for k in keys:
+      node = node[k]
+    if adapters and keys[0] == lora.ADAPTERS:
+      return ADAPTER_STACKED.format(param.shape[0]) if node else ADAPTER
     return TRAIN_STACKED.format(param.shape[0]) if node else TRAIN
 
   return jax.tree_util.tree_map_with_path(label, frozen, params)
@@ -167,16 +180,25 @@ def make_optimizer(config, params) -> tuple[optax.GradientTransformation, optax.
   optim_cfg = config.optim
   schedule = make_schedule(optim_cfg, config.total_steps)
   core = _core_optimizer(optim_cfg, schedule)
-  labels = _labels(params, config.get('freeze', ''))
+  # Only Adafactor has a parameter scale; other optimizers keep one group for the adapters.
+  unscaled_adapters = optim_cfg.name == 'adafactor' and lora.LoraConfig.from_config(config).enabled
+  labels = _labels(params, config.get('freeze', ''), adapters=unscaled_adapters)
   present = set(jax.tree.leaves(labels))
   if present == {TRAIN}:
     tx = core
   else:
-    groups = {
-      label: core if label == TRAIN else optax.set_to_zero() if label == FROZEN else per_layer(core)
-      for label in sorted(present)
-    }
-    tx = optax.multi_transform(groups, labels)
+    adapter_core = _core_optimizer(optim_cfg, schedule, parameter_scale=False)
+
+    def group(label):
+      if label == FROZEN:
+        return optax.set_to_zero()
+      if label == TRAIN:
+        return core
+      if label == ADAPTER:
+        return adapter_core
+      return per_layer(adapter_core if label.startswith(ADAPTER) else core)
+
+    tx = optax.multi_transform({label: group(label) for label in sorted(present)}, labels)
   if float(optim_cfg.clip_norm) > 0:
     # One norm over all trainable gradients (clipping inside each group would clip stacked and
     # unstacked parameters separately); frozen gradients are zeroed first so they do not count.
