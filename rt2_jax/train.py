@@ -446,8 +446,12 @@ class Preemption:
     return self.requested
 
 
-def build_data(config, stats=None):
-  """(action_space, stats, vocab, action_vocab): stats are computed unless resuming."""
+def build_data(config, stats=None, training_read: bool = False):
+  """(action_space, stats, vocab, action_vocab): stats are computed unless resuming.
+
+  training_read: the training iterator is built next (then `rlds.release_kept()`), so a lone
+  process computes missing statistics from the read it will train on (`pipeline.norm_stats`).
+  """
   from rt2_jax.data import pipeline
 
   action_space = pipeline.action_space(config)
@@ -456,7 +460,7 @@ def build_data(config, stats=None):
     # that file (or, where it is not shared, compute the same numbers themselves). A lone
     # process trains on the whole split: that read is its training read, kept for the iterator.
     if jax.process_index() == 0:
-      stats = pipeline.norm_stats(config, training_read=jax.process_count() == 1)
+      stats = pipeline.norm_stats(config, training_read=training_read and jax.process_count() == 1)
     barrier('rt2_jax_norm_stats', timeout_s=6 * 3600)
     if stats is None:
       stats = pipeline.norm_stats(config)
@@ -633,7 +637,7 @@ def train(config, workdir: str) -> dict:
     # keep the run's statistics when resuming
     action_space, stats, vocab, action_vocab = build_data(config, restored.stats)
   else:
-    action_space, stats, vocab, action_vocab = build_data(config)
+    action_space, stats, vocab, action_vocab = build_data(config, training_read=True)
     state, start = setup.init_state(jax.random.PRNGKey(config.seed)), 0
     if lora.enabled and not config.init_from:
       raise ValueError(

@@ -218,7 +218,7 @@ def _first_batches(config, stats=None, steps=3):
   from rt2_jax import train
   from rt2_jax.data import pipeline
 
-  _, stats, vocab, action_vocab = train.build_data(config, stats)
+  _, stats, vocab, action_vocab = train.build_data(config, stats, training_read=True)
   it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=None)
   rlds.release_kept()
   return stats, [next(it) for _ in range(steps)]
