@@ -446,16 +446,21 @@ class Preemption:
     return self.requested
 
 
-def build_data(config, stats=None):
-  """(action_space, stats, vocab, action_vocab): stats are computed unless resuming."""
+def build_data(config, stats=None, training_read: bool = False):
+  """(action_space, stats, vocab, action_vocab): stats are computed unless resuming.
+
+  training_read: the training iterator is built next (then `rlds.release_kept()`), so a lone
+  process computes missing statistics from the read it will train on (`pipeline.norm_stats`).
+  """
   from rt2_jax.data import pipeline
 
   action_space = pipeline.action_space(config)
   if stats is None:
     # Process 0 reads the split and caches the statistics beside the data; the others then load
-    # that file (or, where it is not shared, compute the same numbers themselves).
+    # that file (or, where it is not shared, compute the same numbers themselves). A lone
+    # process trains on the whole split: that read is its training read, kept for the iterator.
     if jax.process_index() == 0:
-      stats = pipeline.norm_stats(config)
+      stats = pipeline.norm_stats(config, training_read=training_read and jax.process_count() == 1)
     barrier('rt2_jax_norm_stats', timeout_s=6 * 3600)
     if stats is None:
       stats = pipeline.norm_stats(config)
@@ -592,7 +597,7 @@ def load_lora_base(setup: Setup, path: str):
 
 def train(config, workdir: str) -> dict:
   """Trains to config.total_steps; returns the last logged metrics."""
-  from rt2_jax.data import pipeline
+  from rt2_jax.data import pipeline, rlds
 
   workdir = checkpoints.resolve_path(workdir)  # relative and ~ paths; gs:// stays as it is
   is_main = jax.process_index() == 0
@@ -632,7 +637,7 @@ def train(config, workdir: str) -> dict:
     # keep the run's statistics when resuming
     action_space, stats, vocab, action_vocab = build_data(config, restored.stats)
   else:
-    action_space, stats, vocab, action_vocab = build_data(config)
+    action_space, stats, vocab, action_vocab = build_data(config, training_read=True)
     state, start = setup.init_state(jax.random.PRNGKey(config.seed)), 0
     if lora.enabled and not config.init_from:
       raise ValueError(
@@ -660,6 +665,7 @@ def train(config, workdir: str) -> dict:
   data_iter = pipeline.make_train_iterator(
     config, vocab, action_vocab, stats, jax.process_index(), jax.process_count()
   )
+  rlds.release_kept()  # records build_data read and the iterator did not take
   if restored is not None and restored.data_state is not None:
     data_iter.set_state(restored.data_state)
   train_step = setup.jit_train_step(codec)

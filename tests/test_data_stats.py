@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from rt2_jax.actions import NormStats
 from rt2_jax.data import fixtures, rlds
@@ -194,3 +195,82 @@ def test_a_damaged_cache_file_is_recomputed(tmp_path):
   assert stats_lib.cached('fractal20220817_data', data_dir, progress=lines.append) == good
   assert any('ignoring unreadable cached statistics' in x for x in lines)
   assert stats_lib.load(os.path.join(data_dir, name)) == good
+
+
+# --- One reading of the split on a training run's first use of a dataset (issue 18). ---
+
+
+def _count_split_passes(monkeypatch) -> list:
+  """(image_size, shard) of every decoding pass over a split (rlds._read)."""
+  passes = []
+  real = rlds._read
+
+  def counting(spec, builder, builder_dir, split, image_size, shard, *rest):
+    passes.append((image_size, tuple(shard)))
+    return real(spec, builder, builder_dir, split, image_size, shard, *rest)
+
+  monkeypatch.setattr(rlds, '_read', counting)
+  return passes
+
+
+def _first_batches(config, stats=None, steps=3):
+  """train.train's data setup: (stats, the iterator's first batches)."""
+  from rt2_jax import train
+  from rt2_jax.data import pipeline
+
+  _, stats, vocab, action_vocab = train.build_data(config, stats, training_read=True)
+  it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=None)
+  rlds.release_kept()
+  return stats, [next(it) for _ in range(steps)]
+
+
+@pytest.mark.parametrize(
+  'records_cache, mixture',
+  [(False, ''), (True, ''), (False, 'rt2_config')],
+  ids=['in_memory', 'records_cache', 'seqio'],
+)
+def test_a_first_training_run_reads_the_split_once(tmp_path, monkeypatch, records_cache, mixture):
+  import train_testlib  # tests/train_testlib.py
+
+  data_dir = fixtures.write_fractal(str(tmp_path / 'd'), num_episodes=3, num_steps=4)
+  cache_dir = str(tmp_path / 'records') if records_cache else ''
+  config = _stats_config(data_dir, cache_dir)
+  train_testlib.set_dotted(
+    config,
+    {'data.robot_rate': 1.0, 'model.image_size': 32, 'batch_size': 4, 'data.mixture': mixture},
+  )
+  before = stats_lib.compute('fractal20220817_data', data_dir, progress=None)  # actions only
+  passes = _count_split_passes(monkeypatch)
+  stats, first_run = _first_batches(config)
+  # The statistics came from the training read itself: one pass, with the training images.
+  assert passes == [(32, (0, 1))], passes
+  assert stats == before and not rlds._kept
+  assert [f for f in os.listdir(data_dir) if f.startswith(rlds.DERIVED_PREFIX)]
+  # A second run loads the statistics and reads the split once more (none with a records cache).
+  stats_again, second_run = _first_batches(config)
+  assert passes == [(32, (0, 1))] * (1 if records_cache else 2), passes
+  assert stats_again == stats
+  # Resuming (statistics from the checkpoint) gives the same stream too.
+  _, resumed = _first_batches(config, stats)
+  for batches in (second_run, resumed):
+    for a, b in zip(first_run, batches, strict=True):
+      assert sorted(a) == sorted(b)
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_a_kept_read_is_taken_once_and_only_by_the_same_request(tmp_path, monkeypatch):
+  data_dir = fixtures.write_fractal(str(tmp_path / 'd'), num_episodes=3, num_steps=4)
+  passes = _count_split_passes(monkeypatch)
+  kept = rlds.read_split('fractal20220817_data', data_dir, 'train', 16, keep=True, progress=None)
+  other = rlds.read_split('fractal20220817_data', data_dir, 'train', 8, progress=None)
+  assert other is not kept and len(passes) == 2
+  lines = []
+  taken = rlds.read_split('fractal20220817_data', data_dir, 'train', 16, progress=lines.append)
+  assert taken is kept and len(passes) == 2 and 'read earlier in this process' in lines[-1]
+  again = rlds.read_split('fractal20220817_data', data_dir, 'train', 16, progress=None)
+  assert again is not kept and len(passes) == 3
+  np.testing.assert_array_equal(again.images, kept.images)
+  rlds.read_split('fractal20220817_data', data_dir, 'train', 16, keep=True, progress=None)
+  rlds.release_kept()
+  assert not rlds._kept

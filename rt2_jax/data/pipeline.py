@@ -89,15 +89,19 @@ def robot_split(config, which: str = 'train') -> str:
   return config.data.robot.get('eval_split', '') or spec.eval_split
 
 
-def norm_stats(config, progress=print) -> NormStats:
+def norm_stats(config, progress=print, training_read: bool = False) -> NormStats:
   """NormStats of the robot training split: data.robot.stats_path if set, else `stats.cached`.
 
   The split is read (actions only) the first time a dataset is used; the numbers are cached
   beside it (or in data.cache_dir) for later runs and processes (rt2_jax/data/stats.py).
+  training_read (one process, whose robot task reads the whole split): that first read is the
+  robot task's own, images included, and its records are kept for `make_train_iterator`, so
+  the split is read once; call `rlds.release_kept()` after building the iterator.
   """
   d = config.data
   if d.robot.get('stats_path', ''):
     return stats_lib.load(d.robot.stats_path)
+  training_read = training_read and float(d.robot_rate) > 0
   return stats_lib.cached(
     robot_spec(config),
     robot_data_dir(config, progress),
@@ -105,6 +109,8 @@ def norm_stats(config, progress=print) -> NormStats:
     bad_data=d.bad_data,
     cache_dir=d.get('cache_dir', ''),
     progress=progress,
+    image_size=config.model.image_size if training_read else 0,
+    keep_records=training_read,
   )
 
 

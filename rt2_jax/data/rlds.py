@@ -20,6 +20,11 @@ episode without an instruction or with non-finite actions is skipped with a coun
 `read_split(..., cache_dir=DIR)` keeps the decoded records as .npy files (images memory-mapped on
 reload), keyed by the spec, the data files and the image size, so later runs skip TensorFlow.
 TensorFlow is imported only when a split is actually read.
+
+`read_split(..., keep=True)` also hands its records to the next `read_split` of the same request
+in this process, which takes them instead of reading the split again: a first training run
+computes its normalization statistics from the very records it trains on (one reading of the
+split, not two). `release_kept()` drops records nobody took.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ _CACHE_FORMAT = 3  # 2: images resized by rt2_jax.transforms (integer arithmetic
 DERIVED_PREFIX = 'rt2_jax-'
 
 log = logging.getLogger(__name__)
+
+# cache_key of a request -> the records a `read_split(keep=True)` left for the next such request.
+_kept: dict[str, StepRecords] = {}
 
 
 class DataError(ValueError):
@@ -528,18 +536,42 @@ def read_split(
   shard: tuple[int, int] = (0, 1),
   cache_dir: str = '',
   progress=print,
+  keep: bool = False,
 ) -> StepRecords:
   """All steps of `split` (episodes i with i % shard[1] == shard[0]) as StepRecords.
 
   image_size 0 reads everything but images (records.images is then [N, 0, 0, 3]).
+  keep: also leave the records for the next call with the same arguments in this process.
   """
   spec = load_spec(spec)
   if bad_data not in BAD_DATA_MODES:
     raise ValueError(f'data.bad_data must be one of {BAD_DATA_MODES}, got {bad_data!r}')
   builder_dir = resolve_builder_dir(data_dir, spec.name)
+  key = ''
+  if cache_dir or keep or _kept:  # listing the folder costs a request per file on remote ones
+    key = cache_key(spec, builder_dir, split, image_size, shard, bad_data)
+  if key in _kept:
+    records = _kept.pop(key)
+    if progress:
+      progress(f'reusing the {len(records)} steps of {spec.name} read earlier in this process')
+    return records
+  records = _read_or_load(
+    spec, builder_dir, split, image_size, bad_data, shard, cache_dir, key, progress
+  )
+  if keep:
+    _kept[key] = records
+  return records
+
+
+def release_kept() -> None:
+  """Drops the records `read_split(keep=True)` left that no later read took."""
+  _kept.clear()
+
+
+def _read_or_load(spec, builder_dir, split, image_size, bad_data, shard, cache_dir, key, progress):
+  """`read_split`'s records from the records cache under `cache_dir`, or read (and cached)."""
   cache_path = ''
   if cache_dir:  # checked before TensorFlow is imported: a cache hit never needs it
-    key = cache_key(spec, builder_dir, split, image_size, shard, bad_data)
     cache_path = os.path.join(os.path.expanduser(cache_dir), f'{spec.name}-{key}')
     if os.path.exists(os.path.join(cache_path, 'meta.json')):
       records = StepRecords.load(cache_path)

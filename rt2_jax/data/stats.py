@@ -15,6 +15,10 @@ that folder is not writable, under CACHE_DIR/norm_stats/ (data.cache_dir, --cach
 `rlds.cache_key` of the read: spec, split, bad_data, the builder folder's path and every file's
 name, size and modification time there, so a changed dataset or spec never gets old numbers.
 The file is plain NormStats JSON, so data.robot.stats_path can also name it.
+
+Training's first run computes them from the read it trains on (`cached(..., image_size=S,
+keep_records=True)`: the images are decoded in that same pass and the records kept for the
+robot task), so the split is read once; the numbers are the same, since images play no part.
 """
 
 from __future__ import annotations
@@ -32,18 +36,30 @@ STATS_FORMAT = 1  # bump when NormStats.compute changes: cached numbers of older
 
 
 def compute(
-  spec, data_dir: str, split: str = '', bad_data: str = 'skip', cache_dir: str = '', progress=print
+  spec,
+  data_dir: str,
+  split: str = '',
+  bad_data: str = 'skip',
+  cache_dir: str = '',
+  progress=print,
+  image_size: int = 0,
+  keep_records: bool = False,
 ) -> NormStats:
-  """NormStats over every step of `split` (default: the spec's train split), read now."""
+  """NormStats over every step of `split` (default: the spec's train split), read now.
+
+  image_size 0 skips the images; a training run passes its own with keep_records, so that its
+  read of the split (`rlds.read_split(..., keep=True)`) is this one.
+  """
   spec = load_spec(spec)
   records = rlds.read_split(
     spec,
     data_dir,
     split or spec.train_split,
-    image_size=0,
+    image_size=image_size,
     bad_data=bad_data,
     cache_dir=cache_dir,
     progress=progress,
+    keep=keep_records,
   )
   return NormStats.compute(records.actions)
 
@@ -55,7 +71,14 @@ def cache_name(spec: DatasetSpec, builder_dir: str, split: str, bad_data: str) -
 
 
 def cached(
-  spec, data_dir: str, split: str = '', bad_data: str = 'skip', cache_dir: str = '', progress=print
+  spec,
+  data_dir: str,
+  split: str = '',
+  bad_data: str = 'skip',
+  cache_dir: str = '',
+  progress=print,
+  image_size: int = 0,
+  keep_records: bool = False,
 ) -> NormStats:
   """`compute`'s result, from the cache file when an earlier run (or process) wrote it."""
   spec = load_spec(spec)
@@ -72,7 +95,7 @@ def cached(
     if stats is not None:
       say(f'{what}: loaded from the cache {folder}/{name}')
       return stats
-  stats = compute(spec, builder_dir, split, bad_data, cache_dir, progress)
+  stats = compute(spec, builder_dir, split, bad_data, cache_dir, progress, image_size, keep_records)
   errors = []
   for folder in folders:
     if not _marked_writable(folder):
