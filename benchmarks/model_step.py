@@ -21,7 +21,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rt2_jax import config_flags, partitioning  # noqa: E402
+from rt2_jax import config_flags, partitioning, train  # noqa: E402
 from rt2_jax.models import summary  # noqa: E402
 from rt2_jax.models.vla import VLA  # noqa: E402
 
@@ -49,6 +49,7 @@ def main():
   args = parser.parse_args()
 
   config = config_flags.load_config(args.config, args.override)
+  train.initialize_backend(config)  # the trainer's XLA flags and CPU devices, so timings match it
   model_cfg = config.model
   model = VLA(model_cfg)
   b, size = args.batch, model_cfg.image_size
