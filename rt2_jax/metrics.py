@@ -139,12 +139,12 @@ def multi_step_metric_sums(logits, batch, codecs) -> dict:
   (batch['actions'] is padded to the widest). The per-dimension errors are every dataset's
   dimensions one after another, each averaged over that dataset's examples (`action_examples`
   is then a per-dimension count); `action_correct_by` / `action_weight_by` [K] give each
-  dataset's token accuracy."""
+  dataset's token accuracy, `examples_by` [K] its share of the examples."""
   targets, weights = batch['decoder_target_tokens'], batch['decoder_loss_weights']
   action_mask = batch['action_loss_mask'] * weights
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   embodiment = batch['embodiment']
-  errors, counts, correct_by, weight_by = [], [], [], []
+  errors, counts, correct_by, weight_by, examples_by = [], [], [], [], []
   for k, codec in enumerate(codecs):
     num_pos, dim = codec.num_positions, codec.space.dim
     mine = (embodiment == k).astype(jnp.float32)[:, None] * action_mask
@@ -157,6 +157,7 @@ def multi_step_metric_sums(logits, batch, codecs) -> dict:
     counts.append(jnp.full((dim,), has_action.sum(), jnp.float32))
     correct_by.append((correct * mine).sum())
     weight_by.append(mine.sum())
+    examples_by.append((embodiment == k).sum().astype(jnp.float32))
   return {
     'weight': weights.sum(),
     'correct': (correct * weights).sum(),
@@ -166,6 +167,7 @@ def multi_step_metric_sums(logits, batch, codecs) -> dict:
     'action_examples': jnp.concatenate(counts),
     'action_correct_by': jnp.stack(correct_by),
     'action_weight_by': jnp.stack(weight_by),
+    'examples_by': jnp.stack(examples_by),
     'robot_examples': batch['is_robot'].sum().astype(jnp.float32),
     'examples': jnp.float32(batch['is_robot'].shape[0]),
   }
@@ -194,6 +196,7 @@ def finalize_metrics(sums: dict, loss_sum) -> dict:
     by['action_accuracy_by'] = sums['action_correct_by'] / jnp.maximum(
       sums['action_weight_by'], 1e-8
     )
+    by['embodiment_fraction_by'] = sums['examples_by'] / sums['examples']
   return by | {
     'loss': loss_sum / jnp.maximum(sums['weight'], 1e-8),
     'token_accuracy': sums['correct'] / jnp.maximum(sums['weight'], 1e-8),
@@ -305,9 +308,12 @@ class MetricLogger:
       if key in values:
         values[f'action_error/{name}'] = values.pop(key)
     for i, name in enumerate(self.embodiment_names):
-      key = f'action_accuracy_by/{i}'
-      if key in values:
-        values[f'action_accuracy/{name}'] = values.pop(key)
+      for key, label in (
+        ('action_accuracy_by', 'action_accuracy'),
+        ('embodiment_fraction_by', 'embodiment_fraction'),
+      ):
+        if f'{key}/{i}' in values:
+          values[f'{label}/{name}'] = values.pop(f'{key}/{i}')
     if self._last_time is not None and step > self._last_step:
       steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
       values['steps_per_s'] = steps_per_s
