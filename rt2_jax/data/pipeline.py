@@ -17,7 +17,9 @@ web examples), pointer_xy float32 [B,K,2] (image points, x from the left and y f
 pointing targets from its spec's points_key, for tabletop demos the slots
 `rt2_jax.envs.tabletop_tasks.POINTER_SLOTS` = (current goal's block, pusher, that block's
 destination); K is the largest K of the mixture's tasks (1 when none has points) and every slot
-a task lacks, or an example has no point for, is NaN).
+a task lacks, or an example has no point for, is NaN). A run of several robot datasets
+(data.robots, `rt2_jax.data.embodiments`) adds embodiment int32 [B] (the dataset's index, -1 for
+web examples) and pads actions to the widest dataset's dim.
 
 How examples are drawn (everything is a function of the seed and a few counters):
 - Task of each example: global example number g = step * global_batch + process_index * B + j

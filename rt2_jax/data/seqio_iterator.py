@@ -125,7 +125,8 @@ class VLAFeatureConverter(seqio.FeatureConverter):
         actions = tf.pad(actions, [[0, dim - tf.shape(actions)[0]]])
         extra = {'embodiment': embodiment}
       in_action = (start >= 0) & (position >= start) & (position < start + count)
-      # A robot example of another action width fails here rather than being cut or padded.
+      # One dataset: a robot example of another action width fails here rather than being cut
+      # or padded (several: padded above to the widest, each its own).
       actions = tf.cond(
         ex['is_robot'],
         lambda: tf.ensure_shape(actions, [None]),
