@@ -188,20 +188,23 @@ def test_server_decodes_the_requested_embodiment(trained):
   policy = Policy.from_checkpoint(workdir, batch_buckets=(1, 2))
   server = PolicyServer(policy, ServeConfig(port=0, warmup=False, max_batch=2, max_wait_ms=5))
   url = server.start()
+  # The first call of each embodiment compiles its decode: slow on a busy CPU.
+  client = httpx.Client(timeout=300)
   try:
     image = np.zeros((32, 32, 3), np.uint8).tolist()
-    assert httpx.get(f'{url}/metadata').json()['embodiments'] == NAMES
+    assert client.get(f'{url}/metadata').json()['embodiments'] == NAMES
     for name, width in ((FRACTAL, 10), ('bridge_dataset', 7)):
-      reply = httpx.post(
+      reply = client.post(
         f'{url}/predict', json={'image': image, 'instruction': 'go', 'embodiment': name}
       )
       assert reply.status_code == 200, reply.text
       assert len(reply.json()['vector']) == width
-    missing = httpx.post(f'{url}/predict', json={'image': image, 'instruction': 'go'})
+    missing = client.post(f'{url}/predict', json={'image': image, 'instruction': 'go'})
     assert missing.status_code == 400 and 'name one in "embodiment"' in missing.json()['error']
-    unknown = httpx.post(
+    unknown = client.post(
       f'{url}/predict', json={'image': image, 'instruction': 'go', 'embodiment': 'aloha'}
     )
     assert unknown.status_code == 400 and "unknown embodiment 'aloha'" in unknown.json()['error']
   finally:
+    client.close()
     server.stop()
