@@ -42,6 +42,7 @@ class _Item:
   instruction: str
   future: asyncio.Future
   enqueued: float
+  embodiment: str | None = None  # the robot dataset to decode for (a model of several)
 
 
 class Batcher:
@@ -74,7 +75,9 @@ class Batcher:
       await self._task
     self._executor.shutdown(wait=True)
 
-  async def submit(self, images: Sequence[np.ndarray], instructions: Sequence[str]) -> list:
+  async def submit(
+    self, images: Sequence[np.ndarray], instructions: Sequence[str], embodiment: str | None = None
+  ) -> list:
     if self._stopping:
       raise RequestError('server is shutting down', 503)
     if len(self._pending) + len(images) > self.max_queue:
@@ -83,7 +86,7 @@ class Batcher:
     futures = []
     for image, instruction in zip(images, instructions, strict=True):
       fut = loop.create_future()
-      self._pending.append(_Item(image, instruction, fut, loop.time()))
+      self._pending.append(_Item(image, instruction, fut, loop.time(), embodiment))
       futures.append(fut)
     self._wakeup.set()
     try:
@@ -112,11 +115,17 @@ class Batcher:
         self._wakeup.clear()
         with contextlib.suppress(TimeoutError):
           await asyncio.wait_for(self._wakeup.wait(), remaining)
-      items = []
+      items, others = [], []
       while self._pending and len(items) < self.max_batch:
         item = self._pending.popleft()
-        if not item.future.done():  # skip requests that timed out while queued
+        if item.future.done():  # skip requests that timed out while queued
+          continue
+        # One batch decodes for one embodiment; the others keep their place for the next.
+        if items and item.embodiment != items[0].embodiment:
+          others.append(item)
+        else:
           items.append(item)
+      self._pending.extendleft(reversed(others))
       if not items:
         continue
       t0 = time.perf_counter()
@@ -126,6 +135,7 @@ class Batcher:
           self._run_isolated,
           [i.image for i in items],
           [i.instruction for i in items],
+          items[0].embodiment,
         )
       except Exception as e:  # noqa: BLE001  (the worker must survive anything; answer 500)
         log.exception('batch failed outside the policy')
@@ -142,21 +152,25 @@ class Batcher:
         else:
           item.future.set_result(result)
 
-  def _run_policy(self, images: list[np.ndarray], instructions: list[str]) -> list:
-    outputs = self.policy.batch(np.stack(images), list(instructions))
+  def _run_policy(
+    self, images: list[np.ndarray], instructions: list[str], embodiment: str | None = None
+  ) -> list:
+    # Policies of one dataset (and exports) take no embodiment argument.
+    named = {'embodiment': embodiment} if embodiment is not None else {}
+    outputs = self.policy.batch(np.stack(images), list(instructions), **named)
     if len(outputs) != len(images):
       raise ModelError(f'policy.batch returned {len(outputs)} outputs for {len(images)} inputs')
     return list(outputs)
 
-  def _run_isolated(self, images, instructions) -> list:
+  def _run_isolated(self, images, instructions, embodiment=None) -> list:
     """Outputs, or one exception per request; a failing batch is retried request by request."""
     try:
-      return self._run_policy(images, instructions)
+      return self._run_policy(images, instructions, embodiment)
     except Exception as e:  # noqa: BLE001  (any policy failure becomes that request's 500)
       if len(images) == 1:
         log.exception('policy failed on %r', instructions[0])
         return [ModelError(f'{type(e).__name__}: {e}')]
     results = []
     for image, instruction in zip(images, instructions, strict=True):
-      results.extend(self._run_isolated([image], [instruction]))
+      results.extend(self._run_isolated([image], [instruction], embodiment))
     return results

@@ -13,6 +13,11 @@
   image.json                {size, resize}: the model's square input and how other sizes become
                             it ('stretch' | 'center_crop' | 'pad'), taken from the data spec when
                             the run was trained
+  embodiments.json          only for a run of several robot datasets (data.robots,
+                            rt2_jax.data.embodiments): {names: [...], embodiments: {name: {stats,
+                            fields, resize}}}, each dataset's statistics and action space by its
+                            name; normalization_stats.json / action_space.json are then the
+                            first dataset's, so readers that know one dataset still load
 
 They make a copied checkpoint self-contained: `Policy.from_checkpoint` (so serving, export and
 evaluation) reads them instead of `config.vocab.path` and `data_specs/`, which may have moved
@@ -42,6 +47,8 @@ VOCAB, STATS, ACTION_SPACE, PROMPT, IMAGE = (
   'image.json',
 )
 FILES = (VOCAB, STATS, ACTION_SPACE, PROMPT, IMAGE)
+EMBODIMENTS = 'embodiments.json'
+OPTIONAL_FILES = (EMBODIMENTS,)  # present only where they apply; older checkpoints lack them
 
 
 class MissingAssetError(FileNotFoundError):
@@ -58,14 +65,31 @@ def make(
   action_space: actions_lib.ActionSpace,
   vocab: vocab_lib.Vocab,
   resize: str | None = None,
+  embodiments: dict | None = None,
 ) -> dict[str, bytes]:
   """{file name: contents} of a run. `resize` defaults to the data spec's, read now: at serve
-  time the spec may be gone."""
+  time the spec may be gone. embodiments: {name: rt2_jax.data.embodiments.Embodiment} of a run
+  of several robot datasets (EMBODIMENTS)."""
   if resize is None:
     from rt2_jax.data.spec import load_spec
 
     resize = load_spec(config.data.robot.spec).resize
-  return {
+  extra = {}
+  if embodiments:
+    extra[EMBODIMENTS] = _json(
+      {
+        'names': list(embodiments),
+        'embodiments': {
+          name: {
+            'stats': e.stats.to_dict() if e.stats is not None else None,
+            'fields': e.action_space.to_dicts(),
+            'resize': e.resize,
+          }
+          for name, e in embodiments.items()
+        },
+      }
+    )
+  return extra | {
     VOCAB: vocab.model_bytes,
     STATS: _json(stats.to_dict() if stats is not None else None),
     ACTION_SPACE: _json(
@@ -99,6 +123,14 @@ class Assets:
   action: dict  # num_bins, action_scheme, decode_mode
   prompt: dict  # template, max_input_len, extra_ids, vocab_checksum
   image: dict  # size, resize
+  # name -> rt2_jax.data.embodiments.Embodiment of a run of several robot datasets; else None
+  embodiments: dict | None = None
+
+  def embodiment_stats(self) -> dict | actions_lib.NormStats | None:
+    """{name: NormStats} of a run of several datasets, else its one NormStats."""
+    if self.embodiments:
+      return {name: e.stats for name, e in self.embodiments.items()}
+    return self.stats
 
   def vocab(self) -> vocab_lib.Vocab:
     return vocab_lib.Vocab(
@@ -147,6 +179,20 @@ def read(step_dir: str | os.PathLike) -> Assets | None:
       raise ValueError(f'{folder / name} is not valid JSON: {e}') from None
 
   stats, action, prompt, image = parsed(STATS), parsed(ACTION_SPACE), parsed(PROMPT), parsed(IMAGE)
+  embodiments = None
+  if (folder / EMBODIMENTS).exists():
+    from rt2_jax.data.embodiments import Embodiment
+
+    table = parsed(EMBODIMENTS)
+    embodiments = {}
+    for name in table['names']:
+      entry = table['embodiments'][name]
+      embodiments[name] = Embodiment(
+        name,
+        actions_lib.ActionSpace.from_dicts(entry['fields']),
+        actions_lib.NormStats.from_dict(entry['stats']) if entry['stats'] is not None else None,
+        entry.get('resize', image['resize']),
+      )
   return Assets(
     folder=os.fspath(folder),
     vocab_model=data(VOCAB),
@@ -155,6 +201,7 @@ def read(step_dir: str | os.PathLike) -> Assets | None:
     action={k: v for k, v in action.items() if k != 'fields'},
     prompt=prompt,
     image=image,
+    embodiments=embodiments,
   )
 
 
@@ -166,7 +213,7 @@ def copy(step_dir: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
     return []
   dest = epath.Path(dest)
   dest.mkdir(parents=True, exist_ok=True)
-  names = sorted(p.name for p in folder.iterdir() if p.name in FILES)
+  names = sorted(p.name for p in folder.iterdir() if p.name in FILES + OPTIONAL_FILES)
   for name in names:
     (dest / name).write_bytes((folder / name).read_bytes())
   return names
@@ -184,7 +231,7 @@ class AssetsHandler(ocp.CheckpointHandler):
         (directory / name).write_bytes(contents)
 
   def restore(self, directory: epath.Path, args: AssetsRestore | None = None) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in directory.iterdir() if p.name in FILES}
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.name in FILES + OPTIONAL_FILES}
 
 
 @ocp.args.register_with_handler(AssetsHandler, for_save=True)

@@ -261,7 +261,8 @@ class Restored:
   data_state: Any
   meta: dict
   step: int
-  stats: actions_lib.NormStats | None = None
+  # A run of several robot datasets (rt2_jax.data.embodiments): {dataset name: NormStats}.
+  stats: actions_lib.NormStats | dict | None = None
 
 
 META_FORMAT = 2  # 1 (no 'format' key): config, stats and action space as JSON strings in meta
@@ -568,8 +569,8 @@ class Checkpointer:
     else:
       data_state = _decode_data_state(data['states'][jax.process_index()])
     assets = checkpoint_assets.read(self.directory / str(step))
-    if assets:
-      stats = assets.stats
+    if assets:  # {name: NormStats} for a run of several robot datasets
+      stats = assets.embodiment_stats()
     elif 'config' in restored['meta']:  # a training run's meta of the older layout
       stats = read_meta(restored['meta']).stats
     else:  # a meta of the caller's own (the Checkpointer does not require a training run's)

@@ -144,6 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
       max_examples=0,
     )
   )
+  # Several robot datasets in one run (rt2_jax.data.embodiments): comma-separated
+  # 'spec[:data_dir][:weight]' entries, each with its own action space and statistics, sharing
+  # robot_rate by weight; '' = the one dataset of data.robot.
+  c.data.robots = ''
   c.data.robot_rate = 0.5  # fraction of robot examples in the mixture
   # '' = the mixture data.robot / data.web describe, read by rt2_jax.data.pipeline. Else the name
   # of a registered seqio Task or Mixture, read through rt2_jax.data.seqio_iterator (issue 18):

@@ -612,9 +612,25 @@ def evaluate(
 
   if settings.offline_max_examples > 0:
     t = time.time()
-    results['offline_robot'] = offline_robot(
-      policy, eval_config, settings.offline_max_examples, batch, log=log
-    )
+    if getattr(policy, 'embodiments', None):
+      # Several robot datasets: each one's held-out steps, decoded with its own statistics.
+      from rt2_jax.data import embodiments
+
+      by_name = {}
+      for i, name in enumerate(embodiments.names(eval_config)):
+        by_name[name] = offline_robot(
+          policy.for_embodiment(name),
+          embodiments.dataset_config(eval_config, i),
+          settings.offline_max_examples,
+          batch,
+          log=log,
+        )
+      results['offline_robot'] = next(iter(by_name.values()))
+      results['offline_robot_by_embodiment'] = by_name
+    else:
+      results['offline_robot'] = offline_robot(
+        policy, eval_config, settings.offline_max_examples, batch, log=log
+      )
     results['timings']['offline_robot_s'] = round(time.time() - t, 1)
     log(
       f'offline robot: token accuracy {results["offline_robot"]["token_accuracy"]}, '

@@ -216,6 +216,11 @@ def export_policy(policy, out_dir: str, verify_inputs=None) -> dict:
 
   from rt2_jax.checkpoints import resolve_path
 
+  if getattr(policy, 'embodiments', None):
+    raise ValueError(
+      'this model was trained on several robot datasets: a SavedModel decodes for one; export '
+      f'policy.for_embodiment(name) (CLI: --embodiment), name one of {policy.embodiment_names}'
+    )
   out_dir = resolve_path(out_dir)
   t0 = time.perf_counter()
   _log(f'converting the {policy.mode} policy with jax2tf (batch polymorphic)...')
@@ -360,17 +365,21 @@ def export_checkpoint(
   verify: bool = True,
   param_dtype: str | None = None,
   lora_base: str | None = None,
+  embodiment: str | None = None,
 ) -> dict:
   """The CLI: checkpoint -> Policy -> SavedModel (optionally verified on three inputs), with the
   checkpoint's assets copied to CHECKPOINT_ASSETS_DIR. The SavedModel's variables are the
   Policy's params: in the compute dtype unless `param_dtype`; a LoRA checkpoint's merged into
-  its base (`lora_base`: where to read the base when it has moved, see rt2_jax.lora_base)."""
+  its base (`lora_base`: where to read the base when it has moved, see rt2_jax.lora_base).
+  `embodiment`: the robot dataset to decode for, of a model trained on several."""
   from rt2_jax import checkpoint_assets, checkpoints
   from rt2_jax.policy import Policy
 
   t0 = time.perf_counter()
   _log(f'loading {workdir}' + (f' step {step}' if step is not None else ''))
   policy = Policy.from_checkpoint(workdir, step=step, param_dtype=param_dtype, lora_base=lora_base)
+  if embodiment or policy.embodiments:
+    policy = policy.for_embodiment(embodiment or None)
   verify_inputs = None
   if verify:
     rng = np.random.default_rng(0)
@@ -400,9 +409,19 @@ def main(argv) -> None:
   f = flags.FLAGS
   try:
     export_checkpoint(
-      f.workdir, f.checkpoint, f.out, f.verify, f.param_dtype or None, f.lora_base or None
+      f.workdir,
+      f.checkpoint,
+      f.out,
+      f.verify,
+      f.param_dtype or None,
+      f.lora_base or None,
+      f.embodiment or None,
     )
   except lora_base.ERRORS as e:  # a moved LoRA base: say which flag finds it, no traceback
+    sys.exit(f'rt2_jax.export: {e}')
+  except ValueError as e:
+    if 'embodiment' not in str(e):
+      raise
     sys.exit(f'rt2_jax.export: {e}')
 
 
@@ -424,6 +443,9 @@ if __name__ == '__main__':
     '',
     "dtype of the exported params; default the model's "
     "compute dtype (config.model.dtype); float32 keeps the checkpoint's",
+  )
+  flags.DEFINE_string(
+    'embodiment', '', 'the robot dataset to decode for, of a model trained on several (data.robots)'
   )
   lora_base.define_flag()
   app.run(main)

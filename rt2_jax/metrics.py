@@ -106,7 +106,11 @@ class EventWriter:
 
 
 def step_metric_sums(logits, batch, codec: transforms.ActionCodec) -> dict:
-  """Per micro-batch sums; `finalize_metrics` turns them into ratios."""
+  """Per micro-batch sums; `finalize_metrics` turns them into ratios. `codec` may be a list,
+  one per robot dataset of the run (batch['embodiment'] picks each example's):
+  `multi_step_metric_sums`."""
+  if isinstance(codec, list | tuple):
+    return multi_step_metric_sums(logits, batch, codec)
   targets, weights = batch['decoder_target_tokens'], batch['decoder_loss_weights']
   action_mask = batch['action_loss_mask'] * weights
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
@@ -124,6 +128,46 @@ def step_metric_sums(logits, batch, codec: transforms.ActionCodec) -> dict:
     'action_correct': (correct * action_mask).sum(),
     'action_error_sum': error.sum(0),
     'action_examples': has_action.sum().astype(jnp.float32),
+    'robot_examples': batch['is_robot'].sum().astype(jnp.float32),
+    'examples': jnp.float32(batch['is_robot'].shape[0]),
+  }
+
+
+def multi_step_metric_sums(logits, batch, codecs) -> dict:
+  """`step_metric_sums` of a batch of several robot datasets (rt2_jax.data.embodiments): each
+  example's actions decoded with its dataset's codec (batch['embodiment']), against its actions
+  (batch['actions'] is padded to the widest). The per-dimension errors are every dataset's
+  dimensions one after another, each averaged over that dataset's examples (`action_examples`
+  is then a per-dimension count); `action_correct_by` / `action_weight_by` [K] give each
+  dataset's token accuracy, `examples_by` [K] its share of the examples."""
+  targets, weights = batch['decoder_target_tokens'], batch['decoder_loss_weights']
+  action_mask = batch['action_loss_mask'] * weights
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  embodiment = batch['embodiment']
+  errors, counts, correct_by, weight_by, examples_by = [], [], [], [], []
+  for k, codec in enumerate(codecs):
+    num_pos, dim = codec.num_positions, codec.space.dim
+    mine = (embodiment == k).astype(jnp.float32)[:, None] * action_mask
+    positions = jnp.argsort(1 - (mine > 0).astype(jnp.int32), axis=1, stable=True)[:, :num_pos]
+    has_action = batch['is_robot'] & (embodiment == k) & ((mine > 0).sum(1) >= num_pos)
+    action_logits = jnp.take_along_axis(logits, positions[..., None], axis=1)
+    predicted = codec.decode(codec.constrained_argmax(action_logits, xp=jnp), xp=jnp)
+    error = jnp.abs(predicted - batch['actions'][:, :dim]) * has_action[:, None]
+    errors.append(error.sum(0))
+    counts.append(jnp.full((dim,), has_action.sum(), jnp.float32))
+    correct_by.append((correct * mine).sum())
+    weight_by.append(mine.sum())
+    examples_by.append((embodiment == k).sum().astype(jnp.float32))
+  return {
+    'weight': weights.sum(),
+    'correct': (correct * weights).sum(),
+    'action_weight': action_mask.sum(),
+    'action_correct': (correct * action_mask).sum(),
+    'action_error_sum': jnp.concatenate(errors),
+    'action_examples': jnp.concatenate(counts),
+    'action_correct_by': jnp.stack(correct_by),
+    'action_weight_by': jnp.stack(weight_by),
+    'examples_by': jnp.stack(examples_by),
     'robot_examples': batch['is_robot'].sum().astype(jnp.float32),
     'examples': jnp.float32(batch['is_robot'].shape[0]),
   }
@@ -147,7 +191,13 @@ def empty_step_sums(batch) -> dict:
 
 def finalize_metrics(sums: dict, loss_sum) -> dict:
   error = sums['action_error_sum'] / jnp.maximum(sums['action_examples'], 1.0)
-  return {
+  by = {}
+  if 'action_correct_by' in sums:  # several robot datasets: each one's action accuracy
+    by['action_accuracy_by'] = sums['action_correct_by'] / jnp.maximum(
+      sums['action_weight_by'], 1e-8
+    )
+    by['embodiment_fraction_by'] = sums['examples_by'] / sums['examples']
+  return by | {
     'loss': loss_sum / jnp.maximum(sums['weight'], 1e-8),
     'token_accuracy': sums['correct'] / jnp.maximum(sums['weight'], 1e-8),
     'action_accuracy': sums['action_correct'] / jnp.maximum(sums['action_weight'], 1e-8),
@@ -220,9 +270,11 @@ class MetricLogger:
     enabled: bool = True,
     print_fn=print,
     clock=time.perf_counter,
+    embodiment_names: Sequence[str] = (),
   ):
     self.total_steps, self.batch_size = total_steps, global_batch_size
     self.dim_names = list(dim_names)
+    self.embodiment_names = list(embodiment_names)
     self.enabled, self.print_fn, self.clock = enabled, print_fn, clock
     self.writer = EventWriter(os.path.join(workdir, 'tensorboard')) if enabled else None
     self._pending: list = []
@@ -255,6 +307,13 @@ class MetricLogger:
       key = f'action_error/{i}'
       if key in values:
         values[f'action_error/{name}'] = values.pop(key)
+    for i, name in enumerate(self.embodiment_names):
+      for key, label in (
+        ('action_accuracy_by', 'action_accuracy'),
+        ('embodiment_fraction_by', 'embodiment_fraction'),
+      ):
+        if f'{key}/{i}' in values:
+          values[f'{label}/{name}'] = values.pop(f'{key}/{i}')
     if self._last_time is not None and step > self._last_step:
       steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
       values['steps_per_s'] = steps_per_s

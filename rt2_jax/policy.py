@@ -4,6 +4,12 @@
   out = policy(image_uint8, 'put the spoon in the pot')    # PolicyOutput
   out.action['gripper'], out.vector, out.tokens, out.text, out.plan
   outs = policy.batch(images, instructions)                # one compiled call per bucket
+  out = policy(image, instruction, embodiment='fractal20220817_data')  # several datasets
+
+A model trained on several robot datasets (`data.robots`, rt2_jax.data.embodiments) decodes
+each call with the dataset it names (`embodiment=`): that dataset's action tokens, width and
+normalization statistics, from the checkpoint's assets. A missing or unknown name is a
+ValueError listing the known ones; a single-dataset model needs none.
 
 Each call tokenizes `config.data.prompt` filled with the instruction with the run's vocabulary
 (padded to `data.max_input_len`), resizes images of another size to the model's square size with
@@ -69,6 +75,9 @@ class PolicyMetadata:
   batch_buckets: list[int]
   model_id: str
   step: int | None
+  # Robot datasets of a run of several (data.robots): calls name one as `embodiment`; their
+  # action layouts differ from the first one's described above. [] for one dataset.
+  embodiments: list[str] = dataclasses.field(default_factory=list)
 
 
 def check_image(image, index: int = 0) -> np.ndarray:
@@ -208,6 +217,17 @@ def _spec_resize(config) -> str:
     return 'stretch'
 
 
+def _spec_name(config) -> str:
+  """The dataset name of config.data.robot.spec (the spec string if it cannot be read)."""
+  spec = config.data.robot.get('spec', '')
+  try:
+    from rt2_jax.data.spec import load_spec
+
+    return load_spec(spec).name
+  except Exception:  # noqa: BLE001  (a spec that moved away must not stop serving)
+    return os.path.splitext(os.path.basename(str(spec)))[0]
+
+
 class Policy:
   """Image + instruction -> action; see the module docstring."""
 
@@ -226,8 +246,14 @@ class Policy:
     prompt: str | None = None,
     seed: int | None = None,
     param_dtype: str | None = None,
+    embodiments: dict | None = None,
+    embodiment: str | None = None,
     **decode_overrides,
   ):
+    """embodiments: {dataset name: rt2_jax.data.embodiments.Embodiment} of a model trained on
+    several robot datasets (then stats / action_space are the first one's, and every call names
+    its dataset: `embodiment=`); embodiment: the dataset this policy decodes for (None: the
+    run's one dataset)."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
       for key, value in decode_overrides.items():
@@ -285,6 +311,9 @@ class Policy:
     self._calls = 0
     self._warned_truncation = False
     self._point = None  # the jitted VLA.point, built by keypoints() on first use
+    self.embodiments = dict(embodiments) if embodiments and len(embodiments) > 1 else None
+    self.embodiment = embodiment
+    self._heads: dict[str, Policy] = {}  # embodiment name -> its Policy (shares the params)
 
   # -------------------------------------------------------------------------------------------
   # Construction from a checkpoint.
@@ -328,6 +357,8 @@ class Policy:
         'takes bounds from them'
       )
     name = os.path.basename(os.path.normpath(os.fspath(workdir)))
+    if bundle.assets is not None and bundle.assets.embodiments:
+      kwargs.setdefault('embodiments', bundle.assets.embodiments)
     return cls(
       config,
       bundle.params,
@@ -351,10 +382,59 @@ class Policy:
       resize=self.resize,
       prompt=self.prompt,
       param_dtype=self.param_dtype,
+      embodiments=self.embodiments,
+      embodiment=self.embodiment,
     )
     return type(self)(
       self.config, self.params, self.stats, self.action_space, **{**kwargs, **overrides}
     )
+
+  # -------------------------------------------------------------------------------------------
+  # Several robot datasets (rt2_jax.data.embodiments).
+
+  @property
+  def embodiment_names(self) -> list[str]:
+    """The datasets calls may name: several for a multi-dataset model, else its one dataset."""
+    if self.embodiments:
+      return list(self.embodiments)
+    return [self.embodiment or _spec_name(self.config)]
+
+  def for_embodiment(self, name: str | None) -> Policy:
+    """The policy that decodes dataset `name`'s actions (its action tokens, width and
+    statistics); a single-dataset model takes None or its own dataset's name. Anything else is
+    a ValueError that lists the known names."""
+    if not self.embodiments:
+      if name is not None and name not in self.embodiment_names:
+        raise ValueError(
+          f'unknown embodiment {name!r}: this model was trained on one robot dataset, '
+          f'{self.embodiment_names[0]!r} (omit embodiment, or name that one)'
+        )
+      return self
+    if name is None:
+      raise ValueError(
+        f'this model was trained on several robot datasets: name the one to decode for with '
+        f'embodiment= (one of {self.embodiment_names})'
+      )
+    if name not in self.embodiments:
+      raise ValueError(f'unknown embodiment {name!r}; known: {self.embodiment_names}')
+    if name not in self._heads:
+      e = self.embodiments[name]
+      head = type(self)(
+        self.config,
+        self.params,
+        e.stats,
+        e.action_space,
+        vocab=self.vocab,
+        step=self.step,
+        model_id=self.model_id,
+        batch_buckets=self.batch_buckets,
+        resize=e.resize,
+        prompt=self.prompt,
+        param_dtype=self.param_dtype,
+        embodiment=name,
+      )
+      self._heads[name] = head
+    return self._heads[name]
 
   # -------------------------------------------------------------------------------------------
   # The pure function export wraps, and its pieces.
@@ -380,6 +460,7 @@ class Policy:
       batch_buckets=list(self.batch_buckets),
       model_id=self.model_id,
       step=self.step,
+      embodiments=list(self.embodiments or []),
     )
 
   def tokenize(self, instructions: Sequence[str]) -> np.ndarray:
@@ -451,7 +532,8 @@ class Policy:
   # -------------------------------------------------------------------------------------------
   # Calls.
 
-  def __call__(self, image, instruction: str, rng=None) -> PolicyOutput:
+  def __call__(self, image, instruction: str, rng=None, embodiment: str | None = None):
+    """One image and instruction -> PolicyOutput; `embodiment`: see `batch`."""
     if not isinstance(instruction, str):
       raise TypeError(f'instruction must be a string, got {type(instruction).__name__}')
     image = np.asarray(image)
@@ -460,12 +542,18 @@ class Policy:
         f'policy(image, instruction) takes one [H, W, 3] image, got shape '
         f'{image.shape}; use policy.batch for a batch'
       )
-    return self.batch([image], [instruction], rng=rng)[0]
+    return self.batch([image], [instruction], rng=rng, embodiment=embodiment)[0]
 
-  def batch(self, images, instructions: Sequence[str], rng=None) -> list[PolicyOutput]:
+  def batch(
+    self, images, instructions: Sequence[str], rng=None, embodiment: str | None = None
+  ) -> list[PolicyOutput]:
     """B images and instructions -> B outputs, for any B: each call is padded to the next
     bucket size (batches beyond the largest run in chunks of it), so the decode compiles once
-    per bucket. Empty lists give []."""
+    per bucket. Empty lists give []. embodiment: the robot dataset whose actions to decode (its
+    action tokens and statistics), required by a model of several (`for_embodiment`)."""
+    head = self.for_embodiment(embodiment)
+    if head is not self:
+      return head.batch(images, instructions, rng=rng)
     images, instructions = check_batch(images, instructions)  # all checks before any work
     if not images:
       return []
@@ -490,5 +578,8 @@ class Policy:
     )
 
   def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
-    """Compiles the decode for every bucket (serving does this before taking requests)."""
-    warmup_buckets(self.batch, self.image_size, batch_sizes or self.batch_buckets)
+    """Compiles the decode for every bucket (serving does this before taking requests), for
+    every embodiment of a model of several."""
+    for name in self.embodiments or [None]:
+      head = self.for_embodiment(name)
+      warmup_buckets(head.batch, self.image_size, batch_sizes or self.batch_buckets)

@@ -177,6 +177,10 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
   meta = metadata_dict(policy)
   shape = wire.image_shape(meta)
   batcher = batcher or make_batcher(policy, config)
+  # The robot datasets a request may name ('embodiment'); a model of several needs the name.
+  embodiments = getattr(policy, 'embodiment_names', None)
+  embodiments = list(embodiments) if isinstance(embodiments, list | tuple) else None
+  multi = isinstance(getattr(policy, 'embodiments', None), dict) and bool(policy.embodiments)
   buckets = getattr(policy, 'batch_buckets', None)
   state = {'draining': False, 'started': time.time()}
 
@@ -215,11 +219,13 @@ def create_app(policy, config: ServeConfig, batcher: Batcher | None = None):
       raise RequestError('server is shutting down', 503)
     content_type = serve_requests.media_type(request.headers, 'content-type')
     body = await request.body()
-    images, instructions, kind = await asyncio.get_running_loop().run_in_executor(
-      parse_pool, parse_request, body, content_type, parse, shape, config
+    parsed = await asyncio.get_running_loop().run_in_executor(
+      parse_pool, parse_request, body, content_type, parse, shape, config, embodiments, multi
     )
+    images, instructions, kind = parsed[:3]
     try:
-      outputs = await batcher.submit(images, instructions)
+      # A model of several robot datasets: the request's 'embodiment' picks its decoding.
+      outputs = await batcher.submit(images, instructions, *(parsed[3:] if multi else ()))
     except ModelError as e:
       raise RequestError(f'model error: {e}', 500) from None
     wants_msgpack = (

@@ -148,11 +148,34 @@ def decode_body(body: bytes, content_type: str, max_list_values: int = MAX_LIST_
     raise RequestError(f'body is not valid JSON: {str(e)[:300]}') from None
 
 
-def parse_request(body: bytes, content_type: str, parse, shape, config):
+def embodiment_of(message, known: list[str] | None = None, required: bool = False) -> str | None:
+  """The body's optional top-level 'embodiment' (the robot dataset whose actions to decode, for
+  a model trained on several: rt2_jax.data.embodiments), checked against `known`."""
+  value = message.get('embodiment') if isinstance(message, dict) else None
+  if value is None:
+    if required:
+      raise RequestError(
+        f'this model was trained on several robot datasets: name one in "embodiment" '
+        f'(one of {known})'
+      )
+    return None
+  if not isinstance(value, str):
+    raise RequestError(f'"embodiment" must be a string, got {type(value).__name__}')
+  if known is not None and value not in known:
+    raise RequestError(f'unknown embodiment {value!r}; known: {known}')
+  return value
+
+
+def parse_request(
+  body: bytes, content_type: str, parse, shape, config, embodiments=None, multi: bool = False
+):
   """Body bytes -> (images, instructions, kind): JSON/msgpack decoding, base64, image decoding
   and every check. Runs in a worker thread, never on the event loop. `config`: a
-  serve.ServeConfig (max_list_values, max_instances, max_instruction_chars)."""
+  serve.ServeConfig (max_list_values, max_instances, max_instruction_chars). `embodiments`: the
+  robot datasets the model knows (then the result gets a 4th item, the body's 'embodiment',
+  which must name one of them; `multi`: it must name one)."""
   message = decode_body(body, content_type, config.max_list_values)
+  embodiment = embodiment_of(message, embodiments, required=multi) if embodiments else None
   images, instructions, kind = parse(message, shape, config.max_instances)
   for i, text in enumerate(instructions):
     if len(text) > config.max_instruction_chars:
@@ -161,6 +184,8 @@ def parse_request(body: bytes, content_type: str, parse, shape, config):
         f'{config.max_instruction_chars} are accepted',
         413,
       )
+  if embodiments:
+    return images, instructions, kind, embodiment
   return images, instructions, kind
 
 

@@ -213,7 +213,10 @@ def smoothed_action_cross_entropy(logits, targets, action_mask, codec, sigma: fl
 
 
 def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, batch_spec_fn):
-  """(state, batch) -> (state, metrics), to be jitted; `codec` decodes the action metrics."""
+  """(state, batch) -> (state, metrics), to be jitted; `codec` decodes the action metrics. A
+  list of codecs, one per robot dataset (rt2_jax.data.embodiments), decodes each example with
+  its dataset's (batch['embodiment'])."""
+  codecs = list(codec) if isinstance(codec, list | tuple) else [codec]
   accum = int(config.optim.grad_accum_steps)
   dropout = (
     max(
@@ -230,7 +233,23 @@ def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, 
   patch_grid = config.model.image_size // config.model.vit.patch_size
   from rt2_jax.models import vla
 
-  vla.check_action_positions(config.model, codec.num_positions)
+  vla.check_action_positions(config.model, max(c.num_positions for c in codecs))
+
+  def smoothed_ce(logits, batch):
+    """`smoothed_action_cross_entropy` with each example's own dataset's codec."""
+    if len(codecs) == 1:
+      return smoothed_action_cross_entropy(
+        logits, batch['decoder_target_tokens'], batch['action_loss_mask'], codecs[0], label_sigma
+      )
+    soft, applies = 0.0, False
+    for k, one in enumerate(codecs):
+      mine = (batch['embodiment'] == k)[:, None]
+      soft_k, applies_k = smoothed_action_cross_entropy(
+        logits, batch['decoder_target_tokens'], batch['action_loss_mask'] * mine, one, label_sigma
+      )
+      soft = jnp.where(mine & applies_k, soft_k, soft)
+      applies = applies | (mine & applies_k)
+    return soft, applies
 
   def pointer_sums(pool_logits, batch, keypoints=None):
     """Pointing loss of the summaries' pooling logits [B, K, N] against `pointer_xy` [B, K', 2]
@@ -318,13 +337,13 @@ def make_train_step(model, tx, schedule, config, codec: transforms.ActionCodec, 
     )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['decoder_target_tokens'])
     if label_sigma:
-      soft, applies = smoothed_action_cross_entropy(
-        logits, batch['decoder_target_tokens'], batch['action_loss_mask'], codec, label_sigma
-      )
+      soft, applies = smoothed_ce(logits, batch)
       ce = jnp.where(applies, soft, ce)
     loss_sum = (ce * batch['decoder_loss_weights']).sum()
     loss = loss_sum / total_weight
-    sums = metrics.step_metric_sums(jax.lax.stop_gradient(logits), batch, codec)
+    sums = metrics.step_metric_sums(
+      jax.lax.stop_gradient(logits), batch, codecs if len(codecs) > 1 else codec
+    )
     if pointer_weight:
       pool = state['intermediates']['instruction_pool']
       keypoints = pool['keypoints'][0] if 'keypoints' in pool else None
@@ -452,9 +471,20 @@ def build_data(config, stats=None, training_read: bool = False):
   training_read: the training iterator is built next (then `rlds.release_kept()`), so a lone
   process computes missing statistics from the read it will train on (`pipeline.norm_stats`).
   """
-  from rt2_jax.data import pipeline
+  from rt2_jax.data import embodiments, pipeline
 
   action_space = pipeline.action_space(config)
+  if embodiments.is_multi(config):
+    # Several robot datasets: {name: NormStats}, each computed once and cached beside its data
+    # (or the resumed run's). action_space / action_vocab are the first dataset's.
+    if not isinstance(stats, dict) or set(stats) != set(embodiments.names(config)):
+      if jax.process_index() == 0:
+        stats = embodiments.norm_stats(config)
+      barrier('rt2_jax_norm_stats', timeout_s=6 * 3600)
+      if jax.process_index() != 0:
+        stats = embodiments.norm_stats(config)
+    vocab, action_vocab = vocab_lib.from_config(config, action_space)
+    return action_space, stats, vocab, action_vocab
   if stats is None:
     # Process 0 reads the split and caches the statistics beside the data; the others then load
     # that file (or, where it is not shared, compute the same numbers themselves). A lone
@@ -597,10 +627,13 @@ def load_lora_base(setup: Setup, path: str):
 
 def train(config, workdir: str) -> dict:
   """Trains to config.total_steps; returns the last logged metrics."""
-  from rt2_jax.data import pipeline, rlds
+  from rt2_jax.data import embodiments, pipeline, rlds
 
   workdir = checkpoints.resolve_path(workdir)  # relative and ~ paths; gs:// stays as it is
   is_main = jax.process_index() == 0
+  # data.robot mirrors the first of several robot datasets: the one-dataset code reads it.
+  config = embodiments.with_first_as_robot(config)
+  multi = embodiments.is_multi(config)
   setup = make_setup(config)
   lora = lora_lib.LoraConfig.from_config(config)
   if is_main:
@@ -656,11 +689,25 @@ def train(config, workdir: str) -> dict:
           fresh_pattern=config.get('init_fresh', ''),
         )
       )
-  codec = transforms.ActionCodec.from_config(config, action_vocab, stats)
+  embodiment_table, dim_names, embodiment_names = None, action_space.dim_names, ()
+  if multi:  # one codec per dataset; the assets keep each one's stats and action space
+    codec = embodiments.codecs(config, vocab, stats)
+    embodiment_table = embodiments.from_config(config, stats)
+    embodiment_names = list(embodiment_table)
+    dim_names = [
+      f'{name}/{d}' for name, e in embodiment_table.items() for d in e.action_space.dim_names
+    ]
+    first_stats = embodiment_table[embodiment_names[0]].stats
+  else:
+    codec = transforms.ActionCodec.from_config(config, action_vocab, stats)
+    first_stats = stats
   meta = checkpoints.make_meta(config, vocab)
   if lora.enabled:  # where the base is now (a moved run's new checkpoints name its new place)
     meta.update(lora_base_lib.reference(lora_base, ckpt.directory))
-  assets = checkpoint_assets.make(config, stats, action_space, vocab)  # resize: the spec's, now
+  # resize: the spec's, now
+  assets = checkpoint_assets.make(
+    config, first_stats, action_space, vocab, embodiments=embodiment_table
+  )
 
   data_iter = pipeline.make_train_iterator(
     config, vocab, action_vocab, stats, jax.process_index(), jax.process_count()
@@ -680,7 +727,12 @@ def train(config, workdir: str) -> dict:
     }
 
   logger = metrics.MetricLogger(
-    workdir, config.total_steps, config.batch_size, action_space.dim_names, enabled=is_main
+    workdir,
+    config.total_steps,
+    config.batch_size,
+    dim_names,
+    enabled=is_main,
+    embodiment_names=embodiment_names,
   )
   preemption = Preemption()
   last, step = {}, start

@@ -17,7 +17,9 @@ web examples), pointer_xy float32 [B,K,2] (image points, x from the left and y f
 pointing targets from its spec's points_key, for tabletop demos the slots
 `rt2_jax.envs.tabletop_tasks.POINTER_SLOTS` = (current goal's block, pusher, that block's
 destination); K is the largest K of the mixture's tasks (1 when none has points) and every slot
-a task lacks, or an example has no point for, is NaN).
+a task lacks, or an example has no point for, is NaN). A run of several robot datasets
+(data.robots, `rt2_jax.data.embodiments`) adds embodiment int32 [B] (the dataset's index, -1 for
+web examples) and pads actions to the widest dataset's dim.
 
 How examples are drawn (everything is a function of the seed and a few counters):
 - Task of each example: global example number g = step * global_batch + process_index * B + j
@@ -39,8 +41,8 @@ import warnings
 import numpy as np
 
 from rt2_jax.actions import ActionSpace, NormStats
+from rt2_jax.data import embodiments, synthetic, tasks
 from rt2_jax.data import stats as stats_lib
-from rt2_jax.data import synthetic, tasks
 from rt2_jax.data.spec import DatasetSpec, load_spec
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -126,7 +128,17 @@ def register_from_config(config, progress=print) -> str:
   if not 0.0 <= rate <= 1.0:
     raise ValueError(f'data.robot_rate must be in [0, 1], got {rate}')
   entries = []
-  if rate > 0:
+  if rate > 0 and embodiments.is_multi(config):
+    # One task per dataset, each with its own action tokens and statistics, at its weight.
+    for i, share in enumerate(embodiments.rates(config)):
+      one = embodiments.dataset_config(config, i)
+      task = tasks.register_task(
+        tasks.robot_task(
+          robot_spec(one), robot_data_dir(one, progress), robot_split(one), embodiment=i
+        )
+      )
+      entries.append((task.name, share))
+  elif rate > 0:
     spec = robot_spec(config)
     task = tasks.register_task(
       tasks.robot_task(spec, robot_data_dir(config, progress), robot_split(config))
@@ -155,6 +167,13 @@ def register_from_config(config, progress=print) -> str:
   name = 'config:' + '+'.join(n for n, _ in entries)
   tasks.register_mixture(name, entries)
   return name
+
+
+def _dataset_configs(config) -> list:
+  """One one-dataset config per robot dataset (`embodiments.dataset_config`)."""
+  if not embodiments.is_multi(config):
+    return [config]
+  return [embodiments.dataset_config(config, i) for i in range(len(embodiments.entries(config)))]
 
 
 # --- The iterator. ---
@@ -195,9 +214,12 @@ class MixtureIterator:
     self.seed, self.process_index, self.process_count = int(seed), process_index, process_count
     self._offset = float(np.random.default_rng([self.seed, 7]).random())
     robot_dims = {t.actions.shape[1] for t in self.tasks if t.is_robot}
-    if len(robot_dims) > 1:
+    # Several robot datasets (rt2_jax.data.embodiments): actions padded to the widest, and each
+    # example's dataset index in batch['embodiment'].
+    self.multi_embodiment = len({t.embodiment for t in self.tasks if t.is_robot}) > 1
+    if len(robot_dims) > 1 and not self.multi_embodiment:
       raise ValueError(f'robot tasks have different action widths {robot_dims}')
-    self.action_dim = robot_dims.pop() if robot_dims else action_dim
+    self.action_dim = max(robot_dims) if robot_dims else action_dim
     # Pointer slots per example: the widest task's; narrower tasks leave the rest NaN.
     self.num_points = max(
       [t.points.shape[1] for t in self.tasks if t.points is not None], default=1
@@ -252,6 +274,7 @@ class MixtureIterator:
       'action_loss_mask': np.zeros((b, length), np.float32),
       'actions': np.zeros((b, self.action_dim), np.float32),
       'pointer_xy': np.full((b, self.num_points, 2), np.nan, np.float32),
+      'embodiment': np.full(b, -1, np.int32),
     }
     examples = [None] * b
     positions_of_length = np.arange(length)
@@ -270,7 +293,8 @@ class MixtureIterator:
         batch['action_loss_mask'][where] = (
           (positions_of_length >= start) & (positions_of_length < start + task.num_action_tokens)
         ).astype(np.float32)
-        batch['actions'][where] = task.actions[idx]
+        batch['actions'][where, : task.actions.shape[1]] = task.actions[idx]
+        batch['embodiment'][where] = task.embodiment
       if task.points is not None:
         batch['pointer_xy'][where, : task.points.shape[1]] = task.points[idx]
       for w, i in zip(where, idx, strict=False):
@@ -281,7 +305,8 @@ class MixtureIterator:
     )
     batch['decoder_loss_weights'] = (targets != 0).astype(np.float32)
     self.last_examples = examples
-    return {k: batch[k] for k in MODEL_KEYS}
+    keys = MODEL_KEYS + (('embodiment',) if self.multi_embodiment else ())
+    return {k: batch[k] for k in keys}
 
   def __iter__(self):
     return self
@@ -365,7 +390,9 @@ def make_train_iterator(
     config.seed,
     process_index,
     process_count,
-    action_dim=action_space(config).dim if config.data.robot.spec else 0,
+    action_dim=max(s.action_space.dim for s in map(robot_spec, _dataset_configs(config)))
+    if config.data.robot.spec
+    else 0,
   )
   if progress:
     sizes = ', '.join(

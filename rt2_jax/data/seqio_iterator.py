@@ -29,7 +29,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from rt2_jax.data import seqio_mixture
+from rt2_jax.data import embodiments, seqio_mixture
 
 STATE_KIND = 'seqio'
 STATE_VERSION = 1
@@ -64,15 +64,23 @@ class VLAFeatureConverter(seqio.FeatureConverter):
   }
   PACKING_FEATURE_DTYPES = {}
 
-  def __init__(self, num_action_tokens: int):
+  def __init__(self, num_action_tokens: int, embodiment_tokens=None):
+    """embodiment_tokens: action tokens per robot dataset of a run of several (data.robots);
+    the examples then carry 'embodiment', which picks each one's count, and the batch gets it."""
     # Lengths are enforced by the padding below; seqio's length check would refuse images
     # larger than the model's before they are resized.
     super().__init__(pack=False, apply_length_check=False)
     self.num_action_tokens = int(num_action_tokens)
+    self.embodiment_tokens = None
+    if embodiment_tokens is not None:
+      self.embodiment_tokens = [int(n) for n in embodiment_tokens]
+      self.TASK_FEATURES = dict(type(self).TASK_FEATURES, embodiment=Spec(tf.int32, rank=0))
+      self.MODEL_FEATURES = dict(type(self).MODEL_FEATURES, embodiment=Spec(tf.int32, rank=0))
 
   def get_model_feature_lengths(self, task_feature_lengths):
     lt = task_feature_lengths['targets']
-    return {
+    extra = {'embodiment': 0} if self.embodiment_tokens is not None else {}
+    return extra | {
       'image': task_feature_lengths['image'],
       'encoder_input_tokens': task_feature_lengths['inputs'],
       'decoder_input_tokens': lt,
@@ -106,15 +114,25 @@ class VLAFeatureConverter(seqio.FeatureConverter):
       targets = pad(ex['targets'], lt)
       position = tf.range(lt)
       start = ex['action_start']
-      in_action = (start >= 0) & (position >= start) & (position < start + self.num_action_tokens)
+      count = self.num_action_tokens
       actions = ex['actions']
-      # A robot example of another action width fails here rather than being cut or padded.
+      extra = {}
+      if self.embodiment_tokens is not None:
+        # Several datasets: each example's own action-token count; actions padded to the widest.
+        embodiment = ex['embodiment']
+        table = tf.constant(self.embodiment_tokens, tf.int32)
+        count = tf.gather(table, tf.clip_by_value(embodiment, 0, len(self.embodiment_tokens) - 1))
+        actions = tf.pad(actions, [[0, dim - tf.shape(actions)[0]]])
+        extra = {'embodiment': embodiment}
+      in_action = (start >= 0) & (position >= start) & (position < start + count)
+      # One dataset: a robot example of another action width fails here rather than being cut
+      # or padded (several: padded above to the widest, each its own).
       actions = tf.cond(
         ex['is_robot'],
         lambda: tf.ensure_shape(actions, [None]),
         lambda: tf.zeros([dim], tf.float32),
       )
-      return {
+      return extra | {
         'image': image_of(ex['image']),
         'encoder_input_tokens': tf.ensure_shape(pad(ex['inputs'], li), [li]),
         'decoder_input_tokens': seqio.utils.make_autoregressive_inputs(targets, bos_id=0),
@@ -232,18 +250,20 @@ def task_feature_lengths(config, action_dim: int) -> dict:
     'actions': int(action_dim),
     'action_start': 0,
     'pointer_xy': max(1, int(config.model.get('instruction_pool', 0))),
-  }
+  } | ({'embodiment': 0} if embodiments.is_multi(config) else {})
 
 
 def check_features(provider, config) -> None:
   """The provider declares every field, with the config's vocabulary (else a clear error)."""
   features = provider.output_features
-  missing = [f for f in seqio_mixture.FIELDS if f not in features]
+  fields = seqio_mixture.FIELDS + (('embodiment',) if embodiments.is_multi(config) else ())
+  missing = [f for f in fields if f not in features]
   if missing:
     raise ValueError(
       f'seqio {provider.name!r} lacks the output features {missing}: declare '
-      'rt2_jax.data.seqio_mixture.output_features() and end its preprocessors with '
-      'web_preprocessors() (image-text tasks)'
+      'rt2_jax.data.seqio_mixture.output_features() (embodiment=True in a run of several robot '
+      'datasets, data.robots) and end its preprocessors with web_preprocessors() (image-text '
+      'tasks)'
     )
   want = seqio_mixture.seqio_vocabulary(config.vocab.path, config.vocab.get('extra_ids', 0))
   for key in ('inputs', 'targets'):
@@ -267,7 +287,14 @@ def make_iterator(
   modules = seqio_mixture.import_modules(d.get('seqio_modules', ''))
   provider = seqio_mixture.get_provider(d.mixture)
   check_features(provider, config)
-  lengths = task_feature_lengths(config, action_vocab.space.dim)
+  multi = embodiments.is_multi(config)
+  action_dim = action_vocab.space.dim
+  embodiment_tokens = None
+  if multi:  # actions padded to the widest dataset's
+    spaces = [av.space for av in embodiments.action_vocabs(config, vocab)]
+    action_dim = max(space.dim for space in spaces)
+    embodiment_tokens = [space.num_positions for space in spaces]
+  lengths = task_feature_lengths(config, action_dim)
   ds = provider.get_dataset(
     sequence_length={'inputs': lengths['inputs'], 'targets': lengths['targets']},
     split='train',
@@ -277,7 +304,7 @@ def make_iterator(
     num_epochs=None,
     try_in_mem_cache=False,  # a cache would be part of every saved position
   )
-  ds = VLAFeatureConverter(action_vocab.num_positions)(ds, lengths)
+  ds = VLAFeatureConverter(action_vocab.num_positions, embodiment_tokens)(ds, lengths)
   local = config.batch_size // process_count
   ds = ds.batch(local, drop_remainder=True).prefetch(2)
   options = tf.data.Options()

@@ -12,6 +12,9 @@ With `data.mixture` set the trainer reads that registered seqio Task or Mixture
   actions       float32 [dim]    real units ([0] for web examples)
   action_start  int32 []         first action-token position in targets (-1: none)
   pointer_xy    float32 [K, 2]   image points (x right, y down, in [0, 1]); [0, 2] for none
+  embodiment    int32 []         only in runs of several robot datasets (data.robots): the
+                                 dataset's index there, -1 for web examples
+                                 (`output_features(..., embodiment=True)`)
 
 A custom image-text task needs a source with 'inputs' / 'targets' text and 'image', then
 `web_preprocessors()` (tokenize, fill the robot fields, EOS); see the README. The config's robot
@@ -61,8 +64,9 @@ def seqio_vocabulary(vocab_path: str = '', extra_ids: int = 0):
   return seqio.SentencePieceVocabulary(vocab_path or vocab_lib.BUNDLED_MODEL, extra_ids=extra_ids)
 
 
-def output_features(vocab_path: str = '', extra_ids: int = 0) -> dict:
-  """The output features every task of a training mixture declares (module docstring)."""
+def output_features(vocab_path: str = '', extra_ids: int = 0, embodiment: bool = False) -> dict:
+  """The output features every task of a training mixture declares (module docstring);
+  embodiment=True adds 'embodiment', which a run of several robot datasets needs."""
   import seqio
   import tensorflow as tf
 
@@ -72,7 +76,7 @@ def output_features(vocab_path: str = '', extra_ids: int = 0) -> dict:
   def field(dtype, rank):
     return seqio.Feature(raw, add_eos=False, dtype=dtype, rank=rank)
 
-  return {
+  features = {
     'inputs': seqio.Feature(text, add_eos=False),
     'targets': seqio.Feature(text, add_eos=True),
     'image': field(tf.uint8, 3),
@@ -81,10 +85,17 @@ def output_features(vocab_path: str = '', extra_ids: int = 0) -> dict:
     'action_start': field(tf.int32, 0),
     'pointer_xy': field(tf.float32, 2),
   }
+  if embodiment:
+    features['embodiment'] = field(tf.int32, 0)
+  return features
 
 
 def config_output_features(config) -> dict:
-  return output_features(config.vocab.path, config.vocab.get('extra_ids', 0))
+  from rt2_jax.data import embodiments
+
+  return output_features(
+    config.vocab.path, config.vocab.get('extra_ids', 0), embodiments.is_multi(config)
+  )
 
 
 def fill_web_fields(dataset):
@@ -98,6 +109,7 @@ def fill_web_fields(dataset):
     example['is_robot'] = tf.constant(False)
     example['actions'] = tf.zeros([0], tf.float32)
     example['action_start'] = tf.constant(-1, tf.int32)
+    example['embodiment'] = tf.constant(-1, tf.int32)  # kept only where a run declares it
     example['pointer_xy'] = (
       tf.zeros([0, 2], tf.float32)
       if point is None
@@ -214,6 +226,7 @@ def task_tensors(data: tasks.TaskData) -> TaskTensors:
     'pointer_xy': tf.constant(np.asarray(points, np.float32).reshape(n, k, 2)),
   }
   is_robot = tf.constant(data.is_robot)
+  embodiment = tf.constant(data.embodiment, tf.int32)
 
   def example(i):
     row = {key: tf.gather(value, i) for key, value in per_example.items()}
@@ -225,6 +238,7 @@ def task_tensors(data: tasks.TaskData) -> TaskTensors:
       'actions': row['actions'],
       'action_start': row['action_start'],
       'pointer_xy': row['pointer_xy'],
+      'embodiment': embodiment,  # dropped by the mixture unless its features declare it
     }
 
   return TaskTensors(data.name, n, example)

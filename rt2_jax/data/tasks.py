@@ -54,6 +54,8 @@ class TaskData:
   # float32 [n, K, 2]: image points (x from the left, y from the top, in [0, 1]; NaN rows: none),
   # a web line's 'point' (K = 1) or a robot step's pointing targets (spec.points_key); or None.
   points: np.ndarray | None = None
+  # Which robot dataset of the run (rt2_jax.data.embodiments) the examples come from; -1: web.
+  embodiment: int = -1
 
   def __len__(self) -> int:
     return int(self.targets.shape[0])
@@ -223,6 +225,7 @@ def tokenize_robot(records, spec: DatasetSpec, context: Context, name: str) -> T
       'source': records.source,
     },
     points=None if records.points is None else np.asarray(records.points, np.float32),
+    embodiment=0,
   )
 
 
@@ -268,8 +271,13 @@ def tokenize_web(records, context: Context, name: str) -> TaskData:
 # --- Tasks from a config. ---
 
 
-def robot_task(spec, data_dir: str, split: str, name: str = '') -> Task:
-  """A task over one RLDS dataset: this process's shard of episodes of `split`."""
+def robot_task(
+  spec, data_dir: str, split: str, name: str = '', embodiment: int | None = None
+) -> Task:
+  """A task over one RLDS dataset: this process's shard of episodes of `split`.
+
+  embodiment: its index among several robot datasets (`rt2_jax.data.embodiments`): its targets
+  then use its own action vocabulary and the statistics `context.stats[spec.name]`."""
   from rt2_jax.data import rlds
   from rt2_jax.data.spec import load_spec
 
@@ -278,6 +286,8 @@ def robot_task(spec, data_dir: str, split: str, name: str = '') -> Task:
 
   def build(context: Context) -> TaskData:
     cfg = context.config
+    if embodiment is not None:
+      context = embodiment_context(context, spec)
     records = rlds.read_split(
       spec,
       data_dir,
@@ -293,9 +303,28 @@ def robot_task(spec, data_dir: str, split: str, name: str = '') -> Task:
         f'task {name}: no usable steps in {data_dir} split {split!r} for process '
         f'{context.process_index} of {context.process_count}'
       )
-    return tokenize_robot(records, spec, context, name)
+    data = tokenize_robot(records, spec, context, name)
+    data.embodiment = 0 if embodiment is None else int(embodiment)
+    return data
 
   return Task(name, ROBOT, build, f'{spec.name} from {data_dir} [{split}]')
+
+
+def embodiment_context(context: Context, spec: DatasetSpec) -> Context:
+  """`context` for one of several robot datasets: its action vocabulary and statistics."""
+  from rt2_jax import vocab as vocab_lib
+  from rt2_jax.data import embodiments
+
+  cfg = context.config
+  action_vocab = vocab_lib.ActionVocab(
+    context.vocab,
+    spec.action_space,
+    cfg.vocab.action_scheme,
+    cfg.actions.num_bins,
+    vocab_size=cfg.model.get('vocab_size', context.vocab.vocab_size),
+  )
+  stats = embodiments.stats_of(context.stats, spec.name)
+  return dataclasses.replace(context, action_vocab=action_vocab, stats=stats)
 
 
 def web_jsonl_task(path: str, name: str = 'web/jsonl') -> Task:
