@@ -68,9 +68,7 @@ def _instruction_text(value, encoding: str):
     return tf.reshape(value, [])
   codes = tf.reshape(tf.cast(value, tf.int32), [-1])
   zero = tf.where(tf.equal(codes, 0))
-  end = tf.cond(
-    tf.size(zero) > 0, lambda: tf.cast(zero[0, 0], tf.int32), lambda: tf.size(codes)
-  )
+  end = tf.cond(tf.size(zero) > 0, lambda: tf.cast(zero[0, 0], tf.int32), lambda: tf.size(codes))
   byte_strings = tf.constant([bytes([i]) for i in range(256)])
   text = tf.strings.reduce_join(tf.gather(byte_strings, tf.clip_by_value(codes[:end], 0, 255)))
   return tf.strings.unicode_transcode(

@@ -1,0 +1,188 @@
+"""data.robot.stream (issue 18): the config's robot seqio task streams its RLDS split from the
+TFDS files and gives the decoded path's examples, each process its own episodes, and the
+tf.data iterator checkpoint resumes it exactly."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rt2_jax import config_flags
+from rt2_jax import vocab as vocab_lib
+from rt2_jax.data import fixtures, pipeline, rlds, rlds_stream, seqio_mixture, tasks
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('stream'))
+  # Episode 1 has a NaN action and episode 3 no instruction: both are dropped, as when decoded.
+  path = fixtures.write_bridge(
+    os.path.join(root, 'bridge'),
+    num_episodes=7,
+    num_steps=4,
+    nan_episodes=(1,),
+    empty_instruction_episodes=(3,),
+  )
+  return rlds.resolve_builder_dir(path, 'bridge_dataset')
+
+
+def make_config(data_dir, **overrides):
+  values = {
+    'data.robot.data_dir': data_dir,
+    'data.cache_dir': '',
+    'data.synthetic_if_missing': False,
+    'data.robot_rate': 1.0,
+    'model.image_size': 16,
+    'batch_size': 4,
+    'data.mixture': seqio_mixture.CONFIG_MIXTURE,
+    'data.robot.stream': True,
+    'data.robot.shuffle_buffer': 6,
+  }
+  values.update(overrides)
+  return config_flags.load_config('tiny', overrides=values)
+
+
+def context_of(config, process_index=0, process_count=1):
+  statistics = pipeline.norm_stats(config, progress=None)
+  vocab, action_vocab = vocab_lib.from_config(config, pipeline.action_space(config))
+  return tasks.Context(config, vocab, action_vocab, statistics, process_index, process_count, None)
+
+
+def stream_source(config, context):
+  return rlds_stream.source_class()(
+    pipeline.robot_spec(config), config.data.robot.data_dir, 'train', context
+  )
+
+
+def test_one_epoch_streams_the_decoded_examples_step_for_step(data_dir):
+  config = make_config(data_dir)
+  context = context_of(config)
+  decoded = tasks.robot_task(pipeline.robot_spec(config), data_dir, 'train').build(context)
+  source = stream_source(config, context)
+  streamed = list(source.dataset(shuffle=True, seed=3, with_ids=True).as_numpy_iterator())
+  by_id = {(int(e['episode_id']), int(e['step_id'])): e for e in streamed}
+  assert len(by_id) == len(streamed) == len(decoded) == 5 * 4  # one epoch, no step twice
+  order = [(int(e['episode_id']), int(e['step_id'])) for e in streamed]
+  assert order != sorted(order)  # the step buffer shuffled them
+
+  streamed_pairs, decoded_pairs = set(), set()  # (prompt ids, action-target ids)
+  for i in range(len(decoded)):
+    about = decoded.describe(i)
+    example = by_id[(about['episode_id'], about['step_id'])]
+    encoder = decoded.encoder_table[decoded.encoder_index[i]]
+    np.testing.assert_array_equal(example['inputs'], encoder[encoder != 0])
+    target = decoded.targets[i][: np.argmax(decoded.targets[i] == tasks.EOS_ID)]
+    np.testing.assert_array_equal(example['targets'], target)
+    assert int(example['action_start']) == int(decoded.action_start[i])
+    np.testing.assert_array_equal(example['image'], decoded.images[decoded.image_index[i]])
+    np.testing.assert_array_equal(example['actions'], decoded.actions[i])
+    assert example['pointer_xy'].shape == (0, 2) and decoded.points is None
+    decoded_pairs.add((tuple(encoder[encoder != 0].tolist()), tuple(target.tolist())))
+  for example in streamed:
+    streamed_pairs.add((tuple(example['inputs'].tolist()), tuple(example['targets'].tolist())))
+  assert streamed_pairs == decoded_pairs and len(decoded_pairs) > 4
+
+
+def test_batch_rows_match_decoded_examples_with_their_action_mask(data_dir):
+  config = make_config(data_dir)
+  context = context_of(config)
+  decoded = tasks.robot_task(pipeline.robot_spec(config), data_dir, 'train').build(context)
+  it = pipeline.make_train_iterator(
+    config, context.vocab, context.action_vocab, context.stats, 0, 1, progress=None
+  )
+  positions = context.action_vocab.num_positions
+  rows = 0
+  for _ in range(7):  # more than one epoch (20 steps)
+    batch = next(it)
+    for j in range(config.batch_size):
+      row = {k: v[j] for k, v in batch.items()}
+      matches = [
+        i
+        for i in range(len(decoded))
+        if np.array_equal(decoded.targets[i], row['decoder_target_tokens'])
+        and np.array_equal(
+          decoded.encoder_table[decoded.encoder_index[i]], row['encoder_input_tokens']
+        )
+        and np.array_equal(decoded.images[i], row['image'])
+      ]
+      assert matches, f'row {j} is none of the decoded examples'
+      want = np.zeros(config.data.max_target_len, np.float32)
+      want[:positions] = 1  # action_start 0
+      np.testing.assert_array_equal(row['action_loss_mask'], want)
+      np.testing.assert_array_equal(row['actions'], decoded.actions[matches[0]])
+      rows += 1
+  assert rows == 28
+  it.close()
+
+
+def test_each_process_streams_its_own_episodes(data_dir):
+  config = make_config(data_dir)
+  seen = []
+  for process in (0, 1):
+    context = context_of(config, process, 2)
+    examples = stream_source(config, context).dataset((process, 2), shuffle=False, with_ids=True)
+    seen.append({int(e['episode_id']) for e in examples.as_numpy_iterator()})
+  assert seen == [{0, 2}, {4, 5, 6}]  # episodes [0, 3) and [3, 7), less the bad 1 and 3
+  assert rlds_stream.episode_range(7, (0, 2)) == (0, 3)
+
+
+def _same(a: list, b: list) -> bool:
+  return all(
+    np.array_equal(x[k], y[k], equal_nan=True) for x, y in zip(a, b, strict=True) for k in x
+  )
+
+
+def test_the_saved_position_resumes_the_stream_exactly(data_dir):
+  config = make_config(data_dir)
+  context = context_of(config)
+
+  def make():
+    return pipeline.make_train_iterator(
+      config, context.vocab, context.action_vocab, context.stats, 0, 1, progress=None
+    )
+
+  it = make()
+  for _ in range(3):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # what the checkpoint's JSON item holds
+  # Past the first epoch (20 steps = 5 batches), so the reshuffled files and buffer count too.
+  continued = [next(it) for _ in range(6)]
+  resumed = make()
+  resumed.set_state(state)
+  assert _same([next(resumed) for _ in range(6)], continued)
+  fresh = make()
+  assert not _same([next(fresh) for _ in range(6)], continued)
+  # The position holds encoded images in the step buffer, not the decoded split.
+  assert len(json.dumps(state)) < 200_000
+  for i in (it, resumed, fresh):
+    i.close()
+
+
+def test_statistics_skip_the_images_and_are_cached_beside_the_data(data_dir, monkeypatch):
+  config = make_config(data_dir)
+  for name in os.listdir(data_dir):
+    if name.startswith(rlds.DERIVED_PREFIX):
+      os.remove(os.path.join(data_dir, name))
+  sizes = []
+  read_split = rlds.read_split
+
+  def recorded(*args, **kwargs):
+    sizes.append(kwargs.get('image_size', args[3] if len(args) > 3 else None))
+    return read_split(*args, **kwargs)
+
+  monkeypatch.setattr(rlds, 'read_split', recorded)
+  first = pipeline.norm_stats(config, progress=None, training_read=True)
+  assert sizes == [0] and not rlds._kept  # actions only, no records kept for a decoded task
+  assert any(n.startswith(rlds.DERIVED_PREFIX + 'norm_stats') for n in os.listdir(data_dir))
+  again = pipeline.norm_stats(config, progress=None, training_read=True)
+  assert sizes == [0] and again.to_json() == first.to_json()  # read from the cache
+
+
+def test_the_default_pipeline_refuses_a_streamed_split(data_dir):
+  config = make_config(data_dir, **{'data.mixture': ''})
+  context = context_of(config)
+  with pytest.raises(ValueError, match="data.mixture='rt2_config'"):
+    pipeline.make_train_iterator(
+      config, context.vocab, context.action_vocab, context.stats, 0, 1, progress=None
+    )
