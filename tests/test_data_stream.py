@@ -11,6 +11,7 @@ import pytest
 from rt2_jax import config_flags
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.data import fixtures, pipeline, rlds, rlds_stream, seqio_mixture, tasks
+from rt2_jax.data.spec import load_spec
 
 
 @pytest.fixture(scope='module')
@@ -186,3 +187,32 @@ def test_the_default_pipeline_refuses_a_streamed_split(data_dir):
     pipeline.make_train_iterator(
       config, context.vocab, context.action_vocab, context.stats, 0, 1, progress=None
     )
+
+
+@pytest.mark.parametrize('layout', ['language_table', 'fractal20220817_data'])
+def test_other_layouts_stream_their_decoded_examples(layout, tmp_path):
+  # language_table holds its instruction as zero-padded UTF-8 bytes; fractal has one-hot and
+  # episode-level fields: each streamed step is still its decoded twin.
+  path = fixtures.write_layout(
+    layout, str(tmp_path / layout), num_episodes=4, num_steps=3, empty_instruction_episodes=(1,)
+  )
+  data_dir = rlds.resolve_builder_dir(path, layout)
+  spec = load_spec(layout)
+  config = make_config(data_dir, **{'data.robot.spec': layout, 'data.robot.split': 'train'})
+  context = context_of(config)
+  decoded = tasks.robot_task(spec, data_dir, 'train').build(context)
+  source = stream_source(config, context)
+  streamed = list(source.dataset(shuffle=False, with_ids=True).as_numpy_iterator())
+  assert len(streamed) == len(decoded) == 3 * 3
+  for i, example in enumerate(streamed):
+    about = decoded.describe(i)
+    assert (int(example['episode_id']), int(example['step_id'])) == (
+      about['episode_id'],
+      about['step_id'],
+    )
+    encoder = decoded.encoder_table[decoded.encoder_index[i]]
+    np.testing.assert_array_equal(example['inputs'], encoder[encoder != 0])
+    target = decoded.targets[i][: np.argmax(decoded.targets[i] == tasks.EOS_ID)]
+    np.testing.assert_array_equal(example['targets'], target)
+    np.testing.assert_array_equal(example['image'], decoded.images[i])
+    np.testing.assert_array_equal(example['actions'], decoded.actions[i])
