@@ -36,6 +36,8 @@ from rt2_jax.data import rlds
 from rt2_jax.data.spec import EPISODE_PREFIX, DatasetSpec, load_spec
 
 DEFAULT_SHUFFLE_BUFFER = 2048
+READ_FILES = 4  # files read at once (interleaved)
+READ_BUFFER_BYTES = 1 << 20  # read buffer per open file
 
 
 def episode_range(num_episodes: int, shard: tuple[int, int]) -> tuple[int, int]:
@@ -60,19 +62,22 @@ def _skip_image_decoding(step_features: dict) -> dict:
   return decoders
 
 
-def _instruction_text(value, encoding: str):
-  """A step's instruction as a UTF-8 string tensor (`rlds._decode_instruction` in TF)."""
+def _instruction_texts(values, encoding: str, num):
+  """An episode's instructions as [T] UTF-8 strings (`rlds._decode_instruction` in TF)."""
   import tensorflow as tf
 
   if encoding != 'utf8_bytes':
-    return tf.reshape(value, [])
-  codes = tf.reshape(tf.cast(value, tf.int32), [-1])
-  zero = tf.where(tf.equal(codes, 0))
-  end = tf.cond(tf.size(zero) > 0, lambda: tf.cast(zero[0, 0], tf.int32), lambda: tf.size(codes))
+    return tf.reshape(values, [num])
+  codes = tf.reshape(tf.cast(values, tf.int32), [num, -1])
+  before_zero = tf.equal(tf.cumsum(tf.cast(tf.equal(codes, 0), tf.int32), axis=1), 0)
   byte_strings = tf.constant([bytes([i]) for i in range(256)])
-  text = tf.strings.reduce_join(tf.gather(byte_strings, tf.clip_by_value(codes[:end], 0, 255)))
+  chars = tf.where(before_zero, tf.gather(byte_strings, tf.clip_by_value(codes, 0, 255)), '')
   return tf.strings.unicode_transcode(
-    text, 'UTF-8', 'UTF-8', errors='replace', replacement_char=0xFFFD
+    tf.strings.reduce_join(chars, axis=1),
+    'UTF-8',
+    'UTF-8',
+    errors='replace',
+    replacement_char=0xFFFD,
   )
 
 
@@ -162,14 +167,24 @@ def step_stream(
     )
   prompt = transforms.Prompt.from_config(cfg).tf_tokenizer(context.vocab)
   image_size = int(cfg.model.image_size)
+  ordered = bool(reader.builder.info.disable_shuffling)  # TFDS then reads one file at a time
   read_config = tfds.ReadConfig(
-    shuffle_seed=seed, add_tfds_id=True, shuffle_reshuffle_each_iteration=True
+    shuffle_seed=seed,
+    add_tfds_id=True,
+    shuffle_reshuffle_each_iteration=True,
+    # Bounded whatever the dataset's size: TFDS would cache a small split in memory (and so in
+    # the iterator checkpoint), hold an 8 MiB read buffer for each of 16 open files, and read
+    # ahead blocks of 16 episodes per file (~100 MB more for 256 px Bridge episodes).
+    try_autocache=False,
+    interleave_cycle_length=1 if ordered else READ_FILES,
+    interleave_block_length=1,
+    override_buffer_size=READ_BUFFER_BYTES,
   )
   episodes = reader.builder.as_dataset(
     split=f'{split}[{start}:{end}]',
     decoders=_skip_image_decoding(reader.step_features),
     # TFDS refuses to shuffle the files of a dataset written in order (disable_shuffling).
-    shuffle_files=shuffle and not reader.builder.info.disable_shuffling,
+    shuffle_files=shuffle and not ordered,
     read_config=read_config,
   )
   offsets = tf.lookup.StaticHashTable(
@@ -186,50 +201,52 @@ def step_stream(
     record = tf.strings.regex_replace(tfds_id, '^.*__', '')
     return offsets.lookup(file) + tf.strings.to_number(record, tf.int64)
 
-  def value(episode, step, key):
-    if key.startswith(EPISODE_PREFIX):
-      return rlds._get(episode, key[len(EPISODE_PREFIX) :])
-    return rlds._get(step, key)
-
   def encode_actions(action):
     return codec.encode(action[None])[0].astype(np.int32)
 
-  def to_steps(episode):
-    episode_id = tf.cast(episode_index(episode['tfds_id']), tf.int32)
+  def whole_episode(episode):
+    """The episode's steps as one element of [T, ...] tensors: checking an episode and building
+    its fields is then a few vectorized ops (a tf.data reduce per episode cost ~5 ms a step)."""
+    steps = episode['steps']
+    count = steps.cardinality()  # known: TFDS slices the parsed episode
+    steps = steps.batch(tf.where(count > 0, count, tf.constant(1 << 16, tf.int64)))
+    return steps.map(lambda batch: (episode, batch))
 
-    def per_step(step_index, step):
-      parts = []
-      for field, source in spec.field_sources():
-        flat = tf.reshape(tf.cast(rlds._get(step, source.key), tf.float32), [-1])
-        parts.append(flat[source.start : source.start + field.width])
-      out = {
-        'image': rlds._get(step, spec.image_key),  # still JPEG/PNG bytes
-        'instruction': _instruction_text(
-          value(episode, step, spec.instruction_key), spec.instruction_encoding
-        ),
-        'actions': tf.concat(parts, axis=0),
-        'episode_id': episode_id,
-        'step_id': tf.cast(step_index, tf.int32),
-      }
-      if spec.points_key:
-        out['pointer_xy'] = tf.reshape(
-          tf.cast(rlds._get(step, spec.points_key), tf.float32), [-1, 2]
-        )
-      return out
+  def episode_fields(episode, steps):
+    num = tf.shape(steps['is_first'])[0]
 
-    steps = episode['steps'].enumerate().map(per_step)
+    def per_step(key):  # a step key, or an episode key repeated for every step
+      if key.startswith(EPISODE_PREFIX):
+        value = rlds._get(episode, key[len(EPISODE_PREFIX) :])
+        return tf.repeat(value[None], num, axis=0)
+      return rlds._get(steps, key)
 
-    def usable(ok, step):
-      text = tf.strings.regex_replace(
-        step['instruction'], f'^{transforms.TF_SPACE}+|{transforms.TF_SPACE}+$', ''
+    parts = []
+    for field, source in spec.field_sources():
+      flat = tf.reshape(tf.cast(rlds._get(steps, source.key), tf.float32), [num, -1])
+      parts.append(flat[:, source.start : source.start + field.width])
+    out = {
+      'image': rlds._get(steps, spec.image_key),  # still JPEG/PNG bytes
+      'instruction': _instruction_texts(
+        per_step(spec.instruction_key), spec.instruction_encoding, num
+      ),
+      'actions': tf.concat(parts, axis=1),
+      'episode_id': tf.fill([num], tf.cast(episode_index(episode['tfds_id']), tf.int32)),
+      'step_id': tf.range(num, dtype=tf.int32),
+    }
+    if spec.points_key:
+      out['pointer_xy'] = tf.reshape(
+        tf.cast(rlds._get(steps, spec.points_key), tf.float32), [num, -1, 2]
       )
-      finite = tf.reduce_all(tf.math.is_finite(step['actions']))
-      return ok & finite & (tf.strings.length(text) > 0)
-
-    ok = steps.reduce(tf.constant(True), usable)
+    text = tf.strings.regex_replace(
+      out['instruction'], f'^{transforms.TF_SPACE}+|{transforms.TF_SPACE}+$', ''
+    )
+    usable = tf.reduce_all(tf.math.is_finite(out['actions'])) & tf.reduce_all(
+      tf.strings.length(text) > 0
+    )
     if bad_data == 'fail':
       check = tf.debugging.assert_equal(
-        ok,
+        usable,
         True,
         message=(
           f'dataset {spec.name} ({reader.builder_dir}): an episode has an empty instruction '
@@ -237,10 +254,16 @@ def step_stream(
         ),
       )
       with tf.control_dependencies([check]):
-        ok = tf.identity(ok)
-    return steps.take(tf.where(ok, tf.constant(-1, tf.int64), tf.constant(0, tf.int64)))
+        usable = tf.identity(usable)
+    return usable, out
 
-  ds = episodes.flat_map(to_steps)
+  ds = (
+    episodes.flat_map(whole_episode)
+    .map(episode_fields)
+    .filter(lambda usable, _: usable)
+    .map(lambda _, fields: fields)
+    .unbatch()
+  )
   if shuffle:
     ds = ds.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
 
