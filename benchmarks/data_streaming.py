@@ -17,7 +17,8 @@ per-dataset cache beside the data (stats_cache 'hit' in each row).
 Per run: first_batch_s (building the iterator and the first `next`; TensorFlow and seqio are
 imported before), peak_rss_mb of the whole process and pipeline_rss_mb (its growth from just
 before the iterator is built), ms_per_batch over --batches batches after the first, and the
-child's wall time including imports.
+child's wall time including imports; state_kb, the size of the iterator position a checkpoint
+saves (JSON), and state_s, the time to take it, after those batches.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ def child_path(data_dir: str, path: str, args) -> dict:
     next(it)
   elapsed = time.perf_counter() - start
   peak = peak_rss_mb()
+  start = time.perf_counter()
+  state_kb = len(json.dumps(it.get_state())) / 1024  # what each checkpoint saves for the data
+  state_s = time.perf_counter() - start
   it.close()
   return {
     'first_batch_s': round(first_batch_s, 3),
@@ -118,6 +122,8 @@ def child_path(data_dir: str, path: str, args) -> dict:
     'peak_rss_mb': round(peak, 1),
     'pipeline_rss_mb': round(peak - rss_before, 1),
     'stats_cache': 'hit' if cached else 'miss',
+    'state_kb': round(state_kb, 1),
+    'state_s': round(state_s, 3),
   }
 
 
@@ -191,7 +197,15 @@ def main(argv=None):
     )
     for path in paths:
       rows.append({'data': label, 'path': path, **run_child(path, label, data_dir, args)})
-  columns = ('data', 'path', 'first_batch_s', 'peak_rss_mb', 'pipeline_rss_mb', 'ms_per_batch')
+  columns = (
+    'data',
+    'path',
+    'first_batch_s',
+    'peak_rss_mb',
+    'pipeline_rss_mb',
+    'ms_per_batch',
+    'state_kb',
+  )
   print(''.join(f'{c:>17}' for c in columns))
   for r in rows:
     print(''.join(f'{r[c]!s:>17}' for c in columns))
