@@ -216,3 +216,26 @@ def test_other_layouts_stream_their_decoded_examples(layout, tmp_path):
     np.testing.assert_array_equal(example['targets'], target)
     np.testing.assert_array_equal(example['image'], decoded.images[i])
     np.testing.assert_array_equal(example['actions'], decoded.actions[i])
+
+
+def test_trains_on_the_streamed_split(data_dir, tmp_path):
+  import math
+  import re
+
+  import train_testlib as lib
+
+  steps = 6
+  overrides = {
+    'data.robot.data_dir': data_dir,
+    'data.cache_dir': '',
+    'data.mixture': seqio_mixture.CONFIG_MIXTURE,
+    'data.robot.stream': True,
+    'total_steps': steps,
+    'log_every': 1,
+    'ckpt.every': steps,
+  }
+  result = lib.run_train(tmp_path, overrides, devices=None)
+  assert 'streaming bridge_dataset [train] episodes 0:7 of 7' in result.stdout
+  assert f'step {steps}/{steps}' in result.stdout
+  losses = [float(x) for x in re.findall(r'\| loss ([0-9.naninf]+) \|', result.stdout)]
+  assert len(losses) == steps and all(math.isfinite(x) for x in losses)

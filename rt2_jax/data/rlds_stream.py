@@ -321,6 +321,14 @@ def source_class():
 
     def dataset(self, shard=(0, 1), shuffle=True, seed=None, with_ids=False):
       d = self.context.config.data
+      buffer = d.robot.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER)
+      if self.context.progress:
+        start, end = episode_range(self.reader().num_episodes, shard)
+        self.context.progress(
+          f'streaming {self.spec.name} [{self.split_name}] episodes {start}:{end} of '
+          f'{self.reader().num_episodes} ({self.reader().builder_dir}), shuffle buffer '
+          f'{buffer if shuffle else 0} steps'
+        )
       return step_stream(
         self.spec,
         self.reader(),
@@ -329,7 +337,7 @@ def source_class():
         shard,
         shuffle,
         seed,
-        d.robot.get('shuffle_buffer', DEFAULT_SHUFFLE_BUFFER),
+        buffer,
         d.bad_data,
         with_ids,
       )
