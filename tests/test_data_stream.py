@@ -239,3 +239,66 @@ def test_trains_on_the_streamed_split(data_dir, tmp_path):
   assert f'step {steps}/{steps}' in result.stdout
   losses = [float(x) for x in re.findall(r'\| loss ([0-9.naninf]+) \|', result.stdout)]
   assert len(losses) == steps and all(math.isfinite(x) for x in losses)
+
+
+def write_tabletop_layout(out_dir: str, num_episodes: int = 3, num_steps: int = 4) -> str:
+  """The tabletop layout (data_specs/tabletop.py) with plans on some steps and pointing
+  targets, some of them NaN (no point)."""
+  import tensorflow_datasets as tfds
+
+  rng = np.random.default_rng(0)
+  step = {
+    'observation': {
+      'image': tfds.features.Image(shape=(20, 20, 3), dtype=np.uint8, encoding_format='png'),
+      'points': tfds.features.Tensor(shape=(3, 2), dtype=np.float32),
+    },
+    'language_instruction': tfds.features.Text(),
+    'plan': tfds.features.Text(),
+    'action': tfds.features.Tensor(shape=(2,), dtype=np.float32),
+    'terminate_episode': tfds.features.Scalar(dtype=np.float32),
+    **{k: tfds.features.Scalar(dtype=np.bool_) for k in ('is_first', 'is_last')},
+  }
+  features = tfds.features.FeaturesDict({'steps': tfds.features.Dataset(step)})
+  episodes = []
+  for e in range(num_episodes):
+    steps = []
+    for t in range(num_steps):
+      points = rng.uniform(0, 1, (3, 2)).astype(np.float32)
+      points[2] = np.nan if t % 2 else points[2]
+      steps.append(
+        {
+          'observation': {
+            'image': rng.integers(0, 255, (20, 20, 3), dtype=np.uint8),
+            'points': points,
+          },
+          'language_instruction': f'push block {e} to the mark',
+          'plan': '' if e == 0 else f' push block {e} then block {t} ',
+          'action': rng.uniform(-1.2, 1.2, 2).astype(np.float32),
+          'terminate_episode': float(t == num_steps - 1),
+          'is_first': t == 0,
+          'is_last': t == num_steps - 1,
+        }
+      )
+    episodes.append({'steps': steps})
+  return fixtures.write_tfds(out_dir, 'tabletop', '1.0.0', features, {'train': episodes})
+
+
+def test_plans_and_pointing_targets_stream_as_decoded(tmp_path):
+  data_dir = rlds.resolve_builder_dir(write_tabletop_layout(str(tmp_path / 'tt')), 'tabletop')
+  config = make_config(data_dir, **{'data.robot.spec': 'tabletop', 'data.max_target_len': 12})
+  context = context_of(config)
+  decoded = tasks.robot_task(load_spec('tabletop'), data_dir, 'train').build(context)
+  source = stream_source(config, context)
+  streamed = list(source.dataset(shuffle=False, with_ids=True).as_numpy_iterator())
+  assert len(streamed) == len(decoded) == 3 * 4
+  cut = 0
+  for i, example in enumerate(streamed):
+    target = decoded.targets[i][: np.argmax(decoded.targets[i] == tasks.EOS_ID)]
+    np.testing.assert_array_equal(example['targets'], target)
+    assert int(example['action_start']) == int(decoded.action_start[i])
+    cut += int(decoded.action_start[i] > 0 and decoded.targets[i][-1] == tasks.EOS_ID)
+    np.testing.assert_array_equal(example['pointer_xy'], decoded.points[i])  # NaN rows too
+    np.testing.assert_array_equal(example['image'], decoded.images[i])
+  starts = [int(e['action_start']) for e in streamed]
+  assert starts[:4] == [0] * 4 and min(starts[4:]) > 0  # episode 0 has no plan
+  assert cut  # some plans were cut to fit the action tokens

@@ -11,9 +11,10 @@ the decoded path (`seqio_mixture.FIELDS`, targets without the EOS seqio appends)
 
   inputs        the prompt of the stripped instruction (`transforms.TFPromptTokenizer`), no padding
   targets       the action token ids (`transforms.ActionCodec.encode`, the project's numpy code in
-                a tf.numpy_function so the ids are the decoded path's bit for bit)
+                a tf.numpy_function so the ids are the decoded path's bit for bit), behind
+                'Plan: <plan> Action:' tokens where the spec has a plan_key and the step a plan
   image         spec.image_key decoded and resized to model.image_size (`resize_image_tf`)
-  actions       the step's action vector in real units; action_start 0
+  actions       the step's action vector in real units; action_start: the first action token
   pointer_xy    spec.points_key's points, or [0, 2]
 
 Episodes with an empty instruction or a non-finite action are dropped (data.bad_data='skip') or
@@ -21,7 +22,6 @@ fail the stream ('fail'), as `rlds.check_episodes` does. Shuffling: the episode 
 order reshuffled every epoch (unless the dataset was written in order: TFDS disable_shuffling), then a step buffer of data.robot.shuffle_buffer steps that holds
 the JPEG bytes (images are decoded after it), so the buffer and the tf.data iterator checkpoint
 (`seqio_iterator`) stay small: a 256x256 Bridge frame is ~10 KB encoded, ~200 KB decoded.
-Specs with plan annotations (spec.plan_key) are not streamed yet.
 """
 
 from __future__ import annotations
@@ -137,11 +137,6 @@ def step_stream(
   import tensorflow_datasets as tfds
 
   spec = load_spec(spec)
-  if spec.plan_key:
-    raise ValueError(
-      f'data.robot.stream: {spec.name} has plan annotations ({spec.plan_key}), which the '
-      'streaming reader does not build yet; set data.robot.stream=False'
-    )
   if bad_data not in rlds.BAD_DATA_MODES:
     raise ValueError(f'data.bad_data must be one of {rlds.BAD_DATA_MODES}, got {bad_data!r}')
   cfg = context.config
@@ -166,6 +161,14 @@ def step_stream(
       f'tokens of {spec.name} plus EOS; set it to at least {positions + 1}'
     )
   prompt = transforms.Prompt.from_config(cfg).tf_tokenizer(context.vocab)
+  if spec.plan_key:  # 'Plan: <plan> Action:' before the action ids, as tasks.tokenize_robot
+    delimiter = context.vocab.encode(cfg.decode.action_delimiter)
+    plan_room = cfg.data.max_target_len - positions - 1 - len(delimiter)
+    if plan_room < 2:
+      raise ValueError(
+        f'data.max_target_len={cfg.data.max_target_len} leaves no room for a plan before the '
+        f'{positions} action tokens of {spec.name}'
+      )
   image_size = int(cfg.model.image_size)
   ordered = bool(reader.builder.info.disable_shuffling)  # TFDS then reads one file at a time
   read_config = tfds.ReadConfig(
@@ -238,6 +241,12 @@ def step_stream(
       out['pointer_xy'] = tf.reshape(
         tf.cast(rlds._get(steps, spec.points_key), tf.float32), [num, -1, 2]
       )
+    if spec.plan_key:
+      out['plan'] = tf.strings.regex_replace(
+        tf.reshape(per_step(spec.plan_key), [num]),
+        f'^{transforms.TF_SPACE}+|{transforms.TF_SPACE}+$',
+        '',
+      )
     text = tf.strings.regex_replace(
       out['instruction'], f'^{transforms.TF_SPACE}+|{transforms.TF_SPACE}+$', ''
     )
@@ -267,17 +276,30 @@ def step_stream(
   if shuffle:
     ds = ds.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
 
+  def plan_prefix(plan):
+    # Steps without a plan ('') get none; others the plan's text tokens cut to fit, then
+    # the delimiter's.
+    text = tf.strings.join([cfg.decode.plan_prefix, ' ', plan])
+    ids = prompt.sentencepiece.tokenize(text)[:plan_room]
+    ids = tf.concat([ids, tf.constant(delimiter, tf.int32)], axis=0)
+    return tf.cond(tf.strings.length(plan) > 0, lambda: ids, lambda: tf.zeros([0], tf.int32))
+
   def to_example(step):
     ids = prompt(step['instruction'][None])[0]
     targets = tf.numpy_function(encode_actions, [step['actions']], tf.int32, stateful=False)
+    targets = tf.ensure_shape(targets, [positions])
+    start = tf.constant(0, tf.int32)
+    if spec.plan_key:
+      prefix = plan_prefix(step['plan'])
+      targets, start = tf.concat([prefix, targets], axis=0), tf.size(prefix, tf.int32)
     image = tf.io.decode_image(step['image'], channels=3, expand_animations=False)
     out = {
       'inputs': tf.boolean_mask(ids, ids != 0),
-      'targets': tf.ensure_shape(targets, [positions]),
+      'targets': targets,
       'image': transforms.resize_image_tf(image, image_size, spec.resize),
       'is_robot': tf.constant(True),
       'actions': tf.ensure_shape(step['actions'], [spec.action_space.dim]),
-      'action_start': tf.constant(0, tf.int32),
+      'action_start': start,
       'pointer_xy': step.get('pointer_xy', tf.zeros([0, 2], tf.float32)),
     }
     if with_ids:
