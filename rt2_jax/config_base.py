@@ -124,6 +124,11 @@ def base_config() -> ml_collections.ConfigDict:
       split='',  # '' = the spec's train split
       eval_split='',  # held-out episodes for offline eval; '' = the spec's eval split
       stats_path='',  # NormStats JSON (python -m rt2_jax.data.stats); '' = computed at start
+      # True (with data.mixture='rt2_config'): stream the split from its TFDS files
+      # (rt2_jax/data/rlds_stream.py) instead of decoding it whole before step 1; shuffled by
+      # a buffer of shuffle_buffer steps holding encoded images.
+      stream=False,
+      shuffle_buffer=2048,
     )
   )
   # Web data: a JSONL of {image, question, answer} / {image, caption} lines (rt2_jax/data/web.py)

@@ -85,6 +85,14 @@ def test_batches_carry_each_dataset_at_its_weight_with_its_own_tokens(mixture):
   np.testing.assert_allclose(share, [0.6, 0.2, 0.2], atol=0.06)
 
 
+def test_streaming_several_datasets_is_refused_by_name():
+  from rt2_jax.data import seqio_mixture
+
+  config = _config(**{'data.mixture': 'rt2_config', 'data.robot.stream': True})
+  with pytest.raises(ValueError, match='data.robot.stream reads one robot dataset'):
+    seqio_mixture.register_config_tasks(config, None, None, {}, progress=None)
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   if not os.path.isdir(BRIDGE):

@@ -103,7 +103,8 @@ def norm_stats(config, progress=print, training_read: bool = False) -> NormStats
   d = config.data
   if d.robot.get('stats_path', ''):
     return stats_lib.load(d.robot.stats_path)
-  training_read = training_read and float(d.robot_rate) > 0
+  # A streamed split is never read whole: the statistics read skips the images instead.
+  training_read = training_read and float(d.robot_rate) > 0 and not d.robot.get('stream', False)
   return stats_lib.cached(
     robot_spec(config),
     robot_data_dir(config, progress),
@@ -376,6 +377,11 @@ def make_train_iterator(
 
     return seqio_iterator.make_iterator(
       config, vocab, action_vocab, stats, process_index, process_count, progress
+    )
+  if config.data.robot.get('stream', False):
+    raise ValueError(
+      "data.robot.stream=True needs a seqio mixture: set data.mixture='rt2_config' (the "
+      'default pipeline gathers examples from a decoded split)'
     )
   start = time.time()
   mixture = tasks.get_mixture(register_from_config(config, progress))

@@ -24,9 +24,11 @@ as 'rt2_web_jsonl' / 'rt2_web_<tfds name>', and the mixture `data.robot` / `data
 that, so their mixtures can name these tasks.
 
 Each process reads its shard (`seqio.ShardInfo(process_index, process_count)`). The config's
-tasks still decode their split into memory when first read (`rt2_jax.data.tasks`), shuffle an
-index per epoch inside the source (no example buffer) and gather examples by index with
+tasks by default decode their split into memory when first read (`rt2_jax.data.tasks`), shuffle
+an index per epoch inside the source (no example buffer) and gather examples by index with
 TensorFlow ops (`task_tensors`), so their position is a few integers in the tf.data iterator state.
+With data.robot.stream=True the robot task streams its split from the TFDS files instead
+(`rt2_jax.data.rlds_stream`: a bounded step buffer of encoded images, decoded after shuffling).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from rt2_jax.data import pipeline, tasks
+from rt2_jax.data import embodiments, pipeline, rlds_stream, tasks
 
 CONFIG_MIXTURE = 'rt2_config'
 FIELDS = ('inputs', 'targets', 'image', 'is_robot', 'actions', 'action_start', 'pointer_xy')
@@ -279,26 +281,43 @@ def register_config_tasks(config, vocab, action_vocab, stats, progress=print) ->
   context = tasks.Context(config, vocab, action_vocab, stats, 0, 1, progress)
   features = config_output_features(config)
   entries = []
+  stream = bool(config.data.robot.get('stream', False))
+  if stream and embodiments.is_multi(config):
+    raise ValueError(
+      'data.robot.stream reads one robot dataset; data.robots names several '
+      f'({config.data.robots!r}): stream them one at a time, or set data.robot.stream=False'
+    )
   for task_name, rate in tasks.get_mixture(pipeline.register_from_config(config, progress)).tasks:
     name = seqio_name(task_name)
     task = tasks.get_task(task_name)
+    if stream and task.kind == tasks.ROBOT:
+      # The robot split streamed from its files (rt2_jax.data.rlds_stream), never decoded whole.
+      source_args = (
+        pipeline.robot_spec(config),
+        pipeline.robot_data_dir(config, progress),
+        pipeline.robot_split(config),
+        context,
+      )
+      kind = rlds_stream.source_class()
+    else:
+      source_args, kind = (task, context), source_class
     existing = seqio.TaskRegistry.get(name) if name in seqio.TaskRegistry.names() else None
     if (
       existing is not None
-      and isinstance(existing.source, source_class)
+      and type(existing.source) is kind
       and existing.output_features == features
     ):
       # Rebound in place: mixtures registered earlier hold this Task object, not its name.
-      existing.source.rebind(task, context)
+      existing.source.rebind(*source_args)
     else:
       _register(
         name,
         seqio.Task(
           name,
-          source_class(task, context),
+          kind(*source_args),
           output_features=features,
           preprocessors=[seqio.preprocessors.append_eos_after_trim],
-          shuffle_buffer_size=None,  # the source shuffles its index
+          shuffle_buffer_size=None,  # the source shuffles (an index, or a step buffer)
         ),
       )
     entries.append((name, rate))
