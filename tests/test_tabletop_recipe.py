@@ -34,6 +34,8 @@ def test_stage_configs(tmp_path):
   assert pre.eval.web_jsonl == str(tmp_path / 'val.jsonl')
   fine = recipe._resolved(c, '/demos', str(tmp_path), stage='finetune')
   assert fine.data.robot_rate == 0.5 and fine.total_steps == 5
+  # The keypoint teacher trains the fine-tune's read-out; web pretraining runs without it.
+  assert fine.model.pool_keypoint_teacher == 0.015 and pre.model.pool_keypoint_teacher == -1.0
   assert fine.data.robot.data_dir == '/demos'
   robot_only = recipe._resolved(_config('robot_only'), '/demos', str(tmp_path), stage='finetune')
   assert robot_only.data.robot_rate == 1.0
@@ -58,6 +60,8 @@ def test_pretrained_checkpoint_is_shared_and_keyed_by_what_it_learns(monkeypatch
   assert recipe.pretrain_dir(_config('cofinetune', **{'total_steps': 9})) == base
   assert recipe.pretrain_dir(_config('cofinetune', **{'pretrain.steps': 9})) != base
   assert recipe.pretrain_dir(_config('cofinetune', **{'model.vit.width': 64})) != base
+  # The fine-tuning-only teacher does not re-run pretraining.
+  assert recipe.pretrain_dir(_config('cofinetune', **{'model.pool_keypoint_teacher': -1.0})) == base
   assert recipe.pretrain_dir(_config('cofinetune', **{'web_corpus.images': 9})) != base
   assert base.startswith(str(tmp_path))
 

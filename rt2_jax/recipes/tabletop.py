@@ -73,11 +73,19 @@ def web_dir(config) -> str:
   return _cache_dir('web', settings, w.get('out', ''))
 
 
+def _pretrain_model(config):
+  """The model config web pretraining uses: without the fine-tuning-only keypoint teacher."""
+  model = config.model.copy_and_resolve_references()
+  with model.unlocked():
+    model.pool_keypoint_teacher = -1.0
+  return model
+
+
 def pretrain_dir(config) -> str:
   p = config.pretrain
   settings = dict(
     web=web_dir(config),
-    model=config_flags.to_json(config.model),
+    model=config_flags.to_json(_pretrain_model(config)),
     vocab=config.vocab.path and os.path.basename(config.vocab.path),
     steps=p.steps,
     lr=p.lr,
@@ -105,6 +113,7 @@ def _resolved(config, demos_builder: str, web: str, *, stage: str):
       if 'lora' in config:  # LoRA fine-tunes the web checkpoint; pretraining trains everything
         config.lora.rank = 0
       config.ckpt.every, config.ckpt.keep = max(500, p.steps // 4), 1
+      config.model = _pretrain_model(config)
     elif stage == 'pointing':
       q = config.pointing
       config.pointing_only = True
