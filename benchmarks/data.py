@@ -1,7 +1,7 @@
 """Input pipeline speed: examples/s of the robot + web mixture on this CPU, both data paths.
 
   python benchmarks/data.py [--batch_size=32] [--image_sizes=64,224] [--batches=100] \\
-      [--paths=default,seqio] [--data_dir=BRIDGE_BUILDER_DIR] [--step_steps=3] \\
+      [--paths=default,seqio,stream] [--data_dir=BRIDGE_BUILDER_DIR] [--step_steps=3] \\
       [--out=benchmarks/data.json]
 
 The normalization statistics are computed once (their time is reported) and read from a file by
@@ -9,7 +9,9 @@ each run. Each (path, image size) runs in a fresh process, so its peak RSS and i
 first batch are its own. Both paths are built by the trainer's own
 `pipeline.make_train_iterator` from the same config: 'default' with data.mixture = '' (the
 in-memory MixtureIterator), 'seqio' with data.mixture = 'rt2_config' (the same robot + web tasks
-and rates as a seqio Mixture, through the feature converter and tf.data).
+and rates as a seqio Mixture, through the feature converter and tf.data), and on request 'stream':
+'seqio' with data.robot.stream = True (the robot split read from its files as it is drawn,
+rt2_jax/data/rlds_stream.py).
 
 Reported per run: the time to the first batch (building the iterator, which reads, decodes,
 resizes and tokenizes with the record cache off, then the first `next`; TensorFlow and seqio,
@@ -43,7 +45,8 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run as a script: import this checkout's rt2_jax
   sys.path.insert(0, REPO_ROOT)
-PATHS = ('default', 'seqio')
+PATHS = ('default', 'seqio', 'stream')
+DEFAULT_PATHS = 'default,seqio'
 RESULT_PREFIX = 'DATA_BENCH_RESULT '
 WARMUP_BATCHES = 5
 STEP_WARMUP = 1
@@ -75,7 +78,8 @@ def load_config(path: str, image_size: int, batch_size: int, args, stats_path: s
     'data.robot_rate': args.robot_rate,
     'data.cache_dir': '',
     'data.robot.stats_path': stats_path,
-    'data.mixture': seqio_mixture.CONFIG_MIXTURE if path == 'seqio' else '',
+    'data.mixture': seqio_mixture.CONFIG_MIXTURE if path in ('seqio', 'stream') else '',
+    'data.robot.stream': path == 'stream',
   }
   if args.data_dir:
     overrides['data.robot.data_dir'] = args.data_dir
@@ -218,7 +222,11 @@ def main(argv=None):
   parser.add_argument('--image_sizes', default='64,224')
   parser.add_argument('--batches', type=int, default=100)
   parser.add_argument('--robot_rate', type=float, default=0.5)
-  parser.add_argument('--paths', default=','.join(PATHS), help='default and/or seqio')
+  parser.add_argument(
+    '--paths',
+    default=DEFAULT_PATHS,
+    help='default, seqio and/or stream (seqio, robot split streamed)',
+  )
   parser.add_argument('--data_dir', default='', help="Bridge builder dir; '' = generated data")
   parser.add_argument(
     '--step_steps', type=int, default=3, help='train steps timed for the consumption; 0: skip'
