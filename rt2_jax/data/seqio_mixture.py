@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from rt2_jax.data import embodiments, pipeline, rlds_stream, tasks
+from rt2_jax.data import embodiments, pipeline, rlds_stream, tasks, web_shards
 
 CONFIG_MIXTURE = 'rt2_config'
 FIELDS = ('inputs', 'targets', 'image', 'is_robot', 'actions', 'action_start', 'pointer_xy')
@@ -299,6 +299,9 @@ def register_config_tasks(config, vocab, action_vocab, stats, progress=print) ->
         context,
       )
       kind = rlds_stream.source_class()
+    elif task.stream is not None:
+      # A web source streamed from its files (rt2_jax.data.web_shards), never decoded whole.
+      source_args, kind = (task.stream, context), web_shards.source_class()
     else:
       source_args, kind = (task, context), source_class
     existing = seqio.TaskRegistry.get(name) if name in seqio.TaskRegistry.names() else None
