@@ -121,8 +121,8 @@ def register_from_config(config, progress=print) -> str:
   """Registers the config's robot and web tasks and their mixture; returns the mixture's name.
 
   The robot task gets data.robot_rate; the web tasks (data.web.jsonl, data.web.shards,
-  data.web.tfds_name) share the rest equally, or by data.web.rates (`web_rates`). With no web source and robot_rate < 1, generated web data is used when
-  data.synthetic_if_missing is set.
+  data.web.tfds_name) share the rest equally, or by data.web.rates (`web_rates`). With no web
+  source and robot_rate < 1, generated web data is used when data.synthetic_if_missing is set.
   """
   d = config.data
   rate = float(d.robot_rate)

@@ -28,7 +28,9 @@ tasks by default decode their split into memory when first read (`rt2_jax.data.t
 an index per epoch inside the source (no example buffer) and gather examples by index with
 TensorFlow ops (`task_tensors`), so their position is a few integers in the tf.data iterator state.
 With data.robot.stream=True the robot task streams its split from the TFDS files instead
-(`rt2_jax.data.rlds_stream`: a bounded step buffer of encoded images, decoded after shuffling).
+(`rt2_jax.data.rlds_stream`: a bounded step buffer of encoded images, decoded after shuffling),
+and data.web.shards ('rt2_web_shards') / data.web.tfds_stream stream their web examples
+(`rt2_jax.data.web_shards`).
 """
 
 from __future__ import annotations

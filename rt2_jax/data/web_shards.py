@@ -447,8 +447,10 @@ class ShardFiles:
   def describe(self, shard) -> str:
     files = list_files(self.pattern)
     mine, every_nth = process_files(files, shard)
-    which = f'every {shard[1]}th example of' if every_nth else f'{len(mine)} of'
-    return f'web shards {self.pattern}: {which} {len(files)} files'
+    if every_nth:  # fewer files than processes
+      where = f'records i % {shard[1]} == {shard[0]} of'
+      return f'web shards {self.pattern}: {where} {len(files)} files'
+    return f'web shards {self.pattern}: {len(mine)} of {len(files)} files'
 
   def dataset(self, context, shard, shuffle, seed, buffer):
     d = context.config.data
