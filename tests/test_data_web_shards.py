@@ -133,7 +133,8 @@ def test_each_process_reads_its_own_files(data):
     seen = []
     for process in range(count):
       context = context_of(config, process, count)
-      stream = shard_source(config, context).dataset((process, count), shuffle=False)
+      # Unseeded shuffling with 6: the records each process keeps do not depend on the order.
+      stream = shard_source(config, context).dataset((process, count), shuffle=count == 6)
       seen.append([key_of(e) for e in stream.as_numpy_iterator()])
       mine, every_nth = web_shards.process_files(files, (process, count))
       assert every_nth == (count > len(files))
@@ -283,3 +284,28 @@ def test_trains_on_shards(data, tmp_path):
   assert f'step {steps}/{steps}' in result.stdout
   losses = [float(x) for x in re.findall(r'\| loss ([0-9.naninf]+) \|', result.stdout)]
   assert len(losses) == steps and all(math.isfinite(x) for x in losses)
+
+
+def test_shards_mix_with_several_robot_datasets_as_embodiment_minus_one(data):
+  robots = f'bridge_dataset:{data["robot"]}:1,fractal20220817_data::1'
+  config = make_config(
+    data,
+    **{
+      'data.robots': robots,
+      'data.synthetic_if_missing': True,
+      'data.robot_rate': 0.5,
+      'data.max_target_len': 12,  # fractal's 8 action tokens + EOS
+    },
+  )
+  from rt2_jax.data import embodiments
+
+  stats = embodiments.norm_stats(config, progress=None)
+  vocab, action_vocab = vocab_lib.from_config(config, pipeline.action_space(config))
+  it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=None)
+  web_rows = 0
+  for _ in range(4):
+    batch = next(it)
+    np.testing.assert_array_equal(batch['embodiment'] >= 0, batch['is_robot'])
+    web_rows += int((batch['embodiment'] == -1).sum())
+  it.close()
+  assert web_rows > 0

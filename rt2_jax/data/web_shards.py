@@ -18,7 +18,7 @@ data.web.shards='/data/web/train-*.tfrecord' (a glob, or comma-separated globs /
 
 Streaming (`shard_stream`), in the conventions of `rt2_jax.data.rlds_stream`: each process reads
 its own files (sorted, every process_count-th from its index; with fewer files than processes
-every process reads them all and keeps every process_count-th record), several files
+every process reads them all and keeps every process_count-th record of each), several files
 interleaved in a seeded order reshuffled every epoch, then a buffer of data.web.shuffle_buffer
 serialized examples (encoded images: small in memory and in the tf.data iterator checkpoint);
 after it each image is decoded and resized by `transforms.resize_image_tf` (the decoded web
@@ -225,13 +225,15 @@ def shard_stream(
   names = tf.data.Dataset.from_tensor_slices(tf.constant(mine))
   if shuffle:
     names = names.shuffle(len(mine), seed=seed, reshuffle_each_iteration=True)
+
+  def read(name):
+    records = tf.data.TFRecordDataset(name, buffer_size=READ_BUFFER_BYTES)
+    # Within each file, so the processes' records stay disjoint whatever the file order.
+    return records.shard(shard[1], shard[0]) if every_nth else records
+
   records = names.interleave(
-    lambda name: tf.data.TFRecordDataset(name, buffer_size=READ_BUFFER_BYTES),
-    cycle_length=min(READ_FILES, len(mine)) if shuffle else 1,
-    block_length=1,
+    read, cycle_length=min(READ_FILES, len(mine)) if shuffle else 1, block_length=1
   )
-  if every_nth:
-    records = records.shard(shard[1], shard[0])
   if shuffle:
     records = records.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
 
@@ -292,9 +294,11 @@ def read_shards(
   start = time.time()
   files = list_files(pattern)
   mine, every_nth = process_files(files, shard)
-  records = tf.data.TFRecordDataset(mine)
-  if every_nth:
-    records = records.shard(shard[1], shard[0])
+  records = tf.data.Dataset.from_tensor_slices(mine).flat_map(
+    lambda name: tf.data.TFRecordDataset(name).shard(
+      *((shard[1], shard[0]) if every_nth else (1, 0))
+    )
+  )
   images, inputs, targets, kinds, points = [], [], [], [], []
   for serialized in records.as_numpy_iterator():
     features = tf.train.Example.FromString(serialized).features.feature
