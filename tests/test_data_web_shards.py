@@ -309,3 +309,32 @@ def test_shards_mix_with_several_robot_datasets_as_embodiment_minus_one(data):
     web_rows += int((batch['embodiment'] == -1).sum())
   it.close()
   assert web_rows > 0
+
+
+def test_examples_without_a_target_are_dropped_or_fail(data, tmp_path):
+  import tensorflow as tf
+
+  image = open(os.path.join(os.path.dirname(data['jsonl']), 'images', '00000.png'), 'rb').read()
+
+  def example(**texts):
+    feature = {'image': tf.train.Feature(bytes_list=tf.train.BytesList(value=[image]))}
+    for key, text in texts.items():
+      feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode()]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+  path = str(tmp_path / 'odd-00000-of-00001.tfrecord')
+  with tf.io.TFRecordWriter(path) as w:
+    w.write(example(caption='a grey square'))
+    w.write(example(question='what is it?'))  # no answer
+    w.write(example(caption='  '))  # empty
+    w.write(example(answer='a caption given as answer'))
+  config = make_config(data, **{'data.web.shards': path, 'data.max_target_len': 32})
+  context = context_of(config)
+  kept = list(shard_source(config, context).dataset(shuffle=False).as_numpy_iterator())
+  assert [context.vocab.decode(e['targets']) for e in kept] == [
+    'a grey square',
+    'a caption given as answer',
+  ]
+  failing = make_config(data, **{'data.web.shards': path, 'data.bad_data': 'fail'})
+  with pytest.raises(tf.errors.InvalidArgumentError, match='image-text pair'):
+    list(shard_source(failing, context_of(failing)).dataset(shuffle=False).as_numpy_iterator())
