@@ -133,8 +133,8 @@ def base_config() -> ml_collections.ConfigDict:
   )
   # Web data: a JSONL of {image, question, answer} / {image, caption} lines (rt2_jax/data/web.py)
   # and/or a prepared TFDS image-caption dataset such as coco_captions, or a TFDS VQA dataset
-  # (tfds_question_key and tfds_answer_key set); they share the web rate. Keys are '/'-joined
-  # feature paths of the TFDS dataset.
+  # (tfds_question_key and tfds_answer_key set), and/or sharded files (shards); they share the
+  # web rate (equally, or by rates). Keys are '/'-joined feature paths of the TFDS dataset.
   c.data.web = ml_collections.ConfigDict(
     dict(
       jsonl='',
@@ -147,6 +147,17 @@ def base_config() -> ml_collections.ConfigDict:
       tfds_answer_key='',
       caption_prompt='Caption the image.',
       max_examples=0,
+      # TFRecord shards of image-text tf.train.Examples (rt2_jax/data/web_shards.py; make them
+      # with python -m rt2_jax.data.web_shards): a glob or comma-separated globs. Streamed with
+      # data.mixture='rt2_config' (each process its own files, a buffer of shuffle_buffer
+      # encoded examples), else decoded whole.
+      shards='',
+      # True (with data.mixture='rt2_config'): stream the TFDS dataset instead of decoding it.
+      tfds_stream=False,
+      shuffle_buffer=2048,
+      # Weights of the web sources within the web rate, e.g. 'jsonl:1,shards:3,tfds:1' (every
+      # configured source named once); '' = equal shares.
+      rates='',
     )
   )
   # Several robot datasets in one run (rt2_jax.data.embodiments): comma-separated

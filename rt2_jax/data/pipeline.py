@@ -120,9 +120,9 @@ def norm_stats(config, progress=print, training_read: bool = False) -> NormStats
 def register_from_config(config, progress=print) -> str:
   """Registers the config's robot and web tasks and their mixture; returns the mixture's name.
 
-  The robot task gets data.robot_rate; the web tasks (data.web.jsonl, data.web.tfds_name) share
-  the rest equally. With no web source and robot_rate < 1, generated web data is used when
-  data.synthetic_if_missing is set.
+  The robot task gets data.robot_rate; the web tasks (data.web.jsonl, data.web.shards,
+  data.web.tfds_name) share the rest equally, or by data.web.rates (`web_rates`). With no web
+  source and robot_rate < 1, generated web data is used when data.synthetic_if_missing is set.
   """
   d = config.data
   rate = float(d.robot_rate)
@@ -146,28 +146,58 @@ def register_from_config(config, progress=print) -> str:
     )
     entries.append((task.name, rate))
   if rate < 1:
-    web_tasks = []
+    web_tasks = {}  # source key (as in data.web.rates) -> task
     if d.web.get('jsonl', ''):
-      web_tasks.append(tasks.web_jsonl_task(d.web.jsonl))
+      web_tasks['jsonl'] = tasks.web_jsonl_task(d.web.jsonl)
+    if d.web.get('shards', ''):
+      web_tasks['shards'] = tasks.web_shards_task(d.web.shards)
     if d.web.get('tfds_name', ''):
-      web_tasks.append(
-        tasks.web_tfds_task(
-          d.web.tfds_name, d.web.get('tfds_data_dir', ''), d.web.get('tfds_split', 'train')
-        )
+      web_tasks['tfds'] = tasks.web_tfds_task(
+        d.web.tfds_name,
+        d.web.get('tfds_data_dir', ''),
+        d.web.get('tfds_split', 'train'),
+        stream=bool(d.web.get('tfds_stream', False)),
       )
     if not web_tasks:
       if not d.get('synthetic_if_missing', False):
         raise ValueError(
-          f'data.robot_rate={rate} asks for web data, but data.web.jsonl and '
+          f'data.robot_rate={rate} asks for web data, but data.web.jsonl, data.web.shards and '
           'data.web.tfds_name are empty (or set data.synthetic_if_missing=True)'
         )
-      web_tasks.append(tasks.web_jsonl_task(synthetic.web_jsonl(progress), 'web/synthetic'))
-    for task in web_tasks:
+      web_tasks['synthetic'] = tasks.web_jsonl_task(synthetic.web_jsonl(progress), 'web/synthetic')
+    shares = web_rates(d.web.get('rates', ''), list(web_tasks))
+    for key, task in web_tasks.items():
       tasks.register_task(task)
-      entries.append((task.name, (1.0 - rate) / len(web_tasks)))
+      entries.append((task.name, (1.0 - rate) * shares[key]))
   name = 'config:' + '+'.join(n for n, _ in entries)
   tasks.register_mixture(name, entries)
   return name
+
+
+def web_rates(rates: str, sources: list[str]) -> dict[str, float]:
+  """data.web.rates ('jsonl:1,shards:3,tfds:1': a weight per configured web source; '' = equal)
+  -> each source's share of the web rate (summing to 1)."""
+  weights = dict.fromkeys(sources, 1.0)
+  if str(rates or '').strip():
+    given = {}
+    for part in str(rates).split(','):
+      key, sep, value = part.strip().partition(':')
+      try:
+        weight = float(value) if sep else math.nan
+      except ValueError:
+        weight = math.nan
+      if key not in sources or not weight > 0 or key in given:
+        raise ValueError(
+          f'data.web.rates={rates!r}: each entry is SOURCE:WEIGHT (weight > 0), once per source, '
+          f'for the configured web sources {sources} (got {part.strip()!r})'
+        )
+      given[key] = weight
+    missing = [s for s in sources if s not in given]
+    if missing:
+      raise ValueError(f'data.web.rates={rates!r} gives no weight to the web sources {missing}')
+    weights = given
+  total = sum(weights.values())
+  return {key: weights[key] / total for key in sources}
 
 
 def _dataset_configs(config) -> list:

@@ -28,7 +28,9 @@ tasks by default decode their split into memory when first read (`rt2_jax.data.t
 an index per epoch inside the source (no example buffer) and gather examples by index with
 TensorFlow ops (`task_tensors`), so their position is a few integers in the tf.data iterator state.
 With data.robot.stream=True the robot task streams its split from the TFDS files instead
-(`rt2_jax.data.rlds_stream`: a bounded step buffer of encoded images, decoded after shuffling).
+(`rt2_jax.data.rlds_stream`: a bounded step buffer of encoded images, decoded after shuffling),
+and data.web.shards ('rt2_web_shards') / data.web.tfds_stream stream their web examples
+(`rt2_jax.data.web_shards`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from rt2_jax.data import embodiments, pipeline, rlds_stream, tasks
+from rt2_jax.data import embodiments, pipeline, rlds_stream, tasks, web_shards
 
 CONFIG_MIXTURE = 'rt2_config'
 FIELDS = ('inputs', 'targets', 'image', 'is_robot', 'actions', 'action_start', 'pointer_xy')
@@ -299,6 +301,9 @@ def register_config_tasks(config, vocab, action_vocab, stats, progress=print) ->
         context,
       )
       kind = rlds_stream.source_class()
+    elif task.stream is not None:
+      # A web source streamed from its files (rt2_jax.data.web_shards), never decoded whole.
+      source_args, kind = (task.stream, context), web_shards.source_class()
     else:
       source_args, kind = (task, context), source_class
     existing = seqio.TaskRegistry.get(name) if name in seqio.TaskRegistry.names() else None

@@ -84,6 +84,9 @@ class Task:
   kind: str
   build: Callable[[Context], TaskData]
   description: str = ''
+  # On the seqio path: what streams the task instead of `build` decoding it whole (a reader of
+  # `rt2_jax.data.web_shards.source_class`), or None.
+  stream: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,7 +348,29 @@ def web_jsonl_task(path: str, name: str = 'web/jsonl') -> Task:
   return Task(name, WEB, build, f'JSONL {path}')
 
 
-def web_tfds_task(tfds_name: str, data_dir: str, split: str, name: str = '') -> Task:
+def web_shards_task(pattern: str, name: str = 'web/shards') -> Task:
+  """TFRecord shards of image-text examples (`rt2_jax.data.web_shards`): streamed on the seqio
+  path, decoded whole here."""
+  from rt2_jax.data import web, web_shards
+
+  def build(context: Context) -> TaskData:
+    cfg = context.config
+    records = web_shards.read_shards(
+      pattern,
+      cfg.model.image_size,
+      caption_prompt=cfg.data.web.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
+      max_examples=cfg.data.web.get('max_examples', 0),
+      shard=(context.process_index, context.process_count),
+      progress=context.progress,
+    )
+    return tokenize_web(records, context, name)
+
+  return Task(name, WEB, build, f'shards {pattern}', stream=web_shards.ShardFiles(pattern))
+
+
+def web_tfds_task(
+  tfds_name: str, data_dir: str, split: str, name: str = '', stream: bool = False
+) -> Task:
   from rt2_jax.data import web
 
   name = name or f'web/{tfds_name}'
@@ -369,4 +394,9 @@ def web_tfds_task(tfds_name: str, data_dir: str, split: str, name: str = '') -> 
     )
     return tokenize_web(records, context, name)
 
-  return Task(name, WEB, build, f'TFDS {tfds_name} [{split}]')
+  reader = None
+  if stream:
+    from rt2_jax.data import web_shards
+
+    reader = web_shards.TfdsSplit(tfds_name, data_dir, split)
+  return Task(name, WEB, build, f'TFDS {tfds_name} [{split}]', stream=reader)

@@ -92,22 +92,27 @@ def _point(value, where: str) -> tuple[float, float]:
   return (x, y)
 
 
-def read_jsonl(
-  path: str,
-  image_size: int,
-  caption_prompt: str = DEFAULT_CAPTION_PROMPT,
-  max_examples: int = 0,
-  shard: tuple[int, int] = (0, 1),
-  progress=print,
-) -> WebRecords:
-  """Examples of a JSONL file (lines i with i % shard[1] == shard[0]), images resized."""
+@dataclasses.dataclass(frozen=True)
+class JsonlRow:
+  """One checked line of a web JSONL file."""
+
+  where: str  # 'file:line' for messages
+  image_path: str
+  kind: str  # 'vqa' | 'caption'
+  prompt: str  # the question, or the caption prompt
+  target: str  # the answer, or the caption
+  point: tuple[float, float]  # (NaN, NaN): none
+  question: str = ''  # the line's own question ('' for captions)
+
+
+def jsonl_rows(
+  path: str, caption_prompt: str = DEFAULT_CAPTION_PROMPT, shard: tuple[int, int] = (0, 1)
+):
+  """The checked lines of a JSONL file (lines i with i % shard[1] == shard[0]), images unread."""
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
     raise DataError(f'web JSONL file {path} does not exist')
   folder = os.path.dirname(os.path.abspath(path))
-  start = time.time()
-  images, image_index, inputs, targets, kinds, points = [], [], [], [], [], []
-  image_rows: dict[str, int] = {}
   example = -1
   with open(path) as f:
     for line_number, line in enumerate(f, 1):
@@ -127,10 +132,12 @@ def read_jsonl(
         raise DataError(
           f'{where}: a line needs "image" plus "question"+"answer" or "caption"; it has {keys}'
         )
+      question = ''
       if 'question' in row:
         if 'answer' not in row:
           raise DataError(f'{where}: a "question" line needs an "answer"; it has {sorted(row)}')
         kind, prompt, target = 'vqa', str(row['question']), str(row['answer'])
+        question = prompt
       elif 'caption' in row or 'answer' in row:
         kind, prompt = 'caption', caption_prompt
         target = str(row['caption'] if 'caption' in row else row['answer'])
@@ -141,16 +148,34 @@ def read_jsonl(
       if not target.strip():
         raise DataError(f'{where}: empty {"answer" if kind == "vqa" else "caption"}')
       image_path = os.path.join(folder, os.path.expanduser(str(row['image'])))
-      if image_path not in image_rows:
-        image_rows[image_path] = len(images)
-        images.append(_load_image(image_path, image_size, where))
-      image_index.append(image_rows[image_path])
-      points.append(_point(row.get('point'), where))
-      inputs.append(prompt)
-      targets.append(target)
-      kinds.append(kind)
-      if max_examples and len(targets) >= max_examples:
-        break
+      point = _point(row.get('point'), where)
+      yield JsonlRow(where, image_path, kind, prompt, target, point, question)
+
+
+def read_jsonl(
+  path: str,
+  image_size: int,
+  caption_prompt: str = DEFAULT_CAPTION_PROMPT,
+  max_examples: int = 0,
+  shard: tuple[int, int] = (0, 1),
+  progress=print,
+) -> WebRecords:
+  """Examples of a JSONL file (lines i with i % shard[1] == shard[0]), images resized."""
+  path = os.path.expanduser(path)
+  start = time.time()
+  images, image_index, inputs, targets, kinds, points = [], [], [], [], [], []
+  image_rows: dict[str, int] = {}
+  for row in jsonl_rows(path, caption_prompt, shard):
+    if row.image_path not in image_rows:
+      image_rows[row.image_path] = len(images)
+      images.append(_load_image(row.image_path, image_size, row.where))
+    image_index.append(image_rows[row.image_path])
+    points.append(row.point)
+    inputs.append(row.prompt)
+    targets.append(row.target)
+    kinds.append(row.kind)
+    if max_examples and len(targets) >= max_examples:
+      break
   if not targets:
     raise DataError(
       f'web JSONL file {path} has no examples'
@@ -195,25 +220,9 @@ def read_tfds(
   or a sequence of strings: one example per caption).
   """
   import tensorflow as tf
-  import tensorflow_datasets as tfds
 
-  from rt2_jax.data.rlds import resolve_builder_dir
-
-  try:
-    builder_dir = resolve_builder_dir(data_dir or tfds.core.constants.DATA_DIR, name)
-  except DataError as e:
-    raise DataError(
-      f'TFDS dataset {name} is not prepared under {data_dir!r} ({e}); prepare it '
-      f'with `tfds build {name} --data_dir=...` or unset data.web.tfds_name'
-    ) from None
-  builder = tfds.builder_from_directory(builder_dir)
-  paths = _feature_paths(builder.info.features)
-  for key in [image_key, *((question_key, answer_key) if question_key else (text_key,))]:
-    if key not in paths:
-      raise DataError(
-        f'TFDS dataset {name} ({builder_dir}): key {key!r} missing; the keys that '
-        f'exist are {sorted(paths)}'
-      )
+  builder = tfds_builder(name, data_dir, image_key, text_key, question_key, answer_key)
+  builder_dir = builder.data_dir
   ds = builder.as_dataset(split=split, shuffle_files=False)
   if shard[1] > 1:
     ds = ds.shard(shard[1], shard[0])
@@ -259,6 +268,32 @@ def read_tfds(
     kinds=kinds,
     source=f'{builder_dir}:{split}',
   )
+
+
+def tfds_builder(
+  name: str, data_dir: str, image_key: str, text_key: str, question_key: str, answer_key: str
+):
+  """The prepared TFDS builder `name`, its keys checked (VQA with question_key, else captions)."""
+  import tensorflow_datasets as tfds
+
+  from rt2_jax.data.rlds import resolve_builder_dir
+
+  try:
+    builder_dir = resolve_builder_dir(data_dir or tfds.core.constants.DATA_DIR, name)
+  except DataError as e:
+    raise DataError(
+      f'TFDS dataset {name} is not prepared under {data_dir!r} ({e}); prepare it '
+      f'with `tfds build {name} --data_dir=...` or unset data.web.tfds_name'
+    ) from None
+  builder = tfds.builder_from_directory(builder_dir)
+  paths = _feature_paths(builder.info.features)
+  for key in [image_key, *((question_key, answer_key) if question_key else (text_key,))]:
+    if key not in paths:
+      raise DataError(
+        f'TFDS dataset {name} ({builder_dir}): key {key!r} missing; the keys that '
+        f'exist are {sorted(paths)}'
+      )
+  return builder
 
 
 def _feature_paths(features, prefix='') -> set:
