@@ -119,6 +119,25 @@ def open_split(spec: DatasetSpec, data_dir: str, split: str) -> _Reader:
   )
 
 
+def bounded_read_config(seed, ordered: bool, add_tfds_id: bool = False):
+  """TFDS read settings whose memory does not grow with the dataset: TFDS would otherwise cache a
+  small split in memory (and so in the iterator checkpoint), hold an 8 MiB read buffer for each
+  of 16 open files, and read ahead blocks of 16 examples per file (~100 MB more for 256 px
+  Bridge episodes). ordered: the dataset was written in order (TFDS then reads one file at a
+  time)."""
+  import tensorflow_datasets as tfds
+
+  return tfds.ReadConfig(
+    shuffle_seed=seed,
+    add_tfds_id=add_tfds_id,
+    shuffle_reshuffle_each_iteration=True,
+    try_autocache=False,
+    interleave_cycle_length=1 if ordered else READ_FILES,
+    interleave_block_length=1,
+    override_buffer_size=READ_BUFFER_BYTES,
+  )
+
+
 def step_stream(
   spec,
   reader: _Reader,
@@ -134,7 +153,6 @@ def step_stream(
   """This shard's steps as task examples (module docstring); with_ids adds 'episode_id' (the
   episode's index in the split) and 'step_id'."""
   import tensorflow as tf
-  import tensorflow_datasets as tfds
 
   spec = load_spec(spec)
   if bad_data not in rlds.BAD_DATA_MODES:
@@ -171,18 +189,7 @@ def step_stream(
       )
   image_size = int(cfg.model.image_size)
   ordered = bool(reader.builder.info.disable_shuffling)  # TFDS then reads one file at a time
-  read_config = tfds.ReadConfig(
-    shuffle_seed=seed,
-    add_tfds_id=True,
-    shuffle_reshuffle_each_iteration=True,
-    # Bounded whatever the dataset's size: TFDS would cache a small split in memory (and so in
-    # the iterator checkpoint), hold an 8 MiB read buffer for each of 16 open files, and read
-    # ahead blocks of 16 episodes per file (~100 MB more for 256 px Bridge episodes).
-    try_autocache=False,
-    interleave_cycle_length=1 if ordered else READ_FILES,
-    interleave_block_length=1,
-    override_buffer_size=READ_BUFFER_BYTES,
-  )
+  read_config = bounded_read_config(seed, ordered, add_tfds_id=True)
   episodes = reader.builder.as_dataset(
     split=f'{split}[{start}:{end}]',
     decoders=_skip_image_decoding(reader.step_features),

@@ -392,15 +392,7 @@ def tfds_stream(
     split=f'{split}[{start}:{end}]',
     decoders=decoders,
     shuffle_files=shuffle and not ordered,
-    read_config=tfds.ReadConfig(
-      shuffle_seed=seed,
-      shuffle_reshuffle_each_iteration=True,
-      # Bounded whatever the dataset's size, as rlds_stream's: no cache, small read buffers.
-      try_autocache=False,
-      interleave_cycle_length=1 if ordered else READ_FILES,
-      interleave_block_length=1,
-      override_buffer_size=READ_BUFFER_BYTES,
-    ),
+    read_config=rlds_stream.bounded_read_config(seed, ordered),
   )
 
   def get(example, key):
