@@ -275,6 +275,21 @@ def _get(tree, path: str):
   return tree
 
 
+def skip_image_decoding(step_features: dict) -> dict:
+  """TFDS decoders that leave every image of a step as its encoded bytes."""
+  import tensorflow_datasets as tfds
+
+  decoders = {}
+  for key, feature in step_features.items():
+    if isinstance(feature, tfds.features.Image):
+      node = decoders.setdefault('steps', {})
+      parts = key.split('/')
+      for part in parts[:-1]:
+        node = node.setdefault(part, {})
+      node[parts[-1]] = tfds.decode.SkipDecoding()
+  return decoders
+
+
 def _step_dataset(
   spec: DatasetSpec,
   builder,
@@ -284,18 +299,11 @@ def _step_dataset(
   step_features: dict,
 ):
   import tensorflow as tf
-  import tensorflow_datasets as tfds
 
   # Images are decoded (and only the one the model sees) in our own map, after sharding.
-  decoders = {}
-  for key, feature in step_features.items():
-    if isinstance(feature, tfds.features.Image):
-      node = decoders.setdefault('steps', {})
-      parts = key.split('/')
-      for part in parts[:-1]:
-        node = node.setdefault(part, {})
-      node[parts[-1]] = tfds.decode.SkipDecoding()
-  ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+  ds = builder.as_dataset(
+    split=split, decoders=skip_image_decoding(step_features), shuffle_files=False
+  )
   index, count = shard
   ds = ds.enumerate()
   if count > 1:

@@ -47,21 +47,6 @@ def episode_range(num_episodes: int, shard: tuple[int, int]) -> tuple[int, int]:
   return num_episodes * index // count, num_episodes * (index + 1) // count
 
 
-def _skip_image_decoding(step_features: dict) -> dict:
-  """TFDS decoders that leave every image of a step as its encoded bytes."""
-  import tensorflow_datasets as tfds
-
-  decoders = {}
-  for key, feature in step_features.items():
-    if isinstance(feature, tfds.features.Image):
-      node = decoders.setdefault('steps', {})
-      parts = key.split('/')
-      for part in parts[:-1]:
-        node = node.setdefault(part, {})
-      node[parts[-1]] = tfds.decode.SkipDecoding()
-  return decoders
-
-
 def _instruction_texts(values, encoding: str, num):
   """An episode's instructions as [T] UTF-8 strings (`rlds._decode_instruction` in TF)."""
   import tensorflow as tf
@@ -192,7 +177,7 @@ def step_stream(
   read_config = bounded_read_config(seed, ordered, add_tfds_id=True)
   episodes = reader.builder.as_dataset(
     split=f'{split}[{start}:{end}]',
-    decoders=_skip_image_decoding(reader.step_features),
+    decoders=rlds.skip_image_decoding(reader.step_features),
     # TFDS refuses to shuffle the files of a dataset written in order (disable_shuffling).
     shuffle_files=shuffle and not ordered,
     read_config=read_config,
