@@ -176,7 +176,12 @@ def _loss_and_grads(model_cfg, params, images, prompts, dec_in, targets):
 
 @pytest.mark.parametrize(
   'scan,kernels',
-  [(False, ''), (False, 'dense_dot'), pytest.param(True, '', marks=pytest.mark.slow)],
+  # CI: the plain ops; the full run also dense_dot and the scanned layers.
+  [
+    (False, ''),
+    pytest.param(False, 'dense_dot', marks=pytest.mark.slow),
+    pytest.param(True, '', marks=pytest.mark.slow),
+  ],
 )
 def test_remat_gives_the_loss_and_gradients_of_no_remat(inputs, scan, kernels):
   """remat 'full' and 'dots' give the plain loss and gradients of no remat, also with

@@ -1,5 +1,7 @@
 """VLA model: cached decoding equals the full forward, logits rows, padding masks, axes."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -241,7 +243,9 @@ def test_remat_dots_saves_dense_outputs(kernels):
 ALL_CPU_KERNELS = ','.join(layers.CPU_KERNELS)
 
 
-@pytest.mark.parametrize('kernels', ['', ALL_CPU_KERNELS])
+# CI: the plain ops (the kernels' remat is in CI through test_remat_dots_saves_dense_outputs);
+# the full run also all kernels together.
+@pytest.mark.parametrize('kernels', ['', pytest.param(ALL_CPU_KERNELS, marks=pytest.mark.slow)])
 def test_remat_dots_saves_every_projection_and_keeps_the_gradients(kernels):
   """Whole VLA: 'dots' saves one output per weight matmul of the rematerialised layers that the
   backward pass reads, and 'none', 'full' and 'dots' give the same loss and gradients; so too
@@ -280,7 +284,12 @@ def test_remat_dots_saves_every_projection_and_keeps_the_gradients(kernels):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=f'{remat} {path}')
 
 
-@pytest.mark.parametrize('kernels', [*layers.CPU_KERNELS, ALL_CPU_KERNELS])
+# CI: all kernels at once (any kernel's error fails it); the full run also each one alone, which
+# names the kernel at fault.
+@pytest.mark.parametrize(
+  'kernels',
+  [*(pytest.param(k, marks=pytest.mark.slow) for k in layers.CPU_KERNELS), ALL_CPU_KERNELS],
+)
 def test_cpu_kernels_give_the_loss_and_gradients_of_the_plain_ops(kernels):
   """Each model.cpu_kernels option (float32) changes only the operations XLA is given: the
   same loss and parameter gradients as the plain ops, and the same parameters."""
@@ -511,8 +520,8 @@ def test_pool_query_attend_tells_word_order_apart_where_the_mean_embedding_canno
   swapped = enc.copy()
   swapped[0, :4] = [7, 8, 5, 6]
 
-  def summaries(model, variables, tokens):
-    encoded, _ = model.apply(variables, images, tokens, method=VLA.encode)
+  def summaries(encode, variables, tokens):
+    encoded, _ = encode(variables, images, tokens)
     return np.asarray(encoded[:, :2])
 
   cfg = {'instruction_pool': 2, 't5.num_encoder_layers': 0}
@@ -520,9 +529,10 @@ def test_pool_query_attend_tells_word_order_apart_where_the_mean_embedding_canno
   attend = VLA(_model_cfg(**cfg, pool_query='attend', pool_query_max_len=8))
   for model in (mean, attend):
     variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), images, enc, dec))
-    a, b = summaries(model, variables, enc), summaries(model, variables, swapped)
+    encode = jax.jit(functools.partial(model.apply, method=VLA.encode))  # eager: far slower
+    a, b = summaries(encode, variables, enc), summaries(encode, variables, swapped)
     padded = np.concatenate([enc, np.zeros_like(enc)], 1)[:, :8]
-    np.testing.assert_allclose(summaries(model, variables, padded), a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(summaries(encode, variables, padded), a, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(a[1], b[1], rtol=1e-6)  # row 1 was not swapped
     if model is mean:
       np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-5)

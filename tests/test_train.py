@@ -573,17 +573,12 @@ def test_keypoint_loss_pulls_the_refined_keypoints_onto_the_points(action_setup)
   assert float(out['pointer_distance']) < 0.8 * first
 
 
-def test_keypoint_teacher_feeds_the_labelled_points_to_the_read_out(action_setup):
-  _, codec = action_setup
+def _teacher_loss(codec, steps):
+  """teacher, pointer_xy -> the train step's loss (one compile per teacher setting)."""
   base = {'model.instruction_pool': 2, 'model.pool_keypoints': True, 'batch_size': 8}
-  no_keypoints = {**base, 'model.pool_keypoints': False, 'model.pool_keypoint_teacher': 0.0}
-  with pytest.raises(ValueError, match='pool_keypoint_teacher'):
-    train.make_setup(_config(**no_keypoints)).jit_train_step(codec)
-
-  steps = {}
 
   def loss(teacher, xy):
-    if teacher not in steps:  # one compile per setting
+    if teacher not in steps:
       setup = train.make_setup(_config(**base, **{'model.pool_keypoint_teacher': teacher}))
       steps[teacher] = (setup, setup.jit_train_step(codec))
     setup, step = steps[teacher]
@@ -592,15 +587,39 @@ def test_keypoint_teacher_feeds_the_labelled_points_to_the_read_out(action_setup
     batch = {k: jax.device_put(v, setup.batch_sharding(v.ndim)) for k, v in batch.items()}
     return float(step(state, batch)[1]['loss'])
 
+  return loss
+
+
+def _teacher_points():
   rng = np.random.default_rng(3)
-  xy = rng.uniform(0, 1, (16, 2, 2)).astype(np.float32)
-  other = rng.uniform(0, 1, (16, 2, 2)).astype(np.float32)
-  # Off, the action loss does not read the labels; on, it does (and the noise moves it).
+  return (rng.uniform(0, 1, (16, 2, 2)).astype(np.float32) for _ in range(2))
+
+
+def test_keypoint_teacher_feeds_the_labelled_points_to_the_read_out(action_setup):
+  _, codec = action_setup
+  no_keypoints = {
+    'model.instruction_pool': 2,
+    'batch_size': 8,
+    'model.pool_keypoints': False,
+    'model.pool_keypoint_teacher': 0.0,
+  }
+  with pytest.raises(ValueError, match='pool_keypoint_teacher'):
+    train.make_setup(_config(**no_keypoints)).jit_train_step(codec)
+  loss = _teacher_loss(codec, {})
+  xy, other = _teacher_points()
+  # Off, the action loss does not read the labels; on, it does.
   assert loss(-1.0, xy) == loss(-1.0, other)
   assert loss(0.0, xy) != loss(0.0, other)
-  assert loss(0.0, xy) != loss(0.05, xy)
   unlabelled = np.full_like(xy, np.nan)  # no label: the model's own keypoints
   assert loss(0.0, unlabelled) == pytest.approx(loss(-1.0, xy), rel=1e-6)
+
+
+@pytest.mark.slow  # a third compile; CI checks the teacher on and off above
+def test_keypoint_teacher_noise_moves_the_loss(action_setup):
+  _, codec = action_setup
+  loss = _teacher_loss(codec, {})
+  xy, _ = _teacher_points()
+  assert loss(0.0, xy) != loss(0.05, xy)
 
 
 def test_pointer_loss_needs_the_instruction_pool():
