@@ -50,8 +50,7 @@ class TaskData:
   action_start: np.ndarray  # int32 [n]: first action-token position (-1: none)
   num_action_tokens: int  # action tokens per robot target (0 for web)
   actions: np.ndarray | None  # float32 [n, dim] in real units (robot only)
-  describe: Callable[[int], dict]  # example i -> texts, for inspection
-  info: dict = dataclasses.field(default_factory=dict)
+  describe: Callable[[int], dict]  # example i -> its texts (and episode / step for robot)
   # float32 [n, K, 2]: image points (x from the left, y from the top, in [0, 1]; NaN rows: none),
   # a web line's 'point' (K = 1) or a robot step's pointing targets (spec.points_key); or None.
   points: np.ndarray | None = None
@@ -84,7 +83,6 @@ class Task:
   name: str
   kind: str
   build: Callable[[Context], TaskData] | None  # None: the task is only streamed
-  description: str = ''
   # What streams the task instead of `build` decoding it whole (a reader of
   # `rt2_jax.data.web_shards.source_class`), or None.
   stream: Any = None
@@ -168,14 +166,6 @@ def tokenize_robot(records, spec: DatasetSpec, context: Context, name: str) -> T
     num_action_tokens=num_positions,
     actions=np.asarray(records.actions, np.float32),
     describe=describe,
-    info={
-      'steps': n,
-      'episodes': records.num_episodes,
-      'skipped': dict(records.skipped),
-      'instructions': len(records.instructions),
-      'plans': len(records.plans),
-      'source': records.source,
-    },
     points=None if records.points is None else np.asarray(records.points, np.float32),
     embodiment=0,
   )
@@ -213,7 +203,6 @@ def tokenize_web(records, context: Context, name: str) -> TaskData:
     num_action_tokens=0,
     actions=None,
     describe=describe,
-    info={'examples': n, 'images': int(records.images.shape[0]), 'source': records.source},
     points=None
     if records.points is None
     else np.asarray(records.points, np.float32).reshape(n, 1, 2),
@@ -259,7 +248,7 @@ def robot_task(
     data.embodiment = 0 if embodiment is None else int(embodiment)
     return data
 
-  return Task(name, ROBOT, build, f'{spec.name} from {data_dir} [{split}]')
+  return Task(name, ROBOT, build)
 
 
 def embodiment_context(context: Context, spec: DatasetSpec) -> Context:
@@ -294,14 +283,14 @@ def web_jsonl_task(path: str, name: str = 'web/jsonl') -> Task:
     )
     return tokenize_web(records, context, name)
 
-  return Task(name, WEB, build, f'JSONL {path}')
+  return Task(name, WEB, build)
 
 
 def web_shards_task(pattern: str, name: str = 'web/shards') -> Task:
   """TFRecord shards of image-text examples (`rt2_jax.data.web_shards`), streamed only."""
   from rt2_jax.data import web_shards
 
-  return Task(name, WEB, None, f'shards {pattern}', stream=web_shards.ShardFiles(pattern))
+  return Task(name, WEB, None, stream=web_shards.ShardFiles(pattern))
 
 
 def web_tfds_task(
@@ -335,4 +324,4 @@ def web_tfds_task(
     from rt2_jax.data import web_shards
 
     reader = web_shards.TfdsSplit(tfds_name, data_dir, split)
-  return Task(name, WEB, build, f'TFDS {tfds_name} [{split}]', stream=reader)
+  return Task(name, WEB, build, stream=reader)
