@@ -1,21 +1,20 @@
-"""Input pipeline speed: examples/s of the robot + web mixture on this CPU, both data paths.
+"""Input pipeline speed: examples/s of the robot + web training mixture on this CPU.
 
   python benchmarks/data.py [--batch_size=32] [--image_sizes=64,224] [--batches=100] \\
-      [--paths=default,seqio,stream] [--data_dir=BRIDGE_BUILDER_DIR] [--step_steps=3] \\
+      [--paths=default,stream] [--data_dir=BRIDGE_BUILDER_DIR] [--step_steps=3] \\
       [--out=benchmarks/data.json]
 
 The normalization statistics are computed once (their time is reported) and read from a file by
 each run. Each (path, image size) runs in a fresh process, so its peak RSS and its time to the
-first batch are its own. Both paths are built by the trainer's own
-`pipeline.make_train_iterator` from the same config: 'default' with data.mixture = '' (the
-in-memory MixtureIterator), 'seqio' with data.mixture = 'rt2_config' (the same robot + web tasks
-and rates as a seqio Mixture, through the feature converter and tf.data), and on request 'stream':
-'seqio' with data.robot.stream = True (the robot split read from its files as it is drawn,
-rt2_jax/data/rlds_stream.py).
+first batch are its own. Every path is built by the trainer's own `pipeline.make_train_iterator`
+from the same config, the seqio mixture 'rt2_config' through the feature converter and tf.data:
+'default' with the robot split decoded when first read ('seqio' is accepted as its old name),
+and on request 'stream': data.robot.stream = True (the robot split read from its files as it is
+drawn, rt2_jax/data/rlds_stream.py).
 
 Reported per run: the time to the first batch (building the iterator, which reads, decodes,
-resizes and tokenizes with the record cache off, then the first `next`; TensorFlow and seqio,
-which both paths use, are imported before); the steady-state rate of `next(iterator)` after 5
+resizes and tokenizes with the record cache off, then the first `next`; TensorFlow and seqio
+are imported before); the steady-state rate of `next(iterator)` after 5
 warm-up batches, in wall time and in CPU time of all the process's threads (less sensitive to
 other work on the machine); the process's RSS before building the iterator, its peak, and the
 difference. Robot data defaults to the generated Bridge-layout dataset (configs/tiny.py with
@@ -45,8 +44,9 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run as a script: import this checkout's rt2_jax
   sys.path.insert(0, REPO_ROOT)
-PATHS = ('default', 'seqio', 'stream')
-DEFAULT_PATHS = 'default,seqio'
+PATHS = ('default', 'stream')
+ALIASES = {'seqio': 'default'}  # the seqio mixture was a second path before it was the only one
+DEFAULT_PATHS = 'default'
 RESULT_PREFIX = 'DATA_BENCH_RESULT '
 WARMUP_BATCHES = 5
 STEP_WARMUP = 1
@@ -70,7 +70,6 @@ def peak_rss_mb() -> float:
 
 def load_config(path: str, image_size: int, batch_size: int, args, stats_path: str = ''):
   from rt2_jax import config_flags
-  from rt2_jax.data import seqio_mixture
 
   overrides = {
     'model.image_size': image_size,
@@ -78,7 +77,6 @@ def load_config(path: str, image_size: int, batch_size: int, args, stats_path: s
     'data.robot_rate': args.robot_rate,
     'data.cache_dir': '',
     'data.robot.stats_path': stats_path,
-    'data.mixture': seqio_mixture.CONFIG_MIXTURE if path in ('seqio', 'stream') else '',
     'data.robot.stream': path == 'stream',
   }
   if args.data_dir:
@@ -93,7 +91,7 @@ def bench(path: str, image_size: int, args) -> dict:
 
   batch_size, batches = args.batch_size, args.batches
   start = time.perf_counter()
-  # Both paths use them; imported first so the RSS below counts the data, not the libraries.
+  # Imported first so the RSS below counts the data, not the libraries.
   import seqio  # noqa: F401
   import tensorflow  # noqa: F401
 
@@ -132,7 +130,7 @@ def bench(path: str, image_size: int, args) -> dict:
     'rss_before_iterator_mb': round(rss_before, 1),
     'peak_rss_mb': round(peak, 1),
     'pipeline_rss_mb': round(peak - rss_before, 1),
-    'tasks': task_sizes(config, it),
+    'tasks': task_sizes(it),
   }
 
 
@@ -162,13 +160,11 @@ def step_consumption(image_size: int, args) -> dict:
   }
 
 
-def task_sizes(config, it) -> dict:
+def task_sizes(it) -> dict:
   """{task: examples} of the mixture the iterator reads (None where a source does not say)."""
-  if hasattr(it, 'tasks'):  # the default path's MixtureIterator
-    return {t.name: len(t) for t in it.tasks}
   from rt2_jax.data import seqio_mixture
 
-  provider = seqio_mixture.get_provider(config.data.mixture)
+  provider = seqio_mixture.get_provider(it.fingerprint['mixture'])
   return {
     t.name: t.source.num_input_examples('train') for t in getattr(provider, 'tasks', [provider])
   }
@@ -225,7 +221,7 @@ def main(argv=None):
   parser.add_argument(
     '--paths',
     default=DEFAULT_PATHS,
-    help='default, seqio and/or stream (seqio, robot split streamed)',
+    help='default (seqio: the same) and/or stream (the robot split streamed)',
   )
   parser.add_argument('--data_dir', default='', help="Bridge builder dir; '' = generated data")
   parser.add_argument(
@@ -240,7 +236,8 @@ def main(argv=None):
     row = step_consumption(int(size), args) if path == 'step' else bench(path, int(size), args)
     print(RESULT_PREFIX + json.dumps(row), flush=True)
     return row
-  paths = [p.strip() for p in args.paths.split(',') if p.strip()]
+  paths = [ALIASES.get(p.strip(), p.strip()) for p in args.paths.split(',') if p.strip()]
+  paths = list(dict.fromkeys(paths))  # 'default,seqio' is one path
   unknown = sorted(set(paths) - set(PATHS))
   if unknown:
     parser.error(f'--paths: unknown {unknown}; choose from {PATHS}')
@@ -273,8 +270,9 @@ def main(argv=None):
     'warmup_batches': WARMUP_BATCHES,
     'stats_s': round(stats_s, 3),
     'note': (
-      'each row a fresh process; both paths from pipeline.make_train_iterator on the same config '
-      '(seqio: data.mixture=rt2_config); stats computed once (stats_s) and read by each; '
+      'each row a fresh process; every path from pipeline.make_train_iterator on the same config '
+      '(the seqio mixture rt2_config; stream: data.robot.stream=True); stats computed once '
+      '(stats_s) and read by each; '
       'first_batch_s = iterator build + first next (tensorflow and seqio imported before); '
       'peak_rss_mb is the whole process, pipeline_rss_mb its growth from building the iterator on; '
       'consumption: the train step of the same config and batch, timed in its own process '

@@ -6,8 +6,8 @@
       [--paths=decoded,streaming] [--batch_size=8] [--batches=20] [--out=FILE.json]
 
 Each (dataset, path) runs in a fresh process with the tiny config, robot data only
-(data.robot_rate=1), data.cache_dir='' (no record cache: the decoded path decodes the split
-every run) and data.mixture='rt2_config' (the seqio path): 'decoded' reads the split whole
+(data.robot_rate=1) and data.cache_dir='' (no record cache: the decoded path decodes the split
+every run), through the trainer's seqio mixture 'rt2_config': 'decoded' reads the split whole
 (`rlds.read_split`) before its first batch, 'streaming' sets data.robot.stream=True
 (`rt2_jax.data.rlds_stream`). Before those runs the normalization statistics of each dataset are
 computed once in their own process with any cached copy removed first (`stats.cached`: actions
@@ -53,7 +53,6 @@ def peak_rss_mb() -> float:
 
 def load_config(data_dir: str, path: str, args):
   from rt2_jax import config_flags
-  from rt2_jax.data import seqio_mixture
 
   return config_flags.load_config(
     'tiny',
@@ -61,7 +60,6 @@ def load_config(data_dir: str, path: str, args):
       'data.robot.data_dir': data_dir,
       'data.robot_rate': 1.0,
       'data.cache_dir': '',
-      'data.mixture': seqio_mixture.CONFIG_MIXTURE,
       'data.robot.stream': path == 'streaming',
       'data.robot.shuffle_buffer': args.shuffle_buffer,
       'batch_size': args.batch_size,
@@ -216,7 +214,7 @@ def main(argv=None):
     'machine': platform.processor() or platform.machine(),
     'cpus': os.cpu_count(),
     'load_average_before_after': [load_before, [round(x, 2) for x in os.getloadavg()]],
-    'config': "tiny, data.robot_rate=1, data.cache_dir='', data.mixture=rt2_config",
+    'config': "tiny, data.robot_rate=1, data.cache_dir='' (the seqio mixture rt2_config)",
     'batch_size': args.batch_size,
     'shuffle_buffer': args.shuffle_buffer,
     'note': __doc__.split('\n\n', 2)[2].strip(),

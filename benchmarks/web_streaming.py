@@ -7,7 +7,7 @@
 --make writes N 256x256 JPEGs (each its own file, so the JSONL path decodes every one), a JSONL
 of alternating VQA and caption lines, and the same set as 16 shards (`web_shards.write_shards`).
 Each (dataset, source) runs in a fresh process: tiny config, web data only (data.robot_rate=0),
-the seqio path (data.mixture='rt2_config'), TensorFlow and seqio imported before the clock
+the trainer's seqio mixture 'rt2_config', TensorFlow and seqio imported before the clock
 starts. Per run: first_batch_s (building the iterator and the first batch), rss_growth_mb (peak
 RSS growth from there), ms_per_batch over --batches batches after the first, state_bytes (the
 JSON of the saved position).
@@ -75,7 +75,6 @@ def run_one(root: str, source: str, batches: int) -> dict:
     'data.robot_rate': 0.0,
     'data.synthetic_if_missing': True,
     'data.cache_dir': '',
-    'data.mixture': 'rt2_config',
   }
   if source == 'jsonl':
     overrides['data.web.jsonl'] = os.path.join(root, 'web.jsonl')

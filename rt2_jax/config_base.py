@@ -124,9 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
       split='',  # '' = the spec's train split
       eval_split='',  # held-out episodes for offline eval; '' = the spec's eval split
       stats_path='',  # NormStats JSON (python -m rt2_jax.data.stats); '' = computed at start
-      # True (with data.mixture='rt2_config'): stream the split from its TFDS files
-      # (rt2_jax/data/rlds_stream.py) instead of decoding it whole before step 1; shuffled by
-      # a buffer of shuffle_buffer steps holding encoded images.
+      # True: stream the split from its TFDS files (rt2_jax/data/rlds_stream.py) instead of
+      # decoding it whole before step 1; shuffled by a buffer of shuffle_buffer encoded steps.
       stream=False,
       shuffle_buffer=2048,
     )
@@ -148,11 +147,10 @@ def base_config() -> ml_collections.ConfigDict:
       caption_prompt='Caption the image.',
       max_examples=0,
       # TFRecord shards of image-text tf.train.Examples (rt2_jax/data/web_shards.py; make them
-      # with python -m rt2_jax.data.web_shards): a glob or comma-separated globs. Streamed with
-      # data.mixture='rt2_config' (each process its own files, a buffer of shuffle_buffer
-      # encoded examples), else decoded whole.
+      # with python -m rt2_jax.data.web_shards): a glob or comma-separated globs, streamed (each
+      # process its own files, a buffer of shuffle_buffer encoded examples).
       shards='',
-      # True (with data.mixture='rt2_config'): stream the TFDS dataset instead of decoding it.
+      # True: stream the TFDS dataset instead of decoding it.
       tfds_stream=False,
       shuffle_buffer=2048,
       # Weights of the web sources within the web rate, e.g. 'jsonl:1,shards:3,tfds:1' (every
@@ -165,11 +163,11 @@ def base_config() -> ml_collections.ConfigDict:
   # robot_rate by weight; '' = the one dataset of data.robot.
   c.data.robots = ''
   c.data.robot_rate = 0.5  # fraction of robot examples in the mixture
-  # '' = the mixture data.robot / data.web describe, read by rt2_jax.data.pipeline. Else the name
-  # of a registered seqio Task or Mixture, read through rt2_jax.data.seqio_iterator (issue 18):
-  # 'rt2_config' is the config's own mixture as seqio tasks; modules named in seqio_modules
-  # (comma-separated, imported after those tasks exist) register others.
-  c.data.mixture = ''
+  # The registered seqio Task or Mixture the trainer reads (rt2_jax.data.seqio_iterator, issue
+  # 18): 'rt2_config' (or '', as older saved configs have it) is the mixture data.robot /
+  # data.web describe, as seqio tasks; modules named in seqio_modules (comma-separated, imported
+  # after those tasks exist) register others.
+  c.data.mixture = 'rt2_config'
   c.data.seqio_modules = ''
   c.data.prompt = 'What action should the robot take to {instruction}?'
   c.data.max_input_len = 64  # text tokens (image tokens come on top)

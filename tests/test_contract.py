@@ -82,13 +82,17 @@ def test_the_run_trained_on_what_the_policy_feeds_the_model(run):
   vocab, action_vocab = vocab_lib.from_config(config, policy.action_space)
   it = pipeline.make_train_iterator(config, vocab, action_vocab, policy.stats, 0, 1, progress=None)
   batch, seen = next(it), 0
-  for j, example in enumerate(it.describe_last()):
-    if not batch['is_robot'][j]:
-      continue
+  before, after = PROMPT.split('{instruction}')
+  for j in np.flatnonzero(batch['is_robot']):
     seen += 1
-    assert example['prompt'] == PROMPT.format(instruction=example['instruction'].strip())
+    # The row's prompt is the template around the step's instruction ...
+    prompt = vocab.decode(batch['encoder_input_tokens'][j])
+    assert prompt.startswith(before) and prompt.endswith(after), prompt
+    instruction = prompt[len(before) : len(prompt) - len(after)]
+    assert instruction.strip() == instruction and instruction
+    # ... with the ids Policy gives that instruction.
     np.testing.assert_array_equal(
-      batch['encoder_input_tokens'][j], policy.tokenize([example['instruction']])[0]
+      batch['encoder_input_tokens'][j], policy.tokenize([instruction])[0]
     )
     targets = batch['decoder_target_tokens'][j][batch['action_loss_mask'][j] > 0]
     np.testing.assert_array_equal(targets, policy.codec.encode(batch['actions'][j]))

@@ -1,4 +1,5 @@
-"""Training batches: format, action tokens, mixture rates, determinism, resumption, sharding."""
+"""Training batches (the seqio mixture of `pipeline.make_train_iterator`): format, action
+tokens, mixture rates, determinism, resumption, sharding."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import pytest
 
 from rt2_jax import config_flags
 from rt2_jax import vocab as vocab_lib
-from rt2_jax.data import fixtures, pipeline, tasks
+from rt2_jax.data import fixtures, pipeline, seqio_iterator, seqio_mixture, tasks
 from rt2_jax.data.rlds import DataError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,16 +62,48 @@ def take(it, n):
   return [next(it) for _ in range(n)]
 
 
+def robot_reference(config, process_index=0, process_count=1) -> tasks.TaskData:
+  """The config's robot task built directly (this shard): what the batch rows should be."""
+  space = pipeline.action_space(config)
+  vocab, action_vocab = vocab_lib.from_config(config, space)
+  stats = pipeline.norm_stats(config, progress=None)
+  context = tasks.Context(
+    config, vocab, action_vocab, stats, process_index, process_count, progress=None
+  )
+  task = tasks.robot_task(
+    pipeline.robot_spec(config), pipeline.robot_data_dir(config), pipeline.robot_split(config)
+  )
+  return task.build(context)
+
+
+def robot_rows(reference: tasks.TaskData, batch: dict) -> list[int]:
+  """The reference example of each robot row of `batch`, found by its image (the fixtures'
+  images are one per step) and checked against its tokens."""
+  flat = reference.images.reshape(len(reference.images), -1)
+  out = []
+  for j in np.flatnonzero(batch['is_robot']):
+    (i,) = np.flatnonzero((flat == batch['image'][j].reshape(-1)).all(axis=1))
+    np.testing.assert_array_equal(batch['decoder_target_tokens'][j], reference.targets[i])
+    out.append(int(i))
+  return out
+
+
+def task_names(it) -> list[str]:
+  return it.fingerprint['tasks']
+
+
+def task_size(name: str) -> int:
+  return seqio_mixture.get_provider(name).source.num_input_examples('train')
+
+
 @pytest.mark.parametrize('spec', LAYOUTS)
 def test_batch_format(data, spec):
   config = make_config(data, spec)
   it, vocab, action_vocab, stats = make_iterator(config)
   space = pipeline.action_space(config)
   b, lin, lout = 8, config.data.max_input_len, config.data.max_target_len
-  for task in it.tasks:  # web lines: one point slot each; these robot specs have no points_key
-    assert (task.points is None) if task.is_robot else task.points.shape == (len(task), 1, 2)
   for batch in take(it, 4):
-    assert set(batch) == set(pipeline.MODEL_KEYS)
+    assert set(batch) == set(seqio_iterator.VLAFeatureConverter.MODEL_FEATURES)
     assert batch['image'].shape == (b, 16, 16, 3) and batch['image'].dtype == np.uint8
     assert batch['encoder_input_tokens'].shape == (b, lin)
     for key in ('decoder_input_tokens', 'decoder_target_tokens'):
@@ -98,7 +131,8 @@ def test_batch_format(data, spec):
     assert robot.any() and (~robot).any()
 
 
-def _task_data(name, kind, n, points):
+def _task_data(name, kind, n, points, first_id):
+  """n examples whose target's first id (first_id + i) names example i."""
   robot = kind == tasks.ROBOT
   return tasks.TaskData(
     name=name,
@@ -107,38 +141,65 @@ def _task_data(name, kind, n, points):
     image_index=np.arange(n),
     encoder_table=np.full((1, 3), 5, np.int32),
     encoder_index=np.zeros(n, np.int32),
-    targets=np.tile(np.int32([[7, 1, 0]]), (n, 1)),
+    targets=np.stack([[first_id + i, 1, 0] for i in range(n)]).astype(np.int32),
     action_start=np.full(n, 0 if robot else -1, np.int32),
     num_action_tokens=int(robot),
-    actions=np.zeros((n, 2), np.float32) if robot else None,
+    actions=np.zeros((n, 7), np.float32) if robot else None,  # bridge_dataset's width
     describe=lambda i: {},
     points=points,
   )
 
 
-def test_pointer_xy_has_the_widest_tasks_slots_nan_padded():
+def test_pointer_xy_slots_are_nan_padded(data):
+  """K = model.instruction_pool slots: a robot step's K points, a web line's point in slot 0,
+  NaN for every slot an example has no point for."""
+  import seqio
+
   rng = np.random.default_rng(0)
   robot_points = rng.uniform(0, 1, (10, 3, 2)).astype(np.float32)
   web_points = rng.uniform(0, 1, (7, 1, 2)).astype(np.float32)
   web_points[2] = np.nan  # a line without a 'point'
-  data = [
-    _task_data('robot/t', tasks.ROBOT, 10, robot_points),
-    _task_data('web/a', tasks.WEB, 7, web_points),
-    _task_data('web/b', tasks.WEB, 5, None),
-  ]
-  it = pipeline.MixtureIterator(data, [0.4, 0.4, 0.2], 32)
-  assert it.num_points == 3
-  for _ in range(3):
-    xy = next(it)['pointer_xy']
+  built = {
+    'robot_t': _task_data('robot/t', tasks.ROBOT, 10, robot_points, 100),
+    'web_a': _task_data('web/a', tasks.WEB, 7, web_points, 200),
+    'web_b': _task_data('web/b', tasks.WEB, 5, None, 300),
+  }
+  config = make_config(data, **{'model.instruction_pool': 3, 'batch_size': 32})
+  space = pipeline.action_space(config)
+  vocab, action_vocab = vocab_lib.from_config(config, space)
+  context = tasks.Context(config, vocab, action_vocab, None, progress=None)
+  source = seqio_mixture._source_class()
+  features = seqio_mixture.config_output_features(config)
+  for name, task_data in built.items():
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(
+      name,
+      source(tasks.Task(task_data.name, task_data.kind, lambda c, d=task_data: d), context),
+      output_features=features,
+      preprocessors=[seqio.preprocessors.append_eos_after_trim],
+      shuffle_buffer_size=None,
+    )
+  seqio.MixtureRegistry.remove('pointer_mix')
+  seqio.MixtureRegistry.add('pointer_mix', [('robot_t', 0.4), ('web_a', 0.4), ('web_b', 0.2)])
+  config.unlock()
+  config.data.mixture = 'pointer_mix'
+  it, *_ = make_iterator(config)
+  kinds = set()
+  for batch in take(it, 3):
+    xy = batch['pointer_xy']
     assert xy.shape == (32, 3, 2) and xy.dtype == np.float32
-    for row, (t, i) in zip(xy, it.last_examples, strict=True):
-      if t == 0:
+    for row, first in zip(xy, batch['decoder_target_tokens'][:, 0], strict=True):
+      kind, i = divmod(int(first), 100)
+      kinds.add(kind)
+      if kind == 1:
         np.testing.assert_array_equal(row, robot_points[i])
-      elif t == 1:
+      elif kind == 2:
         np.testing.assert_array_equal(row[0], web_points[i, 0])
         assert np.isnan(row[1:]).all()  # web lines point at one thing
       else:
         assert np.isnan(row).all()
+  assert kinds == {1, 2, 3}
+  it.close()
 
 
 @pytest.mark.parametrize('rate', [0.5, 0.66])
@@ -146,21 +207,34 @@ def test_realized_robot_fraction(data, rate):
   config = make_config(data, **{'data.robot_rate': rate, 'batch_size': 32})
   it, *_ = make_iterator(config)
   robot = np.concatenate([b['is_robot'] for b in take(it, 2000 // 32 + 1)])[:2000]
-  assert abs(robot.mean() - rate) < 0.05
-  assert abs(robot.mean() - rate) < 0.01  # the golden-ratio assignment is much tighter
+  assert abs(robot.mean() - rate) < 0.05  # seqio samples at random: about 4.5 sigma
 
 
 def test_prompts_and_web_targets(data):
   config = make_config(data)
   it, vocab, *_ = make_iterator(config)
+  reference = robot_reference(config)
+  with open(data['jsonl']) as f:
+    lines = [json.loads(line) for line in f]
+  pairs = {
+    (ln['question'], ln['answer'])
+    if 'question' in ln
+    else (config.data.web.caption_prompt, ln['caption'])
+    for ln in lines
+  }
   batch = next(it)
-  for j, info in enumerate(it.describe_last()):
+  for j, i in zip(np.flatnonzero(batch['is_robot']), robot_rows(reference, batch), strict=True):
     prompt = vocab.decode(batch['encoder_input_tokens'][j])
-    if batch['is_robot'][j]:
-      assert prompt == f'What action should the robot take to {info["instruction"]}?'
-    else:
-      assert prompt == info['prompt']
-      assert vocab.decode(batch['decoder_target_tokens'][j]) == info['answer']
+    instruction = reference.describe(i)['instruction']
+    assert prompt == f'What action should the robot take to {instruction}?'
+  web = np.flatnonzero(~batch['is_robot'])
+  assert web.size
+  for j in web:
+    pair = (
+      vocab.decode(batch['encoder_input_tokens'][j]),
+      vocab.decode(batch['decoder_target_tokens'][j]),
+    )
+    assert pair in pairs
 
 
 def test_plan_targets(data):
@@ -176,15 +250,12 @@ def test_plan_targets(data):
   vocab, action_vocab = vocab_lib.from_config(config, space)
   context = tasks.Context(config, vocab, action_vocab, None, progress=None)
   task = tasks.robot_task(spec, data['fractal20220817_data'], 'train').build(context)
-  it = pipeline.MixtureIterator([task], [1.0], 8, action_dim=space.dim)
-  batch = next(it)
-  for j, info in enumerate(it.describe_last()):
-    text = vocab.decode(batch['decoder_target_tokens'][j])
-    assert text.startswith(f'Plan: {info["plan"]} Action:'), text
-    positions = np.flatnonzero(batch['action_loss_mask'][j])
-    assert positions.size == space.num_positions
-    action_ids = batch['decoder_target_tokens'][j, positions]
-    assert batch['decoder_target_tokens'][j, positions[-1] + 1] == vocab.eos_id
+  positions = np.arange(space.num_positions)
+  for i in range(len(task)):
+    text = vocab.decode(task.targets[i])
+    assert text.startswith(f'Plan: {task.describe(i)["plan"]} Action:'), text
+    action_ids = task.targets[i, task.action_start[i] + positions]
+    assert task.targets[i, task.action_start[i] + space.num_positions] == vocab.eos_id
     action_vocab.ids_to_bins(action_ids)  # raises on a non-action token
     assert text.endswith(vocab.decode(action_ids))
   # A long plan is cut, never the action.
@@ -235,25 +306,30 @@ def test_resume_continues_the_same_stream(data):
 def test_epochs_visit_every_example(data):
   config = make_config(data, **{'data.robot_rate': 1.0})
   it, *_ = make_iterator(config)
-  n = len(it.tasks[0])
+  reference = robot_reference(config)
+  n = len(reference)
   seen = []
   for _ in range(n // 8 * 2):
-    next(it)
-    seen += [i for _, i in it.last_examples]
+    seen += robot_rows(reference, next(it))
   assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n : 2 * n]) == list(range(n))
+  assert seen[:n] != seen[n:]  # a fresh order each epoch
 
 
 def test_processes_get_disjoint_shards(data):
   config = make_config(data, **{'data.robot_rate': 1.0})
+  whole = robot_reference(config)
   episodes = []
   for p in range(2):
     it, *_ = make_iterator(config, p, 2)
-    assert it.batch_size == 4
-    take(it, 6)
-    episodes.append({it.tasks[0].describe(i)['episode_id'] for _, i in it.last_examples})
-    assert len(it.tasks[0]) == EPISODES // 2 * STEPS
+    assert task_size(seqio_mixture.robot_task_name('bridge_dataset')) == EPISODES * STEPS
+    shard = robot_reference(config, p, 2)
+    assert len(shard) == EPISODES // 2 * STEPS
+    rows = [i for batch in take(it, 6) for i in robot_rows(shard, batch)]
+    assert len(rows) == 24 and sorted(set(rows)) == list(range(len(shard)))
+    episodes.append({shard.describe(i)['episode_id'] for i in rows})
+  assert episodes[0] | episodes[1] == {whole.describe(i)['episode_id'] for i in range(len(whole))}
   assert episodes[0] and episodes[1] and not episodes[0] & episodes[1]
-  with pytest.raises(ValueError, match='not divisible'):
+  with pytest.raises(ValueError, match='does not divide by 3 processes'):
     make_iterator(config, 0, 3)
 
 
@@ -267,7 +343,7 @@ def test_web_tfds_captions(data):
     },
   )
   it, vocab, *_ = make_iterator(config)
-  assert [t.name for t in it.tasks] == ['robot/bridge_dataset', 'web/coco_captions']
+  assert task_names(it) == ['rt2_robot_bridge_dataset', 'rt2_web_coco_captions']
   batch = next(it)
   texts = [
     vocab.decode(t)
@@ -317,8 +393,7 @@ def test_web_tfds_vqa_keys_from_the_config(tmp_path, data):
     },
   )
   it, vocab, *_ = make_iterator(config)
-  (task,) = it.tasks
-  assert task.name == 'web/tiny_vqa' and len(task) == len(pairs)
+  assert task_names(it) == ['rt2_web_tiny_vqa'] and task_size('rt2_web_tiny_vqa') == len(pairs)
   seen = set()
   for batch in take(it, 2):
     for enc, target, image in zip(
@@ -360,8 +435,14 @@ def test_bad_data_mode_reaches_the_pipeline(data, tmp_path):
   config = make_config(data, **{'data.robot.data_dir': bad, 'data.bad_data': 'fail'})
   with pytest.raises(DataError, match='nonfinite action'):
     make_iterator(config)
-  it, *_ = make_iterator(make_config(data, **{'data.robot.data_dir': bad}))
-  assert it.tasks[0].info['skipped'] == {'nonfinite_action': 1}
+  lines = []
+  config = make_config(data, **{'data.robot.data_dir': bad})
+  space = pipeline.action_space(config)
+  vocab, action_vocab = vocab_lib.from_config(config, space)
+  stats = pipeline.norm_stats(config, progress=None)
+  pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=lines.append)
+  assert task_size(seqio_mixture.robot_task_name('bridge_dataset')) == 3 * 3  # 1 of 4 dropped
+  assert any('skipping bad data' in ln and 'nonfinite action' in ln for ln in lines), lines
 
 
 def test_tiny_config_uses_generated_data(tmp_path, monkeypatch):
@@ -370,7 +451,7 @@ def test_tiny_config_uses_generated_data(tmp_path, monkeypatch):
   it, *_ = make_iterator(config)
   batch = next(it)
   assert batch['image'].shape == (config.batch_size, 64, 64, 3)
-  assert {t.name for t in it.tasks} == {'robot/bridge_dataset', 'web/synthetic'}
+  assert task_names(it) == ['rt2_robot_bridge_dataset', 'rt2_web_synthetic']
   assert os.path.exists(tmp_path / 'synthetic')
   config = config_flags.load_config('tiny', overrides={'data.synthetic_if_missing': False})
   with pytest.raises(ValueError, match='data.robot.data_dir is empty'):
@@ -384,14 +465,21 @@ def test_tiny_config_uses_generated_data(tmp_path, monkeypatch):
 def test_real_bridge_mixture(data):
   config = make_config(data, **{'data.robot.data_dir': SHARED_DATA, 'batch_size': 16})
   it, vocab, action_vocab, stats = make_iterator(config)
-  assert len(it.tasks[0]) == 250
-  batches = take(it, 8)
+  assert task_size(seqio_mixture.robot_task_name('bridge_dataset')) == 250
+  batches = take(it, 32)
   robot = np.concatenate([b['is_robot'] for b in batches])
-  assert abs(robot.mean() - 0.5) < 0.05
-  texts = {d['instruction'] for d in it.describe_last() if d['task'].startswith('robot')}
-  assert texts <= {
+  assert abs(robot.mean() - 0.5) < 0.08  # seqio samples at random: 512 examples, 3.6 sigma
+  prompts = {
+    vocab.decode(b['encoder_input_tokens'][j])
+    for b in batches
+    for j in np.flatnonzero(b['is_robot'])
+  }
+  template = 'What action should the robot take to {}?'
+  texts = (
     'put carrot on plate',
     'flip pot upright which is in sink',
     'put cup from counter or drying rack into sink',
     'turn lever vertical to front',
-  }
+  )
+  # A long prompt is cut at data.max_input_len tokens.
+  assert all(any(template.format(t).startswith(p) for t in texts) for p in prompts), prompts

@@ -1,6 +1,6 @@
 """data.mixture: the trainer's batches read from a seqio mixture through VLAFeatureConverter
-(issue 18): the same batch layout as the default pipeline, every row one of the tasks' examples,
-and an unknown name refused with the registered ones."""
+(issue 18): the batch layout of rt2_jax.data.pipeline, every row one of the tasks' examples, and
+an unknown name refused with the registered ones."""
 
 import json
 import os
@@ -34,23 +34,19 @@ def make_config(data, **overrides):
     'data.synthetic_if_missing': False,
     'model.image_size': 16,
     'batch_size': 8,
-    'data.mixture': seqio_mixture.CONFIG_MIXTURE,
   }
   values.update(overrides)
   return config_flags.load_config('tiny', overrides=values)
 
 
 def iterators(config):
-  """(seqio iterator, default iterator) of the same config."""
+  """(the training iterator, the config's tasks built directly: {kind: TaskData}, action vocab)."""
   stats = pipeline.norm_stats(config, progress=None)
   vocab, action_vocab = vocab_lib.from_config(config, pipeline.action_space(config))
-  seqio_it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=None)
-  default = config.copy_and_resolve_references()
-  default.data.mixture = ''
-  default_it = pipeline.make_train_iterator(
-    default, vocab, action_vocab, stats, 0, 1, progress=None
-  )
-  return seqio_it, default_it, action_vocab
+  it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=None)
+  context = tasks.Context(config, vocab, action_vocab, stats, 0, 1, None)
+  built = {task.kind: task.build(context) for task, _ in pipeline.tasks_from_config(config, None)}
+  return it, built, action_vocab
 
 
 def find_example(task, row: dict) -> int:
@@ -66,14 +62,26 @@ def find_example(task, row: dict) -> int:
   return -1
 
 
-def test_config_mixture_rows_are_the_tasks_examples_in_the_default_layout(data):
+def test_config_mixture_rows_are_the_tasks_examples_in_the_batch_layout(data):
   config = make_config(data)
-  seqio_it, default_it, action_vocab = iterators(config)
-  robot, web = default_it.tasks
+  seqio_it, built, action_vocab = iterators(config)
+  robot, web = built[tasks.ROBOT], built[tasks.WEB]
   batches = [next(seqio_it) for _ in range(12)]
-  reference = next(default_it)
-  for key, value in reference.items():  # same keys, dtypes and shapes as the default pipeline
-    assert batches[0][key].dtype == value.dtype and batches[0][key].shape == value.shape, key
+  b, li, lt = config.batch_size, config.data.max_input_len, config.data.max_target_len
+  layout = {  # rt2_jax/data/pipeline.py's docstring
+    'image': (np.uint8, (b, 16, 16, 3)),
+    'encoder_input_tokens': (np.int32, (b, li)),
+    'decoder_input_tokens': (np.int32, (b, lt)),
+    'decoder_target_tokens': (np.int32, (b, lt)),
+    'decoder_loss_weights': (np.float32, (b, lt)),
+    'is_robot': (np.bool_, (b,)),
+    'action_loss_mask': (np.float32, (b, lt)),
+    'actions': (np.float32, (b, 7)),
+    'pointer_xy': (np.float32, (b, 1, 2)),
+  }
+  assert sorted(batches[0]) == sorted(layout)
+  for key, (dtype, shape) in layout.items():
+    assert batches[0][key].dtype == dtype and batches[0][key].shape == shape, key
   positions = action_vocab.num_positions
   for batch in batches:
     np.testing.assert_array_equal(batch['decoder_input_tokens'][:, 0], 0)
@@ -219,9 +227,8 @@ def _robot_reference(config):
   return reference, stats, vocab, action_vocab
 
 
-@pytest.mark.parametrize('mixture', [seqio_mixture.CONFIG_MIXTURE, ''], ids=['seqio', 'default'])
 def test_robot_rows_pair_each_image_with_its_own_step_with_and_without_the_record_cache(
-  data, tmp_path, mixture
+  data, tmp_path
 ):
   # Each robot row's image is one step's (the fixture's images are unique); its tokens and actions
   # must be that step's, with the images in memory and memory-mapped from the record cache; and
@@ -231,10 +238,8 @@ def test_robot_rows_pair_each_image_with_its_own_step_with_and_without_the_recor
   flat = reference.images.reshape(len(reference.images), -1)
   runs = {}
   for run, cache_dir in (('in memory', ''), ('cache written', cache), ('cache read', cache)):
-    config = make_config(data, **{'data.cache_dir': cache_dir, 'data.mixture': mixture})
+    config = make_config(data, **{'data.cache_dir': cache_dir})
     it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=None)
-    if not mixture:  # the default iterator's robot images are the cache's memory map
-      assert isinstance(it.tasks[0].images, np.memmap) == bool(cache_dir), run
     runs[run] = [next(it) for _ in range(6)]
     rows = 0
     for batch in runs[run]:

@@ -224,12 +224,8 @@ def _first_batches(config, stats=None, steps=3):
   return stats, [next(it) for _ in range(steps)]
 
 
-@pytest.mark.parametrize(
-  'records_cache, mixture',
-  [(False, ''), (True, ''), (False, 'rt2_config')],
-  ids=['in_memory', 'records_cache', 'seqio'],
-)
-def test_a_first_training_run_reads_the_split_once(tmp_path, monkeypatch, records_cache, mixture):
+@pytest.mark.parametrize('records_cache', [False, True], ids=['in_memory', 'records_cache'])
+def test_a_first_training_run_reads_the_split_once(tmp_path, monkeypatch, records_cache):
   import train_testlib  # tests/train_testlib.py
 
   data_dir = fixtures.write_fractal(str(tmp_path / 'd'), num_episodes=3, num_steps=4)
@@ -237,7 +233,7 @@ def test_a_first_training_run_reads_the_split_once(tmp_path, monkeypatch, record
   config = _stats_config(data_dir, cache_dir)
   train_testlib.set_dotted(
     config,
-    {'data.robot_rate': 1.0, 'model.image_size': 32, 'batch_size': 4, 'data.mixture': mixture},
+    {'data.robot_rate': 1.0, 'model.image_size': 32, 'batch_size': 4},
   )
   before = stats_lib.compute('fractal20220817_data', data_dir, progress=None)  # actions only
   passes = _count_split_passes(monkeypatch)

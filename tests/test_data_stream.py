@@ -36,7 +36,6 @@ def make_config(data_dir, **overrides):
     'data.robot_rate': 1.0,
     'model.image_size': 16,
     'batch_size': 4,
-    'data.mixture': seqio_mixture.CONFIG_MIXTURE,
     'data.robot.stream': True,
     'data.robot.shuffle_buffer': 6,
   }
@@ -180,13 +179,19 @@ def test_statistics_skip_the_images_and_are_cached_beside_the_data(data_dir, mon
   assert sizes == [0] and again.to_json() == first.to_json()  # read from the cache
 
 
-def test_the_default_pipeline_refuses_a_streamed_split(data_dir):
+def test_an_empty_mixture_name_streams_the_config_mixture(data_dir):
+  # '' (saved configs from before seqio was the only path) reads rt2_config, streamed.
+  import seqio
+
   config = make_config(data_dir, **{'data.mixture': ''})
   context = context_of(config)
-  with pytest.raises(ValueError, match="data.mixture='rt2_config'"):
-    pipeline.make_train_iterator(
-      config, context.vocab, context.action_vocab, context.stats, 0, 1, progress=None
-    )
+  it = pipeline.make_train_iterator(
+    config, context.vocab, context.action_vocab, context.stats, 0, 1, progress=None
+  )
+  assert next(it)['is_robot'].all() and it.fingerprint['mixture'] == 'rt2_config'
+  task = seqio.TaskRegistry.get(seqio_mixture.robot_task_name('bridge_dataset'))
+  assert type(task.source) is rlds_stream.source_class()
+  it.close()
 
 
 @pytest.mark.parametrize('layout', ['language_table', 'fractal20220817_data'])
@@ -228,7 +233,6 @@ def test_trains_on_the_streamed_split(data_dir, tmp_path):
   overrides = {
     'data.robot.data_dir': data_dir,
     'data.cache_dir': '',
-    'data.mixture': seqio_mixture.CONFIG_MIXTURE,
     'data.robot.stream': True,
     'total_steps': steps,
     'log_every': 1,

@@ -55,9 +55,8 @@ def _config(**overrides):
 
 
 @needs_bridge
-@pytest.mark.parametrize('mixture', ['rt2_config', ''])
-def test_batches_carry_each_dataset_at_its_weight_with_its_own_tokens(mixture):
-  config = _config(**{'data.mixture': mixture})
+def test_batches_carry_each_dataset_at_its_weight_with_its_own_tokens():
+  config = _config()
   stats = embodiments.norm_stats(config, progress=None)
   assert sorted(stats) == sorted(NAMES)
   vocab, action_vocab = vocab_lib.from_config(config, pipeline.action_space(config))
@@ -88,7 +87,7 @@ def test_batches_carry_each_dataset_at_its_weight_with_its_own_tokens(mixture):
 def test_streaming_several_datasets_is_refused_by_name():
   from rt2_jax.data import seqio_mixture
 
-  config = _config(**{'data.mixture': 'rt2_config', 'data.robot.stream': True})
+  config = _config(**{'data.robot.stream': True})
   with pytest.raises(ValueError, match='data.robot.stream reads one robot dataset'):
     seqio_mixture.register_config_tasks(config, None, None, {}, progress=None)
 
@@ -104,7 +103,6 @@ def trained(tmp_path_factory):
     {
       'data.robots': ROBOTS,
       'data.robot_rate': 0.8,
-      'data.mixture': 'rt2_config',
       'total_steps': steps,
       'ckpt.every': steps,
     },

@@ -117,7 +117,7 @@ def test_trains_on_a_custom_task_mixed_with_robot_data(module_dir, tmp_path):
   assert len(re.findall(r'\| data_wait [01]\.\d\d$', result.stdout, re.M)) == steps - 1
 
 
-# Slow (70 s): CI keeps the same kill-and-resume through the default path
+# Slow (70 s): CI keeps the same kill-and-resume on the default mixture rt2_config
 # (test_train_resume.py) and the seqio iterator's own resume (test_data_seqio_mixture.py).
 @pytest.mark.slow
 def test_sigterm_then_sigkill_then_restart_gives_identical_parameters(module_dir, tmp_path):

@@ -8,10 +8,10 @@ stream next to the configured ones, and `--num` decoded examples (instruction, p
 text, token ids, and the action de-tokenized back to real units next to the recorded one); saves
 a PNG grid of example images titled with their prompts and targets.
 
-With data.mixture set (a seqio Task or Mixture, `rt2_jax.data.seqio_iterator`) it reads the same
-batches the trainer would. Those rows do not say which task they came from, so the rates are
-realized per kind (robot / web: the tasks' rates summed by the kind of their first example) and
-an example is named by the mixture and its kind; its prompt is the decoded encoder input.
+It reads the batches the trainer would (`pipeline.make_train_iterator`: the seqio mixture
+data.mixture). Those rows do not say which task they came from, so the rates are realized per
+kind (robot / web: the tasks' rates summed by the kind of their first example) and an example is
+named by the mixture and its kind; its prompt is the decoded encoder input.
 """
 
 from __future__ import annotations
@@ -38,28 +38,6 @@ class TaskRow:
   info: dict
 
 
-def realized_rates(it, num_examples: int) -> dict[str, float]:
-  """Fraction of each task over the next `num_examples` examples of a fresh copy of `it`."""
-  state = it.get_state()
-  counts = collections.Counter()
-  seen = 0
-  while seen < num_examples:
-    assign = it.assignment(it.step)
-    for t in assign[: num_examples - seen]:
-      counts[it.tasks[t].name] += 1
-    seen += min(len(assign), num_examples - seen)
-    it.step += 1
-  it.set_state(state)
-  return {t.name: counts[t.name] / seen for t in it.tasks}
-
-
-def default_task_rows(it) -> list[TaskRow]:
-  return [
-    TaskRow(t.name, len(t), float(r), t.kind, t.info)
-    for t, r in zip(it.tasks, it.rates, strict=False)
-  ]
-
-
 def seqio_kind(task, config) -> str:
   """'robot' or 'web': what the task's first example is (shard 0 of 1, unshuffled)."""
   import seqio
@@ -76,13 +54,13 @@ def seqio_kind(task, config) -> str:
   return 'robot' if bool(next(iter(ds.take(1)))['is_robot']) else 'web'
 
 
-def seqio_task_rows(config) -> list[TaskRow]:
+def task_rows(config) -> list[TaskRow]:
   """The tasks of data.mixture (registered by building its iterator) and their rates."""
   import seqio
 
   from rt2_jax.data import seqio_mixture
 
-  provider = seqio_mixture.get_provider(config.data.mixture)
+  provider = seqio_mixture.get_provider(seqio_mixture.mixture_name(config))
   if isinstance(provider, seqio.Mixture):
     tasks = list(provider.tasks)
     rates = np.asarray([provider.get_rate(t) for t in tasks], np.float64)
@@ -114,8 +92,8 @@ def realized_kinds(it, num_examples: int) -> dict[str, float]:
   return {'robot': robot / seen, 'web': 1 - robot / seen}
 
 
-def describe_seqio_rows(batch: dict, vocab, mixture: str) -> list[dict]:
-  """What a seqio batch says of its rows: the kind and the decoded prompt."""
+def describe_rows(batch: dict, vocab, mixture: str) -> list[dict]:
+  """What a batch says of its rows: the kind and the decoded prompt."""
   out = []
   for j, robot in enumerate(batch['is_robot']):
     kind = 'robot' if robot else 'web'
@@ -199,28 +177,25 @@ def save_grid(path: str, images: list, titles: list) -> None:
 def inspect(config, num: int = 5, sample: int = 2000, out: str = '', progress=print) -> dict:
   """Runs the inspection; returns what it printed as data (tests use it)."""
   from rt2_jax import vocab as vocab_lib
-  from rt2_jax.data import pipeline
+  from rt2_jax.data import pipeline, seqio_mixture
 
   space = pipeline.action_space(config)
   stats = pipeline.norm_stats(config, progress=progress)
   vocab, action_vocab = vocab_lib.from_config(config, space)
   it = pipeline.make_train_iterator(config, vocab, action_vocab, stats, 0, 1, progress=progress)
   codec = transforms.ActionCodec.from_config(config, action_vocab, stats)
-  mixture = config.data.get('mixture', '')
-  rows = seqio_task_rows(config) if mixture else default_task_rows(it)
+  mixture = seqio_mixture.mixture_name(config)
+  rows = task_rows(config)
   print('\n== datasets')
   for row in rows:
     size = '?' if row.examples is None else row.examples
     print(f'{row.name:<28} {size:>8} examples  rate {row.rate:.3f}  {row.kind}  {row.info}')
-  if mixture:  # per kind: a seqio row does not say its task
-    configured = collections.defaultdict(float)
-    for row in rows:
-      configured[row.kind] += row.rate
-    configured = {k: configured[k] for k in ('robot', 'web')}
-    realized = realized_kinds(it, sample)
-  else:
-    configured = {row.name: row.rate for row in rows}
-    realized = realized_rates(it, sample)
+  # Per kind: a batch row does not say its task.
+  configured = collections.defaultdict(float)
+  for row in rows:
+    configured[row.kind] += row.rate
+  configured = {k: configured[k] for k in ('robot', 'web')}
+  realized = realized_kinds(it, sample)
   print(f'\n== mixture rates realized over {sample} examples')
   for key, rate in configured.items():
     print(f'{key:<28} configured {rate:.3f}  realized {realized[key]:.3f}')
@@ -228,8 +203,7 @@ def inspect(config, num: int = 5, sample: int = 2000, out: str = '', progress=pr
   examples, images = [], []
   while len(examples) < num:
     batch = next(it)
-    infos = describe_seqio_rows(batch, vocab, mixture) if mixture else it.describe_last()
-    for j, info in enumerate(infos):
+    for j, info in enumerate(describe_rows(batch, vocab, mixture)):
       if len(examples) == num:
         break
       examples.append(decode_example(batch, j, info, vocab, codec))
@@ -243,7 +217,7 @@ def inspect(config, num: int = 5, sample: int = 2000, out: str = '', progress=pr
   return {
     'tasks': {row.name: row.examples for row in rows},
     'rates': {row.name: row.rate for row in rows},
-    'configured': configured,  # per task, or per kind with data.mixture
+    'configured': configured,  # per kind: robot, web
     'realized': realized,  # the same keys
     'examples': examples,
   }

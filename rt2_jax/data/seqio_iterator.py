@@ -1,4 +1,4 @@
-"""The trainer's batches from a registered seqio Task or Mixture (`data.mixture`, issue 18).
+"""The trainer's batches from the registered seqio Task or Mixture `data.mixture` (issue 18).
 
   it = seqio_iterator.make_iterator(config, vocab, action_vocab, stats, process_index,
                                     process_count)
@@ -6,7 +6,7 @@
   state = it.get_state()   # JSON-able: the tf.data iterator's checkpoint; set_state resumes it
 
 The mixture (`rt2_jax.data.seqio_mixture.output_features`) goes through one feature converter,
-`VLAFeatureConverter`, into the batch of `rt2_jax.data.pipeline` (same keys, dtypes and shapes).
+`VLAFeatureConverter`, into the batch `rt2_jax.data.pipeline` describes.
 Sampling is seqio's (`tf.data.Dataset.sample_from_datasets` with the mixture's rates, seeded by
 config.seed), each process reading its shard. The position is tf.data's own iterator checkpoint
 (`tf.train.Checkpoint`, as t5x saves it), which holds the tasks' shuffle buffers and the batches
@@ -220,7 +220,7 @@ class SeqioIterator:
 
   def set_state(self, state) -> None:
     if state.get('kind') != STATE_KIND or state.get('version') != STATE_VERSION:
-      kind = state.get('kind', 'the default mixture iterator')
+      kind = state.get('kind', 'the retired golden-ratio MixtureIterator')
       warnings.warn(
         f'the checkpoint holds the position of another data pipeline ({kind}): the seqio '
         'mixture starts from its beginning',
@@ -278,14 +278,16 @@ def check_features(provider, config) -> None:
 def make_iterator(
   config, vocab, action_vocab, stats, process_index: int, process_count: int, progress=print
 ) -> SeqioIterator:
-  """Registers the config's tasks, imports data.seqio_modules, reads data.mixture."""
+  """Registers the config's tasks, imports data.seqio_modules, reads data.mixture ('' =
+  seqio_mixture.CONFIG_MIXTURE)."""
   start = time.time()
   d = config.data
+  mixture = seqio_mixture.mixture_name(config)
   if config.batch_size % process_count:
     raise ValueError(f'batch_size={config.batch_size} does not divide by {process_count} processes')
   seqio_mixture.register_config_tasks(config, vocab, action_vocab, stats, progress)
   modules = seqio_mixture.import_modules(d.get('seqio_modules', ''))
-  provider = seqio_mixture.get_provider(d.mixture)
+  provider = seqio_mixture.get_provider(mixture)
   check_features(provider, config)
   multi = embodiments.is_multi(config)
   action_dim = action_vocab.space.dim
@@ -316,7 +318,7 @@ def make_iterator(
   ds = ds.with_options(options)
   tasks = getattr(provider, 'tasks', [provider])
   fingerprint = {
-    'mixture': d.mixture,
+    'mixture': mixture,
     'tasks': sorted(t.name for t in tasks),
     'seed': int(config.seed),
     'global_batch_size': int(config.batch_size),
@@ -329,7 +331,7 @@ def make_iterator(
     if isinstance(provider, seqio.Mixture):
       rates = ', '.join(f'{t.name} x {provider.get_rate(t):g}' for t in provider.tasks)
     progress(
-      f'seqio mixture {d.mixture} ({rates or provider.name}; modules {modules or "none"}), '
+      f'seqio mixture {mixture} ({rates or provider.name}; modules {modules or "none"}), '
       f'{local} examples a batch on process {process_index}/{process_count}, '
       f'ready in {time.time() - start:.1f}s'
     )

@@ -1,8 +1,8 @@
 """Training data as seqio Tasks and Mixtures (issue 18): the features every task yields, the
 config's own robot / web tasks, and the custom-task helpers.
 
-With `data.mixture` set the trainer reads that registered seqio Task or Mixture
-(`rt2_jax.data.seqio_iterator`). Every task of it has the output features of
+The trainer reads the registered seqio Task or Mixture `data.mixture` (default CONFIG_MIXTURE,
+'rt2_config'; `rt2_jax.data.seqio_iterator`). Every task of it has the output features of
 `output_features()`:
 
   inputs        int32 [Li]  prompt / question ids (no EOS), the project's SentencePiece vocabulary
@@ -20,7 +20,7 @@ A custom image-text task needs a source with 'inputs' / 'targets' text and 'imag
 `web_preprocessors()` (tokenize, fill the robot fields, EOS); see the README. The config's robot
 task is registered as `robot_task_name(spec)` (e.g. 'rt2_robot_bridge_dataset'), its web tasks
 as 'rt2_web_jsonl' / 'rt2_web_<tfds name>', and the mixture `data.robot` / `data.web` describe
-(today's default one) as CONFIG_MIXTURE; modules named by `data.seqio_modules` are imported after
+(the default) as CONFIG_MIXTURE; modules named by `data.seqio_modules` are imported after
 that, so their mixtures can name these tasks.
 
 Each process reads its shard (`seqio.ShardInfo(process_index, process_count)`). The config's
@@ -197,8 +197,8 @@ class TaskTensors:
 def task_tensors(data: tasks.TaskData) -> TaskTensors:
   """The task's arrays copied into TensorFlow once and captured by `example`, which gathers an
   example's features with a few TensorFlow ops: no Python call per example (a per-example
-  `tf.numpy_function` cost ~80x the default path's CPU per batch), and the iterator state stays
-  the index dataset's few integers. The source keeps the copy instead of the numpy arrays;
+  `tf.numpy_function` cost ~80x the CPU per batch of gathering from numpy arrays), and the
+  iterator state stays the index dataset's few integers. The source keeps the copy instead of the numpy arrays;
   memory-mapped images stay on disk (`image_reader`)."""
   import tensorflow as tf
 
@@ -274,9 +274,14 @@ def _register(name: str, provider) -> None:
   registry.add_provider(name, provider)
 
 
+def mixture_name(config) -> str:
+  """data.mixture; '' (saved configs from before seqio was the only path) is CONFIG_MIXTURE."""
+  return str(config.data.get('mixture', '') or CONFIG_MIXTURE)
+
+
 def register_config_tasks(config, vocab, action_vocab, stats, progress=print) -> str:
-  """Registers the config's robot / web tasks (read lazily) and their mixture CONFIG_MIXTURE
-  with today's rates; returns CONFIG_MIXTURE."""
+  """Registers the config's robot / web tasks (`pipeline.tasks_from_config`, read lazily) and
+  their mixture CONFIG_MIXTURE with their rates; returns CONFIG_MIXTURE."""
   import seqio
 
   source_class = _source_class()
@@ -289,9 +294,8 @@ def register_config_tasks(config, vocab, action_vocab, stats, progress=print) ->
       'data.robot.stream reads one robot dataset; data.robots names several '
       f'({config.data.robots!r}): stream them one at a time, or set data.robot.stream=False'
     )
-  for task_name, rate in tasks.get_mixture(pipeline.register_from_config(config, progress)).tasks:
-    name = seqio_name(task_name)
-    task = tasks.get_task(task_name)
+  for task, rate in pipeline.tasks_from_config(config, progress):
+    name = seqio_name(task.name)
     if stream and task.kind == tasks.ROBOT:
       # The robot split streamed from its files (rt2_jax.data.rlds_stream), never decoded whole.
       source_args = (

@@ -1,4 +1,4 @@
-"""Tasks (robot or web examples, tokenized) and mixtures of them, registered by name.
+"""Tasks: robot or web examples, tokenized; the config's tasks become seqio Tasks.
 
 A robot example is (image, prompt, target):
   prompt: config.data.prompt, e.g. 'What action should the robot take to {instruction}?'
@@ -10,20 +10,21 @@ A robot example is (image, prompt, target):
 A web example is (image, question or caption prompt, answer or caption, then EOS).
 
 Tokenizing happens once, vectorized, when a task is built: a `TaskData` holds token arrays that
-batches gather from (see `rt2_jax.data.pipeline`). Targets never contain pad (0) before EOS (1).
+the seqio source gathers examples from (`rt2_jax.data.seqio_mixture.task_tensors`). Targets never
+contain pad (0) before EOS (1).
 
-  register_task(Task('robot/bridge_dataset', 'robot', build_fn))
-  register_mixture('bridge+web', [('robot/bridge_dataset', 0.5), ('web/jsonl', 0.5)])
-  get_mixture('bridge+web').build(context) -> [(TaskData, rate), ...]
+  task = robot_task('bridge_dataset', data_dir, 'train')   # or web_jsonl_task(path), ...
+  data = task.build(context)                               # this process's shard, tokenized
 
-`rt2_jax.data.pipeline.register_from_config(config)` registers the robot task, the web tasks and
-the mixture a config describes; `rt2_jax.data.seqio_tasks.register` mirrors them into seqio.
+`rt2_jax.data.pipeline.tasks_from_config(config)` lists the config's (Task, rate) pairs, and
+`rt2_jax.data.seqio_mixture.register_config_tasks` registers them as seqio Tasks of the mixture
+'rt2_config' (a Task's `stream`, where set, reads it from its files instead of `build`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -49,8 +50,7 @@ class TaskData:
   action_start: np.ndarray  # int32 [n]: first action-token position (-1: none)
   num_action_tokens: int  # action tokens per robot target (0 for web)
   actions: np.ndarray | None  # float32 [n, dim] in real units (robot only)
-  describe: Callable[[int], dict]  # example i -> texts, for inspection
-  info: dict = dataclasses.field(default_factory=dict)
+  describe: Callable[[int], dict]  # example i -> its texts (and episode / step for robot)
   # float32 [n, K, 2]: image points (x from the left, y from the top, in [0, 1]; NaN rows: none),
   # a web line's 'point' (K = 1) or a robot step's pointing targets (spec.points_key); or None.
   points: np.ndarray | None = None
@@ -82,63 +82,10 @@ class Context:
 class Task:
   name: str
   kind: str
-  build: Callable[[Context], TaskData]
-  description: str = ''
-  # On the seqio path: what streams the task instead of `build` decoding it whole (a reader of
+  build: Callable[[Context], TaskData] | None  # None: the task is only streamed
+  # What streams the task instead of `build` decoding it whole (a reader of
   # `rt2_jax.data.web_shards.source_class`), or None.
   stream: Any = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Mixture:
-  name: str
-  tasks: tuple[tuple[str, float], ...]
-
-  def rates(self) -> np.ndarray:
-    r = np.asarray([rate for _, rate in self.tasks], np.float64)
-    return r / r.sum()
-
-  def build(self, context: Context) -> list[TaskData]:
-    return [get_task(name).build(context) for name, _ in self.tasks]
-
-
-_TASKS: dict[str, Task] = {}
-_MIXTURES: dict[str, Mixture] = {}
-
-
-def register_task(task: Task) -> Task:
-  """Registers (or replaces) a task under its name."""
-  _TASKS[task.name] = task
-  return task
-
-
-def get_task(name: str) -> Task:
-  if name not in _TASKS:
-    raise KeyError(f'no task named {name!r}; registered: {sorted(_TASKS)}')
-  return _TASKS[name]
-
-
-def register_mixture(name: str, tasks: Sequence[tuple[str, float]]) -> Mixture:
-  """Registers a mixture of registered tasks with sampling rates (normalized to sum 1)."""
-  if not tasks:
-    raise ValueError(f'mixture {name!r} has no tasks')
-  for task_name, rate in tasks:
-    get_task(task_name)
-    if not rate > 0:
-      raise ValueError(f'mixture {name!r}: task {task_name!r} needs a rate > 0, got {rate}')
-  mixture = Mixture(name, tuple((t, float(r)) for t, r in tasks))
-  _MIXTURES[name] = mixture
-  return mixture
-
-
-def get_mixture(name: str) -> Mixture:
-  if name not in _MIXTURES:
-    raise KeyError(f'no mixture named {name!r}; registered: {sorted(_MIXTURES)}')
-  return _MIXTURES[name]
-
-
-def registered() -> tuple[list[str], list[str]]:
-  return sorted(_TASKS), sorted(_MIXTURES)
 
 
 # --- Tokenizing. ---
@@ -219,14 +166,6 @@ def tokenize_robot(records, spec: DatasetSpec, context: Context, name: str) -> T
     num_action_tokens=num_positions,
     actions=np.asarray(records.actions, np.float32),
     describe=describe,
-    info={
-      'steps': n,
-      'episodes': records.num_episodes,
-      'skipped': dict(records.skipped),
-      'instructions': len(records.instructions),
-      'plans': len(records.plans),
-      'source': records.source,
-    },
     points=None if records.points is None else np.asarray(records.points, np.float32),
     embodiment=0,
   )
@@ -264,7 +203,6 @@ def tokenize_web(records, context: Context, name: str) -> TaskData:
     num_action_tokens=0,
     actions=None,
     describe=describe,
-    info={'examples': n, 'images': int(records.images.shape[0]), 'source': records.source},
     points=None
     if records.points is None
     else np.asarray(records.points, np.float32).reshape(n, 1, 2),
@@ -310,7 +248,7 @@ def robot_task(
     data.embodiment = 0 if embodiment is None else int(embodiment)
     return data
 
-  return Task(name, ROBOT, build, f'{spec.name} from {data_dir} [{split}]')
+  return Task(name, ROBOT, build)
 
 
 def embodiment_context(context: Context, spec: DatasetSpec) -> Context:
@@ -345,27 +283,14 @@ def web_jsonl_task(path: str, name: str = 'web/jsonl') -> Task:
     )
     return tokenize_web(records, context, name)
 
-  return Task(name, WEB, build, f'JSONL {path}')
+  return Task(name, WEB, build)
 
 
 def web_shards_task(pattern: str, name: str = 'web/shards') -> Task:
-  """TFRecord shards of image-text examples (`rt2_jax.data.web_shards`): streamed on the seqio
-  path, decoded whole here."""
-  from rt2_jax.data import web, web_shards
+  """TFRecord shards of image-text examples (`rt2_jax.data.web_shards`), streamed only."""
+  from rt2_jax.data import web_shards
 
-  def build(context: Context) -> TaskData:
-    cfg = context.config
-    records = web_shards.read_shards(
-      pattern,
-      cfg.model.image_size,
-      caption_prompt=cfg.data.web.get('caption_prompt', web.DEFAULT_CAPTION_PROMPT),
-      max_examples=cfg.data.web.get('max_examples', 0),
-      shard=(context.process_index, context.process_count),
-      progress=context.progress,
-    )
-    return tokenize_web(records, context, name)
-
-  return Task(name, WEB, build, f'shards {pattern}', stream=web_shards.ShardFiles(pattern))
+  return Task(name, WEB, None, stream=web_shards.ShardFiles(pattern))
 
 
 def web_tfds_task(
@@ -399,4 +324,4 @@ def web_tfds_task(
     from rt2_jax.data import web_shards
 
     reader = web_shards.TfdsSplit(tfds_name, data_dir, split)
-  return Task(name, WEB, build, f'TFDS {tfds_name} [{split}]', stream=reader)
+  return Task(name, WEB, build, stream=reader)

@@ -1,5 +1,5 @@
 """Web image-text data streamed from sharded files or a TFDS dataset (issue 18, data.web.shards,
-data.web.tfds_stream), for the seqio path (data.mixture='rt2_config').
+data.web.tfds_stream), as sources of the config's seqio tasks (mixture 'rt2_config').
 
 Shards (WebLI-style): TFRecord files of tf.train.Example, one example per image-text pair:
 
@@ -30,8 +30,7 @@ TFDS (`tfds_stream`, data.web.tfds_stream=True): the data.web.tfds_* dataset rea
 consumed, each process a contiguous range of its examples, images decoded after the buffer by the
 dataset's own image feature (as `web.read_tfds` decodes them), one example per caption.
 
-Without data.mixture (the default pipeline) these sources are decoded whole (`read_shards`,
-`web.read_tfds`).
+A TFDS set with tfds_stream=False is decoded whole instead (`web.read_tfds`).
 """
 
 from __future__ import annotations
@@ -43,8 +42,6 @@ import glob
 import math
 import os
 import time
-
-import numpy as np
 
 from rt2_jax import transforms
 from rt2_jax.data import web
@@ -276,76 +273,6 @@ def shard_stream(
     .filter(lambda usable, _: usable)
     .map(lambda _, fields: to_example(*fields), num_parallel_calls=tf.data.AUTOTUNE)
   )
-
-
-def read_shards(
-  pattern: str,
-  image_size: int,
-  caption_prompt: str = web.DEFAULT_CAPTION_PROMPT,
-  max_examples: int = 0,
-  shard: tuple[int, int] = (0, 1),
-  progress=print,
-) -> web.WebRecords:
-  """The shard files decoded whole (the default pipeline, without data.mixture): this
-  process's files, as `shard_stream` splits them, in file order."""
-  import tensorflow as tf
-  from PIL import Image
-
-  start = time.time()
-  files = list_files(pattern)
-  mine, every_nth = process_files(files, shard)
-  records = tf.data.Dataset.from_tensor_slices(mine).flat_map(
-    lambda name: tf.data.TFRecordDataset(name).shard(
-      *((shard[1], shard[0]) if every_nth else (1, 0))
-    )
-  )
-  images, inputs, targets, kinds, points = [], [], [], [], []
-  for serialized in records.as_numpy_iterator():
-    features = tf.train.Example.FromString(serialized).features.feature
-
-    def text(key, features=features):
-      values = features[key].bytes_list.value if key in features else []
-      return values[0].decode('utf-8') if values else None
-
-    question, answer, caption = text('question'), text('answer'), text('caption')
-    if question is not None:
-      kind, prompt, target = 'vqa', question, answer
-    else:
-      kind, prompt, target = 'caption', caption_prompt, caption if caption is not None else answer
-    if target is None or not target.strip():
-      continue
-    with Image.open(_BytesIO(features['image'].bytes_list.value[0])) as img:
-      images.append(transforms.resize_image(np.asarray(img.convert('RGB'), np.uint8), image_size))
-    point = list(features['point'].float_list.value) if 'point' in features else []
-    points.append(point if len(point) == 2 else (math.nan, math.nan))
-    inputs.append(prompt)
-    targets.append(target)
-    kinds.append(kind)
-    if max_examples and len(targets) >= max_examples:
-      break
-  if not targets:
-    raise DataError(f'data.web.shards={pattern!r} has no examples for process {shard[0]}')
-  if progress:
-    progress(
-      f'read {len(targets)} web examples from {len(mine)} of {len(files)} shard files in '
-      f'{time.time() - start:.1f}s'
-    )
-  return web.WebRecords(
-    name='shards',
-    images=np.stack(images),
-    image_index=np.arange(len(images), dtype=np.int32),
-    inputs=inputs,
-    targets=targets,
-    kinds=kinds,
-    source=pattern,
-    points=np.asarray(points, np.float32).reshape(-1, 2),
-  )
-
-
-def _BytesIO(data: bytes):
-  import io
-
-  return io.BytesIO(data)
 
 
 # --- TFDS, streamed. ---
