@@ -126,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
       stats_path='',  # NormStats JSON (python -m rt2_jax.data.stats); '' = computed at start
       # True: stream the split from its TFDS files (rt2_jax/data/rlds_stream.py) instead of
       # decoding it whole before step 1; shuffled by a buffer of shuffle_buffer encoded steps.
+      # With data.robots every dataset streams, each with its own buffer.
       stream=False,
       shuffle_buffer=2048,
     )

@@ -4,8 +4,9 @@
   ds = source.get_dataset(shuffle=True, seed=0, shard_info=seqio.ShardInfo(0, 1))
 
 `rt2_jax.data.rlds.read_split` decodes a whole split before the first step; this reads the TFDS
-builder folder's files as they are consumed. Each process reads its contiguous range of episodes
-(`episode_range`; TFDS opens only the files that range touches), episodes are flattened to steps,
+builder folder's files as they are consumed. Each process reads its contiguous range of the
+split's episodes (`episode_range`, of the slice where the split is one such as 'train[:95%]';
+TFDS opens only the files that range touches), episodes are flattened to steps,
 and each step gets the same features `tasks.tokenize_robot` + `seqio_mixture.task_tensors` give
 the decoded path (`seqio_mixture.FIELDS`, targets without the EOS seqio appends):
 
@@ -16,6 +17,7 @@ the decoded path (`seqio_mixture.FIELDS`, targets without the EOS seqio appends)
   image         spec.image_key decoded and resized to model.image_size (`resize_image_tf`)
   actions       the step's action vector in real units; action_start: the first action token
   pointer_xy    spec.points_key's points, or [0, 2]
+  embodiment    the dataset's index in a run of several (data.robots), only there
 
 Episodes with an empty instruction or a non-finite action are dropped (data.bad_data='skip') or
 fail the stream ('fail'), as `rlds.check_episodes` does. Shuffling: the episode files in a seeded
@@ -73,8 +75,34 @@ class _Reader:
   builder: object
   builder_dir: str
   step_features: dict
-  num_episodes: int
-  file_offsets: dict  # tfrecord file name -> index of its first episode in the split
+  num_episodes: int  # in the configured split (a slice such as 'train[:95%]' counts its own)
+  file_offsets: dict  # tfrecord file name -> index of its first episode in base_split
+  base_split: str = ''  # the TFDS split the configured one slices ('train' of 'train[:95%]')
+  first_episode: int = 0  # where that slice starts in base_split
+
+
+def split_window(builder, split: str) -> tuple[str, int, int]:
+  """A TFDS split string ('train', 'train[:95%]', 'val[10:]') -> (split name, first episode,
+  end): the one contiguous range of episodes it reads, as TFDS's own slicing computes it."""
+  import tensorflow_datasets as tfds
+
+  splits = builder.info.splits
+  try:
+    parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
+  except Exception as e:  # an unknown split name, or a malformed slice
+    raise rlds.DataError(
+      f'cannot read split {split!r} of {builder.info.name}: {type(e).__name__}: {e}; splits are '
+      f'{sorted(splits.keys())}'
+    ) from None
+  if len(parts) != 1:
+    raise ValueError(
+      f'data.robot.stream reads one split or one slice of it; {split!r} joins {len(parts)}'
+    )
+  part = parts[0]
+  total = int(splits[part.splitname].num_examples)
+  start = 0 if part.from_ is None else int(part.from_)
+  end = total if part.to is None else int(part.to)
+  return part.splitname, start, max(start, end)
 
 
 def open_split(spec: DatasetSpec, data_dir: str, split: str) -> _Reader:
@@ -88,19 +116,23 @@ def open_split(spec: DatasetSpec, data_dir: str, split: str) -> _Reader:
       f'cannot open TFDS builder folder {builder_dir} for {spec.name}: {type(e).__name__}: {e}'
     ) from None
   step_features, _ = rlds._check_spec(spec, builder, builder_dir)
-  if split not in builder.info.splits:
+  base = split.split('[', 1)[0].strip()
+  if base not in builder.info.splits:
     raise rlds.DataError(
       f'dataset {spec.name} ({builder_dir}) has no split {split!r}; splits are '
       f'{sorted(builder.info.splits.keys())}'
     )
-  info = builder.info.splits[split]
+  base, first, end = split_window(builder, split)
+  info = builder.info.splits[base]
   offsets = np.concatenate([[0], np.cumsum(info.shard_lengths)[:-1]]).astype(np.int64)
   return _Reader(
     builder,
     builder_dir,
     step_features,
-    int(info.num_examples),
+    end - first,
     dict(zip(info.filenames, offsets.tolist(), strict=True)),
+    base,
+    first,
   )
 
 
@@ -134,9 +166,12 @@ def step_stream(
   shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
   bad_data: str = 'skip',
   with_ids: bool = False,
+  embodiment: int | None = None,
 ):
   """This shard's steps as task examples (module docstring); with_ids adds 'episode_id' (the
-  episode's index in the split) and 'step_id'."""
+  episode's index in the split) and 'step_id'. embodiment: the dataset's index in a run of
+  several (`rt2_jax.data.embodiments`), given to every example as 'embodiment'; `context` is
+  then that dataset's (`tasks.embodiment_context`: its action vocabulary and statistics)."""
   import tensorflow as tf
 
   spec = load_spec(spec)
@@ -175,8 +210,9 @@ def step_stream(
   image_size = int(cfg.model.image_size)
   ordered = bool(reader.builder.info.disable_shuffling)  # TFDS then reads one file at a time
   read_config = bounded_read_config(seed, ordered, add_tfds_id=True)
+  first = reader.first_episode  # this shard's episodes within the slice the split names
   episodes = reader.builder.as_dataset(
-    split=f'{split}[{start}:{end}]',
+    split=f'{reader.base_split or split}[{first + start}:{first + end}]',
     decoders=rlds.skip_image_decoding(reader.step_features),
     # TFDS refuses to shuffle the files of a dataset written in order (disable_shuffling).
     shuffle_files=shuffle and not ordered,
@@ -194,7 +230,9 @@ def step_stream(
     # tfds_id is '<tfrecord file name>__<record index in that file>'.
     file = tf.strings.regex_replace(tfds_id, '__[0-9]+$', '')
     record = tf.strings.regex_replace(tfds_id, '^.*__', '')
-    return offsets.lookup(file) + tf.strings.to_number(record, tf.int64)
+    # Its position in the split as configured (a slice counts from its first episode), as the
+    # decoded path numbers episodes.
+    return offsets.lookup(file) + tf.strings.to_number(record, tf.int64) - first
 
   def encode_actions(action):
     return codec.encode(action[None])[0].astype(np.int32)
@@ -296,6 +334,8 @@ def step_stream(
     }
     if with_ids:
       out['episode_id'], out['step_id'] = step['episode_id'], step['step_id']
+    if embodiment is not None:
+      out['embodiment'] = tf.constant(int(embodiment), tf.int32)
     return out
 
   return ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -306,21 +346,25 @@ def source_class():
   import seqio
 
   class StreamingRobotSource(seqio.DataSource):
-    """The config's robot dataset as a seqio source that streams (module docstring)."""
+    """A robot dataset of the config as a seqio source that streams (module docstring).
+    embodiment: its index in a run of several datasets (data.robots), with `context` that
+    dataset's (`tasks.embodiment_context`); None in a run of one."""
 
-    def __init__(self, spec, data_dir: str, split: str, context):
-      super().__init__(splits=(split,), performs_internal_shuffling=True)
+    def __init__(self, spec, data_dir: str, split: str, context, embodiment: int | None = None):
+      # Its seqio split is 'train' (the one the trainer reads) whatever TFDS split or slice
+      # ('train[:95%]') it streams.
+      super().__init__(splits=('train',), performs_internal_shuffling=True)
       self.spec, self.data_dir, self.split_name = load_spec(spec), data_dir, split
-      self.context = context
+      self.context, self.embodiment = context, embodiment
       self._reader = None
 
     @property
     def supports_arbitrary_sharding(self) -> bool:
       return True
 
-    def rebind(self, spec, data_dir: str, split: str, context) -> None:
+    def rebind(self, spec, data_dir: str, split: str, context, embodiment=None) -> None:
       self.spec, self.data_dir, self.split_name = load_spec(spec), data_dir, split
-      self.context, self._reader = context, None
+      self.context, self.embodiment, self._reader = context, embodiment, None
 
     def reader(self) -> _Reader:
       if self._reader is None:
@@ -354,6 +398,7 @@ def source_class():
         buffer,
         d.bad_data,
         with_ids,
+        self.embodiment,
       )
 
     def get_dataset(self, split=None, shuffle=True, seed=None, shard_info=None, **unused):

@@ -27,8 +27,9 @@ Each process reads its shard (`seqio.ShardInfo(process_index, process_count)`). 
 tasks by default decode their split into memory when first read (`rt2_jax.data.tasks`), shuffle
 an index per epoch inside the source (no example buffer) and gather examples by index with
 TensorFlow ops (`task_tensors`), so their position is a few integers in the tf.data iterator state.
-With data.robot.stream=True the robot task streams its split from the TFDS files instead
-(`rt2_jax.data.rlds_stream`: a bounded step buffer of encoded images, decoded after shuffling),
+With data.robot.stream=True the robot task (each one, with data.robots) streams its split from
+the TFDS files instead (`rt2_jax.data.rlds_stream`: a bounded step buffer of encoded images,
+decoded after shuffling),
 and data.web.shards ('rt2_web_shards') / data.web.tfds_stream stream their web examples
 (`rt2_jax.data.web_shards`).
 """
@@ -289,21 +290,11 @@ def register_config_tasks(config, vocab, action_vocab, stats, progress=print) ->
   features = config_output_features(config)
   entries = []
   stream = bool(config.data.robot.get('stream', False))
-  if stream and embodiments.is_multi(config):
-    raise ValueError(
-      'data.robot.stream reads one robot dataset; data.robots names several '
-      f'({config.data.robots!r}): stream them one at a time, or set data.robot.stream=False'
-    )
   for task, rate in pipeline.tasks_from_config(config, progress):
     name = seqio_name(task.name)
     if stream and task.kind == tasks.ROBOT:
       # The robot split streamed from its files (rt2_jax.data.rlds_stream), never decoded whole.
-      source_args = (
-        pipeline.robot_spec(config),
-        pipeline.robot_data_dir(config, progress),
-        pipeline.robot_split(config),
-        context,
-      )
+      source_args = streamed_robot_args(config, context, task.embodiment, progress)
       kind = rlds_stream.source_class()
     elif task.stream is not None:
       # A web source streamed from its files (rt2_jax.data.web_shards), never decoded whole.
@@ -332,6 +323,23 @@ def register_config_tasks(config, vocab, action_vocab, stats, progress=print) ->
     entries.append((name, rate))
   _register(CONFIG_MIXTURE, seqio.Mixture(CONFIG_MIXTURE, entries))
   return CONFIG_MIXTURE
+
+
+def streamed_robot_args(config, context, embodiment, progress=print) -> tuple:
+  """A `rlds_stream.StreamingRobotSource`'s arguments for the config's robot dataset, or for
+  dataset `embodiment` of several (data.robots): that one's spec, data dir, split, action
+  vocabulary and statistics, its examples carrying 'embodiment'."""
+  one = config if embodiment is None else embodiments.dataset_config(config, embodiment)
+  spec = pipeline.robot_spec(one)
+  if embodiment is not None:
+    context = tasks.embodiment_context(dataclasses.replace(context, config=one), spec)
+  return (
+    spec,
+    pipeline.robot_data_dir(one, progress),
+    pipeline.robot_split(one),
+    context,
+    embodiment,
+  )
 
 
 def import_modules(names: str) -> list[str]:

@@ -86,6 +86,8 @@ class Task:
   # What streams the task instead of `build` decoding it whole (a reader of
   # `rt2_jax.data.web_shards.source_class`), or None.
   stream: Any = None
+  # A robot task's dataset index in a run of several (`rt2_jax.data.embodiments`), else None.
+  embodiment: int | None = None
 
 
 # --- Tokenizing. ---
@@ -248,7 +250,7 @@ def robot_task(
     data.embodiment = 0 if embodiment is None else int(embodiment)
     return data
 
-  return Task(name, ROBOT, build)
+  return Task(name, ROBOT, build, embodiment=embodiment)
 
 
 def embodiment_context(context: Context, spec: DatasetSpec) -> Context:
