@@ -11,6 +11,7 @@ import pytest
 from rt2_jax import config_flags
 from rt2_jax import vocab as vocab_lib
 from rt2_jax.data import fixtures, pipeline, rlds, rlds_stream, seqio_mixture, tasks
+from rt2_jax.data import stats as stats_lib
 from rt2_jax.data.spec import load_spec
 
 
@@ -181,19 +182,24 @@ def test_statistics_skip_the_images_and_are_cached_beside_the_data(data_dir, mon
   for name in os.listdir(data_dir):
     if name.startswith(rlds.DERIVED_PREFIX):
       os.remove(os.path.join(data_dir, name))
-  sizes = []
+  sizes, bounded = [], []
   read_split = rlds.read_split
 
   def recorded(*args, **kwargs):
     sizes.append(kwargs.get('image_size', args[3] if len(args) > 3 else None))
+    bounded.append(kwargs.get('bounded_read'))
     return read_split(*args, **kwargs)
 
   monkeypatch.setattr(rlds, 'read_split', recorded)
   first = pipeline.norm_stats(config, progress=None, training_read=True)
   assert sizes == [0] and not rlds._kept  # actions only, no records kept for a decoded task
+  assert bounded == [True]  # TFDS read settings whose memory does not grow with the data
   assert any(n.startswith(rlds.DERIVED_PREFIX + 'norm_stats') for n in os.listdir(data_dir))
   again = pipeline.norm_stats(config, progress=None, training_read=True)
   assert sizes == [0] and again.to_json() == first.to_json()  # read from the cache
+  # The default TFDS read settings give the same steps, so the same numbers.
+  unbounded = stats_lib.compute(pipeline.robot_spec(config), data_dir, 'train', progress=None)
+  assert bounded == [True, False] and unbounded.to_json() == first.to_json()
 
 
 def test_an_empty_mixture_name_streams_the_config_mixture(data_dir):

@@ -84,8 +84,10 @@ def norm_stats(config, progress=print, training_read: bool = False) -> NormStats
   d = config.data
   if d.robot.get('stats_path', ''):
     return stats_lib.load(d.robot.stats_path)
-  # A streamed split is never read whole: the statistics read skips the images instead.
-  training_read = training_read and float(d.robot_rate) > 0 and not d.robot.get('stream', False)
+  # A streamed split is never read whole: the statistics read skips the images instead, and
+  # reads with TFDS settings whose memory does not grow with the dataset.
+  stream = bool(d.robot.get('stream', False))
+  training_read = training_read and float(d.robot_rate) > 0 and not stream
   return stats_lib.cached(
     robot_spec(config),
     robot_data_dir(config, progress),
@@ -95,6 +97,7 @@ def norm_stats(config, progress=print, training_read: bool = False) -> NormStats
     progress=progress,
     image_size=config.model.image_size if training_read else 0,
     keep_records=training_read,
+    bounded_read=stream,
   )
 
 

@@ -297,12 +297,23 @@ def _step_dataset(
   image_size: int,
   shard: tuple[int, int],
   step_features: dict,
+  bounded_read: bool = False,
 ):
   import tensorflow as tf
 
+  read_config = None
+  if bounded_read:
+    from rt2_jax.data import rlds_stream
+
+    # One file at a time, in order (the same steps in the same order as the default read),
+    # without TFDS's in-memory cache of a small split or its 16 open files' read-ahead.
+    read_config = rlds_stream.bounded_read_config(None, ordered=True)
   # Images are decoded (and only the one the model sees) in our own map, after sharding.
   ds = builder.as_dataset(
-    split=split, decoders=skip_image_decoding(step_features), shuffle_files=False
+    split=split,
+    decoders=skip_image_decoding(step_features),
+    shuffle_files=False,
+    read_config=read_config,
   )
   index, count = shard
   ds = ds.enumerate()
@@ -381,7 +392,9 @@ def _find_corrupt_file(builder, split: str) -> str:
   return ''
 
 
-def _read(spec, builder, builder_dir, split, image_size, shard, step_features, progress):
+def _read(
+  spec, builder, builder_dir, split, image_size, shard, step_features, progress, bounded_read=False
+):
   import tensorflow as tf
 
   where = f'{builder_dir}, split {split!r}'
@@ -401,7 +414,9 @@ def _read(spec, builder, builder_dir, split, image_size, shard, step_features, p
   }
   texts, plans = [], []
   start, last_report, episode = time.time(), time.time(), -1
-  iterator = iter(_step_dataset(spec, builder, split, image_size, shard, step_features))
+  iterator = iter(
+    _step_dataset(spec, builder, split, image_size, shard, step_features, bounded_read)
+  )
   while True:
     try:
       batch = next(iterator)
@@ -545,11 +560,14 @@ def read_split(
   cache_dir: str = '',
   progress=print,
   keep: bool = False,
+  bounded_read: bool = False,
 ) -> StepRecords:
   """All steps of `split` (episodes i with i % shard[1] == shard[0]) as StepRecords.
 
   image_size 0 reads everything but images (records.images is then [N, 0, 0, 3]).
   keep: also leave the records for the next call with the same arguments in this process.
+  bounded_read: TFDS read settings whose memory does not grow with the dataset
+  (`rlds_stream.bounded_read_config`, files read one at a time in order: the same records).
   """
   spec = load_spec(spec)
   if bad_data not in BAD_DATA_MODES:
@@ -564,7 +582,7 @@ def read_split(
       progress(f'reusing the {len(records)} steps of {spec.name} read earlier in this process')
     return records
   records = _read_or_load(
-    spec, builder_dir, split, image_size, bad_data, shard, cache_dir, key, progress
+    spec, builder_dir, split, image_size, bad_data, shard, cache_dir, key, progress, bounded_read
   )
   if keep:
     _kept[key] = records
@@ -576,7 +594,9 @@ def release_kept() -> None:
   _kept.clear()
 
 
-def _read_or_load(spec, builder_dir, split, image_size, bad_data, shard, cache_dir, key, progress):
+def _read_or_load(
+  spec, builder_dir, split, image_size, bad_data, shard, cache_dir, key, progress, bounded_read
+):
   """`read_split`'s records from the records cache under `cache_dir`, or read (and cached)."""
   cache_path = ''
   if cache_dir:  # checked before TensorFlow is imported: a cache hit never needs it
@@ -603,7 +623,9 @@ def _read_or_load(spec, builder_dir, split, image_size, bad_data, shard, cache_d
       f'dataset {spec.name} ({builder_dir}) has no split {split!r}; splits are '
       f'{sorted(builder.info.splits.keys())}'
     ) from None
-  records = _read(spec, builder, builder_dir, split, image_size, shard, step_features, progress)
+  records = _read(
+    spec, builder, builder_dir, split, image_size, shard, step_features, progress, bounded_read
+  )
   records = check_episodes(records, bad_data, progress)
   if cache_path:
     tmp = f'{cache_path}.tmp{os.getpid()}'

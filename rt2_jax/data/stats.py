@@ -44,11 +44,13 @@ def compute(
   progress=print,
   image_size: int = 0,
   keep_records: bool = False,
+  bounded_read: bool = False,
 ) -> NormStats:
   """NormStats over every step of `split` (default: the spec's train split), read now.
 
   image_size 0 skips the images; a training run passes its own with keep_records, so that its
-  read of the split (`rlds.read_split(..., keep=True)`) is this one.
+  read of the split (`rlds.read_split(..., keep=True)`) is this one. bounded_read: TFDS read
+  settings whose memory does not grow with the dataset (`rlds.read_split`), for a streamed run.
   """
   spec = load_spec(spec)
   records = rlds.read_split(
@@ -60,6 +62,7 @@ def compute(
     cache_dir=cache_dir,
     progress=progress,
     keep=keep_records,
+    bounded_read=bounded_read,
   )
   return NormStats.compute(records.actions)
 
@@ -79,6 +82,7 @@ def cached(
   progress=print,
   image_size: int = 0,
   keep_records: bool = False,
+  bounded_read: bool = False,
 ) -> NormStats:
   """`compute`'s result, from the cache file when an earlier run (or process) wrote it."""
   spec = load_spec(spec)
@@ -95,7 +99,9 @@ def cached(
     if stats is not None:
       say(f'{what}: loaded from the cache {folder}/{name}')
       return stats
-  stats = compute(spec, builder_dir, split, bad_data, cache_dir, progress, image_size, keep_records)
+  stats = compute(
+    spec, builder_dir, split, bad_data, cache_dir, progress, image_size, keep_records, bounded_read
+  )
   errors = []
   for folder in folders:
     if not _marked_writable(folder):
