@@ -1,6 +1,7 @@
 """data.web.shards / data.web.tfds_stream / data.web.rates (issue 18): web data streamed from
-TFRecord shards (and TFDS) gives the JSONL (and decoded TFDS) path's examples, each process its
-own files, resumes exactly from the saved position, and the sources get their rates."""
+TFRecord or ArrayRecord shards (and TFDS) gives the JSONL (and decoded TFDS) path's examples,
+each process its own files, resumes exactly from the saved position, and the sources get their
+rates."""
 
 import json
 import math
@@ -43,12 +44,16 @@ def data(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('web_shards'))
   jsonl = write_mixed_jsonl(os.path.join(root, 'web'))
   web_shards.write_shards(jsonl, os.path.join(root, 'shards', 'web'), 4, progress=None)
+  web_shards.write_shards(
+    jsonl, os.path.join(root, 'ar_shards', 'web'), 4, progress=None, file_format='array_record'
+  )
   pointed = write_mixed_jsonl(os.path.join(root, 'pointed'), points='all')
   web_shards.write_shards(pointed, os.path.join(root, 'pointed_shards', 'web'), 3, progress=None)
   return {
     'root': root,
     'jsonl': jsonl,
     'shards': os.path.join(root, 'shards', 'web-*.tfrecord'),
+    'ar_shards': os.path.join(root, 'ar_shards', 'web-*.array_record'),
     'pointed_shards': os.path.join(root, 'pointed_shards', 'web-*.tfrecord'),
     'robot': fixtures.write_bridge(os.path.join(root, 'bridge'), num_episodes=4, num_steps=4),
   }
@@ -140,14 +145,48 @@ def test_each_process_reads_its_own_files(data):
     assert set().union(*map(set, seen)) == everything
 
 
+def test_array_record_shards_stream_the_tfrecord_examples(data):
+  # The same JSONL written in both formats: the same examples, each process the same ones.
+  config = make_config(data)
+  assert web_shards.format_of(web_shards.list_files(data['ar_shards'])) == 'array_record'
+  for count in (1, 2, 6):  # 6 processes > 4 files: each keeps every 6th record of each file
+    union = []
+    for process in range(count):
+      context = context_of(config, process, count)
+      ours, theirs = (
+        sorted(
+          key_of(e)
+          for e in shard_source(config, context, data[name])
+          .dataset((process, count), seed=3)
+          .as_numpy_iterator()
+        )
+        for name in ('ar_shards', 'shards')
+      )
+      assert ours == theirs
+      union += ours
+    assert len(union) == len(set(union)) == 13
+
+
+def test_a_glob_of_both_formats_is_refused(data):
+  config = make_config(data)
+  both = f'{data["shards"]},{data["ar_shards"]}'
+  with pytest.raises(web.DataError, match='mixes ArrayRecord files'):
+    shard_source(config, context_of(config), both).dataset(seed=1)
+  assert web_shards.format_of(['a.array_record-00000-of-00002']) == 'array_record'
+
+
 def _same(a: list, b: list) -> bool:
   return all(
     np.array_equal(x[k], y[k], equal_nan=True) for x, y in zip(a, b, strict=True) for k in x
   )
 
 
-def test_the_saved_position_resumes_the_stream_exactly(data):
-  config = make_config(data, **{'data.robot_rate': 0.25, 'data.web.jsonl': data['jsonl']})
+@pytest.mark.parametrize('shards', ['shards', 'ar_shards'])
+def test_the_saved_position_resumes_the_stream_exactly(data, shards):
+  config = make_config(
+    data,
+    **{'data.robot_rate': 0.25, 'data.web.jsonl': data['jsonl'], 'data.web.shards': data[shards]},
+  )
   context = context_of(config)
 
   def make():
@@ -230,6 +269,12 @@ def test_the_writer_cli_and_missing_files(data, tmp_path, capsys):
   )
   assert "data.web.shards='" in capsys.readouterr().out
   assert len(web_shards.list_files(str(tmp_path / 'out' / 'train-*'))) == 2
+  out = str(tmp_path / 'ar' / 'train')
+  web_shards.main(
+    ['--jsonl', data['jsonl'], '--out', out, '--num_shards=2', '--format=array_record']
+  )
+  assert f"data.web.shards='{out}-*-of-00002.array_record'" in capsys.readouterr().out
+  assert len(web_shards.list_files(f'{out}-*-of-00002.array_record')) == 2
   with pytest.raises(web.DataError, match='matches no file'):
     web_shards.list_files(str(tmp_path / 'nothing-*.tfrecord'))
 

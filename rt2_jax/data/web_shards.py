@@ -41,6 +41,8 @@ import functools
 import glob
 import math
 import os
+import re
+import threading
 import time
 
 from rt2_jax import transforms
@@ -51,26 +53,51 @@ DEFAULT_SHUFFLE_BUFFER = 2048
 READ_FILES = 4  # files read at once (interleaved)
 READ_BUFFER_BYTES = 1 << 20  # read buffer per open file
 TEXT_KEYS = ('caption', 'question', 'answer')
+TFRECORD, ARRAY_RECORD = 'tfrecord', 'array_record'
+FORMATS = (TFRECORD, ARRAY_RECORD)
+# name.array_record, or the TFDS / Grain style name.array_record-00000-of-00016.
+ARRAY_RECORD_NAME = re.compile(r'\.array_record(-\d+-of-\d+)?$')
 
 
 # --- Writing. ---
 
 
-def shard_paths(out: str, num_shards: int) -> list[str]:
-  return [f'{out}-{i:05d}-of-{num_shards:05d}.tfrecord' for i in range(num_shards)]
+def shard_paths(out: str, num_shards: int, file_format: str = TFRECORD) -> list[str]:
+  return [f'{out}-{i:05d}-of-{num_shards:05d}.{file_format}' for i in range(num_shards)]
 
 
-def write_shards(jsonl: str, out: str, num_shards: int, progress=print) -> list[str]:
-  """The JSONL web set's lines as `num_shards` TFRecord files (line i in file i % num_shards),
-  images as their files' bytes; returns the files' paths."""
+def _array_record_module():
+  try:
+    from array_record.python import array_record_module
+  except ImportError as e:  # tensorflow-datasets installs it on Linux
+    raise DataError(f'ArrayRecord shards need the array_record package ({e})') from None
+  return array_record_module
+
+
+def _writer(path: str, file_format: str):
+  import tensorflow as tf
+
+  if file_format == TFRECORD:
+    return tf.io.TFRecordWriter(path)
+  # group_size:1: each record its own chunk, so reading one by index decompresses only it.
+  return _array_record_module().ArrayRecordWriter(path, 'group_size:1')
+
+
+def write_shards(
+  jsonl: str, out: str, num_shards: int, progress=print, file_format: str = TFRECORD
+) -> list[str]:
+  """The JSONL web set's lines as `num_shards` TFRecord or ArrayRecord files (line i in file
+  i % num_shards), images as their files' bytes; returns the files' paths."""
   import tensorflow as tf
 
   if num_shards < 1:
     raise ValueError(f'num_shards must be >= 1, got {num_shards}')
+  if file_format not in FORMATS:
+    raise ValueError(f'file_format must be one of {FORMATS}, got {file_format!r}')
   start = time.time()
-  paths = shard_paths(os.path.expanduser(out), num_shards)
+  paths = shard_paths(os.path.expanduser(out), num_shards, file_format)
   os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
-  writers = [tf.io.TFRecordWriter(p) for p in paths]
+  writers = [_writer(p, file_format) for p in paths]
   count = 0
   try:
     for i, row in enumerate(web.jsonl_rows(jsonl)):
@@ -96,7 +123,7 @@ def write_shards(jsonl: str, out: str, num_shards: int, progress=print) -> list[
       w.close()
   if progress:
     progress(
-      f'wrote {count} web examples from {jsonl} to {num_shards} shards '
+      f'wrote {count} web examples from {jsonl} to {num_shards} {file_format} shards '
       f'{paths[0]} ... in {time.time() - start:.1f}s'
     )
   return paths
@@ -125,6 +152,21 @@ def list_files(pattern: str) -> list[str]:
   if not files:
     raise DataError(f'data.web.shards={pattern!r} names no files')
   return sorted(files)
+
+
+def format_of(files: list[str], pattern: str = '') -> str:
+  """ARRAY_RECORD when every file is named *.array_record (or *.array_record-00000-of-00016),
+  TFRECORD when none is; a mix is refused."""
+  array_record = [f for f in files if ARRAY_RECORD_NAME.search(os.path.basename(f))]
+  if not array_record:
+    return TFRECORD
+  if len(array_record) < len(files):
+    other = next(f for f in files if f not in set(array_record))
+    raise DataError(
+      f'data.web.shards{"=" + repr(pattern) if pattern else ""} mixes ArrayRecord files ({array_record[0]}) with others '
+      f'read as TFRecord ({other}): name the files of one format'
+    )
+  return ARRAY_RECORD
 
 
 def process_files(files: list[str], shard: tuple[int, int]) -> tuple[list[str], bool]:
@@ -219,18 +261,8 @@ def shard_stream(
   tokens = _TextTokens(context)
   image_size = int(cfg.model.image_size)
 
-  names = tf.data.Dataset.from_tensor_slices(tf.constant(mine))
-  if shuffle:
-    names = names.shuffle(len(mine), seed=seed, reshuffle_each_iteration=True)
-
-  def read(name):
-    records = tf.data.TFRecordDataset(name, buffer_size=READ_BUFFER_BYTES)
-    # Within each file, so the processes' records stay disjoint whatever the file order.
-    return records.shard(shard[1], shard[0]) if every_nth else records
-
-  records = names.interleave(
-    read, cycle_length=min(READ_FILES, len(mine)) if shuffle else 1, block_length=1
-  )
+  read = _array_record_files if format_of(files) == ARRAY_RECORD else _tfrecord_files
+  records = read(mine, shard if every_nth else None, shuffle, seed)
   if shuffle:
     records = records.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
 
@@ -272,6 +304,70 @@ def shard_stream(
     records.map(texts)
     .filter(lambda usable, _: usable)
     .map(lambda _, fields: to_example(*fields), num_parallel_calls=tf.data.AUTOTUNE)
+  )
+
+
+def _tfrecord_files(files, shard, shuffle, seed):
+  """The files' serialized examples, READ_FILES files interleaved in a seeded order reshuffled
+  each epoch (in order when not shuffled); with `shard`, only records i % shard[1] == shard[0]
+  of each file."""
+  import tensorflow as tf
+
+  names = tf.data.Dataset.from_tensor_slices(tf.constant(files))
+  if shuffle:
+    names = names.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+
+  def read(name):
+    records = tf.data.TFRecordDataset(name, buffer_size=READ_BUFFER_BYTES)
+    # Within each file, so the processes' records stay disjoint whatever the file order.
+    return records.shard(shard[1], shard[0]) if shard else records
+
+  return names.interleave(
+    read, cycle_length=min(READ_FILES, len(files)) if shuffle else 1, block_length=1
+  )
+
+
+def _array_record_files(files, shard, shuffle, seed):
+  """`_tfrecord_files` of ArrayRecord files, read by index: the files' record numbers are
+  tf.data ranges (file f holds keys starts[f] ... starts[f + 1] - 1), interleaved and shuffled
+  as the TFRecord path does, then each record read by its key from the files held open. The
+  position is then all in the index datasets, which tf.data checkpoints (a Python generator's
+  could not be), so a saved iterator resumes exactly."""
+  import numpy as np
+  import tensorflow as tf
+
+  module = _array_record_module()
+  counts = []
+  for path in files:
+    reader = module.ArrayRecordReader(path)
+    counts.append(reader.num_records())
+    reader.close()
+  starts = np.cumsum([0] + counts)
+  readers, opening = {}, threading.Lock()
+
+  def read(key):
+    f = int(np.searchsorted(starts, key, side='right')) - 1
+    with opening:  # each file opened once, on its first read, and kept open
+      if f not in readers:
+        readers[f] = module.ArrayRecordReader(files[f], 'readahead_buffer_size:0')
+    # An object array: a bytes scalar would become numpy 'S', which drops trailing zero bytes.
+    return np.array(readers[f].read([int(key - starts[f])])[0], dtype=object)
+
+  bounds = tf.constant(starts, tf.int64)
+
+  def keys_of(f):
+    keys = tf.data.Dataset.range(bounds[f], bounds[f + 1])
+    return keys.shard(shard[1], shard[0]) if shard else keys
+
+  indices = tf.data.Dataset.range(len(files))
+  if shuffle:
+    indices = indices.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+  keys = indices.interleave(
+    keys_of, cycle_length=min(READ_FILES, len(files)) if shuffle else 1, block_length=1
+  )
+  # Not stateful: a key's record never changes, so the readers hold no position of their own.
+  return keys.map(
+    lambda key: tf.ensure_shape(tf.numpy_function(read, [key], tf.string, stateful=False), [])
   )
 
 
@@ -370,14 +466,17 @@ class ShardFiles:
   def describe(self, shard) -> str:
     files = list_files(self.pattern)
     mine, every_nth = process_files(files, shard)
+    kind = 'ArrayRecord' if format_of(files, self.pattern) == ARRAY_RECORD else 'TFRecord'
     if every_nth:  # fewer files than processes
       where = f'records i % {shard[1]} == {shard[0]} of'
-      return f'web shards {self.pattern}: {where} {len(files)} files'
-    return f'web shards {self.pattern}: {len(mine)} of {len(files)} files'
+      return f'web shards {self.pattern}: {where} {len(files)} {kind} files'
+    return f'web shards {self.pattern}: {len(mine)} of {len(files)} {kind} files'
 
   def dataset(self, context, shard, shuffle, seed, buffer):
     d = context.config.data
-    return shard_stream(list_files(self.pattern), context, shard, shuffle, seed, buffer, d.bad_data)
+    files = list_files(self.pattern)
+    format_of(files, self.pattern)  # a mix of formats refused with the glob named
+    return shard_stream(files, context, shard, shuffle, seed, buffer, d.bad_data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,15 +537,21 @@ def source_class():
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
-    description='Write a JSONL web set (rt2_jax/data/web.py) as TFRecord shards for '
-    'data.web.shards.'
+    description='Write a JSONL web set (rt2_jax/data/web.py) as TFRecord or ArrayRecord shards '
+    'for data.web.shards.'
   )
   parser.add_argument('--jsonl', required=True)
-  parser.add_argument('--out', required=True, help='path prefix: OUT-00000-of-0000N.tfrecord')
+  parser.add_argument('--out', required=True, help='path prefix: OUT-00000-of-0000N.FORMAT')
   parser.add_argument('--num_shards', type=int, default=8)
+  parser.add_argument(
+    '--format',
+    choices=FORMATS,
+    default=TFRECORD,
+    help='tfrecord (read in order) or array_record (read by index)',
+  )
   args = parser.parse_args(argv)
-  paths = write_shards(args.jsonl, args.out, args.num_shards)
-  print(f"train with data.web.shards='{args.out}-*-of-{len(paths):05d}.tfrecord'")
+  paths = write_shards(args.jsonl, args.out, args.num_shards, file_format=args.format)
+  print(f"train with data.web.shards='{args.out}-*-of-{len(paths):05d}.{args.format}'")
 
 
 if __name__ == '__main__':
