@@ -1,7 +1,7 @@
 """Web image-text data streamed from sharded files or a TFDS dataset (issue 18, data.web.shards,
 data.web.tfds_stream), as sources of the config's seqio tasks (mixture 'rt2_config').
 
-Shards (WebLI-style): TFRecord files of tf.train.Example, one example per image-text pair:
+Shards (WebLI-style): TFRecord or ArrayRecord files of tf.train.Example, one per image-text pair:
 
   image     bytes  the encoded JPEG/PNG file
   caption   bytes  a caption example: the model reads data.web.caption_prompt, writes the caption
@@ -15,6 +15,10 @@ Make them from a JSONL web set (rt2_jax/data/web.py format):
 
 writes /data/web/train-00000-of-00016.tfrecord ...; train with
 data.web.shards='/data/web/train-*.tfrecord' (a glob, or comma-separated globs / files).
+With --format=array_record the same records go to train-00000-of-00016.array_record ...
+ArrayRecord files (also named *.array_record-00000-of-00016) are read by index: the position is
+tf.data ranges of record numbers, so they stream and resume as the TFRecord files do. A glob
+names files of one format.
 
 Streaming (`shard_stream`), in the conventions of `rt2_jax.data.rlds_stream`: each process reads
 its own files (sorted, every process_count-th from its index; with fewer files than processes
