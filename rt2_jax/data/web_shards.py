@@ -161,14 +161,14 @@ def list_files(pattern: str) -> list[str]:
 def format_of(files: list[str], pattern: str = '') -> str:
   """ARRAY_RECORD when every file is named *.array_record (or *.array_record-00000-of-00016),
   TFRECORD when none is; a mix is refused."""
-  array_record = [f for f in files if ARRAY_RECORD_NAME.search(os.path.basename(f))]
-  if not array_record:
+  array_record = [bool(ARRAY_RECORD_NAME.search(os.path.basename(f))) for f in files]
+  if not any(array_record):
     return TFRECORD
-  if len(array_record) < len(files):
-    other = next(f for f in files if f not in set(array_record))
+  if not all(array_record):
+    named = f'data.web.shards={pattern!r}' if pattern else 'data.web.shards'
     raise DataError(
-      f'data.web.shards{"=" + repr(pattern) if pattern else ""} mixes ArrayRecord files ({array_record[0]}) with others '
-      f'read as TFRecord ({other}): name the files of one format'
+      f'{named} mixes ArrayRecord files ({files[array_record.index(True)]}) with others read '
+      f'as TFRecord ({files[array_record.index(False)]}): name the files of one format'
     )
   return ARRAY_RECORD
 
