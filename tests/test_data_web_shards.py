@@ -181,11 +181,37 @@ def _same(a: list, b: list) -> bool:
   )
 
 
-@pytest.mark.parametrize('shards', ['shards', 'ar_shards'])
-def test_the_saved_position_resumes_the_stream_exactly(data, shards):
+def coco_root(data) -> str:
+  """The tiny TFDS coco_captions set (5 images, two captions each), written once."""
+  if 'coco' not in data:
+    data['coco'] = fixtures.write_coco_captions(os.path.join(data['root'], 'coco'), num_examples=5)
+  return data['coco']
+
+
+def tfds_overrides(data) -> dict:
+  return {
+    'data.web.shards': '',
+    'data.web.tfds_name': 'coco_captions',
+    'data.web.tfds_data_dir': coco_root(data),
+    'data.web.tfds_stream': True,
+  }
+
+
+def web_source_overrides(data, source: str) -> dict:
+  if source == 'tfds':
+    return tfds_overrides(data)
+  return {'data.web.shards': data[source]}
+
+
+@pytest.mark.parametrize('source', ['shards', 'ar_shards', 'tfds'])
+def test_the_saved_position_resumes_the_stream_exactly(data, source):
   config = make_config(
     data,
-    **{'data.robot_rate': 0.25, 'data.web.jsonl': data['jsonl'], 'data.web.shards': data[shards]},
+    **{
+      'data.robot_rate': 0.25,
+      'data.web.jsonl': data['jsonl'],
+      **web_source_overrides(data, source),
+    },
   )
   context = context_of(config)
 
@@ -195,7 +221,7 @@ def test_the_saved_position_resumes_the_stream_exactly(data, shards):
     )
 
   it = make()
-  for _ in range(4):  # past the first epoch of the shards (13 examples)
+  for _ in range(4):  # past the first epoch of the streamed source (13 or 10 examples)
     next(it)
   state = json.loads(json.dumps(it.get_state()))
   continued = [next(it) for _ in range(5)]
@@ -280,16 +306,8 @@ def test_the_writer_cli_and_missing_files(data, tmp_path, capsys):
 
 
 def test_tfds_streams_the_decoded_examples(data):
-  root = fixtures.write_coco_captions(os.path.join(data['root'], 'coco'), num_examples=5)
-  config = make_config(
-    data,
-    **{
-      'data.web.shards': '',
-      'data.web.tfds_name': 'coco_captions',
-      'data.web.tfds_data_dir': root,
-      'data.web.tfds_stream': True,
-    },
-  )
+  root = coco_root(data)
+  config = make_config(data, **tfds_overrides(data))
   context = context_of(config)
   task = tasks.web_tfds_task('coco_captions', root, 'train', stream=True)
   decoded = decoded_examples(task.build(context))
