@@ -1,5 +1,6 @@
 """The benchmarks' fairness bookkeeping (not their timings): equal work on both sides, said in JSON."""
 
+import glob
 import importlib.util
 import json
 import os
@@ -190,3 +191,22 @@ def test_kernel_count_reads_the_loop_body_and_multiplies_inner_loops():
   assert counts[2]['per_step'] > 0 and counts[2]['known_trip_count'] is None
   per_inner = (counts[4]['per_step'] - counts[2]['per_step']) / 2
   assert per_inner >= 1 and counts[2]['per_step'] > 2 * per_inner  # the sort is outside it
+
+
+def test_web_streaming_benchmark_writes_and_reports_each_format(tmp_path):
+  """benchmarks/web_streaming.py (issue 18): --make writes the shards in each of --formats;
+  each source's run reports its figures (in this process here; the script runs each in its
+  own)."""
+  bench = _load('web_streaming')
+  root = str(tmp_path / 'web')
+  bench.main([f'--make=32:{root}', '--formats=tfrecord,array_record'])
+  assert len(os.listdir(os.path.join(root, 'shards'))) == 2 * bench.NUM_SHARDS
+  for file_format in bench.FORMATS:
+    assert len(glob.glob(bench.shards_glob(root, file_format))) == bench.NUM_SHARDS
+  with pytest.raises(SystemExit):
+    bench.main(['--formats=tfrecord,parquet'])
+  for source in ('jsonl', *bench.FORMATS):
+    row = bench.run_one(root, source, batches=2)
+    assert row['source'] == source and row['first_batch_s'] > 0 and row['state_bytes'] > 0
+    assert row['examples_per_s'] == pytest.approx(8000 / row['ms_per_batch'], rel=0.02)
+    assert row['peak_rss_mb'] >= row['rss_growth_mb'] >= 0
