@@ -573,13 +573,15 @@ def test_keypoint_loss_pulls_the_refined_keypoints_onto_the_points(action_setup)
   assert float(out['pointer_distance']) < 0.8 * first
 
 
+TEACHER_BASE = {'model.instruction_pool': 2, 'model.pool_keypoints': True, 'batch_size': 8}
+
+
 def _teacher_loss(codec, steps):
   """teacher, pointer_xy -> the train step's loss (one compile per teacher setting)."""
-  base = {'model.instruction_pool': 2, 'model.pool_keypoints': True, 'batch_size': 8}
 
   def loss(teacher, xy):
     if teacher not in steps:
-      setup = train.make_setup(_config(**base, **{'model.pool_keypoint_teacher': teacher}))
+      setup = train.make_setup(_config(**TEACHER_BASE, **{'model.pool_keypoint_teacher': teacher}))
       steps[teacher] = (setup, setup.jit_train_step(codec))
     setup, step = steps[teacher]
     state = setup.init_state(jax.random.PRNGKey(0))  # fresh: the step donates its state
@@ -597,12 +599,7 @@ def _teacher_points():
 
 def test_keypoint_teacher_feeds_the_labelled_points_to_the_read_out(action_setup):
   _, codec = action_setup
-  no_keypoints = {
-    'model.instruction_pool': 2,
-    'batch_size': 8,
-    'model.pool_keypoints': False,
-    'model.pool_keypoint_teacher': 0.0,
-  }
+  no_keypoints = {**TEACHER_BASE, 'model.pool_keypoints': False, 'model.pool_keypoint_teacher': 0.0}
   with pytest.raises(ValueError, match='pool_keypoint_teacher'):
     train.make_setup(_config(**no_keypoints)).jit_train_step(codec)
   loss = _teacher_loss(codec, {})
