@@ -118,11 +118,11 @@ def get_config(arg=None):
   c.model.pool_query = 'attend'
   c.model.pool_to_decoder = True
   c.model.pointer_loss = 1.0
-  # Fine-tuning: the decoder reads the labelled points plus ~1 cm of noise as its keypoints, so
-  # its read-out is trained on where things are, not on the model's own training-set keypoints
-  # (docs/tabletop.md, Measurements 15-16: the VLA's own success 5/60 -> 15/60 at 1,000 steps).
-  # Web pretraining and the pointing stage leave it off (rt2_jax/recipes/tabletop.py).
-  c.model.pool_keypoint_teacher = 0.015
+  # Off: the keypoint teacher (>= 0: fine-tuning reads the labelled points plus that much noise
+  # as its keypoints) helped at 1,000 steps (Measurement 15: 5/60 -> 15/60) but not at the
+  # recipe's 3,000 (docs/tabletop.md, Measurement 17: 17/60 in two seeds with it, 25/60 in one
+  # without). Web pretraining and the pointing stage always run without it.
+  c.model.pool_keypoint_teacher = -1.0
   c.total_steps = 3000
   c.batch_size = 32
   c.log_every = 100

@@ -27,14 +27,16 @@ def test_recipes_differ_only_in_init_and_mixture():
 
 
 def test_stage_configs(tmp_path):
-  c = _config('cofinetune', **{'pretrain.steps': 7, 'total_steps': 5})
+  c = _config(
+    'cofinetune', **{'pretrain.steps': 7, 'total_steps': 5, 'model.pool_keypoint_teacher': 0.015}
+  )
   pre = recipe._resolved(c, '/demos', str(tmp_path), stage='pretrain')
   assert pre.data.robot_rate == 0.0 and pre.total_steps == 7 and pre.init_from == ''
   assert pre.data.web.jsonl == str(tmp_path / 'train.jsonl')
   assert pre.eval.web_jsonl == str(tmp_path / 'val.jsonl')
   fine = recipe._resolved(c, '/demos', str(tmp_path), stage='finetune')
   assert fine.data.robot_rate == 0.5 and fine.total_steps == 5
-  # The keypoint teacher trains the fine-tune's read-out; web pretraining runs without it.
+  # A keypoint teacher trains the fine-tune's read-out only; web pretraining runs without it.
   assert fine.model.pool_keypoint_teacher == 0.015 and pre.model.pool_keypoint_teacher == -1.0
   assert fine.data.robot.data_dir == '/demos'
   robot_only = recipe._resolved(_config('robot_only'), '/demos', str(tmp_path), stage='finetune')
@@ -61,7 +63,9 @@ def test_pretrained_checkpoint_is_shared_and_keyed_by_what_it_learns(monkeypatch
   assert recipe.pretrain_dir(_config('cofinetune', **{'pretrain.steps': 9})) != base
   assert recipe.pretrain_dir(_config('cofinetune', **{'model.vit.width': 64})) != base
   # The fine-tuning-only teacher does not re-run pretraining.
-  assert recipe.pretrain_dir(_config('cofinetune', **{'model.pool_keypoint_teacher': -1.0})) == base
+  assert (
+    recipe.pretrain_dir(_config('cofinetune', **{'model.pool_keypoint_teacher': 0.015})) == base
+  )
   assert recipe.pretrain_dir(_config('cofinetune', **{'web_corpus.images': 9})) != base
   assert base.startswith(str(tmp_path))
 
