@@ -199,8 +199,8 @@ def task_tensors(data: tasks.TaskData) -> TaskTensors:
   """The task's arrays copied into TensorFlow once and captured by `example`, which gathers an
   example's features with a few TensorFlow ops: no Python call per example (a per-example
   `tf.numpy_function` cost ~80x the CPU per batch of gathering from numpy arrays), and the
-  iterator state stays the index dataset's few integers. The source keeps the copy instead of the numpy arrays;
-  memory-mapped images stay on disk (`image_reader`)."""
+  iterator state stays the index dataset's few integers. The source keeps the copy instead of
+  the numpy arrays; memory-mapped images stay on disk (`image_reader`)."""
   import tensorflow as tf
 
   n = len(data)

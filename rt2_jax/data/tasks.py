@@ -289,7 +289,8 @@ def web_jsonl_task(path: str, name: str = 'web/jsonl') -> Task:
 
 
 def web_shards_task(pattern: str, name: str = 'web/shards') -> Task:
-  """TFRecord shards of image-text examples (`rt2_jax.data.web_shards`), streamed only."""
+  """TFRecord or ArrayRecord shards of image-text examples (`rt2_jax.data.web_shards`),
+  streamed only."""
   from rt2_jax.data import web_shards
 
   return Task(name, WEB, None, stream=web_shards.ShardFiles(pattern))

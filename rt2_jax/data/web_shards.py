@@ -255,8 +255,10 @@ def shard_stream(
   seed: int | None = None,
   shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
   bad_data: str = 'skip',
+  pattern: str = '',
 ):
-  """This process's examples of the shard files (module docstring), as seqio_mixture.FIELDS."""
+  """This process's examples of the shard files (module docstring), as seqio_mixture.FIELDS;
+  pattern: the glob they came from, named if the files mix formats."""
   import tensorflow as tf
 
   cfg = context.config
@@ -265,7 +267,7 @@ def shard_stream(
   tokens = _TextTokens(context)
   image_size = int(cfg.model.image_size)
 
-  read = _array_record_files if format_of(files) == ARRAY_RECORD else _tfrecord_files
+  read = _array_record_files if format_of(files, pattern) == ARRAY_RECORD else _tfrecord_files
   records = read(mine, shard if every_nth else None, shuffle, seed)
   if shuffle:
     records = records.shuffle(int(shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
@@ -479,8 +481,7 @@ class ShardFiles:
   def dataset(self, context, shard, shuffle, seed, buffer):
     d = context.config.data
     files = list_files(self.pattern)
-    format_of(files, self.pattern)  # a mix of formats refused with the glob named
-    return shard_stream(files, context, shard, shuffle, seed, buffer, d.bad_data)
+    return shard_stream(files, context, shard, shuffle, seed, buffer, d.bad_data, self.pattern)
 
 
 @dataclasses.dataclass(frozen=True)
